@@ -1,0 +1,415 @@
+"""Stage 01 — run the CNN over the images and record what activates each neuron.
+
+Reads an image folder (class sub-folders = labels) or a CSV list of images, and a model.
+Writes to the run folder (see ARTEFACTS.md):
+  01_images.csv        every listed file with status ok/skipped and the reason
+  01_predictions.csv   the model's top-5 classes per usable image, with its label
+  01_activations.npz   per layer and channel: the top-k images by spatial maximum, with (y, x),
+                       receptive-field parameters and, for small feature maps, the activation maps
+  01_stats/            per image and channel: spatial max and mean (memory-mappable .npy)
+  01_extract.meta.json provenance
+
+Example:
+  python 01_extract.py --images data/demo_images/images.csv --out data/demo
+  python 01_extract.py --images imagenet/val --model resnet50 --weights r50.pth --out data/r50 \
+      --shard 0/4          # then: python 01_extract.py --out data/r50 --merge 4 (same other flags)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import logging
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.activations import StreamingTopK
+from common.cli import StageError, exit_on_stage_error, parse_shard, setup_logging, shard_slice
+from common.io import (NpyRowWriter, atomic_path, load_npz, read_csv, replace_dir, save_npz,
+                       write_json)
+from common.provenance import write_meta
+
+log = logging.getLogger("neuron-atlas.01_extract")
+
+STAGE = "01_extract"
+IMAGE_FIELDS = ["image_id", "path", "label", "label_idx", "status", "reason"]
+PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name", "prob", "correct",
+               "top5_idx", "top5_prob"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of stage 01."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--images", help="image folder (class sub-folders = labels) or CSV (path,label)")
+    p.add_argument("--out", required=True, help="run folder to write into")
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="efficientnet_lite0, a torchvision name, file.py:function or checkpoint.pt")
+    p.add_argument("--weights", default=None, help="state-dict file for the model")
+    p.add_argument("--random-init", action="store_true", help="allow random weights (no training)")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="load a whole pickled checkpoint with weights_only=False (trusted files only)")
+    p.add_argument("--layers", default="", help="comma-separated dotted layer names "
+                                                 "(empty: the model's five default layers)")
+    p.add_argument("--topk", type=int, default=100, help="top images kept per neuron")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images")
+    p.add_argument("--input-size", type=int, default=224, help="side of the square network input")
+    p.add_argument("--max-map-side", type=int, default=16,
+                   help="keep the activation maps of top images for layers whose feature map is at "
+                        "most this wide (used by 02 --crop mask)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 …")
+    p.add_argument("--shard", type=parse_shard, default=None,
+                   help="i/N: process only the i-th of N slices of the images into 01_parts/")
+    p.add_argument("--merge", type=int, default=None, metavar="N",
+                   help="combine the N shard results in 01_parts/ into the final outputs")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def load_one(path: str, size: int, mean, std):
+    """Decode one image into a network-input tensor → (tensor or None, note or reason)."""
+    from common.images import BadImage, load_rgb, network_input, to_tensor
+    try:
+        img, note = load_rgb(path)
+    except BadImage as err:
+        return None, err.reason
+    return to_tensor(network_input(img, size), mean, std), note
+
+
+def label_indices(labels: list[str], class_names: list[str] | None) -> tuple[dict[str, int], list[str]]:
+    """Map dataset labels onto the model's class indices; unmapped labels are returned, not guessed."""
+    present = sorted({lab for lab in labels if lab})
+    if class_names is None:
+        mapping = {lab: int(lab) for lab in present if lab.isdigit()}
+        return mapping, [lab for lab in present if lab not in mapping]
+    from common.images import map_labels
+    synsets = None
+    if len(class_names) == 1000:
+        from common.imagenet import synsets as imagenet_synsets
+        synsets = imagenet_synsets()
+    return map_labels(present, class_names, synsets)
+
+
+def make_reducer(max_map_side: int):
+    """Hook reduction of one layer output: per image and channel the max, its (y, x), the mean,
+    and for small maps the map itself — computed at once, before any in-place change."""
+    def reduce(out: torch.Tensor):
+        if out.ndim == 2:  # a fully connected layer: one "pixel" per channel
+            out = out[:, :, None, None]
+        b, c, h, w = out.shape
+        flat = out.detach().float().reshape(b, c, h * w)
+        mx, idx = flat.max(dim=2)
+        keep_map = max(h, w) <= max_map_side
+        return {"max": mx.cpu(), "mean": flat.mean(dim=2).cpu(),
+                "y": (idx // w).int().cpu(), "x": (idx % w).int().cpu(),
+                "map": flat.reshape(b, c, h, w).half().cpu() if keep_map else None,
+                "shape": (c, h, w)}
+    return reduce
+
+
+def iter_batches(entries, batch_ids, batch_size, size, mean, std, workers, prefetch=2):
+    """Yield (batch index, ids, [(tensor|None, note)]) in order, decoding ``prefetch`` batches ahead
+    in a thread pool so that memory stays bounded whatever the number of images."""
+    def submit(pool, b):
+        ids = range(b * batch_size, min((b + 1) * batch_size, len(entries)))
+        return b, list(ids), [pool.submit(load_one, entries[i].path, size, mean, std) for i in ids]
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        queue: collections.deque[tuple[int, list[int], list[Future]]] = collections.deque()
+        pending = iter(batch_ids)
+        for b in pending:
+            queue.append(submit(pool, b))
+            if len(queue) > prefetch:
+                break
+        while queue:
+            b, ids, futures = queue.popleft()
+            nxt = next(pending, None)
+            if nxt is not None:
+                queue.append(submit(pool, nxt))
+            yield b, ids, [f.result() for f in futures]
+
+
+def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
+                 batch_ids, part_dir: Path) -> dict:
+    """Run the model over the given batches; write stats, image rows and predictions of this part
+    into ``part_dir`` and return its top-k buffers and layer shapes."""
+    from common.hooks import reduce_outputs
+    n_rows = sum(len(range(b * batch_size, min((b + 1) * batch_size, len(entries))))
+                 for b in batch_ids)
+    size, device = bundle.input_size, bundle.device
+    tops: dict[str, StreamingTopK] = {}
+    shapes: dict[str, tuple] = {}
+    writers: dict[str, tuple[NpyRowWriter, NpyRowWriter]] = {}
+    stats_dir = part_dir / "stats"
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(total=n_rows, desc="01 extract", unit="img", disable=None)
+    rows_done = 0
+    # Rows go straight to disk so that memory does not grow with the number of images.
+    with CsvAppender(part_dir / "images.csv", IMAGE_FIELDS) as image_rows, \
+            CsvAppender(part_dir / "predictions.csv", PRED_FIELDS) as pred_rows, \
+            reduce_outputs(bundle.model, layers, make_reducer(max_map_side)) as outputs, \
+            torch.inference_mode():
+        for _b, ids, loaded in iter_batches(entries, batch_ids, batch_size, size, bundle.mean,
+                                            bundle.std, workers):
+            good = [j for j, (tensor, _) in enumerate(loaded) if tensor is not None]
+            for image_id, (tensor, note) in zip(ids, loaded):
+                entry = entries[image_id]
+                image_rows.write({"image_id": image_id, "path": entry.path, "label": entry.label,
+                                   "label_idx": label_map.get(entry.label, -1),
+                                   "status": "ok" if tensor is not None else "skipped",
+                                   "reason": note})
+            logits = None
+            if good:
+                batch = torch.stack([loaded[j][0] for j in good]).to(device)
+                logits = bundle.model(batch)
+            for name in layers:
+                if not good and name not in shapes:
+                    continue  # shapes are learnt from the first batch with a usable image
+                if good:
+                    res = outputs[name]
+                    shapes[name] = res["shape"]
+                    if name not in tops:
+                        c, h, w = res["shape"]
+                        tops[name] = StreamingTopK(c, topk, (h, w) if max(h, w) <= max_map_side else None)
+                        writers[name] = (NpyRowWriter(stats_dir / f"{name}.max.npy", n_rows, c),
+                                         NpyRowWriter(stats_dir / f"{name}.mean.npy", n_rows, c))
+                        for w_ in writers[name]:
+                            w_.write(np.full((rows_done, c), np.nan, np.float32))
+                    good_ids = np.asarray([ids[j] for j in good], dtype=np.int64)
+                    tops[name].update(res["max"].numpy(), good_ids, res["y"].numpy(),
+                                      res["x"].numpy(),
+                                      None if res["map"] is None else res["map"].numpy())
+                c = shapes[name][0]
+                block_max = np.full((len(ids), c), np.nan, np.float32)
+                block_mean = np.full((len(ids), c), np.nan, np.float32)
+                if good:
+                    block_max[good] = res["max"].numpy()
+                    block_mean[good] = res["mean"].numpy()
+                writers[name][0].write(block_max)
+                writers[name][1].write(block_mean)
+            if logits is not None:
+                pred_rows.write_all(prediction_rows(logits, [ids[j] for j in good], entries, label_map,
+                                                 bundle.class_names))
+            rows_done += len(ids)
+            progress.update(len(ids))
+    progress.close()
+    for name in layers:
+        if name not in writers:
+            continue
+        for w_ in writers[name]:
+            w_.close()
+    arrays = {}
+    for name, top in tops.items():
+        arrays.update(top.arrays(name))
+        arrays[f"{name}/fmap"] = np.asarray(shapes[name], dtype=np.int64)
+    save_npz(part_dir / "topk.npz", arrays)
+    return {"n_rows": n_rows, "layers_seen": sorted(tops)}
+
+
+def prediction_rows(logits: torch.Tensor, ids, entries, label_map, class_names) -> list[dict]:
+    """Top-5 predictions of a batch as CSV rows (nothing when the output is not a class vector)."""
+    if logits.ndim != 2:
+        return []
+    probs = torch.softmax(logits.float(), dim=1).cpu()
+    top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
+    rows = []
+    for image_id, p_row, i_row in zip(ids, top_p.tolist(), top_i.tolist()):
+        entry = entries[image_id]
+        label_idx = label_map.get(entry.label, -1)
+        pred = i_row[0]
+        rows.append({
+            "image_id": image_id, "path": entry.path, "label": entry.label, "label_idx": label_idx,
+            "pred_idx": pred, "pred_name": class_names[pred] if class_names else str(pred),
+            "prob": f"{p_row[0]:.6f}", "correct": "" if label_idx < 0 else int(pred == label_idx),
+            "top5_idx": " ".join(str(i) for i in i_row),
+            "top5_prob": " ".join(f"{p:.6f}" for p in p_row)})
+    return rows
+
+
+class CsvAppender:
+    """A CSV file written row by row (inside a temporary part folder, so no atomic rename)."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        """Remember where to write and the column names."""
+        self.path, self.fields = path, fields
+
+    def __enter__(self):
+        """Open the file and write the header."""
+        self.fh = open(self.path, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.fh, fieldnames=self.fields, lineterminator="\n")
+        self.writer.writeheader()
+        return self
+
+    def write(self, row: dict) -> None:
+        """Append one row."""
+        self.writer.writerow(row)
+
+    def write_all(self, rows) -> None:
+        """Append several rows."""
+        self.writer.writerows(rows)
+
+    def __exit__(self, *exc):
+        """Close the file."""
+        self.fh.close()
+
+
+def concat_csv(sources: list[Path], dest: Path) -> int:
+    """Stream CSVs with one header into ``dest`` atomically; return the number of data rows."""
+    n_rows = 0
+    with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
+        for i, source in enumerate(sources):
+            with open(source, encoding="utf-8", newline="") as fh:
+                header = fh.readline()
+                if i == 0:
+                    out.write(header)
+                for line in fh:
+                    out.write(line)
+                    n_rows += 1
+    return n_rows
+
+
+def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_size: int,
+             n_images: int) -> dict:
+    """Combine part folders (one for a plain run, N for shards) into the final artefacts."""
+    n_rows = concat_csv([part / "images.csv" for part in parts], out / "01_images.csv")
+    if n_rows != n_images:
+        raise StageError(f"the parts cover {n_rows} of {n_images} images; run every shard "
+                         f"with the same flags before --merge")
+    with open(out / "01_images.csv", newline="", encoding="utf-8") as fh:
+        n_ok = sum(row["status"] == "ok" for row in csv.DictReader(fh))
+    if n_ok == 0:
+        raise StageError(f"none of the {n_images} images could be used (reasons in "
+                         f"{out / '01_images.csv'}); check IMAGES=…")
+    concat_csv([part / "predictions.csv" for part in parts], out / "01_predictions.csv")
+
+    part_arrays = [load_npz(part / "topk.npz") for part in parts]
+    arrays = {"layers": np.asarray(layers), "input_size": np.asarray([input_size, input_size])}
+    for name in layers:
+        present = [a for a in part_arrays if f"{name}/values" in a]
+        top = StreamingTopK.from_arrays(present[0], name)
+        for other in present[1:]:
+            top.merge(StreamingTopK.from_arrays(other, name))
+        arrays.update(top.arrays(name))
+        arrays[f"{name}/fmap"] = present[0][f"{name}/fmap"]
+        arrays[f"{name}/rf"] = rfs[name].as_array()
+
+    stats_tmp = Path(tempfile.mkdtemp(prefix=".01_stats.", dir=out))
+    for name in layers:
+        channels = int(arrays[f"{name}/fmap"][0])
+        for kind in ("max", "mean"):
+            writer = NpyRowWriter(stats_tmp / f"{name}.{kind}.npy", n_images, channels)
+            for part in parts:
+                path = part / "stats" / f"{name}.{kind}.npy"
+                if path.exists():
+                    block = np.load(path, mmap_mode="r")
+                    for start in range(0, block.shape[0], 4096):  # bounded memory
+                        writer.write(block[start:start + 4096])
+                else:  # a shard whose images were all unusable
+                    rows = len(read_csv(part / "images.csv"))
+                    writer.write(np.full((rows, channels), np.nan, np.float32))
+            writer.close()
+    replace_dir(stats_tmp, out / "01_stats")
+    save_npz(out / "01_activations.npz", arrays)
+    return {"n_images": n_images, "n_ok": n_ok, "n_skipped": n_images - n_ok}
+
+
+def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batch_size: int = 32,
+        workers: int = 2, max_map_side: int = 16, shard: tuple[int, int] | None = None,
+        merge: int | None = None, args: dict | None = None) -> dict | None:
+    """Extract activations of ``layers`` of ``bundle`` over ``images`` into ``out``.
+
+    With ``shard`` only a slice is processed into ``out/01_parts/``; with ``merge`` the parts
+    are combined. Returns a summary (None for a shard).
+    """
+    from common.images import list_images
+    from common.rf import receptive_fields
+    out.mkdir(parents=True, exist_ok=True)
+    entries = list_images(images)
+    if not entries:
+        raise StageError(f"no image files found in {images}")
+    label_map, unmapped = label_indices([e.label for e in entries], bundle.class_names)
+    for lab in unmapped:
+        log.warning("label %r maps to no class of the model: its images get label_idx -1", lab)
+    n_batches = -(-len(entries) // batch_size)
+    parts_root = out / "01_parts"
+
+    if shard is not None:
+        part_dir = parts_root / f"{shard[0]}of{shard[1]}"
+        parts_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{part_dir.name}.", dir=parts_root))
+        extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
+                     list(shard_slice(n_batches, shard)), tmp)
+        write_json(tmp / "part.json", {"shard": list(shard), "n_images": len(entries),
+                                       "batch_size": batch_size, "layers": layers, "topk": topk})
+        replace_dir(tmp, part_dir)
+        log.info("shard %d/%d written to %s", shard[0], shard[1], part_dir)
+        return None
+
+    if merge is not None:
+        parts = [parts_root / f"{i}of{merge}" for i in range(merge)]
+        missing = [str(p) for p in parts if not (p / "part.json").exists()]
+        if missing:
+            raise StageError(f"cannot merge: shard results missing: {', '.join(missing)}")
+        for part in parts:
+            info = load_part_info(part)
+            if (info["n_images"], info["batch_size"], info["layers"], info["topk"]) != (
+                    len(entries), batch_size, layers, topk):
+                raise StageError(f"{part} was made with other settings ({info}); re-run that shard")
+        tmpdirs = None
+    else:
+        tmpdirs = Path(tempfile.mkdtemp(prefix=".01_part.", dir=out))
+        extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
+                     list(range(n_batches)), tmpdirs)
+        parts = [tmpdirs]
+    try:
+        rfs = receptive_fields(bundle.model, layers, (bundle.input_size, bundle.input_size))
+        summary = assemble(parts, out, layers, rfs, bundle.input_size, len(entries))
+    finally:
+        if tmpdirs is not None:
+            shutil.rmtree(tmpdirs, ignore_errors=True)
+    write_meta(out / f"{STAGE}.meta.json", STAGE, args or {},
+               outputs=[out / "01_activations.npz", out / "01_images.csv",
+                        out / "01_predictions.csv"],
+               model=bundle.spec, layers=layers, **summary,
+               rf={name: rfs[name].as_array().tolist() for name in layers})
+    if merge is not None:
+        shutil.rmtree(parts_root)
+    log.info("%d images (%d skipped) → %s", summary["n_images"], summary["n_skipped"], out)
+    return summary
+
+
+def load_part_info(part: Path) -> dict:
+    """Settings a shard was made with (to refuse merging incompatible shards)."""
+    from common.io import read_json
+    return read_json(part / "part.json")
+
+
+@exit_on_stage_error
+def main(argv=None):
+    """Parse flags, load the model, and run (or shard, or merge) the extraction."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if not args.images:
+        raise StageError("--images is required (an image folder or a CSV of paths)")
+    torch.manual_seed(0)
+    from common.models import get_module, load_model
+    bundle = load_model(args.model, weights=args.weights, random_init=args.random_init,
+                        unsafe_pickle=args.unsafe_pickle, device=args.device,
+                        input_size=args.input_size)
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()] or bundle.default_layers
+    for name in layers:
+        get_module(bundle.model, name)
+    run(args.images, Path(args.out), bundle, layers, topk=args.topk, batch_size=args.batch_size,
+        workers=args.workers, max_map_side=args.max_map_side, shard=args.shard, merge=args.merge,
+        args=vars(args))
+
+
+if __name__ == "__main__":
+    main()

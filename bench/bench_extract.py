@@ -1,0 +1,131 @@
+"""Benchmark of 01_extract: overhead over a bare forward loop, and memory against image count.
+
+Prints, measured in this one run:
+  * 01_extract time ÷ a bare loop (same images, same decoding threads, batch size and torch
+    threads, forward pass only) — target ≤ 1.15 — for EfficientNet-Lite0 and a random-init
+    ResNet-50;
+  * peak resident memory of 01_extract over N and 8·N images (separate processes) — target ≤ 1.1.
+
+  python bench/bench_extract.py [--n-lite 256] [--n-resnet 64] [--n-mem 64]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from common.models import load_model  # noqa: E402
+
+
+def load_stage(name: str):
+    """Import a stage script by file name."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def image_csv(folder: Path, n: int) -> Path:
+    """A CSV listing ``n`` demo images (built once into ``folder``)."""
+    from common.demo import build_demo_set
+    source = build_demo_set(folder / "demo", n_images=n, seed=0)
+    return Path(source)
+
+
+def bare_loop(extract, bundle, entries, batch_size: int, workers: int) -> float:
+    """Seconds for decoding + forward passes alone, with 01's own image pipeline."""
+    n_batches = -(-len(entries) // batch_size)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _b, _ids, loaded in extract.iter_batches(entries, range(n_batches), batch_size,
+                                                     bundle.input_size, bundle.mean, bundle.std,
+                                                     workers):
+            batch = torch.stack([t for t, _ in loaded if t is not None]).to(bundle.device)
+            bundle.model(batch)
+    return time.perf_counter() - start
+
+
+def overhead(name: str, n: int, tmp: Path, batch_size: int = 32, workers: int = 2) -> float:
+    """Ratio of 01_extract's time to the bare loop for model ``name`` over ``n`` images."""
+    from common.images import list_images
+    extract = load_stage("01_extract")
+    csv_path = image_csv(tmp, n)
+    entries = list_images(csv_path)
+    bundle = load_model(name, random_init=name != "efficientnet_lite0", device="cpu")
+    bare_loop(extract, bundle, entries[:batch_size], batch_size, workers)  # warm-up
+    bare = min(bare_loop(extract, bundle, entries, batch_size, workers) for _ in range(2))
+    full = []
+    for rep in range(2):
+        start = time.perf_counter()
+        extract.run(str(csv_path), tmp / f"run_{name}_{rep}", bundle, bundle.default_layers,
+                    batch_size=batch_size, workers=workers)
+        full.append(time.perf_counter() - start)
+    ratio = min(full) / bare
+    print(f"01_extract {name:<18} {n:5d} images  bare {bare:7.2f} s  extract {min(full):7.2f} s  "
+          f"ratio {ratio:.3f}  (target ≤ 1.15)", flush=True)
+    return ratio
+
+
+CHILD = """
+import resource, sys, importlib.util
+sys.path.insert(0, {root!r})
+spec = importlib.util.spec_from_file_location("x", {script!r}); m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+try:
+    m.main({argv!r})
+finally:
+    print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory_kb(csv_path: Path, out: Path) -> int:
+    """Peak RSS (KiB) of a 01_extract process over the images of ``csv_path``."""
+    argv = ["--images", str(csv_path), "--out", str(out), "--device", "cpu", "--batch-size", "32"]
+    code = CHILD.format(root=str(ROOT), script=str(ROOT / "01_extract.py"), argv=argv)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(proc.stdout.split("PEAK_KB")[-1].split()[0])
+
+
+def memory_ratio(n: int, tmp: Path) -> float:
+    """Peak memory at 8·n images ÷ at n images (the 8·n list repeats the n demo images)."""
+    small = image_csv(tmp, n)
+    lines = small.read_text(encoding="utf-8").splitlines()
+    big = small.with_name("images_x8.csv")
+    big.write_text("\n".join([lines[0]] + lines[1:] * 8) + "\n", encoding="utf-8")
+    kb_small = peak_memory_kb(small, tmp / "mem_small")
+    kb_big = peak_memory_kb(big, tmp / "mem_big")
+    ratio = kb_big / kb_small
+    print(f"01_extract peak memory  {n} images {kb_small / 1024:7.1f} MiB  {8 * n} images "
+          f"{kb_big / 1024:7.1f} MiB  ratio {ratio:.3f}  (target ≤ 1.1)", flush=True)
+    return ratio
+
+
+def main(argv=None) -> dict:
+    """Run the three measurements and print them; returns the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-lite", type=int, default=256, help="images for EfficientNet-Lite0")
+    parser.add_argument("--n-resnet", type=int, default=64, help="images for ResNet-50")
+    parser.add_argument("--n-mem", type=int, default=64, help="N of the memory test (and 8·N)")
+    args = parser.parse_args(argv)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        ratios = {"lite0": overhead("efficientnet_lite0", args.n_lite, tmp),
+                  "resnet50": overhead("resnet50", args.n_resnet, tmp / "r50"),
+                  "memory": memory_ratio(args.n_mem, tmp / "mem")}
+    print(json.dumps(ratios))
+    return ratios
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Code shared by the stage scripts: one themed module per mechanism."""

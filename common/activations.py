@@ -1,0 +1,113 @@
+"""Top-activating images per neuron: the streaming top-k of 01_extract and the reader of its file.
+
+The ranking is total — activation descending, then image id ascending — so any order of updates
+(batches, shards merged later) yields the same arrays, bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.io import load_npz
+
+
+class StreamingTopK:
+    """The k largest values per channel seen so far, with their image ids and positions.
+
+    Memory is C × k (plus C × k × h × w for the optional activation maps), whatever the number of
+    images streamed through ``update``.
+    """
+
+    def __init__(self, channels: int, k: int, map_shape: tuple[int, int] | None = None):
+        """Empty buffers: value −inf and image id −1 mark slots not filled yet."""
+        self.k = k
+        self.values = np.full((channels, k), -np.inf, dtype=np.float32)
+        self.image_ids = np.full((channels, k), -1, dtype=np.int64)
+        self.y = np.zeros((channels, k), dtype=np.int32)
+        self.x = np.zeros((channels, k), dtype=np.int32)
+        self.maps = (np.zeros((channels, k, *map_shape), dtype=np.float16)
+                     if map_shape is not None else None)
+
+    def update(self, values, image_ids, y, x, maps=None) -> None:
+        """Merge a batch: ``values``, ``y``, ``x`` are (B, C); ``image_ids`` (B,); ``maps`` (B, C, h, w)."""
+        values = np.asarray(values, dtype=np.float32).T
+        ids = np.broadcast_to(np.asarray(image_ids, dtype=np.int64), values.shape)
+        self._merge(values, ids, np.asarray(y, dtype=np.int32).T, np.asarray(x, dtype=np.int32).T,
+                    None if maps is None else np.asarray(maps, dtype=np.float16).transpose(1, 0, 2, 3))
+
+    def merge(self, other: "StreamingTopK") -> None:
+        """Fold another top-k (e.g. of another shard) into this one."""
+        self._merge(other.values, other.image_ids, other.y, other.x, other.maps)
+
+    def _merge(self, values, ids, y, x, maps) -> None:
+        """Keep the best k of the current buffers and the (C, n) candidates."""
+        all_values = np.concatenate([self.values, values], axis=1)
+        all_ids = np.concatenate([self.image_ids, ids], axis=1)
+        # lexsort: the last key is the primary one — value descending, then image id ascending.
+        order = np.lexsort((all_ids, -all_values), axis=1)[:, : self.k]
+        self.values = np.take_along_axis(all_values, order, axis=1)
+        self.image_ids = np.take_along_axis(all_ids, order, axis=1)
+        self.y = np.take_along_axis(np.concatenate([self.y, y], axis=1), order, axis=1)
+        self.x = np.take_along_axis(np.concatenate([self.x, x], axis=1), order, axis=1)
+        if self.maps is not None:
+            all_maps = np.concatenate([self.maps, maps], axis=1)
+            self.maps = np.take_along_axis(all_maps, order[:, :, None, None], axis=1)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """The buffers as named arrays for 01_activations.npz (unfilled values saved as NaN)."""
+        values = np.where(self.image_ids >= 0, self.values, np.nan).astype(np.float32)
+        out = {f"{prefix}/values": values, f"{prefix}/image_ids": self.image_ids,
+               f"{prefix}/y": self.y, f"{prefix}/x": self.x}
+        if self.maps is not None:
+            out[f"{prefix}/maps"] = self.maps
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "StreamingTopK":
+        """Rebuild a top-k from the arrays written by :meth:`arrays`."""
+        values = arrays[f"{prefix}/values"]
+        maps = arrays.get(f"{prefix}/maps")
+        topk = cls(values.shape[0], values.shape[1],
+                   None if maps is None else tuple(maps.shape[2:]))
+        topk.values = np.where(np.isnan(values), -np.inf, values).astype(np.float32)
+        topk.image_ids = arrays[f"{prefix}/image_ids"]
+        topk.y, topk.x = arrays[f"{prefix}/y"], arrays[f"{prefix}/x"]
+        if maps is not None:
+            topk.maps = maps
+        return topk
+
+
+@dataclass
+class LayerTopK:
+    """One layer's part of 01_activations.npz."""
+
+    name: str
+    values: np.ndarray      # C × k, descending; NaN where fewer than k images
+    image_ids: np.ndarray   # C × k, −1 where fewer than k images
+    y: np.ndarray           # C × k feature-map row of the spatial maximum
+    x: np.ndarray           # C × k feature-map column
+    fmap: np.ndarray        # [C, H, W]
+    rf: np.ndarray          # [size_h, size_w, jump_h, jump_w, start_h, start_w]
+    maps: np.ndarray | None  # C × k × h × w activation maps (small feature maps only)
+
+    @property
+    def channels(self) -> int:
+        """Number of neurons (channels) of the layer."""
+        return int(self.fmap[0])
+
+
+def read_activations(path: str | Path) -> tuple[list[str], tuple[int, int], dict[str, LayerTopK]]:
+    """Read 01_activations.npz → (layer names in model order, input size (H, W), layers by name)."""
+    arrays = load_npz(path)
+    layers = [str(name) for name in arrays["layers"]]
+    input_size = tuple(int(v) for v in arrays["input_size"])
+    by_name = {
+        name: LayerTopK(name=name, values=arrays[f"{name}/values"],
+                        image_ids=arrays[f"{name}/image_ids"], y=arrays[f"{name}/y"],
+                        x=arrays[f"{name}/x"], fmap=arrays[f"{name}/fmap"], rf=arrays[f"{name}/rf"],
+                        maps=arrays.get(f"{name}/maps"))
+        for name in layers
+    }
+    return layers, input_size, by_name

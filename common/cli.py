@@ -1,0 +1,49 @@
+"""Command-line plumbing shared by the stage scripts: logging to stderr and ``--shard i/N``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Send log records to stderr (data goes to files), INFO by default, DEBUG with ``verbose``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"i/N"`` (0 ≤ i < N) into ``(i, N)``; argparse type for ``--shard``."""
+    try:
+        index_s, count_s = text.split("/")
+        index, count = int(index_s), int(count_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard expects i/N such as 0/4, got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need N ≥ 1 and 0 ≤ i < N")
+    return index, count
+
+
+def shard_slice(n_items: int, shard: tuple[int, int]) -> range:
+    """Contiguous block of item indices that shard ``(i, N)`` owns out of ``n_items``."""
+    index, count = shard
+    start = n_items * index // count
+    stop = n_items * (index + 1) // count
+    return range(start, stop)
+
+
+class StageError(RuntimeError):
+    """A run cannot go on; the message says what is wrong and how to fix it."""
+
+
+def exit_on_stage_error(func):
+    """Decorator for ``main``: turn a StageError into a one-line message and exit status 2."""
+    def wrapper(argv=None):
+        try:
+            return func(argv)
+        except StageError as err:
+            logging.getLogger("neuron-atlas").error("%s", err)
+            sys.exit(2)
+    wrapper.__doc__ = func.__doc__
+    wrapper.__name__ = func.__name__
+    return wrapper

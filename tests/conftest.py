@@ -1,0 +1,64 @@
+"""Shared test fixtures: loading stage scripts, the tiny fake model and images made on the fly."""
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FAKE_MODEL = f"{ROOT / 'tests' / 'fake_model.py'}:build"
+
+
+def load_stage(name: str):
+    """Import a stage script such as ``01_extract`` (file names start with digits)."""
+    path = ROOT / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so worker processes can pickle its functions by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """A small RGB picture whose content the fake model's neurons can be checked against.
+
+    red: a red square on grey at a random place; edges: vertical black/white bars;
+    plain: uniform grey with slight noise.
+    """
+    arr = np.full((size, size, 3), 120, np.uint8)
+    if kind == "red":
+        s = size // 3
+        top, left = rng.integers(0, size - s, size=2)
+        arr[top:top + s, left:left + s] = (230, 20, 20)
+    elif kind == "edges":
+        period = int(rng.integers(4, 9))
+        arr[:, (np.arange(size) // period) % 2 == 1] = 250
+        arr[:, (np.arange(size) // period) % 2 == 0] = 10
+    else:
+        arr = np.clip(arr + rng.integers(-3, 4, size=arr.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A labelled folder of 30 images (classes 0 = red, 1 = edges, 2 = plain) plus one corrupt file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for label, kind in enumerate(["red", "edges", "plain"]):
+        (root / str(label)).mkdir(parents=True)
+        for i in range(10):
+            make_image(kind, 48, rng).save(root / str(label) / f"{kind}_{i:02d}.png")
+    (root / "2" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return root
+
+
+@pytest.fixture
+def fake_bundle():
+    """The fake model loaded through the real loader, with a 32-pixel input."""
+    from common.models import load_model
+    return load_model(FAKE_MODEL, device="cpu", input_size=32)

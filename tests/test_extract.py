@@ -1,0 +1,187 @@
+"""Stage 01: streaming top-k, hooks, and the real script on the fake model."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from common.activations import StreamingTopK, read_activations
+from common.hooks import ablate_channels, record_outputs, reduce_outputs
+from conftest import FAKE_MODEL, load_stage
+
+extract = load_stage("01_extract")
+LAYERS = "relu1,pool,conv2"
+
+
+def run_extract(image_folder, out, *extra):
+    """Run 01's main on the fake model with a 32-px input."""
+    extract.main(["--images", str(image_folder), "--out", str(out), "--model", FAKE_MODEL,
+                  "--layers", LAYERS, "--input-size", "32", "--topk", "5", "--batch-size", "4",
+                  "--device", "cpu", *extra])
+
+
+def read_rows(path):
+    """CSV rows as dicts."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_streaming_topk_equals_brute_force():
+    """Batched updates (with ties and uneven batch sizes) must equal one global sort."""
+    rng = np.random.default_rng(1)
+    n, channels, k = 203, 6, 7
+    values = rng.integers(0, 20, size=(n, channels)).astype(np.float32)  # many ties
+    ys = rng.integers(0, 9, size=(n, channels))
+    xs = rng.integers(0, 9, size=(n, channels))
+    top = StreamingTopK(channels, k)
+    start = 0
+    for size in [1, 17, 64, 3, 118]:
+        ids = np.arange(start, start + size)
+        top.update(values[ids], ids, ys[ids], xs[ids])
+        start += size
+    assert start == n
+    for c in range(channels):
+        order = sorted(range(n), key=lambda i: (-values[i, c], i))[:k]
+        assert top.image_ids[c].tolist() == order
+        assert top.values[c].tolist() == values[order, c].tolist()
+        assert top.y[c].tolist() == ys[order, c].tolist()
+
+
+def test_topk_merge_is_order_independent():
+    """Merging shard buffers in any order gives the same arrays as a single stream."""
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(50, 3)).astype(np.float32)
+    pos = np.zeros((50, 3), np.int32)
+    single = StreamingTopK(3, 5)
+    single.update(values, np.arange(50), pos, pos)
+    a, b = StreamingTopK(3, 5), StreamingTopK(3, 5)
+    a.update(values[25:], np.arange(25, 50), pos[25:], pos[25:])
+    b.update(values[:25], np.arange(25), pos[:25], pos[:25])
+    a.merge(b)
+    np.testing.assert_array_equal(a.image_ids, single.image_ids)
+    np.testing.assert_array_equal(a.values, single.values)
+
+
+def test_hook_sees_output_before_inplace_relu(fake_bundle):
+    """conv1 is followed by ReLU(inplace=True): the hook must keep its negative values."""
+    model = fake_bundle.model
+    x = torch.randn(2, 3, 32, 32)
+    with record_outputs(model, ["conv1"]) as out, torch.no_grad():
+        model(x)
+        expected = model.conv1(x)
+    assert (out["conv1"] < 0).any()
+    torch.testing.assert_close(out["conv1"], expected)
+    assert not model.conv1._forward_hooks and not model._forward_pre_hooks
+
+
+def test_hooks_removed_after_error(fake_bundle):
+    """A failing forward pass must not leave hooks behind."""
+    model = fake_bundle.model
+    with pytest.raises(RuntimeError):
+        with reduce_outputs(model, ["conv2"], lambda o: o.sum()):
+            model(torch.zeros(1, 5, 8, 8))  # wrong channel count
+    assert not model.conv2._forward_hooks
+
+
+def test_ablate_channels_zeroes_only_those(fake_bundle):
+    """Ablating conv2 channel 0 (red) removes the red logit's input and nothing else."""
+    model = fake_bundle.model
+    x = torch.zeros(1, 3, 32, 32)
+    x[:, 0] = 1.0  # red only: conv1 channel 0 computes R − (G + B) / 2 = 1
+    with torch.no_grad():
+        base = model(x)
+        with ablate_channels(model, {"conv2": [0]}):
+            ablated = model(x)
+        again = model(x)
+    assert base[0, 0] > ablated[0, 0]
+    torch.testing.assert_close(base[0, 1], ablated[0, 1])
+    torch.testing.assert_close(base, again)
+
+
+def test_extract_end_to_end(image_folder, tmp_path):
+    """The fake model's neurons find what they were built for; bad files are listed, not fatal."""
+    out = tmp_path / "run"
+    run_extract(image_folder, out)
+    images = read_rows(out / "01_images.csv")
+    assert len(images) == 31
+    broken = [r for r in images if r["path"].endswith("broken.jpg")]
+    assert broken[0]["status"] == "skipped" and broken[0]["reason"]
+    assert sum(r["status"] == "ok" for r in images) == 30
+
+    layers, input_size, tops = read_activations(out / "01_activations.npz")
+    assert layers == LAYERS.split(",") and input_size == (32, 32)
+    kind = {int(r["image_id"]): r["path"].split("/")[-1].split("_")[0] for r in images}
+    red_top = [kind[i] for i in tops["relu1"].image_ids[0]]
+    assert red_top == ["red"] * 5
+    edge_top = [kind[i] for i in tops["relu1"].image_ids[1]]
+    assert edge_top == ["edges"] * 5
+    assert tops["relu1"].fmap.tolist() == [4, 32, 32] and tops["pool"].fmap.tolist() == [4, 16, 16]
+    assert (np.diff(tops["relu1"].values, axis=1) <= 0).all()
+
+    stats = np.load(out / "01_stats" / "relu1.max.npy", mmap_mode="r")
+    assert stats.shape == (31, 4)
+    broken_id = int(broken[0]["image_id"])
+    assert np.isnan(stats[broken_id]).all()
+    # The top-1 value of each channel is the maximum of that channel's per-image maxima.
+    np.testing.assert_allclose(tops["relu1"].values[:, 0], np.nanmax(stats, axis=0), rtol=1e-6)
+
+    preds = read_rows(out / "01_predictions.csv")
+    assert len(preds) == 30
+    red_preds = [p["pred_idx"] for p in preds if "red_" in p["path"]]
+    assert red_preds == ["0"] * 10
+    assert all(p["correct"] == "1" for p in preds if "red_" in p["path"])
+
+
+def test_same_inputs_same_bytes(image_folder, tmp_path):
+    """Two runs write byte-identical data files."""
+    run_extract(image_folder, tmp_path / "a")
+    run_extract(image_folder, tmp_path / "b")
+    for name in ["01_activations.npz", "01_images.csv", "01_predictions.csv",
+                 "01_stats/pool.mean.npy"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_shards_merge_to_single_run(image_folder, tmp_path):
+    """Three shards merged give exactly the files of one run."""
+    run_extract(image_folder, tmp_path / "single")
+    for i in range(3):
+        run_extract(image_folder, tmp_path / "sharded", "--shard", f"{i}/3")
+    assert not (tmp_path / "sharded" / "01_activations.npz").exists()
+    run_extract(image_folder, tmp_path / "sharded", "--merge", "3")
+    for name in ["01_activations.npz", "01_images.csv", "01_predictions.csv",
+                 "01_stats/relu1.max.npy", "01_stats/conv2.mean.npy"]:
+        assert ((tmp_path / "single" / name).read_bytes()
+                == (tmp_path / "sharded" / name).read_bytes()), name
+    assert not (tmp_path / "sharded" / "01_parts").exists()
+
+
+def test_merge_refuses_missing_shard(image_folder, tmp_path):
+    """Merging before every shard has run is a clear error."""
+    run_extract(image_folder, tmp_path / "s", "--shard", "0/2")
+    with pytest.raises(SystemExit) as exc:
+        run_extract(image_folder, tmp_path / "s", "--merge", "2")
+    assert exc.value.code == 2
+
+
+def test_unknown_layer_lists_valid_names(image_folder, tmp_path, capfd):
+    """A typo in a layer name stops the run and shows the names to choose from."""
+    with pytest.raises(SystemExit):
+        extract.main(["--images", str(image_folder), "--out", str(tmp_path / "x"), "--model",
+                      FAKE_MODEL, "--layers", "conv9", "--device", "cpu"])
+    err = capfd.readouterr().err
+    assert "conv9" in err and "conv1" in err and "relu1" in err
+
+
+def test_no_usable_image_fails(tmp_path, capfd):
+    """A folder of broken files ends with a non-zero exit and the reason."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.jpg").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as exc:
+        extract.main(["--images", str(folder), "--out", str(tmp_path / "r"), "--model", FAKE_MODEL,
+                      "--input-size", "32", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert "none of the 2 images" in capfd.readouterr().err
+    rows = read_rows(tmp_path / "r" / "01_images.csv")
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
