@@ -27,7 +27,7 @@ PYTHON      ?= python3#                    interpreter used to create .venv
 D       := $(DATA)/$(RUN)
 VENV    := .venv/.installed
 PY      := .venv/bin/python
-COMMON  := $(wildcard common/*.py)
+COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
 
 .DELETE_ON_ERROR:
@@ -57,7 +57,7 @@ all: $(MOSAICS) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
-	@echo; echo "Variables (current value):"
+	@echo; echo "Variables (default):"
 	@grep -E '^[A-Z_]+ +\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/# */\t# /'
 
 venv: $(VENV) ## create .venv from requirements.txt
@@ -74,8 +74,8 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_extract.py
 	$(PY) bench/bench_mosaics.py
 
-data/demo_images/images.csv: common/demo.py | $(VENV)
-	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N)
+data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
+	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
 $(EXTRACT): 01_extract.py $(IMAGES) $(D)/.args/01 $(COMMON) | $(VENV)
 	$(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)

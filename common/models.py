@@ -102,7 +102,10 @@ def _read_state_dict(path: Path) -> dict:
 
 def _load_weights(model: nn.Module, path: Path) -> None:
     """Copy a state dict into ``model``, failing clearly on any missing or unexpected key."""
-    result = model.load_state_dict(_read_state_dict(path), strict=False)
+    try:
+        result = model.load_state_dict(_read_state_dict(path), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise StageError(f"weights {path} do not fit the model: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise StageError(f"weights {path} do not fit the model: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
