@@ -31,8 +31,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
 DEFAULT_MODEL = "efficientnet_lite0"
 # Early-to-deep block outputs of EfficientNet-Lite0: 16, 24, 40, 112 and 320 channels at strides
-# 2, 4, 8, 16 and 32 — one layer per resolution stage that changes the level of abstraction.
-LITE0_LAYERS = ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"]
+# 2, 4, 8, 16 and 32, receptive fields 7, 19, 67, 211 and 851 px — one per resolution stage;
+# _blocks.8 is the deepest block whose field still fits in a 224-px input.
+LITE0_LAYERS = ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.8", "_blocks.15"]
 RESNET_LAYERS = ["relu", "layer1", "layer2", "layer3", "layer4"]  # the thesis's choice
 
 

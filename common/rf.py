@@ -31,7 +31,9 @@ autograd functions) is followed exactly. Per operation:
 - global / adaptive pooling, spatial means, flattening and linear layers: the result has one cell
   whose field is the union of the fields of all cells of the map they read, i.e. the whole input
   and usually more; its jump is that map's extent. Adaptive pooling that divides the map evenly is
-  an ordinary pooling; uneven bins are treated as global along that axis (jump 0).
+  an ordinary pooling; uneven bins are treated as global along that axis (jump 0). A linear layer
+  applied at each position of a channels-last map (as in ConvNeXt) is a 1×1 conv and keeps the field.
+- views, permutes, slices (``x[..., ::2]`` doubles the jump) and copies follow the image axes.
 
 A layer whose output went through an operation without a rule (transposed convolution, upsampling,
 spatial softmax, …), or a model that cannot run on the wrapped tensor, falls back to
@@ -748,9 +750,8 @@ def _trace_fields(model: nn.Module, names: list[str], size: tuple[int, int], cha
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     blank = torch.zeros(1, channels or _input_channels(model), *size, dtype=dtype, device=_model_device(model))
     unit = _Span(0.0, 1.0, 1.0)
-    image = _Tracked(blank, _Field(unit, unit, axes=(2, 3)))
     try:
-        outputs = _run_with_hooks(model, names, image)
+        outputs = _run_with_hooks(model, names, _Tracked(blank, _Field(unit, unit, axes=(2, 3))))
     except _Untraceable as err:
         return {name: _Lost(str(err)) for name in names}
     except Exception as err:  # noqa: BLE001 -- any failure of the wrapped run means: use the probe instead

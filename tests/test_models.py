@@ -18,7 +18,7 @@ def test_offline_default_is_a_trained_imagenet_classifier():
     bundle = load_model(device="cpu")
     assert bundle.name == "efficientnet_lite0" and bundle.mean == (0.5, 0.5, 0.5)
     assert len(bundle.class_names) == 1000
-    assert bundle.default_layers == ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10",
+    assert bundle.default_layers == ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.8",
                                      "_blocks.15"]
     x = to_tensor(network_input(Image.fromarray(skimage.data.coffee()), 224), bundle.mean,
                   bundle.std)

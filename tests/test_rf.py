@@ -1,0 +1,450 @@
+"""Tests for common/rf.py: exact receptive fields of tiny networks, crop boxes, and a gradient probe.
+
+Expected values are worked out by hand with the recurrence, per axis, for a window of kernel k,
+stride s, left/top padding p and dilation d applied to a field (first pixel f, size r, jump j):
+    f' = f - p*j        r' = r + d*(k-1)*j        j' = j*s        start = f + (r-1)/2
+starting from the input itself: f = 0, r = 1, j = 1 (pixel i has its centre at i).
+"""
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from common.cli import StageError
+from common.rf import RF, crop_box, estimate_receptive_fields, receptive_fields
+
+
+def rf(size, jump, start):
+    """A square RF (same values along both axes)."""
+    return RF(size, size, jump, jump, start, start)
+
+
+class Residual(nn.Module):
+    """out = main(x) + skip(x)."""
+
+    def __init__(self, main, skip):
+        """Keep the two branches."""
+        super().__init__()
+        self.main, self.skip = main, skip
+
+    def forward(self, x):
+        """Add the branches."""
+        return self.main(x) + self.skip(x)
+
+
+class Concat(nn.Module):
+    """Two branches concatenated along channels, then a 1×1 conv."""
+
+    def __init__(self, left, right):
+        """Keep the branches and the mixing conv."""
+        super().__init__()
+        self.left, self.right = left, right
+        self.mix = nn.Conv2d(2, 1, 1)
+
+    def forward(self, x):
+        """Concatenate and mix."""
+        return self.mix(torch.cat([self.left(x), self.right(x)], dim=1))
+
+
+class Gate(nn.Module):
+    """Squeeze-and-excitation: the map times a sigmoid of its own global average."""
+
+    def __init__(self):
+        """A 3×3 conv and the 1×1 conv of the gate."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x):
+        """Gate the conv's output."""
+        y = self.conv(x)
+        return y * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
+
+
+class DynamicSamePad(nn.Conv2d):
+    """TensorFlow-style "same" padding computed from the input's shape inside ``forward`` (with F.pad)."""
+
+    def forward(self, x):
+        """Pad so that the output has ceil(input / stride) cells, the extra pixel on the right/bottom."""
+        pads = []
+        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def single_conv():
+    """One unpadded 3×3 conv."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3))
+
+
+def stride_then_conv():
+    """3×3 stride 2 (pad 1), then 3×3 (pad 1)."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Conv2d(1, 1, 3, padding=1))
+
+
+def dilated():
+    """3×3 stride 2, then 3×3 with dilation 2, both unpadded."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3, stride=2), nn.Conv2d(1, 1, 3, dilation=2))
+
+
+def pooled():
+    """3×3 conv (pad 1), 2×2 max-pool, 3×3 conv (pad 1)."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(1, 1, 3, padding=1))
+
+
+def asymmetric_pad():
+    """ZeroPad2d(left=2, right=0, top=0, bottom=1), then an unpadded 3×3 stride-2 conv."""
+    return nn.Sequential(nn.ZeroPad2d((2, 0, 0, 1)), nn.Conv2d(1, 1, 3, stride=2))
+
+
+def residual_strided_skip():
+    """ResNet-style downsampling block: 3×3/2 → ReLU → 3×3 on the main path, 1×1/2 on the skip."""
+    main = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(1, 1, 3, padding=1))
+    return nn.Sequential(Residual(main, nn.Conv2d(1, 1, 1, stride=2)))
+
+
+def residual_offset():
+    """Residual whose branches see offset windows: 3×3/2 pad 1 vs right-padded 5×5/2."""
+    skip = nn.Sequential(nn.ZeroPad2d((0, 4, 0, 4)), nn.Conv2d(1, 1, 5, stride=2))
+    return nn.Sequential(Residual(nn.Conv2d(1, 1, 3, stride=2, padding=1), skip))
+
+
+def concat_branches():
+    """Inception-style: a 3×3 (pad 1) branch next to a left/top-padded 5×5 branch."""
+    right = nn.Sequential(nn.ZeroPad2d((4, 0, 4, 0)), nn.Conv2d(1, 1, 5))
+    return nn.Sequential(Concat(nn.Conv2d(1, 1, 3, padding=1), right))
+
+
+TINY = {  # name: (factory, layer, input side, expected RF)
+    "single_conv": (single_conv, "0", 16, rf(3, 1, 1)),
+    "stride_then_conv": (stride_then_conv, "1", 16, rf(7, 2, 0)),
+    "dilated": (dilated, "1", 33, rf(11, 2, 5)),
+    "pooled": (pooled, "2", 16, rf(8, 2, 0.5)),
+    "asymmetric_pad": (asymmetric_pad, "1", 16, RF(3, 3, 2, 2, 1, -1)),
+    "residual_strided_skip": (residual_strided_skip, "0", 16, rf(7, 2, 0)),
+    "residual_offset": (residual_offset, "0", 16, rf(6, 2, 1.5)),
+    "concat_branches": (concat_branches, "0", 16, rf(6, 1, -1.5)),
+}
+
+
+def analytic(name):
+    """Analytic RF of a TINY entry's layer."""
+    factory, layer, side, _ = TINY[name]
+    return receptive_fields(factory(), [layer], side)[layer]
+
+
+def test_single_conv():
+    """The base case, and the pixel-centre convention: an unpadded 3×3 conv's cell 0 sees pixels 0..2.
+
+    size = 1 + 1*(3-1)*1 = 3, jump = 1, first = 0, start = 0 + (3-1)/2 = 1.
+    """
+    assert analytic("single_conv") == rf(3, 1, 1)
+
+
+def test_padding_moves_start_before_the_image():
+    """Padding shifts the field left: with pad 1, cell 0 is centred on pixel 0 (first pixel -1)."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1))
+    # first = 0 - 1*1 = -1, size 3, start = -1 + 1 = 0
+    assert receptive_fields(net, ["0"], 16)["0"] == rf(3, 1, 0)
+
+
+def test_stride_then_conv():
+    """A stride multiplies the jump, and the next kernel grows the field by (k-1)*jump, not k-1.
+
+    conv 3×3/2 pad 1: first = -1, size 3, jump 2.
+    conv 3×3 pad 1:   first = -1 - 1*2 = -3, size = 3 + 2*2 = 7, jump 2, start = -3 + 3 = 0.
+    """
+    assert receptive_fields(stride_then_conv(), ["0"], 16)["0"] == rf(3, 2, 0)
+    assert analytic("stride_then_conv") == rf(7, 2, 0)
+
+
+def test_dilation():
+    """Dilation widens the kernel to d*(k-1)+1 taps without adding any.
+
+    conv 3×3/2: first 0, size 3, jump 2.  conv 3×3 dilation 2: size = 3 + 2*(3-1)*2 = 11, first 0,
+    jump 2, start = 0 + 5 = 5.
+    """
+    assert analytic("dilated") == rf(11, 2, 5)
+
+
+def test_max_pool():
+    """An even pooling window gives a half-pixel start: fields of even size have no centre pixel.
+
+    conv 3×3 pad 1: first -1, size 3, jump 1.  max-pool 2/2: size 3 + 1 = 4, jump 2, first -1,
+    start = -1 + 1.5 = 0.5.  conv 3×3 pad 1: first = -1 - 2 = -3, size = 4 + 2*2 = 8, start = 0.5.
+    """
+    net = pooled()
+    fields = receptive_fields(net, ["1", "2"], 16)
+    assert fields["1"] == rf(4, 2, 0.5)
+    assert fields["2"] == rf(8, 2, 0.5)
+
+
+def test_avg_pool_with_padding():
+    """Average pooling follows the same rule, its padding included.
+
+    avg-pool 3/2 pad 1: first = 0 - 1 = -1, size 3, jump 2, start 0; conv 3×3: size 3 + 2*2 = 7,
+    first -1, start -1 + 3 = 2.
+    """
+    net = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1), nn.Conv2d(1, 1, 3))
+    fields = receptive_fields(net, ["0", "1"], 16)
+    assert fields["0"] == rf(3, 2, 0)
+    assert fields["1"] == rf(7, 2, 2)
+
+
+def test_asymmetric_zero_pad():
+    """Asymmetric "same" padding (nn.ZeroPad2d) moves rows and columns differently.
+
+    rows: top pad 0 → first 0, size 3, start 1.  columns: left pad 2 → first -2, start -1.
+    Bottom/right padding only adds cells at the far end and changes nothing here. jump 2.
+    """
+    assert analytic("asymmetric_pad") == RF(3, 3, 2, 2, 1, -1)
+
+
+def test_dynamic_same_padding_with_f_pad():
+    """Padding computed in forward with F.pad from the input's shape is followed for that input size.
+
+    3×3/2 on 16 px: 8 cells, total pad = 7*2 + 3 - 16 = 1 → (0 before, 1 after) → first 0, start 1.
+    On 15 px: 8 cells, total pad = 7*2 + 3 - 15 = 2 → (1, 1) → first -1, start 0.
+    """
+    net = nn.Sequential(DynamicSamePad(1, 1, 3, stride=2))
+    assert receptive_fields(net, ["0"], 16)["0"] == rf(3, 2, 1)
+    assert receptive_fields(net, ["0"], 15)["0"] == rf(3, 2, 0)
+
+
+def test_efficientnet_package_static_same_padding():
+    """The default model's convs (efficientnet_lite_pytorch) pad with a ZeroPad2d fixed at build time.
+
+    5×5/2 built for 16 px: 8 cells, total pad = 7*2 + 5 - 16 = 3 → (1 before, 2 after):
+    first -1, size 5, jump 2, start -1 + 2 = 1.
+    """
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+    net = nn.Sequential(Conv2dStaticSamePadding(1, 1, 5, stride=2, image_size=16))
+    assert receptive_fields(net, ["0"], 16)["0"] == rf(5, 2, 1)
+
+
+def test_conv_padding_same_even_kernel():
+    """Conv2d(padding="same") with an even kernel pads one pixel more after than before.
+
+    4×4, total pad 3 → 1 before: first -1, size 4, start -1 + 1.5 = 0.5 (checked by the probe too).
+    """
+    net = nn.Sequential(nn.Conv2d(1, 1, 4, padding="same"))
+    assert receptive_fields(net, ["0"], 16)["0"] == rf(4, 1, 0.5)
+    assert estimate_receptive_fields(net, ["0"], 16)["0"] == rf(4, 1, 0.5)
+
+
+def test_residual_with_strided_skip():
+    """A residual addition takes the union of its branches; here the main path contains the skip.
+
+    main: 3×3/2 pad 1 → first -1, size 3, jump 2; 3×3 pad 1 → first -3, size 7 (pixels -3..3).
+    skip: 1×1/2 → first 0, size 1, jump 2 (pixel 0).  Union: -3..3 → size 7, jump 2, start 0.
+    """
+    assert analytic("residual_strided_skip") == rf(7, 2, 0)
+
+
+def test_residual_offset_branches_take_the_hull():
+    """Offset branches: the union reaches past both, and its centre moves.
+
+    main: 3×3/2 pad 1 → pixels -1..1.  skip: right pad only, 5×5/2 → pixels 0..4.  Both jump 2.
+    Union: -1..4 → size 6, start -1 + 2.5 = 1.5.
+    """
+    assert analytic("residual_offset") == rf(6, 2, 1.5)
+
+
+def test_concat_takes_the_union():
+    """Concatenated branches feed one layer, which sees the union of their fields.
+
+    left: 3×3 pad 1 → pixels -1..1.  right: left/top pad 4, 5×5 → first -4, pixels -4..0.
+    Union -4..1 → size 6, jump 1, start -4 + 2.5 = -1.5.
+    """
+    assert analytic("concat_branches") == rf(6, 1, -1.5)
+
+
+def test_branches_with_different_jumps_give_a_covering_bound(caplog):
+    """Adding branches of different jumps has no exact (size, jump, start); the bound must cover both.
+
+    main: 3×3/2 pad 1 → cell y sees 2y-1..2y+1.  skip: 9×9 unpadded → cell y sees y..y+8 (8 cells on
+    16 px). Kept jump 2, centre 2y; needed half-width max over y=0 and y=7 of max(2y - y, y + 8 - 2y)
+    = 8 → size 17, start 0. The warning says it is a bound.
+    """
+    net = nn.Sequential(Residual(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Conv2d(1, 1, 9)))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = receptive_fields(net, ["0"], 16)["0"]
+    assert field == rf(17, 2, 0)
+    for y in range(8):
+        centre, half = field.start_h + y * field.jump_h, (field.size_h - 1) / 2
+        assert centre - half <= min(2 * y - 1, y) and centre + half >= max(2 * y + 1, y + 8)
+    assert "bound" in caplog.text
+
+
+def test_elementwise_layers_pass_through():
+    """ReLU (in place too), BN, SiLU, ReLU6, Dropout and Identity do not change the field."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1), nn.ReLU(inplace=True), nn.SiLU(),
+                        nn.ReLU6(), nn.Dropout(0.5), nn.Identity())
+    fields = receptive_fields(net, [str(i) for i in range(7)], 16)
+    assert set(fields.values()) == {rf(3, 1, 0)}
+
+
+def test_global_pool_flatten_linear_cover_the_whole_input():
+    """After global pooling a single cell reads every cell, so its field is the union over the map.
+
+    conv 3×3 pad 1 on 16 px: 16 cells, cell y sees y-1..y+1.  Union: -1..16 → size 18, start 7.5
+    (the image centre), jump 16 (the map's extent). Flatten and Linear keep it; the crop is the image.
+    """
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 4))
+    fields = receptive_fields(net, ["1", "2", "3"], 16)
+    assert set(fields.values()) == {rf(18, 16, 7.5)}
+    assert crop_box(fields["3"], 0, 0, 16, 16) == (0, 0, 16, 16)
+
+
+def test_squeeze_excitation_gate_keeps_the_local_field():
+    """A 1×1 gate broadcast over the map (squeeze-and-excitation) is documented not to widen the field."""
+    net = nn.Sequential(Gate())
+    assert receptive_fields(net, ["0"], 16)["0"] == rf(3, 1, 0)
+
+
+def test_unfollowed_operation_falls_back_to_the_probe(caplog):
+    """An operation without a rule (here pixel-unshuffle) is measured by the probe, with a warning.
+
+    conv 3×3 pad 1 then space-to-depth by 2: each cell reads a 2×2 block of conv cells:
+    size 3 + 1 = 4, jump 2, first -1, start 0.5.
+    """
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.PixelUnshuffle(2), nn.Conv2d(4, 1, 1))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(net, ["0", "2"], 16)
+    assert fields["0"] == rf(3, 1, 0)
+    assert fields["2"] == rf(4, 2, 0.5)
+    assert "receptive field of 2 estimated" in caplog.text
+    assert "receptive field of 0 estimated" not in caplog.text
+
+
+def test_model_mode_and_statistics_are_left_alone():
+    """The analysis runs in eval mode and restores each module's mode; BN statistics do not move."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1)).train()
+    before = net[1].running_mean.clone()
+    receptive_fields(net, ["1"], 16)
+    assert net.training and net[1].training
+    assert torch.equal(net[1].running_mean, before)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_probe_agrees_with_analysis_on_tiny_networks(name):
+    """The gradient probe (an independent method) measures the same fields as the analysis."""
+    factory, layer, side, expected = TINY[name]
+    assert estimate_receptive_fields(factory(), [layer], 2 * side + 1)[layer] == expected
+
+
+def test_unknown_layer_lists_valid_names():
+    """A mistyped layer stops the run with the valid names (and a close match) in the message."""
+    net = torchvision.models.resnet18()
+    with pytest.raises(StageError) as err:
+        receptive_fields(net, ["layer5"], 224)
+    message = str(err.value)
+    assert "layer5" in message and "layer4" in message and "layer1.0" in message and "conv1" in message
+    assert "layer1.0.conv1" not in message  # only the first two levels are listed
+
+
+def test_layer_that_never_runs_is_an_error():
+    """A module that exists but is not called in forward has no output to describe."""
+    net = Residual(nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 3))
+    net.unused = nn.Conv2d(1, 1, 3)
+    with pytest.raises(StageError, match="never runs"):
+        receptive_fields(net, ["unused"], 16)
+
+
+def test_rf_array_round_trip():
+    """``as_array`` is float64 in the documented order and ``from_array`` inverts it."""
+    field = RF(1, 2, 3, 4, 5.5, -6)
+    array = field.as_array()
+    assert array.dtype == np.float64 and array.tolist() == [1, 2, 3, 4, 5.5, -6]
+    assert RF.from_array(array) == field
+
+
+def test_crop_box_inside_and_clipped():
+    """Boxes are pixel-exact inside the image and clipped at every border.
+
+    RF(7, jump 2, start 0): cell (5, 3) is centred on (10, 6) → rows 7..13, cols 3..9 →
+    (7, 3, 14, 10). Cell (0, 0) spans -3..3 → clipped to (0, 0, 4, 4). Cell (7, 7) of a 16 px image
+    spans 11..17 → (11, 11, 16, 16).
+    """
+    field = rf(7, 2, 0)
+    assert crop_box(field, 5, 3, 16, 16) == (7, 3, 14, 10)
+    assert crop_box(field, 0, 0, 16, 16) == (0, 0, 4, 4)
+    assert crop_box(field, 7, 7, 16, 16) == (11, 11, 16, 16)
+
+
+def test_crop_box_half_pixel_start_and_huge_fields():
+    """Even-sized fields (start .5) give exact integer boxes; fields larger than the image give it all.
+
+    RF(8, jump 2, start 0.5): cell 2 is centred on 4.5 → pixels 1..8 → (1, 1, 9, 9).
+    RF(435, jump 32, start 0) at cell (3, 3) of a 224 px image covers everything; a field wholly
+    outside the image gives an empty box.
+    """
+    assert crop_box(rf(8, 2, 0.5), 2, 2, 16, 16) == (1, 1, 9, 9)
+    assert crop_box(rf(435, 32, 0), 3, 3, 224, 224) == (0, 0, 224, 224)
+    top, left, bottom, right = crop_box(rf(3, 1, -10), 0, 0, 16, 16)
+    assert top == bottom and left == right
+
+
+@pytest.mark.parametrize("name", ["stride_then_conv", "asymmetric_pad", "residual_offset", "concat_branches"])
+def test_crop_box_matches_the_pixels_a_cell_reads(name):
+    """crop_box and the start convention agree with the input pixels each cell really depends on.
+
+    All weights are 1 and there is no non-linearity, so a cell's input gradient is nonzero exactly on
+    the pixels it reads (padding excluded). Checked for the cells of the first, second, middle and
+    last two rows and columns, so that clipped border cells are included.
+    """
+    factory, layer, side, _ = TINY[name]
+    net = factory()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.fill_(1.0)
+    field = receptive_fields(net, [layer], side)[layer]
+    image = torch.ones(1, 1, side, side, requires_grad=True)
+    out = net(image)
+    n_h, n_w = out.shape[2:]
+    for y in sorted({0, 1, n_h // 2, n_h - 2, n_h - 1}):
+        for x in sorted({0, 1, n_w // 2, n_w - 2, n_w - 1}):
+            grad, = torch.autograd.grad(out[0, :, y, x].sum(), image, retain_graph=True)
+            rows = torch.nonzero(grad[0, 0].abs().sum(1)).flatten()
+            cols = torch.nonzero(grad[0, 0].abs().sum(0)).flatten()
+            box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+            assert crop_box(field, y, x, side, side) == box, (y, x)
+
+
+def test_resnet18_matches_gradient_probe():
+    """On a random-init torchvision ResNet-18 the analysis equals the gradient probe at every chosen layer.
+
+    The probe input must contain the centre cell's whole field (435 px at layer4), so layer4 is probed
+    at 448 px and the others at 240 px, which is cheaper. The values themselves are the known ones:
+    7, 43, 99, 211, 435 px with jumps 2, 4, 8, 16, 32 and start 0 (symmetric padding everywhere).
+    """
+    net = torchvision.models.resnet18(weights=None)
+    layers = ["relu", "layer1", "layer2", "layer3", "layer4"]
+    exact = receptive_fields(net, layers, 224)
+    assert [exact[name].size_h for name in layers] == [7, 43, 99, 211, 435]
+    probed = estimate_receptive_fields(net, layers[:-1], 240)
+    probed.update(estimate_receptive_fields(net, ["layer4"], 448))
+    assert probed == exact
+
+
+def test_efficientnet_lite0_matches_gradient_probe():
+    """Same check on the default model, EfficientNet-Lite0 (asymmetric static "same" padding, ReLU6).
+
+    Blocks up to _blocks.8 (field 211 px) fit a 256 px probe. Deeper blocks (403 px at _blocks.11,
+    851 px at _blocks.15) would need a probe input of 500 to 900 px, too slow here; on a smaller
+    input the probe is clipped by the border and only gives a lower bound, so it is not compared.
+    Their analysis uses the same rules (padding, window, residual union) checked here and above.
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+    net = EfficientNet.from_name("efficientnet-lite0")
+    layers = ["_conv_stem", "_blocks.0", "_blocks.1", "_blocks.3", "_blocks.5", "_blocks.8"]
+    exact = receptive_fields(net, layers, 224)
+    assert estimate_receptive_fields(net, layers, 256) == exact
+    # stem 3×3/2 built for 224 px: total pad = 111*2 + 3 - 224 = 1 → (0 before, 1 after):
+    # first 0, size 3, start 1 (a symmetric pad 1 would give start 0)
+    assert exact["_conv_stem"] == rf(3, 2, 1)
