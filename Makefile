@@ -20,6 +20,29 @@ TILE        ?= 64#                         mosaic tile side (px)
 CROP        ?= rf#                         rf (receptive field) | mask (activation blob)
 DEMO_N      ?= 1500#                       images in the offline demo probe set
 WORKERS     ?= 2#                          decoding threads (01) and processes (02)
+DESCRIBER   ?= offline#                    03 backend: offline | hf | openai
+VLM         ?=#                            03 model: hf folder/hub id, or the openai server's model name
+BASE_URL    ?= http://127.0.0.1:8000/v1#   03 openai-compatible server (key in $$OPENAI_API_KEY)
+PROMPTS     ?= common/prompts.yaml#        03 prompt file, one prompt per abstraction level
+DOMAIN      ?=#                            03 what the images show, woven into prompts ("chest X-rays")
+TEXT_EMBEDDER ?= all-MiniLM-L6-v2#         04 sentence-transformers model (workstation: sentence-transformers/clip-ViT-L-14)
+IMAGE_EMBEDDER ?= auto#                    04 auto (CLIP if its weights are on disk, else cnn) | cnn | clip
+K_MIN       ?= 2#                          05 smallest number of clusters tried per layer
+K_MAX       ?= 512#                        05 largest number tried (capped at neurons − 1)
+PROJECTION  ?= umap#                       05 2-D maps: umap | pca
+NLI_MODEL   ?=#                            05 local NLI model for concept categories (empty: embedding similarity)
+TRACE_KIND  ?= fused#                      06 clustering traced: fused | text
+THRESHOLD   ?= 0.5#                        06 smallest cosine kept as a link between clusters
+FOLLOW      ?=#                            06 concept whose path is printed and highlighted (FOLLOW=yellow)
+QUERY       ?=#                            07 query for `make search` (empty: interactive)
+HITS        ?= 10#                         07 neurons listed per query
+TRUE        ?=#                            08 true class to debug: name, label or index (empty: automatic)
+PRED        ?=#                            08 class it is mistaken for (empty: its most frequent)
+MIN_ERRORS  ?= 5#                          08 auto: least misclassified images of a pair
+MIN_SHARE   ?= 0.25#                       08 auto: least share of the class's errors going to that class
+MAX_PAIRS   ?= 2#                          08 auto: most pairs analysed
+FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the neuron flag
+ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter used to create .venv
@@ -31,7 +54,7 @@ COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv
+.PHONY: all test bench help clean venv search debug
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -41,6 +64,17 @@ ARGS_01 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            $(if $(LAYERS),--layers $(LAYERS)) --topk $(TOPK) --batch-size $(BATCH) \
            --device $(DEVICE) --workers $(WORKERS) --input-size $(INPUT_SIZE)
 ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
+ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) \
+           $(if $(DOMAIN),--domain "$(DOMAIN)") --base-url $(BASE_URL) --device $(DEVICE)
+ARGS_04 := --text-model $(TEXT_EMBEDDER) --image-model $(IMAGE_EMBEDDER) --device $(DEVICE)
+ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
+           $(if $(NLI_MODEL),--nli-model $(NLI_MODEL)) --device $(DEVICE)
+ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow "$(FOLLOW)") \
+           --device $(DEVICE)
+ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+           $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
+           --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
+           --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE)
 define track_args
 $(shell mkdir -p $(D)/.args && { printf '%s\n' '$(strip $(2))' | cmp -s - $(D)/.args/$(1) || \
         printf '%s\n' '$(strip $(2))' > $(D)/.args/$(1); })
@@ -48,12 +82,23 @@ endef
 ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
 $(call track_args,01,$(ARGS_01) --images $(IMAGES))
 $(call track_args,02,$(ARGS_02))
+$(call track_args,03,$(ARGS_03))
+$(call track_args,04,$(ARGS_04))
+$(call track_args,05,$(ARGS_05))
+$(call track_args,06,$(ARGS_06))
+$(call track_args,08,$(ARGS_08))
 endif
 
-EXTRACT := $(D)/01_activations.npz
-MOSAICS := $(D)/02_mosaics.csv
+EXTRACT      := $(D)/01_activations.npz
+MOSAICS      := $(D)/02_mosaics.csv
+DESCRIPTIONS := $(D)/03_descriptions.csv
+EMBEDDINGS   := $(D)/04_embeddings.npz
+CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
+                $(D)/05_keywords.csv $(D)/05_categories.csv
+TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
+CONFUSION    := $(D)/08_confusion.csv
 
-all: $(MOSAICS) ## run every stage on data/$(RUN)
+all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -73,6 +118,8 @@ test: $(VENV) ## run the test suite (offline, CPU)
 bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_extract.py
 	$(PY) bench/bench_mosaics.py
+	$(PY) bench/bench_describe_embed.py
+	$(PY) bench/bench_cluster.py --threads 1
 
 data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
@@ -84,5 +131,32 @@ $(MOSAICS): 02_mosaics.py $(EXTRACT) $(D)/.args/02 $(COMMON) | $(VENV)
 	$(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
 	    --out-dir $(D)/02_mosaics --index $@ $(ARGS_02)
 
+$(DESCRIPTIONS): 03_describe.py $(MOSAICS) $(EXTRACT) $(PROMPTS) $(D)/.args/03 $(COMMON) | $(VENV)
+	$(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
+	    --predictions $(D)/01_predictions.csv --out $@ $(ARGS_03)
+
+$(EMBEDDINGS): 04_embed.py $(DESCRIPTIONS) $(MOSAICS) $(D)/.args/04 $(COMMON) | $(VENV)
+	$(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) --out $@ $(ARGS_04)
+
+$(CLUSTERS) &: 05_cluster.py $(DESCRIPTIONS) $(EMBEDDINGS) $(EXTRACT) $(D)/.args/05 $(COMMON) | $(VENV)
+	$(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
+	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
+
+$(TRACE) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(EXTRACT) $(D)/.args/06 $(COMMON) | $(VENV)
+	$(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
+	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
+
+$(CONFUSION): 08_debug.py $(EXTRACT) $(MOSAICS) $(DESCRIPTIONS) $(D)/.args/08 $(COMMON) | $(VENV)
+	$(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
+	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
+	    --confusion $@ --out-dir $(D)/08_debug $(ARGS_08)
+
+debug: $(CONFUSION) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
+
+search: $(EMBEDDINGS) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
+	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
+	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
+	    $(if $(QUERY),"$(QUERY)",--interactive)
+
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions
-	rm -rf $(D)/01_* $(D)/02_* $(D)/.args
+	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args

@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamp so equal arrays give equal .npz bytes
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, outputs get the usual 0666 & ~umask
 
 
 @contextlib.contextmanager
@@ -37,6 +39,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

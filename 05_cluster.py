@@ -1,0 +1,790 @@
+"""Stage 05: group each layer's neurons by meaning, measure the groups, and name each layer's concepts.
+
+Reads
+    03_descriptions.csv   one description per neuron (rows with status ``failed`` are skipped)
+    04_embeddings.npz     text and fused embedding of every neuron
+    01_activations.npz    optional, only its ``layers`` array: the layer order of the model
+Writes, in --out-dir
+    05_clusters.csv       layer, channel, kind, cluster, x, y (x, y: the 2-D map of that layer and kind)
+    05_metrics.csv        layer, kind, k, cohesion, silhouette, davies_bouldin, ari_text_fused
+    05_ksearch.csv        layer, kind, k, silhouette, inertia, chosen: every k the search fitted
+    05_keywords.csv       layer, kind, cluster, rank, term, weight (kind, cluster ``all``: the layer)
+    05_categories.csv     layer, channel, category, score, method
+    05_plots/             <layer>_k.png, <layer>_map.png, <layer>_keywords.png, categories.png
+    05_cluster.meta.json
+
+For every layer and embedding kind, KMeans is fitted for a bracketing set of k values and the k with
+the best cosine silhouette is kept: a geometric grid over [--k-min, --k-max] first, then finer
+grids around the best peaks of the curve until their neighbours are all fitted: tens of fits
+instead of one per k. Metrics: cohesion (mean pairwise cosine inside a cluster, averaged over the
+clusters with two or more members), cosine silhouette, Davies–Bouldin, and the adjusted Rand index
+between the text and the fused partitions of the layer. Keywords: TF-IDF with one document per
+neuron, English stop words and method filler ("neuron", "patches", "image"…) removed. Categories:
+an NLI zero-shot classifier when --nli-model is given, else the cosine between each description
+and one phrase per category (the meta records which).
+
+Example:
+    python 05_cluster.py --descriptions data/demo/03_descriptions.csv \
+        --embeddings data/demo/04_embeddings.npz --activations data/demo/01_activations.npz \
+        --out-dir data/demo
+"""
+
+import argparse
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.io import atomic_path, read_csv, write_csv
+from common.provenance import merge_lineage, read_meta, write_meta
+
+log = logging.getLogger("neuron-atlas.05_cluster")
+
+KINDS = ("text", "fused")  # embedding kinds clustered, in this order
+NLI_TEMPLATE = "This neuron responds to {}."  # hypothesis the NLI model scores for each category
+PHRASE_TEMPLATE = "a neuron that responds to {}"  # sentence embedded per category in the fallback
+SEARCH_TOLERANCE = 0.05  # a second silhouette peak this close to the best is refined too
+SEARCH_PEAKS = 2  # peaks refined per round of the k search (the best and the runner-up)
+UMAP_MIN_POINTS = 5  # below this, a 2-D PCA is used instead of UMAP (UMAP needs a neighbour graph)
+MAP_POINT_SIZE = 12  # marker size on the 2-D maps
+KEYWORD_BARS = 20  # terms shown in the per-layer keyword chart (all --n-keywords are in the CSV)
+
+DEFAULT_CATEGORIES = {  # name -> phrase that the embedding fallback compares descriptions with
+    "actions/scenes": "people or animals doing something, or a whole scene such as a street, a "
+                      "beach, a kitchen or a field",
+    "animals": "animals such as dogs, cats, birds, fish, snakes or insects",
+    "colours": "a colour such as red, yellow, blue, green, orange, black or white",
+    "full objects": "one complete object seen as a whole, such as a car, a bottle, a chair, a "
+                    "lamp or a building",
+    "numbers and letters": "printed text, letters, words, digits or numbers",
+    "objects": "kinds of everyday things such as tools, food, clothing, furniture or vehicles",
+    "parts": "parts of things such as wheels, eyes, legs, handles, windows or wings",
+    "people": "people, human faces, hands or bodies",
+    "textures/shapes": "textures and simple shapes such as stripes, dots, edges, grids, curves, "
+                       "circles or fur",
+}
+
+# Words that every description of this pipeline uses to talk about the method rather than the
+# concept; left in, they would top every layer's keyword list.
+FILLER_WORDS = frozenset("""
+neuron neurons patch patches image images picture pictures photo photos mosaic mosaics crop crops
+tile tiles layer layers selective selectivity activate activates activated activating activation
+activations respond responds responding response responsive detect detects detected detecting
+detector appear appears appearing appearance consistently consistent show shows shown
+showing depict depicts depicting feature features featuring featured contain contains containing
+various variety visible like including include includes typically often mostly mainly
+predominantly primarily generally focus focused focusing present presence seen common commonly
+different multiple distinct recognizable specific particular related overall example examples
+""".split())
+
+
+@dataclass
+class LayerData:
+    """The usable neurons of one layer: channels, descriptions and one matrix per embedding kind."""
+    layer: str
+    channels: np.ndarray
+    descriptions: list[str]
+    vectors: dict[str, np.ndarray]
+
+
+@dataclass
+class Clustering:
+    """The partition chosen for one layer and kind, its quality figures and the k-search curve."""
+    k: int
+    labels: np.ndarray
+    cohesion: float
+    silhouette: float
+    davies_bouldin: float
+    curve: dict[int, tuple[float, float]] = field(default_factory=dict)  # k -> (silhouette, inertia)
+    note: str = ""
+
+
+def parse_categories(text: str) -> dict[str, str]:
+    """Parse ``"name;name=phrase;…"`` into {name: phrase}; a bare name gets its default phrase.
+
+    Semicolons separate items so that phrases may contain commas. A name without a phrase that is
+    not one of the defaults is compared as itself.
+    """
+    categories: dict[str, str] = {}
+    for item in text.split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, phrase = item.partition("=")
+        name = name.strip()
+        categories[name] = phrase.strip() or DEFAULT_CATEGORIES.get(name, name)
+    if len(categories) < 2:
+        raise StageError(f"--categories needs at least two categories separated by ';', got {text!r}")
+    return categories
+
+
+def read_layer_order(activations_path: str | Path | None) -> list[str]:
+    """The model's layer order from 01_activations.npz (only its ``layers`` array is read)."""
+    if activations_path is None:
+        return []
+    path = Path(activations_path)
+    if not path.exists():
+        raise StageError(f"{path} does not exist; drop --activations to order layers by the "
+                         "descriptions file instead")
+    with np.load(path, allow_pickle=False) as data:
+        if "layers" not in data.files:
+            raise StageError(f"{path} has no 'layers' array; is it an 01_activations.npz?")
+        return [str(name) for name in data["layers"]]
+
+
+def order_layers(found: list[str], model_order: list[str]) -> list[str]:
+    """Layers of ``found`` (first-appearance order) sorted by ``model_order`` where it knows them."""
+    rank = {name: i for i, name in enumerate(model_order)}
+    first = {name: i for i, name in enumerate(dict.fromkeys(found))}
+    return sorted(first, key=lambda name: (rank.get(name, len(rank)), first[name]))
+
+
+def load_layers(descriptions_path: str | Path, embeddings_path: str | Path,
+                model_order: list[str]) -> tuple[list[LayerData], dict[str, np.ndarray], dict]:
+    """Join descriptions and embeddings on (layer, channel) and split them by layer.
+
+    Only neurons with an ``ok`` description, an embedding row, and finite, non-zero text and fused
+    vectors are kept; the others are counted in the returned ``skipped`` dict. Vectors are
+    re-normalised so that dot products are cosines even if a row was stored slightly off unit length.
+    Also returns the raw npz arrays (for the embedder name).
+    """
+    rows = read_csv(descriptions_path)
+    missing = {"layer", "channel", "description", "status"} - set(rows[0] if rows else {})
+    if not rows or missing:
+        raise StageError(f"{descriptions_path} is empty or lacks columns {sorted(missing)}; "
+                         "re-run 03_describe")
+    npz = dict(np.load(embeddings_path, allow_pickle=False))
+    for key in ("layer", "channel", *KINDS):
+        if key not in npz:
+            raise StageError(f"{embeddings_path} has no '{key}' array; re-run 04_embed")
+    index = {(str(layer), int(ch)): i
+             for i, (layer, ch) in enumerate(zip(npz["layer"], npz["channel"]))}
+    skipped = {"failed description": 0, "no embedding": 0, "bad vector": 0, "duplicate row": 0}
+    picked: dict[str, list[tuple[int, str, int]]] = {}
+    seen = set()
+    for row in rows:
+        text = (row.get("description") or "").strip()
+        if row["status"] != "ok" or not text:
+            skipped["failed description"] += 1
+            continue
+        key = (row["layer"], int(row["channel"]))
+        if key in seen:
+            skipped["duplicate row"] += 1
+            continue
+        seen.add(key)
+        if key not in index:
+            skipped["no embedding"] += 1
+            continue
+        i = index[key]
+        norms = [np.linalg.norm(npz[kind][i]) for kind in KINDS]
+        if not all(np.isfinite(n) and n > 0 for n in norms):
+            skipped["bad vector"] += 1
+            continue
+        picked.setdefault(row["layer"], []).append((key[1], text, i))
+    layers = []
+    found = [r["layer"] for r in rows if r["layer"] in picked]
+    for name in order_layers(found, model_order):
+        items = sorted(picked[name])
+        idx = np.array([i for _, _, i in items])
+        vectors = {}
+        for kind in KINDS:
+            mat = np.asarray(npz[kind][idx], dtype=np.float64)
+            vectors[kind] = mat / np.linalg.norm(mat, axis=1, keepdims=True)
+        layers.append(LayerData(name, np.array([c for c, _, _ in items], dtype=np.int64),
+                                [t for _, t, _ in items], vectors))
+    return layers, npz, skipped
+
+
+def cosine_distance_matrix(x: np.ndarray) -> np.ndarray:
+    """Pairwise cosine distances of unit rows, clipped at 0 with an exact zero diagonal."""
+    dist = 1.0 - x @ x.T
+    np.clip(dist, 0.0, 2.0, out=dist)
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+def cohesion(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over clusters of the mean pairwise cosine between a cluster's members.
+
+    Singletons have no pairs and are left out of the average; NaN when no cluster has two members.
+    """
+    values = []
+    for c in np.unique(labels):
+        members = x[labels == c]
+        n = len(members)
+        if n < 2:
+            continue
+        total = members.sum(axis=0)
+        # sum over i<j of x_i·x_j = (|Σx|² − Σ|x|²) / 2, so no n×n matrix is needed
+        pair_sum = (total @ total - np.einsum("ij,ij->", members, members)) / 2.0
+        values.append(pair_sum / (n * (n - 1) / 2.0))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def fit_kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray, float]:
+    """KMeans labels and inertia for one k (seeded, so reruns give the same partition)."""
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        # near-duplicate embeddings make KMeans warn about empty clusters; silhouette judges that k
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        # float32 halves the memory traffic of Lloyd iterations; cosines need no more precision
+        model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x.astype(np.float32))
+    return model.labels_.astype(np.int64), float(model.inertia_)
+
+
+def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
+    """Cosine silhouette from a precomputed distance matrix; NaN when it is undefined."""
+    from sklearn.metrics import silhouette_score
+
+    n_labels = len(np.unique(labels))
+    if n_labels < 2 or n_labels >= len(labels):
+        return float("nan")
+    return float(silhouette_score(dist, labels, metric="precomputed"))
+
+
+def k_range(x: np.ndarray, k_min: int, k_max: int) -> tuple[int, int, str]:
+    """The k values that can be tried on ``x``, and why none can when the range is empty.
+
+    The silhouette needs 2 ≤ k ≤ n − 1, and KMeans cannot find more clusters than distinct points.
+    """
+    n = len(x)
+    distinct = len(np.unique(np.round(x, 6), axis=0))
+    hi = min(k_max, n - 1, distinct)
+    lo = max(k_min, 2)
+    if hi >= lo:
+        return lo, hi, ""
+    if distinct == 1 and n > 1:
+        reason = f"all {n} embeddings are identical (identical descriptions?)"
+    elif distinct < n:
+        reason = f"only {distinct} distinct embeddings among {n} neurons"
+    else:
+        reason = f"{n} neurons are too few for k ≥ {lo} (the silhouette needs k ≤ n − 1)"
+    return lo, hi, reason
+
+
+def candidate_ks(lo: int, hi: int, points: int, geometric: bool) -> list[int]:
+    """About ``points`` integers spread over [lo, hi], both ends included."""
+    if geometric:
+        grid = np.geomspace(lo, hi, points)
+    else:
+        grid = np.linspace(lo, hi, points)
+    return sorted({int(round(v)) for v in grid} | {lo, hi})
+
+
+def search_k(x: np.ndarray, dist: np.ndarray, lo: int, hi: int, seed: int, n_init: int,
+             points: int) -> tuple[int, np.ndarray, dict[int, tuple[float, float]]]:
+    """Find the k in [lo, hi] with the highest silhouette by coarse-to-fine bracketing.
+
+    Round one fits a geometric grid (the best k of a layer can be 5 or 500). Each later round
+    takes the best local peak of the fitted curve, and the runner-up peak if it comes within
+    SEARCH_TOLERANCE of it, and fits a linear grid between each peak's fitted neighbours; it
+    stops when those brackets hold no unfitted k. Refining a runner-up too guards against the
+    bumps of a noisy silhouette curve. Ties go to the smaller k. Returns the best k, its
+    labels and the curve {k: (silhouette, inertia)} of every k fitted.
+    """
+    curve: dict[int, tuple[float, float]] = {}
+    labels_of: dict[int, np.ndarray] = {}
+    todo = candidate_ks(lo, hi, points, geometric=True)
+    while todo:
+        for k in todo:
+            labels, inertia = fit_kmeans(x, k, seed, n_init)
+            curve[k] = (silhouette(dist, labels), inertia)
+            labels_of[k] = labels
+        fitted = sorted(curve)
+        scores = [curve[k][0] if np.isfinite(curve[k][0]) else -np.inf for k in fitted]
+        top = max(scores)
+        peaks = [i for i, score in enumerate(scores)
+                 if score >= top - SEARCH_TOLERANCE
+                 and score >= (scores[i - 1] if i > 0 else -np.inf)
+                 and score >= (scores[i + 1] if i + 1 < len(scores) else -np.inf)]
+        new: set[int] = set()
+        for i in sorted(peaks, key=lambda i: -scores[i])[:SEARCH_PEAKS]:
+            a, b = fitted[max(i - 1, 0)], fitted[min(i + 1, len(fitted) - 1)]
+            new |= set(candidate_ks(a, b, points, geometric=False))
+        todo = sorted(new - set(curve))
+    best = max(curve, key=lambda k: (curve[k][0] if np.isfinite(curve[k][0]) else -np.inf, -k))
+    return best, labels_of[best], curve
+
+
+def cluster_layer(x: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int,
+                  points: int) -> Clustering:
+    """Choose k, cluster ``x`` (unit rows) and compute the quality figures of the partition.
+
+    When no k can be tried (too few neurons, identical embeddings) every neuron goes to cluster 0
+    and ``note`` says why; silhouette and Davies–Bouldin are then undefined (NaN).
+    """
+    from sklearn.metrics import davies_bouldin_score
+
+    lo, hi, reason = k_range(x, k_min, k_max)
+    if reason:
+        labels = np.zeros(len(x), dtype=np.int64)
+        return Clustering(1, labels, cohesion(x, labels), float("nan"), float("nan"),
+                          note=f"{reason}: all neurons put in one cluster")
+    dist = cosine_distance_matrix(x)
+    k, labels, curve = search_k(x, dist, lo, hi, seed, n_init, points)
+    sil = curve[k][0]
+    n_labels = len(np.unique(labels))
+    dbi = davies_bouldin_score(x, labels) if 2 <= n_labels < len(x) else float("nan")
+    return Clustering(k, labels, cohesion(x, labels), sil, float(dbi), curve)
+
+
+def project_2d(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
+    """Seeded 2-D map of unit rows: UMAP (cosine) when asked and possible, else PCA.
+
+    UMAP needs a neighbour graph, so layers with fewer than UMAP_MIN_POINTS neurons fall back to
+    PCA; the method actually used is returned so that the meta can say so.
+    """
+    n = len(x)
+    if method == "umap" and n >= UMAP_MIN_POINTS:
+        import umap
+
+        with warnings.catch_warnings():
+            # UMAP warns that a fixed random_state disables parallelism: that is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine",
+                                random_state=seed, n_jobs=1, init="spectral" if n > 10 else "random")
+            return reducer.fit_transform(x).astype(np.float64), "umap"
+    if method == "umap":
+        log.info("only %d neurons: using PCA instead of UMAP for the 2-D map", n)
+    centred = x - x.mean(axis=0)
+    coords = np.zeros((n, 2))
+    if n >= 2:
+        # SVD gives the principal axes directly; the sign is fixed for reproducible maps
+        u, s, _ = np.linalg.svd(centred, full_matrices=False)
+        m = min(2, len(s))
+        signs = np.sign(u[np.argmax(np.abs(u[:, :m]), axis=0), range(m)])
+        coords[:, :m] = u[:, :m] * s[:m] * np.where(signs == 0, 1, signs)
+    return coords, "pca"
+
+
+def english_stop_words() -> frozenset[str]:
+    """scikit-learn's English stop-word list."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS)
+
+
+def tfidf_matrix(descriptions: list[str], stop_words: frozenset[str]):
+    """TF-IDF of each description (one document per neuron) and the vocabulary, or None if empty.
+
+    scikit-learn's smoothed idf is used and each row is L2-normalised, so a long description does
+    not outweigh a short one. Only alphabetic tokens of two letters or more are counted.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(stop_words=sorted(stop_words), lowercase=True,
+                                 token_pattern=r"(?u)\b[^\W\d_]{2,}\b")
+    try:
+        matrix = vectorizer.fit_transform(descriptions)
+    except ValueError:
+        # scikit-learn raises ValueError when nothing is left after removing stop words
+        return None, np.array([], dtype=str)
+    return matrix, vectorizer.get_feature_names_out()
+
+
+def top_terms(matrix, rows: np.ndarray | None, vocab: np.ndarray, n: int) -> list[tuple[str, float]]:
+    """The ``n`` terms with the highest mean TF-IDF weight over ``rows`` (all rows if None).
+
+    Ties are broken alphabetically so that the order is stable; zero weights are left out.
+    """
+    if matrix is None or len(vocab) == 0:
+        return []
+    sub = matrix if rows is None else matrix[rows]
+    weights = np.asarray(sub.mean(axis=0)).ravel()
+    order = sorted(range(len(vocab)), key=lambda j: (-weights[j], vocab[j]))
+    return [(str(vocab[j]), float(weights[j])) for j in order[:n] if weights[j] > 0]
+
+
+def keyword_table(data: LayerData, results: dict[str, Clustering], stop_words: frozenset[str],
+                  n_keywords: int, cluster_terms: int) -> tuple[list[tuple[str, float]], list[dict]]:
+    """The layer's top terms, and 05_keywords.csv rows for the layer and for each cluster of each kind.
+
+    One TF-IDF model is fitted per layer (a document per neuron); a cluster's terms are those with
+    the highest mean weight over its neurons, so they are frequent in the cluster and rare in the layer.
+    """
+    matrix, vocab = tfidf_matrix(data.descriptions, stop_words)
+    layer_terms = top_terms(matrix, None, vocab, n_keywords)
+    if not layer_terms:
+        log.warning("%s: no keywords left after removing stop words", data.layer)
+    rows = [{"layer": data.layer, "kind": "all", "cluster": "all", "rank": r, "term": t,
+             "weight": fmt(w)} for r, (t, w) in enumerate(layer_terms, 1)]
+    for kind, res in results.items():
+        for c in np.unique(res.labels):
+            terms = top_terms(matrix, np.flatnonzero(res.labels == c), vocab, cluster_terms)
+            rows += [{"layer": data.layer, "kind": kind, "cluster": int(c), "rank": r, "term": t,
+                      "weight": fmt(w)} for r, (t, w) in enumerate(terms, 1)]
+    return layer_terms, rows
+
+
+def load_classifier(model_name: str, device: str):
+    """A transformers zero-shot-classification pipeline for ``model_name`` (path or hub name)."""
+    import torch
+    from transformers import pipeline
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return pipeline("zero-shot-classification", model=model_name, device=device)
+    except (OSError, ValueError) as err:
+        raise StageError(f"cannot load the NLI model {model_name!r} ({err}); give a local path "
+                         "to an NLI model, or drop --nli-model to use embedding similarity") from err
+
+
+def classify_nli(descriptions: list[str], categories: dict[str, str], classifier,
+                 batch_size: int = 16) -> tuple[list[str], list[float]]:
+    """Best category and its probability for each description from a zero-shot NLI classifier.
+
+    ``classifier`` is called like a transformers zero-shot pipeline: on a list of texts with
+    ``candidate_labels`` and ``hypothesis_template``, returning one dict with ``labels`` and
+    ``scores`` (best first) per text.
+    """
+    from tqdm import tqdm
+
+    names = list(categories)
+    best, scores = [], []
+    for start in tqdm(range(0, len(descriptions), batch_size), desc="categories (NLI)",
+                      disable=len(descriptions) <= batch_size):
+        batch = descriptions[start:start + batch_size]
+        results = classifier(batch, candidate_labels=names, hypothesis_template=NLI_TEMPLATE)
+        if isinstance(results, dict):
+            results = [results]
+        for result in results:
+            best.append(str(result["labels"][0]))
+            scores.append(float(result["scores"][0]))
+    return best, scores
+
+
+def classify_embedding(vectors: np.ndarray, categories: dict[str, str],
+                       embedder) -> tuple[list[str], list[float]]:
+    """Best category of each description by cosine between its embedding and a category phrase."""
+    names = list(categories)
+    phrases = np.asarray(embedder.encode([PHRASE_TEMPLATE.format(categories[n]) for n in names]),
+                         dtype=np.float64)
+    phrases /= np.linalg.norm(phrases, axis=1, keepdims=True)
+    sims = vectors @ phrases.T
+    best = np.argmax(sims, axis=1)
+    return [names[i] for i in best], [float(sims[r, i]) for r, i in enumerate(best)]
+
+
+def assign_categories(layers: list[LayerData], npz: dict, categories: dict[str, str],
+                      nli_model: str | None, classifier, text_embedder, text_embedder_name,
+                      device: str) -> tuple[list[str], list[float], str]:
+    """Category and score of every neuron (layers in order), and the method used.
+
+    An NLI zero-shot classifier is used when one is injected or ``nli_model`` names one;
+    otherwise each description is compared with one phrase per category in a text embedder's
+    space. 04's text embeddings are reused when they come from that same embedder.
+    """
+    all_descriptions = [d for data in layers for d in data.descriptions]
+    if nli_model or classifier is not None:
+        method = f"nli:{nli_model or getattr(classifier, 'name', 'injected')}"
+        if classifier is None:
+            classifier = load_classifier(nli_model, device)
+        best, scores = classify_nli(all_descriptions, categories, classifier)
+    else:
+        if text_embedder is None:
+            from common.embedders import load_text_embedder
+            text_embedder = load_text_embedder(text_embedder_name, device=device)
+        method = f"embedding:{text_embedder.name}"
+        stored_model = str(npz.get("text_model", ""))
+        if stored_model == text_embedder.name and npz["text"].shape[1] == text_embedder.dim:
+            vectors = np.vstack([data.vectors["text"] for data in layers])
+        else:
+            log.info("04's text embeddings come from %r, not %r: encoding the descriptions again",
+                     stored_model, text_embedder.name)
+            vectors = np.asarray(text_embedder.encode(all_descriptions), dtype=np.float64)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        best, scores = classify_embedding(vectors, categories, text_embedder)
+    return best, scores, method
+
+
+def safe_name(layer: str) -> str:
+    """Layer name made safe for a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", layer)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display is needed or used)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    plt = pyplot()
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_k_selection(layer: str, results: dict[str, Clustering], path: Path) -> None:
+    """Silhouette and inertia against k for each kind, the chosen k marked."""
+    plt = pyplot()
+    fig, (ax_s, ax_i) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for kind, res in results.items():
+        if not res.curve:
+            continue
+        ks = sorted(res.curve)
+        line, = ax_s.plot(ks, [res.curve[k][0] for k in ks], "o-", ms=3, label=f"{kind} (k={res.k})")
+        ax_s.axvline(res.k, color=line.get_color(), ls=":", lw=1)
+        ax_i.plot(ks, [res.curve[k][1] for k in ks], "o-", ms=3, color=line.get_color(), label=kind)
+    ax_s.set(xlabel="k", ylabel="cosine silhouette", title=f"{layer}: silhouette")
+    ax_i.set(xlabel="k", ylabel="inertia", title=f"{layer}: inertia (elbow)")
+    for ax in (ax_s, ax_i):
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no k could be tried", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_maps(layer: str, coords: dict[str, np.ndarray], results: dict[str, Clustering],
+              methods: dict[str, str], path: Path) -> None:
+    """The 2-D map of each kind, neurons coloured by their cluster."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(coords), figsize=(5 * len(coords), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], coords):
+        xy, res = coords[kind], results[kind]
+        ax.scatter(xy[:, 0], xy[:, 1], c=res.labels % 20, cmap="tab20", vmin=0, vmax=19,
+                   s=MAP_POINT_SIZE, linewidths=0)
+        ax.set(title=f"{layer} · {kind} · k={res.k} ({methods[kind].upper()})",
+               xticks=[], yticks=[])
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_keywords(layer: str, terms: list[tuple[str, float]], path: Path) -> None:
+    """Horizontal bar chart of the layer's highest-weighted terms."""
+    plt = pyplot()
+    shown = terms[:KEYWORD_BARS]
+    fig, ax = plt.subplots(figsize=(6, 0.25 * max(len(shown), 4) + 1))
+    ax.barh(range(len(shown)), [w for _, w in shown], color="tab:blue")
+    ax.set_yticks(range(len(shown)), [t for t, _ in shown], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="mean TF-IDF weight", title=f"{layer}: top terms")
+    if not shown:
+        ax.text(0.5, 0.5, "no terms left after stop words", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_categories(shares: dict[str, dict[str, float]], names: list[str], method: str,
+                    path: Path) -> None:
+    """Stacked bars of the share of each category per layer."""
+    plt = pyplot()
+    layers = list(shares)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(layers) + 3), 4.5))
+    bottom = np.zeros(len(layers))
+    colours = plt.get_cmap("tab10")
+    for i, name in enumerate(names):
+        values = np.array([shares[layer].get(name, 0.0) for layer in layers])
+        ax.bar(layers, values, bottom=bottom, label=name, color=colours(i % 10))
+        bottom += values
+    ax.set(ylabel="share of described neurons", ylim=(0, 1),
+           title=f"concept categories per layer ({method})")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def fmt(value: float) -> str:
+    """A float as a fixed-precision string (stable CSV bytes); empty for NaN."""
+    return "" if not np.isfinite(value) else f"{value:.6f}"
+
+
+def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str | Path,
+        activations_path: str | Path | None = None, k_min: int = 2, k_max: int = 512,
+        n_init: int = 3, grid_points: int = 8, seed: int = 0, projection: str = "umap",
+        n_keywords: int = 50, cluster_terms: int = 10, categories: dict[str, str] | None = None,
+        extra_stop_words: tuple[str, ...] = (), nli_model: str | None = None,
+        text_embedder_name: str | None = None, device: str = "auto", plots: bool = True,
+        classifier=None, text_embedder=None) -> dict:
+    """Cluster, map, and summarise every layer; write the 05_* files into ``out_dir``.
+
+    ``classifier`` (a zero-shot NLI callable) and ``text_embedder`` (an object with ``.encode``
+    and ``.name``) may be injected; otherwise they are loaded here only if needed: the classifier
+    when ``nli_model`` is given, the embedder for the embedding-similarity fallback. Returns the
+    meta that was written.
+    """
+    from sklearn.metrics import adjusted_rand_score
+    from tqdm import tqdm
+
+    if k_min < 2 or k_max < k_min:
+        raise StageError(f"need 2 ≤ --k-min ≤ --k-max, got {k_min} and {k_max}")
+    if grid_points < 3:
+        raise StageError(f"--grid-points must be at least 3, got {grid_points}")
+    categories = dict(categories or DEFAULT_CATEGORIES)
+    out_dir = Path(out_dir)
+    plot_dir = out_dir / "05_plots"
+    for path, producer in ((descriptions_path, "03_describe"), (embeddings_path, "04_embed")):
+        if not Path(path).exists():
+            raise StageError(f"{path} does not exist; run {producer} first (e.g. `make`)")
+    input_metas = [read_meta(descriptions_path), read_meta(embeddings_path)]
+    if activations_path is not None:
+        input_metas.append(read_meta(activations_path))
+    merge_lineage(input_metas)  # fail before any work when the inputs come from different runs
+
+    layers, npz, skipped = load_layers(descriptions_path, embeddings_path,
+                                       read_layer_order(activations_path))
+    if not layers:
+        raise StageError(f"no neuron has both an 'ok' description and an embedding "
+                         f"(skipped: {skipped}); check 03_describe and 04_embed")
+    for reason, count in skipped.items():
+        if count:
+            log.warning("skipped %d neurons: %s", count, reason)
+    if len(layers) == 1:
+        log.warning("only one layer (%s): clusters are made, but 06_trace will have nothing "
+                    "to link", layers[0].layer)
+
+    stop_words = frozenset(english_stop_words() | FILLER_WORDS | {w.lower() for w in extra_stop_words})
+    cluster_rows, metric_rows, ksearch_rows, keyword_rows, category_rows = [], [], [], [], []
+    notes: dict[str, str] = {}
+    methods_used: dict[str, dict[str, str]] = {}
+    progress = tqdm(total=len(layers) * len(KINDS), desc="clustering", unit="map")
+    for data in layers:
+        results: dict[str, Clustering] = {}
+        coords: dict[str, np.ndarray] = {}
+        methods_used[data.layer] = {}
+        for kind in KINDS:
+            res = cluster_layer(data.vectors[kind], k_min, k_max, seed, n_init, grid_points)
+            if res.note:
+                notes[f"{data.layer}/{kind}"] = res.note
+                log.warning("%s (%s): %s", data.layer, kind, res.note)
+            results[kind] = res
+            coords[kind], methods_used[data.layer][kind] = project_2d(data.vectors[kind],
+                                                                      projection, seed)
+            progress.update()
+        ari = float(adjusted_rand_score(results["text"].labels, results["fused"].labels))
+        log.info("%s: %d neurons, k text=%d fused=%d, ARI=%.3f", data.layer, len(data.channels),
+                 results["text"].k, results["fused"].k, ari)
+
+        layer_terms, rows = keyword_table(data, results, stop_words, n_keywords, cluster_terms)
+        keyword_rows += rows
+        for kind in KINDS:
+            res = results[kind]
+            metric_rows.append({"layer": data.layer, "kind": kind, "k": res.k,
+                                "cohesion": fmt(res.cohesion), "silhouette": fmt(res.silhouette),
+                                "davies_bouldin": fmt(res.davies_bouldin),
+                                "ari_text_fused": fmt(ari)})
+            ksearch_rows += [{"layer": data.layer, "kind": kind, "k": k, "silhouette": fmt(s),
+                              "inertia": fmt(i), "chosen": int(k == res.k)}
+                             for k, (s, i) in sorted(res.curve.items())]
+            cluster_rows += [{"layer": data.layer, "channel": int(ch), "kind": kind,
+                              "cluster": int(c), "x": fmt(xy[0]), "y": fmt(xy[1])}
+                             for ch, c, xy in zip(data.channels, res.labels, coords[kind])]
+        if plots:
+            stem = safe_name(data.layer)
+            plot_k_selection(data.layer, results, plot_dir / f"{stem}_k.png")
+            plot_maps(data.layer, coords, results, methods_used[data.layer],
+                      plot_dir / f"{stem}_map.png")
+            plot_keywords(data.layer, layer_terms, plot_dir / f"{stem}_keywords.png")
+    progress.close()
+
+    best, scores, method = assign_categories(layers, npz, categories, nli_model, classifier,
+                                             text_embedder, text_embedder_name, device)
+    unknown = sorted(set(best) - set(categories))
+    if unknown:
+        raise StageError(f"the category classifier returned labels that are not categories: {unknown}")
+    log.info("categories assigned by %s", method)
+    shares: dict[str, dict[str, float]] = {}
+    pos = 0
+    for data in layers:
+        n = len(data.channels)
+        layer_best = best[pos:pos + n]
+        category_rows += [{"layer": data.layer, "channel": int(ch), "category": cat,
+                           "score": fmt(score), "method": method}
+                          for ch, cat, score in zip(data.channels, layer_best, scores[pos:pos + n])]
+        shares[data.layer] = {name: layer_best.count(name) / n for name in categories}
+        pos += n
+    if plots:
+        plot_categories(shares, list(categories), method, plot_dir / "categories.png")
+
+    outputs = {
+        "05_clusters.csv": (cluster_rows, ["layer", "channel", "kind", "cluster", "x", "y"]),
+        "05_metrics.csv": (metric_rows, ["layer", "kind", "k", "cohesion", "silhouette",
+                                         "davies_bouldin", "ari_text_fused"]),
+        "05_ksearch.csv": (ksearch_rows, ["layer", "kind", "k", "silhouette", "inertia", "chosen"]),
+        "05_keywords.csv": (keyword_rows, ["layer", "kind", "cluster", "rank", "term", "weight"]),
+        "05_categories.csv": (category_rows, ["layer", "channel", "category", "score", "method"]),
+    }
+    for name, (rows, columns) in outputs.items():
+        write_csv(out_dir / name, rows, columns)
+    args = {"descriptions": str(descriptions_path), "embeddings": str(embeddings_path),
+            "activations": str(activations_path) if activations_path else None,
+            "k_min": k_min, "k_max": k_max, "n_init": n_init, "grid_points": grid_points,
+            "seed": seed, "projection": projection, "n_keywords": n_keywords,
+            "cluster_terms": cluster_terms, "categories": categories,
+            "extra_stop_words": list(extra_stop_words), "nli_model": nli_model}
+    return write_meta(out_dir / "05_cluster.meta.json", "05_cluster", args,
+                      [out_dir / name for name in outputs], inputs=input_metas,
+                      category_method=method, projection_used=methods_used,
+                      degenerate=notes, skipped=skipped)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of the stage."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
+    p.add_argument("--embeddings", required=True, help="04_embeddings.npz")
+    p.add_argument("--activations", default=None,
+                   help="01_activations.npz, for the model's layer order (else the order in which "
+                        "layers first appear in the descriptions)")
+    p.add_argument("--out-dir", required=True, help="folder for the 05_* files")
+    p.add_argument("--k-min", type=int, default=2, help="smallest number of clusters tried")
+    p.add_argument("--k-max", type=int, default=512,
+                   help="largest number of clusters tried (capped at neurons − 1 per layer)")
+    p.add_argument("--grid-points", type=int, default=8,
+                   help="k values fitted per round of the coarse-to-fine search")
+    p.add_argument("--n-init", type=int, default=3, help="KMeans restarts per k")
+    p.add_argument("--seed", type=int, default=0, help="seed of KMeans and UMAP")
+    p.add_argument("--projection", choices=("umap", "pca"), default="umap",
+                   help="2-D map method (PCA is instant, UMAP shows local structure)")
+    p.add_argument("--n-keywords", type=int, default=50, help="TF-IDF terms kept per layer")
+    p.add_argument("--cluster-terms", type=int, default=10, help="TF-IDF terms kept per cluster")
+    p.add_argument("--extra-stop-words", default="",
+                   help="comma-separated words to drop from keywords, besides English stop words "
+                        "and the built-in filler list")
+    p.add_argument("--categories", default=";".join(DEFAULT_CATEGORIES),
+                   help="';'-separated concept categories, each 'name' or 'name=phrase' (the "
+                        "phrase is what the embedding fallback compares descriptions with)")
+    p.add_argument("--nli-model", default=None,
+                   help="local path (or hub name) of an NLI model for zero-shot categories; "
+                        "without it, categories come from embedding similarity")
+    p.add_argument("--text-embedder", default=None,
+                   help="text embedder for the category phrases, as named to common.embedders "
+                        "(omitted: its offline default, all-MiniLM-L6-v2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+@exit_on_stage_error
+def main(argv=None):
+    """Parse arguments and run the stage."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    run(args.descriptions, args.embeddings, args.out_dir, activations_path=args.activations,
+        k_min=args.k_min, k_max=args.k_max, n_init=args.n_init, grid_points=args.grid_points,
+        seed=args.seed, projection=args.projection, n_keywords=args.n_keywords,
+        cluster_terms=args.cluster_terms, categories=parse_categories(args.categories),
+        extra_stop_words=tuple(w.strip() for w in args.extra_stop_words.split(",") if w.strip()),
+        nli_model=args.nli_model, text_embedder_name=args.text_embedder, device=args.device,
+        plots=not args.no_plots)
+
+
+if __name__ == "__main__":
+    main()

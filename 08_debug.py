@@ -1,0 +1,1100 @@
+"""Stage 08 — semantic debugging: which neurons act differently when class A is mistaken for B,
+what they are described as, and whether switching them off undoes the mistake.
+
+Reads (see ARTEFACTS.md): 01_predictions.csv, 01_stats/<layer>.{max,mean}.npy, 01_activations.npz
+and 01_extract.meta.json (layers, top images, the model to re-run), 02_mosaics.csv and
+03_descriptions.csv (shown with each neuron; optional). The 01-03 inputs default to their contract
+names beside --predictions.
+Writes:
+  08_confusion.csv                 per true class: accuracy, errors, top confused classes, rank
+  08_debug/pairs.csv               every confusion pair with why it was or was not analysed
+  08_debug/<true>__<pred>/         per analysed pair: neurons.csv (ranked, with descriptions),
+                                   delta_mu.png, z_heatmaps.png, ko_examples.jpg, ok_examples.jpg,
+                                   neurons/ (crops from 01 where 02 has no mosaic), ablation.csv
+                                   and causal.json (causal check), report.md, report.html
+                                   (self-contained: images embedded)
+  08_debug.meta.json               provenance (beside 08_confusion.csv)
+
+For a pair (true class T, predicted class P): OK = images of T predicted T, KO = images of T
+predicted P. For every neuron and both per-image aggregations (spatial max and mean):
+Δμ = μ_KO − μ_OK; z = Δμ divided by its pooled-variance standard error, so that |z| ≥ 2 is
+the classic "two standard errors" rule (it fires for ~5% of neurons even when nothing differs);
+the Welch t-test p-value; and the Benjamini–Hochberg q-value over all neurons of all layers,
+which is the flag to trust. The causal check zeroes the top positive-z neurons of the deepest
+layer, re-runs the model, and counts KO images that flip to T, against an equally sized random
+set of neurons.
+
+Example:
+  python 08_debug.py --predictions data/demo/01_predictions.csv \
+      --confusion data/demo/08_confusion.csv --out-dir data/demo/08_debug          # automatic
+  python 08_debug.py --predictions data/r50/01_predictions.csv --confusion \
+      data/r50/08_confusion.csv --out-dir data/r50/08_debug --true palace --pred castle \
+      --model resnet50 --weights r50.pth
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import difflib
+import html
+import inspect
+import logging
+import math
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
+from tqdm import tqdm
+
+from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.io import atomic_path, read_csv, write_csv, write_json, write_text
+from common.provenance import read_meta, write_meta
+from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
+
+log = logging.getLogger("neuron-atlas.08_debug")
+
+STAGE = "08_debug"
+AGGS = ("max", "mean")  # per-image aggregations of a channel's feature map, as stored by 01
+CONFUSION_FIELDS = ["rank", "class_idx", "class", "n", "correct", "errors", "accuracy",
+                    "top1_pred_idx", "top1_pred", "top1_count", "top1_share", "top_confused"]
+PAIR_FIELDS = ["true_idx", "true", "pred_idx", "pred", "n_true", "ok", "ko", "share", "status",
+               "reason", "folder"]
+STAT_COLS = ["mu_ok", "mu_ko", "delta_mu", "z", "effect", "p", "q", "flag_z", "flag_fdr"]
+ABLATION_FIELDS = ["image_id", "group", "label_idx", "pred_01", "pred_base", "pred_ablated",
+                   "pred_control", "p_true_base", "p_true_ablated"]
+TOP_CONFUSED = 5  # confused classes listed per true class in 08_confusion.csv
+EXAMPLES = 8  # KO / OK images shown in each report's contact sheets
+TILE_PX = 112  # side of an image in those sheets and in crop strips
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions, confusion table and pair selection
+
+
+def read_predictions(path: Path) -> tuple[list[dict], dict[int, str]]:
+    """Labelled rows of 01_predictions.csv with integer ids, and the paths of all usable images.
+
+    Unlabelled images take no part in the confusion analysis, but they can be among a neuron's
+    top images, so their paths are kept.
+    """
+    if not path.exists():
+        raise StageError(f"{path} not found: run stage 01 first (make extract)")
+    rows, paths = [], {}
+    for row in read_csv(path):
+        paths[int(row["image_id"])] = row["path"]
+        label_idx = int(row["label_idx"])
+        if label_idx < 0:
+            continue
+        rows.append({"image_id": int(row["image_id"]), "path": row["path"], "label": row["label"],
+                     "label_idx": label_idx, "pred_idx": int(row["pred_idx"]),
+                     "pred_name": row["pred_name"]})
+    if not rows:
+        raise StageError(f"{path} has no labelled image (label_idx ≥ 0), so there are no errors "
+                         f"to debug. Give 01 labelled images: class sub-folders or a label column")
+    return rows, paths
+
+
+def class_names(rows: list[dict]) -> dict[int, str]:
+    """Class index → name: the model's name where a row predicts it; for a class never predicted,
+    the ImageNet name when the model's names are ImageNet's, else the dataset label."""
+    from common import imagenet
+    names: dict[int, str] = {}
+    for row in rows:
+        names.setdefault(row["pred_idx"], row["pred_name"])
+    reference = imagenet.class_names()
+    if all(0 <= i < len(reference) and reference[i] == name for i, name in names.items()):
+        for row in rows:
+            names.setdefault(row["label_idx"], reference[row["label_idx"]])
+    for row in rows:
+        names.setdefault(row["label_idx"], row["label"] or str(row["label_idx"]))
+    return names
+
+
+def confusion_table(rows: list[dict], names: dict[int, str]) -> list[dict]:
+    """Per true class: n, correct, errors, accuracy, top confused classes; ranked by errors.
+
+    Rank 1 is the class with the most errors (ties: lower accuracy first), the thesis's
+    "problem classes" list.
+    """
+    per_class: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        per_class[row["label_idx"]][row["pred_idx"]] += 1
+    out = []
+    for idx, counts in per_class.items():
+        n = sum(counts.values())
+        correct = counts.get(idx, 0)
+        wrong = sorted(((c, p) for p, c in counts.items() if p != idx), key=lambda t: (-t[0], t[1]))
+        errors = n - correct
+        top1 = wrong[0] if wrong else (0, -1)
+        out.append({"class_idx": idx, "class": names[idx], "n": n, "correct": correct,
+                    "errors": errors, "accuracy": round(correct / n, 4),
+                    "top1_pred_idx": top1[1] if wrong else "",
+                    "top1_pred": names[top1[1]] if wrong else "",
+                    "top1_count": top1[0],
+                    "top1_share": round(top1[0] / errors, 4) if errors else "",
+                    "top_confused": "; ".join(f"{names[p]}:{c}" for c, p in wrong[:TOP_CONFUSED])})
+    out.sort(key=lambda r: (-r["errors"], r["accuracy"], r["class_idx"]))
+    for rank, row in enumerate(out, 1):
+        row["rank"] = rank
+    return out
+
+
+def _name_key(text: str) -> str:
+    """Case-, space- and underscore-insensitive form of a class name for matching."""
+    return re.sub(r"[\s_\-]+", " ", text.strip().lower())
+
+
+def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str) -> int:
+    """The class index meant by ``text``: an index, a model class name, or a dataset label."""
+    if text.strip().lstrip("-").isdigit():
+        idx = int(text)
+        if idx not in names:
+            raise StageError(f"{flag} {idx}: no labelled image has or is predicted as class {idx}")
+        return idx
+    key = _name_key(text)
+    matches = {i for i, name in names.items() if _name_key(name) == key}
+    matches |= {r["label_idx"] for r in rows if _name_key(r["label"]) == key}
+    if len(matches) == 1:
+        return matches.pop()
+    if len(matches) > 1:
+        listed = ", ".join(f"{i} ({names[i]})" for i in sorted(matches))
+        raise StageError(f"{flag} {text!r} names several classes: {listed}; give the index instead")
+    close = difflib.get_close_matches(text, sorted(set(names.values())), n=5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    raise StageError(f"{flag} {text!r} matches no class seen in the predictions.{hint}")
+
+
+def folder_name(true_name: str, pred_name: str) -> str:
+    """``<true>__<pred>`` with anything but letters, digits, dot and dash replaced by ``_``."""
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.\-]+", "_", text).strip("._") or "class"
+    return f"{clean(true_name)}__{clean(pred_name)}"
+
+
+def pair_counts(rows: list[dict]) -> tuple[collections.Counter, collections.Counter,
+                                          collections.Counter]:
+    """Counts per (true, pred) pair, labelled images per class, correct images per class."""
+    pairs, n_true, correct = collections.Counter(), collections.Counter(), collections.Counter()
+    for row in rows:
+        n_true[row["label_idx"]] += 1
+        if row["pred_idx"] == row["label_idx"]:
+            correct[row["label_idx"]] += 1
+        else:
+            pairs[(row["label_idx"], row["pred_idx"])] += 1
+    return pairs, n_true, correct
+
+
+def select_pairs(rows: list[dict], names: dict[int, str], min_errors: int, min_share: float,
+                 min_images: int, max_pairs: int) -> list[dict]:
+    """Every confusion pair with a status: ``selected`` / ``fallback`` pairs are analysed.
+
+    The thesis's criteria: enough errors (KO ≥ ``min_errors``), errors concentrated on the
+    confusing class (KO / errors of the true class ≥ ``min_share``), and enough images on both
+    sides for statistics (OK and KO ≥ ``min_images``). The best ``max_pairs`` by KO count are
+    selected. When none passes, the most frequent confusion that still has ``min_images`` on both
+    sides is analysed as a ``fallback`` (its report says so).
+    """
+    pairs, n_true, correct = pair_counts(rows)
+    out = []
+    for (t, p), ko in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0])):
+        errors = n_true[t] - correct[t]
+        share = ko / errors
+        ok = correct[t]
+        if ko < min_errors:
+            reason = f"{ko} errors < --min-errors {min_errors}"
+        elif share < min_share:
+            reason = f"share of the class's errors {share:.2f} < --min-share {min_share}"
+        elif min(ok, ko) < min_images:
+            reason = f"OK {ok} / KO {ko}: fewer than --min-images {min_images}"
+        else:
+            reason = ""
+        out.append({"true_idx": t, "true": names[t], "pred_idx": p, "pred": names[p],
+                    "n_true": n_true[t], "ok": ok, "ko": ko, "share": round(share, 4),
+                    "status": "candidate" if not reason else "skipped", "reason": reason,
+                    "folder": ""})
+    passing = [r for r in out if r["status"] == "candidate"]
+    for i, row in enumerate(passing):
+        row["status"] = "selected" if i < max_pairs else "skipped"
+        row["reason"] = "passes the thresholds" if i < max_pairs else \
+            f"passes, but only the best --max-pairs {max_pairs} are analysed"
+    if not passing:
+        feasible = [r for r in out if min(r["ok"], r["ko"]) >= min_images]
+        if feasible:
+            fb = feasible[0]
+            fb["status"] = "fallback"
+            fb["reason"] = (f"no pair passed the thresholds (--min-errors {min_errors}, "
+                            f"--min-share {min_share}); this is the most frequent confusion with "
+                            f"at least {min_images} OK and KO images ({fb['reason']})")
+    return out
+
+
+def explicit_pair(rows: list[dict], names: dict[int, str], true_text: str,
+                  pred_text: str | None) -> dict:
+    """The pair asked for with ``--true`` (and ``--pred``; default: the most frequent confusion)."""
+    t = resolve_class(true_text, rows, names, "--true")
+    pairs, n_true, correct = pair_counts(rows)
+    if n_true[t] == 0:
+        raise StageError(f"--true {true_text!r}: no labelled image of class {t} ({names[t]})")
+    if pred_text is None:
+        confused = sorted(((c, p) for (tt, p), c in pairs.items() if tt == t),
+                          key=lambda cp: (-cp[0], cp[1]))
+        if not confused:
+            raise StageError(f"class {names[t]} has no error to debug ({n_true[t]} images, all "
+                             f"correct)")
+        p = confused[0][1]
+    else:
+        p = resolve_class(pred_text, rows, names, "--pred")
+    if p == t:
+        raise StageError(f"--true and --pred are the same class ({names[t]})")
+    errors = n_true[t] - correct[t]
+    ko = pairs.get((t, p), 0)
+    return {"true_idx": t, "true": names[t], "pred_idx": p, "pred": names[p], "n_true": n_true[t],
+            "ok": correct[t], "ko": ko, "share": round(ko / errors, 4) if errors else 0.0,
+            "status": "requested", "reason": "asked for with --true/--pred", "folder": ""}
+
+
+def split_ok_ko(rows: list[dict], pair: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Image ids of OK (true class, correct) and KO (true class, predicted as the pair's class)."""
+    t, p = pair["true_idx"], pair["pred_idx"]
+    ok = sorted(r["image_id"] for r in rows if r["label_idx"] == t and r["pred_idx"] == t)
+    ko = sorted(r["image_id"] for r in rows if r["label_idx"] == t and r["pred_idx"] == p)
+    return np.asarray(ok, dtype=np.int64), np.asarray(ko, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def compare_groups(ko: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+    """Per column (neuron) of ``ko`` (n_KO × C) against ``ok`` (n_OK × C).
+
+    ``z`` is Δμ over the pooled-variance standard error of Δμ, s_p·√(1/n_KO + 1/n_OK), i.e.
+    the Student two-sample statistic; under no difference it is ≈ N(0, 1), which is what makes
+    |z| ≥ 2 mean "two standard errors". ``effect`` is Δμ / s_p (Cohen's d), the size of the
+    difference in units of the neurons' spread. ``p`` is Welch's two-sided t-test (no equal-variance
+    assumption). Constant neurons get z = 0 and p = 1 when both groups agree exactly.
+    """
+    ko = np.asarray(ko, dtype=np.float64)
+    ok = np.asarray(ok, dtype=np.float64)
+    n1, n2 = len(ko), len(ok)
+    mu_ko, mu_ok = ko.mean(axis=0), ok.mean(axis=0)
+    delta = mu_ko - mu_ok
+    pooled_var = ((n1 - 1) * ko.var(axis=0, ddof=1)
+                  + (n2 - 1) * ok.var(axis=0, ddof=1)) / (n1 + n2 - 2)
+    sd = np.sqrt(pooled_var)
+    se = sd * math.sqrt(1 / n1 + 1 / n2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, delta / se, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
+        effect = np.where(sd > 0, delta / sd, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
+        # Constant neurons (a dead unit is 0 on every image) make scipy warn about precision;
+        # they are handled just below, so the warning is noise here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = sps.ttest_ind(ko, ok, axis=0, equal_var=False).pvalue
+    p = np.where(np.isnan(p), np.where(delta == 0, 1.0, 0.0), p)
+    return {"mu_ok": mu_ok, "mu_ko": mu_ko, "delta_mu": delta, "z": z, "effect": effect, "p": p}
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values) of a flat array of p-values."""
+    if p.size == 0:
+        return p.copy()
+    return sps.false_discovery_control(np.clip(p, 0.0, 1.0), method="bh")
+
+
+def layer_stats(stats_dir: Path, layers: list[str], ok_ids: np.ndarray, ko_ids: np.ndarray,
+                min_images: int, pair_label: str, fdr: float, z_threshold: float) -> dict:
+    """Differential statistics of every neuron of every layer, for both aggregations.
+
+    Rows are read from the memory-mapped 01_stats files, so only the OK and KO images are loaded.
+    Rows that are NaN (skipped images) are dropped. q-values and flags are computed over all
+    neurons of all layers of one aggregation (one family of tests). Returns
+    ``{layer: {agg: {column: array}}, "_n": {layer: (n_ok, n_ko)}}``.
+    """
+    out: dict = {"_n": {}}
+    for layer in layers:
+        out[layer] = {}
+        for agg in AGGS:
+            path = stats_dir / f"{layer}.{agg}.npy"
+            if not path.exists():
+                raise StageError(f"{path} not found: 01_stats is incomplete; re-run stage 01")
+            table = np.load(path, mmap_mode="r")
+            ko = np.asarray(table[ko_ids], dtype=np.float64)
+            ok = np.asarray(table[ok_ids], dtype=np.float64)
+            ko = ko[~np.isnan(ko).any(axis=1)]
+            ok = ok[~np.isnan(ok).any(axis=1)]
+            if min(len(ok), len(ko)) < min_images:
+                raise StageError(
+                    f"pair {pair_label}: OK has {len(ok)} usable images and KO {len(ko)} in layer "
+                    f"{layer}; the comparison needs at least {min_images} in each (--min-images). "
+                    f"Pick a pair with more errors, or add images of that class")
+            out[layer][agg] = compare_groups(ko, ok)
+            out["_n"][layer] = (len(ok), len(ko))
+    for agg in AGGS:
+        flat_p = np.concatenate([out[layer][agg]["p"] for layer in layers])
+        flat_q = bh_qvalues(flat_p)
+        start = 0
+        for layer in layers:
+            res = out[layer][agg]
+            c = len(res["p"])
+            res["q"] = flat_q[start:start + c]
+            res["flag_z"] = np.abs(res["z"]) >= z_threshold
+            res["flag_fdr"] = res["q"] <= fdr
+            start += c
+    return out
+
+
+def neuron_rows(stats: dict, layers: list[str], rank_by: str, descriptions: dict,
+                mosaics: dict) -> list[dict]:
+    """One row per neuron with both aggregations' statistics, ranked by |z| of ``rank_by``."""
+    rows = []
+    for layer in layers:
+        c = len(stats[layer][rank_by]["z"])
+        for ch in range(c):
+            row = {"layer": layer, "channel": ch}
+            for agg in AGGS:
+                res = stats[layer][agg]
+                for col in STAT_COLS:
+                    value = res[col][ch]
+                    row[f"{agg}_{col}"] = (int(value) if col.startswith("flag")
+                                           else float(f"{value:.6g}"))
+            row["description"] = descriptions.get((layer, ch), "")
+            mosaic = mosaics.get((layer, ch))
+            row["mosaic"] = "" if mosaic is None else str(mosaic)
+            rows.append(row)
+    rows.sort(key=lambda r: (-abs(r[f"{rank_by}_z"]), layers.index(r["layer"]), r["channel"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def neuron_fields() -> list[str]:
+    """Column order of neurons.csv."""
+    return (["rank", "layer", "channel"] + [f"{a}_{c}" for a in AGGS for c in STAT_COLS]
+            + ["description", "mosaic"])
+
+
+def chance_rate(n_ok: int, n_ko: int, z_threshold: float) -> float:
+    """Share of neurons expected to pass |z| ≥ threshold when nothing differs (t distribution)."""
+    return float(2 * sps.t.sf(z_threshold, n_ok + n_ko - 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures and images
+
+
+def plot_delta_hist(stats: dict, layers: list[str], path: Path, z_threshold: float) -> None:
+    """Histograms of Δμ per layer (rows) and aggregation (columns)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(layers), len(AGGS), figsize=(9, 2.2 * len(layers)), squeeze=False)
+    for i, layer in enumerate(layers):
+        for j, agg in enumerate(AGGS):
+            res = stats[layer][agg]
+            ax = axes[i][j]
+            ax.hist(res["delta_mu"], bins=40, color="#4a7ab5")
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_title(f"{layer} · {agg}: |z|≥{z_threshold:g} {int(res['flag_z'].sum())}, "
+                         f"FDR {int(res['flag_fdr'].sum())} of {len(res['z'])}", fontsize=9)
+            ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("Δμ = μ_KO − μ_OK", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def plot_z_heatmaps(stats: dict, layers: list[str], path: Path, z_threshold: float) -> None:
+    """z of every channel laid out on a near-square grid, per layer (rows) and aggregation.
+
+    Colours are symmetric around 0 (red: more active on KO, blue: less); dots mark
+    |z| ≥ threshold.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(layers), len(AGGS), figsize=(9, 3.0 * len(layers)), squeeze=False)
+    for i, layer in enumerate(layers):
+        for j, agg in enumerate(AGGS):
+            z = np.clip(stats[layer][agg]["z"], -1e3, 1e3)
+            width = int(math.ceil(math.sqrt(len(z))))
+            height = int(math.ceil(len(z) / width))
+            grid = np.full(width * height, np.nan)
+            grid[:len(z)] = z
+            grid = grid.reshape(height, width)
+            lim = max(z_threshold + 1, float(np.nanmax(np.abs(z))) if len(z) else 1.0)
+            ax = axes[i][j]
+            im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ys, xs = np.nonzero(np.abs(grid) >= z_threshold)
+            ax.scatter(xs, ys, s=4, c="k", marker=".")
+            ax.set_title(f"{layer} · {agg} (channel = row·{width} + column)", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, shrink=0.8, label="z")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def open_network_input(path: str, size: int):
+    """An image as the network saw it (shorter side resized, centre crop), or None if unreadable."""
+    from common.images import BadImage, load_rgb, network_input
+    try:
+        img, _ = load_rgb(path)
+    except BadImage as err:
+        log.warning("cannot show %s: %s", path, err.reason)
+        return None
+    return network_input(img, size)
+
+
+def contact_sheet(tiles: list, path: Path, columns: int = 4) -> bool:
+    """Save PIL ``tiles`` (already ``TILE_PX`` square) as one JPEG grid; False if there are none."""
+    from PIL import Image
+    tiles = [t for t in tiles if t is not None]
+    if not tiles:
+        return False
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * TILE_PX, rows * TILE_PX), "white")
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile.resize((TILE_PX, TILE_PX)), ((i % cols) * TILE_PX, (i // cols) * TILE_PX))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="JPEG", quality=88)
+    return True
+
+
+def example_sheet(ids: np.ndarray, paths: dict[int, str], size: int, path: Path) -> bool:
+    """Contact sheet of the first ``EXAMPLES`` images of ``ids``, as fed to the network."""
+    return contact_sheet([open_network_input(paths[i], size) for i in ids[:EXAMPLES]], path)
+
+
+def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str], size: int,
+               path: Path) -> bool:
+    """The neuron's top receptive-field crops from 01 as a strip (used when 02 has no mosaic)."""
+    from common.rf import RF, crop_box
+    with np.load(activations, allow_pickle=False) as npz:
+        ids = npz[f"{layer}/image_ids"][channel]
+        ys, xs = npz[f"{layer}/y"][channel], npz[f"{layer}/x"][channel]
+        rf = RF.from_array(npz[f"{layer}/rf"])
+    tiles = []
+    for image_id, y, x in zip(ids[:EXAMPLES], ys[:EXAMPLES], xs[:EXAMPLES]):
+        if image_id < 0 or int(image_id) not in paths:
+            continue
+        img = open_network_input(paths[int(image_id)], size)
+        if img is None:
+            continue
+        top, left, bottom, right = crop_box(rf, int(y), int(x), img.height, img.width)
+        if bottom > top and right > left:
+            tiles.append(img.crop((left, top, right, bottom)))
+    return contact_sheet(tiles, path, columns=EXAMPLES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal check: ablation of suspect neurons
+
+
+def load_bundle(extract_meta: dict, model: str | None, weights: str | None, device: str):
+    """Re-load the model 01 ran (its load_model kwargs are in 01_extract.meta.json under "model").
+
+    ``--model`` / ``--weights`` are accepted so that Make can pass the same flags to every stage;
+    they must agree with what 01 recorded, since the statistics come from that model.
+    """
+    import torch
+    from common.models import load_model
+    spec = dict(extract_meta.get("model") or {})
+    if not spec.get("name"):
+        raise StageError("01_extract.meta.json does not say which model made the activations "
+                         "(key 'model'); re-run stage 01")
+    if model and _name_key(model).replace(" ", "_") != _name_key(spec["name"]).replace(" ", "_"):
+        raise StageError(f"--model {model} differs from the model 01 ran ({spec['name']}); the "
+                         f"statistics describe that one. Re-run 01 with --model {model}, or drop "
+                         f"the flag")
+    if weights and spec.get("weights") and \
+            os.path.abspath(weights) != os.path.abspath(spec["weights"]):
+        raise StageError(f"--weights {weights} differs from the weights 01 used "
+                         f"({spec['weights']}); re-run 01 with them, or drop the flag")
+    accepted = set(inspect.signature(load_model).parameters)
+    kwargs = {k: v for k, v in spec.items() if k in accepted and k != "device"}
+    torch.manual_seed(0)  # as 01 does, so that a random-init model gets the same weights
+    return load_model(**kwargs, device=device)
+
+
+def default_image_tensor(bundle):
+    """``path → input tensor`` exactly as 01 prepared images (raises BadImage for a bad file)."""
+    from common.images import load_rgb, network_input, to_tensor
+
+    def load(path: str):
+        img, _ = load_rgb(path)
+        return to_tensor(network_input(img, bundle.input_size), bundle.mean, bundle.std)
+    return load
+
+
+def predict_probs(bundle, tensors: dict[int, object], ids: list[int], ablation: dict | None,
+                  ablate, batch_size: int, desc: str) -> dict[int, np.ndarray]:
+    """Softmax outputs for ``ids`` (whose input tensors are in ``tensors``), optionally ablated."""
+    import contextlib
+    import torch
+    out: dict[int, np.ndarray] = {}
+    ids = [i for i in ids if i in tensors]
+    ctx = ablate(bundle.model, ablation) if ablation else contextlib.nullcontext()
+    with ctx, torch.inference_mode():
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=None,
+                          leave=False):
+            chunk = ids[start:start + batch_size]
+            batch = torch.stack([tensors[i].float() for i in chunk]).to(bundle.device)
+            probs = torch.softmax(bundle.model(batch).float(), dim=1).cpu().numpy()
+            out.update(zip(chunk, probs))
+    return out
+
+
+def load_tensors(ids: list[int], paths: dict[int, str], image_tensor) -> dict[int, object]:
+    """Input tensors of ``ids`` (kept in float16 to halve memory); unreadable images are logged."""
+    from common.images import BadImage
+    tensors = {}
+    for i in tqdm(ids, desc="08 load images", unit="img", disable=None, leave=False):
+        try:
+            tensors[i] = image_tensor(paths[i]).half()
+        except (BadImage, OSError) as err:
+            log.warning("image %d (%s) left out of the causal check: %s", i, paths[i],
+                        getattr(err, "reason", err))
+    return tensors
+
+
+def causal_check(bundle, ablate, tensors, base: dict[int, np.ndarray], layer: str,
+                 suspects: list[int], control: list[int], pair: dict, ok_ids, ko_ids,
+                 sample_ids, rows_by_id: dict[int, dict], batch_size: int) -> tuple[dict, list]:
+    """Zero ``suspects`` (then, as a control, ``control``) in ``layer`` and compare predictions.
+
+    Returns a summary (flips of KO to the true class, accuracy on OK and on the sample, before and
+    after) and one row per evaluated image for ablation.csv. "Before" is the model re-run here
+    without ablation, so both sides come from the same code path. The control is run on KO and OK
+    only (the comparison that matters), which keeps the check affordable on a CPU.
+    """
+    t, p = pair["true_idx"], pair["pred_idx"]
+    pair_ids = sorted(set(ok_ids.tolist()) | set(ko_ids.tolist()))
+    ids = sorted(set(pair_ids) | set(sample_ids))
+    ablated = predict_probs(bundle, tensors, ids, {layer: suspects}, ablate, batch_size,
+                            "08 ablated")
+    ctrl = predict_probs(bundle, tensors, pair_ids, {layer: control}, ablate, batch_size,
+                         "08 control")
+    ids = [i for i in ids if i in ablated]
+
+    def acc(group, probs) -> float | None:
+        """Accuracy of ``probs`` on the images of ``group`` (None if empty)."""
+        g = [i for i in group if i in probs]
+        if not g:
+            return None
+        return float(np.mean([int(np.argmax(probs[i])) == rows_by_id[i]["label_idx"] for i in g]))
+
+    ko = [i for i in ko_ids.tolist() if i in ablated]
+    ok = [i for i in ok_ids.tolist() if i in ablated]
+    sample = [i for i in sample_ids if i in ablated]
+
+    def summary(probs, on_sample: bool = True) -> dict:
+        """KO flips and accuracies under one ablation."""
+        return {"ko_to_true": sum(int(np.argmax(probs[i])) == t for i in ko),
+                "ko_left_pred": sum(int(np.argmax(probs[i])) != p for i in ko),
+                "ko_p_true": float(np.mean([probs[i][t] for i in ko])) if ko else None,
+                "ok_accuracy": acc(ok, probs),
+                "all_accuracy": acc(sample, probs) if on_sample else None}
+
+    base_agree = float(np.mean([int(np.argmax(base[i])) == rows_by_id[i]["pred_idx"]
+                                for i in ids])) if ids else None
+    result = {"layer": layer, "suspects": suspects, "control": control, "n_ko": len(ko),
+              "n_ok": len(ok), "n_all": len(sample),
+              "ko_base_pred": sum(int(np.argmax(base[i])) == p for i in ko),
+              "before": summary(base), "ablated": summary(ablated),
+              "control_ablated": summary(ctrl, on_sample=False), "rerun_agreement": base_agree}
+    group = {i: "KO" for i in ko} | {i: "OK" for i in ok}
+    rows = [{"image_id": i, "group": group.get(i, "sample"),
+             "label_idx": rows_by_id[i]["label_idx"], "pred_01": rows_by_id[i]["pred_idx"],
+             "pred_base": int(np.argmax(base[i])), "pred_ablated": int(np.argmax(ablated[i])),
+             "pred_control": int(np.argmax(ctrl[i])) if i in ctrl else "",
+             "p_true_base": round(float(base[i][t]), 5),
+             "p_true_ablated": round(float(ablated[i][t]), 5)} for i in ids]
+    return result, rows
+
+
+def suspects_of(stats: dict, layer: str, rank_by: str, n: int) -> list[int]:
+    """The ``n`` channels of ``layer`` with the largest positive z (fewer if fewer are positive)."""
+    z = stats[layer][rank_by]["z"]
+    order = [int(c) for c in np.argsort(-z, kind="stable") if z[c] > 0]
+    return order[:n]
+
+
+def control_of(n_channels: int, suspects: list[int], seed: int) -> list[int]:
+    """As many random channels as ``suspects``, none of them a suspect (a size-matched control)."""
+    rng = np.random.default_rng(seed)
+    pool = np.setdiff1d(np.arange(n_channels), suspects)
+    return sorted(int(c) for c in rng.choice(pool, size=min(len(suspects), len(pool)),
+                                             replace=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def md_text(value, cell: bool = False) -> str:
+    """Text made safe for Markdown: on one line, with HTML markup escaped (a Markdown viewer
+    renders raw HTML); in a table ``cell`` the pipes are escaped as well."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return text.replace("|", "\\|") if cell else text
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a report cell (blank for None)."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def pct(value) -> str:
+    """A share as a percentage (blank for None)."""
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def report_blocks(pair: dict, ctx: dict) -> list[tuple]:
+    """The report as a list of blocks, rendered both to Markdown and to HTML.
+
+    Block kinds: ("h", level, text), ("p", text), ("note", text), ("table", columns, rows),
+    ("img", path, caption, photo). All text in blocks is plain (renderers escape it).
+    """
+    t, p = pair["true"], pair["pred"]
+    n_ok, n_ko = len(ctx["ok_ids"]), len(ctx["ko_ids"])
+    blocks: list[tuple] = [("h", 1, f"Why is “{t}” predicted as “{p}”?")]
+    blocks.append(("p", f"Model: {ctx['model_name']}. Images labelled {t}: {pair['n_true']}, of "
+                        f"which {n_ok} are predicted correctly (OK) and {n_ko} are predicted as "
+                        f"{p} (KO); {pair['share']:.0%} of the class's errors go to {p}."))
+    if pair["status"] == "fallback":
+        blocks.append(("note", f"Fallback: {pair['reason']}. Treat the results with extra care."))
+    elif pair["status"] == "requested":
+        blocks.append(("p", "Pair chosen by the user (--true/--pred)."))
+    else:
+        blocks.append(("p", f"Chosen automatically: {pair['reason']}."))
+    crow = ctx["confusion_row"]
+    blocks.append(("p", f"Class {t}: accuracy {pct(crow['accuracy'])}, {crow['errors']} errors "
+                        f"(problem-class rank {crow['rank']}); most confused with: "
+                        f"{crow['top_confused'] or 'none'}."))
+    if ctx.get("ko_sheet"):
+        blocks.append(("img", ctx["ko_sheet"], f"KO: {t} images predicted as {p}", True))
+    if ctx.get("ok_sheet"):
+        blocks.append(("img", ctx["ok_sheet"], f"OK: {t} images predicted correctly", True))
+
+    blocks.append(("h", 2, "Differential neurons per layer"))
+    blocks.append(("p", f"For each neuron, Δμ = μ_KO − μ_OK of its per-image activation, "
+                        f"z = Δμ over the standard error of that difference, a Welch t-test "
+                        f"p-value and a Benjamini–Hochberg q-value over all neurons of all "
+                        f"layers. '|z|≥{ctx['z_threshold']:g}' is the thesis's rule; 'expected' "
+                        f"is how many neurons it flags by chance alone. 'FDR' counts neurons "
+                        f"with q ≤ {ctx['fdr']:g}, the flag that accounts for testing many "
+                        f"neurons."))
+    stats, layers = ctx["stats"], ctx["layers"]
+    layer_rows = []
+    for layer in layers:
+        lo, lk = stats["_n"][layer]
+        c = len(stats[layer]["max"]["z"])
+        row = {"layer": layer, "channels": c, "OK": lo, "KO": lk,
+               "expected": f"{c * chance_rate(lo, lk, ctx['z_threshold']):.1f}"}
+        for agg in AGGS:
+            row[f"|z|≥{ctx['z_threshold']:g} ({agg})"] = int(stats[layer][agg]["flag_z"].sum())
+            row[f"FDR ({agg})"] = int(stats[layer][agg]["flag_fdr"].sum())
+        layer_rows.append(row)
+    blocks.append(("table", list(layer_rows[0].keys()), layer_rows))
+    blocks.append(("img", ctx["hist_png"], "Distribution of Δμ per layer", False))
+    blocks.append(("img", ctx["heat_png"], "z per channel and layer (dots: |z| above the rule)",
+                   False))
+
+    blocks.append(("h", 2, "Most anomalous neurons"))
+    rb = ctx["rank_by"]
+    blocks.append(("p", f"Ranked by |z| of the per-image {rb}. Positive z: the neuron is more "
+                        f"active on the misclassified images (a candidate cause); negative: it is "
+                        f"less active (evidence for {t} that is missing)."))
+    top_rows = []
+    for r in ctx["top_neurons"]:
+        top_rows.append({"rank": r["rank"], "layer": r["layer"], "channel": r["channel"],
+                         "z": fmt(r[f"{rb}_z"], 2), "Δμ": fmt(r[f"{rb}_delta_mu"]),
+                         "effect": fmt(r[f"{rb}_effect"], 2), "q": fmt(r[f"{rb}_q"]),
+                         "FDR": "yes" if r[f"{rb}_flag_fdr"] else "no",
+                         "description": r["description"] or "(no description)",
+                         "_image": r.get("_image")})
+    blocks.append(("table", ["rank", "layer", "channel", "z", "Δμ", "effect", "q", "FDR",
+                             "description", "_image"], top_rows))
+
+    blocks.append(("h", 2, "Causal check"))
+    cc = ctx.get("causal")
+    if cc is None:
+        blocks.append(("p", ctx.get("causal_note") or "Not run (--ablate-top 0)."))
+    else:
+        b, a, c = cc["before"], cc["ablated"], cc["control_ablated"]
+        suspects = ", ".join(map(str, cc["suspects"]))
+        blocks.append(("p", f"The {len(cc['suspects'])} channels of the deepest layer "
+                            f"{cc['layer']} with the largest positive z ({suspects}) were set to "
+                            f"zero and the model re-run; as a control, {len(cc['control'])} "
+                            f"random other channels of that layer were zeroed instead. The re-run "
+                            f"without ablation agrees with 01's predictions on "
+                            f"{pct(cc['rerun_agreement'])} of these images."))
+        blocks.append(("table", ["measure", "before", "suspects zeroed", "random zeroed"], [
+            {"measure": f"KO images predicted {t} (of {cc['n_ko']})",
+             "before": b["ko_to_true"], "suspects zeroed": a["ko_to_true"],
+             "random zeroed": c["ko_to_true"]},
+            {"measure": f"KO images no longer predicted {p}",
+             "before": cc["n_ko"] - cc["ko_base_pred"], "suspects zeroed": a["ko_left_pred"],
+             "random zeroed": c["ko_left_pred"]},
+            {"measure": f"mean probability of {t} on KO", "before": fmt(b["ko_p_true"]),
+             "suspects zeroed": fmt(a["ko_p_true"]), "random zeroed": fmt(c["ko_p_true"])},
+            {"measure": f"accuracy on OK ({cc['n_ok']})", "before": pct(b["ok_accuracy"]),
+             "suspects zeroed": pct(a["ok_accuracy"]), "random zeroed": pct(c["ok_accuracy"])},
+            {"measure": f"accuracy on {cc['n_all']} labelled images (random sample)",
+             "before": pct(b["all_accuracy"]), "suspects zeroed": pct(a["all_accuracy"]),
+             "random zeroed": "not run"},
+        ]))
+        verdict = ("more than" if a["ko_to_true"] > c["ko_to_true"] else
+                   "no more than")
+        blocks.append(("p", f"Zeroing the suspects turned {a['ko_to_true']} of {cc['n_ko']} KO "
+                            f"images into {t}, {verdict} zeroing random channels "
+                            f"({c['ko_to_true']}). Per-image predictions before and after: "
+                            f"ablation.csv."))
+
+    blocks.append(("h", 2, "How to read this"))
+    blocks.append(("p", "Differences in activation show correlation with the error, not its cause; "
+                        "the causal check is the stronger evidence, and only when the suspects "
+                        "change predictions clearly more than the random control. With few OK or "
+                        "KO images the statistics are weak, and near-duplicate images (views of "
+                        "one photo) make them look stronger than they are. Descriptions are "
+                        "written by a model and can be wrong. All neurons: neurons.csv."))
+    return blocks
+
+
+def relative(path, folder: Path) -> str:
+    """``path`` relative to ``folder``, with forward slashes (for links in a report)."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+
+
+def render_markdown(blocks: list[tuple], folder: Path) -> str:
+    """Markdown for ``blocks``; images are linked relative to ``folder``; text is escaped."""
+    lines = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            lines += ["#" * block[1] + " " + md_text(block[2]), ""]
+        elif kind == "p":
+            lines += [md_text(block[1]), ""]
+        elif kind == "note":
+            lines += ["> **Note.** " + md_text(block[1]), ""]
+        elif kind == "img":
+            lines += [f"![{md_text(block[2])}]({relative(block[1], folder)})", ""]
+        elif kind == "table":
+            cols = [c for c in block[1] if c != "_image"]
+            has_img = "_image" in block[1]
+            head = cols + (["images"] if has_img else [])
+            lines.append("| " + " | ".join(md_text(c, cell=True) for c in head) + " |")
+            lines.append("|" + "---|" * len(head))
+            for row in block[2]:
+                cells = [md_text(row.get(c, ""), cell=True) for c in cols]
+                if has_img:
+                    img = row.get("_image")
+                    cells.append(f"![]({relative(img, folder)})" if img else "")
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render_html(blocks: list[tuple], title: str) -> str:
+    """Self-contained HTML for ``blocks``: every image embedded as a data URI, all text escaped."""
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append(f"<h{block[1]}>{esc(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{esc(block[1])}</p>")
+        elif kind == "note":
+            parts.append(f'<p class="note">{esc(block[1])}</p>')
+        elif kind == "img":
+            tag = img_tag(block[1], block[2], embed=True, max_px=900, photo=block[3])
+            parts.append(f"<figure>{tag}<figcaption>{esc(block[2])}</figcaption></figure>")
+        elif kind == "table":
+            cols = list(block[1])
+            rows = block[2]
+            if "_image" in cols:
+                cols[cols.index("_image")] = "images"
+                rows = [{**r, "images": img_tag(r.get("_image"), f"{r['layer']} {r['channel']}",
+                                                embed=True, max_px=320)} for r in rows]
+            parts.append(html_table(cols, rows, raw=["images"]))
+    return html_page(title, "\n".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def layers_of(activations: Path, extract_meta: dict) -> tuple[list[str], int]:
+    """Layer names in model order and the network input side, from 01_activations.npz."""
+    if not activations.exists():
+        raise StageError(f"{activations} not found: run stage 01 first (make extract)")
+    with np.load(activations, allow_pickle=False) as npz:
+        layers = [str(x) for x in npz["layers"]]
+        size = int(npz["input_size"][0]) if "input_size" in npz.files else \
+            int((extract_meta.get("model") or {}).get("input_size") or 224)
+    return layers, size
+
+
+def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict | None:
+    """Statistics, figures and neuron table of one pair; None (logged) when it cannot be analysed.
+
+    Too few images is a StageError for a pair the user asked for, and a logged skip otherwise.
+    """
+    label = f"{pair['true']} → {pair['pred']}"
+    ok_ids, ko_ids = split_ok_ko(rows, pair)
+    # ImageNet has two classes called "crane" (and two "maillot"): add the index to such names.
+    unique = [name if name not in ctx["shared_names"] else f"{name}-{idx}"
+              for name, idx in ((pair["true"], pair["true_idx"]), (pair["pred"], pair["pred_idx"]))]
+    folder = out_dir / folder_name(*unique)
+    try:
+        if min(len(ok_ids), len(ko_ids)) < ctx["min_images"]:
+            raise StageError(f"pair {label}: OK has {len(ok_ids)} images and KO {len(ko_ids)}; the "
+                             f"comparison needs at least {ctx['min_images']} in each "
+                             f"(--min-images). Pick a pair with more errors, or add images")
+        stats = layer_stats(ctx["stats_dir"], ctx["layers"], ok_ids, ko_ids, ctx["min_images"],
+                            label, ctx["fdr"], ctx["z_threshold"])
+    except StageError as err:
+        if pair["status"] == "requested":
+            raise
+        log.warning("skipping %s: %s", label, err)
+        pair["status"], pair["reason"] = "skipped", str(err)
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    pair["folder"] = folder.name
+    table = neuron_rows(stats, ctx["layers"], ctx["rank_by"], ctx["descriptions"], ctx["mosaics"])
+    write_csv(folder / "neurons.csv", table, neuron_fields())
+    plot_delta_hist(stats, ctx["layers"], folder / "delta_mu.png", ctx["z_threshold"])
+    plot_z_heatmaps(stats, ctx["layers"], folder / "z_heatmaps.png", ctx["z_threshold"])
+    top = [dict(r) for r in table[:ctx["show_top"]]]
+    for r in top:
+        if r["mosaic"] and Path(r["mosaic"]).exists():
+            r["_image"] = r["mosaic"]
+        else:
+            strip = folder / "neurons" / f"{folder_name(r['layer'], str(r['channel']))}.jpg"
+            strip.parent.mkdir(exist_ok=True)
+            r["_image"] = strip if crop_strip(ctx["activations"], r["layer"], r["channel"],
+                                              ctx["paths"], ctx["input_size"], strip) else None
+    size = ctx["input_size"]
+    info = {"pair": pair, "folder": folder, "ok_ids": ok_ids, "ko_ids": ko_ids, "stats": stats,
+            "top_neurons": top, "hist_png": folder / "delta_mu.png",
+            "heat_png": folder / "z_heatmaps.png",
+            "ko_sheet": folder / "ko_examples.jpg" if example_sheet(
+                ko_ids, ctx["paths"], size, folder / "ko_examples.jpg") else None,
+            "ok_sheet": folder / "ok_examples.jpg" if example_sheet(
+                ok_ids, ctx["paths"], size, folder / "ok_examples.jpg") else None}
+    flagged = {agg: sum(int(stats[layer][agg]["flag_fdr"].sum()) for layer in ctx["layers"])
+               for agg in AGGS}
+    log.info("%s: OK %d, KO %d; FDR-flagged neurons: max %d, mean %d → %s", label, len(ok_ids),
+             len(ko_ids), flagged["max"], flagged["mean"], folder)
+    return info
+
+
+def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate, image_tensor,
+               ablate_top: int, sample_size: int, batch_size: int, seed: int) -> None:
+    """Ablation re-runs for every analysed pair; results go into each analysis dict."""
+    rows_by_id = {r["image_id"]: r for r in rows}
+    rng = np.random.default_rng(seed)
+    all_ids = sorted(rows_by_id)
+    sample = sorted(int(i) for i in (rng.choice(all_ids, size=sample_size, replace=False)
+                                     if 0 < sample_size < len(all_ids) else all_ids))
+    needed = set(sample)
+    for a in analyses:
+        needed |= set(a["ok_ids"].tolist()) | set(a["ko_ids"].tolist())
+    tensors = load_tensors(sorted(needed), ctx["paths"], image_tensor)
+    base = predict_probs(bundle, tensors, sorted(tensors), None, ablate, batch_size, "08 baseline")
+    layer = ctx["layers"][-1]
+    for a in analyses:
+        suspects = suspects_of(a["stats"], layer, ctx["rank_by"], ablate_top)
+        if not suspects:
+            a["causal_note"] = (f"No channel of {layer} is more active on KO than on OK: "
+                                "nothing to ablate.")
+            continue
+        n_channels = len(a["stats"][layer][ctx["rank_by"]]["z"])
+        control = control_of(n_channels, suspects, seed)
+        result, per_image = causal_check(bundle, ablate, tensors, base, layer, suspects, control,
+                                         a["pair"], a["ok_ids"], a["ko_ids"], sample, rows_by_id,
+                                         batch_size)
+        a["causal"] = result
+        write_csv(a["folder"] / "ablation.csv", per_image, ABLATION_FIELDS)
+        write_json(a["folder"] / "causal.json", result)
+        log.info("%s → %s: zeroing %d channels of %s flips %d of %d KO images to %s "
+                 "(random control: %d)", a["pair"]["true"], a["pair"]["pred"], len(suspects), layer,
+                 result["ablated"]["ko_to_true"], result["n_ko"], a["pair"]["true"],
+                 result["control_ablated"]["ko_to_true"])
+
+
+def remove_stale_reports(out_dir: Path, keep: set[str]) -> None:
+    """Delete pair folders of an earlier run (recognised by their report.md) not in ``keep``, so
+    that the output folder always matches the current settings, as Make expects."""
+    for child in sorted(out_dir.iterdir()):
+        if child.is_dir() and child.name not in keep and (child / "report.md").exists():
+            log.info("removing %s: that pair is not analysed with the current settings", child)
+            shutil.rmtree(child)
+
+
+def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path | None = None,
+        activations: Path | None = None, descriptions: Path | None = None,
+        mosaics: Path | None = None, true: str | None = None, pred: str | None = None,
+        min_errors: int = 5, min_share: float = 0.25, min_images: int = 3, max_pairs: int = 2,
+        fdr: float = 0.05, z_threshold: float = 2.0, rank_by: str = "mean", show_top: int = 8,
+        ablate_top: int = 10, sample_size: int = 200, batch_size: int = 32, seed: int = 0,
+        model: str | None = None, weights: str | None = None, device: str = "auto",
+        bundle=None, ablate=None, image_tensor=None, args: dict | None = None) -> dict:
+    """Write the confusion table and a debug report per selected pair; return a summary.
+
+    The 01-03 inputs default to their contract names beside ``predictions``. ``bundle`` (a
+    common.models.ModelBundle or look-alike), ``ablate`` (a context manager like
+    common.hooks.ablate_channels) and ``image_tensor`` (path → input tensor) are loaded here
+    only when not injected; they are needed only for the causal check (``ablate_top`` > 0).
+    """
+    predictions = Path(predictions)
+    run_dir = predictions.parent
+    stats_dir = Path(stats_dir or run_dir / "01_stats")
+    activations = Path(activations or run_dir / "01_activations.npz")
+    descriptions = Path(descriptions or run_dir / "03_descriptions.csv")
+    mosaics = Path(mosaics or run_dir / "02_mosaics.csv")
+    out_dir, confusion_path = Path(out_dir), Path(confusion_path)
+    if pred and not true:
+        raise StageError("--pred needs --true (the class whose images are misclassified)")
+
+    extract_meta = read_meta(predictions)
+    metas = [extract_meta] + [read_meta(p) for p in (descriptions, mosaics) if p.exists()]
+    rows, paths = read_predictions(predictions)
+    names = class_names(rows)
+    confusion = confusion_table(rows, names)
+    conf_by_idx = {r["class_idx"]: r for r in confusion}
+    for r in confusion[:5]:
+        log.info("problem class %d: %s — accuracy %.1f%%, %d errors, top: %s", r["rank"],
+                 r["class"], 100 * r["accuracy"], r["errors"], r["top_confused"] or "-")
+
+    if true:
+        pairs = [explicit_pair(rows, names, true, pred)]
+    else:
+        pairs = select_pairs(rows, names, min_errors, min_share, min_images, max_pairs)
+    chosen = [p for p in pairs if p["status"] in ("selected", "fallback", "requested")]
+    if not true and chosen and chosen[0]["status"] == "fallback":
+        log.warning("no confusion passes the thresholds; analysing the most frequent one instead: "
+                    "%s → %s (%d KO)", chosen[0]["true"], chosen[0]["pred"], chosen[0]["ko"])
+    if not chosen:
+        log.warning("no confusion has at least %d OK and %d KO images: no pair is analysed "
+                    "(see %s)", min_images, min_images, out_dir / "pairs.csv")
+
+    ctx = {"stats_dir": stats_dir, "activations": activations, "min_images": min_images,
+           "fdr": fdr, "z_threshold": z_threshold, "rank_by": rank_by, "show_top": show_top,
+           "descriptions": read_descriptions(descriptions), "mosaics": read_mosaics(mosaics),
+           "paths": paths,
+           "shared_names": {n for n, c in collections.Counter(names.values()).items() if c > 1}}
+    ctx["layers"], ctx["input_size"] = layers_of(activations, extract_meta)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    analyses = [a for a in (analyse_pair(p, rows, ctx, out_dir) for p in chosen) if a is not None]
+
+    model_name = (extract_meta.get("model") or {}).get("name", "?")
+    if analyses and ablate_top > 0:
+        if bundle is None:
+            bundle = load_bundle(extract_meta, model, weights, device)
+        if ablate is None:
+            from common.hooks import ablate_channels as ablate
+        model_name = getattr(bundle, "name", model_name)
+        run_causal(analyses, rows, ctx, bundle, ablate,
+                   image_tensor or default_image_tensor(bundle), ablate_top, sample_size,
+                   batch_size, seed)
+
+    outputs = [confusion_path, out_dir / "pairs.csv"]
+    for a in analyses:
+        report_ctx = {**ctx, **a, "model_name": model_name,
+                      "confusion_row": conf_by_idx[a["pair"]["true_idx"]]}
+        blocks = report_blocks(a["pair"], report_ctx)
+        title = f"{a['pair']['true']} → {a['pair']['pred']}"
+        write_text(a["folder"] / "report.md", render_markdown(blocks, a["folder"]))
+        write_text(a["folder"] / "report.html", render_html(blocks, title))
+        outputs += [a["folder"] / "neurons.csv", a["folder"] / "report.md"]
+    remove_stale_reports(out_dir, {a["folder"].name for a in analyses})
+    write_csv(out_dir / "pairs.csv", pairs, PAIR_FIELDS)
+    write_csv(confusion_path, confusion, CONFUSION_FIELDS)
+    summary = {"pairs": [{k: a["pair"][k] for k in ("true", "pred", "ok", "ko", "status", "folder")}
+                         for a in analyses],
+               "causal": {a["pair"]["folder"]: a.get("causal") for a in analyses}}
+    write_meta(confusion_path.parent / f"{STAGE}.meta.json", STAGE, args or {}, outputs=outputs,
+               inputs=metas, pairs=summary["pairs"])
+    log.info("08: %d classes in %s; %d pair(s) analysed in %s", len(confusion), confusion_path,
+             len(analyses), out_dir)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of stage 08."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--predictions", required=True, type=Path, help="01_predictions.csv")
+    p.add_argument("--confusion", required=True, type=Path, help="08_confusion.csv to write")
+    p.add_argument("--out-dir", required=True, type=Path, help="08_debug folder to write")
+    beside = "(None: the one beside --predictions)"
+    p.add_argument("--stats-dir", type=Path, default=None, help=f"01_stats {beside}")
+    p.add_argument("--activations", type=Path, default=None, help=f"01_activations.npz {beside}")
+    p.add_argument("--descriptions", type=Path, default=None,
+                   help=f"03_descriptions.csv {beside}; optional")
+    p.add_argument("--mosaics", type=Path, default=None, help=f"02_mosaics.csv {beside}; optional")
+    p.add_argument("--true", default=None, help="true class to debug (name, label or index)")
+    p.add_argument("--pred", default=None,
+                   help="confusing class (default with --true: its most frequent wrong prediction)")
+    p.add_argument("--min-errors", type=int, default=5, help="auto: least KO images of a pair")
+    p.add_argument("--min-share", type=float, default=0.25,
+                   help="auto: least share of the true class's errors that go to the pair's class")
+    p.add_argument("--min-images", type=int, default=3,
+                   help="least OK and KO images needed to compare them")
+    p.add_argument("--max-pairs", type=int, default=2, help="auto: most pairs analysed")
+    p.add_argument("--fdr", type=float, default=0.05, help="Benjamini–Hochberg level of the flag")
+    p.add_argument("--z-threshold", type=float, default=2.0, help="the thesis's |z| rule")
+    p.add_argument("--rank-by", choices=AGGS, default="mean",
+                   help="aggregation used to rank neurons and pick the ones to ablate")
+    p.add_argument("--show-top", type=int, default=8, help="neurons shown with images in reports")
+    p.add_argument("--ablate-top", type=int, default=10,
+                   help="positive-z neurons of the deepest layer zeroed in the causal check "
+                        "(0: no check, no model loaded)")
+    p.add_argument("--ablation-sample", type=int, default=200,
+                   help="labelled images (random, seeded) on which overall accuracy is measured; "
+                        "0: all")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample and random control")
+    p.add_argument("--model", default=None, help="must match 01's model (accepted so Make can "
+                                                 "pass the same flags to every stage)")
+    p.add_argument("--weights", default=None, help="must match 01's weights (as --model)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+@exit_on_stage_error
+def main(argv=None):
+    """Parse flags and run the debugging stage."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if not 0 < args.fdr < 1:
+        parser.error("--fdr must lie between 0 and 1")
+    if args.min_images < 2:
+        parser.error("--min-images must be at least 2 (a variance needs two images)")
+    run(args.predictions, args.confusion, args.out_dir, args.stats_dir, args.activations,
+        args.descriptions, args.mosaics, args.true, args.pred, args.min_errors, args.min_share,
+        args.min_images, args.max_pairs, args.fdr, args.z_threshold, args.rank_by, args.show_top,
+        args.ablate_top, args.ablation_sample, args.batch_size, args.seed, args.model,
+        args.weights, args.device, args=vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Tests of 05_cluster: k search on planted clusters, hand-checked metrics, TF-IDF, categories, edges."""
+import math
+import sys
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+from common.io import read_csv, read_json, save_npz, write_csv
+from common.provenance import write_meta
+from conftest import load_stage
+
+
+stage = load_stage("05_cluster")
+
+
+class BagOfWordsEmbedder:
+    """Stand-in for a sentence embedder: the normalised sum of one fixed random vector per word."""
+    name = "fake-bow"
+    dim = 64
+
+    def encode(self, texts):
+        """Embed each text as the normalised sum of its words' fixed random vectors."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().replace(",", " ").split():
+                rng = np.random.default_rng(zlib.crc32(word.encode()))
+                out[i] += rng.normal(size=self.dim)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def planted(n_per, k, dim=32, noise=0.05, seed=0):
+    """Unit vectors around ``k`` random centres; returns (vectors, true labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim))
+    labels = np.repeat(np.arange(k), n_per)
+    x = centres[labels] / np.linalg.norm(centres[labels], axis=1, keepdims=True)
+    x = x + noise * rng.normal(size=x.shape)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+WORDS = ["yellow lemon", "striped zebra", "blue truck", "round wheel", "furry dog", "red brick"]
+
+
+def write_inputs(tmp_path, layers, failed=()):
+    """Write 03_descriptions.csv and 04_embeddings.npz (with metas) for ``layers``.
+
+    ``layers`` maps a layer name to (descriptions, text vectors, fused vectors); ``failed`` lists
+    (layer, channel) rows written as failed descriptions without an embedding.
+    """
+    rows, names, channels, text, fused = [], [], [], [], []
+    for layer, (descs, t, f) in layers.items():
+        for ch, d in enumerate(descs):
+            rows.append({"layer": layer, "channel": ch, "level": "low", "description": d,
+                         "backend": "fake", "model": "fake", "status": "ok", "reason": ""})
+            names.append(layer)
+            channels.append(ch)
+        text.append(t)
+        fused.append(f)
+    for layer, ch in failed:
+        rows.append({"layer": layer, "channel": ch, "level": "low", "description": "",
+                     "backend": "fake", "model": "fake", "status": "failed", "reason": "timeout"})
+    desc = tmp_path / "03_descriptions.csv"
+    write_csv(desc, rows, ["layer", "channel", "level", "description", "backend", "model",
+                           "status", "reason"])
+    meta03 = write_meta(tmp_path / "03_describe.meta.json", "03_describe", {}, [desc])
+    emb = tmp_path / "04_embeddings.npz"
+    save_npz(emb, {"layer": np.array(names), "channel": np.array(channels, dtype=np.int64),
+                   "text": np.vstack(text).astype(np.float32),
+                   "image": np.vstack(fused).astype(np.float32),
+                   "fused": np.vstack(fused).astype(np.float32),
+                   "text_model": np.array("fake-bow"), "image_model": np.array("fake"),
+                   "fusion": np.array("mean")})
+    write_meta(tmp_path / "04_embed.meta.json", "04_embed", {}, [emb], inputs=[meta03])
+    return desc, emb
+
+
+def planted_layer(n_per, k, seed):
+    """Descriptions and vectors of one layer with ``k`` planted concepts (text and fused agree)."""
+    x, labels = planted(n_per, k, seed=seed)
+    descs = [f"{WORDS[c]} pattern number {i}" for i, c in enumerate(labels)]
+    return descs, x, x, labels
+
+
+def test_planted_clusters_found_with_ari_one():
+    x, truth = planted(12, 4, seed=1)
+    res = stage.cluster_layer(x, k_min=2, k_max=20, seed=0, n_init=3, points=8)
+    from sklearn.metrics import adjusted_rand_score
+    assert res.k == 4
+    assert adjusted_rand_score(truth, res.labels) == 1.0
+    assert res.cohesion > 0.9 and res.silhouette > 0.8
+
+
+@pytest.mark.parametrize("noise, planted_k", [(0.05, 7), (0.15, None)])
+def test_search_matches_exhaustive_sweep_with_fewer_fits(noise, planted_k):
+    # at noise 0.15 the silhouette curve has two peaks (k = 6 and 8): the search must still
+    # find the higher one, which a search refining only around its best fit so far misses
+    x, _ = planted(10, 7, seed=2, noise=noise)
+    dist = stage.cosine_distance_matrix(x)
+    best, _, curve = stage.search_k(x, dist, 2, 40, seed=0, n_init=2, points=6)
+    sweep = {k: stage.silhouette(dist, stage.fit_kmeans(x, k, 0, 2)[0]) for k in range(2, 41)}
+    assert best == max(sweep, key=lambda k: (sweep[k], -k))
+    if planted_k:
+        assert best == planted_k
+    assert len(curve) < len(sweep) / 2
+    assert all(curve[k][0] == pytest.approx(sweep[k]) for k in curve)
+
+
+def test_cohesion_and_silhouette_by_hand():
+    # two clusters of two unit vectors, each pair at cosine 0.8
+    x = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+    labels = np.array([0, 0, 1, 1])
+    assert stage.cohesion(x, labels) == pytest.approx(0.8)
+    # cosine distances: within 0.2; a1-b1 1.0, a1-b2 1.6, a2-b1 0.4, a2-b2 1.0
+    far, near = (1.1 / 1.3), (0.5 / 0.7)
+    expected = (far + near + near + far) / 4
+    assert stage.silhouette(stage.cosine_distance_matrix(x), labels) == pytest.approx(expected)
+    # a singleton has no pairs: it must not pull the cohesion towards 0 or 1
+    x3 = np.vstack([x, [[-1.0, 0.0]]])
+    assert stage.cohesion(x3, np.array([0, 0, 1, 1, 2])) == pytest.approx(0.8)
+
+
+def test_tfidf_tiny_corpus_by_hand():
+    docs = ["Yellow dots on a neuron patch", "yellow stripes in the image", "a dog"]
+    stop = stage.english_stop_words() | stage.FILLER_WORDS
+    matrix, vocab = stage.tfidf_matrix(docs, stop)
+    assert sorted(vocab) == ["dog", "dots", "stripes", "yellow"]
+    idf = lambda df: math.log(4 / (1 + df)) + 1  # smoothed idf over 3 documents
+    norm = math.hypot(idf(2), idf(1))
+    expected = {"dog": 1 / 3, "yellow": 2 * idf(2) / norm / 3, "dots": idf(1) / norm / 3,
+                "stripes": idf(1) / norm / 3}
+    terms = stage.top_terms(matrix, None, vocab, 3)
+    assert [t for t, _ in terms] == sorted(expected, key=lambda t: (-expected[t], t))[:3]
+    for term, weight in terms:
+        assert weight == pytest.approx(expected[term])
+    cluster = stage.top_terms(matrix, np.array([2]), vocab, 5)
+    assert cluster == [("dog", pytest.approx(1.0))]
+
+
+def test_embedding_fallback_picks_the_matching_phrase():
+    emb = BagOfWordsEmbedder()
+    cats = {"animals": "dogs cats birds", "colours": "yellow red blue", "vehicles": "truck car bus"}
+    descs = ["dogs and cats", "yellow and red", "a blue truck and a car"]
+    vectors = emb.encode(descs).astype(np.float64)
+    best, scores = stage.classify_embedding(vectors, cats, emb)
+    assert best == ["animals", "colours", "vehicles"]
+    assert all(-1 <= s <= 1 for s in scores)
+
+
+def test_nli_path_with_fake_classifier():
+    calls = []
+
+    def fake(texts, candidate_labels, hypothesis_template):
+        calls.append((len(texts), hypothesis_template))
+        out = []
+        for t in texts:
+            label = "animals" if "dog" in t else "colours"
+            rest = [c for c in candidate_labels if c != label]
+            out.append({"labels": [label, *rest], "scores": [0.9] + [0.1 / len(rest)] * len(rest)})
+        return out
+
+    best, scores = stage.classify_nli(["a dog", "pale yellow", "dog ears"] * 7,
+                                      stage.DEFAULT_CATEGORIES, fake, batch_size=8)
+    assert best[:3] == ["animals", "colours", "animals"] and len(best) == 21
+    assert [n for n, _ in calls] == [8, 8, 5] and "{}" in calls[0][1]
+    assert scores[0] == pytest.approx(0.9)
+
+
+def test_nli_path_with_tiny_random_transformer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "this", "neuron",
+                                "responds", "to", "yellow", "dog", "animals", "colours", "."]))
+    config = transformers.BertConfig(vocab_size=14, hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=16,
+                                     label2id={"contradiction": 0, "neutral": 1, "entailment": 2},
+                                     id2label={0: "contradiction", 1: "neutral", 2: "entailment"})
+    model = transformers.BertForSequenceClassification(config).eval()
+    clf = transformers.pipeline("zero-shot-classification", model=model,
+                                tokenizer=transformers.BertTokenizer(str(vocab)), device="cpu")
+    cats = {"animals": "animals", "colours": "colours"}
+    best, scores = stage.classify_nli(["yellow dog", "yellow", "dog"], cats, clf)
+    assert len(best) == 3 and set(best) <= set(cats)
+    assert all(0.5 <= s <= 1 for s in scores)  # the best of two softmax scores
+
+
+def fake_embedders_module(monkeypatch):
+    """Install a fake ``common.embedders`` so the stage's lazy import gets the bag-of-words embedder."""
+    module = types.ModuleType("common.embedders")
+    module.load_text_embedder = lambda name=None, device="auto": BagOfWordsEmbedder()
+    monkeypatch.setitem(sys.modules, "common.embedders", module)
+
+
+def test_end_to_end_two_layers(tmp_path, monkeypatch):
+    d1, x1, f1, truth1 = planted_layer(10, 3, seed=3)
+    d2, x2, f2, truth2 = planted_layer(8, 5, seed=4)
+    desc, emb = write_inputs(tmp_path, {"late": (d2, x2, f2), "early": (d1, x1, f1)},
+                             failed=[("early", 99)])
+    acts = tmp_path / "01_activations.npz"
+    save_npz(acts, {"layers": np.array(["early", "late"])})
+    write_meta(tmp_path / "01_extract.meta.json", "01_extract", {}, [acts])
+    fake_embedders_module(monkeypatch)
+    out = tmp_path / "out"
+    stage.main(["--descriptions", str(desc), "--embeddings", str(emb), "--activations", str(acts),
+                "--out-dir", str(out), "--k-max", "12", "--projection", "pca"])
+
+    metrics = read_csv(out / "05_metrics.csv")
+    assert [(m["layer"], m["kind"]) for m in metrics] == [
+        ("early", "text"), ("early", "fused"), ("late", "text"), ("late", "fused")]
+    assert [int(m["k"]) for m in metrics] == [3, 3, 5, 5]
+    assert all(float(m["ari_text_fused"]) == pytest.approx(1.0) for m in metrics)
+    clusters = read_csv(out / "05_clusters.csv")
+    assert len(clusters) == 2 * (30 + 40)  # the failed row is skipped
+    assert list(clusters[0]) == ["layer", "channel", "kind", "cluster", "x", "y"]
+    keywords = read_csv(out / "05_keywords.csv")
+    early_all = [k["term"] for k in keywords if k["layer"] == "early" and k["cluster"] == "all"]
+    assert {"yellow", "lemon", "striped", "zebra", "blue", "truck"} <= set(early_all)
+    assert "pattern" in early_all and "neuron" not in early_all
+    by_cluster = {}
+    for k in keywords:
+        if k["layer"] == "early" and k["kind"] == "fused" and k["rank"] in ("1", "2"):
+            by_cluster.setdefault(k["cluster"], set()).add(k["term"])
+    assert sorted(map(sorted, by_cluster.values())) == [["blue", "truck"], ["lemon", "yellow"],
+                                                        ["striped", "zebra"]]
+    categories = read_csv(out / "05_categories.csv")
+    assert len(categories) == 70 and categories[0]["method"] == "embedding:fake-bow"
+    ksearch = read_csv(out / "05_ksearch.csv")
+    assert sum(int(r["chosen"]) for r in ksearch) == 4
+    for name in ("early_k.png", "early_map.png", "early_keywords.png", "late_map.png",
+                 "categories.png"):
+        assert (out / "05_plots" / name).stat().st_size > 1000
+    meta = read_json(out / "05_cluster.meta.json")
+    assert set(meta["lineage"]) == {"01_extract", "03_describe", "04_embed", "05_cluster"}
+    assert meta["category_method"] == "embedding:fake-bow"
+    assert meta["skipped"]["failed description"] == 1
+
+
+def test_degenerate_layers_do_not_crash(tmp_path):
+    one = (["a lonely neuron of red"], *planted(1, 1, seed=5)[0:1] * 2)
+    same_vec = np.tile(planted(1, 1, seed=6)[0], (6, 1))
+    same = (["yellow dots"] * 6, same_vec, same_vec)
+    desc, emb = write_inputs(tmp_path, {"tiny": one, "same": same})
+    out = tmp_path / "out"
+    meta = stage.run(desc, emb, out, k_min=2, k_max=8, projection="pca",
+                     text_embedder=BagOfWordsEmbedder())
+    metrics = {(m["layer"], m["kind"]): m for m in read_csv(out / "05_metrics.csv")}
+    assert metrics[("tiny", "text")]["k"] == "1" and metrics[("tiny", "text")]["silhouette"] == ""
+    assert metrics[("same", "fused")]["k"] == "1"
+    assert float(metrics[("same", "fused")]["cohesion"]) == pytest.approx(1.0)
+    assert "identical" in meta["degenerate"]["same/text"]
+    assert "too few" in meta["degenerate"]["tiny/fused"]
+    assert [k["term"] for k in read_csv(out / "05_keywords.csv")
+            if k["layer"] == "same" and k["cluster"] == "all"] == ["dots", "yellow"]
+
+
+def test_single_layer_and_stop_word_only_descriptions(tmp_path):
+    descs, x, f, _ = planted_layer(6, 2, seed=7)
+    descs = ["the neuron responds to image patches"] * len(descs)
+    desc, emb = write_inputs(tmp_path, {"only": (descs, x, f)})
+    out = tmp_path / "out"
+    stage.run(desc, emb, out, k_max=5, projection="pca", plots=False,
+              text_embedder=BagOfWordsEmbedder())
+    assert [int(m["k"]) for m in read_csv(out / "05_metrics.csv")] == [2, 2]
+    assert read_csv(out / "05_keywords.csv") == []
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        stage.main(["--descriptions", str(tmp_path / "03_descriptions.csv"),
+                    "--embeddings", str(tmp_path / "04_embeddings.npz"), "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "03_descriptions.csv does not exist" in err and "Traceback" not in err
+
+
+def test_umap_map_and_small_layer_fallback():
+    x, _ = planted(10, 3, seed=8)
+    coords, method = stage.project_2d(x, "umap", seed=0)
+    again, _ = stage.project_2d(x, "umap", seed=0)
+    assert method == "umap" and coords.shape == (30, 2) and np.isfinite(coords).all()
+    np.testing.assert_allclose(coords, again)
+    small, method_small = stage.project_2d(x[:3], "umap", seed=0)
+    assert method_small == "pca" and small.shape == (3, 2)
+
+
+def test_parse_categories():
+    cats = stage.parse_categories("animals; tools=hammers, saws and drills;colours")
+    assert cats == {"animals": stage.DEFAULT_CATEGORIES["animals"],
+                    "tools": "hammers, saws and drills",
+                    "colours": stage.DEFAULT_CATEGORIES["colours"]}
+    with pytest.raises(stage.StageError):
+        stage.parse_categories("animals")

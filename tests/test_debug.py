@@ -1,0 +1,283 @@
+"""Stage 08: confusion table, pair selection, planted differential neurons, the behaviour of the
+|z| ≥ 2 rule and of the FDR flag on pure noise, and an ablation that undoes a planted error.
+
+Runs are built by hand: 01's predictions and per-image statistics are written directly, so the
+differences between OK and KO images are known exactly.
+"""
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from common.cli import StageError
+from common.io import read_csv, save_npz, write_csv
+from common.provenance import write_meta
+from conftest import load_stage
+
+
+debug = load_stage("08_debug")
+
+NAMES = ["palace", "castle", "monastery"]
+PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name", "prob", "correct",
+               "top5_idx", "top5_prob"]
+
+
+def write_run(run_dir, labels, preds, stats, descriptions=None, mosaic_for=()):
+    """Write 01 (predictions, stats, activations, meta), 03 and optionally 02 artefacts.
+
+    ``stats`` maps layer → (N × C) per-image values, used for both max and mean (max + 1 for max,
+    so that the two aggregations differ). Images are 8×8 grey PNGs so that reports can show them.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "img").mkdir(exist_ok=True)
+    rows = []
+    for i, (lab, pred) in enumerate(zip(labels, preds)):
+        path = run_dir / "img" / f"{i}.png"
+        Image.new("RGB", (8, 8), (40 + 5 * (i % 40),) * 3).save(path)
+        rows.append({"image_id": i, "path": str(path), "label": NAMES[lab], "label_idx": lab,
+                     "pred_idx": pred, "pred_name": NAMES[pred], "prob": 0.9,
+                     "correct": int(lab == pred), "top5_idx": pred, "top5_prob": 0.9})
+    write_csv(run_dir / "01_predictions.csv", rows, PRED_FIELDS)
+    (run_dir / "01_stats").mkdir(exist_ok=True)
+    arrays = {"layers": np.array(list(stats)), "input_size": np.array([8, 8])}
+    for layer, values in stats.items():
+        values = np.asarray(values, np.float32)
+        np.save(run_dir / "01_stats" / f"{layer}.mean.npy", values)
+        np.save(run_dir / "01_stats" / f"{layer}.max.npy", values + 1)
+        c = values.shape[1]
+        order = np.argsort(-values, axis=0)[:4].T  # top 4 images per channel
+        arrays.update({f"{layer}/values": np.take_along_axis(values.T, order, 1),
+                       f"{layer}/image_ids": order.astype(np.int64),
+                       f"{layer}/y": np.zeros((c, 4), np.int32),
+                       f"{layer}/x": np.zeros((c, 4), np.int32),
+                       f"{layer}/fmap": np.array([c, 1, 1]),
+                       f"{layer}/rf": np.array([8.0, 8.0, 8.0, 8.0, 3.5, 3.5])})
+    save_npz(run_dir / "01_activations.npz", arrays)
+    m1 = write_meta(run_dir / "01_extract.meta.json", "01_extract", {},
+                    [run_dir / "01_predictions.csv", run_dir / "01_activations.npz"],
+                    model={"name": "fake", "weights": None, "random_init": False,
+                           "unsafe_pickle": False, "input_size": 8})
+    descriptions = descriptions or {}
+    desc_rows = [{"layer": layer, "channel": ch, "level": "low", "description": text,
+                  "backend": "fake", "model": "fake", "status": "ok", "reason": ""}
+                 for (layer, ch), text in descriptions.items()]
+    write_csv(run_dir / "03_descriptions.csv", desc_rows,
+              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
+    write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
+               [run_dir / "03_descriptions.csv"], inputs=[m1])
+    if mosaic_for:
+        mrows = []
+        for layer, ch in mosaic_for:
+            rel = f"02_mosaics/{layer}/{ch}.png"
+            (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (200, 30, 30)).save(run_dir / rel)
+            mrows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": "1x1",
+                          "tile_px": 16, "crop": "rf"})
+        write_csv(run_dir / "02_mosaics.csv", mrows,
+                  ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"])
+        write_meta(run_dir / "02_mosaics.meta.json", "02_mosaics", {},
+                   [run_dir / "02_mosaics.csv"], inputs=[m1])
+
+
+# 30 palace OK, 12 palace→castle (KO), 4 palace→monastery, 10 castle OK.
+LABELS = [0] * 30 + [0] * 12 + [0] * 4 + [1] * 10
+PREDS = [0] * 30 + [1] * 12 + [2] * 4 + [1] * 10
+KO = slice(30, 42)
+PLANTED = {("deep", 5): +1, ("deep", 33): +1, ("deep", 17): -1, ("early", 3): +1}
+EVIL = "<script>alert('x')</script> water and sky"
+
+
+def planted_run(tmp_path, mosaics=True):
+    """A run where exactly the PLANTED neurons differ between KO and OK (by 2.5 σ)."""
+    rng = np.random.default_rng(7)
+    stats = {"early": rng.normal(size=(len(LABELS), 20)),
+             "deep": rng.normal(size=(len(LABELS), 40))}
+    for (layer, ch), sign in PLANTED.items():
+        stats[layer][KO, ch] += sign * 2.5
+    run_dir = tmp_path / "run"
+    write_run(run_dir, LABELS, PREDS, stats,
+              descriptions={("deep", 5): EVIL, ("deep", 33): "birds over a lake"},
+              mosaic_for=[("deep", 5), ("deep", 33)] if mosaics else ())
+    return run_dir
+
+
+def run_main(run_dir, *extra):
+    """Call 08's main on ``run_dir`` without the causal check unless ``extra`` asks for it."""
+    debug.main(["--predictions", str(run_dir / "01_predictions.csv"),
+                "--confusion", str(run_dir / "08_confusion.csv"),
+                "--out-dir", str(run_dir / "08_debug"), "--ablate-top", "0", *extra])
+
+
+def test_confusion_table_and_automatic_selection(tmp_path):
+    run_dir = planted_run(tmp_path)
+    run_main(run_dir)
+    conf = read_csv(run_dir / "08_confusion.csv")
+    assert [r["class"] for r in conf] == ["palace", "castle"]  # palace has all the errors
+    palace = conf[0]
+    assert [palace[k] for k in ("rank", "n", "correct", "errors")] == ["1", "46", "30", "16"]
+    assert float(palace["accuracy"]) == pytest.approx(30 / 46, abs=1e-4)
+    assert palace["top_confused"] == "castle:12; monastery:4"
+    assert float(palace["top1_share"]) == pytest.approx(12 / 16)
+    pairs = {(r["true"], r["pred"]): r for r in read_csv(run_dir / "08_debug" / "pairs.csv")}
+    assert pairs[("palace", "castle")]["status"] == "selected"
+    assert pairs[("palace", "monastery")]["status"] == "skipped"
+    assert "--min-errors" in pairs[("palace", "monastery")]["reason"]
+    assert (run_dir / "08_debug" / "palace__castle" / "report.html").exists()
+    assert not (run_dir / "08_debug" / "palace__monastery").exists()
+    assert (run_dir / "08_debug.meta.json").exists()
+
+
+def test_planted_neurons_are_recovered(tmp_path):
+    run_dir = planted_run(tmp_path)
+    run_main(run_dir, "--true", "palace", "--pred", "1")  # a name and an index
+    folder = run_dir / "08_debug" / "palace__castle"
+    rows = read_csv(folder / "neurons.csv")
+    assert len(rows) == 60
+    top = {(r["layer"], int(r["channel"])): r for r in rows[:len(PLANTED)]}
+    assert set(top) == set(PLANTED)
+    for key, sign in PLANTED.items():
+        row = top[key]
+        assert np.sign(float(row["mean_z"])) == sign and np.sign(float(row["max_delta_mu"])) == sign
+        assert row["mean_flag_fdr"] == "1" and row["mean_flag_z"] == "1"
+        assert float(row["mean_delta_mu"]) == pytest.approx(float(row["max_delta_mu"]))
+    others = [r for r in rows if (r["layer"], int(r["channel"])) not in PLANTED]
+    assert sum(r["mean_flag_fdr"] == "1" for r in others) <= 3  # BH lets a few through
+    assert top[("deep", 33)]["description"] == "birds over a lake"
+    for name in ("delta_mu.png", "z_heatmaps.png", "ko_examples.jpg", "ok_examples.jpg",
+                 "report.md", "report.html"):
+        assert (folder / name).stat().st_size > 0
+    page = (folder / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "data:image/jpeg;base64," in page and "data:image/png;base64," in page
+    md = (folder / "report.md").read_text()
+    assert "<script>" not in md and "../../02_mosaics/deep/5.png" in md
+
+
+def test_crops_from_01_when_there_are_no_mosaics(tmp_path):
+    run_dir = planted_run(tmp_path, mosaics=False)
+    run_main(run_dir, "--true", "palace", "--pred", "castle", "--show-top", "2")
+    strips = sorted(p.name for p in (run_dir / "08_debug" / "palace__castle" / "neurons").iterdir())
+    assert len(strips) == 2 and all(s.endswith(".jpg") for s in strips)
+
+
+def test_fallback_when_no_pair_passes(tmp_path):
+    run_dir = planted_run(tmp_path)
+    run_main(run_dir, "--min-errors", "50")
+    pairs = {(r["true"], r["pred"]): r for r in read_csv(run_dir / "08_debug" / "pairs.csv")}
+    assert pairs[("palace", "castle")]["status"] == "fallback"
+    assert "Fallback" in (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
+    # A later run on another pair replaces the folder of this one (outputs follow the settings).
+    run_main(run_dir, "--true", "palace", "--pred", "monastery")
+    assert sorted(p.name for p in (run_dir / "08_debug").iterdir() if p.is_dir()) == \
+        ["palace__monastery"]
+
+
+def test_too_few_images_is_a_clear_error(tmp_path):
+    run_dir = planted_run(tmp_path)
+    with pytest.raises(StageError, match=r"palace → monastery: OK has 30 images and KO 4"):
+        debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
+                  run_dir / "08_debug", true="palace", pred="monastery", min_images=5,
+                  ablate_top=0)
+    with pytest.raises(StageError, match="matches no class"):
+        debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
+                  run_dir / "08_debug", true="cathedral", ablate_top=0)
+
+
+def test_noise_z_rule_fires_about_5_percent_but_fdr_stays_below_level(tmp_path):
+    # 4000 neurons, no real difference: |z| ≥ 2 is a 2-standard-error rule, so it flags
+    # about 2·P(t_53 ≥ 2) ≈ 5% of them; the Benjamini–Hochberg flag controls the false
+    # discovery rate, and with no true effect at all it should flag (almost) nothing.
+    rng = np.random.default_rng(0)
+    n_ok, n_ko = 40, 15
+    stats_dir = tmp_path / "01_stats"
+    stats_dir.mkdir()
+    for layer in ("a", "b"):
+        values = rng.normal(size=(n_ok + n_ko, 2000)).astype(np.float32)
+        np.save(stats_dir / f"{layer}.mean.npy", values)
+        np.save(stats_dir / f"{layer}.max.npy", values)
+    ok_ids, ko_ids = np.arange(n_ok), np.arange(n_ok, n_ok + n_ko)
+    res = debug.layer_stats(stats_dir, ["a", "b"], ok_ids, ko_ids, 3, "noise", 0.05, 2.0)
+    flag_z = np.concatenate([res[la]["mean"]["flag_z"] for la in "ab"])
+    flag_fdr = np.concatenate([res[la]["mean"]["flag_fdr"] for la in "ab"])
+    expected = debug.chance_rate(n_ok, n_ko, 2.0)
+    assert 0.045 < expected < 0.055
+    assert abs(flag_z.mean() - expected) < 0.015  # binomial sd ≈ 0.0035
+    assert flag_fdr.mean() <= 0.05
+    assert flag_fdr.sum() <= 4
+
+
+def test_classes_never_predicted_get_their_imagenet_name():
+    # 01 names predicted classes; a true class the model never predicts only has its dataset
+    # label (here a synset id), so 08 looks the name up when the model's names are ImageNet's.
+    rows = [{"image_id": 0, "path": "a", "label": "n02123045", "label_idx": 281, "pred_idx": 285,
+             "pred_name": "Egyptian cat"}]
+    assert debug.class_names(rows) == {285: "Egyptian cat", 281: "tabby"}
+    rows[0]["pred_name"] = "my class"  # not ImageNet's names: keep the dataset label
+    assert debug.class_names(rows)[281] == "n02123045"
+
+
+def test_constant_neurons_do_not_divide_by_zero():
+    ko = np.zeros((5, 2))
+    ok = np.zeros((7, 2))
+    ok[:, 1] = 1.0
+    res = debug.compare_groups(ko, ok)
+    assert res["z"][0] == 0 and res["p"][0] == 1.0  # identical constants: no difference
+    assert res["z"][1] == -np.inf and res["p"][1] == 0.0  # different constants: certain
+
+
+class PlantedModel(nn.Module):
+    """Three channels → three classes. Channel 1 drives class 1 (castle): logit1 = 3·c1 − 1,
+    logit0 = c0, logit2 = 0.1·c2 − 5. A palace image with c1 ≈ 1 is therefore called castle."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Conv2d(3, 3, 1, bias=False)
+        self.head = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.feat.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.head.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 3.0, 0], [0, 0, 0.1]]))
+            self.head.bias.copy_(torch.tensor([0.0, -1.0, -5.0]))
+
+    def forward(self, x):
+        return self.head(self.feat(x).mean(dim=(2, 3)))
+
+
+def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
+    rng = np.random.default_rng(3)
+    # 12 palace OK (c1 low), 8 palace KO (c1 high), 6 castle OK (c0 low, c1 high).
+    c0 = np.r_[rng.uniform(0.9, 1.1, 20), rng.uniform(0.0, 0.2, 6)]
+    c1 = np.r_[rng.uniform(0.0, 0.2, 12), rng.uniform(0.8, 1.2, 8), rng.uniform(0.8, 1.2, 6)]
+    c2 = rng.uniform(0, 1, 26)
+    values = np.stack([c0, c1, c2], axis=1).astype(np.float32)
+    inputs = torch.from_numpy(values)[:, :, None, None].expand(-1, -1, 8, 8).contiguous()
+    model = PlantedModel().eval()
+    with torch.no_grad():
+        preds = model(inputs).argmax(1).tolist()
+    labels = [0] * 20 + [1] * 6
+    assert preds == [0] * 12 + [1] * 14  # the planted error is real
+    run_dir = tmp_path / "run"
+    write_run(run_dir, labels, preds, {"feat": values})
+    tensors = {str(run_dir / "img" / f"{i}.png"): inputs[i] for i in range(26)}
+    bundle = types.SimpleNamespace(model=model, name="planted", input_size=8, mean=(0, 0, 0),
+                                   std=(1, 1, 1), class_names=NAMES, device=torch.device("cpu"))
+    summary = debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
+                        run_dir / "08_debug", true="palace", pred="castle", ablate_top=1,
+                        sample_size=0, bundle=bundle, image_tensor=tensors.__getitem__)
+    cc = summary["causal"]["palace__castle"]
+    assert cc["suspects"] == [1] and cc["control"] != [1]
+    assert cc["rerun_agreement"] == 1.0
+    assert (cc["n_ko"], cc["ko_base_pred"]) == (8, 8)
+    assert cc["before"]["ko_to_true"] == 0
+    assert cc["ablated"]["ko_to_true"] == 8 and cc["control_ablated"]["ko_to_true"] == 0
+    assert cc["before"]["ok_accuracy"] == cc["ablated"]["ok_accuracy"] == 1.0
+    # On all 26 images: 18 right before; after, 8 KO become right and 6 castle images wrong.
+    assert cc["before"]["all_accuracy"] == pytest.approx(18 / 26)
+    assert cc["ablated"]["all_accuracy"] == pytest.approx(20 / 26)
+    per_image = read_csv(run_dir / "08_debug" / "palace__castle" / "ablation.csv")
+    ko_rows = [r for r in per_image if r["group"] == "KO"]
+    assert len(ko_rows) == 8 and all(r["pred_ablated"] == "0" for r in ko_rows)
+    report = (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
+    assert "suspects zeroed" in report

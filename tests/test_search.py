@@ -1,0 +1,228 @@
+"""Stage 07: ranking with known answers, the baseline, image queries, interactive mode, and
+HTML escaping.
+
+The embedders are fakes whose vectors can be worked out on paper: the text one is a normalised
+bag of words over a tiny vocabulary, the image one the normalised mean colour.
+"""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.cli import StageError
+from common.io import read_csv, save_npz, write_csv
+from common.provenance import write_meta
+from conftest import load_stage
+
+
+search = load_stage("07_search")
+
+VOCAB = ["dog", "ball", "cat", "stripes", "red", "picture", "various", "things"]
+BASELINE = "picture various things"
+
+
+class BagOfWords:
+    """Fake text embedder: counts of VOCAB words, L2-normalised (unknown words are ignored)."""
+
+    name = "fake-bow"
+    space_id = "text:fake-bow"
+    dim = len(VOCAB)
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, texts):
+        self.calls += 1
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                if word in VOCAB:
+                    out[i, VOCAB.index(word)] += 1
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1)
+
+
+class MeanColour:
+    """Fake image embedder: the image's mean RGB, L2-normalised."""
+
+    name = "fake-colour"
+    space_id = "cnn:fake-colour"
+    dim = 3
+
+    def encode(self, images):
+        out = np.stack([np.asarray(im.convert("RGB"), np.float32).mean(axis=(0, 1))
+                        for im in images])
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+# (layer, channel, description, image colour)
+NEURONS = [
+    ("L1", 0, "dog ball", (255, 0, 0)),
+    ("L1", 1, "cat", (0, 255, 0)),
+    ("L2", 0, "red stripes", (0, 0, 255)),
+    ("L2", 1, "dog picture various things", (128, 128, 0)),  # generic, mentions a dog
+    ("L2", 2, "dog", (0, 128, 128)),
+    ("L2", 3, "", (128, 0, 128)),  # description failed: zero text vector
+]
+
+
+def make_run(tmp_path, descriptions=None, image_model="fake-colour"):
+    """A run folder with 02/03/04 artefacts (and metas) for NEURONS."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    descriptions = descriptions or [n[2] for n in NEURONS]
+    bow = BagOfWords()
+    colours = MeanColour()
+    text = bow.encode(descriptions)
+    image = colours.encode([Image.new("RGB", (4, 4), n[3]) for n in NEURONS])
+    save_npz(run_dir / "04_embeddings.npz", {
+        "layer": np.array([n[0] for n in NEURONS]), "channel": np.array([n[1] for n in NEURONS]),
+        "text": text, "image": image, "fused": np.concatenate([text, image], axis=1),
+        "text_model": np.array("fake-bow"), "image_model": np.array(image_model),
+        "fusion": np.array("concat")})
+    mosaic_rows = []
+    for layer, ch, _, colour in NEURONS:
+        rel = f"02_mosaics/{layer}/{ch}.png"
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), colour).save(run_dir / rel)
+        mosaic_rows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": "1x1",
+                            "tile_px": 8, "crop": "rf"})
+    write_csv(run_dir / "02_mosaics.csv", mosaic_rows,
+              ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"])
+    desc_rows = [{"layer": n[0], "channel": n[1], "level": "low", "description": d,
+                  "backend": "fake", "model": "fake", "status": "ok" if d else "failed",
+                  "reason": "" if d else "no answer"} for n, d in zip(NEURONS, descriptions)]
+    write_csv(run_dir / "03_descriptions.csv", desc_rows,
+              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
+    m2 = write_meta(run_dir / "02_mosaics.meta.json", "02_mosaics", {},
+                    [run_dir / "02_mosaics.csv"])
+    m3 = write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
+                    [run_dir / "03_descriptions.csv"], inputs=[m2])
+    write_meta(run_dir / "04_embed.meta.json", "04_embed", {}, [run_dir / "04_embeddings.npz"],
+               inputs=[m3])
+    return run_dir
+
+
+def find(run_dir, queries, **kwargs):
+    """Stage 07's run on ``run_dir`` with output to a string buffer unless ``stdout`` is given."""
+    kwargs.setdefault("stdout", io.StringIO())
+    return search.run(run_dir / "04_embeddings.npz", queries, **kwargs)
+
+
+def ranked(rows, query):
+    """(layer, channel) of the hits of ``query`` in rank order."""
+    return [(r["layer"], int(r["channel"])) for r in rows if r["query"] == query]
+
+
+def test_text_ranking_known_answers(tmp_path):
+    # "cat" matches only L1/1 (cosine 1); "dog ball" is exactly L1/0's description.
+    run_dir = make_run(tmp_path)
+    out = io.StringIO()
+    rows = find(run_dir, ["cat", "dog ball"], top_k=3, baseline="", text_embedder=BagOfWords(),
+                stdout=out)
+    assert ranked(rows, "cat")[0] == ("L1", 1)
+    assert rows[0]["cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert ranked(rows, "dog ball")[0] == ("L1", 0)
+    # L2/2 "dog" (cos 1/√2) beats L2/1 (cos 1/(√2·2)) for "dog ball".
+    assert ranked(rows, "dog ball")[1:] == [("L2", 2), ("L2", 1)]
+    assert ("L2", 3) not in ranked(rows, "cat") + ranked(rows, "dog ball")  # no description
+    printed = out.getvalue()
+    assert printed.index("== cat") < printed.index("== dog ball")
+    assert "02_mosaics/L1/1.png" in printed
+
+
+def test_baseline_demotes_generic_neuron(tmp_path):
+    # Query "dog picture things": raw cosine puts the generic L2/1 first (0.866 vs 0.577 for L2/2);
+    # subtracting the baseline's cosine (0.866 for L2/1, 0 for L2/2) puts the specific one first.
+    run_dir = make_run(tmp_path)
+    query = "dog picture things"
+    raw = find(run_dir, [query], top_k=2, baseline="", text_embedder=BagOfWords())
+    adjusted = find(run_dir, [query], top_k=2, baseline=BASELINE, text_embedder=BagOfWords())
+    assert ranked(raw, query)[0] == ("L2", 1)
+    assert ranked(adjusted, query)[0] == ("L2", 2)
+    assert adjusted[0]["score"] == pytest.approx(1 / np.sqrt(3), abs=1e-3)
+    assert adjusted[0]["cosine"] == adjusted[0]["score"]  # L2/2 shares nothing with the baseline
+
+
+def test_layer_filter_and_unknown_layer(tmp_path):
+    run_dir = make_run(tmp_path)
+    rows = find(run_dir, ["dog ball"], top_k=5, layers=["L2"], baseline="",
+                text_embedder=BagOfWords())
+    assert {layer for layer, _ in ranked(rows, "dog ball")} == {"L2"}
+    assert ranked(rows, "dog ball")[0] == ("L2", 2)
+    with pytest.raises(StageError, match="L9"):
+        find(run_dir, ["dog"], layers=["L9"], text_embedder=BagOfWords())
+
+
+def test_text_embedder_of_another_space_is_refused(tmp_path):
+    run_dir = make_run(tmp_path)
+    other = BagOfWords()
+    other.name, other.space_id = "other-model", "text:other-model"
+    with pytest.raises(StageError, match="fake-bow"):
+        find(run_dir, ["dog"], text_embedder=other)
+
+
+def test_embedder_names_recorded_by_04_are_loaded_back():
+    assert search.loader_name("all-MiniLM-L6-v2", "text") == "all-MiniLM-L6-v2"
+    assert search.loader_name("ViT-B/32", "text") == "clip:ViT-B/32"  # CLIP text tower
+    assert search.loader_name("ViT-B/32", "image") == "clip:ViT-B/32"
+    assert search.loader_name("efficientnet_lite0", "image") == "cnn"  # reference CNN feature
+
+
+def test_image_query(tmp_path):
+    run_dir = make_run(tmp_path)
+    query = tmp_path / "green.png"
+    Image.new("RGB", (16, 16), (10, 240, 10)).save(query)
+    rows = find(run_dir, [], images=[str(query)], top_k=2, image_embedder=MeanColour())
+    assert (rows[0]["layer"], rows[0]["channel"]) == ("L1", 1)  # the green neuron
+    assert rows[0]["score"] == rows[0]["cosine"] > 0.99
+
+
+def test_image_embedder_space_mismatch_is_refused(tmp_path):
+    run_dir = make_run(tmp_path, image_model="clip:ViT-B/32")
+    query = tmp_path / "q.png"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(query)
+    with pytest.raises(StageError, match="clip:ViT-B/32"):
+        find(run_dir, [], images=[str(query)], image_embedder=MeanColour())
+
+
+def test_interactive_reads_stdin_until_eof(tmp_path, monkeypatch, capsys):
+    # Drive main() as a user would: queries on stdin, the embedder loaded once for all of them.
+    run_dir = make_run(tmp_path)
+    fake = BagOfWords()
+    loads = []
+
+    def fake_loader(name=None, device="auto"):
+        loads.append(name)
+        return fake
+
+    import common.embedders
+    monkeypatch.setattr(common.embedders, "load_text_embedder", fake_loader)
+    monkeypatch.setattr("sys.stdin", io.StringIO("cat\n\n  red stripes \ndog ball\n"))
+    out_csv = tmp_path / "hits" / "hits.csv"
+    search.main(["--embeddings", str(run_dir / "04_embeddings.npz"), "--interactive",
+                 "--top-k", "1", "--csv", str(out_csv)])
+    printed = capsys.readouterr().out
+    assert [line[3:].split("   (")[0] for line in printed.splitlines() if line.startswith("== ")] \
+        == ["cat", "red stripes", "dog ball"]
+    assert loads == ["fake-bow"]
+    rows = read_csv(out_csv)
+    assert [(r["query"], r["layer"], r["channel"]) for r in rows] == [
+        ("cat", "L1", "1"), ("red stripes", "L2", "0"), ("dog ball", "L1", "0")]
+    assert (out_csv.parent / "07_search.meta.json").exists()
+
+
+def test_html_escapes_model_text(tmp_path):
+    evil = "<script>alert('x')</script> dog"
+    descriptions = [n[2] for n in NEURONS]
+    descriptions[4] = evil
+    run_dir = make_run(tmp_path, descriptions=descriptions)
+    page = tmp_path / "out" / "hits.html"
+    find(run_dir, ["dog <b>"], top_k=3, html_path=page, text_embedder=BagOfWords())
+    text = page.read_text()
+    assert "<script>" not in text and "<b>" not in text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    # Mosaics are linked relative to the page, so the page opens from disk.
+    assert 'src="../run/02_mosaics/L2/2.png"' in text
+    assert (page.parent / "../run/02_mosaics/L2/2.png").exists()

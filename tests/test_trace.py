@@ -1,0 +1,180 @@
+"""Tests of 06_trace: best matches on hand-made clusters, threshold, --follow, Sankey HTML and PNG."""
+import re
+import sys
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+from common.io import read_csv, read_json, save_npz, write_csv
+from common.provenance import write_meta
+from conftest import load_stage
+
+
+stage = load_stage("06_trace")
+
+
+class BagOfWordsEmbedder:
+    """Deterministic stand-in for a sentence embedder: normalised sum of one random vector per word.
+
+    In 4096 dimensions random word vectors are nearly orthogonal, so the cosine of two keyword
+    lists is close to (shared words) / sqrt(len(a) · len(b)).
+    """
+    name = "fake-bow"
+    dim = 4096
+
+    def encode(self, texts):
+        """Embed each text as the normalised sum of its words' fixed random vectors."""
+        out = np.zeros((len(texts), self.dim))
+        for i, text in enumerate(texts):
+            for word in text.lower().replace(",", " ").split():
+                out[i] += np.random.default_rng(zlib.crc32(word.encode())).normal(size=self.dim)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+# layer -> cluster -> keywords; rows are written with "c" first so that the order must come
+# from 01_activations.npz
+CLUSTERS = {
+    "c": {0: ["lemon", "fruit", "yellow"], 1: ["zebra", "stripe"]},
+    "a": {0: ["yellow", "dot"], 1: ["stripe", "black"], 2: ["dog", "fur"]},
+    "b": {0: ["black", "stripe", "zebra"], 1: ["yellow", "lemon"], 2: ["car", "wheel"]},
+}
+
+
+def write_inputs(tmp_path, clusters=CLUSTERS, order=("a", "b", "c"), empty=()):
+    """Write 05_clusters.csv, 05_keywords.csv (+ meta) and, if ``order``, 01_activations.npz.
+
+    Cluster ``c`` of layer ``l`` gets ``c + 1`` neurons; clusters in ``empty`` get no keywords.
+    """
+    rows, kw = [], []
+    for layer, cs in clusters.items():
+        channel = 0
+        for c, words in cs.items():
+            for _ in range(c + 1):
+                for kind in ("text", "fused"):
+                    rows.append({"layer": layer, "channel": channel, "kind": kind, "cluster": c,
+                                 "x": 0, "y": 0})
+                channel += 1
+            if (layer, c) in empty:
+                continue
+            for r, w in enumerate(words, 1):
+                kw.append({"layer": layer, "kind": "fused", "cluster": c, "rank": r, "term": w,
+                           "weight": 1 / r})
+        kw.append({"layer": layer, "kind": "all", "cluster": "all", "rank": 1, "term": "ignored",
+                   "weight": 1})
+    clusters_csv, keywords_csv = tmp_path / "05_clusters.csv", tmp_path / "05_keywords.csv"
+    write_csv(clusters_csv, rows, ["layer", "channel", "kind", "cluster", "x", "y"])
+    write_csv(keywords_csv, kw, ["layer", "kind", "cluster", "rank", "term", "weight"])
+    acts = None
+    inputs = []
+    if order:
+        acts = tmp_path / "01_activations.npz"
+        save_npz(acts, {"layers": np.array(order)})
+        inputs = [write_meta(tmp_path / "01_extract.meta.json", "01_extract", {}, [acts])]
+    write_meta(tmp_path / "05_cluster.meta.json", "05_cluster", {}, [clusters_csv, keywords_csv],
+               inputs=inputs)
+    return clusters_csv, keywords_csv, acts
+
+
+def test_best_matches_threshold_and_layer_order(tmp_path):
+    clusters_csv, keywords_csv, acts = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    stage.run(clusters_csv, keywords_csv, out, activations_path=acts, threshold=0.3,
+              text_embedder=BagOfWordsEmbedder())
+    trace = read_csv(out / "06_trace.csv")
+    assert list(trace[0]) == stage.TRACE_COLUMNS
+    links = {(r["source_layer"], r["source_cluster"]): (r["target_layer"], r["target_cluster"])
+             for r in trace}
+    # dog/fur and car/wheel share no word with the next layer: dropped by the threshold
+    assert links == {("a", "0"): ("b", "1"), ("a", "1"): ("b", "0"),
+                     ("b", "0"): ("c", "1"), ("b", "1"): ("c", "0")}
+    sims = {(r["source_layer"], r["source_cluster"]): float(r["similarity"]) for r in trace}
+    assert sims[("a", "1")] == pytest.approx(2 / np.sqrt(6), abs=0.05)  # 2 shared of 2 and 3
+    assert sims[("a", "0")] == pytest.approx(0.5, abs=0.05)  # 1 shared of 2 and 2
+    assert trace[0]["source_keywords"] == "yellow, dot"
+    assert trace[0]["target_keywords"] == "yellow, lemon"
+
+
+def test_threshold_drops_weak_links(tmp_path):
+    clusters_csv, keywords_csv, acts = write_inputs(tmp_path)
+    stage.run(clusters_csv, keywords_csv, tmp_path, activations_path=acts, threshold=0.7,
+              text_embedder=BagOfWordsEmbedder())
+    kept = {(r["source_layer"], r["source_cluster"]) for r in read_csv(tmp_path / "06_trace.csv")}
+    assert kept == {("a", "1"), ("b", "0"), ("b", "1")}
+
+
+def test_follow_prints_and_highlights_the_path(tmp_path, monkeypatch, capsys):
+    clusters_csv, keywords_csv, _ = write_inputs(tmp_path, order=None)
+    module = types.ModuleType("common.embedders")
+    module.load_text_embedder = lambda name=None, device="auto": BagOfWordsEmbedder()
+    monkeypatch.setitem(sys.modules, "common.embedders", module)
+    stage.main(["--clusters", str(clusters_csv), "--keywords", str(keywords_csv),
+                "--out-dir", str(tmp_path), "--follow", "lemon"])
+    printed = capsys.readouterr().out
+    assert "best path for 'lemon'" in printed
+    meta = read_json(tmp_path / "06_trace.meta.json")
+    # without 01_activations.npz the order is that of 05_clusters.csv: c, a, b
+    assert [(s["layer"], s["cluster"]) for s in meta["followed"]] == [("c", 0), ("a", 0), ("b", 1)]
+    assert "lemon, fruit, yellow" in printed
+    page = (tmp_path / "06_sankey.html").read_text()
+    assert page.count(stage.PATH_RED) >= 1  # the red of the path is in the figure
+
+
+def test_follow_path_is_the_optimum_of_all_paths():
+    emb = BagOfWordsEmbedder()
+    layers = {name: [stage.Cluster(name, c, 1, words) for c, words in CLUSTERS[name].items()]
+              for name in ("a", "b", "c")}
+    vectors = stage.embed_clusters(layers, emb, 5)
+    query = emb.encode(["yellow lemon"])[0]
+    path = stage.follow_concept(query, layers, vectors)
+
+    def score(keys):
+        """Path score by brute force: query relevance plus consecutive similarity."""
+        vs = [vectors[k] for k in keys]
+        return sum(v @ query for v in vs) + sum(a @ b for a, b in zip(vs, vs[1:]))
+
+    every = [((("a", i)), ("b", j), ("c", k)) for i in range(3) for j in range(3) for k in range(2)]
+    best = max(every, key=score)
+    assert [s["cluster"].key for s in path] == list(best) == [("a", 0), ("b", 1), ("c", 0)]
+    assert np.isnan(path[0]["link_similarity"]) and path[1]["link_similarity"] > 0.4
+
+
+def test_sankey_html_is_self_contained_and_escaped(tmp_path):
+    evil = "<img src=x onerror=alert(1)>"
+    clusters = {evil: {0: ["yellow", "dot"]}, "b": {0: ["yellow", "lemon"]}}
+    clusters_csv, keywords_csv, _ = write_inputs(tmp_path, clusters=clusters, order=None)
+    stage.run(clusters_csv, keywords_csv, tmp_path, threshold=0.3, follow="yellow",
+              text_embedder=BagOfWordsEmbedder())
+    page = (tmp_path / "06_sankey.html").read_text()
+    assert "<img src=x" not in page
+    assert not re.search(r"<script[^>]+src=", page)  # plotly.js is inlined, not fetched
+    assert "Plotly.newPlot" in page and len(page) > 1_000_000
+    layers = stage.load_clusters(clusters_csv, keywords_csv, "fused", [])
+    vectors = stage.embed_clusters(layers, BagOfWordsEmbedder(), 5)
+    links = stage.best_links(layers, vectors, 0.3)
+    fig, _, _ = stage.build_figure(layers, links, [], 5, "t")
+    labels = list(fig.data[0].node.label)
+    assert labels[0].startswith("&lt;img src=x onerror=alert(1)&gt; #0")
+    assert (tmp_path / "06_sankey.png").stat().st_size > 5000
+
+
+def test_single_layer_and_cluster_without_keywords(tmp_path):
+    clusters_csv, keywords_csv, _ = write_inputs(tmp_path, clusters={"a": CLUSTERS["a"]},
+                                                 order=None, empty={("a", 2)})
+    stage.run(clusters_csv, keywords_csv, tmp_path, text_embedder=BagOfWordsEmbedder(),
+              follow="black stripe")
+    assert read_csv(tmp_path / "06_trace.csv") == []
+    assert (tmp_path / "06_trace.csv").read_text().startswith("source_layer,")
+    assert (tmp_path / "06_sankey.html").exists() and (tmp_path / "06_sankey.png").exists()
+    meta = read_json(tmp_path / "06_trace.meta.json")
+    assert [s["cluster"] for s in meta["followed"]] == [1]
+    assert meta["followed"][0]["query_similarity"] == pytest.approx(1.0)
+
+
+def test_missing_inputs_exit_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        stage.main(["--clusters", str(tmp_path / "05_clusters.csv"),
+                    "--keywords", str(tmp_path / "05_keywords.csv"), "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "run 05_cluster first" in capsys.readouterr().err
