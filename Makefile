@@ -25,6 +25,8 @@ VLM         ?=#                            03 model: hf folder/hub id, or the op
 BASE_URL    ?= http://127.0.0.1:8000/v1#   03 openai-compatible server (key in $$OPENAI_API_KEY)
 PROMPTS     ?= common/prompts.yaml#        03 prompt file, one prompt per abstraction level
 DOMAIN      ?=#                            03 what the images show, woven into prompts ("chest X-rays")
+KEYWORDS    ?=#                            03 comma-separated domain terms woven into the deeper prompts
+LEVELS      ?=#                            03 explicit layer=level pairs (1 = earliest); others by depth
 TEXT_EMBEDDER ?= all-MiniLM-L6-v2#         04 sentence-transformers model (workstation: sentence-transformers/clip-ViT-L-14)
 IMAGE_EMBEDDER ?= auto#                    04 auto (CLIP if its weights are on disk, else cnn) | cnn | clip
 K_MIN       ?= 2#                          05 smallest number of clusters tried per layer
@@ -47,6 +49,10 @@ INPUT_SIZE  ?= 224#                        side of the square network input (px)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter used to create .venv
 
+# Idle torch/OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
+# slowed the stages 10-20x.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 D       := $(DATA)/$(RUN)
 VENV    := .venv/.installed
 PY      := .venv/bin/python
@@ -65,7 +71,8 @@ ARGS_01 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            --device $(DEVICE) --workers $(WORKERS) --input-size $(INPUT_SIZE)
 ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
 ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) \
-           $(if $(DOMAIN),--domain "$(DOMAIN)") --base-url $(BASE_URL) --device $(DEVICE)
+           $(if $(DOMAIN),--domain "$(DOMAIN)") $(if $(KEYWORDS),--keywords "$(KEYWORDS)") \
+           $(if $(LEVELS),--levels $(LEVELS)) --base-url $(BASE_URL) --device $(DEVICE)
 ARGS_04 := --text-model $(TEXT_EMBEDDER) --image-model $(IMAGE_EMBEDDER) --device $(DEVICE)
 ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
            $(if $(NLI_MODEL),--nli-model $(NLI_MODEL)) --device $(DEVICE)

@@ -1,0 +1,184 @@
+"""Stage 04 — text, image and fused embedding of every described neuron.
+
+Reads 03_descriptions.csv (rows with status ok) and 02_mosaics.csv (+ the mosaic PNGs).
+Writes 04_embeddings.npz (layer, channel, text, image, fused, text_model, image_model, fusion)
+and 04_embed.meta.json.
+
+- text: the description through a sentence-transformers model (offline default
+  all-MiniLM-L6-v2; on a workstation e.g. sentence-transformers/clip-ViT-L-14).
+- image: the mosaic through CLIP ViT-B/32 when its weights are on disk; otherwise the mean
+  pooled feature of the reference CNN (EfficientNet-Lite0) over the neuron's top crops, cut
+  from the mosaic and fed at their own size. Identical crops (deep layers often share whole
+  top images) are computed once.
+- fused: the normalised mean of text and image vectors when both come from one space (both
+  towers of one CLIP model), else the concatenation of the two L2-normalised halves.
+
+Example:
+  python 04_embed.py --descriptions data/demo/03_descriptions.csv \
+      --mosaics data/demo/02_mosaics.csv --out data/demo/04_embeddings.npz
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.embedders import fuse, l2_normalise, same_space
+from common.io import read_csv, save_npz
+from common.provenance import read_meta, write_meta
+
+log = logging.getLogger("neuron-atlas.04_embed")
+
+STAGE = "04_embed"
+MIN_CROP_PX = 32  # the CNN's five stride-2 stages need at least this many pixels per side
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of stage 04."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
+    p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
+    p.add_argument("--out", required=True, help="04_embeddings.npz to write")
+    p.add_argument("--text-model", default="all-MiniLM-L6-v2",
+                   help="sentence-transformers folder or hub id, or clip:<model or path> "
+                        "(workstation: sentence-transformers/clip-ViT-L-14)")
+    p.add_argument("--image-model", default="auto",
+                   help="auto (CLIP ViT-B/32 if its weights are on disk, else cnn), cnn, clip, "
+                        "clip:<model or path>")
+    p.add_argument("--image-tiles", type=int, default=16,
+                   help="cnn image embedding: top crops averaged per neuron")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def mosaic_tiles(path: Path, grid: int, tile_px: int, n_tiles: int) -> list[Image.Image]:
+    """The first ``n_tiles`` crops of a mosaic, row by row."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return [im.crop(((k % grid) * tile_px, (k // grid) * tile_px,
+                         (k % grid + 1) * tile_px, (k // grid + 1) * tile_px))
+                for k in range(min(n_tiles, grid * grid))]
+
+
+def cnn_image_vectors(embedder, mosaics: list[dict], folder: Path, n_tiles: int) -> np.ndarray:
+    """Per neuron: the normalised mean of the CNN features of its top ``n_tiles`` crops.
+
+    Crops are embedded at their own size (at least MIN_CROP_PX) — the network pools globally, so
+    small crops need not be blown up — and each distinct crop only once.
+    """
+    cache: dict[bytes, np.ndarray] = {}
+    per_neuron = []
+    for m in mosaics:
+        tiles = mosaic_tiles(folder / m["path"], int(str(m["grid"]).split("x")[0]),
+                             int(m["tile_px"]), min(int(m["n_tiles"]), n_tiles))
+        keys = [hashlib.blake2b(t.tobytes(), digest_size=16).digest() for t in tiles]
+        per_neuron.append(keys)
+        for k, t in zip(keys, tiles):
+            cache.setdefault(k, t)
+    todo = [k for k, v in cache.items() if isinstance(v, Image.Image)]
+    by_size: dict[int, list[bytes]] = {}
+    for k in todo:
+        by_size.setdefault(max(MIN_CROP_PX, cache[k].width), []).append(k)
+    with tqdm(total=len(todo), desc="04 crops", unit="crop", disable=None) as bar:
+        for size, keys in by_size.items():
+            for start in range(0, len(keys), 256):
+                chunk = keys[start:start + 256]
+                vecs = embedder.encode([cache[k] for k in chunk], size=size)
+                cache.update(zip(chunk, vecs))
+                bar.update(len(chunk))
+    log.info("cnn image embedding: %d distinct crops for %d neurons", len(todo), len(mosaics))
+    out = np.zeros((len(mosaics), embedder.dim), np.float32)
+    for i, keys in enumerate(per_neuron):
+        if keys:
+            out[i] = np.mean([cache[k] for k in keys], axis=0)
+    return l2_normalise(out)
+
+
+def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_embedder=None,
+        text_model: str | None = None, image_model: str | None = "auto", image_tiles: int = 16,
+        device: str = "auto", args: dict | None = None) -> dict[str, np.ndarray]:
+    """Embed the described neurons; return the arrays written to ``out``.
+
+    ``text_embedder`` / ``image_embedder`` (objects as made by common.embedders) replace the
+    ones loaded from ``text_model`` / ``image_model`` — tests pass small fakes here.
+    """
+    from common.embedders import load_image_embedder, load_text_embedder
+    rows = [r for r in read_csv(descriptions) if r["status"] == "ok" and r["description"].strip()]
+    n_failed = len(read_csv(descriptions)) - len(rows)
+    if not rows:
+        raise StageError(f"{descriptions} has no successful descriptions to embed; re-run 03")
+    if n_failed:
+        log.warning("%d neurons without a description are left out (rerun 03 to retry them)",
+                    n_failed)
+    index = {(m["layer"], int(m["channel"])): m for m in read_csv(mosaics)}
+    missing = [(r["layer"], r["channel"]) for r in rows if (r["layer"], int(r["channel"])) not in index]
+    if missing:
+        raise StageError(f"{len(missing)} described neurons have no mosaic in {mosaics} (e.g. "
+                         f"{missing[0]}): descriptions and mosaics come from different runs")
+    text_embedder = text_embedder or load_text_embedder(text_model, device=device)
+    image_embedder = image_embedder or load_image_embedder(image_model, device=device)
+
+    log.info("text embedding with %s (%d-d)", text_embedder.name, text_embedder.dim)
+    text = text_embedder.encode([r["description"] for r in rows])
+    chosen = [index[(r["layer"], int(r["channel"]))] for r in rows]
+    log.info("image embedding with %s (%s, %d-d)", image_embedder.name, image_embedder.space,
+             image_embedder.dim)
+    if image_embedder.space == "cnn":
+        image = cnn_image_vectors(image_embedder, chosen, mosaics.parent, image_tiles)
+    else:
+        images = []
+        for m in tqdm(chosen, desc="04 mosaics", unit="mosaic", disable=None):
+            with Image.open(mosaics.parent / m["path"]) as im:
+                images.append(im.convert("RGB"))
+        image = image_embedder.encode(images)
+    shared = same_space(text_embedder, image_embedder)
+    fused, rule = fuse(text, image, shared)
+    arrays = {
+        "layer": np.array([r["layer"] for r in rows]),
+        "channel": np.array([int(r["channel"]) for r in rows], np.int64),
+        "text": text.astype(np.float32), "image": image.astype(np.float32),
+        "fused": fused.astype(np.float32),
+        "text_model": np.array(text_embedder.name), "image_model": np.array(image_embedder.name),
+        "fusion": np.array(rule),
+    }
+    save_npz(out, arrays)
+    why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
+           "text and image vectors come from different spaces: normalised halves concatenated")
+    write_meta(out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}), outputs=[out],
+               inputs=[read_meta(descriptions), read_meta(mosaics)],
+               text_model=text_embedder.name, image_model=image_embedder.name,
+               image_space=image_embedder.space, fusion=rule, fusion_reason=why,
+               dims={"text": int(text.shape[1]), "image": int(image.shape[1]),
+                     "fused": int(fused.shape[1])},
+               n_neurons=len(rows), n_left_out=n_failed,
+               image_input="mosaic" if image_embedder.space != "cnn" else
+               f"mean over the top {image_tiles} crops")
+    log.info("%d neurons → %s (text %d-d, image %d-d, fused %s %d-d)", len(rows), out,
+             text.shape[1], image.shape[1], rule, fused.shape[1])
+    return arrays
+
+
+@exit_on_stage_error
+def main(argv=None):
+    """Parse flags and embed the neurons."""
+    # Idle OpenMP threads must sleep, not spin: on a shared 2-core machine spinning threads made
+    # torch 10-20× slower. Read once, when torch is first imported (lazily, after this line).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    run(Path(args.descriptions), Path(args.mosaics), Path(args.out), text_model=args.text_model,
+        image_model=args.image_model, image_tiles=args.image_tiles, device=args.device,
+        args=vars(args))
+
+
+if __name__ == "__main__":
+    main()

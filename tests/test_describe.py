@@ -1,0 +1,596 @@
+"""Tests of stage 03 (describe): prompts, post-processing, the offline describer on planted
+images, resuming after a kill, shards, a real HTTP round trip to a loopback server, and the hf
+backend on a tiny randomly initialised LLaVA built here (nothing is downloaded)."""
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.cli import StageError
+from common.imagenet import class_names
+from common.io import read_csv, save_npz, write_csv
+from common.provenance import write_meta
+from conftest import load_stage
+
+
+D = load_stage("03_describe")
+TILE, GRID, SIZE = 32, 2, 64          # tiny mosaics: 2 × 2 tiles of 32 px; 64 px network input
+TERRIERS = [185, 187, 189, 199]       # Norfolk, Yorkshire, Lakeland, Scotch terrier
+LAYERS = ["early", "mid", "deep"]
+
+
+def stripes(angle_deg, period=8, phase=0.0, c1=(0, 0, 0), c2=(255, 255, 255)):
+    """A TILE × TILE tile of two-colour stripes whose bars run at ``angle_deg`` (0 = horizontal)."""
+    yy, xx = np.mgrid[0:TILE, 0:TILE]
+    a = np.radians(angle_deg + 90)  # the intensity varies across the bars
+    on = np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / period + phase) > 0
+    return np.where(on[..., None], np.array(c1, np.uint8), np.array(c2, np.uint8))
+
+
+def mosaic(tiles):
+    """Paste tiles row by row into a GRID × GRID mosaic image."""
+    out = np.full((GRID * TILE, GRID * TILE, 3), 128, np.uint8)
+    for rank, tile in enumerate(tiles):
+        r, c = divmod(rank, GRID)
+        out[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = tile
+    return Image.fromarray(out)
+
+
+def make_run(tmp_path, channels=3, tiles_of=None, deep_top5=None):
+    """A planted run folder: 01 activations/predictions + metas, 02 mosaics + index + meta.
+
+    Layer ``early`` has a 3-px receptive field, ``mid`` 20 px, ``deep`` one larger than the input.
+    ``tiles_of(layer, channel)`` gives the tiles of a mosaic (default: diagonal stripes).
+    ``deep_top5[i]`` are the reference classifier's top-5 (indices, probs) of image i.
+    """
+    run = tmp_path / "run"
+    run.mkdir()
+    n_images = GRID * GRID
+    arrays = {"layers": np.array(LAYERS), "input_size": np.array([SIZE, SIZE])}
+    rfs = {"early": [3, 3, 1, 1, 0, 0], "mid": [20, 20, 4, 4, 2, 2], "deep": [400, 400, 32, 32, 16, 16]}
+    for layer in LAYERS:
+        arrays[f"{layer}/values"] = np.tile(np.arange(n_images, 0, -1, dtype=np.float32), (channels, 1))
+        arrays[f"{layer}/image_ids"] = np.tile(np.arange(n_images, dtype=np.int64), (channels, 1))
+        arrays[f"{layer}/y"] = np.ones((channels, n_images), np.int32)
+        arrays[f"{layer}/x"] = np.ones((channels, n_images), np.int32)
+        arrays[f"{layer}/fmap"] = np.array([channels, 4, 4])
+        arrays[f"{layer}/rf"] = np.array(rfs[layer], np.float64)
+    save_npz(run / "01_activations.npz", arrays)
+    deep_top5 = deep_top5 or [([TERRIERS[i % 4], 207, 281, 1, 2], [0.8, 0.1, 0.05, 0.03, 0.02])
+                              for i in range(n_images)]
+    write_csv(run / "01_predictions.csv",
+              [{"image_id": i, "path": f"img{i}.png", "pred_idx": t[0][0], "prob": t[1][0],
+                "top5_idx": " ".join(map(str, t[0])), "top5_prob": " ".join(map(str, t[1]))}
+               for i, t in enumerate(deep_top5)],
+              ["image_id", "path", "pred_idx", "prob", "top5_idx", "top5_prob"])
+    write_meta(run / "01_extract.meta.json", "01_extract", {},
+               [run / "01_activations.npz", run / "01_predictions.csv"],
+               model={"name": "efficientnet_lite0", "weights": None, "random_init": False})
+    tiles_of = tiles_of or (lambda layer, ch: [stripes(45, phase=i) for i in range(n_images)])
+    rows = []
+    for layer in LAYERS:
+        for ch in range(channels):
+            rel = f"02_mosaics/{layer}/{ch}.png"
+            (run / rel).parent.mkdir(parents=True, exist_ok=True)
+            mosaic(tiles_of(layer, ch)).save(run / rel)
+            rows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": n_images,
+                         "grid": GRID, "tile_px": TILE, "crop": "rf"})
+    write_csv(run / "02_mosaics.csv", rows, ["layer", "channel", "path", "n_tiles", "grid",
+                                             "tile_px", "crop"])
+    write_meta(run / "02_mosaics.meta.json", "02_mosaics", {}, [run / "02_mosaics.csv"],
+               inputs=[json.loads((run / "01_extract.meta.json").read_text())])
+    return run
+
+
+class FakeVLM:
+    """Answers every neuron with a fixed text naming it; counts calls; can be made to fail."""
+
+    backend = "fake"
+    model_label = "fake-vlm"
+    batch_size = 2
+
+    def __init__(self, crash_after=None, fail=()):
+        """``crash_after``: raise on that batch number (0-based); ``fail``: (layer, ch) to fail."""
+        self.described = []
+        self.batches = 0
+        self.crash_after = crash_after
+        self.fail = set(fail)
+
+    def describe(self, neurons):
+        """Record the neurons and answer, like a VLM with role prefixes and quotes."""
+        if self.crash_after is not None and self.batches == self.crash_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.batches += 1
+        self.described += [(n.layer, n.channel) for n in neurons]
+        return [(None, "server said no") if (n.layer, n.channel) in self.fail else
+                (f'ASSISTANT: "{n.layer} neuron {n.channel}, level {n.level}"', "")
+                for n in neurons]
+
+
+def run_stage(run, **kw):
+    """Run stage 03 on a planted run folder."""
+    return D.run(run / "02_mosaics.csv", run / "03_descriptions.csv",
+                 activations=run / "01_activations.npz", predictions=run / "01_predictions.csv",
+                 **kw)
+
+
+# --- prompts and levels ---------------------------------------------------------------------
+
+def test_levels_follow_relative_depth_or_explicit_setting():
+    """5 layers → levels 1..5; 3 layers spread over 5 levels; explicit pairs win."""
+    five = [f"l{i}" for i in range(5)]
+    assert D.assign_levels(five, 5) == {f"l{i}": i + 1 for i in range(5)}
+    assert D.assign_levels(["a", "b", "c"], 5) == {"a": 1, "b": 3, "c": 5}
+    assert D.assign_levels(["a", "b", "c"], 5, D.parse_levels("b=2")) == {"a": 1, "b": 2, "c": 5}
+    with pytest.raises(StageError):
+        D.assign_levels(["a"], 5, {"a": 9})
+    with pytest.raises(StageError):
+        D.parse_levels("a:2")
+
+
+def test_prompt_per_level_with_domain_and_keywords(tmp_path):
+    """Each level gets its own prompt; the domain is in all; keywords only where allowed."""
+    prompts = D.load_prompts(D.DEFAULT_PROMPTS)
+    texts = [D.build_prompt(prompts, lv, "chest X-rays", "nodule, rib")
+             for lv in range(1, len(prompts["levels"]) + 1)]
+    assert len(set(texts)) == len(texts)
+    assert all("chest X-rays" in t for t in texts)
+    assert "nodule" not in texts[0] and "nodule" in texts[-1]
+    assert "objects" in texts[0].lower()            # early prompt forbids naming objects
+    assert prompts["domain"]["default"] in D.build_prompt(prompts, 1)
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"domain": {"default": "cells", "context": "From {domain}.",
+                                          "keywords": "Use {keywords}."},
+                               "levels": [{"role": "R1", "describe": "D1", "avoid": "A1",
+                                           "answer": "F1"},
+                                          {"role": "R2", "describe": "D2", "avoid": "A2",
+                                           "answer": "F2", "keywords": True}]}))
+    mine = D.load_prompts(own)
+    assert D.build_prompt(mine, 2, "", "mitosis") == "R2 From cells. D2 A2 F2 Use mitosis."
+    (tmp_path / "bad.yaml").write_text("levels: []\n")
+    with pytest.raises(StageError):
+        D.load_prompts(tmp_path / "bad.yaml")
+
+
+def test_run_uses_the_prompt_of_each_layers_level(tmp_path):
+    """Neurons of the first and last layer get the first and last level's prompt."""
+    run = make_run(tmp_path, channels=1)
+    fake = FakeVLM()
+    seen = {}
+    original = fake.describe
+    fake.describe = lambda ns: (seen.update({n.layer: (n.level, n.prompt) for n in ns}),
+                                original(ns))[1]
+    run_stage(run, describer=fake, domain="satellite images")
+    prompts = D.load_prompts(D.DEFAULT_PROMPTS)
+    assert seen["early"] == (1, D.build_prompt(prompts, 1, "satellite images"))
+    assert seen["deep"][0] == len(prompts["levels"])
+    assert "satellite images" in seen["mid"][1]
+
+
+# --- post-processing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, text", [
+    ('ASSISTANT: "Black and white diagonal stripes."', "Black and white diagonal stripes."),
+    ("  Answer:   red\n dots  ", "red dots"),
+    ("assistant: 'Dogs on grass'", "Dogs on grass"),
+    ("[/INST] Green dots", "Green dots"),
+    ("Answer the call of stripes", "Answer the call of stripes"),
+])
+def test_clean_answer_strips_prefixes_quotes_and_spaces(raw, text):
+    """Role prefixes, quotes and extra whitespace go; the content stays."""
+    assert D.clean_answer(raw) == (text, "")
+
+
+def test_predictions_reused_only_for_the_reference_model(tmp_path):
+    """01's predictions stand for the reference classifier only when 01 ran that very model."""
+    run = make_run(tmp_path, channels=1)
+    assert D.is_reference_model({"model": {"name": "efficientnet_lite0"}})
+    assert not D.is_reference_model({"model": {"name": "resnet50"}})
+    assert not D.is_reference_model({"model": {"name": "efficientnet_lite0", "random_init": True}})
+    kw = dict(model=None, device="cpu", batch_size=None, classify_crops=4, temperature=0.8, top_p=0.95,
+              max_new_tokens=57, seed=0, base_url="", api_key_env="", concurrency=1, timeout=1,
+              retries=0)
+    ref = D.make_describer("offline", 5, run / "01_predictions.csv", True, **kw)
+    other = D.make_describer("offline", 5, run / "01_predictions.csv", False, **kw)
+    assert len(ref.predictions) == GRID * GRID and other.predictions == {}
+
+
+@pytest.mark.parametrize("raw", ["", "   ", '""', "ASSISTANT:", None,
+                                 "I'm sorry, I cannot help with that.", "Sorry, no."])
+def test_empty_or_refused_answers_are_failures(raw):
+    """An empty or refused answer gives no text and a reason."""
+    text, reason = D.clean_answer(raw)
+    assert text == "" and reason
+
+
+# --- offline describer ------------------------------------------------------------------------
+
+def test_offline_names_colours_orientation_and_stripes(tmp_path):
+    """Black/white diagonal stripes → all four words; red/green vertical → red, green, vertical."""
+    def tiles(layer, ch):
+        """Channel 0: black/white diagonal stripes; channel 1: red/green vertical ones."""
+        if ch == 0:
+            return [stripes(45, phase=i) for i in range(4)]
+        return [stripes(90, phase=i, c1=(220, 20, 20), c2=(20, 180, 40)) for i in range(4)]
+    run = make_run(tmp_path, channels=2, tiles_of=tiles)
+    off = D.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"),
+                             class_names(), classify=lambda ims: pytest.fail("no crops"))
+    rows = run_stage(run, describer=off, levels="early=1,mid=1,deep=5")
+    early = {int(r["channel"]): r for r in rows if r["layer"] == "early"}
+    assert early[0]["status"] == "ok" and early[0]["backend"] == "offline"
+    words = early[0]["description"].lower()
+    for word in ("black", "white", "diagonal", "stripes"):
+        assert word in words, words
+    assert "vertical" not in words and "horizontal" not in words
+    other = early[1]["description"].lower()
+    assert all(w in other for w in ("red", "green", "vertical", "stripes")), other
+    assert "dog" not in words                       # early levels name no objects
+
+
+def test_offline_uniform_and_edge_tiles():
+    """A uniform tile is called uniform; one straight boundary is an edge, not stripes."""
+    flat = [np.full((TILE, TILE, 3), (30, 60, 200), np.uint8)] * 4
+    assert D.appearance_phrase(D.measure_tiles(flat)) == "uniform blue areas"
+    edge = np.zeros((TILE, TILE, 3), np.uint8)
+    edge[:, TILE // 2:] = 255
+    text = D.appearance_phrase(D.measure_tiles([edge] * 4))
+    assert "vertical edges" in text and "stripes" not in text
+
+
+def test_offline_deep_layer_reuses_predictions_and_groups_kinds(tmp_path):
+    """Whole-image receptive fields: 01's predictions are reused (no classifier call) and four
+    different terriers become 'dogs, mostly terriers'."""
+    run = make_run(tmp_path, channels=1)
+    off = D.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"),
+                             class_names(),
+                             classify=lambda ims: pytest.fail("deep layer must reuse 01"))
+    rows = run_stage(run, describer=off, levels="early=1,mid=1,deep=5")
+    deep = next(r for r in rows if r["layer"] == "deep")
+    assert "dogs, mostly terriers" in deep["description"], deep["description"]
+    assert "stripes" not in deep["description"]     # deep levels state labels only
+
+
+def test_offline_middle_layer_classifies_crops_once(tmp_path):
+    """Crops smaller than the image are classified (by the injected classifier), each distinct
+    crop once; a clear majority kind is added to the measured appearance."""
+    calls = []
+
+    def classify(images):
+        """Every crop is a big cat; the batch sizes are recorded."""
+        calls.append(len(images))
+        return [([291, 292, 290, 1, 2], [0.7, 0.1, 0.1, 0.05, 0.05])] * len(images)  # big cats
+    run = make_run(tmp_path, channels=2)
+    off = D.OfflineDescriber(5, {}, class_names(), classify=classify)
+    rows = run_stage(run, describer=off, levels="early=1,mid=3,deep=5")
+    mid = [r for r in rows if r["layer"] == "mid"]
+    assert all("cats" in r["description"] and "stripes" in r["description"] for r in mid)
+    # Both mid neurons show the same four crops, and so does the deep layer (no predictions):
+    # four distinct crops in all, classified once.
+    assert sum(calls) == 4
+
+
+def test_whole_input_receptive_field_per_position():
+    """A 339-px field spans a 224-px input from a central cell; from a corner it still covers
+    68% of it (counted as whole); a 67-px field covers 9% (a crop)."""
+    big = np.array([339, 339, 16, 16, 15, 15], float)
+    assert D.covers_whole_input(big, np.array([0, 6]), np.array([0, 6]), (224, 224)).all()
+    small = np.array([67, 67, 8, 8, 7, 7], float)
+    assert not D.covers_whole_input(small, np.array([13]), np.array([13]), (224, 224)).any()
+    edge = np.array([200, 200, 16, 16, 15, 15], float)  # corner cell: 115² / 224² = 26%
+    assert D.covers_whole_input(edge, np.array([0, 6]), np.array([0, 6]), (224, 224)).tolist() \
+        == [False, True]
+
+
+def test_objects_phrase_mixed_and_confidence():
+    """No majority kind → 'a mix of'; low top-1 probabilities are flagged."""
+    names = class_names()
+    mixed = [([151, 1, 2, 3, 4], [0.9, 0.025, 0.025, 0.025, 0.025]),
+             ([281, 1, 2, 3, 4], [0.9, 0.025, 0.025, 0.025, 0.025]),
+             ([980, 1, 2, 3, 4], [0.9, 0.025, 0.025, 0.025, 0.025])]
+    text, share = D.objects_phrase(mixed, names)
+    assert text.startswith("a mix of") and share < 0.5
+    unsure = [([207, 208, 1, 2, 3], [0.1, 0.05, 0.05, 0.05, 0.05])] * 3
+    assert "low classifier confidence" in D.objects_phrase(unsure, names)[0]
+
+
+# --- long runs: resume, retry, shards ---------------------------------------------------------
+
+def test_kill_and_resume_redescribes_nothing(tmp_path):
+    """A kill after two batches keeps their answers; the rerun describes only the rest."""
+    run = make_run(tmp_path, channels=3)           # 9 neurons, batches of 2
+    first = FakeVLM(crash_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(run, describer=first)
+    assert len(first.described) == 4
+    assert not (run / "03_descriptions.csv").exists()
+    second = FakeVLM()
+    rows = run_stage(run, describer=second)
+    assert len(second.described) == 5
+    assert not set(first.described) & set(second.described)
+    assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
+    assert rows[0]["description"] == "early neuron 0, level 1"   # cleaned
+    third = FakeVLM()
+    run_stage(run, describer=third)
+    assert third.described == []
+
+
+def test_failed_neurons_are_listed_then_retried(tmp_path):
+    """A failed neuron is a failed row with its reason; the next run retries only it."""
+    run = make_run(tmp_path, channels=2)
+    rows = run_stage(run, describer=FakeVLM(fail=[("mid", 1)]))
+    bad = [r for r in rows if r["status"] == "failed"]
+    assert [(r["layer"], r["channel"], r["reason"]) for r in bad] == [("mid", 1, "server said no")]
+    assert bad[0]["description"] == ""
+    retry = FakeVLM()
+    rows = run_stage(run, describer=retry)
+    assert retry.described == [("mid", 1)]
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_changed_prompt_is_described_again(tmp_path):
+    """A journal entry made with another domain (another prompt) is not reused."""
+    run = make_run(tmp_path, channels=1)
+    run_stage(run, describer=FakeVLM())
+    again = FakeVLM()
+    run_stage(run, describer=again, domain="microscopy")
+    assert len(again.described) == 3
+
+
+def test_shards_then_merge(tmp_path):
+    """Shard 0/2 writes no CSV; shard 1/2 completes the set; --merge rebuilds the same CSV."""
+    run = make_run(tmp_path, channels=3)
+    a, b = FakeVLM(), FakeVLM()
+    assert run_stage(run, describer=a, shard=(0, 2)) is None
+    assert not (run / "03_descriptions.csv").exists()
+    rows = run_stage(run, describer=b, shard=(1, 2))
+    assert len(a.described) + len(b.described) == 9 and not set(a.described) & set(b.described)
+    first = (run / "03_descriptions.csv").read_text()
+    (run / "03_descriptions.csv").unlink()
+    D.run(run / "02_mosaics.csv", run / "03_descriptions.csv",
+          activations=run / "01_activations.npz", predictions=run / "01_predictions.csv",
+          describer=FakeVLM(), merge_only=True)
+    assert (run / "03_descriptions.csv").read_text() == first
+    assert len(rows) == 9
+
+
+def test_merge_with_missing_shard_fails_clearly(tmp_path):
+    """--merge before all shards ran: a StageError, not a partial CSV."""
+    run = make_run(tmp_path, channels=2)
+    run_stage(run, describer=FakeVLM(), shard=(0, 2))
+    with pytest.raises(StageError, match="shard"):
+        run_stage(run, describer=FakeVLM(), merge_only=True)
+
+
+def test_main_offline_end_to_end(tmp_path, monkeypatch):
+    """The CLI writes the CSV with the contract's columns and a meta with the lineage."""
+    run = make_run(tmp_path, channels=1)
+    monkeypatch.setattr(D, "reference_classify",
+                        lambda *a, **k: lambda ims: [([1, 2, 3, 4, 5], [.9, .04, .03, .02, .01])]
+                        * len(ims))
+    D.main(["--mosaics", str(run / "02_mosaics.csv"), "--out", str(run / "03_descriptions.csv"),
+            "--activations", str(run / "01_activations.npz"),
+            "--predictions", str(run / "01_predictions.csv")])
+    rows = read_csv(run / "03_descriptions.csv")
+    assert list(rows[0]) == D.FIELDS
+    assert {r["backend"] for r in rows} == {"offline"} and all(r["status"] == "ok" for r in rows)
+    meta = json.loads((run / "03_describe.meta.json").read_text())
+    assert {"01_extract", "02_mosaics", "03_describe"} <= set(meta["lineage"])
+
+
+# --- openai backend: real HTTP round trip on loopback ----------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    """A small OpenAI-compatible chat-completions endpoint whose behaviour the test sets."""
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        """Answer according to ``self.server.mode``; record each request."""
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv = self.server
+        srv.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+        mode = srv.modes.pop(0) if srv.modes else srv.mode
+        if mode == "sleep":
+            time.sleep(1.0)
+            mode = "ok"
+        if mode == "500":
+            self.send_response(500)
+            self.end_headers()
+            return
+        text = body["messages"][0]["content"][0]["text"]
+        reply = ({"choices": [{"message": {"role": "assistant",
+                                           "content": f"ASSISTANT: 'answer to {len(text)}'"}}]}
+                 if mode == "ok" else {"unexpected": True})
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except BrokenPipeError:
+            pass  # the client timed out and left, which is what the timeout case tests
+
+    def log_message(self, *args):
+        """Keep the test output quiet."""
+
+
+@pytest.fixture
+def server():
+    """A threaded HTTP server on 127.0.0.1 (free port), shut down after the test."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.requests, srv.modes, srv.mode = [], [], "ok"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def _openai(srv, **kw):
+    """An OpenAI describer pointed at the test server with quick retries."""
+    settings = dict(api_key_env="ATLAS_TEST_KEY", concurrency=2, timeout=0.5, retries=1,
+                    backoff=0.01)
+    settings.update(kw)
+    return D.OpenAIDescriber(f"http://127.0.0.1:{srv.server_address[1]}/v1", "tiny-vlm",
+                             **settings)
+
+
+def test_openai_round_trip_sends_image_and_key_but_never_logs_it(tmp_path, server, monkeypatch,
+                                                                 caplog):
+    """Answers come back cleaned; the mosaic travels as a PNG data URL; the key only in the
+    Authorization header, never in the CSV, journal, meta or log."""
+    secret = "sk-test-123456789"
+    monkeypatch.setenv("ATLAS_TEST_KEY", secret)
+    run = make_run(tmp_path, channels=1)
+    caplog.set_level(logging.DEBUG)
+    rows = run_stage(run, describer=_openai(server), args={"api_key_env": "ATLAS_TEST_KEY"})
+    assert all(r["status"] == "ok" and r["description"].startswith("answer to") for r in rows)
+    req = server.requests[0]
+    assert req["auth"] == f"Bearer {secret}"
+    content = req["body"]["messages"][0]["content"]
+    assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert req["body"]["model"] == "tiny-vlm" and req["body"]["temperature"] == 0.8
+    for path in run.iterdir():
+        if path.is_file():
+            assert secret not in path.read_text(errors="ignore"), path
+    assert secret not in caplog.text
+
+
+def test_openai_retries_500_and_records_malformed_and_timeout(tmp_path, server):
+    """A 500 then success is retried into an answer; malformed replies and timeouts are failed
+    rows with their reason."""
+    run = make_run(tmp_path, channels=1)
+    neurons, _ = D.make_neurons(run / "02_mosaics.csv", D.load_prompts(D.DEFAULT_PROMPTS), "", "",
+                                "", run / "01_activations.npz")
+    desc = _openai(server, concurrency=1)
+    server.modes = ["500", "ok"]
+    assert desc.describe(neurons[:1])[0][0].startswith("ASSISTANT: 'answer")
+    assert len(server.requests) == 2
+    server.mode = "bad"
+    raw, err = desc.describe(neurons[:1])[0]
+    assert raw is None and "malformed" in err
+    server.mode, server.modes = "ok", ["sleep", "sleep"]
+    raw, err = desc.describe(neurons[:1])[0]
+    assert raw is None and ("timeout" in err.lower() or "timed out" in err.lower()), err
+    server.mode = "500"
+    raw, err = desc.describe(neurons[:1])[0]
+    assert raw is None and err == "HTTP 500"
+
+
+def test_openai_unreachable_server_stops_with_advice_and_keeps_progress(tmp_path, server):
+    """After some neurons are done, a refused connection ends the run with a clear message;
+    the done neurons stay in the journal and are not asked for again."""
+    run = make_run(tmp_path, channels=2)
+    port = server.server_address[1]
+    desc = _openai(server)
+    desc.batch_size = 2
+    calls = {"n": 0}
+    real = desc.describe
+
+    def describe(neurons):
+        """Point the describer at a closed port from the second batch on."""
+        calls["n"] += 1
+        if calls["n"] == 2:
+            desc.url = "http://127.0.0.1:9/v1/chat/completions"  # discard port: refused
+            desc.base_url = "http://127.0.0.1:9/v1"
+        return real(neurons)
+    desc.describe = describe
+    with pytest.raises(StageError, match="cannot reach"):
+        run_stage(run, describer=desc)
+    desc.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    before = len(server.requests)
+    desc.describe = real
+    rows = run_stage(run, describer=desc)
+    assert len(rows) == 6 and len(server.requests) - before == 4
+
+
+# --- hf backend on a tiny random LLaVA ---------------------------------------------------------
+
+def _tiny_llava(folder):
+    """Build and save a tiny random LLaVA with a word-level tokenizer and a chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast)
+    words = ("you study the first stages of visual processing picture is a grid small patches "
+             "black white red stripes diagonal dogs colour texture one phrase").split()
+    special = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"]
+    vocab = {w: i for i, w in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                           crop_size={"height": 32, "width": 32}),
+        tokenizer=fast, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=template)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=8,
+                                       projection_dim=16),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                max_position_embeddings=512),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="default",
+        vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """Folder of the tiny LLaVA, built once for this file."""
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    _tiny_llava(folder)
+    return folder
+
+
+def test_hf_backend_batches_like_one_by_one(tiny_llava, tmp_path):
+    """Loaded from a folder like any hub model; greedy answers of a batch of 4 mosaics with
+    prompts of different lengths equal those generated one at a time."""
+    hf = D.HFDescriber(str(tiny_llava), device="cpu", batch_size=4, temperature=0,
+                       max_new_tokens=6)
+    text = hf.prompt_text("describe the stripes")
+    assert text.startswith("USER: <image>") and text.endswith("ASSISTANT:")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)) for _ in range(4)]
+    prompts = ["black " * (i + 1) for i in range(4)]
+    batched = hf.generate(images, prompts)
+    single = [hf.generate([im], [p])[0] for im, p in zip(images, prompts)]
+    assert batched == single
+    # Only the new tokens are decoded: at most max_new_tokens words, no echo of the prompt.
+    assert all(len(a.split()) <= 6 and not a.startswith("USER") for a in batched)
+    assert all(set(a.split()) <= set(hf.processor.tokenizer.get_vocab()) for a in batched)
+
+
+def test_hf_backend_runs_the_stage(tiny_llava, tmp_path):
+    """The hf describer plugs into run(); rows record backend and model."""
+    run = make_run(tmp_path, channels=1)
+    hf = D.HFDescriber(str(tiny_llava), device="cpu", batch_size=3, temperature=0,
+                       max_new_tokens=4)
+    rows = run_stage(run, describer=hf)
+    assert {r["backend"] for r in rows} == {"hf"} and {r["model"] for r in rows} == {str(tiny_llava)}
+    assert all(r["status"] in ("ok", "failed") for r in rows)
+
+
+def test_hf_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
+    """A model that is neither a folder nor in the cache: StageError saying how to get it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StageError, match="download"):
+        D.HFDescriber(str(tmp_path / "no-such-model"), device="cpu")
