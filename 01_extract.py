@@ -30,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 from common.activations import StreamingTopK
-from common.cli import StageError, exit_on_stage_error, parse_shard, setup_logging, shard_slice
-from common.io import (NpyRowWriter, atomic_path, load_npz, read_csv, replace_dir, save_npz,
+from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
+                        setup_logging, shard_slice)
+from common.io import (NpyRowWriter, atomic_path, load_npz, replace_dir, save_npz,
                        write_json)
 from common.provenance import write_meta
 
@@ -260,6 +261,12 @@ class CsvAppender:
         self.fh.close()
 
 
+def count_rows(path: Path) -> int:
+    """Number of data rows of a CSV, read as a stream."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return sum(1 for _ in csv.DictReader(fh))
+
+
 def concat_csv(sources: list[Path], dest: Path) -> int:
     """Stream CSVs with one header into ``dest`` atomically; return the number of data rows."""
     n_rows = 0
@@ -275,6 +282,21 @@ def concat_csv(sources: list[Path], dest: Path) -> int:
     return n_rows
 
 
+def concat_stats(sources: list[Path], rows: list[int], dest: Path, n_images: int,
+                 channels: int) -> None:
+    """Stack the shards' per-image statistics into one .npy, in bounded memory; a shard whose
+    images were all unusable has no file and contributes NaN rows."""
+    writer = NpyRowWriter(dest, n_images, channels)
+    for source, n_rows in zip(sources, rows):
+        if source.exists():
+            block = np.load(source, mmap_mode="r")
+            for start in range(0, block.shape[0], 4096):
+                writer.write(block[start:start + 4096])
+        else:
+            writer.write(np.full((n_rows, channels), np.nan, np.float32))
+    writer.close()
+
+
 def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_size: int,
              n_images: int) -> dict:
     """Combine part folders (one for a plain run, N for shards) into the final artefacts."""
@@ -283,7 +305,7 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
         raise StageError(f"the parts cover {n_rows} of {n_images} images; run every shard "
                          f"with the same flags before --merge")
     with open(out / "01_images.csv", newline="", encoding="utf-8") as fh:
-        n_ok = sum(row["status"] == "ok" for row in csv.DictReader(fh))
+        n_ok = sum(row["status"] == "ok" for row in csv.DictReader(fh))  # streamed, not loaded
     if n_ok == 0:
         raise StageError(f"none of the {n_images} images could be used (reasons in "
                          f"{out / '01_images.csv'}); check IMAGES=…")
@@ -300,21 +322,18 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
         arrays[f"{name}/fmap"] = present[0][f"{name}/fmap"]
         arrays[f"{name}/rf"] = rfs[name].as_array()
 
-    stats_tmp = Path(tempfile.mkdtemp(prefix=".01_stats.", dir=out))
-    for name in layers:
-        channels = int(arrays[f"{name}/fmap"][0])
-        for kind in ("max", "mean"):
-            writer = NpyRowWriter(stats_tmp / f"{name}.{kind}.npy", n_images, channels)
-            for part in parts:
-                path = part / "stats" / f"{name}.{kind}.npy"
-                if path.exists():
-                    block = np.load(path, mmap_mode="r")
-                    for start in range(0, block.shape[0], 4096):  # bounded memory
-                        writer.write(block[start:start + 4096])
-                else:  # a shard whose images were all unusable
-                    rows = len(read_csv(part / "images.csv"))
-                    writer.write(np.full((rows, channels), np.nan, np.float32))
-            writer.close()
+    if len(parts) == 1 and all((parts[0] / "stats" / f"{name}.{kind}.npy").exists()
+                               for name in layers for kind in ("max", "mean")):
+        stats_tmp = parts[0] / "stats"  # a single run's files are already complete: move, not copy
+    else:
+        stats_tmp = Path(tempfile.mkdtemp(prefix=".01_stats.", dir=out))
+        part_rows = [count_rows(part / "images.csv") for part in parts]
+        for name in layers:
+            channels = int(arrays[f"{name}/fmap"][0])
+            for kind in ("max", "mean"):
+                concat_stats([part / "stats" / f"{name}.{kind}.npy" for part in parts],
+                             part_rows,
+                             stats_tmp / f"{name}.{kind}.npy", n_images, channels)
     replace_dir(stats_tmp, out / "01_stats")
     save_npz(out / "01_activations.npz", arrays)
     return {"n_images": n_images, "n_ok": n_ok, "n_skipped": n_images - n_ok}
@@ -396,6 +415,7 @@ def main(argv=None):
     """Parse flags, load the model, and run (or shard, or merge) the extraction."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    keep_freed_memory()
     if not args.images:
         raise StageError("--images is required (an image folder or a CSV of paths)")
     torch.manual_seed(0)

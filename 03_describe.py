@@ -46,8 +46,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.cli import (StageError, exit_on_stage_error, parse_shard, setup_logging,
-                        shard_slice)
+from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
+                        setup_logging, shard_slice)
 from common.io import read_csv, write_csv
 from common.provenance import read_meta, write_meta
 
@@ -998,6 +998,7 @@ def main(argv=None):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    keep_freed_memory()
     run(Path(args.mosaics), Path(args.out),
         activations=Path(args.activations) if args.activations else None,
         predictions=Path(args.predictions) if args.predictions else None,

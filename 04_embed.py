@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.embedders import fuse, l2_normalise, same_space
 from common.io import read_csv, save_npz
 from common.provenance import read_meta, write_meta
@@ -175,6 +175,7 @@ def main(argv=None):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    keep_freed_memory()
     run(Path(args.descriptions), Path(args.mosaics), Path(args.out), text_model=args.text_model,
         image_model=args.image_model, image_tiles=args.image_tiles, device=args.device,
         args=vars(args))

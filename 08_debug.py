@@ -50,7 +50,7 @@ import numpy as np
 from scipy import stats as sps
 from tqdm import tqdm
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.io import atomic_path, read_csv, write_csv, write_json, write_text
 from common.provenance import read_meta, write_meta
 from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
@@ -1085,6 +1085,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    keep_freed_memory()
     if not 0 < args.fdr < 1:
         parser.error("--fdr must lie between 0 and 1")
     if args.min_images < 2:

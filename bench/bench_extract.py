@@ -6,7 +6,7 @@ Prints, measured in this one run:
     ResNet-50;
   * peak resident memory of 01_extract over N and 8·N images (separate processes) — target ≤ 1.1.
 
-  python bench/bench_extract.py [--n-lite 256] [--n-resnet 64] [--n-mem 64]
+  python bench/bench_extract.py [--n-lite 256] [--n-resnet 192] [--n-mem 64]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from common.cli import keep_freed_memory  # noqa: E402
 from common.models import load_model  # noqa: E402
 
 
@@ -114,9 +115,10 @@ def main(argv=None) -> dict:
     """Run the three measurements and print them; returns the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-lite", type=int, default=256, help="images for EfficientNet-Lite0")
-    parser.add_argument("--n-resnet", type=int, default=64, help="images for ResNet-50")
+    parser.add_argument("--n-resnet", type=int, default=192, help="images for ResNet-50")
     parser.add_argument("--n-mem", type=int, default=64, help="N of the memory test (and 8·N)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as 01_extract's main does, for both sides of the comparison
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

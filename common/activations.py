@@ -17,7 +17,9 @@ class StreamingTopK:
     """The k largest values per channel seen so far, with their image ids and positions.
 
     Memory is C × k (plus C × k × h × w for the optional activation maps), whatever the number of
-    images streamed through ``update``.
+    images streamed through ``update``. Maps are large, so they are not reordered on every merge:
+    each ranked entry points to a storage slot, and only maps of entries that enter the top-k are
+    written (into the slots of the entries they push out).
     """
 
     def __init__(self, channels: int, k: int, map_shape: tuple[int, int] | None = None):
@@ -27,6 +29,7 @@ class StreamingTopK:
         self.image_ids = np.full((channels, k), -1, dtype=np.int64)
         self.y = np.zeros((channels, k), dtype=np.int32)
         self.x = np.zeros((channels, k), dtype=np.int32)
+        self.slots = np.tile(np.arange(k), (channels, 1))
         self.maps = (np.zeros((channels, k, *map_shape), dtype=np.float16)
                      if map_shape is not None else None)
 
@@ -34,14 +37,17 @@ class StreamingTopK:
         """Merge a batch: ``values``, ``y``, ``x`` are (B, C); ``image_ids`` (B,); ``maps`` (B, C, h, w)."""
         values = np.asarray(values, dtype=np.float32).T
         ids = np.broadcast_to(np.asarray(image_ids, dtype=np.int64), values.shape)
+        # The maps of batch candidates j of channels c are maps[j, c] (index arrays).
         self._merge(values, ids, np.asarray(y, dtype=np.int32).T, np.asarray(x, dtype=np.int32).T,
-                    None if maps is None else np.asarray(maps, dtype=np.float16).transpose(1, 0, 2, 3))
+                    None if maps is None else (lambda c, j: np.asarray(maps)[j, c]))
 
     def merge(self, other: "StreamingTopK") -> None:
         """Fold another top-k (e.g. of another shard) into this one."""
-        self._merge(other.values, other.image_ids, other.y, other.x, other.maps)
+        self._merge(other.values, other.image_ids, other.y, other.x,
+                    None if other.maps is None
+                    else (lambda c, j: other.maps[c, other.slots[c, j]]))
 
-    def _merge(self, values, ids, y, x, maps) -> None:
+    def _merge(self, values, ids, y, x, candidate_maps) -> None:
         """Keep the best k of the current buffers and the (C, n) candidates."""
         all_values = np.concatenate([self.values, values], axis=1)
         all_ids = np.concatenate([self.image_ids, ids], axis=1)
@@ -51,9 +57,28 @@ class StreamingTopK:
         self.image_ids = np.take_along_axis(all_ids, order, axis=1)
         self.y = np.take_along_axis(np.concatenate([self.y, y], axis=1), order, axis=1)
         self.x = np.take_along_axis(np.concatenate([self.x, x], axis=1), order, axis=1)
+        old_slots = self.slots
+        entering = order >= self.k  # ranked entries that come from the candidates
+        self.slots = np.take_along_axis(old_slots, np.minimum(order, self.k - 1), axis=1)
+        if not entering.any():
+            return
+        kept = np.zeros(old_slots.shape, dtype=bool)
+        rows = np.broadcast_to(np.arange(order.shape[0])[:, None], order.shape)
+        kept[rows[~entering], order[~entering]] = True
+        # Per channel, as many old entries leave as new ones enter; both lists are in channel
+        # order, so the i-th entering entry takes the i-th freed slot.
+        in_c, in_pos = np.nonzero(entering)
+        out_c, out_pos = np.nonzero(~kept)
+        freed = old_slots[out_c, out_pos]
+        self.slots[in_c, in_pos] = freed
         if self.maps is not None:
-            all_maps = np.concatenate([self.maps, maps], axis=1)
-            self.maps = np.take_along_axis(all_maps, order[:, :, None, None], axis=1)
+            self.maps[in_c, freed] = candidate_maps(in_c, order[in_c, in_pos] - self.k)
+
+    def ranked_maps(self) -> np.ndarray | None:
+        """Activation maps in rank order (C × k × h × w), or None when none are kept."""
+        if self.maps is None:
+            return None
+        return np.take_along_axis(self.maps, self.slots[:, :, None, None], axis=1)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """The buffers as named arrays for 01_activations.npz (unfilled values saved as NaN)."""
@@ -61,7 +86,7 @@ class StreamingTopK:
         out = {f"{prefix}/values": values, f"{prefix}/image_ids": self.image_ids,
                f"{prefix}/y": self.y, f"{prefix}/x": self.x}
         if self.maps is not None:
-            out[f"{prefix}/maps"] = self.maps
+            out[f"{prefix}/maps"] = self.ranked_maps()
         return out
 
     @classmethod
@@ -75,7 +100,7 @@ class StreamingTopK:
         topk.image_ids = arrays[f"{prefix}/image_ids"]
         topk.y, topk.x = arrays[f"{prefix}/y"], arrays[f"{prefix}/x"]
         if maps is not None:
-            topk.maps = maps
+            topk.maps = np.array(maps)
         return topk
 
 

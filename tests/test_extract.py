@@ -47,6 +47,29 @@ def test_streaming_topk_equals_brute_force():
         assert top.y[c].tolist() == ys[order, c].tolist()
 
 
+def test_topk_maps_follow_their_entries():
+    """Activation maps stored by slot come out in rank order, after updates and after a merge."""
+    rng = np.random.default_rng(3)
+    n, channels, k = 60, 4, 5
+    values = rng.normal(size=(n, channels)).astype(np.float32)
+    maps = rng.normal(size=(n, channels, 2, 3)).astype(np.float16)
+    pos = np.zeros((n, channels), np.int32)
+    a, b = StreamingTopK(channels, k, (2, 3)), StreamingTopK(channels, k, (2, 3))
+    for start in range(0, 30, 7):
+        ids = np.arange(start, min(start + 7, 30))
+        a.update(values[ids], ids, pos[ids], pos[ids], maps[ids])
+    b.update(values[30:], np.arange(30, n), pos[30:], pos[30:], maps[30:])
+    for top in (a, b):
+        got = top.ranked_maps()
+        for c in range(channels):
+            np.testing.assert_array_equal(got[c], maps[top.image_ids[c], c])
+    a.merge(b)
+    got = a.ranked_maps()
+    for c in range(channels):
+        assert a.image_ids[c].tolist() == np.argsort(-values[:, c], kind="stable")[:k].tolist()
+        np.testing.assert_array_equal(got[c], maps[a.image_ids[c], c])
+
+
 def test_topk_merge_is_order_independent():
     """Merging shard buffers in any order gives the same arrays as a single stream."""
     rng = np.random.default_rng(2)
