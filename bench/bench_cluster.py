@@ -9,7 +9,6 @@ same k.
   python bench/bench_cluster.py [--k-max 128] [--n-init 3] [--threads 0]
 """
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -19,16 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from common.stages import load_stage  # noqa: E402
+
 SIZES = (64, 256, 512, 1024, 2048)  # channels of ResNet-50's relu, layer1, layer2, layer3, layer4
 DIM = 384  # text embedding width of all-MiniLM-L6-v2
-
-
-def load_stage(name: str):
-    """Import a stage script by file name."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def synthetic_layer(n: int, seed: int) -> np.ndarray:

@@ -64,6 +64,7 @@ def bench_hf(n: int) -> dict:
     """Seconds per neuron of the tiny LLaVA at batch 1 and batch 16 on ``n`` mosaics."""
     import numpy as np
     from PIL import Image
+    sys.path.insert(0, str(ROOT / "tests"))  # the test module imports its conftest
     tests = load_module(ROOT / "tests" / "test_describe.py", "bench_test_describe")
     describe = tests.D
     with tempfile.TemporaryDirectory() as folder:

@@ -6,12 +6,11 @@ Prints, measured in this one run:
     ResNet-50;
   * peak resident memory of 01_extract over N and 8·N images (separate processes) — target ≤ 1.1.
 
-  python bench/bench_extract.py [--n-lite 256] [--n-resnet 192] [--n-mem 64]
+  python bench/bench_extract.py [--n-lite 512] [--n-resnet 192] [--n-mem 64]
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,14 +25,7 @@ import torch  # noqa: E402
 
 from common.cli import keep_freed_memory  # noqa: E402
 from common.models import load_model  # noqa: E402
-
-
-def load_stage(name: str):
-    """Import a stage script by file name."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from common.stages import load_stage  # noqa: E402
 
 
 def image_csv(folder: Path, n: int) -> Path:
@@ -114,7 +106,7 @@ def memory_ratio(n: int, tmp: Path) -> float:
 def main(argv=None) -> dict:
     """Run the three measurements and print them; returns the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-lite", type=int, default=256, help="images for EfficientNet-Lite0")
+    parser.add_argument("--n-lite", type=int, default=512, help="images for EfficientNet-Lite0")
     parser.add_argument("--n-resnet", type=int, default=192, help="images for ResNet-50")
     parser.add_argument("--n-mem", type=int, default=64, help="N of the memory test (and 8·N)")
     args = parser.parse_args(argv)

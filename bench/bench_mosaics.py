@@ -9,7 +9,6 @@ tiling and saving the mosaics. Target ≤ 1.5.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing as mp
 import sys
@@ -24,20 +23,25 @@ import numpy as np  # noqa: E402
 
 from common.activations import read_activations  # noqa: E402
 from common.io import read_csv  # noqa: E402
-
-
-def load_stage(name: str):
-    """Import a stage script by file name."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from common.stages import load_stage  # noqa: E402
 
 
 def decode(path: str) -> int:
     """Decode one image to the network input (what 02 needs from each source image)."""
     from common.images import load_rgb, network_input
     return int(np.asarray(network_input(load_rgb(path)[0], 224)).sum() % 7)
+
+
+def encode_png(path: str) -> int:
+    """Re-encode one mosaic PNG in memory (the output-format cost of 02)."""
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    with Image.open(path) as img:
+        img.load()
+        img.save(buffer, format="PNG", compress_level=1)
+    return len(buffer.getvalue())
 
 
 def main(argv=None) -> float:
@@ -72,9 +76,18 @@ def main(argv=None) -> float:
                       "--index", str(run / "02_mosaics.csv"), "--workers", str(args.workers),
                       "--grid", str(args.grid)])
         elapsed = time.perf_counter() - start
+
+        # The floor set by the output format: only encoding the same PNGs, same processes.
+        pngs = sorted((run / "02_mosaics").rglob("*.png"))
+        start = time.perf_counter()
+        with mp.get_context("fork").Pool(args.workers) as pool:
+            pool.map(encode_png, [str(p) for p in pngs], chunksize=8)
+        encode = time.perf_counter() - start
     ratio = elapsed / baseline
     print(f"02_mosaics: {n_neurons} mosaics from {len(paths)} unique images  decode-once "
           f"{baseline:.2f} s  02 {elapsed:.2f} s  ratio {ratio:.2f}  (target ≤ 1.5)")
+    print(f"           of which the PNG encoding alone (compress level 1) takes {encode:.2f} s: "
+          f"(02 − PNG encoding) ÷ decode-once = {(elapsed - encode) / baseline:.2f}")
     print(json.dumps({"mosaics_ratio": ratio}))
     return ratio
 

@@ -1,5 +1,4 @@
 """Shared test fixtures: loading stage scripts, the tiny fake model and images made on the fly."""
-import importlib.util
 import pathlib
 import sys
 
@@ -11,17 +10,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.stages import load_stage  # noqa: E402,F401  (re-exported for the tests)
+
 FAKE_MODEL = f"{ROOT / 'tests' / 'fake_model.py'}:build"
-
-
-def load_stage(name: str):
-    """Import a stage script such as ``01_extract`` (file names start with digits)."""
-    path = ROOT / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # so worker processes can pickle its functions by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
