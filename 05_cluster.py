@@ -79,7 +79,8 @@ showing depict depicts depicting feature features featuring featured contain con
 various variety visible like including include includes typically often mostly mainly
 predominantly primarily generally focus focused focusing present presence seen common commonly
 different multiple distinct recognizable specific particular related overall example examples
-""".split())
+classified classifier confidence top mix also such
+""".split())  # the last line: the wording of the offline describer's deep-layer sentences
 
 
 @dataclass
@@ -379,7 +380,7 @@ def tfidf_matrix(descriptions: list[str], stop_words: frozenset[str]):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(stop_words=sorted(stop_words), lowercase=True,
-                                 token_pattern=r"(?u)\b[^\W\d_]{2,}\b")
+                                 token_pattern=r"(?u)\b[^\W\d_]{2,}(?:-[^\W\d_]+)*\b")  # man-made: one term
     try:
         matrix = vectorizer.fit_transform(descriptions)
     except ValueError:

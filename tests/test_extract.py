@@ -97,6 +97,23 @@ def test_hook_sees_output_before_inplace_relu(fake_bundle):
     assert not model.conv1._forward_hooks and not model._forward_pre_hooks
 
 
+def test_hook_sees_output_before_inplace_residual_add():
+    """ResNet's BasicBlock adds the skip path in place onto bn2's output (``out += identity``):
+    the recorded bn2 output must be the value bn2 returned, not the sum."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        block = model.layer1[0]
+        expected = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(stem)))))
+        with record_outputs(model, ["layer1.0.bn2", "layer1.0"]) as out:
+            model(x)
+    torch.testing.assert_close(out["layer1.0.bn2"], expected)
+    torch.testing.assert_close(out["layer1.0"], torch.relu(expected + stem))
+
+
 def test_hooks_removed_after_error(fake_bundle):
     """A failing forward pass must not leave hooks behind."""
     model = fake_bundle.model
