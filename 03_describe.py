@@ -49,7 +49,7 @@ from tqdm import tqdm
 from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
                         setup_logging, shard_slice)
 from common.io import read_csv, write_csv
-from common.provenance import read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.03_describe")
 
@@ -944,6 +944,7 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
     prompts = load_prompts(prompts_path)
     neurons, level_map = make_neurons(mosaics, prompts, levels, domain, keywords, activations)
     metas = [read_meta(mosaics)] + [read_meta(p) for p in (activations, predictions) if p]
+    merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
     upstream = metas[0].get("fingerprint", "")
     meta01 = read_meta(activations) if activations else {}
     if describer is None and not merge_only:

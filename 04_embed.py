@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.embedders import fuse, l2_normalise, same_space
 from common.io import read_csv, save_npz
-from common.provenance import read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.04_embed")
 
@@ -112,6 +112,8 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     ones loaded from ``text_model`` / ``image_model`` — tests pass small fakes here.
     """
     from common.embedders import load_image_embedder, load_text_embedder
+    metas = [read_meta(descriptions), read_meta(mosaics)]
+    merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
     rows = [r for r in read_csv(descriptions) if r["status"] == "ok" and r["description"].strip()]
     n_failed = len(read_csv(descriptions)) - len(rows)
     if not rows:
@@ -154,7 +156,7 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
            "text and image vectors come from different spaces: normalised halves concatenated")
     write_meta(out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}), outputs=[out],
-               inputs=[read_meta(descriptions), read_meta(mosaics)],
+               inputs=metas,
                text_model=text_embedder.name, image_model=image_embedder.name,
                image_space=image_embedder.space, fusion=rule, fusion_reason=why,
                dims={"text": int(text.shape[1]), "image": int(image.shape[1]),

@@ -30,7 +30,7 @@ import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.io import load_npz, write_csv, write_text
-from common.provenance import read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, write_meta
 from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
 
 log = logging.getLogger("neuron-atlas.07_search")
@@ -252,6 +252,7 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
     descriptions = Path(descriptions or embeddings.parent / "03_descriptions.csv")
     mosaics = Path(mosaics or embeddings.parent / "02_mosaics.csv")
     metas = input_metas(embeddings, descriptions, mosaics)
+    merge_lineage(metas)  # refuse inputs that come from different runs
     index = load_index(embeddings, descriptions, mosaics)
     if layers:
         index = index.select_layers(layers)

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.io import atomic_path, read_csv, write_csv, write_json, write_text
-from common.provenance import read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, write_meta
 from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
 
 log = logging.getLogger("neuron-atlas.08_debug")
@@ -974,6 +974,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
 
     extract_meta = read_meta(predictions)
     metas = [extract_meta] + [read_meta(p) for p in (descriptions, mosaics) if p.exists()]
+    merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
     rows, paths = read_predictions(predictions)
     names = class_names(rows)
     confusion = confusion_table(rows, names)

@@ -1,0 +1,57 @@
+"""common/io.py and common/provenance.py: atomic writes, reproducible .npz, lineage checks."""
+import os
+
+import numpy as np
+import pytest
+
+from common.io import atomic_path, load_npz, save_npz, write_text
+from common.provenance import ProvenanceError, merge_lineage, read_meta, write_meta
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    """An exception inside atomic_path leaves the previous content and no temporary file."""
+    target = tmp_path / "out.csv"
+    write_text(target, "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # mkstemp makes 0600 files; an output gets the permissions of any file the user creates.
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_npz_bytes_are_reproducible(tmp_path):
+    """Saving equal arrays twice gives identical bytes (no timestamps), and they load back."""
+    arrays = {"b/values": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.array(["x", "y"])}
+    save_npz(tmp_path / "1.npz", arrays)
+    save_npz(tmp_path / "2.npz", dict(reversed(list(arrays.items()))))
+    assert (tmp_path / "1.npz").read_bytes() == (tmp_path / "2.npz").read_bytes()
+    back = load_npz(tmp_path / "1.npz")
+    np.testing.assert_array_equal(back["b/values"], arrays["b/values"])
+
+
+def test_lineage_is_inherited_and_mismatches_refused(tmp_path):
+    """A stage's meta carries its inputs' lineage; inputs from two different 01 runs clash."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    for run, content in ((run_a, "first"), (run_b, "second")):
+        write_text(run / "01_activations.npz", content)
+        write_meta(run / "01_extract.meta.json", "01_extract", {}, [run / "01_activations.npz"])
+        write_text(run / "02_mosaics.csv", "layer,channel\n")
+        write_meta(run / "02_mosaics.meta.json", "02_mosaics", {}, [run / "02_mosaics.csv"],
+                   inputs=[read_meta(run / "01_activations.npz")])
+    meta_a = read_meta(run_a / "02_mosaics.csv")
+    assert meta_a["lineage"]["01_extract"] == read_meta(run_a / "01_activations.npz")["fingerprint"]
+    merge_lineage([meta_a, read_meta(run_a / "01_activations.npz")])  # same run: fine
+    with pytest.raises(ProvenanceError, match="01_extract"):
+        merge_lineage([meta_a, read_meta(run_b / "01_activations.npz")])
+
+
+def test_missing_meta_is_a_clear_error(tmp_path):
+    """An artefact without its stage's meta asks for the stage to be re-run."""
+    write_text(tmp_path / "03_descriptions.csv", "x\n")
+    with pytest.raises(ProvenanceError, match="re-run the stage"):
+        read_meta(tmp_path / "03_descriptions.csv")
