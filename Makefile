@@ -82,18 +82,23 @@ ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
            --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE)
-define track_args
-$(shell mkdir -p $(D)/.args && { printf '%s\n' '$(strip $(2))' | cmp -s - $(D)/.args/$(1) || \
-        printf '%s\n' '$(strip $(2))' > $(D)/.args/$(1); })
-endef
+quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
+DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
+# $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
+# (make -n) it also stores them, which makes stage NN and the stages after it out of date.
+track_args = $(shell mkdir -p $(D)/.args && { printf '%s\n' $(call quote,$(strip $(2))) | \
+        cmp -s - $(D)/.args/$(1) || { echo $(1); $(if $(DRY_RUN),:,printf '%s\n' \
+        $(call quote,$(strip $(2))) > $(D)/.args/$(1)); }; })
 ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
-$(call track_args,01,$(ARGS_01) --images $(IMAGES))
-$(call track_args,02,$(ARGS_02))
-$(call track_args,03,$(ARGS_03))
-$(call track_args,04,$(ARGS_04))
-$(call track_args,05,$(ARGS_05))
-$(call track_args,06,$(ARGS_06))
-$(call track_args,08,$(ARGS_08))
+CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
+           $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
+           $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
+           $(call track_args,08,$(ARGS_08))
+endif
+ifneq ($(DRY_RUN),)
+# A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
+$(foreach n,$(CHANGED),$(eval $(D)/.args/$(n): .FORCE ; @# the arguments of stage $(n) changed))
+.FORCE:
 endif
 
 EXTRACT      := $(D)/01_activations.npz

@@ -64,6 +64,8 @@ def test_make_all_then_up_to_date_then_partial(tree):
     make(root, args, "all")
     dry = make(root, [a if not a.startswith("GRID=") else "GRID=2" for a in args], "-n", "all")
     assert "02_mosaics.py" in commands(dry) and "01_extract.py" not in commands(dry)
+    # ... and a dry run stores nothing: with the old variables everything is still up to date.
+    assert make(root, args, "-q", "all").returncode == 0
 
 
 def test_broken_stage_leaves_no_target(tree):
