@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common.activations import StreamingTopK
 from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
                         setup_logging, shard_slice)
-from common.io import (NpyRowWriter, atomic_path, load_npz, replace_dir, save_npz,
+from common.io import (NpyRowWriter, atomic_path, load_npz, read_json, replace_dir, save_npz,
                        write_json)
 from common.provenance import write_meta
 
@@ -406,7 +406,6 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
 
 def load_part_info(part: Path) -> dict:
     """Settings a shard was made with (to refuse merging incompatible shards)."""
-    from common.io import read_json
     return read_json(part / "part.json")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import logging
 import sys
 
@@ -61,12 +62,11 @@ class StageError(RuntimeError):
 
 def exit_on_stage_error(func):
     """Decorator for ``main``: turn a StageError into a one-line message and exit status 2."""
+    @functools.wraps(func)
     def wrapper(argv=None):
         try:
             return func(argv)
         except StageError as err:
             logging.getLogger("neuron-atlas").error("%s", err)
             sys.exit(2)
-    wrapper.__doc__ = func.__doc__
-    wrapper.__name__ = func.__name__
     return wrapper
