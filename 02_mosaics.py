@@ -25,8 +25,10 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import struct
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,9 @@ from tqdm import tqdm
 
 from common.activations import read_activations
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import atomic_path, read_csv, write_csv
+from common.io import read_csv, write_bytes, write_csv
 from common.provenance import read_meta, write_meta
+from common.rf import RF, crop_box  # noqa: I001 - imported before workers fork, not in each
 
 log = logging.getLogger("neuron-atlas.02_mosaics")
 
@@ -101,7 +104,6 @@ def letterbox(crop: np.ndarray, tile: int) -> Image.Image:
 
 def rf_crop(image: np.ndarray, rf: np.ndarray, y: int, x: int) -> np.ndarray:
     """Receptive field of feature cell (y, x), clipped to the image."""
-    from common.rf import RF, crop_box
     top, left, bottom, right = crop_box(RF(*rf.tolist()), int(y), int(x), image.shape[0],
                                         image.shape[1])
     return image[top:bottom, left:right]
@@ -125,11 +127,35 @@ def mask_crop(image: np.ndarray, act_map: np.ndarray) -> np.ndarray:
     return np.where(keep, crop, crop * DIM).astype(np.uint8)
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode an RGB uint8 image as a PNG quickly.
+
+    Every row uses PNG's "Up" filter (each byte minus the byte above it, which suits tiles scaled
+    up from small crops) and zlib level 1: about twice as fast as Pillow's fastest setting on these
+    mosaics, within a few percent of its size. Encoding is most of 02's time, hence this writer.
+    """
+    height, width, _ = rgb.shape
+    rows = rgb.reshape(height, width * 3).astype(np.int16)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type: Up
+    filtered[0, 1:] = rows[0]
+    filtered[1:, 1:] = (rows[1:] - rows[:-1]) & 0xFF
+    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY)
+    data = packer.compress(filtered.tobytes()) + packer.flush()
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        """One PNG chunk: length, tag, body, CRC of tag and body."""
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
 def _build(task: dict) -> dict:
     """Build and save one neuron's mosaic from the cache → its index row."""
     images = _CACHE["images"]
     grid, tile = task["grid"], task["tile"]
-    mosaic = Image.new("RGB", (grid * tile, grid * tile), (BACKGROUND,) * 3)
+    mosaic = np.full((grid * tile, grid * tile, 3), BACKGROUND, np.uint8)
     n_tiles = 0
     for rank, (slot, y, x) in enumerate(task["crops"]):
         if slot < 0:
@@ -138,13 +164,13 @@ def _build(task: dict) -> dict:
             crop = mask_crop(images[slot], task["maps"][rank])
         else:
             crop = rf_crop(images[slot], task["rf"], y, x)
-        mosaic.paste(letterbox(np.ascontiguousarray(crop), tile),
-                     ((rank % grid) * tile, (rank // grid) * tile))
+        top, left = (rank // grid) * tile, (rank % grid) * tile
+        mosaic[top:top + tile, left:left + tile] = np.asarray(
+            letterbox(np.ascontiguousarray(crop), tile))
         n_tiles += 1
     path = Path(task["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        mosaic.save(tmp, format="PNG", compress_level=1)  # fast: mosaics are rewritten, not archived
+    write_bytes(path, png_bytes(mosaic))
     return {"layer": task["layer"], "channel": task["channel"], "path": task["rel"],
             "n_tiles": n_tiles, "grid": grid, "tile_px": tile, "crop": task["mode"]}
 
