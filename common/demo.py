@@ -177,8 +177,8 @@ def allocate(n_images: int, photos: list[Photo]) -> list[int]:
 
 
 def make_view(photo: Image.Image, rng: np.random.Generator, min_scale: float,
-              any_orientation: bool) -> Image.Image:
-    """One augmented OUT_SIDE² view of ``photo``: random crop, flip, colour jitter, maybe a turn.
+              any_orientation: bool, side: int = OUT_SIDE) -> Image.Image:
+    """One augmented side² view of ``photo``: random crop, flip, colour jitter, maybe a turn.
 
     The crop's area is drawn log-uniformly between ``min_scale`` and the whole photo, so every
     zoom level is about equally common, with an aspect ratio between 3/4 and 4/3.
@@ -190,7 +190,7 @@ def make_view(photo: Image.Image, rng: np.random.Generator, min_scale: float,
     crop_h = int(round(min(height, np.sqrt(area / aspect))))
     left = int(rng.integers(0, width - crop_w + 1))
     top = int(rng.integers(0, height - crop_h + 1))
-    view = photo.resize((OUT_SIDE, OUT_SIDE), Image.Resampling.BICUBIC,
+    view = photo.resize((side, side), Image.Resampling.BICUBIC,
                         box=(left, top, left + crop_w, top + crop_h))
     if rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -203,13 +203,13 @@ def make_view(photo: Image.Image, rng: np.random.Generator, min_scale: float,
     return view
 
 
-def whole_view(photo: Image.Image) -> Image.Image:
-    """The largest centred square of ``photo`` at OUT_SIDE², unaugmented (view 0 of each photo)."""
+def whole_view(photo: Image.Image, side: int = OUT_SIDE) -> Image.Image:
+    """The largest centred square of ``photo`` at side², unaugmented (view 0 of each photo)."""
     width, height = photo.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return photo.resize((OUT_SIDE, OUT_SIDE), Image.Resampling.BICUBIC,
-                        box=(left, top, left + side, top + side))
+    square = min(width, height)
+    left, top = (width - square) // 2, (height - square) // 2
+    return photo.resize((side, side), Image.Resampling.BICUBIC,
+                        box=(left, top, left + square, top + square))
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:
@@ -220,32 +220,32 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _parameters(n_images: int, seed: int) -> dict:
+def _parameters(n_images: int, seed: int, side: int) -> dict:
     """What a finished build must match to be reused."""
-    return {"recipe": RECIPE, "n_images": n_images, "seed": seed, "out_side": OUT_SIDE,
+    return {"recipe": RECIPE, "n_images": n_images, "seed": seed, "out_side": side,
             "jpeg_quality": JPEG_QUALITY}
 
 
-def is_complete(out_dir: Path, n_images: int, seed: int) -> bool:
+def is_complete(out_dir: Path, n_images: int, seed: int, side: int = OUT_SIDE) -> bool:
     """True if ``out_dir`` holds a finished build with these parameters and all its files."""
     manifest_file = out_dir / "manifest.json"
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if manifest.get("parameters") != _parameters(n_images, seed):
+    if manifest.get("parameters") != _parameters(n_images, seed, side):
         return False
     return all((out_dir / rel).is_file() for rel in manifest.get("files", {}))
 
 
-def _readme(photos: list[Photo], counts: list[int], n_images: int, seed: int) -> str:
+def _readme(photos: list[Photo], counts: list[int], n_images: int, seed: int, side: int) -> str:
     """README.txt: how the set was made, what each photo is labelled and why, and its limits."""
     names = dict(zip(imagenet.synsets(), imagenet.class_names()))
     lines = [
         "neuron-atlas demo probe set",
         "===========================",
         "",
-        f"{n_images} JPEG views ({OUT_SIDE}x{OUT_SIDE} px, quality {JPEG_QUALITY}) cut from "
+        f"{n_images} JPEG views ({side}x{side} px, quality {JPEG_QUALITY}) cut from "
         f"{len(photos)} photos that ship inside",
         "pip packages (scikit-image, scikit-learn, matplotlib), built offline by",
         f"`python -m common.demo OUT_DIR --n-images {n_images} --seed {seed}`; the same "
@@ -289,12 +289,18 @@ def _readme(photos: list[Photo], counts: list[int], n_images: int, seed: int) ->
     return "\n".join(lines)
 
 
-def build_demo_set(out_dir: str | os.PathLike, n_images: int = 1500, seed: int = 0) -> Path:
-    """Build the demo set in ``out_dir`` (skipped when already complete); return its images.csv."""
+def build_demo_set(out_dir: str | os.PathLike, n_images: int = 1500, seed: int = 0,
+                   side: int = OUT_SIDE) -> Path:
+    """Build the demo set in ``out_dir`` (skipped when already complete); return its images.csv.
+
+    ``side`` is the pixel size of the square views; benchmarks use photo-sized views.
+    """
     out_dir = Path(out_dir)
     if n_images < 1:
         raise StageError(f"--n-images must be at least 1, got {n_images}")
-    if is_complete(out_dir, n_images, seed):
+    if side < 8:
+        raise StageError(f"--side must be at least 8 pixels, got {side}")
+    if is_complete(out_dir, n_images, seed, side):
         log.info("demo set in %s is complete (n_images=%d, seed=%d); nothing to do", out_dir,
                  n_images, seed)
         # Make re-runs this rule when demo.py is newer than images.csv; a fresh time stamp tells
@@ -324,8 +330,8 @@ def build_demo_set(out_dir: str | os.PathLike, n_images: int = 1500, seed: int =
                 # One generator per view, keyed by (seed, photo, view): a view does not change
                 # when other photos or n_images change.
                 rng = np.random.default_rng([seed, index, view_no])
-                view = (whole_view(image) if view_no == 0
-                        else make_view(image, rng, min_scale, photo.any_orientation))
+                view = (whole_view(image, side) if view_no == 0
+                        else make_view(image, rng, min_scale, photo.any_orientation, side))
                 data = _jpeg_bytes(view)
                 rel = f"{photo.synset + '/' if photo.synset else ''}{photo.name}_{view_no:04d}.jpg"
                 (tmp_dir / rel).write_bytes(data)
@@ -336,9 +342,9 @@ def build_demo_set(out_dir: str | os.PathLike, n_images: int = 1500, seed: int =
         progress.close()
         rows.sort(key=lambda row: row["path"].split("/"))
         write_csv(tmp_dir / "images.csv", rows, ["path", "label", "source", "class_name"])
-        write_text(tmp_dir / "README.txt", _readme(photos, counts, n_images, seed))
+        write_text(tmp_dir / "README.txt", _readme(photos, counts, n_images, seed, side))
         write_json(tmp_dir / "manifest.json", {
-            "parameters": _parameters(n_images, seed),
+            "parameters": _parameters(n_images, seed, side),
             "photos": [{"name": p.name, "origin": p.origin, "label": p.synset,
                         "class_name": names.get(p.synset, ""), "why": p.why, "views": c,
                         "sha256": source_hashes.get(p.name, "")}
@@ -387,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", help="folder to create (replaced if incomplete or different)")
     parser.add_argument("--n-images", type=int, default=1500, help="number of views to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
+    parser.add_argument("--side", type=int, default=OUT_SIDE, help="pixels per side of each view")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -396,7 +403,7 @@ def main(argv=None):
     """Entry point: build the demo set."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    build_demo_set(args.out_dir, n_images=args.n_images, seed=args.seed)
+    build_demo_set(args.out_dir, n_images=args.n_images, seed=args.seed, side=args.side)
 
 
 if __name__ == "__main__":

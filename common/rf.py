@@ -86,23 +86,33 @@ class RF:
         return cls(*(float(v) for v in values))
 
 
-def crop_box(rf: RF, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """Pixel box ``(top, left, bottom, right)`` of feature cell ``(y, x)``'s field, clipped to the image.
+def field_box(rf: RF, y: int, x: int) -> tuple[int, int, int, int]:
+    """Pixel box ``(top, left, bottom, right)`` of feature cell ``(y, x)``'s whole field, unclipped.
 
-    ``bottom`` and ``right`` are exclusive, so the crop is ``image[top:bottom, left:right]``. The box
-    is empty (``top == bottom`` or ``left == right``) only if the field lies wholly outside the image.
-    Estimated fields may be fractional; their edges are rounded to the nearest pixel.
+    ``bottom`` and ``right`` are exclusive; the box may run past the image on any side (where the
+    network saw padding). Estimated fields may be fractional; their edges are rounded to the
+    nearest pixel, so every box of a layer has the same size.
     """
-    top, bottom = _axis_box(rf.start_h + y * rf.jump_h, rf.size_h, height)
-    left, right = _axis_box(rf.start_w + x * rf.jump_w, rf.size_w, width)
+    top, bottom = _axis_span(rf.start_h + y * rf.jump_h, rf.size_h)
+    left, right = _axis_span(rf.start_w + x * rf.jump_w, rf.size_w)
     return top, left, bottom, right
 
 
-def _axis_box(centre: float, size: float, limit: int) -> tuple[int, int]:
-    """First and past-the-end pixel of a field of ``size`` pixels centred on ``centre``, clipped to ``[0, limit)``."""
+def crop_box(rf: RF, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """``field_box`` clipped to a ``height`` × ``width`` image: the crop is ``image[top:bottom, left:right]``.
+
+    The box is empty (``top == bottom`` or ``left == right``) only if the field lies wholly outside
+    the image.
+    """
+    top, left, bottom, right = field_box(rf, y, x)
+    return (min(max(top, 0), height), min(max(left, 0), width),
+            min(max(bottom, 0), height), min(max(right, 0), width))
+
+
+def _axis_span(centre: float, size: float) -> tuple[int, int]:
+    """First and past-the-end pixel of a field of ``size`` pixels centred on ``centre``."""
     first = math.floor(centre - (size - 1) / 2 + 0.5)
-    stop = first + max(int(round(size)), 0)
-    return min(max(first, 0), limit), min(max(stop, 0), limit)
+    return first, first + max(int(round(size)), 0)
 
 
 def receptive_fields(model: nn.Module, layer_names: Sequence[str], input_size: int | tuple[int, int],

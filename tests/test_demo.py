@@ -67,6 +67,17 @@ def test_rebuild_is_skipped_when_complete_and_redone_when_not(tmp_path):
     assert not list(tmp_path.glob(".set*"))  # no temporary or old folders left behind
 
 
+def test_side_sets_the_view_size_and_a_new_side_rebuilds(tmp_path):
+    """Benchmarks ask for photo-sized views; a build of another size is not taken as complete."""
+    out = tmp_path / "set"
+    demo.build_demo_set(out, n_images=20, seed=0, side=40)
+    sizes = {load_rgb(p)[0].size for p in out.rglob("*.jpg")}
+    assert sizes == {(40, 40)}
+    assert not demo.is_complete(out, 20, 0)  # the default side is another set
+    demo.build_demo_set(out, n_images=20, seed=0)
+    assert {load_rgb(p)[0].size for p in out.rglob("*.jpg")} == {(demo.OUT_SIDE,) * 2}
+
+
 def test_labels_are_imagenet_synsets_in_matching_folders(built):
     rows = read_csv(built / "images.csv")
     assert len(rows) == N_SMALL

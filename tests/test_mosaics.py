@@ -8,6 +8,7 @@ from PIL import Image
 
 from common.activations import read_activations
 from common.images import load_rgb, network_input
+from common.rf import RF, field_box
 from conftest import FAKE_MODEL, load_stage
 
 extract = load_stage("01_extract")
@@ -65,6 +66,100 @@ def test_mask_crop_boxes_the_blob_with_the_peak():
     assert crop[0, 0, 0] == 200                         # inside the blob: untouched
 
 
+def test_resize_stack_matches_pillow_one_by_one():
+    """Two-call batched resizing equals separate Pillow resizes within one grey level."""
+    rng = np.random.default_rng(1)
+    for h, w, height, width in [(7, 9, 13, 20), (67, 67, 64, 64), (211, 150, 64, 45),
+                                (30, 20, 12, 40), (5, 5, 5, 9), (3, 3, 3, 3)]:
+        images = rng.integers(0, 256, size=(4, h, w, 3), dtype=np.uint8)
+        got = mosaics.resize_stack(images, height, width)
+        assert got.shape == (4, height, width, 3)
+        for one, mine in zip(images, got):
+            pil = np.asarray(Image.fromarray(one).resize((width, height), Image.BILINEAR))
+            assert np.abs(mine.astype(int) - pil).max() <= 1, (h, w, height, width)
+
+
+def reference_tile(image: np.ndarray, rf: RF, y: int, x: int, tile: int) -> np.ndarray:
+    """Independent rendering of a tile: the field (whole image where the field is larger) pasted on
+    grey at full resolution, then one Pillow resize to the tile."""
+    top, left, bottom, right = field_box(rf, y, x)
+    side = image.shape[0]
+    if bottom - top >= side:
+        top, bottom = 0, side
+    if right - left >= side:
+        left, right = 0, side
+    canvas = np.full((bottom - top, right - left, 3), mosaics.BACKGROUND, np.uint8)
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(bottom, side), min(right, side)
+    canvas[y0 - top:y1 - top, x0 - left:x1 - left] = image[y0:y1, x0:x1]
+    return np.asarray(Image.fromarray(canvas).resize((tile, tile), Image.BILINEAR))
+
+
+@pytest.fixture
+def one_image_cache(tmp_path):
+    """Factory: decode one smooth 48-px image into 02's caches, as the stage's workers would."""
+    def make(shrunk_sizes=()):
+        yy, xx = np.mgrid[0:48, 0:48]
+        rgb = np.stack([yy * 5, xx * 5, 255 - (yy + xx) * 2], -1).astype(np.uint8)
+        path = tmp_path / "smooth.png"
+        Image.fromarray(rgb).save(path)
+        cache = tmp_path / "cache"
+        cache.mkdir(exist_ok=True)
+        mosaics.make_cache(cache, 1, 48, set(shrunk_sizes))
+        mosaics._init_worker(str(cache), 48)
+        assert mosaics._decode((0, str(path), tuple(shrunk_sizes))) == (0, "")
+        return np.asarray(network_input(load_rgb(path)[0], 48))
+    return make
+
+
+def test_rf_tile_inside_the_image_is_the_enlarged_field(one_image_cache):
+    """Field 9 px, tile 18 px: an interior cell's tile is its 9×9 crop at twice the size."""
+    image = one_image_cache()
+    rf = RF(9, 9, 4, 4, 0, 0)
+    (tile,) = mosaics.rf_tiles([(0, 5, 6)], rf, 18)   # centre (20, 24): rows 16–24, cols 20–28
+    crop = image[16:25, 20:29]
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((18, 18),
+                                                                              Image.BILINEAR))
+    assert np.abs(tile.astype(int) - expected).max() <= 1
+
+
+def test_rf_tile_past_the_border_is_grey_at_the_same_scale(one_image_cache):
+    """Cell (0, 0) of a 9-px field centred on pixel 0: its first 4 rows and columns lie outside
+    the image and stay grey; the rest shows pixels 0–4 at the layer's scale (2×), not stretched."""
+    image = one_image_cache()
+    rf = RF(9, 9, 4, 4, 0, 0)
+    (tile,) = mosaics.rf_tiles([(0, 0, 0)], rf, 18)
+    assert (tile[:7] == mosaics.BACKGROUND).all() and (tile[:, :7] == mosaics.BACKGROUND).all()
+    assert np.abs(tile.astype(int) - reference_tile(image, rf, 0, 0, 18)).max() <= 1
+    inside = tile[9:, 9:].astype(int)   # away from the blended edge: image pixels 0–4
+    assert (np.abs(inside - mosaics.BACKGROUND).sum(-1) > 0).all()
+    # A field wholly outside the image gives no tile.
+    assert mosaics.rf_tiles([(0, 0, 0)], RF(3, 3, 1, 1, -10, -10), 18) == [None]
+
+
+def test_deep_field_tile_is_the_whole_image_shrunk_once(one_image_cache):
+    """A field larger than the input shows the whole input: the shrunk copy made at decoding."""
+    image = one_image_cache([(16, 16)])
+    rf = RF(99, 99, 16, 16, 7, 7)
+    assert mosaics.layer_plan(rf, 48, 48, 16)[3] == (16, 16)
+    first, second = mosaics.rf_tiles([(0, 0, 0), (0, 2, 1)], rf, 16)
+    np.testing.assert_array_equal(first, second)   # every cell shows the same whole image
+    whole = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR))
+    assert np.abs(first.astype(int) - whole).mean() < 1.5
+
+
+def test_large_field_cut_from_the_shrunk_copy_matches_full_resolution(one_image_cache):
+    """A 41-px field (most of the 48-px image) in a 16-px tile is cut from the shrunk copy; it
+    matches cutting at full resolution and resizing, up to resampling differences."""
+    rf = RF(41, 41, 8, 8, 3, 3)
+    shrunk = mosaics.layer_plan(rf, 48, 48, 16)[3]
+    assert shrunk == (19, 19)
+    image = one_image_cache([shrunk])
+    for y, x in [(2, 3), (0, 0), (5, 5)]:
+        (tile,) = mosaics.rf_tiles([(0, y, x)], rf, 16)
+        diff = np.abs(tile.astype(int) - reference_tile(image, rf, y, x, 16))
+        assert diff.mean() < 6, (y, x, diff.mean())
+
+
 def test_mosaics_end_to_end(extracted):
     """One PNG per neuron of the right size; tile 0 is the top image's receptive field."""
     rows = run_mosaics(extracted)
@@ -82,9 +177,8 @@ def test_mosaics_end_to_end(extracted):
     with open(extracted / "01_images.csv", newline="") as fh:
         paths = {int(r["image_id"]): r["path"] for r in csv.DictReader(fh)}
     image = np.asarray(network_input(load_rgb(paths[int(top.image_ids[0, 0])])[0], 32))
-    crop = mosaics.rf_crop(image, top.rf, top.y[0, 0], top.x[0, 0])
-    expected = np.asarray(mosaics.letterbox(np.ascontiguousarray(crop), 8))
-    np.testing.assert_array_equal(np.asarray(png.convert("RGB"))[:8, :8], expected)
+    expected = reference_tile(image, RF(*top.rf.tolist()), int(top.y[0, 0]), int(top.x[0, 0]), 8)
+    assert np.abs(np.asarray(png.convert("RGB"))[:8, :8].astype(int) - expected).max() <= 1
     # relu1 channel 0 detects red: its top tile is mostly red.
     assert expected[..., 0].mean() > expected[..., 1].mean() + 50
 
