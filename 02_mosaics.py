@@ -109,11 +109,15 @@ def _decode(task: tuple[int, str, tuple]) -> tuple[int, str]:
         return slot, err.reason
     pixels = network_input(img, _CACHE["size"])
     _CACHE["images"][slot] = np.asarray(pixels, dtype=np.uint8)
-    for height, width in shrunk_sizes:
-        # reducing_gap: first shrink by an integer factor (pixel averaging) while 1.5× the target
-        # size remains; about 40% faster than resampling all the way, under one grey level apart
-        _CACHE["shrunk"][height, width][slot] = np.asarray(
-            pixels.resize((width, height), Image.BILINEAR, reducing_gap=1.5), dtype=np.uint8)
+    if shrunk_sizes:
+        # First shrink by an integer factor (pixel averaging) while 1.5× the largest target size
+        # remains, once for all sizes: twice as fast as resampling all the way each time, for
+        # differences under one grey level (Pillow's reducing_gap does the same per call).
+        factor = int(min(pixels.size) / (1.5 * max(max(size) for size in shrunk_sizes)))
+        base = pixels.reduce(factor) if factor > 1 else pixels
+        for height, width in shrunk_sizes:
+            _CACHE["shrunk"][height, width][slot] = np.asarray(
+                base.resize((width, height), Image.BILINEAR), dtype=np.uint8)
     return slot, ""
 
 
