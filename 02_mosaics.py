@@ -52,6 +52,7 @@ FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
 BACKGROUND = 128  # grey for empty tiles and letterbox borders: neither black nor white features
 DIM = 0.3         # brightness kept outside the activation blob in mask crops
 MASK_LEVEL = 0.5  # blob = upsampled activation above this share of its peak
+SPARE_BYTES = 1 << 30  # disk space to leave free beside the scratch image cache, for the PNGs
 SHRUNK_FROM = 0.25  # rf windows covering this share of the image or more: cut from a shrunk copy
 
 
@@ -351,9 +352,19 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
                 if i >= 0:
                     shrunk_of_slot[slot_of[int(i)]].add(shrunk)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shrunk_sizes = set().union(*shrunk_of_slot.values())
+    scratch = len(needed) * 3 * (size * size + sum(h * w for h, w in shrunk_sizes))
+    free = shutil.disk_usage(out_dir).free
+    if scratch > free - SPARE_BYTES:
+        raise StageError(f"02 needs {scratch / 1e9:.1f} GB of scratch space in {out_dir} to hold "
+                         f"the {len(needed)} decoded top images while it works, and only "
+                         f"{free / 1e9:.1f} GB are free; free some space, or build the mosaics a "
+                         f"few layers at a time (--layers)")
+    log.info("decoding %d source images into %.2f GB of scratch space in %s", len(needed),
+             scratch / 1e9, out_dir)
     cache_dir = Path(tempfile.mkdtemp(prefix=".cache.", dir=out_dir))
     try:
-        make_cache(cache_dir, len(needed), size, set().union(*shrunk_of_slot.values()))
+        make_cache(cache_dir, len(needed), size, shrunk_sizes)
         decode_tasks = [(slot, image_rows[image_id]["path"], tuple(sorted(shrunk_of_slot[slot])))
                         for image_id, slot in slot_of.items()]
         for slot, error in pool_map(_decode, decode_tasks, workers, (str(cache_dir), size),

@@ -248,7 +248,8 @@ def _readme(photos: list[Photo], counts: list[int], n_images: int, seed: int, si
         f"{n_images} JPEG views ({side}x{side} px, quality {JPEG_QUALITY}) cut from "
         f"{len(photos)} photos that ship inside",
         "pip packages (scikit-image, scikit-learn, matplotlib), built offline by",
-        f"`python -m common.demo OUT_DIR --n-images {n_images} --seed {seed}`; the same "
+        f"`python -m common.demo OUT_DIR --n-images {n_images} --seed {seed}"
+        f"{'' if side == OUT_SIDE else f' --side {side}'}`; the same "
         "arguments and package versions give the same bytes.",
         "",
         "View 0 of each photo is its centred square, unchanged. Every other view is a random",

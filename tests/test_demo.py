@@ -73,6 +73,7 @@ def test_side_sets_the_view_size_and_a_new_side_rebuilds(tmp_path):
     demo.build_demo_set(out, n_images=20, seed=0, side=40)
     sizes = {load_rgb(p)[0].size for p in out.rglob("*.jpg")}
     assert sizes == {(40, 40)}
+    assert "--side 40" in (out / "README.txt").read_text(encoding="utf-8")  # how to rebuild it
     assert not demo.is_complete(out, 20, 0)  # the default side is another set
     demo.build_demo_set(out, n_images=20, seed=0)
     assert {load_rgb(p)[0].size for p in out.rglob("*.jpg")} == {(demo.OUT_SIDE,) * 2}

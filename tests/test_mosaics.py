@@ -1,12 +1,14 @@
 """Stage 02: crop geometry, mosaic layout and the real script after a fake-model extraction."""
 import csv
 import io
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from common.activations import read_activations
+from common.cli import StageError
 from common.images import load_rgb, network_input
 from common.rf import RF, field_box
 from conftest import FAKE_MODEL, load_stage
@@ -181,6 +183,16 @@ def test_mosaics_end_to_end(extracted):
     assert np.abs(np.asarray(png.convert("RGB"))[:8, :8].astype(int) - expected).max() <= 1
     # relu1 channel 0 detects red: its top tile is mostly red.
     assert expected[..., 0].mean() > expected[..., 1].mean() + 50
+
+
+def test_too_little_scratch_space_is_a_clear_error(extracted, monkeypatch):
+    """Before decoding anything, 02 checks that the decoded images fit on the disk."""
+    full_disk = shutil._ntuple_diskusage(total=10**9, used=10**9, free=0)
+    monkeypatch.setattr(mosaics.shutil, "disk_usage", lambda _path: full_disk)
+    with pytest.raises(StageError, match="scratch space.*--layers"):
+        mosaics.run(extracted / "01_activations.npz", extracted / "01_images.csv",
+                    extracted / "02_mosaics", extracted / "02_mosaics.csv", grid=3, tile=8)
+    assert not (extracted / "02_mosaics.csv").exists()
 
 
 def test_mask_mode_and_fallback(extracted, capfd):

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from common.cli import StageError
-from common.rf import RF, crop_box, estimate_receptive_fields, receptive_fields
+from common.rf import RF, crop_box, estimate_receptive_fields, field_box, receptive_fields
 
 
 def rf(size, jump, start):
@@ -386,6 +386,8 @@ def test_crop_box_half_pixel_start_and_huge_fields():
     """
     assert crop_box(rf(8, 2, 0.5), 2, 2, 16, 16) == (1, 1, 9, 9)
     assert crop_box(rf(435, 32, 0), 3, 3, 224, 224) == (0, 0, 224, 224)
+    # Unclipped, that field is centred on 96: 96 − 217 = −121 up to −121 + 435 = 314.
+    assert field_box(rf(435, 32, 0), 3, 3) == (-121, -121, 314, 314)
     top, left, bottom, right = crop_box(rf(3, 1, -10), 0, 0, 16, 16)
     assert top == bottom and left == right
 
