@@ -239,8 +239,10 @@ def measure_tiles(tiles: Sequence[np.ndarray]) -> dict:
     products, centre-weighted); the tiles' doubled angles are averaged, weighted by gradient
     energy, so that opposite gradients agree. Stripes are told from single edges by the
     frequency of the strongest non-constant Fourier component. All tiles are processed at once.
+    Flat grey (02's padding past the image border, empty tiles) is left out, and so is the border
+    between it and the image, which is no feature of the image.
     """
-    from scipy.ndimage import correlate1d
+    from scipy.ndimage import correlate1d, maximum_filter
     empty = {"colours": {}, "contrast": 0.0, "agreement": 0.0, "coherence": 0.0,
              "orientation_deg": 0.0, "cycles": 0.0, "periodic": 0.0, "n_tiles": 0}
     side = min(min(t.shape[:2]) for t in tiles) if len(tiles) else 0
@@ -258,13 +260,18 @@ def measure_tiles(tiles: Sequence[np.ndarray]) -> dict:
     shares = {PALETTE[i]: float(c / counts.sum()) for i, c in enumerate(counts) if c > 0}
     shares = dict(sorted(shares.items(), key=lambda kv: -kv[1]))
     lum = stack.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
-    mean = (w * lum).sum((1, 2), keepdims=True)
-    contrasts = np.sqrt((w * (lum - mean) ** 2).sum((1, 2)))
-    # Sobel along one image axis, smoothing along the other (never across tiles).
+    w_image = w * valid
+    w_image /= w_image.sum((1, 2), keepdims=True)
+    mean = (w_image * lum).sum((1, 2), keepdims=True)
+    contrasts = np.sqrt((w_image * (lum - mean) ** 2).sum((1, 2)))
+    lum = np.where(valid, lum, mean)  # grey padding → the tile's mean: no step at its border
+    # Sobel along one image axis, smoothing along the other (never across tiles); gradients that
+    # touch padding are dropped.
     gx = correlate1d(correlate1d(lum, [-1, 0, 1], axis=2), [1, 2, 1], axis=1) / 8
     gy = correlate1d(correlate1d(lum, [-1, 0, 1], axis=1), [1, 2, 1], axis=2) / 8
-    jxx, jyy, jxy = ((w * gx * gx).sum((1, 2)), (w * gy * gy).sum((1, 2)),
-                     (w * gx * gy).sum((1, 2)))
+    w_grad = w * ~maximum_filter(~valid, size=(1, 3, 3))
+    jxx, jyy, jxy = ((w_grad * gx * gx).sum((1, 2)), (w_grad * gy * gy).sum((1, 2)),
+                     (w_grad * gx * gy).sum((1, 2)))
     energy = jxx + jyy
     live = energy >= 1e-5
     if live.any():

@@ -242,6 +242,22 @@ def test_offline_uniform_and_edge_tiles():
     assert "vertical edges" in text and "stripes" not in text
 
 
+def test_offline_ignores_padding_and_its_border():
+    """Tiles of fields past the image border: a grey band (02's padding) above vertical stripes
+    must not add a horizontal edge, nor its grey, nor lower the stripes' contrast."""
+    stripes = np.zeros((TILE, TILE, 3), np.uint8)
+    stripes[:] = (20, 20, 110)                                     # dark and light blue
+    stripes[:, (np.arange(TILE) // 4) % 2 == 1] = (70, 70, 230)
+    padded = stripes.copy()
+    padded[: TILE // 2 - 2] = D.BACKGROUND   # the border runs close to the tile's centre
+    alone, with_pad = D.measure_tiles([stripes] * 4), D.measure_tiles([padded] * 4)
+    assert D.orientation_word(with_pad["orientation_deg"]) == "vertical"
+    assert with_pad["agreement"] > 0.9
+    assert "gray" not in with_pad["colours"]
+    assert abs(with_pad["contrast"] - alone["contrast"]) < 0.05
+    assert "vertical" in D.appearance_phrase(with_pad) and "stripes" in D.appearance_phrase(with_pad)
+
+
 def test_offline_deep_layer_reuses_predictions_and_groups_kinds(tmp_path):
     """Whole-image receptive fields: 01's predictions are reused (no classifier call) and four
     different terriers become 'dogs, mostly terriers'."""
