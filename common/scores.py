@@ -28,12 +28,17 @@ def clarity(vectors: np.ndarray) -> float:
     return float(n / (n - 1) * (centre @ centre - 1.0 / n))
 
 
-def split_crops(vectors: np.ndarray, k: int) -> np.ndarray:
+def split_crops(vectors: np.ndarray, k: int, tree: np.ndarray | None = None) -> np.ndarray:
     """Labels 0 … k−1 of ``k`` groups of crops: Ward clustering of the unit vectors (SIEVE's
-    agglomerative clustering), renumbered so that group 0 is the largest, ties by first crop."""
-    from sklearn.cluster import AgglomerativeClustering
-    unit = l2_normalise(vectors)
-    raw = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(unit)
+    agglomerative clustering), renumbered so that group 0 is the largest, ties by first crop.
+
+    ``tree`` is the Ward linkage of the unit vectors when already computed (one tree serves
+    every k).
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    if tree is None:
+        tree = linkage(l2_normalise(vectors).astype(np.float64), method="ward")
+    raw = fcluster(tree, t=k, criterion="maxclust")
     order = sorted(set(raw.tolist()), key=lambda g: (-(raw == g).sum(), int(np.argmax(raw == g))))
     return np.array([order.index(g) for g in raw], dtype=np.int64)
 
@@ -73,14 +78,17 @@ def sub_concepts(vectors: np.ndarray, max_k: int = 3) -> np.ndarray | None:
     The number of groups is the one with the highest cosine silhouette (SIEVE) among those whose
     every group holds at least MIN_GROUP crops.
     """
+    from scipy.cluster.hierarchy import linkage
     from sklearn.metrics import silhouette_score
-    unit = l2_normalise(vectors)
+    unit = l2_normalise(vectors).astype(np.float64)
     best, best_score = None, -np.inf
+    tree = linkage(unit, method="ward") if unit.shape[0] >= 2 * MIN_GROUP else None
     for k in range(2, max_k + 1):
         if unit.shape[0] < k * MIN_GROUP:
             break
-        labels = split_crops(unit, k)
-        if np.bincount(labels).min() < MIN_GROUP:
+        labels = split_crops(unit, k, tree)
+        counts = np.bincount(labels)
+        if len(counts) < k or counts.min() < MIN_GROUP:
             continue
         score = silhouette_score(unit, labels, metric="cosine")
         if score > best_score:
