@@ -37,6 +37,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -480,9 +481,8 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                 ranks = np.flatnonzero(groups[(layer, channel)] == s)
                 sentences[layer].append(Sentence(layer, channel, s + 1, text,
                                                  top.image_ids[channel, ranks]))
-    rng = np.random.default_rng(seed)
-    for layer in inputs.layers:
-        pick_controls(sentences[layer], rng)
+    for layer in inputs.layers:  # one stream per layer: a layer's controls do not depend on others
+        pick_controls(sentences[layer], np.random.default_rng([seed, zlib.crc32(layer.encode())]))
     match = matcher_obj or load_matcher(matcher, inputs, text_model, device)
     geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
                                                 int(inputs.tops[layer].fmap[2])))
