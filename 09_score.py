@@ -286,11 +286,14 @@ def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> 
 
 def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
     """Give each sentence of a layer a control: the sentence of another neuron of the layer,
-    drawn at random (neurons' own sentences only, never one of the same neuron)."""
+    drawn at random among those whose words differ (an identical sentence would only tie), or
+    among all other neurons when every one says the same."""
     own = [i for i, s in enumerate(sentences) if s.subconcept == 0]
     for s in sentences:
         others = [i for i in own if sentences[i].channel != s.channel]
-        s.control = int(rng.choice(others)) if others else -1
+        differ = [i for i in others if sentences[i].text != s.text]
+        pool = differ or others
+        s.control = int(rng.choice(pool)) if pool else -1
 
 
 # ---------------------------------------------------------------------------------------------
