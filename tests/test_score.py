@@ -292,3 +292,21 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     assert result["eval"] == []
     meta = read_meta(run_dir / "09_scores.csv")
     assert meta["stage"] == "09_score" and "02_mosaics" in meta["lineage"]
+
+
+def test_controls_are_other_neurons_with_other_words():
+    """A control is never the neuron itself nor, while another exists, a sentence with the same
+    words; the draw is reproducible from the seed."""
+    shown = np.zeros(0, np.int64)
+    texts = ["red", "red", "blue", "red"]
+    def draw(seed):
+        """Controls of the four sentences plus a sub-concept of neuron 0."""
+        sents = [score.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
+        sents.append(score.Sentence("L", 0, 1, "blue", shown))
+        score.pick_controls(sents, np.random.default_rng(seed))
+        return [(s, sents[s.control]) for s in sents]
+    pairs = draw(0)
+    for s, control in pairs:
+        assert control.subconcept == 0 and control.channel != s.channel
+    assert all(control.text == "blue" for s, control in pairs if s.text == "red")
+    assert [c.channel for _, c in draw(0)] == [c.channel for _, c in pairs]
