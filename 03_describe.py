@@ -758,21 +758,19 @@ class Journal:
     def __enter__(self) -> "Journal":
         """Drop a torn last line (a kill or a full disk mid-write), then open for appending."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):
-                keep = data.rfind(b"\n") + 1
-                os.truncate(self.path, keep)
-                log.warning("%s ended in a torn record (%d bytes, from a kill or a full disk); it "
-                            "is dropped and its neuron described again", self.path.name,
-                            len(data) - keep)
-        self.fh = open(self.path, "ab", buffering=0)
+        self.fh = open(self.path, "ab+", buffering=0)
+        size = self.fh.seek(0, os.SEEK_END)
+        if size and os.pread(self.fh.fileno(), 1, size - 1) != b"\n":
+            keep = os.pread(self.fh.fileno(), size, 0).rfind(b"\n") + 1
+            self.fh.truncate(keep)
+            log.warning("%s ended in a torn record (%d bytes, from a kill or a full disk); it is "
+                        "dropped and its neuron described again", self.path.name, size - keep)
         return self
 
     def add(self, record: dict) -> None:
         """Append one record; on a full disk, cut off what part of it was written and stop."""
         line = (json.dumps(record) + "\n").encode("utf-8")
-        size = self.fh.tell()
+        size = os.fstat(self.fh.fileno()).st_size
         try:
             written = 0
             while written < len(line):

@@ -47,7 +47,7 @@ FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the 
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
 DATA        ?= data#                       folder holding the runs
-PYTHON      ?= python3#                    interpreter used to create .venv
+PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
 
 # Idle torch/OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
 # slowed the stages 10-20x.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from common.provenance import read_meta
 from conftest import ROOT
 
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
@@ -146,8 +147,6 @@ def test_kill_at_any_stage_then_make_all_finishes_with_the_same_result(tree):
         assert digests(data, RESULTS[script]) == before, script
     left = [str(p) for p in data.rglob("*") if TEMPORARY.search(p.name)]
     assert left == []
-    sys.path.insert(0, str(root))
-    from common.provenance import read_meta
     for names in RESULTS.values():  # every output matches the meta written with it
         for name in names:
             read_meta(data / name)
