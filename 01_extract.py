@@ -153,61 +153,54 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
     progress = tqdm(total=n_rows, desc="01 extract", unit="img", disable=None)
     rows_done = 0
     # Rows go straight to disk so that memory does not grow with the number of images.
-    try:
-        with CsvAppender(part_dir / "images.csv", IMAGE_FIELDS) as image_rows, \
-                CsvAppender(part_dir / "predictions.csv", PRED_FIELDS) as pred_rows, \
-                reduce_outputs(bundle.model, layers, make_reducer(max_map_side)) as outputs, \
-                torch.inference_mode():
-            for _b, ids, loaded in iter_batches(entries, batch_ids, batch_size, size, bundle.mean,
-                                                bundle.std, workers):
-                good = [j for j, (tensor, _) in enumerate(loaded) if tensor is not None]
-                for image_id, (tensor, note) in zip(ids, loaded):
-                    entry = entries[image_id]
-                    image_rows.write({"image_id": image_id, "path": entry.path, "label": entry.label,
-                                       "label_idx": label_map.get(entry.label, -1),
-                                       "status": "ok" if tensor is not None else "skipped",
-                                       "reason": note})
-                logits = None
+    with CsvAppender(part_dir / "images.csv", IMAGE_FIELDS) as image_rows, \
+            CsvAppender(part_dir / "predictions.csv", PRED_FIELDS) as pred_rows, \
+            reduce_outputs(bundle.model, layers, make_reducer(max_map_side)) as outputs, \
+            torch.inference_mode():
+        for _b, ids, loaded in iter_batches(entries, batch_ids, batch_size, size, bundle.mean,
+                                            bundle.std, workers):
+            good = [j for j, (tensor, _) in enumerate(loaded) if tensor is not None]
+            for image_id, (tensor, note) in zip(ids, loaded):
+                entry = entries[image_id]
+                image_rows.write({"image_id": image_id, "path": entry.path, "label": entry.label,
+                                   "label_idx": label_map.get(entry.label, -1),
+                                   "status": "ok" if tensor is not None else "skipped",
+                                   "reason": note})
+            logits = None
+            if good:
+                batch = torch.stack([loaded[j][0] for j in good]).to(device)
+                logits = bundle.model(batch)
+            for name in layers:
+                if not good and name not in shapes:
+                    continue  # shapes are learnt from the first batch with a usable image
                 if good:
-                    batch = torch.stack([loaded[j][0] for j in good]).to(device)
-                    logits = bundle.model(batch)
-                for name in layers:
-                    if not good and name not in shapes:
-                        continue  # shapes are learnt from the first batch with a usable image
-                    if good:
-                        res = outputs[name]
-                        shapes[name] = res["shape"]
-                        if name not in tops:
-                            c, h, w = res["shape"]
-                            tops[name] = StreamingTopK(c, topk, (h, w) if max(h, w) <= max_map_side else None)
-                            writers[name] = (NpyRowWriter(stats_dir / f"{name}.max.npy", n_rows, c),
-                                             NpyRowWriter(stats_dir / f"{name}.mean.npy", n_rows, c))
-                            for w_ in writers[name]:
-                                w_.write(np.full((rows_done, c), np.nan, np.float32))
-                            check_space(part_dir, writers)
-                        good_ids = np.asarray([ids[j] for j in good], dtype=np.int64)
-                        tops[name].update(res["max"].numpy(), good_ids, res["y"].numpy(),
-                                          res["x"].numpy(),
-                                          None if res["map"] is None else res["map"].numpy())
-                    c = shapes[name][0]
-                    block_max = np.full((len(ids), c), np.nan, np.float32)
-                    block_mean = np.full((len(ids), c), np.nan, np.float32)
-                    if good:
-                        block_max[good] = res["max"].numpy()
-                        block_mean[good] = res["mean"].numpy()
-                    writers[name][0].write(block_max)
-                    writers[name][1].write(block_mean)
-                if logits is not None:
-                    pred_rows.write_all(prediction_rows(logits, [ids[j] for j in good], entries, label_map,
-                                                     bundle.class_names))
-                rows_done += len(ids)
-                progress.update(len(ids))
-    except BaseException:  # e.g. a full disk: close the files so their folder can go
-        for pair in writers.values():
-            for w_ in pair:
-                with contextlib.suppress(OSError):
-                    w_.fh.close()
-        raise
+                    res = outputs[name]
+                    shapes[name] = res["shape"]
+                    if name not in tops:
+                        c, h, w = res["shape"]
+                        tops[name] = StreamingTopK(c, topk, (h, w) if max(h, w) <= max_map_side else None)
+                        writers[name] = (NpyRowWriter(stats_dir / f"{name}.max.npy", n_rows, c),
+                                         NpyRowWriter(stats_dir / f"{name}.mean.npy", n_rows, c))
+                        for w_ in writers[name]:
+                            w_.write(np.full((rows_done, c), np.nan, np.float32))
+                        check_space(part_dir, writers)
+                    good_ids = np.asarray([ids[j] for j in good], dtype=np.int64)
+                    tops[name].update(res["max"].numpy(), good_ids, res["y"].numpy(),
+                                      res["x"].numpy(),
+                                      None if res["map"] is None else res["map"].numpy())
+                c = shapes[name][0]
+                block_max = np.full((len(ids), c), np.nan, np.float32)
+                block_mean = np.full((len(ids), c), np.nan, np.float32)
+                if good:
+                    block_max[good] = res["max"].numpy()
+                    block_mean[good] = res["mean"].numpy()
+                writers[name][0].write(block_max)
+                writers[name][1].write(block_mean)
+            if logits is not None:
+                pred_rows.write_all(prediction_rows(logits, [ids[j] for j in good], entries, label_map,
+                                                 bundle.class_names))
+            rows_done += len(ids)
+            progress.update(len(ids))
     progress.close()
     for name in layers:
         if name not in writers:

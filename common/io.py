@@ -296,13 +296,16 @@ class NpyRowWriter:
     """
 
     def __init__(self, path: str | os.PathLike, n_rows: int, n_cols: int):
-        """Open ``path`` and write the header for an ``n_rows`` × ``n_cols`` float32 array."""
+        """Create ``path`` with the header for an ``n_rows`` × ``n_cols`` float32 array.
+
+        The file is opened only while a block is written, so that no descriptor stays open when
+        the writer is abandoned (a full disk, an exception): its folder can then be removed.
+        """
         self.path, self.n_rows, self.n_cols, self.written = Path(path), n_rows, n_cols, 0
-        self.fh = open(self.path, "wb")
-        with self._guard():
+        with self._guard(), open(self.path, "wb") as fh:
             np.lib.format.write_array_header_1_0(
-                self.fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                          "fortran_order": False, "shape": (n_rows, n_cols)})
+                fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                     "fortran_order": False, "shape": (n_rows, n_cols)})
 
     def _guard(self):
         """A full disk names the folder and the bytes still to write."""
@@ -313,13 +316,11 @@ class NpyRowWriter:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_cols:
             raise ValueError(f"expected rows of {self.n_cols} columns, got shape {rows.shape}")
-        with self._guard():
-            self.fh.write(rows.tobytes())
+        with self._guard(), open(self.path, "ab") as fh:
+            fh.write(rows.tobytes())
         self.written += rows.shape[0]
 
     def close(self) -> None:
-        """Close the file, checking that exactly the announced number of rows was written."""
-        with self._guard():
-            self.fh.close()
+        """Check that exactly the announced number of rows was written."""
         if self.written != self.n_rows:
             raise ValueError(f"{self.path}: wrote {self.written} rows, header says {self.n_rows}")
