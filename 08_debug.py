@@ -982,7 +982,8 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
         fdr: float = 0.05, z_threshold: float = 2.0, rank_by: str = "mean", show_top: int = 8,
         ablate_top: int = 10, sample_size: int = 200, batch_size: int = 32, seed: int = 0,
         model: str | None = None, weights: str | None = None, unsafe_pickle: bool = False,
-        device: str = "auto", bundle=None, ablate=None, image_tensor=None, args: dict | None = None) -> dict:
+        device: str = "auto", bundle=None, ablate=None, image_tensor=None,
+        args: dict | None = None) -> dict:
     """Write the confusion table and a debug report per selected pair; return a summary.
 
     The 01-03 inputs default to their contract names beside ``predictions``. ``bundle`` (a

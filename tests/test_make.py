@@ -184,3 +184,21 @@ def test_one_writer_per_run_folder(tree, tmp_path):
         orphan.kill()
         orphan.wait()
     assert make(root, args, "-n", "all").returncode == 0  # a dry run needs no lock
+
+    # Two real makes: while the first one's 01 runs, the second stops; 01 runs once.
+    slow = {**os.environ, "PYTHONPATH": str(root / "tests" / "faults"),
+            "ATLAS_FAULT": "01_extract.py:pause=4"}
+    first = subprocess.Popen(["make", "--no-print-directory", *args,
+                              str(data / "01_extract.meta.json")],  # stage 01 only
+                             cwd=root, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    lock, deadline = data / ".stage.lock", time.time() + 120
+    while not (lock.exists() and "01_extract.py" in lock.read_text()):
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = make(root, args, "all")
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode != 0 and "already running" in second.stderr
+    assert "01_extract.py" not in second.stdout
+    assert out.count("01_extract.py") == 1
