@@ -2,7 +2,10 @@
 
 Every artefact of a run is written to a temporary file in its destination folder and moved into
 place with ``os.replace``, so a crash never leaves a half-written file under the final name and
-Make never mistakes a torn file for a finished one.
+Make never mistakes a torn file for a finished one. Temporaries are named after their machine and
+process (``.<name>.tmp-<host>-<pid>-…``): the next stage that runs removes those whose process is
+gone (``sweep_temporaries``). A full disk becomes a ``DiskFull`` naming the folder and the space
+needed. CSV cells that a spreadsheet would execute are neutralised on write and restored on read.
 """
 from __future__ import annotations
 
