@@ -46,8 +46,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import read_csv, write_bytes, write_csv
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.io import read_csv, sweep_temporaries, write_bytes, write_csv
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.09_score")
 
@@ -99,7 +99,7 @@ def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: P
                 mosaics: Path, descriptions: Path, embeddings: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
     from common.activations import read_activations
-    metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings)]
+    metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)
     rows = read_csv(images)
@@ -194,6 +194,7 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_cr
     neuron per sub-concept. Returns the index path.
     """
     from common.mosaics import paste_tiles, png_bytes
+    retract_meta(folder / "09_mosaics.meta.json")
     for old in folder.glob("*/"):
         if old.is_dir():
             shutil.rmtree(old)
@@ -425,6 +426,9 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     from common.triage import triage_layer
     inputs = read_inputs(activations, stats_dir, images, predictions, mosaics, descriptions,
                          embeddings)
+    meta_file = scores_out.parent / f"{STAGE}.meta.json"
+    sweep_temporaries(scores_out.parent, subconcepts)  # what a killed earlier run left half-written
+    retract_meta(meta_file)  # until the new one is written, 09 counts as not done
 
     # 1. Triage
     triage = {layer: triage_layer(layer_max_stats(stats_dir, layer)) for layer in inputs.layers}
@@ -588,7 +592,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     write_csv(scores_out, rows, SCORE_FIELDS)
     write_csv(summary_out, summary, SUMMARY_FIELDS)
     write_csv(eval_out, eval_rows, EVAL_FIELDS)
-    write_meta(scores_out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}),
+    write_meta(meta_file, STAGE, dict(args or {}),
                outputs=[scores_out, summary_out, eval_out], inputs=inputs.metas,
                embedder=embedder.name, embedder_space=embedder.space, matcher=match.name,
                n_subconcept_neurons=len(groups), poly_threshold=poly_threshold,
