@@ -414,12 +414,12 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
         max_subconcepts: int = 3, describe_args: str = "--backend offline",
         matcher: str = "offline", text_model: str = "all-MiniLM-L6-v2",
         eval_model: str = "all-mpnet-base-v2", seed: int = 0, device: str = "auto",
-        image_embedder=None, matcher_obj=None, eval_embedder=None, describe=None,
+        image_embedder=None, matcher_obj=None, eval_embedder=None,
         args: dict | None = None) -> dict:
     """Score every neuron; return {"scores": rows, "summary": rows, "eval": rows}.
 
-    ``image_embedder``, ``matcher_obj``, ``eval_embedder`` and ``describe`` (a function like
-    ``describe_subconcepts``) replace the ones this function would load — tests pass small ones.
+    ``image_embedder``, ``matcher_obj`` and ``eval_embedder`` replace the ones this function would
+    load — tests pass small ones.
     """
     from common import scores as S
     from common.embedders import load_image_embedder
@@ -470,7 +470,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             level = int(inputs.descriptions.get((layer, channel), {}).get("level") or 1)
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
-        sub_text = (describe or describe_subconcepts)(index, subconcepts, describe_args, levels)
+        sub_text = describe_subconcepts(index, subconcepts, describe_args, levels)
 
     # 4. Verification
     sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
