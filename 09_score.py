@@ -2,14 +2,15 @@
 and verification on held-out images.
 
 Reads (see ARTEFACTS.md) 01_activations.npz, 01_stats/, 01_images.csv, 01_predictions.csv,
-02_mosaics.csv (+ PNGs), 03_descriptions.csv, 04_embeddings.npz (for the image embedder 04 used).
+02_mosaics.csv (+ PNGs), 03_descriptions.csv, 04_embeddings.npz and 04_crops.npz (the vector
+04's image embedder gave each top crop).
 Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (one row per layer),
 09_eval.csv (final-layer benchmark; no rows unless the layers include the classifier's output),
 09_subconcepts/ (sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
 
 1. Triage (common/triage.py, no forward pass): SIEVE selectivity, DnR top-k log score, dead flag.
-2. Interpretability (SemanticLens §3.5) of each neuron's top crops embedded with 04's image
-   embedder: clarity, polysemanticity, redundancy.
+2. Interpretability (SemanticLens §3.5) of each neuron's top crops, with the vectors 04's image
+   embedder gave them (04_crops.npz): clarity, polysemanticity, redundancy.
 3. Sub-concepts (SIEVE): a neuron whose polysemanticity is at least --poly-threshold has its crops
    split into 2–3 groups; each gets a mosaic and a sentence from 03_describe.py itself, run on
    the sub-concept mosaics with the same backend arguments (--describe-args).
@@ -23,7 +24,8 @@ Example:
   python 09_score.py --activations data/demo/01_activations.npz --stats-dir data/demo/01_stats \
       --images data/demo/01_images.csv --predictions data/demo/01_predictions.csv \
       --mosaics data/demo/02_mosaics.csv --descriptions data/demo/03_descriptions.csv \
-      --embeddings data/demo/04_embeddings.npz --scores data/demo/09_scores.csv \
+      --embeddings data/demo/04_embeddings.npz --crop-vectors data/demo/04_crops.npz \
+      --scores data/demo/09_scores.csv \
       --summary data/demo/09_summary.csv --eval data/demo/09_eval.csv \
       --subconcepts data/demo/09_subconcepts --describe-args "--backend offline"
 """
@@ -89,17 +91,19 @@ class RunInputs:
     mosaics: dict            # (layer, channel) → 02 index row (path made absolute)
     descriptions: dict       # (layer, channel) → 03 row
     metas: list[dict]        # metas of the inputs, for the lineage check and ours
-    image_model: str         # the image embedder 04 used (its --image-model argument)
-    image_embedder_name: str  # … and the name it recorded
+    crops: object            # common.embedders.CropVectors: 04's vector of each top crop
     describer_backend: str   # 03's backend (offline describers read class names)
     class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
 
 
 def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: Path,
-                mosaics: Path, descriptions: Path, embeddings: Path) -> RunInputs:
+                mosaics: Path, descriptions: Path, embeddings: Path,
+                crop_vectors: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
     from common.activations import read_activations
+    from common.embedders import CropVectors
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
+    read_meta(crop_vectors)  # written by the same 04 run as the embeddings, byte for byte
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)
     rows = read_csv(images)
@@ -119,13 +123,11 @@ def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: P
     index = {(r["layer"], int(r["channel"])): dict(r, path=str(mosaics.parent / r["path"]))
              for r in read_csv(mosaics)}
     described = {(r["layer"], int(r["channel"])): r for r in read_csv(descriptions)}
-    meta04 = metas[3]
     return RunInputs(class_names=model_class_names(predicted, int(top5_idx.max(initial=-1)) + 1),
                      layers=layers, input_size=int(input_size[0]), tops=tops,
                      stats_dir=stats_dir, image_paths=paths, usable=usable, top5_idx=top5_idx,
                      top5_prob=top5_prob, mosaics=index, descriptions=described, metas=metas,
-                     image_model=str(meta04.get("args", {}).get("image_model", "auto")),
-                     image_embedder_name=str(meta04.get("image_model", "")),
+                     crops=CropVectors.read(crop_vectors),
                      describer_backend=str(metas[2].get("backend", "")))
 
 
@@ -163,33 +165,15 @@ def neuron_crops(inputs: RunInputs, layer: str, channel: int, n_crops: int) -> l
     return cut_tiles(load_mosaic(m["path"]), grid, int(m["tile_px"]), min(int(m["n_tiles"]), n_crops))
 
 
-def crop_vectors(inputs: RunInputs, embedder, n_crops: int) -> dict[tuple[str, int], np.ndarray]:
-    """(layer, channel) → n × dim unit vectors of its top crops, all embedded in one pass."""
-    from common.embedders import embed_crops
-    keys, crops, counts = [], [], []
-    for layer in inputs.layers:
-        for channel in range(inputs.tops[layer].channels):
-            tiles = neuron_crops(inputs, layer, channel, n_crops)
-            keys.append((layer, channel))
-            counts.append(len(tiles))
-            crops.extend(Image.fromarray(t) for t in tiles)
-    vectors = embed_crops(embedder, crops, desc="09 crops")
-    out, start = {}, 0
-    for key, count in zip(keys, counts):
-        out[key] = vectors[start:start + count]
-        start += count
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Sub-concepts
 
 
-def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_crops: int,
+def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
                              metas: list[dict]) -> Path:
     """One mosaic per sub-concept (its crops, best first, in a square grid) and their index CSV.
 
-    ``groups``: (layer, channel) → labels of its crops (0-based groups). Index rows name the
+    ``groups``: (layer, channel) → labels of its first crops (0-based groups). Index rows name the
     sub-concept ``<layer>#<s>`` (s = 1, 2, 3) with the neuron's channel, so that 03 sees one
     neuron per sub-concept. Returns the index path.
     """
@@ -200,7 +184,7 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_cr
             shutil.rmtree(old)
     rows = []
     for (layer, channel), labels in groups.items():
-        tiles = neuron_crops(inputs, layer, channel, n_crops)
+        tiles = neuron_crops(inputs, layer, channel, len(labels))
         tile_px = int(inputs.mosaics[(layer, channel)]["tile_px"])
         for s in range(int(labels.max()) + 1):
             members = [tiles[i] for i in np.flatnonzero(labels == s)]
@@ -369,14 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="01_predictions.csv")
     p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
     p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
-    p.add_argument("--embeddings", required=True, help="04_embeddings.npz (its meta names the "
-                   "image embedder)")
+    p.add_argument("--embeddings", required=True, help="04_embeddings.npz")
+    p.add_argument("--crop-vectors", required=True, help="04_crops.npz: 04's vector of each top "
+                   "crop (clarity, polysemanticity, redundancy, sub-concepts)")
     p.add_argument("--scores", required=True, help="09_scores.csv to write")
     p.add_argument("--summary", required=True, help="09_summary.csv to write")
     p.add_argument("--eval", required=True, help="09_eval.csv to write")
     p.add_argument("--subconcepts", required=True, help="folder for the sub-concept mosaics")
-    p.add_argument("--crops", type=int, default=20, help="top crops per neuron that are embedded "
-                   "(clarity, polysemanticity, redundancy, sub-concepts)")
     p.add_argument("--poly-threshold", type=float, default=POLY_THRESHOLD,
                    help="neurons with at least this polysemanticity are split into sub-concepts")
     p.add_argument("--max-subconcepts", type=int, default=3, choices=[2, 3],
@@ -409,23 +392,22 @@ def _mean(values) -> float:
 
 
 def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mosaics: Path,
-        descriptions: Path, embeddings: Path, scores_out: Path, summary_out: Path,
-        eval_out: Path, subconcepts: Path, crops: int = 20, poly_threshold: float = POLY_THRESHOLD,
+        descriptions: Path, embeddings: Path, crop_vectors: Path, scores_out: Path,
+        summary_out: Path, eval_out: Path, subconcepts: Path,
+        poly_threshold: float = POLY_THRESHOLD,
         max_subconcepts: int = 3, describe_args: str = "--backend offline",
         matcher: str = "offline", text_model: str = "all-MiniLM-L6-v2",
         eval_model: str = "all-mpnet-base-v2", seed: int = 0, device: str = "auto",
-        image_embedder=None, matcher_obj=None, eval_embedder=None,
-        args: dict | None = None) -> dict:
+        matcher_obj=None, eval_embedder=None, args: dict | None = None) -> dict:
     """Score every neuron; return {"scores": rows, "summary": rows, "eval": rows}.
 
-    ``image_embedder``, ``matcher_obj`` and ``eval_embedder`` replace the ones this function would
-    load — tests pass small ones.
+    ``matcher_obj`` and ``eval_embedder`` replace the ones this function would load — tests pass
+    small ones.
     """
     from common import scores as S
-    from common.embedders import load_image_embedder
     from common.triage import triage_layer
     inputs = read_inputs(activations, stats_dir, images, predictions, mosaics, descriptions,
-                         embeddings)
+                         embeddings, crop_vectors)
     meta_file = scores_out.parent / f"{STAGE}.meta.json"
     sweep_temporaries(scores_out.parent, subconcepts)  # what a killed earlier run left half-written
     retract_meta(meta_file)  # until the new one is written, 09 counts as not done
@@ -433,17 +415,16 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     # 1. Triage
     triage = {layer: triage_layer(layer_max_stats(stats_dir, layer)) for layer in inputs.layers}
 
-    # 2. Interpretability
-    embedder = image_embedder or load_image_embedder(inputs.image_model, device=device)
-    if inputs.image_embedder_name and embedder.name != inputs.image_embedder_name:
-        log.warning("04 embedded images with %s, 09 with %s (its weights are not here)",
-                    inputs.image_embedder_name, embedder.name)
-    vectors = crop_vectors(inputs, embedder, crops)
+    # 2. Interpretability, on the vectors 04 gave the top crops (no embedding here)
+    embedder = inputs.crops.embedder
+    vectors = {(layer, c): inputs.crops.of(layer, c)
+               for layer in inputs.layers for c in range(inputs.tops[layer].channels)}
+    dim = inputs.crops.arrays["vectors"].shape[1]
     interp: dict[tuple[str, int], dict] = {}
     for layer in inputs.layers:
         keys = [(layer, c) for c in range(inputs.tops[layer].channels)]
         means = np.stack([vectors[k].mean(axis=0) if len(vectors[k]) else
-                          np.zeros(embedder.dim) for k in keys])
+                          np.zeros(dim) for k in keys])
         red = S.redundancy(means)
         for k, r in zip(keys, red):
             interp[k] = {"clarity": S.clarity(vectors[k]),
@@ -464,7 +445,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     subconcepts.mkdir(parents=True, exist_ok=True)
     sub_text: dict[tuple[str, int], str] = {}
     if groups:
-        index = write_subconcept_mosaics(inputs, groups, subconcepts, crops, inputs.metas)
+        index = write_subconcept_mosaics(inputs, groups, subconcepts, inputs.metas)
         levels = {}
         for (layer, channel), labels in groups.items():
             level = int(inputs.descriptions.get((layer, channel), {}).get("level") or 1)
@@ -537,7 +518,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                        "clarity": _num(interp[key]["clarity"]),
                        "polysemanticity": _num(interp[key]["polysemanticity"]),
                        "redundancy": _num(interp[key]["redundancy"]),
-                       "embedder": embedder.name, "matcher": match.name,
+                       "embedder": embedder, "matcher": match.name,
                        "n_crops": len(vectors[key])}
                 if sub:
                     members = vectors[key][labels == sub - 1]
@@ -573,7 +554,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             "mean_control_corr": _num(_mean(r.get("control_corr", "") for r in mine)),
             "share_beating_control": _num(np.mean([r["beats_control"] for r in verified])
                                           if verified else float("nan"), 3),
-            "matcher": match.name, "embedder": embedder.name})
+            "matcher": match.name, "embedder": embedder})
 
     # 5. Final-layer benchmark
     names = inputs.class_names
@@ -594,7 +575,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     write_csv(eval_out, eval_rows, EVAL_FIELDS)
     write_meta(meta_file, STAGE, dict(args or {}),
                outputs=[scores_out, summary_out, eval_out], inputs=inputs.metas,
-               embedder=embedder.name, embedder_space=embedder.space, matcher=match.name,
+               embedder=embedder, embedder_space=inputs.crops.space, matcher=match.name,
                n_subconcept_neurons=len(groups), poly_threshold=poly_threshold,
                eval_layer=layer_out, eval_report=report,
                describer_saw_class_names=inputs.describer_backend == "offline")
@@ -614,8 +595,9 @@ def main(argv=None):
     setup_logging(args.verbose)
     keep_freed_memory()
     run(Path(args.activations), Path(args.stats_dir), Path(args.images), Path(args.predictions),
-        Path(args.mosaics), Path(args.descriptions), Path(args.embeddings), Path(args.scores),
-        Path(args.summary), Path(args.eval), Path(args.subconcepts), crops=args.crops,
+        Path(args.mosaics), Path(args.descriptions), Path(args.embeddings),
+        Path(args.crop_vectors), Path(args.scores), Path(args.summary), Path(args.eval),
+        Path(args.subconcepts),
         poly_threshold=args.poly_threshold, max_subconcepts=args.max_subconcepts,
         describe_args=args.describe_args, matcher=args.matcher, text_model=args.text_model,
         eval_model=args.eval_model, seed=args.seed, device=args.device, args=vars(args))

@@ -148,36 +148,99 @@ class CnnImageEmbedder:
         return l2_normalise(np.concatenate(out))
 
 
-def embed_crops(embedder, crops: Sequence, desc: str = "crops") -> np.ndarray:
-    """Vectors of many image crops (PIL images) → float32 (n, dim), unit rows, in input order.
+def embed_distinct_crops(embedder, crops: Sequence, desc: str = "crops"
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors of many image crops (PIL images), each distinct crop (by its pixels) embedded once:
+    → (float32 (u, dim) unit rows of the distinct crops in order of first appearance, int64 (n,)
+    the row of each input crop).
 
-    Each distinct crop (by its pixels) is embedded once: deep layers' crops are often whole images
-    shared by many neurons. A CNN embedder gets each crop at its own size (at least MIN_CROP_PX;
-    the network pools globally, so small crops need not be blown up to the training resolution),
-    batched by size; other embedders (CLIP) resize crops themselves.
+    Deep layers' crops are often whole images shared by many neurons. A CNN embedder gets each crop
+    at its own size (at least MIN_CROP_PX; the network pools globally, so small crops need not be
+    blown up to the training resolution), batched by size; other embedders (CLIP) resize crops
+    themselves.
     """
     import hashlib
     from tqdm import tqdm
     keys = [hashlib.blake2b(c.tobytes(), digest_size=16).digest() + bytes(str(c.size), "ascii")
             for c in crops]
     distinct = dict(zip(keys, crops))
+    row = {key: i for i, key in enumerate(distinct)}
     groups: dict[int, list[bytes]] = {}
     for key, crop in distinct.items():
         size = max(MIN_CROP_PX, crop.width) if embedder.space == "cnn" else 0
         groups.setdefault(size, []).append(key)
-    vectors: dict[bytes, np.ndarray] = {}
+    vectors = np.zeros((len(distinct), embedder.dim), np.float32)
     with tqdm(total=len(distinct), desc=desc, unit="crop", disable=None) as bar:
         for size, group in groups.items():
             for start in range(0, len(group), 256):
                 chunk = group[start:start + 256]
                 images = [distinct[k] for k in chunk]
                 out = embedder.encode(images, size=size) if size else embedder.encode(images)
-                vectors.update(zip(chunk, out))
+                vectors[[row[k] for k in chunk]] = out
                 bar.update(len(chunk))
     log.info("%s: %d distinct of %d crops embedded", desc, len(distinct), len(crops))
-    if not crops:
-        return np.zeros((0, embedder.dim), np.float32)
-    return np.stack([vectors[k] for k in keys]).astype(np.float32)
+    return vectors, np.array([row[k] for k in keys], np.int64)
+
+
+def embed_crops(embedder, crops: Sequence, desc: str = "crops") -> np.ndarray:
+    """Vectors of many image crops (PIL images) → float32 (n, dim), unit rows, in input order;
+    each distinct crop embedded once (``embed_distinct_crops``)."""
+    vectors, rows = embed_distinct_crops(embedder, crops, desc)
+    return vectors[rows]
+
+
+class CropVectors:
+    """The per-crop image vectors 04 keeps (``04_crops.npz``): every neuron's top crops, each
+    distinct crop stored once.
+
+    Arrays: ``layer`` (str, N), ``channel`` (int64, N), ``index`` (int64, N × K: row of ``vectors``
+    of the neuron's k-th best crop, −1 past its last crop), ``vectors`` (float32, U × dim, unit
+    rows), ``embedder`` and ``space`` (0-d str: the image embedder's name and space).
+    """
+
+    def __init__(self, arrays: dict):
+        """Wrap the arrays of a crop-vectors file (see the class docstring)."""
+        self.arrays = arrays
+        self.embedder = str(arrays["embedder"])
+        self.space = str(arrays["space"])
+        self.max_crops = int(arrays["index"].shape[1])
+        self._row = {(str(layer), int(ch)): i
+                     for i, (layer, ch) in enumerate(zip(arrays["layer"], arrays["channel"]))}
+
+    @classmethod
+    def build(cls, keys: Sequence[tuple[str, int]], counts: Sequence[int], vectors: np.ndarray,
+              rows: np.ndarray, embedder) -> "CropVectors":
+        """From ``embed_distinct_crops`` over the neurons' crops laid end to end: ``keys`` (layer,
+        channel) and ``counts`` (crops of each neuron, in that order)."""
+        width = max(counts, default=0)
+        index = np.full((len(keys), width), -1, np.int64)
+        start = 0
+        for i, count in enumerate(counts):
+            index[i, :count] = rows[start:start + count]
+            start += count
+        return cls({"layer": np.array([k[0] for k in keys], dtype=str),
+                    "channel": np.array([int(k[1]) for k in keys], np.int64), "index": index,
+                    "vectors": np.asarray(vectors, np.float32), "embedder": np.array(embedder.name),
+                    "space": np.array(embedder.space)})
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "CropVectors":
+        """Load ``04_crops.npz``, refusing a file without the expected arrays."""
+        from common.io import load_npz
+        arrays = load_npz(path)
+        missing = {"layer", "channel", "index", "vectors", "embedder", "space"} - set(arrays)
+        if missing:
+            raise StageError(f"{path} lacks {sorted(missing)}: it comes from an older 04; re-run "
+                             f"04_embed.py (make all)")
+        return cls(arrays)
+
+    def of(self, layer: str, channel: int) -> np.ndarray:
+        """The neuron's crop vectors, best crop first (0 × dim when it has none)."""
+        i = self._row.get((layer, int(channel)))
+        if i is None:
+            return np.zeros((0, self.arrays["vectors"].shape[1]), np.float32)
+        index = self.arrays["index"][i]
+        return self.arrays["vectors"][index[index >= 0]]
 
 
 def _load_clip(name: str, device: str):

@@ -227,10 +227,11 @@ def test_final_layer_eval_and_its_shuffled_control():
 
 
 def test_stage_on_the_fake_model(tmp_path, image_folder):
-    """01 and 02 run for real on the fake model; 03/04 files are written here; 09 writes the
+    """01 and 02 run for real on the fake model; 03's file is written here and 04 runs for real
+    with the fake model's conv1 feature as its image embedder (04_crops.npz); 09 writes the
     contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
     a process) describe the sub-concept mosaics, with held-out verification beside a control."""
-    from common.io import save_npz, write_csv
+    from common.io import write_csv
     from common.provenance import read_meta, write_meta
     run_dir = tmp_path / "run"
     load_stage("01_extract").main([
@@ -249,17 +250,16 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
                backend="offline")
-    save_npz(run_dir / "04_embeddings.npz", {"layer": np.array(["relu1"])})
-    write_meta(run_dir / "04_embed.meta.json", "04_embed", {"image_model": "cnn"},
-               [run_dir / "04_embeddings.npz"], [read_meta(run_dir / "03_descriptions.csv")],
-               image_model="fake-conv1")
+    load_stage("04_embed").run(run_dir / "03_descriptions.csv", run_dir / "02_mosaics.csv",
+                               run_dir / "04_embeddings.npz", text_embedder=WordsText(),
+                               image_embedder=ConvFeature(), crop_vectors_n=9)
     none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
     result = score.run(
         run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
         run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
         run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
-        run_dir / "09_scores.csv", run_dir / "09_summary.csv", run_dir / "09_eval.csv",
-        run_dir / "09_subconcepts", crops=9, poly_threshold=0.0, image_embedder=ConvFeature(),
+        run_dir / "04_crops.npz", run_dir / "09_scores.csv", run_dir / "09_summary.csv",
+        run_dir / "09_eval.csv", run_dir / "09_subconcepts", poly_threshold=0.0,
         matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
         describe_args="--backend offline")
     with open(run_dir / "09_scores.csv", newline="") as fh:
@@ -268,6 +268,7 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     neurons = [r for r in result["scores"] if r["subconcept"] == ""]
     assert [r["channel"] for r in neurons] == [0, 1, 2, 3]
     assert all(r["share"] == 1 and r["embedder"] == "fake-conv1" for r in neurons)
+    assert all(r["n_crops"] == 9 for r in neurons)  # 04 kept 9 crops of each 3 × 3 mosaic
     subs = [r for r in result["scores"] if r["subconcept"] != ""]
     assert subs, "poly threshold 0 splits every neuron with enough crops"
     described = {(r["layer"], int(r["channel"])): r
