@@ -208,22 +208,29 @@ def _safe(layer: str) -> str:
     return layer.replace("/", "_").replace(os.sep, "_")
 
 
-def describe_subconcepts(index: Path, folder: Path, describe_args: str,
-                         levels: dict[str, int]) -> dict[tuple[str, int], str]:
-    """Run 03_describe.py on the sub-concept mosaics with ``describe_args`` → (pseudo-layer,
-    channel) → sentence. Levels are those 03 gave the neurons' real layers."""
+def start_describing(index: Path, folder: Path, describe_args: str,
+                     levels: dict[str, int]) -> subprocess.Popen:
+    """Start 03_describe.py on the sub-concept mosaics with ``describe_args`` (levels: those 03
+    gave the neurons' real layers); it runs while 09 scores the neurons' own sentences."""
     out = folder / "03_descriptions.csv"
     command = [sys.executable, str(ROOT / "03_describe.py"), "--mosaics", str(index),
                "--out", str(out), *shlex.split(describe_args),
                "--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
     log.info("describing %d sub-concepts with 03_describe.py", len(read_csv(index)))
-    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    if result.returncode != 0:
-        raise StageError(f"03_describe.py failed on the sub-concept mosaics ({index}):\n"
-                         f"{result.stderr[-2000:]}")
+    # 03's log goes to a file, not a pipe: an unread pipe would block it once full.
+    with open(folder / "03_describe.log", "w") as stream:
+        return subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                                text=True)
+
+
+def finish_describing(process: subprocess.Popen, index: Path,
+                      folder: Path) -> dict[tuple[str, int], str]:
+    """Wait for the 03 process of ``start_describing`` → (pseudo-layer, channel) → sentence."""
+    if process.wait() != 0:
+        tail = (folder / "03_describe.log").read_text(errors="replace")[-2000:]
+        raise StageError(f"03_describe.py failed on the sub-concept mosaics ({index}):\n{tail}")
     return {(r["layer"], int(r["channel"])): r["description"] if r["status"] == "ok" else ""
-            for r in read_csv(out)}
+            for r in read_csv(folder / "03_descriptions.csv")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +286,66 @@ def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
         differ = [i for i in others if sentences[i].text != s.text]
         pool = differ or others
         s.control = int(rng.choice(pool)) if pool else -1
+
+
+def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, match,
+                    seed: int) -> tuple[dict[str, list[Sentence]], dict[str, np.ndarray]]:
+    """Every sentence to verify, with its control, and the matcher's scores of each on the usable
+    images → (layer → sentences, layer → images × sentences).
+
+    The neurons' own sentences are scored first, while ``describing`` (the 03 process, or None)
+    writes the sub-concepts' sentences; the window features of the layers with sub-concepts are
+    kept, so that those sentences are then scored without decoding the images again. Each
+    distinct sentence of a layer is scored once (controls are other neurons' sentences).
+    """
+    geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
+                                                int(inputs.tops[layer].fmap[2])))
+                for layer in inputs.layers}
+    usable_ids = np.flatnonzero(inputs.usable)
+    own = {layer: sorted({r["description"] for (lay, _), r in inputs.descriptions.items()
+                          if lay == layer and r["status"] == "ok" and r["description"].strip()})
+           for layer in inputs.layers}
+    with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
+        def progress(items):
+            """Advance the bar per image."""
+            for item in items:
+                yield item
+                bar.update()
+        scored = match.score(own, [inputs.image_paths[i] for i in usable_ids], inputs.input_size,
+                             geometry, progress, keep=sorted({layer for layer, _ in groups}))
+    column = {layer: {text: scored[layer][:, j] for j, text in enumerate(texts)}
+              for layer, texts in own.items()}
+    sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder) \
+        if describing is not None else {}
+
+    sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
+    for layer in inputs.layers:
+        top = inputs.tops[layer]
+        for channel in range(top.channels):
+            row = inputs.descriptions.get((layer, channel))
+            m = inputs.mosaics.get((layer, channel))
+            shown = top.image_ids[channel, :int(m["n_tiles"]) if m else 0]
+            if row and row["status"] == "ok" and row["description"].strip():
+                sentences[layer].append(Sentence(layer, channel, 0, row["description"], shown))
+            for s in range(int(groups[(layer, channel)].max()) + 1 if (layer, channel) in groups
+                           else 0):
+                text = sub_text.get((f"{layer}#{s + 1}", channel), "")
+                ranks = np.flatnonzero(groups[(layer, channel)] == s)
+                sentences[layer].append(Sentence(layer, channel, s + 1, text,
+                                                 top.image_ids[channel, ranks]))
+    for layer in inputs.layers:  # one stream per layer: a layer's controls do not depend on others
+        pick_controls(sentences[layer], np.random.default_rng([seed, zlib.crc32(layer.encode())]))
+    more = {layer: sorted({s.text for s in sents if s.text} - set(own[layer]))
+            for layer, sents in sentences.items()}
+    more = {layer: texts for layer, texts in more.items() if texts}
+    if more:
+        for layer, scores in match.score_more(more).items():
+            column[layer].update({text: scores[:, j] for j, text in enumerate(more[layer])})
+    blank = np.zeros(len(usable_ids))  # a sentence without words is never verified
+    matrix = {layer: np.stack([column[layer][s.text] if s.text else blank for s in sents], axis=1)
+              if sents else np.zeros((len(usable_ids), 0))
+              for layer, sents in sentences.items()}
+    return sentences, matrix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +510,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     log.info("%d neurons at or above polysemanticity %.2f split into sub-concepts", len(groups),
              poly_threshold)
     subconcepts.mkdir(parents=True, exist_ok=True)
-    sub_text: dict[tuple[str, int], str] = {}
+    describing = None
     if groups:
         index = write_subconcept_mosaics(inputs, groups, subconcepts, inputs.metas)
         levels = {}
@@ -451,47 +518,17 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             level = int(inputs.descriptions.get((layer, channel), {}).get("level") or 1)
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
-        sub_text = describe_subconcepts(index, subconcepts, describe_args, levels)
+        describing = start_describing(index, subconcepts, describe_args, levels)
 
-    # 4. Verification
-    sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
-    for layer in inputs.layers:
-        top = inputs.tops[layer]
-        for channel in range(top.channels):
-            row = inputs.descriptions.get((layer, channel))
-            m = inputs.mosaics.get((layer, channel))
-            shown = top.image_ids[channel, :int(m["n_tiles"]) if m else 0]
-            if row and row["status"] == "ok" and row["description"].strip():
-                sentences[layer].append(Sentence(layer, channel, 0, row["description"], shown))
-            for s in range(int(groups[(layer, channel)].max()) + 1 if (layer, channel) in groups
-                           else 0):
-                text = sub_text.get((f"{layer}#{s + 1}", channel), "")
-                ranks = np.flatnonzero(groups[(layer, channel)] == s)
-                sentences[layer].append(Sentence(layer, channel, s + 1, text,
-                                                 top.image_ids[channel, ranks]))
-    for layer in inputs.layers:  # one stream per layer: a layer's controls do not depend on others
-        pick_controls(sentences[layer], np.random.default_rng([seed, zlib.crc32(layer.encode())]))
+    # 4. Verification (the neurons' own sentences are scored while 03 describes the sub-concepts)
     match = matcher_obj or load_matcher(matcher, inputs, text_model, device)
-    geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
-                                                int(inputs.tops[layer].fmap[2])))
-                for layer in inputs.layers}
     usable_ids = np.flatnonzero(inputs.usable)
-    with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
-        def progress(items):
-            """Advance the bar per image."""
-            for item in items:
-                yield item
-                bar.update()
-        # Many sentences of a layer are the same words (controls are other neurons' sentences):
-        # each distinct sentence is scored once.
-        distinct = {layer: sorted({s.text for s in sents if s.text})
-                    for layer, sents in sentences.items()}
-        scored = match.score(distinct, [inputs.image_paths[i] for i in usable_ids],
-                             inputs.input_size, geometry, progress)
-    matrix = {layer: scored[layer][:, [distinct[layer].index(s.text) if s.text else 0
-                                       for s in sents]] if distinct[layer] else
-              np.zeros((len(usable_ids), len(sents)))
-              for layer, sents in sentences.items()}
+    try:
+        sentences, matrix = score_sentences(inputs, groups, describing, subconcepts, match, seed)
+    finally:
+        if describing is not None and describing.poll() is None:
+            describing.kill()  # 09 failed before 03 finished: leave no process behind
+            describing.wait()
 
     rows: list[dict] = []
     for layer in inputs.layers:

@@ -52,6 +52,7 @@ def main(argv=None) -> None:
                      "--mosaics", str(run / "02_mosaics.csv"),
                      "--descriptions", str(run / "03_descriptions.csv"),
                      "--embeddings", str(run / "04_embeddings.npz"),
+                     "--crop-vectors", str(run / "04_crops.npz"),
                      "--scores", str(work / "09_scores.csv"),
                      "--summary", str(work / "09_summary.csv"),
                      "--eval", str(work / "09_eval.csv"),
