@@ -191,6 +191,34 @@ def test_true_description_beats_its_control_and_a_wrong_one_does_not(tmp_path):
         assert not wrong["corr"] > right["corr"]
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_sentences_scored_later_score_as_in_one_pass(tmp_path, monkeypatch, kept):
+    """score_more (09 scores sub-concept sentences after the neurons') gives each sentence exactly
+    what one score() call over all sentences gives: from the kept window features, or, when they
+    would not fit in KEEP_BYTES, from a second pass over the images; an unreadable image stays
+    NaN."""
+    import common.matchers as M
+    paths, _ = planted_images(tmp_path, n=12)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths.append(str(tmp_path / "broken.png"))
+    if not kept:
+        monkeypatch.setattr(M, "KEEP_BYTES", 0)
+    none = np.full((len(paths), 5), -1)
+    geometry = {"relu1": (np.array([3.0, 3, 1, 1, 0, 0]), (32, 32))}
+    first, later = ["Red patches.", "Vertical edges."], ["Plain gray, cat.", "Dark red stripes."]
+    def matcher():
+        """A fresh offline matcher over the test images."""
+        return OfflineMatcher(WordsText(), ["tench", "cat", "shark"], none,
+                              np.zeros((len(paths), 5)))
+    together = matcher().score({"relu1": first + later}, paths, 32, geometry)["relu1"]
+    m = matcher()
+    m.score({"relu1": first}, paths, 32, geometry, keep=["relu1"])
+    assert bool(m._kept) == kept
+    got = m.score_more({"relu1": later})["relu1"]
+    assert np.array_equal(got, together[:, 2:], equal_nan=True)
+    assert np.isnan(got[-1]).all() and np.isfinite(got[:-1]).all()
+
+
 def test_clip_matcher_is_the_cosine_of_the_two_towers(tmp_path):
     """The clip matcher scores image i for sentence j as cos(image tower(i), text tower(j))."""
     from common.embedders import ClipEmbedder
@@ -200,11 +228,27 @@ def test_clip_matcher_is_the_cosine_of_the_two_towers(tmp_path):
     text = ClipEmbedder(model, pre, "tiny", "text", torch.device("cpu"))
     image = ClipEmbedder(model, pre, "tiny", "image", torch.device("cpu"))
     paths, _ = planted_images(tmp_path, n=6)
-    got = ClipMatcher(text, image).score({"L": ["a red square", "stripes"]}, paths, 32)["L"]
+    matcher = ClipMatcher(text, image)
+    got = matcher.score({"L": ["a red square", "stripes"]}, paths, 32)["L"]
     expected = image.encode([Image.open(p).convert("RGB") for p in paths]) @ \
         text.encode(["a red square", "stripes"]).T
     assert got.shape == (6, 2)
     assert np.allclose(got, expected, atol=1e-5)
+    later = matcher.score_more({"L": ["stripes"]})["L"]  # the same images, not embedded again
+    assert np.allclose(later[:, 0], expected[:, 1], atol=1e-5)
+
+
+def test_integral_image_is_the_summed_area_table():
+    """integral_image equals the zero-padded double cumsum bit for bit, and a window's sum read
+    from it equals the brute-force sum."""
+    from common.appearance import integral_image
+    maps = np.random.default_rng(0).random((9, 7, 4))
+    table = integral_image(maps)
+    reference = np.zeros((10, 8, 4))
+    reference[1:, 1:] = maps.cumsum(0).cumsum(1)
+    assert np.array_equal(table, reference)
+    window = table[6, 5] - table[2, 5] - table[6, 1] + table[2, 1]
+    assert np.allclose(window, maps[2:6, 1:5].sum(axis=(0, 1)))
 
 
 def test_final_layer_eval_and_its_shuffled_control():
