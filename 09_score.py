@@ -295,8 +295,9 @@ def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, m
 
     The neurons' own sentences are scored first, while ``describing`` (the 03 process, or None)
     writes the sub-concepts' sentences; the window features of the layers with sub-concepts are
-    kept, so that those sentences are then scored without decoding the images again. Each
-    distinct sentence of a layer is scored once (controls are other neurons' sentences).
+    kept, so that those sentences are then scored without decoding the images again. When they
+    would not fit in memory, 03 is waited for first and every sentence is scored in one pass.
+    Each distinct sentence of a layer is scored once (controls are other neurons' sentences).
     """
     geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
                                                 int(inputs.tops[layer].fmap[2])))
@@ -305,6 +306,14 @@ def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, m
     own = {layer: sorted({r["description"] for (lay, _), r in inputs.descriptions.items()
                           if lay == layer and r["status"] == "ok" and r["description"].strip()})
            for layer in inputs.layers}
+    keep = sorted({layer for layer, _ in groups})
+    sub_text = None
+    if describing is not None and not match.keeps(keep, len(usable_ids), inputs.input_size,
+                                                  geometry):
+        sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder)
+        for layer in inputs.layers:
+            own[layer] = sorted(set(own[layer]) | {text for (lay, _), text in sub_text.items()
+                                                   if lay.rsplit("#", 1)[0] == layer and text})
     with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
         def progress(items):
             """Advance the bar per image."""
@@ -312,11 +321,12 @@ def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, m
                 yield item
                 bar.update()
         scored = match.score(own, [inputs.image_paths[i] for i in usable_ids], inputs.input_size,
-                             geometry, progress, keep=sorted({layer for layer, _ in groups}))
+                             geometry, progress, keep=keep if sub_text is None else ())
     column = {layer: {text: scored[layer][:, j] for j, text in enumerate(texts)}
               for layer, texts in own.items()}
-    sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder) \
-        if describing is not None else {}
+    if sub_text is None:
+        sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder) \
+            if describing is not None else {}
 
     sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
     for layer in inputs.layers:

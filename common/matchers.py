@@ -179,10 +179,9 @@ class OfflineMatcher:
                    for layer in set(sentences_by_layer) | set(keep)}
         scales = self._feature_scales(paths, input_size, windows)
         n = len(paths)
-        size = sum(n * len(windows[layer]) * len(FEATURES) * 8 for layer in keep)
-        if keep and size > KEEP_BYTES:
-            log.info("window features of %d images would take %d MiB: more sentences will need "
-                     "another pass over the images", n, size >> 20)
+        if not self.keeps(keep, n, input_size, layer_geometry):
+            log.info("window features of %d images would take over %d MiB: more sentences will "
+                     "need another pass over the images", n, KEEP_BYTES >> 20)
             keep = ()
         self._kept = {layer: np.full((n, len(windows[layer]), len(FEATURES)), np.nan)
                       for layer in keep}
@@ -204,6 +203,15 @@ class OfflineMatcher:
                     appearance[layer][i] = (feats @ w).max(axis=0)
         return {layer: self._combine(sents, weights[layer], appearance[layer])
                 for layer, sents in sentences_by_layer.items()}
+
+    @staticmethod
+    def keeps(layers: Sequence[str], n_images: int, input_size: int,
+              layer_geometry: dict[str, tuple[np.ndarray, tuple[int, int]]]) -> bool:
+        """Whether ``score`` can keep the window features of ``layers`` for ``n_images`` images
+        (float64, at most KEEP_BYTES)."""
+        size = sum(n_images * len(layer_windows(*layer_geometry[layer], input_size)) *
+                   len(FEATURES) * 8 for layer in layers)
+        return size <= KEEP_BYTES
 
     def score_more(self, sentences_by_layer: dict[str, list[str]],
                    progress: Callable[[Iterable], Iterable] = lambda it: it
@@ -290,6 +298,11 @@ class ClipMatcher:
         """Both towers of one CLIP model (``common.embedders.ClipEmbedder``)."""
         self.text_tower, self.image_tower = text_tower, image_tower
         self._vectors: np.ndarray | None = None  # image vectors of the last score() call
+
+    @staticmethod
+    def keeps(layers: Sequence[str], n_images: int, input_size: int, layer_geometry=None) -> bool:
+        """Always: the image vectors (one per image) are kept whatever the layers."""
+        return True
 
     def score(self, sentences_by_layer: dict[str, list[str]], paths: Sequence[str],
               input_size: int, layer_geometry=None,

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from common import scores as S
+from common import matchers
 from common.matchers import OfflineMatcher, appearance_weights, has_object_words
 from common.triage import DNR_K, triage_layer
 from conftest import FAKE_MODEL, load_stage, make_image
@@ -270,7 +271,7 @@ def test_final_layer_eval_and_its_shuffled_control():
 # The stage end to end on the fake model
 
 
-def test_stage_on_the_fake_model(tmp_path, image_folder):
+def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     """01 and 02 run for real on the fake model; 03's file is written here and 04 runs for real
     with the fake model's conv1 feature as its image embedder (04_crops.npz); 09 writes the
     contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
@@ -333,6 +334,19 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     assert result["eval"] == []
     meta = read_meta(run_dir / "09_scores.csv")
     assert meta["stage"] == "09_score" and "02_mosaics" in meta["lineage"]
+
+    # Window features too big to keep: 09 waits for 03 and scores every sentence in one pass,
+    # with the same results.
+    monkeypatch.setattr(matchers, "KEEP_BYTES", 0)
+    again = score.run(
+        run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
+        run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
+        run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
+        run_dir / "04_crops.npz", run_dir / "09_scores.csv", run_dir / "09_summary.csv",
+        run_dir / "09_eval.csv", run_dir / "09_subconcepts", poly_threshold=0.0,
+        matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
+        describe_args="--backend offline")
+    assert again["scores"] == result["scores"]
 
 
 def test_controls_are_other_neurons_with_other_words():
