@@ -299,14 +299,18 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
                                run_dir / "04_embeddings.npz", text_embedder=WordsText(),
                                image_embedder=ConvFeature(), crop_vectors_n=9)
     none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
-    result = score.run(
-        run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
-        run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
-        run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
-        run_dir / "04_crops.npz", run_dir / "09_scores.csv", run_dir / "09_summary.csv",
-        run_dir / "09_eval.csv", run_dir / "09_subconcepts", poly_threshold=0.0,
-        matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
-        describe_args="--backend offline")
+
+    def run_09():
+        """Stage 09 on the run (every neuron split: polysemanticity threshold 0)."""
+        return score.run(
+            run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
+            run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
+            run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
+            run_dir / "04_crops.npz", run_dir / "09_scores.csv", run_dir / "09_summary.csv",
+            run_dir / "09_eval.csv", run_dir / "09_subconcepts", poly_threshold=0.0,
+            matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
+            describe_args="--backend offline")
+    result = run_09()
     with open(run_dir / "09_scores.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert header[:len(score.SCORE_FIELDS)] == score.SCORE_FIELDS
@@ -338,14 +342,7 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     # Window features too big to keep: 09 waits for 03 and scores every sentence in one pass,
     # with the same results.
     monkeypatch.setattr(matchers, "KEEP_BYTES", 0)
-    again = score.run(
-        run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
-        run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
-        run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
-        run_dir / "04_crops.npz", run_dir / "09_scores.csv", run_dir / "09_summary.csv",
-        run_dir / "09_eval.csv", run_dir / "09_subconcepts", poly_threshold=0.0,
-        matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
-        describe_args="--backend offline")
+    again = run_09()
     assert again["scores"] == result["scores"]
 
 
