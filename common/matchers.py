@@ -13,7 +13,9 @@ cannot be decoded get NaN rows.
   * object words: the analysed model's own top-5 predictions for the image (01_predictions.csv),
     each class name embedded with the text embedder; the image's score is the probability-weighted
     cosine between the sentence and its predicted class names (minus the sentence's mean cosine
-    over all classes). It sees only what the classifier's classes can name.
+    over all classes), where a sentence naming several things (split into ``phrases``) counts, for
+    each class, its best-matching phrase — a class named in a list is not diluted by the rest.
+    It sees only what the classifier's classes can name.
   * appearance words (colour names, vertical / horizontal / diagonal, edges, stripes, texture,
     contrast, bright / dark, smooth, mixed colours): measured in every receptive-field window of the
     layer (one per feature-map cell, at ANALYSIS_PX resolution) and the best window kept, as the
@@ -93,6 +95,16 @@ def appearance_weights(sentence: str) -> np.ndarray:
     return w / total if total > 0 else w
 
 
+def phrases(sentence: str) -> list[str]:
+    """The sentence's parts (split at commas, semicolons, "and", "or"), each without filler
+    words, for the object part to compare one named thing at a time with a class name; the whole
+    sentence when no part has content left."""
+    parts = re.split(r"[,;:.]|\band\b|\bor\b", sentence.lower())
+    kept = [" ".join(w for w in words(part) if w not in _FILLER) for part in parts]
+    kept = [part for part in kept if part]
+    return kept or [sentence]
+
+
 def has_object_words(sentence: str) -> bool:
     """True when the sentence has a content word that is neither an appearance word nor filler."""
     return any(t not in _WORDS and t not in _FILLER and len(t) > 2 for t in words(sentence))
@@ -155,11 +167,19 @@ class OfflineMatcher:
         self._last: tuple | None = None         # the last score()'s images and geometry
 
     def _object_scores(self, sentences: Sequence[str]) -> np.ndarray:
-        """N × S: probability-weighted cosine between each sentence and the image's top-5 names."""
+        """N × S: probability-weighted cosine between each sentence (its best phrase per class)
+        and the image's top-5 names."""
         if self._class_vectors is None:
             self._class_vectors = self.text_embedder.encode(
                 [name.replace("_", " ") for name in self.class_names])
-        cos = self.text_embedder.encode(list(sentences)) @ self._class_vectors.T  # S × C
+        pieces = [phrases(s) for s in sentences]
+        flat = [p for ps in pieces for p in ps]
+        vectors = self.text_embedder.encode(flat) if flat else np.zeros((0, 1))
+        cos = np.zeros((len(sentences), len(self.class_names)))
+        start = 0
+        for i, ps in enumerate(pieces):
+            cos[i] = (vectors[start:start + len(ps)] @ self._class_vectors.T).max(axis=0)
+            start += len(ps)
         cos = cos - cos.mean(axis=1, keepdims=True)
         valid = self.top5_idx >= 0
         gathered = cos.T[np.where(valid, self.top5_idx, 0)]  # N × 5 × S

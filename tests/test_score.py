@@ -192,6 +192,23 @@ def test_true_description_beats_its_control_and_a_wrong_one_does_not(tmp_path):
         assert not wrong["corr"] > right["corr"]
 
 
+def test_object_part_compares_each_named_thing_with_the_class_names():
+    """A sentence naming several things is split into phrases (filler words dropped), and an
+    image's object score is its classes' best cosine with any phrase, minus the sentence's mean
+    over all classes — so an image of one named thing scores as if the sentence named it alone."""
+    assert matchers.phrases("Top images classified as dog, cat and car.") == ["dog", "cat", "car"]
+    assert matchers.phrases("Top images of the.") == ["Top images of the."]  # nothing left
+    names = ["cat", "red", "plain"]
+    idx = np.array([[0, -1, -1, -1, -1], [1, -1, -1, -1, -1]])
+    prob = np.array([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]])
+    got = OfflineMatcher(WordsText(), names, idx, prob)._object_scores(["dog, cat and car."])
+    text = WordsText()
+    best = (text.encode(["dog", "cat", "car"]) @ text.encode(names).T).max(axis=0)
+    expected = best - best.mean()
+    assert got[:, 0] == pytest.approx(expected[:2], abs=1e-6)
+    assert got[0, 0] > got[1, 0]  # the cat image, not the red one
+
+
 @pytest.mark.parametrize("kept", [True, False])
 def test_sentences_scored_later_score_as_in_one_pass(tmp_path, monkeypatch, kept):
     """score_more (09 scores sub-concept sentences after the neurons') gives each sentence exactly
