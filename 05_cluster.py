@@ -39,7 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import atomic_path, read_csv, write_csv
+from common.artefacts import (CategoryRow, ClusterRow, Embeddings, KeywordRow, KSearchRow,
+                              MetricRow, columns, order_layers, read_descriptions,
+                              read_embeddings, read_layer_order)
+from common.io import atomic_path, write_csv
 from common.provenance import merge_lineage, read_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.05_cluster")
@@ -123,56 +126,28 @@ def parse_categories(text: str) -> dict[str, str]:
     return categories
 
 
-def read_layer_order(activations_path: str | Path | None) -> list[str]:
-    """The model's layer order from 01_activations.npz (only its ``layers`` array is read)."""
-    if activations_path is None:
-        return []
-    path = Path(activations_path)
-    if not path.exists():
-        raise StageError(f"{path} does not exist; drop --activations to order layers by the "
-                         "descriptions file instead")
-    with np.load(path, allow_pickle=False) as data:
-        if "layers" not in data.files:
-            raise StageError(f"{path} has no 'layers' array; is it an 01_activations.npz?")
-        return [str(name) for name in data["layers"]]
-
-
-def order_layers(found: list[str], model_order: list[str]) -> list[str]:
-    """Layers of ``found`` (first-appearance order) sorted by ``model_order`` where it knows them."""
-    rank = {name: i for i, name in enumerate(model_order)}
-    first = {name: i for i, name in enumerate(dict.fromkeys(found))}
-    return sorted(first, key=lambda name: (rank.get(name, len(rank)), first[name]))
-
-
 def load_layers(descriptions_path: str | Path, embeddings_path: str | Path,
-                model_order: list[str]) -> tuple[list[LayerData], dict[str, np.ndarray], dict]:
+                model_order: list[str]) -> tuple[list[LayerData], Embeddings, dict]:
     """Join descriptions and embeddings on (layer, channel) and split them by layer.
 
     Only neurons with an ``ok`` description, an embedding row, and finite, non-zero text and fused
     vectors are kept; the others are counted in the returned ``skipped`` dict. Vectors are
     re-normalised so that dot products are cosines even if a row was stored slightly off unit length.
-    Also returns the raw npz arrays (for the embedder name).
+    Also returns the embeddings read (for the embedder name).
     """
-    rows = read_csv(descriptions_path)
-    missing = {"layer", "channel", "description", "status"} - set(rows[0] if rows else {})
-    if not rows or missing:
-        raise StageError(f"{descriptions_path} is empty or lacks columns {sorted(missing)}; "
-                         "re-run 03_describe")
-    npz = dict(np.load(embeddings_path, allow_pickle=False))
-    for key in ("layer", "channel", *KINDS):
-        if key not in npz:
-            raise StageError(f"{embeddings_path} has no '{key}' array; re-run 04_embed")
-    index = {(str(layer), int(ch)): i
-             for i, (layer, ch) in enumerate(zip(npz["layer"], npz["channel"]))}
+    rows = read_descriptions(descriptions_path)
+    if not rows:
+        raise StageError(f"{descriptions_path} lists no neuron; re-run 03_describe")
+    emb = read_embeddings(embeddings_path)
+    index = {key: i for i, key in enumerate(emb.keys())}
     skipped = {"failed description": 0, "no embedding": 0, "bad vector": 0, "duplicate row": 0}
     picked: dict[str, list[tuple[int, str, int]]] = {}
     seen = set()
     for row in rows:
-        text = (row.get("description") or "").strip()
-        if row["status"] != "ok" or not text:
+        if not row.ok:
             skipped["failed description"] += 1
             continue
-        key = (row["layer"], int(row["channel"]))
+        key = row.key
         if key in seen:
             skipped["duplicate row"] += 1
             continue
@@ -181,23 +156,23 @@ def load_layers(descriptions_path: str | Path, embeddings_path: str | Path,
             skipped["no embedding"] += 1
             continue
         i = index[key]
-        norms = [np.linalg.norm(npz[kind][i]) for kind in KINDS]
+        norms = [np.linalg.norm(getattr(emb, kind)[i]) for kind in KINDS]
         if not all(np.isfinite(n) and n > 0 for n in norms):
             skipped["bad vector"] += 1
             continue
-        picked.setdefault(row["layer"], []).append((key[1], text, i))
+        picked.setdefault(row.layer, []).append((row.channel, row.description.strip(), i))
     layers = []
-    found = [r["layer"] for r in rows if r["layer"] in picked]
+    found = [r.layer for r in rows if r.layer in picked]
     for name in order_layers(found, model_order):
         items = sorted(picked[name])
         idx = np.array([i for _, _, i in items])
         vectors = {}
         for kind in KINDS:
-            mat = np.asarray(npz[kind][idx], dtype=np.float64)
+            mat = np.asarray(getattr(emb, kind)[idx], dtype=np.float64)
             vectors[kind] = mat / np.linalg.norm(mat, axis=1, keepdims=True)
         layers.append(LayerData(name, np.array([c for c, _, _ in items], dtype=np.int64),
                                 [t for _, t, _ in items], vectors))
-    return layers, npz, skipped
+    return layers, emb, skipped
 
 
 def cosine_distance_matrix(x: np.ndarray) -> np.ndarray:
@@ -473,7 +448,7 @@ def classify_embedding(vectors: np.ndarray, categories: dict[str, str],
     return [names[i] for i in best], [float(sims[r, i]) for r, i in enumerate(best)]
 
 
-def assign_categories(layers: list[LayerData], npz: dict, categories: dict[str, str],
+def assign_categories(layers: list[LayerData], emb: Embeddings, categories: dict[str, str],
                       nli_model: str | None, classifier, text_embedder, text_embedder_name,
                       device: str) -> tuple[list[str], list[float], str]:
     """Category and score of every neuron (layers in order), and the method used.
@@ -493,8 +468,8 @@ def assign_categories(layers: list[LayerData], npz: dict, categories: dict[str, 
             from common.embedders import load_text_embedder
             text_embedder = load_text_embedder(text_embedder_name, device=device)
         method = f"embedding:{text_embedder.name}"
-        stored_model = str(npz.get("text_model", ""))
-        if stored_model == text_embedder.name and npz["text"].shape[1] == text_embedder.dim:
+        stored_model = emb.text_model
+        if stored_model == text_embedder.name and emb.text.shape[1] == text_embedder.dim:
             vectors = np.vstack([data.vectors["text"] for data in layers])
         else:
             log.info("04's text embeddings come from %r, not %r: encoding the descriptions again",
@@ -637,8 +612,9 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
         input_metas.append(read_meta(activations_path))
     merge_lineage(input_metas)  # fail before any work when the inputs come from different runs
 
-    layers, npz, skipped = load_layers(descriptions_path, embeddings_path,
-                                       read_layer_order(activations_path))
+    layers, emb, skipped = load_layers(descriptions_path, embeddings_path,
+                                       read_layer_order(activations_path) if activations_path
+                                       else [])
     if not layers:
         raise StageError(f"no neuron has both an 'ok' description and an embedding "
                          f"(skipped: {skipped}); check 03_describe and 04_embed")
@@ -693,7 +669,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
             plot_keywords(data.layer, layer_terms, plot_dir / f"{stem}_keywords.png")
     progress.close()
 
-    best, scores, method = assign_categories(layers, npz, categories, nli_model, classifier,
+    best, scores, method = assign_categories(layers, emb, categories, nli_model, classifier,
                                              text_embedder, text_embedder_name, device)
     unknown = sorted(set(best) - set(categories))
     if unknown:
@@ -713,15 +689,14 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
         plot_categories(shares, list(categories), method, plot_dir / "categories.png")
 
     outputs = {
-        "05_clusters.csv": (cluster_rows, ["layer", "channel", "kind", "cluster", "x", "y"]),
-        "05_metrics.csv": (metric_rows, ["layer", "kind", "k", "cohesion", "silhouette",
-                                         "davies_bouldin", "ari_text_fused"]),
-        "05_ksearch.csv": (ksearch_rows, ["layer", "kind", "k", "silhouette", "inertia", "chosen"]),
-        "05_keywords.csv": (keyword_rows, ["layer", "kind", "cluster", "rank", "term", "weight"]),
-        "05_categories.csv": (category_rows, ["layer", "channel", "category", "score", "method"]),
+        "05_clusters.csv": (cluster_rows, ClusterRow),
+        "05_metrics.csv": (metric_rows, MetricRow),
+        "05_ksearch.csv": (ksearch_rows, KSearchRow),
+        "05_keywords.csv": (keyword_rows, KeywordRow),
+        "05_categories.csv": (category_rows, CategoryRow),
     }
-    for name, (rows, columns) in outputs.items():
-        write_csv(out_dir / name, rows, columns)
+    for name, (rows, row_type) in outputs.items():
+        write_csv(out_dir / name, rows, columns(row_type))
     args = {"descriptions": str(descriptions_path), "embeddings": str(embeddings_path),
             "activations": str(activations_path) if activations_path else None,
             "k_min": k_min, "k_max": k_max, "n_init": n_init, "grid_points": grid_points,

@@ -23,6 +23,7 @@ Example:
         --activations data/demo/01_activations.npz --out-dir data/demo --follow yellow
 """
 import argparse
+import collections
 import html
 import logging
 from dataclasses import dataclass
@@ -31,13 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import atomic_path, read_csv, write_csv, write_text
+from common.artefacts import TraceLink, columns, order_layers, read_clusters, read_keywords, \
+    read_layer_order
+from common.io import atomic_path, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.06_trace")
 
-TRACE_COLUMNS = ["source_layer", "source_cluster", "source_keywords", "target_layer",
-                 "target_cluster", "target_keywords", "similarity"]
 LABEL_TERMS = 3  # keywords shown in a node label (hover shows all --n-keywords)
 PNG_LABEL_CHARS = 38  # longer node labels are cut in the PNG
 LINK_GREY = "rgba(140, 140, 140, 0.35)"  # ordinary links
@@ -71,20 +72,6 @@ class Link:
     similarity: float
 
 
-def read_layer_order(activations_path) -> list[str]:
-    """The model's layer order from 01_activations.npz (only its ``layers`` array is read)."""
-    if activations_path is None:
-        return []
-    path = Path(activations_path)
-    if not path.exists():
-        raise StageError(f"{path} does not exist; drop --activations to use the order of "
-                         "05_clusters.csv")
-    with np.load(path, allow_pickle=False) as data:
-        if "layers" not in data.files:
-            raise StageError(f"{path} has no 'layers' array; is it an 01_activations.npz?")
-        return [str(name) for name in data["layers"]]
-
-
 def load_clusters(clusters_path, keywords_path, kind: str,
                   model_order: list[str]) -> dict[str, list[Cluster]]:
     """Clusters of the given kind per layer, layers in model order, clusters by id.
@@ -92,21 +79,16 @@ def load_clusters(clusters_path, keywords_path, kind: str,
     Layers unknown to ``model_order`` keep their order of first appearance in 05_clusters.csv,
     after the known ones.
     """
-    rows = [r for r in read_csv(clusters_path) if r["kind"] == kind]
+    rows = [r for r in read_clusters(clusters_path) if r.kind == kind]
     if not rows:
         raise StageError(f"{clusters_path} has no rows of kind {kind!r}; use --kind text or fused")
-    sizes: dict[tuple[str, int], int] = {}
-    for r in rows:
-        key = (r["layer"], int(r["cluster"]))
-        sizes[key] = sizes.get(key, 0) + 1
+    sizes = collections.Counter((r.layer, r.cluster) for r in rows)
     terms: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    for r in read_csv(keywords_path):
-        if r["kind"] == kind and r["cluster"] != "all":
-            terms.setdefault((r["layer"], int(r["cluster"])), []).append((int(r["rank"]), r["term"]))
-    rank = {name: i for i, name in enumerate(model_order)}
-    first = {name: i for i, name in enumerate(dict.fromkeys(r["layer"] for r in rows))}
+    for r in read_keywords(keywords_path):
+        if r.kind == kind and r.cluster is not None:
+            terms.setdefault((r.layer, r.cluster), []).append((r.rank, r.term))
     layers: dict[str, list[Cluster]] = {}
-    for name in sorted(first, key=lambda n: (rank.get(n, len(rank)), first[n])):
+    for name in order_layers((r.layer for r in rows), model_order):
         layers[name] = [Cluster(name, c, sizes[(layer, c)],
                                 [t for _, t in sorted(terms.get((layer, c), []))])
                         for layer, c in sorted(k for k in sizes if k[0] == name)]
@@ -333,7 +315,8 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
         input_metas.append(read_meta(activations_path))
     merge_lineage(input_metas)
 
-    layers = load_clusters(clusters_path, keywords_path, kind, read_layer_order(activations_path))
+    layers = load_clusters(clusters_path, keywords_path, kind,
+                           read_layer_order(activations_path) if activations_path else [])
     if text_embedder is None:
         from common.embedders import load_text_embedder
         text_embedder = load_text_embedder(text_embedder_name, device=device)
@@ -359,7 +342,7 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
              "source_keywords": link.source.text(n_keywords), "target_layer": link.target.layer,
              "target_cluster": link.target.cluster, "target_keywords": link.target.text(n_keywords),
              "similarity": f"{link.similarity:.6f}"} for link in links]
-    write_csv(out_dir / "06_trace.csv", rows, TRACE_COLUMNS)
+    write_csv(out_dir / "06_trace.csv", rows, columns(TraceLink))
     title = (f"concept flow between layers ({kind} clusters, cosine ≥ {threshold:g})"
              + (f"; path of '{follow}' in red" if follow else ""))
     fig, pos, drawn = build_figure(layers, links, path, n_keywords, title)

@@ -29,9 +29,10 @@ from typing import TextIO
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import load_npz, write_csv, write_text
+from common.artefacts import description_texts, read_descriptions, read_embeddings, read_mosaics
+from common.io import write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
-from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
+from common.report import esc, html_page, html_table, img_tag
 
 log = logging.getLogger("neuron-atlas.07_search")
 
@@ -74,21 +75,12 @@ class NeuronIndex:
 
 def load_index(path: Path, descriptions_path: Path, mosaics_path: Path) -> NeuronIndex:
     """Read 04_embeddings.npz and join the description and mosaic of each neuron."""
-    if not path.exists():
-        raise StageError(f"{path} not found: run stage 04 first (make embed RUN=…)")
-    arrays = load_npz(path)
-    layers = arrays["layer"].astype(str)
-    channels = arrays["channel"].astype(np.int64)
-    image = arrays.get("image")
-    if image is not None and (image.ndim != 2 or image.shape[1] == 0):
-        image = None
-    descriptions = read_descriptions(descriptions_path)
-    mosaics = read_mosaics(mosaics_path)
-    keys = list(zip(layers.tolist(), channels.tolist()))
-    return NeuronIndex(layers=layers, channels=channels,
-                       text=np.asarray(arrays["text"], dtype=np.float32),
-                       image=None if image is None else np.asarray(image, dtype=np.float32),
-                       text_model=str(arrays["text_model"]), image_model=str(arrays["image_model"]),
+    emb = read_embeddings(path)
+    descriptions = description_texts(read_descriptions(descriptions_path, required=False))
+    mosaics = {m.key: m.path for m in read_mosaics(mosaics_path, required=False)}
+    keys = emb.keys()
+    return NeuronIndex(layers=emb.layer, channels=emb.channel, text=emb.text, image=emb.image,
+                       text_model=emb.text_model, image_model=emb.image_model,
                        descriptions=[descriptions.get(k, "") for k in keys],
                        mosaics=[mosaics.get(k) for k in keys])
 

@@ -1,6 +1,6 @@
-"""Showing neurons to people: a run's descriptions and mosaics, and small HTML builders.
+"""Showing neurons to people: small HTML builders.
 
-Used by the stages that print or render lists of neurons (07 search, 08 debug). Descriptions are
+Used by the stages that render lists of neurons (07 search, 08 debug). Descriptions are
 written by a model, so they are untrusted text: every builder here escapes what it is given, and
 only HTML made by these functions themselves (image tags) is inserted raw.
 """
@@ -14,8 +14,6 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from common.io import read_csv
-
 log = logging.getLogger("neuron-atlas.report")
 
 THUMB_PX = 384  # longest side of an image embedded in a self-contained HTML page
@@ -28,38 +26,6 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 img{max-width:100%} .note{background:#fff7d6;padding:.5em .8em;border-left:4px solid #e0b400}
 code{background:#f3f3f3;padding:0 .2em}
 """
-
-
-def read_descriptions(path: str | Path) -> dict[tuple[str, int], str]:
-    """``(layer, channel) → description`` from 03_descriptions.csv (failed rows give "").
-
-    A missing file gives an empty mapping and a warning: the stages that show descriptions still
-    work, the neurons are then shown without text.
-    """
-    path = Path(path)
-    if not path.exists():
-        log.warning("%s not found: neurons are shown without descriptions", path)
-        return {}
-    out: dict[tuple[str, int], str] = {}
-    for row in read_csv(path):
-        key = (row["layer"], int(row["channel"]))
-        text = row.get("description", "") if row.get("status", "ok") == "ok" else ""
-        if text or key not in out:
-            out[key] = text
-    return out
-
-
-def read_mosaics(path: str | Path) -> dict[tuple[str, int], Path]:
-    """``(layer, channel) → mosaic file`` from 02_mosaics.csv (paths relative to its folder).
-
-    A missing file gives an empty mapping and a warning, as for the descriptions.
-    """
-    path = Path(path)
-    if not path.exists():
-        log.warning("%s not found: neurons are shown without mosaics", path)
-        return {}
-    return {(row["layer"], int(row["channel"])): path.parent / row["path"]
-            for row in read_csv(path)}
 
 
 def esc(value) -> str:

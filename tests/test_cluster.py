@@ -52,14 +52,14 @@ def write_inputs(tmp_path, layers, failed=()):
     rows, names, channels, text, fused = [], [], [], [], []
     for layer, (descs, t, f) in layers.items():
         for ch, d in enumerate(descs):
-            rows.append({"layer": layer, "channel": ch, "level": "low", "description": d,
+            rows.append({"layer": layer, "channel": ch, "level": 1, "description": d,
                          "backend": "fake", "model": "fake", "status": "ok", "reason": ""})
             names.append(layer)
             channels.append(ch)
         text.append(t)
         fused.append(f)
     for layer, ch in failed:
-        rows.append({"layer": layer, "channel": ch, "level": "low", "description": "",
+        rows.append({"layer": layer, "channel": ch, "level": 1, "description": "",
                      "backend": "fake", "model": "fake", "status": "failed", "reason": "timeout"})
     desc = tmp_path / "03_descriptions.csv"
     write_csv(desc, rows, ["layer", "channel", "level", "description", "backend", "model",

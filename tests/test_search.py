@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from common.cli import StageError
-from common.io import read_csv, save_npz, write_csv
+from common.artefacts import Description, Embeddings, Mosaic, columns, write_embeddings
+from common.io import read_csv, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
 
@@ -76,25 +77,22 @@ def make_run(tmp_path, descriptions=None, image_model="fake-colour"):
     colours = MeanColour()
     text = bow.encode(descriptions)
     image = colours.encode([Image.new("RGB", (4, 4), n[3]) for n in NEURONS])
-    save_npz(run_dir / "04_embeddings.npz", {
-        "layer": np.array([n[0] for n in NEURONS]), "channel": np.array([n[1] for n in NEURONS]),
-        "text": text, "image": image, "fused": np.concatenate([text, image], axis=1),
-        "text_model": np.array("fake-bow"), "image_model": np.array(image_model),
-        "fusion": np.array("concat")})
+    write_embeddings(run_dir / "04_embeddings.npz", Embeddings(
+        layer=np.array([n[0] for n in NEURONS]), channel=np.array([n[1] for n in NEURONS]),
+        text=text, image=image, fused=np.concatenate([text, image], axis=1),
+        text_model="fake-bow", image_model=image_model, fusion="concat"))
     mosaic_rows = []
     for layer, ch, _, colour in NEURONS:
         rel = f"02_mosaics/{layer}/{ch}.png"
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), colour).save(run_dir / rel)
-        mosaic_rows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": "1x1",
+        mosaic_rows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": 1,
                             "tile_px": 8, "crop": "rf"})
-    write_csv(run_dir / "02_mosaics.csv", mosaic_rows,
-              ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"])
-    desc_rows = [{"layer": n[0], "channel": n[1], "level": "low", "description": d,
+    write_csv(run_dir / "02_mosaics.csv", mosaic_rows, columns(Mosaic))
+    desc_rows = [{"layer": n[0], "channel": n[1], "level": 1, "description": d,
                   "backend": "fake", "model": "fake", "status": "ok" if d else "failed",
                   "reason": "" if d else "no answer"} for n, d in zip(NEURONS, descriptions)]
-    write_csv(run_dir / "03_descriptions.csv", desc_rows,
-              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
+    write_csv(run_dir / "03_descriptions.csv", desc_rows, columns(Description))
     m2 = write_meta(run_dir / "02_mosaics.meta.json", "02_mosaics", {},
                     [run_dir / "02_mosaics.csv"])
     m3 = write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
