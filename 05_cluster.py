@@ -16,7 +16,9 @@ Writes, in --out-dir
 For every layer and embedding kind, KMeans is fitted for a bracketing set of k values and the k with
 the best cosine silhouette is kept: a geometric grid over [--k-min, --k-max] first, then finer
 grids around the best peaks of the curve until their neighbours are all fitted: tens of fits
-instead of one per k. Metrics: cohesion (mean pairwise cosine inside a cluster, averaged over the
+instead of one per k. Neurons whose embeddings are (nearly) identical — the same sentence — are
+one KMeans point weighted by their number, so they share a cluster and cost one point. Metrics (of
+all neurons, each counting once): cohesion (mean pairwise cosine inside a cluster, averaged over the
 clusters with two or more members), cosine silhouette, Davies–Bouldin, and the adjusted Rand index
 between the text and the fused partitions of the layer. Keywords: TF-IDF with one document per
 neuron, English stop words and method filler ("neuron", "patches", "image"…) removed. Categories:
@@ -50,10 +52,12 @@ log = logging.getLogger("neuron-atlas.05_cluster")
 KINDS = ("text", "fused")  # embedding kinds clustered, in this order
 NLI_TEMPLATE = "This neuron responds to {}."  # hypothesis the NLI model scores for each category
 PHRASE_TEMPLATE = "a neuron that responds to {}"  # sentence embedded per category in the fallback
+DUPLICATE_COSINE = 0.9999  # embeddings at least this close are one point with a weight in KMeans
 SEARCH_TOLERANCE = 0.05  # a second silhouette peak this close to the best is refined too
 SEARCH_PEAKS = 2  # peaks refined per round of the k search (the best and the runner-up)
 UMAP_MIN_POINTS = 5  # below this, a 2-D PCA is used instead of UMAP (UMAP needs a neighbour graph)
 MAP_POINT_SIZE = 12  # marker size on the 2-D maps
+TOKEN_PATTERN = r"(?u)\b[^\W\d_]{2,}(?:-[^\W\d_]+)*\b"  # words of 2+ letters; man-made: one term
 KEYWORD_BARS = 20  # terms shown in the per-layer keyword chart (all --n-keywords are in the CSV)
 
 DEFAULT_CATEGORIES = {  # name -> phrase that the embedding fallback compares descriptions with
@@ -71,8 +75,9 @@ DEFAULT_CATEGORIES = {  # name -> phrase that the embedding fallback compares de
                        "circles or fur",
 }
 
-# Words that every description of this pipeline uses to talk about the method rather than the
-# concept; left in, they would top every layer's keyword list.
+# Words about the method rather than the concept, in the vocabulary of the prompts any describer
+# answers, and hedges; left in, they would top every layer's keyword list. A describer's own
+# template words are found in the run itself (``template_words``).
 FILLER_WORDS = frozenset("""
 neuron neurons patch patches image images picture pictures photo photos mosaic mosaics crop crops
 tile tiles layer layers selective selectivity activate activates activated activating activation
@@ -82,8 +87,9 @@ showing depict depicts depicting feature features featuring featured contain con
 various variety visible like including include includes typically often mostly mainly
 predominantly primarily generally focus focused focusing present presence seen common commonly
 different multiple distinct recognizable specific particular related overall example examples
-classified classifier confidence top mix also such
-""".split())  # the last line: the wording of the offline describer's deep-layer sentences
+mix also such mostly
+""".split())
+TEMPLATE_SHARE = 0.8  # a word in more than this share of two layers' descriptions is describer wording
 
 
 @dataclass
@@ -175,14 +181,6 @@ def load_layers(descriptions_path: str | Path, embeddings_path: str | Path,
     return layers, emb, skipped
 
 
-def cosine_distance_matrix(x: np.ndarray) -> np.ndarray:
-    """Pairwise cosine distances of unit rows, clipped at 0 with an exact zero diagonal."""
-    dist = 1.0 - x @ x.T
-    np.clip(dist, 0.0, 2.0, out=dist)
-    np.fill_diagonal(dist, 0.0)
-    return dist
-
-
 def cohesion(x: np.ndarray, labels: np.ndarray) -> float:
     """Mean over clusters of the mean pairwise cosine between a cluster's members.
 
@@ -201,8 +199,41 @@ def cohesion(x: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def fit_kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray, float]:
-    """KMeans labels and inertia for one k (seeded, so reruns give the same partition)."""
+@dataclass
+class Deduplicated:
+    """A layer's vectors with near-identical rows merged into one weighted point."""
+    points: np.ndarray   # one row per group: the mean of its members
+    weights: np.ndarray  # members per group
+    inverse: np.ndarray  # group of each original row
+
+
+def deduplicate(x: np.ndarray) -> Deduplicated:
+    """Group the unit rows of ``x`` whose cosine is at least DUPLICATE_COSINE (greedy, in row order:
+    each row not yet grouped takes every ungrouped row that close to it).
+
+    Identical descriptions have identical embeddings; a layer where hundreds of neurons say the
+    same sentence is then clustered as a handful of weighted points. A group of one keeps its row
+    exactly, so a layer without duplicates is clustered as before.
+    """
+    close = (x @ x.T) >= DUPLICATE_COSINE
+    group = np.full(len(x), -1, dtype=np.int64)
+    n_groups = 0
+    for i in range(len(x)):
+        if group[i] < 0:
+            group[close[i] & (group < 0)] = n_groups
+            n_groups += 1
+    weights = np.bincount(group, minlength=n_groups)
+    points = np.zeros((n_groups, x.shape[1]))
+    np.add.at(points, group, x)
+    return Deduplicated(points / weights[:, None], weights, group)
+
+
+def fit_kmeans(data: Deduplicated, k: int, seed: int, n_init: int) -> tuple[np.ndarray, float]:
+    """KMeans labels (of the original rows) and inertia for one k, seeded.
+
+    KMeans runs on the merged points weighted by their multiplicity: for exact duplicates this is
+    the same objective as on every row, at the cost of the distinct rows only.
+    """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
@@ -210,8 +241,9 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarra
         # near-duplicate embeddings make KMeans warn about empty clusters; silhouette judges that k
         warnings.simplefilter("ignore", ConvergenceWarning)
         # float32 halves the memory traffic of Lloyd iterations; cosines need no more precision
-        model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x.astype(np.float32))
-    return model.labels_.astype(np.int64), float(model.inertia_)
+        model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(
+            data.points.astype(np.float32), sample_weight=data.weights)
+    return model.labels_.astype(np.int64)[data.inverse], float(model.inertia_)
 
 
 def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
@@ -224,19 +256,18 @@ def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
     return float(silhouette_score(dist, labels, metric="precomputed"))
 
 
-def k_range(x: np.ndarray, k_min: int, k_max: int) -> tuple[int, int, str]:
-    """The k values that can be tried on ``x``, and why none can when the range is empty.
+def k_range(n: int, distinct: int, k_min: int, k_max: int) -> tuple[int, int, str]:
+    """The k values that can be tried on ``n`` rows of which ``distinct`` differ, and why none can
+    when the range is empty.
 
     The silhouette needs 2 ≤ k ≤ n − 1, and KMeans cannot find more clusters than distinct points.
     """
-    n = len(x)
-    distinct = len(np.unique(np.round(x, 6), axis=0))
     hi = min(k_max, n - 1, distinct)
     lo = max(k_min, 2)
     if hi >= lo:
         return lo, hi, ""
     if distinct == 1 and n > 1:
-        reason = f"all {n} embeddings are identical (identical descriptions?)"
+        reason = f"all {n} embeddings are (nearly) identical (identical descriptions?)"
     elif distinct < n:
         reason = f"only {distinct} distinct embeddings among {n} neurons"
     else:
@@ -253,7 +284,7 @@ def candidate_ks(lo: int, hi: int, points: int, geometric: bool) -> list[int]:
     return sorted({int(round(v)) for v in grid} | {lo, hi})
 
 
-def search_k(x: np.ndarray, dist: np.ndarray, lo: int, hi: int, seed: int, n_init: int,
+def search_k(data: Deduplicated, dist: np.ndarray, lo: int, hi: int, seed: int, n_init: int,
              points: int) -> tuple[int, np.ndarray, dict[int, tuple[float, float]]]:
     """Find the k in [lo, hi] with the highest silhouette by coarse-to-fine bracketing.
 
@@ -269,7 +300,7 @@ def search_k(x: np.ndarray, dist: np.ndarray, lo: int, hi: int, seed: int, n_ini
     todo = candidate_ks(lo, hi, points, geometric=True)
     while todo:
         for k in todo:
-            labels, inertia = fit_kmeans(x, k, seed, n_init)
+            labels, inertia = fit_kmeans(data, k, seed, n_init)
             curve[k] = (silhouette(dist, labels), inertia)
             labels_of[k] = labels
         fitted = sorted(curve)
@@ -292,18 +323,23 @@ def cluster_layer(x: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int,
                   points: int) -> Clustering:
     """Choose k, cluster ``x`` (unit rows) and compute the quality figures of the partition.
 
+    Near-identical rows are clustered once, with their multiplicity (``deduplicate``), so they
+    always share a cluster. Every figure is that of the partition of all neurons, each counting
+    once: silhouette, cohesion and Davies–Bouldin are computed over every row, duplicates
+    included (as if nothing had been merged); only KMeans and its inertia see the merged points.
     When no k can be tried (too few neurons, identical embeddings) every neuron goes to cluster 0
     and ``note`` says why; silhouette and Davies–Bouldin are then undefined (NaN).
     """
     from sklearn.metrics import davies_bouldin_score
+    from sklearn.metrics.pairwise import cosine_distances
 
-    lo, hi, reason = k_range(x, k_min, k_max)
+    data = deduplicate(x)
+    lo, hi, reason = k_range(len(x), len(data.points), k_min, k_max)
     if reason:
         labels = np.zeros(len(x), dtype=np.int64)
         return Clustering(1, labels, cohesion(x, labels), float("nan"), float("nan"),
                           note=f"{reason}: all neurons put in one cluster")
-    dist = cosine_distance_matrix(x)
-    k, labels, curve = search_k(x, dist, lo, hi, seed, n_init, points)
+    k, labels, curve = search_k(data, cosine_distances(x), lo, hi, seed, n_init, points)
     sil = curve[k][0]
     n_labels = len(np.unique(labels))
     dbi = davies_bouldin_score(x, labels) if 2 <= n_labels < len(x) else float("nan")
@@ -328,14 +364,13 @@ def project_2d(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
             return reducer.fit_transform(x).astype(np.float64), "umap"
     if method == "umap":
         log.info("only %d neurons: using PCA instead of UMAP for the 2-D map", n)
-    centred = x - x.mean(axis=0)
     coords = np.zeros((n, 2))
     if n >= 2:
-        # SVD gives the principal axes directly; the sign is fixed for reproducible maps
-        u, s, _ = np.linalg.svd(centred, full_matrices=False)
-        m = min(2, len(s))
-        signs = np.sign(u[np.argmax(np.abs(u[:, :m]), axis=0), range(m)])
-        coords[:, :m] = u[:, :m] * s[:m] * np.where(signs == 0, 1, signs)
+        from sklearn.decomposition import PCA
+
+        # the full SVD is exact and deterministic; scikit-learn fixes the sign of each axis
+        m = min(2, x.shape[1])
+        coords[:, :m] = PCA(n_components=m, svd_solver="full").fit_transform(x)
     return coords, "pca"
 
 
@@ -344,6 +379,29 @@ def english_stop_words() -> frozenset[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     return frozenset(ENGLISH_STOP_WORDS)
+
+
+def template_words(layers: list[list[str]]) -> frozenset[str]:
+    """Words that more than TEMPLATE_SHARE of the descriptions of each of two layers or more contain.
+
+    A concept is rarely shared by most neurons of two layers, but a describer's template ("top
+    images classified as …", "the patches show …") is: this finds the template of whatever
+    describer wrote the descriptions, without a list per describer. A run of one layer has none.
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    counter = CountVectorizer(lowercase=True, binary=True, token_pattern=TOKEN_PATTERN)
+    try:
+        present = counter.fit_transform([d for layer in layers for d in layer])
+    except ValueError:  # no word at all
+        return frozenset()
+    common = np.zeros(present.shape[1], dtype=int)
+    start = 0
+    for layer in layers:
+        share = np.asarray(present[start:start + len(layer)].mean(axis=0)).ravel()
+        common += share > TEMPLATE_SHARE
+        start += len(layer)
+    return frozenset(str(w) for w in counter.get_feature_names_out()[common >= 2])
 
 
 def tfidf_matrix(descriptions: list[str], stop_words: frozenset[str]):
@@ -355,7 +413,7 @@ def tfidf_matrix(descriptions: list[str], stop_words: frozenset[str]):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(stop_words=sorted(stop_words), lowercase=True,
-                                 token_pattern=r"(?u)\b[^\W\d_]{2,}(?:-[^\W\d_]+)*\b")  # man-made: one term
+                                 token_pattern=TOKEN_PATTERN)
     try:
         matrix = vectorizer.fit_transform(descriptions)
     except ValueError:
@@ -625,7 +683,11 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
         log.warning("only one layer (%s): clusters are made, but 06_trace will have nothing "
                     "to link", layers[0].layer)
 
-    stop_words = frozenset(english_stop_words() | FILLER_WORDS | {w.lower() for w in extra_stop_words})
+    template = template_words([data.descriptions for data in layers])
+    if template:
+        log.info("describer wording left out of the keywords: %s", ", ".join(sorted(template)))
+    stop_words = frozenset(english_stop_words() | FILLER_WORDS | template
+                           | {w.lower() for w in extra_stop_words})
     cluster_rows, metric_rows, ksearch_rows, keyword_rows, category_rows = [], [], [], [], []
     notes: dict[str, str] = {}
     methods_used: dict[str, dict[str, str]] = {}
@@ -706,6 +768,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
     return write_meta(out_dir / "05_cluster.meta.json", "05_cluster", args,
                       [out_dir / name for name in outputs], inputs=input_metas,
                       category_method=method, projection_used=methods_used,
+                      describer_wording=sorted(template),
                       degenerate=notes, skipped=skipped)
 
 

@@ -38,6 +38,7 @@ THRESHOLD   ?= 0.5#                        06 smallest cosine kept as a link bet
 FOLLOW      ?=#                            06 concept whose path is printed and highlighted (FOLLOW=yellow)
 QUERY       ?=#                            07 query for `make search` (empty: interactive)
 HITS        ?= 10#                         07 neurons listed per query
+SCORING     ?= cosine#                     07 text ranking: cosine | baseline | neuron (README: measured)
 TRUE        ?=#                            08 true class to debug: name, label or index (empty: automatic)
 PRED        ?=#                            08 class it is mistaken for (empty: its most frequent)
 MIN_ERRORS  ?= 5#                          08 auto: least misclassified images of a pair
@@ -167,7 +168,7 @@ debug: $(CONFUSION) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED=
 
 search: $(EMBEDDINGS) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
-	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
+	    --mosaics $(MOSAICS) --top-k $(HITS) --scoring $(SCORING) --device $(DEVICE) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions

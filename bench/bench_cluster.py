@@ -46,6 +46,7 @@ def main(argv=None) -> float:
     parser.add_argument("--threads", type=int, default=0,
                         help="BLAS/OpenMP threads (0: the libraries' default)")
     args = parser.parse_args(argv)
+    from sklearn.metrics.pairwise import cosine_distances
     from threadpoolctl import threadpool_limits
 
     stage = load_stage("05_cluster")
@@ -66,10 +67,11 @@ def main(argv=None) -> float:
         search_seconds, search_k, search_fits = seconds, res.k, len(res.curve)
         print(f"search total over {len(SIZES)} layers: {total:.2f} s")
 
-        lo, hi, _ = stage.k_range(x, args.k_min, args.k_max)
-        dist = stage.cosine_distance_matrix(x)
+        data = stage.deduplicate(x)
+        lo, hi, _ = stage.k_range(len(x), len(data.points), args.k_min, args.k_max)
+        dist = cosine_distances(x)
         start = time.perf_counter()
-        sweep = {k: stage.silhouette(dist, stage.fit_kmeans(x, k, 0, args.n_init)[0])
+        sweep = {k: stage.silhouette(dist, stage.fit_kmeans(data, k, 0, args.n_init)[0])
                  for k in range(lo, hi + 1)}
         sweep_seconds = time.perf_counter() - start
     best = max(sweep, key=lambda k: (sweep[k], -k))

@@ -117,7 +117,7 @@ def test_text_ranking_known_answers(tmp_path):
     # "cat" matches only L1/1 (cosine 1); "dog ball" is exactly L1/0's description.
     run_dir = make_run(tmp_path)
     out = io.StringIO()
-    rows = find(run_dir, ["cat", "dog ball"], top_k=3, baseline="", text_embedder=BagOfWords(),
+    rows = find(run_dir, ["cat", "dog ball"], top_k=3, scoring="cosine", text_embedder=BagOfWords(),
                 stdout=out)
     assert ranked(rows, "cat")[0] == ("L1", 1)
     assert rows[0]["cosine"] == pytest.approx(1.0, abs=1e-4)
@@ -135,8 +135,8 @@ def test_baseline_demotes_generic_neuron(tmp_path):
     # subtracting the baseline's cosine (0.866 for L2/1, 0 for L2/2) puts the specific one first.
     run_dir = make_run(tmp_path)
     query = "dog picture things"
-    raw = find(run_dir, [query], top_k=2, baseline="", text_embedder=BagOfWords())
-    adjusted = find(run_dir, [query], top_k=2, baseline=BASELINE, text_embedder=BagOfWords())
+    raw = find(run_dir, [query], top_k=2, scoring="cosine", text_embedder=BagOfWords())
+    adjusted = find(run_dir, [query], top_k=2, scoring="baseline", baseline=BASELINE, text_embedder=BagOfWords())
     assert ranked(raw, query)[0] == ("L2", 1)
     assert ranked(adjusted, query)[0] == ("L2", 2)
     assert adjusted[0]["score"] == pytest.approx(1 / np.sqrt(3), abs=1e-3)
@@ -145,7 +145,7 @@ def test_baseline_demotes_generic_neuron(tmp_path):
 
 def test_layer_filter_and_unknown_layer(tmp_path):
     run_dir = make_run(tmp_path)
-    rows = find(run_dir, ["dog ball"], top_k=5, layers=["L2"], baseline="",
+    rows = find(run_dir, ["dog ball"], top_k=5, layers=["L2"], scoring="cosine",
                 text_embedder=BagOfWords())
     assert {layer for layer, _ in ranked(rows, "dog ball")} == {"L2"}
     assert ranked(rows, "dog ball")[0] == ("L2", 2)
@@ -224,3 +224,59 @@ def test_html_escapes_model_text(tmp_path):
     # Mosaics are linked relative to the page, so the page opens from disk.
     assert 'src="../run/02_mosaics/L2/2.png"' in text
     assert (page.parent / "../run/02_mosaics/L2/2.png").exists()
+
+
+def test_ties_at_the_top_k_cut_keep_04s_row_order(tmp_path):
+    # five neurons described alike tie at cosine 1: every cut must keep the first rows of 04
+    run_dir = make_run(tmp_path, descriptions=["dog", "dog", "dog", "dog", "dog", ""])
+    for k in (1, 2, 3, 4):
+        rows = find(run_dir, ["dog"], top_k=k, scoring="cosine", text_embedder=BagOfWords())
+        assert ranked(rows, "dog") == [(n[0], n[1]) for n in NEURONS[:k]]
+
+
+# A labelled case with known answers, written like the offline describer and a VLM would write:
+# 48 vague edge neurons, a texture layer and a deep layer whose shoe neuron is described in
+# generic words ("various objects …"). (layer, description, concept that a query must find first).
+EDGE_COLOURS = ["Gray and white", "Black and white", "Red and black", "Blue and gray",
+                "Brown and white", "Gray, black and white", "Yellow and black", "Green and gray"]
+EDGE_KINDS = ["vertical edges", "horizontal edges", "diagonal edges", "irregular texture",
+              "fine lines", "curved edges"]
+LABELLED = ([("early", f"{c} {k}.", "vertical edges" if k == "vertical edges" else "")
+             for c in EDGE_COLOURS for k in EDGE_KINDS]
+            + [("mid", "Irregular texture in mixed colours.", ""),
+               ("mid", "Black and white stripes.", "stripes"),
+               ("mid", "Fur-like brown texture.", "fur"),
+               ("mid", "Red dots on a white background.", "polka dots"),
+               ("mid", "Various shapes and textures.", ""),
+               ("mid", "A picture of various things.", ""),
+               ("deep", "Various objects in pictures, mostly sneakers and running shoes.", "shoe"),
+               ("deep", "Top images classified as cats, mostly Egyptian cat.", "cat"),
+               ("deep", "Top images classified as food, mostly espresso; also cup.", "coffee"),
+               ("deep", "A dog, often a golden retriever, sometimes with a ball.", "dog"),
+               ("deep", "Large stone buildings such as palaces and castles.", "castle"),
+               ("deep", "Various objects and animals in different scenes.", ""),
+               ("deep", "Top images classified as a mix of man-made objects and food.", ""),
+               ("deep", "Birds perched on branches.", "bird")])
+
+
+def labelled_ranks(scoring: str, embedder) -> dict[str, int]:
+    """Per concept of LABELLED: the rank (1 = first) of its best neuron for the concept as query."""
+    index = search.NeuronIndex(np.array([n[0] for n in LABELLED]), np.arange(len(LABELLED)),
+                               embedder.encode([n[1] for n in LABELLED]), None, embedder.name,
+                               "", [n[1] for n in LABELLED], [None] * len(LABELLED))
+    searcher = search.Searcher(index, embedder, scoring=scoring)
+    ranks = {}
+    for concept in sorted({n[2] for n in LABELLED} - {""}):
+        order = [h["channel"] for h in searcher.search_text(concept, len(LABELLED))]
+        ranks[concept] = 1 + min(order.index(i) for i, n in enumerate(LABELLED) if n[2] == concept)
+    return ranks
+
+
+def test_default_scoring_ranks_the_right_neuron_first_on_the_labelled_case():
+    # with the shipped sentence embedder: the ranking a user gets, not a fake's
+    from common.embedders import load_text_embedder
+    embedder = load_text_embedder(device="cpu")
+    ranks = labelled_ranks(search.DEFAULT_SCORING, embedder)
+    assert ranks == {concept: 1 for concept in ranks}
+    # the user's defect: the baseline sentence pushed the shoe neuron below edge neurons
+    assert labelled_ranks("baseline", embedder)["shoe"] > 1
