@@ -55,6 +55,7 @@ PHRASE_TEMPLATE = "a neuron that responds to {}"  # sentence embedded per catego
 DUPLICATE_COSINE = 0.9999  # embeddings at least this close are one point with a weight in KMeans
 SEARCH_TOLERANCE = 0.05  # a second silhouette peak this close to the best is refined too
 SEARCH_PEAKS = 2  # peaks refined per round of the k search (the best and the runner-up)
+REFINE_POINTS = 4  # k values per bracket in the later rounds, ends included: few costly fits per round
 UMAP_MIN_POINTS = 5  # below this, a 2-D PCA is used instead of UMAP (UMAP needs a neighbour graph)
 MAP_POINT_SIZE = 12  # marker size on the 2-D maps
 TOKEN_PATTERN = r"(?u)\b[^\W\d_]{2,}(?:-[^\W\d_]+)*\b"  # words of 2+ letters; man-made: one term
@@ -288,10 +289,11 @@ def search_k(data: Deduplicated, dist: np.ndarray, lo: int, hi: int, seed: int, 
              points: int) -> tuple[int, np.ndarray, dict[int, tuple[float, float]]]:
     """Find the k in [lo, hi] with the highest silhouette by coarse-to-fine bracketing.
 
-    Round one fits a geometric grid (the best k of a layer can be 5 or 500). Each later round
-    takes the best local peak of the fitted curve, and the runner-up peak if it comes within
-    SEARCH_TOLERANCE of it, and fits a linear grid between each peak's fitted neighbours; it
-    stops when those brackets hold no unfitted k. Refining a runner-up too guards against the
+    Round one fits a geometric grid of ``points`` k values (the best k of a layer can be 5 or
+    500). Each later round takes the best local peak of the fitted curve, and the runner-up peak
+    if it comes within SEARCH_TOLERANCE of it, and fits REFINE_POINTS k values spread between each
+    peak's fitted neighbours; it stops when those brackets hold no unfitted k. Narrow brackets
+    cost fewer of the fits near the best k, the costly ones when that k is large. Refining a runner-up too guards against the
     bumps of a noisy silhouette curve. Ties go to the smaller k. Returns the best k, its
     labels and the curve {k: (silhouette, inertia)} of every k fitted.
     """
@@ -313,7 +315,7 @@ def search_k(data: Deduplicated, dist: np.ndarray, lo: int, hi: int, seed: int, 
         new: set[int] = set()
         for i in sorted(peaks, key=lambda i: -scores[i])[:SEARCH_PEAKS]:
             a, b = fitted[max(i - 1, 0)], fitted[min(i + 1, len(fitted) - 1)]
-            new |= set(candidate_ks(a, b, points, geometric=False))
+            new |= set(candidate_ks(a, b, REFINE_POINTS, geometric=False))
         todo = sorted(new - set(curve))
     best = max(curve, key=lambda k: (curve[k][0] if np.isfinite(curve[k][0]) else -np.inf, -k))
     return best, labels_of[best], curve
@@ -786,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-max", type=int, default=512,
                    help="largest number of clusters tried (capped at neurons − 1 per layer)")
     p.add_argument("--grid-points", type=int, default=8,
-                   help="k values fitted per round of the coarse-to-fine search")
+                   help="k values fitted in the first, geometric round of the k search")
     p.add_argument("--n-init", type=int, default=3, help="KMeans restarts per k")
     p.add_argument("--seed", type=int, default=0, help="seed of KMeans and UMAP")
     p.add_argument("--projection", choices=("umap", "pca"), default="umap",

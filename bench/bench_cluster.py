@@ -4,7 +4,8 @@ Synthetic unit vectors (384-d, like all-MiniLM-L6-v2) with n/20 planted concepts
 clustered exactly as 05 does it (coarse-to-fine silhouette search, KMeans, metrics). The reference
 fits every k of the same range on the largest layer. Printed: seconds and fits per layer, the total,
 the sweep's seconds and the ratio sweep ÷ search on the largest layer, and whether both chose the
-same k.
+same k; then the seconds of a 512-neuron layer whose neurons repeat 40 sentences (identical
+descriptions, one weighted point each).
 
   python bench/bench_cluster.py [--k-max 128] [--n-init 3] [--threads 0]
 """
@@ -22,6 +23,7 @@ from common.stages import load_stage  # noqa: E402
 
 SIZES = (64, 256, 512, 1024, 2048)  # channels of ResNet-50's relu, layer1, layer2, layer3, layer4
 DIM = 384  # text embedding width of all-MiniLM-L6-v2
+DUPLICATED_N, DUPLICATED_DISTINCT = 512, 40  # a layer whose descriptions are mostly repeats
 
 
 def synthetic_layer(n: int, seed: int) -> np.ndarray:
@@ -42,7 +44,8 @@ def main(argv=None) -> float:
     parser.add_argument("--k-max", type=int, default=128,
                         help="largest k (the sweep fits every k up to it on the largest layer)")
     parser.add_argument("--n-init", type=int, default=3, help="KMeans restarts per k")
-    parser.add_argument("--grid-points", type=int, default=8, help="k values per search round")
+    parser.add_argument("--grid-points", type=int, default=8,
+                        help="k values of the search's first round")
     parser.add_argument("--threads", type=int, default=0,
                         help="BLAS/OpenMP threads (0: the libraries' default)")
     args = parser.parse_args(argv)
@@ -82,6 +85,14 @@ def main(argv=None) -> float:
           f"k={search_k}, silhouette={sweep[search_k]:.3f}")
     print(f"ratio exhaustive / search (largest layer): {ratio:.1f}x in time, "
           f"{len(sweep) / search_fits:.1f}x in fits; same k: {'yes' if best == search_k else 'no'}")
+    repeated = synthetic_layer(DUPLICATED_DISTINCT, seed=9)[
+        np.random.default_rng(9).integers(DUPLICATED_DISTINCT, size=DUPLICATED_N)]
+    with threadpool_limits(limit):
+        start = time.perf_counter()
+        res = stage.cluster_layer(repeated, args.k_min, 512, seed=0, n_init=args.n_init,
+                                  points=args.grid_points)
+    print(f"{DUPLICATED_N} neurons repeating {DUPLICATED_DISTINCT} sentences, k ≤ 512: "
+          f"{time.perf_counter() - start:.2f} s, {len(res.curve)} fits, k={res.k}")
     return ratio
 
 

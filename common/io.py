@@ -134,30 +134,28 @@ def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
 
 
 class NpyRowWriter:
-    """Write a 2-D float32 ``.npy`` file row block by row block, without holding it in memory.
-
-    The header (shape known in advance) is written first; rows are appended in order. The result
-    is an ordinary ``.npy`` that ``np.load(path, mmap_mode="r")`` maps.
-    """
+    """Fill a 2-D float32 ``.npy`` file (``np.lib.format.open_memmap``) block of rows by block of
+    rows, in order, without holding it in memory; ``close`` checks that every row was written."""
 
     def __init__(self, path: str | os.PathLike, n_rows: int, n_cols: int):
-        """Open ``path`` and write the header for an ``n_rows`` × ``n_cols`` float32 array."""
-        self.path, self.n_rows, self.n_cols, self.written = Path(path), n_rows, n_cols, 0
-        self.fh = open(self.path, "wb")
-        np.lib.format.write_array_header_1_0(
-            self.fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                      "fortran_order": False, "shape": (n_rows, n_cols)})
+        """Create ``path`` as an ``n_rows`` × ``n_cols`` float32 array mapped into memory."""
+        self.path, self.written = Path(path), 0
+        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32,
+                                               shape=(n_rows, n_cols))
 
     def write(self, rows: np.ndarray) -> None:
-        """Append a block of rows (r × n_cols)."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.n_cols:
-            raise ValueError(f"expected rows of {self.n_cols} columns, got shape {rows.shape}")
-        self.fh.write(rows.tobytes())
-        self.written += rows.shape[0]
+        """Write the next block of rows (r × n_cols)."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.array.shape[1]:
+            raise ValueError(f"expected rows of {self.array.shape[1]} columns, got shape "
+                             f"{rows.shape}")
+        self.array[self.written:self.written + len(rows)] = rows
+        self.written += len(rows)
 
     def close(self) -> None:
-        """Close the file, checking that exactly the announced number of rows was written."""
-        self.fh.close()
-        if self.written != self.n_rows:
-            raise ValueError(f"{self.path}: wrote {self.written} rows, header says {self.n_rows}")
+        """Flush the file to disk, checking that exactly the announced number of rows was written."""
+        n_rows = self.array.shape[0]
+        self.array.flush()
+        del self.array  # unmaps the file
+        if self.written != n_rows:
+            raise ValueError(f"{self.path}: wrote {self.written} rows, header says {n_rows}")

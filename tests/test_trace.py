@@ -152,8 +152,8 @@ def test_sankey_html_is_self_contained_and_escaped(tmp_path):
     vectors = stage.embed_clusters(layers, BagOfWordsEmbedder(), 5)
     links = stage.best_links(layers, vectors, 0.3)
     fig, _, _ = stage.build_figure(layers, links, [], 5, "t")
-    labels = list(fig.data[0].node.label)
-    assert labels[0].startswith("&lt;img src=x onerror=alert(1)&gt; #0")
+    assert fig.layout.annotations[0].text == "<b>&lt;img src=x onerror=alert(1)&gt;</b>"
+    assert list(fig.data[0].node.label)[0] == "#0: yellow, dot"
     assert (tmp_path / "06_sankey.png").stat().st_size > 5000
 
 
@@ -176,3 +176,42 @@ def test_missing_inputs_exit_with_a_message(tmp_path, capsys):
                     "--keywords", str(tmp_path / "05_keywords.csv"), "--out-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert "run 05_cluster first" in capsys.readouterr().err
+
+
+def long_label_layers(n_layers, per_layer=4):
+    """``n_layers`` layers of clusters whose keywords fill a label to its cut, all linked."""
+    words = ["yellowish", "stripes", "wheels", "textures"]
+    return {f"layer{i}": [stage.Cluster(f"layer{i}", c, 1, [f"{w}{c}{i}" for w in words])
+                          for c in range(per_layer)] for i in range(n_layers)}
+
+
+def test_png_labels_do_not_overlap_however_many_layers():
+    for n_layers in (2, 5, 12):
+        layers = long_label_layers(n_layers)
+        names = list(layers)
+        links = [stage.Link(a, b, 0.9) for n, m in zip(names, names[1:])
+                 for a, b in zip(layers[n], layers[m])]
+        pos = stage.layout(layers, links, [])
+        fig = stage.png_figure(layers, links, pos, [], "t")
+        renderer = fig.canvas.get_renderer()
+        boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts
+                 if t.get_text().startswith("#")]
+        assert len(boxes) == 4 * n_layers
+        overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+        assert not overlapping, n_layers
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def test_html_columns_leave_room_for_their_labels():
+    x, plot_px = stage.column_positions([10, 30, 20])
+    gaps = [(b - a) * plot_px for a, b in zip(x, x[1:])]
+    px = [n * stage.LABEL_CHAR_PX for n in (10, 30, 20)]
+    assert gaps[0] >= px[0]
+    assert gaps[1] >= px[1] + px[2]  # the last column's labels sit on the left of its nodes
+    assert stage.column_positions([25]) == ([0.5], 0)
+    layers = long_label_layers(3)
+    fig, _, _ = stage.build_figure(layers, [], [{"cluster": cs[0], "link_similarity": 0.9}
+                                                for cs in layers.values()], 5, "t")
+    assert [a.text for a in fig.layout.annotations] == [f"<b>{n}</b>" for n in layers]
+    assert fig.layout.width > plot_px  # the page is as wide as its labels need
