@@ -10,7 +10,9 @@ import pytest
 from sklearn.metrics import silhouette_score
 from sklearn.metrics.pairwise import cosine_distances, cosine_similarity
 
-from common.io import read_csv, read_json, save_npz, write_csv
+from common.artefacts import (Description, Embeddings, columns, read_categories, read_clusters,
+                              read_keywords, read_ksearch, read_metrics, write_embeddings)
+from common.io import read_json, save_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
 
@@ -65,16 +67,13 @@ def write_inputs(tmp_path, layers, failed=()):
         rows.append({"layer": layer, "channel": ch, "level": 1, "description": "",
                      "backend": "fake", "model": "fake", "status": "failed", "reason": "timeout"})
     desc = tmp_path / "03_descriptions.csv"
-    write_csv(desc, rows, ["layer", "channel", "level", "description", "backend", "model",
-                           "status", "reason"])
+    write_csv(desc, rows, columns(Description))
     meta03 = write_meta(tmp_path / "03_describe.meta.json", "03_describe", {}, [desc])
     emb = tmp_path / "04_embeddings.npz"
-    save_npz(emb, {"layer": np.array(names), "channel": np.array(channels, dtype=np.int64),
-                   "text": np.vstack(text).astype(np.float32),
-                   "image": np.vstack(fused).astype(np.float32),
-                   "fused": np.vstack(fused).astype(np.float32),
-                   "text_model": np.array("fake-bow"), "image_model": np.array("fake"),
-                   "fusion": np.array("mean")})
+    write_embeddings(emb, Embeddings(layer=np.array(names), channel=np.array(channels),
+                                     text=np.vstack(text), image=np.vstack(fused),
+                                     fused=np.vstack(fused), text_model="fake-bow",
+                                     image_model="fake", fusion="mean"))
     write_meta(tmp_path / "04_embed.meta.json", "04_embed", {}, [emb], inputs=[meta03])
     return desc, emb
 
@@ -268,29 +267,28 @@ def test_end_to_end_two_layers(tmp_path, monkeypatch):
     stage.main(["--descriptions", str(desc), "--embeddings", str(emb), "--activations", str(acts),
                 "--out-dir", str(out), "--k-max", "12", "--projection", "pca"])
 
-    metrics = read_csv(out / "05_metrics.csv")
-    assert [(m["layer"], m["kind"]) for m in metrics] == [
+    metrics = read_metrics(out / "05_metrics.csv")
+    assert [(m.layer, m.kind) for m in metrics] == [
         ("early", "text"), ("early", "fused"), ("late", "text"), ("late", "fused")]
-    assert [int(m["k"]) for m in metrics] == [3, 3, 5, 5]
-    assert all(float(m["ari_text_fused"]) == pytest.approx(1.0) for m in metrics)
-    clusters = read_csv(out / "05_clusters.csv")
+    assert [m.k for m in metrics] == [3, 3, 5, 5]
+    assert all(m.ari_text_fused == pytest.approx(1.0) for m in metrics)
+    clusters = read_clusters(out / "05_clusters.csv")
     assert len(clusters) == 2 * (30 + 40)  # the failed row is skipped
-    assert list(clusters[0]) == ["layer", "channel", "kind", "cluster", "x", "y"]
-    keywords = read_csv(out / "05_keywords.csv")
-    early_all = [k["term"] for k in keywords if k["layer"] == "early" and k["cluster"] == "all"]
+    keywords = read_keywords(out / "05_keywords.csv")
+    early_all = [k.term for k in keywords if k.layer == "early" and k.cluster is None]
     assert {"yellow", "lemon", "striped", "zebra", "blue", "truck"} <= set(early_all)
     # "pattern number" is the wording of every description in both layers: the describer's template
     assert not {"pattern", "number", "neuron"} & set(early_all)
     by_cluster = {}
     for k in keywords:
-        if k["layer"] == "early" and k["kind"] == "fused" and k["rank"] in ("1", "2"):
-            by_cluster.setdefault(k["cluster"], set()).add(k["term"])
+        if k.layer == "early" and k.kind == "fused" and k.rank <= 2:
+            by_cluster.setdefault(k.cluster, set()).add(k.term)
     assert sorted(map(sorted, by_cluster.values())) == [["blue", "truck"], ["lemon", "yellow"],
                                                         ["striped", "zebra"]]
-    categories = read_csv(out / "05_categories.csv")
-    assert len(categories) == 70 and categories[0]["method"] == "embedding:fake-bow"
-    ksearch = read_csv(out / "05_ksearch.csv")
-    assert sum(int(r["chosen"]) for r in ksearch) == 4
+    categories = read_categories(out / "05_categories.csv")
+    assert len(categories) == 70 and categories[0].method == "embedding:fake-bow"
+    ksearch = read_ksearch(out / "05_ksearch.csv")
+    assert sum(r.chosen for r in ksearch) == 4
     for name in ("early_k.png", "early_map.png", "early_keywords.png", "late_map.png",
                  "categories.png"):
         assert (out / "05_plots" / name).stat().st_size > 1000
@@ -309,14 +307,14 @@ def test_degenerate_layers_do_not_crash(tmp_path):
     out = tmp_path / "out"
     meta = stage.run(desc, emb, out, k_min=2, k_max=8, projection="pca",
                      text_embedder=BagOfWordsEmbedder())
-    metrics = {(m["layer"], m["kind"]): m for m in read_csv(out / "05_metrics.csv")}
-    assert metrics[("tiny", "text")]["k"] == "1" and metrics[("tiny", "text")]["silhouette"] == ""
-    assert metrics[("same", "fused")]["k"] == "1"
-    assert float(metrics[("same", "fused")]["cohesion"]) == pytest.approx(1.0)
+    metrics = {(m.layer, m.kind): m for m in read_metrics(out / "05_metrics.csv")}
+    assert metrics[("tiny", "text")].k == 1 and math.isnan(metrics[("tiny", "text")].silhouette)
+    assert metrics[("same", "fused")].k == 1
+    assert metrics[("same", "fused")].cohesion == pytest.approx(1.0)
     assert "identical" in meta["degenerate"]["same/text"]
     assert "too few" in meta["degenerate"]["tiny/fused"]
-    assert [k["term"] for k in read_csv(out / "05_keywords.csv")
-            if k["layer"] == "same" and k["cluster"] == "all"] == ["dots", "yellow"]
+    assert [k.term for k in read_keywords(out / "05_keywords.csv")
+            if k.layer == "same" and k.cluster is None] == ["dots", "yellow"]
 
 
 def test_single_layer_and_stop_word_only_descriptions(tmp_path):
@@ -326,8 +324,8 @@ def test_single_layer_and_stop_word_only_descriptions(tmp_path):
     out = tmp_path / "out"
     stage.run(desc, emb, out, k_max=5, projection="pca", plots=False,
               text_embedder=BagOfWordsEmbedder())
-    assert [int(m["k"]) for m in read_csv(out / "05_metrics.csv")] == [2, 2]
-    assert read_csv(out / "05_keywords.csv") == []
+    assert [m.k for m in read_metrics(out / "05_metrics.csv")] == [2, 2]
+    assert read_keywords(out / "05_keywords.csv") == []
 
 
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
