@@ -293,9 +293,9 @@ def search_k(data: Deduplicated, dist: np.ndarray, lo: int, hi: int, seed: int, 
     500). Each later round takes the best local peak of the fitted curve, and the runner-up peak
     if it comes within SEARCH_TOLERANCE of it, and fits REFINE_POINTS k values spread between each
     peak's fitted neighbours; it stops when those brackets hold no unfitted k. Narrow brackets
-    cost fewer of the fits near the best k, the costly ones when that k is large. Refining a runner-up too guards against the
-    bumps of a noisy silhouette curve. Ties go to the smaller k. Returns the best k, its
-    labels and the curve {k: (silhouette, inertia)} of every k fitted.
+    cost fewer of the fits near the best k, the costly ones when that k is large. Refining a
+    runner-up too guards against the bumps of a noisy silhouette curve. Ties go to the smaller
+    k. Returns the best k, its labels and the curve {k: (silhouette, inertia)} of every k fitted.
     """
     curve: dict[int, tuple[float, float]] = {}
     labels_of: dict[int, np.ndarray] = {}

@@ -5,8 +5,9 @@ clustered exactly as 05 does it (coarse-to-fine silhouette search, KMeans, metri
 fits every k of the same range on the largest layer. Printed: seconds and fits per layer, the total,
 the sweep's seconds and the ratio sweep ÷ search on the largest layer — the search's fits are timed
 again within the sweep, so that both sides share one stretch of a shared machine's drifting load
-(the ratio with the search timed apart is printed too) — and whether both chose the same k; then the seconds of a 512-neuron layer whose neurons repeat 40 sentences (identical
-descriptions, one weighted point each).
+(the ratio with the search timed apart is printed too) — and whether both chose the same k; then
+the seconds of a 512-neuron layer whose neurons repeat 40 sentences (identical descriptions, one
+weighted point each).
 
   python bench/bench_cluster.py [--k-max 128] [--n-init 3] [--threads 0]
 """

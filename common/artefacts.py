@@ -2,9 +2,9 @@
 
 Every stage, test and benchmark reads a contract file through this module, so a column is parsed
 in one place. A CSV row becomes a frozen dataclass whose field types say how each cell is read:
-``int``, ``float`` (an empty cell is NaN), ``str``, space-separated ``tuple[int, ...]`` /
-``tuple[float, ...]``, ``bool | None`` (empty: None) and ``int | None`` (empty or ``all``: None). A missing
-file or column is a StageError that names the file and the stage that makes it.
+``int``, ``float`` (an empty cell is NaN), ``str``, ``Path``, space-separated ``tuple[int, ...]``
+and ``tuple[float, ...]``, ``bool | None`` (empty: None) and ``int | None`` (empty or ``all``:
+None). A missing file or column is a StageError that names the file and the stage that makes it.
 """
 from __future__ import annotations
 
@@ -194,14 +194,10 @@ def order_layers(found: Iterable[str], model_order: list[str]) -> list[str]:
     return sorted(first, key=lambda name: (rank.get(name, len(rank)), first[name]))
 
 
-def stats_path(stats_dir: str | Path, layer: str, agg: str) -> Path:
-    """The file of 01_stats holding ``agg`` (``max`` or ``mean``) of every channel of ``layer``."""
-    return Path(stats_dir) / f"{layer}.{agg}.npy"
-
-
 def read_stats(stats_dir: str | Path, layer: str, agg: str) -> np.ndarray:
-    """N_images × C float32 of 01_stats, memory-mapped (only the rows used are read from disk)."""
-    path = stats_path(stats_dir, layer, agg)
+    """``agg`` (``max`` or ``mean``) of every channel of ``layer`` per image from 01_stats:
+    N_images × C float32, memory-mapped (only the rows used are read from disk)."""
+    path = Path(stats_dir) / f"{layer}.{agg}.npy"
     if not path.exists():
         raise StageError(f"{path} not found: 01_stats is incomplete; re-run 01_extract")
     return np.load(path, mmap_mode="r")
@@ -294,8 +290,6 @@ def description_texts(rows: Iterable[Description]) -> dict[tuple[str, int], str]
 
 # ---------------------------------------------------------------------------------------------
 # 04_embed
-
-EMBEDDING_KINDS = ("text", "image", "fused")  # the vector arrays of 04_embeddings.npz
 
 
 @dataclass

@@ -136,7 +136,8 @@ def test_baseline_demotes_generic_neuron(tmp_path):
     run_dir = make_run(tmp_path)
     query = "dog picture things"
     raw = find(run_dir, [query], top_k=2, scoring="cosine", text_embedder=BagOfWords())
-    adjusted = find(run_dir, [query], top_k=2, scoring="baseline", baseline=BASELINE, text_embedder=BagOfWords())
+    adjusted = find(run_dir, [query], top_k=2, scoring="baseline", baseline=BASELINE,
+                    text_embedder=BagOfWords())
     assert ranked(raw, query)[0] == ("L2", 1)
     assert ranked(adjusted, query)[0] == ("L2", 2)
     assert adjusted[0]["score"] == pytest.approx(1 / np.sqrt(3), abs=1e-3)
