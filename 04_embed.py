@@ -32,7 +32,8 @@ from tqdm import tqdm
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.embedders import fuse, l2_normalise, same_space
 from common.artefacts import Embeddings, Mosaic, read_descriptions, read_mosaics, write_embeddings
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.io import sweep_temporaries
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.04_embed")
 
@@ -135,6 +136,8 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
         image = image_embedder.encode(images)
     shared = same_space(text_embedder, image_embedder)
     fused, rule = fuse(text, image, shared)
+    sweep_temporaries(out.parent)  # what a killed earlier run left half-written
+    retract_meta(out.parent / f"{STAGE}.meta.json")
     arrays = write_embeddings(out, Embeddings(
         layer=np.array([r.layer for r in rows]), channel=np.array([r.channel for r in rows]),
         text=text, image=image, fused=fused, text_model=text_embedder.name,

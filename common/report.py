@@ -1,6 +1,6 @@
-"""Showing neurons to people: small HTML builders.
+"""Showing neurons to people: plain text for terminals and small HTML builders.
 
-Used by the stages that render lists of neurons (07 search, 08 debug). Descriptions are
+Used by the stages that print or render lists of neurons (07 search, 08 debug). Descriptions are
 written by a model, so they are untrusted text: every builder here escapes what it is given, and
 only HTML made by these functions themselves (image tags) is inserted raw.
 """
@@ -11,6 +11,7 @@ import html
 import io
 import logging
 import os
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -26,6 +27,14 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 img{max-width:100%} .note{background:#fff7d6;padding:.5em .8em;border-left:4px solid #e0b400}
 code{background:#f3f3f3;padding:0 .2em}
 """
+
+
+def plain_text(text: str) -> str:
+    """``text`` with its control and format characters (terminal escape codes, bidirectional
+    overrides, zero-width characters) turned into spaces and all whitespace squeezed to single
+    spaces: safe to print on a terminal or to keep as a description."""
+    return " ".join("".join(" " if unicodedata.category(ch) in ("Cc", "Cf") else ch
+                            for ch in str(text)).split())
 
 
 def esc(value) -> str:
