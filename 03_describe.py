@@ -48,9 +48,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common import artefacts
 from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
                         setup_logging, shard_slice)
-from common import artefacts
 from common.io import DiskFull, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.report import plain_text

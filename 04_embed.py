@@ -29,9 +29,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.artefacts import Embeddings, Mosaic, read_descriptions, read_mosaics, write_embeddings
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.embedders import fuse, l2_normalise, same_space
-from common.artefacts import Embeddings, Mosaic, read_descriptions, read_mosaics, write_embeddings
 from common.io import sweep_temporaries
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 

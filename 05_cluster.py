@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.artefacts import (CategoryRow, ClusterRow, Embeddings, KeywordRow, KSearchRow,
                               MetricRow, columns, order_layers, read_descriptions,
                               read_embeddings, read_layer_order)
+from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.io import atomic_path, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 

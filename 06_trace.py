@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.artefacts import TraceLink, columns, order_layers, read_clusters, read_keywords, \
     read_layer_order
+from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.io import atomic_path, sweep_temporaries, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
