@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image
 
 from common.cli import StageError
 from common.io import read_csv, save_npz
+from common.mosaics import cut_tiles, load_mosaic
 
 log = logging.getLogger("neuron-atlas.artefacts")
 
@@ -225,17 +225,9 @@ class Mosaic:
         return self.layer, self.channel
 
     def tiles(self, limit: int | None = None) -> list[np.ndarray]:
-        """The first ``limit`` crops (default: all ``n_tiles``), best first."""
+        """The first ``limit`` crops (default: all ``n_tiles``), best first, as uint8 RGB arrays."""
         n = self.n_tiles if limit is None else min(limit, self.n_tiles)
-        return mosaic_tiles(self.path, self.grid, self.tile_px, n)
-
-
-def mosaic_tiles(path: str | Path, grid: int, tile_px: int, n_tiles: int) -> list[np.ndarray]:
-    """The first ``n_tiles`` tiles of the mosaic PNG at ``path`` (row by row) as uint8 RGB arrays."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return [arr[r * tile_px:(r + 1) * tile_px, c * tile_px:(c + 1) * tile_px]
-            for r, c in (divmod(rank, grid) for rank in range(min(n_tiles, grid * grid)))]
+        return cut_tiles(load_mosaic(self.path), self.grid, self.tile_px, n)
 
 
 def read_mosaics(path: str | Path, required: bool = True) -> list[Mosaic]:
@@ -345,7 +337,7 @@ def write_embeddings(path: str | Path, emb: Embeddings) -> dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------
-# 05_cluster, 06_trace, 08_debug
+# 05_cluster, 06_trace, 08_debug, 09_score
 
 
 @dataclass(frozen=True)
@@ -466,3 +458,22 @@ class ConfusionRow:
 def read_confusion(path: str | Path) -> list[ConfusionRow]:
     """Every row of 08_confusion.csv (the ``class`` column is the field ``class_``)."""
     return _read_rows(path, ConfusionRow, "08_debug", renamed={"class_": "class"})
+
+
+SCORE_COLUMNS = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
+                 "selectivity", "dnr_score", "dead")  # the numbers of a neuron row of 09_scores.csv
+
+
+def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | None]]:
+    """``(layer, channel) → {verify_corr, clarity, …}`` from the neuron rows of 09_scores.csv.
+
+    Empty cells (no score) become None. A missing file gives an empty mapping and a warning: the
+    stages that show scores still work without them.
+    """
+    path = Path(path)
+    if not path.exists():
+        log.warning("%s not found: neurons are shown without their scores (run stage 09)", path)
+        return {}
+    return {(row["layer"], int(row["channel"])):
+            {k: float(row[k]) if row.get(k, "") != "" else None for k in SCORE_COLUMNS}
+            for row in read_csv(path) if row.get("subconcept", "") == ""}

@@ -13,7 +13,7 @@ from PIL import Image
 from common.cli import StageError
 from common.artefacts import Description, Embeddings, Mosaic, columns, write_embeddings
 from common.io import read_csv, write_csv
-from common.provenance import write_meta
+from common.provenance import read_meta, write_meta
 from conftest import load_stage
 
 
@@ -281,3 +281,22 @@ def test_default_scoring_ranks_the_right_neuron_first_on_the_labelled_case():
     assert ranks == {concept: 1 for concept in ranks}
     # the user's defect: the baseline sentence pushed the shoe neuron below edge neurons
     assert labelled_ranks("baseline", embedder)["shoe"] > 1
+
+
+def test_min_score_keeps_only_verified_neurons(tmp_path):
+    """--min-score drops neurons whose 09 verify_corr is below it or missing; without 09's file
+    it is a clear error."""
+    run_dir = make_run(tmp_path)
+    with pytest.raises(StageError, match="09_scores.csv"):
+        find(run_dir, ["dog"], min_score=0.2, text_embedder=BagOfWords())
+    corr = {("L1", 0): 0.5, ("L2", 0): 0.1, ("L2", 2): 0.3}  # others: no score
+    write_csv(run_dir / "09_scores.csv",
+              [{"layer": n[0], "channel": n[1], "subconcept": "",
+                "verify_corr": corr.get((n[0], n[1]), "")} for n in NEURONS] +
+              [{"layer": "L2", "channel": 0, "subconcept": 1, "verify_corr": 0.9}],
+              ["layer", "channel", "subconcept", "verify_corr"])
+    write_meta(run_dir / "09_score.meta.json", "09_score", {}, [run_dir / "09_scores.csv"],
+               inputs=[read_meta(run_dir / "04_embeddings.npz")])
+    rows = find(run_dir, ["dog ball"], top_k=10, min_score=0.2, scoring="cosine",
+                text_embedder=BagOfWords())
+    assert set(ranked(rows, "dog ball")) == {("L1", 0), ("L2", 2)}
