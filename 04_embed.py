@@ -3,7 +3,7 @@
 Reads 03_descriptions.csv (rows with status ok) and 02_mosaics.csv (+ the mosaic PNGs).
 Writes 04_embeddings.npz (layer, channel, text, image, fused, text_model, image_model, fusion),
 04_crops.npz beside it (the image vector of each of every neuron's top --crop-vectors crops, for
-09's interpretability scores; see common.embedders.CropVectors) and 04_embed.meta.json.
+09's interpretability scores; see common.artefacts.CropVectors) and 04_embed.meta.json.
 
 - text: the description through a sentence-transformers model (offline default
   all-MiniLM-L6-v2; on a workstation e.g. sentence-transformers/clip-ViT-L-14).
@@ -31,10 +31,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.artefacts import (CropVectors, Embeddings, Mosaic, read_descriptions, read_mosaics,
+                              write_crop_vectors, write_embeddings)
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.embedders import CropVectors, embed_distinct_crops, fuse, l2_normalise, same_space
-from common.io import read_csv, save_npz, sweep_temporaries
-from common.mosaics import cut_tiles, load_mosaic
+from common.embedders import embed_distinct_crops, fuse, l2_normalise, same_space
+from common.io import sweep_temporaries
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.04_embed")
@@ -66,28 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def mosaic_tiles(path: Path, grid: int, tile_px: int, n_tiles: int) -> list[Image.Image]:
-    """The first ``n_tiles`` crops of a mosaic, row by row."""
-    return [Image.fromarray(t) for t in cut_tiles(load_mosaic(path), grid, tile_px, n_tiles)]
-
-
-def crop_vectors(embedder, mosaics: list[dict], folder: Path, n_crops: int) -> CropVectors:
+def crop_vectors(embedder, mosaics: list[Mosaic], n_crops: int) -> CropVectors:
     """Every neuron's top ``n_crops`` crops (cut from its mosaic) embedded by
     ``common.embedders.embed_distinct_crops``: at their own size, each distinct crop only once."""
-    per_neuron = [mosaic_tiles(folder / m["path"], int(str(m["grid"]).split("x")[0]),
-                               int(m["tile_px"]), min(int(m["n_tiles"]), n_crops))
-                  for m in mosaics]
+    per_neuron = [[Image.fromarray(t) for t in m.tiles(n_crops)] for m in mosaics]
     vectors, rows = embed_distinct_crops(embedder, [t for tiles in per_neuron for t in tiles],
                                          desc="04 crops")
-    return CropVectors.build([(m["layer"], int(m["channel"])) for m in mosaics],
-                             [len(tiles) for tiles in per_neuron], vectors, rows, embedder)
+    return CropVectors.build([m.key for m in mosaics], [len(tiles) for tiles in per_neuron],
+                             vectors, rows, embedder.name, embedder.space)
 
 
-def cnn_image_vectors(crops: CropVectors, mosaics: list[dict], n_tiles: int) -> np.ndarray:
+def cnn_image_vectors(crops: CropVectors, mosaics: list[Mosaic], n_tiles: int) -> np.ndarray:
     """Per neuron: the normalised mean of the CNN features of its top ``n_tiles`` crops."""
     out = np.zeros((len(mosaics), crops.arrays["vectors"].shape[1]), np.float32)
     for i, m in enumerate(mosaics):
-        mine = crops.of(m["layer"], int(m["channel"]))[:n_tiles]
+        mine = crops.of(*m.key)[:n_tiles]
         if len(mine):
             out[i] = mine.mean(axis=0)
     return l2_normalise(out)
@@ -106,16 +100,17 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     from common.embedders import load_image_embedder, load_text_embedder
     metas = [read_meta(descriptions), read_meta(mosaics)]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
-    rows = [r for r in read_csv(descriptions) if r["status"] == "ok" and r["description"].strip()]
-    n_failed = len(read_csv(descriptions)) - len(rows)
+    described = read_descriptions(descriptions)
+    rows = [r for r in described if r.ok]
+    n_failed = len(described) - len(rows)
     if not rows:
         raise StageError(f"{descriptions} has no successful descriptions to embed; re-run 03")
     if n_failed:
         log.warning("%d neurons without a description are left out (rerun 03 to retry them)",
                     n_failed)
-    every = read_csv(mosaics)
-    index = {(m["layer"], int(m["channel"])): m for m in every}
-    missing = [(r["layer"], r["channel"]) for r in rows if (r["layer"], int(r["channel"])) not in index]
+    every = read_mosaics(mosaics)
+    index = {m.key: m for m in every}
+    missing = [r.key for r in rows if r.key not in index]
     if missing:
         raise StageError(f"{len(missing)} described neurons have no mosaic in {mosaics} (e.g. "
                          f"{missing[0]}): descriptions and mosaics come from different runs")
@@ -123,39 +118,34 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     image_embedder = image_embedder or load_image_embedder(image_model, device=device)
 
     log.info("text embedding with %s (%d-d)", text_embedder.name, text_embedder.dim)
-    text = text_embedder.encode([r["description"] for r in rows])
-    chosen = [index[(r["layer"], int(r["channel"]))] for r in rows]
+    text = text_embedder.encode([r.description for r in rows])
+    chosen = [index[r.key] for r in rows]
     log.info("image embedding with %s (%s, %d-d)", image_embedder.name, image_embedder.space,
              image_embedder.dim)
     # Crops of every neuron (described or not: 09 scores them all); the CNN's image vector is the
     # mean of the first image_tiles of them, so enough are cut for both.
     n_cut = max(crop_vectors_n, image_tiles) if image_embedder.space == "cnn" else crop_vectors_n
-    crops = crop_vectors(image_embedder, every, mosaics.parent, n_cut)
+    crops = crop_vectors(image_embedder, every, n_cut)
     if image_embedder.space == "cnn":
         image = cnn_image_vectors(crops, chosen, image_tiles)
     else:
         images = []
         for m in tqdm(chosen, desc="04 mosaics", unit="mosaic", disable=None):
-            with Image.open(mosaics.parent / m["path"]) as im:
+            with Image.open(m.path) as im:
                 images.append(im.convert("RGB"))
         image = image_embedder.encode(images)
     shared = same_space(text_embedder, image_embedder)
     fused, rule = fuse(text, image, shared)
-    arrays = {
-        "layer": np.array([r["layer"] for r in rows]),
-        "channel": np.array([int(r["channel"]) for r in rows], np.int64),
-        "text": text.astype(np.float32), "image": image.astype(np.float32),
-        "fused": fused.astype(np.float32),
-        "text_model": np.array(text_embedder.name), "image_model": np.array(image_embedder.name),
-        "fusion": np.array(rule),
-    }
     if n_cut > crop_vectors_n:
         crops.arrays["index"] = crops.arrays["index"][:, :crop_vectors_n]
     crops_out = out.with_name(CROPS_FILE)
     sweep_temporaries(out.parent)  # what a killed earlier run left half-written
     retract_meta(out.parent / f"{STAGE}.meta.json")
-    save_npz(out, arrays)
-    save_npz(crops_out, crops.arrays)
+    arrays = write_embeddings(out, Embeddings(
+        layer=np.array([r.layer for r in rows]), channel=np.array([r.channel for r in rows]),
+        text=text, image=image, fused=fused, text_model=text_embedder.name,
+        image_model=image_embedder.name, fusion=rule))
+    write_crop_vectors(crops_out, crops)
     why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
            "text and image vectors come from different spaces: normalised halves concatenated")
     write_meta(out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}),

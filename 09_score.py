@@ -91,7 +91,7 @@ class RunInputs:
     mosaics: dict            # (layer, channel) → 02 index row (path made absolute)
     descriptions: dict       # (layer, channel) → 03 row
     metas: list[dict]        # metas of the inputs, for the lineage check and ours
-    crops: object            # common.embedders.CropVectors: 04's vector of each top crop
+    crops: object            # common.artefacts.CropVectors: 04's vector of each top crop
     describer_backend: str   # 03's backend (offline describers read class names)
     class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
 
@@ -100,8 +100,7 @@ def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: P
                 mosaics: Path, descriptions: Path, embeddings: Path,
                 crop_vectors: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
-    from common.activations import read_activations
-    from common.embedders import CropVectors
+    from common.artefacts import read_activations, read_crop_vectors
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     read_meta(crop_vectors)  # written by the same 04 run as the embeddings, byte for byte
     merge_lineage(metas)
@@ -127,7 +126,7 @@ def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: P
                      layers=layers, input_size=int(input_size[0]), tops=tops,
                      stats_dir=stats_dir, image_paths=paths, usable=usable, top5_idx=top5_idx,
                      top5_prob=top5_prob, mosaics=index, descriptions=described, metas=metas,
-                     crops=CropVectors.read(crop_vectors),
+                     crops=read_crop_vectors(crop_vectors),
                      describer_backend=str(metas[2].get("backend", "")))
 
 

@@ -182,67 +182,6 @@ def embed_distinct_crops(embedder, crops: Sequence, desc: str = "crops"
     return vectors, np.array([row[k] for k in keys], np.int64)
 
 
-def embed_crops(embedder, crops: Sequence, desc: str = "crops") -> np.ndarray:
-    """Vectors of many image crops (PIL images) → float32 (n, dim), unit rows, in input order;
-    each distinct crop embedded once (``embed_distinct_crops``)."""
-    vectors, rows = embed_distinct_crops(embedder, crops, desc)
-    return vectors[rows]
-
-
-class CropVectors:
-    """The per-crop image vectors 04 keeps (``04_crops.npz``): every neuron's top crops, each
-    distinct crop stored once.
-
-    Arrays: ``layer`` (str, N), ``channel`` (int64, N), ``index`` (int64, N × K: row of ``vectors``
-    of the neuron's k-th best crop, −1 past its last crop), ``vectors`` (float32, U × dim, unit
-    rows), ``embedder`` and ``space`` (0-d str: the image embedder's name and space).
-    """
-
-    def __init__(self, arrays: dict):
-        """Wrap the arrays of a crop-vectors file (see the class docstring)."""
-        self.arrays = arrays
-        self.embedder = str(arrays["embedder"])
-        self.space = str(arrays["space"])
-        self.max_crops = int(arrays["index"].shape[1])
-        self._row = {(str(layer), int(ch)): i
-                     for i, (layer, ch) in enumerate(zip(arrays["layer"], arrays["channel"]))}
-
-    @classmethod
-    def build(cls, keys: Sequence[tuple[str, int]], counts: Sequence[int], vectors: np.ndarray,
-              rows: np.ndarray, embedder) -> "CropVectors":
-        """From ``embed_distinct_crops`` over the neurons' crops laid end to end: ``keys`` (layer,
-        channel) and ``counts`` (crops of each neuron, in that order)."""
-        width = max(counts, default=0)
-        index = np.full((len(keys), width), -1, np.int64)
-        start = 0
-        for i, count in enumerate(counts):
-            index[i, :count] = rows[start:start + count]
-            start += count
-        return cls({"layer": np.array([k[0] for k in keys], dtype=str),
-                    "channel": np.array([int(k[1]) for k in keys], np.int64), "index": index,
-                    "vectors": np.asarray(vectors, np.float32), "embedder": np.array(embedder.name),
-                    "space": np.array(embedder.space)})
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> "CropVectors":
-        """Load ``04_crops.npz``, refusing a file without the expected arrays."""
-        from common.io import load_npz
-        arrays = load_npz(path)
-        missing = {"layer", "channel", "index", "vectors", "embedder", "space"} - set(arrays)
-        if missing:
-            raise StageError(f"{path} lacks {sorted(missing)}: it comes from an older 04; re-run "
-                             f"04_embed.py (make all)")
-        return cls(arrays)
-
-    def of(self, layer: str, channel: int) -> np.ndarray:
-        """The neuron's crop vectors, best crop first (0 × dim when it has none)."""
-        i = self._row.get((layer, int(channel)))
-        if i is None:
-            return np.zeros((0, self.arrays["vectors"].shape[1]), np.float32)
-        index = self.arrays["index"][i]
-        return self.arrays["vectors"][index[index >= 0]]
-
-
 def _load_clip(name: str, device: str):
     """Load clip-anytorch model ``name`` (a clip model name or a checkpoint path) without download."""
     try:
