@@ -46,6 +46,8 @@ MAX_PAIRS   ?= 2#                          08 auto: most pairs analysed
 FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the neuron flag
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
+HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
+PORT        ?= 8000#                       10 `make serve`: its port (0: any free port)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter used to create .venv
 
@@ -60,7 +62,7 @@ COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug
+.PHONY: all test bench help clean venv search debug atlas serve
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -82,6 +84,7 @@ ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
            --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE)
+ARGS_10 := --workers $(WORKERS) --batch-size $(BATCH) --device $(DEVICE)
 quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
@@ -93,7 +96,7 @@ ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
 CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
-           $(call track_args,08,$(ARGS_08))
+           $(call track_args,08,$(ARGS_08)) $(call track_args,10,$(ARGS_10))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -109,8 +112,12 @@ CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
                 $(D)/05_keywords.csv $(D)/05_categories.csv
 TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
 CONFUSION    := $(D)/08_confusion.csv
+ATLAS        := $(D)/atlas/index.html
+# What the atlas shows; it reads 09_scores.csv when present, so 09's target joins this list.
+ATLAS_INPUTS := $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION)
+TEMPLATES    := $(wildcard common/templates/*)
 
-all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION) ## run every stage on data/$(RUN)
+all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION) $(ATLAS) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -132,6 +139,7 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_mosaics.py
 	$(PY) bench/bench_describe_embed.py
 	$(PY) bench/bench_cluster.py --threads 1
+	$(PY) bench/bench_atlas.py
 
 data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
@@ -163,6 +171,14 @@ $(CONFUSION): 08_debug.py $(EXTRACT) $(MOSAICS) $(DESCRIPTIONS) $(D)/.args/08 $(
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
 	    --confusion $@ --out-dir $(D)/08_debug $(ARGS_08)
 
+$(ATLAS): 10_atlas.py $(ATLAS_INPUTS) $(TEMPLATES) $(D)/.args/10 $(COMMON) | $(VENV)
+	$(PY) 10_atlas.py build --run $(D) $(ARGS_10)
+
+atlas: $(ATLAS) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
+
+serve: $(ATLAS) | $(VENV) ## serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
+	$(PY) 10_atlas.py serve --run $(D) --host $(HOST) --port $(PORT) --device $(DEVICE)
+
 debug: $(CONFUSION) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
 search: $(EMBEDDINGS) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
@@ -171,4 +187,4 @@ search: $(EMBEDDINGS) | $(VENV) ## find neurons: make search QUERY="a dog with a
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions
-	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args
+	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/10_* $(D)/atlas $(D)/.args

@@ -237,3 +237,18 @@ def _class_names(model: nn.Module, input_size: int) -> list[str] | None:
 def load_reference_classifier(device: str = "auto") -> ModelBundle:
     """The offline reference ImageNet classifier (EfficientNet-Lite0) used to name what crops show."""
     return load_model(DEFAULT_MODEL, device=device)
+
+
+def reload_model(spec: dict, device: str = "auto") -> ModelBundle:
+    """The model a run's stage 01 analysed, from the ``model`` entry of 01_extract.meta.json.
+
+    That entry holds the ``load_model`` arguments (name, weights, input size …); the seed is set
+    as 01 sets it, so that a random-init model gets the same weights again.
+    """
+    import inspect
+    if not spec or not spec.get("name"):
+        raise StageError("01_extract.meta.json does not say which model made the activations "
+                         "(key 'model'); re-run stage 01")
+    accepted = set(inspect.signature(load_model).parameters) - {"device"}
+    torch.manual_seed(0)
+    return load_model(**{k: v for k, v in spec.items() if k in accepted}, device=device)
