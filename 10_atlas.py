@@ -44,6 +44,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -406,14 +407,12 @@ def attribute_images(run: RunData, pairs: list[dict], bundle, batch_size: int) -
         if not chunk:
             continue
         batch = torch.stack(tensors)
-        wrong_rel, wrong_logit = channel_attribution(bundle.model, run.layers, batch,
-                                                     [c[1] for c in chunk])
-        right_rel, right_logit = channel_attribution(bundle.model, run.layers, batch,
-                                                     [c[2] for c in chunk])
+        relevance, logits = channel_attribution(bundle.model, run.layers, batch,
+                                                [[c[1] for c in chunk], [c[2] for c in chunk]])
         for b, (i, _, _) in enumerate(chunk):
-            out[i] = {"wrong": {L: wrong_rel[L][b].numpy() for L in run.layers},
-                      "right": {L: right_rel[L][b].numpy() for L in run.layers},
-                      "logit_wrong": float(wrong_logit[b]), "logit_right": float(right_logit[b]),
+            out[i] = {"wrong": {L: relevance[L][0, b].numpy() for L in run.layers},
+                      "right": {L: relevance[L][1, b].numpy() for L in run.layers},
+                      "logit_wrong": float(logits[0, b]), "logit_right": float(logits[1, b]),
                       "input": pictures[b]}
     return out
 
@@ -765,9 +764,13 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
     try:
         site = Site(run, tmp, records)
         site.assets()
-        errors = make_images(site.image_jobs(thumb_px, mosaic_px), workers)
+        clock = time.perf_counter()
+        jobs = site.image_jobs(thumb_px, mosaic_px)
+        errors = make_images(jobs, workers)
         for err in errors:
             log.warning("mosaic skipped: %s", err)
+        log.info("10: %d mosaics shrunk in %.1f s", len(jobs), time.perf_counter() - clock)
+        clock = time.perf_counter()
         pairs = analysed_pairs(run, max_images)
         attributions, attribution_error = {}, ""
         if any(p["ko_ids"] for p in pairs):
@@ -779,6 +782,9 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
             except (StageError, OSError, RuntimeError, ValueError) as err:
                 attribution_error = f"No relevance computed: the model could not be run ({err})."
                 log.warning("%s", attribution_error)
+            log.info("10: relevance of %d misclassified images in %.1f s", len(attributions),
+                     time.perf_counter() - clock)
+        clock = time.perf_counter()
         similar, similar_kind = neighbours(run, n_neighbours)
         contributions = {}
         if run.confusion is not None:
@@ -790,6 +796,7 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
             site.sankey()
         site.search()
         site.run_page()
+        log.info("10: pages written in %.1f s", time.perf_counter() - clock)
         replace_dir(tmp, out)
     finally:
         if tmp.exists():

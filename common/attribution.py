@@ -53,32 +53,41 @@ def _keep_outputs(model: nn.Module, layer_names: Sequence[str]) -> Iterator[dict
 
 
 def channel_attribution(model: nn.Module, layer_names: Sequence[str], images: torch.Tensor,
-                        classes: Sequence[int] | torch.Tensor) -> tuple[dict[str, torch.Tensor],
-                                                                       torch.Tensor]:
+                        classes) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Activation × gradient of each image's class logit, summed over space, per layer.
 
-    ``images`` is a batch (B × 3 × H × W, already normalised for the model) and ``classes`` the
-    class whose logit is explained, one per image. Returns ``{layer: B × C}`` relevances and the
-    explained logits (B,). Each image's logit depends only on its own input in eval mode, so the
-    gradient of the summed logits gives every image its own gradient. The model's parameters get
-    no gradient (only the layer outputs are differentiated).
+    ``images`` is a batch (B × 3 × H × W, already normalised for the model). ``classes`` holds the
+    class whose logit is explained, one per image (B,), or several such rows (T × B) to explain T
+    classes per image from a single forward pass. Returns ``{layer: B × C}`` relevances and the
+    explained logits (B,) — or ``T × B × C`` and ``T × B`` for T rows. Each image's logit depends
+    only on its own input in eval mode, so the gradient of the summed logits gives every image
+    its own gradient. The model's parameters get no gradient (only layer outputs are
+    differentiated).
     """
     device = next(model.parameters()).device
     images = images.to(device)
     classes = torch.as_tensor(classes, dtype=torch.long, device=device)
+    rows = classes if classes.ndim == 2 else classes[None]
+    relevances: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+    explained = []
     with torch.enable_grad(), _keep_outputs(model, layer_names) as kept:
         logits = model(images)
         if logits.ndim != 2:
             raise ValueError(f"the model returned a {tuple(logits.shape)} tensor; class logits "
                              f"(batch × classes) are needed for attribution")
-        chosen = logits.gather(1, classes[:, None])[:, 0]
         missing = [n for n in layer_names if n not in kept]
         if missing:
             raise ValueError(f"layers {missing} did not run in the forward pass")
-        grads = torch.autograd.grad(chosen.sum(), [kept[n] for n in layer_names])
-    out = {}
-    for name, grad in zip(layer_names, grads):
-        product = kept[name].detach() * grad
-        # Sum over every axis after the channel one (space; none for a B × C output).
-        out[name] = product.reshape(product.shape[0], product.shape[1], -1).sum(2).float().cpu()
-    return out, chosen.detach().float().cpu()
+        for t, row in enumerate(rows):
+            chosen = logits.gather(1, row[:, None])[:, 0]
+            grads = torch.autograd.grad(chosen.sum(), [kept[n] for n in layer_names],
+                                        retain_graph=t + 1 < len(rows))
+            for name, grad in zip(layer_names, grads):
+                product = kept[name].detach() * grad
+                # Sum over every axis after the channel one (space; none for a B × C output).
+                relevances[name].append(
+                    product.reshape(product.shape[0], product.shape[1], -1).sum(2).float().cpu())
+            explained.append(chosen.detach().float().cpu())
+    if classes.ndim == 2:
+        return {n: torch.stack(v) for n, v in relevances.items()}, torch.stack(explained)
+    return {n: v[0] for n, v in relevances.items()}, explained[0]

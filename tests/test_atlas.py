@@ -8,16 +8,15 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
 from atlas_fixture import ATTRIBUTE, SCRIPT, SUB_EVIL, fake_run
 from common.attribution import channel_attribution
+from common.browser import NoBrowser, headless_chromium, wait_ready
 from common.io import read_csv
 from common.render import fmt_number, json_for_script
 from conftest import load_stage
@@ -58,6 +57,12 @@ def test_attribution_is_exact_before_a_linear_head(fake_bundle):
     assert relevance["relu1"].shape == (3, 4)
     assert torch.all(relevance["relu1"][0, 1:] == 0)
     assert not any(p.grad is not None for p in model.parameters())
+    # Two classes per image from one forward pass give the same as two separate calls.
+    both, both_logits = channel_attribution(model, ["relu2"], images, [classes, [2, 2, 0]])
+    assert torch.allclose(both["relu2"][0], relevance["relu2"], atol=1e-6)
+    other, _ = channel_attribution(model, ["relu2"], images, [2, 2, 0])
+    assert torch.allclose(both["relu2"][1], other["relu2"], atol=1e-6)
+    assert both_logits.shape == (2, 3)
 
 
 def test_json_for_script_cannot_close_a_script():
@@ -209,29 +214,11 @@ def test_server_answers_text_and_image_queries(run):
 
 
 def chromium():
-    """A headless Chromium driven by Debian's chromedriver, or a skip saying what is missing."""
-    chrome, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chrome or not driver:
-        pytest.skip("Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install -y chromium chromium-driver; .ci/run does it)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = chrome
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,900"):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={Path(os.environ.get('TMPDIR', '/tmp'))}/atlas-chrome-"
-                         f"{os.getpid()}-{time.monotonic_ns()}")
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
-def wait_ready(driver, timeout: float = 30) -> None:
-    """Wait until the page's script says it is ready (cards drawn, plot made)."""
-    from selenium.webdriver.support.ui import WebDriverWait
-    WebDriverWait(driver, timeout).until(
-        lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    """A headless Chromium, or a skip saying what is missing."""
+    try:
+        return headless_chromium()
+    except NoBrowser as err:
+        pytest.skip(str(err))
 
 
 def no_alert_ran(driver) -> bool:
