@@ -114,7 +114,7 @@ class RunData:
 def read_run(run_dir: Path) -> RunData:
     """Read the artefacts of ``run_dir``; 01-03 are required, the later stages optional."""
     from common.activations import read_activations
-    from common.io import load_npz, read_csv
+    from common.io import load_npz, read_csv, read_json
     from common.report import read_mosaics
 
     def need(name: str, stage: str) -> Path:
@@ -150,8 +150,7 @@ def read_run(run_dir: Path) -> RunData:
         rows = read_csv(path)
         kinds = {r["kind"] for r in rows}
         trace_meta = run_dir / "06_trace.meta.json"
-        wanted = (json.loads(trace_meta.read_text()).get("args", {}).get("kind")
-                  if trace_meta.exists() else None)
+        wanted = read_json(trace_meta).get("args", {}).get("kind") if trace_meta.exists() else None
         run.cluster_kind = wanted if wanted in kinds else ("fused" if "fused" in kinds
                                                           else next(iter(sorted(kinds)), None))
         run.clusters = {(r["layer"], int(r["channel"])): (int(r["cluster"]), float(r["x"]),
@@ -648,6 +647,7 @@ class Site:
         run, by_key = self.run, {(r["layer"], r["channel"]): r
                                   for recs in self.records.values() for r in recs}
         contributions = collections.defaultdict(list)
+        names = class_names(run)
         shown = []
         for pair in pairs:
             folder = pair["folder"]
@@ -680,9 +680,11 @@ class Site:
                     for c in range(len(wrong)):
                         totals[(layer, c)] += float(wrong[c]) / len(ids)
                     groups.append({"layer": layer, "rows": rows})
-                image = {"id": i, "label": pred["label"] or pair["true"], "pred": pred["pred_name"],
+                top5 = zip(pred.get("top5_idx", "").split(), pred.get("top5_prob", "").split())
+                image = {"id": i, "label": pair["true"], "pred": pred["pred_name"],
                          "prob": number(pred["prob"]), "path": pred["path"],
-                         "top5": pred.get("top5_idx", ""),
+                         "top5": ", ".join(f"{names.get(int(k), k)} ({100 * float(p):.1f}%)"
+                                           for k, p in top5),
                          "logit_pred": att["logit_wrong"], "logit_true": att["logit_right"],
                          "prev": ids[pos - 1] if pos > 0 else None,
                          "next": ids[pos + 1] if pos + 1 < len(ids) else None}
@@ -802,7 +804,7 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
         if tmp.exists():
             shutil.rmtree(tmp)
     write_meta(run_dir / f"{STAGE}.meta.json", STAGE, args or {}, outputs=[out / "index.html"],
-               inputs=run.metas, images_skipped=len(errors),
+               inputs=run.metas, mosaics_skipped=errors,
                attributed_images=len(attributions), attribution_error=attribution_error)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("10: atlas of %d neurons in %s (%.1f MB); open %s", sum(map(len, records.values())),

@@ -2,6 +2,7 @@
 # so editing one stage re-runs it and the stages after it, nothing before.
 #   make all            set up .venv and run every stage on the offline demo (RUN=demo)
 #   make test           set up .venv and run the test suite
+#   make serve          browse data/$(RUN)/atlas with live search on http://$(HOST):$(PORT)/
 #   make help           list targets and variables;  make -n all  shows what would run
 # Variables (override on the command line: make all RUN=r50 MODEL=resnet50 WEIGHTS=r50.pth IMAGES=val/):
 

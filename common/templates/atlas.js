@@ -175,6 +175,13 @@
       };
     });
     const byChannel = new Map(layer.neurons.map(function (n) { return [n.c, n]; }));
+    // maps/<layer>.html#c=12 (linked from a neuron page) rings that neuron.
+    const mark = byChannel.get(Number(new URLSearchParams(location.hash.slice(1)).get("c")));
+    if (mark && mark.x !== null) {
+      traces.push({ type: "scatter", mode: "markers", x: [mark.x], y: [mark.y], customdata: [mark.c],
+                    name: "neuron " + mark.c, hoverinfo: "none",
+                    marker: { size: 22, color: "rgba(0,0,0,0)", line: { width: 3, color: "#000" } } });
+    }
     const panel = hoverPanel();
     const div = document.getElementById("map");
     Plotly.newPlot(div, traces, {
