@@ -100,7 +100,7 @@ class RunData:
     keywords: dict = field(default_factory=dict)     # (layer, cluster or "all") → "a, b, c"
     metrics: dict = field(default_factory=dict)      # layer → 05_metrics row of cluster_kind
     categories: dict = field(default_factory=dict)   # (layer, channel) → 05_categories row
-    map_method: str = ""
+    map_methods: dict = field(default_factory=dict)  # layer → kind → "umap" / "pca" (05's meta)
     trace: list[dict] | None = None
     confusion: list[dict] | None = None
     pairs: list[dict] | None = None
@@ -166,7 +166,7 @@ def read_run(run_dir: Path) -> RunData:
         if (run_dir / "05_categories.csv").exists():
             run.categories = {(r["layer"], int(r["channel"])): r
                               for r in read_csv(run_dir / "05_categories.csv")}
-        run.map_method = str(read_meta(path).get("projection", ""))
+        run.map_methods = read_meta(path).get("projection_used", {})
     if path := optional("06_trace.csv", "the concept trace"):
         run.trace = read_csv(path)
     if path := optional("08_confusion.csv", "debugging"):
@@ -427,26 +427,27 @@ class Site:
         """Prepare the shared context (layer list for the navigation bar)."""
         self.run, self.out, self.records = run, out, records
         self.scored = run.scores is not None
-        self.layer_info = [self._layer_info(i, name) for i, name in enumerate(run.layers)]
+        self.layer_info = [self._layer_info(name) for name in run.layers]
         for i, info in enumerate(self.layer_info):
             info["prev"] = self.layer_info[i - 1] if i > 0 else None
             info["next"] = self.layer_info[i + 1] if i + 1 < len(self.layer_info) else None
         self.site = {"run": run.run_dir.name, "layers": self.layer_info, "scored": self.scored,
                      "has_trace": bool(run.trace), "has_debug": run.confusion is not None}
 
-    def _layer_info(self, index: int, name: str) -> dict:
+    def _layer_info(self, name: str) -> dict:
         """Summary of one layer for the run page and the navigation."""
         recs = self.records[name]
         levels = collections.Counter(r["level"] for r in recs if r["level"])
         metric = self.run.metrics.get(name, {})
+        method = self.run.map_methods.get(name, {}).get(self.run.cluster_kind, "")
         return {"name": name, "slug": slug(name), "neurons": len(recs),
                 "described": sum(r["status"] == "ok" for r in recs),
                 "level": levels.most_common(1)[0][0] if levels else "–",
                 "k": metric.get("k"), "silhouette": metric.get("silhouette"),
                 "keywords": self.run.keywords.get((name, "all"), ""),
                 "has_map": any(r["x"] is not None for r in recs),
-                "map_note": f"2-D {self.run.map_method or 'map'} of the {self.run.cluster_kind} "
-                            f"embeddings (05)."}
+                "map_note": f"2-D map ({method.upper() or '?'}) of the {self.run.cluster_kind} "
+                            f"embeddings, from 05."}
 
     def page(self, rel: str, template: str, **context) -> None:
         """Render ``template`` to ``rel`` (a path inside the atlas); links are made relative."""

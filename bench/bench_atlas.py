@@ -144,7 +144,8 @@ def synthetic_run(run: Path, seed: int = 0) -> None:
               ["layer", "kind", "k", "cohesion", "silhouette", "davies_bouldin", "ari_text_fused"])
     write_csv(run / "05_categories.csv", cats, list(cats[0]))
     m5 = write_meta(run / "05_cluster.meta.json", "05_cluster", {}, [run / "05_clusters.csv"],
-                    inputs=[m4], projection="umap")
+                    inputs=[m4],
+                    projection_used={L: {"fused": "umap"} for L in layers})
     trace = [{"source_layer": a, "source_cluster": i, "source_keywords": "", "target_layer": b,
               "target_cluster": i % max(2, cb // 40), "target_keywords": "", "similarity": 0.7}
              for a, b, ca, cb in zip(layers, layers[1:], SIZES, SIZES[1:])
