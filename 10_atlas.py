@@ -27,7 +27,7 @@ with 07's semantic search (common/search.py): text, and an uploaded example imag
 
 Example:
   python 10_atlas.py build --run data/demo                    # → data/demo/atlas/index.html
-  python 10_atlas.py serve --run data/demo --port 8000         # → http://127.0.0.1:8000/
+  python 10_atlas.py serve --run data/demo --port 8765         # → http://127.0.0.1:8765/
 """
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def read_run(run_dir: Path) -> RunData:
     from common.report import read_mosaics
 
     def need(name: str, stage: str) -> Path:
+        """The path of a required artefact; a clear error when it is missing."""
         path = run_dir / name
         if not path.exists():
             raise StageError(f"{path} not found: run stage {stage} first (make all RUN=…)")
@@ -137,6 +138,7 @@ def read_run(run_dir: Path) -> RunData:
                                 for r in read_csv(descriptions_csv)})
 
     def optional(name: str, what: str) -> Path | None:
+        """The path of an optional artefact (its meta joins the lineage check), else None."""
         path = run_dir / name
         if path.exists():
             metas.append(read_meta(path))
@@ -525,6 +527,7 @@ class Site:
         by_key = {(r["layer"], r["channel"]): r for recs in self.records.values() for r in recs}
 
         def mini(layer: str, channel: int, **extra) -> dict:
+            """What a small neuron tile links to and shows."""
             r = by_key[(layer, channel)]
             return {"layer": layer, "channel": channel, "url": r["url"], "thumb": r["thumb"],
                     "description": r["description"], **extra}
@@ -568,6 +571,7 @@ class Site:
         nodes, index, links = [], {}, []
 
         def node(layer: str, cluster: str) -> int:
+            """The Sankey node index of a cluster, added on first sight."""
             key = (layer, int(cluster))
             if key not in index:
                 index[key] = len(nodes)
@@ -931,7 +935,7 @@ def make_handler(atlas_dir: Path, service: SearchService):
     return Handler
 
 
-def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8765,
           top_k: int = 24, device: str = "auto", text_embedder=None, image_embedder=None,
           started=None) -> None:
     """Serve the atlas and its live search until interrupted.
@@ -989,7 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
     s.add_argument("--atlas", type=Path, default=None, help="atlas folder (None: <run>/atlas)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (local only)")
-    s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    s.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     s.add_argument("--top-k", type=int, default=24, help="neurons returned per query")
     s.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
     return p

@@ -48,7 +48,7 @@ FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the 
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
 HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
-PORT        ?= 8000#                       10 `make serve`: its port (0: any free port)
+PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter used to create .venv
 

@@ -176,6 +176,7 @@ def test_server_answers_text_and_image_queries(run):
     holder = {}
 
     def started(server):
+        """Keep the listening server and let the test go on."""
         holder["server"] = server
         ready.set()
 
