@@ -247,6 +247,7 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
                 "last_activation": float(values[-1]) if len(values) else None,
                 "scores": {col: number(score_row.get(col)) for col in columns if col in score_row},
                 "subs": subs.get(key, []),
+                "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
                 "mosaic_png": run.mosaics.get(key),
                 "url": f"neurons/{slug(layer)}/{c}.html",
             })
@@ -497,11 +498,14 @@ class Site:
         """The JSON the layer's card page, map and search read (one small object per neuron)."""
         recs = self.records[layer]
         columns = sorted({k for r in recs for k in r["scores"]})
+        # 08's z and the mean relevance per analysed pair come after 09's scores, in pair order.
+        columns += list(dict.fromkeys(k for r in recs for k in r["debug_scores"]))
         sizes = collections.Counter(r["cluster"] for r in recs if r["cluster"] is not None)
         clusters = [{"id": c, "size": sizes[c], "keywords": self.run.keywords.get((layer, str(c)), "")}
                     for c in sorted(sizes)]
         neurons = [{"c": r["channel"], "d": r["description"], "cl": r["cluster"],
-                    "x": r["x"], "y": r["y"], "a": r["top_activation"], "s": r["scores"],
+                    "x": r["x"], "y": r["y"], "a": r["top_activation"],
+                    "s": {**r["scores"], **r["debug_scores"]},
                     "sub": [s.get("description", "") for s in r["subs"] if s.get("description")],
                     "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead"))}
                    for r in recs]
@@ -697,6 +701,13 @@ class Site:
                 self.page(f"debug/{folder}/{i}.html", "atlas_image.html", image=image,
                           pair=pair, layers=groups, method=method)
             top = []
+            name = f"{pair['true']}→{pair['pred']}"
+            for key, value in totals.items():
+                by_key[key]["debug_scores"][f"relevance {name}"] = round(value, 5)
+            for row in run.debug_neurons.get(folder, []):
+                key = (row["layer"], int(row["channel"]))
+                if key in by_key and number(row.get("mean_z")) is not None:
+                    by_key[key]["debug_scores"][f"z {name}"] = round(number(row["mean_z"]), 4)
             for layer in run.layers:
                 ranked = sorted(((v, c) for (L, c), v in totals.items() if L == layer),
                                 key=lambda t: (-t[0], t[1]))[:CONTRIBUTORS]

@@ -125,6 +125,9 @@ def test_debug_pages_name_the_neurons_behind_the_error(run):
     first_row = rows[:rows.index("</tr>")]
     assert "#1</a>" in first_row
     assert "activation × the gradient" in page
+    # A layer can be sorted by the pair's 08 z and by the mean relevance to the wrong class.
+    data = (run_dir / "atlas" / "data" / "conv2.js").read_text()
+    assert "relevance 0→1" in data and "z 0→1" in data
     # The neuron pages point back to the images they drove.
     assert "misclassified image" in (run_dir / "atlas" / "neurons" / "conv2" / "1.html").read_text()
 

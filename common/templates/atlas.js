@@ -58,7 +58,12 @@
     }
     const scores = el("div", "scores");
     scores.append(el("span", "score", "top act " + fmt(n.a)));
-    layer.key.forEach(function (k) {
+    // The card's key scores, and the score the list is sorted by when it is not one of them.
+    const shown = layer.key.slice();
+    if (extra && extra.sortKey && n.s[extra.sortKey] !== undefined && shown.indexOf(extra.sortKey) < 0) {
+      shown.push(extra.sortKey);
+    }
+    shown.forEach(function (k) {
       if (n.s[k] !== undefined && n.s[k] !== null) scores.append(el("span", "score", k + " " + fmt(n.s[k])));
     });
     a.append(scores);
@@ -101,7 +106,9 @@
     if (state.get("order")) orderSel.value = state.get("order");
     if (state.get("q")) filter.value = state.get("q");
     if (state.get("cluster")) clusterSel.value = state.get("cluster");
-    const show = pager(grid, document.getElementById("more"), function (n) { return card(layer, n); });
+    const show = pager(grid, document.getElementById("more"), function (n) {
+      return card(layer, n, { sortKey: sortSel.value });
+    });
 
     function apply() {
       const q = filter.value.trim().toLowerCase(), cl = clusterSel.value, key = sortSel.value;
