@@ -431,6 +431,10 @@ class Site:
         self.run, self.out, self.records = run, out, records
         self.scored = run.scores is not None
         self.layer_info = [self._layer_info(name) for name in run.layers]
+        slugs = collections.Counter(info["slug"] for info in self.layer_info)
+        if clash := [name for name in run.layers if slugs[slug(name)] > 1]:
+            raise StageError(f"layers {clash} map to the same file name in the atlas; rename "
+                             f"them, or choose other layers with LAYERS=…")
         for i, info in enumerate(self.layer_info):
             info["prev"] = self.layer_info[i - 1] if i > 0 else None
             info["next"] = self.layer_info[i + 1] if i + 1 < len(self.layer_info) else None
