@@ -54,7 +54,7 @@ import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.io import replace_dir
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.render import asset, json_for_script, render
 
 log = logging.getLogger("neuron-atlas.10_atlas")
@@ -768,19 +768,23 @@ def debug_appearances(run: RunData, pairs: list[dict]) -> dict:
 
 def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
           mosaic_px: int = MOSAIC_PX, n_neighbours: int = NEIGHBOURS, max_images: int = 30,
-          workers: int = 2, batch_size: int = 16, device: str = "auto", bundle=None,
+          workers: int = 2, batch_size: int = 16, device: str = "auto", model: str | None = None,
+          weights: str | None = None, unsafe_pickle: bool = False, bundle=None,
           args: dict | None = None) -> Path:
     """Write the atlas of ``run_dir`` into ``out`` (default ``run_dir/atlas``); return index.html.
 
     The site is written into a temporary folder beside ``out`` and moved into place only when
-    complete. ``bundle`` (a loaded model) may be injected; otherwise it is re-loaded from 01's meta
-    when there are misclassified images to explain.
+    complete. ``bundle`` (a loaded model) may be injected; otherwise the model 01 ran is loaded
+    again when there are misclassified images to explain — a model or weights *file* only when
+    ``model`` / ``weights`` name it again (``common.models.reload_model``).
     """
     run_dir = Path(run_dir)
     out = Path(out or run_dir / "atlas")
     run = read_run(run_dir)
     merge_lineage(run.metas)  # refuse inputs that come from different runs
     records = neuron_records(run)
+    meta_file = run_dir / f"{STAGE}.meta.json"
+    retract_meta(meta_file)  # until the new atlas is in place, stage 10 counts as not done
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -799,7 +803,8 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
             try:
                 if bundle is None:
                     from common.models import reload_model
-                    bundle = reload_model(run.extract_meta.get("model") or {}, device)
+                    bundle = reload_model(run.extract_meta.get("model") or {}, model, weights,
+                                          unsafe_pickle, device)
                 attributions = attribute_images(run, pairs, bundle, batch_size)
             except (StageError, OSError, RuntimeError, ValueError) as err:
                 attribution_error = f"No relevance computed: the model could not be run ({err})."
@@ -823,10 +828,11 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    write_meta(run_dir / f"{STAGE}.meta.json", STAGE, args or {}, outputs=[out / "index.html"],
-               inputs=run.metas, mosaics_skipped=errors,
-               attributed_images=len(attributions), attribution_error=attribution_error)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    write_meta(meta_file, STAGE, args or {}, outputs=files, inputs=run.metas,
+               mosaics_skipped=errors, attributed_images=len(attributions),
+               attribution_error=attribution_error)
+    size = sum(p.stat().st_size for p in files)
     log.info("10: atlas of %d neurons in %s (%.1f MB); open %s", sum(map(len, records.values())),
              out, size / 1e6, out / "index.html")
     return out / "index.html"
@@ -1003,6 +1009,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2, help="processes making thumbnails")
     b.add_argument("--batch-size", type=int, default=16, help="images per attribution pass")
     b.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    b.add_argument("--model", default=None,
+                   help="the model 01 ran, named again (needed when it is a file: file.py:func, "
+                        "checkpoint); it explains misclassified images")
+    b.add_argument("--weights", default=None, help="the weights file 01 used, named again")
+    b.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow loading a whole pickled checkpoint (trusted files only)")
     s = sub.add_parser("serve", help="serve the atlas with live semantic search",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
@@ -1024,7 +1036,8 @@ def main(argv=None):
         if min(args.thumb_px, args.mosaic_px, args.max_images, args.batch_size) < 1:
             parser.error("--thumb-px, --mosaic-px, --max-images and --batch-size must be ≥ 1")
         build(args.run, args.out, args.thumb_px, args.mosaic_px, args.neighbours,
-              args.max_images, args.workers, args.batch_size, args.device, args=vars(args))
+              args.max_images, args.workers, args.batch_size, args.device, args.model,
+              args.weights, args.unsafe_pickle, args=vars(args))
     else:
         serve(args.run, args.atlas, args.host, args.port, args.top_k, args.device)
 

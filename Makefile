@@ -50,7 +50,7 @@ INPUT_SIZE  ?= 224#                        side of the square network input (px)
 HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
 PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
-PYTHON      ?= python3#                    interpreter used to create .venv
+PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
 
 # Idle torch/OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
 # slowed the stages 10-20x.
@@ -84,8 +84,11 @@ ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow
 ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
-           --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE)
-ARGS_10 := --workers $(WORKERS) --batch-size $(BATCH) --device $(DEVICE)
+           --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
+ARGS_10 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
+           --batch-size $(BATCH) --device $(DEVICE)
 quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
@@ -93,6 +96,13 @@ DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 track_args = $(shell mkdir -p $(D)/.args && { printf '%s\n' $(call quote,$(strip $(2))) | \
         cmp -s - $(D)/.args/$(1) || { echo $(1); $(if $(DRY_RUN),:,printf '%s\n' \
         $(call quote,$(strip $(2))) > $(D)/.args/$(1)); }; })
+# One writer per run folder: this make holds data/$(RUN)/.make.lock until it exits (a second make
+# on the same RUN stops with a message), and each stage holds .stage.lock while it runs (HOLD).
+ifeq ($(filter help test venv,$(MAKECMDGOALS))$(DRY_RUN),)
+LOCKED := $(shell $(PYTHON) -m common.runlock make $(call quote,$(D)) $$PPID)
+$(if $(LOCKED),$(error $(LOCKED)))
+endif
+HOLD = $(PY) -m common.runlock stage $(call quote,$(D)) --
 ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
 CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
@@ -113,12 +123,25 @@ CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
                 $(D)/05_keywords.csv $(D)/05_categories.csv
 TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
 CONFUSION    := $(D)/08_confusion.csv
+# Each stage writes its .meta.json last and deletes the old one before replacing any output, so
+# the metas are targets and prerequisites too: a stage killed midway lacks its meta, and make runs
+# it again before anything that reads it.
+M01 := $(D)/01_extract.meta.json
+M02 := $(D)/02_mosaics.meta.json
+M03 := $(D)/03_describe.meta.json
+M04 := $(D)/04_embed.meta.json
+M05 := $(D)/05_cluster.meta.json
+M06 := $(D)/06_trace.meta.json
+M08 := $(D)/08_debug.meta.json
+M10 := $(D)/10_atlas.meta.json
 ATLAS        := $(D)/atlas/index.html
 # What the atlas shows; it reads 09_scores.csv when present, so 09's target joins this list.
-ATLAS_INPUTS := $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION)
+ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
+                $(M05) $(TRACE) $(M06) $(CONFUSION) $(M08)
 TEMPLATES    := $(wildcard common/templates/*)
 
-all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION) $(ATLAS) ## run every stage on data/$(RUN)
+all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION) $(ATLAS) \
+     $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M10) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -145,44 +168,50 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
-$(EXTRACT): 01_extract.py $(IMAGES) $(D)/.args/01 $(COMMON) | $(VENV)
-	$(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)
+$(EXTRACT) $(M01) &: 01_extract.py $(IMAGES) $(D)/.args/01 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)
 
-$(MOSAICS): 02_mosaics.py $(EXTRACT) $(D)/.args/02 $(COMMON) | $(VENV)
-	$(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
-	    --out-dir $(D)/02_mosaics --index $@ $(ARGS_02)
+$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
+	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
 
-$(DESCRIPTIONS): 03_describe.py $(MOSAICS) $(EXTRACT) $(PROMPTS) $(D)/.args/03 $(COMMON) | $(VENV)
-	$(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
-	    --predictions $(D)/01_predictions.csv --out $@ $(ARGS_03)
+$(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
+                $(D)/.args/03 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
+	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
 
-$(EMBEDDINGS): 04_embed.py $(DESCRIPTIONS) $(MOSAICS) $(D)/.args/04 $(COMMON) | $(VENV)
-	$(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) --out $@ $(ARGS_04)
+$(EMBEDDINGS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(D)/.args/04 \
+                $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
+	    --out $(EMBEDDINGS) $(ARGS_04)
 
-$(CLUSTERS) &: 05_cluster.py $(DESCRIPTIONS) $(EMBEDDINGS) $(EXTRACT) $(D)/.args/05 $(COMMON) | $(VENV)
-	$(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
+$(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
+                $(M01) $(D)/.args/05 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
 
-$(TRACE) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(EXTRACT) $(D)/.args/06 $(COMMON) | $(VENV)
-	$(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
+$(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
+                $(EXTRACT) $(M01) $(D)/.args/06 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
 
-$(CONFUSION): 08_debug.py $(EXTRACT) $(MOSAICS) $(DESCRIPTIONS) $(D)/.args/08 $(COMMON) | $(VENV)
-	$(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
+$(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
+                $(M03) $(D)/.args/08 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
-	    --confusion $@ --out-dir $(D)/08_debug $(ARGS_08)
+	    --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
-$(ATLAS): 10_atlas.py $(ATLAS_INPUTS) $(TEMPLATES) $(D)/.args/10 $(COMMON) | $(VENV)
-	$(PY) 10_atlas.py build --run $(D) $(ARGS_10)
+$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(TEMPLATES) $(D)/.args/10 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
 
-atlas: $(ATLAS) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
+atlas: $(ATLAS) $(M10) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
 
-serve: $(ATLAS) | $(VENV) ## serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
+serve: $(ATLAS) $(M10) | $(VENV) ## serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
 	$(PY) 10_atlas.py serve --run $(D) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
-debug: $(CONFUSION) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
+debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
-search: $(EMBEDDINGS) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
+search: $(EMBEDDINGS) $(M04) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
 	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
