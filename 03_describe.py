@@ -50,7 +50,9 @@ from tqdm import tqdm
 
 from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
                         setup_logging, shard_slice)
+from common.appearance import PALETTE, colour_codes
 from common.io import DiskFull, read_csv, sweep_temporaries, write_csv
+from common.mosaics import cut_tiles, load_mosaic
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.report import plain_text
 
@@ -178,54 +180,8 @@ class Neuron(NamedTuple):
     whole: np.ndarray = np.zeros(0, bool)  # per top image: its receptive field spans the input
 
 
-def load_mosaic(path: Path) -> Image.Image:
-    """Open a mosaic PNG as RGB."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def cut_tiles(mosaic: Image.Image, grid: int, tile_px: int, n_tiles: int) -> list[np.ndarray]:
-    """The first ``n_tiles`` tiles of a mosaic (row by row) as uint8 arrays."""
-    arr = np.asarray(mosaic)
-    tiles = []
-    for rank in range(min(n_tiles, grid * grid)):
-        r, c = divmod(rank, grid)
-        tiles.append(arr[r * tile_px:(r + 1) * tile_px, c * tile_px:(c + 1) * tile_px])
-    return tiles
-
-
 # ---------------------------------------------------------------------------------------------
 # Offline backend: measured appearance
-
-
-PALETTE = ["black", "white", "gray", "red", "orange", "yellow", "green", "cyan", "blue", "purple",
-           "pink", "brown"]
-
-
-def colour_codes(rgb: np.ndarray) -> np.ndarray:
-    """Name each RGB pixel (…, 3 uint8) with a basic colour word: its index into PALETTE."""
-    x = rgb.reshape(-1, 3).astype(np.float32) / 255.0
-    mx, mn = x.max(1), x.min(1)
-    v, s = mx, np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    d = np.maximum(mx - mn, 1e-6)
-    h = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
-    h = h * 60.0
-    code = {name: i for i, name in enumerate(PALETTE)}
-    names = np.full(len(x), code["gray"], dtype=np.int8)
-    chroma = (s >= 0.25) & (v >= 0.2)
-    hue_names = [(15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (195, "cyan"),
-                 (255, "blue"), (290, "purple"), (340, "pink"), (361, "red")]
-    lower = 0
-    for upper, name in hue_names:
-        names[chroma & (h >= lower) & (h < upper)] = code[name]
-        lower = upper
-    # Dark oranges and reds are what people call brown.
-    names[chroma & (names == code["orange"]) & (v < 0.65)] = code["brown"]
-    names[chroma & (names == code["red"]) & (v < 0.45) & (s < 0.7)] = code["brown"]
-    names[~chroma & (v >= 0.8)] = code["white"]
-    names[v < 0.2] = code["black"]
-    return names.reshape(rgb.shape[:-1])
 
 
 def _centre_weight(side: int) -> np.ndarray:
@@ -957,6 +913,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keywords", default="", help="comma-separated terms of the domain")
     p.add_argument("--levels", default="", help="explicit layer=level pairs (1 = earliest); "
                    "other layers get a level by relative depth")
+    p.add_argument("--skip-dead", action="store_true", help="leave out neurons the triage flags "
+                   "as dead or barely active (common/triage.py; needs --activations, reads the "
+                   "01_stats/ beside it)")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="describe only share i of N")
     p.add_argument("--merge", action="store_true", help="only assemble the shards' journals")
     p.add_argument("--batch-size", type=int, default=None, help="neurons per batch (hf: 64)")
@@ -1024,8 +983,8 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
         predictions: Path | None = None, describer=None, backend: str = "offline",
         model: str | None = None, prompts_path: Path = DEFAULT_PROMPTS, domain: str = "",
         keywords: str = "", levels: str = "", shard: tuple[int, int] = (0, 1),
-        merge_only: bool = False, batch_size: int | None = None, args: dict | None = None,
-        **backend_settings) -> list[dict] | None:
+        merge_only: bool = False, batch_size: int | None = None, skip_dead: bool = False,
+        args: dict | None = None, **backend_settings) -> list[dict] | None:
     """Describe the shard's neurons not yet done, journal them, and assemble the CSV when complete.
 
     ``describer`` (any object with ``backend``, ``describe(neurons)`` and a batch size) replaces
@@ -1035,6 +994,14 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
     prompts = load_prompts(prompts_path)
     sweep_temporaries(out.parent)  # what a killed earlier run left half-written
     neurons, level_map = make_neurons(mosaics, prompts, levels, domain, keywords, activations)
+    if skip_dead:
+        from common.triage import dead_neurons
+        if activations is None:
+            raise StageError("--skip-dead needs --activations (its 01_stats/ folder is read)")
+        dead = dead_neurons(activations.parent / "01_stats", level_map)
+        neurons = [n for n in neurons if (n.layer, n.channel) not in dead]
+        log.info("--skip-dead: %d neurons flagged dead or barely active are not described",
+                 len(dead))
     metas = [read_meta(mosaics)] + [read_meta(p) for p in (activations, predictions) if p]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
     upstream = metas[0].get("fingerprint", "")
@@ -1100,7 +1067,8 @@ def main(argv=None):
         predictions=Path(args.predictions) if args.predictions else None,
         backend=args.backend, model=args.model, prompts_path=Path(args.prompts),
         domain=args.domain, keywords=args.keywords, levels=args.levels, shard=args.shard,
-        merge_only=args.merge, batch_size=args.batch_size, args=vars(args),
+        merge_only=args.merge, batch_size=args.batch_size, skip_dead=args.skip_dead,
+        args=vars(args),
         device=args.device, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, base_url=args.base_url,
         classify_crops=args.classify_crops,

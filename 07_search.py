@@ -26,10 +26,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+
 from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.io import write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
-from common.report import esc, html_page, html_table, img_tag, plain_text
+from common.report import esc, html_page, html_table, img_tag, plain_text, read_scores
 from common.search import DEFAULT_BASELINE, Searcher, load_index, loader_name
 
 log = logging.getLogger("neuron-atlas.07_search")
@@ -86,12 +88,14 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
         csv_path: Path | None = None, html_path: Path | None = None, text_embedder=None,
         image_embedder=None, device: str = "auto", stdin: TextIO | None = None,
         stdout: TextIO | None = None, descriptions: Path | None = None,
-        mosaics: Path | None = None, args: dict | None = None) -> list[dict]:
+        mosaics: Path | None = None, min_score: float | None = None,
+        scores: Path | None = None, args: dict | None = None) -> list[dict]:
     """Answer the text ``queries``, the example ``images`` and, if ``interactive``, every line of
     ``stdin``; print each answer to ``stdout`` and return all hit rows.
 
-    ``descriptions`` and ``mosaics`` default to the contract's file names beside ``embeddings``.
-    Embedders are loaded here only when not injected (tests inject fakes).
+    ``descriptions``, ``mosaics`` and ``scores`` default to the contract's file names beside
+    ``embeddings``. With ``min_score`` only neurons whose description was verified (09's
+    ``verify_corr``) at least that well are searched. Embedders are loaded here only when not injected (tests inject fakes).
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -103,6 +107,19 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
     index = load_index(embeddings, descriptions, mosaics)
     if layers:
         index = index.select_layers(layers)
+    if min_score is not None:
+        scores = Path(scores or embeddings.parent / "09_scores.csv")
+        if not scores.exists():
+            raise StageError(f"--min-score needs {scores} (stage 09: make all); it is missing")
+        metas.append(read_meta(scores))
+        merge_lineage(metas)
+        verified = read_scores(scores)
+        corr = [verified.get((layer, int(ch)), {}).get("verify_corr")
+                for layer, ch in zip(index.layers.tolist(), index.channels.tolist())]
+        keep = np.array([c is not None and c >= min_score for c in corr], dtype=bool)
+        log.info("--min-score %.2f: %d of %d neurons have a verified description that good",
+                 min_score, int(keep.sum()), len(keep))
+        index = index.select(keep)
     wants_text = bool(queries) or interactive
     if wants_text and text_embedder is None:
         from common.embedders import load_text_embedder
@@ -172,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="", help="comma-separated layers to search (empty: all)")
     p.add_argument("--baseline", default=DEFAULT_BASELINE,
                    help="text whose cosine is subtracted from every neuron's (\"\" turns it off)")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="search only neurons whose description 09 verified at least this well "
+                        "(verify_corr, the correlation of the sentence with the neuron on held-out "
+                        "images)")
+    p.add_argument("--scores", type=Path, default=None,
+                   help="09_scores.csv (None: the one beside --embeddings)")
     p.add_argument("--csv", type=Path, default=None, help="also write all hits to this CSV")
     p.add_argument("--html", type=Path, default=None,
                    help="also write an HTML page with mosaics beside the descriptions")
@@ -193,7 +216,7 @@ def main(argv=None):
     layers = [n.strip() for n in args.layers.split(",") if n.strip()]
     run(args.embeddings, args.queries, args.image, args.interactive, args.top_k, layers,
         args.baseline, args.csv, args.html, device=args.device, descriptions=args.descriptions,
-        mosaics=args.mosaics, args=vars(args))
+        mosaics=args.mosaics, min_score=args.min_score, scores=args.scores, args=vars(args))
 
 
 if __name__ == "__main__":

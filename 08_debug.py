@@ -52,7 +52,8 @@ from tqdm import tqdm
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.io import atomic_path, read_csv, sweep_temporaries, write_csv, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
+from common.report import (esc, html_page, html_table, img_tag, read_descriptions, read_mosaics,
+                           read_scores)
 
 log = logging.getLogger("neuron-atlas.08_debug")
 
@@ -750,14 +751,21 @@ def report_blocks(pair: dict, ctx: dict) -> list[tuple]:
                         f"less active (evidence for {t} that is missing)."))
     top_rows = []
     for r in ctx["top_neurons"]:
+        score = ctx["scores"].get((r["layer"], r["channel"]), {})
         top_rows.append({"rank": r["rank"], "layer": r["layer"], "channel": r["channel"],
                          "z": fmt(r[f"{rb}_z"], 2), "Δμ": fmt(r[f"{rb}_delta_mu"]),
                          "effect": fmt(r[f"{rb}_effect"], 2), "q": fmt(r[f"{rb}_q"]),
                          "FDR": "yes" if r[f"{rb}_flag_fdr"] else "no",
                          "description": r["description"] or "(no description)",
+                         "verified r": fmt(score.get("verify_corr"), 2),
+                         "clarity": fmt(score.get("clarity"), 2),
                          "_image": r.get("_image")})
     blocks.append(("table", ["rank", "layer", "channel", "z", "Δμ", "effect", "q", "FDR",
-                             "description", "_image"], top_rows))
+                             "description", "verified r", "clarity", "_image"], top_rows))
+    blocks.append(("p", "verified r: how well the description predicts the neuron's activation "
+                        "on images it was not written from (09, Pearson; compare with its "
+                        "control in 09_scores.csv); clarity: how alike its top crops are (0 … 1). "
+                        "Trust a description with a low verified r less."))
 
     blocks.append(("h", 2, "Causal check"))
     cc = ctx.get("causal")
@@ -977,7 +985,7 @@ def remove_stale_reports(out_dir: Path, keep: set[str]) -> None:
 
 def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path | None = None,
         activations: Path | None = None, descriptions: Path | None = None,
-        mosaics: Path | None = None, true: str | None = None, pred: str | None = None,
+        mosaics: Path | None = None, scores: Path | None = None, true: str | None = None, pred: str | None = None,
         min_errors: int = 5, min_share: float = 0.25, min_images: int = 3, max_pairs: int = 2,
         fdr: float = 0.05, z_threshold: float = 2.0, rank_by: str = "mean", show_top: int = 8,
         ablate_top: int = 10, sample_size: int = 200, batch_size: int = 32, seed: int = 0,
@@ -997,13 +1005,14 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     activations = Path(activations or run_dir / "01_activations.npz")
     descriptions = Path(descriptions or run_dir / "03_descriptions.csv")
     mosaics = Path(mosaics or run_dir / "02_mosaics.csv")
+    scores = Path(scores or run_dir / "09_scores.csv")
     out_dir, confusion_path = Path(out_dir), Path(confusion_path)
     if pred and not true:
         raise StageError("--pred needs --true (the class whose images are misclassified)")
 
     extract_meta = read_meta(predictions)
     metas = [extract_meta, read_meta(activations), read_meta(stats_dir)] + \
-        [read_meta(p) for p in (descriptions, mosaics) if p.exists()]
+        [read_meta(p) for p in (descriptions, mosaics, scores) if p.exists()]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
     meta_file = confusion_path.parent / f"{STAGE}.meta.json"
     sweep_temporaries(out_dir, confusion_path.parent)  # what a killed earlier run left behind
@@ -1031,6 +1040,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     ctx = {"stats_dir": stats_dir, "activations": activations, "min_images": min_images,
            "fdr": fdr, "z_threshold": z_threshold, "rank_by": rank_by, "show_top": show_top,
            "descriptions": read_descriptions(descriptions), "mosaics": read_mosaics(mosaics),
+           "scores": read_scores(scores),
            "paths": paths,
            "shared_names": {n for n, c in collections.Counter(names.values()).items() if c > 1}}
     ctx["layers"], ctx["input_size"] = layers_of(activations, extract_meta)
@@ -1083,6 +1093,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptions", type=Path, default=None,
                    help=f"03_descriptions.csv {beside}; optional")
     p.add_argument("--mosaics", type=Path, default=None, help=f"02_mosaics.csv {beside}; optional")
+    p.add_argument("--scores", type=Path, default=None,
+                   help=f"09_scores.csv {beside}; optional (verification and clarity in reports)")
     p.add_argument("--true", default=None, help="true class to debug (name, label or index)")
     p.add_argument("--pred", default=None,
                    help="confusing class (default with --true: its most frequent wrong prediction)")
@@ -1128,7 +1140,7 @@ def main(argv=None):
     if args.min_images < 2:
         parser.error("--min-images must be at least 2 (a variance needs two images)")
     run(args.predictions, args.confusion, args.out_dir, args.stats_dir, args.activations,
-        args.descriptions, args.mosaics, args.true, args.pred, args.min_errors, args.min_share,
+        args.descriptions, args.mosaics, args.scores, args.true, args.pred, args.min_errors, args.min_share,
         args.min_images, args.max_pairs, args.fdr, args.z_threshold, args.rank_by, args.show_top,
         args.ablate_top, args.ablation_sample, args.batch_size, args.seed, args.model,
         args.weights, args.unsafe_pickle, args.device, args=vars(args))

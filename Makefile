@@ -46,6 +46,10 @@ MIN_SHARE   ?= 0.25#                       08 auto: least share of the class's e
 MAX_PAIRS   ?= 2#                          08 auto: most pairs analysed
 FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the neuron flag
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
+SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage flags dead or barely active
+MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip
+POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
+MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
 HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
 PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
@@ -63,7 +67,7 @@ COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug atlas serve
+.PHONY: all test bench help clean venv search debug eval atlas serve
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -76,6 +80,8 @@ ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
 ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) \
            $(if $(DOMAIN),--domain "$(DOMAIN)") $(if $(KEYWORDS),--keywords "$(KEYWORDS)") \
            $(if $(LEVELS),--levels $(LEVELS)) --base-url $(BASE_URL) --device $(DEVICE)
+DESCRIBE_03 := $(ARGS_03)
+ARGS_03 += $(if $(filter 1,$(SKIP_DEAD)),--skip-dead)
 ARGS_04 := --text-model $(TEXT_EMBEDDER) --image-model $(IMAGE_EMBEDDER) --device $(DEVICE)
 ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
            $(if $(NLI_MODEL),--nli-model $(NLI_MODEL)) --device $(DEVICE)
@@ -90,6 +96,9 @@ ARGS_10 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
            --batch-size $(BATCH) --device $(DEVICE)
 quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
+# 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
+ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
+           --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
 # (make -n) it also stores them, which makes stage NN and the stages after it out of date.
@@ -107,7 +116,8 @@ ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
 CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
-           $(call track_args,08,$(ARGS_08)) $(call track_args,10,$(ARGS_10))
+           $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
+           $(call track_args,10,$(ARGS_10))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -123,6 +133,7 @@ CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
                 $(D)/05_keywords.csv $(D)/05_categories.csv
 TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
 CONFUSION    := $(D)/08_confusion.csv
+SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
 # Each stage writes its .meta.json last and deletes the old one before replacing any output, so
 # the metas are targets and prerequisites too: a stage killed midway lacks its meta, and make runs
 # it again before anything that reads it.
@@ -133,15 +144,15 @@ M04 := $(D)/04_embed.meta.json
 M05 := $(D)/05_cluster.meta.json
 M06 := $(D)/06_trace.meta.json
 M08 := $(D)/08_debug.meta.json
+M09 := $(D)/09_score.meta.json
 M10 := $(D)/10_atlas.meta.json
 ATLAS        := $(D)/atlas/index.html
-# What the atlas shows; it reads 09_scores.csv when present, so 09's target joins this list.
 ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
-                $(M05) $(TRACE) $(M06) $(CONFUSION) $(M08)
+                $(M05) $(TRACE) $(M06) $(SCORES) $(M09) $(CONFUSION) $(M08)#  what the atlas shows
 TEMPLATES    := $(wildcard common/templates/*)
 
-all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION) $(ATLAS) \
-     $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M10) ## run every stage on data/$(RUN)
+all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
+     $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -163,6 +174,7 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_mosaics.py
 	$(PY) bench/bench_describe_embed.py
 	$(PY) bench/bench_cluster.py --threads 1
+	$(PY) bench/bench_score.py
 	$(PY) bench/bench_atlas.py
 
 data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
@@ -195,11 +207,22 @@ $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) 
 	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
 
+$(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
+                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
+	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
+	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --scores $(D)/09_scores.csv \
+	    --summary $(D)/09_summary.csv --eval $(D)/09_eval.csv --subconcepts $(D)/09_subconcepts \
+	    $(ARGS_09)
+
+eval: $(SCORES) $(M09) ## final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
+	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
+
 $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
-                $(M03) $(D)/.args/08 $(COMMON) | $(VENV)
+                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(COMMON) | $(VENV)
 	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
-	    --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
+	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
 $(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(TEMPLATES) $(D)/.args/10 $(COMMON) | $(VENV)
 	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
@@ -211,10 +234,13 @@ serve: $(ATLAS) $(M10) | $(VENV) ## serve the atlas with live search (text and i
 
 debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
-search: $(EMBEDDINGS) $(M04) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
+search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
 	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
+	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 
-clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions
-	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/10_* $(D)/atlas $(D)/.args
+clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
+	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
+	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
+	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) $(D)/10_* $(D)/atlas

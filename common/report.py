@@ -71,6 +71,23 @@ def read_mosaics(path: str | Path) -> dict[tuple[str, int], Path]:
             for row in read_csv(path)}
 
 
+def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | None]]:
+    """``(layer, channel) → {verify_corr, clarity, …}`` from the neuron rows of 09_scores.csv.
+
+    Empty cells (no score) become None. A missing file gives an empty mapping and a warning, as for the
+    descriptions.
+    """
+    path = Path(path)
+    if not path.exists():
+        log.warning("%s not found: neurons are shown without their scores (run stage 09)", path)
+        return {}
+    numbers = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
+               "selectivity", "dnr_score", "dead")
+    return {(row["layer"], int(row["channel"])):
+            {k: float(row[k]) if row.get(k, "") != "" else None for k in numbers}
+            for row in read_csv(path) if row.get("subconcept", "") == ""}
+
+
 def esc(value) -> str:
     """HTML-escaped text of any value (quotes included, so it is safe inside attributes too)."""
     return html.escape("" if value is None else str(value), quote=True)

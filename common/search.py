@@ -44,7 +44,10 @@ class NeuronIndex:
         if unknown:
             raise StageError(f"--layers: {', '.join(unknown)} not in 04_embeddings.npz; "
                              f"layers there: {', '.join(known)}")
-        keep = np.isin(self.layers, wanted)
+        return self.select(np.isin(self.layers, wanted))
+
+    def select(self, keep: np.ndarray) -> "NeuronIndex":
+        """The neurons where the boolean mask ``keep`` is true."""
         rows = np.flatnonzero(keep)
         return NeuronIndex(self.layers[keep], self.channels[keep], self.text[keep],
                            None if self.image is None else self.image[keep], self.text_model,

@@ -609,3 +609,20 @@ def test_hf_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(StageError, match="download"):
         D.HFDescriber(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_skip_dead_leaves_out_the_neurons_the_triage_flags(tmp_path):
+    """--skip-dead: a neuron that never changes from image to image is not described; the others
+    are."""
+    run = make_run(tmp_path, channels=3)
+    (run / "01_stats").mkdir()
+    rng = np.random.default_rng(0)
+    for layer in LAYERS:
+        stats = rng.random((GRID * GRID * 3, 3)).astype(np.float32)
+        if layer == "mid":
+            stats[:, 1] = 0.5  # constant: dead
+        np.save(run / "01_stats" / f"{layer}.max.npy", stats)
+    vlm = FakeVLM()
+    rows = run_stage(run, describer=vlm, skip_dead=True)
+    assert ("mid", 1) not in vlm.described and ("mid", 0) in vlm.described
+    assert len(rows) == 3 * len(LAYERS) - 1
