@@ -94,7 +94,7 @@ class RunData:
     extract_meta: dict
     mosaics: dict                   # (layer, channel) → PNG path
     descriptions: dict              # (layer, channel) → 03 row
-    embeddings: dict | None = None  # 04 arrays
+    embeddings: object = None       # common.artefacts.Embeddings of 04, or None
     cluster_kind: str | None = None
     clusters: dict = field(default_factory=dict)     # (layer, channel) → (cluster, x, y)
     keywords: dict = field(default_factory=dict)     # (layer, cluster or "all") → "a, b, c"
@@ -113,9 +113,11 @@ class RunData:
 
 def read_run(run_dir: Path) -> RunData:
     """Read the artefacts of ``run_dir``; 01-03 are required, the later stages optional."""
-    from common.activations import read_activations
-    from common.io import load_npz, read_csv, read_json
-    from common.report import read_mosaics
+    import dataclasses
+
+    from common.artefacts import (read_activations, read_descriptions, read_embeddings,
+                                  read_images, read_mosaics, read_predictions)
+    from common.io import read_csv, read_json
 
     def need(name: str, stage: str) -> Path:
         """The path of a required artefact; a clear error when it is missing."""
@@ -129,13 +131,15 @@ def read_run(run_dir: Path) -> RunData:
     mosaics_csv = need("02_mosaics.csv", "02")
     metas = [read_meta(activations), read_meta(mosaics_csv), read_meta(descriptions_csv)]
     layers, _, topk = read_activations(activations)
+    # 01-04 through common/artefacts.py (typed rows, kept here as dicts for the templates).
     run = RunData(run_dir=run_dir, layers=layers, topk=topk,
-                  images=read_csv(need("01_images.csv", "01")),
-                  predictions={int(r["image_id"]): r
-                               for r in read_csv(need("01_predictions.csv", "01"))},
-                  extract_meta=metas[0], mosaics=read_mosaics(mosaics_csv),
-                  descriptions={(r["layer"], int(r["channel"])): r
-                                for r in read_csv(descriptions_csv)})
+                  images=[dataclasses.asdict(r) for r in read_images(need("01_images.csv", "01"))],
+                  predictions={r.image_id: dataclasses.asdict(r)
+                               for r in read_predictions(need("01_predictions.csv", "01"))},
+                  extract_meta=metas[0],
+                  mosaics={m.key: m.path for m in read_mosaics(mosaics_csv)},
+                  descriptions={d.key: dataclasses.asdict(d)
+                                for d in read_descriptions(descriptions_csv)})
 
     def optional(name: str, what: str) -> Path | None:
         """The path of an optional artefact (its meta joins the lineage check), else None."""
@@ -147,7 +151,7 @@ def read_run(run_dir: Path) -> RunData:
         return None
 
     if path := optional("04_embeddings.npz", "similar neurons"):
-        run.embeddings = load_npz(path)
+        run.embeddings = read_embeddings(path)
     if path := optional("05_clusters.csv", "clusters and 2-D maps"):
         rows = read_csv(path)
         kinds = {r["kind"] for r in rows}
@@ -287,14 +291,13 @@ def neighbours(run: RunData, n_best: int) -> tuple[dict, str]:
     """``(layer, channel) → [(title, [(layer, channel, cosine)…])…]`` from 04's embeddings.
 
     Own layer first, then the layer before and the layer after (the trace at neuron level).
-    Fused vectors when 04 made them, else text ones; neurons without a row get nothing.
+    04's fused vectors (description and mosaic); neurons without a row get nothing.
     """
     if run.embeddings is None:
         return {}, ""
-    kind = "fused" if "fused" in run.embeddings else "text"
-    vectors = np.asarray(run.embeddings[kind], dtype=np.float32)
-    layer_of = run.embeddings["layer"].astype(str)
-    channel_of = run.embeddings["channel"].astype(np.int64)
+    kind = "fused"
+    vectors = run.embeddings.fused
+    layer_of, channel_of = run.embeddings.layer, run.embeddings.channel
     rows = {layer: np.flatnonzero(layer_of == layer) for layer in run.layers}
     out: dict = collections.defaultdict(list)
     for i, layer in enumerate(run.layers):
@@ -605,12 +608,12 @@ class Site:
         model = run.extract_meta.get("model") or {}
         ok = [r for r in run.images if r.get("status") == "ok"]
         labelled = [r for r in run.predictions.values() if int(r["label_idx"]) >= 0]
-        correct = [r for r in labelled if r.get("correct") in ("1", "True", "true")]
+        correct = [r for r in labelled if r["correct"]]
         describers = collections.Counter(f"{r['backend']} ({r['model']})"
                                          for r in run.descriptions.values() if r.get("backend"))
-        emb = run.embeddings or {}
-        embedder = (f"text {emb['text_model']}, image {emb['image_model']}, fused by "
-                    f"{emb['fusion']}" if "text_model" in emb else "not embedded (no 04)")
+        emb = run.embeddings
+        embedder = (f"text {emb.text_model}, image {emb.image_model}, fused by {emb.fusion}"
+                    if emb is not None else "not embedded (no 04)")
         matcher = "not scored"
         if run.summary:
             matcher = ", ".join(sorted({f"{r.get('matcher', '?')} (embedder "
@@ -693,7 +696,7 @@ class Site:
                     for c in range(len(wrong)):
                         totals[(layer, c)] += float(wrong[c]) / len(ids)
                     groups.append({"layer": layer, "rows": rows})
-                top5 = zip(pred.get("top5_idx", "").split(), pred.get("top5_prob", "").split())
+                top5 = zip(pred["top5_idx"], pred["top5_prob"])
                 image = {"id": i, "label": pair["true"], "pred": pred["pred_name"],
                          "prob": number(pred["prob"]), "path": pred["path"],
                          "top5": ", ".join(f"{names.get(int(k), k)} ({100 * float(p):.1f}%)"

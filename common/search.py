@@ -2,10 +2,10 @@
 
 Shared by 07_search (command line) and 10_atlas (``serve``: the atlas's live search). A text query
 is embedded with the text model that 04 used and compared (cosine) with the neurons' text
-embeddings, minus the cosine of a content-free baseline sentence so that vague, generic
-descriptions do not top every query (SemanticLens's empty-template baseline). An image query is
-compared with the neurons' image embeddings, and refused when the image embedder available is not
-the one 04 used.
+embeddings, ranked by plain cosine by default, or by the cosine minus that of a content-free
+sentence (SemanticLens's empty-template baseline), or by a z-score against the neuron's cosines
+with generic queries. An image query is compared with the neurons' image embeddings, and refused
+when the image embedder available is not the one 04 used.
 """
 from __future__ import annotations
 
@@ -14,11 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artefacts import description_texts, read_descriptions, read_embeddings, read_mosaics
 from common.cli import StageError
-from common.io import load_npz
-from common.report import read_descriptions, read_mosaics
 
 DEFAULT_BASELINE = "a picture of various things"  # a description that says nothing specific
+SCORINGS = ("cosine", "baseline", "neuron")  # how a text query's cosines may be ranked
+DEFAULT_SCORING = "cosine"  # ranked the right neurons first most often (bench/bench_search.py)
+GENERIC_QUERIES = (  # queries that name no particular concept: a neuron's usual response to a query
+    "an object", "a thing", "a texture", "a pattern", "a shape", "a colour", "edges and lines",
+    "a picture", "an animal", "a person", "a scene", "a building", "a vehicle", "food",
+    "clothing", "a plant", "a tool", "text", "a surface", "the background")
 
 
 class NeuronIndex:
@@ -57,21 +62,12 @@ class NeuronIndex:
 
 def load_index(path: Path, descriptions_path: Path, mosaics_path: Path) -> NeuronIndex:
     """Read 04_embeddings.npz and join the description and mosaic of each neuron."""
-    if not path.exists():
-        raise StageError(f"{path} not found: run stage 04 first (make embed RUN=…)")
-    arrays = load_npz(path)
-    layers = arrays["layer"].astype(str)
-    channels = arrays["channel"].astype(np.int64)
-    image = arrays.get("image")
-    if image is not None and (image.ndim != 2 or image.shape[1] == 0):
-        image = None
-    descriptions = read_descriptions(descriptions_path)
-    mosaics = read_mosaics(mosaics_path)
-    keys = list(zip(layers.tolist(), channels.tolist()))
-    return NeuronIndex(layers=layers, channels=channels,
-                       text=np.asarray(arrays["text"], dtype=np.float32),
-                       image=None if image is None else np.asarray(image, dtype=np.float32),
-                       text_model=str(arrays["text_model"]), image_model=str(arrays["image_model"]),
+    emb = read_embeddings(path)
+    descriptions = description_texts(read_descriptions(descriptions_path, required=False))
+    mosaics = {m.key: m.path for m in read_mosaics(mosaics_path, required=False)}
+    keys = emb.keys()
+    return NeuronIndex(layers=emb.layer, channels=emb.channel, text=emb.text, image=emb.image,
+                       text_model=emb.text_model, image_model=emb.image_model,
                        descriptions=[descriptions.get(k, "") for k in keys],
                        mosaics=[mosaics.get(k) for k in keys])
 
@@ -122,31 +118,49 @@ class Searcher:
     """
 
     def __init__(self, index: NeuronIndex, text_embedder=None, image_embedder=None,
-                 baseline: str = DEFAULT_BASELINE):
-        """Check the embedders against the index and precompute the baseline cosines."""
+                 scoring: str = DEFAULT_SCORING, baseline: str = DEFAULT_BASELINE):
+        """Check the embedders against the index and precompute what ``scoring`` needs.
+
+        Scorings of a text query: ``cosine``; ``baseline``: minus the neuron's cosine with the
+        ``baseline`` sentence; ``neuron``: a z-score of the cosine against the neuron's cosines
+        with GENERIC_QUERIES.
+        """
+        if scoring not in SCORINGS:
+            raise StageError(f"unknown scoring {scoring!r}: one of {', '.join(SCORINGS)}")
         self.index = index
         self.text_embedder = text_embedder
         self.image_embedder = image_embedder
-        self.baseline = baseline
+        self.scoring, self.baseline = scoring, baseline
         # Neurons without a description (zero vector) would score 0 and outrank real neurons
-        # with a negative baseline-corrected score, so they are left out of text search.
+        # with a negative normalised score, so they are left out of text search.
         self._has_text = np.linalg.norm(index.text, axis=1) > 0
-        self._baseline_cos = np.zeros(len(index.layers), np.float32)
+        self._offset = np.zeros(len(index.layers), np.float32)
+        self._scale = np.ones(len(index.layers), np.float32)
         if text_embedder is not None:
             check_embedder(text_embedder, index.text_model, index.text, "text")
-            if baseline:
-                self._baseline_cos = index.text @ text_embedder.encode([baseline])[0]
+            if scoring == "baseline":
+                self._offset = index.text @ text_embedder.encode([baseline])[0]
+            elif scoring == "neuron":
+                usual = index.text @ text_embedder.encode(list(GENERIC_QUERIES)).T
+                self._offset = usual.mean(axis=1)
+                self._scale = np.maximum(usual.std(axis=1), 1e-3)  # a zero row stays finite
         if image_embedder is not None:
             if index.image is None:
                 raise StageError("04_embeddings.npz holds no image embeddings, so an image query "
                                  "has nothing to match; re-run 04 with an image embedder")
             check_embedder(image_embedder, index.image_model, index.image, "image")
 
+    def describe_scoring(self) -> str:
+        """One line saying how text scores are made, printed above each answer."""
+        return {"cosine": "score = cosine",
+                "baseline": f'score = cosine − cosine of "{self.baseline}"',
+                "neuron": f"score = z of the cosine against the neuron's cosines with "
+                          f"{len(GENERIC_QUERIES)} generic queries"}[self.scoring]
+
     def search_text(self, query: str, top_k: int) -> list[dict]:
-        """Top-k neurons for a text query, ranked by cosine minus the baseline's cosine."""
-        q = self.text_embedder.encode([query])[0]
-        cosine = self.index.text @ q
-        score = cosine - self._baseline_cos
+        """Top-k neurons for a text query, ranked by the chosen scoring of their cosines."""
+        cosine = self.index.text @ self.text_embedder.encode([query])[0]
+        score = (cosine - self._offset) / self._scale
         return self._hits(query, cosine, score, self._has_text, top_k)
 
     def search_image(self, image, label: str, top_k: int) -> list[dict]:
@@ -160,15 +174,8 @@ class Searcher:
               top_k: int) -> list[dict]:
         """Rows of the ``top_k`` best ``score``s among ``valid`` neurons (ties: 04's row order)."""
         candidates = np.flatnonzero(valid)
-        k = min(top_k, len(candidates))
-        if k == 0:
-            return []
-        s = score[candidates]
-        if k < len(candidates):
-            part = np.argpartition(-s, k - 1)[:k]
-        else:
-            part = np.arange(len(candidates))
-        best = candidates[part[np.lexsort((candidates[part], -s[part]))]]
+        # a stable sort keeps 04's row order among equal scores, at the top-k cut too
+        best = candidates[np.argsort(-score[candidates], kind="stable")[:top_k]]
         ix = self.index
         return [{"query": query, "rank": r + 1, "layer": str(ix.layers[i]),
                  "channel": int(ix.channels[i]), "score": round(float(score[i]), 4),
