@@ -882,8 +882,7 @@ class SearchService:
         """Hits for a text query."""
         with self.lock:
             hits = self.searcher.search_text(query, k)
-        note = f'score = cosine − cosine of "{self.searcher.baseline}"'
-        return {"query": query, "hits": hits, "note": note}
+        return {"query": query, "hits": hits, "note": self.searcher.describe_scoring()}
 
     def image(self, data: bytes, k: int) -> dict:
         """Hits for an uploaded image (bytes of any format Pillow reads)."""
