@@ -3,6 +3,7 @@
 # stages after them, nothing before.
 #   make all            set up .venv and run every stage on the offline demo (RUN=demo)
 #   make test           set up .venv and run the test suite
+#   make serve          browse data/$(RUN)/atlas with live search on http://$(HOST):$(PORT)/
 #   make help           list targets and variables;  make -n all  shows what would run
 # Variables (override on the command line: make all RUN=r50 MODEL=resnet50 WEIGHTS=r50.pth IMAGES=val/):
 
@@ -52,6 +53,8 @@ MATCHER     ?= offline#                    09 concept matcher of the verificatio
 POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
+HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
+PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
 
@@ -70,7 +73,7 @@ $(if $(DEPS),,$(error common/deps.py printed nothing: is PYTHON=$(PYTHON) a Pyth
 uses = $(sort $(foreach s,$(1),$(subst $(comma), ,$(patsubst $(s):%,%,$(filter $(s):%,$(DEPS))))))
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug eval
+.PHONY: all test bench help clean venv search debug eval atlas serve
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -95,6 +98,9 @@ ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
            --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
+ARGS_10 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
+           --batch-size $(BATCH) --device $(DEVICE)
 quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
@@ -116,7 +122,8 @@ ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
 CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
-           $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09))
+           $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
+           $(call track_args,10,$(ARGS_10))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -144,9 +151,14 @@ M05 := $(D)/05_cluster.meta.json
 M06 := $(D)/06_trace.meta.json
 M08 := $(D)/08_debug.meta.json
 M09 := $(D)/09_score.meta.json
+M10 := $(D)/10_atlas.meta.json
+ATLAS        := $(D)/atlas/index.html
+ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
+                $(M05) $(TRACE) $(M06) $(SCORES) $(M09) $(CONFUSION) $(M08)#  what the atlas shows
+TEMPLATES    := $(wildcard common/templates/*)
 
 all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
-     $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) ## run every stage on data/$(RUN)
+     $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -169,6 +181,7 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_describe_embed.py
 	$(PY) bench/bench_cluster.py --threads 1
 	$(PY) bench/bench_score.py
+	$(PY) bench/bench_atlas.py
 
 data/demo_images/images.csv: $(call uses,common/demo.py) | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
@@ -219,6 +232,14 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
 	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
+$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(TEMPLATES) $(D)/.args/10 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
+
+atlas: $(ATLAS) $(M10) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
+
+serve: $(ATLAS) $(M10) | $(VENV) ## serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
+	$(PY) 10_atlas.py serve --run $(D) --host $(HOST) --port $(PORT) --device $(DEVICE)
+
 debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
@@ -230,4 +251,4 @@ search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## fi
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
 	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
-	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/)
+	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) $(D)/10_* $(D)/atlas

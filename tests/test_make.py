@@ -8,7 +8,6 @@ import hashlib
 import modulefinder
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from common import deps
 from common.provenance import read_meta
-from conftest import ROOT
+from conftest import ROOT, project_copy
 
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=1"]
@@ -27,14 +26,7 @@ FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT
 @pytest.fixture
 def tree(tmp_path, image_folder):
     """A copy of the project (sharing .venv) in which make can run and scripts can be touched."""
-    root = tmp_path / "tree"
-    root.mkdir()
-    for item in ROOT.iterdir():
-        if item.name.endswith(".py") or item.name in ("Makefile", "requirements.txt"):
-            shutil.copy2(item, root / item.name)
-    for folder in ("common", "tests"):
-        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / ".venv").symlink_to(ROOT / ".venv")
+    root = project_copy(tmp_path / "tree")
     return root, [f"IMAGES={image_folder}", f"DATA={tmp_path / 'data'}", *FAST]
 
 
