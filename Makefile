@@ -155,7 +155,6 @@ M10 := $(D)/10_atlas.meta.json
 ATLAS        := $(D)/atlas/index.html
 ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
                 $(M05) $(TRACE) $(M06) $(SCORES) $(M09) $(CONFUSION) $(M08)#  what the atlas shows
-TEMPLATES    := $(wildcard common/templates/*)
 
 all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
      $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage on data/$(RUN)
@@ -232,7 +231,7 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
 	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
-$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(TEMPLATES) $(D)/.args/10 $(COMMON) | $(VENV)
+$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(D)/.args/10 $(call uses,10_atlas.py) | $(VENV)
 	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
 
 atlas: $(ATLAS) $(M10) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
