@@ -47,8 +47,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.artefacts import (CropVectors, Description, Mosaic, read_activations,
+                              read_crop_vectors, read_descriptions, read_images, read_mosaics,
+                              read_predictions)
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import read_csv, sweep_temporaries, write_bytes, write_csv
+from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.09_score")
@@ -88,10 +91,10 @@ class RunInputs:
     usable: np.ndarray       # bool per image id: status ok
     top5_idx: np.ndarray     # N × 5 (−1 where no prediction)
     top5_prob: np.ndarray    # N × 5
-    mosaics: dict            # (layer, channel) → 02 index row (path made absolute)
-    descriptions: dict       # (layer, channel) → 03 row
+    mosaics: dict[tuple[str, int], Mosaic]             # 02's index rows by neuron
+    descriptions: dict[tuple[str, int], Description]   # 03's rows by neuron
     metas: list[dict]        # metas of the inputs, for the lineage check and ours
-    crops: object            # common.artefacts.CropVectors: 04's vector of each top crop
+    crops: CropVectors       # 04's vector of each top crop
     describer_backend: str   # 03's backend (offline describers read class names)
     class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
 
@@ -100,28 +103,23 @@ def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: P
                 mosaics: Path, descriptions: Path, embeddings: Path,
                 crop_vectors: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
-    from common.artefacts import read_activations, read_crop_vectors
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     read_meta(crop_vectors)  # written by the same 04 run as the embeddings, byte for byte
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)
-    rows = read_csv(images)
-    paths = [r["path"] for r in rows]
-    usable = np.array([r["status"] == "ok" for r in rows])
+    rows = read_images(images)
+    paths = [r.path for r in rows]
+    usable = np.array([r.status == "ok" for r in rows])
     top5_idx = np.full((len(rows), 5), -1, np.int64)
     top5_prob = np.zeros((len(rows), 5))
     predicted = {}
-    for r in read_csv(predictions):
-        if r.get("pred_idx", "") != "":
-            predicted[int(r["pred_idx"])] = r.get("pred_name", "")
-        if r.get("top5_idx"):
-            idx = [int(v) for v in r["top5_idx"].split()][:5]
-            top5_idx[int(r["image_id"]), :len(idx)] = idx
-            top5_prob[int(r["image_id"]), :len(idx)] = [float(v) for v in
-                                                       r["top5_prob"].split()][:5]
-    index = {(r["layer"], int(r["channel"])): dict(r, path=str(mosaics.parent / r["path"]))
-             for r in read_csv(mosaics)}
-    described = {(r["layer"], int(r["channel"])): r for r in read_csv(descriptions)}
+    for p in read_predictions(predictions):
+        predicted[p.pred_idx] = p.pred_name
+        n = min(len(p.top5_idx), 5)
+        top5_idx[p.image_id, :n] = p.top5_idx[:n]
+        top5_prob[p.image_id, :n] = p.top5_prob[:n]
+    index = {m.key: m for m in read_mosaics(mosaics)}
+    described = {d.key: d for d in read_descriptions(descriptions)}
     return RunInputs(class_names=model_class_names(predicted, int(top5_idx.max(initial=-1)) + 1),
                      layers=layers, input_size=int(input_size[0]), tops=tops,
                      stats_dir=stats_dir, image_paths=paths, usable=usable, top5_idx=top5_idx,
@@ -156,12 +154,8 @@ def layer_max_stats(stats_dir: Path, layer: str) -> np.ndarray:
 
 def neuron_crops(inputs: RunInputs, layer: str, channel: int, n_crops: int) -> list[np.ndarray]:
     """The neuron's first ``n_crops`` crops, cut from its mosaic (best first)."""
-    from common.mosaics import cut_tiles, load_mosaic
     m = inputs.mosaics.get((layer, channel))
-    if m is None or int(m["n_tiles"]) == 0:
-        return []
-    grid = int(str(m["grid"]).lower().split("x")[0])
-    return cut_tiles(load_mosaic(m["path"]), grid, int(m["tile_px"]), min(int(m["n_tiles"]), n_crops))
+    return m.tiles(n_crops) if m is not None and m.n_tiles else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +178,7 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
     rows = []
     for (layer, channel), labels in groups.items():
         tiles = neuron_crops(inputs, layer, channel, len(labels))
-        tile_px = int(inputs.mosaics[(layer, channel)]["tile_px"])
+        tile_px = inputs.mosaics[(layer, channel)].tile_px
         for s in range(int(labels.max()) + 1):
             members = [tiles[i] for i in np.flatnonzero(labels == s)]
             grid = math.ceil(math.sqrt(len(members)))
@@ -215,7 +209,7 @@ def start_describing(index: Path, folder: Path, describe_args: str,
     command = [sys.executable, str(ROOT / "03_describe.py"), "--mosaics", str(index),
                "--out", str(out), *shlex.split(describe_args),
                "--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
-    log.info("describing %d sub-concepts with 03_describe.py", len(read_csv(index)))
+    log.info("describing %d sub-concepts with 03_describe.py", len(read_mosaics(index)))
     # 03's log goes to a file, not a pipe: an unread pipe would block it once full.
     with open(folder / "03_describe.log", "w") as stream:
         return subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
@@ -228,8 +222,8 @@ def finish_describing(process: subprocess.Popen, index: Path,
     if process.wait() != 0:
         tail = (folder / "03_describe.log").read_text(errors="replace")[-2000:]
         raise StageError(f"03_describe.py failed on the sub-concept mosaics ({index}):\n{tail}")
-    return {(r["layer"], int(r["channel"])): r["description"] if r["status"] == "ok" else ""
-            for r in read_csv(folder / "03_descriptions.csv")}
+    return {d.key: d.description if d.status == "ok" else ""
+            for d in read_descriptions(folder / "03_descriptions.csv")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +296,8 @@ def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, m
                                                 int(inputs.tops[layer].fmap[2])))
                 for layer in inputs.layers}
     usable_ids = np.flatnonzero(inputs.usable)
-    own = {layer: sorted({r["description"] for (lay, _), r in inputs.descriptions.items()
-                          if lay == layer and r["status"] == "ok" and r["description"].strip()})
+    own = {layer: sorted({r.description for (lay, _), r in inputs.descriptions.items()
+                          if lay == layer and r.ok})
            for layer in inputs.layers}
     keep = sorted({layer for layer, _ in groups})
     sub_text = None
@@ -333,9 +327,9 @@ def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, m
         for channel in range(top.channels):
             row = inputs.descriptions.get((layer, channel))
             m = inputs.mosaics.get((layer, channel))
-            shown = top.image_ids[channel, :int(m["n_tiles"]) if m else 0]
-            if row and row["status"] == "ok" and row["description"].strip():
-                sentences[layer].append(Sentence(layer, channel, 0, row["description"], shown))
+            shown = top.image_ids[channel, :m.n_tiles if m else 0]
+            if row is not None and row.ok:
+                sentences[layer].append(Sentence(layer, channel, 0, row.description, shown))
             for s in range(int(groups[(layer, channel)].max()) + 1 if (layer, channel) in groups
                            else 0):
                 text = sub_text.get((f"{layer}#{s + 1}", channel), "")
@@ -524,7 +518,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
         index = write_subconcept_mosaics(inputs, groups, subconcepts, inputs.metas)
         levels = {}
         for (layer, channel), labels in groups.items():
-            level = int(inputs.descriptions.get((layer, channel), {}).get("level") or 1)
+            level = getattr(inputs.descriptions.get((layer, channel)), "level", 0) or 1
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
         describing = start_describing(index, subconcepts, describe_args, levels)
@@ -608,8 +602,8 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     eval_rows = []
     if layer_out is not None:
         from common.embedders import load_text_embedder
-        texts = {c: r["description"] for (layer, c), r in inputs.descriptions.items()
-                 if layer == layer_out and r["status"] == "ok"}
+        texts = {c: r.description for (layer, c), r in inputs.descriptions.items()
+                 if layer == layer_out and r.status == "ok"}
         eval_rows = final_layer_eval(layer_out, texts, names,
                                      eval_embedder or load_text_embedder(eval_model, device=device),
                                      seed)
