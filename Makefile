@@ -7,8 +7,12 @@
 
 RUN         ?= demo#                       run name: outputs go to data/$(RUN)/
 IMAGES      ?= data/demo_images/images.csv#  image folder (class sub-folders = labels) or CSV
-MODEL       ?= efficientnet_lite0#         efficientnet_lite0, torchvision name, file.py:func, ckpt.pt
+MODEL       ?= efficientnet_lite0#         efficientnet_lite0|1|2, torchvision name, file.py:func, ckpt.pt
 WEIGHTS     ?=#                            state-dict file for MODEL (empty: shipped / torchvision)
+CLASSES     ?=#                            class names in output order: names.txt (one a line) or CSV index,name
+INPUT_SIZE  ?=#                            side of the square network input in px (empty: the model's own)
+MEAN        ?=#                            input normalisation mean, 1 or 3 values "0.5" (empty: the model's)
+STD         ?=#                            input normalisation std, 1 or 3 values (empty: the model's)
 RANDOM_INIT ?= 0#                          1: allow an untrained network (random weights)
 UNSAFE_PICKLE ?= 0#                        1: load a whole pickled checkpoint (trusted files only)
 LAYERS      ?=#                            comma-separated layer names (empty: model default)
@@ -21,6 +25,7 @@ CROP        ?= rf#                         rf (receptive field) | mask (activati
 DEMO_N      ?= 1500#                       images in the offline demo probe set
 WORKERS     ?= 2#                          decoding threads (01) and processes (02)
 DESCRIBER   ?= offline#                    03 backend: offline | hf | openai
+NAMER       ?= model#                      03 offline: who names objects: model (the analysed one) | reference (Lite0, ImageNet)
 VLM         ?=#                            03 model: hf folder/hub id, or the openai server's model name
 BASE_URL    ?= http://127.0.0.1:8000/v1#   03 openai-compatible server (key in $$OPENAI_API_KEY)
 PROMPTS     ?= common/prompts.yaml#        03 prompt file, one prompt per abstraction level
@@ -45,7 +50,6 @@ MIN_SHARE   ?= 0.25#                       08 auto: least share of the class's e
 MAX_PAIRS   ?= 2#                          08 auto: most pairs analysed
 FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the neuron flag
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
-INPUT_SIZE  ?= 224#                        side of the square network input (px)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter used to create .venv
 
@@ -64,13 +68,18 @@ comma   := ,
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
-ARGS_01 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
+# File names are passed as --flag='name', so that spaces and leading dashes reach the script intact.
+ARGS_01 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+           $(if $(CLASSES),--classes=$(call quote,$(CLASSES))) \
            $(if $(filter 1,$(RANDOM_INIT)),--random-init) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) \
            $(if $(LAYERS),--layers $(LAYERS)) --topk $(TOPK) --batch-size $(BATCH) \
-           --device $(DEVICE) --workers $(WORKERS) --input-size $(INPUT_SIZE)
+           --device $(DEVICE) --workers $(WORKERS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
+           $(if $(MEAN),--mean $(MEAN)) $(if $(STD),--std $(STD))
 ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
-ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) \
+ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) --namer $(NAMER) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) \
            $(if $(DOMAIN),--domain "$(DOMAIN)") $(if $(KEYWORDS),--keywords "$(KEYWORDS)") \
            $(if $(LEVELS),--levels $(LEVELS)) --base-url $(BASE_URL) --device $(DEVICE)
 ARGS_04 := --text-model $(TEXT_EMBEDDER) --image-model $(IMAGE_EMBEDDER) --device $(DEVICE)
@@ -78,19 +87,31 @@ ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
            $(if $(NLI_MODEL),--nli-model $(NLI_MODEL)) --device $(DEVICE)
 ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow "$(FOLLOW)") \
            --device $(DEVICE)
-ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+ARGS_08 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
            --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE)
-quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
 # (make -n) it also stores them, which makes stage NN and the stages after it out of date.
 track_args = $(shell mkdir -p $(D)/.args && { printf '%s\n' $(call quote,$(strip $(2))) | \
         cmp -s - $(D)/.args/$(1) || { echo $(1); $(if $(DRY_RUN),:,printf '%s\n' \
         $(call quote,$(strip $(2))) > $(D)/.args/$(1)); }; })
-ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
-CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
+DEMO_IMAGES := data/demo_images/images.csv
+IS_DEMO     := $(if $(subst $(DEMO_IMAGES),,$(IMAGES)),,1)
+# 01 also depends on the content of its inputs (common/fingerprint.py: every image's path, size
+# and mtime, the model's files by content), stored in .args/01-inputs when it changes. The demo
+# set is made by a rule below, so make's own timestamps cover it.
+ifeq ($(filter help test venv clean $(DEMO_IMAGES),$(MAKECMDGOALS)),)
+INPUTS_01 := $(shell $(PYTHON) -m common.fingerprint --model=$(call quote,$(MODEL)) \
+        $(if $(IS_DEMO),,--images=$(call quote,$(IMAGES))) \
+        $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+        $(if $(CLASSES),--classes=$(call quote,$(CLASSES))))
+ifneq ($(.SHELLSTATUS),0)
+$(error $(INPUTS_01))
+endif
+CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
+           $(call track_args,01-inputs,$(INPUTS_01)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
            $(call track_args,08,$(ARGS_08))
@@ -133,11 +154,12 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_describe_embed.py
 	$(PY) bench/bench_cluster.py --threads 1
 
-data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
+$(DEMO_IMAGES): common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
-$(EXTRACT): 01_extract.py $(IMAGES) $(D)/.args/01 $(COMMON) | $(VENV)
-	$(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)
+$(EXTRACT): 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 $(D)/.args/01-inputs \
+            $(COMMON) | $(VENV)
+	$(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
 
 $(MOSAICS): 02_mosaics.py $(EXTRACT) $(D)/.args/02 $(COMMON) | $(VENV)
 	$(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
