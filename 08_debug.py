@@ -50,8 +50,9 @@ import numpy as np
 from scipy import stats as sps
 from tqdm import tqdm
 
+from common.classes import name_key
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import atomic_path, read_csv, write_csv, write_json, write_text
+from common.io import atomic_path, read_csv, read_json, write_csv, write_json, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
 from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
 
@@ -92,16 +93,16 @@ def read_predictions(path: Path) -> tuple[list[dict], dict[int, str]]:
         rows.append({"image_id": int(row["image_id"]), "path": row["path"], "label": row["label"],
                      "label_idx": label_idx, "pred_idx": int(row["pred_idx"]),
                      "pred_name": row["pred_name"]})
-    if not rows:
-        raise StageError(f"{path} has no labelled image (label_idx ≥ 0), so there are no errors "
-                         f"to debug. Give 01 labelled images: class sub-folders or a label column")
     return rows, paths
 
 
-def class_names(rows: list[dict]) -> dict[int, str]:
-    """Class index → name: the model's name where a row predicts it; for a class never predicted,
-    the ImageNet name when the model's names are ImageNet's, else the dataset label."""
+def class_names(rows: list[dict], model_classes: list[str] | None = None) -> dict[int, str]:
+    """Class index → name: the model's class names as 01 recorded them; else the name where a row
+    predicts it, and for a class never predicted the ImageNet name when the model's names are
+    ImageNet's, else the dataset label."""
     from common import imagenet
+    if model_classes:
+        return dict(enumerate(model_classes))
     names: dict[int, str] = {}
     for row in rows:
         names.setdefault(row["pred_idx"], row["pred_name"])
@@ -143,11 +144,6 @@ def confusion_table(rows: list[dict], names: dict[int, str]) -> list[dict]:
     return out
 
 
-def _name_key(text: str) -> str:
-    """Case-, space- and underscore-insensitive form of a class name for matching."""
-    return re.sub(r"[\s_\-]+", " ", text.strip().lower())
-
-
 def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str) -> int:
     """The class index meant by ``text``: an index, a model class name, or a dataset label."""
     if text.strip().lstrip("-").isdigit():
@@ -155,17 +151,20 @@ def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str)
         if idx not in names:
             raise StageError(f"{flag} {idx}: no labelled image has or is predicted as class {idx}")
         return idx
-    key = _name_key(text)
-    matches = {i for i, name in names.items() if _name_key(name) == key}
-    matches |= {r["label_idx"] for r in rows if _name_key(r["label"]) == key}
+    key = name_key(text)
+    matches = {i for i, name in names.items() if name_key(name) == key}
+    matches |= {r["label_idx"] for r in rows if name_key(r["label"]) == key}
     if len(matches) == 1:
         return matches.pop()
     if len(matches) > 1:
         listed = ", ".join(f"{i} ({names[i]})" for i in sorted(matches))
         raise StageError(f"{flag} {text!r} names several classes: {listed}; give the index instead")
-    close = difflib.get_close_matches(text, sorted(set(names.values())), n=5)
+    valid = sorted(set(names.values()))
+    close = difflib.get_close_matches(text, valid, n=5)
     hint = f" Close names: {', '.join(close)}." if close else ""
-    raise StageError(f"{flag} {text!r} matches no class seen in the predictions.{hint}")
+    shown = ", ".join(valid[:40]) + (f" … ({len(valid)} in all)" if len(valid) > 40 else "")
+    raise StageError(f"{flag} {text!r} matches no class of the model.{hint} Valid names: "
+                     f"{shown} (or a class index)")
 
 
 def folder_name(true_name: str, pred_name: str) -> str:
@@ -443,15 +442,16 @@ def plot_z_heatmaps(stats: dict, layers: list[str], path: Path, z_threshold: flo
     plt.close(fig)
 
 
-def open_network_input(path: str, size: int):
-    """An image as the network saw it (shorter side resized, centre crop), or None if unreadable."""
-    from common.images import BadImage, load_rgb, network_input
+def open_network_input(path: str, size: int, channels: int = 3):
+    """An image as the network saw it (shorter side resized, centre crop, grey for a grey model),
+    or None if unreadable."""
+    from common.images import BadImage, load_rgb, network_view
     try:
         img, _ = load_rgb(path)
     except BadImage as err:
         log.warning("cannot show %s: %s", path, err.reason)
         return None
-    return network_input(img, size)
+    return network_view(img, size, channels)
 
 
 def contact_sheet(tiles: list, path: Path, columns: int = 4) -> bool:
@@ -470,13 +470,15 @@ def contact_sheet(tiles: list, path: Path, columns: int = 4) -> bool:
     return True
 
 
-def example_sheet(ids: np.ndarray, paths: dict[int, str], size: int, path: Path) -> bool:
+def example_sheet(ids: np.ndarray, paths: dict[int, str], size: int, path: Path,
+                  channels: int = 3) -> bool:
     """Contact sheet of the first ``EXAMPLES`` images of ``ids``, as fed to the network."""
-    return contact_sheet([open_network_input(paths[i], size) for i in ids[:EXAMPLES]], path)
+    return contact_sheet([open_network_input(paths[i], size, channels) for i in ids[:EXAMPLES]],
+                         path)
 
 
 def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str], size: int,
-               path: Path) -> bool:
+               path: Path, channels: int = 3) -> bool:
     """The neuron's top receptive-field crops from 01 as a strip (used when 02 has no mosaic)."""
     from common.rf import RF, crop_box
     with np.load(activations, allow_pickle=False) as npz:
@@ -487,7 +489,7 @@ def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str
     for image_id, y, x in zip(ids[:EXAMPLES], ys[:EXAMPLES], xs[:EXAMPLES]):
         if image_id < 0 or int(image_id) not in paths:
             continue
-        img = open_network_input(paths[int(image_id)], size)
+        img = open_network_input(paths[int(image_id)], size, channels)
         if img is None:
             continue
         top, left, bottom, right = crop_box(rf, int(y), int(x), img.height, img.width)
@@ -512,7 +514,7 @@ def load_bundle(extract_meta: dict, model: str | None, weights: str | None, devi
     if not spec.get("name"):
         raise StageError("01_extract.meta.json does not say which model made the activations "
                          "(key 'model'); re-run stage 01")
-    if model and _name_key(model).replace(" ", "_") != _name_key(spec["name"]).replace(" ", "_"):
+    if model and name_key(model).replace(" ", "_") != name_key(spec["name"]).replace(" ", "_"):
         raise StageError(f"--model {model} differs from the model 01 ran ({spec['name']}); the "
                          f"statistics describe that one. Re-run 01 with --model {model}, or drop "
                          f"the flag")
@@ -888,15 +890,16 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
             strip = folder / "neurons" / f"{folder_name(r['layer'], str(r['channel']))}.jpg"
             strip.parent.mkdir(exist_ok=True)
             r["_image"] = strip if crop_strip(ctx["activations"], r["layer"], r["channel"],
-                                              ctx["paths"], ctx["input_size"], strip) else None
-    size = ctx["input_size"]
+                                              ctx["paths"], ctx["input_size"], strip,
+                                              ctx["channels"]) else None
+    size, channels = ctx["input_size"], ctx["channels"]
     info = {"pair": pair, "folder": folder, "ok_ids": ok_ids, "ko_ids": ko_ids, "stats": stats,
             "top_neurons": top, "hist_png": folder / "delta_mu.png",
             "heat_png": folder / "z_heatmaps.png",
             "ko_sheet": folder / "ko_examples.jpg" if example_sheet(
-                ko_ids, ctx["paths"], size, folder / "ko_examples.jpg") else None,
+                ko_ids, ctx["paths"], size, folder / "ko_examples.jpg", channels) else None,
             "ok_sheet": folder / "ok_examples.jpg" if example_sheet(
-                ok_ids, ctx["paths"], size, folder / "ok_examples.jpg") else None}
+                ok_ids, ctx["paths"], size, folder / "ok_examples.jpg", channels) else None}
     flagged = {agg: sum(int(stats[layer][agg]["flag_fdr"].sum()) for layer in ctx["layers"])
                for agg in AGGS}
     log.info("%s: OK %d, KO %d; FDR-flagged neurons: max %d, mean %d → %s", label, len(ok_ids),
@@ -938,13 +941,39 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate
                  result["control_ablated"]["ko_to_true"])
 
 
-def remove_stale_reports(out_dir: Path, keep: set[str]) -> None:
-    """Delete pair folders of an earlier run (recognised by their report.md) not in ``keep``, so
-    that the output folder always matches the current settings, as Make expects."""
+def remove_stale_reports(out_dir: Path, keep: set[str], upstream: dict) -> None:
+    """Delete pair folders of an earlier run (recognised by their report.md) that were made from
+    other inputs than ``upstream`` (the lineage recorded in their pair.json). Reports of other
+    pairs made from the same inputs stay: `make debug TRUE=a PRED=b` adds a pair to them."""
     for child in sorted(out_dir.iterdir()):
-        if child.is_dir() and child.name not in keep and (child / "report.md").exists():
-            log.info("removing %s: that pair is not analysed with the current settings", child)
+        if not child.is_dir() or child.name in keep or not (child / "report.md").exists():
+            continue
+        try:
+            same = read_json(child / "pair.json").get("upstream") == upstream
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.info("removing %s: it was made from other inputs", child)
             shutil.rmtree(child)
+
+
+def write_unlabelled_note(predictions: Path, confusion_path: Path, out_dir: Path, metas: list,
+                          args: dict | None) -> dict:
+    """An image set without labels has no errors to debug: write an empty confusion table and a
+    short note saying so and how to give labels, instead of failing the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    note = (f"# Nothing to debug\n\nNo image in {predictions} has a label that names a class of "
+            f"the model, so no misclassification can be found. Give labelled images (class "
+            f"sub-folders, or a `label` column in the CSV list), with CLASSES=names.txt if the "
+            f"labels are class names the model does not carry.\n")
+    write_text(out_dir / "note.md", note)
+    write_csv(out_dir / "pairs.csv", [], PAIR_FIELDS)
+    write_csv(confusion_path, [], CONFUSION_FIELDS)
+    remove_stale_reports(out_dir, set(), {})
+    write_meta(confusion_path.parent / f"{STAGE}.meta.json", STAGE, args or {},
+               outputs=[confusion_path, out_dir / "note.md"], inputs=metas, pairs=[])
+    log.warning("no labelled image: nothing to debug (see %s)", out_dir / "note.md")
+    return {"pairs": [], "causal": {}}
 
 
 def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path | None = None,
@@ -976,7 +1005,9 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     metas = [extract_meta] + [read_meta(p) for p in (descriptions, mosaics) if p.exists()]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
     rows, paths = read_predictions(predictions)
-    names = class_names(rows)
+    if not rows:
+        return write_unlabelled_note(predictions, confusion_path, out_dir, metas, args)
+    names = class_names(rows, extract_meta.get("classes"))
     confusion = confusion_table(rows, names)
     conf_by_idx = {r["class_idx"]: r for r in confusion}
     for r in confusion[:5]:
@@ -1001,6 +1032,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
            "paths": paths,
            "shared_names": {n for n, c in collections.Counter(names.values()).items() if c > 1}}
     ctx["layers"], ctx["input_size"] = layers_of(activations, extract_meta)
+    ctx["channels"] = int((extract_meta.get("preprocess") or {}).get("channels", 3))
     out_dir.mkdir(parents=True, exist_ok=True)
     analyses = [a for a in (analyse_pair(p, rows, ctx, out_dir) for p in chosen) if a is not None]
 
@@ -1024,7 +1056,11 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
         write_text(a["folder"] / "report.md", render_markdown(blocks, a["folder"]))
         write_text(a["folder"] / "report.html", render_html(blocks, title))
         outputs += [a["folder"] / "neurons.csv", a["folder"] / "report.md"]
-    remove_stale_reports(out_dir, {a["folder"].name for a in analyses})
+    upstream = {stage: fp for stage, fp in merge_lineage(metas).items()}
+    for a in analyses:
+        write_json(a["folder"] / "pair.json", {"pair": a["pair"], "upstream": upstream})
+    remove_stale_reports(out_dir, {a["folder"].name for a in analyses}, upstream)
+    (out_dir / "note.md").unlink(missing_ok=True)  # an unlabelled earlier run's note
     write_csv(out_dir / "pairs.csv", pairs, PAIR_FIELDS)
     write_csv(confusion_path, confusion, CONFUSION_FIELDS)
     summary = {"pairs": [{k: a["pair"][k] for k in ("true", "pred", "ok", "ko", "status", "folder")}
