@@ -473,11 +473,17 @@ def classes_phrase(top5: Sequence[tuple[Sequence[int], Sequence[float]]],
     total = sum(counts.values())
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
+    def name(i: int) -> str:
+        """The class's name (its index where the model's outputs have no names)."""
+        return names[i] if 0 <= i < len(names) else f"class {i}"
+
     def named(i: int, n: int) -> str:
         """A class name with its share of the images."""
-        return f"{names[i] if 0 <= i < len(names) else f'class {i}'} ({100 * n / total:.0f}%)"
+        return f"{name(i)} ({100 * n / total:.0f}%)"
     main_share = ranked[0][1] / total
     others = [named(i, n) for i, n in ranked[1:] if n / total >= 0.1][:2]
+    if main_share == 1:
+        return f"all {name(ranked[0][0])}", 1.0
     if main_share >= 0.5:
         text = "mostly " + named(*ranked[0])
         return (text + ("; also " + " and ".join(others) if others else "")), main_share
