@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -394,7 +396,8 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
         extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
                      list(shard_slice(n_batches, shard)), tmp, skip)
         write_json(tmp / "part.json", {"shard": list(shard), "n_images": len(entries),
-                                       "batch_size": batch_size, "layers": layers, "topk": topk})
+                                       "batch_size": batch_size, "layers": layers, "topk": topk,
+                                       "inputs": inputs_digest(bundle, entries)})
         replace_dir(tmp, part_dir)
         log.info("shard %d/%d written to %s", shard[0], shard[1], part_dir)
         return None
@@ -406,9 +409,11 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
             raise StageError(f"cannot merge: shard results missing: {', '.join(missing)}")
         for part in parts:
             info = load_part_info(part)
-            if (info["n_images"], info["batch_size"], info["layers"], info["topk"]) != (
-                    len(entries), batch_size, layers, topk):
-                raise StageError(f"{part} was made with other settings ({info}); re-run that shard")
+            if (info["n_images"], info["batch_size"], info["layers"], info["topk"],
+                    info.get("inputs")) != (len(entries), batch_size, layers, topk,
+                                            inputs_digest(bundle, entries)):
+                raise StageError(f"{part} was made with other settings, model or images "
+                                 f"({info}); re-run that shard")
         tmpdirs = None
     else:
         tmpdirs = Path(tempfile.mkdtemp(prefix=".01_part.", dir=out))
@@ -480,6 +485,22 @@ def check_accuracy(predictions: Path, bundle) -> dict | None:
             f"output order. Every later stage explains this model on these inputs")
         log.warning("%s\n%s\n%s", "!" * 78, result["warning"], "!" * 78)
     return result
+
+
+def inputs_digest(bundle, entries) -> str:
+    """Fingerprint of what a shard's results depend on besides the flags: the model (its
+    arguments, files by content, preprocessing, class names) and every listed image (path, label,
+    size, mtime), so that shards made from other inputs are never merged."""
+    from common.fingerprint import fingerprint, stat_line
+    spec = bundle.spec
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([spec, bundle.class_names, bundle.preprocess,
+                              fingerprint(None, spec["name"], spec.get("weights"),
+                                          spec.get("classes"))]).encode())
+    for entry in entries:
+        digest.update(f"{entry.path!r} {entry.label!r} {stat_line(entry.path)}\n".encode(
+            "utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def load_part_info(part: Path) -> dict:

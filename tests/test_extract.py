@@ -281,3 +281,14 @@ def test_csv_duplicates_are_counted_once_and_newlines_survive(image_folder, tmp_
     assert [r["status"] for r in rows] == ["ok", "ok", "skipped"]
     assert rows[0]["path"] == str(weird) and "same file" in rows[2]["reason"]
     assert len(read_rows(tmp_path / "r" / "01_predictions.csv")) == 2
+
+
+def test_merge_refuses_shards_of_other_images(image_folder, tmp_path):
+    """A shard made before an image was replaced is not merged with shards made after."""
+    run_extract(image_folder, tmp_path / "s", "--shard", "0/2")
+    with open(image_folder / "0" / "red_03.png", "ab") as fh:
+        fh.write(b"\0")  # another version of the file (trailing bytes: the image still decodes)
+    run_extract(image_folder, tmp_path / "s", "--shard", "1/2")
+    with pytest.raises(SystemExit) as exc:
+        run_extract(image_folder, tmp_path / "s", "--merge", "2")
+    assert exc.value.code == 2
