@@ -637,8 +637,11 @@ def model_classify(spec: dict, unsafe_pickle: bool, device: str = "auto") -> Cal
             for start in range(0, len(images), 32):
                 batch = torch.stack([to_tensor(network_input(im, bundle.input_size), bundle.mean,
                                                bundle.std) for im in images[start:start + 32]])
-                probs = bundle.model(batch.to(bundle.device)).float().softmax(1)
-                p, i = probs.topk(min(5, probs.shape[1]), dim=1)
+                logits = bundle.model(batch.to(bundle.device)).float()
+                if logits.ndim != 2:  # not a classifier: nothing to name the crops with
+                    results += [([], [])] * len(batch)
+                    continue
+                p, i = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
                 results += [(ii.tolist(), pp.tolist()) for ii, pp in zip(i.cpu(), p.cpu())]
         return results
     return classify

@@ -623,7 +623,7 @@ def own_model_run(tmp_path, labels, classes=OWN, preds=None):
     return run
 
 
-def rewrite_01(run, labels, classes, preds):
+def rewrite_01(run, labels, classes, preds, model=None):
     """Re-write 01's predictions and meta (as a re-run of 01 would), then 02's meta after it."""
     write_csv(run / "01_predictions.csv",
               [{"image_id": i, "path": f"img{i}.png", "label_idx": lab, "pred_idx": p, "prob": 0.9,
@@ -632,7 +632,7 @@ def rewrite_01(run, labels, classes, preds):
               ["image_id", "path", "label_idx", "pred_idx", "prob", "top5_idx", "top5_prob"])
     write_meta(run / "01_extract.meta.json", "01_extract", {},
                [run / "01_activations.npz", run / "01_predictions.csv"],
-               model={"name": "net.py:build", "weights": None, "random_init": False},
+               model=model or {"name": "net.py:build", "weights": None, "random_init": False},
                classes=classes)
     write_meta(run / "02_mosaics.meta.json", "02_mosaics", {}, [run / "02_mosaics.csv"],
                inputs=[json.loads((run / "01_extract.meta.json").read_text())])
@@ -675,3 +675,20 @@ def test_journal_redescribes_when_the_model_or_its_classes_change(tmp_path):
     last = FakeVLM()
     run_stage(run, describer=last)
     assert last.described == [("deep", 0)]
+
+
+def test_middle_layer_crops_are_classified_by_the_analysed_model(tmp_path):
+    """A middle layer's crops go through the user's own (grey) model, prepared with the input size,
+    mean and std 01 recorded, and are named in its classes."""
+    from conftest import ROOT
+    run = make_run(tmp_path, channels=1)
+    spec = {"name": f"{ROOT / 'tests' / 'fake_grey_model.py'}:build", "weights": None,
+            "random_init": False, "input_size": 32, "mean": [0.2], "std": [0.25]}
+    rewrite_01(run, [-1] * 4, OWN, [0] * 4, model=spec)
+    settings = dict(device="cpu", classify_crops=4, temperature=0.8, top_p=0.95,
+                    max_new_tokens=57, seed=0, base_url="", api_key_env="", concurrency=1,
+                    timeout=1, retries=0)
+    rows = run_stage(run, backend="offline", levels="early=1,mid=3,deep=5", **settings)
+    mid = next(r for r in rows if r["layer"] == "mid")["description"]
+    # 32-px tiles of period-8 diagonal stripes, seen at 32 px: the model's "wide band" density
+    assert "stripes" in mid and "wide band" in mid, mid
