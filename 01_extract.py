@@ -42,8 +42,10 @@ log = logging.getLogger("neuron-atlas.01_extract")
 
 STAGE = "01_extract"
 IMAGE_FIELDS = ["image_id", "path", "label", "label_idx", "status", "reason"]
-MIN_JUDGED = 10    # labelled images needed before accuracy is judged
-NEAR_CHANCE = 0.25  # warn below chance + this share of the way from chance to 100 %
+MIN_JUDGED = 10     # labelled images needed before accuracy is judged
+PROBE_BELOW = 0.5   # below chance + this share of the way to 100 %, try other preprocessings
+NEAR_CHANCE = 0.1   # warn below chance + this share of the way to 100 %
+PROBE_IMAGES = 32   # labelled images on which other preprocessings are tried
 PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name", "prob", "correct",
                "top5_idx", "top5_prob"]
 
@@ -460,31 +462,84 @@ def name_classes(bundle, labels: list[str], from_folder: bool) -> None:
 
 def check_accuracy(predictions: Path, bundle) -> dict | None:
     """The model's accuracy on the labelled images; a loud warning (also returned, for the
-    metadata) when it is near chance, the usual sign of a wrong input size or normalisation."""
+    metadata) when it is near chance or far below what another input size or normalisation gets
+    on a sample — the usual sign of inputs prepared unlike in training."""
     with open(predictions, newline="", encoding="utf-8") as fh:
-        labelled = [(int(r["label_idx"]), int(r["pred_idx"])) for r in csv.DictReader(fh)
-                    if int(r["label_idx"]) >= 0]
+        labelled = [(int(r["label_idx"]), int(r["pred_idx"]), r["path"])
+                    for r in csv.DictReader(fh) if int(r["label_idx"]) >= 0]
     if not labelled:
         return None
-    counts = collections.Counter(label for label, _ in labelled)
-    correct = sum(label == pred for label, pred in labelled)
+    counts = collections.Counter(label for label, _, _ in labelled)
+    correct = sum(label == pred for label, pred, _ in labelled)
     accuracy = correct / len(labelled)
-    # Guessing gets the larger of one-in-K and always naming the most frequent class.
-    chance = max(1 / len(counts), max(counts.values()) / len(labelled))
+    # Guessing gets the larger of one-in-N outputs and always naming the most frequent class.
+    chance = max(1 / (bundle.n_outputs or len(counts)), max(counts.values()) / len(labelled))
     result = {"n_labelled": len(labelled), "n_correct": correct, "accuracy": round(accuracy, 4),
-              "chance": round(chance, 4), "warning": ""}
+              "chance": round(chance, 4), "better": None, "warning": ""}
     log.info("accuracy on the %d labelled images: %.1f%% (chance: %.1f%%)", len(labelled),
              100 * accuracy, 100 * chance)
-    if len(labelled) >= MIN_JUDGED and accuracy < chance + NEAR_CHANCE * (1 - chance):
+    if len(labelled) < MIN_JUDGED or accuracy >= chance + PROBE_BELOW * (1 - chance):
+        return result
+    now = (f"INPUT_SIZE (now {bundle.input_size}), MEAN (now "
+           f"{','.join(f'{v:g}' for v in bundle.mean)}) and STD (now "
+           f"{','.join(f'{v:g}' for v in bundle.std)})")
+    best = probe_preprocessing(bundle, labelled)
+    if best and best["accuracy"] >= max(1.5 * best["current"], best["current"] + 0.15):
+        result["better"] = best
+        result["warning"] = (
+            f"the model is right on {100 * accuracy:.1f}% of the {len(labelled)} labelled images, "
+            f"but on a sample of {best['n']} it gets {100 * best['accuracy']:.0f}% (instead of "
+            f"{100 * best['current']:.0f}%) with INPUT_SIZE={best['input_size']} "
+            f"MEAN={best['mean']} STD={best['std']}: its inputs are probably prepared unlike in "
+            f"training. Check {now}")
+    elif accuracy < chance + NEAR_CHANCE * (1 - chance):
         result["warning"] = (
             f"the model is right on only {100 * accuracy:.1f}% of the {len(labelled)} labelled "
             f"images (chance: {100 * chance:.1f}%). Its inputs are probably prepared unlike in "
-            f"training: check INPUT_SIZE (now {bundle.input_size}), MEAN (now "
-            f"{','.join(f'{v:g}' for v in bundle.mean)}) and STD (now "
-            f"{','.join(f'{v:g}' for v in bundle.std)}), and that CLASSES lists the names in "
-            f"output order. Every later stage explains this model on these inputs")
+            f"training: check {now}, and that CLASSES lists the names in output order")
+    if result["warning"]:
+        result["warning"] += ". Every later stage explains this model on these inputs"
         log.warning("%s\n%s\n%s", "!" * 78, result["warning"], "!" * 78)
     return result
+
+
+def probe_preprocessing(bundle, labelled: list[tuple[int, int, str]]) -> dict | None:
+    """The best accuracy, on an even sample of the labelled images, over other input sizes (the
+    images' own median shorter side, 224) and normalisations (0.5/0.5, ImageNet's, none), with the
+    current setting's accuracy on the same sample; None when no image of the sample decodes."""
+    from common.images import BadImage, load_rgb, network_input, to_tensor
+    from common.models import IMAGENET_MEAN, IMAGENET_STD
+    step = max(1, len(labelled) // PROBE_IMAGES)
+    sample = []
+    for label, _, path in labelled[::step][:PROBE_IMAGES]:
+        try:
+            sample.append((label, load_rgb(path)[0]))
+        except BadImage:
+            continue
+    if not sample:
+        return None
+    c = bundle.channels
+    sizes = sorted({bundle.input_size, 224, int(np.median([min(img.size) for _, img in sample]))})
+    norms = {(tuple(bundle.mean), tuple(bundle.std)), ((0.5,) * c, (0.5,) * c),
+             ((0.0,) * c, (1.0,) * c),
+             (IMAGENET_MEAN if c == 3 else (0.449,), IMAGENET_STD if c == 3 else (0.226,))}
+    labels = torch.tensor([label for label, _ in sample])
+    scores = {}
+    with torch.inference_mode():
+        for size in sizes:
+            views = [network_input(img, size) for _, img in sample]
+            for mean, std in sorted(norms):
+                batch = torch.stack([to_tensor(v, mean, std) for v in views]).to(bundle.device)
+                try:
+                    logits = bundle.model(batch)
+                except RuntimeError:  # a model fixed to one input size
+                    continue
+                scores[size, mean, std] = float((logits.argmax(1).cpu() == labels).float().mean())
+    current = scores.get((bundle.input_size, tuple(bundle.mean), tuple(bundle.std)), 0.0)
+    (size, mean, std), accuracy = max(scores.items(), key=lambda kv: kv[1])
+    return {"n": len(sample), "input_size": size, "mean": ",".join(f"{v:g}" for v in mean),
+            "std": ",".join(f"{v:g}" for v in std), "accuracy": round(accuracy, 4),
+            "current": round(current, 4)}
 
 
 def inputs_digest(bundle, entries) -> str:

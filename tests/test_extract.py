@@ -240,7 +240,8 @@ def run_grey(images, out, size="32", *extra):
 
 def test_wrong_input_size_gives_the_accuracy_warning(stripe_folder, tmp_path, capfd):
     """At its own 32 px the grey model is right on its 32 well-labelled images; at 64 px it is near
-    chance, and 01 warns, naming INPUT_SIZE, MEAN and STD, and records it in its metadata."""
+    chance, and 01 warns, naming INPUT_SIZE, MEAN and STD and the size that works, and records it
+    in its metadata."""
     import json
     run_grey(stripe_folder, tmp_path / "right")
     right = json.loads((tmp_path / "right" / "01_extract.meta.json").read_text())["accuracy"]
@@ -249,6 +250,9 @@ def test_wrong_input_size_gives_the_accuracy_warning(stripe_folder, tmp_path, ca
     wrong = json.loads((tmp_path / "wrong" / "01_extract.meta.json").read_text())["accuracy"]
     assert wrong["accuracy"] < 0.4 and all(v in wrong["warning"] for v in
                                            ("INPUT_SIZE (now 64)", "MEAN", "STD"))
+    # Trying other sizes on a sample finds the images' own 32 px, and the warning says so.
+    assert wrong["better"]["input_size"] == 32 and "INPUT_SIZE=32 MEAN=0.2 STD=0.25" in \
+        wrong["warning"]
     err = capfd.readouterr().err
     assert "WARNING: " + "!" * 78 in err and "INPUT_SIZE (now 64)" in err
 
