@@ -7,10 +7,14 @@ Writes to the run folder (see ARTEFACTS.md):
   01_activations.npz   per layer and channel: the top-k images by spatial maximum, with (y, x),
                        receptive-field parameters and, for small feature maps, the activation maps
   01_stats/            per image and channel: spatial max and mean (memory-mappable .npy)
-  01_extract.meta.json provenance
+  01_extract.meta.json provenance, and what later stages reuse: the preprocessing (input size,
+                       mean, std, channels), the class names, and the accuracy on labelled
+                       images (with a warning when it suggests a wrong size or normalisation)
 
 Example:
   python 01_extract.py --images data/demo_images/images.csv --out data/demo
+  python 01_extract.py --images shapes/ --model shapes_net.py:build --weights shapes.pt \
+      --classes shapes_classes.txt --input-size 28 --mean 0.5 --std 0.5 --out data/shapes
   python 01_extract.py --images imagenet/val --model resnet50 --weights r50.pth --out data/r50 \
       --shard 0/4          # then: python 01_extract.py --out data/r50 --merge 4 (same other flags)
 """
