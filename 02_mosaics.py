@@ -28,28 +28,24 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import struct
 import sys
-import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
-from isal import isal_zlib
 from PIL import Image
 from tqdm import tqdm
 
 from common.activations import read_activations
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import read_csv, write_bytes, write_csv
-from common.provenance import read_meta, write_meta
+from common.io import read_csv, sweep_temporaries, temp_dir, write_bytes, write_csv
+from common.mosaics import BACKGROUND, paste_tiles, png_bytes
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.rf import RF, field_box  # noqa: I001 - imported before workers fork, not in each
 
 log = logging.getLogger("neuron-atlas.02_mosaics")
 
 STAGE = "02_mosaics"
 FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
-BACKGROUND = 128  # grey for empty tiles and letterbox borders: neither black nor white features
 DIM = 0.3         # brightness kept outside the activation blob in mask crops
 MASK_LEVEL = 0.5  # blob = upsampled activation above this share of its peak
 SPARE_BYTES = 1 << 30  # disk space to leave free beside the scratch image cache, for the PNGs
@@ -254,49 +250,18 @@ def mask_crop(image: np.ndarray, act_map: np.ndarray) -> np.ndarray:
     return np.where(keep, crop, crop * DIM).astype(np.uint8)
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an RGB uint8 image as a PNG quickly.
-
-    Every row uses PNG's "Up" filter (each byte minus the byte above it, which suits tiles scaled
-    up from small crops), compressed by ISA-L at level 1: on 640-px photo mosaics about six times
-    faster than zlib's level 1 for files a few percent larger. Encoding was most of 02's time.
-    """
-    height, width, _ = rgb.shape
-    rows = np.ascontiguousarray(rgb).reshape(height, width * 3)
-    filtered = np.empty((height, width * 3 + 1), np.uint8)
-    filtered[:, 0] = 2  # filter type: Up
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256
-    data = isal_zlib.compress(filtered, 1)
-
-    def chunk(tag: bytes, body: bytes) -> list[bytes]:
-        """One PNG chunk: length, tag, body, CRC of tag and body."""
-        return [struct.pack(">I", len(body)), tag, body,
-                struct.pack(">I", zlib.crc32(body, zlib.crc32(tag)))]
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return b"".join([b"\x89PNG\r\n\x1a\n", *chunk(b"IHDR", header), *chunk(b"IDAT", data),
-                     *chunk(b"IEND", b"")])
-
-
 def _build(task: dict) -> dict:
     """Build and save one neuron's mosaic from the cache → its index row."""
     images = _CACHE["images"]
     grid, tile = task["grid"], task["tile"]
-    mosaic = np.full((grid * tile, grid * tile, 3), BACKGROUND, np.uint8)
     ranked = [(rank, cell) for rank, cell in enumerate(task["crops"]) if cell[0] >= 0]
     if task["maps"] is not None:
         tiles = [letterbox(mask_crop(images[slot], task["maps"][rank]), tile)
                  for rank, (slot, _, _) in ranked]
     else:
         tiles = rf_tiles([cell for _, cell in ranked], RF(*task["rf"].tolist()), tile)
-    n_tiles = 0
-    for (rank, _), pixels in zip(ranked, tiles):
-        if pixels is None:
-            continue
-        top, left = (rank // grid) * tile, (rank % grid) * tile
-        mosaic[top:top + tile, left:left + tile] = pixels
-        n_tiles += 1
+    mosaic, n_tiles = paste_tiles(((rank, pixels) for (rank, _), pixels in zip(ranked, tiles)),
+                                  grid, tile)
     path = Path(task["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, png_bytes(mosaic))
@@ -327,6 +292,10 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     """Build all mosaics; return the index rows."""
     if grid < 1 or tile < 4:
         raise StageError("--grid must be ≥ 1 and --tile ≥ 4")
+    metas = [read_meta(activations), read_meta(images_csv)]
+    merge_lineage(metas)  # refuse, before any work, top images of one run and photos of another
+    meta_file = index.parent / f"{STAGE}.meta.json"
+    sweep_temporaries(out_dir, index.parent)  # what a killed earlier run left behind
     all_layers, input_size, tops = read_activations(activations)
     chosen = layers or all_layers
     unknown = [name for name in chosen if name not in tops]
@@ -363,7 +332,8 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
                          f"few layers at a time (--layers)")
     log.info("decoding %d source images into %.2f GB of scratch space in %s", len(needed),
              scratch / 1e9, out_dir)
-    cache_dir = Path(tempfile.mkdtemp(prefix=".cache.", dir=out_dir))
+    cache_dir = temp_dir(out_dir, "cache")
+    retract_meta(meta_file)  # mosaics are replaced from here on
     try:
         make_cache(cache_dir, len(needed), size, shrunk_sizes)
         channels = int((read_meta(activations).get("preprocess") or {}).get("channels", 3))
@@ -393,8 +363,8 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     write_csv(index, rows, FIELDS)
-    write_meta(index.parent / f"{STAGE}.meta.json", STAGE, args or {}, outputs=[index],
-               inputs=[read_meta(activations)], n_mosaics=len(rows), n_source_images=len(needed))
+    write_meta(meta_file, STAGE, args or {}, outputs=[index],
+               inputs=metas, n_mosaics=len(rows), n_source_images=len(needed))
     log.info("%d mosaics from %d source images → %s", len(rows), len(needed), out_dir)
     return rows
 

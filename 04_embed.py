@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -30,14 +29,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.embedders import fuse, l2_normalise, same_space
-from common.io import read_csv, save_npz
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.embedders import embed_crops, fuse, l2_normalise, same_space
+from common.io import read_csv, save_npz, sweep_temporaries
+from common.mosaics import cut_tiles, load_mosaic
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.04_embed")
 
 STAGE = "04_embed"
-MIN_CROP_PX = 32  # the CNN's five stride-2 stages need at least this many pixels per side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,44 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def mosaic_tiles(path: Path, grid: int, tile_px: int, n_tiles: int) -> list[Image.Image]:
     """The first ``n_tiles`` crops of a mosaic, row by row."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        return [im.crop(((k % grid) * tile_px, (k // grid) * tile_px,
-                         (k % grid + 1) * tile_px, (k // grid + 1) * tile_px))
-                for k in range(min(n_tiles, grid * grid))]
+    return [Image.fromarray(t) for t in cut_tiles(load_mosaic(path), grid, tile_px, n_tiles)]
 
 
 def cnn_image_vectors(embedder, mosaics: list[dict], folder: Path, n_tiles: int) -> np.ndarray:
     """Per neuron: the normalised mean of the CNN features of its top ``n_tiles`` crops.
 
-    Crops are embedded at their own size (at least MIN_CROP_PX) — the network pools globally, so
-    small crops need not be blown up — and each distinct crop only once.
+    Crops are embedded by ``common.embedders.embed_crops``: at their own size, each distinct crop
+    only once.
     """
-    cache: dict[bytes, np.ndarray] = {}
-    per_neuron = []
-    for m in mosaics:
-        tiles = mosaic_tiles(folder / m["path"], int(str(m["grid"]).split("x")[0]),
-                             int(m["tile_px"]), min(int(m["n_tiles"]), n_tiles))
-        keys = [hashlib.blake2b(t.tobytes(), digest_size=16).digest() for t in tiles]
-        per_neuron.append(keys)
-        for k, t in zip(keys, tiles):
-            cache.setdefault(k, t)
-    todo = [k for k, v in cache.items() if isinstance(v, Image.Image)]
-    by_size: dict[int, list[bytes]] = {}
-    for k in todo:
-        by_size.setdefault(max(MIN_CROP_PX, cache[k].width), []).append(k)
-    with tqdm(total=len(todo), desc="04 crops", unit="crop", disable=None) as bar:
-        for size, keys in by_size.items():
-            for start in range(0, len(keys), 256):
-                chunk = keys[start:start + 256]
-                vecs = embedder.encode([cache[k] for k in chunk], size=size)
-                cache.update(zip(chunk, vecs))
-                bar.update(len(chunk))
-    log.info("cnn image embedding: %d distinct crops for %d neurons", len(todo), len(mosaics))
+    per_neuron = [mosaic_tiles(folder / m["path"], int(str(m["grid"]).split("x")[0]),
+                               int(m["tile_px"]), min(int(m["n_tiles"]), n_tiles))
+                  for m in mosaics]
+    vectors = embed_crops(embedder, [t for tiles in per_neuron for t in tiles], desc="04 crops")
     out = np.zeros((len(mosaics), embedder.dim), np.float32)
-    for i, keys in enumerate(per_neuron):
-        if keys:
-            out[i] = np.mean([cache[k] for k in keys], axis=0)
+    start = 0
+    for i, tiles in enumerate(per_neuron):
+        if tiles:
+            out[i] = vectors[start:start + len(tiles)].mean(axis=0)
+        start += len(tiles)
     return l2_normalise(out)
 
 
@@ -152,6 +132,8 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
         "text_model": np.array(text_embedder.name), "image_model": np.array(image_embedder.name),
         "fusion": np.array(rule),
     }
+    sweep_temporaries(out.parent)  # what a killed earlier run left half-written
+    retract_meta(out.parent / f"{STAGE}.meta.json")
     save_npz(out, arrays)
     why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
            "text and image vectors come from different spaces: normalised halves concatenated")

@@ -31,7 +31,8 @@ import numpy as np
 from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.io import load_npz, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
-from common.report import esc, html_page, html_table, img_tag, read_descriptions, read_mosaics
+from common.report import (esc, html_page, html_table, img_tag, plain_text, read_descriptions,
+                           read_mosaics, read_scores)
 
 log = logging.getLogger("neuron-atlas.07_search")
 
@@ -64,7 +65,10 @@ class NeuronIndex:
         if unknown:
             raise StageError(f"--layers: {', '.join(unknown)} not in 04_embeddings.npz; "
                              f"layers there: {', '.join(known)}")
-        keep = np.isin(self.layers, wanted)
+        return self.select(np.isin(self.layers, wanted))
+
+    def select(self, keep: np.ndarray) -> "NeuronIndex":
+        """The neurons where the boolean mask ``keep`` is true."""
         rows = np.flatnonzero(keep)
         return NeuronIndex(self.layers[keep], self.channels[keep], self.text[keep],
                            None if self.image is None else self.image[keep], self.text_model,
@@ -195,21 +199,23 @@ class Searcher:
 
 
 def format_hits(query: str, hits: list[dict], note: str = "") -> str:
-    """A plain-text block for the terminal: a header line, then one aligned line per hit."""
-    lines = [f"== {query}" + (f"   ({note})" if note else "")]
+    """A plain-text block for the terminal: a header line, then one aligned line per hit. Text
+    from files (model descriptions, paths) is stripped of control characters, so that no escape
+    code it may hold reaches the terminal."""
+    lines = [f"== {plain_text(query)}" + (f"   ({plain_text(note)})" if note else "")]
     if not hits:
         lines.append("   (no neuron to match)")
         return "\n".join(lines)
-    width = max(5, *(len(h["layer"]) for h in hits))
+    width = max(5, *(len(plain_text(h["layer"])) for h in hits))
     lines.append(f"{'rank':>4}  {'layer':<{width}}  {'chan':>5}  {'score':>7}  {'cosine':>7}  "
                  f"{'description':<{DESC_WIDTH}}  mosaic")
     for h in hits:
-        desc = " ".join(h["description"].split()) or "(no description)"
+        desc = plain_text(h["description"]) or "(no description)"
         if len(desc) > DESC_WIDTH:
             desc = desc[:DESC_WIDTH - 1] + "…"
-        lines.append(f"{h['rank']:>4}  {h['layer']:<{width}}  {h['channel']:>5}  "
+        lines.append(f"{h['rank']:>4}  {plain_text(h['layer']):<{width}}  {h['channel']:>5}  "
                      f"{h['score']:>7.3f}  {h['cosine']:>7.3f}  {desc:<{DESC_WIDTH}}  "
-                     f"{h['mosaic'] or '-'}")
+                     f"{plain_text(h['mosaic'] or '-')}")
     return "\n".join(lines)
 
 
@@ -239,12 +245,14 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
         csv_path: Path | None = None, html_path: Path | None = None, text_embedder=None,
         image_embedder=None, device: str = "auto", stdin: TextIO | None = None,
         stdout: TextIO | None = None, descriptions: Path | None = None,
-        mosaics: Path | None = None, args: dict | None = None) -> list[dict]:
+        mosaics: Path | None = None, min_score: float | None = None,
+        scores: Path | None = None, args: dict | None = None) -> list[dict]:
     """Answer the text ``queries``, the example ``images`` and, if ``interactive``, every line of
     ``stdin``; print each answer to ``stdout`` and return all hit rows.
 
-    ``descriptions`` and ``mosaics`` default to the contract's file names beside ``embeddings``.
-    Embedders are loaded here only when not injected (tests inject fakes).
+    ``descriptions``, ``mosaics`` and ``scores`` default to the contract's file names beside
+    ``embeddings``. With ``min_score`` only neurons whose description was verified (09's
+    ``verify_corr``) at least that well are searched. Embedders are loaded here only when not injected (tests inject fakes).
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -256,6 +264,19 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
     index = load_index(embeddings, descriptions, mosaics)
     if layers:
         index = index.select_layers(layers)
+    if min_score is not None:
+        scores = Path(scores or embeddings.parent / "09_scores.csv")
+        if not scores.exists():
+            raise StageError(f"--min-score needs {scores} (stage 09: make all); it is missing")
+        metas.append(read_meta(scores))
+        merge_lineage(metas)
+        verified = read_scores(scores)
+        corr = [verified.get((layer, int(ch)), {}).get("verify_corr")
+                for layer, ch in zip(index.layers.tolist(), index.channels.tolist())]
+        keep = np.array([c is not None and c >= min_score for c in corr], dtype=bool)
+        log.info("--min-score %.2f: %d of %d neurons have a verified description that good",
+                 min_score, int(keep.sum()), len(keep))
+        index = index.select(keep)
     wants_text = bool(queries) or interactive
     if wants_text and text_embedder is None:
         from common.embedders import load_text_embedder
@@ -325,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="", help="comma-separated layers to search (empty: all)")
     p.add_argument("--baseline", default=DEFAULT_BASELINE,
                    help="text whose cosine is subtracted from every neuron's (\"\" turns it off)")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="search only neurons whose description 09 verified at least this well "
+                        "(verify_corr, the correlation of the sentence with the neuron on held-out "
+                        "images)")
+    p.add_argument("--scores", type=Path, default=None,
+                   help="09_scores.csv (None: the one beside --embeddings)")
     p.add_argument("--csv", type=Path, default=None, help="also write all hits to this CSV")
     p.add_argument("--html", type=Path, default=None,
                    help="also write an HTML page with mosaics beside the descriptions")
@@ -346,7 +373,7 @@ def main(argv=None):
     layers = [n.strip() for n in args.layers.split(",") if n.strip()]
     run(args.embeddings, args.queries, args.image, args.interactive, args.top_k, layers,
         args.baseline, args.csv, args.html, device=args.device, descriptions=args.descriptions,
-        mosaics=args.mosaics, args=vars(args))
+        mosaics=args.mosaics, min_score=args.min_score, scores=args.scores, args=vars(args))
 
 
 if __name__ == "__main__":

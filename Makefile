@@ -50,8 +50,12 @@ MIN_SHARE   ?= 0.25#                       08 auto: least share of the class's e
 MAX_PAIRS   ?= 2#                          08 auto: most pairs analysed
 FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the neuron flag
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
+SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage flags dead or barely active
+MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip
+POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
+MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
 DATA        ?= data#                       folder holding the runs
-PYTHON      ?= python3#                    interpreter used to create .venv
+PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
 
 # Idle torch/OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
 # slowed the stages 10-20x.
@@ -64,7 +68,7 @@ COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug
+.PHONY: all test bench help clean venv search debug eval
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -82,6 +86,8 @@ ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPT
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) \
            $(if $(DOMAIN),--domain "$(DOMAIN)") $(if $(KEYWORDS),--keywords "$(KEYWORDS)") \
            $(if $(LEVELS),--levels $(LEVELS)) --base-url $(BASE_URL) --device $(DEVICE)
+DESCRIBE_03 := $(ARGS_03)
+ARGS_03 += $(if $(filter 1,$(SKIP_DEAD)),--skip-dead)
 ARGS_04 := --text-model $(TEXT_EMBEDDER) --image-model $(IMAGE_EMBEDDER) --device $(DEVICE)
 ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
            $(if $(NLI_MODEL),--nli-model $(NLI_MODEL)) --device $(DEVICE)
@@ -90,13 +96,24 @@ ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow
 ARGS_08 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
-           --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE)
+           --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
+# 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
+ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
+           --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
 # (make -n) it also stores them, which makes stage NN and the stages after it out of date.
 track_args = $(shell mkdir -p $(D)/.args && { printf '%s\n' $(call quote,$(strip $(2))) | \
         cmp -s - $(D)/.args/$(1) || { echo $(1); $(if $(DRY_RUN),:,printf '%s\n' \
         $(call quote,$(strip $(2))) > $(D)/.args/$(1)); }; })
+# One writer per run folder: this make holds data/$(RUN)/.make.lock until it exits (a second make
+# on the same RUN stops with a message), and each stage holds .stage.lock while it runs (HOLD).
+ifeq ($(filter help test venv,$(MAKECMDGOALS))$(DRY_RUN),)
+LOCKED := $(shell $(PYTHON) -m common.runlock make $(call quote,$(D)) $$PPID)
+$(if $(LOCKED),$(error $(LOCKED)))
+endif
+HOLD = $(PY) -m common.runlock stage $(call quote,$(D)) --
 DEMO_IMAGES := data/demo_images/images.csv
 IS_DEMO     := $(if $(subst $(DEMO_IMAGES),,$(IMAGES)),,1)
 # 01 also depends on the content of its inputs (common/fingerprint.py: every image's path, size
@@ -114,7 +131,7 @@ CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
            $(call track_args,01-inputs,$(INPUTS_01)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
-           $(call track_args,08,$(ARGS_08))
+           $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -130,8 +147,21 @@ CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
                 $(D)/05_keywords.csv $(D)/05_categories.csv
 TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
 CONFUSION    := $(D)/08_confusion.csv
+SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
+# Each stage writes its .meta.json last and deletes the old one before replacing any output, so
+# the metas are targets and prerequisites too: a stage killed midway lacks its meta, and make runs
+# it again before anything that reads it.
+M01 := $(D)/01_extract.meta.json
+M02 := $(D)/02_mosaics.meta.json
+M03 := $(D)/03_describe.meta.json
+M04 := $(D)/04_embed.meta.json
+M05 := $(D)/05_cluster.meta.json
+M06 := $(D)/06_trace.meta.json
+M08 := $(D)/08_debug.meta.json
+M09 := $(D)/09_score.meta.json
 
-all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(CONFUSION) ## run every stage on data/$(RUN)
+all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
+     $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -153,44 +183,65 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_mosaics.py
 	$(PY) bench/bench_describe_embed.py
 	$(PY) bench/bench_cluster.py --threads 1
+	$(PY) bench/bench_score.py
 
 $(DEMO_IMAGES): common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
-$(EXTRACT): 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 $(D)/.args/01-inputs \
-            $(COMMON) | $(VENV)
-	$(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
+$(EXTRACT) $(M01) &: 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 \
+                    $(D)/.args/01-inputs $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
 
-$(MOSAICS): 02_mosaics.py $(EXTRACT) $(D)/.args/02 $(COMMON) | $(VENV)
-	$(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
-	    --out-dir $(D)/02_mosaics --index $@ $(ARGS_02)
+$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
+	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
 
-$(DESCRIPTIONS): 03_describe.py $(MOSAICS) $(EXTRACT) $(PROMPTS) $(D)/.args/03 $(COMMON) | $(VENV)
-	$(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
-	    --predictions $(D)/01_predictions.csv --out $@ $(ARGS_03)
+$(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
+                $(D)/.args/03 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
+	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
 
-$(EMBEDDINGS): 04_embed.py $(DESCRIPTIONS) $(MOSAICS) $(D)/.args/04 $(COMMON) | $(VENV)
-	$(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) --out $@ $(ARGS_04)
+$(EMBEDDINGS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(D)/.args/04 \
+                $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
+	    --out $(EMBEDDINGS) $(ARGS_04)
 
-$(CLUSTERS) &: 05_cluster.py $(DESCRIPTIONS) $(EMBEDDINGS) $(EXTRACT) $(D)/.args/05 $(COMMON) | $(VENV)
-	$(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
+$(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
+                $(M01) $(D)/.args/05 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
 
-$(TRACE) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(EXTRACT) $(D)/.args/06 $(COMMON) | $(VENV)
-	$(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
+$(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
+                $(EXTRACT) $(M01) $(D)/.args/06 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
 
-$(CONFUSION): 08_debug.py $(EXTRACT) $(MOSAICS) $(DESCRIPTIONS) $(D)/.args/08 $(COMMON) | $(VENV)
-	$(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
+$(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
+                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
+	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
+	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --scores $(D)/09_scores.csv \
+	    --summary $(D)/09_summary.csv --eval $(D)/09_eval.csv --subconcepts $(D)/09_subconcepts \
+	    $(ARGS_09)
+
+eval: $(SCORES) $(M09) ## final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
+	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
+
+$(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
+                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
-	    --confusion $@ --out-dir $(D)/08_debug $(ARGS_08)
+	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
-debug: $(CONFUSION) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
+debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
-search: $(EMBEDDINGS) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
+search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
 	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
+	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 
-clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions
-	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args
+clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
+	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
+	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
+	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/)

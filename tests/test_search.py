@@ -12,7 +12,7 @@ from PIL import Image
 
 from common.cli import StageError
 from common.io import read_csv, save_npz, write_csv
-from common.provenance import write_meta
+from common.provenance import read_meta, write_meta
 from conftest import load_stage
 
 
@@ -226,3 +226,22 @@ def test_html_escapes_model_text(tmp_path):
     # Mosaics are linked relative to the page, so the page opens from disk.
     assert 'src="../run/02_mosaics/L2/2.png"' in text
     assert (page.parent / "../run/02_mosaics/L2/2.png").exists()
+
+
+def test_min_score_keeps_only_verified_neurons(tmp_path):
+    """--min-score drops neurons whose 09 verify_corr is below it or missing; without 09's file
+    it is a clear error."""
+    run_dir = make_run(tmp_path)
+    with pytest.raises(StageError, match="09_scores.csv"):
+        find(run_dir, ["dog"], min_score=0.2, text_embedder=BagOfWords())
+    corr = {("L1", 0): 0.5, ("L2", 0): 0.1, ("L2", 2): 0.3}  # others: no score
+    write_csv(run_dir / "09_scores.csv",
+              [{"layer": n[0], "channel": n[1], "subconcept": "",
+                "verify_corr": corr.get((n[0], n[1]), "")} for n in NEURONS] +
+              [{"layer": "L2", "channel": 0, "subconcept": 1, "verify_corr": 0.9}],
+              ["layer", "channel", "subconcept", "verify_corr"])
+    write_meta(run_dir / "09_score.meta.json", "09_score", {}, [run_dir / "09_scores.csv"],
+               inputs=[read_meta(run_dir / "04_embeddings.npz")])
+    rows = find(run_dir, ["dog ball"], top_k=10, min_score=0.2, baseline="",
+                text_embedder=BagOfWords())
+    assert set(ranked(rows, "dog ball")) == {("L1", 0), ("L2", 2)}

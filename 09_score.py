@@ -1,0 +1,625 @@
+"""Stage 09 — how far to trust each neuron's description: triage, interpretability, sub-concepts
+and verification on held-out images.
+
+Reads (see ARTEFACTS.md) 01_activations.npz, 01_stats/, 01_images.csv, 01_predictions.csv,
+02_mosaics.csv (+ PNGs), 03_descriptions.csv, 04_embeddings.npz (for the image embedder 04 used).
+Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (one row per layer),
+09_eval.csv (final-layer benchmark; no rows unless the layers include the classifier's output),
+09_subconcepts/ (sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
+
+1. Triage (common/triage.py, no forward pass): SIEVE selectivity, DnR top-k log score, dead flag.
+2. Interpretability (SemanticLens §3.5) of each neuron's top crops embedded with 04's image
+   embedder: clarity, polysemanticity, redundancy.
+3. Sub-concepts (SIEVE): a neuron whose polysemanticity is at least --poly-threshold has its crops
+   split into 2–3 groups; each gets a mosaic and a sentence from 03_describe.py itself, run on
+   the sub-concept mosaics with the same backend arguments (--describe-args).
+4. Verification: a concept matcher scores every image for the sentence; Pearson correlation and
+   AUPRC against the neuron's per-image maximum on images outside the sentence's mosaic, beside the
+   same for a control sentence (another neuron of the layer, seeded).
+5. Final-layer benchmark: cosine (all-mpnet-base-v2) of each output neuron's sentence with its
+   class name, beside a shuffled-sentence control.
+
+Example:
+  python 09_score.py --activations data/demo/01_activations.npz --stats-dir data/demo/01_stats \
+      --images data/demo/01_images.csv --predictions data/demo/01_predictions.csv \
+      --mosaics data/demo/02_mosaics.csv --descriptions data/demo/03_descriptions.csv \
+      --embeddings data/demo/04_embeddings.npz --scores data/demo/09_scores.csv \
+      --summary data/demo/09_summary.csv --eval data/demo/09_eval.csv \
+      --subconcepts data/demo/09_subconcepts --describe-args "--backend offline"
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
+from common.io import read_csv, sweep_temporaries, write_bytes, write_csv
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+
+log = logging.getLogger("neuron-atlas.09_score")
+
+STAGE = "09_score"
+SCORE_FIELDS = ["layer", "channel", "subconcept", "share", "selectivity", "dnr_score", "dead",
+                "clarity", "polysemanticity", "redundancy", "embedder", "description", "mosaic",
+                "matcher", "verify_corr", "verify_auprc", "control_corr", "control_auprc",
+                "beats_control", "n_crops", "n_held_out", "n_positives", "control_channel"]
+SUMMARY_FIELDS = ["layer", "neurons", "dead", "mean_selectivity", "mean_dnr", "mean_clarity",
+                  "mean_polysemanticity", "mean_redundancy", "mean_verify_corr",
+                  "mean_control_corr", "share_beating_control", "matcher", "embedder"]
+EVAL_FIELDS = ["layer", "channel", "class_name", "description", "cosine", "shuffled_cosine",
+               "shuffled_from", "embedder"]
+SUB_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
+PUBLISHED = {"DnD": 0.459, "MILAN": 0.279}  # ResNet-50 ImageNet fc, mpnet cosine (issue 12)
+POSITIVE_SHARE = 0.01  # AUPRC positives: the top 1 % of held-out images by activation …
+MIN_POSITIVES = 5      # … and at least this many
+ROOT = Path(__file__).resolve().parent
+POLY_THRESHOLD = 0.6   # split neurons this polysemantic (two crop groups at cos ≤ 0.4): on the demo
+                       # with the CNN feature, about the most polysemantic quarter of the neurons
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the run's artefacts (the one place 09 reads files written by earlier stages)
+
+
+@dataclass
+class RunInputs:
+    """Everything 09 reads from stages 01–04."""
+
+    layers: list[str]
+    input_size: int
+    tops: dict               # layer → common.activations.LayerTopK
+    stats_dir: Path
+    image_paths: list[str]   # by image id
+    usable: np.ndarray       # bool per image id: status ok
+    top5_idx: np.ndarray     # N × 5 (−1 where no prediction)
+    top5_prob: np.ndarray    # N × 5
+    mosaics: dict            # (layer, channel) → 02 index row (path made absolute)
+    descriptions: dict       # (layer, channel) → 03 row
+    metas: list[dict]        # metas of the inputs, for the lineage check and ours
+    image_model: str         # the image embedder 04 used (its --image-model argument)
+    image_embedder_name: str  # … and the name it recorded
+    describer_backend: str   # 03's backend (offline describers read class names)
+    class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
+
+
+def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: Path,
+                mosaics: Path, descriptions: Path, embeddings: Path) -> RunInputs:
+    """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
+    from common.activations import read_activations
+    metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
+    merge_lineage(metas)
+    layers, input_size, tops = read_activations(activations)
+    rows = read_csv(images)
+    paths = [r["path"] for r in rows]
+    usable = np.array([r["status"] == "ok" for r in rows])
+    top5_idx = np.full((len(rows), 5), -1, np.int64)
+    top5_prob = np.zeros((len(rows), 5))
+    predicted = {}
+    for r in read_csv(predictions):
+        if r.get("pred_idx", "") != "":
+            predicted[int(r["pred_idx"])] = r.get("pred_name", "")
+        if r.get("top5_idx"):
+            idx = [int(v) for v in r["top5_idx"].split()][:5]
+            top5_idx[int(r["image_id"]), :len(idx)] = idx
+            top5_prob[int(r["image_id"]), :len(idx)] = [float(v) for v in
+                                                       r["top5_prob"].split()][:5]
+    index = {(r["layer"], int(r["channel"])): dict(r, path=str(mosaics.parent / r["path"]))
+             for r in read_csv(mosaics)}
+    described = {(r["layer"], int(r["channel"])): r for r in read_csv(descriptions)}
+    meta04 = metas[3]
+    return RunInputs(class_names=model_class_names(predicted, int(top5_idx.max(initial=-1)) + 1),
+                     layers=layers, input_size=int(input_size[0]), tops=tops,
+                     stats_dir=stats_dir, image_paths=paths, usable=usable, top5_idx=top5_idx,
+                     top5_prob=top5_prob, mosaics=index, descriptions=described, metas=metas,
+                     image_model=str(meta04.get("args", {}).get("image_model", "auto")),
+                     image_embedder_name=str(meta04.get("image_model", "")),
+                     describer_backend=str(metas[2].get("backend", "")))
+
+
+def model_class_names(predicted: dict[int, str], n_classes: int) -> list[str]:
+    """Names of the model's classes by index: ImageNet's when 01's predicted names are ImageNet
+    names, else the names 01 wrote (the index itself for a class never predicted top-1)."""
+    from common.imagenet import class_names
+    imagenet = class_names()
+    if predicted and all(i < len(imagenet) and imagenet[i] == name
+                         for i, name in predicted.items()):
+        return imagenet
+    return [predicted.get(i) or str(i) for i in range(max(n_classes, 1 + max(predicted, default=-1)))]
+
+
+def layer_max_stats(stats_dir: Path, layer: str) -> np.ndarray:
+    """01's per-image spatial maximum of every channel of ``layer`` (N × C, memory-mapped)."""
+    from common.triage import stats_file
+    path = stats_file(stats_dir, layer)
+    if not path.is_file():
+        raise StageError(f"{path} not found: 01_stats/ is incomplete; re-run stage 01")
+    return np.load(path, mmap_mode="r")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpretability of the top crops
+
+
+def neuron_crops(inputs: RunInputs, layer: str, channel: int, n_crops: int) -> list[np.ndarray]:
+    """The neuron's first ``n_crops`` crops, cut from its mosaic (best first)."""
+    from common.mosaics import cut_tiles, load_mosaic
+    m = inputs.mosaics.get((layer, channel))
+    if m is None or int(m["n_tiles"]) == 0:
+        return []
+    grid = int(str(m["grid"]).lower().split("x")[0])
+    return cut_tiles(load_mosaic(m["path"]), grid, int(m["tile_px"]), min(int(m["n_tiles"]), n_crops))
+
+
+def crop_vectors(inputs: RunInputs, embedder, n_crops: int) -> dict[tuple[str, int], np.ndarray]:
+    """(layer, channel) → n × dim unit vectors of its top crops, all embedded in one pass."""
+    from common.embedders import embed_crops
+    keys, crops, counts = [], [], []
+    for layer in inputs.layers:
+        for channel in range(inputs.tops[layer].channels):
+            tiles = neuron_crops(inputs, layer, channel, n_crops)
+            keys.append((layer, channel))
+            counts.append(len(tiles))
+            crops.extend(Image.fromarray(t) for t in tiles)
+    vectors = embed_crops(embedder, crops, desc="09 crops")
+    out, start = {}, 0
+    for key, count in zip(keys, counts):
+        out[key] = vectors[start:start + count]
+        start += count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-concepts
+
+
+def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_crops: int,
+                             metas: list[dict]) -> Path:
+    """One mosaic per sub-concept (its crops, best first, in a square grid) and their index CSV.
+
+    ``groups``: (layer, channel) → labels of its crops (0-based groups). Index rows name the
+    sub-concept ``<layer>#<s>`` (s = 1, 2, 3) with the neuron's channel, so that 03 sees one
+    neuron per sub-concept. Returns the index path.
+    """
+    from common.mosaics import paste_tiles, png_bytes
+    retract_meta(folder / "09_mosaics.meta.json")
+    for old in folder.glob("*/"):
+        if old.is_dir():
+            shutil.rmtree(old)
+    rows = []
+    for (layer, channel), labels in groups.items():
+        tiles = neuron_crops(inputs, layer, channel, n_crops)
+        tile_px = int(inputs.mosaics[(layer, channel)]["tile_px"])
+        for s in range(int(labels.max()) + 1):
+            members = [tiles[i] for i in np.flatnonzero(labels == s)]
+            grid = math.ceil(math.sqrt(len(members)))
+            mosaic, placed = paste_tiles(enumerate(members), grid, tile_px)
+            path = folder / _safe(layer) / f"{channel}_{s + 1}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(path, png_bytes(mosaic))
+            rows.append({"layer": f"{layer}#{s + 1}", "channel": channel,
+                         "path": os.path.relpath(path, folder), "n_tiles": placed,
+                         "grid": grid, "tile_px": tile_px, "crop": "subconcept"})
+    index = folder / "09_mosaics.csv"
+    write_csv(index, rows, SUB_FIELDS)
+    write_meta(folder / "09_mosaics.meta.json", "09_subconcepts", {}, outputs=[index],
+               inputs=metas, n_mosaics=len(rows))
+    return index
+
+
+def _safe(layer: str) -> str:
+    """A layer name usable as a folder name (dots kept, path separators replaced)."""
+    return layer.replace("/", "_").replace(os.sep, "_")
+
+
+def describe_subconcepts(index: Path, folder: Path, describe_args: str,
+                         levels: dict[str, int]) -> dict[tuple[str, int], str]:
+    """Run 03_describe.py on the sub-concept mosaics with ``describe_args`` → (pseudo-layer,
+    channel) → sentence. Levels are those 03 gave the neurons' real layers."""
+    out = folder / "03_descriptions.csv"
+    command = [sys.executable, str(ROOT / "03_describe.py"), "--mosaics", str(index),
+               "--out", str(out), *shlex.split(describe_args),
+               "--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
+    log.info("describing %d sub-concepts with 03_describe.py", len(read_csv(index)))
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    if result.returncode != 0:
+        raise StageError(f"03_describe.py failed on the sub-concept mosaics ({index}):\n"
+                         f"{result.stderr[-2000:]}")
+    return {(r["layer"], int(r["channel"])): r["description"] if r["status"] == "ok" else ""
+            for r in read_csv(out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+@dataclass
+class Sentence:
+    """One sentence to verify: whose it is, which images its mosaic showed, and its control."""
+
+    layer: str
+    channel: int
+    subconcept: int          # 0 for the neuron's own sentence
+    text: str
+    shown: np.ndarray        # image ids in its mosaic (not held out)
+    control: int = -1        # index (in the layer's list) of the control sentence
+
+
+def load_matcher(name: str, inputs: RunInputs, text_model: str, device: str):
+    """The concept matcher ``name`` (offline or clip) for this run."""
+    from common.matchers import ClipMatcher, OfflineMatcher
+    if name == "clip":
+        from common.embedders import load_image_embedder, load_text_embedder
+        image = load_image_embedder("clip", device=device)
+        text = load_text_embedder(f"clip:{image.name}", device=device)
+        return ClipMatcher(text, image)
+    from common.embedders import load_text_embedder
+    usable = inputs.usable  # the matcher scores usable images only, in image-id order
+    return OfflineMatcher(load_text_embedder(text_model, device=device), inputs.class_names,
+                          inputs.top5_idx[usable], inputs.top5_prob[usable])
+
+
+def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> dict:
+    """Pearson and AUPRC of one sentence's matcher scores against the activation, on held-out
+    images with a finite score."""
+    from common.scores import average_precision, pearson, top_share_positives
+    keep = held_out & np.isfinite(scores) & np.isfinite(activation)
+    if keep.sum() < 2 * MIN_POSITIVES:
+        return {"corr": float("nan"), "auprc": float("nan"), "n": int(keep.sum()), "pos": 0}
+    positive = top_share_positives(activation[keep], POSITIVE_SHARE, MIN_POSITIVES)
+    return {"corr": pearson(scores[keep], activation[keep]),
+            "auprc": average_precision(positive, scores[keep]), "n": int(keep.sum()),
+            "pos": int(positive.sum())}
+
+
+def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
+    """Give each sentence of a layer a control: the sentence of another neuron of the layer,
+    drawn at random among those whose words differ (an identical sentence would only tie), or
+    among all other neurons when every one says the same."""
+    own = [i for i, s in enumerate(sentences) if s.subconcept == 0]
+    for s in sentences:
+        others = [i for i in own if sentences[i].channel != s.channel]
+        differ = [i for i in others if sentences[i].text != s.text]
+        pool = differ or others
+        s.control = int(rng.choice(pool)) if pool else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Final-layer benchmark
+
+
+def output_layer(inputs: RunInputs, n_classes: int) -> str | None:
+    """The chosen layer that is the classifier's output (1 × 1 map, one channel per class)."""
+    for layer in inputs.layers:
+        fmap = inputs.tops[layer].fmap
+        if int(fmap[0]) == n_classes and int(fmap[1]) == int(fmap[2]) == 1:
+            return layer
+    return None
+
+
+def final_layer_eval(layer: str, descriptions: dict[int, str], class_names: list[str],
+                     embedder, seed: int) -> list[dict]:
+    """Per output neuron with a sentence: cosine with its class name, and the cosine of a shuffled
+    sentence (another output neuron's, a seeded derangement) with the same name."""
+    channels = sorted(c for c, text in descriptions.items() if text and c < len(class_names))
+    if len(channels) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    shift = rng.permutation(len(channels))
+    shuffled = np.roll(shift, 1)  # a cyclic shift of a permutation: no neuron keeps its own
+    donor = np.empty(len(channels), np.int64)
+    donor[shift] = shuffled
+    texts = [descriptions[c] for c in channels]
+    names = [class_names[c].replace("_", " ") for c in channels]
+    t, n = embedder.encode(texts), embedder.encode(names)
+    cos = (t * n).sum(axis=1)
+    shuffled_cos = (t[donor] * n).sum(axis=1)
+    return [{"layer": layer, "channel": c, "class_name": names[i], "description": texts[i],
+             "cosine": round(float(cos[i]), 4), "shuffled_cosine": round(float(shuffled_cos[i]), 4),
+             "shuffled_from": channels[donor[i]], "embedder": embedder.name}
+            for i, c in enumerate(channels)]
+
+
+def eval_report(rows: list[dict], backend: str, layer: str | None) -> str:
+    """The benchmark as printed text: our mean cosine, the shuffled control, published figures,
+    and whether the describer read class names (which makes the benchmark circular)."""
+    if not rows:
+        return ("final-layer benchmark: no chosen layer is the classifier's output (one neuron per "
+                "class); add it to LAYERS (EfficientNet-Lite0: _fc; ResNets: fc) to run it")
+    mean = np.mean([r["cosine"] for r in rows])
+    control = np.mean([r["shuffled_cosine"] for r in rows])
+    published = ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED.items())
+    lines = [f"final-layer benchmark on {layer} ({len(rows)} output neurons, {rows[0]['embedder']} "
+             f"cosine of sentence and class name): {mean:.3f}; shuffled sentences {control:.3f}; "
+             f"published (ResNet-50 ImageNet fc): {published}"]
+    if backend == "offline":
+        lines.append("CIRCULAR: the offline describer writes the class names the reference "
+                     "classifier gives each neuron's top images, so its sentences contain class "
+                     "names; the figure measures that, not description quality, and is not "
+                     "comparable with the published ones")
+    else:
+        lines.append(f"describer backend {backend}: it saw only the mosaics, no class names")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of stage 09."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--activations", required=True, help="01_activations.npz")
+    p.add_argument("--stats-dir", required=True, help="01_stats/")
+    p.add_argument("--images", required=True, help="01_images.csv")
+    p.add_argument("--predictions", required=True, help="01_predictions.csv")
+    p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
+    p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
+    p.add_argument("--embeddings", required=True, help="04_embeddings.npz (its meta names the "
+                   "image embedder)")
+    p.add_argument("--scores", required=True, help="09_scores.csv to write")
+    p.add_argument("--summary", required=True, help="09_summary.csv to write")
+    p.add_argument("--eval", required=True, help="09_eval.csv to write")
+    p.add_argument("--subconcepts", required=True, help="folder for the sub-concept mosaics")
+    p.add_argument("--crops", type=int, default=20, help="top crops per neuron that are embedded "
+                   "(clarity, polysemanticity, redundancy, sub-concepts)")
+    p.add_argument("--poly-threshold", type=float, default=POLY_THRESHOLD,
+                   help="neurons with at least this polysemanticity are split into sub-concepts")
+    p.add_argument("--max-subconcepts", type=int, default=3, choices=[2, 3],
+                   help="most groups a neuron's crops are split into")
+    p.add_argument("--describe-args", default="--backend offline",
+                   help="03_describe.py arguments for the sub-concept sentences (the same backend "
+                        "as the neurons'; make passes them)")
+    p.add_argument("--matcher", choices=["offline", "clip"], default="offline",
+                   help="concept matcher of the verification")
+    p.add_argument("--text-model", default="all-MiniLM-L6-v2",
+                   help="offline matcher: text embedder of sentences and class names")
+    p.add_argument("--eval-model", default="all-mpnet-base-v2", help="final-layer benchmark "
+                   "embedder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the control sentences")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _num(value: float, digits: int = 4):
+    """A float rounded for the CSV; NaN becomes an empty cell."""
+    return "" if value is None or not np.isfinite(value) else round(float(value), digits)
+
+
+def _mean(values) -> float:
+    """Mean of the finite values (NaN when none)."""
+    arr = np.array([v for v in values if v != "" and v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mosaics: Path,
+        descriptions: Path, embeddings: Path, scores_out: Path, summary_out: Path,
+        eval_out: Path, subconcepts: Path, crops: int = 20, poly_threshold: float = POLY_THRESHOLD,
+        max_subconcepts: int = 3, describe_args: str = "--backend offline",
+        matcher: str = "offline", text_model: str = "all-MiniLM-L6-v2",
+        eval_model: str = "all-mpnet-base-v2", seed: int = 0, device: str = "auto",
+        image_embedder=None, matcher_obj=None, eval_embedder=None,
+        args: dict | None = None) -> dict:
+    """Score every neuron; return {"scores": rows, "summary": rows, "eval": rows}.
+
+    ``image_embedder``, ``matcher_obj`` and ``eval_embedder`` replace the ones this function would
+    load — tests pass small ones.
+    """
+    from common import scores as S
+    from common.embedders import load_image_embedder
+    from common.triage import triage_layer
+    inputs = read_inputs(activations, stats_dir, images, predictions, mosaics, descriptions,
+                         embeddings)
+    meta_file = scores_out.parent / f"{STAGE}.meta.json"
+    sweep_temporaries(scores_out.parent, subconcepts)  # what a killed earlier run left half-written
+    retract_meta(meta_file)  # until the new one is written, 09 counts as not done
+
+    # 1. Triage
+    triage = {layer: triage_layer(layer_max_stats(stats_dir, layer)) for layer in inputs.layers}
+
+    # 2. Interpretability
+    embedder = image_embedder or load_image_embedder(inputs.image_model, device=device)
+    if inputs.image_embedder_name and embedder.name != inputs.image_embedder_name:
+        log.warning("04 embedded images with %s, 09 with %s (its weights are not here)",
+                    inputs.image_embedder_name, embedder.name)
+    vectors = crop_vectors(inputs, embedder, crops)
+    interp: dict[tuple[str, int], dict] = {}
+    for layer in inputs.layers:
+        keys = [(layer, c) for c in range(inputs.tops[layer].channels)]
+        means = np.stack([vectors[k].mean(axis=0) if len(vectors[k]) else
+                          np.zeros(embedder.dim) for k in keys])
+        red = S.redundancy(means)
+        for k, r in zip(keys, red):
+            interp[k] = {"clarity": S.clarity(vectors[k]),
+                         "polysemanticity": S.polysemanticity(vectors[k]), "redundancy": r}
+
+    # 3. Sub-concepts
+    groups = {}
+    for key, values in interp.items():
+        layer, channel = key
+        dead = bool(triage[layer]["dead"][channel])
+        if not dead and np.isfinite(values["polysemanticity"]) and \
+                values["polysemanticity"] >= poly_threshold:
+            labels = S.sub_concepts(vectors[key], max_subconcepts)
+            if labels is not None:
+                groups[key] = labels
+    log.info("%d neurons at or above polysemanticity %.2f split into sub-concepts", len(groups),
+             poly_threshold)
+    subconcepts.mkdir(parents=True, exist_ok=True)
+    sub_text: dict[tuple[str, int], str] = {}
+    if groups:
+        index = write_subconcept_mosaics(inputs, groups, subconcepts, crops, inputs.metas)
+        levels = {}
+        for (layer, channel), labels in groups.items():
+            level = int(inputs.descriptions.get((layer, channel), {}).get("level") or 1)
+            for s in range(int(labels.max()) + 1):
+                levels[f"{layer}#{s + 1}"] = level
+        sub_text = describe_subconcepts(index, subconcepts, describe_args, levels)
+
+    # 4. Verification
+    sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
+    for layer in inputs.layers:
+        top = inputs.tops[layer]
+        for channel in range(top.channels):
+            row = inputs.descriptions.get((layer, channel))
+            m = inputs.mosaics.get((layer, channel))
+            shown = top.image_ids[channel, :int(m["n_tiles"]) if m else 0]
+            if row and row["status"] == "ok" and row["description"].strip():
+                sentences[layer].append(Sentence(layer, channel, 0, row["description"], shown))
+            for s in range(int(groups[(layer, channel)].max()) + 1 if (layer, channel) in groups
+                           else 0):
+                text = sub_text.get((f"{layer}#{s + 1}", channel), "")
+                ranks = np.flatnonzero(groups[(layer, channel)] == s)
+                sentences[layer].append(Sentence(layer, channel, s + 1, text,
+                                                 top.image_ids[channel, ranks]))
+    for layer in inputs.layers:  # one stream per layer: a layer's controls do not depend on others
+        pick_controls(sentences[layer], np.random.default_rng([seed, zlib.crc32(layer.encode())]))
+    match = matcher_obj or load_matcher(matcher, inputs, text_model, device)
+    geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
+                                                int(inputs.tops[layer].fmap[2])))
+                for layer in inputs.layers}
+    usable_ids = np.flatnonzero(inputs.usable)
+    with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
+        def progress(items):
+            """Advance the bar per image."""
+            for item in items:
+                yield item
+                bar.update()
+        # Many sentences of a layer are the same words (controls are other neurons' sentences):
+        # each distinct sentence is scored once.
+        distinct = {layer: sorted({s.text for s in sents if s.text})
+                    for layer, sents in sentences.items()}
+        scored = match.score(distinct, [inputs.image_paths[i] for i in usable_ids],
+                             inputs.input_size, geometry, progress)
+    matrix = {layer: scored[layer][:, [distinct[layer].index(s.text) if s.text else 0
+                                       for s in sents]] if distinct[layer] else
+              np.zeros((len(usable_ids), len(sents)))
+              for layer, sents in sentences.items()}
+
+    rows: list[dict] = []
+    for layer in inputs.layers:
+        stats = np.asarray(layer_max_stats(stats_dir, layer))[usable_ids]
+        tri = triage[layer]
+        checks = {}
+        for i, s in enumerate(sentences[layer]):
+            held_out = ~np.isin(usable_ids, s.shown)
+            mine = verify(matrix[layer][:, i], stats[:, s.channel], held_out) if s.text else None
+            ctrl = verify(matrix[layer][:, s.control], stats[:, s.channel], held_out) \
+                if s.text and s.control >= 0 else None
+            checks[(s.channel, s.subconcept)] = (s, mine, ctrl)
+        for channel in range(inputs.tops[layer].channels):
+            key = (layer, channel)
+            labels = groups.get(key)
+            for sub in range(0, (int(labels.max()) + 2) if labels is not None else 1):
+                s, mine, ctrl = checks.get((channel, sub), (None, None, None))
+                row = {"layer": layer, "channel": channel, "subconcept": sub or "",
+                       "share": 1 if sub == 0 else
+                       _num(float((labels == sub - 1).mean()), 3),
+                       "selectivity": _num(tri["selectivity"][channel]),
+                       "dnr_score": _num(tri["dnr_score"][channel]),
+                       "dead": int(tri["dead"][channel]),
+                       "clarity": _num(interp[key]["clarity"]),
+                       "polysemanticity": _num(interp[key]["polysemanticity"]),
+                       "redundancy": _num(interp[key]["redundancy"]),
+                       "embedder": embedder.name, "matcher": match.name,
+                       "n_crops": len(vectors[key])}
+                if sub:
+                    members = vectors[key][labels == sub - 1]
+                    row["clarity"] = _num(S.clarity(members))
+                    row["description"] = s.text if s else ""
+                    row["mosaic"] = os.path.relpath(subconcepts / _safe(layer) / f"{channel}_{sub}.png",
+                                                    scores_out.parent)
+                if mine is not None:
+                    row.update({"verify_corr": _num(mine["corr"]),
+                                "verify_auprc": _num(mine["auprc"]),
+                                "n_held_out": mine["n"], "n_positives": mine["pos"]})
+                if ctrl is not None:
+                    control = sentences[layer][s.control]
+                    row.update({"control_corr": _num(ctrl["corr"]),
+                                "control_auprc": _num(ctrl["auprc"]),
+                                "control_channel": control.channel,
+                                "beats_control": int(np.isfinite(mine["corr"]) and (
+                                    not np.isfinite(ctrl["corr"]) or mine["corr"] > ctrl["corr"]))})
+                rows.append(row)
+
+    summary = []
+    for layer in inputs.layers:
+        mine = [r for r in rows if r["layer"] == layer and r["subconcept"] == ""]
+        verified = [r for r in mine if r.get("beats_control", "") != ""]
+        summary.append({
+            "layer": layer, "neurons": len(mine), "dead": sum(r["dead"] for r in mine),
+            "mean_selectivity": _num(_mean(r["selectivity"] for r in mine)),
+            "mean_dnr": _num(_mean(r["dnr_score"] for r in mine)),
+            "mean_clarity": _num(_mean(r["clarity"] for r in mine)),
+            "mean_polysemanticity": _num(_mean(r["polysemanticity"] for r in mine)),
+            "mean_redundancy": _num(_mean(r["redundancy"] for r in mine)),
+            "mean_verify_corr": _num(_mean(r.get("verify_corr", "") for r in mine)),
+            "mean_control_corr": _num(_mean(r.get("control_corr", "") for r in mine)),
+            "share_beating_control": _num(np.mean([r["beats_control"] for r in verified])
+                                          if verified else float("nan"), 3),
+            "matcher": match.name, "embedder": embedder.name})
+
+    # 5. Final-layer benchmark
+    names = inputs.class_names
+    layer_out = output_layer(inputs, len(names))
+    eval_rows = []
+    if layer_out is not None:
+        from common.embedders import load_text_embedder
+        texts = {c: r["description"] for (layer, c), r in inputs.descriptions.items()
+                 if layer == layer_out and r["status"] == "ok"}
+        eval_rows = final_layer_eval(layer_out, texts, names,
+                                     eval_embedder or load_text_embedder(eval_model, device=device),
+                                     seed)
+    report = eval_report(eval_rows, inputs.describer_backend, layer_out)
+    log.info("%s", report)
+
+    write_csv(scores_out, rows, SCORE_FIELDS)
+    write_csv(summary_out, summary, SUMMARY_FIELDS)
+    write_csv(eval_out, eval_rows, EVAL_FIELDS)
+    write_meta(meta_file, STAGE, dict(args or {}),
+               outputs=[scores_out, summary_out, eval_out], inputs=inputs.metas,
+               embedder=embedder.name, embedder_space=embedder.space, matcher=match.name,
+               n_subconcept_neurons=len(groups), poly_threshold=poly_threshold,
+               eval_layer=layer_out, eval_report=report,
+               describer_saw_class_names=inputs.describer_backend == "offline")
+    for row in summary:
+        log.info("%s: %d neurons, %d dead, clarity %s, polysemanticity %s, verify r %s vs control "
+                 "%s, %s beat their control", row["layer"], row["neurons"], row["dead"],
+                 row["mean_clarity"], row["mean_polysemanticity"], row["mean_verify_corr"],
+                 row["mean_control_corr"], row["share_beating_control"])
+    return {"scores": rows, "summary": summary, "eval": eval_rows}
+
+
+@exit_on_stage_error
+def main(argv=None):
+    """Parse flags and score the neurons."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    keep_freed_memory()
+    run(Path(args.activations), Path(args.stats_dir), Path(args.images), Path(args.predictions),
+        Path(args.mosaics), Path(args.descriptions), Path(args.embeddings), Path(args.scores),
+        Path(args.summary), Path(args.eval), Path(args.subconcepts), crops=args.crops,
+        poly_threshold=args.poly_threshold, max_subconcepts=args.max_subconcepts,
+        describe_args=args.describe_args, matcher=args.matcher, text_model=args.text_model,
+        eval_model=args.eval_model, seed=args.seed, device=args.device, args=vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Benchmark of 09_score on a finished demo run: its time as a ratio to 01's on the same images,
+and the run's layer summary (share of neurons whose sentence beats its control).
+
+Both stages run as separate processes, as Make runs them, writing into a temporary folder so the
+run's own files are left alone (09 describes the sub-concepts from scratch there). 01 runs with
+the demo's arguments on the demo's images.
+
+  python bench/bench_score.py [--run data/demo] [--images data/demo_images/images.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.io import read_csv  # noqa: E402
+
+TARGET_RATIO = 0.5  # 09 ÷ 01 on the same images
+GOAL_BEATING = 0.8  # share of neurons whose sentence beats its control (offline matcher)
+
+
+def timed(cmd: list[str]) -> float:
+    """Run ``cmd`` from the project root; return its wall time (raise if it fails)."""
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    """Time 01 and 09 on the demo run and print the ratio and the layer summary."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, default=ROOT / "data" / "demo", help="finished run folder")
+    p.add_argument("--images", default="data/demo_images/images.csv", help="the run's images")
+    args = p.parse_args(argv)
+    run = args.run
+    if not (run / "04_embeddings.npz").exists():
+        sys.exit(f"{run} has no finished run: `make all` first")
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t01 = timed([py, "01_extract.py", "--images", args.images, "--out", str(work / "x"),
+                     "--topk", "100", "--batch-size", "32", "--workers", "2"])
+        t09 = timed([py, "09_score.py", "--activations", str(run / "01_activations.npz"),
+                     "--stats-dir", str(run / "01_stats"), "--images", str(run / "01_images.csv"),
+                     "--predictions", str(run / "01_predictions.csv"),
+                     "--mosaics", str(run / "02_mosaics.csv"),
+                     "--descriptions", str(run / "03_descriptions.csv"),
+                     "--embeddings", str(run / "04_embeddings.npz"),
+                     "--scores", str(work / "09_scores.csv"),
+                     "--summary", str(work / "09_summary.csv"),
+                     "--eval", str(work / "09_eval.csv"),
+                     "--subconcepts", str(work / "09_subconcepts")])
+        summary = read_csv(work / "09_summary.csv")
+        neurons = sum(int(r["neurons"]) for r in summary)
+    ratio = t09 / t01
+    print(f"09_score on {neurons} neurons: {t09:.1f} s; 01_extract on the same images: "
+          f"{t01:.1f} s; ratio {ratio:.2f} (target ≤ {TARGET_RATIO})")
+    total_beat = 0.0
+    for r in summary:
+        share = float(r["share_beating_control"] or "nan")
+        total_beat += share * int(r["neurons"])
+        print(f"  {r['layer']}: {r['neurons']} neurons, {r['dead']} dead, clarity "
+              f"{r['mean_clarity']}, polysemanticity {r['mean_polysemanticity']}, verify r "
+              f"{r['mean_verify_corr']} vs control {r['mean_control_corr']}, beating control "
+              f"{share:.0%} ({r['matcher']} matcher, {r['embedder']} crops)")
+    print(f"share of all neurons beating their control: {total_beat / neurons:.0%} "
+          f"(goal ≥ {GOAL_BEATING:.0%} offline)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Concept matchers: how much each image shows what a sentence says, to verify descriptions on
+images the describer never saw (09_score).
+
+Each matcher turns, per layer, a list of sentences and the run's images into a score matrix
+(images × sentences); higher means "this image shows more of what the sentence says". Images that
+cannot be decoded get NaN rows.
+
+- ``clip``: cosine between the CLIP text vector of the sentence and the CLIP image vector of the
+  whole network input. Sees anything CLIP knows, but always the whole image, not the part the
+  neuron looks at.
+- ``offline``: built only from what runs here. Two parts, each standardised over the images and
+  averaged when both apply:
+  * object words: the analysed model's own top-5 predictions for the image (01_predictions.csv),
+    each class name embedded with the text embedder; the image's score is the probability-weighted
+    cosine between the sentence and its predicted class names (minus the sentence's mean cosine
+    over all classes). It sees only what the classifier's classes can name.
+  * appearance words (colour names, vertical / horizontal / diagonal, edges, stripes, texture,
+    contrast, bright / dark, smooth, mixed colours): measured in every receptive-field window of the
+    layer (one per feature-map cell, at ANALYSIS_PX resolution) and the best window kept, as the
+    neuron's per-image value is its best cell. 01 stores the argmax cell only for each neuron's top
+    images, so on held-out images the window the neuron used is unknown: the best-matching window
+    stands in for it, which favours sentences whose words co-occur anywhere in the image.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from common.appearance import FEATURES, integral_image, pixel_maps, window_features
+from common.images import BadImage, load_rgb, network_input
+from common.rf import RF, crop_box
+
+log = logging.getLogger("neuron-atlas.matchers")
+
+ANALYSIS_PX = 112   # side at which appearance is measured (half the usual 224 input: 4× cheaper)
+MAX_WINDOWS = 1024  # windows per image and layer; denser feature maps are sampled on a grid
+NORM_IMAGES = 64    # images (seeded sample) whose windows set each feature's scale
+
+_F = {name: i for i, name in enumerate(FEATURES)}
+# Appearance words → (feature, weight). A word preceded by "low" or "no" counts negatively.
+_COLOUR_WORDS = {"black": "black", "white": "white", "gray": "gray", "grey": "gray", "red": "red",
+                 "orange": "orange", "yellow": "yellow", "green": "green", "cyan": "cyan",
+                 "teal": "cyan", "blue": "blue", "purple": "purple", "violet": "purple",
+                 "pink": "pink", "brown": "brown"}
+_WORDS: dict[str, dict[str, float]] = {w: {f: 1.0} for w, f in _COLOUR_WORDS.items()}
+_WORDS.update({
+    "vertical": {"vertical": 1.0, "coherence": 0.5},
+    "horizontal": {"vertical": -1.0, "coherence": 0.5},
+    "diagonal": {"diagonal": 1.0, "coherence": 0.5},
+    **{w: {"edges": 1.0} for w in ("edge", "edges", "line", "lines", "outline", "outlines",
+                                  "contour", "contours")},
+    **{w: {"edges": 1.0, "coherence": 1.0} for w in ("stripe", "stripes", "striped", "bars",
+                                                     "grating", "grid")},
+    **{w: {"edges": 1.0, "coherence": -1.0} for w in ("texture", "textured", "irregular",
+                                                      "speckled", "noisy", "rough")},
+    "contrast": {"contrast": 1.0},
+    **{w: {"brightness": 1.0} for w in ("bright", "light", "pale")},
+    "dark": {"brightness": -1.0},
+    **{w: {"edges": -1.0} for w in ("smooth", "plain", "flat", "uniform")},
+    **{w: {"colourfulness": 1.0} for w in ("mixed", "colourful", "colorful", "multicoloured",
+                                           "multicolored")},
+})
+_NEGATORS = {"low", "no", "without", "little"}
+# Words that carry no content of their own: a sentence made only of these and appearance words
+# says nothing about objects, and the object part is left out for it.
+_FILLER = {"and", "or", "with", "the", "a", "an", "of", "in", "on", "at", "to", "by", "as", "is",
+           "are", "some", "top", "images", "image", "classified", "mostly", "also", "such", "mix",
+           "high", "low", "no", "colours", "colors", "colour", "color", "patches", "patch",
+           "pattern", "patterns", "areas", "area", "regions", "region", "shapes", "shape", "tones",
+           "small", "large", "fine", "thin", "thick", "strong", "weak", "various", "many", "few",
+           "little", "without", "other"}
+
+
+def words(sentence: str) -> list[str]:
+    """Lower-case word tokens of a sentence."""
+    return re.findall(r"[a-z]+", sentence.lower())
+
+
+def appearance_weights(sentence: str) -> np.ndarray:
+    """Weights over FEATURES for the appearance words of ``sentence`` (sum of |w| = 1), or zeros."""
+    w = np.zeros(len(FEATURES))
+    tokens = words(sentence)
+    for i, token in enumerate(tokens):
+        sign = -1.0 if i > 0 and tokens[i - 1] in _NEGATORS else 1.0
+        for feature, weight in _WORDS.get(token, {}).items():
+            w[_F[feature]] += sign * weight
+    total = np.abs(w).sum()
+    return w / total if total > 0 else w
+
+
+def has_object_words(sentence: str) -> bool:
+    """True when the sentence has a content word that is neither an appearance word nor filler."""
+    return any(t not in _WORDS and t not in _FILLER and len(t) > 2 for t in words(sentence))
+
+
+def network_inputs(paths: Sequence[str], size: int) -> Iterable[tuple[int, np.ndarray | None]]:
+    """``(index, RGB uint8 array of the network input)`` per path; None for an unreadable file."""
+    for i, path in enumerate(paths):
+        try:
+            img, _ = load_rgb(path)
+        except BadImage as err:
+            log.warning("image %s unreadable now (%s): left out of verification", path, err.reason)
+            yield i, None
+            continue
+        yield i, np.asarray(network_input(img, size), dtype=np.uint8)
+
+
+def layer_windows(rf: np.ndarray, fmap_hw: tuple[int, int], input_size: int) -> np.ndarray:
+    """Boxes (n × 4: top, left, bottom, right) at ANALYSIS_PX scale of the layer's cells' fields
+    clipped to the image; a grid sample of cells when there are more than MAX_WINDOWS."""
+    field = RF(*[float(v) for v in rf])
+    height, width = fmap_hw
+    step = max(1, int(np.ceil(np.sqrt(height * width / MAX_WINDOWS))))
+    scale = ANALYSIS_PX / input_size
+    boxes = []
+    for y in range(0, height, step):
+        for x in range(0, width, step):
+            top, left, bottom, right = crop_box(field, y, x, input_size, input_size)
+            box = [int(round(v * scale)) for v in (top, left, bottom, right)]
+            box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
+            boxes.append([min(v, ANALYSIS_PX) for v in box[:2]] + box[2:])
+    boxes = np.clip(np.array(boxes, dtype=np.int64), 0, ANALYSIS_PX)
+    return np.unique(boxes, axis=0)
+
+
+def _standardise(columns: np.ndarray) -> np.ndarray:
+    """Each column centred and scaled to unit standard deviation over its finite rows (columns
+    with no finite row stay NaN)."""
+    finite = np.isfinite(columns)
+    count = np.maximum(finite.sum(axis=0), 1)
+    filled = np.where(finite, columns, 0.0)
+    mean = filled.sum(axis=0) / count
+    std = np.sqrt((np.where(finite, columns - mean, 0.0) ** 2).sum(axis=0) / count)
+    return (columns - mean) / np.where(std > 0, std, 1.0)
+
+
+class OfflineMatcher:
+    """Object words from the model's own predictions, appearance words measured in the image."""
+
+    name = "offline"
+
+    def __init__(self, text_embedder, class_names: Sequence[str], top5_idx: np.ndarray,
+                 top5_prob: np.ndarray):
+        """``top5_idx``/``top5_prob``: N × 5 per image (−1 / 0 where 01 has no prediction)."""
+        self.text_embedder = text_embedder
+        self.class_names = list(class_names)
+        self.top5_idx, self.top5_prob = top5_idx, top5_prob
+        self._class_vectors = None
+
+    def _object_scores(self, sentences: Sequence[str]) -> np.ndarray:
+        """N × S: probability-weighted cosine between each sentence and the image's top-5 names."""
+        if self._class_vectors is None:
+            self._class_vectors = self.text_embedder.encode(
+                [name.replace("_", " ") for name in self.class_names])
+        cos = self.text_embedder.encode(list(sentences)) @ self._class_vectors.T  # S × C
+        cos = cos - cos.mean(axis=1, keepdims=True)
+        valid = self.top5_idx >= 0
+        gathered = cos.T[np.where(valid, self.top5_idx, 0)]  # N × 5 × S
+        return np.einsum("nk,nks->ns", np.where(valid, self.top5_prob, 0.0), gathered)
+
+    def score(self, sentences_by_layer: dict[str, list[str]], paths: Sequence[str],
+              input_size: int, layer_geometry: dict[str, tuple[np.ndarray, tuple[int, int]]],
+              progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict[str, np.ndarray]:
+        """Per layer: N_images × S score matrix for its sentences (rows in ``paths`` order).
+
+        ``layer_geometry``: layer → (rf array, feature-map (H, W)). Every image is decoded once.
+        """
+        weights = {layer: np.stack([appearance_weights(s) for s in sents]).T
+                   if sents else np.zeros((len(FEATURES), 0))
+                   for layer, sents in sentences_by_layer.items()}
+        windows = {layer: layer_windows(*layer_geometry[layer], input_size)
+                   for layer in sentences_by_layer}
+        scales = self._feature_scales(paths, input_size, windows)
+        n = len(paths)
+        appearance = {layer: np.full((n, w.shape[1]), np.nan) for layer, w in weights.items()}
+        for i, pixels in progress(network_inputs(paths, input_size)):
+            if pixels is None:
+                continue
+            table = integral_image(pixel_maps(self._shrink(pixels)))
+            for layer, w in weights.items():
+                if w.shape[1]:
+                    feats = window_features(table, windows[layer]) / scales[layer]
+                    appearance[layer][i] = (feats @ w).max(axis=0)
+        out = {}
+        for layer, sents in sentences_by_layer.items():
+            if not sents:
+                out[layer] = np.zeros((n, 0))
+                continue
+            objects = self._object_scores(sents)
+            has_look = np.abs(weights[layer]).sum(axis=0) > 0
+            has_obj = np.array([has_object_words(s) for s in sents])
+            look = _standardise(np.where(has_look, appearance[layer], np.nan))
+            obj = np.where(has_obj | ~has_look, objects, np.nan)
+            obj[np.isnan(appearance[layer])] = np.nan  # unreadable image: no score at all
+            obj = _standardise(obj)
+            count = (~np.isnan(look)).astype(float) + (~np.isnan(obj))
+            total = np.nan_to_num(look) + np.nan_to_num(obj)
+            out[layer] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        return out
+
+    @staticmethod
+    def _shrink(pixels: np.ndarray) -> np.ndarray:
+        """The network input at ANALYSIS_PX resolution."""
+        if pixels.shape[0] == ANALYSIS_PX:
+            return pixels
+        return np.asarray(Image.fromarray(pixels).resize((ANALYSIS_PX, ANALYSIS_PX),
+                                                         Image.BILINEAR))
+
+    def _feature_scales(self, paths: Sequence[str], input_size: int,
+                        windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per layer, each feature's standard deviation over the windows of a seeded sample of
+        images, so that one unit of every word weighs the same (colour shares, gradients and
+        orientation ratios have very different spreads)."""
+        rng = np.random.default_rng(0)
+        sample = sorted(rng.choice(len(paths), size=min(NORM_IMAGES, len(paths)), replace=False))
+        collected: dict[str, list[np.ndarray]] = {layer: [] for layer in windows}
+        for _, pixels in network_inputs([paths[i] for i in sample], input_size):
+            if pixels is None:
+                continue
+            table = integral_image(pixel_maps(self._shrink(pixels)))
+            for layer, boxes in windows.items():
+                collected[layer].append(window_features(table, boxes))
+        scales = {}
+        for layer, feats in collected.items():
+            std = np.concatenate(feats).std(axis=0) if feats else np.ones(len(FEATURES))
+            scales[layer] = np.where(std > 1e-9, std, 1.0)
+        return scales
+
+
+class ClipMatcher:
+    """Cosine between CLIP's text vector of the sentence and its image vector of the whole input."""
+
+    name = "clip"
+
+    def __init__(self, text_tower, image_tower):
+        """Both towers of one CLIP model (``common.embedders.ClipEmbedder``)."""
+        self.text_tower, self.image_tower = text_tower, image_tower
+
+    def score(self, sentences_by_layer: dict[str, list[str]], paths: Sequence[str],
+              input_size: int, layer_geometry=None,
+              progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict[str, np.ndarray]:
+        """Per layer: N_images × S cosine matrix (the layer does not matter: whole images)."""
+        vectors = np.full((len(paths), self.image_tower.dim), np.nan, np.float32)
+        batch: list[tuple[int, Image.Image]] = []
+
+        def flush():
+            """Embed the pending images."""
+            if batch:
+                vectors[[i for i, _ in batch]] = self.image_tower.encode([im for _, im in batch])
+                batch.clear()
+        for i, pixels in progress(network_inputs(paths, input_size)):
+            if pixels is not None:
+                batch.append((i, Image.fromarray(pixels)))
+            if len(batch) >= 64:
+                flush()
+        flush()
+        return {layer: vectors @ self.text_tower.encode(list(sents)).T if sents
+                else np.zeros((len(paths), 0))
+                for layer, sents in sentences_by_layer.items()}

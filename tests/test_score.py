@@ -1,0 +1,308 @@
+"""Stage 09: triage, interpretability, sub-concepts and verification on planted neurons.
+
+Crops and images are made here; the planted neurons are the fake model's hand-set conv1 channels
+(0 = redness, 1 = vertical edges), and crops are embedded by that model's own pooled conv1 feature,
+so what each neuron prefers — and which crops belong together — is known on paper.
+"""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import scores as S
+from common.matchers import OfflineMatcher, appearance_weights, has_object_words
+from common.triage import DNR_K, triage_layer
+from conftest import FAKE_MODEL, load_stage, make_image
+from fake_model import FakeNet
+
+score = load_stage("09_score")
+
+
+class ConvFeature:
+    """The fake model's conv1 + ReLU, mean-pooled, without the brightness channel: a 3-d 'CNN
+    feature' (red, vertical edges, horizontal edges) of a crop."""
+
+    name, space, space_id, dim = "fake-conv1", "cnn", "cnn:fake-conv1", 3
+
+    def __init__(self):
+        """Build the hand-set network."""
+        self.net = FakeNet().eval()
+
+    def encode(self, images, size=None):
+        """Unit 3-d vectors of PIL images."""
+        batch = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 255)
+                             .permute(2, 0, 1) for im in images])
+        with torch.no_grad():
+            out = self.net.relu1(self.net.conv1(batch))[:, :3].mean(dim=(2, 3)).numpy()
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+class WordsText:
+    """A text embedder that counts a few words (bag of words over a fixed vocabulary)."""
+
+    name, space, space_id, dim = "words", "text", "text:words", 6
+    VOCAB = ["red", "edge", "plain", "cat", "dog", "car"]
+
+    def encode(self, texts):
+        """Unit bag-of-words vectors (a constant component keeps empty texts non-zero)."""
+        out = np.array([[t.lower().count(w) for w in self.VOCAB] for t in texts], np.float32) + 0.01
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def crops(kind, n, seed):
+    """``n`` 16-px crops of one planted pattern: red (a noisy red patch filling the crop, as a
+    colour neuron's receptive field shows it) or edges (conftest's vertical bars)."""
+    rng = np.random.default_rng(seed)
+    if kind == "red":
+        return [Image.fromarray(np.clip(np.array([220, 25, 25]) + rng.integers(-20, 21, (16, 16, 3)),
+                                         0, 255).astype(np.uint8)) for _ in range(n)]
+    return [make_image(kind, 16, rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Triage
+
+
+def test_triage_equals_hand_computation():
+    """Selectivity = (p99 − lo) / max(median − lo, 1 % of the range); DnR = mean log(1 + a) of the
+    top K; dead = spread p99 − median ≤ 5 % of the layer's median spread — by hand."""
+    n = 101  # percentiles of 0 … 100 step 1 fall on the values themselves
+    ramp = np.arange(n, dtype=np.float64)            # p99 = 99, median = 50, p1 = 1
+    sparse = np.where(np.arange(n) >= 90, 10.0, 0.0)  # silent on 90 % of images: median 0
+    negative = ramp - 50                              # p1 = −49: shifted by lo = −49
+    flat = np.full(n, 3.0)                            # constant
+    tiny = ramp * 0.005                               # spread 0.245 ≤ 5 % of the median 10
+    stats = np.stack([ramp, sparse, negative, flat, tiny], axis=1).astype(np.float32)
+    stats = np.vstack([stats, np.full((1, 5), np.nan, np.float32)])  # a skipped image
+    t = triage_layer(stats, k=DNR_K)
+    assert t["selectivity"][0] == pytest.approx(99 / 50)
+    assert t["selectivity"][1] == pytest.approx(100.0)  # 10 / max(0, 10 / 100)
+    assert t["selectivity"][2] == pytest.approx((49 + 49) / (0 + 49))
+    assert t["selectivity"][3] == 1.0
+    top20 = np.arange(81, 101, dtype=np.float64)
+    assert t["dnr_score"][0] == pytest.approx(np.log1p(top20).mean())
+    assert t["dnr_score"][1] == pytest.approx(11 * np.log(11) / 20)  # 11 images at 10, 9 at 0
+    assert t["dnr_score"][2] == pytest.approx(np.log1p(np.maximum(top20 - 50, 0)).mean())
+    assert t["dead"].tolist() == [False, False, False, True, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measures
+
+
+def test_average_precision_matches_sklearn():
+    """AUPRC equals scikit-learn's average_precision_score, ties included."""
+    from sklearn.metrics import average_precision_score
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        positive = rng.random(200) < 0.1
+        positive[trial] = True
+        score_ = rng.integers(0, 8, 200).astype(float) + positive * rng.random(200)
+        assert S.average_precision(positive, score_) == pytest.approx(
+            average_precision_score(positive, score_))
+
+
+def test_clarity_closed_form_is_the_mean_pairwise_cosine():
+    """SemanticLens eq. 7 (no similarity matrix) equals eq. 6 computed pair by pair."""
+    v = np.random.default_rng(1).normal(size=(9, 5))
+    unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+    pairs = [unit[i] @ unit[j] for i in range(9) for j in range(9) if i != j]
+    assert S.clarity(v) == pytest.approx(np.mean(pairs))
+
+
+def test_one_pattern_is_clear_two_patterns_are_polysemantic_and_split_back():
+    """A neuron whose top crops all show red squares: high clarity, low polysemanticity. One
+    whose crops are red squares and vertical bars: polysemantic, and its two sub-concepts are the
+    two planted patterns (ARI ≥ 0.9)."""
+    from sklearn.metrics import adjusted_rand_score
+    embed = ConvFeature()
+    mono = embed.encode(crops("red", 20, 0))
+    mixed_imgs = crops("red", 10, 1) + crops("edges", 10, 2)
+    truth = np.array([0] * 10 + [1] * 10)
+    order = np.random.default_rng(3).permutation(20)  # ranks interleave the two patterns
+    mixed = embed.encode([mixed_imgs[i] for i in order])
+    assert S.clarity(mono) > 0.9 and S.polysemanticity(mono) < 0.1
+    assert S.clarity(mixed) < S.clarity(mono)
+    assert S.polysemanticity(mixed) > 0.5
+    labels = S.sub_concepts(mixed, max_k=3)
+    assert labels is not None
+    assert adjusted_rand_score(truth[order], labels) >= 0.9
+
+
+def test_redundancy_is_the_highest_cosine_with_another_neuron():
+    """Two identical neurons are fully redundant; a third orthogonal one is not."""
+    red = S.redundancy(np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]]))
+    assert red[:2].tolist() == pytest.approx([1.0, 1.0]) and red[2] == pytest.approx(0.0)
+
+
+def test_description_words():
+    """Appearance words weigh their features (negated after "low"); object words are detected."""
+    from common.appearance import FEATURES
+    w = appearance_weights("Red and black vertical edges, low contrast.")
+    assert w[FEATURES.index("red")] > 0 and w[FEATURES.index("contrast")] < 0
+    assert np.abs(w).sum() == pytest.approx(1.0)
+    assert not has_object_words("Gray and white irregular texture, high contrast.")
+    assert has_object_words("Top images classified as cats, mostly Egyptian cat.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def planted_images(tmp_path, n=60):
+    """Images of three kinds (red square, vertical bars, plain) and the per-image spatial max of
+    the fake model's conv1 channels 0 (redness) and 1 (vertical edges)."""
+    rng = np.random.default_rng(5)
+    kinds = ["red", "edges", "plain"]
+    paths, arrays = [], []
+    for i in range(n):
+        img = make_image(kinds[i % 3], 32, rng)
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        paths.append(str(path))
+        arrays.append(np.asarray(img, np.float32) / 255)
+    net = FakeNet().eval()
+    with torch.no_grad():
+        out = net.relu1(net.conv1(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)))
+    return paths, out.amax(dim=(2, 3)).numpy()
+
+
+def test_true_description_beats_its_control_and_a_wrong_one_does_not(tmp_path):
+    """Offline matcher on held-out planted images: each neuron's true sentence correlates with its
+    activation better than the other neuron's sentence (its control); with the sentences swapped
+    (wrong), neither beats its control."""
+    paths, act = planted_images(tmp_path)
+    none = np.full((len(paths), 5), -1)
+    matcher = OfflineMatcher(WordsText(), ["tench", "goldfish", "shark"], none, np.zeros((60, 5)))
+    geometry = {"relu1": (np.array([3.0, 3, 1, 1, 0, 0]), (32, 32))}
+    true = ["Red patches.", "Vertical edges."]
+    scores_ = matcher.score({"relu1": true}, paths, 32, geometry)["relu1"]
+    held_out = np.ones(len(paths), bool)
+    held_out[:6] = False  # as if these had been in the mosaics
+    for neuron, control in ((0, 1), (1, 0)):
+        right = score.verify(scores_[:, neuron], act[:, neuron], held_out)
+        wrong = score.verify(scores_[:, control], act[:, neuron], held_out)
+        assert right["corr"] > 0.5 and right["corr"] > wrong["corr"]
+        assert right["auprc"] > wrong["auprc"]
+        assert right["n"] == 54
+        # Swapped sentences: the wrong one is now verified against the true one as its control.
+        assert not wrong["corr"] > right["corr"]
+
+
+def test_clip_matcher_is_the_cosine_of_the_two_towers(tmp_path):
+    """The clip matcher scores image i for sentence j as cos(image tower(i), text tower(j))."""
+    from common.embedders import ClipEmbedder
+    from common.matchers import ClipMatcher
+    from test_embed import _tiny_clip
+    model, pre = _tiny_clip()
+    text = ClipEmbedder(model, pre, "tiny", "text", torch.device("cpu"))
+    image = ClipEmbedder(model, pre, "tiny", "image", torch.device("cpu"))
+    paths, _ = planted_images(tmp_path, n=6)
+    got = ClipMatcher(text, image).score({"L": ["a red square", "stripes"]}, paths, 32)["L"]
+    expected = image.encode([Image.open(p).convert("RGB") for p in paths]) @ \
+        text.encode(["a red square", "stripes"]).T
+    assert got.shape == (6, 2)
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_final_layer_eval_and_its_shuffled_control():
+    """Each output neuron's sentence against its class name; the shuffled control gives every
+    neuron another neuron's sentence (never its own)."""
+    names = ["red car", "edge dog", "plain cat"]
+    texts = {0: "a red car", 1: "a dog at the edge", 2: "a plain cat"}
+    rows = score.final_layer_eval("fc", texts, names, WordsText(), seed=0)
+    assert [r["channel"] for r in rows] == [0, 1, 2]
+    assert all(r["shuffled_from"] != r["channel"] for r in rows)
+    mean = np.mean([r["cosine"] for r in rows])
+    assert mean > np.mean([r["shuffled_cosine"] for r in rows])
+    report = score.eval_report(rows, "offline", "fc")
+    assert "CIRCULAR" in report and "0.459" in report
+    assert "no chosen layer" in score.eval_report([], "offline", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage end to end on the fake model
+
+
+def test_stage_on_the_fake_model(tmp_path, image_folder):
+    """01 and 02 run for real on the fake model; 03/04 files are written here; 09 writes the
+    contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
+    a process) describe the sub-concept mosaics, with held-out verification beside a control."""
+    from common.io import save_npz, write_csv
+    from common.provenance import read_meta, write_meta
+    run_dir = tmp_path / "run"
+    load_stage("01_extract").main([
+        "--images", str(image_folder), "--out", str(run_dir), "--model", FAKE_MODEL,
+        "--layers", "relu1", "--input-size", "32", "--topk", "16", "--batch-size", "8",
+        "--device", "cpu", "--workers", "1"])
+    load_stage("02_mosaics").main([
+        "--activations", str(run_dir / "01_activations.npz"), "--images",
+        str(run_dir / "01_images.csv"), "--out-dir", str(run_dir / "02_mosaics"), "--index",
+        str(run_dir / "02_mosaics.csv"), "--grid", "3", "--tile", "16", "--workers", "1"])
+    sentences = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]
+    write_csv(run_dir / "03_descriptions.csv",
+              [{"layer": "relu1", "channel": c, "level": 1, "description": t, "backend": "offline",
+                "model": "test", "status": "ok"} for c, t in enumerate(sentences)],
+              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
+    write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
+               [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
+               backend="offline")
+    save_npz(run_dir / "04_embeddings.npz", {"layer": np.array(["relu1"])})
+    write_meta(run_dir / "04_embed.meta.json", "04_embed", {"image_model": "cnn"},
+               [run_dir / "04_embeddings.npz"], [read_meta(run_dir / "03_descriptions.csv")],
+               image_model="fake-conv1")
+    none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
+    result = score.run(
+        run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
+        run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
+        run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
+        run_dir / "09_scores.csv", run_dir / "09_summary.csv", run_dir / "09_eval.csv",
+        run_dir / "09_subconcepts", crops=9, poly_threshold=0.0, image_embedder=ConvFeature(),
+        matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
+        describe_args="--backend offline")
+    with open(run_dir / "09_scores.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[:len(score.SCORE_FIELDS)] == score.SCORE_FIELDS
+    neurons = [r for r in result["scores"] if r["subconcept"] == ""]
+    assert [r["channel"] for r in neurons] == [0, 1, 2, 3]
+    assert all(r["share"] == 1 and r["embedder"] == "fake-conv1" for r in neurons)
+    subs = [r for r in result["scores"] if r["subconcept"] != ""]
+    assert subs, "poly threshold 0 splits every neuron with enough crops"
+    described = {(r["layer"], int(r["channel"])): r
+                 for r in csv.DictReader(open(run_dir / "09_subconcepts" / "03_descriptions.csv"))}
+    for r in subs:
+        row = described[(f"relu1#{r['subconcept']}", r["channel"])]
+        assert row["backend"] == "offline" and row["level"] == "1"  # 03's level for relu1
+        assert r["description"] == row["description"] != ""
+        assert (run_dir / r["mosaic"]).is_file()
+    for channel in {r["channel"] for r in subs}:
+        shares = [r["share"] for r in subs if r["channel"] == channel]
+        assert sum(shares) == pytest.approx(1.0, abs=0.01)
+    red = neurons[0]
+    assert red["verify_corr"] != "" and red["control_corr"] != ""
+    assert red["n_held_out"] == 30 - 9  # 30 usable images, 9 in its mosaic
+    summary = result["summary"]
+    assert summary[0]["layer"] == "relu1" and summary[0]["neurons"] == 4
+    assert result["eval"] == []
+    meta = read_meta(run_dir / "09_scores.csv")
+    assert meta["stage"] == "09_score" and "02_mosaics" in meta["lineage"]
+
+
+def test_controls_are_other_neurons_with_other_words():
+    """A control is never the neuron itself nor, while another exists, a sentence with the same
+    words; the draw is reproducible from the seed."""
+    shown = np.zeros(0, np.int64)
+    texts = ["red", "red", "blue", "red"]
+    def draw(seed):
+        """Controls of the four sentences plus a sub-concept of neuron 0."""
+        sents = [score.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
+        sents.append(score.Sentence("L", 0, 1, "blue", shown))
+        score.pick_controls(sents, np.random.default_rng(seed))
+        return [(s, sents[s.control]) for s in sents]
+    pairs = draw(0)
+    for s, control in pairs:
+        assert control.subconcept == 0 and control.channel != s.channel
+    assert all(control.text == "blue" for s, control in pairs if s.text == "red")
+    assert [c.channel for _, c in draw(0)] == [c.channel for _, c in pairs]
