@@ -574,20 +574,15 @@ def reference_classify(device: str = "auto", size: int | None = None) -> Callabl
     return classify
 
 
-def model_classify(spec: dict, unsafe_pickle: bool, device: str = "auto") -> Callable:
-    """fn(list of PIL crops) → top-5 (indices, probs) of the analysed model, whose load_model
-    arguments (with its input size, mean and std) 01 recorded in ``spec``. A whole pickled
-    checkpoint is unpickled only when this stage itself was given ``unsafe_pickle``."""
-    import inspect
-
+def model_classify(meta01: dict, model: str | None, weights: str | None, unsafe_pickle: bool,
+                   device: str = "auto") -> Callable:
+    """fn(list of PIL crops) → top-5 (indices, probs) of the analysed model, reloaded as 01 ran it
+    (with its input size, mean and std) — its files only when the user names them again
+    (``model``, ``weights``) and a pickle only with this stage's own ``unsafe_pickle``."""
     import torch
     from common.images import network_input, to_tensor
-    from common.models import load_model
-    accepted = set(inspect.signature(load_model).parameters) - {"device"}
-    kwargs = {k: v for k, v in spec.items() if k in accepted}
-    kwargs["unsafe_pickle"] = unsafe_pickle
-    torch.manual_seed(0)  # as 01 does, so that a random-init model gets the same weights
-    bundle = load_model(**kwargs, device=device)
+    from common.models import reload_model
+    bundle = reload_model(meta01, model, weights, unsafe_pickle, device)
 
     def classify(images):
         """Top classes of each crop, prepared as 01 prepared whole images."""
@@ -982,7 +977,8 @@ def make_describer(backend: str, n_levels: int, predictions: Path | None, reuse_
                    temperature: float,
                    top_p: float, max_new_tokens: int, seed: int, base_url: str, api_key_env: str,
                    concurrency: int, timeout: float, retries: int, namer: str = "model",
-                   meta01: dict | None = None, unsafe_pickle: bool = False):
+                   meta01: dict | None = None, unsafe_pickle: bool = False,
+                   analysed_model: str | None = None, analysed_weights: str | None = None):
     """Build the backend named ``backend`` with its settings. The offline backend names objects
     with the analysed model (``namer`` "model", described by 01's ``meta01``) unless that model is
     an ImageNet classifier or ``namer`` is "reference"."""
@@ -995,7 +991,8 @@ def make_describer(backend: str, n_levels: int, predictions: Path | None, reuse_
             return OfflineDescriber(
                 n_levels, read_labels_or_predictions(predictions) if predictions else {}, names,
                 classify_tiles=classify_crops, device=device,
-                load_classifier=lambda: model_classify(spec, unsafe_pickle, device),
+                load_classifier=lambda: model_classify(meta01, analysed_model, analysed_weights,
+                                                       unsafe_pickle, device),
                 phrase=classes_phrase, deep_from_images=True,
                 model_label=OWN_LABEL.format(model=spec.get("name", "the analysed model")))
         preds = read_predictions(predictions) if predictions and reuse_predictions else {}
@@ -1052,6 +1049,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline: who says what the top images show: the analysed model (its "
                         "labels, predictions and class names) or the shipped ImageNet reference "
                         "classifier (EfficientNet-Lite0); ImageNet models always use the latter")
+    p.add_argument("--analysed-model", default=None,
+                   help="offline: the model 01 ran (Make: MODEL), named again so that its file "
+                        "is loaded to classify crops; a file is never taken from metadata alone")
+    p.add_argument("--analysed-weights", default=None,
+                   help="offline: the weights 01 used (Make: WEIGHTS), named again likewise")
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="offline: the analysed model is a whole pickled checkpoint you trust "
                         "(as 01's flag); needed to classify crops with it")
@@ -1211,6 +1213,7 @@ def main(argv=None):
         device=args.device, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, base_url=args.base_url,
         classify_crops=args.classify_crops, namer=args.namer, unsafe_pickle=args.unsafe_pickle,
+        analysed_model=args.analysed_model, analysed_weights=args.analysed_weights,
         api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
         retries=args.retries)
 

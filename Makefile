@@ -83,6 +83,8 @@ ARGS_01 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote
            $(if $(MEAN),--mean $(MEAN)) $(if $(STD),--std $(STD))
 ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
 ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) --namer $(NAMER) \
+           --analysed-model=$(call quote,$(MODEL)) \
+           $(if $(WEIGHTS),--analysed-weights=$(call quote,$(WEIGHTS))) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) \
            $(if $(DOMAIN),--domain "$(DOMAIN)") $(if $(KEYWORDS),--keywords "$(KEYWORDS)") \
            $(if $(LEVELS),--levels $(LEVELS)) --base-url $(BASE_URL) --device $(DEVICE)

@@ -25,12 +25,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from common.classes import name_key
 from common.cli import StageError
 
 log = logging.getLogger(__name__)
@@ -374,6 +376,57 @@ def _class_names(model: nn.Module, n_outputs: int | None,
         from common.imagenet import class_names
         return class_names(), "ImageNet (1000 outputs)"
     return None, ""
+
+
+def names_a_file(model: str) -> bool:
+    """True when a --model value is code or a pickle on disk (file.py:function, a checkpoint)
+    rather than the name of a model that ships with a library."""
+    return model.rpartition(":")[0].endswith(".py") or \
+        Path(model).suffix in CHECKPOINTS or os.sep in model
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True when two model or weight paths (``file.py:function`` allowed) name the same thing."""
+    (file_a, _, fn_a), (file_b, _, fn_b) = (x.rpartition(":") if ":" in x else (x, "", "")
+                                            for x in (a, b))
+    return os.path.abspath(file_a) == os.path.abspath(file_b) and fn_a == fn_b
+
+
+def reload_model(extract_meta: dict, model: str | None, weights: str | None, unsafe_pickle: bool,
+                 device: str) -> ModelBundle:
+    """Re-load the model 01 ran, as the user names it again to this stage.
+
+    01_extract.meta.json says which model made the statistics, but a metadata file is never
+    trusted to choose code to run: a model or weights file is loaded only when ``--model`` /
+    ``--weights`` name that same file, and a whole pickle only with this stage's own
+    ``--unsafe-pickle``. Models that ship with a library may be taken from the meta.
+    """
+    spec = dict(extract_meta.get("model") or {})
+    if not spec.get("name"):
+        raise StageError("01_extract.meta.json does not say which model made the activations "
+                         "(key 'model'); re-run stage 01")
+    recorded, recorded_weights = spec["name"], spec.get("weights")
+    if names_a_file(recorded) and not (model and _same_file(model, recorded)):
+        raise StageError(f"01 ran the model file {recorded}; pass --model {recorded} (Make: the "
+                         f"same MODEL) for this stage to load it again"
+                         + (f" — it differs from --model {model}" if model else ""))
+    if model and not names_a_file(recorded) and \
+            name_key(model).replace(" ", "_") != name_key(recorded).replace(" ", "_"):
+        raise StageError(f"--model {model} differs from the model 01 ran ({recorded}); the "
+                         f"statistics describe that one. Re-run 01 with --model {model}, or drop "
+                         f"the flag")
+    if recorded_weights and not (weights and _same_file(weights, recorded_weights)):
+        raise StageError(f"01 used the weights {recorded_weights}; pass --weights "
+                         f"{recorded_weights} (Make: the same WEIGHTS) for this stage to load them again"
+                         + (f" — they differ from --weights {weights}" if weights else ""))
+    if weights and not recorded_weights:
+        raise StageError(f"--weights {weights}: 01 ran {recorded} without a weights file; re-run "
+                         f"01 with them, or drop the flag")
+    torch.manual_seed(0)  # as 01 does, so that a random-init model gets the same weights
+    return load_model(model or recorded, weights=weights,
+                      random_init=bool(spec.get("random_init")), unsafe_pickle=unsafe_pickle,
+                      device=device, input_size=spec.get("input_size"), mean=spec.get("mean"),
+                      std=spec.get("std"), classes=spec.get("classes"))
 
 
 def load_reference_classifier(device: str = "auto") -> ModelBundle:

@@ -687,6 +687,9 @@ def test_middle_layer_crops_are_classified_by_the_analysed_model(tmp_path):
     settings = dict(device="cpu", classify_crops=4, temperature=0.8, top_p=0.95,
                     max_new_tokens=57, seed=0, base_url="", api_key_env="", concurrency=1,
                     timeout=1, retries=0)
+    with pytest.raises(StageError, match="pass --model"):  # a file named by the meta alone
+        run_stage(run, backend="offline", levels="early=1,mid=3,deep=5", **settings)
+    settings["analysed_model"] = spec["name"]
     rows = run_stage(run, backend="offline", levels="early=1,mid=3,deep=5", **settings)
     mid = next(r for r in rows if r["layer"] == "mid")["description"]
     # 32-px tiles of period-8 diagonal stripes, seen at 32 px: the model's "wide band" density
