@@ -163,20 +163,23 @@ def test_stale_inputs_rerun_exactly_what_they_must(grey_tree):
     os.utime(classes)
     os.utime(model_py)
     assert dry() == []                                 # same content: nothing to do
+    # (GNU make 4.3's dry run lists only the first stage of a chain of grouped targets: 01 here;
+    # the real run below shows the stages after it follow.)
     shutil.copy(images / "broad_band" / "0.png", images / "broad_band" / "new.png")
-    assert dry() == ALL_STAGES                         # an added image (a sub-folder's mtime)
+    assert dry() == ["01_extract.py"]                  # an added image (a sub-folder's mtime)
     (images / "broad_band" / "new.png").unlink()
     assert dry() == []
     with open(images / "WIDE band" / "3.png", "r+b") as fh:  # replaced in place, same size
         data = fh.read()
         fh.seek(0)
         fh.write(data[:-1] + bytes([data[-1] ^ 1]))
-    assert dry() == ALL_STAGES
+    assert dry() == ["01_extract.py"]
     model_py.write_text(model_py.read_text() + "\n# a comment\n")
     classes.write_text("pin stripe\nnarrow band\nwide band\nBROAD\n")
     assert "01_extract.py" in dry()
     first_journal = (run / "03_descriptions.part-0-of-1.jsonl").read_text().count("\n")
-    assert make(root, args, "all").returncode == 0
+    rerun = make(root, args, "all")
+    assert rerun.returncode == 0 and commands(rerun) == ALL_STAGES
     deep = [r["description"] for r in read_csv(run / "03_descriptions.csv") if r["layer"] == "bands"]
     assert any("BROAD" in d for d in deep)             # described again with the new names
     journal = (run / "03_descriptions.part-0-of-1.jsonl").read_text().count("\n")
