@@ -1,5 +1,6 @@
-# neuron-atlas — each stage is one script; each rule lists the script, its inputs and common/*.py,
-# so editing one stage re-runs it and the stages after it, nothing before.
+# neuron-atlas — each stage is one script; each rule lists the script, its inputs and the common/
+# files the script imports, so editing one stage or module re-runs the stages that use it and the
+# stages after them, nothing before.
 #   make all            set up .venv and run every stage on the offline demo (RUN=demo)
 #   make test           set up .venv and run the test suite
 #   make help           list targets and variables;  make -n all  shows what would run
@@ -65,8 +66,12 @@ export OMP_WAIT_POLICY ?= PASSIVE
 D       := $(DATA)/$(RUN)
 VENV    := .venv/.installed
 PY      := .venv/bin/python
-COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
+# $(call uses,NN_name.py) lists the common/ files the script imports, directly or through other
+# modules, and the data files those read; common/deps.py finds them in the sources (nothing is run).
+DEPS    := $(shell $(PYTHON) -B -m common.deps)
+$(if $(DEPS),,$(error common/deps.py printed nothing: is PYTHON=$(PYTHON) a Python 3?))
+uses = $(sort $(foreach s,$(1),$(subst $(comma), ,$(patsubst $(s):%,%,$(filter $(s):%,$(DEPS))))))
 
 .DELETE_ON_ERROR:
 .PHONY: all test bench help clean venv search debug eval
@@ -188,39 +193,41 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_cluster.py --threads 1
 	$(PY) bench/bench_score.py
 
-$(DEMO_IMAGES): common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
+$(DEMO_IMAGES): $(call uses,common/demo.py) | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
 $(EXTRACT) $(M01) &: 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 \
-                    $(D)/.args/01-inputs $(COMMON) | $(VENV)
+                    $(D)/.args/01-inputs $(call uses,01_extract.py) | $(VENV)
 	$(HOLD) $(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
 
-$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(COMMON) | $(VENV)
+$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(call uses,02_mosaics.py) \
+                | $(VENV)
 	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
 	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
 
 $(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
-                $(D)/.args/03 $(COMMON) | $(VENV)
+                $(D)/.args/03 $(call uses,03_describe.py) | $(VENV)
 	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
 	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
 
 $(EMBEDDINGS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(D)/.args/04 \
-                $(COMMON) | $(VENV)
+                $(call uses,04_embed.py) | $(VENV)
 	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
 	    --out $(EMBEDDINGS) $(ARGS_04)
 
 $(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
-                $(M01) $(D)/.args/05 $(COMMON) | $(VENV)
+                $(M01) $(D)/.args/05 $(call uses,05_cluster.py) | $(VENV)
 	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
 
 $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
-                $(EXTRACT) $(M01) $(D)/.args/06 $(COMMON) | $(VENV)
+                $(EXTRACT) $(M01) $(D)/.args/06 $(call uses,06_trace.py) | $(VENV)
 	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
 
 $(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
-                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 $(COMMON) | $(VENV)
+                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 \
+                $(call uses,09_score.py 03_describe.py) | $(VENV)
 	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
 	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
 	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --scores $(D)/09_scores.csv \
@@ -231,7 +238,7 @@ eval: $(SCORES) $(M09) ## final-layer benchmark (needs the classifier's output a
 	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
 
 $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
-                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(COMMON) | $(VENV)
+                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(call uses,08_debug.py) | $(VENV)
 	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
 	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
