@@ -7,10 +7,14 @@ Writes to the run folder (see ARTEFACTS.md):
   01_activations.npz   per layer and channel: the top-k images by spatial maximum, with (y, x),
                        receptive-field parameters and, for small feature maps, the activation maps
   01_stats/            per image and channel: spatial max and mean (memory-mappable .npy)
-  01_extract.meta.json provenance
+  01_extract.meta.json provenance, and what later stages reuse: the preprocessing (input size,
+                       mean, std, channels), the class names, and the accuracy on labelled
+                       images (with a warning when it suggests a wrong size or normalisation)
 
 Example:
   python 01_extract.py --images data/demo_images/images.csv --out data/demo
+  python 01_extract.py --images shapes/ --model shapes_net.py:build --weights shapes.pt \
+      --classes shapes_classes.txt --input-size 28 --mean 0.5 --std 0.5 --out data/shapes
   python 01_extract.py --images imagenet/val --model resnet50 --weights r50.pth --out data/r50 \
       --shard 0/4          # then: python 01_extract.py --out data/r50 --merge 4 (same other flags)
 """
@@ -20,6 +24,8 @@ import argparse
 import collections
 import contextlib
 import csv
+import hashlib
+import json
 import logging
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,8 +36,8 @@ import torch
 from tqdm import tqdm
 
 from common.activations import StreamingTopK
-from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
-                        setup_logging, shard_slice)
+from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_floats,
+                        parse_shard, setup_logging, shard_slice)
 from common.io import (CsvLines, DiskFull, NpyRowWriter, atomic_path, disk_guard, load_npz,
                        read_json, replace_dir, save_npz, sweep_temporaries, temp_dir, write_json)
 from common.provenance import retract_meta, write_meta
@@ -40,6 +46,10 @@ log = logging.getLogger("neuron-atlas.01_extract")
 
 STAGE = "01_extract"
 IMAGE_FIELDS = ["image_id", "path", "label", "label_idx", "status", "reason"]
+MIN_JUDGED = 10     # labelled images needed before accuracy is judged
+PROBE_BELOW = 0.5   # below chance + this share of the way to 100 %, try other preprocessings
+NEAR_CHANCE = 0.1   # warn below chance + this share of the way to 100 %
+PROBE_IMAGES = 32   # labelled images on which other preprocessings are tried
 PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name", "prob", "correct",
                "top5_idx", "top5_prob"]
 
@@ -61,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=100, help="top images kept per neuron")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images")
-    p.add_argument("--input-size", type=int, default=224, help="side of the square network input")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="side of the square network input (default: the model's own, e.g. 224)")
+    p.add_argument("--mean", type=parse_floats, default=None,
+                   help="normalisation mean, 1 or 3 comma-separated values (default: the model's)")
+    p.add_argument("--std", type=parse_floats, default=None,
+                   help="normalisation std, 1 or 3 comma-separated values (default: the model's)")
+    p.add_argument("--classes", default=None,
+                   help="class names in output order: a text file (one per line) or a CSV "
+                        "index,name (default: the model's own, ImageNet's, or the class folders)")
     p.add_argument("--max-map-side", type=int, default=16,
                    help="keep the activation maps of top images for layers whose feature map is at "
                         "most this wide (used by 02 --crop mask)")
@@ -74,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_one(path: str, size: int, mean, std):
-    """Decode one image into a network-input tensor → (tensor or None, note or reason)."""
+def load_one(path: str, size: int, mean, std, skip_reason: str = ""):
+    """Decode one image into a network-input tensor → (tensor or None, note or reason); an image
+    with a ``skip_reason`` (a duplicate) is not decoded."""
     from common.images import BadImage, load_rgb, network_input, to_tensor
+    if skip_reason:
+        return None, skip_reason
     try:
         img, note = load_rgb(path)
     except BadImage as err:
@@ -115,12 +136,17 @@ def make_reducer(max_map_side: int):
     return reduce
 
 
-def iter_batches(entries, batch_ids, batch_size, size, mean, std, workers, prefetch=2):
+def iter_batches(entries, batch_ids, batch_size, size, mean, std, workers, prefetch=2,
+                 skip: dict[int, str] | None = None):
     """Yield (batch index, ids, [(tensor|None, note)]) in order, decoding ``prefetch`` batches ahead
-    in a thread pool so that memory stays bounded whatever the number of images."""
+    in a thread pool so that memory stays bounded whatever the number of images; the images in
+    ``skip`` (id → reason) are not decoded."""
+    skip = skip or {}
+
     def submit(pool, b):
         ids = range(b * batch_size, min((b + 1) * batch_size, len(entries)))
-        return b, list(ids), [pool.submit(load_one, entries[i].path, size, mean, std) for i in ids]
+        return b, list(ids), [pool.submit(load_one, entries[i].path, size, mean, std,
+                                          skip.get(i, "")) for i in ids]
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         queue: collections.deque[tuple[int, list[int], list[Future]]] = collections.deque()
@@ -138,7 +164,7 @@ def iter_batches(entries, batch_ids, batch_size, size, mean, std, workers, prefe
 
 
 def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
-                 batch_ids, part_dir: Path) -> dict:
+                 batch_ids, part_dir: Path, skip: dict[int, str] | None = None) -> dict:
     """Run the model over the given batches; write stats, image rows and predictions of this part
     into ``part_dir`` and return its top-k buffers and layer shapes."""
     from common.hooks import reduce_outputs
@@ -158,7 +184,7 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
             reduce_outputs(bundle.model, layers, make_reducer(max_map_side)) as outputs, \
             torch.inference_mode():
         for _b, ids, loaded in iter_batches(entries, batch_ids, batch_size, size, bundle.mean,
-                                            bundle.std, workers):
+                                            bundle.std, workers, skip=skip):
             good = [j for j, (tensor, _) in enumerate(loaded) if tensor is not None]
             for image_id, (tensor, note) in zip(ids, loaded):
                 entry = entries[image_id]
@@ -284,7 +310,14 @@ def count_rows(path: Path) -> int:
 
 
 def concat_csv(sources: list[Path], dest: Path) -> int:
-    """Stream CSVs with one header into ``dest`` atomically; return the number of data rows."""
+    """Stream CSVs with one header into ``dest`` atomically, byte for byte; return the number of
+    data rows — records, not lines: a file name may hold a newline (quoted in the CSV)."""
+    def copied(lines, out):
+        """Yield ``lines`` after writing each to ``out``."""
+        for line in lines:
+            out.write(line)
+            yield line
+
     n_rows = 0
     with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
         for i, source in enumerate(sources):
@@ -292,9 +325,7 @@ def concat_csv(sources: list[Path], dest: Path) -> int:
                 header = fh.readline()
                 if i == 0:
                     out.write(header)
-                for line in fh:
-                    out.write(line)
-                    n_rows += 1
+                n_rows += sum(1 for _ in csv.reader(copied(fh, out)))
     return n_rows
 
 
@@ -320,6 +351,7 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
     if n_rows != n_images:
         raise StageError(f"the parts cover {n_rows} of {n_images} images; run every shard "
                          f"with the same flags before --merge")
+    arrays = {"layers": np.asarray(layers), "input_size": np.asarray([input_size, input_size])}
     with open(out / "01_images.csv", newline="", encoding="utf-8") as fh:
         n_ok = sum(row["status"] == "ok" for row in csv.DictReader(fh))  # streamed, not loaded
     if n_ok == 0:
@@ -328,7 +360,6 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
     concat_csv([part / "predictions.csv" for part in parts], out / "01_predictions.csv")
 
     part_arrays = [load_npz(part / "topk.npz") for part in parts]
-    arrays = {"layers": np.asarray(layers), "input_size": np.asarray([input_size, input_size])}
     for name in layers:
         present = [a for a in part_arrays if f"{name}/values" in a]
         top = StreamingTopK.from_arrays(present[0], name)
@@ -363,16 +394,23 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
     With ``shard`` only a slice is processed into ``out/01_parts/``; with ``merge`` the parts
     are combined. Returns a summary (None for a shard).
     """
-    from common.images import list_images
+    from common.images import find_duplicates, list_images
     from common.rf import receptive_fields
     out.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(out)  # what a killed earlier run left half-written
     entries = list_images(images)
     if not entries:
         raise StageError(f"no image files found in {images}")
+    skip = find_duplicates(entries)
+    name_classes(bundle, [e.label for e in entries], Path(images).is_dir())
     label_map, unmapped = label_indices([e.label for e in entries], bundle.class_names)
-    for lab in unmapped:
-        log.warning("label %r maps to no class of the model: its images get label_idx -1", lab)
+    if unmapped:
+        valid = ", ".join(bundle.class_names[:20]) + (" …" if len(bundle.class_names or []) > 20
+                                                       else "") if bundle.class_names else \
+            f"indices 0–{(bundle.n_outputs or 1) - 1}"
+        log.warning("labels %s map to no class of the model: their images get label_idx -1. "
+                    "The model's classes: %s (name them with CLASSES=names.txt)",
+                    ", ".join(repr(lab) for lab in unmapped[:10]), valid)
     n_batches = -(-len(entries) // batch_size)
     parts_root = out / "01_parts"
 
@@ -382,10 +420,10 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
         tmp = temp_dir(parts_root, part_dir.name)
         try:
             extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
-                         max_map_side, list(shard_slice(n_batches, shard)), tmp)
+                         max_map_side, list(shard_slice(n_batches, shard)), tmp, skip)
             write_json(tmp / "part.json", {"shard": list(shard), "n_images": len(entries),
                                            "batch_size": batch_size, "layers": layers,
-                                           "topk": topk})
+                                           "topk": topk, "inputs": inputs_digest(bundle, entries)})
             replace_dir(tmp, part_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -399,9 +437,11 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
             raise StageError(f"cannot merge: shard results missing: {', '.join(missing)}")
         for part in parts:
             info = load_part_info(part)
-            if (info["n_images"], info["batch_size"], info["layers"], info["topk"]) != (
-                    len(entries), batch_size, layers, topk):
-                raise StageError(f"{part} was made with other settings ({info}); re-run that shard")
+            if (info["n_images"], info["batch_size"], info["layers"], info["topk"],
+                    info.get("inputs")) != (len(entries), batch_size, layers, topk,
+                                            inputs_digest(bundle, entries)):
+                raise StageError(f"{part} was made with other settings, model or images "
+                                 f"({info}); re-run that shard")
         tmpdirs = None
     else:
         tmpdirs = temp_dir(out, "01_part")
@@ -409,22 +449,141 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
     try:
         if tmpdirs is not None:
             extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
-                         max_map_side, list(range(n_batches)), tmpdirs)
+                         max_map_side, list(range(n_batches)), tmpdirs, skip)
         rfs = receptive_fields(bundle.model, layers, (bundle.input_size, bundle.input_size))
         retract_meta(out / f"{STAGE}.meta.json")
         summary = assemble(parts, out, layers, rfs, bundle.input_size, len(entries))
     finally:
         if tmpdirs is not None:
             shutil.rmtree(tmpdirs, ignore_errors=True)
+    accuracy = check_accuracy(out / "01_predictions.csv", bundle)
     write_meta(out / f"{STAGE}.meta.json", STAGE, args or {},
                outputs=[out / "01_activations.npz", out / "01_images.csv",
                         out / "01_predictions.csv", *sorted((out / "01_stats").glob("*.npy"))],
-               model=bundle.spec, layers=layers, **summary,
+               model=bundle.spec, layers=layers, **summary, preprocess=bundle.preprocess,
+               classes=bundle.class_names, class_source=bundle.class_source,
+               n_duplicates=len(skip), accuracy=accuracy,
                rf={name: rfs[name].as_array().tolist() for name in layers})
     if merge is not None:
         shutil.rmtree(parts_root)
     log.info("%d images (%d skipped) → %s", summary["n_images"], summary["n_skipped"], out)
     return summary
+
+
+def name_classes(bundle, labels: list[str], from_folder: bool) -> None:
+    """Give a model without class names the sorted class folder names when they are as many as
+    its outputs (torchvision's ImageFolder convention), and say in the log what was done."""
+    from common.classes import folder_classes
+    if bundle.class_names is not None or bundle.n_outputs is None:
+        return
+    names = folder_classes(labels, bundle.n_outputs) if from_folder else None
+    if names:
+        bundle.class_names, bundle.class_source = names, "the sorted class folder names"
+        log.info("class names: the %d class folders, sorted (torchvision's ImageFolder "
+                 "convention: output 0 = %s, output %d = %s); give CLASSES=names.txt if the model "
+                 "was trained with another order", len(names), names[0], len(names) - 1, names[-1])
+    else:
+        log.info("the model's %d outputs have no names: reports show indices. Name them with "
+                 "CLASSES=names.txt (one name per line, in output order) or a CSV of index,name",
+                 bundle.n_outputs)
+
+
+def check_accuracy(predictions: Path, bundle) -> dict | None:
+    """The model's accuracy on the labelled images; a loud warning (also returned, for the
+    metadata) when it is near chance or far below what another input size or normalisation gets
+    on a sample — the usual sign of inputs prepared unlike in training."""
+    with open(predictions, newline="", encoding="utf-8") as fh:
+        labelled = [(int(r["label_idx"]), int(r["pred_idx"]), r["path"])
+                    for r in csv.DictReader(fh) if int(r["label_idx"]) >= 0]
+    if not labelled:
+        return None
+    counts = collections.Counter(label for label, _, _ in labelled)
+    correct = sum(label == pred for label, pred, _ in labelled)
+    accuracy = correct / len(labelled)
+    # Guessing gets the larger of one-in-N outputs and always naming the most frequent class.
+    chance = max(1 / (bundle.n_outputs or len(counts)), max(counts.values()) / len(labelled))
+    result = {"n_labelled": len(labelled), "n_correct": correct, "accuracy": round(accuracy, 4),
+              "chance": round(chance, 4), "better": None, "warning": ""}
+    log.info("accuracy on the %d labelled images: %.1f%% (chance: %.1f%%)", len(labelled),
+             100 * accuracy, 100 * chance)
+    if len(labelled) < MIN_JUDGED or accuracy >= chance + PROBE_BELOW * (1 - chance):
+        return result
+    now = (f"INPUT_SIZE (now {bundle.input_size}), MEAN (now "
+           f"{','.join(f'{v:g}' for v in bundle.mean)}) and STD (now "
+           f"{','.join(f'{v:g}' for v in bundle.std)})")
+    best = probe_preprocessing(bundle, labelled)
+    if best and best["accuracy"] >= max(1.5 * best["current"], best["current"] + 0.15):
+        result["better"] = best
+        result["warning"] = (
+            f"the model is right on {100 * accuracy:.1f}% of the {len(labelled)} labelled images, "
+            f"but on a sample of {best['n']} it gets {100 * best['accuracy']:.0f}% (instead of "
+            f"{100 * best['current']:.0f}%) with INPUT_SIZE={best['input_size']} "
+            f"MEAN={best['mean']} STD={best['std']}: its inputs are probably prepared unlike in "
+            f"training. Check {now}")
+    elif accuracy < chance + NEAR_CHANCE * (1 - chance):
+        result["warning"] = (
+            f"the model is right on only {100 * accuracy:.1f}% of the {len(labelled)} labelled "
+            f"images (chance: {100 * chance:.1f}%). Its inputs are probably prepared unlike in "
+            f"training: check {now}, and that CLASSES lists the names in output order")
+    if result["warning"]:
+        result["warning"] += ". Every later stage explains this model on these inputs"
+        log.warning("%s\n%s\n%s", "!" * 78, result["warning"], "!" * 78)
+    return result
+
+
+def probe_preprocessing(bundle, labelled: list[tuple[int, int, str]]) -> dict | None:
+    """The best accuracy, on an even sample of the labelled images, over other input sizes (the
+    images' own median shorter side, 224) and normalisations (0.5/0.5, ImageNet's, none), with the
+    current setting's accuracy on the same sample; None when no image of the sample decodes."""
+    from common.images import BadImage, load_rgb, network_input, to_tensor
+    from common.models import IMAGENET_MEAN, IMAGENET_STD
+    step = max(1, len(labelled) // PROBE_IMAGES)
+    sample = []
+    for label, _, path in labelled[::step][:PROBE_IMAGES]:
+        try:
+            sample.append((label, load_rgb(path)[0]))
+        except BadImage:
+            continue
+    if not sample:
+        return None
+    c = bundle.channels
+    sizes = sorted({bundle.input_size, 224, int(np.median([min(img.size) for _, img in sample]))})
+    norms = {(tuple(bundle.mean), tuple(bundle.std)), ((0.5,) * c, (0.5,) * c),
+             ((0.0,) * c, (1.0,) * c),
+             (IMAGENET_MEAN if c == 3 else (0.449,), IMAGENET_STD if c == 3 else (0.226,))}
+    labels = torch.tensor([label for label, _ in sample])
+    scores = {}
+    with torch.inference_mode():
+        for size in sizes:
+            views = [network_input(img, size) for _, img in sample]
+            for mean, std in sorted(norms):
+                batch = torch.stack([to_tensor(v, mean, std) for v in views]).to(bundle.device)
+                try:
+                    logits = bundle.model(batch)
+                except RuntimeError:  # a model fixed to one input size
+                    continue
+                scores[size, mean, std] = float((logits.argmax(1).cpu() == labels).float().mean())
+    current = scores.get((bundle.input_size, tuple(bundle.mean), tuple(bundle.std)), 0.0)
+    (size, mean, std), accuracy = max(scores.items(), key=lambda kv: kv[1])
+    return {"n": len(sample), "input_size": size, "mean": ",".join(f"{v:g}" for v in mean),
+            "std": ",".join(f"{v:g}" for v in std), "accuracy": round(accuracy, 4),
+            "current": round(current, 4)}
+
+
+def inputs_digest(bundle, entries) -> str:
+    """Fingerprint of what a shard's results depend on besides the flags: the model (its
+    arguments, files by content, preprocessing, class names) and every listed image (path, label,
+    size, mtime), so that shards made from other inputs are never merged."""
+    from common.fingerprint import fingerprint, stat_line
+    spec = bundle.spec
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([spec, bundle.class_names, bundle.preprocess,
+                              fingerprint(None, spec["name"], spec.get("weights"),
+                                          spec.get("classes"))]).encode())
+    for entry in entries:
+        digest.update(f"{entry.path!r} {entry.label!r} {stat_line(entry.path)}\n".encode(
+            "utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def load_part_info(part: Path) -> dict:
@@ -444,7 +603,8 @@ def main(argv=None):
     from common.models import get_module, load_model
     bundle = load_model(args.model, weights=args.weights, random_init=args.random_init,
                         unsafe_pickle=args.unsafe_pickle, device=args.device,
-                        input_size=args.input_size)
+                        input_size=args.input_size, mean=args.mean, std=args.std,
+                        classes=args.classes)
     layers = [n.strip() for n in args.layers.split(",") if n.strip()] or bundle.default_layers
     for name in layers:
         get_module(bundle.model, name)

@@ -93,10 +93,11 @@ def _init_worker(cache_dir: str, size: int) -> None:
     _CACHE["size"] = size
 
 
-def _decode(task: tuple[int, str, tuple]) -> tuple[int, str]:
-    """Decode one source image into its cache slot, and shrunk copies → (slot, error or "")."""
-    from common.images import BadImage, load_rgb, network_input
-    slot, path, shrunk_sizes = task
+def _decode(task: tuple[int, str, tuple, int]) -> tuple[int, str]:
+    """Decode one source image into its cache slot (grey when the model has one input channel),
+    and shrunk copies → (slot, error or "")."""
+    from common.images import BadImage, load_rgb, network_view
+    slot, path, shrunk_sizes, channels = task
     try:
         img, _ = load_rgb(path)
     except BadImage as err:  # changed on disk since 01 read it: its tiles stay grey
@@ -104,7 +105,7 @@ def _decode(task: tuple[int, str, tuple]) -> tuple[int, str]:
         for size in shrunk_sizes:
             _CACHE["shrunk"][size][slot] = BACKGROUND
         return slot, err.reason
-    pixels = network_input(img, _CACHE["size"])
+    pixels = network_view(img, _CACHE["size"], channels)  # grey for a grey model, as it saw it
     _CACHE["images"][slot] = np.asarray(pixels, dtype=np.uint8)
     if shrunk_sizes:
         # First shrink by an integer factor (pixel averaging) while 1.5× the largest target size
@@ -335,8 +336,9 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     retract_meta(meta_file)  # mosaics are replaced from here on
     try:
         make_cache(cache_dir, len(needed), size, shrunk_sizes)
-        decode_tasks = [(slot, image_rows[image_id].path, tuple(sorted(shrunk_of_slot[slot])))
-                        for image_id, slot in slot_of.items()]
+        channels = int((read_meta(activations).get("preprocess") or {}).get("channels", 3))
+        decode_tasks = [(slot, image_rows[image_id].path, tuple(sorted(shrunk_of_slot[slot])),
+                         channels) for image_id, slot in slot_of.items()]
         for slot, error in pool_map(_decode, decode_tasks, workers, (str(cache_dir), size),
                                     "02 decode"):
             if error:

@@ -6,9 +6,13 @@ and 03_describe.meta.json.
 
 Backends (--backend):
   offline  deterministic text from what can be measured (default; no model download needed):
-           named colours, contrast, orientation and stripes of the crops for early layers; the
-           classes the reference classifier (EfficientNet-Lite0) gives the neuron's top images,
-           grouped into broader kinds, for deep layers; both for the middle layers.
+           named colours, contrast, orientation and stripes of the crops for early layers; what
+           the neuron's top images are for deep layers; both for the middle layers. "What they
+           are" comes from the analysed model itself: the labels of its top images where they
+           are labelled, else its own predictions, in its own class names (crops smaller than
+           the image: the analysed model classifies them). For an ImageNet model, and with
+           --namer reference for any model, the reference classifier (EfficientNet-Lite0) names
+           them instead, grouped into broader ImageNet kinds.
   hf       any Hugging Face image-text-to-text model (local folder or hub id), batched.
   openai   any OpenAI-compatible chat-completions server with image input (vLLM, Ollama, …);
            the API key is read from the environment variable named by --api-key-env.
@@ -68,6 +72,8 @@ MAX_ANSWER_CHARS = 400        # longer answers are cut at a sentence end
 WHOLE_AREA = 0.6             # a crop covering this share of the input counts as the whole image
 CLASSIFY_PX = 112            # side at which smaller crops are classified (tiles are ~64 px anyway)
 OFFLINE_LABEL = "measured colour, contrast, orientation, texture + efficientnet_lite0 labels"
+OWN_LABEL = "measured colour, contrast, orientation, texture + labels and predictions of {model}"
+ASKED_LABEL = OFFLINE_LABEL + " (ImageNet reference classifier, asked for with --namer reference)"
 
 # ---------------------------------------------------------------------------------------------
 # Prompts and levels
@@ -410,6 +416,43 @@ def objects_phrase(top5: Sequence[tuple[Sequence[int], Sequence[float]]],
     return text, share
 
 
+def classes_phrase(top5: Sequence[tuple[Sequence[int], Sequence[float]]],
+                   names: Sequence[str]) -> tuple[str, float]:
+    """Phrase naming the classes of the top images in the analysed model's own class names,
+    with their shares, e.g. ``mostly Sneaker (58%); also Ankle boot (32%)``.
+
+    ``top5`` holds per image a label or the model's top classes (first = the class counted).
+    Returns the phrase and the share of the leading class (0 when there is none).
+    """
+    counts: dict[int, int] = {}
+    for idx, _prob in top5:
+        if len(idx):
+            counts[int(idx[0])] = counts.get(int(idx[0]), 0) + 1
+    if not counts:
+        return "", 0.0
+    total = sum(counts.values())
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def name(i: int) -> str:
+        """The class's name (its index where the model's outputs have no names)."""
+        return names[i] if 0 <= i < len(names) else f"class {i}"
+
+    def named(i: int, n: int) -> str:
+        """A class name with its share of the images."""
+        return f"{name(i)} ({100 * n / total:.0f}%)"
+    main_share = ranked[0][1] / total
+    others = [named(i, n) for i, n in ranked[1:] if n / total >= 0.1][:2]
+    if main_share == 1:
+        return f"all {name(ranked[0][0])}", 1.0
+    if main_share >= 0.5:
+        text = "mostly " + named(*ranked[0])
+        return (text + ("; also " + " and ".join(others) if others else "")), main_share
+    leading = [named(i, n) for i, n in ranked[:3] if n / total >= 0.1] or [named(*ranked[0])]
+    text = "a mix of " + (leading[0] if len(leading) == 1 else
+                          ", ".join(leading[:-1]) + " and " + leading[-1])
+    return text, main_share
+
+
 class OfflineDescriber:
     """Describes neurons from measurements of their crops and the reference classifier's labels.
 
@@ -422,17 +465,25 @@ class OfflineDescriber:
 
     def __init__(self, n_levels: int, predictions: dict[int, tuple[list[int], list[float]]],
                  class_names: Sequence[str], classify: Callable | None = None,
-                 classify_tiles: int = 8, device: str = "auto"):
-        """``predictions``: image id → reference top-5 (reused for whole-image receptive fields);
-        ``classify``: fn(list of PIL crops) → list of top-5 (indices, probs), loaded lazily."""
+                 classify_tiles: int = 8, device: str = "auto",
+                 load_classifier: Callable | None = None, phrase: Callable = objects_phrase,
+                 deep_from_images: bool = False, model_label: str = OFFLINE_LABEL):
+        """``predictions``: image id → top-5 (indices, probs), reused for whole-image receptive
+        fields; ``classify``: fn(list of PIL crops) → list of top-5, else built on first use by
+        ``load_classifier()`` (default: the reference classifier); ``phrase``: fn(top-5s, names)
+        → (text, share); ``deep_from_images``: deep levels name the top images from
+        ``predictions`` alone, whatever their receptive field."""
         self.n_levels = n_levels
         self.predictions = predictions
         self.class_names = list(class_names)
         self._classify = classify
+        self._load_classifier = load_classifier or (lambda: reference_classify(device, CLASSIFY_PX))
+        self.phrase = phrase
+        self.deep_from_images = deep_from_images
         self.classify_tiles = classify_tiles
         self.device = device
         self._cache: dict[bytes, tuple[list[int], list[float]]] = {}
-        self.model_label = OFFLINE_LABEL
+        self.model_label = model_label
         self.n_classified = 0  # crops sent to the classifier (the expensive part)
 
     def _classify_crops(self, tiles: Sequence[np.ndarray]) -> list:
@@ -443,15 +494,19 @@ class OfflineDescriber:
         todo = {k: t for k, t in zip(keys, tiles) if k not in self._cache}
         if todo:
             if self._classify is None:
-                self._classify = reference_classify(self.device, CLASSIFY_PX)
+                self._classify = self._load_classifier()
             results = self._classify([Image.fromarray(t) for t in todo.values()])
             self.n_classified += len(todo)
             self._cache.update(zip(todo.keys(), results))
         return [self._cache[k] for k in keys]
 
-    def _split(self, neuron: Neuron, tiles: Sequence[np.ndarray]) -> tuple[list, list]:
-        """(01's top-5 of the top images whose crop is the whole image, the other crops to
-        classify — only the first ``classify_tiles`` of those, to bound the cost)."""
+    def _split(self, neuron: Neuron, tiles: Sequence[np.ndarray], deep: bool) -> tuple[list, list]:
+        """(01's top-5 of the top images whose crop is the whole image — of every top image for
+        a deep level when ``deep_from_images`` — and the other crops to classify, only the first
+        ``classify_tiles`` of those, to bound the cost)."""
+        if deep and self.deep_from_images:
+            return [self.predictions[int(i)] for i in neuron.top_ids[:len(tiles)]
+                    if int(i) in self.predictions], []
         labels, crops = [], []
         for rank, tile in enumerate(tiles):
             image_id = int(neuron.top_ids[rank]) if rank < len(neuron.top_ids) else -1
@@ -470,7 +525,8 @@ class OfflineDescriber:
                               neuron.n_tiles)
             position = (neuron.level - 1) / max(1, self.n_levels - 1)
             look = appearance_phrase(measure_tiles(tiles)) if tiles and position < 0.7 else ""
-            labels, crops = self._split(neuron, tiles) if position > 0.3 else ([], [])
+            labels, crops = self._split(neuron, tiles, position >= 0.7) if position > 0.3 \
+                else ([], [])
             prepared.append((bool(tiles), position, look, labels, crops))
         self._classify_crops([c for p in prepared for c in p[4]])  # one batched pass, cached
         out = []
@@ -480,14 +536,14 @@ class OfflineDescriber:
                 continue
             seen, share = ("", 0.0)
             if position > 0.3:
-                seen, share = objects_phrase(labels + self._classify_crops(crops),
-                                             self.class_names)
+                seen, share = self.phrase(labels + self._classify_crops(crops), self.class_names)
             if position < 0.7 and (share < 0.5 or seen.startswith(("objects", "various"))):
                 seen = ""  # middle layers: only a clear majority of one specific kind is stated
+            verb = "classified as " if self.phrase is objects_phrase else ""
             if look and seen:
-                text = f"{look[0].upper()}{look[1:]}; top images classified as {seen}."
+                text = f"{look[0].upper()}{look[1:]}; top images {verb}{seen}."
             elif seen:
-                text = f"Top images classified as {seen}."
+                text = f"Top images {verb}{seen}."
             elif look:
                 text = f"{look[0].upper()}{look[1:]}."
             else:
@@ -514,6 +570,33 @@ def reference_classify(device: str = "auto", size: int | None = None) -> Callabl
                 probs = bundle.model(normalize(batch, bundle.mean, bundle.std)
                                      .to(bundle.device)).softmax(1)
                 p, i = probs.topk(5, dim=1)
+                results += [(ii.tolist(), pp.tolist()) for ii, pp in zip(i.cpu(), p.cpu())]
+        return results
+    return classify
+
+
+def model_classify(meta01: dict, model: str | None, weights: str | None, unsafe_pickle: bool,
+                   device: str = "auto") -> Callable:
+    """fn(list of PIL crops) → top-5 (indices, probs) of the analysed model, reloaded as 01 ran it
+    (with its input size, mean and std) — its files only when the user names them again
+    (``model``, ``weights``) and a pickle only with this stage's own ``unsafe_pickle``."""
+    import torch
+    from common.images import network_input, to_tensor
+    from common.models import reload_model
+    bundle = reload_model(meta01, model, weights, unsafe_pickle, device)
+
+    def classify(images):
+        """Top classes of each crop, prepared as 01 prepared whole images."""
+        results = []
+        with torch.inference_mode():
+            for start in range(0, len(images), 32):
+                batch = torch.stack([to_tensor(network_input(im, bundle.input_size), bundle.mean,
+                                               bundle.std) for im in images[start:start + 32]])
+                logits = bundle.model(batch.to(bundle.device)).float()
+                if logits.ndim != 2:  # not a classifier: nothing to name the crops with
+                    results += [([], [])] * len(batch)
+                    continue
+                p, i = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
                 results += [(ii.tolist(), pp.tolist()) for ii, pp in zip(i.cpu(), p.cpu())]
         return results
     return classify
@@ -779,9 +862,14 @@ def pick(records: Sequence[dict], key: str) -> dict | None:
 
 
 def task_key(neuron: Neuron, backend: str, model: str, upstream: str, code: str) -> str:
-    """Fingerprint of everything that determines a neuron's answer (inputs, backend, prompt)."""
+    """Fingerprint of everything that determines a neuron's answer: its mosaic's bytes, the
+    upstream runs, backend, model, prompt (and the describer's code for the offline backend)."""
+    try:
+        mosaic = hashlib.blake2b(Path(neuron.mosaic).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        mosaic = "unreadable"  # described as a failure; a later readable mosaic gets a new key
     text = json.dumps([upstream, backend, model, code, neuron.layer, neuron.channel, neuron.level,
-                       neuron.prompt])
+                       neuron.prompt, mosaic])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -813,6 +901,25 @@ def covers_whole_input(rf: np.ndarray, ys: np.ndarray, xs: np.ndarray,
     h = np.clip(cy + size_h / 2, 0, input_size[0]) - np.clip(cy - size_h / 2, 0, input_size[0])
     w = np.clip(cx + size_w / 2, 0, input_size[1]) - np.clip(cx - size_w / 2, 0, input_size[1])
     return h * w >= WHOLE_AREA * input_size[0] * input_size[1]
+
+
+def is_imagenet_model(meta01: dict) -> bool:
+    """True when 01's model names ImageNet's 1000 classes (a meta from before class names were
+    recorded counts as ImageNet: that was the only case then)."""
+    if "classes" not in meta01:
+        return True
+    from common.imagenet import class_names
+    return meta01["classes"] == class_names()
+
+
+def read_labels_or_predictions(path: Path) -> dict[int, tuple[list[int], list[float]]]:
+    """image id → its class as (indices, probs): the label where the image is labelled with a
+    class of the model, else the model's own top-5 predictions, from 01_predictions.csv."""
+    out = read_predictions(path)
+    for p in artefacts.read_predictions(path):
+        if p.label_idx >= 0:
+            out[p.image_id] = ([p.label_idx], [1.0])
+    return out
 
 
 def is_reference_model(meta01: dict) -> bool:
@@ -860,13 +967,29 @@ def make_describer(backend: str, n_levels: int, predictions: Path | None, reuse_
                    model: str | None, device: str, batch_size: int | None, classify_crops: int,
                    temperature: float,
                    top_p: float, max_new_tokens: int, seed: int, base_url: str, api_key_env: str,
-                   concurrency: int, timeout: float, retries: int):
-    """Build the backend named ``backend`` with its settings."""
+                   concurrency: int, timeout: float, retries: int, namer: str = "model",
+                   meta01: dict | None = None, unsafe_pickle: bool = False,
+                   analysed_model: str | None = None, analysed_weights: str | None = None):
+    """Build the backend named ``backend`` with its settings. The offline backend names objects
+    with the analysed model (``namer`` "model", described by 01's ``meta01``) unless that model is
+    an ImageNet classifier or ``namer`` is "reference"."""
     if backend == "offline":
         from common.imagenet import class_names
+        meta01 = meta01 or {}
+        if namer == "model" and not is_imagenet_model(meta01):
+            spec = meta01.get("model") or {}
+            names = meta01.get("classes") or []
+            return OfflineDescriber(
+                n_levels, read_labels_or_predictions(predictions) if predictions else {}, names,
+                classify_tiles=classify_crops, device=device,
+                load_classifier=lambda: model_classify(meta01, analysed_model, analysed_weights,
+                                                       unsafe_pickle, device),
+                phrase=classes_phrase, deep_from_images=True,
+                model_label=OWN_LABEL.format(model=spec.get("name", "the analysed model")))
         preds = read_predictions(predictions) if predictions and reuse_predictions else {}
         return OfflineDescriber(n_levels, preds, class_names(), classify_tiles=classify_crops,
-                                device=device)
+                                device=device, model_label=OFFLINE_LABEL if
+                                is_imagenet_model(meta01) else ASKED_LABEL)
     if backend == "hf":
         return HFDescriber(model or DEFAULT_HF_MODEL, device=device, batch_size=batch_size or 64,
                            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -911,8 +1034,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="only assemble the shards' journals")
     p.add_argument("--batch-size", type=int, default=None, help="neurons per batch (hf: 64)")
     p.add_argument("--classify-crops", type=int, default=8, help="offline: crops per neuron the "
-                   "reference classifier labels where the receptive field is smaller than the "
-                   "image (whole-image fields reuse 01's predictions)")
+                   "classifier labels where the receptive field is smaller than the "
+                   "image (whole-image fields reuse 01's labels and predictions)")
+    p.add_argument("--namer", choices=["model", "reference"], default="model",
+                   help="offline: who says what the top images show: the analysed model (its "
+                        "labels, predictions and class names) or the shipped ImageNet reference "
+                        "classifier (EfficientNet-Lite0); ImageNet models always use the latter")
+    p.add_argument("--analysed-model", default=None,
+                   help="offline: the model 01 ran (Make: MODEL), named again so that its file "
+                        "is loaded to classify crops; a file is never taken from metadata alone")
+    p.add_argument("--analysed-weights", default=None,
+                   help="offline: the weights 01 used (Make: WEIGHTS), named again likewise")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="offline: the analysed model is a whole pickled checkpoint you trust "
+                        "(as 01's flag); needed to classify crops with it")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     p.add_argument("--max-new-tokens", type=int, default=57, help="answer length limit")
@@ -975,7 +1110,8 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
         model: str | None = None, prompts_path: Path = DEFAULT_PROMPTS, domain: str = "",
         keywords: str = "", levels: str = "", shard: tuple[int, int] = (0, 1),
         merge_only: bool = False, batch_size: int | None = None, skip_dead: bool = False,
-        args: dict | None = None, **backend_settings) -> list[dict] | None:
+        args: dict | None = None, namer: str = "model", unsafe_pickle: bool = False,
+        **backend_settings) -> list[dict] | None:
     """Describe the shard's neurons not yet done, journal them, and assemble the CSV when complete.
 
     ``describer`` (any object with ``backend``, ``describe(neurons)`` and a batch size) replaces
@@ -994,16 +1130,21 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
         log.info("--skip-dead: %d neurons flagged dead or barely active are not described",
                  len(dead))
     metas = [read_meta(mosaics)] + [read_meta(p) for p in (activations, predictions) if p]
-    merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
-    upstream = metas[0].get("fingerprint", "")
+    lineage = merge_lineage(metas)  # refuse, before any work, inputs from different runs
     meta01 = read_meta(activations) if activations else {}
     if describer is None and not merge_only:
         describer = make_describer(
             backend, len(prompts["levels"]), predictions, is_reference_model(meta01), model,
-            batch_size=batch_size, **backend_settings)
+            batch_size=batch_size, namer=namer, meta01=meta01, unsafe_pickle=unsafe_pickle,
+            **backend_settings)
     backend_name = describer.backend if describer else backend
     model_label = describer.model_label if describer else model_label_for(backend, model)
-    # The offline text depends on this script's code; a VLM's does not.
+    # What every answer depends on besides its own mosaic and prompt: the mosaics' and the
+    # analysed model's runs (its activations, labels and predictions), its class names, and who
+    # names objects; the offline text also depends on this script's code, a VLM's does not.
+    upstream = json.dumps([lineage.get("02_mosaics", metas[0].get("fingerprint", "")),
+                           lineage.get("01_extract", ""), meta01.get("model"),
+                           meta01.get("classes"), namer])
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12] \
         if backend_name == "offline" else ""
     keys = {(n.layer, n.channel): task_key(n, backend_name, model_label, upstream, code)
@@ -1062,7 +1203,8 @@ def main(argv=None):
         args=vars(args),
         device=args.device, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, base_url=args.base_url,
-        classify_crops=args.classify_crops,
+        classify_crops=args.classify_crops, namer=args.namer, unsafe_pickle=args.unsafe_pickle,
+        analysed_model=args.analysed_model, analysed_weights=args.analysed_weights,
         api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
         retries=args.retries)
 

@@ -51,8 +51,9 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from common import artefacts
+from common.classes import name_key
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import atomic_path, sweep_temporaries, write_csv, write_json, write_text
+from common.io import atomic_path, read_json, sweep_temporaries, write_csv, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.report import esc, html_page, html_table, img_tag
 
@@ -85,16 +86,16 @@ def read_predictions(path: Path) -> tuple[list[dict], dict[int, str]]:
     predictions = artefacts.read_predictions(path)
     paths = {p.image_id: p.path for p in predictions}
     rows = [dataclasses.asdict(p) for p in predictions if p.label_idx >= 0]
-    if not rows:
-        raise StageError(f"{path} has no labelled image (label_idx ≥ 0), so there are no errors "
-                         f"to debug. Give 01 labelled images: class sub-folders or a label column")
     return rows, paths
 
 
-def class_names(rows: list[dict]) -> dict[int, str]:
-    """Class index → name: the model's name where a row predicts it; for a class never predicted,
-    the ImageNet name when the model's names are ImageNet's, else the dataset label."""
+def class_names(rows: list[dict], model_classes: list[str] | None = None) -> dict[int, str]:
+    """Class index → name: the model's class names as 01 recorded them; else the name where a row
+    predicts it, and for a class never predicted the ImageNet name when the model's names are
+    ImageNet's, else the dataset label."""
     from common import imagenet
+    if model_classes:
+        return dict(enumerate(model_classes))
     names: dict[int, str] = {}
     for row in rows:
         names.setdefault(row["pred_idx"], row["pred_name"])
@@ -136,11 +137,6 @@ def confusion_table(rows: list[dict], names: dict[int, str]) -> list[dict]:
     return out
 
 
-def _name_key(text: str) -> str:
-    """Case-, space- and underscore-insensitive form of a class name for matching."""
-    return re.sub(r"[\s_\-]+", " ", text.strip().lower())
-
-
 def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str) -> int:
     """The class index meant by ``text``: an index, a model class name, or a dataset label."""
     if text.strip().lstrip("-").isdigit():
@@ -148,17 +144,20 @@ def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str)
         if idx not in names:
             raise StageError(f"{flag} {idx}: no labelled image has or is predicted as class {idx}")
         return idx
-    key = _name_key(text)
-    matches = {i for i, name in names.items() if _name_key(name) == key}
-    matches |= {r["label_idx"] for r in rows if _name_key(r["label"]) == key}
+    key = name_key(text)
+    matches = {i for i, name in names.items() if name_key(name) == key}
+    matches |= {r["label_idx"] for r in rows if name_key(r["label"]) == key}
     if len(matches) == 1:
         return matches.pop()
     if len(matches) > 1:
         listed = ", ".join(f"{i} ({names[i]})" for i in sorted(matches))
         raise StageError(f"{flag} {text!r} names several classes: {listed}; give the index instead")
-    close = difflib.get_close_matches(text, sorted(set(names.values())), n=5)
+    valid = sorted(set(names.values()))
+    close = difflib.get_close_matches(text, valid, n=5)
     hint = f" Close names: {', '.join(close)}." if close else ""
-    raise StageError(f"{flag} {text!r} matches no class seen in the predictions.{hint}")
+    shown = ", ".join(valid[:40]) + (f" … ({len(valid)} in all)" if len(valid) > 40 else "")
+    raise StageError(f"{flag} {text!r} matches no class of the model.{hint} Valid names: "
+                     f"{shown} (or a class index)")
 
 
 def folder_name(true_name: str, pred_name: str) -> str:
@@ -433,15 +432,16 @@ def plot_z_heatmaps(stats: dict, layers: list[str], path: Path, z_threshold: flo
     plt.close(fig)
 
 
-def open_network_input(path: str, size: int):
-    """An image as the network saw it (shorter side resized, centre crop), or None if unreadable."""
-    from common.images import BadImage, load_rgb, network_input
+def open_network_input(path: str, size: int, channels: int = 3):
+    """An image as the network saw it (shorter side resized, centre crop, grey for a grey model),
+    or None if unreadable."""
+    from common.images import BadImage, load_rgb, network_view
     try:
         img, _ = load_rgb(path)
     except BadImage as err:
         log.warning("cannot show %s: %s", path, err.reason)
         return None
-    return network_input(img, size)
+    return network_view(img, size, channels)
 
 
 def contact_sheet(tiles: list, path: Path, columns: int = 4) -> bool:
@@ -460,13 +460,15 @@ def contact_sheet(tiles: list, path: Path, columns: int = 4) -> bool:
     return True
 
 
-def example_sheet(ids: np.ndarray, paths: dict[int, str], size: int, path: Path) -> bool:
+def example_sheet(ids: np.ndarray, paths: dict[int, str], size: int, path: Path,
+                  channels: int = 3) -> bool:
     """Contact sheet of the first ``EXAMPLES`` images of ``ids``, as fed to the network."""
-    return contact_sheet([open_network_input(paths[i], size) for i in ids[:EXAMPLES]], path)
+    return contact_sheet([open_network_input(paths[i], size, channels) for i in ids[:EXAMPLES]],
+                         path)
 
 
 def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str], size: int,
-               path: Path) -> bool:
+               path: Path, channels: int = 3) -> bool:
     """The neuron's top receptive-field crops from 01 as a strip (used when 02 has no mosaic)."""
     from common.rf import RF, crop_box
     top = artefacts.read_activations(activations, layers=[layer])[2][layer]
@@ -476,7 +478,7 @@ def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str
     for image_id, y, x in zip(ids[:EXAMPLES], ys[:EXAMPLES], xs[:EXAMPLES]):
         if image_id < 0 or int(image_id) not in paths:
             continue
-        img = open_network_input(paths[int(image_id)], size)
+        img = open_network_input(paths[int(image_id)], size, channels)
         if img is None:
             continue
         top, left, bottom, right = crop_box(rf, int(y), int(x), img.height, img.width)
@@ -487,58 +489,6 @@ def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str
 
 # ----------------------------------------------------------------------------------------------
 # Causal check: ablation of suspect neurons
-
-
-def names_a_file(model: str) -> bool:
-    """True when a --model value is code or a pickle on disk (file.py:function, a checkpoint)
-    rather than the name of a model that ships with a library."""
-    return model.rpartition(":")[0].endswith(".py") or \
-        Path(model).suffix in (".pt", ".pth", ".ckpt", ".bin") or os.sep in model
-
-
-def _same_file(a: str, b: str) -> bool:
-    """True when two model or weight paths (``file.py:function`` allowed) name the same thing."""
-    (file_a, _, fn_a), (file_b, _, fn_b) = (x.rpartition(":") if ":" in x else (x, "", "")
-                                            for x in (a, b))
-    return os.path.abspath(file_a) == os.path.abspath(file_b) and fn_a == fn_b
-
-
-def load_bundle(extract_meta: dict, model: str | None, weights: str | None, unsafe_pickle: bool,
-                device: str):
-    """Re-load the model 01 ran, as the user names it again to this stage.
-
-    01_extract.meta.json says which model made the statistics, but a metadata file is never
-    trusted to choose code to run: a model or weights file is loaded only when ``--model`` /
-    ``--weights`` name that same file, and a whole pickle only with this stage's own
-    ``--unsafe-pickle``. Models that ship with a library may be taken from the meta.
-    """
-    import torch
-    from common.models import load_model
-    spec = dict(extract_meta.get("model") or {})
-    if not spec.get("name"):
-        raise StageError("01_extract.meta.json does not say which model made the activations "
-                         "(key 'model'); re-run stage 01")
-    recorded, recorded_weights = spec["name"], spec.get("weights")
-    if names_a_file(recorded) and not (model and _same_file(model, recorded)):
-        raise StageError(f"01 ran the model file {recorded}; pass --model {recorded} (Make: the "
-                         f"same MODEL) for 08 to load it again"
-                         + (f" — it differs from --model {model}" if model else ""))
-    if model and not names_a_file(recorded) and \
-            _name_key(model).replace(" ", "_") != _name_key(recorded).replace(" ", "_"):
-        raise StageError(f"--model {model} differs from the model 01 ran ({recorded}); the "
-                         f"statistics describe that one. Re-run 01 with --model {model}, or drop "
-                         f"the flag")
-    if recorded_weights and not (weights and _same_file(weights, recorded_weights)):
-        raise StageError(f"01 used the weights {recorded_weights}; pass --weights "
-                         f"{recorded_weights} (Make: the same WEIGHTS) for 08 to load them again"
-                         + (f" — they differ from --weights {weights}" if weights else ""))
-    if weights and not recorded_weights:
-        raise StageError(f"--weights {weights}: 01 ran {recorded} without a weights file; re-run "
-                         f"01 with them, or drop the flag")
-    torch.manual_seed(0)  # as 01 does, so that a random-init model gets the same weights
-    return load_model(model or recorded, weights=weights,
-                      random_init=bool(spec.get("random_init")), unsafe_pickle=unsafe_pickle,
-                      device=device, input_size=int(spec.get("input_size") or 224))
 
 
 def default_image_tensor(bundle):
@@ -902,15 +852,16 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
             strip = folder / "neurons" / f"{folder_name(r['layer'], str(r['channel']))}.jpg"
             strip.parent.mkdir(exist_ok=True)
             r["_image"] = strip if crop_strip(ctx["activations"], r["layer"], r["channel"],
-                                              ctx["paths"], ctx["input_size"], strip) else None
-    size = ctx["input_size"]
+                                              ctx["paths"], ctx["input_size"], strip,
+                                              ctx["channels"]) else None
+    size, channels = ctx["input_size"], ctx["channels"]
     info = {"pair": pair, "folder": folder, "ok_ids": ok_ids, "ko_ids": ko_ids, "stats": stats,
             "top_neurons": top, "hist_png": folder / "delta_mu.png",
             "heat_png": folder / "z_heatmaps.png",
             "ko_sheet": folder / "ko_examples.jpg" if example_sheet(
-                ko_ids, ctx["paths"], size, folder / "ko_examples.jpg") else None,
+                ko_ids, ctx["paths"], size, folder / "ko_examples.jpg", channels) else None,
             "ok_sheet": folder / "ok_examples.jpg" if example_sheet(
-                ok_ids, ctx["paths"], size, folder / "ok_examples.jpg") else None}
+                ok_ids, ctx["paths"], size, folder / "ok_examples.jpg", channels) else None}
     flagged = {agg: sum(int(stats[layer][agg]["flag_fdr"].sum()) for layer in ctx["layers"])
                for agg in AGGS}
     log.info("%s: OK %d, KO %d; FDR-flagged neurons: max %d, mean %d → %s", label, len(ok_ids),
@@ -952,13 +903,39 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate
                  result["control_ablated"]["ko_to_true"])
 
 
-def remove_stale_reports(out_dir: Path, keep: set[str]) -> None:
-    """Delete pair folders of an earlier run (recognised by their report.md) not in ``keep``, so
-    that the output folder always matches the current settings, as Make expects."""
+def remove_stale_reports(out_dir: Path, keep: set[str], upstream: dict) -> None:
+    """Delete pair folders of an earlier run (recognised by their report.md) that were made from
+    other inputs than ``upstream`` (the lineage recorded in their pair.json). Reports of other
+    pairs made from the same inputs stay: `make debug TRUE=a PRED=b` adds a pair to them."""
     for child in sorted(out_dir.iterdir()):
-        if child.is_dir() and child.name not in keep and (child / "report.md").exists():
-            log.info("removing %s: that pair is not analysed with the current settings", child)
+        if not child.is_dir() or child.name in keep or not (child / "report.md").exists():
+            continue
+        try:
+            same = read_json(child / "pair.json").get("upstream") == upstream
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.info("removing %s: it was made from other inputs", child)
             shutil.rmtree(child)
+
+
+def write_unlabelled_note(predictions: Path, confusion_path: Path, out_dir: Path, metas: list,
+                          args: dict | None) -> dict:
+    """An image set without labels has no errors to debug: write an empty confusion table and a
+    short note saying so and how to give labels, instead of failing the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    note = (f"# Nothing to debug\n\nNo image in {predictions} has a label that names a class of "
+            f"the model, so no misclassification can be found. Give labelled images (class "
+            f"sub-folders, or a `label` column in the CSV list), with CLASSES=names.txt if the "
+            f"labels are class names the model does not carry.\n")
+    write_text(out_dir / "note.md", note)
+    write_csv(out_dir / "pairs.csv", [], PAIR_FIELDS)
+    write_csv(confusion_path, [], CONFUSION_FIELDS)
+    remove_stale_reports(out_dir, set(), {})
+    write_meta(confusion_path.parent / f"{STAGE}.meta.json", STAGE, args or {},
+               outputs=[confusion_path, out_dir / "note.md"], inputs=metas, pairs=[])
+    log.warning("no labelled image: nothing to debug (see %s)", out_dir / "note.md")
+    return {"pairs": [], "causal": {}}
 
 
 def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path | None = None,
@@ -996,7 +973,9 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     sweep_temporaries(out_dir, confusion_path.parent)  # what a killed earlier run left behind
     retract_meta(meta_file)  # outputs are replaced from here on
     rows, paths = read_predictions(predictions)
-    names = class_names(rows)
+    if not rows:
+        return write_unlabelled_note(predictions, confusion_path, out_dir, metas, args)
+    names = class_names(rows, extract_meta.get("classes"))
     confusion = confusion_table(rows, names)
     conf_by_idx = {r["class_idx"]: r for r in confusion}
     for r in confusion[:5]:
@@ -1025,13 +1004,15 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
            "shared_names": {n for n, c in collections.Counter(names.values()).items() if c > 1}}
     ctx["layers"], input_size, _ = artefacts.read_activations(activations, layers=())
     ctx["input_size"] = input_size[0]
+    ctx["channels"] = int((extract_meta.get("preprocess") or {}).get("channels", 3))
     out_dir.mkdir(parents=True, exist_ok=True)
     analyses = [a for a in (analyse_pair(p, rows, ctx, out_dir) for p in chosen) if a is not None]
 
     model_name = (extract_meta.get("model") or {}).get("name", "?")
     if analyses and ablate_top > 0:
         if bundle is None:
-            bundle = load_bundle(extract_meta, model, weights, unsafe_pickle, device)
+            from common.models import reload_model
+            bundle = reload_model(extract_meta, model, weights, unsafe_pickle, device)
         if ablate is None:
             from common.hooks import ablate_channels as ablate
         model_name = getattr(bundle, "name", model_name)
@@ -1048,7 +1029,13 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
         write_text(a["folder"] / "report.md", render_markdown(blocks, a["folder"]))
         write_text(a["folder"] / "report.html", render_html(blocks, title))
         outputs += [a["folder"] / "neurons.csv", a["folder"] / "report.md"]
-    remove_stale_reports(out_dir, {a["folder"].name for a in analyses})
+    # The runs a report is made from (not 09's scores, which may come later and only add columns).
+    upstream = {stage: fp for stage, fp in merge_lineage(metas).items()
+                if stage in ("01_extract", "02_mosaics", "03_describe")}
+    for a in analyses:
+        write_json(a["folder"] / "pair.json", {"pair": a["pair"], "upstream": upstream})
+    remove_stale_reports(out_dir, {a["folder"].name for a in analyses}, upstream)
+    (out_dir / "note.md").unlink(missing_ok=True)  # an unlabelled earlier run's note
     write_csv(out_dir / "pairs.csv", pairs, PAIR_FIELDS)
     write_csv(confusion_path, confusion, CONFUSION_FIELDS)
     summary = {"pairs": [{k: a["pair"][k] for k in ("true", "pred", "ok", "ko", "status", "folder")}

@@ -806,7 +806,7 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
             try:
                 if bundle is None:
                     from common.models import reload_model
-                    bundle = reload_model(run.extract_meta.get("model") or {}, model, weights,
+                    bundle = reload_model(run.extract_meta, model, weights,
                                           unsafe_pickle, device)
                 attributions = attribute_images(run, pairs, bundle, batch_size)
             except (StageError, OSError, RuntimeError, ValueError) as err:

@@ -9,8 +9,12 @@
 
 RUN         ?= demo#                       run name: outputs go to data/$(RUN)/
 IMAGES      ?= data/demo_images/images.csv#  image folder (class sub-folders = labels) or CSV
-MODEL       ?= efficientnet_lite0#         efficientnet_lite0, torchvision name, file.py:func, ckpt.pt
+MODEL       ?= efficientnet_lite0#         efficientnet_lite0|1|2, torchvision name, file.py:func, ckpt.pt
 WEIGHTS     ?=#                            state-dict file for MODEL (empty: shipped / torchvision)
+CLASSES     ?=#                            class names in output order: names.txt (one a line) or CSV index,name
+INPUT_SIZE  ?=#                            side of the square network input in px (empty: the model's own)
+MEAN        ?=#                            input normalisation mean, 1 or 3 values "0.5" (empty: the model's)
+STD         ?=#                            input normalisation std, 1 or 3 values (empty: the model's)
 RANDOM_INIT ?= 0#                          1: allow an untrained network (random weights)
 UNSAFE_PICKLE ?= 0#                        1: load a whole pickled checkpoint (trusted files only)
 LAYERS      ?=#                            comma-separated layer names (empty: model default)
@@ -23,6 +27,7 @@ CROP        ?= rf#                         rf (receptive field) | mask (activati
 DEMO_N      ?= 1500#                       images in the offline demo probe set
 WORKERS     ?= 2#                          decoding threads (01) and processes (02)
 DESCRIBER   ?= offline#                    03 backend: offline | hf | openai
+NAMER       ?= model#                      03 offline: who names objects: model (the analysed one) | reference (Lite0, ImageNet)
 VLM         ?=#                            03 model: hf folder/hub id, or the openai server's model name
 BASE_URL    ?= http://127.0.0.1:8000/v1#   03 openai-compatible server (key in $$OPENAI_API_KEY)
 PROMPTS     ?= common/prompts.yaml#        03 prompt file, one prompt per abstraction level
@@ -52,7 +57,6 @@ SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage fl
 MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip
 POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
-INPUT_SIZE  ?= 224#                        side of the square network input (px)
 HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
 PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
@@ -77,13 +81,20 @@ uses = $(sort $(foreach s,$(1),$(subst $(comma), ,$(patsubst $(s):%,%,$(filter $
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
-ARGS_01 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
+# File names are passed as --flag='name', so that spaces and leading dashes reach the script intact.
+ARGS_01 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+           $(if $(CLASSES),--classes=$(call quote,$(CLASSES))) \
            $(if $(filter 1,$(RANDOM_INIT)),--random-init) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) \
            $(if $(LAYERS),--layers $(LAYERS)) --topk $(TOPK) --batch-size $(BATCH) \
-           --device $(DEVICE) --workers $(WORKERS) --input-size $(INPUT_SIZE)
+           --device $(DEVICE) --workers $(WORKERS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
+           $(if $(MEAN),--mean $(MEAN)) $(if $(STD),--std $(STD))
 ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
-ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) \
+ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) --namer $(NAMER) \
+           --analysed-model=$(call quote,$(MODEL)) \
+           $(if $(WEIGHTS),--analysed-weights=$(call quote,$(WEIGHTS))) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) \
            $(if $(DOMAIN),--domain "$(DOMAIN)") $(if $(KEYWORDS),--keywords "$(KEYWORDS)") \
            $(if $(LEVELS),--levels $(LEVELS)) --base-url $(BASE_URL) --device $(DEVICE)
 DESCRIBE_03 := $(ARGS_03)
@@ -93,15 +104,14 @@ ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
            $(if $(NLI_MODEL),--nli-model $(NLI_MODEL)) --device $(DEVICE)
 ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow "$(FOLLOW)") \
            --device $(DEVICE)
-ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+ARGS_08 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
            --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
-ARGS_10 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+ARGS_10 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
            --batch-size $(BATCH) --device $(DEVICE)
-quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
@@ -118,8 +128,21 @@ LOCKED := $(shell $(PYTHON) -m common.runlock make $(call quote,$(D)) $$PPID)
 $(if $(LOCKED),$(error $(LOCKED)))
 endif
 HOLD = $(PY) -m common.runlock stage $(call quote,$(D)) --
-ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
-CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
+DEMO_IMAGES := data/demo_images/images.csv
+IS_DEMO     := $(if $(subst $(DEMO_IMAGES),,$(IMAGES)),,1)
+# 01 also depends on the content of its inputs (common/fingerprint.py: every image's path, size
+# and mtime, the model's files by content), stored in .args/01-inputs when it changes. The demo
+# set is made by a rule below, so make's own timestamps cover it.
+ifeq ($(filter help test venv clean $(DEMO_IMAGES),$(MAKECMDGOALS)),)
+INPUTS_01 := $(shell $(PYTHON) -m common.fingerprint --model=$(call quote,$(MODEL)) \
+        $(if $(IS_DEMO),,--images=$(call quote,$(IMAGES))) \
+        $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+        $(if $(CLASSES),--classes=$(call quote,$(CLASSES))))
+ifneq ($(.SHELLSTATUS),0)
+$(error $(INPUTS_01))
+endif
+CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
+           $(call track_args,01-inputs,$(INPUTS_01)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
            $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
@@ -183,11 +206,12 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_atlas.py
 
-data/demo_images/images.csv: $(call uses,common/demo.py) | $(VENV)
+$(DEMO_IMAGES): $(call uses,common/demo.py) | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
-$(EXTRACT) $(M01) &: 01_extract.py $(IMAGES) $(D)/.args/01 $(call uses,01_extract.py) | $(VENV)
-	$(HOLD) $(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)
+$(EXTRACT) $(M01) &: 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 \
+                    $(D)/.args/01-inputs $(call uses,01_extract.py) | $(VENV)
+	$(HOLD) $(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
 
 $(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(call uses,02_mosaics.py) \
                 | $(VENV)

@@ -83,3 +83,15 @@ def exit_on_stage_error(func):
                       err.filename or "an output", where, shutil.disk_usage(where).free / 1e6)
             sys.exit(2)
     return wrapper
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """Parse ``"0.5"`` or ``"0.485,0.456,0.406"`` into a tuple; argparse type for --mean/--std."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got {text!r}"
+                                         ) from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got {text!r}")
+    return values

@@ -22,6 +22,7 @@ human reason, and otherwise returns an RGB image plus a note saying what was con
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from common.classes import name_key
 from common.cli import StageError
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,43 @@ def _list_csv(csv_path: Path) -> list[ImageEntry]:
         path = Path(rel) if os.path.isabs(rel) else csv_path.parent / rel
         entries.append(ImageEntry(str(path), label))
     return entries
+
+
+def find_duplicates(entries: Sequence[ImageEntry]) -> dict[int, str]:
+    """Index → reason for every entry that repeats an earlier one: the same file listed twice
+    (same real path), or another file with the same bytes. Only files of equal size are read, so
+    a set without duplicates costs one ``stat`` per file."""
+    reasons: dict[int, str] = {}
+    first_of_path: dict[str, int] = {}
+    by_size: dict[int, list[int]] = {}
+    for i, entry in enumerate(entries):
+        real = os.path.realpath(entry.path)
+        if real in first_of_path:
+            reasons[i] = f"duplicate of image {first_of_path[real]} (the same file listed again)"
+            continue
+        first_of_path[real] = i
+        try:
+            by_size.setdefault(os.stat(real).st_size, []).append(i)
+        except OSError:
+            continue  # missing or unreadable: load_rgb reports it
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        first_of_digest: dict[bytes, int] = {}
+        for i in same_size:
+            try:
+                digest = hashlib.blake2b(Path(entries[i].path).read_bytes(), digest_size=16).digest()
+            except OSError:
+                continue
+            if digest in first_of_digest:
+                reasons[i] = f"duplicate of image {first_of_digest[digest]} (same content)"
+            else:
+                first_of_digest[digest] = i
+    if reasons:
+        log.warning("%d listed images repeat an earlier one and are counted once (recorded as "
+                    "skipped), e.g. %s: %s", len(reasons), entries[min(reasons)].path,
+                    reasons[min(reasons)])
+    return reasons
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,30 +372,29 @@ def _high_depth_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
 
 
 def network_input(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic, antialiased), then centre-crop a square.
+    """torchvision's ``Resize(size)`` (bicubic, antialiased) then ``CenterCrop(size)``: the shorter
+    side becomes ``size`` and the middle square is kept."""
+    from torchvision.transforms import functional as tvf
+    img = tvf.resize(img, size, interpolation=tvf.InterpolationMode.BICUBIC, antialias=True)
+    return tvf.center_crop(img, [size, size])
 
-    The geometry follows torchvision's ``Resize(size)`` + ``CenterCrop(size)``: the longer side
-    becomes ``int(size * long / short)`` and the crop offset is rounded to the nearest pixel.
-    """
-    width, height = img.size
-    if width <= height:
-        new_w, new_h = size, max(size, int(size * height / width))
-    else:
-        new_w, new_h = max(size, int(size * width / height)), size
-    if (new_w, new_h) != (width, height):
-        # PIL scales its filter support with the zoom factor, so shrinking is antialiased.
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+
+def network_view(img: Image.Image, size: int, channels: int = 3) -> Image.Image:
+    """The network input as a picture (RGB): :func:`network_input`, in grey for a grey model."""
+    view = network_input(img, size)
+    return view.convert("L").convert("RGB") if channels == 1 else view
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """An RGB image as a float32 tensor (3, H, W): (pixel / 255 - ``mean``) / ``std``."""
-    array = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.float32)
-    tensor = torch.from_numpy(array / 255.0).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    """An image as a float32 tensor (C, H, W): (pixel / 255 - ``mean``) / ``std``, with C the
+    number of values in ``mean``: 3 (RGB) or 1 (grey, ITU-R 601 luma as PIL's ``L`` mode)."""
+    channels = len(mean)
+    mode = "L" if channels == 1 else "RGB"
+    array = np.asarray(img.convert(mode) if img.mode != mode else img, dtype=np.float32)
+    tensor = torch.from_numpy(array / 255.0)
+    tensor = tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(channels, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(channels, 1, 1)
     return ((tensor - mean_t) / std_t).contiguous()
 
 
@@ -366,18 +404,13 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
 _SYNSET = re.compile(r"^n\d{8}$")  # WordNet noun id, the folder names of the ImageNet layout
 
 
-def _name_key(text: str) -> str:
-    """Comparison key for class names: case-folded, ``_`` read as a space, spaces collapsed."""
-    return " ".join(text.replace("_", " ").split()).casefold()
-
-
 def map_labels(labels: Iterable[str], class_names: Sequence[str] | None,
                synsets: Sequence[str] | None = None) -> tuple[dict[str, int], list[str]]:
     """Map image labels onto a classifier's class indices; return the mapping and the unmapped.
 
     A label maps when it is (in this order) a synset id in ``synsets`` (``n01440764``), a class
-    name in ``class_names`` compared case-insensitively with ``_`` as a space
-    (``golden_retriever``), or a decimal class index (``"207"``) below ``len(class_names)``.
+    name in ``class_names`` compared case-insensitively with ``_`` and ``-`` as spaces
+    (``golden_retriever``; see common.classes.name_key), or a decimal class index (``"207"``) below ``len(class_names)``.
     Nothing is guessed: anything else, and a name that two classes share, is returned in the
     unmapped list (first-seen order) for the caller to report. Empty labels (unlabelled
     images) are in neither. When ``synsets`` is None and ``class_names`` are the 1000 ImageNet
@@ -392,7 +425,7 @@ def map_labels(labels: Iterable[str], class_names: Sequence[str] | None,
     name_index: dict[str, int] = {}
     shared_names: set[str] = set()
     for i, name in enumerate(class_names or []):
-        key = _name_key(name)
+        key = name_key(name)
         if key in name_index:
             shared_names.add(key)
         name_index.setdefault(key, i)
@@ -404,7 +437,7 @@ def map_labels(labels: Iterable[str], class_names: Sequence[str] | None,
         if not label or label in mapping or label in unmapped:
             continue
         text = label.strip()
-        key = _name_key(text)
+        key = name_key(text)
         if _SYNSET.match(text.lower()) and text.lower() in synset_index:
             mapping[label] = synset_index[text.lower()]
         elif key in name_index and key not in shared_names:

@@ -19,7 +19,7 @@ FAKE_MODEL = f"{ROOT / 'tests' / 'fake_model.py'}:build"
 def make_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     """A small RGB picture whose content the fake model's neurons can be checked against.
 
-    red: a red square on grey at a random place; edges: vertical black/white bars;
+    red: a red square on grey at a random place; edges: vertical black/white bars with slight noise;
     plain: uniform grey with slight noise.
     """
     arr = np.full((size, size, 3), 120, np.uint8)
@@ -31,6 +31,8 @@ def make_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
         period = int(rng.integers(4, 9))
         arr[:, (np.arange(size) // period) % 2 == 1] = 250
         arr[:, (np.arange(size) // period) % 2 == 0] = 10
+        # slight noise, so that no two images are byte-identical (01 skips duplicates)
+        arr = (arr.astype(int) + rng.integers(-3, 4, size=arr.shape)).clip(0, 255).astype(np.uint8)
     else:
         arr = np.clip(arr + rng.integers(-3, 4, size=arr.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
@@ -70,3 +72,34 @@ def fake_bundle():
     """The fake model loaded through the real loader, with a 32-pixel input."""
     from common.models import load_model
     return load_model(FAKE_MODEL, device="cpu", input_size=32)
+
+
+STRIPE_FOLDERS = ["Pin_Stripe", "narrow-band", "WIDE band", "broad_band"]  # fake_grey_model's
+# classes, written as a dataset might: other case, '_' and '-' for spaces
+
+
+def stripe_image(period: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """Black-and-white stripes of ``period`` px, random orientation and phase, slight noise."""
+    phase = int(rng.integers(0, period))
+    on = ((np.arange(size) + phase) // (period // 2)) % 2 == 1
+    grey = np.where(on[None, :], 250, 5) * np.ones((size, 1))
+    if rng.random() < 0.5:
+        grey = grey.T
+    grey = grey + rng.integers(-3, 4, size=grey.shape)
+    return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+@pytest.fixture
+def stripe_folder(tmp_path):
+    """8 stripe images per class of tests/fake_grey_model.py in class folders, and 4 pin-stripe
+    images filed under narrow-band (the model gets those 'wrong'), plus classes.txt beside."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "stripes"
+    for folder, period in zip(STRIPE_FOLDERS, (2, 4, 8, 16)):
+        (root / folder).mkdir(parents=True)
+        for i in range(8):
+            stripe_image(period, rng).save(root / folder / f"{i}.png")
+    for i in range(4):
+        stripe_image(2, rng).save(root / "narrow-band" / f"mislabelled_{i}.png")
+    (tmp_path / "classes.txt").write_text("pin stripe\nnarrow band\nwide band\nbroad band\n")
+    return root

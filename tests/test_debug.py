@@ -4,6 +4,7 @@
 Runs are built by hand: 01's predictions and per-image statistics are written directly, so the
 differences between OK and KO images are known exactly.
 """
+import json
 import types
 
 import numpy as np
@@ -167,7 +168,14 @@ def test_fallback_when_no_pair_passes(tmp_path):
     pairs = {(r["true"], r["pred"]): r for r in read_csv(run_dir / "08_debug" / "pairs.csv")}
     assert pairs[("palace", "castle")]["status"] == "fallback"
     assert "Fallback" in (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
-    # A later run on another pair replaces the folder of this one (outputs follow the settings).
+    # A later run on another pair adds its folder; the first pair's report, made from the same
+    # inputs, stays (`make debug TRUE=a PRED=b` adds a pair).
+    run_main(run_dir, "--true", "palace", "--pred", "monastery")
+    assert sorted(p.name for p in (run_dir / "08_debug").iterdir() if p.is_dir()) == \
+        ["palace__castle", "palace__monastery"]
+    # A report made from other inputs is removed by the next run.
+    stale = run_dir / "08_debug" / "palace__castle" / "pair.json"
+    stale.write_text(json.dumps({"upstream": {"01_extract": "another run"}}))
     run_main(run_dir, "--true", "palace", "--pred", "monastery")
     assert sorted(p.name for p in (run_dir / "08_debug").iterdir() if p.is_dir()) == \
         ["palace__monastery"]

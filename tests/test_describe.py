@@ -612,6 +612,92 @@ def test_hf_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
         D.HFDescriber(str(tmp_path / "no-such-model"), device="cpu")
 
 
+OWN = ["pin stripe", "narrow band", "wide band", "broad band"]
+
+
+def own_model_run(tmp_path, labels, classes=OWN, preds=None):
+    """A planted run whose 01 ran a 4-class model of the user's: image i has label ``labels[i]``
+    (-1: unlabelled) and the model predicts ``preds[i]`` (default: class 3)."""
+    run = make_run(tmp_path, channels=1)
+    rewrite_01(run, labels, classes, preds or [3] * len(labels))
+    return run
+
+
+def rewrite_01(run, labels, classes, preds, model=None):
+    """Re-write 01's predictions and meta (as a re-run of 01 would), then 02's meta after it."""
+    write_csv(run / "01_predictions.csv",
+              [{"image_id": i, "path": f"img{i}.png", "label": classes[lab] if lab >= 0 else "",
+                "label_idx": lab, "pred_idx": p, "pred_name": classes[p], "prob": 0.9,
+                "correct": int(lab == p) if lab >= 0 else "", "top5_idx": f"{p} 0 1 2",
+                "top5_prob": "0.9 0.05 0.03 0.02"}
+               for i, (lab, p) in enumerate(zip(labels, preds))], columns(Prediction))
+    write_meta(run / "01_extract.meta.json", "01_extract", {},
+               [run / "01_activations.npz", run / "01_predictions.csv"],
+               model=model or {"name": "net.py:build", "weights": None, "random_init": False},
+               classes=classes)
+    write_meta(run / "02_mosaics.meta.json", "02_mosaics", {}, [run / "02_mosaics.csv"],
+               inputs=[json.loads((run / "01_extract.meta.json").read_text())])
+
+
+def test_offline_names_the_user_models_classes_from_labels_then_predictions(tmp_path):
+    """Deep neurons of a non-ImageNet model are named in its own classes: the labels of the top
+    images where they have one, the model's predictions for the others; no ImageNet word."""
+    run = own_model_run(tmp_path, labels=[1, 1, 1, -1])
+    settings = dict(device="cpu", classify_crops=4, temperature=0.8, top_p=0.95,
+                    max_new_tokens=57, seed=0, base_url="", api_key_env="", concurrency=1,
+                    timeout=1, retries=0)
+    rows = run_stage(run, backend="offline", levels="early=1,mid=1,deep=5", **settings)
+    deep = next(r for r in rows if r["layer"] == "deep")
+    assert "mostly narrow band (75%); also broad band (25%)" in deep["description"], deep
+    assert "efficientnet_lite0" not in deep["model"] and "net.py:build" in deep["model"]
+    asked = run_stage(run, backend="offline", levels="early=1,mid=1,deep=5", namer="reference",
+                      **settings)
+    assert "asked for" in next(r for r in asked if r["layer"] == "deep")["model"]
+
+
+def test_journal_redescribes_when_the_model_or_its_classes_change(tmp_path):
+    """Unchanged inputs describe nothing twice; new class names, or another model's 01 run with
+    byte-identical mosaics, describe every neuron again."""
+    run = own_model_run(tmp_path, labels=[0, 1, 2, 3])
+    first = FakeVLM()
+    run_stage(run, describer=first)
+    again = FakeVLM()
+    run_stage(run, describer=again)
+    assert len(first.described) == 3 and again.described == []
+    rewrite_01(run, [0, 1, 2, 3], OWN[:3] + ["BROAD"], [3] * 4)
+    renamed = FakeVLM()
+    run_stage(run, describer=renamed)
+    assert len(renamed.described) == 3
+    rewrite_01(run, [0, 1, 2, 3], OWN[:3] + ["BROAD"], [2] * 4)  # other predictions
+    other = FakeVLM()
+    run_stage(run, describer=other)
+    assert len(other.described) == 3
+    mosaic([stripes(90, phase=i) for i in range(4)]).save(run / "02_mosaics" / "deep" / "0.png")
+    last = FakeVLM()
+    run_stage(run, describer=last)
+    assert last.described == [("deep", 0)]
+
+
+def test_middle_layer_crops_are_classified_by_the_analysed_model(tmp_path):
+    """A middle layer's crops go through the user's own (grey) model, prepared with the input size,
+    mean and std 01 recorded, and are named in its classes."""
+    from conftest import ROOT
+    run = make_run(tmp_path, channels=1)
+    spec = {"name": f"{ROOT / 'tests' / 'fake_grey_model.py'}:build", "weights": None,
+            "random_init": False, "input_size": 32, "mean": [0.2], "std": [0.25]}
+    rewrite_01(run, [-1] * 4, OWN, [0] * 4, model=spec)
+    settings = dict(device="cpu", classify_crops=4, temperature=0.8, top_p=0.95,
+                    max_new_tokens=57, seed=0, base_url="", api_key_env="", concurrency=1,
+                    timeout=1, retries=0)
+    with pytest.raises(StageError, match="pass --model"):  # a file named by the meta alone
+        run_stage(run, backend="offline", levels="early=1,mid=3,deep=5", **settings)
+    settings["analysed_model"] = spec["name"]
+    rows = run_stage(run, backend="offline", levels="early=1,mid=3,deep=5", **settings)
+    mid = next(r for r in rows if r["layer"] == "mid")["description"]
+    # 32-px tiles of period-8 diagonal stripes, seen at 32 px: the model's "wide band" density
+    assert "stripes" in mid and "wide band" in mid, mid
+
+
 def test_skip_dead_leaves_out_the_neurons_the_triage_flags(tmp_path):
     """--skip-dead: a neuron that never changes from image to image is not described; the others
     are."""

@@ -1,4 +1,6 @@
 """Stage 01: streaming top-k, hooks, and the real script on the fake model."""
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -218,3 +220,73 @@ def test_no_usable_image_fails(tmp_path, capfd):
     assert "none of the 2 images" in capfd.readouterr().err
     rows = read_images(tmp_path / "r" / "01_images.csv")
     assert [r.status for r in rows] == ["skipped", "skipped"]
+
+
+GREY_MODEL = FAKE_MODEL.replace("fake_model.py", "fake_grey_model.py")
+
+
+def run_grey(images, out, size="32", *extra):
+    """Run 01 on the grey stripe model with its normalisation and class file."""
+    extract.main(["--images", str(images), "--out", str(out), "--model", GREY_MODEL,
+                  "--layers", "relu1,bands", "--input-size", size, "--mean", "0.2", "--std", "0.25",
+                  "--classes", str(images.parent / "classes.txt"), "--topk", "4", "--device", "cpu",
+                  *extra])
+
+
+def test_wrong_input_size_gives_the_accuracy_warning(stripe_folder, tmp_path, capfd):
+    """At its own 32 px the grey model is right on its 32 well-labelled images; at 64 px it is near
+    chance, and 01 warns, naming INPUT_SIZE, MEAN and STD and the size that works, and records it
+    in its metadata."""
+    import json
+    run_grey(stripe_folder, tmp_path / "right")
+    right = json.loads((tmp_path / "right" / "01_extract.meta.json").read_text())["accuracy"]
+    assert right["n_labelled"] == 36 and right["n_correct"] == 32 and right["warning"] == ""
+    run_grey(stripe_folder, tmp_path / "wrong", "64")
+    wrong = json.loads((tmp_path / "wrong" / "01_extract.meta.json").read_text())["accuracy"]
+    assert wrong["accuracy"] < 0.4 and all(v in wrong["warning"] for v in
+                                           ("INPUT_SIZE (now 64)", "MEAN", "STD"))
+    # Trying other sizes on a sample finds the images' own 32 px, and the warning says so.
+    assert wrong["better"]["input_size"] == 32 and "INPUT_SIZE=32 MEAN=0.2 STD=0.25" in \
+        wrong["warning"]
+    err = capfd.readouterr().err
+    assert "WARNING: " + "!" * 78 in err and "INPUT_SIZE (now 64)" in err
+
+
+def test_folder_names_name_the_classes_when_they_match_the_outputs(stripe_folder, tmp_path):
+    """Without CLASSES, four sorted folder names name the four outputs (ImageFolder's rule)."""
+    for name in ("classes.txt",):
+        (stripe_folder.parent / name).unlink()
+    extract.main(["--images", str(stripe_folder), "--out", str(tmp_path / "r"), "--model",
+                  GREY_MODEL, "--input-size", "32", "--mean", "0.2", "--std", "0.25",
+                  "--device", "cpu", "--layers", "relu1"])
+    preds = read_predictions(tmp_path / "r" / "01_predictions.csv")
+    assert {p.pred_name for p in preds} <= {"Pin_Stripe", "WIDE band", "broad_band", "narrow-band"}
+
+
+def test_csv_duplicates_are_counted_once_and_newlines_survive(image_folder, tmp_path):
+    """The same path twice in a CSV list is recorded as a skipped duplicate; a file name with a
+    newline in it is one record, not two."""
+    weird = image_folder / "0" / "red\nsquare.png"
+    (image_folder / "0" / "red_00.png").rename(weird)
+    listing = tmp_path / "list.csv"
+    with open(listing, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows([[str(weird), "0"], [str(image_folder / "1" / "edges_00.png"), "1"],
+                          [str(image_folder / "1" / "edges_00.png"), "1"]])
+    run_extract(listing, tmp_path / "r")
+    rows = read_images(tmp_path / "r" / "01_images.csv")
+    assert [r.status for r in rows] == ["ok", "ok", "skipped"]
+    assert rows[0].path == str(weird) and "same file" in rows[2].reason
+    assert len(read_predictions(tmp_path / "r" / "01_predictions.csv")) == 2
+
+
+def test_merge_refuses_shards_of_other_images(image_folder, tmp_path):
+    """A shard made before an image was replaced is not merged with shards made after."""
+    run_extract(image_folder, tmp_path / "s", "--shard", "0/2")
+    with open(image_folder / "0" / "red_03.png", "ab") as fh:
+        fh.write(b"\0")  # another version of the file (trailing bytes: the image still decodes)
+    run_extract(image_folder, tmp_path / "s", "--shard", "1/2")
+    with pytest.raises(SystemExit) as exc:
+        run_extract(image_folder, tmp_path / "s", "--merge", "2")
+    assert exc.value.code == 2

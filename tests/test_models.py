@@ -9,22 +9,26 @@ from conftest import FAKE_MODEL
 from fake_model import FakeNet
 
 
-def test_offline_default_is_a_trained_imagenet_classifier():
-    """EfficientNet-Lite0's shipped weights recognise the coffee photo of scikit-image."""
+def coffee_top5(bundle) -> list[str]:
+    """The model's five best classes for scikit-image's coffee photo, prepared as 01 does."""
     import skimage.data
     from PIL import Image
 
     from common.images import network_input, to_tensor
+    x = to_tensor(network_input(Image.fromarray(skimage.data.coffee()), bundle.input_size),
+                  bundle.mean, bundle.std)
+    with torch.no_grad():
+        return [bundle.class_names[i] for i in bundle.model(x[None]).topk(5).indices[0].tolist()]
+
+
+def test_offline_default_is_a_trained_imagenet_classifier():
+    """EfficientNet-Lite0's shipped weights recognise the coffee photo of scikit-image."""
     bundle = load_model(device="cpu")
     assert bundle.name == "efficientnet_lite0" and bundle.mean == (0.5, 0.5, 0.5)
     assert len(bundle.class_names) == 1000
     assert bundle.default_layers == ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.8",
                                      "_blocks.15"]
-    x = to_tensor(network_input(Image.fromarray(skimage.data.coffee()), 224), bundle.mean,
-                  bundle.std)
-    with torch.no_grad():
-        top5 = bundle.model(x[None]).topk(5).indices[0].tolist()
-    assert bundle.class_names.index("espresso") in top5
+    assert "espresso" in coffee_top5(bundle)
 
 
 def test_torchvision_random_init_needs_the_flag(monkeypatch):
@@ -103,3 +107,75 @@ def test_class_names_match_torchvision():
     assert class_names() == expected
     assert synsets()[0] == "n01440764" and len(set(synsets())) == 1000
     assert np.all([s.startswith("n") for s in synsets()])
+
+
+def test_grey_model_channels_mean_std_and_its_class_attribute(tmp_path):
+    """The first convolution decides grey input; one MEAN value serves it, three are an error
+    naming MEAN; a model's own ``classes`` attribute names its outputs."""
+    from fake_grey_model import build
+    bundle = load_model(f"{FAKE_MODEL.rsplit('/', 1)[0]}/fake_grey_model.py:build", device="cpu",
+                        input_size=32, mean=(0.2,), std=(0.25,))
+    assert bundle.channels == 1 and bundle.mean == (0.2,) and bundle.n_outputs == 4
+    assert bundle.preprocess == {"input_size": 32, "mean": [0.2], "std": [0.25], "channels": 1}
+    with pytest.raises(StageError, match=r"MEAN has 3 values .* 1 input channel \(grey\)"):
+        load_model(f"{FAKE_MODEL.rsplit('/', 1)[0]}/fake_grey_model.py:build", device="cpu",
+                   input_size=32, mean=(0.2, 0.2, 0.2), std=(0.25,))
+    model = build()
+    model.classes = ["a", "b", "c", "d"]
+    torch.save(model, tmp_path / "grey.pt")
+    named = load_model(str(tmp_path / "grey.pt"), unsafe_pickle=True, device="cpu", input_size=32)
+    assert named.class_names == ["a", "b", "c", "d"] and named.mean == (0.449,)
+
+
+def test_class_file_text_and_csv_and_count_check(tmp_path):
+    """CLASSES as text lines or index,name rows (any order, header or not); a count that differs
+    from the model's outputs is an error."""
+    from common.classes import read_class_file
+    (tmp_path / "c.txt").write_text("red\nedgy\nneither\n\n")
+    (tmp_path / "c.csv").write_text("index,name\n2,neither\n0,red\n1,edgy\n")
+    assert read_class_file(tmp_path / "c.txt") == read_class_file(tmp_path / "c.csv") == \
+        ["red", "edgy", "neither"]
+    bundle = load_model(FAKE_MODEL, device="cpu", input_size=32, classes=str(tmp_path / "c.csv"))
+    assert bundle.class_names == ["red", "edgy", "neither"]
+    (tmp_path / "two.txt").write_text("red\nedgy\n")
+    with pytest.raises(StageError, match="names 2 classes but the model has 3 outputs"):
+        load_model(FAKE_MODEL, device="cpu", input_size=32, classes=str(tmp_path / "two.txt"))
+    (tmp_path / "same.txt").write_text("Ankle boot\nankle_boot\nx\n")
+    with pytest.raises(StageError, match="alike"):
+        read_class_file(tmp_path / "same.txt")
+
+
+def test_torchvision_checkpoint_gets_the_architectures_layers(tmp_path):
+    """A whole pickled ResNet gets the layers `MODEL=resnet18` gets, and ImageNet's mean/std."""
+    import torchvision
+    torch.save(torchvision.models.resnet18(), tmp_path / "r18.pt")
+    bundle = load_model(str(tmp_path / "r18.pt"), unsafe_pickle=True, device="cpu")
+    assert bundle.default_layers == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert bundle.mean == (0.485, 0.456, 0.406) and bundle.input_size == 224
+
+
+def test_checkpoint_whose_class_cannot_be_imported_says_how(tmp_path, monkeypatch):
+    """A pickled model of a class in a module that is not importable: PYTHONPATH or file.py:factory."""
+    import sys
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "gone_net.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.conv = nn.Conv2d(3, 2, 3)\n\n"
+        "    def forward(self, x):\n        return self.conv(x).mean((2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    import gone_net
+    torch.save(gone_net.Net(), tmp_path / "net.pt")
+    monkeypatch.delitem(sys.modules, "gone_net")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "src")])
+    with pytest.raises(StageError, match=r"PYTHONPATH.*file\.py:factory"):
+        load_model(str(tmp_path / "net.pt"), unsafe_pickle=True, device="cpu")
+
+
+def test_efficientnet_lite2_ships_offline_with_its_size():
+    """MODEL=efficientnet_lite2: shipped weights, 260 px, mean = std = 0.5, one layer per stage;
+    it recognises scikit-image's coffee photo."""
+    bundle = load_model("efficientnet_lite2", device="cpu")
+    assert bundle.input_size == 260 and bundle.mean == (0.5, 0.5, 0.5)
+    assert bundle.default_layers == ["_blocks.0", "_blocks.3", "_blocks.6", "_blocks.11",
+                                     "_blocks.20"]
+    assert "espresso" in coffee_top5(bundle)

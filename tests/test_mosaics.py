@@ -106,7 +106,7 @@ def one_image_cache(tmp_path):
         cache.mkdir(exist_ok=True)
         mosaics.make_cache(cache, 1, 48, set(shrunk_sizes))
         mosaics._init_worker(str(cache), 48)
-        assert mosaics._decode((0, str(path), tuple(shrunk_sizes))) == (0, "")
+        assert mosaics._decode((0, str(path), tuple(shrunk_sizes), 3)) == (0, "")
         return np.asarray(network_input(load_rgb(path)[0], 48))
     return make
 

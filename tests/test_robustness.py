@@ -406,31 +406,33 @@ def test_temporaries_of_dead_processes_are_swept(tmp_path):
 # --- no unpickling because a meta says so -----------------------------------------------------
 
 def test_08_loads_model_files_only_when_named_again(tmp_path, monkeypatch):
-    """A model or weights file, or --unsafe-pickle, recorded in 01's meta is not enough: 08
-    loads a file only when the user names it again, and unpickles only with its own flag."""
-    debug = load_stage("08_debug")
+    """A model or weights file, or --unsafe-pickle, recorded in 01's meta is not enough: 08 (and
+    03, through the same common.models.reload_model) loads a file only when the user names it
+    again, and unpickles only with its own flag."""
     import common.models
+    from common.models import reload_model
     calls = []
     monkeypatch.setattr(common.models, "load_model", lambda name, **kw: calls.append((name, kw)))
     evil = str(tmp_path / "evil.pt")
     meta = {"model": {"name": evil, "weights": None, "unsafe_pickle": True, "input_size": 32}}
     with pytest.raises(StageError, match="pass --model"):
-        debug.load_bundle(meta, None, None, False, "cpu")
+        reload_model(meta, None, None, False, "cpu")
     with pytest.raises(StageError, match="pass --model"):
-        debug.load_bundle(meta, str(tmp_path / "other.pt"), None, False, "cpu")
-    debug.load_bundle(meta, evil, None, False, "cpu")
+        reload_model(meta, str(tmp_path / "other.pt"), None, False, "cpu")
+    reload_model(meta, evil, None, False, "cpu")
     assert calls[-1] == (evil, {"weights": None, "random_init": False, "unsafe_pickle": False,
-                                "device": "cpu", "input_size": 32})
-    debug.load_bundle(meta, evil, None, True, "cpu")
+                                "device": "cpu", "input_size": 32, "mean": None, "std": None,
+                                "classes": None})
+    reload_model(meta, evil, None, True, "cpu")
     assert calls[-1][1]["unsafe_pickle"] is True
     factory = {"model": {"name": f"{tmp_path}/m.py:build", "weights": None}}
     with pytest.raises(StageError, match="pass --model"):
-        debug.load_bundle(factory, None, None, False, "cpu")
+        reload_model(factory, None, None, False, "cpu")
     weights = {"model": {"name": "resnet18", "weights": str(tmp_path / "w.pth")}}
     with pytest.raises(StageError, match="pass --weights"):
-        debug.load_bundle(weights, None, None, False, "cpu")
+        reload_model(weights, None, None, False, "cpu")
     builtin = {"model": {"name": "efficientnet_lite0", "weights": None}}
-    debug.load_bundle(builtin, None, None, False, "cpu")
+    reload_model(builtin, None, None, False, "cpu")
     assert calls[-1][0] == "efficientnet_lite0"
 
 

@@ -1,0 +1,47 @@
+"""common/fingerprint.py: what makes Make re-run stage 01, and what does not."""
+import os
+
+import pytest
+
+from common.fingerprint import InputError, fingerprint
+
+
+def test_weights_and_csv_lists_by_content_and_stat(tmp_path):
+    """WEIGHTS count by content (a touch changes nothing, new bytes do); a CSV list counts by its
+    own bytes and by the size and mtime of each file it names, not by files it does not name."""
+    (tmp_path / "a.png").write_bytes(b"aaaa")
+    (tmp_path / "other.png").write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("path,label\na.png,cat\n")
+    (tmp_path / "w.pt").write_bytes(b"weights-1")
+
+    def fp():
+        """The fingerprint of the list, a torchvision name and the weights file."""
+        return fingerprint(str(tmp_path / "list.csv"), "resnet18", str(tmp_path / "w.pt"), None)
+    first = fp()
+    os.utime(tmp_path / "w.pt", ns=(1, 1))
+    (tmp_path / "other.png").write_bytes(b"yy")
+    assert fp() == first
+    (tmp_path / "w.pt").write_bytes(b"weights-2")
+    second = fp()
+    assert second != first
+    st = os.stat(tmp_path / "a.png")
+    os.utime(tmp_path / "a.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert fp() != second
+    (tmp_path / "list.csv").write_text("path,label\na.png,dog\n")
+    assert len({first, second, fp()}) == 3
+
+
+def test_folder_walk_sees_deep_changes_and_skips_hidden(tmp_path):
+    """A file added two folders down changes the fingerprint; a hidden file does not; a missing
+    IMAGES or WEIGHTS is an error naming it."""
+    (tmp_path / "imgs" / "cat" / "indoor").mkdir(parents=True)
+    (tmp_path / "imgs" / "cat" / "a\nb.png").write_bytes(b"1")
+    first = fingerprint(str(tmp_path / "imgs"), "efficientnet_lite0", None, None)
+    (tmp_path / "imgs" / "cat" / ".DS_Store").write_bytes(b"junk")
+    assert fingerprint(str(tmp_path / "imgs"), "efficientnet_lite0", None, None) == first
+    (tmp_path / "imgs" / "cat" / "indoor" / "b.png").write_bytes(b"2")
+    assert fingerprint(str(tmp_path / "imgs"), "efficientnet_lite0", None, None) != first
+    with pytest.raises(InputError, match="IMAGES=.*does not exist"):
+        fingerprint(str(tmp_path / "nope"), "efficientnet_lite0", None, None)
+    with pytest.raises(InputError, match="WEIGHTS file"):
+        fingerprint(None, "resnet18", str(tmp_path / "w.pt"), None)
