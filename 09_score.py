@@ -33,10 +33,7 @@ import argparse
 import logging
 import math
 import os
-import shlex
 import shutil
-import subprocess
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +62,6 @@ SUB_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
 PUBLISHED = {"DnD": 0.459, "MILAN": 0.279}  # ResNet-50 ImageNet fc, mpnet cosine (issue 12)
 POSITIVE_SHARE = 0.01  # AUPRC positives: the top 1 % of held-out images by activation …
 MIN_POSITIVES = 5      # … and at least this many
-ROOT = Path(__file__).resolve().parent
 POLY_THRESHOLD = 0.6   # split neurons this polysemantic (two crop groups at cos ≤ 0.4): on the demo
                        # with the CNN feature, about the most polysemantic quarter of the neurons
 
@@ -227,18 +223,8 @@ def describe_subconcepts(index: Path, folder: Path, describe_args: str,
                          levels: dict[str, int]) -> dict[tuple[str, int], str]:
     """Run 03_describe.py on the sub-concept mosaics with ``describe_args`` → (pseudo-layer,
     channel) → sentence. Levels are those 03 gave the neurons' real layers."""
-    out = folder / "03_descriptions.csv"
-    command = [sys.executable, str(ROOT / "03_describe.py"), "--mosaics", str(index),
-               "--out", str(out), *shlex.split(describe_args),
-               "--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
-    log.info("describing %d sub-concepts with 03_describe.py", len(read_csv(index)))
-    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    if result.returncode != 0:
-        raise StageError(f"03_describe.py failed on the sub-concept mosaics ({index}):\n"
-                         f"{result.stderr[-2000:]}")
-    return {(r["layer"], int(r["channel"])): r["description"] if r["status"] == "ok" else ""
-            for r in read_csv(out)}
+    from common.describing import describe_index
+    return describe_index(index, folder / "03_descriptions.csv", describe_args, levels)
 
 
 # ---------------------------------------------------------------------------------------------

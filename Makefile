@@ -49,6 +49,12 @@ SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage fl
 MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip
 POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
+MIN_CORR    ?= 0.5#                        11 baskets: groups are joined while their members correlate at least this much
+PRUNE       ?= 2#                          11 largest baskets per layer pruned in the causal check (0: none)
+CONTROLS    ?= 3#                          11/13 random neuron sets of the same size per causal check
+PRUNE_IMAGES ?= 40#                        11/13 labelled images per class used by the causal checks
+UNION       ?=#                            11 two baskets whose union `make baskets` prints (UNION="_blocks.6:b1 _blocks.6:b2")
+DIFFERENCE  ?=#                            11 two baskets A B: `make baskets` prints the neurons of A not in B
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter used to create .venv
@@ -64,7 +70,7 @@ COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug eval
+.PHONY: all test bench help clean venv search debug eval baskets
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -92,6 +98,9 @@ quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
+ARGS_11 := --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
+           --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
+           --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
 # (make -n) it also stores them, which makes stage NN and the stages after it out of date.
@@ -102,7 +111,8 @@ ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
 CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
-           $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09))
+           $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
+           $(call track_args,11,$(ARGS_11))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -119,6 +129,7 @@ CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
 TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
 CONFUSION    := $(D)/08_confusion.csv
 SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
+BASKETS      := $(D)/11_baskets.csv $(D)/11_tree.npz $(D)/11_pruning.csv
 
 all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) ## run every stage on data/$(RUN)
 
@@ -189,6 +200,14 @@ $(CONFUSION): 08_debug.py $(EXTRACT) $(MOSAICS) $(DESCRIPTIONS) $(D)/09_scores.c
 
 debug: $(CONFUSION) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
+$(BASKETS) &: 11_baskets.py 03_describe.py $(EXTRACT) $(DESCRIPTIONS) $(PROMPTS) $(D)/.args/11 \
+               $(COMMON) | $(VENV)
+	$(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
+
+baskets: $(BASKETS) ## neuron baskets in data/$(RUN)/11_*; UNION="A B" / DIFFERENCE="A B" print a set of two
+	$(if $(UNION),$(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
+	$(if $(DIFFERENCE),$(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
+
 search: $(EMBEDDINGS) $(if $(MIN_SCORE),$(SCORES)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
 	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
@@ -198,4 +217,5 @@ search: $(EMBEDDINGS) $(if $(MIN_SCORE),$(SCORES)) | $(VENV) ## find neurons: ma
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
 	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
-	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/)
+	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) \
+	    $(D)/11_*
