@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import logging
 import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,9 +32,9 @@ from tqdm import tqdm
 from common.activations import StreamingTopK
 from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
                         setup_logging, shard_slice)
-from common.io import (NpyRowWriter, atomic_path, load_npz, read_json, replace_dir, save_npz,
-                       write_json)
-from common.provenance import write_meta
+from common.io import (CsvLines, DiskFull, NpyRowWriter, atomic_path, disk_guard, load_npz,
+                       read_json, replace_dir, save_npz, sweep_temporaries, temp_dir, write_json)
+from common.provenance import retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.01_extract")
 
@@ -183,6 +183,7 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
                                          NpyRowWriter(stats_dir / f"{name}.mean.npy", n_rows, c))
                         for w_ in writers[name]:
                             w_.write(np.full((rows_done, c), np.nan, np.float32))
+                        check_space(part_dir, writers)
                     good_ids = np.asarray([ids[j] for j in good], dtype=np.int64)
                     tops[name].update(res["max"].numpy(), good_ids, res["y"].numpy(),
                                       res["x"].numpy(),
@@ -234,8 +235,17 @@ def prediction_rows(logits: torch.Tensor, ids, entries, label_map, class_names) 
     return rows
 
 
+def check_space(folder: Path, writers: dict) -> None:
+    """Stop before the statistics fill the disk: they are the bulk of 01's output (its final
+    files are renamed from ``folder``, so they need no second copy)."""
+    needed = sum(4 * w.n_cols * (w.n_rows - w.written) for pair in writers.values() for w in pair)
+    if shutil.disk_usage(folder).free < needed:
+        raise DiskFull(folder, needed)
+
+
 class CsvAppender:
-    """A CSV file written row by row (inside a temporary part folder, so no atomic rename)."""
+    """A CSV file written row by row (inside a temporary part folder, so no atomic rename), in
+    the format of ``common.io.write_csv``."""
 
     def __init__(self, path: Path, fields: list[str]):
         """Remember where to write and the column names."""
@@ -244,21 +254,27 @@ class CsvAppender:
     def __enter__(self):
         """Open the file and write the header."""
         self.fh = open(self.path, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.fh, fieldnames=self.fields, lineterminator="\n")
-        self.writer.writeheader()
+        self.lines = CsvLines(self.fields)
+        self.fh.write(self.lines.header())
         return self
 
     def write(self, row: dict) -> None:
         """Append one row."""
-        self.writer.writerow(row)
+        self.write_all([row])
 
     def write_all(self, rows) -> None:
         """Append several rows."""
-        self.writer.writerows(rows)
+        with disk_guard(self.path.parent, partial=self.path):
+            self.fh.write("".join(self.lines.line(row) for row in rows))
 
-    def __exit__(self, *exc):
-        """Close the file."""
-        self.fh.close()
+    def __exit__(self, exc_type, *exc):
+        """Close the file (flushing it may find the disk full too)."""
+        if exc_type is not None:
+            with contextlib.suppress(OSError):
+                self.fh.close()
+            return
+        with disk_guard(self.path.parent, partial=self.path):
+            self.fh.close()
 
 
 def count_rows(path: Path) -> int:
@@ -326,7 +342,7 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
                                for name in layers for kind in ("max", "mean")):
         stats_tmp = parts[0] / "stats"  # a single run's files are already complete: move, not copy
     else:
-        stats_tmp = Path(tempfile.mkdtemp(prefix=".01_stats.", dir=out))
+        stats_tmp = temp_dir(out, "01_stats")
         part_rows = [count_rows(part / "images.csv") for part in parts]
         for name in layers:
             channels = int(arrays[f"{name}/fmap"][0])
@@ -350,6 +366,7 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
     from common.images import list_images
     from common.rf import receptive_fields
     out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out)  # what a killed earlier run left half-written
     entries = list_images(images)
     if not entries:
         raise StageError(f"no image files found in {images}")
@@ -362,12 +379,16 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
     if shard is not None:
         part_dir = parts_root / f"{shard[0]}of{shard[1]}"
         parts_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{part_dir.name}.", dir=parts_root))
-        extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
-                     list(shard_slice(n_batches, shard)), tmp)
-        write_json(tmp / "part.json", {"shard": list(shard), "n_images": len(entries),
-                                       "batch_size": batch_size, "layers": layers, "topk": topk})
-        replace_dir(tmp, part_dir)
+        tmp = temp_dir(parts_root, part_dir.name)
+        try:
+            extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
+                         max_map_side, list(shard_slice(n_batches, shard)), tmp)
+            write_json(tmp / "part.json", {"shard": list(shard), "n_images": len(entries),
+                                           "batch_size": batch_size, "layers": layers,
+                                           "topk": topk})
+            replace_dir(tmp, part_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         log.info("shard %d/%d written to %s", shard[0], shard[1], part_dir)
         return None
 
@@ -383,19 +404,21 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
                 raise StageError(f"{part} was made with other settings ({info}); re-run that shard")
         tmpdirs = None
     else:
-        tmpdirs = Path(tempfile.mkdtemp(prefix=".01_part.", dir=out))
-        extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
-                     list(range(n_batches)), tmpdirs)
+        tmpdirs = temp_dir(out, "01_part")
         parts = [tmpdirs]
     try:
+        if tmpdirs is not None:
+            extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
+                         max_map_side, list(range(n_batches)), tmpdirs)
         rfs = receptive_fields(bundle.model, layers, (bundle.input_size, bundle.input_size))
+        retract_meta(out / f"{STAGE}.meta.json")
         summary = assemble(parts, out, layers, rfs, bundle.input_size, len(entries))
     finally:
         if tmpdirs is not None:
             shutil.rmtree(tmpdirs, ignore_errors=True)
     write_meta(out / f"{STAGE}.meta.json", STAGE, args or {},
                outputs=[out / "01_activations.npz", out / "01_images.csv",
-                        out / "01_predictions.csv"],
+                        out / "01_predictions.csv", *sorted((out / "01_stats").glob("*.npy"))],
                model=bundle.spec, layers=layers, **summary,
                rf={name: rfs[name].as_array().tolist() for name in layers})
     if merge is not None:

@@ -29,7 +29,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +37,9 @@ from tqdm import tqdm
 
 from common.activations import read_activations
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import read_csv, write_bytes, write_csv
+from common.io import read_csv, sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
-from common.provenance import read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.rf import RF, field_box  # noqa: I001 - imported before workers fork, not in each
 
 log = logging.getLogger("neuron-atlas.02_mosaics")
@@ -292,6 +291,10 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     """Build all mosaics; return the index rows."""
     if grid < 1 or tile < 4:
         raise StageError("--grid must be ≥ 1 and --tile ≥ 4")
+    metas = [read_meta(activations), read_meta(images_csv)]
+    merge_lineage(metas)  # refuse, before any work, top images of one run and photos of another
+    meta_file = index.parent / f"{STAGE}.meta.json"
+    sweep_temporaries(out_dir, index.parent)  # what a killed earlier run left behind
     all_layers, input_size, tops = read_activations(activations)
     chosen = layers or all_layers
     unknown = [name for name in chosen if name not in tops]
@@ -328,7 +331,8 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
                          f"few layers at a time (--layers)")
     log.info("decoding %d source images into %.2f GB of scratch space in %s", len(needed),
              scratch / 1e9, out_dir)
-    cache_dir = Path(tempfile.mkdtemp(prefix=".cache.", dir=out_dir))
+    cache_dir = temp_dir(out_dir, "cache")
+    retract_meta(meta_file)  # mosaics are replaced from here on
     try:
         make_cache(cache_dir, len(needed), size, shrunk_sizes)
         decode_tasks = [(slot, image_rows[image_id]["path"], tuple(sorted(shrunk_of_slot[slot])))
@@ -357,8 +361,8 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     write_csv(index, rows, FIELDS)
-    write_meta(index.parent / f"{STAGE}.meta.json", STAGE, args or {}, outputs=[index],
-               inputs=[read_meta(activations)], n_mosaics=len(rows), n_source_images=len(needed))
+    write_meta(meta_file, STAGE, args or {}, outputs=[index],
+               inputs=metas, n_mosaics=len(rows), n_source_images=len(needed))
     log.info("%d mosaics from %d source images → %s", len(rows), len(needed), out_dir)
     return rows
 

@@ -13,9 +13,12 @@ Backends (--backend):
   openai   any OpenAI-compatible chat-completions server with image input (vLLM, Ollama, …);
            the API key is read from the environment variable named by --api-key-env.
 
-Progress is appended to a journal beside the output (03_descriptions.part-<i>-of-<N>.jsonl)
-after every batch, so an interrupted run loses nothing: a rerun skips neurons already
-described with the same inputs, backend, model and prompt, and retries the failed ones.
+Progress is appended to a journal beside the output (03_descriptions.part-<i>-of-<N>.jsonl),
+one line per answer as it arrives, so an interrupted run loses nothing: a rerun skips neurons
+already described with the same inputs, backend, model and prompt, and retries the failed ones
+(a line torn by a kill or a full disk is dropped, logged, and its neuron described again). While
+a VLM backend leaves neurons failed, the CSV is written for the later stages but the stage stays
+out of date for make (its meta gets an old timestamp), so the next `make all` retries them.
 With --shard i/N each machine describes its share; the run that completes the set (or
 --merge) writes 03_descriptions.csv.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import functools
 import hashlib
 import io
@@ -35,10 +39,8 @@ import json
 import logging
 import os
 import re
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -49,9 +51,10 @@ from tqdm import tqdm
 from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
                         setup_logging, shard_slice)
 from common.appearance import PALETTE, colour_codes
-from common.io import read_csv, write_csv
+from common.io import DiskFull, read_csv, sweep_temporaries, write_csv
 from common.mosaics import cut_tiles, load_mosaic
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+from common.report import plain_text
 
 log = logging.getLogger("neuron-atlas.03_describe")
 
@@ -140,13 +143,13 @@ _REFUSAL = re.compile(r"^\s*(?:i\s*(?:am|'m)\s+(?:sorry|unable|not able)|i\s+can
 
 
 def clean_answer(raw: str | None) -> tuple[str, str]:
-    """Strip role prefixes, quotes and extra whitespace → (text, reason); reason set when unusable."""
+    """Strip control characters, role prefixes, quotes and extra whitespace → (text, reason);
+    reason set when unusable."""
     if raw is None:
         return "", "no answer"
-    text = raw.strip()
+    text = plain_text(raw)  # no escape codes or bidi tricks reach a CSV, page or terminal
     for _ in range(3):  # prefixes can stack, e.g. "ASSISTANT: Answer: ..."
         text = _ROLE_PREFIX.sub("", text, count=1).strip()
-    text = " ".join(text.split())
     text = text.strip("\"'`“”‘’ ").strip()
     if len(text) > MAX_ANSWER_CHARS:
         cut = text[:MAX_ANSWER_CHARS]
@@ -589,91 +592,106 @@ class HFDescriber:
 
 
 class ServerUnreachable(Exception):
-    """The server refused or dropped the connection (as opposed to a bad answer)."""
+    """The server refused the connection (as opposed to a bad or missing answer)."""
+
+
+def _refused(err: BaseException) -> bool:
+    """True when ``err`` (an openai.APIConnectionError) comes from a refused connection."""
+    while err is not None:
+        if isinstance(err, ConnectionRefusedError) or type(err).__name__ == "ConnectError":
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception of a chain, as ``Type: message`` (what actually went wrong)."""
+    while err.__cause__ or err.__context__:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {err}"[:160]
 
 
 class OpenAIDescriber:
-    """Chat-completions requests with the mosaic as a data URL, in parallel, with retries."""
+    """Chat-completions requests through the ``openai`` client, the mosaic as a data URL,
+    ``concurrency`` at a time. The client retries timeouts, dropped connections, 408/409/429 and
+    5xx with exponential back-off; what still fails is a failed neuron with its reason."""
 
     backend = "openai"
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, timeout: float = 60.0, retries: int = 3,
                  temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 57,
-                 seed: int = 0, backoff: float = 1.0):
+                 seed: int = 0):
         """Settings of the server; the key is read from ``api_key_env`` here and kept in memory."""
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        import openai
         self.base_url = base_url
         self.model_name = model
         self.model_label = model
-        self._key = os.environ.get(api_key_env, "")
         self.batch_size = max(1, concurrency) * 4
         self.concurrency = max(1, concurrency)
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout = timeout
+        # Local servers (vLLM, Ollama) started without a key accept any; the client needs one.
+        self.client = openai.OpenAI(api_key=os.environ.get(api_key_env) or "none",
+                                    base_url=base_url, timeout=timeout, max_retries=retries)
         self.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_new_tokens,
                          "seed": seed}
 
-    def _payload(self, neuron: Neuron) -> bytes:
-        """Request body: the prompt and the mosaic as a base64 PNG data URL."""
+    def _messages(self, neuron: Neuron) -> list[dict]:
+        """The user message: the prompt and the mosaic as a base64 PNG data URL."""
         buf = io.BytesIO()
         load_mosaic(neuron.mosaic).save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-        body = {"model": self.model_name, **self.sampling, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": neuron.prompt},
-            {"type": "image_url", "image_url": {"url": url}}]}]}
-        return json.dumps(body).encode("utf-8")
+        return [{"role": "user", "content": [{"type": "text", "text": neuron.prompt},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
 
-    def _post(self, data: bytes) -> str:
-        """One request → the answer text; raises on HTTP errors, timeouts and malformed replies."""
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            reply = json.loads(resp.read().decode("utf-8"))
+    def _one(self, neuron: Neuron) -> tuple[str | None, str]:
+        """Describe one neuron → (raw answer, "") or (None, why it failed)."""
+        import openai
         try:
-            content = reply["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"malformed reply: {str(reply)[:120]}") from None
+            reply = self.client.chat.completions.create(
+                model=self.model_name, messages=self._messages(neuron), **self.sampling)
+        except openai.APIStatusError as err:
+            return None, f"HTTP {err.status_code}"
+        except openai.APITimeoutError:
+            return None, f"timeout: no answer within {self.timeout:g} s"
+        except openai.APIConnectionError as err:
+            if _refused(err):
+                raise ServerUnreachable(_root_cause(err)) from err
+            return None, f"connection error: {_root_cause(err)}"
+        except (openai.OpenAIError, OSError, ValueError) as err:  # anything else on the wire
+            return None, f"request failed: {_root_cause(err)}"
+        try:
+            content = reply.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):
+            return None, f"malformed reply: {str(reply)[:120]}"
         if isinstance(content, list):  # some servers return content parts
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str):
-            raise ValueError("malformed reply: content is not text")
-        return content
+            return None, "malformed reply: content is not text"
+        return content, ""
 
-    def _one(self, neuron: Neuron) -> tuple[str | None, str]:
-        """Describe one neuron with retries and exponential back-off on transient errors."""
-        data = self._payload(neuron)
-        error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                return self._post(data), ""
-            except urllib.error.HTTPError as err:
-                error = f"HTTP {err.code}"
-                if err.code not in (408, 409, 429) and err.code < 500:
-                    break  # the request itself is wrong: retrying will not help
-            except urllib.error.URLError as err:
-                if isinstance(err.reason, ConnectionRefusedError):
-                    raise ServerUnreachable(str(err.reason)) from err
-                error = f"connection error: {err.reason}"
-            except (TimeoutError, ConnectionError) as err:
-                error = f"timeout or dropped connection: {err}"
-            except ValueError as err:  # JSON decoding or reply shape
-                error = str(err)
-        return None, error
-
-    def describe(self, neurons: Sequence[Neuron]) -> list[tuple[str | None, str]]:
-        """(raw answer, error) per neuron, ``concurrency`` requests at a time."""
+    def describe_as_completed(self, neurons: Sequence[Neuron]):
+        """Yield (index into ``neurons``, (raw answer, error)) as each answer arrives, so that
+        the caller can journal it at once."""
+        pool = ThreadPoolExecutor(self.concurrency)
         try:
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                return list(pool.map(self._one, neurons))
+            futures = {pool.submit(self._one, n): i for i, n in enumerate(neurons)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
         except ServerUnreachable as err:
             raise StageError(
                 f"cannot reach the server at {self.base_url} ({err}). Start it (e.g. `vllm serve "
                 f"{self.model_name}`) or fix --base-url (Make BASE_URL=…); descriptions done so "
                 f"far are kept and the next run continues from there") from err
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def describe(self, neurons: Sequence[Neuron]) -> list[tuple[str | None, str]]:
+        """(raw answer, error) per neuron, in order."""
+        out: list = [None] * len(neurons)
+        for i, result in self.describe_as_completed(neurons):
+            out[i] = result
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,17 +703,70 @@ def journal_path(out: Path, shard: tuple[int, int]) -> Path:
     return out.with_name(f"{out.stem}.part-{shard[0]}-of-{shard[1]}.jsonl")
 
 
+class Journal:
+    """A shard's journal opened for appending: one JSON line per answer, handed to the operating
+    system as it arrives (a kill of the process loses none) and synced to disk per batch."""
+
+    def __init__(self, path: Path):
+        """Remember the file; nothing is opened yet."""
+        self.path = path
+
+    def __enter__(self) -> "Journal":
+        """Drop a torn last line (a kill or a full disk mid-write), then open for appending."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "ab+", buffering=0)
+        size = self.fh.seek(0, os.SEEK_END)
+        if size and os.pread(self.fh.fileno(), 1, size - 1) != b"\n":
+            keep = os.pread(self.fh.fileno(), size, 0).rfind(b"\n") + 1
+            self.fh.truncate(keep)
+            log.warning("%s ended in a torn record (%d bytes, from a kill or a full disk); it is "
+                        "dropped and its neuron described again", self.path.name, size - keep)
+        return self
+
+    def add(self, record: dict) -> None:
+        """Append one record; on a full disk, cut off what part of it was written and stop."""
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        size = os.fstat(self.fh.fileno()).st_size
+        try:
+            written = 0
+            while written < len(line):
+                written += self.fh.write(line[written:])
+        except OSError as err:
+            os.ftruncate(self.fh.fileno(), size)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFull(self.path.parent, len(line)) from err
+
+    def sync(self) -> None:
+        """Make the records so far survive a power cut, not only a kill."""
+        os.fsync(self.fh.fileno())
+
+    def __exit__(self, *exc) -> None:
+        """Close the file."""
+        self.fh.close()
+
+
 def read_journals(out: Path) -> dict[tuple[str, int], list[dict]]:
-    """All journal records per (layer, channel), oldest first, over the journals beside ``out``."""
+    """All journal records per (layer, channel), oldest first, over the journals beside ``out``.
+
+    Unreadable lines (torn by a kill or a full disk) are skipped and counted in the log: their
+    neurons are simply described again.
+    """
     records: dict[tuple[str, int], list[dict]] = {}
     for path in sorted(out.parent.glob(f"{out.stem}.part-*-of-*.jsonl")):
-        with open(path, encoding="utf-8") as fh:
+        torn = 0
+        with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill mid-write: that neuron is simply redone
-                records.setdefault((rec["layer"], int(rec["channel"])), []).append(rec)
+                    key = (rec["layer"], int(rec["channel"]))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    torn += 1
+                    continue
+                records.setdefault(key, []).append(rec)
+        if torn:
+            log.warning("%s: %d unreadable (torn) line(s) skipped; their neurons are described "
+                        "again", path.name, torn)
     return records
 
 
@@ -883,14 +954,27 @@ def assemble(out: Path, neurons: Sequence[Neuron], keys: dict[tuple[str, int], s
                      "status": "ok" if text else "failed", "reason": reason})
     if missing:
         return None
+    meta_file = out.parent / f"{STAGE}.meta.json"
+    retract_meta(meta_file)
     write_csv(out, rows, FIELDS)
     failed = [f"{r['layer']}:{r['channel']}" for r in rows if r["status"] == "failed"]
-    write_meta(out.parent / f"{STAGE}.meta.json", STAGE, args, outputs=[out], inputs=metas,
+    reasons = Counter(r["reason"].split(":")[0] for r in rows if r["status"] == "failed")
+    write_meta(meta_file, STAGE, args, outputs=[out], inputs=metas,
                backend=describer_backend, model=model_label, levels=levels,
-               n_ok=len(rows) - len(failed), n_failed=len(failed), failed=failed[:200])
+               n_ok=len(rows) - len(failed), n_failed=len(failed), failed=failed[:200],
+               failure_reasons=dict(reasons.most_common()))
     if failed:
-        log.warning("%d neurons failed (%s%s); run the stage again to retry them", len(failed),
-                    ", ".join(failed[:10]), " …" if len(failed) > 10 else "")
+        why = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common(3))
+        # The offline describer's failures (a mosaic without tiles or without anything to
+        # measure) come back the same on every try; a VLM's may not.
+        retry = describer_backend != "offline"
+        log.warning("%d of %d neurons have no description (%s): %s%s. Later stages leave them "
+                    "out%s", len(failed), len(rows), why, ", ".join(failed[:10]),
+                    " …" if len(failed) > 10 else "",
+                    "; the stage stays out of date for make, and the next `make all` (or run of "
+                    "this stage) asks again for those neurons only" if retry else "")
+        if retry:
+            os.utime(meta_file, (0, 0))  # older than any input: make runs the stage again
     log.info("%d descriptions → %s", len(rows), out)
     return rows
 
@@ -908,6 +992,7 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
     Returns the rows written, or None when other shards still have neurons to describe.
     """
     prompts = load_prompts(prompts_path)
+    sweep_temporaries(out.parent)  # what a killed earlier run left half-written
     neurons, level_map = make_neurons(mosaics, prompts, levels, domain, keywords, activations)
     if skip_dead:
         from common.triage import dead_neurons
@@ -941,21 +1026,24 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
         log.info("%s backend: %d of %d neurons of shard %d/%d to describe (%d already done)",
                  backend_name, len(todo), len(mine), shard[0], shard[1], len(mine) - len(todo))
         size = max(1, batch_size or getattr(describer, "batch_size", 16))
-        journal = journal_path(out, shard)
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        with open(journal, "a", encoding="utf-8") as fh, \
+        # A backend that answers neuron by neuron hands each answer over as it arrives.
+        stream = getattr(describer, "describe_as_completed", None)
+        with Journal(journal_path(out, shard)) as journal, \
                 tqdm(total=len(todo), desc="03 describe", unit="neuron", disable=None) as bar:
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
-                for n, (raw, error) in zip(batch, describer.describe(batch)):
-                    fh.write(json.dumps({"layer": n.layer, "channel": n.channel, "level": n.level,
-                                         "key": keys[(n.layer, n.channel)], "raw": raw,
-                                         "error": error}) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())  # a kill after this line loses nothing of this batch
-                bar.update(len(batch))
+                answers = stream(batch) if stream else enumerate(describer.describe(batch))
+                for i, (raw, error) in answers:
+                    n = batch[i]
+                    journal.add({"layer": n.layer, "channel": n.channel, "level": n.level,
+                                 "key": keys[(n.layer, n.channel)], "raw": raw, "error": error})
+                    bar.update()
+                journal.sync()
     rows = assemble(out, neurons, keys, backend_name, model_label, metas, dict(args or {}),
                     level_map)
+    if rows is None and shard[1] == 1 and not merge_only:
+        raise StageError("some neurons still have no journal record after describing them all "
+                         "(see the warnings above); run the stage again to describe them")
     if rows is None:
         log.info("shard %d/%d done; %s is written once every shard has finished (or run with "
                  "--merge)", shard[0], shard[1], out.name)

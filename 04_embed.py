@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.embedders import embed_crops, fuse, l2_normalise, same_space
-from common.io import read_csv, save_npz
+from common.io import read_csv, save_npz, sweep_temporaries
 from common.mosaics import cut_tiles, load_mosaic
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.04_embed")
 
@@ -132,6 +132,8 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
         "text_model": np.array(text_embedder.name), "image_model": np.array(image_embedder.name),
         "fusion": np.array(rule),
     }
+    sweep_temporaries(out.parent)  # what a killed earlier run left half-written
+    retract_meta(out.parent / f"{STAGE}.meta.json")
     save_npz(out, arrays)
     why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
            "text and image vectors come from different spaces: normalised halves concatenated")

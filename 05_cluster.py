@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import atomic_path, read_csv, write_csv
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.io import atomic_path, read_csv, sweep_temporaries, write_csv
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.05_cluster")
 
@@ -636,6 +636,8 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
     if activations_path is not None:
         input_metas.append(read_meta(activations_path))
     merge_lineage(input_metas)  # fail before any work when the inputs come from different runs
+    sweep_temporaries(out_dir)  # what a killed earlier run left half-written
+    retract_meta(out_dir / "05_cluster.meta.json")  # outputs are replaced from here on
 
     layers, npz, skipped = load_layers(descriptions_path, embeddings_path,
                                        read_layer_order(activations_path))

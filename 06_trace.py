@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import atomic_path, read_csv, write_csv, write_text
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.io import atomic_path, read_csv, sweep_temporaries, write_csv, write_text
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.06_trace")
 
@@ -328,10 +328,12 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
     if n_keywords < 1:
         raise StageError(f"--n-keywords must be at least 1, got {n_keywords}")
     out_dir = Path(out_dir)
-    input_metas = [read_meta(clusters_path)]
+    input_metas = [read_meta(clusters_path), read_meta(keywords_path)]
     if activations_path is not None:
         input_metas.append(read_meta(activations_path))
-    merge_lineage(input_metas)
+    merge_lineage(input_metas)  # refuse, before any work, clusters and keywords of two runs
+    sweep_temporaries(out_dir)  # what a killed earlier run left half-written
+    retract_meta(out_dir / "06_trace.meta.json")  # outputs are replaced from here on
 
     layers = load_clusters(clusters_path, keywords_path, kind, read_layer_order(activations_path))
     if text_embedder is None:

@@ -31,8 +31,8 @@ import numpy as np
 from common.cli import StageError, exit_on_stage_error, setup_logging
 from common.io import load_npz, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
-from common.report import (esc, html_page, html_table, img_tag, read_descriptions, read_mosaics,
-                           read_scores)
+from common.report import (esc, html_page, html_table, img_tag, plain_text, read_descriptions,
+                           read_mosaics, read_scores)
 
 log = logging.getLogger("neuron-atlas.07_search")
 
@@ -199,21 +199,23 @@ class Searcher:
 
 
 def format_hits(query: str, hits: list[dict], note: str = "") -> str:
-    """A plain-text block for the terminal: a header line, then one aligned line per hit."""
-    lines = [f"== {query}" + (f"   ({note})" if note else "")]
+    """A plain-text block for the terminal: a header line, then one aligned line per hit. Text
+    from files (model descriptions, paths) is stripped of control characters, so that no escape
+    code it may hold reaches the terminal."""
+    lines = [f"== {plain_text(query)}" + (f"   ({plain_text(note)})" if note else "")]
     if not hits:
         lines.append("   (no neuron to match)")
         return "\n".join(lines)
-    width = max(5, *(len(h["layer"]) for h in hits))
+    width = max(5, *(len(plain_text(h["layer"])) for h in hits))
     lines.append(f"{'rank':>4}  {'layer':<{width}}  {'chan':>5}  {'score':>7}  {'cosine':>7}  "
                  f"{'description':<{DESC_WIDTH}}  mosaic")
     for h in hits:
-        desc = " ".join(h["description"].split()) or "(no description)"
+        desc = plain_text(h["description"]) or "(no description)"
         if len(desc) > DESC_WIDTH:
             desc = desc[:DESC_WIDTH - 1] + "…"
-        lines.append(f"{h['rank']:>4}  {h['layer']:<{width}}  {h['channel']:>5}  "
+        lines.append(f"{h['rank']:>4}  {plain_text(h['layer']):<{width}}  {h['channel']:>5}  "
                      f"{h['score']:>7.3f}  {h['cosine']:>7.3f}  {desc:<{DESC_WIDTH}}  "
-                     f"{h['mosaic'] or '-'}")
+                     f"{plain_text(h['mosaic'] or '-')}")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 what they are described as, and whether switching them off undoes the mistake.
 
 Reads (see ARTEFACTS.md): 01_predictions.csv, 01_stats/<layer>.{max,mean}.npy, 01_activations.npz
-and 01_extract.meta.json (layers, top images, the model to re-run), 02_mosaics.csv and
+and 01_extract.meta.json (layers, top images, the model to re-run: a model or weights file only
+when --model / --weights name it again, a pickle only with --unsafe-pickle), 02_mosaics.csv and
 03_descriptions.csv (shown with each neuron; optional). The 01-03 inputs default to their contract
 names beside --predictions.
 Writes:
@@ -36,8 +37,6 @@ from __future__ import annotations
 import argparse
 import collections
 import difflib
-import html
-import inspect
 import logging
 import math
 import os
@@ -51,8 +50,8 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import atomic_path, read_csv, write_csv, write_json, write_text
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.io import atomic_path, read_csv, sweep_temporaries, write_csv, write_json, write_text
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.report import (esc, html_page, html_table, img_tag, read_descriptions, read_mosaics,
                            read_scores)
 
@@ -501,11 +500,28 @@ def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str
 # Causal check: ablation of suspect neurons
 
 
-def load_bundle(extract_meta: dict, model: str | None, weights: str | None, device: str):
-    """Re-load the model 01 ran (its load_model kwargs are in 01_extract.meta.json under "model").
+def names_a_file(model: str) -> bool:
+    """True when a --model value is code or a pickle on disk (file.py:function, a checkpoint)
+    rather than the name of a model that ships with a library."""
+    return model.rpartition(":")[0].endswith(".py") or \
+        Path(model).suffix in (".pt", ".pth", ".ckpt", ".bin") or os.sep in model
 
-    ``--model`` / ``--weights`` are accepted so that Make can pass the same flags to every stage;
-    they must agree with what 01 recorded, since the statistics come from that model.
+
+def _same_file(a: str, b: str) -> bool:
+    """True when two model or weight paths (``file.py:function`` allowed) name the same thing."""
+    (file_a, _, fn_a), (file_b, _, fn_b) = (x.rpartition(":") if ":" in x else (x, "", "")
+                                            for x in (a, b))
+    return os.path.abspath(file_a) == os.path.abspath(file_b) and fn_a == fn_b
+
+
+def load_bundle(extract_meta: dict, model: str | None, weights: str | None, unsafe_pickle: bool,
+                device: str):
+    """Re-load the model 01 ran, as the user names it again to this stage.
+
+    01_extract.meta.json says which model made the statistics, but a metadata file is never
+    trusted to choose code to run: a model or weights file is loaded only when ``--model`` /
+    ``--weights`` name that same file, and a whole pickle only with this stage's own
+    ``--unsafe-pickle``. Models that ship with a library may be taken from the meta.
     """
     import torch
     from common.models import load_model
@@ -513,18 +529,27 @@ def load_bundle(extract_meta: dict, model: str | None, weights: str | None, devi
     if not spec.get("name"):
         raise StageError("01_extract.meta.json does not say which model made the activations "
                          "(key 'model'); re-run stage 01")
-    if model and _name_key(model).replace(" ", "_") != _name_key(spec["name"]).replace(" ", "_"):
-        raise StageError(f"--model {model} differs from the model 01 ran ({spec['name']}); the "
+    recorded, recorded_weights = spec["name"], spec.get("weights")
+    if names_a_file(recorded) and not (model and _same_file(model, recorded)):
+        raise StageError(f"01 ran the model file {recorded}; pass --model {recorded} (Make: the "
+                         f"same MODEL) for 08 to load it again"
+                         + (f" — it differs from --model {model}" if model else ""))
+    if model and not names_a_file(recorded) and \
+            _name_key(model).replace(" ", "_") != _name_key(recorded).replace(" ", "_"):
+        raise StageError(f"--model {model} differs from the model 01 ran ({recorded}); the "
                          f"statistics describe that one. Re-run 01 with --model {model}, or drop "
                          f"the flag")
-    if weights and spec.get("weights") and \
-            os.path.abspath(weights) != os.path.abspath(spec["weights"]):
-        raise StageError(f"--weights {weights} differs from the weights 01 used "
-                         f"({spec['weights']}); re-run 01 with them, or drop the flag")
-    accepted = set(inspect.signature(load_model).parameters)
-    kwargs = {k: v for k, v in spec.items() if k in accepted and k != "device"}
+    if recorded_weights and not (weights and _same_file(weights, recorded_weights)):
+        raise StageError(f"01 used the weights {recorded_weights}; pass --weights "
+                         f"{recorded_weights} (Make: the same WEIGHTS) for 08 to load them again"
+                         + (f" — they differ from --weights {weights}" if weights else ""))
+    if weights and not recorded_weights:
+        raise StageError(f"--weights {weights}: 01 ran {recorded} without a weights file; re-run "
+                         f"01 with them, or drop the flag")
     torch.manual_seed(0)  # as 01 does, so that a random-init model gets the same weights
-    return load_model(**kwargs, device=device)
+    return load_model(model or recorded, weights=weights,
+                      random_init=bool(spec.get("random_init")), unsafe_pickle=unsafe_pickle,
+                      device=device, input_size=int(spec.get("input_size") or 224))
 
 
 def default_image_tensor(bundle):
@@ -642,11 +667,14 @@ def control_of(n_channels: int, suspects: list[int], seed: int) -> list[int]:
 # Reports
 
 
-def md_text(value, cell: bool = False) -> str:
-    """Text made safe for Markdown: on one line, with HTML markup escaped (a Markdown viewer
-    renders raw HTML); in a table ``cell`` the pipes are escaped as well."""
-    text = html.escape(" ".join(str(value).split()), quote=False)
-    return text.replace("|", "\\|") if cell else text
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>!|~#])")  # marks that make links, images, HTML
+
+
+def md_text(value) -> str:
+    """Text shown literally by a Markdown viewer: on one line, with every mark that could make
+    a link, an image, raw HTML, code, emphasis or a table cell border backslash-escaped (model
+    text is untrusted: ``[x](javascript:…)``, ``![](http://…)``, ``<img src=…>``)."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -806,10 +834,10 @@ def render_markdown(blocks: list[tuple], folder: Path) -> str:
             cols = [c for c in block[1] if c != "_image"]
             has_img = "_image" in block[1]
             head = cols + (["images"] if has_img else [])
-            lines.append("| " + " | ".join(md_text(c, cell=True) for c in head) + " |")
+            lines.append("| " + " | ".join(md_text(c) for c in head) + " |")
             lines.append("|" + "---|" * len(head))
             for row in block[2]:
-                cells = [md_text(row.get(c, ""), cell=True) for c in cols]
+                cells = [md_text(row.get(c, "")) for c in cols]
                 if has_img:
                     img = row.get("_image")
                     cells.append(f"![]({relative(img, folder)})" if img else "")
@@ -961,8 +989,9 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
         min_errors: int = 5, min_share: float = 0.25, min_images: int = 3, max_pairs: int = 2,
         fdr: float = 0.05, z_threshold: float = 2.0, rank_by: str = "mean", show_top: int = 8,
         ablate_top: int = 10, sample_size: int = 200, batch_size: int = 32, seed: int = 0,
-        model: str | None = None, weights: str | None = None, device: str = "auto",
-        bundle=None, ablate=None, image_tensor=None, args: dict | None = None) -> dict:
+        model: str | None = None, weights: str | None = None, unsafe_pickle: bool = False,
+        device: str = "auto", bundle=None, ablate=None, image_tensor=None,
+        args: dict | None = None) -> dict:
     """Write the confusion table and a debug report per selected pair; return a summary.
 
     The 01-03 inputs default to their contract names beside ``predictions``. ``bundle`` (a
@@ -982,8 +1011,12 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
         raise StageError("--pred needs --true (the class whose images are misclassified)")
 
     extract_meta = read_meta(predictions)
-    metas = [extract_meta] + [read_meta(p) for p in (descriptions, mosaics, scores) if p.exists()]
+    metas = [extract_meta, read_meta(activations), read_meta(stats_dir)] + \
+        [read_meta(p) for p in (descriptions, mosaics, scores) if p.exists()]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
+    meta_file = confusion_path.parent / f"{STAGE}.meta.json"
+    sweep_temporaries(out_dir, confusion_path.parent)  # what a killed earlier run left behind
+    retract_meta(meta_file)  # outputs are replaced from here on
     rows, paths = read_predictions(predictions)
     names = class_names(rows)
     confusion = confusion_table(rows, names)
@@ -1017,7 +1050,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     model_name = (extract_meta.get("model") or {}).get("name", "?")
     if analyses and ablate_top > 0:
         if bundle is None:
-            bundle = load_bundle(extract_meta, model, weights, device)
+            bundle = load_bundle(extract_meta, model, weights, unsafe_pickle, device)
         if ablate is None:
             from common.hooks import ablate_channels as ablate
         model_name = getattr(bundle, "name", model_name)
@@ -1040,7 +1073,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     summary = {"pairs": [{k: a["pair"][k] for k in ("true", "pred", "ok", "ko", "status", "folder")}
                          for a in analyses],
                "causal": {a["pair"]["folder"]: a.get("causal") for a in analyses}}
-    write_meta(confusion_path.parent / f"{STAGE}.meta.json", STAGE, args or {}, outputs=outputs,
+    write_meta(meta_file, STAGE, args or {}, outputs=outputs,
                inputs=metas, pairs=summary["pairs"])
     log.info("08: %d classes in %s; %d pair(s) analysed in %s", len(confusion), confusion_path,
              len(analyses), out_dir)
@@ -1084,9 +1117,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: all")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample and random control")
-    p.add_argument("--model", default=None, help="must match 01's model (accepted so Make can "
-                                                 "pass the same flags to every stage)")
+    p.add_argument("--model", default=None, help="01's model, named again (required when it is a "
+                                                 "file: 08 never loads code named by a meta)")
     p.add_argument("--weights", default=None, help="must match 01's weights (as --model)")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="load a whole pickled checkpoint with weights_only=False (trusted files "
+                        "only; never taken from 01's metadata)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
@@ -1107,7 +1143,7 @@ def main(argv=None):
         args.descriptions, args.mosaics, args.scores, args.true, args.pred, args.min_errors, args.min_share,
         args.min_images, args.max_pairs, args.fdr, args.z_threshold, args.rank_by, args.show_top,
         args.ablate_top, args.ablation_sample, args.batch_size, args.seed, args.model,
-        args.weights, args.device, args=vars(args))
+        args.weights, args.unsafe_pickle, args.device, args=vars(args))
 
 
 if __name__ == "__main__":

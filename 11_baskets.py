@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import read_csv, save_npz, write_bytes, write_csv, write_json
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.io import read_csv, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.11_baskets")
 
@@ -216,6 +216,8 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
     from common.activations import read_activations
     from common.baskets import cluster, correlation, joint_images
     p = run_paths(run_dir)
+    retract_meta(run_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
+    sweep_temporaries(p["folder"])
     metas = [read_meta(p["activations"])]
     if p["descriptions"].is_file():
         metas.append(read_meta(p["descriptions"]))

@@ -57,7 +57,7 @@ UNION       ?=#                            11 two baskets whose union `make bask
 DIFFERENCE  ?=#                            11 two baskets A B: `make baskets` prints the neurons of A not in B
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
 DATA        ?= data#                       folder holding the runs
-PYTHON      ?= python3#                    interpreter used to create .venv
+PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
 
 # Idle torch/OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
 # slowed the stages 10-20x.
@@ -93,7 +93,8 @@ ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow
 ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
-           --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE)
+           --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
 quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
@@ -107,6 +108,13 @@ DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 track_args = $(shell mkdir -p $(D)/.args && { printf '%s\n' $(call quote,$(strip $(2))) | \
         cmp -s - $(D)/.args/$(1) || { echo $(1); $(if $(DRY_RUN),:,printf '%s\n' \
         $(call quote,$(strip $(2))) > $(D)/.args/$(1)); }; })
+# One writer per run folder: this make holds data/$(RUN)/.make.lock until it exits (a second make
+# on the same RUN stops with a message), and each stage holds .stage.lock while it runs (HOLD).
+ifeq ($(filter help test venv,$(MAKECMDGOALS))$(DRY_RUN),)
+LOCKED := $(shell $(PYTHON) -m common.runlock make $(call quote,$(D)) $$PPID)
+$(if $(LOCKED),$(error $(LOCKED)))
+endif
+HOLD = $(PY) -m common.runlock stage $(call quote,$(D)) --
 ifeq ($(filter help test venv clean,$(MAKECMDGOALS)),)
 CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args,02,$(ARGS_02)) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
@@ -131,7 +139,21 @@ CONFUSION    := $(D)/08_confusion.csv
 SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
 BASKETS      := $(D)/11_baskets.csv $(D)/11_tree.npz $(D)/11_pruning.csv
 
-all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) ## run every stage on data/$(RUN)
+# Each stage writes its .meta.json last and deletes the old one before replacing any output, so
+# the metas are targets and prerequisites too: a stage killed midway lacks its meta, and make runs
+# it again before anything that reads it.
+M01 := $(D)/01_extract.meta.json
+M02 := $(D)/02_mosaics.meta.json
+M03 := $(D)/03_describe.meta.json
+M04 := $(D)/04_embed.meta.json
+M05 := $(D)/05_cluster.meta.json
+M06 := $(D)/06_trace.meta.json
+M08 := $(D)/08_debug.meta.json
+M09 := $(D)/09_score.meta.json
+M11 := $(D)/11_baskets.meta.json
+
+all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
+     $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -158,57 +180,62 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
-$(EXTRACT): 01_extract.py $(IMAGES) $(D)/.args/01 $(COMMON) | $(VENV)
-	$(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)
+$(EXTRACT) $(M01) &: 01_extract.py $(IMAGES) $(D)/.args/01 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)
 
-$(MOSAICS): 02_mosaics.py $(EXTRACT) $(D)/.args/02 $(COMMON) | $(VENV)
-	$(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
-	    --out-dir $(D)/02_mosaics --index $@ $(ARGS_02)
+$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
+	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
 
-$(DESCRIPTIONS): 03_describe.py $(MOSAICS) $(EXTRACT) $(PROMPTS) $(D)/.args/03 $(COMMON) | $(VENV)
-	$(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
-	    --predictions $(D)/01_predictions.csv --out $@ $(ARGS_03)
+$(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
+                $(D)/.args/03 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
+	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
 
-$(EMBEDDINGS): 04_embed.py $(DESCRIPTIONS) $(MOSAICS) $(D)/.args/04 $(COMMON) | $(VENV)
-	$(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) --out $@ $(ARGS_04)
+$(EMBEDDINGS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(D)/.args/04 \
+                $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
+	    --out $(EMBEDDINGS) $(ARGS_04)
 
-$(CLUSTERS) &: 05_cluster.py $(DESCRIPTIONS) $(EMBEDDINGS) $(EXTRACT) $(D)/.args/05 $(COMMON) | $(VENV)
-	$(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
+$(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
+                $(M01) $(D)/.args/05 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
 
-$(TRACE) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(EXTRACT) $(D)/.args/06 $(COMMON) | $(VENV)
-	$(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
+$(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
+                $(EXTRACT) $(M01) $(D)/.args/06 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
 
-$(SCORES) &: 09_score.py 03_describe.py $(EXTRACT) $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) \
-              $(PROMPTS) $(D)/.args/09 $(COMMON) | $(VENV)
-	$(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
+$(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
+                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
 	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
 	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --scores $(D)/09_scores.csv \
 	    --summary $(D)/09_summary.csv --eval $(D)/09_eval.csv --subconcepts $(D)/09_subconcepts \
 	    $(ARGS_09)
 
-eval: $(SCORES) ## final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
+eval: $(SCORES) $(M09) ## final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
 	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" \
 	    $(D)/09_score.meta.json
 
-$(CONFUSION): 08_debug.py $(EXTRACT) $(MOSAICS) $(DESCRIPTIONS) $(D)/09_scores.csv $(D)/.args/08 \
-              $(COMMON) | $(VENV)
-	$(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
+$(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
+                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
-	    --scores $(D)/09_scores.csv --confusion $@ --out-dir $(D)/08_debug $(ARGS_08)
+	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
-debug: $(CONFUSION) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
+debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
-$(BASKETS) &: 11_baskets.py 03_describe.py $(EXTRACT) $(DESCRIPTIONS) $(PROMPTS) $(D)/.args/11 \
-               $(COMMON) | $(VENV)
-	$(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
+$(BASKETS) $(M11) &: 11_baskets.py 03_describe.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
+                $(PROMPTS) $(D)/.args/11 $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
 
-baskets: $(BASKETS) ## neuron baskets in data/$(RUN)/11_*; UNION="A B" / DIFFERENCE="A B" print a set of two
-	$(if $(UNION),$(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
-	$(if $(DIFFERENCE),$(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
+baskets: $(BASKETS) $(M11) ## neuron baskets in data/$(RUN)/11_*; UNION="A B" / DIFFERENCE="A B" print a set of two
+	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
+	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
 
-search: $(EMBEDDINGS) $(if $(MIN_SCORE),$(SCORES)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
+search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
 	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
 	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import functools
 import logging
+import os
+import shutil
 import sys
 
 
@@ -61,12 +64,22 @@ class StageError(RuntimeError):
 
 
 def exit_on_stage_error(func):
-    """Decorator for ``main``: turn a StageError into a one-line message and exit status 2."""
+    """Decorator for ``main``: turn a StageError, or a full disk that no writer caught, into a
+    one-line message and exit status 2."""
     @functools.wraps(func)
     def wrapper(argv=None):
+        log = logging.getLogger("neuron-atlas")
         try:
             return func(argv)
         except StageError as err:
-            logging.getLogger("neuron-atlas").error("%s", err)
+            log.error("%s", err)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = os.path.dirname(os.path.abspath(err.filename)) if err.filename else os.getcwd()
+            log.error("disk full while writing %s: %s has %.1f MB free; free some space there "
+                      "(or point DATA=… at a larger disk) and run again: finished work is kept",
+                      err.filename or "an output", where, shutil.disk_usage(where).free / 1e6)
             sys.exit(2)
     return wrapper

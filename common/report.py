@@ -11,6 +11,7 @@ import html
 import io
 import logging
 import os
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -28,6 +29,14 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 img{max-width:100%} .note{background:#fff7d6;padding:.5em .8em;border-left:4px solid #e0b400}
 code{background:#f3f3f3;padding:0 .2em}
 """
+
+
+def plain_text(text: str) -> str:
+    """``text`` with its control and format characters (terminal escape codes, bidirectional
+    overrides, zero-width characters) turned into spaces and all whitespace squeezed to single
+    spaces: safe to print on a terminal or to keep as a description."""
+    return " ".join("".join(" " if unicodedata.category(ch) in ("Cc", "Cf") else ch
+                            for ch in str(text)).split())
 
 
 def read_descriptions(path: str | Path) -> dict[tuple[str, int], str]:

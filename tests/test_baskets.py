@@ -126,6 +126,12 @@ def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
+    with pytest.raises(SystemExit):  # an edited artefact is refused …
+        stage.main(["--run-dir", str(fake_run), "--union", "relu1:b1", "relu2:b1"])
+    from common.provenance import read_meta, write_meta
+    write_meta(fake_run / "11_baskets.meta.json", "11_baskets", {},  # … until its meta vouches
+               [fake_run / n for n in ("11_baskets.csv", "11_tree.npz", "11_pruning.csv")],
+               [read_meta(fake_run / "01_activations.npz")])
     union = stage.set_operation(fake_run, "union", "relu1:b1", "relu2:b1", grid=3, tile=16,
                                 describe=fake_describe)
     assert union["members"] == ["relu1:1", "relu1:2", "relu1:3", "relu2:0", "relu2:1"]
@@ -143,7 +149,8 @@ def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
     a = "relu1:b1"
     with pytest.raises(SystemExit):
         stage.main(["--run-dir", str(fake_run), "--union", a, "nope:b9"])
-    assert "no basket 'nope:b9'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "differs from what 11_baskets wrote" in err and "no basket 'nope:b9'" in err
 
 
 def test_pruning_the_red_channel_breaks_the_red_class_only(fake_run):

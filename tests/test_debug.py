@@ -57,7 +57,8 @@ def write_run(run_dir, labels, preds, stats, descriptions=None, mosaic_for=()):
                        f"{layer}/rf": np.array([8.0, 8.0, 8.0, 8.0, 3.5, 3.5])})
     save_npz(run_dir / "01_activations.npz", arrays)
     m1 = write_meta(run_dir / "01_extract.meta.json", "01_extract", {},
-                    [run_dir / "01_predictions.csv", run_dir / "01_activations.npz"],
+                    [run_dir / "01_predictions.csv", run_dir / "01_activations.npz",
+                     *(run_dir / "01_stats").glob("*.npy")],
                     model={"name": "fake", "weights": None, "random_init": False,
                            "unsafe_pickle": False, "input_size": 8})
     descriptions = descriptions or {}

@@ -451,8 +451,7 @@ def server():
 
 def _openai(srv, **kw):
     """An OpenAI describer pointed at the test server with quick retries."""
-    settings = dict(api_key_env="ATLAS_TEST_KEY", concurrency=2, timeout=0.5, retries=1,
-                    backoff=0.01)
+    settings = dict(api_key_env="ATLAS_TEST_KEY", concurrency=2, timeout=0.5, retries=1)
     settings.update(kw)
     return D.OpenAIDescriber(f"http://127.0.0.1:{srv.server_address[1]}/v1", "tiny-vlm",
                              **settings)
@@ -508,21 +507,21 @@ def test_openai_unreachable_server_stops_with_advice_and_keeps_progress(tmp_path
     desc = _openai(server)
     desc.batch_size = 2
     calls = {"n": 0}
-    real = desc.describe
+    real = desc.describe_as_completed
 
     def describe(neurons):
         """Point the describer at a closed port from the second batch on."""
         calls["n"] += 1
         if calls["n"] == 2:
-            desc.url = "http://127.0.0.1:9/v1/chat/completions"  # discard port: refused
+            desc.client.base_url = "http://127.0.0.1:9/v1"  # discard port: refused
             desc.base_url = "http://127.0.0.1:9/v1"
         return real(neurons)
-    desc.describe = describe
+    desc.describe_as_completed = describe
     with pytest.raises(StageError, match="cannot reach"):
         run_stage(run, describer=desc)
-    desc.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    desc.client.base_url = f"http://127.0.0.1:{port}/v1"
     before = len(server.requests)
-    desc.describe = real
+    desc.describe_as_completed = real
     rows = run_stage(run, describer=desc)
     assert len(rows) == 6 and len(server.requests) - before == 4
 

@@ -3,13 +3,18 @@
 The repository's scripts are copied (with their timestamps) into a scratch tree so that touching a
 script in the test never touches the working copy.
 """
+import hashlib
 import os
+import re
 import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from common.provenance import read_meta
 from conftest import ROOT
 
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
@@ -30,10 +35,20 @@ def tree(tmp_path, image_folder):
     return root, [f"IMAGES={image_folder}", f"DATA={tmp_path / 'data'}", *FAST]
 
 
-def make(root, args, *extra):
-    """Run make in ``root``; return the completed process."""
+def make(root, args, *extra, env=None):
+    """Run make in ``root`` in a process group of its own (so that a fault can kill make and its
+    stages together); return the completed process."""
     return subprocess.run(["make", "--no-print-directory", *extra, *args], cwd=root,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, start_new_session=True,
+                          env=env)
+
+
+def run_folder(args):
+    """The run folder data/t of ``args``."""
+    return Path(next(a for a in args if a.startswith("DATA=")).split("=", 1)[1]) / "t"
+
+
+TEMPORARY = re.compile(r"\.tmp-|^\.cache\.|^\.01_part\.|^\.01_stats\.")  # old names too
 
 
 def commands(result):
@@ -85,3 +100,106 @@ def test_help_lists_targets_and_variables():
     assert result.returncode == 0
     for word in ("all", "test", "bench", "MODEL", "IMAGES", "LAYERS", "RUN"):
         assert word in result.stdout
+
+
+# Outputs that define each stage's result (compared between a killed and a resumed run).
+RESULTS = {"01_extract.py": ["01_activations.npz", "01_images.csv", "01_predictions.csv"],
+           "02_mosaics.py": ["02_mosaics.csv"], "03_describe.py": ["03_descriptions.csv"],
+           "04_embed.py": ["04_embeddings.npz"], "05_cluster.py": ["05_clusters.csv",
+                                                                  "05_keywords.csv"],
+           "06_trace.py": ["06_trace.csv"], "08_debug.py": ["08_confusion.csv"]}
+
+
+def digests(folder, names):
+    """SHA-256 of each named file in ``folder``."""
+    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_kill_at_any_stage_then_make_all_finishes_with_the_same_result(tree):
+    """SIGKILL of make and its stage (or of the stage alone) mid-write or between a stage's
+    outputs and its meta: `make -q all` is never true on the incomplete run, the next `make all`
+    completes, reproduces the outputs the killed stage had made, and leaves no temporary."""
+    root, args = tree
+    data = run_folder(args)
+    env = {**os.environ, "PYTHONPATH": str(root / "tests" / "faults")}
+    faults = [("01_extract.py", "replace=1", "all"),   # inside its scratch part folder
+              ("01_extract.py", "meta", "all"),
+              ("02_mosaics.py", "replace=3", "all"),   # a few mosaics written, cache present
+              ("02_mosaics.py", "meta", "stage"),      # make survives and cleans up
+              ("03_describe.py", "meta", "all"), ("04_embed.py", "meta", "all"),
+              ("05_cluster.py", "meta", "all"), ("06_trace.py", "meta", "all"),
+              ("08_debug.py", "replace=2", "all"),     # mid-report: a figure being written
+              ("08_debug.py", "meta", "all")]
+    killed_with = {}
+    for script, point, who in faults:
+        result = make(root, args, "all",
+                      env={**env, "ATLAS_FAULT": f"{script}:{point}", "ATLAS_FAULT_WHO": who})
+        assert result.returncode != 0, f"{script}:{point} was not reached"
+        assert script in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+        assert make(root, args, "-q", "all").returncode != 0, f"{script}:{point}"
+        assert not (data / script.replace(".py", ".meta.json")).exists()
+        if point == "meta" and who == "all":
+            assert all((data / n).exists() for n in RESULTS[script]), result.stderr[-3000:]
+            killed_with[script] = digests(data, RESULTS[script])
+    final = make(root, args, "all")
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert make(root, args, "-q", "all").returncode == 0
+    for script, before in killed_with.items():
+        assert digests(data, RESULTS[script]) == before, script
+    left = [str(p) for p in data.rglob("*") if TEMPORARY.search(p.name)]
+    assert left == []
+    for names in RESULTS.values():  # every output matches the meta written with it
+        for name in names:
+            read_meta(data / name)
+
+
+def test_one_writer_per_run_folder(tree, tmp_path):
+    """While another make holds the run folder, or a stage of an interrupted make still runs,
+    `make all` stops at once with a message and runs nothing."""
+    root, args = tree
+    data = run_folder(args)
+    other_make = subprocess.Popen(["sleep", "60"])
+    try:
+        held = subprocess.run([sys.executable, "-m", "common.runlock", "make", str(data),
+                               str(other_make.pid)], cwd=root, capture_output=True, text=True)
+        assert held.returncode == 0 and held.stdout.strip() == ""
+        second = make(root, args, "all")
+        assert second.returncode != 0
+        assert f"another make ({other_make.pid} make" in second.stderr
+        assert "already running" in second.stderr
+        assert not (data / "01_activations.npz").exists() and not (data / ".args").exists()
+    finally:
+        other_make.kill()
+        other_make.wait()
+    orphan = subprocess.Popen([sys.executable, "-m", "common.runlock", "stage", str(data), "--",
+                               "sleep", "60"], cwd=root)
+    try:
+        lock, deadline = data / ".stage.lock", time.time() + 10
+        while not (lock.exists() and "sleep" in lock.read_text()):  # the "stage" has started
+            assert time.time() < deadline
+            time.sleep(0.05)
+        blocked = make(root, args, "all")
+        assert blocked.returncode != 0 and "still writing" in blocked.stderr
+        assert not (data / "01_activations.npz").exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert make(root, args, "-n", "all").returncode == 0  # a dry run needs no lock
+
+    # Two real makes: while the first one's 01 runs, the second stops; 01 runs once.
+    slow = {**os.environ, "PYTHONPATH": str(root / "tests" / "faults"),
+            "ATLAS_FAULT": "01_extract.py:pause=4"}
+    first = subprocess.Popen(["make", "--no-print-directory", *args,
+                              str(data / "01_extract.meta.json")],  # stage 01 only
+                             cwd=root, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    lock, deadline = data / ".stage.lock", time.time() + 120
+    while not (lock.exists() and "01_extract.py" in lock.read_text()):
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = make(root, args, "all")
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode != 0 and "already running" in second.stderr
+    assert "01_extract.py" not in second.stdout
+    assert out.count("01_extract.py") == 1
