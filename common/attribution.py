@@ -1,0 +1,93 @@
+"""How much each neuron (channel) of a layer pushed a class's logit: activation × gradient.
+
+For an image, a layer's output ``a`` (C × H × W) and the logit ``y_k`` of class k, the relevance of
+channel c is
+
+    R_c = Σ_{h,w} a[c, h, w] · ∂y_k / ∂a[c, h, w]
+
+(gradient × input at the layer, summed over space). It is the first-order Taylor estimate of how
+much ``y_k`` would drop if the channel were switched off (set to zero): positive R_c means the
+channel pushed the image towards class k, negative that it held it back. For a network that is
+linear after the layer (e.g. global average pooling and a linear classifier) it is exact and the
+R_c of all channels add up to ``y_k`` minus the bias. The atlas uses it for misclassified images
+(which neurons drove the wrong class); per-class relevance reuses the same function.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from common.models import get_module
+
+
+@contextlib.contextmanager
+def _keep_outputs(model: nn.Module, layer_names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield a dict filled, at each forward pass, with each layer's output tensor in the graph.
+
+    The hook hands a clone on to the rest of the network, so that later in-place operations
+    (``out += identity``, ``ReLU(inplace=True)``) change the clone, not the kept tensor whose
+    gradient is asked for.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        """Hook that keeps ``name``'s output and returns a copy for the layers after it."""
+        def hook(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            kept[name] = output
+            return output.clone()
+        return hook
+
+    try:
+        for name in layer_names:
+            handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def channel_attribution(model: nn.Module, layer_names: Sequence[str], images: torch.Tensor,
+                        classes) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Activation × gradient of each image's class logit, summed over space, per layer.
+
+    ``images`` is a batch (B × 3 × H × W, already normalised for the model). ``classes`` holds the
+    class whose logit is explained, one per image (B,), or several such rows (T × B) to explain T
+    classes per image from a single forward pass. Returns ``{layer: B × C}`` relevances and the
+    explained logits (B,) — or ``T × B × C`` and ``T × B`` for T rows. Each image's logit depends
+    only on its own input in eval mode, so the gradient of the summed logits gives every image
+    its own gradient. The model's parameters get no gradient (only layer outputs are
+    differentiated).
+    """
+    device = next(model.parameters()).device
+    images = images.to(device)
+    classes = torch.as_tensor(classes, dtype=torch.long, device=device)
+    rows = classes if classes.ndim == 2 else classes[None]
+    relevances: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+    explained = []
+    with torch.enable_grad(), _keep_outputs(model, layer_names) as kept:
+        logits = model(images)
+        if logits.ndim != 2:
+            raise ValueError(f"the model returned a {tuple(logits.shape)} tensor; class logits "
+                             f"(batch × classes) are needed for attribution")
+        missing = [n for n in layer_names if n not in kept]
+        if missing:
+            raise ValueError(f"layers {missing} did not run in the forward pass")
+        for t, row in enumerate(rows):
+            chosen = logits.gather(1, row[:, None])[:, 0]
+            grads = torch.autograd.grad(chosen.sum(), [kept[n] for n in layer_names],
+                                        retain_graph=t + 1 < len(rows))
+            for name, grad in zip(layer_names, grads):
+                product = kept[name].detach() * grad
+                # Sum over every axis after the channel one (space; none for a B × C output).
+                relevances[name].append(
+                    product.reshape(product.shape[0], product.shape[1], -1).sum(2).float().cpu())
+            explained.append(chosen.detach().float().cpu())
+    if classes.ndim == 2:
+        return {n: torch.stack(v) for n, v in relevances.items()}, torch.stack(explained)
+    return {n: v[0] for n, v in relevances.items()}, explained[0]
