@@ -55,6 +55,12 @@ CONTROLS    ?= 3#                          11/13 random neuron sets of the same 
 PRUNE_IMAGES ?= 40#                        11/13 labelled images per class used by the causal checks
 UNION       ?=#                            11 two baskets whose union `make baskets` prints (UNION="_blocks.6:b1 _blocks.6:b2")
 DIFFERENCE  ?=#                            11 two baskets A B: `make baskets` prints the neurons of A not in B
+OTHER       ?=#                            12 the run compared with RUN by `make compare` (a name under DATA)
+COMPARE_KIND ?= fused#                     12 vectors compared: fused | text
+AUDIT       ?= examples/demo_audit.yaml#   13 concepts file: per class, valid and spurious concepts as text
+AUDIT_LAYER ?=#                            13 layer audited (empty: the deepest)
+AUDIT_TOP   ?= 20#                         13 most relevant neurons per class shown and checked
+AUDIT_MARGIN ?= 0#                         13 alignment above the empty-text baseline needed for a label
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
@@ -70,7 +76,7 @@ COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug eval baskets
+.PHONY: all test bench help clean venv search debug eval baskets compare audit no-other
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -176,6 +182,7 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_describe_embed.py
 	$(PY) bench/bench_cluster.py --threads 1
 	$(PY) bench/bench_score.py
+	$(PY) bench/bench_relevance.py
 
 data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
@@ -235,6 +242,26 @@ baskets: $(BASKETS) $(M11) ## neuron baskets in data/$(RUN)/11_*; UNION="A B" / 
 	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
 	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
 
+COMPARED := $(D)/12_compare__$(OTHER)/12_matches.csv
+compare: $(if $(OTHER),$(COMPARED),no-other) ## compare two runs: make compare RUN=a OTHER=b (both after make all)
+no-other:
+	@echo "make compare needs OTHER=<run> (a second run under $(DATA)/)"; exit 2
+$(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
+             $(DATA)/$(OTHER)/04_embeddings.npz $(DATA)/$(OTHER)/05_clusters.csv \
+             $(DATA)/$(OTHER)/09_summary.csv $(COMMON) | $(VENV)
+	$(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
+	    --kind $(COMPARE_KIND)
+
+RELEVANCE := $(D)/13_relevance.npz
+$(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) $(COMMON) | $(VENV)
+	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE)
+
+audit: $(RELEVANCE) $(EMBEDDINGS) $(M04) $(MOSAICS) $(AUDIT) 13_audit.py | $(VENV) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/
+	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --audit $(AUDIT) --out-dir $(D)/13_audit \
+	    $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) \
+	    --controls $(CONTROLS) --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) \
+	    --device $(DEVICE)
+
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
 	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
@@ -245,4 +272,4 @@ clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions 
 	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
 	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
 	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) \
-	    $(D)/11_*
+	    $(D)/11_* $(D)/12_* $(D)/13_*
