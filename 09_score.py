@@ -43,8 +43,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import read_csv, write_bytes, write_csv
-from common.provenance import merge_lineage, read_meta, write_meta
+from common.io import read_csv, sweep_temporaries, write_bytes, write_csv
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.09_score")
 
@@ -95,7 +95,7 @@ def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: P
                 mosaics: Path, descriptions: Path, embeddings: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
     from common.activations import read_activations
-    metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings)]
+    metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)
     rows = read_csv(images)
@@ -190,6 +190,7 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_cr
     neuron per sub-concept. Returns the index path.
     """
     from common.mosaics import paste_tiles, png_bytes
+    retract_meta(folder / "09_mosaics.meta.json")
     for old in folder.glob("*/"):
         if old.is_dir():
             shutil.rmtree(old)
@@ -272,11 +273,14 @@ def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> 
 
 def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
     """Give each sentence of a layer a control: the sentence of another neuron of the layer,
-    drawn at random (neurons' own sentences only, never one of the same neuron)."""
+    drawn at random among those whose words differ (an identical sentence would only tie), or
+    among all other neurons when every one says the same."""
     own = [i for i, s in enumerate(sentences) if s.subconcept == 0]
     for s in sentences:
         others = [i for i in own if sentences[i].channel != s.channel]
-        s.control = int(rng.choice(others)) if others else -1
+        differ = [i for i in others if sentences[i].text != s.text]
+        pool = differ or others
+        s.control = int(rng.choice(pool)) if pool else -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,18 +400,21 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
         max_subconcepts: int = 3, describe_args: str = "--backend offline",
         matcher: str = "offline", text_model: str = "all-MiniLM-L6-v2",
         eval_model: str = "all-mpnet-base-v2", seed: int = 0, device: str = "auto",
-        image_embedder=None, matcher_obj=None, eval_embedder=None, describe=None,
+        image_embedder=None, matcher_obj=None, eval_embedder=None,
         args: dict | None = None) -> dict:
     """Score every neuron; return {"scores": rows, "summary": rows, "eval": rows}.
 
-    ``image_embedder``, ``matcher_obj``, ``eval_embedder`` and ``describe`` (a function like
-    ``describe_subconcepts``) replace the ones this function would load — tests pass small ones.
+    ``image_embedder``, ``matcher_obj`` and ``eval_embedder`` replace the ones this function would
+    load — tests pass small ones.
     """
     from common import scores as S
     from common.embedders import load_image_embedder
     from common.triage import triage_layer
     inputs = read_inputs(activations, stats_dir, images, predictions, mosaics, descriptions,
                          embeddings)
+    meta_file = scores_out.parent / f"{STAGE}.meta.json"
+    sweep_temporaries(scores_out.parent, subconcepts)  # what a killed earlier run left half-written
+    retract_meta(meta_file)  # until the new one is written, 09 counts as not done
 
     # 1. Triage
     triage = {layer: triage_layer(layer_max_stats(stats_dir, layer)) for layer in inputs.layers}
@@ -449,7 +456,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             level = int(inputs.descriptions.get((layer, channel), {}).get("level") or 1)
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
-        sub_text = (describe or describe_subconcepts)(index, subconcepts, describe_args, levels)
+        sub_text = describe_subconcepts(index, subconcepts, describe_args, levels)
 
     # 4. Verification
     sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
@@ -571,7 +578,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     write_csv(scores_out, rows, SCORE_FIELDS)
     write_csv(summary_out, summary, SUMMARY_FIELDS)
     write_csv(eval_out, eval_rows, EVAL_FIELDS)
-    write_meta(scores_out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}),
+    write_meta(meta_file, STAGE, dict(args or {}),
                outputs=[scores_out, summary_out, eval_out], inputs=inputs.metas,
                embedder=embedder.name, embedder_space=embedder.space, matcher=match.name,
                n_subconcept_neurons=len(groups), poly_threshold=poly_threshold,

@@ -218,7 +218,7 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
     p = run_paths(run_dir)
     retract_meta(run_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
     sweep_temporaries(p["folder"])
-    metas = [read_meta(p["activations"])]
+    metas = [read_meta(p["activations"]), read_meta(p["stats"])]
     if p["descriptions"].is_file():
         metas.append(read_meta(p["descriptions"]))
     merge_lineage(metas)  # refuse 03 sentences of another run's mosaics

@@ -223,8 +223,7 @@ $(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M0
 	    $(ARGS_09)
 
 eval: $(SCORES) $(M09) ## final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
-	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" \
-	    $(D)/09_score.meta.json
+	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
 
 $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
                 $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(COMMON) | $(VENV)

@@ -228,8 +228,8 @@ def test_final_layer_eval_and_its_shuffled_control():
 
 def test_stage_on_the_fake_model(tmp_path, image_folder):
     """01 and 02 run for real on the fake model; 03/04 files are written here; 09 writes the
-    contract's columns, splits a planted two-pattern neuron and describes its sub-concepts
-    through the injected describer, with held-out verification beside a control."""
+    contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
+    a process) describe the sub-concept mosaics, with held-out verification beside a control."""
     from common.io import save_npz, write_csv
     from common.provenance import read_meta, write_meta
     run_dir = tmp_path / "run"
@@ -253,13 +253,6 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     write_meta(run_dir / "04_embed.meta.json", "04_embed", {"image_model": "cnn"},
                [run_dir / "04_embeddings.npz"], [read_meta(run_dir / "03_descriptions.csv")],
                image_model="fake-conv1")
-    asked = {}
-
-    def describe(index, folder, args, levels):
-        """Stand-in for 03: one sentence per sub-concept mosaic, and remember what was asked."""
-        asked.update(levels=levels, rows=list(csv.DictReader(open(index))))
-        return {(r["layer"], int(r["channel"])): f"sub {r['layer']}" for r in asked["rows"]}
-
     none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
     result = score.run(
         run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
@@ -268,7 +261,7 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
         run_dir / "09_scores.csv", run_dir / "09_summary.csv", run_dir / "09_eval.csv",
         run_dir / "09_subconcepts", crops=9, poly_threshold=0.0, image_embedder=ConvFeature(),
         matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
-        describe=describe)
+        describe_args="--backend offline")
     with open(run_dir / "09_scores.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert header[:len(score.SCORE_FIELDS)] == score.SCORE_FIELDS
@@ -277,13 +270,16 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     assert all(r["share"] == 1 and r["embedder"] == "fake-conv1" for r in neurons)
     subs = [r for r in result["scores"] if r["subconcept"] != ""]
     assert subs, "poly threshold 0 splits every neuron with enough crops"
+    described = {(r["layer"], int(r["channel"])): r
+                 for r in csv.DictReader(open(run_dir / "09_subconcepts" / "03_descriptions.csv"))}
     for r in subs:
-        assert r["description"] == f"sub relu1#{r['subconcept']}"
+        row = described[(f"relu1#{r['subconcept']}", r["channel"])]
+        assert row["backend"] == "offline" and row["level"] == "1"  # 03's level for relu1
+        assert r["description"] == row["description"] != ""
         assert (run_dir / r["mosaic"]).is_file()
     for channel in {r["channel"] for r in subs}:
         shares = [r["share"] for r in subs if r["channel"] == channel]
         assert sum(shares) == pytest.approx(1.0, abs=0.01)
-    assert set(asked["levels"].values()) == {1}
     red = neurons[0]
     assert red["verify_corr"] != "" and red["control_corr"] != ""
     assert red["n_held_out"] == 30 - 9  # 30 usable images, 9 in its mosaic
@@ -292,3 +288,21 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     assert result["eval"] == []
     meta = read_meta(run_dir / "09_scores.csv")
     assert meta["stage"] == "09_score" and "02_mosaics" in meta["lineage"]
+
+
+def test_controls_are_other_neurons_with_other_words():
+    """A control is never the neuron itself nor, while another exists, a sentence with the same
+    words; the draw is reproducible from the seed."""
+    shown = np.zeros(0, np.int64)
+    texts = ["red", "red", "blue", "red"]
+    def draw(seed):
+        """Controls of the four sentences plus a sub-concept of neuron 0."""
+        sents = [score.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
+        sents.append(score.Sentence("L", 0, 1, "blue", shown))
+        score.pick_controls(sents, np.random.default_rng(seed))
+        return [(s, sents[s.control]) for s in sents]
+    pairs = draw(0)
+    for s, control in pairs:
+        assert control.subconcept == 0 and control.channel != s.channel
+    assert all(control.text == "blue" for s, control in pairs if s.text == "red")
+    assert [c.channel for _, c in draw(0)] == [c.channel for _, c in pairs]
