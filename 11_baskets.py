@@ -134,16 +134,18 @@ def describe_mosaics(rows: list[dict], folder: Path, describe_args: str, levels:
 
 def prune_baskets(baskets: list[dict], channels: dict[str, int], run_dir: Path, n_prune: int,
                   n_controls: int, per_class: int, seed: int, device: str, batch_size: int,
-                  bundle=None) -> list[dict]:
+                  bundle=None, model: dict | None = None) -> list[dict]:
     """Zero the ``n_prune`` largest baskets of each layer, then as many random baskets of the
-    same size (``n_controls`` each, seeded) and report per-class accuracy changes."""
+    same size (``n_controls`` each, seeded) and report per-class accuracy changes. ``model``:
+    the model as the user names it again (``model``, ``weights``, ``unsafe_pickle``)."""
     from common.baskets import random_baskets
     from common.pruning import (class_name, labelled_images, load_run_model,
                                 per_class as class_stats, predict)
     chosen = [b for b in baskets if b["number"] <= n_prune]
     if not chosen:
         return []
-    bundle = bundle or load_run_model(read_meta(run_dir / "01_activations.npz"), device)
+    bundle = bundle or load_run_model(read_meta(run_dir / "01_activations.npz"),
+                                      device=device, **(model or {}))
     images = labelled_images(read_csv(run_dir / "01_predictions.csv"), bundle, per_class, seed)
     if not images.ids:
         raise StageError("no labelled image could be loaded for pruning")
@@ -207,7 +209,7 @@ def plot_tree(tree: np.ndarray, min_corr: float, layer: str, path: Path) -> None
 def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int = 64,
           describe_args: str = "--backend offline", prune: int = 2, controls: int = 3,
           prune_images: int = 40, seed: int = 0, device: str = "auto", batch_size: int = 32,
-          describe=None, bundle=None, args: dict | None = None) -> dict:
+          model: dict | None = None, describe=None, bundle=None, args: dict | None = None) -> dict:
     """Find, describe and prune the baskets of every layer of the run in ``run_dir``.
 
     ``describe`` (like ``common.describing.describe_index``) and ``bundle`` (the model) replace the
@@ -265,7 +267,7 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
         b["description"] = sentences.get((f"{b['layer']}:basket", b["number"]), "")
     channels = {layer: tops[layer].channels for layer in layers}
     pruning = prune_baskets(baskets, channels, run_dir, prune, controls, prune_images, seed,
-                            device, batch_size, bundle) if prune > 0 else []
+                            device, batch_size, bundle, model) if prune > 0 else []
     save_npz(p["tree"], trees)
     write_csv(p["baskets"], baskets, BASKET_FIELDS)
     write_csv(p["pruning"], pruning, PRUNE_FIELDS)
@@ -371,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample and controls")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    p.add_argument("--model", default=None, help="pruning: the model 01 ran, named again (needed "
+                   "when it is a file; make passes MODEL)")
+    p.add_argument("--weights", default=None, help="pruning: 01's weights file, named again")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="pruning: allow loading a whole pickled checkpoint (trusted files only)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
@@ -391,7 +398,8 @@ def main(argv=None):
         return
     result = build(run_dir, args.min_corr, args.grid, args.tile, args.describe_args, args.prune,
                    args.controls, args.prune_images, args.seed, args.device, args.batch_size,
-                   args=vars(args))
+                   model={"model": args.model, "weights": args.weights,
+                          "unsafe_pickle": args.unsafe_pickle}, args=vars(args))
     log.info("%d baskets; pruning rows: %d", len(result["baskets"]), len(result["pruning"]))
 
 

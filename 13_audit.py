@@ -85,16 +85,18 @@ def class_relevance(bundle, images, layers: list[str], batch_size: int,
     return out
 
 
-def run_relevance(run_dir: Path, batch_size: int = 32, device: str = "auto", bundle=None,
-                  args: dict | None = None) -> dict[str, np.ndarray]:
-    """Compute 13_relevance.npz for the run in ``run_dir`` (all labelled images, one pass)."""
+def run_relevance(run_dir: Path, batch_size: int = 32, device: str = "auto",
+                  model: dict | None = None, bundle=None, args: dict | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Compute 13_relevance.npz for the run in ``run_dir`` (all labelled images, one pass).
+    ``model``: the model as the user names it again (``model``, ``weights``, ``unsafe_pickle``)."""
     from common.activations import read_activations
     from common.pruning import labelled_images, load_run_model
     out = run_dir / "13_relevance.npz"
     retract_meta(run_dir / "13_relevance.meta.json")
     meta01 = read_meta(run_dir / "01_activations.npz")
     layers, _, _ = read_activations(run_dir / "01_activations.npz")
-    bundle = bundle or load_run_model(meta01, device)
+    bundle = bundle or load_run_model(meta01, device=device, **(model or {}))
     images = labelled_images(read_csv(run_dir / "01_predictions.csv"), bundle, 10 ** 9, seed=0)
     arrays = class_relevance(bundle, images, layers, batch_size)
     save_npz(out, arrays)
@@ -202,8 +204,9 @@ def confusions(stats: dict, class_names, limit: int = 3) -> str:
 
 def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | None = None,
               top: int = 20, margin: float = 0.0, controls: int = 3, per_class: int = 40,
-              seed: int = 0, batch_size: int = 32, device: str = "auto", text_embedder=None,
-              bundle=None, args: dict | None = None) -> dict:
+              seed: int = 0, batch_size: int = 32, device: str = "auto",
+              model: dict | None = None, text_embedder=None, bundle=None,
+              args: dict | None = None) -> dict:
     """Audit the classes of ``concepts_path`` on the run in ``run_dir``; write ``out_dir``.
 
     ``text_embedder`` and ``bundle`` replace the 04 text embedder and the model — tests pass
@@ -237,7 +240,7 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
         if (run_dir / "02_mosaics.csv").is_file() else {}
     embedder = text_embedder or load_text_embedder(str(emb["text_model"]), device=device)
     predictions = read_csv(run_dir / "01_predictions.csv")
-    bundle = bundle or load_run_model(metas[0], device)
+    bundle = bundle or load_run_model(metas[0], device=device, **(model or {}))
     class_idx = resolve_classes(concepts, predictions, bundle.class_names)
     matrix = rel[f"{layer}/relevance"]
     n_channels = matrix.shape[1]
@@ -396,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--run-dir", required=True, help="the run's folder (data/<RUN>)")
         q.add_argument("--batch-size", type=int, default=32, help="images per pass")
         q.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+        q.add_argument("--model", default=None, help="the model 01 ran, named again (needed "
+                       "when it is a file; make passes MODEL)")
+        q.add_argument("--weights", default=None, help="01's weights file, named again")
+        q.add_argument("--unsafe-pickle", action="store_true",
+                       help="allow loading a whole pickled checkpoint (trusted files only)")
         q.add_argument("--verbose", action="store_true", help="debug logging")
     a.add_argument("--audit", required=True, help="concepts file (YAML)")
     a.add_argument("--out-dir", required=True, help="folder for the audit's files")
@@ -418,12 +426,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     keep_freed_memory()
+    model = {"model": args.model, "weights": args.weights, "unsafe_pickle": args.unsafe_pickle}
     if args.command == "relevance":
-        run_relevance(Path(args.run_dir), args.batch_size, args.device, args=vars(args))
+        run_relevance(Path(args.run_dir), args.batch_size, args.device, model, args=vars(args))
         return
     run_audit(Path(args.run_dir), Path(args.audit), Path(args.out_dir), args.layer, args.top,
               args.margin, args.controls, args.images_per_class, args.seed, args.batch_size,
-              args.device, args=vars(args))
+              args.device, model, args=vars(args))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,10 @@ quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
-ARGS_11 := --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
+# 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
+MODEL_AGAIN := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
+ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
            --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
@@ -253,13 +256,14 @@ $(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)
 
 RELEVANCE := $(D)/13_relevance.npz
 $(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) $(COMMON) | $(VENV)
-	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE)
+	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
+	    $(MODEL_AGAIN)
 
 audit: $(RELEVANCE) $(EMBEDDINGS) $(M04) $(MOSAICS) $(AUDIT) 13_audit.py | $(VENV) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/
 	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --audit $(AUDIT) --out-dir $(D)/13_audit \
 	    $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) \
 	    --controls $(CONTROLS) --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) \
-	    --device $(DEVICE)
+	    --device $(DEVICE) $(MODEL_AGAIN)
 
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \

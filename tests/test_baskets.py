@@ -168,3 +168,15 @@ def test_pruning_the_red_channel_breaks_the_red_class_only(fake_run):
     assert by_class[1]["accuracy_pruned"] == by_class[1]["accuracy_before"]
     assert by_class[1]["accuracy_random"] < by_class[1]["accuracy_before"]
     assert by_class[0]["controls"] == "1"
+
+
+def test_the_model_file_is_loaded_only_when_named_again(fake_run):
+    """01 ran a model file: its meta alone does not make 11 import that code; naming it does."""
+    from common.cli import StageError
+    from common.provenance import read_meta
+    from common.pruning import load_run_model
+    meta = read_meta(fake_run / "01_activations.npz")
+    with pytest.raises(StageError, match="pass --model"):
+        load_run_model(meta, device="cpu")
+    bundle = load_run_model(meta, model=FAKE_MODEL, device="cpu")
+    assert bundle.input_size == 32
