@@ -45,6 +45,9 @@ from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 log = logging.getLogger("neuron-atlas.13_audit")
 
 LABELS = ("valid", "spurious", "both", "unexpected")
+MARGIN = 0.2  # with 04's sentence embedder an unrelated concept still gains ~0.1 over the empty
+              # text (demo: median 0.1, 90th percentile 0.2), so SemanticLens's 0 labels nearly
+              # every neuron "both"; 0.2 keeps the labels for concepts the sentence is about
 AUDIT_FIELDS = ["class_name", "class_idx", "layer", "channel", "relevance", "rank", "label",
                 "valid_alignment", "valid_concept", "spurious_alignment", "spurious_concept",
                 "description"]
@@ -203,7 +206,7 @@ def confusions(stats: dict, class_names, limit: int = 3) -> str:
 
 
 def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | None = None,
-              top: int = 20, margin: float = 0.0, controls: int = 3, per_class: int = 40,
+              top: int = 20, margin: float = MARGIN, controls: int = 3, per_class: int = 40,
               seed: int = 0, batch_size: int = 32, device: str = "auto",
               model: dict | None = None, text_embedder=None, bundle=None,
               args: dict | None = None) -> dict:
@@ -380,7 +383,7 @@ def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int
     body = (f"<h1>Audit of class {esc(row['class_name'])}</h1>"
             + html_table(["fact", "value"], [{"fact": k, "value": v} for k, v in facts])
             + "<h2>Most relevant neurons</h2>"
-            + html_table(columns + ["mosaic"], table, raw=["mosaic"],
+            + html_table(columns[:2] + ["mosaic"] + columns[2:], table, raw=["mosaic"],
                          numeric=["rank", "channel", "relevance", "valid_alignment",
                                   "spurious_alignment"]))
     write_text(folder / "report.html", html_page(f"Audit: {row['class_name']}", body))
@@ -410,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--layer", default=None, help="layer audited (default: the deepest one)")
     a.add_argument("--top", type=int, default=20, help="most relevant neurons per class shown "
                    "and checked")
-    a.add_argument("--margin", type=float, default=0.0, help="alignment above which a neuron is "
-                   "labelled with a concept (0: better than the empty text, as in SemanticLens)")
+    a.add_argument("--margin", type=float, default=MARGIN, help="alignment above which a neuron "
+                   "is labelled with a concept (0: any gain over the empty text, as in "
+                   "SemanticLens)")
     a.add_argument("--controls", type=int, default=3, help="random sets of the same size zeroed")
     a.add_argument("--images-per-class", type=int, default=40,
                    help="labelled images of a class re-run by the causal check")
