@@ -176,8 +176,8 @@ def plot_alignment(ab: np.ndarray, ba: np.ndarray, layers_a: list[str], layers_b
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * (len(layers_a) + len(layers_b)),
-                                            1.5 + 0.6 * max(len(layers_a), len(layers_b))))
+    side = max(len(layers_a), len(layers_b))
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * side, 1.8 + 0.7 * side))
     low = float(np.nanmin([ab.min(), ba.min()]))
     for ax, mat, rows, cols, title in ((axes[0], ab, layers_a, layers_b, f"{names[0]} → {names[1]}"),
                                        (axes[1], ba, layers_b, layers_a, f"{names[1]} → {names[0]}")):
