@@ -316,7 +316,7 @@ def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: 
         layers = sorted({layer for layer, _ in members})
         columns = np.concatenate([np.asarray(layer_stats(p["stats"], layer)[
             :, [c for ly, c in members if ly == layer]]) for layer in layers], axis=1)
-        ids, scores, hits = joint_images(columns, grid * grid)
+        ids, _, hits = joint_images(columns, grid * grid)
         paths = [r["path"] for r in read_csv(p["images"])]
         png, placed = image_mosaic(ids, paths, grid, tile, {})
         write_bytes(folder / "mosaic.png", png)
