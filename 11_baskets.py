@@ -40,7 +40,8 @@ from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 log = logging.getLogger("neuron-atlas.11_baskets")
 
 STAGE = "11_baskets"
-BASKET_FIELDS = ["basket", "layer", "number", "size", "members", "cohesion", "join_corr",
+BASKET_FIELDS = ["basket", "layer", "number", "size", "members", "cohesion", "random_cohesion",
+                 "join_corr",
                  "node", "parent", "depth", "sibling_members", "joint_hits", "top_images",
                  "mosaic", "description"]
 PRUNE_FIELDS = ["basket", "layer", "size", "class_idx", "class_name", "n_images",
@@ -216,7 +217,7 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
     ones this function would use — tests pass small ones. Returns {"baskets", "pruning"} rows.
     """
     from common.activations import read_activations
-    from common.baskets import cluster, correlation, joint_images
+    from common.baskets import cluster, correlation, joint_images, random_baskets
     p = run_paths(run_dir)
     retract_meta(run_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
     sweep_temporaries(p["folder"])
@@ -241,6 +242,9 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
         log.info("%s: %d baskets of ≥ 2 neurons (%d of %d neurons in one)", layer, len(found),
                  sum(len(b.members) for b in found), corr.shape[0])
         for b in found:
+            # The seed's random-index baseline: the same measure on random sets of the same size.
+            chance = [corr[np.ix_(r, r)][~np.eye(len(r), dtype=bool)].mean()
+                      for r in random_baskets(corr.shape[0], len(b.members), 20, seed + b.number)]
             ids, _, hits = joint_images(np.asarray(stats[:, b.members]), grid * grid)
             png, placed = image_mosaic(ids, paths, grid, tile, cache)
             mosaic = folder / safe_name(layer) / f"b{b.number}.png"
@@ -253,6 +257,7 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
                             "size": len(b.members), "channel_list": b.members,
                             "members": " ".join(map(str, b.members)),
                             "cohesion": round(b.cohesion, 4),
+                            "random_cohesion": round(float(np.mean(chance)), 4),
                             "join_corr": round(b.join_corr, 4) if np.isfinite(b.join_corr) else "",
                             "node": b.node, "parent": b.parent, "depth": b.depth,
                             "sibling_members": " ".join(map(str, b.sibling_members)),

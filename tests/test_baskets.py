@@ -113,6 +113,7 @@ def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
     assert [(b["basket"], b["channel_list"]) for b in baskets] == [("relu1:b1", [1, 2, 3])]
     b = baskets[0]
     assert (fake_run / b["mosaic"]).is_file() and b["cohesion"] > 0.9
+    assert b["random_cohesion"] < b["cohesion"]  # random triples of relu1 include the red channel
     assert b["description"] == "relu1:basket 1" and b["sibling_members"] == "0"
     rows = result["pruning"]
     assert {r["class_idx"] for r in rows} == {0, 1, 2}
