@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.activations import read_activations
+from common.artefacts import read_activations, read_images
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import read_csv, sweep_temporaries, temp_dir, write_bytes, write_csv
+from common.io import sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.rf import RF, field_box  # noqa: I001 - imported before workers fork, not in each
@@ -300,7 +300,7 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     unknown = [name for name in chosen if name not in tops]
     if unknown:
         raise StageError(f"layers {unknown} are not in {activations}; it has {all_layers}")
-    image_rows = read_csv(images_csv)
+    image_rows = read_images(images_csv)
     n_tiles = grid * grid
 
     needed = sorted({int(i) for name in chosen for i in np.unique(tops[name].image_ids[:, :n_tiles])
@@ -335,7 +335,7 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     retract_meta(meta_file)  # mosaics are replaced from here on
     try:
         make_cache(cache_dir, len(needed), size, shrunk_sizes)
-        decode_tasks = [(slot, image_rows[image_id]["path"], tuple(sorted(shrunk_of_slot[slot])))
+        decode_tasks = [(slot, image_rows[image_id].path, tuple(sorted(shrunk_of_slot[slot])))
                         for image_id, slot in slot_of.items()]
         for slot, error in pool_map(_decode, decode_tasks, workers, (str(cache_dir), size),
                                     "02 decode"):

@@ -48,10 +48,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common import artefacts
 from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
                         setup_logging, shard_slice)
 from common.appearance import PALETTE, colour_codes
-from common.io import DiskFull, read_csv, sweep_temporaries, write_csv
+from common.io import DiskFull, sweep_temporaries, write_csv
 from common.mosaics import cut_tiles, load_mosaic
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.report import plain_text
@@ -796,12 +797,8 @@ def is_done(records: Sequence[dict], key: str) -> bool:
 
 def read_predictions(path: Path) -> dict[int, tuple[list[int], list[float]]]:
     """image id → (top-5 class indices, probabilities) from 01_predictions.csv."""
-    out = {}
-    for row in read_csv(path):
-        if row.get("top5_idx"):
-            out[int(row["image_id"])] = ([int(v) for v in row["top5_idx"].split()],
-                                         [float(v) for v in row["top5_prob"].split()])
-    return out
+    return {p.image_id: (list(p.top5_idx), list(p.top5_prob))
+            for p in artefacts.read_predictions(path) if p.top5_idx}
 
 
 def covers_whole_input(rf: np.ndarray, ys: np.ndarray, xs: np.ndarray,
@@ -828,22 +825,17 @@ def is_reference_model(meta01: dict) -> bool:
 def make_neurons(mosaics_csv: Path, prompts: dict, levels_text: str, domain: str, keywords: str,
                  activations: Path | None) -> tuple[list[Neuron], dict[str, int]]:
     """One Neuron per mosaic row, with its level, prompt and (if known) top image ids."""
-    rows = read_csv(mosaics_csv)
+    rows = artefacts.read_mosaics(mosaics_csv)
     if not rows:
         raise StageError(f"{mosaics_csv} lists no mosaics; re-run stage 02")
-    order = list(dict.fromkeys(r["layer"] for r in rows))
-    tops, input_size = {}, (0, 0)
+    model_order, tops, input_size = [], {}, (0, 0)
     if activations is not None:
-        from common.activations import read_activations
-        model_order, input_size, tops = read_activations(activations)
-        order = [name for name in model_order if name in set(order)] + \
-            [name for name in order if name not in model_order]
+        model_order, input_size, tops = artefacts.read_activations(activations)
+    order = artefacts.order_layers((r.layer for r in rows), model_order)
     levels = assign_levels(order, len(prompts["levels"]), parse_levels(levels_text))
     neurons = []
     for r in rows:
-        layer, channel = r["layer"], int(r["channel"])
-        grid = int(str(r["grid"]).lower().split("x")[0])
-        n_tiles = int(r["n_tiles"])
+        layer, channel, grid, n_tiles = r.layer, r.channel, r.grid, r.n_tiles
         top_ids, whole = np.zeros(0, np.int64), np.zeros(0, bool)
         if layer in tops:
             top = tops[layer]
@@ -851,8 +843,7 @@ def make_neurons(mosaics_csv: Path, prompts: dict, levels_text: str, domain: str
             whole = covers_whole_input(top.rf, top.y[channel, :grid * grid],
                                        top.x[channel, :grid * grid], input_size) & (top_ids >= 0)
         neurons.append(Neuron(layer=layer, channel=channel, level=levels[layer],
-                              mosaic=mosaics_csv.parent / r["path"], grid=grid,
-                              tile_px=int(r["tile_px"]), n_tiles=n_tiles,
+                              mosaic=r.path, grid=grid, tile_px=r.tile_px, n_tiles=n_tiles,
                               prompt=build_prompt(prompts, levels[layer], domain, keywords),
                               top_ids=top_ids, whole=whole))
     return neurons, levels

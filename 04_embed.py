@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.artefacts import Embeddings, Mosaic, read_descriptions, read_mosaics, write_embeddings
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.embedders import embed_crops, fuse, l2_normalise, same_space
-from common.io import read_csv, save_npz, sweep_temporaries
-from common.mosaics import cut_tiles, load_mosaic
+from common.io import sweep_temporaries
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.04_embed")
@@ -59,20 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def mosaic_tiles(path: Path, grid: int, tile_px: int, n_tiles: int) -> list[Image.Image]:
-    """The first ``n_tiles`` crops of a mosaic, row by row."""
-    return [Image.fromarray(t) for t in cut_tiles(load_mosaic(path), grid, tile_px, n_tiles)]
-
-
-def cnn_image_vectors(embedder, mosaics: list[dict], folder: Path, n_tiles: int) -> np.ndarray:
+def cnn_image_vectors(embedder, mosaics: list[Mosaic], n_tiles: int) -> np.ndarray:
     """Per neuron: the normalised mean of the CNN features of its top ``n_tiles`` crops.
 
     Crops are embedded by ``common.embedders.embed_crops``: at their own size, each distinct crop
     only once.
     """
-    per_neuron = [mosaic_tiles(folder / m["path"], int(str(m["grid"]).split("x")[0]),
-                               int(m["tile_px"]), min(int(m["n_tiles"]), n_tiles))
-                  for m in mosaics]
+    per_neuron = [[Image.fromarray(t) for t in m.tiles(n_tiles)] for m in mosaics]
     vectors = embed_crops(embedder, [t for tiles in per_neuron for t in tiles], desc="04 crops")
     out = np.zeros((len(mosaics), embedder.dim), np.float32)
     start = 0
@@ -94,15 +87,16 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     from common.embedders import load_image_embedder, load_text_embedder
     metas = [read_meta(descriptions), read_meta(mosaics)]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
-    rows = [r for r in read_csv(descriptions) if r["status"] == "ok" and r["description"].strip()]
-    n_failed = len(read_csv(descriptions)) - len(rows)
+    described = read_descriptions(descriptions)
+    rows = [r for r in described if r.ok]
+    n_failed = len(described) - len(rows)
     if not rows:
         raise StageError(f"{descriptions} has no successful descriptions to embed; re-run 03")
     if n_failed:
         log.warning("%d neurons without a description are left out (rerun 03 to retry them)",
                     n_failed)
-    index = {(m["layer"], int(m["channel"])): m for m in read_csv(mosaics)}
-    missing = [(r["layer"], r["channel"]) for r in rows if (r["layer"], int(r["channel"])) not in index]
+    index = {m.key: m for m in read_mosaics(mosaics)}
+    missing = [r.key for r in rows if r.key not in index]
     if missing:
         raise StageError(f"{len(missing)} described neurons have no mosaic in {mosaics} (e.g. "
                          f"{missing[0]}): descriptions and mosaics come from different runs")
@@ -110,31 +104,26 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     image_embedder = image_embedder or load_image_embedder(image_model, device=device)
 
     log.info("text embedding with %s (%d-d)", text_embedder.name, text_embedder.dim)
-    text = text_embedder.encode([r["description"] for r in rows])
-    chosen = [index[(r["layer"], int(r["channel"]))] for r in rows]
+    text = text_embedder.encode([r.description for r in rows])
+    chosen = [index[r.key] for r in rows]
     log.info("image embedding with %s (%s, %d-d)", image_embedder.name, image_embedder.space,
              image_embedder.dim)
     if image_embedder.space == "cnn":
-        image = cnn_image_vectors(image_embedder, chosen, mosaics.parent, image_tiles)
+        image = cnn_image_vectors(image_embedder, chosen, image_tiles)
     else:
         images = []
         for m in tqdm(chosen, desc="04 mosaics", unit="mosaic", disable=None):
-            with Image.open(mosaics.parent / m["path"]) as im:
+            with Image.open(m.path) as im:
                 images.append(im.convert("RGB"))
         image = image_embedder.encode(images)
     shared = same_space(text_embedder, image_embedder)
     fused, rule = fuse(text, image, shared)
-    arrays = {
-        "layer": np.array([r["layer"] for r in rows]),
-        "channel": np.array([int(r["channel"]) for r in rows], np.int64),
-        "text": text.astype(np.float32), "image": image.astype(np.float32),
-        "fused": fused.astype(np.float32),
-        "text_model": np.array(text_embedder.name), "image_model": np.array(image_embedder.name),
-        "fusion": np.array(rule),
-    }
     sweep_temporaries(out.parent)  # what a killed earlier run left half-written
     retract_meta(out.parent / f"{STAGE}.meta.json")
-    save_npz(out, arrays)
+    arrays = write_embeddings(out, Embeddings(
+        layer=np.array([r.layer for r in rows]), channel=np.array([r.channel for r in rows]),
+        text=text, image=image, fused=fused, text_model=text_embedder.name,
+        image_model=image_embedder.name, fusion=rule))
     why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
            "text and image vectors come from different spaces: normalised halves concatenated")
     write_meta(out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}), outputs=[out],

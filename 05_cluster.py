@@ -16,7 +16,9 @@ Writes, in --out-dir
 For every layer and embedding kind, KMeans is fitted for a bracketing set of k values and the k with
 the best cosine silhouette is kept: a geometric grid over [--k-min, --k-max] first, then finer
 grids around the best peaks of the curve until their neighbours are all fitted: tens of fits
-instead of one per k. Metrics: cohesion (mean pairwise cosine inside a cluster, averaged over the
+instead of one per k. Neurons whose embeddings are (nearly) identical — the same sentence — are
+one KMeans point weighted by their number, so they share a cluster and cost one point. Metrics (of
+all neurons, each counting once): cohesion (mean pairwise cosine inside a cluster, averaged over the
 clusters with two or more members), cosine silhouette, Davies–Bouldin, and the adjusted Rand index
 between the text and the fused partitions of the layer. Keywords: TF-IDF with one document per
 neuron, English stop words and method filler ("neuron", "patches", "image"…) removed. Categories:
@@ -38,8 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artefacts import (CategoryRow, ClusterRow, Embeddings, KeywordRow, KSearchRow,
+                              MetricRow, columns, order_layers, read_descriptions,
+                              read_embeddings, read_layer_order)
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import atomic_path, read_csv, sweep_temporaries, write_csv
+from common.io import atomic_path, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.05_cluster")
@@ -47,10 +52,13 @@ log = logging.getLogger("neuron-atlas.05_cluster")
 KINDS = ("text", "fused")  # embedding kinds clustered, in this order
 NLI_TEMPLATE = "This neuron responds to {}."  # hypothesis the NLI model scores for each category
 PHRASE_TEMPLATE = "a neuron that responds to {}"  # sentence embedded per category in the fallback
-SEARCH_TOLERANCE = 0.05  # a second silhouette peak this close to the best is refined too
+DUPLICATE_COSINE = 0.9999  # embeddings at least this close are one point with a weight in KMeans
+SEARCH_TOLERANCE = 0.01  # a second silhouette peak this close to the best is refined too
 SEARCH_PEAKS = 2  # peaks refined per round of the k search (the best and the runner-up)
+REFINE_POINTS = 4  # k values per bracket in the later rounds, ends included: few costly fits per round
 UMAP_MIN_POINTS = 5  # below this, a 2-D PCA is used instead of UMAP (UMAP needs a neighbour graph)
 MAP_POINT_SIZE = 12  # marker size on the 2-D maps
+TOKEN_PATTERN = r"(?u)\b[^\W\d_]{2,}(?:-[^\W\d_]+)*\b"  # words of 2+ letters; man-made: one term
 KEYWORD_BARS = 20  # terms shown in the per-layer keyword chart (all --n-keywords are in the CSV)
 
 DEFAULT_CATEGORIES = {  # name -> phrase that the embedding fallback compares descriptions with
@@ -68,8 +76,9 @@ DEFAULT_CATEGORIES = {  # name -> phrase that the embedding fallback compares de
                        "circles or fur",
 }
 
-# Words that every description of this pipeline uses to talk about the method rather than the
-# concept; left in, they would top every layer's keyword list.
+# Words about the method rather than the concept, in the vocabulary of the prompts any describer
+# answers, and hedges; left in, they would top every layer's keyword list. A describer's own
+# template words are found in the run itself (``template_words``).
 FILLER_WORDS = frozenset("""
 neuron neurons patch patches image images picture pictures photo photos mosaic mosaics crop crops
 tile tiles layer layers selective selectivity activate activates activated activating activation
@@ -79,8 +88,9 @@ showing depict depicts depicting feature features featuring featured contain con
 various variety visible like including include includes typically often mostly mainly
 predominantly primarily generally focus focused focusing present presence seen common commonly
 different multiple distinct recognizable specific particular related overall example examples
-classified classifier confidence top mix also such
-""".split())  # the last line: the wording of the offline describer's deep-layer sentences
+mix also such mostly
+""".split())
+TEMPLATE_SHARE = 0.8  # a word in more than this share of two layers' descriptions is describer wording
 
 
 @dataclass
@@ -123,56 +133,28 @@ def parse_categories(text: str) -> dict[str, str]:
     return categories
 
 
-def read_layer_order(activations_path: str | Path | None) -> list[str]:
-    """The model's layer order from 01_activations.npz (only its ``layers`` array is read)."""
-    if activations_path is None:
-        return []
-    path = Path(activations_path)
-    if not path.exists():
-        raise StageError(f"{path} does not exist; drop --activations to order layers by the "
-                         "descriptions file instead")
-    with np.load(path, allow_pickle=False) as data:
-        if "layers" not in data.files:
-            raise StageError(f"{path} has no 'layers' array; is it an 01_activations.npz?")
-        return [str(name) for name in data["layers"]]
-
-
-def order_layers(found: list[str], model_order: list[str]) -> list[str]:
-    """Layers of ``found`` (first-appearance order) sorted by ``model_order`` where it knows them."""
-    rank = {name: i for i, name in enumerate(model_order)}
-    first = {name: i for i, name in enumerate(dict.fromkeys(found))}
-    return sorted(first, key=lambda name: (rank.get(name, len(rank)), first[name]))
-
-
 def load_layers(descriptions_path: str | Path, embeddings_path: str | Path,
-                model_order: list[str]) -> tuple[list[LayerData], dict[str, np.ndarray], dict]:
+                model_order: list[str]) -> tuple[list[LayerData], Embeddings, dict]:
     """Join descriptions and embeddings on (layer, channel) and split them by layer.
 
     Only neurons with an ``ok`` description, an embedding row, and finite, non-zero text and fused
     vectors are kept; the others are counted in the returned ``skipped`` dict. Vectors are
     re-normalised so that dot products are cosines even if a row was stored slightly off unit length.
-    Also returns the raw npz arrays (for the embedder name).
+    Also returns the embeddings read (for the embedder name).
     """
-    rows = read_csv(descriptions_path)
-    missing = {"layer", "channel", "description", "status"} - set(rows[0] if rows else {})
-    if not rows or missing:
-        raise StageError(f"{descriptions_path} is empty or lacks columns {sorted(missing)}; "
-                         "re-run 03_describe")
-    npz = dict(np.load(embeddings_path, allow_pickle=False))
-    for key in ("layer", "channel", *KINDS):
-        if key not in npz:
-            raise StageError(f"{embeddings_path} has no '{key}' array; re-run 04_embed")
-    index = {(str(layer), int(ch)): i
-             for i, (layer, ch) in enumerate(zip(npz["layer"], npz["channel"]))}
+    rows = read_descriptions(descriptions_path)
+    if not rows:
+        raise StageError(f"{descriptions_path} lists no neuron; re-run 03_describe")
+    emb = read_embeddings(embeddings_path)
+    index = {key: i for i, key in enumerate(emb.keys())}
     skipped = {"failed description": 0, "no embedding": 0, "bad vector": 0, "duplicate row": 0}
     picked: dict[str, list[tuple[int, str, int]]] = {}
     seen = set()
     for row in rows:
-        text = (row.get("description") or "").strip()
-        if row["status"] != "ok" or not text:
+        if not row.ok:
             skipped["failed description"] += 1
             continue
-        key = (row["layer"], int(row["channel"]))
+        key = row.key
         if key in seen:
             skipped["duplicate row"] += 1
             continue
@@ -181,31 +163,23 @@ def load_layers(descriptions_path: str | Path, embeddings_path: str | Path,
             skipped["no embedding"] += 1
             continue
         i = index[key]
-        norms = [np.linalg.norm(npz[kind][i]) for kind in KINDS]
+        norms = [np.linalg.norm(getattr(emb, kind)[i]) for kind in KINDS]
         if not all(np.isfinite(n) and n > 0 for n in norms):
             skipped["bad vector"] += 1
             continue
-        picked.setdefault(row["layer"], []).append((key[1], text, i))
+        picked.setdefault(row.layer, []).append((row.channel, row.description.strip(), i))
     layers = []
-    found = [r["layer"] for r in rows if r["layer"] in picked]
+    found = [r.layer for r in rows if r.layer in picked]
     for name in order_layers(found, model_order):
         items = sorted(picked[name])
         idx = np.array([i for _, _, i in items])
         vectors = {}
         for kind in KINDS:
-            mat = np.asarray(npz[kind][idx], dtype=np.float64)
+            mat = np.asarray(getattr(emb, kind)[idx], dtype=np.float64)
             vectors[kind] = mat / np.linalg.norm(mat, axis=1, keepdims=True)
         layers.append(LayerData(name, np.array([c for c, _, _ in items], dtype=np.int64),
                                 [t for _, t, _ in items], vectors))
-    return layers, npz, skipped
-
-
-def cosine_distance_matrix(x: np.ndarray) -> np.ndarray:
-    """Pairwise cosine distances of unit rows, clipped at 0 with an exact zero diagonal."""
-    dist = 1.0 - x @ x.T
-    np.clip(dist, 0.0, 2.0, out=dist)
-    np.fill_diagonal(dist, 0.0)
-    return dist
+    return layers, emb, skipped
 
 
 def cohesion(x: np.ndarray, labels: np.ndarray) -> float:
@@ -226,8 +200,41 @@ def cohesion(x: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def fit_kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray, float]:
-    """KMeans labels and inertia for one k (seeded, so reruns give the same partition)."""
+@dataclass
+class Deduplicated:
+    """A layer's vectors with near-identical rows merged into one weighted point."""
+    points: np.ndarray   # one row per group: the mean of its members
+    weights: np.ndarray  # members per group
+    inverse: np.ndarray  # group of each original row
+
+
+def deduplicate(x: np.ndarray) -> Deduplicated:
+    """Group the unit rows of ``x`` whose cosine is at least DUPLICATE_COSINE (greedy, in row order:
+    each row not yet grouped takes every ungrouped row that close to it).
+
+    Identical descriptions have identical embeddings; a layer where hundreds of neurons say the
+    same sentence is then clustered as a handful of weighted points. A group of one keeps its row
+    exactly, so a layer without duplicates is clustered as before.
+    """
+    close = (x @ x.T) >= DUPLICATE_COSINE
+    group = np.full(len(x), -1, dtype=np.int64)
+    n_groups = 0
+    for i in range(len(x)):
+        if group[i] < 0:
+            group[close[i] & (group < 0)] = n_groups
+            n_groups += 1
+    weights = np.bincount(group, minlength=n_groups)
+    points = np.zeros((n_groups, x.shape[1]))
+    np.add.at(points, group, x)
+    return Deduplicated(points / weights[:, None], weights, group)
+
+
+def fit_kmeans(data: Deduplicated, k: int, seed: int, n_init: int) -> tuple[np.ndarray, float]:
+    """KMeans labels (of the original rows) and inertia for one k, seeded.
+
+    KMeans runs on the merged points weighted by their multiplicity: for exact duplicates this is
+    the same objective as on every row, at the cost of the distinct rows only.
+    """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
@@ -235,8 +242,9 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarra
         # near-duplicate embeddings make KMeans warn about empty clusters; silhouette judges that k
         warnings.simplefilter("ignore", ConvergenceWarning)
         # float32 halves the memory traffic of Lloyd iterations; cosines need no more precision
-        model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x.astype(np.float32))
-    return model.labels_.astype(np.int64), float(model.inertia_)
+        model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(
+            data.points.astype(np.float32), sample_weight=data.weights)
+    return model.labels_.astype(np.int64)[data.inverse], float(model.inertia_)
 
 
 def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
@@ -249,19 +257,18 @@ def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
     return float(silhouette_score(dist, labels, metric="precomputed"))
 
 
-def k_range(x: np.ndarray, k_min: int, k_max: int) -> tuple[int, int, str]:
-    """The k values that can be tried on ``x``, and why none can when the range is empty.
+def k_range(n: int, distinct: int, k_min: int, k_max: int) -> tuple[int, int, str]:
+    """The k values that can be tried on ``n`` rows of which ``distinct`` differ, and why none can
+    when the range is empty.
 
     The silhouette needs 2 ≤ k ≤ n − 1, and KMeans cannot find more clusters than distinct points.
     """
-    n = len(x)
-    distinct = len(np.unique(np.round(x, 6), axis=0))
     hi = min(k_max, n - 1, distinct)
     lo = max(k_min, 2)
     if hi >= lo:
         return lo, hi, ""
     if distinct == 1 and n > 1:
-        reason = f"all {n} embeddings are identical (identical descriptions?)"
+        reason = f"all {n} embeddings are (nearly) identical (identical descriptions?)"
     elif distinct < n:
         reason = f"only {distinct} distinct embeddings among {n} neurons"
     else:
@@ -278,23 +285,24 @@ def candidate_ks(lo: int, hi: int, points: int, geometric: bool) -> list[int]:
     return sorted({int(round(v)) for v in grid} | {lo, hi})
 
 
-def search_k(x: np.ndarray, dist: np.ndarray, lo: int, hi: int, seed: int, n_init: int,
+def search_k(data: Deduplicated, dist: np.ndarray, lo: int, hi: int, seed: int, n_init: int,
              points: int) -> tuple[int, np.ndarray, dict[int, tuple[float, float]]]:
     """Find the k in [lo, hi] with the highest silhouette by coarse-to-fine bracketing.
 
-    Round one fits a geometric grid (the best k of a layer can be 5 or 500). Each later round
-    takes the best local peak of the fitted curve, and the runner-up peak if it comes within
-    SEARCH_TOLERANCE of it, and fits a linear grid between each peak's fitted neighbours; it
-    stops when those brackets hold no unfitted k. Refining a runner-up too guards against the
-    bumps of a noisy silhouette curve. Ties go to the smaller k. Returns the best k, its
-    labels and the curve {k: (silhouette, inertia)} of every k fitted.
+    Round one fits a geometric grid of ``points`` k values (the best k of a layer can be 5 or
+    500). Each later round takes the best local peak of the fitted curve, and the runner-up peak
+    if it comes within SEARCH_TOLERANCE of it, and fits REFINE_POINTS k values spread between each
+    peak's fitted neighbours; it stops when those brackets hold no unfitted k. Narrow brackets
+    cost fewer of the fits near the best k, the costly ones when that k is large. Refining a
+    runner-up too guards against the bumps of a noisy silhouette curve. Ties go to the smaller
+    k. Returns the best k, its labels and the curve {k: (silhouette, inertia)} of every k fitted.
     """
     curve: dict[int, tuple[float, float]] = {}
     labels_of: dict[int, np.ndarray] = {}
     todo = candidate_ks(lo, hi, points, geometric=True)
     while todo:
         for k in todo:
-            labels, inertia = fit_kmeans(x, k, seed, n_init)
+            labels, inertia = fit_kmeans(data, k, seed, n_init)
             curve[k] = (silhouette(dist, labels), inertia)
             labels_of[k] = labels
         fitted = sorted(curve)
@@ -307,7 +315,7 @@ def search_k(x: np.ndarray, dist: np.ndarray, lo: int, hi: int, seed: int, n_ini
         new: set[int] = set()
         for i in sorted(peaks, key=lambda i: -scores[i])[:SEARCH_PEAKS]:
             a, b = fitted[max(i - 1, 0)], fitted[min(i + 1, len(fitted) - 1)]
-            new |= set(candidate_ks(a, b, points, geometric=False))
+            new |= set(candidate_ks(a, b, REFINE_POINTS, geometric=False))
         todo = sorted(new - set(curve))
     best = max(curve, key=lambda k: (curve[k][0] if np.isfinite(curve[k][0]) else -np.inf, -k))
     return best, labels_of[best], curve
@@ -317,18 +325,23 @@ def cluster_layer(x: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int,
                   points: int) -> Clustering:
     """Choose k, cluster ``x`` (unit rows) and compute the quality figures of the partition.
 
+    Near-identical rows are clustered once, with their multiplicity (``deduplicate``), so they
+    always share a cluster. Every figure is that of the partition of all neurons, each counting
+    once: silhouette, cohesion and Davies–Bouldin are computed over every row, duplicates
+    included (as if nothing had been merged); only KMeans and its inertia see the merged points.
     When no k can be tried (too few neurons, identical embeddings) every neuron goes to cluster 0
     and ``note`` says why; silhouette and Davies–Bouldin are then undefined (NaN).
     """
     from sklearn.metrics import davies_bouldin_score
+    from sklearn.metrics.pairwise import cosine_distances
 
-    lo, hi, reason = k_range(x, k_min, k_max)
+    data = deduplicate(x)
+    lo, hi, reason = k_range(len(x), len(data.points), k_min, k_max)
     if reason:
         labels = np.zeros(len(x), dtype=np.int64)
         return Clustering(1, labels, cohesion(x, labels), float("nan"), float("nan"),
                           note=f"{reason}: all neurons put in one cluster")
-    dist = cosine_distance_matrix(x)
-    k, labels, curve = search_k(x, dist, lo, hi, seed, n_init, points)
+    k, labels, curve = search_k(data, cosine_distances(x), lo, hi, seed, n_init, points)
     sil = curve[k][0]
     n_labels = len(np.unique(labels))
     dbi = davies_bouldin_score(x, labels) if 2 <= n_labels < len(x) else float("nan")
@@ -353,14 +366,13 @@ def project_2d(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
             return reducer.fit_transform(x).astype(np.float64), "umap"
     if method == "umap":
         log.info("only %d neurons: using PCA instead of UMAP for the 2-D map", n)
-    centred = x - x.mean(axis=0)
     coords = np.zeros((n, 2))
     if n >= 2:
-        # SVD gives the principal axes directly; the sign is fixed for reproducible maps
-        u, s, _ = np.linalg.svd(centred, full_matrices=False)
-        m = min(2, len(s))
-        signs = np.sign(u[np.argmax(np.abs(u[:, :m]), axis=0), range(m)])
-        coords[:, :m] = u[:, :m] * s[:m] * np.where(signs == 0, 1, signs)
+        from sklearn.decomposition import PCA
+
+        # the full SVD is exact and deterministic; scikit-learn fixes the sign of each axis
+        m = min(2, x.shape[1])
+        coords[:, :m] = PCA(n_components=m, svd_solver="full").fit_transform(x)
     return coords, "pca"
 
 
@@ -369,6 +381,29 @@ def english_stop_words() -> frozenset[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     return frozenset(ENGLISH_STOP_WORDS)
+
+
+def template_words(layers: list[list[str]]) -> frozenset[str]:
+    """Words that more than TEMPLATE_SHARE of the descriptions of each of two layers or more contain.
+
+    A concept is rarely shared by most neurons of two layers, but a describer's template ("top
+    images classified as …", "the patches show …") is: this finds the template of whatever
+    describer wrote the descriptions, without a list per describer. A run of one layer has none.
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    counter = CountVectorizer(lowercase=True, binary=True, token_pattern=TOKEN_PATTERN)
+    try:
+        present = counter.fit_transform([d for layer in layers for d in layer])
+    except ValueError:  # no word at all
+        return frozenset()
+    common = np.zeros(present.shape[1], dtype=int)
+    start = 0
+    for layer in layers:
+        share = np.asarray(present[start:start + len(layer)].mean(axis=0)).ravel()
+        common += share > TEMPLATE_SHARE
+        start += len(layer)
+    return frozenset(str(w) for w in counter.get_feature_names_out()[common >= 2])
 
 
 def tfidf_matrix(descriptions: list[str], stop_words: frozenset[str]):
@@ -380,7 +415,7 @@ def tfidf_matrix(descriptions: list[str], stop_words: frozenset[str]):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(stop_words=sorted(stop_words), lowercase=True,
-                                 token_pattern=r"(?u)\b[^\W\d_]{2,}(?:-[^\W\d_]+)*\b")  # man-made: one term
+                                 token_pattern=TOKEN_PATTERN)
     try:
         matrix = vectorizer.fit_transform(descriptions)
     except ValueError:
@@ -473,7 +508,7 @@ def classify_embedding(vectors: np.ndarray, categories: dict[str, str],
     return [names[i] for i in best], [float(sims[r, i]) for r, i in enumerate(best)]
 
 
-def assign_categories(layers: list[LayerData], npz: dict, categories: dict[str, str],
+def assign_categories(layers: list[LayerData], emb: Embeddings, categories: dict[str, str],
                       nli_model: str | None, classifier, text_embedder, text_embedder_name,
                       device: str) -> tuple[list[str], list[float], str]:
     """Category and score of every neuron (layers in order), and the method used.
@@ -493,8 +528,8 @@ def assign_categories(layers: list[LayerData], npz: dict, categories: dict[str, 
             from common.embedders import load_text_embedder
             text_embedder = load_text_embedder(text_embedder_name, device=device)
         method = f"embedding:{text_embedder.name}"
-        stored_model = str(npz.get("text_model", ""))
-        if stored_model == text_embedder.name and npz["text"].shape[1] == text_embedder.dim:
+        stored_model = emb.text_model
+        if stored_model == text_embedder.name and emb.text.shape[1] == text_embedder.dim:
             vectors = np.vstack([data.vectors["text"] for data in layers])
         else:
             log.info("04's text embeddings come from %r, not %r: encoding the descriptions again",
@@ -639,8 +674,9 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
     sweep_temporaries(out_dir)  # what a killed earlier run left half-written
     retract_meta(out_dir / "05_cluster.meta.json")  # outputs are replaced from here on
 
-    layers, npz, skipped = load_layers(descriptions_path, embeddings_path,
-                                       read_layer_order(activations_path))
+    layers, emb, skipped = load_layers(descriptions_path, embeddings_path,
+                                       read_layer_order(activations_path) if activations_path
+                                       else [])
     if not layers:
         raise StageError(f"no neuron has both an 'ok' description and an embedding "
                          f"(skipped: {skipped}); check 03_describe and 04_embed")
@@ -651,7 +687,11 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
         log.warning("only one layer (%s): clusters are made, but 06_trace will have nothing "
                     "to link", layers[0].layer)
 
-    stop_words = frozenset(english_stop_words() | FILLER_WORDS | {w.lower() for w in extra_stop_words})
+    template = template_words([data.descriptions for data in layers])
+    if template:
+        log.info("describer wording left out of the keywords: %s", ", ".join(sorted(template)))
+    stop_words = frozenset(english_stop_words() | FILLER_WORDS | template
+                           | {w.lower() for w in extra_stop_words})
     cluster_rows, metric_rows, ksearch_rows, keyword_rows, category_rows = [], [], [], [], []
     notes: dict[str, str] = {}
     methods_used: dict[str, dict[str, str]] = {}
@@ -695,7 +735,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
             plot_keywords(data.layer, layer_terms, plot_dir / f"{stem}_keywords.png")
     progress.close()
 
-    best, scores, method = assign_categories(layers, npz, categories, nli_model, classifier,
+    best, scores, method = assign_categories(layers, emb, categories, nli_model, classifier,
                                              text_embedder, text_embedder_name, device)
     unknown = sorted(set(best) - set(categories))
     if unknown:
@@ -715,15 +755,14 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
         plot_categories(shares, list(categories), method, plot_dir / "categories.png")
 
     outputs = {
-        "05_clusters.csv": (cluster_rows, ["layer", "channel", "kind", "cluster", "x", "y"]),
-        "05_metrics.csv": (metric_rows, ["layer", "kind", "k", "cohesion", "silhouette",
-                                         "davies_bouldin", "ari_text_fused"]),
-        "05_ksearch.csv": (ksearch_rows, ["layer", "kind", "k", "silhouette", "inertia", "chosen"]),
-        "05_keywords.csv": (keyword_rows, ["layer", "kind", "cluster", "rank", "term", "weight"]),
-        "05_categories.csv": (category_rows, ["layer", "channel", "category", "score", "method"]),
+        "05_clusters.csv": (cluster_rows, ClusterRow),
+        "05_metrics.csv": (metric_rows, MetricRow),
+        "05_ksearch.csv": (ksearch_rows, KSearchRow),
+        "05_keywords.csv": (keyword_rows, KeywordRow),
+        "05_categories.csv": (category_rows, CategoryRow),
     }
-    for name, (rows, columns) in outputs.items():
-        write_csv(out_dir / name, rows, columns)
+    for name, (rows, row_type) in outputs.items():
+        write_csv(out_dir / name, rows, columns(row_type))
     args = {"descriptions": str(descriptions_path), "embeddings": str(embeddings_path),
             "activations": str(activations_path) if activations_path else None,
             "k_min": k_min, "k_max": k_max, "n_init": n_init, "grid_points": grid_points,
@@ -733,6 +772,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
     return write_meta(out_dir / "05_cluster.meta.json", "05_cluster", args,
                       [out_dir / name for name in outputs], inputs=input_metas,
                       category_method=method, projection_used=methods_used,
+                      describer_wording=sorted(template),
                       degenerate=notes, skipped=skipped)
 
 
@@ -750,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-max", type=int, default=512,
                    help="largest number of clusters tried (capped at neurons − 1 per layer)")
     p.add_argument("--grid-points", type=int, default=8,
-                   help="k values fitted per round of the coarse-to-fine search")
+                   help="k values fitted in the first, geometric round of the k search")
     p.add_argument("--n-init", type=int, default=3, help="KMeans restarts per k")
     p.add_argument("--seed", type=int, default=0, help="seed of KMeans and UMAP")
     p.add_argument("--projection", choices=("umap", "pca"), default="umap",

@@ -23,6 +23,7 @@ Example:
         --activations data/demo/01_activations.npz --out-dir data/demo --follow yellow
 """
 import argparse
+import collections
 import html
 import logging
 from dataclasses import dataclass
@@ -30,16 +31,22 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artefacts import TraceLink, columns, order_layers, read_clusters, read_keywords, \
+    read_layer_order
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import atomic_path, read_csv, sweep_temporaries, write_csv, write_text
+from common.io import atomic_path, sweep_temporaries, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.06_trace")
 
-TRACE_COLUMNS = ["source_layer", "source_cluster", "source_keywords", "target_layer",
-                 "target_cluster", "target_keywords", "similarity"]
 LABEL_TERMS = 3  # keywords shown in a node label (hover shows all --n-keywords)
+LABEL_FONT_PX = 12  # label text size of the HTML Sankey
+LABEL_CHAR_PX = 7.5  # widest average character of that font, so that widths are not underestimated
+COLUMN_PAD_PX = 40  # space between a label and the next column's node
+MARGIN_PX = 40  # left and right margin of the HTML Sankey
 PNG_LABEL_CHARS = 38  # longer node labels are cut in the PNG
+PNG_FONT_PT = 9  # label size in the PNG: readable at its own size (110 dpi)
+PNG_GAP_IN = PNG_LABEL_CHARS * PNG_FONT_PT * 0.62 / 72 + 0.5  # column gap (in) that holds a label
 LINK_GREY = "rgba(140, 140, 140, 0.35)"  # ordinary links
 PATH_RED = "rgba(214, 39, 40, 0.85)"  # nodes and links of the --follow path
 NODE_BLUE = "rgba(31, 119, 180, 0.9)"  # ordinary nodes
@@ -71,20 +78,6 @@ class Link:
     similarity: float
 
 
-def read_layer_order(activations_path) -> list[str]:
-    """The model's layer order from 01_activations.npz (only its ``layers`` array is read)."""
-    if activations_path is None:
-        return []
-    path = Path(activations_path)
-    if not path.exists():
-        raise StageError(f"{path} does not exist; drop --activations to use the order of "
-                         "05_clusters.csv")
-    with np.load(path, allow_pickle=False) as data:
-        if "layers" not in data.files:
-            raise StageError(f"{path} has no 'layers' array; is it an 01_activations.npz?")
-        return [str(name) for name in data["layers"]]
-
-
 def load_clusters(clusters_path, keywords_path, kind: str,
                   model_order: list[str]) -> dict[str, list[Cluster]]:
     """Clusters of the given kind per layer, layers in model order, clusters by id.
@@ -92,21 +85,16 @@ def load_clusters(clusters_path, keywords_path, kind: str,
     Layers unknown to ``model_order`` keep their order of first appearance in 05_clusters.csv,
     after the known ones.
     """
-    rows = [r for r in read_csv(clusters_path) if r["kind"] == kind]
+    rows = [r for r in read_clusters(clusters_path) if r.kind == kind]
     if not rows:
         raise StageError(f"{clusters_path} has no rows of kind {kind!r}; use --kind text or fused")
-    sizes: dict[tuple[str, int], int] = {}
-    for r in rows:
-        key = (r["layer"], int(r["cluster"]))
-        sizes[key] = sizes.get(key, 0) + 1
+    sizes = collections.Counter((r.layer, r.cluster) for r in rows)
     terms: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    for r in read_csv(keywords_path):
-        if r["kind"] == kind and r["cluster"] != "all":
-            terms.setdefault((r["layer"], int(r["cluster"])), []).append((int(r["rank"]), r["term"]))
-    rank = {name: i for i, name in enumerate(model_order)}
-    first = {name: i for i, name in enumerate(dict.fromkeys(r["layer"] for r in rows))}
+    for r in read_keywords(keywords_path):
+        if r.kind == kind and r.cluster is not None:
+            terms.setdefault((r.layer, r.cluster), []).append((r.rank, r.term))
     layers: dict[str, list[Cluster]] = {}
-    for name in sorted(first, key=lambda n: (rank.get(n, len(rank)), first[n])):
+    for name in order_layers((r.layer for r in rows), model_order):
         layers[name] = [Cluster(name, c, sizes[(layer, c)],
                                 [t for _, t in sorted(terms.get((layer, c), []))])
                         for layer, c in sorted(k for k in sizes if k[0] == name)]
@@ -208,8 +196,25 @@ def layout(layers: dict[str, list[Cluster]], links: list[Link],
 
 
 def node_label(c: Cluster) -> str:
-    """Short node label, escaped: model-written text must not become markup."""
-    return html.escape(f"{c.layer} #{c.cluster}: {c.text(LABEL_TERMS)}")
+    """Short node label, escaped: model-written text must not become markup (the column title
+    names the layer)."""
+    return html.escape(f"#{c.cluster}: {c.text(LABEL_TERMS)}")
+
+
+def column_positions(label_chars: list[int]) -> tuple[list[float], int]:
+    """x in [0, 1] of each column of the HTML Sankey and the width (px) of its plot area, from the
+    longest label of each column (in characters), so that no two labels overlap.
+
+    Plotly writes labels to the right of their node, except in the last column, where they go to
+    its left: the gap before the last column holds two labels.
+    """
+    if len(label_chars) < 2:
+        return [0.5] * len(label_chars), 0
+    label_px = [chars * LABEL_CHAR_PX + COLUMN_PAD_PX for chars in label_chars]
+    gaps = [label_px[i] + (label_px[i + 1] if i + 2 == len(label_px) else 0)
+            for i in range(len(label_px) - 1)]
+    total = float(sum(gaps))
+    return [0.001 + 0.998 * sum(gaps[:i]) / total for i in range(len(label_chars))], int(total)
 
 
 def build_figure(layers, links: list[Link], path: list[dict], n_keywords: int, title: str):
@@ -232,9 +237,13 @@ def build_figure(layers, links: list[Link], path: list[dict], n_keywords: int, t
                               f"{c.text(n_keywords)}") for c in nodes]
     link_hover = [html.escape(f"{link.source.text(n_keywords)} → {link.target.text(n_keywords)} "
                               f"(cosine {link.similarity:.2f})") for link in drawn]
+    names = [n for n in layers if any(c.key in pos for c in layers[n])]
+    column_x, plot_px = column_positions(
+        [max(len(html.unescape(node_label(c))) for c in layers[n] if c.key in pos) for n in names])
+    x_of = dict(zip(names, column_x))
     fig = go.Figure(go.Sankey(
         arrangement="fixed",
-        node=dict(label=[node_label(c) for c in nodes], x=[pos[c.key][0] for c in nodes],
+        node=dict(label=[node_label(c) for c in nodes], x=[x_of[c.layer] for c in nodes],
                   y=[pos[c.key][1] for c in nodes], pad=8, thickness=14,
                   color=[PATH_RED if c.key in path_keys else NODE_BLUE for c in nodes],
                   customdata=node_hover, hovertemplate="%{customdata}<extra></extra>"),
@@ -244,14 +253,31 @@ def build_figure(layers, links: list[Link], path: list[dict], n_keywords: int, t
                   color=[PATH_RED if (link.source.key, link.target.key) in path_pairs else LINK_GREY
                          for link in drawn],
                   customdata=link_hover, hovertemplate="%{customdata}<extra></extra>")))
-    fig.update_layout(title=dict(text=html.escape(title)), font=dict(size=11),
+    fig.update_layout(title=dict(text=html.escape(title)), font=dict(size=LABEL_FONT_PX),
                       height=max(450, 26 * max((sum(c.key in pos for c in cs)
-                                                for cs in layers.values()), default=1) + 150))
+                                                for cs in layers.values()), default=1) + 150),
+                      annotations=[dict(text=f"<b>{html.escape(name)}</b>", x=x, y=1.0,
+                                        xref="paper", yref="paper", yanchor="bottom",
+                                        xanchor="right" if x > 0.5 and x == column_x[-1] else "left",
+                                        showarrow=False) for name, x in x_of.items()])
+    if plot_px:
+        fig.update_layout(width=plot_px + 2 * MARGIN_PX, margin=dict(l=MARGIN_PX, r=MARGIN_PX))
     return fig, pos, drawn
 
 
 def draw_png(layers, drawn: list[Link], pos, path: list[dict], title: str, out: Path) -> None:
     """Static drawing of the Sankey with matplotlib (no browser is needed to render it)."""
+    import matplotlib.pyplot as plt
+
+    fig = png_figure(layers, drawn, pos, path, title)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def png_figure(layers, drawn: list[Link], pos, path: list[dict], title: str):
+    """The matplotlib figure of ``draw_png``; its width gives every column gap room for the
+    longest label (PNG_LABEL_CHARS), so that labels never overlap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -260,10 +286,13 @@ def draw_png(layers, drawn: list[Link], pos, path: list[dict], title: str, out: 
 
     names = [n for n in layers if any(c.key in pos for c in layers[n])]
     tallest = max((sum(c.key in pos for c in layers[n]) for n in names), default=1)
-    fig, ax = plt.subplots(figsize=(3.4 * max(len(names), 1) + 2, min(0.32 * tallest + 1.8, 150)))
+    span = 1.0 if len(names) < 2 else 0.98 / (len(names) - 1)
+    x_max = 1.0 + span * 0.6 if len(names) > 1 else 1.0
+    # the axes fill about 96% of the figure once tight_layout has removed the empty margins
+    width = PNG_GAP_IN * (x_max + 0.02) / span / 0.96 if len(names) > 1 else 6.0
+    fig, ax = plt.subplots(figsize=(width, min(0.32 * tallest + 1.8, 150)))
     path_pairs = {(a["cluster"].key, b["cluster"].key) for a, b in zip(path, path[1:])}
     path_keys = {step["cluster"].key for step in path}
-    span = 1.0 if len(names) < 2 else 0.98 / (len(names) - 1)
     node_w, node_h = 0.012, 0.6 / max(tallest, 1)
     for link in drawn:
         (x0, y0), (x1, y1) = pos[link.source.key], pos[link.target.key]
@@ -286,21 +315,19 @@ def draw_png(layers, drawn: list[Link], pos, path: list[dict], title: str, out: 
             if len(label) > PNG_LABEL_CHARS:
                 label = label[:PNG_LABEL_CHARS - 1] + "…"
             # a white box keeps the label readable where links pass under it
-            ax.text(x + node_w * 1.5, y, label, fontsize=7, va="center", zorder=5,
+            ax.text(x + node_w * 1.5, y, label, fontsize=PNG_FONT_PT, va="center", zorder=5,
                     color="tab:red" if red else "black",
                     bbox=dict(facecolor="white", edgecolor="none", alpha=0.75, pad=0.5))
         ax.text(pos[next(c.key for c in layers[name] if c.key in pos)][0], -0.03, name,
                 fontsize=9, fontweight="bold", ha="left", va="bottom")
     if not drawn and not path:
         ax.text(0.5, 0.5, "no links between consecutive layers", ha="center", va="center")
-    ax.set_xlim(-0.02, 1.0 + span * 0.6 if len(names) > 1 else 1.0)
+    ax.set_xlim(-0.02, x_max)
     ax.set_ylim(1.02, -0.06)
     ax.axis("off")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, pad=14)  # clear of the layer names below it
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    return fig
 
 
 def print_path(path: list[dict], query: str, n_keywords: int) -> None:
@@ -335,7 +362,8 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
     sweep_temporaries(out_dir)  # what a killed earlier run left half-written
     retract_meta(out_dir / "06_trace.meta.json")  # outputs are replaced from here on
 
-    layers = load_clusters(clusters_path, keywords_path, kind, read_layer_order(activations_path))
+    layers = load_clusters(clusters_path, keywords_path, kind,
+                           read_layer_order(activations_path) if activations_path else [])
     if text_embedder is None:
         from common.embedders import load_text_embedder
         text_embedder = load_text_embedder(text_embedder_name, device=device)
@@ -361,7 +389,7 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
              "source_keywords": link.source.text(n_keywords), "target_layer": link.target.layer,
              "target_cluster": link.target.cluster, "target_keywords": link.target.text(n_keywords),
              "similarity": f"{link.similarity:.6f}"} for link in links]
-    write_csv(out_dir / "06_trace.csv", rows, TRACE_COLUMNS)
+    write_csv(out_dir / "06_trace.csv", rows, columns(TraceLink))
     title = (f"concept flow between layers ({kind} clusters, cosine ≥ {threshold:g})"
              + (f"; path of '{follow}' in red" if follow else ""))
     fig, pos, drawn = build_figure(layers, links, path, n_keywords, title)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import difflib
 import logging
 import math
@@ -49,11 +50,11 @@ import numpy as np
 from scipy import stats as sps
 from tqdm import tqdm
 
+from common import artefacts
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import atomic_path, read_csv, sweep_temporaries, write_csv, write_json, write_text
+from common.io import atomic_path, sweep_temporaries, write_csv, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.report import (esc, html_page, html_table, img_tag, md_text, read_descriptions,
-                           read_mosaics, read_scores)
+from common.report import esc, html_page, html_table, img_tag, md_text
 
 log = logging.getLogger("neuron-atlas.08_debug")
 
@@ -81,17 +82,9 @@ def read_predictions(path: Path) -> tuple[list[dict], dict[int, str]]:
     Unlabelled images take no part in the confusion analysis, but they can be among a neuron's
     top images, so their paths are kept.
     """
-    if not path.exists():
-        raise StageError(f"{path} not found: run stage 01 first (make extract)")
-    rows, paths = [], {}
-    for row in read_csv(path):
-        paths[int(row["image_id"])] = row["path"]
-        label_idx = int(row["label_idx"])
-        if label_idx < 0:
-            continue
-        rows.append({"image_id": int(row["image_id"]), "path": row["path"], "label": row["label"],
-                     "label_idx": label_idx, "pred_idx": int(row["pred_idx"]),
-                     "pred_name": row["pred_name"]})
+    predictions = artefacts.read_predictions(path)
+    paths = {p.image_id: p.path for p in predictions}
+    rows = [dataclasses.asdict(p) for p in predictions if p.label_idx >= 0]
     if not rows:
         raise StageError(f"{path} has no labelled image (label_idx ≥ 0), so there are no errors "
                          f"to debug. Give 01 labelled images: class sub-folders or a label column")
@@ -319,10 +312,7 @@ def layer_stats(stats_dir: Path, layers: list[str], ok_ids: np.ndarray, ko_ids: 
     for layer in layers:
         out[layer] = {}
         for agg in AGGS:
-            path = stats_dir / f"{layer}.{agg}.npy"
-            if not path.exists():
-                raise StageError(f"{path} not found: 01_stats is incomplete; re-run stage 01")
-            table = np.load(path, mmap_mode="r")
+            table = artefacts.read_stats(stats_dir, layer, agg)
             ko = np.asarray(table[ko_ids], dtype=np.float64)
             ok = np.asarray(table[ok_ids], dtype=np.float64)
             ko = ko[~np.isnan(ko).any(axis=1)]
@@ -479,10 +469,9 @@ def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str
                path: Path) -> bool:
     """The neuron's top receptive-field crops from 01 as a strip (used when 02 has no mosaic)."""
     from common.rf import RF, crop_box
-    with np.load(activations, allow_pickle=False) as npz:
-        ids = npz[f"{layer}/image_ids"][channel]
-        ys, xs = npz[f"{layer}/y"][channel], npz[f"{layer}/x"][channel]
-        rf = RF.from_array(npz[f"{layer}/rf"])
+    top = artefacts.read_activations(activations, layers=[layer])[2][layer]
+    ids, ys, xs = top.image_ids[channel], top.y[channel], top.x[channel]
+    rf = RF.from_array(top.rf)
     tiles = []
     for image_id, y, x in zip(ids[:EXAMPLES], ys[:EXAMPLES], xs[:EXAMPLES]):
         if image_id < 0 or int(image_id) not in paths:
@@ -865,17 +854,6 @@ def render_html(blocks: list[tuple], title: str) -> str:
 # The stage
 
 
-def layers_of(activations: Path, extract_meta: dict) -> tuple[list[str], int]:
-    """Layer names in model order and the network input side, from 01_activations.npz."""
-    if not activations.exists():
-        raise StageError(f"{activations} not found: run stage 01 first (make extract)")
-    with np.load(activations, allow_pickle=False) as npz:
-        layers = [str(x) for x in npz["layers"]]
-        size = int(npz["input_size"][0]) if "input_size" in npz.files else \
-            int((extract_meta.get("model") or {}).get("input_size") or 224)
-    return layers, size
-
-
 def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict | None:
     """Statistics, figures and neuron table of one pair; None (logged) when it cannot be analysed.
 
@@ -1029,11 +1007,14 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
 
     ctx = {"stats_dir": stats_dir, "activations": activations, "min_images": min_images,
            "fdr": fdr, "z_threshold": z_threshold, "rank_by": rank_by, "show_top": show_top,
-           "descriptions": read_descriptions(descriptions), "mosaics": read_mosaics(mosaics),
-           "scores": read_scores(scores),
+           "descriptions": artefacts.description_texts(
+               artefacts.read_descriptions(descriptions, required=False)),
+           "mosaics": {m.key: m.path for m in artefacts.read_mosaics(mosaics, required=False)},
+           "scores": artefacts.read_scores(scores),
            "paths": paths,
            "shared_names": {n for n, c in collections.Counter(names.values()).items() if c > 1}}
-    ctx["layers"], ctx["input_size"] = layers_of(activations, extract_meta)
+    ctx["layers"], input_size, _ = artefacts.read_activations(activations, layers=())
+    ctx["input_size"] = input_size[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     analyses = [a for a in (analyse_pair(p, rows, ctx, out_dir) for p in chosen) if a is not None]
 

@@ -94,7 +94,7 @@ class RunInputs:
 def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: Path,
                 mosaics: Path, descriptions: Path, embeddings: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
-    from common.activations import read_activations
+    from common.artefacts import read_activations
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)

@@ -15,10 +15,11 @@ members is ≥ --min-corr. Clusters of ≥ 2 neurons are baskets, numbered large
 (``<layer>:b1`` …).
 
 Union and difference of two baskets (after a build; any two, of any layers):
-  python 11_baskets.py --run-dir data/demo --union _blocks.6:b1 _blocks.6:b2
-  python 11_baskets.py --run-dir data/demo --difference _blocks.6:b1 _blocks.6:b2
+  python 11_baskets.py --run-dir data/demo --union _blocks.15:b1 _blocks.15:b2
+  python 11_baskets.py --run-dir data/demo --difference _blocks.8:n197 _blocks.8:b4
 print the members, the images that activate the set jointly and the sentences of both baskets and
-of the set (03 run on the set's mosaic), and keep them in 11_sets/<op>__<A>__<B>/.
+of the set (03 run on the set's mosaic), and keep them in 11_sets/<op>__<A>__<B>/. Besides
+baskets, any node of a layer's tree can be named, ``<layer>:n<node>`` (e.g. a basket's parent).
 
 Example (build):
   python 11_baskets.py --run-dir data/demo --describe-args "--backend offline"
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import read_csv, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
+from common.io import load_npz, read_csv, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.11_baskets")
@@ -66,20 +67,12 @@ def run_paths(run_dir: Path) -> dict[str, Path]:
             "sets": run_dir / "11_sets"}
 
 
-def layer_stats(stats_dir: Path, layer: str) -> np.ndarray:
-    """01's per-image maximum of every channel of ``layer`` (N × C, memory-mapped)."""
-    from common.triage import stats_file
-    path = stats_file(stats_dir, layer)
-    if not path.is_file():
-        raise StageError(f"{path} not found: 01_stats/ is incomplete; re-run stage 01")
-    return np.load(path, mmap_mode="r")
-
-
 def layer_levels(descriptions: Path) -> dict[str, int]:
     """The abstraction level 03 gave each layer (1 where 03 has not run)."""
     if not descriptions.is_file():
         return {}
-    return {r["layer"]: int(r.get("level") or 1) for r in read_csv(descriptions)}
+    from common.artefacts import read_descriptions
+    return {r.layer: r.level or 1 for r in read_descriptions(descriptions)}
 
 
 def safe_name(text: str) -> str:
@@ -139,6 +132,7 @@ def prune_baskets(baskets: list[dict], channels: dict[str, int], run_dir: Path, 
     """Zero the ``n_prune`` largest baskets of each layer, then as many random baskets of the
     same size (``n_controls`` each, seeded) and report per-class accuracy changes. ``model``:
     the model as the user names it again (``model``, ``weights``, ``unsafe_pickle``)."""
+    from common.artefacts import read_predictions
     from common.baskets import random_baskets
     from common.pruning import (class_name, labelled_images, load_run_model,
                                 per_class as class_stats, predict)
@@ -147,7 +141,8 @@ def prune_baskets(baskets: list[dict], channels: dict[str, int], run_dir: Path, 
         return []
     bundle = bundle or load_run_model(read_meta(run_dir / "01_activations.npz"),
                                       device=device, **(model or {}))
-    images = labelled_images(read_csv(run_dir / "01_predictions.csv"), bundle, per_class, seed)
+    images = labelled_images(read_predictions(run_dir / "01_predictions.csv"), bundle, per_class,
+                             seed)
     if not images.ids:
         raise StageError("no labelled image could be loaded for pruning")
     before = class_stats(predict(bundle, images, None, batch_size, "11 unpruned"), images.labels)
@@ -216,7 +211,7 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
     ``describe`` (like ``common.describing.describe_index``) and ``bundle`` (the model) replace the
     ones this function would use — tests pass small ones. Returns {"baskets", "pruning"} rows.
     """
-    from common.activations import read_activations
+    from common.artefacts import read_activations, read_images, read_stats
     from common.baskets import cluster, correlation, joint_images, random_baskets
     p = run_paths(run_dir)
     retract_meta(run_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
@@ -226,13 +221,13 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
         metas.append(read_meta(p["descriptions"]))
     merge_lineage(metas)  # refuse 03 sentences of another run's mosaics
     layers, _, tops = read_activations(p["activations"])
-    paths = [r["path"] for r in read_csv(p["images"])]
+    paths = [r.path for r in read_images(p["images"])]
     levels = layer_levels(p["descriptions"])
     folder = p["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     baskets, trees, index_rows, cache = [], {}, [], {}
     for layer in layers:
-        stats = layer_stats(p["stats"], layer)
+        stats = read_stats(p["stats"], layer, "max")
         corr = correlation(stats)
         tree, found = cluster(corr, min_corr)
         trees[f"{layer}/linkage"] = tree
@@ -297,17 +292,38 @@ def read_baskets(path: Path) -> dict[str, dict]:
     return out
 
 
+def tree_node(tree_path: Path, name: str, baskets_path: Path) -> dict:
+    """A node of a layer's tree named ``<layer>:n<node>`` (the numbering of 11_baskets.csv's
+    ``node`` and ``parent``) as a basket-like dict: its leaves are its members, no sentence.
+
+    Baskets of one cut never share neurons, so set operations become informative between nested
+    nodes: a parent minus one of its baskets leaves what the sibling adds.
+    """
+    from scipy.cluster.hierarchy import to_tree
+    layer, _, node = name.rpartition(":")
+    trees = load_npz(tree_path)
+    if not node.startswith("n") or not node[1:].isdigit() or f"{layer}/linkage" not in trees:
+        raise StageError(f"no basket {name!r} in {baskets_path}, and it names no tree node "
+                         f"(<layer>:n<node>, the node and parent columns there)")
+    _, nodes = to_tree(trees[f"{layer}/linkage"], rd=True)
+    if int(node[1:]) >= len(nodes):
+        raise StageError(f"{name}: the tree of {layer} has nodes 0 … {len(nodes) - 1}")
+    leaves = nodes[int(node[1:])].pre_order()
+    return {"member_set": {(layer, int(c)) for c in leaves}, "description": ""}
+
+
 def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: int = 64,
                   describe_args: str = "--backend offline", describe=None) -> dict:
     """Members, joint images and sentences of ``a ∪ b`` or ``a \\ b`` (``op``: union |
     difference); kept in 11_sets/<op>__<a>__<b>/set.json and printed by ``main``."""
+    from common.artefacts import read_images, read_stats
     from common.baskets import joint_images
     p = run_paths(run_dir)
     baskets = read_baskets(p["baskets"])
+    read_meta(p["tree"])
     for name in (a, b):
         if name not in baskets:
-            raise StageError(f"no basket {name!r} in {p['baskets']}; names look like "
-                             f"{next(iter(baskets), '<layer>:b1')}")
+            baskets[name] = tree_node(p["tree"], name, p["baskets"])
     members = (baskets[a]["member_set"] | baskets[b]["member_set"] if op == "union"
                else baskets[a]["member_set"] - baskets[b]["member_set"])
     members = sorted(members)
@@ -319,10 +335,10 @@ def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: 
               "b_description": baskets[b]["description"], "images": [], "description": ""}
     if members:
         layers = sorted({layer for layer, _ in members})
-        columns = np.concatenate([np.asarray(layer_stats(p["stats"], layer)[
+        columns = np.concatenate([np.asarray(read_stats(p["stats"], layer, "max")[
             :, [c for ly, c in members if ly == layer]]) for layer in layers], axis=1)
         ids, _, hits = joint_images(columns, grid * grid)
-        paths = [r["path"] for r in read_csv(p["images"])]
+        paths = [r.path for r in read_images(p["images"])]
         png, placed = image_mosaic(ids, paths, grid, tile, {})
         write_bytes(folder / "mosaic.png", png)
         level = layer_levels(p["descriptions"]).get(members[0][0], 1)

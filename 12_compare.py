@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import load_npz, read_csv, write_bytes, write_csv, write_text
+from common.io import read_csv, write_bytes, write_csv, write_text
 from common.provenance import read_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.12_compare")
@@ -53,46 +53,41 @@ class Run:
     def __init__(self, folder: Path, kind: str):
         """Read ``folder``'s embeddings (vectors of ``kind``), sentences, concepts and scores."""
         self.folder, self.name = folder, folder.name
+        from common.artefacts import (description_texts, read_clusters, read_descriptions,
+                                      read_embeddings, read_keywords)
         path = folder / "04_embeddings.npz"
         if not path.is_file():
             raise StageError(f"{path} not found: run the stages up to 04 for {folder} "
                              f"(make all RUN={folder.name})")
-        arrays = load_npz(path)
+        emb = read_embeddings(path)
         self.meta = read_meta(path)
-        self.text_model = str(arrays.get("text_model", ""))
-        self.image_model = str(arrays.get("image_model", ""))
-        order = read_layer_order(folder, arrays["layer"])
+        self.text_model, self.image_model = emb.text_model, emb.image_model
+        vectors = getattr(emb, kind)
         self.vectors, self.channels = {}, {}
-        for layer in order:
-            rows = np.flatnonzero(arrays["layer"] == layer)
-            self.vectors[layer] = arrays[kind][rows].astype(np.float64)
-            self.channels[layer] = arrays["channel"][rows]
-        self.sentences = {(r["layer"], int(r["channel"])): r["description"]
-                          for r in read_csv(folder / "03_descriptions.csv")
-                          if r.get("status") == "ok"} \
-            if (folder / "03_descriptions.csv").is_file() else {}
+        for layer in layer_order(folder, emb.layer):
+            rows = np.flatnonzero(emb.layer == layer)
+            self.vectors[layer] = vectors[rows].astype(np.float64)
+            self.channels[layer] = emb.channel[rows]
+        self.sentences = description_texts(read_descriptions(folder / "03_descriptions.csv",
+                                                             required=False))
         clusters = folder / "05_clusters.csv"
-        self.clusters = [r for r in read_csv(clusters) if r["kind"] == kind] \
+        self.clusters = [r for r in read_clusters(clusters) if r.kind == kind] \
             if clusters.is_file() else []
         keywords = folder / "05_keywords.csv"
-        self.keywords: dict[tuple[str, str], list[str]] = {}
+        self.keywords: dict[tuple[str, int], list[str]] = {}
         if keywords.is_file():
-            for r in read_csv(keywords):
-                if r["kind"] == kind:
-                    self.keywords.setdefault((r["layer"], r["cluster"]), []).append(r["term"])
+            for r in read_keywords(keywords):
+                if r.kind == kind and r.cluster is not None:
+                    self.keywords.setdefault((r.layer, r.cluster), []).append(r.term)
         summary = folder / "09_summary.csv"
         self.scores = read_csv(summary) if summary.is_file() else []
 
 
-def read_layer_order(folder: Path, layers: np.ndarray) -> list[str]:
-    """Layers in model order (01's list when present, else as 04 stored them)."""
+def layer_order(folder: Path, layers: np.ndarray) -> list[str]:
+    """The layers of ``layers`` in model order (01's list when present, else as 04 stored them)."""
+    from common.artefacts import order_layers, read_layer_order
     path = folder / "01_activations.npz"
-    seen = list(dict.fromkeys(str(v) for v in layers))
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            ordered = [str(v) for v in data["layers"]]
-        return [name for name in ordered if name in seen]
-    return seen
+    return order_layers(layers.tolist(), read_layer_order(path) if path.is_file() else [])
 
 
 def stack(run: Run) -> tuple[np.ndarray, list[tuple[str, int]]]:
@@ -132,21 +127,17 @@ def concept_rows(a: Run, b: Run, kind: str, threshold: float) -> list[dict]:
                  for i, c in enumerate(run.channels[layer])}
         vecs, info = [], []
         for layer in run.vectors:
-            members = [r for r in run.clusters if r["layer"] == layer]
-            if not members:
-                continue
-            rows = [where[(layer, int(r["channel"]))][1] for r in members
-                    if (layer, int(r["channel"])) in where]
-            labels = np.array([r["cluster"] for r in members
-                               if (layer, int(r["channel"])) in where])
+            members = [r for r in run.clusters if r.layer == layer and (layer, r.channel) in where]
+            rows = [where[(layer, r.channel)][1] for r in members]
+            labels = np.array([r.cluster for r in members])
             if not rows:
                 continue
             cents, keys = centroids(run.vectors[layer][rows], labels)
             for vec, key in zip(cents, keys):
-                first = next(r for r in members if r["cluster"] == key)
+                first = next(r for r in members if r.cluster == key)
                 vecs.append(vec)
-                info.append((layer, str(key), int((labels == key).sum()),
-                             run.sentences.get((layer, int(first["channel"])), "")))
+                info.append((layer, int(key), int((labels == key).sum()),
+                             run.sentences.get((layer, first.channel), "")))
         return (np.stack(vecs) if vecs else np.zeros((0, 1))), info
 
     ca, ia = concepts(a)

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import load_npz, read_csv, save_npz, write_csv, write_text
+from common.io import load_npz, save_npz, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.13_audit")
@@ -93,14 +93,15 @@ def run_relevance(run_dir: Path, batch_size: int = 32, device: str = "auto",
                   ) -> dict[str, np.ndarray]:
     """Compute 13_relevance.npz for the run in ``run_dir`` (all labelled images, one pass).
     ``model``: the model as the user names it again (``model``, ``weights``, ``unsafe_pickle``)."""
-    from common.activations import read_activations
+    from common.artefacts import read_layer_order, read_predictions
     from common.pruning import labelled_images, load_run_model
     out = run_dir / "13_relevance.npz"
     retract_meta(run_dir / "13_relevance.meta.json")
     meta01 = read_meta(run_dir / "01_activations.npz")
-    layers, _, _ = read_activations(run_dir / "01_activations.npz")
+    layers = read_layer_order(run_dir / "01_activations.npz")
     bundle = bundle or load_run_model(meta01, device=device, **(model or {}))
-    images = labelled_images(read_csv(run_dir / "01_predictions.csv"), bundle, 10 ** 9, seed=0)
+    images = labelled_images(read_predictions(run_dir / "01_predictions.csv"), bundle, 10 ** 9,
+                             seed=0)
     arrays = class_relevance(bundle, images, layers, batch_size)
     save_npz(out, arrays)
     write_meta(run_dir / "13_relevance.meta.json", "13_relevance", dict(args or {}),
@@ -177,9 +178,9 @@ def resolve_classes(concepts: dict, predictions: list[dict], class_names: list[s
         return re.sub(r"[\s_\-]+", " ", str(text).strip().lower())
     known: dict[str, int] = {}
     for r in predictions:
-        if int(r.get("label_idx") or -1) >= 0:
-            known.setdefault(key(r["label"]), int(r["label_idx"]))
-            known.setdefault(key(r["label_idx"]), int(r["label_idx"]))
+        if r.label_idx >= 0:
+            known.setdefault(key(r.label), r.label_idx)
+            known.setdefault(key(r.label_idx), r.label_idx)
     labelled = set(known.values())
     for i, name in enumerate(class_names or []):
         if i in labelled:
@@ -215,6 +216,8 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
     ``text_embedder`` and ``bundle`` replace the 04 text embedder and the model — tests pass
     small ones. Returns {"audit": rows, "summary": rows}.
     """
+    from common.artefacts import (description_texts, read_descriptions, read_embeddings,
+                                  read_mosaics, read_predictions)
     from common.baskets import random_baskets
     from common.embedders import load_text_embedder
     from common.pruning import labelled_images, load_run_model, per_class as class_stats, predict
@@ -229,20 +232,17 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
     retract_meta(out_dir / "13_audit.meta.json")
     rel = load_npz(relevance_path)
     layers = [str(v) for v in rel["layers"]]
-    emb = load_npz(run_dir / "04_embeddings.npz")
-    layer = layer or next((ly for ly in reversed(layers) if (emb["layer"] == ly).any()), None)
-    if layer not in layers or not (emb["layer"] == layer).any():
+    emb = read_embeddings(run_dir / "04_embeddings.npz")
+    layer = layer or next((ly for ly in reversed(layers) if (emb.layer == ly).any()), None)
+    if layer not in layers or not (emb.layer == layer).any():
         raise StageError(f"layer {layer!r} has no relevance or no embedded neurons; audited "
                          f"layers must be among {layers} and described by 03/04")
-    rows = np.flatnonzero(emb["layer"] == layer)
-    vectors = {int(c): emb["text"][i] for c, i in zip(emb["channel"][rows], rows)}
-    sentences = {(r["layer"], int(r["channel"])): r["description"]
-                 for r in read_csv(run_dir / "03_descriptions.csv") if r["status"] == "ok"}
-    mosaics = {(r["layer"], int(r["channel"])): run_dir / r["path"]
-               for r in read_csv(run_dir / "02_mosaics.csv")} \
-        if (run_dir / "02_mosaics.csv").is_file() else {}
-    embedder = text_embedder or load_text_embedder(str(emb["text_model"]), device=device)
-    predictions = read_csv(run_dir / "01_predictions.csv")
+    rows = np.flatnonzero(emb.layer == layer)
+    vectors = {int(c): emb.text[i] for c, i in zip(emb.channel[rows], rows)}
+    sentences = description_texts(read_descriptions(run_dir / "03_descriptions.csv"))
+    mosaics = {m.key: m.path for m in read_mosaics(run_dir / "02_mosaics.csv", required=False)}
+    embedder = text_embedder or load_text_embedder(emb.text_model, device=device)
+    predictions = read_predictions(run_dir / "01_predictions.csv")
     bundle = bundle or load_run_model(metas[0], device=device, **(model or {}))
     class_idx = resolve_classes(concepts, predictions, bundle.class_names)
     matrix = rel[f"{layer}/relevance"]

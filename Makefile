@@ -38,6 +38,7 @@ THRESHOLD   ?= 0.5#                        06 smallest cosine kept as a link bet
 FOLLOW      ?=#                            06 concept whose path is printed and highlighted (FOLLOW=yellow)
 QUERY       ?=#                            07 query for `make search` (empty: interactive)
 HITS        ?= 10#                         07 neurons listed per query
+SCORING     ?= cosine#                     07 text ranking: cosine | baseline | neuron (README: measured)
 TRUE        ?=#                            08 true class to debug: name, label or index (empty: automatic)
 PRED        ?=#                            08 class it is mistaken for (empty: its most frequent)
 MIN_ERRORS  ?= 5#                          08 auto: least misclassified images of a pair
@@ -267,7 +268,7 @@ audit: $(RELEVANCE) $(EMBEDDINGS) $(M04) $(MOSAICS) $(AUDIT) 13_audit.py | $(VEN
 
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
-	    --mosaics $(MOSAICS) --top-k $(HITS) --device $(DEVICE) \
+	    --mosaics $(MOSAICS) --top-k $(HITS) --scoring $(SCORING) --device $(DEVICE) \
 	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.io import read_csv  # noqa: E402
+from common.artefacts import read_descriptions  # noqa: E402
 
 TARGET_S = 120.0  # 03 + 04 on the whole demo, 2 CPU cores
 
@@ -55,8 +55,8 @@ def bench_stages(run: Path, work: Path) -> dict:
                  "--predictions", str(run / "01_predictions.csv"), "--out", str(out03)])
     t04 = timed([py, "04_embed.py", "--descriptions", str(out03),
                  "--mosaics", str(run / "02_mosaics.csv"), "--out", str(out04)])
-    rows = read_csv(out03)
-    return {"neurons": len(rows), "ok": sum(r["status"] == "ok" for r in rows), "t03": t03,
+    rows = read_descriptions(out03)
+    return {"neurons": len(rows), "ok": sum(r.status == "ok" for r in rows), "t03": t03,
             "t04": t04}
 
 

@@ -33,8 +33,7 @@ REPEATS = 2  # timed runs of each side, alternating; the fastest of each is comp
 
 import numpy as np  # noqa: E402
 
-from common.activations import read_activations  # noqa: E402
-from common.io import read_csv  # noqa: E402
+from common.artefacts import read_activations, read_images  # noqa: E402
 from common.stages import load_stage  # noqa: E402
 
 
@@ -52,10 +51,10 @@ def measure(tmp: Path, n: int, side: int, workers: int, grid: int) -> dict:
     run = tmp / f"run{side}"
     extract.main(["--images", str(csv_path), "--out", str(run), "--device", "cpu"])
     layers, _, tops = read_activations(run / "01_activations.npz")
-    rows = read_csv(run / "01_images.csv")
+    rows = read_images(run / "01_images.csv")
     needed = sorted({int(i) for name in layers
                      for i in np.unique(tops[name].image_ids[:, :grid ** 2]) if i >= 0})
-    paths = [rows[i]["path"] for i in needed]
+    paths = [rows[i].path for i in needed]
 
     # Interleaved repeats, best of each: a shared machine's load drifts over a minute.
     baselines, runs = [], []

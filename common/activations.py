@@ -1,16 +1,11 @@
-"""Top-activating images per neuron: the streaming top-k of 01_extract and the reader of its file.
+"""The streaming top-k of 01_extract: the images that activate each neuron most, and where.
 
 The ranking is total — activation descending, then image id ascending — so any order of updates
 (batches, shards merged later) yields the same arrays, bit for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
-
-from common.io import load_npz
 
 
 class StreamingTopK:
@@ -102,37 +97,3 @@ class StreamingTopK:
         if maps is not None:
             topk.maps = np.array(maps)
         return topk
-
-
-@dataclass
-class LayerTopK:
-    """One layer's part of 01_activations.npz."""
-
-    name: str
-    values: np.ndarray      # C × k, descending; NaN where fewer than k images
-    image_ids: np.ndarray   # C × k, −1 where fewer than k images
-    y: np.ndarray           # C × k feature-map row of the spatial maximum
-    x: np.ndarray           # C × k feature-map column
-    fmap: np.ndarray        # [C, H, W]
-    rf: np.ndarray          # [size_h, size_w, jump_h, jump_w, start_h, start_w]
-    maps: np.ndarray | None  # C × k × h × w activation maps (small feature maps only)
-
-    @property
-    def channels(self) -> int:
-        """Number of neurons (channels) of the layer."""
-        return int(self.fmap[0])
-
-
-def read_activations(path: str | Path) -> tuple[list[str], tuple[int, int], dict[str, LayerTopK]]:
-    """Read 01_activations.npz → (layer names in model order, input size (H, W), layers by name)."""
-    arrays = load_npz(path)
-    layers = [str(name) for name in arrays["layers"]]
-    input_size = tuple(int(v) for v in arrays["input_size"])
-    by_name = {
-        name: LayerTopK(name=name, values=arrays[f"{name}/values"],
-                        image_ids=arrays[f"{name}/image_ids"], y=arrays[f"{name}/y"],
-                        x=arrays[f"{name}/x"], fmap=arrays[f"{name}/fmap"], rf=arrays[f"{name}/rf"],
-                        maps=arrays.get(f"{name}/maps"))
-        for name in layers
-    }
-    return layers, input_size, by_name

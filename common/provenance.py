@@ -25,7 +25,7 @@ from common.cli import StageError
 from common.io import read_json, sha256_file, write_json
 
 _PACKAGES = ("torch", "torchvision", "numpy", "pillow", "scikit-learn", "sentence-transformers",
-             "transformers", "umap-learn", "pandas")  # versions recorded in every meta
+             "transformers", "umap-learn")  # versions recorded in every meta
 
 
 class ProvenanceError(StageError):

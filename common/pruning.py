@@ -79,12 +79,12 @@ class Labelled:
 def labelled_images(predictions: list[dict], bundle, per_class: int, seed: int) -> Labelled:
     """Up to ``per_class`` labelled images of every class (a seeded sample), loaded as 01 did.
 
-    ``predictions``: rows of 01_predictions.csv. An image that no longer loads is left out with a
-    warning.
+    ``predictions``: rows of 01_predictions.csv (``common.artefacts.read_predictions``). An image
+    that no longer loads is left out with a warning.
     """
     import torch
     from common.images import BadImage, load_rgb, network_input, to_tensor
-    rows = [r for r in predictions if int(r.get("label_idx") or -1) >= 0]
+    rows = [r for r in predictions if r.label_idx >= 0]
     if not rows:
         raise StageError("no labelled image in 01_predictions.csv (label_idx ≥ 0): a causal check "
                          "needs class labels. Give 01 labelled images (class sub-folders or a "
@@ -92,7 +92,7 @@ def labelled_images(predictions: list[dict], bundle, per_class: int, seed: int) 
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[dict]] = {}
     for r in rows:
-        by_class.setdefault(int(r["label_idx"]), []).append(r)
+        by_class.setdefault(r.label_idx, []).append(r)
     chosen = []
     for label in sorted(by_class):
         group = by_class[label]
@@ -101,16 +101,16 @@ def labelled_images(predictions: list[dict], bundle, per_class: int, seed: int) 
     ids, labels, tensors = [], [], []
     for r in tqdm(chosen, desc="load labelled images", unit="img", disable=None, leave=False):
         try:
-            img, _ = load_rgb(r["path"])
+            img, _ = load_rgb(r.path)
         except (BadImage, OSError) as err:
-            log.warning("image %s (%s) left out of the causal check: %s", r["image_id"],
-                        r["path"], getattr(err, "reason", err))
+            log.warning("image %s (%s) left out of the causal check: %s", r.image_id, r.path,
+                        getattr(err, "reason", err))
             continue
-        ids.append(int(r["image_id"]))
-        labels.append(int(r["label_idx"]))
+        ids.append(r.image_id)
+        labels.append(r.label_idx)
         tensors.append(to_tensor(network_input(img, bundle.input_size), bundle.mean,
                                  bundle.std).half())
-    names = {int(r["label_idx"]): r.get("label") or r["label_idx"] for r in rows}
+    names = {r.label_idx: r.label or str(r.label_idx) for r in rows}
     return Labelled(ids=ids, labels=np.array(labels, np.int64),
                     tensors=torch.stack(tensors) if tensors else torch.zeros(0),
                     class_names=names)

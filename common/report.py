@@ -1,4 +1,4 @@
-"""Showing neurons to people: a run's descriptions and mosaics, and small HTML builders.
+"""Showing neurons to people: plain text for terminals and small HTML builders.
 
 Used by the stages that print or render lists of neurons (07 search, 08 debug). Descriptions are
 written by a model, so they are untrusted text: every builder here escapes what it is given, and
@@ -15,8 +15,6 @@ import re
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
-
-from common.io import read_csv
 
 log = logging.getLogger("neuron-atlas.report")
 
@@ -38,55 +36,6 @@ def plain_text(text: str) -> str:
     spaces: safe to print on a terminal or to keep as a description."""
     return " ".join("".join(" " if unicodedata.category(ch) in ("Cc", "Cf") else ch
                             for ch in str(text)).split())
-
-
-def read_descriptions(path: str | Path) -> dict[tuple[str, int], str]:
-    """``(layer, channel) → description`` from 03_descriptions.csv (failed rows give "").
-
-    A missing file gives an empty mapping and a warning: the stages that show descriptions still
-    work, the neurons are then shown without text.
-    """
-    path = Path(path)
-    if not path.exists():
-        log.warning("%s not found: neurons are shown without descriptions", path)
-        return {}
-    out: dict[tuple[str, int], str] = {}
-    for row in read_csv(path):
-        key = (row["layer"], int(row["channel"]))
-        text = row.get("description", "") if row.get("status", "ok") == "ok" else ""
-        if text or key not in out:
-            out[key] = text
-    return out
-
-
-def read_mosaics(path: str | Path) -> dict[tuple[str, int], Path]:
-    """``(layer, channel) → mosaic file`` from 02_mosaics.csv (paths relative to its folder).
-
-    A missing file gives an empty mapping and a warning, as for the descriptions.
-    """
-    path = Path(path)
-    if not path.exists():
-        log.warning("%s not found: neurons are shown without mosaics", path)
-        return {}
-    return {(row["layer"], int(row["channel"])): path.parent / row["path"]
-            for row in read_csv(path)}
-
-
-def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | None]]:
-    """``(layer, channel) → {verify_corr, clarity, …}`` from the neuron rows of 09_scores.csv.
-
-    Empty cells (no score) become None. A missing file gives an empty mapping and a warning, as for the
-    descriptions.
-    """
-    path = Path(path)
-    if not path.exists():
-        log.warning("%s not found: neurons are shown without their scores (run stage 09)", path)
-        return {}
-    numbers = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
-               "selectivity", "dnr_score", "dead")
-    return {(row["layer"], int(row["channel"])):
-            {k: float(row[k]) if row.get(k, "") != "" else None for k in numbers}
-            for row in read_csv(path) if row.get("subconcept", "") == ""}
 
 
 def esc(value) -> str:

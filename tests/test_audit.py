@@ -44,17 +44,17 @@ def audited_run(tmp_path, image_folder):
     sentences = {("relu2", 0): "red patches", ("relu2", 1): "edge stripes",
                  ("relu1", 0): "red", ("relu1", 1): "edge", ("relu1", 2): "edge",
                  ("relu1", 3): "sky"}
-    rows = [{"layer": ly, "channel": c, "level": 1, "description": t, "status": "ok"}
-            for (ly, c), t in sentences.items()]
+    rows = [{"layer": ly, "channel": c, "level": 1, "description": t, "backend": "test",
+             "model": "test", "status": "ok"} for (ly, c), t in sentences.items()]
     write_csv(run_dir / "03_descriptions.csv", rows,
-              ["layer", "channel", "level", "description", "status"])
+              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
     meta01 = read_meta(run_dir / "01_activations.npz")
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], [meta01])
+    text = WordsText().encode([r["description"] for r in rows])
     save_npz(run_dir / "04_embeddings.npz", {
         "layer": np.array([r["layer"] for r in rows]),
-        "channel": np.array([r["channel"] for r in rows]),
-        "text": WordsText().encode([r["description"] for r in rows]),
+        "channel": np.array([r["channel"] for r in rows]), "text": text, "fused": text,
         "text_model": np.array("words")})
     write_meta(run_dir / "04_embed.meta.json", "04_embed", {}, [run_dir / "04_embeddings.npz"],
                [read_meta(run_dir / "03_descriptions.csv")])

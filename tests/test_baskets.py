@@ -144,6 +144,11 @@ def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
     empty = stage.set_operation(fake_run, "difference", "relu1:b1", "relu1:b1",
                                 describe=fake_describe)
     assert empty["members"] == [] and "empty" in stage.format_set(empty)
+    # A tree node: relu1's root holds all four channels; minus the basket leaves the red one.
+    root = 2 * 4 - 2
+    rest = stage.set_operation(fake_run, "difference", f"relu1:n{root}", "relu1:b1",
+                               describe=fake_describe)
+    assert rest["members"] == ["relu1:0"] and rest["a_description"] == ""
     saved = json.loads((fake_run / "11_sets" / "union__relu1_b1__relu2_b1" / "set.json")
                        .read_text())
     assert saved["members"] == union["members"]

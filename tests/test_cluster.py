@@ -7,7 +7,12 @@ import zlib
 import numpy as np
 import pytest
 
-from common.io import read_csv, read_json, save_npz, write_csv
+from sklearn.metrics import silhouette_score
+from sklearn.metrics.pairwise import cosine_distances, cosine_similarity
+
+from common.artefacts import (Description, Embeddings, columns, read_categories, read_clusters,
+                              read_keywords, read_ksearch, read_metrics, write_embeddings)
+from common.io import read_json, save_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
 
@@ -52,26 +57,23 @@ def write_inputs(tmp_path, layers, failed=()):
     rows, names, channels, text, fused = [], [], [], [], []
     for layer, (descs, t, f) in layers.items():
         for ch, d in enumerate(descs):
-            rows.append({"layer": layer, "channel": ch, "level": "low", "description": d,
+            rows.append({"layer": layer, "channel": ch, "level": 1, "description": d,
                          "backend": "fake", "model": "fake", "status": "ok", "reason": ""})
             names.append(layer)
             channels.append(ch)
         text.append(t)
         fused.append(f)
     for layer, ch in failed:
-        rows.append({"layer": layer, "channel": ch, "level": "low", "description": "",
+        rows.append({"layer": layer, "channel": ch, "level": 1, "description": "",
                      "backend": "fake", "model": "fake", "status": "failed", "reason": "timeout"})
     desc = tmp_path / "03_descriptions.csv"
-    write_csv(desc, rows, ["layer", "channel", "level", "description", "backend", "model",
-                           "status", "reason"])
+    write_csv(desc, rows, columns(Description))
     meta03 = write_meta(tmp_path / "03_describe.meta.json", "03_describe", {}, [desc])
     emb = tmp_path / "04_embeddings.npz"
-    save_npz(emb, {"layer": np.array(names), "channel": np.array(channels, dtype=np.int64),
-                   "text": np.vstack(text).astype(np.float32),
-                   "image": np.vstack(fused).astype(np.float32),
-                   "fused": np.vstack(fused).astype(np.float32),
-                   "text_model": np.array("fake-bow"), "image_model": np.array("fake"),
-                   "fusion": np.array("mean")})
+    write_embeddings(emb, Embeddings(layer=np.array(names), channel=np.array(channels),
+                                     text=np.vstack(text), image=np.vstack(fused),
+                                     fused=np.vstack(fused), text_model="fake-bow",
+                                     image_model="fake", fusion="mean"))
     write_meta(tmp_path / "04_embed.meta.json", "04_embed", {}, [emb], inputs=[meta03])
     return desc, emb
 
@@ -97,14 +99,58 @@ def test_search_matches_exhaustive_sweep_with_fewer_fits(noise, planted_k):
     # at noise 0.15 the silhouette curve has two peaks (k = 6 and 8): the search must still
     # find the higher one, which a search refining only around its best fit so far misses
     x, _ = planted(10, 7, seed=2, noise=noise)
-    dist = stage.cosine_distance_matrix(x)
-    best, _, curve = stage.search_k(x, dist, 2, 40, seed=0, n_init=2, points=6)
-    sweep = {k: stage.silhouette(dist, stage.fit_kmeans(x, k, 0, 2)[0]) for k in range(2, 41)}
+    dist, data = cosine_distances(x), stage.deduplicate(x)
+    best, _, curve = stage.search_k(data, dist, 2, 40, seed=0, n_init=2, points=6)
+    sweep = {k: stage.silhouette(dist, stage.fit_kmeans(data, k, 0, 2)[0]) for k in range(2, 41)}
     assert best == max(sweep, key=lambda k: (sweep[k], -k))
     if planted_k:
         assert best == planted_k
     assert len(curve) < len(sweep) / 2
     assert all(curve[k][0] == pytest.approx(sweep[k]) for k in curve)
+
+
+def test_near_identical_rows_merge_and_distinct_ones_do_not():
+    x, _ = planted(1, 3, seed=9)
+    turn = np.zeros_like(x[0])
+    turn[np.argmin(np.abs(x[0]))] = 1.0
+    near = x[0] + 0.005 * turn  # cosine with x[0] ≈ 0.99999: the same sentence, rounded
+    apart = x[0] + 0.05 * turn  # cosine ≈ 0.999: a different sentence
+    rows = np.vstack([x, near / np.linalg.norm(near), apart / np.linalg.norm(apart), x[2]])
+    data = stage.deduplicate(rows)
+    assert data.inverse.tolist() == [0, 1, 2, 0, 3, 2]
+    assert data.weights.tolist() == [2, 1, 2, 1]
+    np.testing.assert_array_equal(data.points[1], rows[1])  # a group of one keeps its row exactly
+
+
+def test_duplicated_layer_is_clustered_as_its_distinct_points(monkeypatch):
+    # 512 neurons, 500 of which say one of four sentences: KMeans sees 16 weighted points only
+    x, _ = planted(1, 16, seed=10, noise=0.0)
+    rng = np.random.default_rng(0)
+    which = np.concatenate([rng.integers(0, 4, size=500), np.arange(4, 16)])
+    layer = x[which]
+    sizes = []
+    fit = stage.fit_kmeans
+    monkeypatch.setattr(stage, "fit_kmeans", lambda data, *a: sizes.append(len(data.points))
+                        or fit(data, *a))
+    res = stage.cluster_layer(layer, k_min=2, k_max=512, seed=0, n_init=2, points=8)
+    assert set(sizes) == {16} and max(res.curve) == 16  # k is capped at the distinct points
+    for sentence in range(4):  # each repeated sentence lies in a single cluster
+        assert len(set(res.labels[which == sentence])) == 1
+    # the figures are those of all 512 neurons, each counting once
+    assert res.silhouette == pytest.approx(silhouette_score(layer, res.labels, metric="cosine"))
+    assert res.cohesion == pytest.approx(stage.cohesion(layer, res.labels))
+
+
+def test_weighted_kmeans_equals_kmeans_on_every_row():
+    # exact duplicates: the weighted fit optimises the same objective as the fit on every row
+    x, truth = planted(5, 3, seed=11)
+    rows = np.repeat(x, np.arange(1, 16) % 4 + 1, axis=0)
+    labels, inertia = stage.fit_kmeans(stage.deduplicate(rows), 3, seed=0, n_init=3)
+    from sklearn.cluster import KMeans
+    full = KMeans(n_clusters=3, n_init=3, random_state=0).fit(rows)
+    assert inertia == pytest.approx(full.inertia_, rel=1e-4)
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(full.labels_, labels) == 1.0
 
 
 def test_cohesion_and_silhouette_by_hand():
@@ -115,7 +161,7 @@ def test_cohesion_and_silhouette_by_hand():
     # cosine distances: within 0.2; a1-b1 1.0, a1-b2 1.6, a2-b1 0.4, a2-b2 1.0
     far, near = (1.1 / 1.3), (0.5 / 0.7)
     expected = (far + near + near + far) / 4
-    assert stage.silhouette(stage.cosine_distance_matrix(x), labels) == pytest.approx(expected)
+    assert stage.silhouette(cosine_distances(x), labels) == pytest.approx(expected)
     # a singleton has no pairs: it must not pull the cohesion towards 0 or 1
     x3 = np.vstack([x, [[-1.0, 0.0]]])
     assert stage.cohesion(x3, np.array([0, 0, 1, 1, 2])) == pytest.approx(0.8)
@@ -138,6 +184,16 @@ def test_tfidf_tiny_corpus_by_hand():
     assert cluster == [("dog", pytest.approx(1.0))]
 
 
+def test_template_words_are_those_most_descriptions_of_two_layers_share():
+    early = ["the unit fires on red stripes", "the unit fires on blue dots",
+             "the unit fires on red dots", "the unit fires on red stripes"]
+    deep = ["the unit fires on cats", "the unit fires on cats and dogs", "the unit fires on cars",
+            "the unit fires on cats"]
+    # "red" and "cats" fill 3 of 4 descriptions of one layer each: concepts, not wording
+    assert stage.template_words([early, deep]) == {"the", "unit", "fires", "on"}
+    assert stage.template_words([early]) == frozenset()  # one layer cannot tell them apart
+
+
 def test_embedding_fallback_picks_the_matching_phrase():
     emb = BagOfWordsEmbedder()
     cats = {"animals": "dogs cats birds", "colours": "yellow red blue", "vehicles": "truck car bus"}
@@ -145,7 +201,9 @@ def test_embedding_fallback_picks_the_matching_phrase():
     vectors = emb.encode(descs).astype(np.float64)
     best, scores = stage.classify_embedding(vectors, cats, emb)
     assert best == ["animals", "colours", "vehicles"]
-    assert all(-1 <= s <= 1 for s in scores)
+    # each score is the cosine with the winning phrase, i.e. the best over all phrases
+    phrases = emb.encode([stage.PHRASE_TEMPLATE.format(p) for p in cats.values()])
+    np.testing.assert_allclose(scores, cosine_similarity(vectors, phrases).max(axis=1), atol=1e-6)
 
 
 def test_nli_path_with_fake_classifier():
@@ -180,9 +238,13 @@ def test_nli_path_with_tiny_random_transformer(tmp_path):
     clf = transformers.pipeline("zero-shot-classification", model=model,
                                 tokenizer=transformers.BertTokenizer(str(vocab)), device="cpu")
     cats = {"animals": "animals", "colours": "colours"}
-    best, scores = stage.classify_nli(["yellow dog", "yellow", "dog"], cats, clf)
-    assert len(best) == 3 and set(best) <= set(cats)
-    assert all(0.5 <= s <= 1 for s in scores)  # the best of two softmax scores
+    texts = ["yellow dog", "yellow", "dog"]
+    best, scores = stage.classify_nli(texts, cats, clf, batch_size=2)
+    # batched answers stay with their texts and use the stage's hypothesis template: each equals
+    # the pipeline's own answer for that text alone
+    for text, label, score in zip(texts, best, scores):
+        alone = clf(text, candidate_labels=list(cats), hypothesis_template=stage.NLI_TEMPLATE)
+        assert (label, score) == (alone["labels"][0], pytest.approx(alone["scores"][0], abs=1e-6))
 
 
 def fake_embedders_module(monkeypatch):
@@ -205,34 +267,35 @@ def test_end_to_end_two_layers(tmp_path, monkeypatch):
     stage.main(["--descriptions", str(desc), "--embeddings", str(emb), "--activations", str(acts),
                 "--out-dir", str(out), "--k-max", "12", "--projection", "pca"])
 
-    metrics = read_csv(out / "05_metrics.csv")
-    assert [(m["layer"], m["kind"]) for m in metrics] == [
+    metrics = read_metrics(out / "05_metrics.csv")
+    assert [(m.layer, m.kind) for m in metrics] == [
         ("early", "text"), ("early", "fused"), ("late", "text"), ("late", "fused")]
-    assert [int(m["k"]) for m in metrics] == [3, 3, 5, 5]
-    assert all(float(m["ari_text_fused"]) == pytest.approx(1.0) for m in metrics)
-    clusters = read_csv(out / "05_clusters.csv")
+    assert [m.k for m in metrics] == [3, 3, 5, 5]
+    assert all(m.ari_text_fused == pytest.approx(1.0) for m in metrics)
+    clusters = read_clusters(out / "05_clusters.csv")
     assert len(clusters) == 2 * (30 + 40)  # the failed row is skipped
-    assert list(clusters[0]) == ["layer", "channel", "kind", "cluster", "x", "y"]
-    keywords = read_csv(out / "05_keywords.csv")
-    early_all = [k["term"] for k in keywords if k["layer"] == "early" and k["cluster"] == "all"]
+    keywords = read_keywords(out / "05_keywords.csv")
+    early_all = [k.term for k in keywords if k.layer == "early" and k.cluster is None]
     assert {"yellow", "lemon", "striped", "zebra", "blue", "truck"} <= set(early_all)
-    assert "pattern" in early_all and "neuron" not in early_all
+    # "pattern number" is the wording of every description in both layers: the describer's template
+    assert not {"pattern", "number", "neuron"} & set(early_all)
     by_cluster = {}
     for k in keywords:
-        if k["layer"] == "early" and k["kind"] == "fused" and k["rank"] in ("1", "2"):
-            by_cluster.setdefault(k["cluster"], set()).add(k["term"])
+        if k.layer == "early" and k.kind == "fused" and k.rank <= 2:
+            by_cluster.setdefault(k.cluster, set()).add(k.term)
     assert sorted(map(sorted, by_cluster.values())) == [["blue", "truck"], ["lemon", "yellow"],
                                                         ["striped", "zebra"]]
-    categories = read_csv(out / "05_categories.csv")
-    assert len(categories) == 70 and categories[0]["method"] == "embedding:fake-bow"
-    ksearch = read_csv(out / "05_ksearch.csv")
-    assert sum(int(r["chosen"]) for r in ksearch) == 4
+    categories = read_categories(out / "05_categories.csv")
+    assert len(categories) == 70 and categories[0].method == "embedding:fake-bow"
+    ksearch = read_ksearch(out / "05_ksearch.csv")
+    assert sum(r.chosen for r in ksearch) == 4
     for name in ("early_k.png", "early_map.png", "early_keywords.png", "late_map.png",
                  "categories.png"):
         assert (out / "05_plots" / name).stat().st_size > 1000
     meta = read_json(out / "05_cluster.meta.json")
     assert set(meta["lineage"]) == {"01_extract", "03_describe", "04_embed", "05_cluster"}
     assert meta["category_method"] == "embedding:fake-bow"
+    assert meta["describer_wording"] == ["number", "pattern"]
     assert meta["skipped"]["failed description"] == 1
 
 
@@ -244,14 +307,14 @@ def test_degenerate_layers_do_not_crash(tmp_path):
     out = tmp_path / "out"
     meta = stage.run(desc, emb, out, k_min=2, k_max=8, projection="pca",
                      text_embedder=BagOfWordsEmbedder())
-    metrics = {(m["layer"], m["kind"]): m for m in read_csv(out / "05_metrics.csv")}
-    assert metrics[("tiny", "text")]["k"] == "1" and metrics[("tiny", "text")]["silhouette"] == ""
-    assert metrics[("same", "fused")]["k"] == "1"
-    assert float(metrics[("same", "fused")]["cohesion"]) == pytest.approx(1.0)
+    metrics = {(m.layer, m.kind): m for m in read_metrics(out / "05_metrics.csv")}
+    assert metrics[("tiny", "text")].k == 1 and math.isnan(metrics[("tiny", "text")].silhouette)
+    assert metrics[("same", "fused")].k == 1
+    assert metrics[("same", "fused")].cohesion == pytest.approx(1.0)
     assert "identical" in meta["degenerate"]["same/text"]
     assert "too few" in meta["degenerate"]["tiny/fused"]
-    assert [k["term"] for k in read_csv(out / "05_keywords.csv")
-            if k["layer"] == "same" and k["cluster"] == "all"] == ["dots", "yellow"]
+    assert [k.term for k in read_keywords(out / "05_keywords.csv")
+            if k.layer == "same" and k.cluster is None] == ["dots", "yellow"]
 
 
 def test_single_layer_and_stop_word_only_descriptions(tmp_path):
@@ -261,8 +324,8 @@ def test_single_layer_and_stop_word_only_descriptions(tmp_path):
     out = tmp_path / "out"
     stage.run(desc, emb, out, k_max=5, projection="pca", plots=False,
               text_embedder=BagOfWordsEmbedder())
-    assert [int(m["k"]) for m in read_csv(out / "05_metrics.csv")] == [2, 2]
-    assert read_csv(out / "05_keywords.csv") == []
+    assert [m.k for m in read_metrics(out / "05_metrics.csv")] == [2, 2]
+    assert read_keywords(out / "05_keywords.csv") == []
 
 
 def test_missing_input_is_a_clear_error(tmp_path, capsys):

@@ -40,11 +40,14 @@ def write_run(folder, vectors, clusters, text_model="words"):
         "fusion": np.array("test")})
     write_meta(folder / "04_embed.meta.json", "04_embed", {}, [folder / "04_embeddings.npz"])
     write_csv(folder / "03_descriptions.csv",
-              [{"layer": ly, "channel": c, "description": f"{ly} neuron {c}", "status": "ok"}
-               for ly, c in zip(layer, channel)], ["layer", "channel", "description", "status"])
+              [{"layer": ly, "channel": c, "level": 1, "description": f"{ly} neuron {c}",
+                "backend": "test", "model": "test", "status": "ok"}
+               for ly, c in zip(layer, channel)],
+              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
     write_csv(folder / "05_clusters.csv",
-              [{"layer": ly, "channel": c, "kind": "fused", "cluster": clusters[ly][c]}
-               for ly, c in zip(layer, channel)], ["layer", "channel", "kind", "cluster"])
+              [{"layer": ly, "channel": c, "kind": "fused", "cluster": clusters[ly][c], "x": 0,
+                "y": 0} for ly, c in zip(layer, channel)],
+              ["layer", "channel", "kind", "cluster", "x", "y"])
     write_csv(folder / "09_summary.csv",
               [{"layer": ly, "neurons": len(v), "mean_clarity": 0.5} for ly, v in vectors.items()],
               ["layer", "neurons", "mean_clarity"])
@@ -122,7 +125,7 @@ def test_a_concept_only_one_run_has_is_reported(tmp_path):
     result = stage.run(tmp_path / "a", tmp_path / "b", tmp_path / "out")
     alone = [(r["side"], r["layer"], r["cluster"], r["cosine"]) for r in result["concepts"]
              if not r["counterpart"]]
-    assert len(alone) == 1 and alone[0][:3] == ("A", "deep", "2")
+    assert len(alone) == 1 and alone[0][:3] == ("A", "deep", 2)
     assert alone[0][3] == pytest.approx(0.0, abs=1e-6)
     assert sum(r["side"] == "B" for r in result["concepts"]) == 4
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from common.artefacts import Description, Mosaic, Prediction, columns, read_confusion
 from common.cli import StageError
 from common.io import read_csv, save_npz, write_csv
 from common.provenance import write_meta
@@ -21,8 +22,6 @@ from conftest import load_stage
 debug = load_stage("08_debug")
 
 NAMES = ["palace", "castle", "monastery"]
-PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name", "prob", "correct",
-               "top5_idx", "top5_prob"]
 
 
 def write_run(run_dir, labels, preds, stats, descriptions=None, mosaic_for=()):
@@ -40,7 +39,7 @@ def write_run(run_dir, labels, preds, stats, descriptions=None, mosaic_for=()):
         rows.append({"image_id": i, "path": str(path), "label": NAMES[lab], "label_idx": lab,
                      "pred_idx": pred, "pred_name": NAMES[pred], "prob": 0.9,
                      "correct": int(lab == pred), "top5_idx": pred, "top5_prob": 0.9})
-    write_csv(run_dir / "01_predictions.csv", rows, PRED_FIELDS)
+    write_csv(run_dir / "01_predictions.csv", rows, columns(Prediction))
     (run_dir / "01_stats").mkdir(exist_ok=True)
     arrays = {"layers": np.array(list(stats)), "input_size": np.array([8, 8])}
     for layer, values in stats.items():
@@ -62,11 +61,10 @@ def write_run(run_dir, labels, preds, stats, descriptions=None, mosaic_for=()):
                     model={"name": "fake", "weights": None, "random_init": False,
                            "unsafe_pickle": False, "input_size": 8})
     descriptions = descriptions or {}
-    desc_rows = [{"layer": layer, "channel": ch, "level": "low", "description": text,
+    desc_rows = [{"layer": layer, "channel": ch, "level": 1, "description": text,
                   "backend": "fake", "model": "fake", "status": "ok", "reason": ""}
                  for (layer, ch), text in descriptions.items()]
-    write_csv(run_dir / "03_descriptions.csv", desc_rows,
-              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
+    write_csv(run_dir / "03_descriptions.csv", desc_rows, columns(Description))
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], inputs=[m1])
     if mosaic_for:
@@ -75,10 +73,9 @@ def write_run(run_dir, labels, preds, stats, descriptions=None, mosaic_for=()):
             rel = f"02_mosaics/{layer}/{ch}.png"
             (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (16, 16), (200, 30, 30)).save(run_dir / rel)
-            mrows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": "1x1",
+            mrows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": 1,
                           "tile_px": 16, "crop": "rf"})
-        write_csv(run_dir / "02_mosaics.csv", mrows,
-                  ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"])
+        write_csv(run_dir / "02_mosaics.csv", mrows, columns(Mosaic))
         write_meta(run_dir / "02_mosaics.meta.json", "02_mosaics", {},
                    [run_dir / "02_mosaics.csv"], inputs=[m1])
 
@@ -115,13 +112,13 @@ def run_main(run_dir, *extra):
 def test_confusion_table_and_automatic_selection(tmp_path):
     run_dir = planted_run(tmp_path)
     run_main(run_dir)
-    conf = read_csv(run_dir / "08_confusion.csv")
-    assert [r["class"] for r in conf] == ["palace", "castle"]  # palace has all the errors
+    conf = read_confusion(run_dir / "08_confusion.csv")
+    assert [r.class_ for r in conf] == ["palace", "castle"]  # palace has all the errors
     palace = conf[0]
-    assert [palace[k] for k in ("rank", "n", "correct", "errors")] == ["1", "46", "30", "16"]
-    assert float(palace["accuracy"]) == pytest.approx(30 / 46, abs=1e-4)
-    assert palace["top_confused"] == "castle:12; monastery:4"
-    assert float(palace["top1_share"]) == pytest.approx(12 / 16)
+    assert (palace.rank, palace.n, palace.correct, palace.errors) == (1, 46, 30, 16)
+    assert palace.accuracy == pytest.approx(30 / 46, abs=1e-4)
+    assert palace.top_confused == "castle:12; monastery:4"
+    assert palace.top1_share == pytest.approx(12 / 16)
     pairs = {(r["true"], r["pred"]): r for r in read_csv(run_dir / "08_debug" / "pairs.csv")}
     assert pairs[("palace", "castle")]["status"] == "selected"
     assert pairs[("palace", "monastery")]["status"] == "skipped"

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.artefacts import Description, Prediction, columns, read_descriptions
 from common.cli import StageError
 from common.imagenet import class_names
-from common.io import read_csv, save_npz, write_csv
+from common.io import save_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
 
@@ -64,10 +65,10 @@ def make_run(tmp_path, channels=3, tiles_of=None, deep_top5=None):
     deep_top5 = deep_top5 or [([TERRIERS[i % 4], 207, 281, 1, 2], [0.8, 0.1, 0.05, 0.03, 0.02])
                               for i in range(n_images)]
     write_csv(run / "01_predictions.csv",
-              [{"image_id": i, "path": f"img{i}.png", "pred_idx": t[0][0], "prob": t[1][0],
+              [{"image_id": i, "path": f"img{i}.png", "label": "", "label_idx": -1,
+                "pred_idx": t[0][0], "pred_name": "", "prob": t[1][0], "correct": "",
                 "top5_idx": " ".join(map(str, t[0])), "top5_prob": " ".join(map(str, t[1]))}
-               for i, t in enumerate(deep_top5)],
-              ["image_id", "path", "pred_idx", "prob", "top5_idx", "top5_prob"])
+               for i, t in enumerate(deep_top5)], columns(Prediction))
     write_meta(run / "01_extract.meta.json", "01_extract", {},
                [run / "01_activations.npz", run / "01_predictions.csv"],
                model={"name": "efficientnet_lite0", "weights": None, "random_init": False})
@@ -391,9 +392,9 @@ def test_main_offline_end_to_end(tmp_path, monkeypatch):
     D.main(["--mosaics", str(run / "02_mosaics.csv"), "--out", str(run / "03_descriptions.csv"),
             "--activations", str(run / "01_activations.npz"),
             "--predictions", str(run / "01_predictions.csv")])
-    rows = read_csv(run / "03_descriptions.csv")
-    assert list(rows[0]) == D.FIELDS
-    assert {r["backend"] for r in rows} == {"offline"} and all(r["status"] == "ok" for r in rows)
+    assert D.FIELDS == columns(Description)  # what 03 writes is what the reader reads
+    rows = read_descriptions(run / "03_descriptions.csv")
+    assert {r.backend for r in rows} == {"offline"} and all(r.ok for r in rows)
     meta = json.loads((run / "03_describe.meta.json").read_text())
     assert {"01_extract", "02_mosaics", "03_describe"} <= set(meta["lineage"])
 

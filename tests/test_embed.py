@@ -11,6 +11,7 @@ from torch import nn
 
 from common import embedders as E
 from common.cli import StageError
+from common.artefacts import read_embeddings
 from common.io import load_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
@@ -109,29 +110,30 @@ def test_concat_fusion_shapes_and_unit_rows(tmp_path):
     """Text and CNN spaces differ → fused is the concatenation, each half weighing 1/√2."""
     run = make_run(tmp_path, NEURONS, statuses={("b", 0): "failed"})
     arrays = embed(run, text_embedder=FakeText(), image_embedder=FakeCnn())
-    saved = load_npz(run / "04_embeddings.npz")
-    assert list(saved["layer"]) == ["a", "a", "b"] and list(saved["channel"]) == [0, 1, 1]
-    assert saved["text"].shape == (3, 6) and saved["image"].shape == (3, 3)
-    assert saved["fused"].shape == (3, 9) and str(saved["fusion"]) == "concat"
-    for key in ("text", "image", "fused"):
-        assert saved[key].dtype == np.float32
-        assert np.allclose(np.linalg.norm(saved[key], axis=1), 1, atol=1e-5)
-    assert np.allclose(saved["fused"][:, :6], saved["text"] / np.sqrt(2), atol=1e-6)
-    assert np.allclose(saved["fused"][:, 6:], saved["image"] / np.sqrt(2), atol=1e-6)
-    assert str(saved["text_model"]) == "fake-text" and str(saved["image_model"]) == "fake-cnn"
+    saved = read_embeddings(run / "04_embeddings.npz")
+    assert saved.keys() == [("a", 0), ("a", 1), ("b", 1)]
+    assert saved.text.shape == (3, 6) and saved.image.shape == (3, 3)
+    assert saved.fused.shape == (3, 9) and saved.fusion == "concat"
+    for vectors in (saved.text, saved.image, saved.fused):
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert np.allclose(saved.fused[:, :6], saved.text / np.sqrt(2), atol=1e-6)
+    assert np.allclose(saved.fused[:, 6:], saved.image / np.sqrt(2), atol=1e-6)
+    assert saved.text_model == "fake-text" and saved.image_model == "fake-cnn"
     meta = json.loads((run / "04_embed.meta.json").read_text())
     assert meta["fusion"] == "concat" and meta["image_space"] == "cnn"
     assert set(meta["lineage"]) >= {"02_mosaics", "03_describe", "04_embed"}
-    assert arrays["fused"].shape == saved["fused"].shape
+    assert arrays["fused"].shape == saved.fused.shape
+    raw = load_npz(run / "04_embeddings.npz")  # the contract's dtypes, as written
+    assert all(raw[key].dtype == np.float32 for key in ("text", "image", "fused"))
 
 
 def test_mean_fusion_when_one_space(tmp_path):
     """Towers of one space → fused is the normalised mean of the two vectors."""
     run = make_run(tmp_path, NEURONS)
     embed(run, text_embedder=FakeText(), image_embedder=FakeClipImage())
-    saved = load_npz(run / "04_embeddings.npz")
-    assert str(saved["fusion"]) == "mean" and saved["fused"].shape == (4, 6)
-    assert np.allclose(saved["fused"], E.l2_normalise(saved["text"] + saved["image"]), atol=1e-6)
+    saved = read_embeddings(run / "04_embeddings.npz")
+    assert saved.fusion == "mean" and saved.fused.shape == (4, 6)
+    assert np.allclose(saved.fused, E.l2_normalise(saved.text + saved.image), atol=1e-6)
 
 
 def test_cnn_image_vector_is_mean_over_crops_each_crop_once(tmp_path):

@@ -1,11 +1,10 @@
 """Stage 01: streaming top-k, hooks, and the real script on the fake model."""
-import csv
-
 import numpy as np
 import pytest
 import torch
 
-from common.activations import StreamingTopK, read_activations
+from common.activations import StreamingTopK
+from common.artefacts import read_activations, read_images, read_predictions, read_stats
 from common.hooks import ablate_channels, record_outputs, reduce_outputs
 from conftest import FAKE_MODEL, load_stage
 
@@ -18,12 +17,6 @@ def run_extract(image_folder, out, *extra):
     extract.main(["--images", str(image_folder), "--out", str(out), "--model", FAKE_MODEL,
                   "--layers", LAYERS, "--input-size", "32", "--topk", "5", "--batch-size", "4",
                   "--device", "cpu", *extra])
-
-
-def read_rows(path):
-    """CSV rows as dicts."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_streaming_topk_equals_brute_force():
@@ -142,15 +135,15 @@ def test_extract_end_to_end(image_folder, tmp_path):
     """The fake model's neurons find what they were built for; bad files are listed, not fatal."""
     out = tmp_path / "run"
     run_extract(image_folder, out)
-    images = read_rows(out / "01_images.csv")
+    images = read_images(out / "01_images.csv")
     assert len(images) == 31
-    broken = [r for r in images if r["path"].endswith("broken.jpg")]
-    assert broken[0]["status"] == "skipped" and broken[0]["reason"]
-    assert sum(r["status"] == "ok" for r in images) == 30
+    broken = [r for r in images if r.path.endswith("broken.jpg")]
+    assert broken[0].status == "skipped" and broken[0].reason
+    assert sum(r.status == "ok" for r in images) == 30
 
     layers, input_size, tops = read_activations(out / "01_activations.npz")
     assert layers == LAYERS.split(",") and input_size == (32, 32)
-    kind = {int(r["image_id"]): r["path"].split("/")[-1].split("_")[0] for r in images}
+    kind = {r.image_id: r.path.split("/")[-1].split("_")[0] for r in images}
     red_top = [kind[i] for i in tops["relu1"].image_ids[0]]
     assert red_top == ["red"] * 5
     edge_top = [kind[i] for i in tops["relu1"].image_ids[1]]
@@ -158,18 +151,18 @@ def test_extract_end_to_end(image_folder, tmp_path):
     assert tops["relu1"].fmap.tolist() == [4, 32, 32] and tops["pool"].fmap.tolist() == [4, 16, 16]
     assert (np.diff(tops["relu1"].values, axis=1) <= 0).all()
 
-    stats = np.load(out / "01_stats" / "relu1.max.npy", mmap_mode="r")
+    stats = read_stats(out / "01_stats", "relu1", "max")
     assert stats.shape == (31, 4)
-    broken_id = int(broken[0]["image_id"])
+    broken_id = broken[0].image_id
     assert np.isnan(stats[broken_id]).all()
     # The top-1 value of each channel is the maximum of that channel's per-image maxima.
     np.testing.assert_allclose(tops["relu1"].values[:, 0], np.nanmax(stats, axis=0), rtol=1e-6)
 
-    preds = read_rows(out / "01_predictions.csv")
+    preds = read_predictions(out / "01_predictions.csv")
     assert len(preds) == 30
-    red_preds = [p["pred_idx"] for p in preds if "red_" in p["path"]]
-    assert red_preds == ["0"] * 10
-    assert all(p["correct"] == "1" for p in preds if "red_" in p["path"])
+    red_preds = [p.pred_idx for p in preds if "red_" in p.path]
+    assert red_preds == [0] * 10
+    assert all(p.correct is True for p in preds if "red_" in p.path)
 
 
 def test_same_inputs_same_bytes(image_folder, tmp_path):
@@ -223,5 +216,5 @@ def test_no_usable_image_fails(tmp_path, capfd):
                       "--input-size", "32", "--device", "cpu"])
     assert exc.value.code == 2
     assert "none of the 2 images" in capfd.readouterr().err
-    rows = read_rows(tmp_path / "r" / "01_images.csv")
-    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    rows = read_images(tmp_path / "r" / "01_images.csv")
+    assert [r.status for r in rows] == ["skipped", "skipped"]

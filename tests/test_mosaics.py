@@ -1,5 +1,4 @@
 """Stage 02: crop geometry, mosaic layout and the real script after a fake-model extraction."""
-import csv
 import io
 import shutil
 
@@ -7,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.activations import read_activations
+from common.artefacts import read_activations, read_images, read_mosaics
 from common.cli import StageError
 from common.images import load_rgb, network_input
 from common.rf import RF, field_box
@@ -33,8 +32,7 @@ def run_mosaics(run_dir, *extra):
                   "--images", str(run_dir / "01_images.csv"), "--out-dir",
                   str(run_dir / "02_mosaics"), "--index", str(run_dir / "02_mosaics.csv"),
                   "--grid", "3", "--tile", "8", "--workers", "1", *extra])
-    with open(run_dir / "02_mosaics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_mosaics(run_dir / "02_mosaics.csv")
 
 
 def test_letterbox_keeps_aspect_and_centres():
@@ -168,16 +166,16 @@ def test_mosaics_end_to_end(extracted):
     layers, _, tops = read_activations(extracted / "01_activations.npz")
     assert len(rows) == sum(tops[name].channels for name in layers)
     first = rows[0]
-    assert (first["layer"], first["channel"], first["grid"], first["tile_px"], first["crop"]) == (
-        "relu1", "0", "3", "8", "rf")
-    png = Image.open(extracted / first["path"])
+    assert (first.layer, first.channel, first.grid, first.tile_px, first.crop) == (
+        "relu1", 0, 3, 8, "rf")
+    assert first.path == extracted / "02_mosaics" / "relu1" / "0.png"
+    png = Image.open(first.path)
     assert png.size == (24, 24)
-    assert int(first["n_tiles"]) == 9
+    assert first.n_tiles == 9
 
     # Rebuild tile 0 of relu1 / channel 0 by hand from the network input and compare.
     top = tops["relu1"]
-    with open(extracted / "01_images.csv", newline="") as fh:
-        paths = {int(r["image_id"]): r["path"] for r in csv.DictReader(fh)}
+    paths = {r.image_id: r.path for r in read_images(extracted / "01_images.csv")}
     image = np.asarray(network_input(load_rgb(paths[int(top.image_ids[0, 0])])[0], 32))
     expected = reference_tile(image, RF(*top.rf.tolist()), int(top.y[0, 0]), int(top.x[0, 0]), 8)
     assert np.abs(np.asarray(png.convert("RGB"))[:8, :8].astype(int) - expected).max() <= 1
@@ -198,7 +196,7 @@ def test_too_little_scratch_space_is_a_clear_error(extracted, monkeypatch):
 def test_mask_mode_and_fallback(extracted, capfd):
     """--crop mask uses stored maps (conv2) and falls back to rf where none were kept (relu1)."""
     rows = run_mosaics(extracted, "--crop", "mask")
-    modes = {(r["layer"], r["crop"]) for r in rows}
+    modes = {(r.layer, r.crop) for r in rows}
     assert modes == {("relu1", "rf"), ("conv2", "mask")}
     assert "relu1 has no stored activation maps" in capfd.readouterr().err
 
@@ -206,15 +204,15 @@ def test_mask_mode_and_fallback(extracted, capfd):
 def test_parallel_equals_serial(extracted, tmp_path):
     """Two worker processes write the same mosaics as one."""
     serial = run_mosaics(extracted)
-    first_bytes = (extracted / serial[5]["path"]).read_bytes()
+    first_bytes = serial[5].path.read_bytes()
     parallel = run_mosaics(extracted, "--workers", "2")
     assert serial == parallel
-    assert (extracted / parallel[5]["path"]).read_bytes() == first_bytes
+    assert parallel[5].path.read_bytes() == first_bytes
 
 
 def test_fewer_images_than_tiles_leaves_grey(extracted):
     """A 4×4 grid with only 9 stored crops per neuron fills 9 tiles and leaves the rest grey."""
     rows = run_mosaics(extracted, "--grid", "4")
-    assert all(r["n_tiles"] == "9" for r in rows)
-    png = np.asarray(Image.open(extracted / rows[0]["path"]).convert("RGB"))
+    assert all(r.n_tiles == 9 for r in rows)
+    png = np.asarray(Image.open(rows[0].path).convert("RGB"))
     assert (png[24:, 8:] == mosaics.BACKGROUND).all()   # tiles 13–15 of the last row

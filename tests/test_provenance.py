@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from common.io import atomic_path, load_npz, save_npz, write_text
+from common.io import NpyRowWriter, atomic_path, load_npz, save_npz, write_text
 from common.provenance import ProvenanceError, merge_lineage, read_meta, write_meta
 
 
@@ -55,3 +55,18 @@ def test_missing_meta_is_a_clear_error(tmp_path):
     write_text(tmp_path / "03_descriptions.csv", "x\n")
     with pytest.raises(ProvenanceError, match="re-run the stage"):
         read_meta(tmp_path / "03_descriptions.csv")
+
+
+def test_npy_row_writer_fills_a_loadable_array_and_checks_the_row_count(tmp_path):
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2)
+    writer = NpyRowWriter(tmp_path / "a.npy", 6, 2)
+    for block in (rows[:1], rows[1:4], rows[4:]):
+        writer.write(block)
+    writer.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy", mmap_mode="r"), rows)
+    short = NpyRowWriter(tmp_path / "b.npy", 6, 2)
+    short.write(rows[:5])
+    with pytest.raises(ValueError, match="wrote 5 rows"):
+        short.close()
+    with pytest.raises(ValueError, match="2 columns"):
+        NpyRowWriter(tmp_path / "c.npy", 6, 2).write(np.zeros((1, 3)))

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from common.cli import StageError
-from common.io import read_csv, save_npz, write_csv
+from common.artefacts import Description, Embeddings, Mosaic, columns, write_embeddings
+from common.io import read_csv, write_csv
 from common.provenance import read_meta, write_meta
 from conftest import load_stage
 
@@ -76,25 +77,22 @@ def make_run(tmp_path, descriptions=None, image_model="fake-colour"):
     colours = MeanColour()
     text = bow.encode(descriptions)
     image = colours.encode([Image.new("RGB", (4, 4), n[3]) for n in NEURONS])
-    save_npz(run_dir / "04_embeddings.npz", {
-        "layer": np.array([n[0] for n in NEURONS]), "channel": np.array([n[1] for n in NEURONS]),
-        "text": text, "image": image, "fused": np.concatenate([text, image], axis=1),
-        "text_model": np.array("fake-bow"), "image_model": np.array(image_model),
-        "fusion": np.array("concat")})
+    write_embeddings(run_dir / "04_embeddings.npz", Embeddings(
+        layer=np.array([n[0] for n in NEURONS]), channel=np.array([n[1] for n in NEURONS]),
+        text=text, image=image, fused=np.concatenate([text, image], axis=1),
+        text_model="fake-bow", image_model=image_model, fusion="concat"))
     mosaic_rows = []
     for layer, ch, _, colour in NEURONS:
         rel = f"02_mosaics/{layer}/{ch}.png"
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), colour).save(run_dir / rel)
-        mosaic_rows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": "1x1",
+        mosaic_rows.append({"layer": layer, "channel": ch, "path": rel, "n_tiles": 1, "grid": 1,
                             "tile_px": 8, "crop": "rf"})
-    write_csv(run_dir / "02_mosaics.csv", mosaic_rows,
-              ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"])
-    desc_rows = [{"layer": n[0], "channel": n[1], "level": "low", "description": d,
+    write_csv(run_dir / "02_mosaics.csv", mosaic_rows, columns(Mosaic))
+    desc_rows = [{"layer": n[0], "channel": n[1], "level": 1, "description": d,
                   "backend": "fake", "model": "fake", "status": "ok" if d else "failed",
                   "reason": "" if d else "no answer"} for n, d in zip(NEURONS, descriptions)]
-    write_csv(run_dir / "03_descriptions.csv", desc_rows,
-              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
+    write_csv(run_dir / "03_descriptions.csv", desc_rows, columns(Description))
     m2 = write_meta(run_dir / "02_mosaics.meta.json", "02_mosaics", {},
                     [run_dir / "02_mosaics.csv"])
     m3 = write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
@@ -119,7 +117,7 @@ def test_text_ranking_known_answers(tmp_path):
     # "cat" matches only L1/1 (cosine 1); "dog ball" is exactly L1/0's description.
     run_dir = make_run(tmp_path)
     out = io.StringIO()
-    rows = find(run_dir, ["cat", "dog ball"], top_k=3, baseline="", text_embedder=BagOfWords(),
+    rows = find(run_dir, ["cat", "dog ball"], top_k=3, scoring="cosine", text_embedder=BagOfWords(),
                 stdout=out)
     assert ranked(rows, "cat")[0] == ("L1", 1)
     assert rows[0]["cosine"] == pytest.approx(1.0, abs=1e-4)
@@ -137,8 +135,9 @@ def test_baseline_demotes_generic_neuron(tmp_path):
     # subtracting the baseline's cosine (0.866 for L2/1, 0 for L2/2) puts the specific one first.
     run_dir = make_run(tmp_path)
     query = "dog picture things"
-    raw = find(run_dir, [query], top_k=2, baseline="", text_embedder=BagOfWords())
-    adjusted = find(run_dir, [query], top_k=2, baseline=BASELINE, text_embedder=BagOfWords())
+    raw = find(run_dir, [query], top_k=2, scoring="cosine", text_embedder=BagOfWords())
+    adjusted = find(run_dir, [query], top_k=2, scoring="baseline", baseline=BASELINE,
+                    text_embedder=BagOfWords())
     assert ranked(raw, query)[0] == ("L2", 1)
     assert ranked(adjusted, query)[0] == ("L2", 2)
     assert adjusted[0]["score"] == pytest.approx(1 / np.sqrt(3), abs=1e-3)
@@ -147,7 +146,7 @@ def test_baseline_demotes_generic_neuron(tmp_path):
 
 def test_layer_filter_and_unknown_layer(tmp_path):
     run_dir = make_run(tmp_path)
-    rows = find(run_dir, ["dog ball"], top_k=5, layers=["L2"], baseline="",
+    rows = find(run_dir, ["dog ball"], top_k=5, layers=["L2"], scoring="cosine",
                 text_embedder=BagOfWords())
     assert {layer for layer, _ in ranked(rows, "dog ball")} == {"L2"}
     assert ranked(rows, "dog ball")[0] == ("L2", 2)
@@ -228,6 +227,62 @@ def test_html_escapes_model_text(tmp_path):
     assert (page.parent / "../run/02_mosaics/L2/2.png").exists()
 
 
+def test_ties_at_the_top_k_cut_keep_04s_row_order(tmp_path):
+    # five neurons described alike tie at cosine 1: every cut must keep the first rows of 04
+    run_dir = make_run(tmp_path, descriptions=["dog", "dog", "dog", "dog", "dog", ""])
+    for k in (1, 2, 3, 4):
+        rows = find(run_dir, ["dog"], top_k=k, scoring="cosine", text_embedder=BagOfWords())
+        assert ranked(rows, "dog") == [(n[0], n[1]) for n in NEURONS[:k]]
+
+
+# A labelled case with known answers, written like the offline describer and a VLM would write:
+# 48 vague edge neurons, a texture layer and a deep layer whose shoe neuron is described in
+# generic words ("various objects …"). (layer, description, concept that a query must find first).
+EDGE_COLOURS = ["Gray and white", "Black and white", "Red and black", "Blue and gray",
+                "Brown and white", "Gray, black and white", "Yellow and black", "Green and gray"]
+EDGE_KINDS = ["vertical edges", "horizontal edges", "diagonal edges", "irregular texture",
+              "fine lines", "curved edges"]
+LABELLED = ([("early", f"{c} {k}.", "vertical edges" if k == "vertical edges" else "")
+             for c in EDGE_COLOURS for k in EDGE_KINDS]
+            + [("mid", "Irregular texture in mixed colours.", ""),
+               ("mid", "Black and white stripes.", "stripes"),
+               ("mid", "Fur-like brown texture.", "fur"),
+               ("mid", "Red dots on a white background.", "polka dots"),
+               ("mid", "Various shapes and textures.", ""),
+               ("mid", "A picture of various things.", ""),
+               ("deep", "Various objects in pictures, mostly sneakers and running shoes.", "shoe"),
+               ("deep", "Top images classified as cats, mostly Egyptian cat.", "cat"),
+               ("deep", "Top images classified as food, mostly espresso; also cup.", "coffee"),
+               ("deep", "A dog, often a golden retriever, sometimes with a ball.", "dog"),
+               ("deep", "Large stone buildings such as palaces and castles.", "castle"),
+               ("deep", "Various objects and animals in different scenes.", ""),
+               ("deep", "Top images classified as a mix of man-made objects and food.", ""),
+               ("deep", "Birds perched on branches.", "bird")])
+
+
+def labelled_ranks(scoring: str, embedder) -> dict[str, int]:
+    """Per concept of LABELLED: the rank (1 = first) of its best neuron for the concept as query."""
+    index = search.NeuronIndex(np.array([n[0] for n in LABELLED]), np.arange(len(LABELLED)),
+                               embedder.encode([n[1] for n in LABELLED]), None, embedder.name,
+                               "", [n[1] for n in LABELLED], [None] * len(LABELLED))
+    searcher = search.Searcher(index, embedder, scoring=scoring)
+    ranks = {}
+    for concept in sorted({n[2] for n in LABELLED} - {""}):
+        order = [h["channel"] for h in searcher.search_text(concept, len(LABELLED))]
+        ranks[concept] = 1 + min(order.index(i) for i, n in enumerate(LABELLED) if n[2] == concept)
+    return ranks
+
+
+def test_default_scoring_ranks_the_right_neuron_first_on_the_labelled_case():
+    # with the shipped sentence embedder: the ranking a user gets, not a fake's
+    from common.embedders import load_text_embedder
+    embedder = load_text_embedder(device="cpu")
+    ranks = labelled_ranks(search.DEFAULT_SCORING, embedder)
+    assert ranks == {concept: 1 for concept in ranks}
+    # the user's defect: the baseline sentence pushed the shoe neuron below edge neurons
+    assert labelled_ranks("baseline", embedder)["shoe"] > 1
+
+
 def test_min_score_keeps_only_verified_neurons(tmp_path):
     """--min-score drops neurons whose 09 verify_corr is below it or missing; without 09's file
     it is a clear error."""
@@ -242,6 +297,6 @@ def test_min_score_keeps_only_verified_neurons(tmp_path):
               ["layer", "channel", "subconcept", "verify_corr"])
     write_meta(run_dir / "09_score.meta.json", "09_score", {}, [run_dir / "09_scores.csv"],
                inputs=[read_meta(run_dir / "04_embeddings.npz")])
-    rows = find(run_dir, ["dog ball"], top_k=10, min_score=0.2, baseline="",
+    rows = find(run_dir, ["dog ball"], top_k=10, min_score=0.2, scoring="cosine",
                 text_embedder=BagOfWords())
     assert set(ranked(rows, "dog ball")) == {("L1", 0), ("L2", 2)}

@@ -7,7 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from common.io import read_csv, read_json, save_npz, write_csv
+from common.artefacts import ClusterRow, KeywordRow, TraceLink, columns, read_trace
+from common.io import read_json, save_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
 
@@ -64,8 +65,8 @@ def write_inputs(tmp_path, clusters=CLUSTERS, order=("a", "b", "c"), empty=()):
         kw.append({"layer": layer, "kind": "all", "cluster": "all", "rank": 1, "term": "ignored",
                    "weight": 1})
     clusters_csv, keywords_csv = tmp_path / "05_clusters.csv", tmp_path / "05_keywords.csv"
-    write_csv(clusters_csv, rows, ["layer", "channel", "kind", "cluster", "x", "y"])
-    write_csv(keywords_csv, kw, ["layer", "kind", "cluster", "rank", "term", "weight"])
+    write_csv(clusters_csv, rows, columns(ClusterRow))
+    write_csv(keywords_csv, kw, columns(KeywordRow))
     acts = None
     inputs = []
     if order:
@@ -82,26 +83,23 @@ def test_best_matches_threshold_and_layer_order(tmp_path):
     out = tmp_path / "out"
     stage.run(clusters_csv, keywords_csv, out, activations_path=acts, threshold=0.3,
               text_embedder=BagOfWordsEmbedder())
-    trace = read_csv(out / "06_trace.csv")
-    assert list(trace[0]) == stage.TRACE_COLUMNS
-    links = {(r["source_layer"], r["source_cluster"]): (r["target_layer"], r["target_cluster"])
-             for r in trace}
+    trace = read_trace(out / "06_trace.csv")
+    links = {(r.source_layer, r.source_cluster): (r.target_layer, r.target_cluster) for r in trace}
     # dog/fur and car/wheel share no word with the next layer: dropped by the threshold
-    assert links == {("a", "0"): ("b", "1"), ("a", "1"): ("b", "0"),
-                     ("b", "0"): ("c", "1"), ("b", "1"): ("c", "0")}
-    sims = {(r["source_layer"], r["source_cluster"]): float(r["similarity"]) for r in trace}
-    assert sims[("a", "1")] == pytest.approx(2 / np.sqrt(6), abs=0.05)  # 2 shared of 2 and 3
-    assert sims[("a", "0")] == pytest.approx(0.5, abs=0.05)  # 1 shared of 2 and 2
-    assert trace[0]["source_keywords"] == "yellow, dot"
-    assert trace[0]["target_keywords"] == "yellow, lemon"
+    assert links == {("a", 0): ("b", 1), ("a", 1): ("b", 0), ("b", 0): ("c", 1), ("b", 1): ("c", 0)}
+    sims = {(r.source_layer, r.source_cluster): r.similarity for r in trace}
+    assert sims[("a", 1)] == pytest.approx(2 / np.sqrt(6), abs=0.05)  # 2 shared of 2 and 3
+    assert sims[("a", 0)] == pytest.approx(0.5, abs=0.05)  # 1 shared of 2 and 2
+    assert trace[0].source_keywords == "yellow, dot"
+    assert trace[0].target_keywords == "yellow, lemon"
 
 
 def test_threshold_drops_weak_links(tmp_path):
     clusters_csv, keywords_csv, acts = write_inputs(tmp_path)
     stage.run(clusters_csv, keywords_csv, tmp_path, activations_path=acts, threshold=0.7,
               text_embedder=BagOfWordsEmbedder())
-    kept = {(r["source_layer"], r["source_cluster"]) for r in read_csv(tmp_path / "06_trace.csv")}
-    assert kept == {("a", "1"), ("b", "0"), ("b", "1")}
+    kept = {(r.source_layer, r.source_cluster) for r in read_trace(tmp_path / "06_trace.csv")}
+    assert kept == {("a", 1), ("b", 0), ("b", 1)}
 
 
 def test_follow_prints_and_highlights_the_path(tmp_path, monkeypatch, capsys):
@@ -154,8 +152,8 @@ def test_sankey_html_is_self_contained_and_escaped(tmp_path):
     vectors = stage.embed_clusters(layers, BagOfWordsEmbedder(), 5)
     links = stage.best_links(layers, vectors, 0.3)
     fig, _, _ = stage.build_figure(layers, links, [], 5, "t")
-    labels = list(fig.data[0].node.label)
-    assert labels[0].startswith("&lt;img src=x onerror=alert(1)&gt; #0")
+    assert fig.layout.annotations[0].text == "<b>&lt;img src=x onerror=alert(1)&gt;</b>"
+    assert list(fig.data[0].node.label)[0] == "#0: yellow, dot"
     assert (tmp_path / "06_sankey.png").stat().st_size > 5000
 
 
@@ -164,8 +162,8 @@ def test_single_layer_and_cluster_without_keywords(tmp_path):
                                                  order=None, empty={("a", 2)})
     stage.run(clusters_csv, keywords_csv, tmp_path, text_embedder=BagOfWordsEmbedder(),
               follow="black stripe")
-    assert read_csv(tmp_path / "06_trace.csv") == []
-    assert (tmp_path / "06_trace.csv").read_text().startswith("source_layer,")
+    assert read_trace(tmp_path / "06_trace.csv") == []
+    assert (tmp_path / "06_trace.csv").read_text() == ",".join(columns(TraceLink)) + "\n"
     assert (tmp_path / "06_sankey.html").exists() and (tmp_path / "06_sankey.png").exists()
     meta = read_json(tmp_path / "06_trace.meta.json")
     assert [s["cluster"] for s in meta["followed"]] == [1]
@@ -178,3 +176,42 @@ def test_missing_inputs_exit_with_a_message(tmp_path, capsys):
                     "--keywords", str(tmp_path / "05_keywords.csv"), "--out-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert "run 05_cluster first" in capsys.readouterr().err
+
+
+def long_label_layers(n_layers, per_layer=4):
+    """``n_layers`` layers of clusters whose keywords fill a label to its cut, all linked."""
+    words = ["yellowish", "stripes", "wheels", "textures"]
+    return {f"layer{i}": [stage.Cluster(f"layer{i}", c, 1, [f"{w}{c}{i}" for w in words])
+                          for c in range(per_layer)] for i in range(n_layers)}
+
+
+def test_png_labels_do_not_overlap_however_many_layers():
+    for n_layers in (2, 5, 12):
+        layers = long_label_layers(n_layers)
+        names = list(layers)
+        links = [stage.Link(a, b, 0.9) for n, m in zip(names, names[1:])
+                 for a, b in zip(layers[n], layers[m])]
+        pos = stage.layout(layers, links, [])
+        fig = stage.png_figure(layers, links, pos, [], "t")
+        renderer = fig.canvas.get_renderer()
+        boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts
+                 if t.get_text().startswith("#")]
+        assert len(boxes) == 4 * n_layers
+        overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+        assert not overlapping, n_layers
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def test_html_columns_leave_room_for_their_labels():
+    x, plot_px = stage.column_positions([10, 30, 20])
+    gaps = [(b - a) * plot_px for a, b in zip(x, x[1:])]
+    px = [n * stage.LABEL_CHAR_PX for n in (10, 30, 20)]
+    assert gaps[0] >= px[0]
+    assert gaps[1] >= px[1] + px[2]  # the last column's labels sit on the left of its nodes
+    assert stage.column_positions([25]) == ([0.5], 0)
+    layers = long_label_layers(3)
+    fig, _, _ = stage.build_figure(layers, [], [{"cluster": cs[0], "link_similarity": 0.9}
+                                                for cs in layers.values()], 5, "t")
+    assert [a.text for a in fig.layout.annotations] == [f"<b>{n}</b>" for n in layers]
+    assert fig.layout.width > plot_px  # the page is as wide as its labels need

@@ -1,0 +1,71 @@
+"""Measure how 07_search's scorings rank the right neurons, on a labelled case and on the demo.
+
+Labelled case: the neurons of tests/test_search.py's LABELLED (vague edge neurons, textures and
+objects, one described in generic words), each concept queried by name; printed: the rank of its
+neuron (1 = first) and the mean reciprocal rank. Demo (when `make all` has built data/demo): a
+neuron is right for a class when at least half of its top 20 images carry that class's label;
+printed per query: precision of the first 10 hits and average precision over all neurons.
+The shipped sentence embedder (all-MiniLM-L6-v2) embeds queries and descriptions.
+
+  python bench/bench_search.py [--run data/demo]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the labelled case lives beside the test that uses it
+
+import numpy as np  # noqa: E402
+
+from common.artefacts import read_activations, read_images  # noqa: E402
+from common.embedders import load_text_embedder  # noqa: E402
+from common.stages import load_stage  # noqa: E402
+from test_search import labelled_ranks  # noqa: E402
+
+DEMO_QUERIES = {"cat": "n02123045", "military uniform": "n03763968", "a soldier": "n03763968",
+                "palace": "n03877845", "espresso": "n07920052", "coffee": "n07920052"}
+TOP_IMAGES = 20  # top images of a neuron whose labels decide whether it is right for a class
+
+
+def demo_figures(search, run: Path, embedder, scoring: str) -> dict[str, tuple[float, float]]:
+    """Per demo query: (precision at 10, average precision) of ``scoring``."""
+    index = search.load_index(run / "04_embeddings.npz", run / "03_descriptions.csv",
+                              run / "02_mosaics.csv")
+    labels = np.array([r.label for r in read_images(run / "01_images.csv")])
+    _, _, tops = read_activations(run / "01_activations.npz", layers=set(index.layers.tolist()))
+    searcher = search.Searcher(index, embedder, scoring=scoring)
+    row_of = {key: i for i, key in enumerate(zip(index.layers.tolist(), index.channels.tolist()))}
+    out = {}
+    for query, wnid in DEMO_QUERIES.items():
+        right = np.array([np.mean(labels[tops[layer].image_ids[channel, :TOP_IMAGES]] == wnid)
+                          >= 0.5 for layer, channel in row_of])
+        hits = searcher.search_text(query, len(row_of))
+        hit_right = right[[row_of[(h["layer"], h["channel"])] for h in hits]]
+        precision = np.cumsum(hit_right) / np.arange(1, len(hit_right) + 1)
+        out[query] = (hit_right[:10].mean(), (precision * hit_right).sum() / hit_right.sum())
+    return out
+
+
+def main(argv=None) -> None:
+    """Print the figures of every scoring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "data" / "demo", help="a demo run")
+    args = parser.parse_args(argv)
+    search = load_stage("07_search")
+    embedder = load_text_embedder(device="cpu")
+    for scoring in search.SCORINGS:
+        ranks = labelled_ranks(scoring, embedder)
+        mrr = np.mean([1 / r for r in ranks.values()])
+        print(f"{scoring:8s} labelled case: MRR {mrr:.3f}, ranks "
+              + ", ".join(f"{c} {r}" for c, r in ranks.items()))
+        if (args.run / "04_embeddings.npz").exists():
+            figures = demo_figures(search, args.run, embedder, scoring)
+            print(f"{'':8s} demo: mean P@10 {np.mean([p for p, _ in figures.values()]):.3f}, mean AP "
+                  f"{np.mean([a for _, a in figures.values()]):.3f}; "
+                  + ", ".join(f"{q} {p:.1f}/{a:.2f}" for q, (p, a) in figures.items()))
+
+
+if __name__ == "__main__":
+    main()

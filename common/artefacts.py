@@ -1,0 +1,479 @@
+"""The contract files of a run (ARTEFACTS.md): one typed reader per file, writers where they help.
+
+Every stage, test and benchmark reads a contract file through this module, so a column is parsed
+in one place. A CSV row becomes a frozen dataclass whose field types say how each cell is read:
+``int``, ``float`` (an empty cell is NaN), ``str``, ``Path``, space-separated ``tuple[int, ...]``
+and ``tuple[float, ...]``, ``bool | None`` (empty: None) and ``int | None`` (empty or ``all``:
+None). A missing file or column is a StageError that names the file and the stage that makes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from common.cli import StageError
+from common.io import read_csv, save_npz
+from common.mosaics import cut_tiles, load_mosaic
+
+log = logging.getLogger("neuron-atlas.artefacts")
+
+
+def _as_float(text: str) -> float:
+    """A CSV cell as a float; empty means undefined (NaN)."""
+    return float(text) if text.strip() else math.nan
+
+
+def _as_bool(text: str) -> bool | None:
+    """``1``/``true`` or ``0``/``false``; empty means unknown (None)."""
+    text = text.strip().lower()
+    return None if not text else text in ("1", "true", "yes")
+
+
+_CELL = {  # field annotation → parser of the cell
+    "int": int,
+    "float": _as_float,
+    "str": str,
+    "Path": Path,
+    "tuple[int, ...]": lambda text: tuple(int(v) for v in text.split()),
+    "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split()),
+    "bool | None": _as_bool,
+    "int | None": lambda text: None if text in ("", "all") else int(text),
+}
+
+
+def columns(row_type) -> list[str]:
+    """The CSV columns of a row dataclass, in file order (its field order)."""
+    return [f.name for f in dataclasses.fields(row_type)]
+
+
+def _read_rows(path: str | Path, row_type, producer: str, required: bool = True,
+               renamed: dict[str, str] | None = None) -> list:
+    """Rows of the CSV at ``path`` as ``row_type`` instances (see the module docstring).
+
+    ``required=False`` turns a missing file into an empty list and a warning, for the readers of
+    optional inputs (descriptions and mosaics shown beside search hits). ``renamed`` maps a field
+    to its column where the column is no valid Python name (``class``).
+    """
+    path = Path(path)
+    if not path.exists():
+        if not required:
+            log.warning("%s not found: going on without it", path)
+            return []
+        raise StageError(f"{path} not found: run {producer} first")
+    rows = read_csv(path)
+    column_of = {f.name: (renamed or {}).get(f.name, f.name) for f in dataclasses.fields(row_type)}
+    parse = {f.name: _CELL[f.type] for f in dataclasses.fields(row_type)}
+    if rows:
+        missing = [c for c in column_of.values() if c not in rows[0]]
+        if missing:
+            raise StageError(f"{path} lacks the columns {missing}: re-run {producer}")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            out.append(row_type(**{name: parse[name](row[column] or "")
+                                   for name, column in column_of.items()}))
+        except ValueError as err:
+            raise StageError(f"{path} line {line}: {err}; re-run {producer}") from err
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 01_extract
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """A row of 01_images.csv: one listed file (``status`` ok or skipped, ``reason`` why)."""
+    image_id: int
+    path: str
+    label: str
+    label_idx: int
+    status: str
+    reason: str
+
+
+def read_images(path: str | Path) -> list[ImageRow]:
+    """Every row of 01_images.csv, in image-id order."""
+    return _read_rows(path, ImageRow, "01_extract")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A row of 01_predictions.csv (usable images only); ``correct`` is None without a label."""
+    image_id: int
+    path: str
+    label: str
+    label_idx: int
+    pred_idx: int
+    pred_name: str
+    prob: float
+    correct: bool | None
+    top5_idx: tuple[int, ...]
+    top5_prob: tuple[float, ...]
+
+
+def read_predictions(path: str | Path) -> list[Prediction]:
+    """Every row of 01_predictions.csv."""
+    return _read_rows(path, Prediction, "01_extract")
+
+
+@dataclass
+class LayerTopK:
+    """One layer's part of 01_activations.npz."""
+
+    name: str
+    values: np.ndarray      # C × k, descending; NaN where fewer than k images
+    image_ids: np.ndarray   # C × k, −1 where fewer than k images
+    y: np.ndarray           # C × k feature-map row of the spatial maximum
+    x: np.ndarray           # C × k feature-map column
+    fmap: np.ndarray        # [C, H, W]
+    rf: np.ndarray          # [size_h, size_w, jump_h, jump_w, start_h, start_w]
+    maps: np.ndarray | None  # C × k × h × w activation maps (small feature maps only)
+
+    @property
+    def channels(self) -> int:
+        """Number of neurons (channels) of the layer."""
+        return int(self.fmap[0])
+
+
+def read_activations(path: str | Path, layers: Iterable[str] | None = None
+                     ) -> tuple[list[str], tuple[int, int], dict[str, LayerTopK]]:
+    """Read 01_activations.npz → (layer names in model order, input size (H, W), layers by name).
+
+    Only the arrays of ``layers`` are loaded (all layers when None; ``()`` reads just the names
+    and the input size): the file is opened lazily, member by member.
+    """
+    with _open_activations(path) as data:
+        names = [str(name) for name in data["layers"]]
+        if "input_size" not in data.files:
+            raise StageError(f"{path} has no 'input_size' array: it comes from an older 01_extract; "
+                             "re-run 01_extract")
+        input_size = tuple(int(v) for v in data["input_size"])
+        wanted = names if layers is None else list(layers)
+        unknown = [name for name in wanted if name not in names]
+        if unknown:
+            raise StageError(f"layers {unknown} are not in {path}; it has {names}")
+        by_name = {
+            name: LayerTopK(name=name, values=data[f"{name}/values"],
+                            image_ids=data[f"{name}/image_ids"], y=data[f"{name}/y"],
+                            x=data[f"{name}/x"], fmap=data[f"{name}/fmap"], rf=data[f"{name}/rf"],
+                            maps=data[f"{name}/maps"] if f"{name}/maps" in data.files else None)
+            for name in wanted}
+    return names, input_size, by_name
+
+
+def read_layer_order(path: str | Path) -> list[str]:
+    """The model's layer order: the ``layers`` array of 01_activations.npz (nothing else is read)."""
+    with _open_activations(path) as data:
+        return [str(name) for name in data["layers"]]
+
+
+def _open_activations(path: str | Path):
+    """01_activations.npz opened lazily (a context manager), checked to hold a ``layers`` array."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found: run 01_extract first")
+    data = np.load(path, allow_pickle=False)
+    if "layers" not in data.files:
+        data.close()
+        raise StageError(f"{path} has no 'layers' array: is it an 01_activations.npz?")
+    return data
+
+
+def order_layers(found: Iterable[str], model_order: list[str]) -> list[str]:
+    """The distinct names of ``found`` sorted by ``model_order``; names it lacks come last, in
+    their order of first appearance."""
+    rank = {name: i for i, name in enumerate(model_order)}
+    first = {name: i for i, name in enumerate(dict.fromkeys(found))}
+    return sorted(first, key=lambda name: (rank.get(name, len(rank)), first[name]))
+
+
+def read_stats(stats_dir: str | Path, layer: str, agg: str) -> np.ndarray:
+    """``agg`` (``max`` or ``mean``) of every channel of ``layer`` per image from 01_stats:
+    N_images × C float32, memory-mapped (only the rows used are read from disk)."""
+    path = Path(stats_dir) / f"{layer}.{agg}.npy"
+    if not path.exists():
+        raise StageError(f"{path} not found: 01_stats is incomplete; re-run 01_extract")
+    return np.load(path, mmap_mode="r")
+
+
+# ---------------------------------------------------------------------------------------------
+# 02_mosaics
+
+
+@dataclass(frozen=True)
+class Mosaic:
+    """A row of 02_mosaics.csv; ``grid`` is the number of tiles per side. The file holds ``path``
+    relative to its folder; ``read_mosaics`` resolves it."""
+    layer: str
+    channel: int
+    path: Path
+    n_tiles: int
+    grid: int
+    tile_px: int
+    crop: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(layer, channel): the neuron."""
+        return self.layer, self.channel
+
+    def tiles(self, limit: int | None = None) -> list[np.ndarray]:
+        """The first ``limit`` crops (default: all ``n_tiles``), best first, as uint8 RGB arrays."""
+        n = self.n_tiles if limit is None else min(limit, self.n_tiles)
+        return cut_tiles(load_mosaic(self.path), self.grid, self.tile_px, n)
+
+
+def read_mosaics(path: str | Path, required: bool = True) -> list[Mosaic]:
+    """Every row of 02_mosaics.csv (``required=False``: a missing file gives [] and a warning)."""
+    path = Path(path)
+    return [dataclasses.replace(m, path=path.parent / m.path)
+            for m in _read_rows(path, Mosaic, "02_mosaics", required)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 03_describe
+
+
+@dataclass(frozen=True)
+class Description:
+    """A row of 03_descriptions.csv; ``description`` is empty when ``status`` is ``failed``."""
+    layer: str
+    channel: int
+    level: int
+    description: str
+    backend: str
+    model: str
+    status: str
+    reason: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(layer, channel): the neuron."""
+        return self.layer, self.channel
+
+    @property
+    def ok(self) -> bool:
+        """True for a successful, non-empty description."""
+        return self.status == "ok" and bool(self.description.strip())
+
+
+def read_descriptions(path: str | Path, required: bool = True) -> list[Description]:
+    """Every row of 03_descriptions.csv (``required=False``: a missing file gives [] and a warning)."""
+    return _read_rows(path, Description, "03_describe", required)
+
+
+def description_texts(rows: Iterable[Description]) -> dict[tuple[str, int], str]:
+    """``(layer, channel) → description`` for showing neurons: a failed row gives "" (and never
+    hides a successful row of the same neuron)."""
+    out: dict[tuple[str, int], str] = {}
+    for row in rows:
+        text = row.description if row.ok else ""
+        if text or row.key not in out:
+            out[row.key] = text
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 04_embed
+
+
+@dataclass
+class Embeddings:
+    """04_embeddings.npz: one row per described neuron, each vector array L2-normalised."""
+    layer: np.ndarray      # (N,) str
+    channel: np.ndarray    # (N,) int64
+    text: np.ndarray       # (N, Dt) float32
+    image: np.ndarray | None  # (N, Di) float32, None when 04 stored no image vectors
+    fused: np.ndarray      # (N, Df) float32
+    text_model: str
+    image_model: str
+    fusion: str            # mean or concat
+
+    def keys(self) -> list[tuple[str, int]]:
+        """(layer, channel) of every row, in row order."""
+        return list(zip(self.layer.tolist(), self.channel.tolist()))
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Read 04_embeddings.npz; an empty ``image`` array (no image embedder) reads as None."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found: run 04_embed first")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ("layer", "channel", "text", "fused") if k not in data.files]
+        if missing:
+            raise StageError(f"{path} has no {missing} arrays: re-run 04_embed")
+        image = data["image"] if "image" in data.files else None
+        if image is not None and (image.ndim != 2 or image.shape[1] == 0):
+            image = None
+        text_data = {k: str(data[k]) if k in data.files else ""
+                     for k in ("text_model", "image_model", "fusion")}
+        return Embeddings(layer=data["layer"].astype(str),
+                          channel=data["channel"].astype(np.int64),
+                          text=np.asarray(data["text"], np.float32),
+                          image=None if image is None else np.asarray(image, np.float32),
+                          fused=np.asarray(data["fused"], np.float32), **text_data)
+
+
+def write_embeddings(path: str | Path, emb: Embeddings) -> dict[str, np.ndarray]:
+    """Write 04_embeddings.npz atomically; returns the arrays written."""
+    arrays = {"layer": np.asarray(emb.layer, dtype=str),
+              "channel": np.asarray(emb.channel, np.int64),
+              "text": np.asarray(emb.text, np.float32),
+              "image": np.asarray(emb.image if emb.image is not None
+                                  else np.zeros((len(emb.layer), 0)), np.float32),
+              "fused": np.asarray(emb.fused, np.float32),
+              "text_model": np.array(emb.text_model), "image_model": np.array(emb.image_model),
+              "fusion": np.array(emb.fusion)}
+    save_npz(path, arrays)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# 05_cluster, 06_trace, 08_debug, 09_score
+
+
+@dataclass(frozen=True)
+class ClusterRow:
+    """A row of 05_clusters.csv: a neuron's cluster and 2-D map position for one embedding kind."""
+    layer: str
+    channel: int
+    kind: str
+    cluster: int
+    x: float
+    y: float
+
+
+def read_clusters(path: str | Path) -> list[ClusterRow]:
+    """Every row of 05_clusters.csv."""
+    return _read_rows(path, ClusterRow, "05_cluster")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """A row of 05_metrics.csv; silhouette and Davies–Bouldin are NaN when k = 1."""
+    layer: str
+    kind: str
+    k: int
+    cohesion: float
+    silhouette: float
+    davies_bouldin: float
+    ari_text_fused: float
+
+
+def read_metrics(path: str | Path) -> list[MetricRow]:
+    """Every row of 05_metrics.csv."""
+    return _read_rows(path, MetricRow, "05_cluster")
+
+
+@dataclass(frozen=True)
+class KSearchRow:
+    """A row of 05_ksearch.csv: one k fitted by the search."""
+    layer: str
+    kind: str
+    k: int
+    silhouette: float
+    inertia: float
+    chosen: int
+
+
+def read_ksearch(path: str | Path) -> list[KSearchRow]:
+    """Every row of 05_ksearch.csv."""
+    return _read_rows(path, KSearchRow, "05_cluster")
+
+
+@dataclass(frozen=True)
+class KeywordRow:
+    """A row of 05_keywords.csv; ``cluster`` None (``all`` in the file) is the whole layer."""
+    layer: str
+    kind: str
+    cluster: int | None
+    rank: int
+    term: str
+    weight: float
+
+
+def read_keywords(path: str | Path) -> list[KeywordRow]:
+    """Every row of 05_keywords.csv."""
+    return _read_rows(path, KeywordRow, "05_cluster")
+
+
+@dataclass(frozen=True)
+class CategoryRow:
+    """A row of 05_categories.csv: a neuron's concept category and how it was assigned."""
+    layer: str
+    channel: int
+    category: str
+    score: float
+    method: str
+
+
+def read_categories(path: str | Path) -> list[CategoryRow]:
+    """Every row of 05_categories.csv."""
+    return _read_rows(path, CategoryRow, "05_cluster")
+
+
+@dataclass(frozen=True)
+class TraceLink:
+    """A row of 06_trace.csv: a cluster's best match in the next layer."""
+    source_layer: str
+    source_cluster: int
+    source_keywords: str
+    target_layer: str
+    target_cluster: int
+    target_keywords: str
+    similarity: float
+
+
+def read_trace(path: str | Path) -> list[TraceLink]:
+    """Every row of 06_trace.csv."""
+    return _read_rows(path, TraceLink, "06_trace")
+
+
+@dataclass(frozen=True)
+class ConfusionRow:
+    """A row of 08_confusion.csv: one labelled class, rank 1 = most errors; ``top1_pred_idx`` is
+    None and ``top1_share`` NaN for a class without errors."""
+    rank: int
+    class_idx: int
+    class_: str
+    n: int
+    correct: int
+    errors: int
+    accuracy: float
+    top1_pred_idx: int | None
+    top1_pred: str
+    top1_count: int
+    top1_share: float
+    top_confused: str
+
+
+def read_confusion(path: str | Path) -> list[ConfusionRow]:
+    """Every row of 08_confusion.csv (the ``class`` column is the field ``class_``)."""
+    return _read_rows(path, ConfusionRow, "08_debug", renamed={"class_": "class"})
+
+
+SCORE_COLUMNS = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
+                 "selectivity", "dnr_score", "dead")  # the numbers of a neuron row of 09_scores.csv
+
+
+def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | None]]:
+    """``(layer, channel) → {verify_corr, clarity, …}`` from the neuron rows of 09_scores.csv.
+
+    Empty cells (no score) become None. A missing file gives an empty mapping and a warning: the
+    stages that show scores still work without them.
+    """
+    path = Path(path)
+    if not path.exists():
+        log.warning("%s not found: neurons are shown without their scores (run stage 09)", path)
+        return {}
+    return {(row["layer"], int(row["channel"])):
+            {k: float(row[k]) if row.get(k, "") != "" else None for k in SCORE_COLUMNS}
+            for row in read_csv(path) if row.get("subconcept", "") == ""}
