@@ -54,8 +54,8 @@ MIN_CORR    ?= 0.5#                        11 baskets: groups are joined while t
 PRUNE       ?= 2#                          11 largest baskets per layer pruned in the causal check (0: none)
 CONTROLS    ?= 3#                          11/13 random neuron sets of the same size per causal check
 PRUNE_IMAGES ?= 40#                        11/13 labelled images per class used by the causal checks
-UNION       ?=#                            11 two baskets whose union `make baskets` prints (UNION="_blocks.6:b1 _blocks.6:b2")
-DIFFERENCE  ?=#                            11 two baskets A B: `make baskets` prints the neurons of A not in B
+UNION       ?=#                            11 two baskets or tree nodes whose union `make baskets` prints (UNION="_blocks.8:b3 _blocks.8:b4")
+DIFFERENCE  ?=#                            11 two baskets or tree nodes A B (<layer>:n<node>): `make baskets` prints the neurons of A not in B
 OTHER       ?=#                            12 the run compared with RUN by `make compare` (a name under DATA)
 COMPARE_KIND ?= fused#                     12 vectors compared: fused | text
 AUDIT       ?= examples/demo_audit.yaml#   13 concepts file: per class, valid and spurious concepts as text
