@@ -260,7 +260,9 @@ $(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) $(COMM
 	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
 	    $(MODEL_AGAIN)
 
-audit: $(RELEVANCE) $(EMBEDDINGS) $(M04) $(MOSAICS) $(AUDIT) 13_audit.py | $(VENV) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/
+AUDIT_IN := $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) $(DESCRIPTIONS) $(M03) \
+            $(MOSAICS) $(M02) $(AUDIT) 13_audit.py
+audit: $(AUDIT_IN) | $(VENV) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/
 	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --audit $(AUDIT) --out-dir $(D)/13_audit \
 	    $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) \
 	    --controls $(CONTROLS) --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) \
