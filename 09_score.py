@@ -42,8 +42,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.artefacts import (Description, Mosaic, read_activations, read_descriptions,
+                              read_images, read_mosaics, read_predictions)
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import read_csv, sweep_temporaries, write_bytes, write_csv
+from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.09_score")
@@ -82,8 +84,8 @@ class RunInputs:
     usable: np.ndarray       # bool per image id: status ok
     top5_idx: np.ndarray     # N × 5 (−1 where no prediction)
     top5_prob: np.ndarray    # N × 5
-    mosaics: dict            # (layer, channel) → 02 index row (path made absolute)
-    descriptions: dict       # (layer, channel) → 03 row
+    mosaics: dict[tuple[str, int], Mosaic]             # 02's index rows by neuron
+    descriptions: dict[tuple[str, int], Description]   # 03's rows by neuron
     metas: list[dict]        # metas of the inputs, for the lineage check and ours
     image_model: str         # the image embedder 04 used (its --image-model argument)
     image_embedder_name: str  # … and the name it recorded
@@ -94,27 +96,22 @@ class RunInputs:
 def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: Path,
                 mosaics: Path, descriptions: Path, embeddings: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
-    from common.artefacts import read_activations
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)
-    rows = read_csv(images)
-    paths = [r["path"] for r in rows]
-    usable = np.array([r["status"] == "ok" for r in rows])
+    rows = read_images(images)
+    paths = [r.path for r in rows]
+    usable = np.array([r.status == "ok" for r in rows])
     top5_idx = np.full((len(rows), 5), -1, np.int64)
     top5_prob = np.zeros((len(rows), 5))
     predicted = {}
-    for r in read_csv(predictions):
-        if r.get("pred_idx", "") != "":
-            predicted[int(r["pred_idx"])] = r.get("pred_name", "")
-        if r.get("top5_idx"):
-            idx = [int(v) for v in r["top5_idx"].split()][:5]
-            top5_idx[int(r["image_id"]), :len(idx)] = idx
-            top5_prob[int(r["image_id"]), :len(idx)] = [float(v) for v in
-                                                       r["top5_prob"].split()][:5]
-    index = {(r["layer"], int(r["channel"])): dict(r, path=str(mosaics.parent / r["path"]))
-             for r in read_csv(mosaics)}
-    described = {(r["layer"], int(r["channel"])): r for r in read_csv(descriptions)}
+    for p in read_predictions(predictions):
+        predicted[p.pred_idx] = p.pred_name
+        n = min(len(p.top5_idx), 5)
+        top5_idx[p.image_id, :n] = p.top5_idx[:n]
+        top5_prob[p.image_id, :n] = p.top5_prob[:n]
+    index = {m.key: m for m in read_mosaics(mosaics)}
+    described = {d.key: d for d in read_descriptions(descriptions)}
     meta04 = metas[3]
     return RunInputs(class_names=model_class_names(predicted, int(top5_idx.max(initial=-1)) + 1),
                      layers=layers, input_size=int(input_size[0]), tops=tops,
@@ -151,12 +148,8 @@ def layer_max_stats(stats_dir: Path, layer: str) -> np.ndarray:
 
 def neuron_crops(inputs: RunInputs, layer: str, channel: int, n_crops: int) -> list[np.ndarray]:
     """The neuron's first ``n_crops`` crops, cut from its mosaic (best first)."""
-    from common.mosaics import cut_tiles, load_mosaic
     m = inputs.mosaics.get((layer, channel))
-    if m is None or int(m["n_tiles"]) == 0:
-        return []
-    grid = int(str(m["grid"]).lower().split("x")[0])
-    return cut_tiles(load_mosaic(m["path"]), grid, int(m["tile_px"]), min(int(m["n_tiles"]), n_crops))
+    return m.tiles(n_crops) if m is not None and m.n_tiles else []
 
 
 def crop_vectors(inputs: RunInputs, embedder, n_crops: int) -> dict[tuple[str, int], np.ndarray]:
@@ -197,7 +190,7 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_cr
     rows = []
     for (layer, channel), labels in groups.items():
         tiles = neuron_crops(inputs, layer, channel, n_crops)
-        tile_px = int(inputs.mosaics[(layer, channel)]["tile_px"])
+        tile_px = inputs.mosaics[(layer, channel)].tile_px
         for s in range(int(labels.max()) + 1):
             members = [tiles[i] for i in np.flatnonzero(labels == s)]
             grid = math.ceil(math.sqrt(len(members)))
@@ -453,7 +446,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
         index = write_subconcept_mosaics(inputs, groups, subconcepts, crops, inputs.metas)
         levels = {}
         for (layer, channel), labels in groups.items():
-            level = int(inputs.descriptions.get((layer, channel), {}).get("level") or 1)
+            level = getattr(inputs.descriptions.get((layer, channel)), "level", 0) or 1
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
         sub_text = describe_subconcepts(index, subconcepts, describe_args, levels)
@@ -465,9 +458,9 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
         for channel in range(top.channels):
             row = inputs.descriptions.get((layer, channel))
             m = inputs.mosaics.get((layer, channel))
-            shown = top.image_ids[channel, :int(m["n_tiles"]) if m else 0]
-            if row and row["status"] == "ok" and row["description"].strip():
-                sentences[layer].append(Sentence(layer, channel, 0, row["description"], shown))
+            shown = top.image_ids[channel, :m.n_tiles if m else 0]
+            if row is not None and row.ok:
+                sentences[layer].append(Sentence(layer, channel, 0, row.description, shown))
             for s in range(int(groups[(layer, channel)].max()) + 1 if (layer, channel) in groups
                            else 0):
                 text = sub_text.get((f"{layer}#{s + 1}", channel), "")
@@ -567,8 +560,8 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     eval_rows = []
     if layer_out is not None:
         from common.embedders import load_text_embedder
-        texts = {c: r["description"] for (layer, c), r in inputs.descriptions.items()
-                 if layer == layer_out and r["status"] == "ok"}
+        texts = {c: r.description for (layer, c), r in inputs.descriptions.items()
+                 if layer == layer_out and r.status == "ok"}
         eval_rows = final_layer_eval(layer_out, texts, names,
                                      eval_embedder or load_text_embedder(eval_model, device=device),
                                      seed)

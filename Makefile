@@ -1,7 +1,9 @@
-# neuron-atlas — each stage is one script; each rule lists the script, its inputs and common/*.py,
-# so editing one stage re-runs it and the stages after it, nothing before.
+# neuron-atlas — each stage is one script; each rule lists the script, its inputs and the common/
+# files the script imports, so editing one stage or module re-runs the stages that use it and the
+# stages after them, nothing before.
 #   make all            set up .venv and run every stage on the offline demo (RUN=demo)
 #   make test           set up .venv and run the test suite
+#   make serve          browse data/$(RUN)/atlas with live search on http://$(HOST):$(PORT)/
 #   make help           list targets and variables;  make -n all  shows what would run
 # Variables (override on the command line: make all RUN=r50 MODEL=resnet50 WEIGHTS=r50.pth IMAGES=val/):
 
@@ -63,6 +65,8 @@ AUDIT_LAYER ?=#                            13 layer audited (empty: the deepest)
 AUDIT_TOP   ?= 20#                         13 most relevant neurons per class shown and checked
 AUDIT_MARGIN ?= 0.2#                       13 alignment above the empty-text baseline needed for a label (0: SemanticLens)
 INPUT_SIZE  ?= 224#                        side of the square network input (px)
+HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
+PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
 
@@ -73,11 +77,15 @@ export OMP_WAIT_POLICY ?= PASSIVE
 D       := $(DATA)/$(RUN)
 VENV    := .venv/.installed
 PY      := .venv/bin/python
-COMMON  := $(wildcard common/*.py common/*.tsv)
 comma   := ,
+# $(call uses,NN_name.py) lists the common/ files the script imports, directly or through other
+# modules, and the data files those read; common/deps.py finds them in the sources (nothing is run).
+DEPS    := $(shell $(PYTHON) -B -m common.deps)
+$(if $(DEPS),,$(error common/deps.py printed nothing: is PYTHON=$(PYTHON) a Python 3?))
+uses = $(sort $(foreach s,$(1),$(subst $(comma), ,$(patsubst $(s):%,%,$(filter $(s):%,$(DEPS))))))
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug eval baskets compare audit no-other
+.PHONY: all test bench help clean venv search debug eval atlas serve baskets compare audit no-other
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -102,6 +110,9 @@ ARGS_08 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
            --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
+ARGS_10 := --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
+           --batch-size $(BATCH) --device $(DEVICE)
 quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
@@ -130,7 +141,7 @@ CHANGED := $(call track_args,01,$(ARGS_01) --images $(IMAGES)) $(call track_args
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
            $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
-           $(call track_args,11,$(ARGS_11))
+           $(call track_args,10,$(ARGS_10)) $(call track_args,11,$(ARGS_11))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -161,9 +172,13 @@ M06 := $(D)/06_trace.meta.json
 M08 := $(D)/08_debug.meta.json
 M09 := $(D)/09_score.meta.json
 M11 := $(D)/11_baskets.meta.json
+M10 := $(D)/10_atlas.meta.json
+ATLAS        := $(D)/atlas/index.html
+ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
+                $(M05) $(TRACE) $(M06) $(SCORES) $(M09) $(CONFUSION) $(M08)#  what the atlas shows
 
 all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
-     $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) ## run every stage on data/$(RUN)
+     $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage on data/$(RUN)
 
 help: ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -186,40 +201,43 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_describe_embed.py
 	$(PY) bench/bench_cluster.py --threads 1
 	$(PY) bench/bench_score.py
+	$(PY) bench/bench_atlas.py
 	$(PY) bench/bench_relevance.py
 
-data/demo_images/images.csv: common/demo.py common/imagenet.py common/imagenet_classes.tsv | $(VENV)
+data/demo_images/images.csv: $(call uses,common/demo.py) | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
 
-$(EXTRACT) $(M01) &: 01_extract.py $(IMAGES) $(D)/.args/01 $(COMMON) | $(VENV)
+$(EXTRACT) $(M01) &: 01_extract.py $(IMAGES) $(D)/.args/01 $(call uses,01_extract.py) | $(VENV)
 	$(HOLD) $(PY) 01_extract.py --images $(IMAGES) --out $(D) $(ARGS_01)
 
-$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(COMMON) | $(VENV)
+$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(call uses,02_mosaics.py) \
+                | $(VENV)
 	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
 	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
 
 $(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
-                $(D)/.args/03 $(COMMON) | $(VENV)
+                $(D)/.args/03 $(call uses,03_describe.py) | $(VENV)
 	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
 	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
 
 $(EMBEDDINGS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(D)/.args/04 \
-                $(COMMON) | $(VENV)
+                $(call uses,04_embed.py) | $(VENV)
 	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
 	    --out $(EMBEDDINGS) $(ARGS_04)
 
 $(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
-                $(M01) $(D)/.args/05 $(COMMON) | $(VENV)
+                $(M01) $(D)/.args/05 $(call uses,05_cluster.py) | $(VENV)
 	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
 
 $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
-                $(EXTRACT) $(M01) $(D)/.args/06 $(COMMON) | $(VENV)
+                $(EXTRACT) $(M01) $(D)/.args/06 $(call uses,06_trace.py) | $(VENV)
 	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
 
 $(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
-                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 $(COMMON) | $(VENV)
+                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 \
+                $(call uses,09_score.py 03_describe.py) | $(VENV)
 	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
 	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
 	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --scores $(D)/09_scores.csv \
@@ -230,15 +248,23 @@ eval: $(SCORES) $(M09) ## final-layer benchmark (needs the classifier's output a
 	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
 
 $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
-                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(COMMON) | $(VENV)
+                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(call uses,08_debug.py) | $(VENV)
 	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
 	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
+$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(D)/.args/10 $(call uses,10_atlas.py) | $(VENV)
+	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
+
+atlas: $(ATLAS) $(M10) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
+
+serve: $(ATLAS) $(M10) | $(VENV) ## serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
+	$(PY) 10_atlas.py serve --run $(D) --host $(HOST) --port $(PORT) --device $(DEVICE)
+
 debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
 $(BASKETS) $(M11) &: 11_baskets.py 03_describe.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
-                $(PROMPTS) $(D)/.args/11 $(COMMON) | $(VENV)
+                $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py 03_describe.py) | $(VENV)
 	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
 
 baskets: $(BASKETS) $(M11) ## neuron baskets in data/$(RUN)/11_*; UNION="A B" / DIFFERENCE="A B" print a set of two
@@ -251,17 +277,18 @@ no-other:
 	@echo "make compare needs OTHER=<run> (a second run under $(DATA)/)"; exit 2
 $(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
              $(DATA)/$(OTHER)/04_embeddings.npz $(DATA)/$(OTHER)/05_clusters.csv \
-             $(DATA)/$(OTHER)/09_summary.csv $(COMMON) | $(VENV)
+             $(DATA)/$(OTHER)/09_summary.csv $(call uses,12_compare.py) | $(VENV)
 	$(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
 	    --kind $(COMPARE_KIND)
 
 RELEVANCE := $(D)/13_relevance.npz
-$(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) $(COMMON) | $(VENV)
+$(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
+                $(call uses,13_audit.py) | $(VENV)
 	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
 	    $(MODEL_AGAIN)
 
 AUDIT_IN := $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) $(DESCRIPTIONS) $(M03) \
-            $(MOSAICS) $(M02) $(AUDIT) 13_audit.py
+            $(MOSAICS) $(M02) $(AUDIT) 13_audit.py $(call uses,13_audit.py)
 audit: $(AUDIT_IN) | $(VENV) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/
 	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --audit $(AUDIT) --out-dir $(D)/13_audit \
 	    $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) \
@@ -277,5 +304,5 @@ search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## fi
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
 	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
-	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) \
+	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) $(D)/10_* $(D)/atlas \
 	    $(D)/11_* $(D)/12_* $(D)/13_*

@@ -237,3 +237,48 @@ def _class_names(model: nn.Module, input_size: int) -> list[str] | None:
 def load_reference_classifier(device: str = "auto") -> ModelBundle:
     """The offline reference ImageNet classifier (EfficientNet-Lite0) used to name what crops show."""
     return load_model(DEFAULT_MODEL, device=device)
+
+
+def _names_a_file(model: str) -> bool:
+    """True when a model name is code or a pickle on disk (file.py:function, a checkpoint) rather
+    than the name of a model that ships with a library."""
+    return model.rpartition(":")[0].endswith(".py") or \
+        Path(model).suffix in (".pt", ".pth", ".ckpt", ".bin") or "/" in model
+
+
+def _same_path(a: str, b: str) -> bool:
+    """True when two model or weight paths (``file.py:function`` allowed) name the same thing."""
+    (file_a, _, fn_a), (file_b, _, fn_b) = (x.rpartition(":") if ":" in x else (x, "", "")
+                                            for x in (a, b))
+    return Path(file_a).resolve() == Path(file_b).resolve() and fn_a == fn_b
+
+
+def reload_model(spec: dict, model: str | None = None, weights: str | None = None,
+                 unsafe_pickle: bool = False, device: str = "auto") -> ModelBundle:
+    """The model a run's stage 01 analysed, as the user names it again to the stage asking.
+
+    ``spec`` is the ``model`` entry of 01_extract.meta.json. A metadata file never chooses code
+    to run: a model or weights file recorded there is loaded only when ``model`` / ``weights``
+    name that same file, and a whole pickle only with the caller's own ``unsafe_pickle``; models
+    that ship with a library may be taken from the meta. The seed is set as 01 sets it, so that
+    a random-init model gets the same weights again.
+    """
+    if not spec or not spec.get("name"):
+        raise StageError("01_extract.meta.json does not say which model made the activations "
+                         "(key 'model'); re-run stage 01")
+    recorded, recorded_weights = spec["name"], spec.get("weights")
+    if _names_a_file(recorded) and not (model and _same_path(model, recorded)):
+        raise StageError(f"01 ran the model file {recorded}; pass --model {recorded} (Make: the "
+                         f"same MODEL) to load it again")
+    if model and not _names_a_file(recorded) and model.replace("-", "_") != recorded:
+        raise StageError(f"--model {model} differs from the model 01 ran ({recorded}); re-run 01 "
+                         f"with it, or drop the flag")
+    if recorded_weights and not (weights and _same_path(weights, recorded_weights)):
+        raise StageError(f"01 used the weights {recorded_weights}; pass --weights "
+                         f"{recorded_weights} (Make: the same WEIGHTS) to load them again")
+    if weights and not recorded_weights:
+        raise StageError(f"--weights {weights}: 01 ran {recorded} without a weights file")
+    torch.manual_seed(0)
+    return load_model(model or recorded, weights=weights,
+                      random_init=bool(spec.get("random_init")), unsafe_pickle=unsafe_pickle,
+                      device=device, input_size=int(spec.get("input_size") or 224))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -21,49 +19,12 @@ from common.cli import StageError
 log = logging.getLogger("neuron-atlas.pruning")
 
 
-def _names_a_file(model: str) -> bool:
-    """True when a model name is code or a pickle on disk (file.py:function, a checkpoint)."""
-    return model.rpartition(":")[0].endswith(".py") or \
-        Path(model).suffix in (".pt", ".pth", ".ckpt", ".bin") or os.sep in model
-
-
-def _same_path(a: str, b: str) -> bool:
-    """True when two model or weight paths (``file.py:function`` allowed) name the same thing."""
-    (file_a, _, fn_a), (file_b, _, fn_b) = (x.rpartition(":") if ":" in x else (x, "", "")
-                                            for x in (a, b))
-    return os.path.abspath(file_a) == os.path.abspath(file_b) and fn_a == fn_b
-
-
 def load_run_model(extract_meta: dict, model: str | None = None, weights: str | None = None,
                    unsafe_pickle: bool = False, device: str = "auto"):
-    """The model 01 ran, as the user names it again (``model``, ``weights``).
-
-    A metadata file never chooses code to run: a model or weights file recorded in 01's meta is
-    loaded only when ``model`` / ``weights`` name that same file, and a whole pickle only with the
-    caller's own ``unsafe_pickle``; models that ship with a library may be taken from the meta.
-    """
-    import torch
-    from common.models import load_model
-    spec = dict(extract_meta.get("model") or {})
-    if not spec.get("name"):
-        raise StageError("01_extract.meta.json does not say which model made the activations "
-                         "(key 'model'); re-run stage 01")
-    recorded, recorded_weights = spec["name"], spec.get("weights")
-    if _names_a_file(recorded) and not (model and _same_path(model, recorded)):
-        raise StageError(f"01 ran the model file {recorded}; pass --model {recorded} (Make: the "
-                         f"same MODEL) to load it again")
-    if model and not _names_a_file(recorded) and model.replace("-", "_") != recorded:
-        raise StageError(f"--model {model} differs from the model 01 ran ({recorded}); re-run 01 "
-                         f"with it, or drop the flag")
-    if recorded_weights and not (weights and _same_path(weights, recorded_weights)):
-        raise StageError(f"01 used the weights {recorded_weights}; pass --weights "
-                         f"{recorded_weights} (Make: the same WEIGHTS) to load them again")
-    if weights and not recorded_weights:
-        raise StageError(f"--weights {weights}: 01 ran {recorded} without a weights file")
-    torch.manual_seed(0)  # as 01 does, so that a random-init model gets the same weights
-    return load_model(model or recorded, weights=weights,
-                      random_init=bool(spec.get("random_init")), unsafe_pickle=unsafe_pickle,
-                      device=device, input_size=int(spec.get("input_size") or 224))
+    """The model 01 ran (the ``model`` entry of its meta), as the user names it again
+    (``common.models.reload_model``: a meta never chooses code to run)."""
+    from common.models import reload_model
+    return reload_model(extract_meta.get("model") or {}, model, weights, unsafe_pickle, device)
 
 
 @dataclass

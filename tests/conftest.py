@@ -1,5 +1,6 @@
 """Shared test fixtures: loading stage scripts, the tiny fake model and images made on the fly."""
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -33,6 +34,22 @@ def make_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     else:
         arr = np.clip(arr + rng.integers(-3, 4, size=arr.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
+
+
+def project_copy(root: pathlib.Path) -> pathlib.Path:
+    """A copy of the project's scripts, Makefile and common/ + tests/ (sharing .venv) in ``root``.
+
+    Copies keep their timestamps, so that make in the copy behaves as in the working tree, and
+    touching a script there never touches the working copy.
+    """
+    root.mkdir(parents=True)
+    for item in ROOT.iterdir():
+        if item.name.endswith(".py") or item.name in ("Makefile", "requirements.txt"):
+            shutil.copy2(item, root / item.name)
+    for folder in ("common", "tests"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".venv").symlink_to(ROOT / ".venv")
+    return root
 
 
 @pytest.fixture

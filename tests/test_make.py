@@ -3,10 +3,11 @@
 The repository's scripts are copied (with their timestamps) into a scratch tree so that touching a
 script in the test never touches the working copy.
 """
+import collections
 import hashlib
+import modulefinder
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from common import deps
 from common.provenance import read_meta
-from conftest import ROOT
+from conftest import ROOT, project_copy
 
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=1"]
@@ -24,14 +26,7 @@ FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT
 @pytest.fixture
 def tree(tmp_path, image_folder):
     """A copy of the project (sharing .venv) in which make can run and scripts can be touched."""
-    root = tmp_path / "tree"
-    root.mkdir()
-    for item in ROOT.iterdir():
-        if item.name.endswith(".py") or item.name in ("Makefile", "requirements.txt"):
-            shutil.copy2(item, root / item.name)
-    for folder in ("common", "tests"):
-        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / ".venv").symlink_to(ROOT / ".venv")
+    root = project_copy(tmp_path / "tree")
     return root, [f"IMAGES={image_folder}", f"DATA={tmp_path / 'data'}", *FAST]
 
 
@@ -57,6 +52,15 @@ def commands(result):
                    and word.endswith(".py")})
 
 
+def module_users() -> dict[str, set[str]]:
+    """common/*.py → the stage scripts that import it (common/deps.py's answer)."""
+    users = collections.defaultdict(set)
+    for script in ROOT.glob("[0-9][0-9]_*.py"):
+        for name in deps.common_files(script):
+            users[name].add(script.name)
+    return {name: users[name] for name in users if name.endswith(".py")}
+
+
 def test_make_all_then_up_to_date_then_partial(tree):
     """`make all` builds everything, `make -q all` is then true, and touching 02 re-runs only 02+."""
     root, args = tree
@@ -75,6 +79,17 @@ def test_make_all_then_up_to_date_then_partial(tree):
     os.utime(root / "02_mosaics.py")
     dry = make(root, args, "-n", "all")
     assert "02_mosaics.py" in commands(dry) and "01_extract.py" not in commands(dry)
+
+    # A module that only 09 imports re-runs 09 (and what reads its scores), nothing before it.
+    make(root, args, "all")
+    only_09 = [m for m, users in module_users().items() if users == {"09_score.py"}]
+    assert only_09, "no common module is imported by 09 alone: pick another late-stage module"
+    time.sleep(1.1)
+    os.utime(root / only_09[0])
+    dry = make(root, args, "-n", "all")
+    assert "09_score.py" in commands(dry), only_09[0]
+    assert not {"01_extract.py", "02_mosaics.py", "03_describe.py", "04_embed.py", "05_cluster.py",
+                "06_trace.py"} & set(commands(dry)), only_09[0]
 
     # A changed variable re-runs the stages it affects: a new grid touches 02, not 01.
     make(root, args, "all")
@@ -229,3 +244,68 @@ def test_make_baskets_audit_and_compare(tree, tmp_path):
     from common.io import read_csv
     matches = read_csv(run / "12_compare__t" / "12_matches.csv")
     assert matches and all(r["mutual"] == "1" for r in matches)
+
+
+def make_database(*args) -> dict[str, tuple[list[str], str]]:
+    """The rules of make's database (``make -p``) without running anything: file target →
+    (its prerequisites before ``|``, its recipe as written)."""
+    result = subprocess.run(["make", "-p", "-n", "help", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = result.stdout.split("\n# Files\n", 1)[1]
+    rules = {}
+    for block in files.split("\n\n"):
+        lines = [line for line in block.splitlines() if not line.startswith("#")]
+        if not lines or ":" not in lines[0] or lines[0].startswith(("\t", ".")):
+            continue
+        target, prerequisites = lines[0].split(":", 1)
+        recipe = "\n".join(line for line in lines[1:] if line.startswith("\t"))
+        rules[target] = (prerequisites.split("|")[0].lstrip("&:").split(), recipe)
+    return rules
+
+
+def test_each_rule_lists_exactly_the_common_files_its_scripts_use(tmp_path):
+    """A rule that runs a script (a stage listed among its prerequisites, or ``-m common.x`` in its
+    recipe) has exactly that script's common/ files among its prerequisites: the modules it
+    imports, directly or not, and the data files they read — no fewer (a stale result) and no
+    more (editing a report helper must not re-run extraction)."""
+    prompts = tmp_path / "prompts.yaml"  # 03's prompt file is an input of its own, not a module's
+    rules = make_database(f"DATA={tmp_path}", f"PROMPTS={prompts}")
+    checked = set()
+    for target, (prerequisites, recipe) in rules.items():
+        scripts = {p for p in prerequisites if re.fullmatch(r"\d\d_\w+\.py", p)}
+        scripts |= {f"common/{m}.py" for m in re.findall(r"-m common\.(\w+)", recipe)}
+        if not scripts:
+            continue
+        wanted = {f for script in scripts for f in deps.common_files(Path(script))}
+        assert {p for p in prerequisites if p.startswith("common/")} == wanted, target
+        checked |= scripts
+    assert {"common/demo.py", "01_extract.py", "02_mosaics.py", "03_describe.py", "04_embed.py",
+            "05_cluster.py", "06_trace.py", "08_debug.py", "09_score.py"} <= checked
+    # Every data file of common/ reaches the rules of the scripts that read it.
+    listed = {p for prerequisites, _ in rules.values() for p in prerequisites}
+    data = {str(p.relative_to(ROOT)) for p in (ROOT / "common").rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and p.name != "prompts.yaml"}
+    assert data and data <= listed, data - listed
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("[0-9][0-9]_*.py")) +
+                         sorted(f"common/{p.name}" for p in (ROOT / "common").glob("*.py")))
+def test_deps_finds_the_modules_python_would_import(script):
+    """common/deps.py agrees with the standard library's modulefinder, which reads the compiled
+    code (imports inside functions included) instead of the source lines deps.py parses."""
+    finder = modulefinder.ModuleFinder(path=[str(ROOT)])
+    finder.run_script(str(ROOT / script))
+    found = {"common/__init__.py" if name == "common" else f"common/{name[7:]}.py"
+             for name in finder.modules if name == "common" or name.startswith("common.")}
+    if script.startswith("common/"):
+        found |= {script, "common/__init__.py"}
+    assert {f for f in deps.common_files(Path(script)) if f.endswith(".py")} == found
+
+
+def test_deps_counts_the_data_files_a_module_reads():
+    """A module that names a data file of common/ makes it a dependency of every script that
+    imports the module, even indirectly (01 → models → imagenet → imagenet_classes.tsv)."""
+    assert "common/imagenet_classes.tsv" in deps.common_files(Path("common/imagenet.py"))
+    assert "common/imagenet_classes.tsv" in deps.common_files(Path("01_extract.py"))
+    assert "common/imagenet_classes.tsv" not in deps.common_files(Path("common/mosaics.py"))

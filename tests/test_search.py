@@ -14,6 +14,7 @@ from common.cli import StageError
 from common.artefacts import Description, Embeddings, Mosaic, columns, write_embeddings
 from common.io import read_csv, write_csv
 from common.provenance import read_meta, write_meta
+from common.search import NeuronIndex
 from conftest import load_stage
 
 
@@ -262,7 +263,7 @@ LABELLED = ([("early", f"{c} {k}.", "vertical edges" if k == "vertical edges" el
 
 def labelled_ranks(scoring: str, embedder) -> dict[str, int]:
     """Per concept of LABELLED: the rank (1 = first) of its best neuron for the concept as query."""
-    index = search.NeuronIndex(np.array([n[0] for n in LABELLED]), np.arange(len(LABELLED)),
+    index = NeuronIndex(np.array([n[0] for n in LABELLED]), np.arange(len(LABELLED)),
                                embedder.encode([n[1] for n in LABELLED]), None, embedder.name,
                                "", [n[1] for n in LABELLED], [None] * len(LABELLED))
     searcher = search.Searcher(index, embedder, scoring=scoring)

@@ -1,0 +1,1048 @@
+"""Stage 10 — the atlas: a static site of a whole run that opens from disk, and a live search server.
+
+Reads (see ARTEFACTS.md) the run folder: 01_images.csv, 01_predictions.csv, 01_activations.npz and
+01_extract.meta.json, 02_mosaics.csv, 03_descriptions.csv (required); 04_embeddings.npz,
+05_clusters.csv / 05_keywords.csv / 05_metrics.csv / 05_categories.csv, 06_trace.csv, 08_confusion.csv
+and 08_debug/, 09_scores.csv and 09_summary.csv (optional: a page says what is missing).
+Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.json:
+  index.html              the run: model, images, accuracy, layers, describer, scores, links
+  layers/<L>.html         every neuron of layer L as a card, sortable, filterable (data/<L>.js)
+  maps/<L>.html           the layer's 2-D map from 05 (hover: sentence and mosaic; click: neuron)
+  neurons/<L>/<c>.html    one neuron: mosaic, sentences, scores, classes of its top images,
+                          similar neurons in its layer and the layers around it, debug reports
+  sankey.html             06's trace with clickable clusters
+  search.html             text filter over all sentences; by meaning / image under `serve`
+  debug/                  08's reports, and per analysed pair a page per misclassified image
+  assets/                 atlas.css, atlas.js, plotly.min.js (stored once)
+  thumbs/, mosaics/, subs/  JPEG copies of the mosaics (cards, neuron pages, sub-concepts)
+
+Misclassified images: for every KO image of the pairs 08 analysed, the relevance of each neuron of
+each layer to the wrong class is activation × gradient of that class's logit at the layer, summed
+over space (common/attribution.py): a first-order estimate of how much the logit would drop with
+the neuron switched off. The model is re-loaded from 01's meta, images prepared as 01 did.
+
+`serve` serves the atlas folder over HTTP (Python's standard library: one local user, a few
+read-only JSON endpoints and static files need no framework) and answers search.html's queries
+with 07's semantic search (common/search.py): text, and an uploaded example image.
+
+Example:
+  python 10_atlas.py build --run data/demo                    # → data/demo/atlas/index.html
+  python 10_atlas.py serve --run data/demo --port 8765         # → http://127.0.0.1:8765/
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import datetime
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.io import replace_dir
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+from common.render import asset, json_for_script, render
+
+log = logging.getLogger("neuron-atlas.10_atlas")
+
+STAGE = "10_atlas"
+THUMB_PX = 160  # side of a card / hover thumbnail (JPEG)
+MOSAIC_PX = 400  # side of the mosaic shown on a neuron page (JPEG; the PNG stays in 02_mosaics/)
+JPEG_QUALITY = 75  # thumbnails and mosaics: small files, crops still recognisable
+NEIGHBOURS = 8  # similar neurons listed per layer on a neuron page
+CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
+DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
+TOP_CLASSES = 8  # classes listed for a neuron's top images
+MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
+TEXT_COLUMNS = {"layer", "channel", "subconcept", "embedder", "description", "mosaic", "matcher"}
+KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
+              "verify_corr", "beats_control"]  # shown on cards when 09 computed them
+DEBUG_STATUSES = ("selected", "fallback", "requested")  # 08 pairs that have a report folder
+ATTRIBUTION_NOTE = ("Relevance of a neuron = its activation × the gradient of the class's logit "
+                    "with respect to it, summed over the feature map: how much the logit would "
+                    "drop, to first order, if the neuron were switched off. Positive: it pushed "
+                    "the image towards that class.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the run: the only place where 10 opens artefacts
+
+
+@dataclass
+class RunData:
+    """Everything the atlas shows, read from one run folder (optional parts may be empty)."""
+
+    run_dir: Path
+    layers: list[str]
+    topk: dict                      # layer → common.activations.LayerTopK
+    images: list[dict]              # 01_images.csv rows
+    predictions: dict[int, dict]    # image id → 01_predictions.csv row
+    extract_meta: dict
+    mosaics: dict                   # (layer, channel) → PNG path
+    descriptions: dict              # (layer, channel) → 03 row
+    embeddings: object = None       # common.artefacts.Embeddings of 04, or None
+    cluster_kind: str | None = None
+    clusters: dict = field(default_factory=dict)     # (layer, channel) → (cluster, x, y)
+    keywords: dict = field(default_factory=dict)     # (layer, cluster or "all") → "a, b, c"
+    metrics: dict = field(default_factory=dict)      # layer → 05_metrics row of cluster_kind
+    categories: dict = field(default_factory=dict)   # (layer, channel) → 05_categories row
+    map_methods: dict = field(default_factory=dict)  # layer → kind → "umap" / "pca" (05's meta)
+    trace: list[dict] | None = None
+    confusion: list[dict] | None = None
+    pairs: list[dict] | None = None
+    debug_neurons: dict = field(default_factory=dict)  # 08 folder → neurons.csv rows
+    scores: list[dict] | None = None
+    summary: list[dict] | None = None
+    metas: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # what is missing, shown on the run page
+
+
+def read_run(run_dir: Path) -> RunData:
+    """Read the artefacts of ``run_dir``; 01-03 are required, the later stages optional."""
+    import dataclasses
+
+    from common.artefacts import (read_activations, read_descriptions, read_embeddings,
+                                  read_images, read_mosaics, read_predictions)
+    from common.io import read_csv, read_json
+
+    def need(name: str, stage: str) -> Path:
+        """The path of a required artefact; a clear error when it is missing."""
+        path = run_dir / name
+        if not path.exists():
+            raise StageError(f"{path} not found: run stage {stage} first (make all RUN=…)")
+        return path
+
+    activations = need("01_activations.npz", "01")
+    descriptions_csv = need("03_descriptions.csv", "03")
+    mosaics_csv = need("02_mosaics.csv", "02")
+    metas = [read_meta(activations), read_meta(mosaics_csv), read_meta(descriptions_csv)]
+    layers, _, topk = read_activations(activations)
+    # 01-04 through common/artefacts.py (typed rows, kept here as dicts for the templates).
+    run = RunData(run_dir=run_dir, layers=layers, topk=topk,
+                  images=[dataclasses.asdict(r) for r in read_images(need("01_images.csv", "01"))],
+                  predictions={r.image_id: dataclasses.asdict(r)
+                               for r in read_predictions(need("01_predictions.csv", "01"))},
+                  extract_meta=metas[0],
+                  mosaics={m.key: m.path for m in read_mosaics(mosaics_csv)},
+                  descriptions={d.key: dataclasses.asdict(d)
+                                for d in read_descriptions(descriptions_csv)})
+
+    def optional(name: str, what: str) -> Path | None:
+        """The path of an optional artefact (its meta joins the lineage check), else None."""
+        path = run_dir / name
+        if path.exists():
+            metas.append(read_meta(path))
+            return path
+        run.notes.append(f"{name} not found: {what} not shown.")
+        return None
+
+    if path := optional("04_embeddings.npz", "similar neurons"):
+        run.embeddings = read_embeddings(path)
+    if path := optional("05_clusters.csv", "clusters and 2-D maps"):
+        rows = read_csv(path)
+        kinds = {r["kind"] for r in rows}
+        trace_meta = run_dir / "06_trace.meta.json"
+        wanted = read_json(trace_meta).get("args", {}).get("kind") if trace_meta.exists() else None
+        run.cluster_kind = wanted if wanted in kinds else ("fused" if "fused" in kinds
+                                                          else next(iter(sorted(kinds)), None))
+        run.clusters = {(r["layer"], int(r["channel"])): (int(r["cluster"]), float(r["x"]),
+                                                          float(r["y"]))
+                        for r in rows if r["kind"] == run.cluster_kind}
+        terms = collections.defaultdict(list)
+        for r in read_csv(run_dir / "05_keywords.csv"):
+            if r["kind"] in (run.cluster_kind, "all"):
+                terms[(r["layer"], r["cluster"])].append((int(r["rank"]), r["term"]))
+        run.keywords = {k: ", ".join(t for _, t in sorted(v)[:4]) for k, v in terms.items()}
+        run.metrics = {r["layer"]: r for r in read_csv(run_dir / "05_metrics.csv")
+                       if r["kind"] == run.cluster_kind}
+        if (run_dir / "05_categories.csv").exists():
+            run.categories = {(r["layer"], int(r["channel"])): r
+                              for r in read_csv(run_dir / "05_categories.csv")}
+        run.map_methods = read_meta(path).get("projection_used", {})
+    if path := optional("06_trace.csv", "the concept trace"):
+        run.trace = read_csv(path)
+    if path := optional("08_confusion.csv", "debugging"):
+        run.confusion = read_csv(path)
+        pairs_csv = run_dir / "08_debug" / "pairs.csv"
+        run.pairs = read_csv(pairs_csv) if pairs_csv.exists() else []
+        for pair in run.pairs:
+            neurons = run_dir / "08_debug" / pair["folder"] / "neurons.csv"
+            if pair["status"] in DEBUG_STATUSES and pair["folder"] and neurons.exists():
+                run.debug_neurons[pair["folder"]] = read_csv(neurons)
+    if path := optional("09_scores.csv", "scores"):
+        run.scores = read_csv(path)
+        if (run_dir / "09_summary.csv").exists():
+            run.summary = read_csv(run_dir / "09_summary.csv")
+    run.metas = metas
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Neurons: one record per neuron with everything its card, page and map point need
+
+
+def slug(layer: str) -> str:
+    """A file-name-safe form of a layer name (``features.3`` stays, ``a/b`` → ``a_b``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", layer).strip(".") or "layer"
+
+
+def number(text: str):
+    """A CSV cell as a float, None when empty or not a number (NaN counts as missing)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def score_tables(run: RunData) -> tuple[dict, dict, list[str]]:
+    """09's rows by neuron: (per-neuron row, sub-concept rows, numeric score columns)."""
+    if not run.scores:
+        return {}, {}, []
+    columns = [c for c in run.scores[0] if c not in TEXT_COLUMNS]
+    main, subs = {}, collections.defaultdict(list)
+    for row in run.scores:
+        key = (row["layer"], int(row["channel"]))
+        if row.get("subconcept", "") == "":
+            main[key] = row
+        else:
+            subs[key].append(row)
+    for rows in subs.values():
+        rows.sort(key=lambda r: int(r["subconcept"]))
+    return main, subs, columns
+
+
+def neuron_records(run: RunData) -> dict[str, list[dict]]:
+    """Per layer, one record per channel (in channel order) with its text, cluster and scores."""
+    main, subs, columns = score_tables(run)
+    out = {}
+    for layer in run.layers:
+        top = run.topk[layer]
+        records = []
+        for c in range(top.channels):
+            key = (layer, c)
+            desc = run.descriptions.get(key, {})
+            cluster = run.clusters.get(key)
+            score_row = main.get(key, {})
+            values = top.values[c][top.image_ids[c] >= 0]
+            records.append({
+                "layer": layer, "slug": slug(layer), "channel": c,
+                "description": desc.get("description", "") if desc.get("status") == "ok" else "",
+                "status": desc.get("status", "missing"), "reason": desc.get("reason", ""),
+                "level": desc.get("level", ""),
+                "cluster": cluster[0] if cluster else None,
+                "x": cluster[1] if cluster else None, "y": cluster[2] if cluster else None,
+                "category": run.categories.get(key, {}).get("category", ""),
+                "top_activation": float(values[0]) if len(values) else None,
+                "last_activation": float(values[-1]) if len(values) else None,
+                "scores": {col: number(score_row.get(col)) for col in columns if col in score_row},
+                "subs": subs.get(key, []),
+                "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
+                "mosaic_png": run.mosaics.get(key),
+                "url": f"neurons/{slug(layer)}/{c}.html",
+            })
+        out[layer] = records
+    return out
+
+
+def class_names(run: RunData) -> dict[int, str]:
+    """Class index → the model's name for it (as predicted somewhere in the run)."""
+    return {int(r["pred_idx"]): r["pred_name"] for r in run.predictions.values()}
+
+
+def top_classes(run: RunData, names: dict[int, str], layer: str, channel: int) -> dict:
+    """Label and prediction counts over a neuron's top images (unlabelled ones counted apart).
+
+    A label is shown by the model's class name when it maps to a class (``label_idx`` ≥ 0),
+    else as the dataset wrote it.
+    """
+    ids = [int(i) for i in run.topk[layer].image_ids[channel] if i >= 0]
+    labels, preds, unlabelled = collections.Counter(), collections.Counter(), 0
+    for i in ids:
+        row = run.predictions.get(i)
+        if row is None:
+            continue
+        idx = int(row["label_idx"])
+        if idx >= 0 or row.get("label"):
+            labels[names.get(idx, row["label"]) if idx >= 0 else row["label"]] += 1
+        else:
+            unlabelled += 1
+        preds[row["pred_name"]] += 1
+    return {"label_counts": labels.most_common(TOP_CLASSES),
+            "pred_counts": preds.most_common(TOP_CLASSES), "unlabelled": unlabelled,
+            "topk": len(ids)}
+
+
+def neighbours(run: RunData, n_best: int) -> tuple[dict, str]:
+    """``(layer, channel) → [(title, [(layer, channel, cosine)…])…]`` from 04's embeddings.
+
+    Own layer first, then the layer before and the layer after (the trace at neuron level).
+    04's fused vectors (description and mosaic); neurons without a row get nothing.
+    """
+    if run.embeddings is None:
+        return {}, ""
+    kind = "fused"
+    vectors = run.embeddings.fused
+    layer_of, channel_of = run.embeddings.layer, run.embeddings.channel
+    rows = {layer: np.flatnonzero(layer_of == layer) for layer in run.layers}
+    out: dict = collections.defaultdict(list)
+    for i, layer in enumerate(run.layers):
+        own = rows[layer]
+        if not len(own):
+            continue
+        around = [("in this layer", layer)]
+        if i > 0:
+            around.append((f"in the layer before ({run.layers[i - 1]})", run.layers[i - 1]))
+        if i + 1 < len(run.layers):
+            around.append((f"in the layer after ({run.layers[i + 1]})", run.layers[i + 1]))
+        for title, other in around:
+            cand = rows[other]
+            if not len(cand):
+                continue
+            sims = vectors[own] @ vectors[cand].T
+            if other == layer:
+                np.fill_diagonal(sims, -np.inf)  # a neuron is not its own neighbour
+            k = min(n_best, len(cand) - (other == layer))
+            if k <= 0:
+                continue
+            best = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            for r, row in enumerate(own):
+                order = best[r][np.argsort(-sims[r, best[r]], kind="stable")]
+                out[(layer, int(channel_of[row]))].append(
+                    (title, [(other, int(channel_of[cand[j]]), float(sims[r, j])) for j in order]))
+    return out, kind
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: JPEG thumbnails and page-sized mosaics, made in parallel
+
+
+def shrink_image(job: tuple) -> str | None:
+    """Write JPEG copies of one image at the requested sizes; return an error text or None.
+
+    ``job`` is ``(source, [(destination, side), …])``. A picture is decoded once and shrunk
+    from the largest size down, so each smaller copy starts from an already reduced image.
+    """
+    from PIL import Image, UnidentifiedImageError
+    source, targets = job
+    try:
+        with Image.open(source) as img:
+            img.draft("RGB", (max(s for _, s in targets),) * 2)  # JPEG sources decode smaller
+            picture = img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        return f"{source}: {err}"
+    for destination, side in sorted(targets, key=lambda t: -t[1]):
+        picture.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        Path(destination).parent.mkdir(parents=True, exist_ok=True)
+        Path(destination).write_bytes(buf.getvalue())
+    return None
+
+
+def make_images(jobs: list[tuple], workers: int) -> list[str]:
+    """Run ``shrink_image`` on every job (``workers`` processes); return the errors."""
+    from tqdm import tqdm
+    if workers <= 1 or len(jobs) < 32:
+        results = [shrink_image(j) for j in tqdm(jobs, desc="10 thumbnails", unit="img")]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(shrink_image, jobs, chunksize=16), total=len(jobs),
+                                desc="10 thumbnails", unit="img"))
+    return [r for r in results if r]
+
+
+# ----------------------------------------------------------------------------------------------
+# Debugging: relevance of each neuron to the wrong class of misclassified images
+
+
+def analysed_pairs(run: RunData, max_images: int) -> list[dict]:
+    """08's analysed pairs with their KO image ids (at most ``max_images`` each, lowest ids)."""
+    out = []
+    for pair in run.pairs or []:
+        if pair["status"] not in DEBUG_STATUSES or not pair["folder"]:
+            continue
+        t, p = int(pair["true_idx"]), int(pair["pred_idx"])
+        ko = sorted(i for i, r in run.predictions.items()
+                    if int(r["label_idx"]) == t and int(r["pred_idx"]) == p)
+        out.append({**pair, "ko_ids": ko[:max_images], "ko_total": len(ko)})
+    return out
+
+
+def attribute_images(run: RunData, pairs: list[dict], bundle, batch_size: int) -> dict:
+    """``image id → {"wrong": {layer: C relevances}, "right": …, logits, "input": PIL image}``.
+
+    Relevances to the predicted (wrong) class and to the true class, both by activation ×
+    gradient at every layer of the run. An image that cannot be read is skipped (logged).
+    """
+    import torch
+    from common.attribution import channel_attribution
+    from common.images import BadImage, load_rgb, network_input, to_tensor
+    jobs = []
+    for pair in pairs:
+        for i in pair["ko_ids"]:
+            jobs.append((i, int(pair["pred_idx"]), int(pair["true_idx"])))
+    out = {}
+    for start in range(0, len(jobs), batch_size):
+        chunk, tensors, pictures = [], [], []
+        for i, wrong, right in jobs[start:start + batch_size]:
+            try:
+                img, _ = load_rgb(run.predictions[i]["path"])
+            except BadImage as err:
+                log.warning("image %d skipped in the attribution: %s", i, err.reason)
+                continue
+            picture = network_input(img, bundle.input_size)
+            chunk.append((i, wrong, right))
+            pictures.append(picture)
+            tensors.append(to_tensor(picture, bundle.mean, bundle.std))
+        if not chunk:
+            continue
+        batch = torch.stack(tensors)
+        relevance, logits = channel_attribution(bundle.model, run.layers, batch,
+                                                [[c[1] for c in chunk], [c[2] for c in chunk]])
+        for b, (i, _, _) in enumerate(chunk):
+            out[i] = {"wrong": {L: relevance[L][0, b].numpy() for L in run.layers},
+                      "right": {L: relevance[L][1, b].numpy() for L in run.layers},
+                      "logit_wrong": float(logits[0, b]), "logit_right": float(logits[1, b]),
+                      "input": pictures[b]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The site
+
+
+class Site:
+    """Writes the atlas pages into a folder; holds what every page shares (nav, records)."""
+
+    def __init__(self, run: RunData, out: Path, records: dict[str, list[dict]]):
+        """Prepare the shared context (layer list for the navigation bar)."""
+        self.run, self.out, self.records = run, out, records
+        self.scored = run.scores is not None
+        self.layer_info = [self._layer_info(name) for name in run.layers]
+        slugs = collections.Counter(info["slug"] for info in self.layer_info)
+        if clash := [name for name in run.layers if slugs[slug(name)] > 1]:
+            raise StageError(f"layers {clash} map to the same file name in the atlas; rename "
+                             f"them, or choose other layers with LAYERS=…")
+        for i, info in enumerate(self.layer_info):
+            info["prev"] = self.layer_info[i - 1] if i > 0 else None
+            info["next"] = self.layer_info[i + 1] if i + 1 < len(self.layer_info) else None
+        self.site = {"run": run.run_dir.name, "layers": self.layer_info, "scored": self.scored,
+                     "has_trace": bool(run.trace), "has_debug": run.confusion is not None}
+
+    def _layer_info(self, name: str) -> dict:
+        """Summary of one layer for the run page and the navigation."""
+        recs = self.records[name]
+        levels = collections.Counter(r["level"] for r in recs if r["level"])
+        metric = self.run.metrics.get(name, {})
+        method = self.run.map_methods.get(name, {}).get(self.run.cluster_kind, "")
+        return {"name": name, "slug": slug(name), "neurons": len(recs),
+                "described": sum(r["status"] == "ok" for r in recs),
+                "level": levels.most_common(1)[0][0] if levels else "–",
+                "k": metric.get("k"), "silhouette": metric.get("silhouette"),
+                "keywords": self.run.keywords.get((name, "all"), ""),
+                "has_map": any(r["x"] is not None for r in recs),
+                "map_note": f"2-D map ({method.upper() or '?'}) of the {self.run.cluster_kind} "
+                            f"embeddings, from 05."}
+
+    def page(self, rel: str, template: str, **context) -> None:
+        """Render ``template`` to ``rel`` (a path inside the atlas); links are made relative."""
+        depth = rel.count("/")
+        html = render(template, site=self.site, root="../" * depth, **context)
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html, encoding="utf-8")
+
+    # -- static parts ---------------------------------------------------------------------------
+
+    def assets(self) -> None:
+        """Stylesheet, script and plotly.js (from the plotly package: works offline), once."""
+        import plotly
+        folder = self.out / "assets"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "atlas.css").write_bytes(asset("atlas.css"))
+        (folder / "atlas.js").write_bytes(asset("atlas.js"))
+        shutil.copyfile(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
+                        folder / "plotly.min.js")
+
+    def image_jobs(self, thumb_px: int, mosaic_px: int) -> list[tuple]:
+        """Thumbnail / mosaic jobs for every neuron with a mosaic, and each sub-concept mosaic."""
+        jobs = []
+        for layer, recs in self.records.items():
+            for r in recs:
+                r["thumb"] = r["mosaic"] = ""
+                png = r["mosaic_png"]
+                if png is not None and Path(png).exists():
+                    r["thumb"] = f"thumbs/{r['slug']}/{r['channel']}.jpg"
+                    r["mosaic"] = f"mosaics/{r['slug']}/{r['channel']}.jpg"
+                    jobs.append((str(png), [(str(self.out / r["thumb"]), thumb_px),
+                                            (str(self.out / r["mosaic"]), mosaic_px)]))
+                for sub in r["subs"]:
+                    sub["thumb"] = ""
+                    source = self.run.run_dir / sub.get("mosaic", "") if sub.get("mosaic") else None
+                    if source is not None and source.is_file():
+                        sub["thumb"] = f"subs/{r['slug']}/{r['channel']}_{sub['subconcept']}.jpg"
+                        jobs.append((str(source), [(str(self.out / sub["thumb"]), thumb_px)]))
+        return jobs
+
+    # -- data and pages -------------------------------------------------------------------------
+
+    def layer_data(self, layer: str) -> dict:
+        """The JSON the layer's card page, map and search read (one small object per neuron)."""
+        recs = self.records[layer]
+        columns = sorted({k for r in recs for k in r["scores"]})
+        # 08's z and the mean relevance per analysed pair come after 09's scores, in pair order.
+        columns += list(dict.fromkeys(k for r in recs for k in r["debug_scores"]))
+        sizes = collections.Counter(r["cluster"] for r in recs if r["cluster"] is not None)
+        clusters = [{"id": c, "size": sizes[c], "keywords": self.run.keywords.get((layer, str(c)), "")}
+                    for c in sorted(sizes)]
+        neurons = [{"c": r["channel"], "d": r["description"], "cl": r["cluster"],
+                    "x": r["x"], "y": r["y"], "a": r["top_activation"],
+                    "s": {**r["scores"], **r["debug_scores"]},
+                    "sub": [s.get("description", "") for s in r["subs"] if s.get("description")],
+                    "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead"))}
+                   for r in recs]
+        return {"name": layer, "columns": columns, "clusters": clusters, "neurons": neurons,
+                "key": [k for k in KEY_SCORES if k in columns]}
+
+    def layers(self) -> None:
+        """Per layer: its data script, its card page and its map page."""
+        for info in self.layer_info:
+            data = self.layer_data(info["name"])
+            script = (f"(window.ATLAS_DATA = window.ATLAS_DATA || {{}})"
+                      f"[{json_for_script(info['name'])}] = {json_for_script(data)};\n")
+            write_path = self.out / "data" / f"{info['slug']}.js"
+            write_path.parent.mkdir(parents=True, exist_ok=True)
+            write_path.write_text(script, encoding="utf-8")
+            self.page(f"layers/{info['slug']}.html", "atlas_layer.html", layer=info)
+            if info["has_map"]:
+                self.page(f"maps/{info['slug']}.html", "atlas_map.html", layer=info)
+
+    def neurons(self, similar: dict, similar_kind: str, debug: dict, contributions: dict) -> None:
+        """One page per neuron."""
+        from tqdm import tqdm
+        by_key = {(r["layer"], r["channel"]): r for recs in self.records.values() for r in recs}
+
+        def mini(layer: str, channel: int, **extra) -> dict:
+            """What a small neuron tile links to and shows."""
+            r = by_key[(layer, channel)]
+            return {"layer": layer, "channel": channel, "url": r["url"], "thumb": r["thumb"],
+                    "description": r["description"], **extra}
+
+        names = class_names(self.run)
+        total = sum(len(v) for v in self.records.values())
+        with tqdm(total=total, desc="10 neuron pages", unit="page") as bar:
+            for layer, recs in self.records.items():
+                for r in recs:
+                    key = (layer, r["channel"])
+                    sub_columns = [c for c in (r["subs"][0] if r["subs"] else {})
+                                   if c not in TEXT_COLUMNS]
+                    original = ""
+                    if r["mosaic_png"] is not None:
+                        original = os.path.relpath(os.path.abspath(r["mosaic_png"]),
+                                                   os.path.abspath(self.out / "neurons" / r["slug"]))
+                    n = {**r, **top_classes(self.run, names, layer, r["channel"]),
+                         "original": Path(original).as_posix() if original else "",
+                         "describe_status": r["status"], "describe_reason": r["reason"],
+                         "cluster_keywords": self.run.keywords.get((layer, str(r["cluster"])), ""),
+                         "dead": bool(r["scores"].get("dead")),
+                         "scores": [(k, v) for k, v in r["scores"].items()],
+                         "subconcepts": [{"index": s["subconcept"], "thumb": s.get("thumb", ""),
+                                          "description": s.get("description", ""),
+                                          "share": number(s.get("share"))} for s in r["subs"]],
+                         "sub_scores": r["subs"], "sub_columns": sub_columns,
+                         "prev_channel": r["channel"] - 1 if r["channel"] > 0 else None,
+                         "next_channel": r["channel"] + 1 if r["channel"] + 1 < len(recs) else None,
+                         "neighbours": [{"title": title, "neurons": [mini(L, c, sim=s)
+                                                                   for L, c, s in items]}
+                                        for title, items in similar.get(key, [])],
+                         "neighbour_kind": similar_kind, "debug": debug.get(key, []),
+                         "contributions": contributions.get(key, [])}
+                    self.page(r["url"], "atlas_neuron.html", n=n, debug_top=DEBUG_TOP)
+                    bar.update()
+
+    def sankey(self) -> None:
+        """The trace page: 06's links between clusters, nodes sized by their neurons."""
+        sizes = collections.Counter((layer, r["cluster"]) for layer, recs in self.records.items()
+                                    for r in recs if r["cluster"] is not None)
+        nodes, index, links = [], {}, []
+
+        def node(layer: str, cluster: str) -> int:
+            """The Sankey node index of a cluster, added on first sight."""
+            key = (layer, int(cluster))
+            if key not in index:
+                index[key] = len(nodes)
+                nodes.append({"layer": layer, "slug": slug(layer), "cluster": int(cluster),
+                              "size": sizes.get(key, 0),
+                              "label": f"{layer}: {self.run.keywords.get((layer, cluster), '')}"})
+            return index[key]
+
+        for row in self.run.trace or []:
+            s = node(row["source_layer"], row["source_cluster"])
+            t = node(row["target_layer"], row["target_cluster"])
+            links.append({"s": s, "t": t, "v": max(1, nodes[s]["size"]),
+                          "sim": number(row["similarity"])})
+        clusters = [{"name": info["name"], "slug": info["slug"],
+                     "clusters": self.layer_data(info["name"])["clusters"]}
+                    for info in self.layer_info]
+        self.page("sankey.html", "atlas_sankey.html",
+                  sankey={"nodes": nodes, "links": links}, clusters=clusters)
+
+    def run_page(self) -> None:
+        """index.html: what the run is and where everything is."""
+        run = self.run
+        model = run.extract_meta.get("model") or {}
+        ok = [r for r in run.images if r.get("status") == "ok"]
+        labelled = [r for r in run.predictions.values() if int(r["label_idx"]) >= 0]
+        correct = [r for r in labelled if r["correct"]]
+        describers = collections.Counter(f"{r['backend']} ({r['model']})"
+                                         for r in run.descriptions.values() if r.get("backend"))
+        emb = run.embeddings
+        embedder = (f"text {emb.text_model}, image {emb.image_model}, fused by {emb.fusion}"
+                    if emb is not None else "not embedded (no 04)")
+        matcher = "not scored"
+        if run.summary:
+            matcher = ", ".join(sorted({f"{r.get('matcher', '?')} (embedder "
+                                        f"{r.get('embedder', '?')})" for r in run.summary}))
+        info = {"model": model.get("name", "?"), "weights": model.get("weights"),
+                "random_init": model.get("random_init"),
+                "input_size": model.get("input_size", "?"), "images": len(run.images),
+                "ok": len(ok), "skipped": len(run.images) - len(ok), "labelled": len(labelled),
+                "classes": len({r["label"] for r in labelled}),
+                "accuracy": len(correct) / len(labelled) if labelled else None,
+                "neurons": sum(len(v) for v in self.records.values()),
+                "describer": "; ".join(f"{name}: {n} neurons"
+                                       for name, n in describers.most_common()) or "?",
+                "embedder": embedder, "matcher": matcher,
+                "built": datetime.datetime.now().isoformat(timespec="seconds"),
+                "lineage": merge_lineage(run.metas)}
+        summary = None
+        if run.summary:
+            summary = {"columns": list(run.summary[0]), "rows": run.summary}
+        categories = None
+        if run.categories:
+            names = sorted({r["category"] for r in run.categories.values()})
+            rows = []
+            for layer in run.layers:
+                counts = collections.Counter(r["category"] for (L, _), r in run.categories.items()
+                                             if L == layer)
+                total = sum(counts.values())
+                if total:
+                    rows.append({"layer": layer,
+                                 "shares": {c: counts[c] / total for c in names}})
+            method = next(iter(run.categories.values())).get("method", "")
+            categories = {"names": names, "rows": rows, "method": method}
+        self.page("index.html", "atlas_run.html", run=info, summary=summary,
+                  categories=categories, problems=(run.confusion or [])[:10],
+                  warnings=run.notes)
+
+    def search(self) -> None:
+        """search.html (it reads every layer's data script)."""
+        self.page("search.html", "atlas_search.html")
+
+    def debug_pages(self, pairs: list[dict], attributions: dict, attribution_error: str,
+                    method: str) -> dict:
+        """debug/: index, per pair a page, the 08 report and one page per KO image.
+
+        Returns ``(layer, channel) → [image contributions]`` for the neuron pages.
+        """
+        run, by_key = self.run, {(r["layer"], r["channel"]): r
+                                  for recs in self.records.values() for r in recs}
+        contributions = collections.defaultdict(list)
+        names = class_names(run)
+        shown = []
+        for pair in pairs:
+            folder = pair["folder"]
+            report = run.run_dir / "08_debug" / folder / "report.html"
+            out_dir = self.out / "debug" / folder
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if report.exists():
+                shutil.copyfile(report, out_dir / "report.html")
+            images, totals = [], collections.defaultdict(lambda: 0.0)
+            ids = [i for i in pair["ko_ids"] if i in attributions]
+            for pos, i in enumerate(ids):
+                att, pred = attributions[i], run.predictions[i]
+                att["input"].save(out_dir / f"{i}.jpg", format="JPEG", quality=85)
+                groups = []
+                for layer in run.layers:
+                    wrong, right = att["wrong"][layer], att["right"][layer]
+                    positive = float(wrong[wrong > 0].sum())
+                    top = np.argsort(-wrong, kind="stable")[:CONTRIBUTORS]
+                    rows = []
+                    for c in top:
+                        r = by_key[(layer, int(c))]
+                        rows.append({"channel": int(c), "url": r["url"], "thumb": r["thumb"],
+                                     "description": r["description"], "wrong": float(wrong[c]),
+                                     "right": float(right[c]),
+                                     "share": float(wrong[c]) / positive if positive > 0 else None})
+                        if wrong[c] > 0:
+                            contributions[(layer, int(c))].append(
+                                {"image_id": i, "relevance": float(wrong[c]),
+                                 "url": f"debug/{folder}/{i}.html"})
+                    for c in range(len(wrong)):
+                        totals[(layer, c)] += float(wrong[c]) / len(ids)
+                    groups.append({"layer": layer, "rows": rows})
+                top5 = zip(pred["top5_idx"], pred["top5_prob"])
+                image = {"id": i, "label": pair["true"], "pred": pred["pred_name"],
+                         "prob": number(pred["prob"]), "path": pred["path"],
+                         "top5": ", ".join(f"{names.get(int(k), k)} ({100 * float(p):.1f}%)"
+                                           for k, p in top5),
+                         "logit_pred": att["logit_wrong"], "logit_true": att["logit_right"],
+                         "prev": ids[pos - 1] if pos > 0 else None,
+                         "next": ids[pos + 1] if pos + 1 < len(ids) else None}
+                images.append(image)
+                self.page(f"debug/{folder}/{i}.html", "atlas_image.html", image=image,
+                          pair=pair, layers=groups, method=method)
+            top = []
+            name = f"{pair['true']}→{pair['pred']}"
+            for key, value in totals.items():
+                by_key[key]["debug_scores"][f"relevance {name}"] = round(value, 5)
+            for row in run.debug_neurons.get(folder, []):
+                key = (row["layer"], int(row["channel"]))
+                if key in by_key and number(row.get("mean_z")) is not None:
+                    by_key[key]["debug_scores"][f"z {name}"] = round(number(row["mean_z"]), 4)
+            for layer in run.layers:
+                ranked = sorted(((v, c) for (L, c), v in totals.items() if L == layer),
+                                key=lambda t: (-t[0], t[1]))[:CONTRIBUTORS]
+                top.append({"layer": layer, "neurons": [
+                    {**{k: by_key[(layer, c)][k] for k in ("url", "thumb", "description")},
+                     "layer": layer, "channel": c, "value": v} for v, c in ranked]})
+            flagged = [{"rank": r["rank"], "layer": r["layer"], "channel": int(r["channel"]),
+                        "url": by_key[(r["layer"], int(r["channel"]))]["url"]
+                        if (r["layer"], int(r["channel"])) in by_key else "",
+                        "z": number(r.get("mean_z")), "q": number(r.get("mean_q")),
+                        "flagged": flag(r) or "no",
+                        "description": r.get("description", "")}
+                       for r in run.debug_neurons.get(folder, [])[:DEBUG_TOP]]
+            note = attribution_error
+            if pair["ko_total"] > len(pair["ko_ids"]):
+                note = (note + " " if note else "") + (f"Only the first {len(pair['ko_ids'])} of "
+                                                       f"{pair['ko_total']} misclassified images "
+                                                       f"have a page (--max-images).")
+            self.page(f"debug/{folder}/index.html", "atlas_pair.html", pair=pair,
+                      images=images, top=top if images else [], flagged=flagged,
+                      report=report.exists(), method=method, attribution_note=note)
+            shown.append({**pair, "page": True, "report": report.exists()})
+        skipped = [p for p in run.pairs or [] if p["status"] not in DEBUG_STATUSES][:30]
+        self.page("debug/index.html", "atlas_debug.html", pairs=shown, skipped=skipped)
+        return contributions
+
+
+def flag(row: dict) -> str:
+    """The aggregations ("max", "mean") by which 08 flagged the neuron (FDR); "" when none."""
+    return ", ".join(agg for agg in ("max", "mean")
+                     if str(row.get(f"{agg}_flag_fdr", "")).lower() in ("1", "true"))
+
+
+def debug_appearances(run: RunData, pairs: list[dict]) -> dict:
+    """``(layer, channel) → [pair rows]`` where 08 ranked the neuron high or flagged it."""
+    out = collections.defaultdict(list)
+    for pair in pairs:
+        folder = pair["folder"]
+        for row in run.debug_neurons.get(folder, []):
+            rank = int(row["rank"])
+            if rank <= DEBUG_TOP or flag(row):
+                out[(row["layer"], int(row["channel"]))].append({
+                    "folder": folder, "true": pair["true"], "pred": pair["pred"], "rank": rank,
+                    "z": number(row.get("mean_z")), "q": number(row.get("mean_q")),
+                    "flagged": flag(row) or "no",
+                    "report": f"debug/{folder}/report.html"
+                    if (run.run_dir / "08_debug" / folder / "report.html").exists() else ""})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
+          mosaic_px: int = MOSAIC_PX, n_neighbours: int = NEIGHBOURS, max_images: int = 30,
+          workers: int = 2, batch_size: int = 16, device: str = "auto", model: str | None = None,
+          weights: str | None = None, unsafe_pickle: bool = False, bundle=None,
+          args: dict | None = None) -> Path:
+    """Write the atlas of ``run_dir`` into ``out`` (default ``run_dir/atlas``); return index.html.
+
+    The site is written into a temporary folder beside ``out`` and moved into place only when
+    complete. ``bundle`` (a loaded model) may be injected; otherwise the model 01 ran is loaded
+    again when there are misclassified images to explain — a model or weights *file* only when
+    ``model`` / ``weights`` name it again (``common.models.reload_model``).
+    """
+    run_dir = Path(run_dir)
+    out = Path(out or run_dir / "atlas")
+    run = read_run(run_dir)
+    merge_lineage(run.metas)  # refuse inputs that come from different runs
+    records = neuron_records(run)
+    meta_file = run_dir / f"{STAGE}.meta.json"
+    retract_meta(meta_file)  # until the new atlas is in place, stage 10 counts as not done
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        site = Site(run, tmp, records)
+        site.assets()
+        clock = time.perf_counter()
+        jobs = site.image_jobs(thumb_px, mosaic_px)
+        errors = make_images(jobs, workers)
+        for err in errors:
+            log.warning("mosaic skipped: %s", err)
+        log.info("10: %d mosaics shrunk in %.1f s", len(jobs), time.perf_counter() - clock)
+        clock = time.perf_counter()
+        pairs = analysed_pairs(run, max_images)
+        attributions, attribution_error = {}, ""
+        if any(p["ko_ids"] for p in pairs):
+            try:
+                if bundle is None:
+                    from common.models import reload_model
+                    bundle = reload_model(run.extract_meta.get("model") or {}, model, weights,
+                                          unsafe_pickle, device)
+                attributions = attribute_images(run, pairs, bundle, batch_size)
+            except (StageError, OSError, RuntimeError, ValueError) as err:
+                attribution_error = f"No relevance computed: the model could not be run ({err})."
+                log.warning("%s", attribution_error)
+            log.info("10: relevance of %d misclassified images in %.1f s", len(attributions),
+                     time.perf_counter() - clock)
+        clock = time.perf_counter()
+        similar, similar_kind = neighbours(run, n_neighbours)
+        contributions = {}
+        if run.confusion is not None:
+            contributions = site.debug_pages(pairs, attributions, attribution_error,
+                                             ATTRIBUTION_NOTE)
+        site.layers()
+        site.neurons(similar, similar_kind, debug_appearances(run, pairs), contributions)
+        if run.trace:
+            site.sankey()
+        site.search()
+        site.run_page()
+        log.info("10: pages written in %.1f s", time.perf_counter() - clock)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    write_meta(meta_file, STAGE, args or {}, outputs=files, inputs=run.metas,
+               mosaics_skipped=errors, attributed_images=len(attributions),
+               attribution_error=attribution_error)
+    size = sum(p.stat().st_size for p in files)
+    log.info("10: atlas of %d neurons in %s (%.1f MB); open %s", sum(map(len, records.values())),
+             out, size / 1e6, out / "index.html")
+    return out / "index.html"
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving: the atlas plus 07's semantic search
+
+
+class SearchService:
+    """07's search over the run's neurons, with the embedders loaded once; thread-safe."""
+
+    def __init__(self, run_dir: Path, top_k: int, device: str = "auto", text_embedder=None,
+                 image_embedder=None):
+        """Load the index and the embedders; image search is off (with a reason) if impossible."""
+        from common.search import Searcher, load_index, loader_name
+        embeddings = run_dir / "04_embeddings.npz"
+        index = load_index(embeddings, run_dir / "03_descriptions.csv", run_dir / "02_mosaics.csv")
+        if text_embedder is None:
+            from common.embedders import load_text_embedder
+            text_embedder = load_text_embedder(loader_name(index.text_model, "text"), device=device)
+        self.image_reason = ""
+        if image_embedder is None and index.image is not None:
+            from common.embedders import load_image_embedder
+            try:
+                image_embedder = load_image_embedder(loader_name(index.image_model, "image"),
+                                                     device=device)
+            except (StageError, OSError) as err:
+                self.image_reason = f"image search unavailable: {err}"
+        try:
+            self.searcher = Searcher(index, text_embedder, image_embedder)
+        except StageError as err:  # the image embedder here is not 04's: text search only
+            self.image_reason = str(err)
+            self.searcher = Searcher(index, text_embedder, None)
+        self.top_k = top_k
+        self.lock = threading.Lock()
+
+    def status(self) -> dict:
+        """What the page may offer."""
+        return {"text": True, "image": self.searcher.image_embedder is not None,
+                "image_reason": self.image_reason, "k": self.top_k}
+
+    def text(self, query: str, k: int) -> dict:
+        """Hits for a text query."""
+        with self.lock:
+            hits = self.searcher.search_text(query, k)
+        return {"query": query, "hits": hits, "note": self.searcher.describe_scoring()}
+
+    def image(self, data: bytes, k: int) -> dict:
+        """Hits for an uploaded image (bytes of any format Pillow reads)."""
+        from PIL import Image, UnidentifiedImageError
+        if self.searcher.image_embedder is None:
+            return {"error": self.image_reason or "no image embeddings in this run"}
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                picture = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            return {"error": f"cannot read the uploaded image: {err}"}
+        with self.lock:
+            hits = self.searcher.search_image(picture, "uploaded image", k)
+        return {"query": "uploaded image", "hits": hits, "note": "score = cosine of image vectors"}
+
+
+def make_handler(atlas_dir: Path, service: SearchService):
+    """A request handler class serving ``atlas_dir`` and the /api/ search endpoints."""
+
+    class Handler(SimpleHTTPRequestHandler):
+        """Static files of the atlas; GET /api/status, GET /api/search, POST /api/search-image."""
+
+        def __init__(self, *a, **kw):
+            """Serve files from the atlas folder only."""
+            super().__init__(*a, directory=str(atlas_dir), **kw)
+
+        def log_message(self, fmt, *args):
+            """Requests go to the debug log, not to stderr line by line."""
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def send_json(self, obj, status: int = 200) -> None:
+            """Answer with a JSON body."""
+            body = json.dumps(obj).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def top_k(self, query: dict) -> int:
+            """The k asked for, within 1 … 200."""
+            try:
+                return max(1, min(200, int(query.get("k", [service.top_k])[0])))
+            except ValueError:
+                return service.top_k
+
+        def do_GET(self):
+            """API calls, else a file of the atlas."""
+            url = urlsplit(self.path)
+            query = parse_qs(url.query)
+            if url.path == "/api/status":
+                return self.send_json(service.status())
+            if url.path == "/api/search":
+                text = query.get("q", [""])[0].strip()
+                if not text:
+                    return self.send_json({"error": "empty query"}, 400)
+                return self.send_json(service.text(text, self.top_k(query)))
+            return super().do_GET()
+
+        def do_POST(self):
+            """Image search: the request body is the image file."""
+            url = urlsplit(self.path)
+            if url.path != "/api/search-image":
+                return self.send_json({"error": "unknown endpoint"}, 404)
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 < length <= MAX_UPLOAD:
+                return self.send_json({"error": f"send an image of 1 byte to {MAX_UPLOAD >> 20} "
+                                                f"MB as the request body"}, 400)
+            answer = service.image(self.rfile.read(length), self.top_k(parse_qs(url.query)))
+            return self.send_json(answer, 400 if "error" in answer else 200)
+
+    return Handler
+
+
+def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8765,
+          top_k: int = 24, device: str = "auto", text_embedder=None, image_embedder=None,
+          started=None) -> None:
+    """Serve the atlas and its live search until interrupted.
+
+    ``started`` (tests) is called with the server once it listens; port 0 picks a free port, and
+    the address actually used is logged and printed to stdout.
+    """
+    run_dir = Path(run_dir)
+    atlas_dir = Path(atlas_dir or run_dir / "atlas")
+    if not (atlas_dir / "index.html").exists():
+        raise StageError(f"{atlas_dir / 'index.html'} not found: build the atlas first (make atlas)")
+    service = SearchService(run_dir, top_k, device, text_embedder, image_embedder)
+    server = ThreadingHTTPServer((host, port), make_handler(atlas_dir, service))
+    address = f"http://{host}:{server.server_address[1]}/"
+    print(f"serving the atlas at {address}  (Ctrl-C stops)", flush=True)
+    log.info("serving %s at %s; %s", atlas_dir, address,
+             "image search on" if service.status()["image"] else service.image_reason or
+             "image search off")
+    if started is not None:
+        started(server)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        server.server_close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of stage 10: ``build`` and ``serve``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write the static atlas",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
+    b.add_argument("--out", type=Path, default=None, help="atlas folder (None: <run>/atlas)")
+    b.add_argument("--thumb-px", type=int, default=THUMB_PX, help="side of card thumbnails")
+    b.add_argument("--mosaic-px", type=int, default=MOSAIC_PX,
+                   help="side of the mosaic on neuron pages")
+    b.add_argument("--neighbours", type=int, default=NEIGHBOURS,
+                   help="similar neurons listed per layer on a neuron page")
+    b.add_argument("--max-images", type=int, default=30,
+                   help="misclassified images explained per analysed pair")
+    b.add_argument("--workers", type=int, default=2, help="processes making thumbnails")
+    b.add_argument("--batch-size", type=int, default=16, help="images per attribution pass")
+    b.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    b.add_argument("--model", default=None,
+                   help="the model 01 ran, named again (needed when it is a file: file.py:func, "
+                        "checkpoint); it explains misclassified images")
+    b.add_argument("--weights", default=None, help="the weights file 01 used, named again")
+    b.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow loading a whole pickled checkpoint (trusted files only)")
+    s = sub.add_parser("serve", help="serve the atlas with live semantic search",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
+    s.add_argument("--atlas", type=Path, default=None, help="atlas folder (None: <run>/atlas)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (local only)")
+    s.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    s.add_argument("--top-k", type=int, default=24, help="neurons returned per query")
+    s.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    return p
+
+
+@exit_on_stage_error
+def main(argv=None):
+    """Parse flags and build or serve the atlas."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if args.command == "build":
+        if min(args.thumb_px, args.mosaic_px, args.max_images, args.batch_size) < 1:
+            parser.error("--thumb-px, --mosaic-px, --max-images and --batch-size must be ≥ 1")
+        build(args.run, args.out, args.thumb_px, args.mosaic_px, args.neighbours,
+              args.max_images, args.workers, args.batch_size, args.device, args.model,
+              args.weights, args.unsafe_pickle, args=vars(args))
+    else:
+        serve(args.run, args.atlas, args.host, args.port, args.top_k, args.device)
+
+
+if __name__ == "__main__":
+    main()

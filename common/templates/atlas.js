@@ -1,0 +1,297 @@
+// neuron atlas: client-side parts of the static pages (copied to atlas/assets/atlas.js).
+// Every model-written string (descriptions, keywords, class names) reaches the page through
+// textContent or as a plain attribute value, never through innerHTML; plotly only gets text
+// from which markup characters were removed.
+"use strict";
+(function () {
+  const body = document.body;
+  const root = body.dataset.root || "";
+  const DATA = window.ATLAS_DATA || {};
+  const CHUNK = 120; // cards added at a time while scrolling
+
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+
+  function fmt(v) {
+    if (v === null || v === undefined || Number.isNaN(v)) return "–";
+    if (typeof v !== "number") return String(v);
+    if (Number.isInteger(v)) return String(v);
+    return Math.abs(v) >= 1 ? v.toPrecision(3) : v.toFixed(3);
+  }
+
+  // Text for plotly, which interprets a few tags in labels: no markup characters at all.
+  function plain(s) { return String(s === null || s === undefined ? "" : s).replace(/[<>&"]/g, " "); }
+
+  function value(n, key) {
+    if (key === "channel") return n.c;
+    if (key === "top_activation") return n.a;
+    if (key === "cluster") return n.cl;
+    const v = n.s[key];
+    return v === undefined ? null : v;
+  }
+
+  function card(layer, n, extra) {
+    const a = el("a", "card");
+    a.href = root + n.u;
+    a.dataset.channel = n.c;
+    a.dataset.layer = layer.name;
+    const img = el("img");
+    img.loading = "lazy";
+    img.alt = layer.name + " neuron " + n.c;
+    if (n.t) img.src = root + n.t;
+    a.append(img);
+    const head = el("div", "head");
+    head.append(el("span", "ch", (extra && extra.showLayer ? layer.name + " " : "") + "#" + n.c));
+    if (n.cl !== null) head.append(el("span", "tag", "cluster " + n.cl));
+    if (n.dead) head.append(el("span", "tag dead", "dead"));
+    if (extra && extra.score !== undefined) head.append(el("span", "tag", "match " + fmt(extra.score)));
+    a.append(head);
+    a.append(el("p", "desc", n.d || "(no description)"));
+    if (n.sub && n.sub.length) {
+      const ul = el("ul", "subs");
+      n.sub.forEach(function (s) { ul.append(el("li", null, s)); });
+      a.append(ul);
+    }
+    const scores = el("div", "scores");
+    scores.append(el("span", "score", "top act " + fmt(n.a)));
+    // The card's key scores, and the score the list is sorted by when it is not one of them.
+    const shown = layer.key.slice();
+    if (extra && extra.sortKey && n.s[extra.sortKey] !== undefined && shown.indexOf(extra.sortKey) < 0) {
+      shown.push(extra.sortKey);
+    }
+    shown.forEach(function (k) {
+      if (n.s[k] !== undefined && n.s[k] !== null) scores.append(el("span", "score", k + " " + fmt(n.s[k])));
+    });
+    a.append(scores);
+    return a;
+  }
+
+  // Cards added CHUNK at a time as the sentinel scrolls into view (a 2,048-neuron layer stays fast).
+  function pager(grid, sentinel, make) {
+    let rows = [], shown = 0;
+    function more() {
+      const frag = document.createDocumentFragment();
+      rows.slice(shown, shown + CHUNK).forEach(function (r) { frag.append(make(r)); });
+      grid.append(frag);
+      shown = Math.min(rows.length, shown + CHUNK);
+      sentinel.hidden = shown >= rows.length;
+    }
+    new IntersectionObserver(function (entries) {
+      if (entries.some(function (e) { return e.isIntersecting; })) more();
+    }, { rootMargin: "600px" }).observe(sentinel);
+    sentinel.querySelector("button").addEventListener("click", more);
+    return function (newRows) { rows = newRows; shown = 0; grid.replaceChildren(); more(); };
+  }
+
+  function initLayer() {
+    const layer = DATA[body.dataset.layer];
+    const grid = document.getElementById("cards");
+    const sortSel = document.getElementById("sort"), orderSel = document.getElementById("order");
+    const filter = document.getElementById("filter"), clusterSel = document.getElementById("cluster");
+    const count = document.getElementById("count");
+    layer.neurons.forEach(function (n) { n.text = [n.d].concat(n.sub || []).join(" ").toLowerCase(); });
+    ["channel", "top_activation", "cluster"].concat(layer.columns).forEach(function (k) {
+      sortSel.append(new Option(k, k));
+    });
+    layer.clusters.forEach(function (c) {
+      clusterSel.append(new Option("cluster " + c.id + " (" + c.size + "): " + c.keywords, String(c.id)));
+    });
+    const state = new URLSearchParams(location.hash.slice(1));
+    orderSel.value = "asc"; // channel order by default
+    if (state.get("sort")) sortSel.value = state.get("sort");
+    if (state.get("order")) orderSel.value = state.get("order");
+    if (state.get("q")) filter.value = state.get("q");
+    if (state.get("cluster")) clusterSel.value = state.get("cluster");
+    const show = pager(grid, document.getElementById("more"), function (n) {
+      return card(layer, n, { sortKey: sortSel.value });
+    });
+
+    function apply() {
+      const q = filter.value.trim().toLowerCase(), cl = clusterSel.value, key = sortSel.value;
+      const sign = orderSel.value === "desc" ? -1 : 1;
+      const rows = layer.neurons.filter(function (n) {
+        return (cl === "" || String(n.cl) === cl) && (!q || n.text.includes(q));
+      });
+      rows.sort(function (a, b) {
+        const va = value(a, key), vb = value(b, key);
+        if (va === null && vb !== null) return 1;  // missing values last, whatever the order
+        if (vb === null && va !== null) return -1;
+        if (va !== vb && va !== null) return sign * (va < vb ? -1 : 1);
+        return a.c - b.c;
+      });
+      count.textContent = rows.length + " of " + layer.neurons.length + " neurons";
+      const h = new URLSearchParams({ sort: key, order: orderSel.value });
+      if (q) h.set("q", filter.value.trim());
+      if (cl) h.set("cluster", cl);
+      history.replaceState(null, "", "#" + h.toString());
+      show(rows);
+    }
+    sortSel.addEventListener("change", function () {
+      // Channels read best in order; for a score the best ones come first.
+      orderSel.value = sortSel.value === "channel" ? "asc" : "desc";
+      apply();
+    });
+    [orderSel, clusterSel].forEach(function (e) { e.addEventListener("change", apply); });
+    filter.addEventListener("input", apply);
+    apply();
+    body.dataset.ready = "1";
+  }
+
+  function hoverPanel() {
+    const panel = el("div");
+    panel.id = "hover";
+    panel.hidden = true;
+    const img = el("img"), title = el("div", "ch"), text = el("div", "desc");
+    panel.append(img, title, text);
+    body.append(panel);
+    return {
+      show: function (n, layerName, ev) {
+        img.src = n.t ? root + n.t : "";
+        title.textContent = layerName + " #" + n.c + (n.cl !== null ? " · cluster " + n.cl : "");
+        text.textContent = n.d || "(no description)";
+        panel.hidden = false;
+        const x = ev && ev.clientX !== undefined ? ev.clientX : 20, y = ev && ev.clientY !== undefined ? ev.clientY : 80;
+        panel.style.left = Math.min(x + 16, window.innerWidth - 260) + "px";
+        panel.style.top = Math.min(y + 16, window.innerHeight - 340) + "px";
+      },
+      hide: function () { panel.hidden = true; }
+    };
+  }
+
+  function initMap() {
+    const layer = DATA[body.dataset.layer];
+    const pts = layer.neurons.filter(function (n) { return n.x !== null; });
+    const groups = new Map();
+    pts.forEach(function (n) {
+      const k = n.cl === null ? "none" : n.cl;
+      if (!groups.has(k)) groups.set(k, []);
+      groups.get(k).push(n);
+    });
+    const names = new Map(layer.clusters.map(function (c) { return [c.id, c.keywords]; }));
+    const traces = Array.from(groups.entries()).map(function (entry) {
+      const k = entry[0], ns = entry[1];
+      return {
+        type: "scatter", mode: "markers", x: ns.map(function (n) { return n.x; }),
+        y: ns.map(function (n) { return n.y; }), customdata: ns.map(function (n) { return n.c; }),
+        name: plain(k === "none" ? "no cluster" : "cluster " + k + ": " + (names.get(k) || "")),
+        hoverinfo: "none", marker: { size: 9, opacity: 0.85 }
+      };
+    });
+    const byChannel = new Map(layer.neurons.map(function (n) { return [n.c, n]; }));
+    // maps/<layer>.html#c=12 (linked from a neuron page) rings that neuron.
+    const mark = byChannel.get(Number(new URLSearchParams(location.hash.slice(1)).get("c")));
+    if (mark && mark.x !== null) {
+      traces.push({ type: "scatter", mode: "markers", x: [mark.x], y: [mark.y], customdata: [mark.c],
+                    name: "neuron " + mark.c, hoverinfo: "none",
+                    marker: { size: 22, color: "rgba(0,0,0,0)", line: { width: 3, color: "#000" } } });
+    }
+    const panel = hoverPanel();
+    const div = document.getElementById("map");
+    Plotly.newPlot(div, traces, {
+      margin: { l: 30, r: 10, t: 10, b: 30 }, hovermode: "closest", legend: { font: { size: 11 } },
+      xaxis: { zeroline: false, showticklabels: false }, yaxis: { zeroline: false, showticklabels: false }
+    }, { responsive: true, displaylogo: false }).then(function () { body.dataset.ready = "1"; });
+    div.on("plotly_hover", function (d) {
+      const n = byChannel.get(d.points[0].customdata);
+      if (n) panel.show(n, layer.name, d.event);
+    });
+    div.on("plotly_unhover", panel.hide);
+    div.on("plotly_click", function (d) {
+      const n = byChannel.get(d.points[0].customdata);
+      if (n) location.href = root + n.u;
+    });
+  }
+
+  function initSankey() {
+    const S = window.ATLAS_SANKEY;
+    const div = document.getElementById("sankey");
+    Plotly.newPlot(div, [{
+      type: "sankey", arrangement: "snap",
+      node: { label: S.nodes.map(function (n) { return plain(n.label); }), pad: 12, thickness: 16,
+              customdata: S.nodes.map(function (n) { return plain(n.layer + " cluster " + n.cluster + " (" + n.size + " neurons)"); }),
+              hovertemplate: "%{customdata}<extra></extra>" },
+      link: { source: S.links.map(function (l) { return l.s; }), target: S.links.map(function (l) { return l.t; }),
+              value: S.links.map(function (l) { return l.v; }),
+              customdata: S.links.map(function (l) { return fmt(l.sim); }),
+              hovertemplate: "cosine %{customdata}<extra></extra>" }
+    }], { margin: { l: 10, r: 10, t: 10, b: 10 }, font: { size: 11 } },
+    { responsive: true, displaylogo: false }).then(function () { body.dataset.ready = "1"; });
+    div.on("plotly_click", function (d) {
+      const p = d.points[0];
+      if (!p || p.sourceLinks === undefined) return; // a link, not a cluster
+      const n = S.nodes[p.pointNumber];
+      if (n) location.href = root + "layers/" + n.slug + ".html#cluster=" + n.cluster;
+    });
+  }
+
+  function initSearch() {
+    const all = [];
+    (window.ATLAS_LAYERS || []).forEach(function (name) {
+      const layer = DATA[name];
+      if (!layer) return;
+      layer.neurons.forEach(function (n) {
+        n.text = [n.d].concat(n.sub || []).join(" ").toLowerCase();
+        all.push({ layer: layer, n: n });
+      });
+    });
+    const find = new Map(all.map(function (r) { return [r.layer.name + "\u0000" + r.n.c, r]; }));
+    const input = document.getElementById("q"), count = document.getElementById("count");
+    const grid = document.getElementById("cards");
+    const show = pager(grid, document.getElementById("more"), function (r) {
+      return card(r.layer, r.n, { showLayer: true, score: r.score });
+    });
+    function filterText() {
+      const q = input.value.trim().toLowerCase();
+      const rows = q ? all.filter(function (r) { return r.n.text.includes(q); }) : [];
+      count.textContent = q ? rows.length + " neurons whose sentences contain this text" : "";
+      show(rows);
+    }
+    const q0 = new URLSearchParams(location.search).get("q");
+    if (q0) input.value = q0;
+    input.addEventListener("input", filterText);
+    filterText();
+    body.dataset.ready = "1";
+
+    // Live semantic search: only when the page is served by `10_atlas.py serve` (make serve).
+    const live = document.getElementById("live"), status = document.getElementById("live-status");
+    if (!location.protocol.startsWith("http")) return;
+    function showHits(resp) {
+      if (resp.error) { status.textContent = resp.error; return; }
+      const rows = [];
+      resp.hits.forEach(function (h) {
+        const r = find.get(h.layer + "\u0000" + h.channel);
+        if (r) rows.push({ layer: r.layer, n: r.n, score: h.score });
+      });
+      count.textContent = rows.length + " neurons by meaning (" + resp.note + ")";
+      show(rows);
+      status.textContent = "";
+    }
+    function ask(url, opts) {
+      status.textContent = "searching…";
+      fetch(url, opts).then(function (r) { return r.json(); }).then(showHits)
+        .catch(function (e) { status.textContent = "search failed: " + e; });
+    }
+    fetch(root + "api/status").then(function (r) { return r.json(); }).then(function (s) {
+      live.hidden = false;
+      document.getElementById("image-form").hidden = !s.image;
+      status.textContent = "";
+      document.getElementById("text-form").addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        ask(root + "api/search?k=" + s.k + "&q=" + encodeURIComponent(input.value.trim()));
+      });
+      document.getElementById("image-form").addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        const file = document.getElementById("image").files[0];
+        if (file) ask(root + "api/search-image?k=" + s.k, { method: "POST", body: file });
+      });
+    }).catch(function () { /* served by a plain file server: the text filter still works */ });
+  }
+
+  const pages = { layer: initLayer, map: initMap, sankey: initSankey, search: initSearch };
+  if (pages[body.dataset.page]) pages[body.dataset.page]();
+  else body.dataset.ready = "1";
+})();

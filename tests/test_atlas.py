@@ -1,0 +1,305 @@
+"""Stage 10, the atlas: relevance by activation × gradient against a hand computation, the static
+pages of a whole fake run (escaping, assets, scores or "not scored", debugging pages), the search
+server, and the site driven in headless Chromium (sort, filter, neighbour link, map hover,
+injected markup, live search through `make serve`)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from atlas_fixture import ATTRIBUTE, SCRIPT, SUB_EVIL, fake_run
+from common.attribution import channel_attribution
+from common.browser import NoBrowser, headless_chromium, wait_ready
+from common.io import read_csv
+from common.render import fmt_number, json_for_script
+from conftest import load_stage
+
+atlas = load_stage("10_atlas")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The fake pipeline run once for this module: (project tree, make args, run folder)."""
+    return fake_run(tmp_path_factory.mktemp("atlas"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_attribution_is_exact_before_a_linear_head(fake_bundle):
+    """After relu2 the fake model is global average pooling + a linear layer, so a channel's
+    relevance is its weight × its mean activation, and the relevances add up to logit − bias."""
+    model = fake_bundle.model
+    images = torch.rand(3, 3, 32, 32)
+    classes = [0, 1, 1]
+    relevance, logits = channel_attribution(model, ["relu2", "relu1"], images, classes)
+    with torch.no_grad():
+        x = model.pool(torch.relu(model.conv1(images)))
+        mean_act = torch.relu(model.conv2(x)).mean(dim=(2, 3))  # B × 2
+        full = model(images)
+    w, b = model.fc.weight, model.fc.bias
+    for i, k in enumerate(classes):
+        expected = w[k] * mean_act[i]
+        assert torch.allclose(relevance["relu2"][i], expected, atol=1e-5)
+        assert relevance["relu2"][i].sum().item() == pytest.approx((full[i, k] - b[k]).item(),
+                                                                    abs=1e-4)
+        assert logits[i].item() == pytest.approx(full[i, k].item(), abs=1e-5)
+    # relu1 is an in-place ReLU: its relevance still has one value per channel, and class 0
+    # ("red") gets nothing from the edge and brightness channels, which feed only class 1's path.
+    assert relevance["relu1"].shape == (3, 4)
+    assert torch.all(relevance["relu1"][0, 1:] == 0)
+    assert not any(p.grad is not None for p in model.parameters())
+    # Two classes per image from one forward pass give the same as two separate calls.
+    both, both_logits = channel_attribution(model, ["relu2"], images, [classes, [2, 2, 0]])
+    assert torch.allclose(both["relu2"][0], relevance["relu2"], atol=1e-6)
+    other, _ = channel_attribution(model, ["relu2"], images, [2, 2, 0])
+    assert torch.allclose(both["relu2"][1], other["relu2"], atol=1e-6)
+    assert both_logits.shape == (2, 3)
+
+
+def test_json_for_script_cannot_close_a_script():
+    """No markup character survives, and the text still decodes to the same value."""
+    text = "</script><!-- & \u2028"
+    out = str(json_for_script({"d": text}))
+    assert "<" not in out and ">" not in out and "&" not in out and "\u2028" not in out
+    assert json.loads(out) == {"d": text}
+    assert fmt_number("") == "–" and fmt_number(2.0) == "2" and fmt_number(0.12345) == "0.123"
+
+
+# ----------------------------------------------------------------------------------------------
+# The static site of the fake run
+
+
+def test_static_site(run):
+    """Every page exists, model text is escaped, assets are stored once, thumbnails are JPEG."""
+    _, _, run_dir = run
+    site = run_dir / "atlas"
+    index = (site / "index.html").read_text()
+    assert "fake_model.py:build" in index
+    assert "76.9%" in index  # 20 of the 26 labelled images are right (6 bars filed as red)
+    assert "fake-matcher" in index and "Not scored" not in index
+    for layer, channels in (("relu1", 4), ("conv2", 2)):
+        assert (site / "layers" / f"{layer}.html").exists()
+        assert (site / "maps" / f"{layer}.html").exists()
+        for c in range(channels):
+            assert (site / "neurons" / layer / f"{c}.html").exists()
+            assert (site / "thumbs" / layer / f"{c}.jpg").read_bytes()[:2] == b"\xff\xd8"
+    assert not list(site.rglob("*.png"))
+    assert [p.name for p in site.rglob("plotly*.js")] == ["plotly.min.js"]
+    pages = list(site.rglob("*.html"))
+    assert all("Plotly.newPlot" not in p.read_text()[:5000] or p.stat().st_size < 100_000
+               for p in pages)  # plotly.js referenced, never inlined
+    neuron = (site / "neurons" / "relu1" / "0.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; red blobs" in neuron
+    assert "<script>alert" not in neuron
+    assert "&lt;b&gt;bold&lt;/b&gt;" in neuron and "<b>bold</b>" not in neuron
+    assert "clarity" in neuron and "sub-concepts" in neuron.lower()
+    other = (site / "neurons" / "relu1" / "1.html").read_text()
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in other
+    for script in (site / "data").glob("*.js"):
+        assert "<" not in script.read_text()  # model text reaches the page as JSON, escaped
+    assert (site / "sankey.html").exists() and (site / "search.html").exists()
+
+
+def test_debug_pages_name_the_neurons_behind_the_error(run):
+    """08's pair has a page per misclassified image; on the fake model the only conv2 neuron
+    feeding class 1 ("edgy") is channel 1 (the summed edges), so it tops that layer."""
+    _, _, run_dir = run
+    pairs = [p for p in (run_dir / "08_debug").iterdir() if p.is_dir()]
+    assert len(pairs) == 1
+    folder = run_dir / "atlas" / "debug" / pairs[0].name
+    pages = sorted(folder.glob("[0-9]*.html"))
+    assert len(pages) == 6
+    assert (folder / "report.html").exists() and (folder / "index.html").exists()
+    page = pages[0].read_text()
+    conv2 = page[page.index("<h3>conv2</h3>"):]
+    rows = conv2[conv2.index("<tbody>"):]
+    first_row = rows[:rows.index("</tr>")]
+    assert "#1</a>" in first_row
+    assert "activation × the gradient" in page
+    # A layer can be sorted by the pair's 08 z and by the mean relevance to the wrong class.
+    data = (run_dir / "atlas" / "data" / "conv2.js").read_text()
+    assert "relevance 0→1" in data and "z 0→1" in data
+    # The neuron pages point back to the images they drove.
+    assert "misclassified image" in (run_dir / "atlas" / "neurons" / "conv2" / "1.html").read_text()
+
+
+def test_atlas_without_scores_says_not_scored(run, tmp_path):
+    """Without 09's files the atlas still builds and says the neurons are not scored."""
+    _, _, run_dir = run
+    copy = tmp_path / "t"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas", "09_*"))
+    atlas.main(["build", "--run", str(copy), "--workers", "1", "--device", "cpu"])
+    assert "Not scored" in (copy / "atlas" / "index.html").read_text()
+    assert "Not scored" in (copy / "atlas" / "neurons" / "relu1" / "0.html").read_text()
+    assert "clarity" not in (copy / "atlas" / "data" / "relu1.js").read_text()
+
+
+def test_inputs_from_another_run_are_refused(run, tmp_path):
+    """A 09 file made from other descriptions is refused before anything is written."""
+    _, _, run_dir = run
+    copy = tmp_path / "t"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas"))
+    meta = json.loads((copy / "09_score.meta.json").read_text())
+    meta["lineage"]["03_describe"] = "0000000000000000"
+    (copy / "09_score.meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit):
+        atlas.main(["build", "--run", str(copy), "--workers", "1", "--device", "cpu"])
+    assert not (copy / "atlas").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The server
+
+
+def get_json(url: str, data: bytes | None = None) -> tuple[int, dict]:
+    """Status and JSON body of a GET (or POST with ``data``)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_server_answers_text_and_image_queries(run):
+    """serve() answers 07's search over HTTP: text, an uploaded image, and bad input."""
+    import io
+
+    from PIL import Image
+    _, _, run_dir = run
+    ready = threading.Event()
+    holder = {}
+
+    def started(server):
+        """Keep the listening server and let the test go on."""
+        holder["server"] = server
+        ready.set()
+
+    thread = threading.Thread(target=atlas.serve, kwargs={
+        "run_dir": run_dir, "port": 0, "device": "cpu", "started": started}, daemon=True)
+    thread.start()
+    assert ready.wait(120)
+    server = holder["server"]
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with urllib.request.urlopen(base + "index.html", timeout=30) as resp:
+            assert b"neuron atlas" in resp.read()
+        status, body = get_json(base + "api/status")
+        assert status == 200 and body["text"] is True
+        status, body = get_json(base + "api/search?q=red&k=3")
+        assert status == 200 and 1 <= len(body["hits"]) <= 3
+        scores = [h["score"] for h in body["hits"]]
+        assert scores == sorted(scores, reverse=True)
+        assert {h["layer"] for h in body["hits"]} <= {"relu1", "conv2"}
+        assert get_json(base + "api/status")[1]["image"]  # 04 used the reference CNN, here too
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 40), (230, 20, 20)).save(buf, format="PNG")
+        status, body = get_json(base + "api/search-image?k=2", buf.getvalue())
+        assert status == 200 and len(body["hits"]) == 2
+        status, body = get_json(base + "api/search-image", b"not an image")
+        assert status == 400 and "error" in body
+        status, body = get_json(base + "api/search?q=")
+        assert status == 400
+    finally:
+        server.shutdown()
+        thread.join(30)
+
+
+# ----------------------------------------------------------------------------------------------
+# In a real browser
+
+
+def chromium():
+    """A headless Chromium, or a skip saying what is missing."""
+    try:
+        return headless_chromium()
+    except NoBrowser as err:
+        pytest.skip(str(err))
+
+
+def no_alert_ran(driver) -> bool:
+    """True when no alert() opened and no injected <img src=x> exists."""
+    from selenium.common.exceptions import NoAlertPresentException
+    try:
+        driver.switch_to.alert
+        return False
+    except NoAlertPresentException:
+        pass
+    return driver.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
+
+
+def test_browser_walk_through_the_atlas(run):
+    """Sort and filter a layer, follow a neighbour, hover the map, search via `make serve`."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    tree, args, run_dir = run
+    site = (run_dir / "atlas").resolve()
+    driver = chromium()
+    server = None
+    try:
+        driver.get((site / "layers" / "relu1.html").as_uri())
+        wait_ready(driver)
+        cards = lambda: driver.find_elements(By.CSS_SELECTOR, "#cards .card")  # noqa: E731
+        assert [c.get_attribute("data-channel") for c in cards()] == ["0", "1", "2", "3"]
+        texts = [c.find_element(By.CSS_SELECTOR, ".desc").text for c in cards()]
+        assert texts[0] == SCRIPT and texts[1] == ATTRIBUTE  # shown as text, not run
+        assert no_alert_ran(driver)
+        Select(driver.find_element(By.ID, "sort")).select_by_value("clarity")
+        assert [c.get_attribute("data-channel") for c in cards()] == ["0", "1", "2", "3"]
+        Select(driver.find_element(By.ID, "order")).select_by_value("asc")
+        assert [c.get_attribute("data-channel") for c in cards()] == ["3", "2", "1", "0"]
+        driver.find_element(By.ID, "filter").send_keys("vertical edges")
+        assert [c.get_attribute("data-channel") for c in cards()] == ["1"]
+        assert "1 of 4" in driver.find_element(By.ID, "count").text
+
+        driver.get((site / "neurons" / "relu1" / "0.html").as_uri())
+        assert driver.find_element(By.ID, "description").text == SCRIPT
+        assert SUB_EVIL in driver.find_element(By.TAG_NAME, "body").text
+        assert no_alert_ran(driver)
+        link = driver.find_element(By.CSS_SELECTOR, "a.mini")
+        target = link.get_attribute("href")
+        link.click()
+        assert driver.current_url == target and "/neurons/" in target
+
+        driver.get((site / "maps" / "relu1.html").as_uri())
+        wait_ready(driver)
+        point = driver.find_elements(By.CSS_SELECTOR, ".scatterlayer .point")[0]
+        ActionChains(driver).move_to_element(point).perform()
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "hover").is_displayed())
+        shown = driver.find_element(By.CSS_SELECTOR, "#hover .desc").text
+        described = {r["description"] for r in read_csv(run_dir / "03_descriptions.csv")
+                     if r["layer"] == "relu1"}
+        assert shown in described
+        assert no_alert_ran(driver)
+
+        server = subprocess.Popen(["make", "--no-print-directory", "serve", *args, "PORT=0"],
+                                  cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, start_new_session=True)
+        lines = []
+        while not lines or not lines[-1].startswith("serving the atlas at"):
+            lines.append(server.stdout.readline())
+            assert lines[-1] and len(lines) < 20, lines  # make echoes its command first
+        url = lines[-1].split(" at ")[1].split()[0]
+        driver.get(url + "search.html")
+        wait_ready(driver)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "live").is_displayed())
+        driver.find_element(By.ID, "q").send_keys("red")
+        driver.find_element(By.ID, "semantic").click()
+        WebDriverWait(driver, 60).until(
+            lambda d: "by meaning" in d.find_element(By.ID, "count").text)
+        assert cards() and all("match" in c.text for c in cards())
+        assert no_alert_ran(driver)
+    finally:
+        driver.quit()
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
