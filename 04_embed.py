@@ -1,8 +1,9 @@
 """Stage 04 — text, image and fused embedding of every described neuron.
 
 Reads 03_descriptions.csv (rows with status ok) and 02_mosaics.csv (+ the mosaic PNGs).
-Writes 04_embeddings.npz (layer, channel, text, image, fused, text_model, image_model, fusion)
-and 04_embed.meta.json.
+Writes 04_embeddings.npz (layer, channel, text, image, fused, text_model, image_model, fusion),
+04_crops.npz beside it (the image vector of each of every neuron's top --crop-vectors crops, for
+09's interpretability scores; see common.artefacts.CropVectors) and 04_embed.meta.json.
 
 - text: the description through a sentence-transformers model (offline default
   all-MiniLM-L6-v2; on a workstation e.g. sentence-transformers/clip-ViT-L-14).
@@ -10,6 +11,8 @@ and 04_embed.meta.json.
   pooled feature of the reference CNN (EfficientNet-Lite0) over the neuron's top crops, cut
   from the mosaic and fed at their own size. Identical crops (deep layers often share whole
   top images) are computed once.
+- crops: the same image embedder on each of the top crops of every neuron of 02's index (the
+  CNN's vectors are those the image vector averages, computed once for both).
 - fused: the normalised mean of text and image vectors when both come from one space (both
   towers of one CLIP model), else the concatenation of the two L2-normalised halves.
 
@@ -28,15 +31,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.artefacts import Embeddings, Mosaic, read_descriptions, read_mosaics, write_embeddings
+from common.artefacts import (CropVectors, Embeddings, Mosaic, read_descriptions, read_mosaics,
+                              write_crop_vectors, write_embeddings)
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.embedders import embed_crops, fuse, l2_normalise, same_space
+from common.embedders import embed_distinct_crops, fuse, l2_normalise, same_space
 from common.io import sweep_temporaries
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.04_embed")
 
 STAGE = "04_embed"
+CROPS_FILE = "04_crops.npz"  # the per-crop vectors, written beside --out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,32 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "clip:<model or path>")
     p.add_argument("--image-tiles", type=int, default=16,
                    help="cnn image embedding: top crops averaged per neuron")
+    p.add_argument("--crop-vectors", type=int, default=20,
+                   help="top crops per neuron whose own vectors 04_crops.npz keeps (09's "
+                        "clarity, polysemanticity, redundancy and sub-concepts)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
-def cnn_image_vectors(embedder, mosaics: list[Mosaic], n_tiles: int) -> np.ndarray:
-    """Per neuron: the normalised mean of the CNN features of its top ``n_tiles`` crops.
+def crop_vectors(embedder, mosaics: list[Mosaic], n_crops: int) -> CropVectors:
+    """Every neuron's top ``n_crops`` crops (cut from its mosaic) embedded by
+    ``common.embedders.embed_distinct_crops``: at their own size, each distinct crop only once."""
+    per_neuron = [[Image.fromarray(t) for t in m.tiles(n_crops)] for m in mosaics]
+    vectors, rows = embed_distinct_crops(embedder, [t for tiles in per_neuron for t in tiles],
+                                         desc="04 crops")
+    return CropVectors.build([m.key for m in mosaics], [len(tiles) for tiles in per_neuron],
+                             vectors, rows, embedder.name, embedder.space)
 
-    Crops are embedded by ``common.embedders.embed_crops``: at their own size, each distinct crop
-    only once.
-    """
-    per_neuron = [[Image.fromarray(t) for t in m.tiles(n_tiles)] for m in mosaics]
-    vectors = embed_crops(embedder, [t for tiles in per_neuron for t in tiles], desc="04 crops")
-    out = np.zeros((len(mosaics), embedder.dim), np.float32)
-    start = 0
-    for i, tiles in enumerate(per_neuron):
-        if tiles:
-            out[i] = vectors[start:start + len(tiles)].mean(axis=0)
-        start += len(tiles)
+
+def cnn_image_vectors(crops: CropVectors, mosaics: list[Mosaic], n_tiles: int) -> np.ndarray:
+    """Per neuron: the normalised mean of the CNN features of its top ``n_tiles`` crops."""
+    out = np.zeros((len(mosaics), crops.arrays["vectors"].shape[1]), np.float32)
+    for i, m in enumerate(mosaics):
+        mine = crops.of(*m.key)[:n_tiles]
+        if len(mine):
+            out[i] = mine.mean(axis=0)
     return l2_normalise(out)
 
 
 def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_embedder=None,
         text_model: str | None = None, image_model: str | None = "auto", image_tiles: int = 16,
-        device: str = "auto", args: dict | None = None) -> dict[str, np.ndarray]:
-    """Embed the described neurons; return the arrays written to ``out``.
+        crop_vectors_n: int = 20, device: str = "auto",
+        args: dict | None = None) -> dict[str, np.ndarray]:
+    """Embed the described neurons; return the arrays written to ``out`` (the per-crop vectors
+    go to 04_crops.npz beside it).
 
     ``text_embedder`` / ``image_embedder`` (objects as made by common.embedders) replace the
     ones loaded from ``text_model`` / ``image_model`` — tests pass small fakes here.
@@ -95,7 +108,8 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     if n_failed:
         log.warning("%d neurons without a description are left out (rerun 03 to retry them)",
                     n_failed)
-    index = {m.key: m for m in read_mosaics(mosaics)}
+    every = read_mosaics(mosaics)
+    index = {m.key: m for m in every}
     missing = [r.key for r in rows if r.key not in index]
     if missing:
         raise StageError(f"{len(missing)} described neurons have no mosaic in {mosaics} (e.g. "
@@ -108,8 +122,12 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     chosen = [index[r.key] for r in rows]
     log.info("image embedding with %s (%s, %d-d)", image_embedder.name, image_embedder.space,
              image_embedder.dim)
+    # Crops of every neuron (described or not: 09 scores them all); the CNN's image vector is the
+    # mean of the first image_tiles of them, so enough are cut for both.
+    n_cut = max(crop_vectors_n, image_tiles) if image_embedder.space == "cnn" else crop_vectors_n
+    crops = crop_vectors(image_embedder, every, n_cut)
     if image_embedder.space == "cnn":
-        image = cnn_image_vectors(image_embedder, chosen, image_tiles)
+        image = cnn_image_vectors(crops, chosen, image_tiles)
     else:
         images = []
         for m in tqdm(chosen, desc="04 mosaics", unit="mosaic", disable=None):
@@ -118,21 +136,26 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
         image = image_embedder.encode(images)
     shared = same_space(text_embedder, image_embedder)
     fused, rule = fuse(text, image, shared)
+    if n_cut > crop_vectors_n:
+        crops.arrays["index"] = crops.arrays["index"][:, :crop_vectors_n]
+    crops_out = out.with_name(CROPS_FILE)
     sweep_temporaries(out.parent)  # what a killed earlier run left half-written
     retract_meta(out.parent / f"{STAGE}.meta.json")
     arrays = write_embeddings(out, Embeddings(
         layer=np.array([r.layer for r in rows]), channel=np.array([r.channel for r in rows]),
         text=text, image=image, fused=fused, text_model=text_embedder.name,
         image_model=image_embedder.name, fusion=rule))
+    write_crop_vectors(crops_out, crops)
     why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
            "text and image vectors come from different spaces: normalised halves concatenated")
-    write_meta(out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}), outputs=[out],
-               inputs=metas,
+    write_meta(out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}),
+               outputs=[out, crops_out], inputs=metas,
                text_model=text_embedder.name, image_model=image_embedder.name,
                image_space=image_embedder.space, fusion=rule, fusion_reason=why,
                dims={"text": int(text.shape[1]), "image": int(image.shape[1]),
                      "fused": int(fused.shape[1])},
-               n_neurons=len(rows), n_left_out=n_failed,
+               n_neurons=len(rows), n_left_out=n_failed, crop_vectors=crop_vectors_n,
+               n_distinct_crops=int(len(crops.arrays["vectors"])),
                image_input="mosaic" if image_embedder.space != "cnn" else
                f"mean over the top {image_tiles} crops")
     log.info("%d neurons → %s (text %d-d, image %d-d, fused %s %d-d)", len(rows), out,
@@ -150,7 +173,8 @@ def main(argv=None):
     setup_logging(args.verbose)
     keep_freed_memory()
     run(Path(args.descriptions), Path(args.mosaics), Path(args.out), text_model=args.text_model,
-        image_model=args.image_model, image_tiles=args.image_tiles, device=args.device,
+        image_model=args.image_model, image_tiles=args.image_tiles,
+        crop_vectors_n=args.crop_vectors, device=args.device,
         args=vars(args))
 
 

@@ -2,14 +2,15 @@
 and verification on held-out images.
 
 Reads (see ARTEFACTS.md) 01_activations.npz, 01_stats/, 01_images.csv, 01_predictions.csv,
-02_mosaics.csv (+ PNGs), 03_descriptions.csv, 04_embeddings.npz (for the image embedder 04 used).
+02_mosaics.csv (+ PNGs), 03_descriptions.csv, 04_embeddings.npz and 04_crops.npz (the vector
+04's image embedder gave each top crop).
 Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (one row per layer),
 09_eval.csv (final-layer benchmark; no rows unless the layers include the classifier's output),
 09_subconcepts/ (sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
 
 1. Triage (common/triage.py, no forward pass): SIEVE selectivity, DnR top-k log score, dead flag.
-2. Interpretability (SemanticLens §3.5) of each neuron's top crops embedded with 04's image
-   embedder: clarity, polysemanticity, redundancy.
+2. Interpretability (SemanticLens §3.5) of each neuron's top crops, with the vectors 04's image
+   embedder gave them (04_crops.npz): clarity, polysemanticity, redundancy.
 3. Sub-concepts (SIEVE): a neuron whose polysemanticity is at least --poly-threshold has its crops
    split into 2–3 groups; each gets a mosaic and a sentence from 03_describe.py itself, run on
    the sub-concept mosaics with the same backend arguments (--describe-args).
@@ -23,7 +24,8 @@ Example:
   python 09_score.py --activations data/demo/01_activations.npz --stats-dir data/demo/01_stats \
       --images data/demo/01_images.csv --predictions data/demo/01_predictions.csv \
       --mosaics data/demo/02_mosaics.csv --descriptions data/demo/03_descriptions.csv \
-      --embeddings data/demo/04_embeddings.npz --scores data/demo/09_scores.csv \
+      --embeddings data/demo/04_embeddings.npz --crop-vectors data/demo/04_crops.npz \
+      --scores data/demo/09_scores.csv \
       --summary data/demo/09_summary.csv --eval data/demo/09_eval.csv \
       --subconcepts data/demo/09_subconcepts --describe-args "--backend offline"
 """
@@ -33,7 +35,10 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +47,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.artefacts import (Description, Mosaic, read_activations, read_descriptions,
-                              read_images, read_mosaics, read_predictions)
+from common.artefacts import (CropVectors, Description, Mosaic, read_activations,
+                              read_crop_vectors, read_descriptions, read_images, read_mosaics,
+                              read_predictions)
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -64,6 +70,7 @@ SUB_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
 PUBLISHED = {"DnD": 0.459, "MILAN": 0.279}  # ResNet-50 ImageNet fc, mpnet cosine (issue 12)
 POSITIVE_SHARE = 0.01  # AUPRC positives: the top 1 % of held-out images by activation …
 MIN_POSITIVES = 5      # … and at least this many
+ROOT = Path(__file__).resolve().parent
 POLY_THRESHOLD = 0.6   # split neurons this polysemantic (two crop groups at cos ≤ 0.4): on the demo
                        # with the CNN feature, about the most polysemantic quarter of the neurons
 
@@ -87,16 +94,17 @@ class RunInputs:
     mosaics: dict[tuple[str, int], Mosaic]             # 02's index rows by neuron
     descriptions: dict[tuple[str, int], Description]   # 03's rows by neuron
     metas: list[dict]        # metas of the inputs, for the lineage check and ours
-    image_model: str         # the image embedder 04 used (its --image-model argument)
-    image_embedder_name: str  # … and the name it recorded
+    crops: CropVectors       # 04's vector of each top crop
     describer_backend: str   # 03's backend (offline describers read class names)
     class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
 
 
 def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: Path,
-                mosaics: Path, descriptions: Path, embeddings: Path) -> RunInputs:
+                mosaics: Path, descriptions: Path, embeddings: Path,
+                crop_vectors: Path) -> RunInputs:
     """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
+    read_meta(crop_vectors)  # written by the same 04 run as the embeddings, byte for byte
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)
     rows = read_images(images)
@@ -112,13 +120,11 @@ def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: P
         top5_prob[p.image_id, :n] = p.top5_prob[:n]
     index = {m.key: m for m in read_mosaics(mosaics)}
     described = {d.key: d for d in read_descriptions(descriptions)}
-    meta04 = metas[3]
     return RunInputs(class_names=model_class_names(predicted, int(top5_idx.max(initial=-1)) + 1),
                      layers=layers, input_size=int(input_size[0]), tops=tops,
                      stats_dir=stats_dir, image_paths=paths, usable=usable, top5_idx=top5_idx,
                      top5_prob=top5_prob, mosaics=index, descriptions=described, metas=metas,
-                     image_model=str(meta04.get("args", {}).get("image_model", "auto")),
-                     image_embedder_name=str(meta04.get("image_model", "")),
+                     crops=read_crop_vectors(crop_vectors),
                      describer_backend=str(metas[2].get("backend", "")))
 
 
@@ -152,33 +158,15 @@ def neuron_crops(inputs: RunInputs, layer: str, channel: int, n_crops: int) -> l
     return m.tiles(n_crops) if m is not None and m.n_tiles else []
 
 
-def crop_vectors(inputs: RunInputs, embedder, n_crops: int) -> dict[tuple[str, int], np.ndarray]:
-    """(layer, channel) → n × dim unit vectors of its top crops, all embedded in one pass."""
-    from common.embedders import embed_crops
-    keys, crops, counts = [], [], []
-    for layer in inputs.layers:
-        for channel in range(inputs.tops[layer].channels):
-            tiles = neuron_crops(inputs, layer, channel, n_crops)
-            keys.append((layer, channel))
-            counts.append(len(tiles))
-            crops.extend(Image.fromarray(t) for t in tiles)
-    vectors = embed_crops(embedder, crops, desc="09 crops")
-    out, start = {}, 0
-    for key, count in zip(keys, counts):
-        out[key] = vectors[start:start + count]
-        start += count
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Sub-concepts
 
 
-def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_crops: int,
+def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
                              metas: list[dict]) -> Path:
     """One mosaic per sub-concept (its crops, best first, in a square grid) and their index CSV.
 
-    ``groups``: (layer, channel) → labels of its crops (0-based groups). Index rows name the
+    ``groups``: (layer, channel) → labels of its first crops (0-based groups). Index rows name the
     sub-concept ``<layer>#<s>`` (s = 1, 2, 3) with the neuron's channel, so that 03 sees one
     neuron per sub-concept. Returns the index path.
     """
@@ -189,7 +177,7 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path, n_cr
             shutil.rmtree(old)
     rows = []
     for (layer, channel), labels in groups.items():
-        tiles = neuron_crops(inputs, layer, channel, n_crops)
+        tiles = neuron_crops(inputs, layer, channel, len(labels))
         tile_px = inputs.mosaics[(layer, channel)].tile_px
         for s in range(int(labels.max()) + 1):
             members = [tiles[i] for i in np.flatnonzero(labels == s)]
@@ -213,12 +201,29 @@ def _safe(layer: str) -> str:
     return layer.replace("/", "_").replace(os.sep, "_")
 
 
-def describe_subconcepts(index: Path, folder: Path, describe_args: str,
-                         levels: dict[str, int]) -> dict[tuple[str, int], str]:
-    """Run 03_describe.py on the sub-concept mosaics with ``describe_args`` → (pseudo-layer,
-    channel) → sentence. Levels are those 03 gave the neurons' real layers."""
-    from common.describing import describe_index
-    return describe_index(index, folder / "03_descriptions.csv", describe_args, levels)
+def start_describing(index: Path, folder: Path, describe_args: str,
+                     levels: dict[str, int]) -> subprocess.Popen:
+    """Start 03_describe.py on the sub-concept mosaics with ``describe_args`` (levels: those 03
+    gave the neurons' real layers); it runs while 09 scores the neurons' own sentences."""
+    out = folder / "03_descriptions.csv"
+    command = [sys.executable, str(ROOT / "03_describe.py"), "--mosaics", str(index),
+               "--out", str(out), *shlex.split(describe_args),
+               "--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
+    log.info("describing %d sub-concepts with 03_describe.py", len(read_mosaics(index)))
+    # 03's log goes to a file, not a pipe: an unread pipe would block it once full.
+    with open(folder / "03_describe.log", "w") as stream:
+        return subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                                text=True)
+
+
+def finish_describing(process: subprocess.Popen, index: Path,
+                      folder: Path) -> dict[tuple[str, int], str]:
+    """Wait for the 03 process of ``start_describing`` → (pseudo-layer, channel) → sentence."""
+    if process.wait() != 0:
+        tail = (folder / "03_describe.log").read_text(errors="replace")[-2000:]
+        raise StageError(f"03_describe.py failed on the sub-concept mosaics ({index}):\n{tail}")
+    return {d.key: d.description if d.status == "ok" else ""
+            for d in read_descriptions(folder / "03_descriptions.csv")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +279,76 @@ def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
         differ = [i for i in others if sentences[i].text != s.text]
         pool = differ or others
         s.control = int(rng.choice(pool)) if pool else -1
+
+
+def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, match,
+                    seed: int) -> tuple[dict[str, list[Sentence]], dict[str, np.ndarray]]:
+    """Every sentence to verify, with its control, and the matcher's scores of each on the usable
+    images → (layer → sentences, layer → images × sentences).
+
+    The neurons' own sentences are scored first, while ``describing`` (the 03 process, or None)
+    writes the sub-concepts' sentences; the window features of the layers with sub-concepts are
+    kept, so that those sentences are then scored without decoding the images again. When they
+    would not fit in memory, 03 is waited for first and every sentence is scored in one pass.
+    Each distinct sentence of a layer is scored once (controls are other neurons' sentences).
+    """
+    geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
+                                                int(inputs.tops[layer].fmap[2])))
+                for layer in inputs.layers}
+    usable_ids = np.flatnonzero(inputs.usable)
+    own = {layer: sorted({r.description for (lay, _), r in inputs.descriptions.items()
+                          if lay == layer and r.ok})
+           for layer in inputs.layers}
+    keep = sorted({layer for layer, _ in groups})
+    sub_text = None
+    if describing is not None and not match.keeps(keep, len(usable_ids), inputs.input_size,
+                                                  geometry):
+        sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder)
+        for layer in inputs.layers:
+            own[layer] = sorted(set(own[layer]) | {text for (lay, _), text in sub_text.items()
+                                                   if lay.rsplit("#", 1)[0] == layer and text})
+    with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
+        def progress(items):
+            """Advance the bar per image."""
+            for item in items:
+                yield item
+                bar.update()
+        scored = match.score(own, [inputs.image_paths[i] for i in usable_ids], inputs.input_size,
+                             geometry, progress, keep=keep if sub_text is None else ())
+    column = {layer: {text: scored[layer][:, j] for j, text in enumerate(texts)}
+              for layer, texts in own.items()}
+    if sub_text is None:
+        sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder) \
+            if describing is not None else {}
+
+    sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
+    for layer in inputs.layers:
+        top = inputs.tops[layer]
+        for channel in range(top.channels):
+            row = inputs.descriptions.get((layer, channel))
+            m = inputs.mosaics.get((layer, channel))
+            shown = top.image_ids[channel, :m.n_tiles if m else 0]
+            if row is not None and row.ok:
+                sentences[layer].append(Sentence(layer, channel, 0, row.description, shown))
+            for s in range(int(groups[(layer, channel)].max()) + 1 if (layer, channel) in groups
+                           else 0):
+                text = sub_text.get((f"{layer}#{s + 1}", channel), "")
+                ranks = np.flatnonzero(groups[(layer, channel)] == s)
+                sentences[layer].append(Sentence(layer, channel, s + 1, text,
+                                                 top.image_ids[channel, ranks]))
+    for layer in inputs.layers:  # one stream per layer: a layer's controls do not depend on others
+        pick_controls(sentences[layer], np.random.default_rng([seed, zlib.crc32(layer.encode())]))
+    more = {layer: sorted({s.text for s in sents if s.text} - set(own[layer]))
+            for layer, sents in sentences.items()}
+    more = {layer: texts for layer, texts in more.items() if texts}
+    if more:
+        for layer, scores in match.score_more(more).items():
+            column[layer].update({text: scores[:, j] for j, text in enumerate(more[layer])})
+    blank = np.zeros(len(usable_ids))  # a sentence without words is never verified
+    matrix = {layer: np.stack([column[layer][s.text] if s.text else blank for s in sents], axis=1)
+              if sents else np.zeros((len(usable_ids), 0))
+              for layer, sents in sentences.items()}
+    return sentences, matrix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,14 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="01_predictions.csv")
     p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
     p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
-    p.add_argument("--embeddings", required=True, help="04_embeddings.npz (its meta names the "
-                   "image embedder)")
+    p.add_argument("--embeddings", required=True, help="04_embeddings.npz")
+    p.add_argument("--crop-vectors", required=True, help="04_crops.npz: 04's vector of each top "
+                   "crop (clarity, polysemanticity, redundancy, sub-concepts)")
     p.add_argument("--scores", required=True, help="09_scores.csv to write")
     p.add_argument("--summary", required=True, help="09_summary.csv to write")
     p.add_argument("--eval", required=True, help="09_eval.csv to write")
     p.add_argument("--subconcepts", required=True, help="folder for the sub-concept mosaics")
-    p.add_argument("--crops", type=int, default=20, help="top crops per neuron that are embedded "
-                   "(clarity, polysemanticity, redundancy, sub-concepts)")
     p.add_argument("--poly-threshold", type=float, default=POLY_THRESHOLD,
                    help="neurons with at least this polysemanticity are split into sub-concepts")
     p.add_argument("--max-subconcepts", type=int, default=3, choices=[2, 3],
@@ -388,23 +462,22 @@ def _mean(values) -> float:
 
 
 def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mosaics: Path,
-        descriptions: Path, embeddings: Path, scores_out: Path, summary_out: Path,
-        eval_out: Path, subconcepts: Path, crops: int = 20, poly_threshold: float = POLY_THRESHOLD,
+        descriptions: Path, embeddings: Path, crop_vectors: Path, scores_out: Path,
+        summary_out: Path, eval_out: Path, subconcepts: Path,
+        poly_threshold: float = POLY_THRESHOLD,
         max_subconcepts: int = 3, describe_args: str = "--backend offline",
         matcher: str = "offline", text_model: str = "all-MiniLM-L6-v2",
         eval_model: str = "all-mpnet-base-v2", seed: int = 0, device: str = "auto",
-        image_embedder=None, matcher_obj=None, eval_embedder=None,
-        args: dict | None = None) -> dict:
+        matcher_obj=None, eval_embedder=None, args: dict | None = None) -> dict:
     """Score every neuron; return {"scores": rows, "summary": rows, "eval": rows}.
 
-    ``image_embedder``, ``matcher_obj`` and ``eval_embedder`` replace the ones this function would
-    load — tests pass small ones.
+    ``matcher_obj`` and ``eval_embedder`` replace the ones this function would load — tests pass
+    small ones.
     """
     from common import scores as S
-    from common.embedders import load_image_embedder
     from common.triage import triage_layer
     inputs = read_inputs(activations, stats_dir, images, predictions, mosaics, descriptions,
-                         embeddings)
+                         embeddings, crop_vectors)
     meta_file = scores_out.parent / f"{STAGE}.meta.json"
     sweep_temporaries(scores_out.parent, subconcepts)  # what a killed earlier run left half-written
     retract_meta(meta_file)  # until the new one is written, 09 counts as not done
@@ -412,17 +485,16 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     # 1. Triage
     triage = {layer: triage_layer(layer_max_stats(stats_dir, layer)) for layer in inputs.layers}
 
-    # 2. Interpretability
-    embedder = image_embedder or load_image_embedder(inputs.image_model, device=device)
-    if inputs.image_embedder_name and embedder.name != inputs.image_embedder_name:
-        log.warning("04 embedded images with %s, 09 with %s (its weights are not here)",
-                    inputs.image_embedder_name, embedder.name)
-    vectors = crop_vectors(inputs, embedder, crops)
+    # 2. Interpretability, on the vectors 04 gave the top crops (no embedding here)
+    embedder = inputs.crops.embedder
+    vectors = {(layer, c): inputs.crops.of(layer, c)
+               for layer in inputs.layers for c in range(inputs.tops[layer].channels)}
+    dim = inputs.crops.arrays["vectors"].shape[1]
     interp: dict[tuple[str, int], dict] = {}
     for layer in inputs.layers:
         keys = [(layer, c) for c in range(inputs.tops[layer].channels)]
         means = np.stack([vectors[k].mean(axis=0) if len(vectors[k]) else
-                          np.zeros(embedder.dim) for k in keys])
+                          np.zeros(dim) for k in keys])
         red = S.redundancy(means)
         for k, r in zip(keys, red):
             interp[k] = {"clarity": S.clarity(vectors[k]),
@@ -441,55 +513,25 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     log.info("%d neurons at or above polysemanticity %.2f split into sub-concepts", len(groups),
              poly_threshold)
     subconcepts.mkdir(parents=True, exist_ok=True)
-    sub_text: dict[tuple[str, int], str] = {}
+    describing = None
     if groups:
-        index = write_subconcept_mosaics(inputs, groups, subconcepts, crops, inputs.metas)
+        index = write_subconcept_mosaics(inputs, groups, subconcepts, inputs.metas)
         levels = {}
         for (layer, channel), labels in groups.items():
             level = getattr(inputs.descriptions.get((layer, channel)), "level", 0) or 1
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
-        sub_text = describe_subconcepts(index, subconcepts, describe_args, levels)
+        describing = start_describing(index, subconcepts, describe_args, levels)
 
-    # 4. Verification
-    sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
-    for layer in inputs.layers:
-        top = inputs.tops[layer]
-        for channel in range(top.channels):
-            row = inputs.descriptions.get((layer, channel))
-            m = inputs.mosaics.get((layer, channel))
-            shown = top.image_ids[channel, :m.n_tiles if m else 0]
-            if row is not None and row.ok:
-                sentences[layer].append(Sentence(layer, channel, 0, row.description, shown))
-            for s in range(int(groups[(layer, channel)].max()) + 1 if (layer, channel) in groups
-                           else 0):
-                text = sub_text.get((f"{layer}#{s + 1}", channel), "")
-                ranks = np.flatnonzero(groups[(layer, channel)] == s)
-                sentences[layer].append(Sentence(layer, channel, s + 1, text,
-                                                 top.image_ids[channel, ranks]))
-    for layer in inputs.layers:  # one stream per layer: a layer's controls do not depend on others
-        pick_controls(sentences[layer], np.random.default_rng([seed, zlib.crc32(layer.encode())]))
+    # 4. Verification (the neurons' own sentences are scored while 03 describes the sub-concepts)
     match = matcher_obj or load_matcher(matcher, inputs, text_model, device)
-    geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
-                                                int(inputs.tops[layer].fmap[2])))
-                for layer in inputs.layers}
     usable_ids = np.flatnonzero(inputs.usable)
-    with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
-        def progress(items):
-            """Advance the bar per image."""
-            for item in items:
-                yield item
-                bar.update()
-        # Many sentences of a layer are the same words (controls are other neurons' sentences):
-        # each distinct sentence is scored once.
-        distinct = {layer: sorted({s.text for s in sents if s.text})
-                    for layer, sents in sentences.items()}
-        scored = match.score(distinct, [inputs.image_paths[i] for i in usable_ids],
-                             inputs.input_size, geometry, progress)
-    matrix = {layer: scored[layer][:, [distinct[layer].index(s.text) if s.text else 0
-                                       for s in sents]] if distinct[layer] else
-              np.zeros((len(usable_ids), len(sents)))
-              for layer, sents in sentences.items()}
+    try:
+        sentences, matrix = score_sentences(inputs, groups, describing, subconcepts, match, seed)
+    finally:
+        if describing is not None and describing.poll() is None:
+            describing.kill()  # 09 failed before 03 finished: leave no process behind
+            describing.wait()
 
     rows: list[dict] = []
     for layer in inputs.layers:
@@ -516,7 +558,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                        "clarity": _num(interp[key]["clarity"]),
                        "polysemanticity": _num(interp[key]["polysemanticity"]),
                        "redundancy": _num(interp[key]["redundancy"]),
-                       "embedder": embedder.name, "matcher": match.name,
+                       "embedder": embedder, "matcher": match.name,
                        "n_crops": len(vectors[key])}
                 if sub:
                     members = vectors[key][labels == sub - 1]
@@ -552,7 +594,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             "mean_control_corr": _num(_mean(r.get("control_corr", "") for r in mine)),
             "share_beating_control": _num(np.mean([r["beats_control"] for r in verified])
                                           if verified else float("nan"), 3),
-            "matcher": match.name, "embedder": embedder.name})
+            "matcher": match.name, "embedder": embedder})
 
     # 5. Final-layer benchmark
     names = inputs.class_names
@@ -573,7 +615,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     write_csv(eval_out, eval_rows, EVAL_FIELDS)
     write_meta(meta_file, STAGE, dict(args or {}),
                outputs=[scores_out, summary_out, eval_out], inputs=inputs.metas,
-               embedder=embedder.name, embedder_space=embedder.space, matcher=match.name,
+               embedder=embedder, embedder_space=inputs.crops.space, matcher=match.name,
                n_subconcept_neurons=len(groups), poly_threshold=poly_threshold,
                eval_layer=layer_out, eval_report=report,
                describer_saw_class_names=inputs.describer_backend == "offline")
@@ -593,8 +635,9 @@ def main(argv=None):
     setup_logging(args.verbose)
     keep_freed_memory()
     run(Path(args.activations), Path(args.stats_dir), Path(args.images), Path(args.predictions),
-        Path(args.mosaics), Path(args.descriptions), Path(args.embeddings), Path(args.scores),
-        Path(args.summary), Path(args.eval), Path(args.subconcepts), crops=args.crops,
+        Path(args.mosaics), Path(args.descriptions), Path(args.embeddings),
+        Path(args.crop_vectors), Path(args.scores), Path(args.summary), Path(args.eval),
+        Path(args.subconcepts),
         poly_threshold=args.poly_threshold, max_subconcepts=args.max_subconcepts,
         describe_args=args.describe_args, matcher=args.matcher, text_model=args.text_model,
         eval_model=args.eval_model, seed=args.seed, device=args.device, args=vars(args))

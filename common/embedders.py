@@ -148,36 +148,38 @@ class CnnImageEmbedder:
         return l2_normalise(np.concatenate(out))
 
 
-def embed_crops(embedder, crops: Sequence, desc: str = "crops") -> np.ndarray:
-    """Vectors of many image crops (PIL images) → float32 (n, dim), unit rows, in input order.
+def embed_distinct_crops(embedder, crops: Sequence, desc: str = "crops"
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors of many image crops (PIL images), each distinct crop (by its pixels) embedded once:
+    → (float32 (u, dim) unit rows of the distinct crops in order of first appearance, int64 (n,)
+    the row of each input crop).
 
-    Each distinct crop (by its pixels) is embedded once: deep layers' crops are often whole images
-    shared by many neurons. A CNN embedder gets each crop at its own size (at least MIN_CROP_PX;
-    the network pools globally, so small crops need not be blown up to the training resolution),
-    batched by size; other embedders (CLIP) resize crops themselves.
+    Deep layers' crops are often whole images shared by many neurons. A CNN embedder gets each crop
+    at its own size (at least MIN_CROP_PX; the network pools globally, so small crops need not be
+    blown up to the training resolution), batched by size; other embedders (CLIP) resize crops
+    themselves.
     """
     import hashlib
     from tqdm import tqdm
     keys = [hashlib.blake2b(c.tobytes(), digest_size=16).digest() + bytes(str(c.size), "ascii")
             for c in crops]
     distinct = dict(zip(keys, crops))
+    row = {key: i for i, key in enumerate(distinct)}
     groups: dict[int, list[bytes]] = {}
     for key, crop in distinct.items():
         size = max(MIN_CROP_PX, crop.width) if embedder.space == "cnn" else 0
         groups.setdefault(size, []).append(key)
-    vectors: dict[bytes, np.ndarray] = {}
+    vectors = np.zeros((len(distinct), embedder.dim), np.float32)
     with tqdm(total=len(distinct), desc=desc, unit="crop", disable=None) as bar:
         for size, group in groups.items():
             for start in range(0, len(group), 256):
                 chunk = group[start:start + 256]
                 images = [distinct[k] for k in chunk]
                 out = embedder.encode(images, size=size) if size else embedder.encode(images)
-                vectors.update(zip(chunk, out))
+                vectors[[row[k] for k in chunk]] = out
                 bar.update(len(chunk))
     log.info("%s: %d distinct of %d crops embedded", desc, len(distinct), len(crops))
-    if not crops:
-        return np.zeros((0, embedder.dim), np.float32)
-    return np.stack([vectors[k] for k in keys]).astype(np.float32)
+    return vectors, np.array([row[k] for k in keys], np.int64)
 
 
 def _load_clip(name: str, device: str):

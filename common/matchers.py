@@ -13,7 +13,9 @@ cannot be decoded get NaN rows.
   * object words: the analysed model's own top-5 predictions for the image (01_predictions.csv),
     each class name embedded with the text embedder; the image's score is the probability-weighted
     cosine between the sentence and its predicted class names (minus the sentence's mean cosine
-    over all classes). It sees only what the classifier's classes can name.
+    over all classes), where a sentence naming several things (split into ``phrases``) counts, for
+    each class, its best-matching phrase — a class named in a list is not diluted by the rest.
+    It sees only what the classifier's classes can name.
   * appearance words (colour names, vertical / horizontal / diagonal, edges, stripes, texture,
     contrast, bright / dark, smooth, mixed colours): measured in every receptive-field window of the
     layer (one per feature-map cell, at ANALYSIS_PX resolution) and the best window kept, as the
@@ -39,6 +41,7 @@ log = logging.getLogger("neuron-atlas.matchers")
 ANALYSIS_PX = 112   # side at which appearance is measured (half the usual 224 input: 4× cheaper)
 MAX_WINDOWS = 1024  # windows per image and layer; denser feature maps are sampled on a grid
 NORM_IMAGES = 64    # images (seeded sample) whose windows set each feature's scale
+KEEP_BYTES = 512 << 20  # most memory kept for scoring more sentences later (score_more)
 
 _F = {name: i for i, name in enumerate(FEATURES)}
 # Appearance words → (feature, weight). A word preceded by "low" or "no" counts negatively.
@@ -90,6 +93,16 @@ def appearance_weights(sentence: str) -> np.ndarray:
             w[_F[feature]] += sign * weight
     total = np.abs(w).sum()
     return w / total if total > 0 else w
+
+
+def phrases(sentence: str) -> list[str]:
+    """The sentence's parts (split at commas, semicolons, "and", "or"), each without filler
+    words, for the object part to compare one named thing at a time with a class name; the whole
+    sentence when no part has content left."""
+    parts = re.split(r"[,;:.]|\band\b|\bor\b", sentence.lower())
+    kept = [" ".join(w for w in words(part) if w not in _FILLER) for part in parts]
+    kept = [part for part in kept if part]
+    return kept or [sentence]
 
 
 def has_object_words(sentence: str) -> bool:
@@ -150,13 +163,23 @@ class OfflineMatcher:
         self.class_names = list(class_names)
         self.top5_idx, self.top5_prob = top5_idx, top5_prob
         self._class_vectors = None
+        self._kept: dict[str, np.ndarray] = {}  # layer → images × windows × scaled features
+        self._last: tuple | None = None         # the last score()'s images and geometry
 
     def _object_scores(self, sentences: Sequence[str]) -> np.ndarray:
-        """N × S: probability-weighted cosine between each sentence and the image's top-5 names."""
+        """N × S: probability-weighted cosine between each sentence (its best phrase per class)
+        and the image's top-5 names."""
         if self._class_vectors is None:
             self._class_vectors = self.text_embedder.encode(
                 [name.replace("_", " ") for name in self.class_names])
-        cos = self.text_embedder.encode(list(sentences)) @ self._class_vectors.T  # S × C
+        pieces = [phrases(s) for s in sentences]
+        flat = [p for ps in pieces for p in ps]
+        vectors = self.text_embedder.encode(flat) if flat else np.zeros((0, 1))
+        cos = np.zeros((len(sentences), len(self.class_names)))
+        start = 0
+        for i, ps in enumerate(pieces):
+            cos[i] = (vectors[start:start + len(ps)] @ self._class_vectors.T).max(axis=0)
+            start += len(ps)
         cos = cos - cos.mean(axis=1, keepdims=True)
         valid = self.top5_idx >= 0
         gathered = cos.T[np.where(valid, self.top5_idx, 0)]  # N × 5 × S
@@ -164,43 +187,98 @@ class OfflineMatcher:
 
     def score(self, sentences_by_layer: dict[str, list[str]], paths: Sequence[str],
               input_size: int, layer_geometry: dict[str, tuple[np.ndarray, tuple[int, int]]],
-              progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict[str, np.ndarray]:
+              progress: Callable[[Iterable], Iterable] = lambda it: it,
+              keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """Per layer: N_images × S score matrix for its sentences (rows in ``paths`` order).
 
         ``layer_geometry``: layer → (rf array, feature-map (H, W)). Every image is decoded once.
+        The window features of the layers in ``keep`` are kept (while they fit in KEEP_BYTES), so that ``score_more`` can score more sentences of those layers on the same
+        images without decoding them again.
         """
-        weights = {layer: np.stack([appearance_weights(s) for s in sents]).T
-                   if sents else np.zeros((len(FEATURES), 0))
-                   for layer, sents in sentences_by_layer.items()}
         windows = {layer: layer_windows(*layer_geometry[layer], input_size)
-                   for layer in sentences_by_layer}
+                   for layer in set(sentences_by_layer) | set(keep)}
         scales = self._feature_scales(paths, input_size, windows)
         n = len(paths)
+        if not self.keeps(keep, n, input_size, layer_geometry):
+            log.info("window features of %d images would take over %d MiB: more sentences will "
+                     "need another pass over the images", n, KEEP_BYTES >> 20)
+            keep = ()
+        self._kept = {layer: np.full((n, len(windows[layer]), len(FEATURES)), np.nan)
+                      for layer in keep}
+        self._last = (list(paths), input_size, dict(layer_geometry))
+        weights = {layer: self._weights(sents) for layer, sents in sentences_by_layer.items()}
         appearance = {layer: np.full((n, w.shape[1]), np.nan) for layer, w in weights.items()}
         for i, pixels in progress(network_inputs(paths, input_size)):
             if pixels is None:
                 continue
             table = integral_image(pixel_maps(self._shrink(pixels)))
-            for layer, w in weights.items():
-                if w.shape[1]:
-                    feats = window_features(table, windows[layer]) / scales[layer]
+            for layer in windows:
+                w = weights.get(layer)
+                if layer not in self._kept and (w is None or not w.shape[1]):
+                    continue
+                feats = window_features(table, windows[layer]) / scales[layer]
+                if layer in self._kept:
+                    self._kept[layer][i] = feats
+                if w is not None and w.shape[1]:
                     appearance[layer][i] = (feats @ w).max(axis=0)
+        return {layer: self._combine(sents, weights[layer], appearance[layer])
+                for layer, sents in sentences_by_layer.items()}
+
+    @staticmethod
+    def keeps(layers: Sequence[str], n_images: int, input_size: int,
+              layer_geometry: dict[str, tuple[np.ndarray, tuple[int, int]]]) -> bool:
+        """Whether ``score`` can keep the window features of ``layers`` for ``n_images`` images
+        (float64, at most KEEP_BYTES)."""
+        size = sum(n_images * len(layer_windows(*layer_geometry[layer], input_size)) *
+                   len(FEATURES) * 8 for layer in layers)
+        return size <= KEEP_BYTES
+
+    def score_more(self, sentences_by_layer: dict[str, list[str]],
+                   progress: Callable[[Iterable], Iterable] = lambda it: it
+                   ) -> dict[str, np.ndarray]:
+        """``score`` of more sentences on the images of the last ``score`` call: from the kept
+        window features when that call kept the layer's, else with a new pass over the images.
+        Each sentence's scores are the same as ``score`` would give it (every column is computed
+        and standardised on its own)."""
+        if self._last is None:
+            raise ValueError("score_more needs an earlier score() call")
+        paths, input_size, geometry = self._last
+        if not all(layer in self._kept for layer in sentences_by_layer):
+            return self.score(sentences_by_layer, paths, input_size, geometry, progress)
         out = {}
         for layer, sents in sentences_by_layer.items():
-            if not sents:
-                out[layer] = np.zeros((n, 0))
-                continue
-            objects = self._object_scores(sents)
-            has_look = np.abs(weights[layer]).sum(axis=0) > 0
-            has_obj = np.array([has_object_words(s) for s in sents])
-            look = _standardise(np.where(has_look, appearance[layer], np.nan))
-            obj = np.where(has_obj | ~has_look, objects, np.nan)
-            obj[np.isnan(appearance[layer])] = np.nan  # unreadable image: no score at all
-            obj = _standardise(obj)
-            count = (~np.isnan(look)).astype(float) + (~np.isnan(obj))
-            total = np.nan_to_num(look) + np.nan_to_num(obj)
-            out[layer] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+            w = self._weights(sents)
+            feats = self._kept[layer]
+            appearance = np.full((len(paths), w.shape[1]), np.nan)
+            if w.shape[1]:
+                for i in np.flatnonzero(~np.isnan(feats[:, 0, 0])):  # readable images
+                    appearance[i] = (feats[i] @ w).max(axis=0)
+            out[layer] = self._combine(sents, w, appearance)
         return out
+
+    @staticmethod
+    def _weights(sentences: Sequence[str]) -> np.ndarray:
+        """FEATURES × S appearance weights of the sentences."""
+        return np.stack([appearance_weights(s) for s in sentences]).T if len(sentences) \
+            else np.zeros((len(FEATURES), 0))
+
+    def _combine(self, sentences: Sequence[str], weights: np.ndarray,
+                 appearance: np.ndarray) -> np.ndarray:
+        """N × S scores: the standardised appearance and object parts averaged where both apply
+        (``appearance``: N × S best-window values, NaN rows for unreadable images)."""
+        n = len(appearance)
+        if not len(sentences):
+            return np.zeros((n, 0))
+        objects = self._object_scores(sentences)
+        has_look = np.abs(weights).sum(axis=0) > 0
+        has_obj = np.array([has_object_words(s) for s in sentences])
+        look = _standardise(np.where(has_look, appearance, np.nan))
+        obj = np.where(has_obj | ~has_look, objects, np.nan)
+        obj[np.isnan(appearance)] = np.nan  # unreadable image: no score at all
+        obj = _standardise(obj)
+        count = (~np.isnan(look)).astype(float) + (~np.isnan(obj))
+        total = np.nan_to_num(look) + np.nan_to_num(obj)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
     @staticmethod
     def _shrink(pixels: np.ndarray) -> np.ndarray:
@@ -239,11 +317,20 @@ class ClipMatcher:
     def __init__(self, text_tower, image_tower):
         """Both towers of one CLIP model (``common.embedders.ClipEmbedder``)."""
         self.text_tower, self.image_tower = text_tower, image_tower
+        self._vectors: np.ndarray | None = None  # image vectors of the last score() call
+
+    @staticmethod
+    def keeps(layers: Sequence[str], n_images: int, input_size: int, layer_geometry=None) -> bool:
+        """Always: the image vectors (one per image) are kept whatever the layers."""
+        return True
 
     def score(self, sentences_by_layer: dict[str, list[str]], paths: Sequence[str],
               input_size: int, layer_geometry=None,
-              progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict[str, np.ndarray]:
-        """Per layer: N_images × S cosine matrix (the layer does not matter: whole images)."""
+              progress: Callable[[Iterable], Iterable] = lambda it: it,
+              keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Per layer: N_images × S cosine matrix (the layer does not matter: whole images). The
+        image vectors are always kept for ``score_more`` (``keep`` is accepted for the offline
+        matcher's sake)."""
         vectors = np.full((len(paths), self.image_tower.dim), np.nan, np.float32)
         batch: list[tuple[int, Image.Image]] = []
 
@@ -258,6 +345,15 @@ class ClipMatcher:
             if len(batch) >= 64:
                 flush()
         flush()
-        return {layer: vectors @ self.text_tower.encode(list(sents)).T if sents
-                else np.zeros((len(paths), 0))
+        self._vectors = vectors
+        return self.score_more(sentences_by_layer)
+
+    def score_more(self, sentences_by_layer: dict[str, list[str]],
+                   progress: Callable[[Iterable], Iterable] = lambda it: it
+                   ) -> dict[str, np.ndarray]:
+        """Cosines of more sentences with the images of the last ``score`` call."""
+        if self._vectors is None:
+            raise ValueError("score_more needs an earlier score() call")
+        return {layer: self._vectors @ self.text_tower.encode(list(sents)).T if sents
+                else np.zeros((len(self._vectors), 0))
                 for layer, sents in sentences_by_layer.items()}

@@ -82,7 +82,13 @@ def sub_concepts(vectors: np.ndarray, max_k: int = 3) -> np.ndarray | None:
     from sklearn.metrics import silhouette_score
     unit = l2_normalise(vectors).astype(np.float64)
     best, best_score = None, -np.inf
-    tree = linkage(unit, method="ward") if unit.shape[0] >= 2 * MIN_GROUP else None
+    if unit.shape[0] < 2 * MIN_GROUP:
+        return None
+    tree = linkage(unit, method="ward")
+    # Cosine distances once for every k (sklearn's own cosine metric recomputed them per call and
+    # took most of 09's clustering time).
+    distance = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+    np.fill_diagonal(distance, 0.0)
     for k in range(2, max_k + 1):
         if unit.shape[0] < k * MIN_GROUP:
             break
@@ -90,7 +96,7 @@ def sub_concepts(vectors: np.ndarray, max_k: int = 3) -> np.ndarray | None:
         counts = np.bincount(labels)
         if len(counts) < k or counts.min() < MIN_GROUP:
             continue
-        score = silhouette_score(unit, labels, metric="cosine")
+        score = silhouette_score(distance, labels, metric="precomputed")
         if score > best_score:
             best, best_score = labels, score
     return best

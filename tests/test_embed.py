@@ -11,7 +11,7 @@ from torch import nn
 
 from common import embedders as E
 from common.cli import StageError
-from common.artefacts import read_embeddings
+from common.artefacts import read_crop_vectors, read_embeddings
 from common.io import load_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
@@ -155,6 +155,37 @@ def test_image_tiles_limits_the_crops(tmp_path):
     run = make_run(tmp_path, {("a", 1): ["blue", "blue", "red", "red"]})
     saved = embed(run, text_embedder=FakeText(), image_embedder=FakeCnn(), image_tiles=2)
     assert np.argmax(saved["image"][0]) == 2
+
+
+def test_crop_vectors_of_every_neuron_each_distinct_crop_once(tmp_path):
+    """04_crops.npz: every neuron of 02's index (a failed description too), its first
+    --crop-vectors crops best first, the vector the embedder gives each, distinct crops stored
+    once; the file is among 04's outputs, so 09 can check it came from this run."""
+    from common.provenance import read_meta
+    run = make_run(tmp_path, NEURONS, statuses={("b", 0): "failed"})
+    embed(run, text_embedder=FakeText(), image_embedder=FakeCnn(), crop_vectors_n=3)
+    crops = read_crop_vectors(run / "04_crops.npz")
+    assert crops.embedder == "fake-cnn" and crops.space == "cnn" and crops.max_crops == 3
+    assert len(crops.arrays["vectors"]) == 3            # red, blue, green: once each
+    colour = {name: E.l2_normalise(np.array([rgb], np.float32) + 1e-3)[0]
+              for name, rgb in COLOURS.items()}
+    for (layer, channel), tiles in NEURONS.items():
+        mine = crops.of(layer, channel)
+        assert len(mine) == min(3, len(tiles))
+        for vector, name in zip(mine, tiles):
+            assert np.allclose(vector, colour[name], atol=1e-3)
+    assert len(crops.of("z", 0)) == 0                     # not in the index: no crops
+    assert read_meta(run / "04_crops.npz")["stage"] == "04_embed"
+
+
+def test_crop_vectors_in_clip_space(tmp_path):
+    """With a CLIP image tower the image vector embeds the mosaic, and the crops are embedded by
+    the same tower (09 scores them in that space)."""
+    run = make_run(tmp_path, {("a", 1): ["blue", "blue", "red", "red"]})
+    embed(run, text_embedder=FakeText(), image_embedder=FakeClipImage())
+    crops = read_crop_vectors(run / "04_crops.npz")
+    assert crops.space == "clip" and crops.arrays["vectors"].shape == (2, 6)
+    assert np.argmax(crops.of("a", 1)[0]) == 2 and np.argmax(crops.of("a", 1)[3]) == 0
 
 
 def test_no_description_is_a_clear_error(tmp_path):

@@ -70,8 +70,8 @@ def test_make_all_then_up_to_date_then_partial(tree):
             "06_trace.py", "08_debug.py", "09_score.py"} <= set(commands(first))
     data = next(a for a in args if a.startswith("DATA=")).split("=", 1)[1]
     for name in ("01_activations.npz", "02_mosaics.csv", "03_descriptions.csv",
-                 "04_embeddings.npz", "05_metrics.csv", "06_sankey.html", "08_confusion.csv",
-                 "09_scores.csv", "09_summary.csv", "09_eval.csv"):
+                 "04_embeddings.npz", "04_crops.npz", "05_metrics.csv", "06_sankey.html",
+                 "08_confusion.csv", "09_scores.csv", "09_summary.csv", "09_eval.csv"):
         assert os.path.exists(os.path.join(data, "t", name)), name
     assert make(root, args, "-q", "all").returncode == 0
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from common import scores as S
+from common import matchers
 from common.matchers import OfflineMatcher, appearance_weights, has_object_words
 from common.triage import DNR_K, triage_layer
 from conftest import FAKE_MODEL, load_stage, make_image
@@ -191,6 +192,51 @@ def test_true_description_beats_its_control_and_a_wrong_one_does_not(tmp_path):
         assert not wrong["corr"] > right["corr"]
 
 
+def test_object_part_compares_each_named_thing_with_the_class_names():
+    """A sentence naming several things is split into phrases (filler words dropped), and an
+    image's object score is its classes' best cosine with any phrase, minus the sentence's mean
+    over all classes — so an image of one named thing scores as if the sentence named it alone."""
+    assert matchers.phrases("Top images classified as dog, cat and car.") == ["dog", "cat", "car"]
+    assert matchers.phrases("Top images of the.") == ["Top images of the."]  # nothing left
+    names = ["cat", "red", "plain"]
+    idx = np.array([[0, -1, -1, -1, -1], [1, -1, -1, -1, -1]])
+    prob = np.array([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]])
+    got = OfflineMatcher(WordsText(), names, idx, prob)._object_scores(["dog, cat and car."])
+    text = WordsText()
+    best = (text.encode(["dog", "cat", "car"]) @ text.encode(names).T).max(axis=0)
+    expected = best - best.mean()
+    assert got[:, 0] == pytest.approx(expected[:2], abs=1e-6)
+    assert got[0, 0] > got[1, 0]  # the cat image, not the red one
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_sentences_scored_later_score_as_in_one_pass(tmp_path, monkeypatch, kept):
+    """score_more (09 scores sub-concept sentences after the neurons') gives each sentence exactly
+    what one score() call over all sentences gives: from the kept window features, or, when they
+    would not fit in KEEP_BYTES, from a second pass over the images; an unreadable image stays
+    NaN."""
+    import common.matchers as M
+    paths, _ = planted_images(tmp_path, n=12)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths.append(str(tmp_path / "broken.png"))
+    if not kept:
+        monkeypatch.setattr(M, "KEEP_BYTES", 0)
+    none = np.full((len(paths), 5), -1)
+    geometry = {"relu1": (np.array([3.0, 3, 1, 1, 0, 0]), (32, 32))}
+    first, later = ["Red patches.", "Vertical edges."], ["Plain gray, cat.", "Dark red stripes."]
+    def matcher():
+        """A fresh offline matcher over the test images."""
+        return OfflineMatcher(WordsText(), ["tench", "cat", "shark"], none,
+                              np.zeros((len(paths), 5)))
+    together = matcher().score({"relu1": first + later}, paths, 32, geometry)["relu1"]
+    m = matcher()
+    m.score({"relu1": first}, paths, 32, geometry, keep=["relu1"])
+    assert bool(m._kept) == kept
+    got = m.score_more({"relu1": later})["relu1"]
+    assert np.array_equal(got, together[:, 2:], equal_nan=True)
+    assert np.isnan(got[-1]).all() and np.isfinite(got[:-1]).all()
+
+
 def test_clip_matcher_is_the_cosine_of_the_two_towers(tmp_path):
     """The clip matcher scores image i for sentence j as cos(image tower(i), text tower(j))."""
     from common.embedders import ClipEmbedder
@@ -200,11 +246,27 @@ def test_clip_matcher_is_the_cosine_of_the_two_towers(tmp_path):
     text = ClipEmbedder(model, pre, "tiny", "text", torch.device("cpu"))
     image = ClipEmbedder(model, pre, "tiny", "image", torch.device("cpu"))
     paths, _ = planted_images(tmp_path, n=6)
-    got = ClipMatcher(text, image).score({"L": ["a red square", "stripes"]}, paths, 32)["L"]
+    matcher = ClipMatcher(text, image)
+    got = matcher.score({"L": ["a red square", "stripes"]}, paths, 32)["L"]
     expected = image.encode([Image.open(p).convert("RGB") for p in paths]) @ \
         text.encode(["a red square", "stripes"]).T
     assert got.shape == (6, 2)
     assert np.allclose(got, expected, atol=1e-5)
+    later = matcher.score_more({"L": ["stripes"]})["L"]  # the same images, not embedded again
+    assert np.allclose(later[:, 0], expected[:, 1], atol=1e-5)
+
+
+def test_integral_image_is_the_summed_area_table():
+    """integral_image equals the zero-padded double cumsum bit for bit, and a window's sum read
+    from it equals the brute-force sum."""
+    from common.appearance import integral_image
+    maps = np.random.default_rng(0).random((9, 7, 4))
+    table = integral_image(maps)
+    reference = np.zeros((10, 8, 4))
+    reference[1:, 1:] = maps.cumsum(0).cumsum(1)
+    assert np.array_equal(table, reference)
+    window = table[6, 5] - table[2, 5] - table[6, 1] + table[2, 1]
+    assert np.allclose(window, maps[2:6, 1:5].sum(axis=(0, 1)))
 
 
 def test_final_layer_eval_and_its_shuffled_control():
@@ -226,11 +288,12 @@ def test_final_layer_eval_and_its_shuffled_control():
 # The stage end to end on the fake model
 
 
-def test_stage_on_the_fake_model(tmp_path, image_folder):
-    """01 and 02 run for real on the fake model; 03/04 files are written here; 09 writes the
+def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
+    """01 and 02 run for real on the fake model; 03's file is written here and 04 runs for real
+    with the fake model's conv1 feature as its image embedder (04_crops.npz); 09 writes the
     contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
     a process) describe the sub-concept mosaics, with held-out verification beside a control."""
-    from common.io import save_npz, write_csv
+    from common.io import write_csv
     from common.provenance import read_meta, write_meta
     run_dir = tmp_path / "run"
     load_stage("01_extract").main([
@@ -249,25 +312,29 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
                backend="offline")
-    save_npz(run_dir / "04_embeddings.npz", {"layer": np.array(["relu1"])})
-    write_meta(run_dir / "04_embed.meta.json", "04_embed", {"image_model": "cnn"},
-               [run_dir / "04_embeddings.npz"], [read_meta(run_dir / "03_descriptions.csv")],
-               image_model="fake-conv1")
+    load_stage("04_embed").run(run_dir / "03_descriptions.csv", run_dir / "02_mosaics.csv",
+                               run_dir / "04_embeddings.npz", text_embedder=WordsText(),
+                               image_embedder=ConvFeature(), crop_vectors_n=9)
     none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
-    result = score.run(
-        run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
-        run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
-        run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
-        run_dir / "09_scores.csv", run_dir / "09_summary.csv", run_dir / "09_eval.csv",
-        run_dir / "09_subconcepts", crops=9, poly_threshold=0.0, image_embedder=ConvFeature(),
-        matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
-        describe_args="--backend offline")
+
+    def run_09():
+        """Stage 09 on the run (every neuron split: polysemanticity threshold 0)."""
+        return score.run(
+            run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
+            run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
+            run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
+            run_dir / "04_crops.npz", run_dir / "09_scores.csv", run_dir / "09_summary.csv",
+            run_dir / "09_eval.csv", run_dir / "09_subconcepts", poly_threshold=0.0,
+            matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
+            describe_args="--backend offline")
+    result = run_09()
     with open(run_dir / "09_scores.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert header[:len(score.SCORE_FIELDS)] == score.SCORE_FIELDS
     neurons = [r for r in result["scores"] if r["subconcept"] == ""]
     assert [r["channel"] for r in neurons] == [0, 1, 2, 3]
     assert all(r["share"] == 1 and r["embedder"] == "fake-conv1" for r in neurons)
+    assert all(r["n_crops"] == 9 for r in neurons)  # 04 kept 9 crops of each 3 × 3 mosaic
     subs = [r for r in result["scores"] if r["subconcept"] != ""]
     assert subs, "poly threshold 0 splits every neuron with enough crops"
     described = {(r["layer"], int(r["channel"])): r
@@ -288,6 +355,12 @@ def test_stage_on_the_fake_model(tmp_path, image_folder):
     assert result["eval"] == []
     meta = read_meta(run_dir / "09_scores.csv")
     assert meta["stage"] == "09_score" and "02_mosaics" in meta["lineage"]
+
+    # Window features too big to keep: 09 waits for 03 and scores every sentence in one pass,
+    # with the same results.
+    monkeypatch.setattr(matchers, "KEEP_BYTES", 0)
+    again = run_09()
+    assert again["scores"] == result["scores"]
 
 
 def test_controls_are_other_neurons_with_other_words():
