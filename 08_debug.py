@@ -55,7 +55,7 @@ from common.classes import name_key
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.io import atomic_path, read_json, sweep_temporaries, write_csv, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.report import esc, html_page, html_table, img_tag
+from common.report import esc, html_page, html_table, img_tag, md_text
 
 log = logging.getLogger("neuron-atlas.08_debug")
 
@@ -604,16 +604,6 @@ def control_of(n_channels: int, suspects: list[int], seed: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------
 # Reports
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>!|~#])")  # marks that make links, images, HTML
-
-
-def md_text(value) -> str:
-    """Text shown literally by a Markdown viewer: on one line, with every mark that could make
-    a link, an image, raw HTML, code, emphasis or a table cell border backslash-escaped (model
-    text is untrusted: ``[x](javascript:…)``, ``![](http://…)``, ``<img src=…>``)."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
 
 
 def fmt(value, digits: int = 3) -> str:

@@ -57,6 +57,18 @@ SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage fl
 MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip
 POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
+MIN_CORR    ?= 0.5#                        11 baskets: groups are joined while their members correlate at least this much
+PRUNE       ?= 2#                          11 largest baskets per layer pruned in the causal check (0: none)
+CONTROLS    ?= 3#                          11/13 random neuron sets of the same size per causal check
+PRUNE_IMAGES ?= 40#                        11/13 labelled images per class used by the causal checks
+UNION       ?=#                            11 two baskets or tree nodes whose union `make baskets` prints (UNION="_blocks.8:b3 _blocks.8:b4")
+DIFFERENCE  ?=#                            11 two baskets or tree nodes A B (<layer>:n<node>): `make baskets` prints the neurons of A not in B
+OTHER       ?=#                            12 the run compared with RUN by `make compare` (a name under DATA)
+COMPARE_KIND ?= fused#                     12 vectors compared: fused | text
+AUDIT       ?= examples/demo_audit.yaml#   13 concepts file: per class, valid and spurious concepts as text
+AUDIT_LAYER ?=#                            13 layer audited (empty: the deepest)
+AUDIT_TOP   ?= 20#                         13 most relevant neurons per class shown and checked
+AUDIT_MARGIN ?= 0.2#                       13 alignment above the empty-text baseline needed for a label (0: SemanticLens)
 HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
 PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
@@ -77,7 +89,7 @@ $(if $(DEPS),,$(error common/deps.py printed nothing: is PYTHON=$(PYTHON) a Pyth
 uses = $(sort $(foreach s,$(1),$(subst $(comma), ,$(patsubst $(s):%,%,$(filter $(s):%,$(DEPS))))))
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug eval atlas serve
+.PHONY: all test bench help clean venv search debug eval atlas serve baskets compare audit no-other
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -115,6 +127,12 @@ ARGS_10 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
+# 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
+MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
+ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
+           --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
+           --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
 # (make -n) it also stores them, which makes stage NN and the stages after it out of date.
@@ -146,7 +164,7 @@ CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
            $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
-           $(call track_args,10,$(ARGS_10))
+           $(call track_args,10,$(ARGS_10)) $(call track_args,11,$(ARGS_11))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -164,6 +182,8 @@ CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
 TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
 CONFUSION    := $(D)/08_confusion.csv
 SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
+BASKETS      := $(D)/11_baskets.csv $(D)/11_tree.npz $(D)/11_pruning.csv
+
 # Each stage writes its .meta.json last and deletes the old one before replacing any output, so
 # the metas are targets and prerequisites too: a stage killed midway lacks its meta, and make runs
 # it again before anything that reads it.
@@ -175,6 +195,7 @@ M05 := $(D)/05_cluster.meta.json
 M06 := $(D)/06_trace.meta.json
 M08 := $(D)/08_debug.meta.json
 M09 := $(D)/09_score.meta.json
+M11 := $(D)/11_baskets.meta.json
 M10 := $(D)/10_atlas.meta.json
 ATLAS        := $(D)/atlas/index.html
 ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
@@ -205,6 +226,7 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_cluster.py --threads 1
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_atlas.py
+	$(PY) bench/bench_relevance.py
 
 $(DEMO_IMAGES): $(call uses,common/demo.py) | $(VENV)
 	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
@@ -267,6 +289,38 @@ serve: $(ATLAS) $(M10) | $(VENV) ## serve the atlas with live search (text and i
 
 debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 
+$(BASKETS) $(M11) &: 11_baskets.py 03_describe.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
+                $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py 03_describe.py) | $(VENV)
+	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
+
+baskets: $(BASKETS) $(M11) ## neuron baskets in data/$(RUN)/11_*; UNION="A B" / DIFFERENCE="A B" print a set of two
+	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
+	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
+
+COMPARED := $(D)/12_compare__$(OTHER)/12_matches.csv
+compare: $(if $(OTHER),$(COMPARED),no-other) ## compare two runs: make compare RUN=a OTHER=b (both after make all)
+no-other:
+	@echo "make compare needs OTHER=<run> (a second run under $(DATA)/)"; exit 2
+$(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
+             $(DATA)/$(OTHER)/04_embeddings.npz $(DATA)/$(OTHER)/05_clusters.csv \
+             $(DATA)/$(OTHER)/09_summary.csv $(call uses,12_compare.py) | $(VENV)
+	$(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
+	    --kind $(COMPARE_KIND)
+
+RELEVANCE := $(D)/13_relevance.npz
+$(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
+                $(call uses,13_audit.py) | $(VENV)
+	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
+	    $(MODEL_AGAIN)
+
+AUDIT_IN := $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) $(DESCRIPTIONS) $(M03) \
+            $(MOSAICS) $(M02) $(AUDIT) 13_audit.py $(call uses,13_audit.py)
+audit: $(AUDIT_IN) | $(VENV) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/
+	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --audit $(AUDIT) --out-dir $(D)/13_audit \
+	    $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) \
+	    --controls $(CONTROLS) --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) \
+	    --device $(DEVICE) $(MODEL_AGAIN)
+
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
 	    --mosaics $(MOSAICS) --top-k $(HITS) --scoring $(SCORING) --device $(DEVICE) \
@@ -276,4 +330,5 @@ search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## fi
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
 	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
-	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) $(D)/10_* $(D)/atlas
+	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) $(D)/10_* $(D)/atlas \
+	    $(D)/11_* $(D)/12_* $(D)/13_*

@@ -11,6 +11,7 @@ import html
 import io
 import logging
 import os
+import re
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -109,3 +110,13 @@ def html_page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
             f"</body></html>\n")
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>!|~#])")  # marks that make links, images, HTML
+
+
+def md_text(value) -> str:
+    """Text shown literally by a Markdown viewer: on one line, with every mark that could make
+    a link, an image, raw HTML, code, emphasis or a table cell border backslash-escaped (model
+    text is untrusted: ``[x](javascript:…)``, ``![](http://…)``, ``<img src=…>``)."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))

@@ -331,6 +331,32 @@ def test_one_writer_per_run_folder(tree, tmp_path):
     assert out.count("01_extract.py") == 1
 
 
+def test_make_baskets_audit_and_compare(tree, tmp_path):
+    """After `make all`, the on-request targets of 11, 12 and 13 run through make with the run's
+    own MODEL (a model file, named again), write their files, and `make baskets` then has nothing
+    left to do; `make compare` of a run with itself matches every neuron to itself."""
+    root, args = tree
+    assert make(root, args, "all").returncode == 0
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text("classes:\n  '0':\n    valid: [red]\n    spurious: [edges]\n")
+    # The same variables in every call: a changed PRUNE, CONTROLS or PRUNE_IMAGES would
+    # (rightly) make 11's outputs out of date.
+    small = ["PRUNE=1", "CONTROLS=1", "PRUNE_IMAGES=3"]
+    for target in (["baskets"], ["audit", f"AUDIT={concepts}"], ["compare", "OTHER=t"]):
+        result = make(root, args, *target, *small)
+        assert result.returncode == 0, result.stderr[-2000:]
+    run = run_folder(args)
+    for name in ("11_baskets.csv", "11_pruning.csv", "11_baskets.meta.json", "13_relevance.npz",
+                 "13_audit/summary.csv", "13_audit/0/report.html",
+                 "12_compare__t/12_alignment.png"):
+        assert (run / name).is_file(), name
+    assert "11_baskets.py" not in commands(make(root, args, "-n", "baskets", *small))
+    assert "11_baskets.py" in commands(make(root, args, "-n", "baskets", "PRUNE=2"))
+    from common.io import read_csv
+    matches = read_csv(run / "12_compare__t" / "12_matches.csv")
+    assert matches and all(r["mutual"] == "1" for r in matches)
+
+
 def make_database(*args) -> dict[str, tuple[list[str], str]]:
     """The rules of make's database (``make -p``) without running anything: file target →
     (its prerequisites before ``|``, its recipe as written)."""

@@ -1,0 +1,443 @@
+"""Stage 13 — relevance and audit (SemanticLens): which neurons each class relies on, whether they
+encode the concepts the user expects (valid) or ones it should not use (spurious), and what
+happens to the class when the spurious ones are switched off.
+
+Two steps, two commands:
+
+  relevance   one extra pass over the labelled images of 01_predictions.csv: for each image, each
+              neuron's activation × gradient of the image's true-class logit, summed over space
+              (common/attribution.py), averaged over the class's images → 13_relevance.npz
+              (per layer: classes × channels) and 13_relevance.meta.json.
+  audit       reads 13_relevance.npz, 04_embeddings.npz (the neurons' text vectors: 03's sentence
+              embedded by 04's text embedder), 03_descriptions.csv, 02_mosaics.csv and the user's
+              concepts file (YAML: per class, valid and spurious concepts as text). Each neuron's
+              alignment with a concept is cos(neuron, concept) − cos(neuron, empty text) (the
+              empty-text baseline of SemanticLens); its alignment with a set is the best over the
+              set. Labels: valid (valid alignment > margin, spurious not), spurious, both, or
+              unexpected (neither). Writes into --out-dir: audit.csv (every neuron of the audited
+              layer per class), summary.csv (per class), <class>/report.md and report.html, and
+              13_audit.meta.json.
+
+The causal check zeroes the spurious-aligned (spurious or both) neurons among the class's --top
+most relevant, re-runs the class's labelled images, and reports accuracy and confusions before and
+after, beside random sets of the same size from the same layer (seeded).
+
+Examples:
+  python 13_audit.py relevance --run-dir data/demo
+  python 13_audit.py audit --run-dir data/demo --audit examples/demo_audit.yaml \
+      --out-dir data/demo/13_audit
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
+from common.io import load_npz, save_npz, write_csv, write_text
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+
+log = logging.getLogger("neuron-atlas.13_audit")
+
+LABELS = ("valid", "spurious", "both", "unexpected")
+MARGIN = 0.2  # with 04's sentence embedder an unrelated concept still gains ~0.1 over the empty
+              # text (demo: median 0.1, 90th percentile 0.2), so SemanticLens's 0 labels nearly
+              # every neuron "both"; 0.2 keeps the labels for concepts the sentence is about
+AUDIT_FIELDS = ["class_name", "class_idx", "layer", "channel", "relevance", "rank", "label",
+                "valid_alignment", "valid_concept", "spurious_alignment", "spurious_concept",
+                "description"]
+SUMMARY_FIELDS = ["class_name", "class_idx", "layer", "n_images", "top", "n_valid", "n_spurious",
+                  "n_both", "n_unexpected", "n_undescribed", "spurious_share", "valid_share",
+                  "unexpected_share", "zeroed", "accuracy_before", "accuracy_zeroed",
+                  "accuracy_control", "confusions_before", "confusions_zeroed",
+                  "confusions_control", "controls"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Relevance
+
+
+def class_relevance(bundle, images, layers: list[str], batch_size: int,
+                    attribution=None) -> dict[str, np.ndarray]:
+    """Per layer, classes × channels: each image's activation × gradient of its own class logit,
+    summed over space, averaged over the images of each class (``images``: common.pruning's
+    Labelled). Also ``classes`` (indices, ascending) and ``n_images`` per class."""
+    from common.attribution import channel_attribution
+    attribution = attribution or channel_attribution
+    classes = np.unique(images.labels)
+    sums = {layer: None for layer in layers}
+    for start in tqdm(range(0, len(images.ids), batch_size), desc="13 relevance", unit="batch",
+                      disable=None):
+        batch = images.tensors[start:start + batch_size].float()
+        labels = images.labels[start:start + batch_size]
+        rel, _ = attribution(bundle.model, layers, batch, labels)
+        for layer in layers:
+            values = rel[layer].double().numpy()
+            if sums[layer] is None:
+                sums[layer] = np.zeros((len(classes), values.shape[1]))
+            np.add.at(sums[layer], np.searchsorted(classes, labels), values)
+    counts = np.array([(images.labels == k).sum() for k in classes])
+    out = {f"{layer}/relevance": (sums[layer] / counts[:, None]).astype(np.float32)
+           for layer in layers}
+    out.update(classes=classes, n_images=counts, layers=np.array(layers))
+    return out
+
+
+def run_relevance(run_dir: Path, batch_size: int = 32, device: str = "auto",
+                  model: dict | None = None, bundle=None, args: dict | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Compute 13_relevance.npz for the run in ``run_dir`` (all labelled images, one pass).
+    ``model``: the model as the user names it again (``model``, ``weights``, ``unsafe_pickle``)."""
+    from common.artefacts import read_layer_order, read_predictions
+    from common.pruning import labelled_images, load_run_model
+    out = run_dir / "13_relevance.npz"
+    retract_meta(run_dir / "13_relevance.meta.json")
+    meta01 = read_meta(run_dir / "01_activations.npz")
+    layers = read_layer_order(run_dir / "01_activations.npz")
+    bundle = bundle or load_run_model(meta01, device=device, **(model or {}))
+    images = labelled_images(read_predictions(run_dir / "01_predictions.csv"), bundle, 10 ** 9,
+                             seed=0)
+    arrays = class_relevance(bundle, images, layers, batch_size)
+    save_npz(out, arrays)
+    write_meta(run_dir / "13_relevance.meta.json", "13_relevance", dict(args or {}),
+               outputs=[out], inputs=[meta01], n_images=len(images.ids),
+               attribution="activation x gradient of the true-class logit, summed over space")
+    log.info("relevance of %d layers for %d classes from %d labelled images", len(layers),
+             len(arrays["classes"]), len(images.ids))
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts and alignment
+
+
+def read_concepts(path: Path) -> dict[str, dict[str, list[str]]]:
+    """The user's concepts file: ``{class: {"valid": [...], "spurious": [...]}}``.
+
+    Raises a StageError naming the problem for anything else (a class without concepts, a concept
+    that is not text, an unknown key).
+    """
+    import yaml
+    if not path.is_file():
+        raise StageError(f"{path} not found: give a concepts file (AUDIT=…), e.g. "
+                         f"examples/demo_audit.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise StageError(f"{path} is not valid YAML: {err}") from err
+    classes = (data or {}).get("classes") if isinstance(data, dict) else None
+    if not isinstance(classes, dict) or not classes:
+        raise StageError(f"{path} needs a top-level 'classes:' mapping of class → valid / "
+                         f"spurious lists (see examples/demo_audit.yaml)")
+    out = {}
+    for name, spec in classes.items():
+        if not isinstance(spec, dict) or set(spec) - {"valid", "spurious"}:
+            raise StageError(f"{path}: class {name!r} must map to 'valid' and/or 'spurious' "
+                             f"lists of concept texts")
+        lists = {kind: spec.get(kind) or [] for kind in ("valid", "spurious")}
+        for kind, items in lists.items():
+            if not isinstance(items, list) or not all(isinstance(t, str) and t.strip()
+                                                     for t in items):
+                raise StageError(f"{path}: {name!r} → {kind} must be a list of non-empty texts")
+        if not lists["valid"] and not lists["spurious"]:
+            raise StageError(f"{path}: class {name!r} lists no concept")
+        out[str(name)] = {k: [t.strip() for t in v] for k, v in lists.items()}
+    return out
+
+
+def alignment(neurons: np.ndarray, concepts: np.ndarray, empty: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """SemanticLens alignment of each neuron with a set of concepts: the best over the set of
+    cos(neuron, concept) − cos(neuron, empty text). Returns the scores (−inf for an empty set)
+    and the index of the best concept (−1)."""
+    from common.compare import unit
+    if not len(concepts):
+        return np.full(len(neurons), -np.inf), np.full(len(neurons), -1)
+    v = unit(neurons)
+    scores = v @ unit(concepts).T - (v @ unit(empty[None])[0])[:, None]
+    return scores.max(axis=1), scores.argmax(axis=1)
+
+
+def label_of(valid: float, spurious: float, margin: float) -> str:
+    """valid / spurious / both / unexpected from the two alignments and the margin."""
+    v, s = valid > margin, spurious > margin
+    return "both" if v and s else "valid" if v else "spurious" if s else "unexpected"
+
+
+def resolve_classes(concepts: dict, predictions: list[dict], class_names: list[str] | None
+                    ) -> dict[str, int]:
+    """Each class of the concepts file → class index, matched against the dataset labels, the
+    model's class names and plain indices (case and spacing ignored)."""
+    def key(text) -> str:
+        """Comparable form of a class name."""
+        return re.sub(r"[\s_\-]+", " ", str(text).strip().lower())
+    known: dict[str, int] = {}
+    for r in predictions:
+        if r.label_idx >= 0:
+            known.setdefault(key(r.label), r.label_idx)
+            known.setdefault(key(r.label_idx), r.label_idx)
+    labelled = set(known.values())
+    for i, name in enumerate(class_names or []):
+        if i in labelled:
+            known.setdefault(key(name), i)
+    out = {}
+    for name in concepts:
+        if key(name) not in known:
+            raise StageError(f"class {name!r} of the concepts file matches no labelled class "
+                             f"(labels, model class names or indices of the labelled images: "
+                             f"{sorted(k for k in known if not k.isdigit())[:12]})")
+        out[name] = known[key(name)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit
+
+
+def confusions(stats: dict, class_names, limit: int = 3) -> str:
+    """The most frequent predictions of a class's images, as 'name n, name n'."""
+    pairs = sorted(stats["predicted"].items(), key=lambda kv: -kv[1])[:limit]
+    return ", ".join(f"{class_names[k] if class_names and k < len(class_names) else k} {n}"
+                     for k, n in pairs)
+
+
+def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | None = None,
+              top: int = 20, margin: float = MARGIN, controls: int = 3, per_class: int = 40,
+              seed: int = 0, batch_size: int = 32, device: str = "auto",
+              model: dict | None = None, text_embedder=None, bundle=None,
+              args: dict | None = None) -> dict:
+    """Audit the classes of ``concepts_path`` on the run in ``run_dir``; write ``out_dir``.
+
+    ``text_embedder`` and ``bundle`` replace the 04 text embedder and the model — tests pass
+    small ones. Returns {"audit": rows, "summary": rows}.
+    """
+    from common.artefacts import (description_texts, read_descriptions, read_embeddings,
+                                  read_mosaics, read_predictions)
+    from common.baskets import random_baskets
+    from common.embedders import load_text_embedder
+    from common.pruning import labelled_images, load_run_model, per_class as class_stats, predict
+    concepts = read_concepts(concepts_path)
+    relevance_path = run_dir / "13_relevance.npz"
+    if not relevance_path.is_file():
+        raise StageError(f"{relevance_path} not found: compute it first (13_audit.py relevance, "
+                         f"or make audit)")
+    metas = [read_meta(run_dir / "01_activations.npz"), read_meta(relevance_path),
+             read_meta(run_dir / "04_embeddings.npz")]
+    merge_lineage(metas)
+    retract_meta(out_dir / "13_audit.meta.json")
+    rel = load_npz(relevance_path)
+    layers = [str(v) for v in rel["layers"]]
+    emb = read_embeddings(run_dir / "04_embeddings.npz")
+    layer = layer or next((ly for ly in reversed(layers) if (emb.layer == ly).any()), None)
+    if layer not in layers or not (emb.layer == layer).any():
+        raise StageError(f"layer {layer!r} has no relevance or no embedded neurons; audited "
+                         f"layers must be among {layers} and described by 03/04")
+    rows = np.flatnonzero(emb.layer == layer)
+    vectors = {int(c): emb.text[i] for c, i in zip(emb.channel[rows], rows)}
+    sentences = description_texts(read_descriptions(run_dir / "03_descriptions.csv"))
+    mosaics = {m.key: m.path for m in read_mosaics(run_dir / "02_mosaics.csv", required=False)}
+    embedder = text_embedder or load_text_embedder(emb.text_model, device=device)
+    predictions = read_predictions(run_dir / "01_predictions.csv")
+    bundle = bundle or load_run_model(metas[0], device=device, **(model or {}))
+    class_idx = resolve_classes(concepts, predictions, bundle.class_names)
+    matrix = rel[f"{layer}/relevance"]
+    n_channels = matrix.shape[1]
+    channels = np.array(sorted(vectors))
+    empty = embedder.encode([""])[0]
+    images = labelled_images(predictions, bundle, per_class, seed)
+    audit_rows, summary = [], []
+    for name, idx in class_idx.items():
+        where = np.flatnonzero(rel["classes"] == idx)
+        if not len(where):
+            log.warning("class %s has no relevance (no labelled image of it in the run)", name)
+            continue
+        r = matrix[where[0]].astype(np.float64)
+        texts = concepts[name]
+        a_valid, i_valid = alignment(np.stack([vectors[c] for c in channels]),
+                                     embedder.encode(texts["valid"]) if texts["valid"] else [],
+                                     empty)
+        a_spur, i_spur = alignment(np.stack([vectors[c] for c in channels]),
+                                   embedder.encode(texts["spurious"]) if texts["spurious"] else [],
+                                   empty)
+        label = {int(c): label_of(a_valid[k], a_spur[k], margin) for k, c in enumerate(channels)}
+        pos = np.clip(r, 0, None)
+        total = pos.sum() or 1.0
+
+        def share(kinds) -> float:
+            """Share of the class's positive relevance carried by neurons of these labels."""
+            return float(sum(pos[c] for c in range(n_channels) if label.get(c) in kinds) / total)
+
+        order = [int(c) for c in np.argsort(-r, kind="stable") if r[c] > 0][:top]
+        rank = {c: i + 1 for i, c in enumerate(np.argsort(-r, kind="stable"))}
+        for k, c in enumerate(channels):
+            c = int(c)
+            audit_rows.append({
+                "class_name": name, "class_idx": idx, "layer": layer, "channel": c,
+                "relevance": round(float(r[c]), 6), "rank": rank[c], "label": label[c],
+                "valid_alignment": round(float(a_valid[k]), 4) if np.isfinite(a_valid[k]) else "",
+                "valid_concept": texts["valid"][i_valid[k]] if i_valid[k] >= 0 else "",
+                "spurious_alignment": round(float(a_spur[k]), 4) if np.isfinite(a_spur[k]) else "",
+                "spurious_concept": texts["spurious"][i_spur[k]] if i_spur[k] >= 0 else "",
+                "description": sentences.get((layer, c), "")})
+        counts = {kind: sum(label.get(c) == kind for c in order) for kind in LABELS}
+        zeroed = [c for c in order if label.get(c) in ("spurious", "both")]
+        mine = images.labels == idx
+        row = {"class_name": name, "class_idx": idx, "layer": layer,
+               "n_images": int(rel["n_images"][where[0]]), "top": len(order),
+               **{f"n_{k}": v for k, v in counts.items()},
+               "n_undescribed": sum(c not in label for c in order),
+               "spurious_share": round(share({"spurious", "both"}), 4),
+               "valid_share": round(share({"valid", "both"}), 4),
+               "unexpected_share": round(share({"unexpected"}), 4),
+               "zeroed": " ".join(map(str, zeroed))}
+        if mine.any():
+            from common.pruning import Labelled
+            subset = Labelled(ids=[i for i, m in zip(images.ids, mine) if m],
+                              labels=images.labels[mine], tensors=images.tensors[mine],
+                              class_names=images.class_names)
+            before = class_stats(predict(bundle, subset, None, batch_size), subset.labels)[idx]
+            row.update(accuracy_before=round(before["accuracy"], 4),
+                       confusions_before=confusions(before, bundle.class_names))
+            if zeroed:
+                after = class_stats(predict(bundle, subset, {layer: zeroed}, batch_size),
+                                    subset.labels)[idx]
+                sets = random_baskets(n_channels, len(zeroed), controls, seed, exclude=zeroed)
+                ctrl = [class_stats(predict(bundle, subset, {layer: s}, batch_size),
+                                    subset.labels)[idx] for s in sets]
+                row.update(accuracy_zeroed=round(after["accuracy"], 4),
+                           confusions_zeroed=confusions(after, bundle.class_names),
+                           accuracy_control=round(float(np.mean([c["accuracy"] for c in ctrl])), 4)
+                           if ctrl else "",
+                           confusions_control=confusions(ctrl[0], bundle.class_names) if ctrl else "",
+                           controls=" ".join(",".join(map(str, s)) for s in sets))
+        summary.append(row)
+        write_reports(out_dir, row, [a for a in audit_rows if a["class_name"] == name],
+                      order, mosaics, concepts[name], margin)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "audit.csv", audit_rows, AUDIT_FIELDS)
+    write_csv(out_dir / "summary.csv", summary, SUMMARY_FIELDS)
+    write_meta(out_dir / "13_audit.meta.json", "13_audit", dict(args or {}),
+               outputs=[out_dir / "audit.csv", out_dir / "summary.csv"], inputs=metas,
+               layer=layer, margin=margin, text_model=getattr(embedder, "name", ""),
+               concepts=str(concepts_path))
+    for row in summary:
+        log.info("%s: spurious share %.3f of the positive relevance; zeroing %d spurious-aligned "
+                 "neurons: accuracy %s → %s (random control %s)", row["class_name"],
+                 row["spurious_share"], len(row["zeroed"].split()), row.get("accuracy_before"),
+                 row.get("accuracy_zeroed", "-"), row.get("accuracy_control", "-"))
+    return {"audit": audit_rows, "summary": summary}
+
+
+def class_folder(name: str) -> str:
+    """A class name as a folder name."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
+
+
+def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int],
+                  mosaics: dict, concepts: dict, margin: float) -> None:
+    """report.md and report.html of one class: figures, then the most relevant neurons with
+    label, sentence and mosaic. Sentences and concepts are untrusted text: escaped in both."""
+    from common.report import esc, html_page, html_table, img_tag, md_text
+    folder = out_dir / class_folder(row["class_name"])
+    folder.mkdir(parents=True, exist_ok=True)
+    by_channel = {n["channel"]: n for n in neurons}
+    top = [by_channel[c] for c in order if c in by_channel]
+    facts = [
+        ("images of the class", row["n_images"]), ("layer", row["layer"]),
+        ("valid concepts", "; ".join(concepts["valid"]) or "(none)"),
+        ("spurious concepts", "; ".join(concepts["spurious"]) or "(none)"),
+        ("share of positive relevance on spurious-aligned neurons", row["spurious_share"]),
+        ("… on valid-aligned neurons", row["valid_share"]),
+        ("… on neurons aligned with neither (unexpected)", row["unexpected_share"]),
+        (f"labels of the top {row['top']} neurons",
+         ", ".join(f"{k} {row[f'n_{k}']}" for k in LABELS)),
+        ("accuracy before", row.get("accuracy_before", "")),
+        ("confusions before", row.get("confusions_before", "")),
+        ("spurious-aligned relevant neurons zeroed", row["zeroed"] or "none (no causal check)"),
+        ("accuracy with them zeroed", row.get("accuracy_zeroed", "")),
+        ("confusions with them zeroed", row.get("confusions_zeroed", "")),
+        ("accuracy with random sets of the same size zeroed", row.get("accuracy_control", "")),
+    ]
+    columns = ["rank", "channel", "relevance", "label", "valid_alignment", "valid_concept",
+               "spurious_alignment", "spurious_concept", "description"]
+    md = [f"# Audit of class {md_text(row['class_name'])}", "",
+          f"Alignment = cos(neuron, concept) − cos(neuron, empty text); a label needs more than "
+          f"{margin}.", ""]
+    md += [f"- {md_text(k)}: {md_text(v)}" for k, v in facts]
+    md += ["", "## Most relevant neurons", "", "| " + " | ".join(columns) + " | mosaic |",
+           "|" + "---|" * (len(columns) + 1)]
+    for n in top:
+        mosaic = mosaics.get((n["layer"], n["channel"]))
+        link = os.path.relpath(mosaic, folder) if mosaic else ""
+        md.append("| " + " | ".join(md_text(n[c]) for c in columns) +
+                  (f" | ![mosaic]({Path(link).as_posix()}) |" if link else " | |"))
+    write_text(folder / "report.md", "\n".join(md) + "\n")
+    table = [dict(n, mosaic=img_tag(mosaics.get((n["layer"], n["channel"])),
+                                    f"mosaic of {n['layer']}:{n['channel']}", embed=True,
+                                    max_px=160)) for n in top]
+    body = (f"<h1>Audit of class {esc(row['class_name'])}</h1>"
+            + html_table(["fact", "value"], [{"fact": k, "value": v} for k, v in facts])
+            + "<h2>Most relevant neurons</h2>"
+            + html_table(columns[:2] + ["mosaic"] + columns[2:], table, raw=["mosaic"],
+                         numeric=["rank", "channel", "relevance", "valid_alignment",
+                                  "spurious_alignment"]))
+    write_text(folder / "report.html", html_page(f"Audit: {row['class_name']}", body))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("relevance", help="per-class relevance of every neuron (one pass)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = sub.add_parser("audit", help="audit classes against a concepts file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for q in (r, a):
+        q.add_argument("--run-dir", required=True, help="the run's folder (data/<RUN>)")
+        q.add_argument("--batch-size", type=int, default=32, help="images per pass")
+        q.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+        q.add_argument("--model", default=None, help="the model 01 ran, named again (needed "
+                       "when it is a file; make passes MODEL)")
+        q.add_argument("--weights", default=None, help="01's weights file, named again")
+        q.add_argument("--unsafe-pickle", action="store_true",
+                       help="allow loading a whole pickled checkpoint (trusted files only)")
+        q.add_argument("--verbose", action="store_true", help="debug logging")
+    a.add_argument("--audit", required=True, help="concepts file (YAML)")
+    a.add_argument("--out-dir", required=True, help="folder for the audit's files")
+    a.add_argument("--layer", default=None, help="layer audited (default: the deepest one)")
+    a.add_argument("--top", type=int, default=20, help="most relevant neurons per class shown "
+                   "and checked")
+    a.add_argument("--margin", type=float, default=MARGIN, help="alignment above which a neuron "
+                   "is labelled with a concept (0: any gain over the empty text, as in "
+                   "SemanticLens)")
+    a.add_argument("--controls", type=int, default=3, help="random sets of the same size zeroed")
+    a.add_argument("--images-per-class", type=int, default=40,
+                   help="labelled images of a class re-run by the causal check")
+    a.add_argument("--seed", type=int, default=0, help="seed of the image sample and controls")
+    return p
+
+
+@exit_on_stage_error
+def main(argv=None):
+    """Compute the relevance, or audit the classes."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    keep_freed_memory()
+    model = {"model": args.model, "weights": args.weights, "unsafe_pickle": args.unsafe_pickle}
+    if args.command == "relevance":
+        run_relevance(Path(args.run_dir), args.batch_size, args.device, model, args=vars(args))
+        return
+    run_audit(Path(args.run_dir), Path(args.audit), Path(args.out_dir), args.layer, args.top,
+              args.margin, args.controls, args.images_per_class, args.seed, args.batch_size,
+              args.device, model, args=vars(args))
+
+
+if __name__ == "__main__":
+    main()
