@@ -9,6 +9,7 @@ import json
 import modulefinder
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -124,7 +125,7 @@ GREY = ["RUN=g", "MODEL=tests/fake_grey_model.py:build", "LAYERS=relu1,bands", "
         "MEAN=0.2", "STD=0.25", "TOPK=8", "GRID=2", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=1",
         "MIN_ERRORS=3", "ABLATE_TOP=2"]
 ALL_STAGES = ["01_extract.py", "02_mosaics.py", "03_describe.py", "04_embed.py", "05_cluster.py",
-              "06_trace.py", "08_debug.py", "09_score.py"]
+              "06_trace.py", "08_debug.py", "09_score.py", "10_atlas.py"]
 
 
 @pytest.fixture
