@@ -3,7 +3,9 @@
 Reads (see ARTEFACTS.md) the run folder: 01_images.csv, 01_predictions.csv, 01_activations.npz and
 01_extract.meta.json, 02_mosaics.csv, 03_descriptions.csv (required); 04_embeddings.npz,
 05_clusters.csv / 05_keywords.csv / 05_metrics.csv / 05_categories.csv, 06_trace.csv, 08_confusion.csv
-and 08_debug/, 09_scores.csv and 09_summary.csv (optional: a page says what is missing).
+and 08_debug/, 09_scores.csv and 09_summary.csv (optional: a page says what is missing); and the
+reports made on request — 11_baskets.csv / 11_pruning.csv, 13_audit/, 12_compare__<B>/ — each shown
+only while the outputs it was made from are unchanged (its meta's lineage, B's for B).
 Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.json:
   index.html              the run: model, images, accuracy, layers, describer, scores, links
   layers/<L>.html         every neuron of layer L as a card, sortable, filterable (data/<L>.js)
@@ -13,6 +15,7 @@ Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.js
   sankey.html             06's trace with clickable clusters
   search.html             text filter over all sentences; by meaning / image under `serve`
   debug/                  08's reports, and per analysed pair a page per misclassified image
+  baskets.html, audit/, compare/<B>.html   11's baskets, 13's audit, 12's comparison with run B
   assets/                 atlas.css, atlas.js, plotly.min.js (stored once)
   thumbs/, mosaics/, subs/  JPEG copies of the mosaics (cards, neuron pages, sub-concepts)
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import dataclasses
 import datetime
 import io
 import json
@@ -68,7 +72,6 @@ CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
 DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
 TOP_CLASSES = 8  # classes listed for a neuron's top images
 MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
-TEXT_COLUMNS = {"layer", "channel", "subconcept", "embedder", "description", "mosaic", "matcher"}
 KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
               "verify_corr", "beats_control"]  # shown on cards when 09 computed them
 DEBUG_STATUSES = ("selected", "fallback", "requested")  # 08 pairs that have a report folder
@@ -97,26 +100,32 @@ class RunData:
     embeddings: object = None       # common.artefacts.Embeddings of 04, or None
     cluster_kind: str | None = None
     clusters: dict = field(default_factory=dict)     # (layer, channel) → (cluster, x, y)
-    keywords: dict = field(default_factory=dict)     # (layer, cluster or "all") → "a, b, c"
-    metrics: dict = field(default_factory=dict)      # layer → 05_metrics row of cluster_kind
-    categories: dict = field(default_factory=dict)   # (layer, channel) → 05_categories row
+    keywords: dict = field(default_factory=dict)     # (layer, cluster; None: layer) → "a, b, c"
+    metrics: dict = field(default_factory=dict)      # layer → 05 MetricRow of cluster_kind
+    categories: dict = field(default_factory=dict)   # (layer, channel) → 05 CategoryRow
     map_methods: dict = field(default_factory=dict)  # layer → kind → "umap" / "pca" (05's meta)
-    trace: list[dict] | None = None
+    trace: list | None = None                        # 06 TraceLinks
     confusion: list[dict] | None = None
     pairs: list[dict] | None = None
     debug_neurons: dict = field(default_factory=dict)  # 08 folder → neurons.csv rows
-    scores: list[dict] | None = None
-    summary: list[dict] | None = None
+    scores: list | None = None                       # 09 ScoreRows, sub-concepts included
+    summary: list | None = None                      # 09 SummaryRows
     metas: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # what is missing, shown on the run page
+    reports: list = field(default_factory=list)      # the on-request reports (Report), all kinds
+    baskets: list = field(default_factory=list)      # 11 BasketRows (when current)
+    pruning: list = field(default_factory=list)      # 11 PruningRows
+    audit: list = field(default_factory=list)        # 13 AuditRows
+    audit_summary: list = field(default_factory=list)  # 13 AuditSummaryRows
+    compares: list = field(default_factory=list)     # one Comparison per current 12 folder
 
 
 def read_run(run_dir: Path) -> RunData:
     """Read the artefacts of ``run_dir``; 01-03 are required, the later stages optional."""
-    import dataclasses
-
-    from common.artefacts import (read_activations, read_descriptions, read_embeddings,
-                                  read_images, read_mosaics, read_predictions)
+    from common.artefacts import (read_activations, read_categories, read_clusters,
+                                  read_descriptions, read_embeddings, read_images, read_keywords,
+                                  read_metrics, read_mosaics, read_predictions, read_score_rows,
+                                  read_summary, read_trace)
     from common.io import read_csv, read_json
 
     def need(name: str, stage: str) -> Path:
@@ -153,28 +162,27 @@ def read_run(run_dir: Path) -> RunData:
     if path := optional("04_embeddings.npz", "similar neurons"):
         run.embeddings = read_embeddings(path)
     if path := optional("05_clusters.csv", "clusters and 2-D maps"):
-        rows = read_csv(path)
-        kinds = {r["kind"] for r in rows}
+        rows = read_clusters(path)
+        kinds = {r.kind for r in rows}
         trace_meta = run_dir / "06_trace.meta.json"
         wanted = read_json(trace_meta).get("args", {}).get("kind") if trace_meta.exists() else None
         run.cluster_kind = wanted if wanted in kinds else ("fused" if "fused" in kinds
                                                           else next(iter(sorted(kinds)), None))
-        run.clusters = {(r["layer"], int(r["channel"])): (int(r["cluster"]), float(r["x"]),
-                                                          float(r["y"]))
-                        for r in rows if r["kind"] == run.cluster_kind}
+        run.clusters = {(r.layer, r.channel): (r.cluster, r.x, r.y)
+                        for r in rows if r.kind == run.cluster_kind}
         terms = collections.defaultdict(list)
-        for r in read_csv(run_dir / "05_keywords.csv"):
-            if r["kind"] in (run.cluster_kind, "all"):
-                terms[(r["layer"], r["cluster"])].append((int(r["rank"]), r["term"]))
+        for r in read_keywords(run_dir / "05_keywords.csv"):
+            if r.kind in (run.cluster_kind, "all"):
+                terms[(r.layer, r.cluster)].append((r.rank, r.term))
         run.keywords = {k: ", ".join(t for _, t in sorted(v)[:4]) for k, v in terms.items()}
-        run.metrics = {r["layer"]: r for r in read_csv(run_dir / "05_metrics.csv")
-                       if r["kind"] == run.cluster_kind}
+        run.metrics = {r.layer: r for r in read_metrics(run_dir / "05_metrics.csv")
+                       if r.kind == run.cluster_kind}
         if (run_dir / "05_categories.csv").exists():
-            run.categories = {(r["layer"], int(r["channel"])): r
-                              for r in read_csv(run_dir / "05_categories.csv")}
+            run.categories = {(r.layer, r.channel): r
+                              for r in read_categories(run_dir / "05_categories.csv")}
         run.map_methods = read_meta(path).get("projection_used", {})
     if path := optional("06_trace.csv", "the concept trace"):
-        run.trace = read_csv(path)
+        run.trace = read_trace(path)
     if path := optional("08_confusion.csv", "debugging"):
         run.confusion = read_csv(path)
         pairs_csv = run_dir / "08_debug" / "pairs.csv"
@@ -184,11 +192,127 @@ def read_run(run_dir: Path) -> RunData:
             if pair["status"] in DEBUG_STATUSES and pair["folder"] and neurons.exists():
                 run.debug_neurons[pair["folder"]] = read_csv(neurons)
     if path := optional("09_scores.csv", "scores"):
-        run.scores = read_csv(path)
+        run.scores = read_score_rows(path)
         if (run_dir / "09_summary.csv").exists():
-            run.summary = read_csv(run_dir / "09_summary.csv")
+            run.summary = read_summary(run_dir / "09_summary.csv")
     run.metas = metas
+    read_reports(run)
     return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The reports made on request (make baskets / audit / compare): shown while they match the run
+
+
+@dataclass
+class Report:
+    """One on-request report of the run and whether the atlas shows it."""
+
+    kind: str                 # baskets, audit or compare
+    title: str                # what the run page calls it
+    make: str                 # the command that makes or refreshes it
+    state: str = "missing"    # current (shown), stale, unreadable or missing
+    page: str = ""            # its page in the atlas when shown
+    why: str = ""             # why it is not shown
+    meta: dict | None = None  # its stage meta when current
+
+
+@dataclass
+class Comparison:
+    """A current 12_compare__<other>/ folder: run A (this run) against ``other``."""
+
+    other: str                # run B's folder name
+    other_dir: Path
+    meta: dict
+    matches: dict             # (layer, channel) of A → its MatchRow
+    back: collections.Counter  # (layer, channel) of A → how many of B's neurons match it best
+    alignment: list           # AlignmentRows
+    concepts: list            # ConceptMatchRows
+    scores: list              # CompareScoreRows
+
+
+def changed_since(lineage: dict, run_dir: Path) -> list[str]:
+    """The stages of a report's ``lineage`` that have been run again in ``run_dir`` since: their
+    meta there now holds another fingerprint (a stage without a meta there is not judged)."""
+    from common.io import read_json
+    out = []
+    for stage, fingerprint in lineage.items():
+        meta = run_dir / f"{stage}.meta.json"
+        if meta.is_file() and read_json(meta).get("fingerprint") != fingerprint:
+            out.append(stage)
+    return sorted(out)
+
+
+def read_reports(run: RunData) -> None:
+    """Read the on-request reports of the run (11's baskets, 13's audit, 12's comparisons).
+
+    A report is shown only while it matches the run: when a stage it was made from has been
+    run again since, or its files differ from what its meta lists, the run page says so and
+    names the command that refreshes it, and no page shows its figures.
+    """
+    from common.artefacts import (read_alignment, read_audit, read_audit_summary, read_baskets,
+                                  read_compare_scores, read_concept_matches, read_matches,
+                                  read_pruning)
+    run_dir, name = run.run_dir, run.run_dir.name
+
+    def check(report: Report, artefact: Path, sources: list[tuple[str, Path]],
+              meta_file: Path | None = None) -> bool:
+        """Read ``artefact``'s meta into ``report`` and judge it against the runs it came from:
+        ``sources`` pairs the key of a lineage in the meta with the run folder it describes."""
+        if not artefact.is_file():
+            return False
+        try:
+            report.meta = read_meta(artefact, meta_file)
+        except StageError as err:
+            report.state, report.why = "unreadable", str(err)
+            return False
+        for key, folder in sources:
+            if not folder.is_dir():
+                report.state, report.why = "stale", f"{folder} is gone"
+                return False
+            if changed := changed_since(report.meta.get(key, {}), folder):
+                report.state = "stale"
+                report.why = (f"made from an earlier run of {', '.join(changed)}"
+                              f"{'' if folder == run_dir else f' of {folder.name}'}")
+                return False
+        report.state = "current"
+        return True
+
+    baskets = Report("baskets", "Baskets of neurons that fire together (11)",
+                     f"make baskets RUN={name}")
+    if check(baskets, run_dir / "11_baskets.csv", [("lineage", run_dir)]):
+        run.baskets = read_baskets(run_dir / "11_baskets.csv")
+        run.pruning = read_pruning(run_dir / "11_pruning.csv")
+        baskets.page = "baskets.html"
+    audit = Report("audit", "Audit of classes against valid and spurious concepts (13)",
+                   f"make audit RUN={name} AUDIT=concepts.yaml")
+    if check(audit, run_dir / "13_audit" / "audit.csv", [("lineage", run_dir)],
+             run_dir / "13_audit" / "13_audit.meta.json"):
+        run.audit = read_audit(run_dir / "13_audit" / "audit.csv")
+        run.audit_summary = read_audit_summary(run_dir / "13_audit" / "summary.csv")
+        audit.page = "audit/index.html"
+    run.reports = [baskets, audit]
+    for folder in sorted(run_dir.glob("12_compare__*/")):
+        other = folder.name.split("__", 1)[1]
+        report = Report("compare", f"Comparison with run {other} (12)",
+                        f"make compare RUN={name} OTHER={other}")
+        run.reports.append(report)
+        # 12 records the lineage of each run's 04 embeddings: A's is judged here, B's in B.
+        if check(report, folder / "12_matches.csv",
+                 [("lineage_a", run_dir), ("lineage_b", run_dir.parent / other)]):
+            rows = read_matches(folder / "12_matches.csv")
+            run.compares.append(Comparison(
+                other=other, other_dir=run_dir.parent / other, meta=report.meta,
+                matches={(r.layer, r.channel): r for r in rows if r.side == "A"},
+                back=collections.Counter((r.match_layer, r.match_channel)
+                                         for r in rows if r.side == "B"),
+                alignment=read_alignment(folder / "12_alignment.csv"),
+                concepts=read_concept_matches(folder / "12_concepts.csv"),
+                scores=read_compare_scores(folder / "12_scores.csv")))
+            report.page = f"compare/{slug(other)}.html"
+    if not any(r.kind == "compare" for r in run.reports):
+        run.reports.append(Report("compare", "Comparison with another run (12)",
+                                  f"make compare RUN={name} OTHER=<another run>"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,26 +333,25 @@ def number(text: str):
     return None if math.isnan(value) or math.isinf(value) else value
 
 
-def score_tables(run: RunData) -> tuple[dict, dict, list[str]]:
-    """09's rows by neuron: (per-neuron row, sub-concept rows, numeric score columns)."""
-    if not run.scores:
-        return {}, {}, []
-    columns = [c for c in run.scores[0] if c not in TEXT_COLUMNS]
+def score_tables(run: RunData) -> tuple[dict, dict]:
+    """09's rows by neuron: (its scores, its sub-concepts in order, each a dict the pages fill
+    with a thumbnail)."""
     main, subs = {}, collections.defaultdict(list)
-    for row in run.scores:
-        key = (row["layer"], int(row["channel"]))
-        if row.get("subconcept", "") == "":
-            main[key] = row
+    for row in run.scores or []:
+        if row.subconcept is None:
+            main[row.key] = row.numbers()
         else:
-            subs[key].append(row)
+            subs[row.key].append({"index": row.subconcept, "description": row.description,
+                                  "mosaic": row.mosaic, "thumb": "",
+                                  "share": row.numbers()["share"], "scores": row.numbers()})
     for rows in subs.values():
-        rows.sort(key=lambda r: int(r["subconcept"]))
-    return main, subs, columns
+        rows.sort(key=lambda r: r["index"])
+    return main, subs
 
 
 def neuron_records(run: RunData) -> dict[str, list[dict]]:
     """Per layer, one record per channel (in channel order) with its text, cluster and scores."""
-    main, subs, columns = score_tables(run)
+    main, subs = score_tables(run)
     out = {}
     for layer in run.layers:
         top = run.topk[layer]
@@ -237,7 +360,7 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
             key = (layer, c)
             desc = run.descriptions.get(key, {})
             cluster = run.clusters.get(key)
-            score_row = main.get(key, {})
+
             values = top.values[c][top.image_ids[c] >= 0]
             records.append({
                 "layer": layer, "slug": slug(layer), "channel": c,
@@ -246,10 +369,10 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
                 "level": desc.get("level", ""),
                 "cluster": cluster[0] if cluster else None,
                 "x": cluster[1] if cluster else None, "y": cluster[2] if cluster else None,
-                "category": run.categories.get(key, {}).get("category", ""),
+                "category": getattr(run.categories.get(key), "category", ""),
                 "top_activation": float(values[0]) if len(values) else None,
                 "last_activation": float(values[-1]) if len(values) else None,
-                "scores": {col: number(score_row.get(col)) for col in columns if col in score_row},
+                "scores": main.get(key, {}),
                 "subs": subs.get(key, []),
                 "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
                 "mosaic_png": run.mosaics.get(key),
@@ -442,19 +565,23 @@ class Site:
             info["prev"] = self.layer_info[i - 1] if i > 0 else None
             info["next"] = self.layer_info[i + 1] if i + 1 < len(self.layer_info) else None
         self.site = {"run": run.run_dir.name, "layers": self.layer_info, "scored": self.scored,
-                     "has_trace": bool(run.trace), "has_debug": run.confusion is not None}
+                     "has_trace": bool(run.trace), "has_debug": run.confusion is not None,
+                     "reports": [{"name": r.kind if r.kind != "compare" else
+                                  f"vs {r.make.rsplit('OTHER=', 1)[1]}", "url": r.page}
+                                 for r in run.reports if r.state == "current"]}
 
     def _layer_info(self, name: str) -> dict:
         """Summary of one layer for the run page and the navigation."""
         recs = self.records[name]
         levels = collections.Counter(r["level"] for r in recs if r["level"])
-        metric = self.run.metrics.get(name, {})
+        metric = self.run.metrics.get(name)
         method = self.run.map_methods.get(name, {}).get(self.run.cluster_kind, "")
         return {"name": name, "slug": slug(name), "neurons": len(recs),
                 "described": sum(r["status"] == "ok" for r in recs),
                 "level": levels.most_common(1)[0][0] if levels else "–",
-                "k": metric.get("k"), "silhouette": metric.get("silhouette"),
-                "keywords": self.run.keywords.get((name, "all"), ""),
+                "k": metric.k if metric else None,
+                "silhouette": metric.silhouette if metric else None,
+                "keywords": self.run.keywords.get((name, None), ""),
                 "has_map": any(r["x"] is not None for r in recs),
                 "map_note": f"2-D map ({method.upper() or '?'}) of the {self.run.cluster_kind} "
                             f"embeddings, from 05."}
@@ -492,11 +619,17 @@ class Site:
                     jobs.append((str(png), [(str(self.out / r["thumb"]), thumb_px),
                                             (str(self.out / r["mosaic"]), mosaic_px)]))
                 for sub in r["subs"]:
-                    sub["thumb"] = ""
-                    source = self.run.run_dir / sub.get("mosaic", "") if sub.get("mosaic") else None
+                    source = self.run.run_dir / sub["mosaic"] if sub["mosaic"] else None
                     if source is not None and source.is_file():
-                        sub["thumb"] = f"subs/{r['slug']}/{r['channel']}_{sub['subconcept']}.jpg"
+                        sub["thumb"] = f"subs/{r['slug']}/{r['channel']}_{sub['index']}.jpg"
                         jobs.append((str(source), [(str(self.out / sub["thumb"]), thumb_px)]))
+        self.basket_thumbs = {}
+        for b in self.run.baskets:
+            source = self.run.run_dir / b.mosaic
+            if b.mosaic and source.is_file():
+                self.basket_thumbs[b.basket] = f"baskets/{slug(b.layer)}/b{b.number}.jpg"
+                jobs.append((str(source), [(str(self.out / self.basket_thumbs[b.basket]),
+                                            thumb_px)]))
         return jobs
 
     # -- data and pages -------------------------------------------------------------------------
@@ -508,12 +641,12 @@ class Site:
         # 08's z and the mean relevance per analysed pair come after 09's scores, in pair order.
         columns += list(dict.fromkeys(k for r in recs for k in r["debug_scores"]))
         sizes = collections.Counter(r["cluster"] for r in recs if r["cluster"] is not None)
-        clusters = [{"id": c, "size": sizes[c], "keywords": self.run.keywords.get((layer, str(c)), "")}
+        clusters = [{"id": c, "size": sizes[c], "keywords": self.run.keywords.get((layer, c), "")}
                     for c in sorted(sizes)]
         neurons = [{"c": r["channel"], "d": r["description"], "cl": r["cluster"],
                     "x": r["x"], "y": r["y"], "a": r["top_activation"],
                     "s": {**r["scores"], **r["debug_scores"]},
-                    "sub": [s.get("description", "") for s in r["subs"] if s.get("description")],
+                    "sub": [s["description"] for s in r["subs"] if s["description"]],
                     "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead"))}
                    for r in recs]
         return {"name": layer, "columns": columns, "clusters": clusters, "neurons": neurons,
@@ -532,7 +665,8 @@ class Site:
             if info["has_map"]:
                 self.page(f"maps/{info['slug']}.html", "atlas_map.html", layer=info)
 
-    def neurons(self, similar: dict, similar_kind: str, debug: dict, contributions: dict) -> None:
+    def neurons(self, similar: dict, similar_kind: str, debug: dict, contributions: dict,
+                reports: dict) -> None:
         """One page per neuron."""
         from tqdm import tqdm
         by_key = {(r["layer"], r["channel"]): r for recs in self.records.values() for r in recs}
@@ -549,8 +683,6 @@ class Site:
             for layer, recs in self.records.items():
                 for r in recs:
                     key = (layer, r["channel"])
-                    sub_columns = [c for c in (r["subs"][0] if r["subs"] else {})
-                                   if c not in TEXT_COLUMNS]
                     original = ""
                     if r["mosaic_png"] is not None:
                         original = os.path.relpath(os.path.abspath(r["mosaic_png"]),
@@ -558,21 +690,23 @@ class Site:
                     n = {**r, **top_classes(self.run, names, layer, r["channel"]),
                          "original": Path(original).as_posix() if original else "",
                          "describe_status": r["status"], "describe_reason": r["reason"],
-                         "cluster_keywords": self.run.keywords.get((layer, str(r["cluster"])), ""),
+                         "cluster_keywords": self.run.keywords.get((layer, r["cluster"]), "")
+                         if r["cluster"] is not None else "",
                          "dead": bool(r["scores"].get("dead")),
                          "scores": [(k, v) for k, v in r["scores"].items()],
-                         "subconcepts": [{"index": s["subconcept"], "thumb": s.get("thumb", ""),
-                                          "description": s.get("description", ""),
-                                          "share": number(s.get("share"))} for s in r["subs"]],
-                         "sub_scores": r["subs"], "sub_columns": sub_columns,
+                         "subconcepts": r["subs"],
+                         "sub_columns": list(r["subs"][0]["scores"]) if r["subs"] else [],
                          "prev_channel": r["channel"] - 1 if r["channel"] > 0 else None,
                          "next_channel": r["channel"] + 1 if r["channel"] + 1 < len(recs) else None,
                          "neighbours": [{"title": title, "neurons": [mini(L, c, sim=s)
                                                                    for L, c, s in items]}
                                         for title, items in similar.get(key, [])],
                          "neighbour_kind": similar_kind, "debug": debug.get(key, []),
-                         "contributions": contributions.get(key, [])}
-                    self.page(r["url"], "atlas_neuron.html", n=n, debug_top=DEBUG_TOP)
+                         "contributions": contributions.get(key, []),
+                         "audit": [], "baskets": [], "matches": [], **reports.get(key, {})}
+                    self.page(r["url"], "atlas_neuron.html", n=n, debug_top=DEBUG_TOP,
+                              reports={r.kind: r for r in self.run.reports
+                                       if r.state == "current"})
                     bar.update()
 
     def sankey(self) -> None:
@@ -581,21 +715,21 @@ class Site:
                                     for r in recs if r["cluster"] is not None)
         nodes, index, links = [], {}, []
 
-        def node(layer: str, cluster: str) -> int:
+        def node(layer: str, cluster: int) -> int:
             """The Sankey node index of a cluster, added on first sight."""
-            key = (layer, int(cluster))
+            key = (layer, cluster)
             if key not in index:
                 index[key] = len(nodes)
-                nodes.append({"layer": layer, "slug": slug(layer), "cluster": int(cluster),
+                nodes.append({"layer": layer, "slug": slug(layer), "cluster": cluster,
                               "size": sizes.get(key, 0),
                               "label": f"{layer}: {self.run.keywords.get((layer, cluster), '')}"})
             return index[key]
 
         for row in self.run.trace or []:
-            s = node(row["source_layer"], row["source_cluster"])
-            t = node(row["target_layer"], row["target_cluster"])
+            s = node(row.source_layer, row.source_cluster)
+            t = node(row.target_layer, row.target_cluster)
             links.append({"s": s, "t": t, "v": max(1, nodes[s]["size"]),
-                          "sim": number(row["similarity"])})
+                          "sim": number(row.similarity)})
         clusters = [{"name": info["name"], "slug": info["slug"],
                      "clusters": self.layer_data(info["name"])["clusters"]}
                     for info in self.layer_info]
@@ -604,6 +738,7 @@ class Site:
 
     def run_page(self) -> None:
         """index.html: what the run is and where everything is."""
+        from common.artefacts import SummaryRow, columns
         run = self.run
         model = run.extract_meta.get("model") or {}
         ok = [r for r in run.images if r.get("status") == "ok"]
@@ -616,8 +751,8 @@ class Site:
                     if emb is not None else "not embedded (no 04)")
         matcher = "not scored"
         if run.summary:
-            matcher = ", ".join(sorted({f"{r.get('matcher', '?')} (embedder "
-                                        f"{r.get('embedder', '?')})" for r in run.summary}))
+            matcher = ", ".join(sorted({f"{r.matcher} (embedder {r.embedder})"
+                                        for r in run.summary}))
         info = {"model": model.get("name", "?"), "weights": model.get("weights"),
                 "random_init": model.get("random_init"),
                 "input_size": model.get("input_size", "?"), "images": len(run.images),
@@ -632,23 +767,165 @@ class Site:
                 "lineage": merge_lineage(run.metas)}
         summary = None
         if run.summary:
-            summary = {"columns": list(run.summary[0]), "rows": run.summary}
+            summary = {"columns": columns(SummaryRow),
+                       "rows": [dataclasses.asdict(r) for r in run.summary]}
         categories = None
         if run.categories:
-            names = sorted({r["category"] for r in run.categories.values()})
+            names = sorted({r.category for r in run.categories.values()})
             rows = []
             for layer in run.layers:
-                counts = collections.Counter(r["category"] for (L, _), r in run.categories.items()
+                counts = collections.Counter(r.category for (L, _), r in run.categories.items()
                                              if L == layer)
                 total = sum(counts.values())
                 if total:
                     rows.append({"layer": layer,
                                  "shares": {c: counts[c] / total for c in names}})
-            method = next(iter(run.categories.values())).get("method", "")
+            method = next(iter(run.categories.values())).method
             categories = {"names": names, "rows": rows, "method": method}
         self.page("index.html", "atlas_run.html", run=info, summary=summary,
                   categories=categories, problems=(run.confusion or [])[:10],
-                  warnings=run.notes)
+                  warnings=run.notes, reports=run.reports)
+
+    # -- the on-request reports ------------------------------------------------------------------
+
+    def neuron_link(self, layer: str, channel: int) -> dict:
+        """A neuron of this run as the report pages show it (a link with thumbnail and text)."""
+        r = self.by_key.get((layer, channel))
+        if r is None:  # a report of a layer or channel the atlas does not have
+            return {"layer": layer, "channel": channel, "url": "", "thumb": "", "description": ""}
+        return {"layer": layer, "channel": channel, "url": r["url"], "thumb": r["thumb"],
+                "description": r["description"]}
+
+    def other_page(self, comparison: Comparison, target: str, page: str) -> str:
+        """Link from ``page`` of this atlas to page ``target`` of run B's atlas, "" when B has no
+        atlas or no such page."""
+        path = comparison.other_dir / "atlas" / target
+        if not path.is_file():
+            return ""
+        here = self.run.run_dir / "atlas" / Path(page).parent
+        return Path(os.path.relpath(path, here)).as_posix()
+
+    def report_pages(self) -> dict:
+        """The pages of the current reports; returns ``(layer, channel) → {audit, baskets,
+        matches}``: where each neuron appears in them, for its page."""
+        self.by_key = {(r["layer"], r["channel"]): r for recs in self.records.values()
+                       for r in recs}
+        out = collections.defaultdict(lambda: {"audit": [], "baskets": [], "matches": []})
+        if self.run.baskets:
+            self.baskets_page(out)
+        if self.run.audit_summary:
+            self.audit_pages(out)
+        for comparison in self.run.compares:
+            self.compare_page(comparison, out)
+        return out
+
+    def baskets_page(self, out: dict) -> None:
+        """baskets.html: every basket of every layer with its members, sentence, mosaic and
+        pruning result; each member's page lists its basket."""
+        run = self.run
+        pruned = collections.defaultdict(list)
+        for row in run.pruning:
+            pruned[row.basket].append(row)
+        layers = []
+        for layer in run.layers:
+            mine = [b for b in run.baskets if b.layer == layer]
+            if not mine:
+                continue
+            rows = []
+            for b in mine:
+                anchor = f"b-{slug(b.layer)}-{b.number}"
+                rows.append({"row": b, "anchor": anchor,
+                             "thumb": self.basket_thumbs.get(b.basket, ""),
+                             "png": Path(os.path.relpath(run.run_dir / b.mosaic,
+                                                         run.run_dir / "atlas")).as_posix(),
+                             "members": [self.neuron_link(layer, c) for c in b.members],
+                             "pruning": pruned.get(b.basket, [])})
+                for c in b.members:
+                    out[(layer, c)]["baskets"].append(
+                        {"basket": b.basket, "url": f"baskets.html#{anchor}", "size": b.size,
+                         "cohesion": b.cohesion, "description": b.description})
+            tree = Path(mine[0].mosaic).parent  # 11_baskets/<layer as a file name>/
+            tree = run.run_dir / tree.parent / f"tree_{tree.name}.png"
+            layers.append({"name": layer, "slug": slug(layer), "baskets": rows,
+                           "neurons": len(self.records[layer]),
+                           "tree": Path(os.path.relpath(tree, run.run_dir / "atlas")).as_posix()
+                           if tree.is_file() else ""})
+        meta = next(r.meta for r in run.reports if r.kind == "baskets")
+        self.page("baskets.html", "atlas_baskets.html", layers=layers,
+                  min_corr=meta.get("min_corr"), total=len(run.baskets),
+                  members=sum(b.size for b in run.baskets))
+
+    def audit_pages(self, out: dict) -> None:
+        """audit/index.html (every audited class, its figures and most relevant neurons) and a
+        copy of 13's report of each class; each relevant neuron's page lists its classes."""
+        from common.report import class_folder
+        run = self.run
+        classes = []
+        for summary in run.audit_summary:
+            folder = class_folder(summary.class_name)
+            source = run.run_dir / "13_audit" / folder / "report.html"
+            report = ""
+            if source.is_file():
+                (self.out / "audit" / folder).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, self.out / "audit" / folder / "report.html")
+                report = f"audit/{folder}/report.html"
+            top = sorted((a for a in run.audit if a.class_name == summary.class_name
+                          and a.rank <= summary.top and a.relevance > 0), key=lambda a: a.rank)
+            for a in top:
+                out[(a.layer, a.channel)]["audit"].append(
+                    {"class_name": a.class_name, "rank": a.rank, "top": summary.top,
+                     "relevance": a.relevance, "label": a.label,
+                     "valid_alignment": a.valid_alignment, "valid_concept": a.valid_concept,
+                     "spurious_alignment": a.spurious_alignment,
+                     "spurious_concept": a.spurious_concept, "report": report,
+                     "url": f"audit/index.html#{folder}"})
+            classes.append({"row": summary, "anchor": folder, "report": report,
+                            "neurons": [{**self.neuron_link(a.layer, a.channel), "audit": a}
+                                        for a in top]})
+        meta = next(r.meta for r in run.reports if r.kind == "audit")
+        self.page("audit/index.html", "atlas_audit.html", classes=classes,
+                  margin=meta.get("margin"), concepts=meta.get("concepts", ""),
+                  layer=meta.get("layer", ""))
+
+    def compare_page(self, comparison: Comparison, out: dict) -> None:
+        """compare/<other>.html: the layer alignment, concepts without a counterpart and 09's
+        scores of both runs; each neuron's page gets its best match in the other run."""
+        rel = f"compare/{slug(comparison.other)}.html"
+        for key, m in comparison.matches.items():
+            target = f"neurons/{slug(m.match_layer)}/{m.match_channel}.html"
+            page = self.by_key[key]["url"] if key in self.by_key else target
+            out[key]["matches"].append(
+                {"other": comparison.other, "layer": m.match_layer, "channel": m.match_channel,
+                 "cosine": m.cosine, "mutual": bool(m.mutual), "description": m.match_description,
+                 "page": rel, "url": self.other_page(comparison, target, page),
+                 "back": comparison.back.get(key, 0)})
+        layers_a = list(dict.fromkeys(r.layer_a for r in comparison.alignment))
+        layers_b = list(dict.fromkeys(r.layer_b for r in comparison.alignment))
+        cell = {(r.layer_a, r.layer_b): r for r in comparison.alignment}
+        matches = list(comparison.matches.values())
+        concepts = []
+        for r in comparison.concepts:
+            if r.counterpart:
+                continue
+            url = f"../layers/{slug(r.layer)}.html"  # from compare/
+            if r.side == "B":
+                url = self.other_page(comparison, f"layers/{slug(r.layer)}.html", rel)
+            concepts.append({"row": r, "url": f"{url}#cluster={r.cluster}" if url else ""})
+        facts = {"neurons": len(matches), "mutual": sum(m.mutual for m in matches),
+                 "mean": float(np.mean([m.cosine for m in matches])) if matches else None,
+                 "kind": comparison.meta.get("kind", ""),
+                 "threshold": comparison.meta.get("concept_threshold"),
+                 "other_atlas": self.other_page(comparison, "index.html", rel),
+                 "png": Path(os.path.relpath(self.run.run_dir / f"12_compare__{comparison.other}"
+                                             / "12_alignment.png",
+                                             self.run.run_dir / "atlas" / "compare")).as_posix()}
+        self.page(rel, "atlas_compare.html", other=comparison.other, facts=facts,
+                  layers_a=layers_a, layers_b=layers_b, cell=cell, concepts=concepts,
+                  concept_counts={side: (sum(r.side == side and not r.counterpart
+                                             for r in comparison.concepts),
+                                         sum(r.side == side for r in comparison.concepts))
+                                  for side in ("A", "B")},
+                  scores=comparison.scores)
 
     def search(self) -> None:
         """search.html (it reads every layer's data script)."""
@@ -820,8 +1097,9 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
         if run.confusion is not None:
             contributions = site.debug_pages(pairs, attributions, attribution_error,
                                              ATTRIBUTION_NOTE)
+        reports = site.report_pages()
         site.layers()
-        site.neurons(similar, similar_kind, debug_appearances(run, pairs), contributions)
+        site.neurons(similar, similar_kind, debug_appearances(run, pairs), contributions, reports)
         if run.trace:
             site.sankey()
         site.search()
@@ -832,9 +1110,12 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
         if tmp.exists():
             shutil.rmtree(tmp)
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    write_meta(meta_file, STAGE, args or {}, outputs=files, inputs=run.metas,
+    shown = [r.meta for r in run.reports if r.state == "current"]
+    write_meta(meta_file, STAGE, args or {}, outputs=files, inputs=run.metas + shown,
                mosaics_skipped=errors, attributed_images=len(attributions),
-               attribution_error=attribution_error)
+               attribution_error=attribution_error,
+               reports=[{"kind": r.kind, "title": r.title, "state": r.state, "why": r.why}
+                        for r in run.reports])
     size = sum(p.stat().st_size for p in files)
     log.info("10: atlas of %d neurons in %s (%.1f MB); open %s", sum(map(len, records.values())),
              out, size / 1e6, out / "index.html")

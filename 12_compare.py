@@ -23,15 +23,17 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, setup_logging
-from common.io import read_csv, write_bytes, write_csv, write_text
-from common.provenance import read_meta, write_meta
+from common.io import write_bytes, write_csv, write_text
+from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.12_compare")
 
@@ -54,13 +56,13 @@ class Run:
         """Read ``folder``'s embeddings (vectors of ``kind``), sentences, concepts and scores."""
         self.folder, self.name = folder, folder.name
         from common.artefacts import (description_texts, read_clusters, read_descriptions,
-                                      read_embeddings, read_keywords)
+                                      read_embeddings, read_keywords, read_summary)
         path = folder / "04_embeddings.npz"
         if not path.is_file():
             raise StageError(f"{path} not found: run the stages up to 04 for {folder} "
                              f"(make all RUN={folder.name})")
         emb = read_embeddings(path)
-        self.meta = read_meta(path)
+        metas = [read_meta(path)]  # the lineage of all that is compared: 04, 05 and 09
         self.text_model, self.image_model = emb.text_model, emb.image_model
         vectors = getattr(emb, kind)
         self.vectors, self.channels = {}, {}
@@ -73,6 +75,8 @@ class Run:
         clusters = folder / "05_clusters.csv"
         self.clusters = [r for r in read_clusters(clusters) if r.kind == kind] \
             if clusters.is_file() else []
+        if clusters.is_file():
+            metas.append(read_meta(clusters))
         keywords = folder / "05_keywords.csv"
         self.keywords: dict[tuple[str, int], list[str]] = {}
         if keywords.is_file():
@@ -80,7 +84,13 @@ class Run:
                 if r.kind == kind and r.cluster is not None:
                     self.keywords.setdefault((r.layer, r.cluster), []).append(r.term)
         summary = folder / "09_summary.csv"
-        self.scores = read_csv(summary) if summary.is_file() else []
+        # An undefined mean (NaN) is an empty cell, as 09 writes it.
+        self.scores = [{k: "" if isinstance(v, float) and math.isnan(v) else v
+                        for k, v in dataclasses.asdict(r).items()} for r in read_summary(summary)] \
+            if summary.is_file() else []
+        if summary.is_file():
+            metas.append(read_meta(summary))
+        self.lineage = merge_lineage(metas)
 
 
 def layer_order(folder: Path, layers: np.ndarray) -> list[str]:
@@ -242,6 +252,7 @@ def run(run_a: Path, run_b: Path, out_dir: Path, kind: str = "fused",
     concepts = concept_rows(a, b, kind, concept_threshold)
     scores = [dict(r, run=run.name) for run in (a, b) for r in run.scores]
     out_dir.mkdir(parents=True, exist_ok=True)
+    retract_meta(out_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
     plot_alignment(ab, ba, la, lb, (a.name, b.name), out_dir / "12_alignment.png")
     write_csv(out_dir / "12_matches.csv", matches, MATCH_FIELDS)
     write_csv(out_dir / "12_alignment.csv", align, ALIGN_FIELDS)
@@ -254,8 +265,8 @@ def run(run_a: Path, run_b: Path, out_dir: Path, kind: str = "fused",
     write_meta(out_dir / f"{STAGE}.meta.json", STAGE, dict(args or {}),
                outputs=[out_dir / f"12_{n}" for n in ("matches.csv", "alignment.csv",
                                                       "concepts.csv", "scores.csv")],
-               run_a=str(run_a), run_b=str(run_b), lineage_a=a.meta.get("lineage", {}),
-               lineage_b=b.meta.get("lineage", {}), kind=kind,
+               run_a=str(run_a), run_b=str(run_b), lineage_a=a.lineage,
+               lineage_b=b.lineage, kind=kind,
                concept_threshold=concept_threshold)
     log.info("\n%s", text)
     return {"matches": matches, "alignment": align, "concepts": concepts, "scores": scores,

@@ -333,16 +333,11 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
     return {"audit": audit_rows, "summary": summary}
 
 
-def class_folder(name: str) -> str:
-    """A class name as a folder name."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
-
-
 def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int],
                   mosaics: dict, concepts: dict, margin: float) -> None:
     """report.md and report.html of one class: figures, then the most relevant neurons with
     label, sentence and mosaic. Sentences and concepts are untrusted text: escaped in both."""
-    from common.report import esc, html_page, html_table, img_tag, md_text
+    from common.report import class_folder, esc, html_page, html_table, img_tag, md_text
     folder = out_dir / class_folder(row["class_name"])
     folder.mkdir(parents=True, exist_ok=True)
     by_channel = {n["channel"]: n for n in neurons}

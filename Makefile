@@ -89,7 +89,8 @@ $(if $(DEPS),,$(error common/deps.py printed nothing: is PYTHON=$(PYTHON) a Pyth
 uses = $(sort $(foreach s,$(1),$(subst $(comma), ,$(patsubst $(s):%,%,$(filter $(s):%,$(DEPS))))))
 
 .DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug eval atlas serve baskets compare audit no-other
+.PHONY: all test bench help clean venv search debug eval atlas serve baskets compare audit no-other \
+        reports-changed
 
 # Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
 # MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
@@ -133,6 +134,9 @@ MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call q
 ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
            --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
+ARGS_13 := --audit=$(call quote,$(AUDIT)) $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) \
+           --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) --controls $(CONTROLS) \
+           --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) --device $(DEVICE) $(MODEL_AGAIN)
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
 # (make -n) it also stores them, which makes stage NN and the stages after it out of date.
@@ -164,7 +168,11 @@ CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
            $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
            $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
            $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
-           $(call track_args,10,$(ARGS_10)) $(call track_args,11,$(ARGS_11))
+           $(call track_args,10,$(ARGS_10))
+# The arguments of the reports made on request are tracked by the make that makes them only, so
+# that `make all` with other defaults leaves a report made with `make audit AUDIT=mine.yaml` as it is.
+CHANGED += $(if $(filter baskets,$(MAKECMDGOALS)),$(call track_args,11,$(ARGS_11))) \
+           $(if $(filter audit,$(MAKECMDGOALS)),$(call track_args,13,$(ARGS_13)))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
@@ -196,10 +204,29 @@ M06 := $(D)/06_trace.meta.json
 M08 := $(D)/08_debug.meta.json
 M09 := $(D)/09_score.meta.json
 M11 := $(D)/11_baskets.meta.json
+M13 := $(D)/13_audit/13_audit.meta.json
 M10 := $(D)/10_atlas.meta.json
+COMPARED := $(D)/12_compare__$(OTHER)/12_compare.meta.json
 ATLAS        := $(D)/atlas/index.html
 ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
                 $(M05) $(TRACE) $(M06) $(SCORES) $(M09) $(CONFUSION) $(M08)#  what the atlas shows
+# The atlas also shows the reports made on request (baskets, audit, comparisons), so it is rebuilt
+# after each: `make baskets`, `audit` and `compare` end with the atlas, whose rule then lists the
+# report being made. A report (or 13's relevance) newer than the atlas — its script run by hand,
+# or a make stopped before the atlas — makes the atlas out of date, as does a new 04, 05 or 09 of
+# a run compared with this one. `make all` never re-makes a report: the atlas marks one made from outputs that
+# have changed since as out of date, with the command that refreshes it.
+REPORTS_ASKED := $(if $(filter baskets,$(MAKECMDGOALS)),$(M11)) \
+                 $(if $(filter audit,$(MAKECMDGOALS)),$(M13)) \
+                 $(if $(and $(filter compare,$(MAKECMDGOALS)),$(OTHER)),$(COMPARED))
+REPORTS_MADE  := $(wildcard $(M11) $(M13) $(D)/13_relevance.meta.json \
+                     $(D)/12_compare__*/12_compare.meta.json)
+REPORTS_NEWER := $(if $(REPORTS_MADE),$(shell for f in $(REPORTS_MADE); do \
+                     test "$$f" -nt $(M10) && echo "$$f"; done))
+COMPARED_RUNS := $(patsubst $(D)/12_compare__%/12_compare.meta.json,%,$(filter \
+                     $(D)/12_compare__%,$(REPORTS_MADE)))
+OTHER_INPUTS  := $(wildcard $(foreach r,$(COMPARED_RUNS),$(addprefix $(DATA)/$(r)/,\
+                     04_embed.meta.json 05_cluster.meta.json 09_score.meta.json)))
 
 all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
      $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage on data/$(RUN)
@@ -279,8 +306,10 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
 	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
-$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(D)/.args/10 $(call uses,10_atlas.py) | $(VENV)
+$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(REPORTS_ASKED) $(OTHER_INPUTS) \
+                $(if $(REPORTS_NEWER),reports-changed) $(D)/.args/10 $(call uses,10_atlas.py) | $(VENV)
 	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
+reports-changed:
 
 atlas: $(ATLAS) $(M10) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
 
@@ -293,12 +322,11 @@ $(BASKETS) $(M11) &: 11_baskets.py 03_describe.py $(EXTRACT) $(M01) $(DESCRIPTIO
                 $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py 03_describe.py) | $(VENV)
 	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
 
-baskets: $(BASKETS) $(M11) ## neuron baskets in data/$(RUN)/11_*; UNION="A B" / DIFFERENCE="A B" print a set of two
+baskets: $(BASKETS) $(M11) $(ATLAS) $(M10) ## neuron baskets in data/$(RUN)/11_* (and in the atlas); UNION="A B" / DIFFERENCE="A B" print a set of two
 	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
 	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
 
-COMPARED := $(D)/12_compare__$(OTHER)/12_matches.csv
-compare: $(if $(OTHER),$(COMPARED),no-other) ## compare two runs: make compare RUN=a OTHER=b (both after make all)
+compare: $(if $(OTHER),$(COMPARED) $(ATLAS) $(M10),no-other) ## compare two runs: make compare RUN=a OTHER=b (both after make all); the atlas of a shows it
 no-other:
 	@echo "make compare needs OTHER=<run> (a second run under $(DATA)/)"; exit 2
 $(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
@@ -313,13 +341,12 @@ $(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
 	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
 	    $(MODEL_AGAIN)
 
-AUDIT_IN := $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) $(DESCRIPTIONS) $(M03) \
-            $(MOSAICS) $(M02) $(AUDIT) 13_audit.py $(call uses,13_audit.py)
-audit: $(AUDIT_IN) | $(VENV) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/
-	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --audit $(AUDIT) --out-dir $(D)/13_audit \
-	    $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) \
-	    --controls $(CONTROLS) --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) \
-	    --device $(DEVICE) $(MODEL_AGAIN)
+$(M13): 13_audit.py $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) \
+        $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(AUDIT) $(D)/.args/13 $(call uses,13_audit.py) \
+        | $(VENV)
+	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --out-dir $(D)/13_audit $(ARGS_13)
+
+audit: $(M13) $(ATLAS) $(M10) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/ and the atlas
 
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \

@@ -521,6 +521,59 @@ def read_confusion(path: str | Path) -> list[ConfusionRow]:
     return _read_rows(path, ConfusionRow, "08_debug", renamed={"class_": "class"})
 
 
+# ---------------------------------------------------------------------------------------------
+# 09_score
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """A row of 09_scores.csv: a neuron (``subconcept`` None) or one of its sub-concepts (1, 2, 3;
+    then ``description`` and ``mosaic``, relative to the run folder, are the sub-concept's). An
+    empty numeric cell (not computable) reads as NaN or None; ARTEFACTS.md defines each column."""
+    layer: str
+    channel: int
+    subconcept: int | None
+    share: float
+    selectivity: float
+    dnr_score: float
+    dead: int | None
+    clarity: float
+    polysemanticity: float
+    redundancy: float
+    embedder: str
+    description: str
+    mosaic: str
+    matcher: str
+    verify_corr: float
+    verify_auprc: float
+    control_corr: float
+    control_auprc: float
+    beats_control: int | None
+    n_crops: int | None
+    n_held_out: int | None
+    n_positives: int | None
+    control_channel: int | None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(layer, channel): the neuron."""
+        return self.layer, self.channel
+
+    def numbers(self) -> dict[str, float | None]:
+        """Every numeric column but the neuron's address (file order), None where empty."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", "int | None") and f.name not in ("channel", "subconcept"):
+                out[f.name] = None if value is None or math.isnan(value) else float(value)
+        return out
+
+
+def read_score_rows(path: str | Path) -> list[ScoreRow]:
+    """Every row of 09_scores.csv, the sub-concept rows included, in file order."""
+    return _read_rows(path, ScoreRow, "09_score")
+
+
 SCORE_COLUMNS = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
                  "selectivity", "dnr_score", "dead")  # the numbers of a neuron row of 09_scores.csv
 
@@ -535,6 +588,221 @@ def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | Non
     if not path.exists():
         log.warning("%s not found: neurons are shown without their scores (run stage 09)", path)
         return {}
-    return {(row["layer"], int(row["channel"])):
-            {k: float(row[k]) if row.get(k, "") != "" else None for k in SCORE_COLUMNS}
-            for row in read_csv(path) if row.get("subconcept", "") == ""}
+    return {row.key: {k: v for k, v in row.numbers().items() if k in SCORE_COLUMNS}
+            for row in read_score_rows(path) if row.subconcept is None}
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """A row of 09_summary.csv: one layer's neuron count, dead neurons and mean scores (NaN
+    when no neuron of the layer has the score)."""
+    layer: str
+    neurons: int
+    dead: int
+    mean_selectivity: float
+    mean_dnr: float
+    mean_clarity: float
+    mean_polysemanticity: float
+    mean_redundancy: float
+    mean_verify_corr: float
+    mean_control_corr: float
+    share_beating_control: float
+    matcher: str
+    embedder: str
+
+
+def read_summary(path: str | Path) -> list[SummaryRow]:
+    """Every row of 09_summary.csv, in layer order."""
+    return _read_rows(path, SummaryRow, "09_score")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reports made on request: 11_baskets, 12_compare, 13_audit
+
+
+@dataclass(frozen=True)
+class BasketRow:
+    """A row of 11_baskets.csv: a group of co-activating neurons of one layer and its place in
+    the layer's linkage tree (``parent`` −1 at the root, ``join_corr`` NaN there); ``mosaic``
+    is relative to the run folder."""
+    basket: str
+    layer: str
+    number: int
+    size: int
+    members: tuple[int, ...]
+    cohesion: float
+    random_cohesion: float
+    join_corr: float
+    node: int
+    parent: int
+    depth: int
+    sibling_members: tuple[int, ...]
+    joint_hits: int
+    top_images: tuple[int, ...]
+    mosaic: str
+    description: str
+
+
+def read_baskets(path: str | Path) -> list[BasketRow]:
+    """Every row of 11_baskets.csv (layer by layer, largest basket first)."""
+    return _read_rows(path, BasketRow, "11_baskets (make baskets)")
+
+
+@dataclass(frozen=True)
+class PruningRow:
+    """A row of 11_pruning.csv: one class's accuracy and true-class probability before and with
+    a basket switched off, beside random baskets of its size (``*_random``: their mean, NaN
+    without controls)."""
+    basket: str
+    layer: str
+    size: int
+    class_idx: int
+    class_name: str
+    n_images: int
+    accuracy_before: float
+    accuracy_pruned: float
+    accuracy_random: float
+    accuracy_random_sd: float
+    delta_pruned: float
+    delta_random: float
+    p_true_before: float
+    p_true_pruned: float
+    p_true_random: float
+    controls: str
+
+
+def read_pruning(path: str | Path) -> list[PruningRow]:
+    """Every row of 11_pruning.csv."""
+    return _read_rows(path, PruningRow, "11_baskets (make baskets)")
+
+
+@dataclass(frozen=True)
+class MatchRow:
+    """A row of 12_matches.csv: a neuron of run A (``side`` A) or B and its closest neuron of the
+    other run by cosine; ``mutual`` 1 when each is the other's closest."""
+    side: str
+    layer: str
+    channel: int
+    match_layer: str
+    match_channel: int
+    cosine: float
+    mutual: int
+    description: str
+    match_description: str
+
+
+def read_matches(path: str | Path) -> list[MatchRow]:
+    """Every row of 12_matches.csv."""
+    return _read_rows(path, MatchRow, "12_compare (make compare)")
+
+
+@dataclass(frozen=True)
+class AlignmentRow:
+    """A row of 12_alignment.csv: mean best-match cosine from a layer of A to one of B and back."""
+    layer_a: str
+    layer_b: str
+    a_to_b: float
+    b_to_a: float
+
+
+def read_alignment(path: str | Path) -> list[AlignmentRow]:
+    """Every row of 12_alignment.csv (A's layers in model order, B's within each)."""
+    return _read_rows(path, AlignmentRow, "12_compare (make compare)")
+
+
+@dataclass(frozen=True)
+class ConceptMatchRow:
+    """A row of 12_concepts.csv: a 05 cluster of one run, its closest cluster of the other run by
+    centroid cosine, and whether that is close enough to count as a counterpart."""
+    side: str
+    layer: str
+    cluster: int
+    size: int
+    match_layer: str
+    match_cluster: int
+    cosine: float
+    counterpart: int
+    keywords: str
+    example: str
+
+
+def read_concept_matches(path: str | Path) -> list[ConceptMatchRow]:
+    """Every row of 12_concepts.csv."""
+    return _read_rows(path, ConceptMatchRow, "12_compare (make compare)")
+
+
+@dataclass(frozen=True)
+class CompareScoreRow:
+    """A row of 12_scores.csv: 09's summary of one layer of one of the two runs (``run``: its
+    folder name)."""
+    run: str
+    layer: str
+    neurons: int
+    dead: int
+    mean_selectivity: float
+    mean_clarity: float
+    mean_polysemanticity: float
+    mean_redundancy: float
+    mean_verify_corr: float
+    mean_control_corr: float
+    share_beating_control: float
+
+
+def read_compare_scores(path: str | Path) -> list[CompareScoreRow]:
+    """Every row of 12_scores.csv (empty when neither run has 09's summary)."""
+    return _read_rows(path, CompareScoreRow, "12_compare (make compare)")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """A row of 13_audit/audit.csv: one neuron of the audited layer for one class — its relevance
+    and rank for the class, its label (valid, spurious, both, unexpected) and best alignments."""
+    class_name: str
+    class_idx: int
+    layer: str
+    channel: int
+    relevance: float
+    rank: int
+    label: str
+    valid_alignment: float
+    valid_concept: str
+    spurious_alignment: float
+    spurious_concept: str
+    description: str
+
+
+def read_audit(path: str | Path) -> list[AuditRow]:
+    """Every row of 13_audit/audit.csv."""
+    return _read_rows(path, AuditRow, "13_audit (make audit)")
+
+
+@dataclass(frozen=True)
+class AuditSummaryRow:
+    """A row of 13_audit/summary.csv: one audited class — labels of its ``top`` most relevant
+    neurons, shares of its relevance, and the causal check (NaN / empty when not run)."""
+    class_name: str
+    class_idx: int
+    layer: str
+    n_images: int
+    top: int
+    n_valid: int
+    n_spurious: int
+    n_both: int
+    n_unexpected: int
+    n_undescribed: int
+    spurious_share: float
+    valid_share: float
+    unexpected_share: float
+    zeroed: tuple[int, ...]
+    accuracy_before: float
+    accuracy_zeroed: float
+    accuracy_control: float
+    confusions_before: str
+    confusions_zeroed: str
+    confusions_control: str
+    controls: str
+
+
+def read_audit_summary(path: str | Path) -> list[AuditSummaryRow]:
+    """Every row of 13_audit/summary.csv."""
+    return _read_rows(path, AuditSummaryRow, "13_audit (make audit)")

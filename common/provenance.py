@@ -65,14 +65,16 @@ def _relative(path: Path, meta_file: Path) -> str:
     return Path(os.path.relpath(path, meta_file.parent)).as_posix()
 
 
-def read_meta(artefact: str | Path) -> dict:
+def read_meta(artefact: str | Path, meta_file: str | Path | None = None) -> dict:
     """Read the meta of the stage that wrote ``artefact``, after checking that ``artefact`` (a
     file, or a folder: every file in it) is byte for byte one of the outputs it lists.
 
-    The returned dict carries ``_source`` (the artefact) so that lineage errors can name it.
+    ``meta_file`` names the meta where the artefact's name does not lead to it (the files of
+    13's audit folder); by default it is found by ``meta_path_for``. The returned dict carries
+    ``_source`` (the artefact) so that lineage errors can name it.
     """
     artefact = Path(artefact)
-    meta_file = meta_path_for(artefact)
+    meta_file = Path(meta_file) if meta_file is not None else meta_path_for(artefact)
     meta = read_json(meta_file)
     files = meta.get("files") or {}
     redo = (f"delete {meta_file} and run `make all` (or re-run {meta.get('stage', 'that stage')}"

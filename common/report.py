@@ -38,6 +38,11 @@ def plain_text(text: str) -> str:
                             for ch in str(text)).split())
 
 
+def class_folder(name: str) -> str:
+    """A class name as the name of its report folder (13's audit reports, the atlas's copies)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
+
+
 def esc(value) -> str:
     """HTML-escaped text of any value (quotes included, so it is safe inside attributes too)."""
     return html.escape("" if value is None else str(value), quote=True)

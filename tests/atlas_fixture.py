@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artefacts import ScoreRow, SummaryRow, columns
 from common.io import read_csv, read_json, sha256_file, write_csv, write_json
 from common.provenance import read_meta, write_meta
 from conftest import make_image, project_copy
@@ -22,13 +23,6 @@ SUB_EVIL = "<b>bold</b> sub-concept"
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=1", "THRESHOLD=-1",
         "ABLATE_TOP=0"]
-SCORE_COLUMNS = ["layer", "channel", "subconcept", "share", "selectivity", "dnr_score", "dead",
-                 "clarity", "polysemanticity", "redundancy", "embedder", "description", "mosaic",
-                 "matcher", "verify_corr", "verify_auprc", "control_corr", "control_auprc",
-                 "beats_control"]
-SUMMARY_COLUMNS = ["layer", "neurons", "dead", "mean_selectivity", "mean_dnr", "mean_clarity",
-                   "mean_polysemanticity", "mean_redundancy", "mean_verify_corr",
-                   "mean_control_corr", "share_beating_control", "matcher", "embedder"]
 
 
 def image_set(folder: Path) -> Path:
@@ -65,9 +59,10 @@ def plant_descriptions(run: Path) -> None:
     write_json(meta_file, meta)
 
 
-def write_scores(run: Path) -> None:
-    """A small 09_scores.csv / 09_summary.csv in stage 09's columns, with its meta."""
-    rows, rng = [], np.random.default_rng(1)
+def write_scores(run: Path, seed: int = 1) -> None:
+    """A small 09_scores.csv / 09_summary.csv in stage 09's columns, with its meta (another
+    ``seed``: other DnR scores, as a new run of 09 would give)."""
+    rows, rng = [], np.random.default_rng(seed)
     mosaics = {(r["layer"], int(r["channel"])): r["path"] for r in read_csv(run / "02_mosaics.csv")}
     for (layer, channel), mosaic in sorted(mosaics.items()):
         base = {"layer": layer, "channel": channel, "embedder": "fake", "matcher": "fake-matcher"}
@@ -81,11 +76,11 @@ def write_scores(run: Path) -> None:
                 rows.append({**base, "subconcept": k, "share": 0.5,
                              "description": SUB_EVIL if k == 1 else "plain sub-concept",
                              "mosaic": mosaic, "verify_corr": 0.4})
-    write_csv(run / "09_scores.csv", rows, SCORE_COLUMNS)
+    write_csv(run / "09_scores.csv", rows, columns(ScoreRow))
     layers = sorted({r["layer"] for r in rows})
     write_csv(run / "09_summary.csv", [{"layer": L, "neurons": 4, "dead": 1, "mean_clarity": 0.5,
                                         "matcher": "fake-matcher", "embedder": "fake"}
-                                       for L in layers], SUMMARY_COLUMNS)
+                                       for L in layers], columns(SummaryRow))
     write_meta(run / "09_score.meta.json", "09_score", {},
                [run / "09_scores.csv", run / "09_summary.csv"],
                inputs=[read_meta(run / "03_descriptions.csv")])

@@ -2,8 +2,10 @@
 pages of a whole fake run (escaping, assets, scores or "not scored", debugging pages), the search
 server, and the site driven in headless Chromium (sort, filter, neighbour link, map hover,
 injected markup, live search through `make serve`)."""
+import html
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,10 +16,12 @@ import urllib.request
 import pytest
 import torch
 
-from atlas_fixture import ATTRIBUTE, SCRIPT, SUB_EVIL, fake_run
+from atlas_fixture import ATTRIBUTE, SCRIPT, SUB_EVIL, fake_run, make, write_scores
 from common.attribution import channel_attribution
 from common.browser import NoBrowser, headless_chromium, wait_ready
+from common.artefacts import read_audit, read_audit_summary, read_baskets
 from common.io import read_csv
+from common.report import class_folder
 from common.render import fmt_number, json_for_script
 from conftest import load_stage
 
@@ -154,6 +158,83 @@ def test_inputs_from_another_run_are_refused(run, tmp_path):
     with pytest.raises(SystemExit):
         atlas.main(["build", "--run", str(copy), "--workers", "1", "--device", "cpu"])
     assert not (copy / "atlas").exists()
+
+
+def broken_links(site) -> list[str]:
+    """Every link and image of the atlas's pages (``href``, ``src``) to a file that does not
+    exist, as ``page → target``; fragments are ignored, web addresses are not checked."""
+    broken = []
+    for page in site.rglob("*.html"):
+        for target in re.findall(r'(?:href|src)="([^"#]*)', page.read_text()):
+            target = html.unescape(target)
+            if target and ":" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(site)} → {target}")
+    return broken
+
+
+def quiet(tree, args, *targets) -> int:
+    """Exit status of ``make -q`` (0: up to date)."""
+    return subprocess.run(["make", "--no-print-directory", "-q", *targets, *args], cwd=tree,
+                          capture_output=True, timeout=300).returncode
+
+
+def test_reports_made_on_request_are_shown_linked_and_dropped_when_stale(run, tmp_path):
+    """`make baskets`, `make audit` and `make compare` each end with the atlas, which then links
+    the report from the run page and from every neuron that appears in it (its basket, the
+    classes it is relevant to with its audit label, its best match in the other run); every link
+    resolves. When a run a report was made from changes, the atlas is out of date, and rebuilt it
+    stops showing that report and names the command that refreshes it."""
+    tree, args, run_dir = run
+    data = tmp_path / "data"
+    shutil.copytree(run_dir.parent / "t", data / "t", symlinks=True)  # copy2: times kept
+    shutil.copytree(run_dir.parent / "t", data / "u", symlinks=True)  # a second run to compare
+    args = [a if not a.startswith("DATA=") else f"DATA={data}" for a in args]
+    folder, site = data / "t", data / "t" / "atlas"
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text("classes:\n  '0':\n    valid: [red]\n    spurious: [edges]\n")
+    small = ["PRUNE=1", "CONTROLS=1", "PRUNE_IMAGES=3"]
+    assert quiet(tree, args, "atlas") == 0
+    make(tree, [*args, *small], "baskets")
+    assert 'href="baskets.html"' in (site / "index.html").read_text()
+    make(tree, [*args, *small, f"AUDIT={concepts}"], "audit")
+    make(tree, args, "compare", "OTHER=u")
+    for made in ([*small], [*small, f"AUDIT={concepts}"], ["OTHER=u"]):
+        assert quiet(tree, [*args, *made], "atlas") == 0
+    for target in (["baskets", *small], ["audit", *small, f"AUDIT={concepts}"]):
+        dry = subprocess.run(["make", "--no-print-directory", "-n", *target, *args], cwd=tree,
+                             capture_output=True, text=True, timeout=300)
+        assert dry.returncode == 0 and ".py" not in dry.stdout, dry.stdout  # nothing left to do
+
+    index = (site / "index.html").read_text()
+    for page in ("baskets.html", "audit/index.html", "compare/u.html"):
+        assert f'href="{page}"' in index and (site / page).is_file(), page
+    basket = read_baskets(folder / "11_baskets.csv")[0]
+    member = (site / "neurons" / basket.layer / f"{basket.members[0]}.html").read_text()
+    assert f'baskets.html#b-{basket.layer}-{basket.number}"' in member
+    summary = read_audit_summary(folder / "13_audit" / "summary.csv")[0]
+    relevant = [a for a in read_audit(folder / "13_audit" / "audit.csv")
+                if a.rank <= summary.top and a.relevance > 0]
+    assert relevant
+    for a in relevant:
+        page = (site / "neurons" / a.layer / f"{a.channel}.html").read_text()
+        audit = page[page.index("<h2>Audit</h2>"):]
+        assert f"audit-{a.label}" in audit.split("</tr>")[1]
+        assert f'audit/{class_folder(a.class_name)}/report.html"' in audit
+    # Run u is a copy of t: every neuron's best match is itself, on u's own atlas page.
+    page = (site / "neurons" / "relu1" / "2.html").read_text()
+    assert 'href="../../../../u/atlas/neurons/relu1/2.html"' in page
+    assert broken_links(site) == []
+
+    # A new 09 of run u: the comparison no longer matches it.
+    write_scores(data / "u", seed=2)
+    assert quiet(tree, args, "atlas") == 1
+    make(tree, args, "atlas")
+    index = (site / "index.html").read_text()
+    assert 'href="compare/u.html"' not in index and "09_score of u" in index
+    assert "make compare RUN=t OTHER=u" in index
+    assert 'href="baskets.html"' in index and 'href="audit/index.html"' in index
+    assert "Best match" not in (site / "neurons" / "relu1" / "2.html").read_text()
+    assert not (site / "compare").exists() and broken_links(site) == []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 its channels shuffled is matched back, and a concept only one run has is reported as such.
 
 The runs are written here: 04 embeddings of planted unit vectors (one direction per neuron),
-05 clusters, 03 sentences and 09 summaries, each artefact with its stage's meta.
+05 clusters, 03 sentences and 09 summaries, each artefact (but 03's) with its stage's meta.
 """
 import numpy as np
 import pytest
 
+from common.artefacts import SummaryRow, columns
 from common.compare import alignment_matrix, best_matches
 from common.io import save_npz, write_csv
 from common.provenance import write_meta
@@ -48,9 +49,11 @@ def write_run(folder, vectors, clusters, text_model="words"):
               [{"layer": ly, "channel": c, "kind": "fused", "cluster": clusters[ly][c], "x": 0,
                 "y": 0} for ly, c in zip(layer, channel)],
               ["layer", "channel", "kind", "cluster", "x", "y"])
+    write_meta(folder / "05_cluster.meta.json", "05_cluster", {}, [folder / "05_clusters.csv"])
     write_csv(folder / "09_summary.csv",
-              [{"layer": ly, "neurons": len(v), "mean_clarity": 0.5} for ly, v in vectors.items()],
-              ["layer", "neurons", "mean_clarity"])
+              [{"layer": ly, "neurons": len(v), "dead": 0, "mean_clarity": 0.5}
+               for ly, v in vectors.items()], columns(SummaryRow))
+    write_meta(folder / "09_score.meta.json", "09_score", {}, [folder / "09_summary.csv"])
 
 
 def clusters_of(vectors):

@@ -291,13 +291,13 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
 
 def test_report_shows_verification_and_clarity_from_09(tmp_path):
     """With 09_scores.csv beside the run, each listed neuron shows its verified r and clarity."""
+    from common.artefacts import ScoreRow, columns
     from common.io import write_csv
     from common.provenance import read_meta, write_meta
     run_dir = planted_run(tmp_path)
     write_csv(run_dir / "09_scores.csv",
               [{"layer": "deep", "channel": 33, "subconcept": "", "verify_corr": 0.4321,
-                "clarity": 0.8765}],
-              ["layer", "channel", "subconcept", "verify_corr", "clarity"])
+                "clarity": 0.8765}], columns(ScoreRow))
     write_meta(run_dir / "09_score.meta.json", "09_score", {}, [run_dir / "09_scores.csv"],
                inputs=[read_meta(run_dir / "01_predictions.csv")])
     run_main(run_dir, "--true", "palace", "--pred", "castle")

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from common.cli import StageError
-from common.artefacts import Description, Embeddings, Mosaic, columns, write_embeddings
+from common.artefacts import (Description, Embeddings, Mosaic, ScoreRow, columns,
+                              write_embeddings)
 from common.io import read_csv, write_csv
 from common.provenance import read_meta, write_meta
 from common.search import NeuronIndex
@@ -295,7 +296,7 @@ def test_min_score_keeps_only_verified_neurons(tmp_path):
               [{"layer": n[0], "channel": n[1], "subconcept": "",
                 "verify_corr": corr.get((n[0], n[1]), "")} for n in NEURONS] +
               [{"layer": "L2", "channel": 0, "subconcept": 1, "verify_corr": 0.9}],
-              ["layer", "channel", "subconcept", "verify_corr"])
+              columns(ScoreRow))
     write_meta(run_dir / "09_score.meta.json", "09_score", {}, [run_dir / "09_scores.csv"],
                inputs=[read_meta(run_dir / "04_embeddings.npz")])
     rows = find(run_dir, ["dog ball"], top_k=10, min_score=0.2, scoring="cosine",
