@@ -210,6 +210,7 @@ class Report:
 
     kind: str                 # baskets, audit or compare
     title: str                # what the run page calls it
+    nav: str                  # what the top bar calls it
     make: str                 # the command that makes or refreshes it
     state: str = "missing"    # current (shown), stale, unreadable or missing
     page: str = ""            # its page in the atlas when shown
@@ -278,13 +279,13 @@ def read_reports(run: RunData) -> None:
         report.state = "current"
         return True
 
-    baskets = Report("baskets", "Baskets of neurons that fire together (11)",
+    baskets = Report("baskets", "Baskets of neurons that fire together (11)", "baskets",
                      f"make baskets RUN={name}")
     if check(baskets, run_dir / "11_baskets.csv", [("lineage", run_dir)]):
         run.baskets = read_baskets(run_dir / "11_baskets.csv")
         run.pruning = read_pruning(run_dir / "11_pruning.csv")
         baskets.page = "baskets.html"
-    audit = Report("audit", "Audit of classes against valid and spurious concepts (13)",
+    audit = Report("audit", "Audit of classes against valid and spurious concepts (13)", "audit",
                    f"make audit RUN={name} AUDIT=concepts.yaml")
     if check(audit, run_dir / "13_audit" / "audit.csv", [("lineage", run_dir)],
              run_dir / "13_audit" / "13_audit.meta.json"):
@@ -294,10 +295,11 @@ def read_reports(run: RunData) -> None:
     run.reports = [baskets, audit]
     for folder in sorted(run_dir.glob("12_compare__*/")):
         other = folder.name.split("__", 1)[1]
-        report = Report("compare", f"Comparison with run {other} (12)",
+        report = Report("compare", f"Comparison with run {other} (12)", f"vs {other}",
                         f"make compare RUN={name} OTHER={other}")
         run.reports.append(report)
-        # 12 records the lineage of each run's 04 embeddings: A's is judged here, B's in B.
+        # 12 records the lineage of the 04, 05 and 09 outputs of each run: A's is judged
+        # here, B's in B.
         if check(report, folder / "12_matches.csv",
                  [("lineage_a", run_dir), ("lineage_b", run_dir.parent / other)]):
             rows = read_matches(folder / "12_matches.csv")
@@ -311,7 +313,7 @@ def read_reports(run: RunData) -> None:
                 scores=read_compare_scores(folder / "12_scores.csv")))
             report.page = f"compare/{slug(other)}.html"
     if not any(r.kind == "compare" for r in run.reports):
-        run.reports.append(Report("compare", "Comparison with another run (12)",
+        run.reports.append(Report("compare", "Comparison with another run (12)", "",
                                   f"make compare RUN={name} OTHER=<another run>"))
 
 
@@ -338,12 +340,13 @@ def score_tables(run: RunData) -> tuple[dict, dict]:
     with a thumbnail)."""
     main, subs = {}, collections.defaultdict(list)
     for row in run.scores or []:
+        scores = row.numbers()
         if row.subconcept is None:
-            main[row.key] = row.numbers()
+            main[row.key] = scores
         else:
             subs[row.key].append({"index": row.subconcept, "description": row.description,
-                                  "mosaic": row.mosaic, "thumb": "",
-                                  "share": row.numbers()["share"], "scores": row.numbers()})
+                                  "mosaic": row.mosaic, "thumb": "", "share": scores["share"],
+                                  "scores": scores})
     for rows in subs.values():
         rows.sort(key=lambda r: r["index"])
     return main, subs
@@ -566,9 +569,10 @@ class Site:
             info["next"] = self.layer_info[i + 1] if i + 1 < len(self.layer_info) else None
         self.site = {"run": run.run_dir.name, "layers": self.layer_info, "scored": self.scored,
                      "has_trace": bool(run.trace), "has_debug": run.confusion is not None,
-                     "reports": [{"name": r.kind if r.kind != "compare" else
-                                  f"vs {r.make.rsplit('OTHER=', 1)[1]}", "url": r.page}
+                     "reports": [{"name": r.nav, "url": r.page}
                                  for r in run.reports if r.state == "current"]}
+        self.by_key = {(r["layer"], r["channel"]): r for recs in records.values() for r in recs}
+        self.basket_thumbs: dict[str, str] = {}  # basket → its JPEG (set by image_jobs)
 
     def _layer_info(self, name: str) -> dict:
         """Summary of one layer for the run page and the navigation."""
@@ -623,7 +627,6 @@ class Site:
                     if source is not None and source.is_file():
                         sub["thumb"] = f"subs/{r['slug']}/{r['channel']}_{sub['index']}.jpg"
                         jobs.append((str(source), [(str(self.out / sub["thumb"]), thumb_px)]))
-        self.basket_thumbs = {}
         for b in self.run.baskets:
             source = self.run.run_dir / b.mosaic
             if b.mosaic and source.is_file():
@@ -808,8 +811,6 @@ class Site:
     def report_pages(self) -> dict:
         """The pages of the current reports; returns ``(layer, channel) → {audit, baskets,
         matches}``: where each neuron appears in them, for its page."""
-        self.by_key = {(r["layer"], r["channel"]): r for recs in self.records.values()
-                       for r in recs}
         out = collections.defaultdict(lambda: {"audit": [], "baskets": [], "matches": []})
         if self.run.baskets:
             self.baskets_page(out)
