@@ -1,4 +1,25 @@
-"""Command-line plumbing shared by the stage scripts: logging to stderr and ``--shard i/N``."""
+"""Command-line plumbing shared by the stage scripts: the opening of every ``main()``, logging to
+stderr, the allocator setting, ``--shard i/N`` and the one-line exit on a StageError.
+
+Every stage opens the same way::
+
+    def build_parser():
+        p = stage_parser(__doc__.split("\n")[0])       # --verbose is already there
+        p.add_argument(...)
+        return p
+
+    @exit_on_stage_error
+    def main(argv=None):
+        args = start_stage(build_parser(), argv, keep_memory=True)   # keep_memory: torch-heavy
+
+Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already says
+otherwise (the Makefile exports the same default). The OpenMP runtime that torch ships reads the
+variable once, when ``import torch`` loads it, so a default set later, even first thing in
+``main()``, is silently ignored. Every stage imports this module, directly or through another
+common module, before anything imports torch (tests/test_cli.py checks it), so the default holds
+whether a stage is run by make or by hand. Idle threads then sleep instead of spinning: on a
+busy 2-core machine spinning threads made the torch stages 10–20× slower.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +30,29 @@ import logging
 import os
 import shutil
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """A stage's argument parser: ``description`` on top, defaults shown in ``--help``, and the
+    ``-v/--verbose`` flag that :func:`start_stage` reads."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def start_stage(parser: argparse.ArgumentParser, argv=None, *,
+                keep_memory: bool = False) -> argparse.Namespace:
+    """Opening of a stage's ``main()``: parse ``argv`` (None: the command line), log to stderr
+    (DEBUG with ``--verbose``) and, with ``keep_memory`` (stages that push large tensors through
+    torch batch after batch), keep freed memory for reuse. Returns the parsed flags."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if keep_memory:
+        keep_freed_memory()
+    return args
 
 
 def setup_logging(verbose: bool = False) -> None:
