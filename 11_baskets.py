@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
+                        stage_parser, start_stage)
 from common.io import load_npz, read_csv, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -393,11 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample and controls")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--model", default=None, help="pruning: the model 01 ran, named again (needed "
-                   "when it is a file; make passes MODEL)")
-    p.add_argument("--weights", default=None, help="pruning: 01's weights file, named again")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="pruning: allow loading a whole pickled checkpoint (trusted files only)")
+    add_model_again_flags(p, "pruning")
     return p
 
 
@@ -414,8 +411,7 @@ def main(argv=None):
         return
     result = build(run_dir, args.min_corr, args.grid, args.tile, args.describe_args, args.prune,
                    args.controls, args.prune_images, args.seed, args.device, args.batch_size,
-                   model={"model": args.model, "weights": args.weights,
-                          "unsafe_pickle": args.unsafe_pickle}, args=vars(args))
+                   model=model_again(args), args=vars(args))
     log.info("%d baskets; pruning rows: %d", len(result["baskets"]), len(result["pruning"]))
 
 

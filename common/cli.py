@@ -103,6 +103,24 @@ def shard_slice(n_items: int, shard: tuple[int, int]) -> range:
     return range(start, stop)
 
 
+def add_model_again_flags(parser: argparse.ArgumentParser, use: str) -> None:
+    """Add ``--model``, ``--weights`` and ``--unsafe-pickle`` to a stage that loads 01's model
+    again (``common.models.reload_model`` checks them against 01's meta: a meta never chooses code
+    to run); ``use`` says in the help what the stage loads it for. Read back with
+    :func:`model_again`."""
+    parser.add_argument("--model", default=None, help=f"{use}: the model 01 ran, named again "
+                        "(needed when it is a file; make passes MODEL)")
+    parser.add_argument("--weights", default=None,
+                        help=f"{use}: 01's weights file, named again (make passes WEIGHTS)")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help=f"{use}: allow loading a whole pickled checkpoint (trusted files only)")
+
+
+def model_again(args: argparse.Namespace) -> dict:
+    """The flags of :func:`add_model_again_flags` as ``reload_model``'s keyword arguments."""
+    return {"model": args.model, "weights": args.weights, "unsafe_pickle": args.unsafe_pickle}
+
+
 class StageError(RuntimeError):
     """A run cannot go on; the message says what is wrong and how to fix it."""
 

@@ -77,3 +77,15 @@ def test_start_stage_parses_logs_and_keeps_memory(monkeypatch):
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
+
+
+def test_model_again_flags_reach_reload_model_by_name():
+    """The re-load flags come back as reload_model's keyword arguments, each under its own name."""
+    parser = cli.stage_parser("a stage")
+    cli.add_model_again_flags(parser, "pruning")
+    assert cli.model_again(parser.parse_args([])) == {"model": None, "weights": None,
+                                                     "unsafe_pickle": False}
+    args = parser.parse_args(["--model", "net.py:build", "--weights", "w.pt", "--unsafe-pickle"])
+    assert cli.model_again(args) == {"model": "net.py:build", "weights": "w.pt",
+                                     "unsafe_pickle": True}
+    assert "pruning: the model 01 ran" in parser.format_help()
