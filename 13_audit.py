@@ -340,9 +340,10 @@ def class_folder(name: str) -> str:
 
 def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int],
                   mosaics: dict, concepts: dict, margin: float) -> None:
-    """report.md and report.html of one class: figures, then the most relevant neurons with
-    label, sentence and mosaic. Sentences and concepts are untrusted text: escaped in both."""
-    from common.report import esc, html_page, html_table, img_tag, md_text
+    """report.md and report.html of one class (common/render.py): figures, then the most relevant
+    neurons with label, sentence and mosaic. Sentences and concepts are untrusted text: the
+    templates escape them."""
+    from common import render as doc
     folder = out_dir / class_folder(row["class_name"])
     folder.mkdir(parents=True, exist_ok=True)
     by_channel = {n["channel"]: n for n in neurons}
@@ -363,30 +364,18 @@ def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int
         ("confusions with them zeroed", row.get("confusions_zeroed", "")),
         ("accuracy with random sets of the same size zeroed", row.get("accuracy_control", "")),
     ]
-    columns = ["rank", "channel", "relevance", "label", "valid_alignment", "valid_concept",
-               "spurious_alignment", "spurious_concept", "description"]
-    md = [f"# Audit of class {md_text(row['class_name'])}", "",
-          f"Alignment = cos(neuron, concept) − cos(neuron, empty text); a label needs more than "
-          f"{margin}.", ""]
-    md += [f"- {md_text(k)}: {md_text(v)}" for k, v in facts]
-    md += ["", "## Most relevant neurons", "", "| " + " | ".join(columns) + " | mosaic |",
-           "|" + "---|" * (len(columns) + 1)]
-    for n in top:
-        mosaic = mosaics.get((n["layer"], n["channel"]))
-        link = os.path.relpath(mosaic, folder) if mosaic else ""
-        md.append("| " + " | ".join(md_text(n[c]) for c in columns) +
-                  (f" | ![mosaic]({Path(link).as_posix()}) |" if link else " | |"))
-    write_text(folder / "report.md", "\n".join(md) + "\n")
-    table = [dict(n, mosaic=img_tag(mosaics.get((n["layer"], n["channel"])),
-                                    f"mosaic of {n['layer']}:{n['channel']}", embed=True,
-                                    max_px=160)) for n in top]
-    body = (f"<h1>Audit of class {esc(row['class_name'])}</h1>"
-            + html_table(["fact", "value"], [{"fact": k, "value": v} for k, v in facts])
-            + "<h2>Most relevant neurons</h2>"
-            + html_table(columns[:2] + ["mosaic"] + columns[2:], table, raw=["mosaic"],
-                         numeric=["rank", "channel", "relevance", "valid_alignment",
-                                  "spurious_alignment"]))
-    write_text(folder / "report.html", html_page(f"Audit: {row['class_name']}", body))
+    columns = ["rank", "channel", "mosaic", "label", "description", "relevance",
+               "valid_alignment", "valid_concept", "spurious_alignment", "spurious_concept"]
+    neuron_rows = [dict(n, mosaic=mosaics.get((n["layer"], n["channel"]))) for n in top]
+    doc.write_report(folder, f"Audit: {row['class_name']}", [
+        doc.heading(f"Audit of class {row['class_name']}", 1),
+        doc.paragraph(f"Alignment = cos(neuron, concept) − cos(neuron, empty text); a label needs "
+                      f"more than {margin}."),
+        doc.table(["fact", "value"], [{"fact": k, "value": v} for k, v in facts]),
+        doc.heading("Most relevant neurons"),
+        doc.table(columns, neuron_rows, image="mosaic", thumb_px=160,
+                  numeric=["rank", "channel", "relevance", "valid_alignment",
+                           "spurious_alignment"])])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,11 +196,19 @@ def figure(path, caption: str, photo: bool = True, max_px: int = 900) -> dict:
     return {"kind": "figure", "path": path, "caption": caption, "photo": photo, "max_px": max_px}
 
 
-def table(columns, rows, numeric=(), image: str | None = None, thumb_px: int = 320) -> dict:
+def table(columns, rows, numeric=(), image: str | None = None, thumb_px: int = 320,
+          embed: bool = True) -> dict:
     """A table of ``rows`` (dicts) in ``columns`` order; ``numeric`` columns are right-aligned;
-    the ``image`` column holds image paths (or None), shown as ``thumb_px`` thumbnails."""
+    the ``image`` column holds image paths (or None), shown as ``thumb_px`` thumbnails embedded
+    in the page, or with ``embed=False`` linked relative to the page's folder."""
     return {"kind": "table", "columns": list(columns), "rows": list(rows),
-            "numeric": set(numeric), "image": image, "thumb_px": thumb_px}
+            "numeric": set(numeric), "image": image, "thumb_px": thumb_px, "embed": embed}
+
+
+def html_page(title: str, blocks: list[dict], folder: Path) -> str:
+    """``blocks`` as one HTML page styled like the atlas, for a file in ``folder`` (the folder
+    that links to images not embedded are relative to)."""
+    return render("report.html", blocks=blocks, title=title, folder=folder)
 
 
 def write_report(folder: Path, title: str, blocks: list[dict]) -> list[Path]:
@@ -210,5 +218,5 @@ def write_report(folder: Path, title: str, blocks: list[dict]) -> list[Path]:
     folder = Path(folder)
     md, page = folder / "report.md", folder / "report.html"
     write_text(md, render("report.md", blocks=blocks, folder=folder))
-    write_text(page, render("report.html", blocks=blocks, title=title))
+    write_text(page, html_page(title, blocks, folder))
     return [md, page]
