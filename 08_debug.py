@@ -21,9 +21,11 @@ predicted P. For every neuron and both per-image aggregations (spatial max and m
 Δμ = μ_KO − μ_OK; z = Δμ divided by its pooled-variance standard error, so that |z| ≥ 2 is
 the classic "two standard errors" rule (it fires for ~5% of neurons even when nothing differs);
 the Welch t-test p-value; and the Benjamini–Hochberg q-value over all neurons of all layers,
-which is the flag to trust. The causal check zeroes the top positive-z neurons of the deepest
-layer, re-runs the model, and counts KO images that flip to T, against an equally sized random
-set of neurons.
+which is the flag to trust (the statistics: common/differential.py). The causal check zeroes the
+top positive-z neurons of the deepest layer, re-runs the model, and counts KO images that flip to
+T, against an equally sized random set of neurons. The reports are written as blocks of text,
+tables and figures (``report_blocks``) that common/render.py renders through the templates
+report.md and report.html.
 
 Example:
   python 08_debug.py --predictions data/demo/01_predictions.csv \

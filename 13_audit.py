@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import load_npz, save_npz, write_csv, write_text
+from common.io import load_npz, save_npz, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.13_audit")

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from common.artefacts import (Description, Mosaic, Prediction, columns, read_ablation,
-                              read_confusion, read_debug_neurons, read_pairs)
+                              read_causal, read_confusion, read_debug_neurons, read_pairs)
 from common.cli import StageError
 from common.differential import chance_rate, compare_groups, layer_stats
 from common.io import save_npz, write_csv
@@ -297,6 +297,7 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
                         run_dir / "08_debug", settings=settings, bundle=bundle,
                         image_tensor=tensors.__getitem__)
     cc = summary["causal"]["palace__castle"]
+    assert read_causal(run_dir / "08_debug" / "palace__castle") == cc
     assert cc["suspects"] == [1] and cc["control"] != [1]
     assert cc["rerun_agreement"] == 1.0
     assert (cc["n_ko"], cc["ko_base_pred"]) == (8, 8)
