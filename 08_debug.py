@@ -42,7 +42,6 @@ import dataclasses
 import difflib
 import logging
 import math
-import re
 import shutil
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from common import render as doc
 from common.classes import name_key
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
 from common.differential import AGGS, STAT_COLS, chance_rate, layer_stats
-from common.io import atomic_path, sweep_temporaries, write_json, write_text
+from common.io import atomic_path, safe_name, sweep_temporaries, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.08_debug")
@@ -183,9 +182,7 @@ def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str)
 
 def folder_name(true_name: str, pred_name: str) -> str:
     """``<true>__<pred>`` with anything but letters, digits, dot and dash replaced by ``_``."""
-    def clean(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9.\-]+", "_", text).strip("._") or "class"
-    return f"{clean(true_name)}__{clean(pred_name)}"
+    return f"{safe_name(true_name, 'class')}__{safe_name(pred_name, 'class')}"
 
 
 def pair_counts(rows: list[dict]) -> tuple[collections.Counter, collections.Counter,

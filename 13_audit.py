@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import load_npz, save_npz, write_csv
+from common.io import load_npz, safe_name, save_npz, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.13_audit")
@@ -333,18 +333,13 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
     return {"audit": audit_rows, "summary": summary}
 
 
-def class_folder(name: str) -> str:
-    """A class name as a folder name."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
-
-
 def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int],
                   mosaics: dict, concepts: dict, margin: float) -> None:
     """report.md and report.html of one class (common/render.py): figures, then the most relevant
     neurons with label, sentence and mosaic. Sentences and concepts are untrusted text: the
     templates escape them."""
     from common import render as doc
-    folder = out_dir / class_folder(row["class_name"])
+    folder = out_dir / safe_name(row["class_name"], "class")
     folder.mkdir(parents=True, exist_ok=True)
     by_channel = {n["channel"]: n for n in neurons}
     top = [by_channel[c] for c in order if c in by_channel]

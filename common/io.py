@@ -185,6 +185,13 @@ def plain_text(text: str) -> str:
                             for ch in str(text)).split())
 
 
+def safe_name(text: str, fallback: str) -> str:
+    """``text`` (a class or layer name, possibly untrusted) as one file or folder name: runs of
+    anything but ASCII letters, digits, dot and dash become ``_``, leading and trailing dots and
+    underscores go (no hidden file, no ``..``); ``fallback`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("._") or fallback
+
+
 def csv_cell(value):
     """``value`` as safe to open in a spreadsheet: text that would run as a formula (it starts
     with = + - @, a tab or a carriage return) gets the text mark ' in front, and so does text that
