@@ -77,7 +77,7 @@ def render_html(groups: list[tuple[str, str, list[dict]]], html_path: Path) -> s
         rows = [{**h, "score": doc.fmt_number(h["score"]), "cosine": doc.fmt_number(h["cosine"]),
                  "mosaic": h["mosaic"] or None} for h in hits]
         blocks.append(doc.table(["rank", "layer", "channel", "score", "cosine", "mosaic",
-                                 "description"], rows, image="mosaic", embed=False,
+                                 "description"], rows, image="mosaic", embed=False, thumb_px=200,
                                 numeric=["rank", "channel", "score", "cosine"]))
     return doc.html_page("Neuron search", blocks, html_path.parent)
 

@@ -140,6 +140,15 @@ def test_reports_show_hostile_text_literally(tmp_path):
     assert page.count("<tr>") == len(HOSTILE) + 1
 
 
+def test_report_folder_names_cannot_leave_their_folder():
+    """A class name becomes one folder name: no path separator, no hidden or parent folder."""
+    from common.io import safe_name
+    assert safe_name("../../etc/passwd", "class") == "etc_passwd"
+    assert safe_name(".hidden", "class") == "hidden"
+    assert safe_name("bell cote", "class") == "bell_cote"
+    assert safe_name("..", "class") == "class" and safe_name("", "class") == "class"
+
+
 def test_run_reports_escape_a_hostile_description(tmp_path):
     """A whole 08 run with a description that is a Markdown link and image: report.md has no
     live link or image made of it."""
