@@ -31,7 +31,7 @@ from typing import TextIO
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.artefacts import read_scores
 from common.io import plain_text, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
@@ -179,8 +179,7 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 07."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("queries", nargs="*", help="text queries, e.g. \"a dog with a ball\"")
     p.add_argument("--embeddings", required=True, type=Path, help="04_embeddings.npz of the run")
     p.add_argument("--descriptions", type=Path, default=None,
@@ -209,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, default=None,
                    help="also write an HTML page with mosaics beside the descriptions")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -217,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse flags and answer the queries."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(parser, argv)
     if not (args.queries or args.image or args.interactive):
         parser.error("give at least one query, --image PATH or --interactive")
     if args.top_k < 1:

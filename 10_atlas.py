@@ -52,7 +52,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import replace_dir
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.render import asset, json_for_script, render
@@ -996,9 +996,7 @@ def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1",
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 10: ``build`` and ``serve``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p = stage_parser(__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write the static atlas",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1035,8 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse flags and build or serve the atlas."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(parser, argv)
     if args.command == "build":
         if min(args.thumb_px, args.mosaic_px, args.max_images, args.batch_size) < 1:
             parser.error("--thumb-px, --mosaic-px, --max-images and --batch-size must be ≥ 1")
