@@ -51,7 +51,8 @@ from tqdm import tqdm
 from common import artefacts
 from common import render as doc
 from common.classes import name_key
-from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
+from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, stage_parser,
+                        start_stage)
 from common.differential import AGGS, STAT_COLS, chance_rate, layer_stats
 from common.io import atomic_path, safe_name, sweep_temporaries, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -896,8 +897,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 08 (defaults: ``Settings``)."""
     default = Settings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--predictions", required=True, type=Path, help="01_predictions.csv")
     p.add_argument("--confusion", required=True, type=Path, help="08_confusion.csv to write")
     p.add_argument("--out-dir", required=True, type=Path, help="08_debug folder to write")
@@ -938,14 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass")
     p.add_argument("--seed", type=int, default=default.seed,
                    help="seed of the sample and random control")
-    p.add_argument("--model", default=None, help="01's model, named again (required when it is a "
-                                                 "file: 08 never loads code named by a meta)")
-    p.add_argument("--weights", default=None, help="must match 01's weights (as --model)")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="load a whole pickled checkpoint with weights_only=False (trusted files "
-                        "only; never taken from 01's metadata)")
     p.add_argument("--device", default=default.device, help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    add_model_again_flags(p, "causal check")
     return p
 
 
@@ -953,9 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse flags and run the debugging stage."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
+    args = start_stage(parser, argv, keep_memory=True)
     if not 0 < args.fdr < 1:
         parser.error("--fdr must lie between 0 and 1")
     if args.min_images < 2:

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
+from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
+                        stage_parser, start_stage)
 from common.io import load_npz, safe_name, save_npz, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -375,8 +375,7 @@ def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("relevance", help="per-class relevance of every neuron (one pass)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -386,12 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--run-dir", required=True, help="the run's folder (data/<RUN>)")
         q.add_argument("--batch-size", type=int, default=32, help="images per pass")
         q.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-        q.add_argument("--model", default=None, help="the model 01 ran, named again (needed "
-                       "when it is a file; make passes MODEL)")
-        q.add_argument("--weights", default=None, help="01's weights file, named again")
-        q.add_argument("--unsafe-pickle", action="store_true",
-                       help="allow loading a whole pickled checkpoint (trusted files only)")
-        q.add_argument("--verbose", action="store_true", help="debug logging")
+    add_model_again_flags(r, "relevance")
+    add_model_again_flags(a, "causal check")
     a.add_argument("--audit", required=True, help="concepts file (YAML)")
     a.add_argument("--out-dir", required=True, help="folder for the audit's files")
     a.add_argument("--layer", default=None, help="layer audited (default: the deepest one)")
@@ -410,17 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_stage_error
 def main(argv=None):
     """Compute the relevance, or audit the classes."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
-    model = {"model": args.model, "weights": args.weights, "unsafe_pickle": args.unsafe_pickle}
+    args = start_stage(build_parser(), argv, keep_memory=True)
     if args.command == "relevance":
-        run_relevance(Path(args.run_dir), args.batch_size, args.device, model, args=vars(args))
+        run_relevance(Path(args.run_dir), batch_size=args.batch_size, device=args.device,
+                      model=model_again(args), args=vars(args))
         return
-    run_audit(Path(args.run_dir), Path(args.audit), Path(args.out_dir), args.layer, args.top,
-              args.margin, args.controls, args.images_per_class, args.seed, args.batch_size,
-              args.device, model, args=vars(args))
+    run_audit(Path(args.run_dir), Path(args.audit), Path(args.out_dir), layer=args.layer,
+              top=args.top, margin=args.margin, controls=args.controls,
+              per_class=args.images_per_class, seed=args.seed, batch_size=args.batch_size,
+              device=args.device, model=model_again(args), args=vars(args))
 
 
 if __name__ == "__main__":
