@@ -56,10 +56,9 @@ from common import artefacts
 from common.cli import (StageError, exit_on_stage_error, parse_shard, shard_slice, stage_parser,
                         start_stage)
 from common.appearance import PALETTE, colour_codes
-from common.io import DiskFull, sweep_temporaries, write_csv
+from common.io import DiskFull, plain_text, sweep_temporaries, write_csv
 from common.mosaics import cut_tiles, load_mosaic
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.report import plain_text
 
 log = logging.getLogger("neuron-atlas.03_describe")
 

@@ -74,7 +74,6 @@ TOP_CLASSES = 8  # classes listed for a neuron's top images
 MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
 KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
               "verify_corr", "beats_control"]  # shown on cards when 09 computed them
-DEBUG_STATUSES = ("selected", "fallback", "requested")  # 08 pairs that have a report folder
 ATTRIBUTION_NOTE = ("Relevance of a neuron = its activation × the gradient of the class's logit "
                     "with respect to it, summed over the feature map: how much the logit would "
                     "drop, to first order, if the neuron were switched off. Positive: it pushed "
@@ -123,10 +122,11 @@ class RunData:
 def read_run(run_dir: Path) -> RunData:
     """Read the artefacts of ``run_dir``; 01-03 are required, the later stages optional."""
     from common.artefacts import (read_activations, read_categories, read_clusters,
-                                  read_descriptions, read_embeddings, read_images, read_keywords,
-                                  read_metrics, read_mosaics, read_predictions, read_score_rows,
+                                  read_confusion, read_debug_neurons, read_descriptions,
+                                  read_embeddings, read_images, read_keywords, read_metrics,
+                                  read_mosaics, read_pairs, read_predictions, read_score_rows,
                                   read_summary, read_trace)
-    from common.io import read_csv, read_json
+    from common.io import read_json
 
     def need(name: str, stage: str) -> Path:
         """The path of a required artefact; a clear error when it is missing."""
@@ -184,13 +184,16 @@ def read_run(run_dir: Path) -> RunData:
     if path := optional("06_trace.csv", "the concept trace"):
         run.trace = read_trace(path)
     if path := optional("08_confusion.csv", "debugging"):
-        run.confusion = read_csv(path)
+        run.confusion = [{**dataclasses.asdict(r), "class": r.class_}
+                         for r in read_confusion(path)]
         pairs_csv = run_dir / "08_debug" / "pairs.csv"
-        run.pairs = read_csv(pairs_csv) if pairs_csv.exists() else []
-        for pair in run.pairs:
-            neurons = run_dir / "08_debug" / pair["folder"] / "neurons.csv"
-            if pair["status"] in DEBUG_STATUSES and pair["folder"] and neurons.exists():
-                run.debug_neurons[pair["folder"]] = read_csv(neurons)
+        pairs = read_pairs(pairs_csv) if pairs_csv.exists() else []
+        run.pairs = [{**dataclasses.asdict(p), "analysed": p.analysed} for p in pairs]
+        for pair in pairs:
+            neurons = run_dir / "08_debug" / pair.folder / "neurons.csv"
+            if pair.analysed and neurons.exists():
+                run.debug_neurons[pair.folder] = [dataclasses.asdict(r)
+                                                  for r in read_debug_neurons(neurons)]
     if path := optional("09_scores.csv", "scores"):
         run.scores = read_score_rows(path)
         if (run_dir / "09_summary.csv").exists():
@@ -500,7 +503,7 @@ def analysed_pairs(run: RunData, max_images: int) -> list[dict]:
     """08's analysed pairs with their KO image ids (at most ``max_images`` each, lowest ids)."""
     out = []
     for pair in run.pairs or []:
-        if pair["status"] not in DEBUG_STATUSES or not pair["folder"]:
+        if not pair["analysed"]:
             continue
         t, p = int(pair["true_idx"]), int(pair["pred_idx"])
         ko = sorted(i for i, r in run.predictions.items()
@@ -859,11 +862,11 @@ class Site:
     def audit_pages(self, out: dict) -> None:
         """audit/index.html (every audited class, its figures and most relevant neurons) and a
         copy of 13's report of each class; each relevant neuron's page lists its classes."""
-        from common.report import class_folder
+        from common.io import safe_name
         run = self.run
         classes = []
         for summary in run.audit_summary:
-            folder = class_folder(summary.class_name)
+            folder = safe_name(summary.class_name, "class")  # as 13 names the class's folder
             source = run.run_dir / "13_audit" / folder / "report.html"
             report = ""
             if source.is_file():
@@ -1015,7 +1018,7 @@ class Site:
                       images=images, top=top if images else [], flagged=flagged,
                       report=report.exists(), method=method, attribution_note=note)
             shown.append({**pair, "page": True, "report": report.exists()})
-        skipped = [p for p in run.pairs or [] if p["status"] not in DEBUG_STATUSES][:30]
+        skipped = [p for p in run.pairs or [] if not p["analysed"]][:30]
         self.page("debug/index.html", "atlas_debug.html", pairs=shown, skipped=skipped)
         return contributions
 

@@ -21,7 +21,7 @@ from common.attribution import channel_attribution
 from common.browser import NoBrowser, headless_chromium, wait_ready
 from common.artefacts import read_audit, read_audit_summary, read_baskets
 from common.io import read_csv
-from common.report import class_folder
+from common.io import safe_name
 from common.render import fmt_number, json_for_script
 from conftest import load_stage
 
@@ -219,7 +219,7 @@ def test_reports_made_on_request_are_shown_linked_and_dropped_when_stale(run, tm
         page = (site / "neurons" / a.layer / f"{a.channel}.html").read_text()
         audit = page[page.index("<h2>Audit</h2>"):]
         assert f"audit-{a.label}" in audit.split("</tr>")[1]
-        assert f'audit/{class_folder(a.class_name)}/report.html"' in audit
+        assert f'audit/{safe_name(a.class_name, "class")}/report.html"' in audit
     # Run u is a copy of t: every neuron's best match is itself, on u's own atlas page.
     page = (site / "neurons" / "relu1" / "2.html").read_text()
     assert 'href="../../../../u/atlas/neurons/relu1/2.html"' in page
@@ -235,7 +235,7 @@ def test_reports_made_on_request_are_shown_linked_and_dropped_when_stale(run, tm
         try:
             for layer, channel, link, landing in (
                     (basket.layer, basket.members[0], f"#b-{basket.layer}-{basket.number}", None),
-                    (a.layer, a.channel, f"#{class_folder(a.class_name)}", None),
+                    (a.layer, a.channel, f"#{safe_name(a.class_name, 'class')}", None),
                     ("relu1", 2, "u/atlas/neurons/relu1/2.html", "relu1 · neuron 2")):
                 driver.get((site / "neurons" / layer / f"{channel}.html").resolve().as_uri())
                 driver.find_element(By.CSS_SELECTOR, f'a[href$="{link}"]').click()

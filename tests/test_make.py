@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from common import deps
+from common.artefacts import read_confusion
 from common.io import read_csv
 from common.provenance import read_meta
 from conftest import ROOT, make_image, project_copy
@@ -151,8 +152,8 @@ def test_own_grey_model_with_its_own_classes(grey_tree):
     meta = json.loads((run / "01_extract.meta.json").read_text())
     assert meta["preprocess"] == {"input_size": 32, "mean": [0.2], "std": [0.25], "channels": 1}
     assert meta["accuracy"]["n_correct"] == 32 and not meta["accuracy"]["warning"]
-    confusion = read_csv(run / "08_confusion.csv")
-    assert confusion[0]["class"] == "narrow band" and confusion[0]["top1_pred"] == "pin stripe"
+    confusion = read_confusion(run / "08_confusion.csv")
+    assert confusion[0].class_ == "narrow band" and confusion[0].top1_pred == "pin stripe"
     report = (run / "08_debug" / "narrow_band__pin_stripe" / "report.md").read_text()
     assert "narrow band" in report and "pin stripe" in report
     deep = {int(r["channel"]): r["description"] for r in read_csv(run / "03_descriptions.csv")
