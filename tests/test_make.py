@@ -422,3 +422,27 @@ def test_deps_counts_the_data_files_a_module_reads():
     assert "common/imagenet_classes.tsv" in deps.common_files(Path("common/imagenet.py"))
     assert "common/imagenet_classes.tsv" in deps.common_files(Path("01_extract.py"))
     assert "common/imagenet_classes.tsv" not in deps.common_files(Path("common/mosaics.py"))
+
+
+def test_deps_counts_templates_per_file():
+    """Templates are dependencies file by file: the atlas's page templates (and the base they
+    extend, found independently with jinja2's own parser) belong to 10 only, while 08, which
+    renders reports, gets report.html/report.md and the stylesheet they inline — so editing an
+    atlas page does not re-run 08's causal check, and editing the report template does."""
+    import jinja2
+    import jinja2.meta
+
+    atlas = set(deps.common_files(Path("10_atlas.py")))
+    debug = set(deps.common_files(Path("08_debug.py")))
+    templates = ROOT / "common" / "templates"
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates))
+    for page in templates.glob("atlas_*.html"):
+        assert f"common/templates/{page.name}" in atlas and \
+            f"common/templates/{page.name}" not in debug, page.name
+        parsed = env.parse(page.read_text(encoding="utf-8"))
+        for parent in jinja2.meta.find_referenced_templates(parsed):
+            assert f"common/templates/{parent}" in atlas, (page.name, parent)
+    assert {"common/templates/report.html", "common/templates/report.md",
+            "common/templates/atlas.css"} <= debug
+    assert "common/templates/base.html" not in debug
+    assert not any("templates" in f for f in deps.common_files(Path("01_extract.py")))
