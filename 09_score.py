@@ -478,7 +478,7 @@ def _mean(values) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
-@single_threaded  # parallel in processes (--workers), not threads: see common/threads.py
+@single_threaded  # BLAS on one thread, parallel in processes (--workers): common/threads.py
 def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mosaics: Path,
         descriptions: Path, embeddings: Path, crop_vectors: Path, scores_out: Path,
         summary_out: Path, eval_out: Path, subconcepts: Path,

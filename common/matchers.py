@@ -22,6 +22,8 @@ cannot be decoded get NaN rows.
     neuron's per-image value is its best cell. 01 stores the argmax cell only for each neuron's top
     images, so on held-out images the window the neuron used is unknown: the best-matching window
     stands in for it, which favours sentences whose words co-occur anywhere in the image.
+    The images are measured by forked worker processes (``workers``) that write into shared
+    arrays, while the calling process embeds the sentences and class names for the object part.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from PIL import Image
 from common.appearance import FEATURES, integral_image, pixel_maps, window_features
 from common.images import BadImage, load_rgb, network_input
 from common.rf import RF, crop_box
+from common.threads import one_torch_thread
 
 log = logging.getLogger("neuron-atlas.matchers")
 
@@ -306,13 +309,14 @@ class OfflineMatcher:
     def _object_scores(self, sentences: Sequence[str]) -> np.ndarray:
         """N × S: probability-weighted cosine between each sentence (its best phrase per class)
         and the image's top-5 names."""
-        if self._class_vectors is None:
-            self._class_vectors = self.text_embedder.encode(
-                [name.replace("_", " ") for name in self.class_names])
         pieces = [phrases(s) for s in sentences]
         new = list(dict.fromkeys(p for ps in pieces for p in ps if p not in self._phrase_vectors))
-        if new:
-            self._phrase_vectors.update(zip(new, self.text_embedder.encode(new)))
+        with one_torch_thread():  # see common/threads.py
+            if self._class_vectors is None:
+                self._class_vectors = self.text_embedder.encode(
+                    [name.replace("_", " ") for name in self.class_names])
+            if new:
+                self._phrase_vectors.update(zip(new, self.text_embedder.encode(new)))
         cos = np.zeros((len(sentences), len(self.class_names)))
         for i, ps in enumerate(pieces):
             vectors = np.stack([self._phrase_vectors[p] for p in ps])
@@ -335,7 +339,8 @@ class OfflineMatcher:
         decoding them again.
         """
         windows = {layer: layer_windows(*layer_geometry[layer], input_size)
-                   for layer in set(sentences_by_layer) | set(keep)}
+                   for layer in {lay for lay, sents in sentences_by_layer.items() if sents} |
+                   set(keep)}
         n = len(paths)
         if not self.keeps(keep, n, input_size, layer_geometry):
             log.info("window features of %d images would take over %d MiB: more sentences will "

@@ -305,19 +305,19 @@ def test_pixel_maps_are_the_named_colours_luminance_and_gradients():
 
 
 def test_one_thread_inside_and_restored_after():
-    """Inside ``one_thread`` torch and BLAS use one thread; afterwards the settings are back."""
+    """Inside ``single_threaded`` BLAS uses one thread, inside ``one_torch_thread`` torch does;
+    afterwards the settings are back."""
     from threadpoolctl import threadpool_info
-    from common.threads import one_thread, single_threaded
+    from common.threads import one_torch_thread, single_threaded
     before = torch.get_num_threads()
     blas_before = [i["num_threads"] for i in threadpool_info()]
 
     @single_threaded
     def inside():
-        """The thread counts seen inside."""
-        return torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()]
-    threads, blas = inside()
-    assert threads == 1 and all(n == 1 for n in blas)
-    with one_thread():
+        """The BLAS/OpenMP thread counts seen inside."""
+        return [i["num_threads"] for i in threadpool_info()]
+    assert all(n == 1 for n in inside())
+    with one_torch_thread():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     assert [i["num_threads"] for i in threadpool_info()] == blas_before
