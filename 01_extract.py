@@ -31,13 +31,15 @@ import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+# common.cli before torch: importing it sets the OMP_WAIT_POLICY default, which OpenMP reads
+# only when torch loads it (see common/cli.py).
+from common.cli import (StageError, exit_on_stage_error, parse_floats, parse_shard, shard_slice,
+                        stage_parser, start_stage)
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common.activations import StreamingTopK
-from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_floats,
-                        parse_shard, setup_logging, shard_slice)
 from common.io import (CsvLines, DiskFull, NpyRowWriter, atomic_path, disk_guard, load_npz,
                        read_json, replace_dir, save_npz, sweep_temporaries, temp_dir, write_json)
 from common.provenance import retract_meta, write_meta
@@ -56,8 +58,7 @@ PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name"
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 01."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--images", help="image folder (class sub-folders = labels) or CSV (path,label)")
     p.add_argument("--out", required=True, help="run folder to write into")
     p.add_argument("--model", default="efficientnet_lite0",
@@ -88,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="i/N: process only the i-th of N slices of the images into 01_parts/")
     p.add_argument("--merge", type=int, default=None, metavar="N",
                    help="combine the N shard results in 01_parts/ into the final outputs")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -594,9 +594,7 @@ def load_part_info(part: Path) -> dict:
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags, load the model, and run (or shard, or merge) the extraction."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
+    args = start_stage(build_parser(), argv, keep_memory=True)
     if not args.images:
         raise StageError("--images is required (an image folder or a CSV of paths)")
     torch.manual_seed(0)

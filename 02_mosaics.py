@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.artefacts import read_activations, read_images
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -54,8 +54,7 @@ SHRUNK_FROM = 0.25  # rf windows covering this share of the image or more: cut f
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 02."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--activations", required=True, help="01_activations.npz")
     p.add_argument("--images", required=True, help="01_images.csv")
     p.add_argument("--out-dir", required=True, help="folder for <layer>/<channel>.png")
@@ -65,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", choices=["rf", "mask"], default="rf", help="how crops are cut")
     p.add_argument("--layers", default="", help="comma-separated subset of layers (empty: all)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -372,8 +370,7 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags and build the mosaics."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(build_parser(), argv)
     layers = [n.strip() for n in args.layers.split(",") if n.strip()] or None
     run(Path(args.activations), Path(args.images), Path(args.out_dir), Path(args.index),
         grid=args.grid, tile=args.tile, crop=args.crop, layers=layers, workers=args.workers,

@@ -53,13 +53,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import artefacts
-from common.cli import (StageError, exit_on_stage_error, keep_freed_memory, parse_shard,
-                        setup_logging, shard_slice)
+from common.cli import (StageError, exit_on_stage_error, parse_shard, shard_slice, stage_parser,
+                        start_stage)
 from common.appearance import PALETTE, colour_codes
-from common.io import DiskFull, sweep_temporaries, write_csv
+from common.io import DiskFull, plain_text, sweep_temporaries, write_csv
 from common.mosaics import cut_tiles, load_mosaic
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.report import plain_text
 
 log = logging.getLogger("neuron-atlas.03_describe")
 
@@ -1015,8 +1014,7 @@ def make_describer(backend: str, n_levels: int, predictions: Path | None, reuse_
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 03."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
     p.add_argument("--activations", default=None, help="01_activations.npz (layer order, top "
                    "images; needed by the offline backend)")
@@ -1064,7 +1062,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
     p.add_argument("--retries", type=int, default=3, help="openai: retries per request")
     p.add_argument("--device", default="auto", help="hf/offline: auto, cpu, cuda …")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -1193,12 +1190,7 @@ def run(mosaics: Path, out: Path, activations: Path | None = None,
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags and describe the neurons."""
-    # Idle OpenMP threads must sleep, not spin: on a shared 2-core machine spinning threads made
-    # torch 10-20× slower. Read once, when torch is first imported (lazily, after this line).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
+    args = start_stage(build_parser(), argv, keep_memory=True)
     run(Path(args.mosaics), Path(args.out),
         activations=Path(args.activations) if args.activations else None,
         predictions=Path(args.predictions) if args.predictions else None,

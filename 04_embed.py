@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from common.artefacts import (CropVectors, Embeddings, Mosaic, read_descriptions, read_mosaics,
                               write_crop_vectors, write_embeddings)
-from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.embedders import embed_distinct_crops, fuse, l2_normalise, same_space
 from common.io import sweep_temporaries
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -46,8 +45,7 @@ CROPS_FILE = "04_crops.npz"  # the per-crop vectors, written beside --out
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 04."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
     p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
     p.add_argument("--out", required=True, help="04_embeddings.npz to write")
@@ -63,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top crops per neuron whose own vectors 04_crops.npz keeps (09's "
                         "clarity, polysemanticity, redundancy and sub-concepts)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -166,12 +163,7 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags and embed the neurons."""
-    # Idle OpenMP threads must sleep, not spin: on a shared 2-core machine spinning threads made
-    # torch 10-20× slower. Read once, when torch is first imported (lazily, after this line).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
+    args = start_stage(build_parser(), argv, keep_memory=True)
     run(Path(args.descriptions), Path(args.mosaics), Path(args.out), text_model=args.text_model,
         image_model=args.image_model, image_tiles=args.image_tiles,
         crop_vectors_n=args.crop_vectors, device=args.device,

@@ -43,7 +43,7 @@ import numpy as np
 from common.artefacts import (CategoryRow, ClusterRow, Embeddings, KeywordRow, KSearchRow,
                               MetricRow, columns, order_layers, read_descriptions,
                               read_embeddings, read_layer_order)
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import atomic_path, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -778,8 +778,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of the stage."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
     p.add_argument("--embeddings", required=True, help="04_embeddings.npz")
     p.add_argument("--activations", default=None,
@@ -811,15 +810,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(omitted: its offline default, all-MiniLM-L6-v2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
 @exit_on_stage_error
 def main(argv=None):
     """Parse arguments and run the stage."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(build_parser(), argv)
     run(args.descriptions, args.embeddings, args.out_dir, activations_path=args.activations,
         k_min=args.k_min, k_max=args.k_max, n_init=args.n_init, grid_points=args.grid_points,
         seed=args.seed, projection=args.projection, n_keywords=args.n_keywords,

@@ -33,7 +33,7 @@ import numpy as np
 
 from common.artefacts import TraceLink, columns, order_layers, read_clusters, read_keywords, \
     read_layer_order
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import atomic_path, sweep_temporaries, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -410,8 +410,7 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of the stage."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--clusters", required=True, help="05_clusters.csv")
     p.add_argument("--keywords", required=True, help="05_keywords.csv")
     p.add_argument("--activations", default=None,
@@ -426,15 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text embedder for keywords, as named to common.embedders "
                         "(omitted: its offline default, all-MiniLM-L6-v2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
 @exit_on_stage_error
 def main(argv=None):
     """Parse arguments and run the stage."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(build_parser(), argv)
     run(args.clusters, args.keywords, args.out_dir, activations_path=args.activations,
         kind=args.kind, n_keywords=args.n_keywords, threshold=args.threshold, follow=args.follow,
         text_embedder_name=args.text_embedder, device=args.device)

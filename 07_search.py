@@ -31,11 +31,11 @@ from typing import TextIO
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.artefacts import read_scores
-from common.io import write_csv, write_text
+from common.io import plain_text, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
-from common.report import esc, html_page, html_table, img_tag, plain_text
+from common import render as doc
 from common.search import (DEFAULT_BASELINE, DEFAULT_SCORING, SCORINGS, Searcher, load_index,
                            loader_name)
 
@@ -69,18 +69,17 @@ def format_hits(query: str, hits: list[dict], note: str = "") -> str:
 
 def render_html(groups: list[tuple[str, str, list[dict]]], html_path: Path) -> str:
     """An HTML page with one table per query; mosaics linked relative to the page's folder."""
-    parts = ["<h1>Neuron search</h1>"]
+    blocks = [doc.heading("Neuron search", 1)]
     for query, note, hits in groups:
-        parts.append(f"<h2>{esc(query)}</h2>")
+        blocks.append(doc.heading(query))
         if note:
-            parts.append(f"<p>{esc(note)}</p>")
-        rows = [{**h, "mosaic_img": img_tag(h["mosaic"] or None, f"{h['layer']} {h['channel']}",
-                                            embed=False, relative_to=html_path.parent)}
-                for h in hits]
-        parts.append(html_table(["rank", "layer", "channel", "score", "cosine", "mosaic_img",
-                                 "description"], rows, raw=["mosaic_img"],
+            blocks.append(doc.paragraph(note))
+        rows = [{**h, "score": doc.fmt_number(h["score"]), "cosine": doc.fmt_number(h["cosine"]),
+                 "mosaic": h["mosaic"] or None} for h in hits]
+        blocks.append(doc.table(["rank", "layer", "channel", "score", "cosine", "mosaic",
+                                 "description"], rows, image="mosaic", embed=False, thumb_px=200,
                                 numeric=["rank", "channel", "score", "cosine"]))
-    return html_page("Neuron search", "\n".join(parts))
+    return doc.html_page("Neuron search", blocks, html_path.parent)
 
 
 def input_metas(embeddings: Path, descriptions: Path, mosaics: Path) -> list[dict]:
@@ -180,8 +179,7 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 07."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("queries", nargs="*", help="text queries, e.g. \"a dog with a ball\"")
     p.add_argument("--embeddings", required=True, type=Path, help="04_embeddings.npz of the run")
     p.add_argument("--descriptions", type=Path, default=None,
@@ -210,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, default=None,
                    help="also write an HTML page with mosaics beside the descriptions")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -218,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse flags and answer the queries."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(parser, argv)
     if not (args.queries or args.image or args.interactive):
         parser.error("give at least one query, --image PATH or --interactive")
     if args.top_k < 1:

@@ -21,9 +21,11 @@ predicted P. For every neuron and both per-image aggregations (spatial max and m
 Δμ = μ_KO − μ_OK; z = Δμ divided by its pooled-variance standard error, so that |z| ≥ 2 is
 the classic "two standard errors" rule (it fires for ~5% of neurons even when nothing differs);
 the Welch t-test p-value; and the Benjamini–Hochberg q-value over all neurons of all layers,
-which is the flag to trust. The causal check zeroes the top positive-z neurons of the deepest
-layer, re-runs the model, and counts KO images that flip to T, against an equally sized random
-set of neurons.
+which is the flag to trust (the statistics: common/differential.py). The causal check zeroes the
+top positive-z neurons of the deepest layer, re-runs the model, and counts KO images that flip to
+T, against an equally sized random set of neurons. The reports are written as blocks of text,
+tables and figures (``report_blocks``) that common/render.py renders through the templates
+report.md and report.html.
 
 Example:
   python 08_debug.py --predictions data/demo/01_predictions.csv \
@@ -40,37 +42,56 @@ import dataclasses
 import difflib
 import logging
 import math
-import os
-import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as sps
 from tqdm import tqdm
 
 from common import artefacts
+from common import render as doc
 from common.classes import name_key
-from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import atomic_path, read_json, sweep_temporaries, write_csv, write_json, write_text
+from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, stage_parser,
+                        start_stage)
+from common.differential import AGGS, STAT_COLS, chance_rate, layer_stats
+from common.io import atomic_path, safe_name, sweep_temporaries, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.report import esc, html_page, html_table, img_tag, md_text
 
 log = logging.getLogger("neuron-atlas.08_debug")
 
 STAGE = "08_debug"
-AGGS = ("max", "mean")  # per-image aggregations of a channel's feature map, as stored by 01
-CONFUSION_FIELDS = ["rank", "class_idx", "class", "n", "correct", "errors", "accuracy",
-                    "top1_pred_idx", "top1_pred", "top1_count", "top1_share", "top_confused"]
-PAIR_FIELDS = ["true_idx", "true", "pred_idx", "pred", "n_true", "ok", "ko", "share", "status",
-               "reason", "folder"]
-STAT_COLS = ["mu_ok", "mu_ko", "delta_mu", "z", "effect", "p", "q", "flag_z", "flag_fdr"]
-ABLATION_FIELDS = ["image_id", "group", "label_idx", "pred_01", "pred_base", "pred_ablated",
-                   "pred_control", "p_true_base", "p_true_ablated"]
 TOP_CONFUSED = 5  # confused classes listed per true class in 08_confusion.csv
 EXAMPLES = 8  # KO / OK images shown in each report's contact sheets
 TILE_PX = 112  # side of an image in those sheets and in crop strips
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to analyse and how: the command-line flags of the stage, one field per flag (the
+    01-03 input paths are ``run``'s own arguments)."""
+    true: str | None = None        # --true: the class whose images are misclassified
+    pred: str | None = None        # --pred: the class they are mistaken for
+    min_errors: int = 5            # automatic selection: least KO images of a pair
+    min_share: float = 0.25        # … least share of the true class's errors going to the pair
+    min_images: int = 3            # least OK and KO images to compare them
+    max_pairs: int = 2             # … most pairs analysed
+    fdr: float = 0.05              # Benjamini–Hochberg level of the flag
+    z_threshold: float = 2.0       # the thesis's |z| rule
+    rank_by: str = "mean"          # aggregation that ranks neurons and picks those to ablate
+    show_top: int = 8              # neurons shown with images in reports
+    ablate_top: int = 10           # suspects zeroed in the causal check (0: no check, no model)
+    ablation_sample: int = 200     # labelled images on which overall accuracy is measured; 0: all
+    batch_size: int = 32           # images per forward pass
+    seed: int = 0                  # seed of the sample and the random control
+    model: str | None = None       # 01's model, named again (see --model)
+    weights: str | None = None     # 01's weights, named again
+    unsafe_pickle: bool = False    # allow a whole pickled checkpoint (trusted files only)
+    device: str = "auto"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Settings":
+        """The settings of parsed flags (each field is the flag of the same name)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,9 +183,7 @@ def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str)
 
 def folder_name(true_name: str, pred_name: str) -> str:
     """``<true>__<pred>`` with anything but letters, digits, dot and dash replaced by ``_``."""
-    def clean(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9.\-]+", "_", text).strip("._") or "class"
-    return f"{clean(true_name)}__{clean(pred_name)}"
+    return f"{safe_name(true_name, 'class')}__{safe_name(pred_name, 'class')}"
 
 
 def pair_counts(rows: list[dict]) -> tuple[collections.Counter, collections.Counter,
@@ -258,83 +277,7 @@ def split_ok_ko(rows: list[dict], pair: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics
-
-
-def compare_groups(ko: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
-    """Per column (neuron) of ``ko`` (n_KO × C) against ``ok`` (n_OK × C).
-
-    ``z`` is Δμ over the pooled-variance standard error of Δμ, s_p·√(1/n_KO + 1/n_OK), i.e.
-    the Student two-sample statistic; under no difference it is ≈ N(0, 1), which is what makes
-    |z| ≥ 2 mean "two standard errors". ``effect`` is Δμ / s_p (Cohen's d), the size of the
-    difference in units of the neurons' spread. ``p`` is Welch's two-sided t-test (no equal-variance
-    assumption). Constant neurons get z = 0 and p = 1 when both groups agree exactly.
-    """
-    ko = np.asarray(ko, dtype=np.float64)
-    ok = np.asarray(ok, dtype=np.float64)
-    n1, n2 = len(ko), len(ok)
-    mu_ko, mu_ok = ko.mean(axis=0), ok.mean(axis=0)
-    delta = mu_ko - mu_ok
-    pooled_var = ((n1 - 1) * ko.var(axis=0, ddof=1)
-                  + (n2 - 1) * ok.var(axis=0, ddof=1)) / (n1 + n2 - 2)
-    sd = np.sqrt(pooled_var)
-    se = sd * math.sqrt(1 / n1 + 1 / n2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(se > 0, delta / se, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
-        effect = np.where(sd > 0, delta / sd, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
-        # Constant neurons (a dead unit is 0 on every image) make scipy warn about precision;
-        # they are handled just below, so the warning is noise here.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p = sps.ttest_ind(ko, ok, axis=0, equal_var=False).pvalue
-    p = np.where(np.isnan(p), np.where(delta == 0, 1.0, 0.0), p)
-    return {"mu_ok": mu_ok, "mu_ko": mu_ko, "delta_mu": delta, "z": z, "effect": effect, "p": p}
-
-
-def bh_qvalues(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values) of a flat array of p-values."""
-    if p.size == 0:
-        return p.copy()
-    return sps.false_discovery_control(np.clip(p, 0.0, 1.0), method="bh")
-
-
-def layer_stats(stats_dir: Path, layers: list[str], ok_ids: np.ndarray, ko_ids: np.ndarray,
-                min_images: int, pair_label: str, fdr: float, z_threshold: float) -> dict:
-    """Differential statistics of every neuron of every layer, for both aggregations.
-
-    Rows are read from the memory-mapped 01_stats files, so only the OK and KO images are loaded.
-    Rows that are NaN (skipped images) are dropped. q-values and flags are computed over all
-    neurons of all layers of one aggregation (one family of tests). Returns
-    ``{layer: {agg: {column: array}}, "_n": {layer: (n_ok, n_ko)}}``.
-    """
-    out: dict = {"_n": {}}
-    for layer in layers:
-        out[layer] = {}
-        for agg in AGGS:
-            table = artefacts.read_stats(stats_dir, layer, agg)
-            ko = np.asarray(table[ko_ids], dtype=np.float64)
-            ok = np.asarray(table[ok_ids], dtype=np.float64)
-            ko = ko[~np.isnan(ko).any(axis=1)]
-            ok = ok[~np.isnan(ok).any(axis=1)]
-            if min(len(ok), len(ko)) < min_images:
-                raise StageError(
-                    f"pair {pair_label}: OK has {len(ok)} usable images and KO {len(ko)} in layer "
-                    f"{layer}; the comparison needs at least {min_images} in each (--min-images). "
-                    f"Pick a pair with more errors, or add images of that class")
-            out[layer][agg] = compare_groups(ko, ok)
-            out["_n"][layer] = (len(ok), len(ko))
-    for agg in AGGS:
-        flat_p = np.concatenate([out[layer][agg]["p"] for layer in layers])
-        flat_q = bh_qvalues(flat_p)
-        start = 0
-        for layer in layers:
-            res = out[layer][agg]
-            c = len(res["p"])
-            res["q"] = flat_q[start:start + c]
-            res["flag_z"] = np.abs(res["z"]) >= z_threshold
-            res["flag_fdr"] = res["q"] <= fdr
-            start += c
-    return out
+# The neuron table (statistics: common/differential.py)
 
 
 def neuron_rows(stats: dict, layers: list[str], rank_by: str, descriptions: dict,
@@ -359,17 +302,6 @@ def neuron_rows(stats: dict, layers: list[str], rank_by: str, descriptions: dict
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return rows
-
-
-def neuron_fields() -> list[str]:
-    """Column order of neurons.csv."""
-    return (["rank", "layer", "channel"] + [f"{a}_{c}" for a in AGGS for c in STAT_COLS]
-            + ["description", "mosaic"])
-
-
-def chance_rate(n_ok: int, n_ko: int, z_threshold: float) -> float:
-    """Share of neurons expected to pass |z| ≥ threshold when nothing differs (t distribution)."""
-    return float(2 * sps.t.sf(z_threshold, n_ok + n_ko - 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,201 +535,125 @@ def control_of(n_channels: int, suspects: list[int], seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reports
+# Reports: what they say, as blocks (common/render.py writes them as Markdown and HTML)
 
 
-def fmt(value, digits: int = 3) -> str:
-    """A number for a report cell (blank for None)."""
-    if value is None or value == "":
-        return ""
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
-    return str(value)
-
-
-def pct(value) -> str:
-    """A share as a percentage (blank for None)."""
-    return "" if value is None else f"{100 * value:.1f}%"
-
-
-def report_blocks(pair: dict, ctx: dict) -> list[tuple]:
-    """The report as a list of blocks, rendered both to Markdown and to HTML.
-
-    Block kinds: ("h", level, text), ("p", text), ("note", text), ("table", columns, rows),
-    ("img", path, caption, photo). All text in blocks is plain (renderers escape it).
-    """
+def report_blocks(pair: dict, ctx: dict) -> list[dict]:
+    """The report of one analysed pair, as common/render.py blocks (plain text: the templates
+    escape it)."""
+    num, pct = doc.fmt_number, doc.fmt_percent
+    settings: Settings = ctx["settings"]
     t, p = pair["true"], pair["pred"]
     n_ok, n_ko = len(ctx["ok_ids"]), len(ctx["ko_ids"])
-    blocks: list[tuple] = [("h", 1, f"Why is “{t}” predicted as “{p}”?")]
-    blocks.append(("p", f"Model: {ctx['model_name']}. Images labelled {t}: {pair['n_true']}, of "
-                        f"which {n_ok} are predicted correctly (OK) and {n_ko} are predicted as "
-                        f"{p} (KO); {pair['share']:.0%} of the class's errors go to {p}."))
+    blocks = [doc.heading(f"Why is “{t}” predicted as “{p}”?", 1),
+              doc.paragraph(f"Model: {ctx['model_name']}. Images labelled {t}: {pair['n_true']}, "
+                            f"of which {n_ok} are predicted correctly (OK) and {n_ko} are "
+                            f"predicted as {p} (KO); {pair['share']:.0%} of the class's errors go "
+                            f"to {p}.")]
     if pair["status"] == "fallback":
-        blocks.append(("note", f"Fallback: {pair['reason']}. Treat the results with extra care."))
+        blocks.append(doc.note(f"Fallback: {pair['reason']}. Treat the results with extra care."))
     elif pair["status"] == "requested":
-        blocks.append(("p", "Pair chosen by the user (--true/--pred)."))
+        blocks.append(doc.paragraph("Pair chosen by the user (--true/--pred)."))
     else:
-        blocks.append(("p", f"Chosen automatically: {pair['reason']}."))
+        blocks.append(doc.paragraph(f"Chosen automatically: {pair['reason']}."))
     crow = ctx["confusion_row"]
-    blocks.append(("p", f"Class {t}: accuracy {pct(crow['accuracy'])}, {crow['errors']} errors "
-                        f"(problem-class rank {crow['rank']}); most confused with: "
-                        f"{crow['top_confused'] or 'none'}."))
+    blocks.append(doc.paragraph(
+        f"Class {t}: accuracy {pct(crow['accuracy'])}, {crow['errors']} errors (problem-class "
+        f"rank {crow['rank']}); most confused with: {crow['top_confused'] or 'none'}."))
     if ctx.get("ko_sheet"):
-        blocks.append(("img", ctx["ko_sheet"], f"KO: {t} images predicted as {p}", True))
+        blocks.append(doc.figure(ctx["ko_sheet"], f"KO: {t} images predicted as {p}"))
     if ctx.get("ok_sheet"):
-        blocks.append(("img", ctx["ok_sheet"], f"OK: {t} images predicted correctly", True))
+        blocks.append(doc.figure(ctx["ok_sheet"], f"OK: {t} images predicted correctly"))
 
-    blocks.append(("h", 2, "Differential neurons per layer"))
-    blocks.append(("p", f"For each neuron, Δμ = μ_KO − μ_OK of its per-image activation, "
-                        f"z = Δμ over the standard error of that difference, a Welch t-test "
-                        f"p-value and a Benjamini–Hochberg q-value over all neurons of all "
-                        f"layers. '|z|≥{ctx['z_threshold']:g}' is the thesis's rule; 'expected' "
-                        f"is how many neurons it flags by chance alone. 'FDR' counts neurons "
-                        f"with q ≤ {ctx['fdr']:g}, the flag that accounts for testing many "
-                        f"neurons."))
+    rule = f"|z|≥{settings.z_threshold:g}"
+    blocks += [doc.heading("Differential neurons per layer"), doc.paragraph(
+        f"For each neuron, Δμ = μ_KO − μ_OK of its per-image activation, z = Δμ over the standard "
+        f"error of that difference, a Welch t-test p-value and a Benjamini–Hochberg q-value over "
+        f"all neurons of all layers. '{rule}' is the thesis's rule; 'expected' is how many "
+        f"neurons it flags by chance alone. 'FDR' counts neurons with q ≤ {settings.fdr:g}, the "
+        f"flag that accounts for testing many neurons.")]
     stats, layers = ctx["stats"], ctx["layers"]
     layer_rows = []
     for layer in layers:
         lo, lk = stats["_n"][layer]
         c = len(stats[layer]["max"]["z"])
         row = {"layer": layer, "channels": c, "OK": lo, "KO": lk,
-               "expected": f"{c * chance_rate(lo, lk, ctx['z_threshold']):.1f}"}
+               "expected": f"{c * chance_rate(lo, lk, settings.z_threshold):.1f}"}
         for agg in AGGS:
-            row[f"|z|≥{ctx['z_threshold']:g} ({agg})"] = int(stats[layer][agg]["flag_z"].sum())
+            row[f"{rule} ({agg})"] = int(stats[layer][agg]["flag_z"].sum())
             row[f"FDR ({agg})"] = int(stats[layer][agg]["flag_fdr"].sum())
         layer_rows.append(row)
-    blocks.append(("table", list(layer_rows[0].keys()), layer_rows))
-    blocks.append(("img", ctx["hist_png"], "Distribution of Δμ per layer", False))
-    blocks.append(("img", ctx["heat_png"], "z per channel and layer (dots: |z| above the rule)",
-                   False))
+    blocks += [doc.table(layer_rows[0].keys(), layer_rows,
+                         numeric=[k for k in layer_rows[0] if k != "layer"]),
+               doc.figure(ctx["hist_png"], "Distribution of Δμ per layer", photo=False),
+               doc.figure(ctx["heat_png"], "z per channel and layer (dots: |z| above the rule)",
+                          photo=False)]
 
-    blocks.append(("h", 2, "Most anomalous neurons"))
-    rb = ctx["rank_by"]
-    blocks.append(("p", f"Ranked by |z| of the per-image {rb}. Positive z: the neuron is more "
-                        f"active on the misclassified images (a candidate cause); negative: it is "
-                        f"less active (evidence for {t} that is missing)."))
+    rb = settings.rank_by
+    blocks += [doc.heading("Most anomalous neurons"), doc.paragraph(
+        f"Ranked by |z| of the per-image {rb}. Positive z: the neuron is more active on the "
+        f"misclassified images (a candidate cause); negative: it is less active (evidence for {t} "
+        f"that is missing).")]
     top_rows = []
     for r in ctx["top_neurons"]:
         score = ctx["scores"].get((r["layer"], r["channel"]), {})
         top_rows.append({"rank": r["rank"], "layer": r["layer"], "channel": r["channel"],
-                         "z": fmt(r[f"{rb}_z"], 2), "Δμ": fmt(r[f"{rb}_delta_mu"]),
-                         "effect": fmt(r[f"{rb}_effect"], 2), "q": fmt(r[f"{rb}_q"]),
+                         "z": num(r[f"{rb}_z"]), "Δμ": num(r[f"{rb}_delta_mu"]),
+                         "effect": num(r[f"{rb}_effect"]), "q": num(r[f"{rb}_q"]),
                          "FDR": "yes" if r[f"{rb}_flag_fdr"] else "no",
                          "description": r["description"] or "(no description)",
-                         "verified r": fmt(score.get("verify_corr"), 2),
-                         "clarity": fmt(score.get("clarity"), 2),
-                         "_image": r.get("_image")})
-    blocks.append(("table", ["rank", "layer", "channel", "z", "Δμ", "effect", "q", "FDR",
-                             "description", "verified r", "clarity", "_image"], top_rows))
-    blocks.append(("p", "verified r: how well the description predicts the neuron's activation "
-                        "on images it was not written from (09, Pearson; compare with its "
-                        "control in 09_scores.csv); clarity: how alike its top crops are (0 … 1). "
-                        "Trust a description with a low verified r less."))
+                         "verified r": num(score.get("verify_corr"), 2),
+                         "clarity": num(score.get("clarity"), 2), "images": r.get("_image")})
+    blocks += [doc.table(["rank", "layer", "channel", "z", "Δμ", "effect", "q", "FDR",
+                          "description", "verified r", "clarity", "images"], top_rows,
+                         numeric=["rank", "channel", "z", "Δμ", "effect", "q", "verified r",
+                                  "clarity"], image="images"),
+               doc.paragraph("verified r: how well the description predicts the neuron's "
+                             "activation on images it was not written from (09, Pearson; compare "
+                             "with its control in 09_scores.csv); clarity: how alike its top crops "
+                             "are (0 … 1). Trust a description with a low verified r less.")]
 
-    blocks.append(("h", 2, "Causal check"))
+    blocks.append(doc.heading("Causal check"))
     cc = ctx.get("causal")
     if cc is None:
-        blocks.append(("p", ctx.get("causal_note") or "Not run (--ablate-top 0)."))
+        blocks.append(doc.paragraph(ctx.get("causal_note") or "Not run (--ablate-top 0)."))
     else:
         b, a, c = cc["before"], cc["ablated"], cc["control_ablated"]
         suspects = ", ".join(map(str, cc["suspects"]))
-        blocks.append(("p", f"The {len(cc['suspects'])} channels of the deepest layer "
-                            f"{cc['layer']} with the largest positive z ({suspects}) were set to "
-                            f"zero and the model re-run; as a control, {len(cc['control'])} "
-                            f"random other channels of that layer were zeroed instead. The re-run "
-                            f"without ablation agrees with 01's predictions on "
-                            f"{pct(cc['rerun_agreement'])} of these images."))
-        blocks.append(("table", ["measure", "before", "suspects zeroed", "random zeroed"], [
-            {"measure": f"KO images predicted {t} (of {cc['n_ko']})",
-             "before": b["ko_to_true"], "suspects zeroed": a["ko_to_true"],
-             "random zeroed": c["ko_to_true"]},
-            {"measure": f"KO images no longer predicted {p}",
-             "before": cc["n_ko"] - cc["ko_base_pred"], "suspects zeroed": a["ko_left_pred"],
-             "random zeroed": c["ko_left_pred"]},
-            {"measure": f"mean probability of {t} on KO", "before": fmt(b["ko_p_true"]),
-             "suspects zeroed": fmt(a["ko_p_true"]), "random zeroed": fmt(c["ko_p_true"])},
-            {"measure": f"accuracy on OK ({cc['n_ok']})", "before": pct(b["ok_accuracy"]),
-             "suspects zeroed": pct(a["ok_accuracy"]), "random zeroed": pct(c["ok_accuracy"])},
-            {"measure": f"accuracy on {cc['n_all']} labelled images (random sample)",
-             "before": pct(b["all_accuracy"]), "suspects zeroed": pct(a["all_accuracy"]),
-             "random zeroed": "not run"},
-        ]))
-        verdict = ("more than" if a["ko_to_true"] > c["ko_to_true"] else
-                   "no more than")
-        blocks.append(("p", f"Zeroing the suspects turned {a['ko_to_true']} of {cc['n_ko']} KO "
-                            f"images into {t}, {verdict} zeroing random channels "
-                            f"({c['ko_to_true']}). Per-image predictions before and after: "
-                            f"ablation.csv."))
+        blocks.append(doc.paragraph(
+            f"The {len(cc['suspects'])} channels of the deepest layer {cc['layer']} with the "
+            f"largest positive z ({suspects}) were set to zero and the model re-run; as a control, "
+            f"{len(cc['control'])} random other channels of that layer were zeroed instead. The "
+            f"re-run without ablation agrees with 01's predictions on "
+            f"{pct(cc['rerun_agreement'])} of these images."))
+        measures = ["before", "suspects zeroed", "random zeroed"]
+        rows = [
+            [f"KO images predicted {t} (of {cc['n_ko']})",
+             b["ko_to_true"], a["ko_to_true"], c["ko_to_true"]],
+            [f"KO images no longer predicted {p}",
+             cc["n_ko"] - cc["ko_base_pred"], a["ko_left_pred"], c["ko_left_pred"]],
+            [f"mean probability of {t} on KO",
+             num(b["ko_p_true"]), num(a["ko_p_true"]), num(c["ko_p_true"])],
+            [f"accuracy on OK ({cc['n_ok']})",
+             pct(b["ok_accuracy"]), pct(a["ok_accuracy"]), pct(c["ok_accuracy"])],
+            [f"accuracy on {cc['n_all']} labelled images (random sample)",
+             pct(b["all_accuracy"]), pct(a["all_accuracy"]), "not run"]]
+        verdict = "more than" if a["ko_to_true"] > c["ko_to_true"] else "no more than"
+        blocks += [doc.table(["measure"] + measures,
+                             [dict(zip(["measure"] + measures, row)) for row in rows],
+                             numeric=measures),
+                   doc.paragraph(f"Zeroing the suspects turned {a['ko_to_true']} of {cc['n_ko']} "
+                                 f"KO images into {t}, {verdict} zeroing random channels "
+                                 f"({c['ko_to_true']}). Per-image predictions before and after: "
+                                 f"ablation.csv.")]
 
-    blocks.append(("h", 2, "How to read this"))
-    blocks.append(("p", "Differences in activation show correlation with the error, not its cause; "
-                        "the causal check is the stronger evidence, and only when the suspects "
-                        "change predictions clearly more than the random control. With few OK or "
-                        "KO images the statistics are weak, and near-duplicate images (views of "
-                        "one photo) make them look stronger than they are. Descriptions are "
-                        "written by a model and can be wrong. All neurons: neurons.csv."))
+    blocks += [doc.heading("How to read this"), doc.paragraph(
+        "Differences in activation show correlation with the error, not its cause; the causal "
+        "check is the stronger evidence, and only when the suspects change predictions clearly "
+        "more than the random control. With few OK or KO images the statistics are weak, and "
+        "near-duplicate images (views of one photo) make them look stronger than they are. "
+        "Descriptions are written by a model and can be wrong. All neurons: neurons.csv.")]
     return blocks
-
-
-def relative(path, folder: Path) -> str:
-    """``path`` relative to ``folder``, with forward slashes (for links in a report)."""
-    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
-
-
-def render_markdown(blocks: list[tuple], folder: Path) -> str:
-    """Markdown for ``blocks``; images are linked relative to ``folder``; text is escaped."""
-    lines = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "h":
-            lines += ["#" * block[1] + " " + md_text(block[2]), ""]
-        elif kind == "p":
-            lines += [md_text(block[1]), ""]
-        elif kind == "note":
-            lines += ["> **Note.** " + md_text(block[1]), ""]
-        elif kind == "img":
-            lines += [f"![{md_text(block[2])}]({relative(block[1], folder)})", ""]
-        elif kind == "table":
-            cols = [c for c in block[1] if c != "_image"]
-            has_img = "_image" in block[1]
-            head = cols + (["images"] if has_img else [])
-            lines.append("| " + " | ".join(md_text(c) for c in head) + " |")
-            lines.append("|" + "---|" * len(head))
-            for row in block[2]:
-                cells = [md_text(row.get(c, "")) for c in cols]
-                if has_img:
-                    img = row.get("_image")
-                    cells.append(f"![]({relative(img, folder)})" if img else "")
-                lines.append("| " + " | ".join(cells) + " |")
-            lines.append("")
-    return "\n".join(lines)
-
-
-def render_html(blocks: list[tuple], title: str) -> str:
-    """Self-contained HTML for ``blocks``: every image embedded as a data URI, all text escaped."""
-    parts = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "h":
-            parts.append(f"<h{block[1]}>{esc(block[2])}</h{block[1]}>")
-        elif kind == "p":
-            parts.append(f"<p>{esc(block[1])}</p>")
-        elif kind == "note":
-            parts.append(f'<p class="note">{esc(block[1])}</p>')
-        elif kind == "img":
-            tag = img_tag(block[1], block[2], embed=True, max_px=900, photo=block[3])
-            parts.append(f"<figure>{tag}<figcaption>{esc(block[2])}</figcaption></figure>")
-        elif kind == "table":
-            cols = list(block[1])
-            rows = block[2]
-            if "_image" in cols:
-                cols[cols.index("_image")] = "images"
-                rows = [{**r, "images": img_tag(r.get("_image"), f"{r['layer']} {r['channel']}",
-                                                embed=True, max_px=320)} for r in rows]
-            parts.append(html_table(cols, rows, raw=["images"]))
-    return html_page(title, "\n".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,6 +665,7 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
 
     Too few images is a StageError for a pair the user asked for, and a logged skip otherwise.
     """
+    settings: Settings = ctx["settings"]
     label = f"{pair['true']} → {pair['pred']}"
     ok_ids, ko_ids = split_ok_ko(rows, pair)
     # ImageNet has two classes called "crane" (and two "maillot"): add the index to such names.
@@ -816,12 +673,12 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
               for name, idx in ((pair["true"], pair["true_idx"]), (pair["pred"], pair["pred_idx"]))]
     folder = out_dir / folder_name(*unique)
     try:
-        if min(len(ok_ids), len(ko_ids)) < ctx["min_images"]:
+        if min(len(ok_ids), len(ko_ids)) < settings.min_images:
             raise StageError(f"pair {label}: OK has {len(ok_ids)} images and KO {len(ko_ids)}; the "
-                             f"comparison needs at least {ctx['min_images']} in each "
+                             f"comparison needs at least {settings.min_images} in each "
                              f"(--min-images). Pick a pair with more errors, or add images")
-        stats = layer_stats(ctx["stats_dir"], ctx["layers"], ok_ids, ko_ids, ctx["min_images"],
-                            label, ctx["fdr"], ctx["z_threshold"])
+        stats = layer_stats(ctx["stats_dir"], ctx["layers"], ok_ids, ko_ids, settings.min_images,
+                            label, settings.fdr, settings.z_threshold)
     except StageError as err:
         if pair["status"] == "requested":
             raise
@@ -830,11 +687,12 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
         return None
     folder.mkdir(parents=True, exist_ok=True)
     pair["folder"] = folder.name
-    table = neuron_rows(stats, ctx["layers"], ctx["rank_by"], ctx["descriptions"], ctx["mosaics"])
-    write_csv(folder / "neurons.csv", table, neuron_fields())
-    plot_delta_hist(stats, ctx["layers"], folder / "delta_mu.png", ctx["z_threshold"])
-    plot_z_heatmaps(stats, ctx["layers"], folder / "z_heatmaps.png", ctx["z_threshold"])
-    top = [dict(r) for r in table[:ctx["show_top"]]]
+    table = neuron_rows(stats, ctx["layers"], settings.rank_by, ctx["descriptions"],
+                       ctx["mosaics"])
+    artefacts.write_debug_neurons(folder / "neurons.csv", table)
+    plot_delta_hist(stats, ctx["layers"], folder / "delta_mu.png", settings.z_threshold)
+    plot_z_heatmaps(stats, ctx["layers"], folder / "z_heatmaps.png", settings.z_threshold)
+    top = [dict(r) for r in table[:settings.show_top]]
     for r in top:
         if r["mosaic"] and Path(r["mosaic"]).exists():
             r["_image"] = r["mosaic"]
@@ -859,33 +717,36 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
     return info
 
 
-def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate, image_tensor,
-               ablate_top: int, sample_size: int, batch_size: int, seed: int) -> None:
+def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate,
+               image_tensor) -> None:
     """Ablation re-runs for every analysed pair; results go into each analysis dict."""
+    settings: Settings = ctx["settings"]
     rows_by_id = {r["image_id"]: r for r in rows}
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings.seed)
     all_ids = sorted(rows_by_id)
-    sample = sorted(int(i) for i in (rng.choice(all_ids, size=sample_size, replace=False)
-                                     if 0 < sample_size < len(all_ids) else all_ids))
+    size = settings.ablation_sample
+    sample = sorted(int(i) for i in (rng.choice(all_ids, size=size, replace=False)
+                                     if 0 < size < len(all_ids) else all_ids))
     needed = set(sample)
     for a in analyses:
         needed |= set(a["ok_ids"].tolist()) | set(a["ko_ids"].tolist())
     tensors = load_tensors(sorted(needed), ctx["paths"], image_tensor)
-    base = predict_probs(bundle, tensors, sorted(tensors), None, ablate, batch_size, "08 baseline")
+    base = predict_probs(bundle, tensors, sorted(tensors), None, ablate, settings.batch_size,
+                         "08 baseline")
     layer = ctx["layers"][-1]
     for a in analyses:
-        suspects = suspects_of(a["stats"], layer, ctx["rank_by"], ablate_top)
+        suspects = suspects_of(a["stats"], layer, settings.rank_by, settings.ablate_top)
         if not suspects:
             a["causal_note"] = (f"No channel of {layer} is more active on KO than on OK: "
                                 "nothing to ablate.")
             continue
-        n_channels = len(a["stats"][layer][ctx["rank_by"]]["z"])
-        control = control_of(n_channels, suspects, seed)
+        n_channels = len(a["stats"][layer][settings.rank_by]["z"])
+        control = control_of(n_channels, suspects, settings.seed)
         result, per_image = causal_check(bundle, ablate, tensors, base, layer, suspects, control,
                                          a["pair"], a["ok_ids"], a["ko_ids"], sample, rows_by_id,
-                                         batch_size)
+                                         settings.batch_size)
         a["causal"] = result
-        write_csv(a["folder"] / "ablation.csv", per_image, ABLATION_FIELDS)
+        artefacts.write_ablation(a["folder"] / "ablation.csv", per_image)
         write_json(a["folder"] / "causal.json", result)
         log.info("%s → %s: zeroing %d channels of %s flips %d of %d KO images to %s "
                  "(random control: %d)", a["pair"]["true"], a["pair"]["pred"], len(suspects), layer,
@@ -901,7 +762,7 @@ def remove_stale_reports(out_dir: Path, keep: set[str], upstream: dict) -> None:
         if not child.is_dir() or child.name in keep or not (child / "report.md").exists():
             continue
         try:
-            same = read_json(child / "pair.json").get("upstream") == upstream
+            same = artefacts.read_pair_record(child).get("upstream") == upstream
         except (OSError, ValueError):
             same = False
         if not same:
@@ -919,8 +780,8 @@ def write_unlabelled_note(predictions: Path, confusion_path: Path, out_dir: Path
             f"sub-folders, or a `label` column in the CSV list), with CLASSES=names.txt if the "
             f"labels are class names the model does not carry.\n")
     write_text(out_dir / "note.md", note)
-    write_csv(out_dir / "pairs.csv", [], PAIR_FIELDS)
-    write_csv(confusion_path, [], CONFUSION_FIELDS)
+    artefacts.write_pairs(out_dir / "pairs.csv", [])
+    artefacts.write_confusion(confusion_path, [])
     remove_stale_reports(out_dir, set(), {})
     write_meta(confusion_path.parent / f"{STAGE}.meta.json", STAGE, args or {},
                outputs=[confusion_path, out_dir / "note.md"], inputs=metas, pairs=[])
@@ -928,21 +789,18 @@ def write_unlabelled_note(predictions: Path, confusion_path: Path, out_dir: Path
     return {"pairs": [], "causal": {}}
 
 
-def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path | None = None,
+def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
+        settings: Settings = Settings(), stats_dir: Path | None = None,
         activations: Path | None = None, descriptions: Path | None = None,
-        mosaics: Path | None = None, scores: Path | None = None, true: str | None = None, pred: str | None = None,
-        min_errors: int = 5, min_share: float = 0.25, min_images: int = 3, max_pairs: int = 2,
-        fdr: float = 0.05, z_threshold: float = 2.0, rank_by: str = "mean", show_top: int = 8,
-        ablate_top: int = 10, sample_size: int = 200, batch_size: int = 32, seed: int = 0,
-        model: str | None = None, weights: str | None = None, unsafe_pickle: bool = False,
-        device: str = "auto", bundle=None, ablate=None, image_tensor=None,
-        args: dict | None = None) -> dict:
+        mosaics: Path | None = None, scores: Path | None = None, bundle=None, ablate=None,
+        image_tensor=None, args: dict | None = None) -> dict:
     """Write the confusion table and a debug report per selected pair; return a summary.
 
-    The 01-03 inputs default to their contract names beside ``predictions``. ``bundle`` (a
-    common.models.ModelBundle or look-alike), ``ablate`` (a context manager like
-    common.hooks.ablate_channels) and ``image_tensor`` (path → input tensor) are loaded here
-    only when not injected; they are needed only for the causal check (``ablate_top`` > 0).
+    The 01-03 inputs (and 09's optional scores) default to their contract names beside
+    ``predictions``. ``bundle`` (a common.models.ModelBundle or look-alike), ``ablate`` (a context
+    manager like common.hooks.ablate_channels) and ``image_tensor`` (path → input tensor) are
+    loaded here only when not injected; they are needed only for the causal check
+    (``settings.ablate_top`` > 0).
     """
     predictions = Path(predictions)
     run_dir = predictions.parent
@@ -952,7 +810,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     mosaics = Path(mosaics or run_dir / "02_mosaics.csv")
     scores = Path(scores or run_dir / "09_scores.csv")
     out_dir, confusion_path = Path(out_dir), Path(confusion_path)
-    if pred and not true:
+    if settings.pred and not settings.true:
         raise StageError("--pred needs --true (the class whose images are misclassified)")
 
     extract_meta = read_meta(predictions)
@@ -972,20 +830,20 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
         log.info("problem class %d: %s — accuracy %.1f%%, %d errors, top: %s", r["rank"],
                  r["class"], 100 * r["accuracy"], r["errors"], r["top_confused"] or "-")
 
-    if true:
-        pairs = [explicit_pair(rows, names, true, pred)]
+    if settings.true:
+        pairs = [explicit_pair(rows, names, settings.true, settings.pred)]
     else:
-        pairs = select_pairs(rows, names, min_errors, min_share, min_images, max_pairs)
-    chosen = [p for p in pairs if p["status"] in ("selected", "fallback", "requested")]
-    if not true and chosen and chosen[0]["status"] == "fallback":
+        pairs = select_pairs(rows, names, settings.min_errors, settings.min_share,
+                             settings.min_images, settings.max_pairs)
+    chosen = [p for p in pairs if p["status"] in artefacts.ANALYSED]
+    if not settings.true and chosen and chosen[0]["status"] == "fallback":
         log.warning("no confusion passes the thresholds; analysing the most frequent one instead: "
                     "%s → %s (%d KO)", chosen[0]["true"], chosen[0]["pred"], chosen[0]["ko"])
     if not chosen:
         log.warning("no confusion has at least %d OK and %d KO images: no pair is analysed "
-                    "(see %s)", min_images, min_images, out_dir / "pairs.csv")
+                    "(see %s)", settings.min_images, settings.min_images, out_dir / "pairs.csv")
 
-    ctx = {"stats_dir": stats_dir, "activations": activations, "min_images": min_images,
-           "fdr": fdr, "z_threshold": z_threshold, "rank_by": rank_by, "show_top": show_top,
+    ctx = {"settings": settings, "stats_dir": stats_dir, "activations": activations,
            "descriptions": artefacts.description_texts(
                artefacts.read_descriptions(descriptions, required=False)),
            "mosaics": {m.key: m.path for m in artefacts.read_mosaics(mosaics, required=False)},
@@ -999,26 +857,24 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
     analyses = [a for a in (analyse_pair(p, rows, ctx, out_dir) for p in chosen) if a is not None]
 
     model_name = (extract_meta.get("model") or {}).get("name", "?")
-    if analyses and ablate_top > 0:
+    if analyses and settings.ablate_top > 0:
         if bundle is None:
             from common.models import reload_model
-            bundle = reload_model(extract_meta, model, weights, unsafe_pickle, device)
+            bundle = reload_model(extract_meta, settings.model, settings.weights,
+                                  settings.unsafe_pickle, settings.device)
         if ablate is None:
             from common.hooks import ablate_channels as ablate
         model_name = getattr(bundle, "name", model_name)
         run_causal(analyses, rows, ctx, bundle, ablate,
-                   image_tensor or default_image_tensor(bundle), ablate_top, sample_size,
-                   batch_size, seed)
+                   image_tensor or default_image_tensor(bundle))
 
     outputs = [confusion_path, out_dir / "pairs.csv"]
     for a in analyses:
         report_ctx = {**ctx, **a, "model_name": model_name,
                       "confusion_row": conf_by_idx[a["pair"]["true_idx"]]}
-        blocks = report_blocks(a["pair"], report_ctx)
-        title = f"{a['pair']['true']} → {a['pair']['pred']}"
-        write_text(a["folder"] / "report.md", render_markdown(blocks, a["folder"]))
-        write_text(a["folder"] / "report.html", render_html(blocks, title))
-        outputs += [a["folder"] / "neurons.csv", a["folder"] / "report.md"]
+        md, _ = doc.write_report(a["folder"], f"{a['pair']['true']} → {a['pair']['pred']}",
+                                 report_blocks(a["pair"], report_ctx))
+        outputs += [a["folder"] / "neurons.csv", md]
     # The runs a report is made from (not 09's scores, which may come later and only add columns).
     upstream = {stage: fp for stage, fp in merge_lineage(metas).items()
                 if stage in ("01_extract", "02_mosaics", "03_describe")}
@@ -1026,8 +882,8 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
         write_json(a["folder"] / "pair.json", {"pair": a["pair"], "upstream": upstream})
     remove_stale_reports(out_dir, {a["folder"].name for a in analyses}, upstream)
     (out_dir / "note.md").unlink(missing_ok=True)  # an unlabelled earlier run's note
-    write_csv(out_dir / "pairs.csv", pairs, PAIR_FIELDS)
-    write_csv(confusion_path, confusion, CONFUSION_FIELDS)
+    artefacts.write_pairs(out_dir / "pairs.csv", pairs)
+    artefacts.write_confusion(confusion_path, confusion)
     summary = {"pairs": [{k: a["pair"][k] for k in ("true", "pred", "ok", "ko", "status", "folder")}
                          for a in analyses],
                "causal": {a["pair"]["folder"]: a.get("causal") for a in analyses}}
@@ -1039,9 +895,9 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, stats_dir: Path 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 08."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Command-line flags of stage 08 (defaults: ``Settings``)."""
+    default = Settings()
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--predictions", required=True, type=Path, help="01_predictions.csv")
     p.add_argument("--confusion", required=True, type=Path, help="08_confusion.csv to write")
     p.add_argument("--out-dir", required=True, type=Path, help="08_debug folder to write")
@@ -1056,33 +912,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true", default=None, help="true class to debug (name, label or index)")
     p.add_argument("--pred", default=None,
                    help="confusing class (default with --true: its most frequent wrong prediction)")
-    p.add_argument("--min-errors", type=int, default=5, help="auto: least KO images of a pair")
-    p.add_argument("--min-share", type=float, default=0.25,
+    p.add_argument("--min-errors", type=int, default=default.min_errors,
+                   help="auto: least KO images of a pair")
+    p.add_argument("--min-share", type=float, default=default.min_share,
                    help="auto: least share of the true class's errors that go to the pair's class")
-    p.add_argument("--min-images", type=int, default=3,
+    p.add_argument("--min-images", type=int, default=default.min_images,
                    help="least OK and KO images needed to compare them")
-    p.add_argument("--max-pairs", type=int, default=2, help="auto: most pairs analysed")
-    p.add_argument("--fdr", type=float, default=0.05, help="Benjamini–Hochberg level of the flag")
-    p.add_argument("--z-threshold", type=float, default=2.0, help="the thesis's |z| rule")
-    p.add_argument("--rank-by", choices=AGGS, default="mean",
+    p.add_argument("--max-pairs", type=int, default=default.max_pairs,
+                   help="auto: most pairs analysed")
+    p.add_argument("--fdr", type=float, default=default.fdr,
+                   help="Benjamini–Hochberg level of the flag")
+    p.add_argument("--z-threshold", type=float, default=default.z_threshold,
+                   help="the thesis's |z| rule")
+    p.add_argument("--rank-by", choices=AGGS, default=default.rank_by,
                    help="aggregation used to rank neurons and pick the ones to ablate")
-    p.add_argument("--show-top", type=int, default=8, help="neurons shown with images in reports")
-    p.add_argument("--ablate-top", type=int, default=10,
+    p.add_argument("--show-top", type=int, default=default.show_top,
+                   help="neurons shown with images in reports")
+    p.add_argument("--ablate-top", type=int, default=default.ablate_top,
                    help="positive-z neurons of the deepest layer zeroed in the causal check "
                         "(0: no check, no model loaded)")
-    p.add_argument("--ablation-sample", type=int, default=200,
+    p.add_argument("--ablation-sample", type=int, default=default.ablation_sample,
                    help="labelled images (random, seeded) on which overall accuracy is measured; "
                         "0: all")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample and random control")
-    p.add_argument("--model", default=None, help="01's model, named again (required when it is a "
-                                                 "file: 08 never loads code named by a meta)")
-    p.add_argument("--weights", default=None, help="must match 01's weights (as --model)")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="load a whole pickled checkpoint with weights_only=False (trusted files "
-                        "only; never taken from 01's metadata)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--batch-size", type=int, default=default.batch_size,
+                   help="images per forward pass")
+    p.add_argument("--seed", type=int, default=default.seed,
+                   help="seed of the sample and random control")
+    p.add_argument("--device", default=default.device, help="auto (cuda if present), cpu, cuda …")
+    add_model_again_flags(p, "causal check")
     return p
 
 
@@ -1090,18 +947,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse flags and run the debugging stage."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
+    args = start_stage(parser, argv, keep_memory=True)
     if not 0 < args.fdr < 1:
         parser.error("--fdr must lie between 0 and 1")
     if args.min_images < 2:
         parser.error("--min-images must be at least 2 (a variance needs two images)")
-    run(args.predictions, args.confusion, args.out_dir, args.stats_dir, args.activations,
-        args.descriptions, args.mosaics, args.scores, args.true, args.pred, args.min_errors, args.min_share,
-        args.min_images, args.max_pairs, args.fdr, args.z_threshold, args.rank_by, args.show_top,
-        args.ablate_top, args.ablation_sample, args.batch_size, args.seed, args.model,
-        args.weights, args.unsafe_pickle, args.device, args=vars(args))
+    run(args.predictions, args.confusion, args.out_dir, settings=Settings.from_args(args),
+        stats_dir=args.stats_dir, activations=args.activations, descriptions=args.descriptions,
+        mosaics=args.mosaics, scores=args.scores, args=vars(args))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from common.artefacts import (CropVectors, Description, Mosaic, read_activations,
                               read_crop_vectors, read_descriptions, read_images, read_mosaics,
                               read_predictions)
-from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.threads import single_threaded
@@ -430,8 +430,7 @@ def eval_report(rows: list[dict], backend: str, layer: str | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 09."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--activations", required=True, help="01_activations.npz")
     p.add_argument("--stats-dir", required=True, help="01_stats/")
     p.add_argument("--images", required=True, help="01_images.csv")
@@ -462,7 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
     p.add_argument("--workers", type=int, default=2, help="offline matcher: processes measuring "
                    "the images")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -657,10 +655,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags and score the neurons."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
+    args = start_stage(build_parser(), argv, keep_memory=True)
     run(Path(args.activations), Path(args.stats_dir), Path(args.images), Path(args.predictions),
         Path(args.mosaics), Path(args.descriptions), Path(args.embeddings),
         Path(args.crop_vectors), Path(args.scores), Path(args.summary), Path(args.eval),

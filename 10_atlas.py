@@ -52,7 +52,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import replace_dir
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.render import asset, json_for_script, render
@@ -71,7 +71,6 @@ MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
 TEXT_COLUMNS = {"layer", "channel", "subconcept", "embedder", "description", "mosaic", "matcher"}
 KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
               "verify_corr", "beats_control"]  # shown on cards when 09 computed them
-DEBUG_STATUSES = ("selected", "fallback", "requested")  # 08 pairs that have a report folder
 ATTRIBUTION_NOTE = ("Relevance of a neuron = its activation × the gradient of the class's logit "
                     "with respect to it, summed over the feature map: how much the logit would "
                     "drop, to first order, if the neuron were switched off. Positive: it pushed "
@@ -115,8 +114,9 @@ def read_run(run_dir: Path) -> RunData:
     """Read the artefacts of ``run_dir``; 01-03 are required, the later stages optional."""
     import dataclasses
 
-    from common.artefacts import (read_activations, read_descriptions, read_embeddings,
-                                  read_images, read_mosaics, read_predictions)
+    from common.artefacts import (read_activations, read_confusion, read_debug_neurons,
+                                  read_descriptions, read_embeddings, read_images, read_mosaics,
+                                  read_pairs, read_predictions)
     from common.io import read_csv, read_json
 
     def need(name: str, stage: str) -> Path:
@@ -176,13 +176,16 @@ def read_run(run_dir: Path) -> RunData:
     if path := optional("06_trace.csv", "the concept trace"):
         run.trace = read_csv(path)
     if path := optional("08_confusion.csv", "debugging"):
-        run.confusion = read_csv(path)
+        run.confusion = [{**dataclasses.asdict(r), "class": r.class_}
+                         for r in read_confusion(path)]
         pairs_csv = run_dir / "08_debug" / "pairs.csv"
-        run.pairs = read_csv(pairs_csv) if pairs_csv.exists() else []
-        for pair in run.pairs:
-            neurons = run_dir / "08_debug" / pair["folder"] / "neurons.csv"
-            if pair["status"] in DEBUG_STATUSES and pair["folder"] and neurons.exists():
-                run.debug_neurons[pair["folder"]] = read_csv(neurons)
+        pairs = read_pairs(pairs_csv) if pairs_csv.exists() else []
+        run.pairs = [{**dataclasses.asdict(p), "analysed": p.analysed} for p in pairs]
+        for pair in pairs:
+            neurons = run_dir / "08_debug" / pair.folder / "neurons.csv"
+            if pair.analysed and neurons.exists():
+                run.debug_neurons[pair.folder] = [dataclasses.asdict(r)
+                                                  for r in read_debug_neurons(neurons)]
     if path := optional("09_scores.csv", "scores"):
         run.scores = read_csv(path)
         if (run_dir / "09_summary.csv").exists():
@@ -374,7 +377,7 @@ def analysed_pairs(run: RunData, max_images: int) -> list[dict]:
     """08's analysed pairs with their KO image ids (at most ``max_images`` each, lowest ids)."""
     out = []
     for pair in run.pairs or []:
-        if pair["status"] not in DEBUG_STATUSES or not pair["folder"]:
+        if not pair["analysed"]:
             continue
         t, p = int(pair["true_idx"]), int(pair["pred_idx"])
         ko = sorted(i for i, r in run.predictions.items()
@@ -737,7 +740,7 @@ class Site:
                       images=images, top=top if images else [], flagged=flagged,
                       report=report.exists(), method=method, attribution_note=note)
             shown.append({**pair, "page": True, "report": report.exists()})
-        skipped = [p for p in run.pairs or [] if p["status"] not in DEBUG_STATUSES][:30]
+        skipped = [p for p in run.pairs or [] if not p["analysed"]][:30]
         self.page("debug/index.html", "atlas_debug.html", pairs=shown, skipped=skipped)
         return contributions
 
@@ -993,9 +996,7 @@ def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1",
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 10: ``build`` and ``serve``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p = stage_parser(__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write the static atlas",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1032,8 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse flags and build or serve the atlas."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(parser, argv)
     if args.command == "build":
         if min(args.thumb_px, args.mosaic_px, args.max_images, args.batch_size) < 1:
             parser.error("--thumb-px, --mosaic-px, --max-images and --batch-size must be ≥ 1")

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
+from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
+                        stage_parser, start_stage)
 from common.io import load_npz, read_csv, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -373,8 +374,7 @@ def format_set(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", required=True, help="the run's folder (data/<RUN>)")
     ops = p.add_mutually_exclusive_group()
     ops.add_argument("--union", nargs=2, metavar=("A", "B"), help="show the union of two baskets")
@@ -394,22 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample and controls")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--model", default=None, help="pruning: the model 01 ran, named again (needed "
-                   "when it is a file; make passes MODEL)")
-    p.add_argument("--weights", default=None, help="pruning: 01's weights file, named again")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="pruning: allow loading a whole pickled checkpoint (trusted files only)")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    add_model_again_flags(p, "pruning")
     return p
 
 
 @exit_on_stage_error
 def main(argv=None):
     """Build the baskets, or print the union / difference of two."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
+    args = start_stage(build_parser(), argv, keep_memory=True)
     run_dir = Path(args.run_dir)
     if args.union or args.difference:
         op = "union" if args.union else "difference"
@@ -419,8 +411,7 @@ def main(argv=None):
         return
     result = build(run_dir, args.min_corr, args.grid, args.tile, args.describe_args, args.prune,
                    args.controls, args.prune_images, args.seed, args.device, args.batch_size,
-                   model={"model": args.model, "weights": args.weights,
-                          "unsafe_pickle": args.unsafe_pickle}, args=vars(args))
+                   model=model_again(args), args=vars(args))
     log.info("%d baskets; pruning rows: %d", len(result["baskets"]), len(result["pruning"]))
 
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import read_csv, write_bytes, write_csv, write_text
 from common.provenance import read_meta, write_meta
 
@@ -264,8 +263,7 @@ def run(run_a: Path, run_b: Path, out_dir: Path, kind: str = "fused",
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="folder of run A (data/<RUN>)")
     p.add_argument("--other", required=True, help="folder of run B")
     p.add_argument("--out-dir", required=True, help="folder for 12's files")
@@ -273,16 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="04 vectors compared (and 05 clusters of that kind)")
     p.add_argument("--concept-threshold", type=float, default=CONCEPT_THRESHOLD,
                    help="a concept has a counterpart when the closest one is at least this close")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags and compare the two runs."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(build_parser(), argv)
     run(Path(args.run), Path(args.other), Path(args.out_dir), args.kind, args.concept_threshold,
         args=vars(args))
 

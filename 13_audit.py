@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import StageError, exit_on_stage_error, keep_freed_memory, setup_logging
-from common.io import load_npz, save_npz, write_csv, write_text
+from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
+                        stage_parser, start_stage)
+from common.io import load_npz, safe_name, save_npz, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.13_audit")
@@ -333,17 +333,13 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
     return {"audit": audit_rows, "summary": summary}
 
 
-def class_folder(name: str) -> str:
-    """A class name as a folder name."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
-
-
 def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int],
                   mosaics: dict, concepts: dict, margin: float) -> None:
-    """report.md and report.html of one class: figures, then the most relevant neurons with
-    label, sentence and mosaic. Sentences and concepts are untrusted text: escaped in both."""
-    from common.report import esc, html_page, html_table, img_tag, md_text
-    folder = out_dir / class_folder(row["class_name"])
+    """report.md and report.html of one class (common/render.py): figures, then the most relevant
+    neurons with label, sentence and mosaic. Sentences and concepts are untrusted text: the
+    templates escape them."""
+    from common import render as doc
+    folder = out_dir / safe_name(row["class_name"], "class")
     folder.mkdir(parents=True, exist_ok=True)
     by_channel = {n["channel"]: n for n in neurons}
     top = [by_channel[c] for c in order if c in by_channel]
@@ -363,36 +359,23 @@ def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int
         ("confusions with them zeroed", row.get("confusions_zeroed", "")),
         ("accuracy with random sets of the same size zeroed", row.get("accuracy_control", "")),
     ]
-    columns = ["rank", "channel", "relevance", "label", "valid_alignment", "valid_concept",
-               "spurious_alignment", "spurious_concept", "description"]
-    md = [f"# Audit of class {md_text(row['class_name'])}", "",
-          f"Alignment = cos(neuron, concept) − cos(neuron, empty text); a label needs more than "
-          f"{margin}.", ""]
-    md += [f"- {md_text(k)}: {md_text(v)}" for k, v in facts]
-    md += ["", "## Most relevant neurons", "", "| " + " | ".join(columns) + " | mosaic |",
-           "|" + "---|" * (len(columns) + 1)]
-    for n in top:
-        mosaic = mosaics.get((n["layer"], n["channel"]))
-        link = os.path.relpath(mosaic, folder) if mosaic else ""
-        md.append("| " + " | ".join(md_text(n[c]) for c in columns) +
-                  (f" | ![mosaic]({Path(link).as_posix()}) |" if link else " | |"))
-    write_text(folder / "report.md", "\n".join(md) + "\n")
-    table = [dict(n, mosaic=img_tag(mosaics.get((n["layer"], n["channel"])),
-                                    f"mosaic of {n['layer']}:{n['channel']}", embed=True,
-                                    max_px=160)) for n in top]
-    body = (f"<h1>Audit of class {esc(row['class_name'])}</h1>"
-            + html_table(["fact", "value"], [{"fact": k, "value": v} for k, v in facts])
-            + "<h2>Most relevant neurons</h2>"
-            + html_table(columns[:2] + ["mosaic"] + columns[2:], table, raw=["mosaic"],
-                         numeric=["rank", "channel", "relevance", "valid_alignment",
-                                  "spurious_alignment"]))
-    write_text(folder / "report.html", html_page(f"Audit: {row['class_name']}", body))
+    columns = ["rank", "channel", "mosaic", "label", "description", "relevance",
+               "valid_alignment", "valid_concept", "spurious_alignment", "spurious_concept"]
+    neuron_rows = [dict(n, mosaic=mosaics.get((n["layer"], n["channel"]))) for n in top]
+    doc.write_report(folder, f"Audit: {row['class_name']}", [
+        doc.heading(f"Audit of class {row['class_name']}", 1),
+        doc.paragraph(f"Alignment = cos(neuron, concept) − cos(neuron, empty text); a label needs "
+                      f"more than {margin}."),
+        doc.table(["fact", "value"], [{"fact": k, "value": v} for k, v in facts]),
+        doc.heading("Most relevant neurons"),
+        doc.table(columns, neuron_rows, image="mosaic", thumb_px=160,
+                  numeric=["rank", "channel", "relevance", "valid_alignment",
+                           "spurious_alignment"])])
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = stage_parser(__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("relevance", help="per-class relevance of every neuron (one pass)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -402,12 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--run-dir", required=True, help="the run's folder (data/<RUN>)")
         q.add_argument("--batch-size", type=int, default=32, help="images per pass")
         q.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-        q.add_argument("--model", default=None, help="the model 01 ran, named again (needed "
-                       "when it is a file; make passes MODEL)")
-        q.add_argument("--weights", default=None, help="01's weights file, named again")
-        q.add_argument("--unsafe-pickle", action="store_true",
-                       help="allow loading a whole pickled checkpoint (trusted files only)")
-        q.add_argument("--verbose", action="store_true", help="debug logging")
+    add_model_again_flags(r, "relevance")
+    add_model_again_flags(a, "causal check")
     a.add_argument("--audit", required=True, help="concepts file (YAML)")
     a.add_argument("--out-dir", required=True, help="folder for the audit's files")
     a.add_argument("--layer", default=None, help="layer audited (default: the deepest one)")
@@ -426,17 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_stage_error
 def main(argv=None):
     """Compute the relevance, or audit the classes."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    keep_freed_memory()
-    model = {"model": args.model, "weights": args.weights, "unsafe_pickle": args.unsafe_pickle}
+    args = start_stage(build_parser(), argv, keep_memory=True)
     if args.command == "relevance":
-        run_relevance(Path(args.run_dir), args.batch_size, args.device, model, args=vars(args))
+        run_relevance(Path(args.run_dir), batch_size=args.batch_size, device=args.device,
+                      model=model_again(args), args=vars(args))
         return
-    run_audit(Path(args.run_dir), Path(args.audit), Path(args.out_dir), args.layer, args.top,
-              args.margin, args.controls, args.images_per_class, args.seed, args.batch_size,
-              args.device, model, args=vars(args))
+    run_audit(Path(args.run_dir), Path(args.audit), Path(args.out_dir), layer=args.layer,
+              top=args.top, margin=args.margin, controls=args.controls,
+              per_class=args.images_per_class, seed=args.seed, batch_size=args.batch_size,
+              device=args.device, model=model_again(args), args=vars(args))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import subprocess
 import sys
 import tempfile
@@ -86,7 +85,6 @@ def bench_hf(n: int) -> dict:
 
 def main(argv=None):
     """Run the measurements and print figures and ratios."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the stages do: see their main()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default=str(ROOT / "data" / "demo"), help="finished run (01, 02)")
     p.add_argument("--hf-neurons", type=int, default=32, help="mosaics for the hf measurement")

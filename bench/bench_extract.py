@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REPEATS = 3  # timed runs of each side, alternating; the fastest of each is compared
 
+# common.cli before torch, as in 01_extract: importing it sets OMP_WAIT_POLICY's default,
+# which OpenMP reads only when torch loads it.
+from common.cli import keep_freed_memory  # noqa: E402
 import torch  # noqa: E402
 
-from common.cli import keep_freed_memory  # noqa: E402
 from common.models import load_model  # noqa: E402
 from common.stages import load_stage  # noqa: E402
 

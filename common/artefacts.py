@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from common.cli import StageError
-from common.io import read_csv, save_npz
+from common.io import read_csv, read_json, save_npz, write_csv
 from common.mosaics import cut_tiles, load_mosaic
 
 log = logging.getLogger("neuron-atlas.artefacts")
@@ -412,7 +412,7 @@ def write_crop_vectors(path: str | Path, crops: CropVectors) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 05_cluster, 06_trace, 08_debug, 09_score
+# 05_cluster, 06_trace
 
 
 @dataclass(frozen=True)
@@ -512,13 +512,17 @@ def read_trace(path: str | Path) -> list[TraceLink]:
     return _read_rows(path, TraceLink, "06_trace")
 
 
+# ---------------------------------------------------------------------------------------------
+# 08_debug: the confusion table, and per analysed pair (true class T predicted as P) its folder
+
+
 @dataclass(frozen=True)
 class ConfusionRow:
     """A row of 08_confusion.csv: one labelled class, rank 1 = most errors; ``top1_pred_idx`` is
     None and ``top1_share`` NaN for a class without errors."""
     rank: int
     class_idx: int
-    class_: str
+    class_: str = dataclasses.field(metadata={"column": "class"})
     n: int
     correct: int
     errors: int
@@ -530,9 +534,149 @@ class ConfusionRow:
     top_confused: str
 
 
+@dataclass(frozen=True)
+class PairRow:
+    """A row of 08_debug/pairs.csv: one confusion pair and why it was or was not analysed.
+
+    ``status`` is ``selected``, ``fallback`` or ``requested`` (analysed: its report is in
+    ``folder``) or ``skipped``; ``share`` is KO over all errors of the true class."""
+    true_idx: int
+    true: str
+    pred_idx: int
+    pred: str
+    n_true: int
+    ok: int
+    ko: int
+    share: float
+    status: str
+    reason: str
+    folder: str
+
+    @property
+    def analysed(self) -> bool:
+        """True when 08 analysed the pair (its folder holds neurons.csv and the reports)."""
+        return self.status in ANALYSED and bool(self.folder)
+
+
+ANALYSED = ("selected", "fallback", "requested")  # statuses of pairs.csv that have a folder
+
+
+@dataclass(frozen=True)
+class DebugNeuron:
+    """A row of 08_debug/<pair>/neurons.csv: one neuron, ranked by |z| (see 08's --rank-by), with
+    the statistics of common/differential.py for the per-image max (``max_``) and mean
+    (``mean_``); the flags are 0 or 1."""
+    rank: int
+    layer: str
+    channel: int
+    max_mu_ok: float
+    max_mu_ko: float
+    max_delta_mu: float
+    max_z: float
+    max_effect: float
+    max_p: float
+    max_q: float
+    max_flag_z: int
+    max_flag_fdr: int
+    mean_mu_ok: float
+    mean_mu_ko: float
+    mean_delta_mu: float
+    mean_z: float
+    mean_effect: float
+    mean_p: float
+    mean_q: float
+    mean_flag_z: int
+    mean_flag_fdr: int
+    description: str
+    mosaic: str
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """A row of 08_debug/<pair>/ablation.csv: one image of the causal check. ``group`` is KO, OK
+    or sample; predictions are class indices (01's, the re-run's, with the suspects zeroed, with
+    the random control zeroed: None where the control was not run); ``p_true_*`` the true
+    class's probability before and after."""
+    image_id: int
+    group: str
+    label_idx: int
+    pred_01: int
+    pred_base: int
+    pred_ablated: int
+    pred_control: int | None
+    p_true_base: float
+    p_true_ablated: float
+
+
+def _renamed(row_type) -> dict[str, str]:
+    """Field → CSV column, for fields whose column is no valid Python name (``class``)."""
+    return {f.name: f.metadata["column"] for f in dataclasses.fields(row_type)
+            if "column" in f.metadata}
+
+
+def csv_columns(row_type) -> list[str]:
+    """The CSV header of a row dataclass (``columns`` with renamed fields under their column)."""
+    renamed = _renamed(row_type)
+    return [renamed.get(name, name) for name in columns(row_type)]
+
+
+def _write_rows(path: str | Path, row_type, rows: Iterable[dict]) -> None:
+    """Write dict rows keyed by column name as the contract file of ``row_type`` (its columns,
+    in its order), atomically."""
+    write_csv(path, rows, csv_columns(row_type))
+
+
 def read_confusion(path: str | Path) -> list[ConfusionRow]:
     """Every row of 08_confusion.csv (the ``class`` column is the field ``class_``)."""
-    return _read_rows(path, ConfusionRow, "08_debug", renamed={"class_": "class"})
+    return _read_rows(path, ConfusionRow, "08_debug", renamed=_renamed(ConfusionRow))
+
+
+def write_confusion(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write 08_confusion.csv from dict rows keyed by column (``class``, not ``class_``)."""
+    _write_rows(path, ConfusionRow, rows)
+
+
+def read_pairs(path: str | Path) -> list[PairRow]:
+    """Every row of 08_debug/pairs.csv."""
+    return _read_rows(path, PairRow, "08_debug")
+
+
+def write_pairs(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write 08_debug/pairs.csv from dict rows keyed by column."""
+    _write_rows(path, PairRow, rows)
+
+
+def read_debug_neurons(path: str | Path) -> list[DebugNeuron]:
+    """Every row of an 08_debug/<pair>/neurons.csv, in rank order."""
+    return _read_rows(path, DebugNeuron, "08_debug")
+
+
+def write_debug_neurons(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write an 08_debug/<pair>/neurons.csv from dict rows keyed by column."""
+    _write_rows(path, DebugNeuron, rows)
+
+
+def read_ablation(path: str | Path) -> list[AblationRow]:
+    """Every row of an 08_debug/<pair>/ablation.csv."""
+    return _read_rows(path, AblationRow, "08_debug")
+
+
+def write_ablation(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write an 08_debug/<pair>/ablation.csv from dict rows keyed by column."""
+    _write_rows(path, AblationRow, rows)
+
+
+def read_pair_record(folder: str | Path) -> dict:
+    """``pair.json`` of an 08 pair folder: ``{"pair": its pairs.csv row, "upstream": {stage:
+    fingerprint}}`` (the lineage of the inputs the folder was made from)."""
+    return read_json(Path(folder) / "pair.json")
+
+
+def read_causal(folder: str | Path) -> dict | None:
+    """``causal.json`` of an 08 pair folder (the causal check's summary), None when the check was
+    not run for the pair."""
+    path = Path(folder) / "causal.json"
+    return read_json(path) if path.exists() else None
 
 
 SCORE_COLUMNS = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",

@@ -1,4 +1,25 @@
-"""Command-line plumbing shared by the stage scripts: logging to stderr and ``--shard i/N``."""
+"""Command-line plumbing shared by the stage scripts: the opening of every ``main()``, logging to
+stderr, the allocator setting, ``--shard i/N`` and the one-line exit on a StageError.
+
+Every stage opens the same way::
+
+    def build_parser():
+        p = stage_parser(__doc__.split("\n")[0])       # --verbose is already there
+        p.add_argument(...)
+        return p
+
+    @exit_on_stage_error
+    def main(argv=None):
+        args = start_stage(build_parser(), argv, keep_memory=True)   # keep_memory: torch-heavy
+
+Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already says
+otherwise (the Makefile exports the same default). The OpenMP runtime that torch ships reads the
+variable once, when ``import torch`` loads it, so a default set later, even first thing in
+``main()``, is silently ignored. Every stage imports this module, directly or through another
+common module, before anything imports torch (tests/test_cli.py checks it), so the default holds
+whether a stage is run by make or by hand. Idle threads then sleep instead of spinning: on a
+busy 2-core machine spinning threads made the torch stages 10–20× slower.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +30,29 @@ import logging
 import os
 import shutil
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """A stage's argument parser: ``description`` on top, defaults shown in ``--help``, and the
+    ``-v/--verbose`` flag that :func:`start_stage` reads."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def start_stage(parser: argparse.ArgumentParser, argv=None, *,
+                keep_memory: bool = False) -> argparse.Namespace:
+    """Opening of a stage's ``main()``: parse ``argv`` (None: the command line), log to stderr
+    (DEBUG with ``--verbose``) and, with ``keep_memory`` (stages that push large tensors through
+    torch batch after batch), keep freed memory for reuse. Returns the parsed flags."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if keep_memory:
+        keep_freed_memory()
+    return args
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -57,6 +101,24 @@ def shard_slice(n_items: int, shard: tuple[int, int]) -> range:
     start = n_items * index // count
     stop = n_items * (index + 1) // count
     return range(start, stop)
+
+
+def add_model_again_flags(parser: argparse.ArgumentParser, use: str) -> None:
+    """Add ``--model``, ``--weights`` and ``--unsafe-pickle`` to a stage that loads 01's model
+    again (``common.models.reload_model`` checks them against 01's meta: a meta never chooses code
+    to run); ``use`` says in the help what the stage loads it for. Read back with
+    :func:`model_again`."""
+    parser.add_argument("--model", default=None, help=f"{use}: the model 01 ran, named again "
+                        "(needed when it is a file; make passes MODEL)")
+    parser.add_argument("--weights", default=None,
+                        help=f"{use}: 01's weights file, named again (make passes WEIGHTS)")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help=f"{use}: allow loading a whole pickled checkpoint (trusted files only)")
+
+
+def model_again(args: argparse.Namespace) -> dict:
+    """The flags of :func:`add_model_again_flags` as ``reload_model``'s keyword arguments."""
+    return {"model": args.model, "weights": args.weights, "unsafe_pickle": args.unsafe_pickle}
 
 
 class StageError(RuntimeError):

@@ -39,7 +39,7 @@ from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
 from common import imagenet
-from common.cli import StageError, exit_on_stage_error, setup_logging
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import write_csv, write_json, write_text
 
 log = logging.getLogger("neuron-atlas.demo")
@@ -387,23 +387,19 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m common.demo``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m common.demo",
-        description="Build the offline demo image set from photos shipped in pip packages.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = stage_parser("Build the offline demo image set from photos shipped in pip packages.")
+    parser.prog = "python -m common.demo"
     parser.add_argument("out_dir", help="folder to create (replaced if incomplete or different)")
     parser.add_argument("--n-images", type=int, default=1500, help="number of views to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
     parser.add_argument("--side", type=int, default=OUT_SIDE, help="pixels per side of each view")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
 
 @exit_on_stage_error
 def main(argv=None):
     """Entry point: build the demo set."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    args = start_stage(build_parser(), argv)
     build_demo_set(args.out_dir, n_images=args.n_images, seed=args.seed, side=args.side)
 
 

@@ -4,8 +4,11 @@ A script depends on every ``common`` module it imports, at the top or inside a f
 or through other common modules, and on the data files those modules read. The import statements
 are parsed with ``ast`` (nothing is imported, so make stays fast and needs no .venv). A module
 reads a data file of common/ when its source quotes the file's bare name (for example
-``Path(__file__).with_name("names.tsv")``); a quoted name of a folder of common/ (a template
-folder) stands for every file in it. Every module depends on ``common/__init__.py``, which Python
+``Path(__file__).with_name("names.tsv")``). Templates and page assets in ``common/templates/`` are
+counted the same way, per file, from the script and its modules (``render("atlas_run.html")``,
+``asset("atlas.css")``), with the templates those name in turn (``{% extends "base.html" %}``);
+so editing an atlas page re-runs the atlas, not 08, whose reports use ``report.html``. Templates
+are therefore always named literally. Every module depends on ``common/__init__.py``, which Python
 runs before any of them. A stage script's own default files (03's ``common/prompts.yaml``) are
 not counted: they are command-line inputs, which the Makefile lists itself (``$(PROMPTS)``).
 
@@ -26,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "common"
 IMPORT_LINE = re.compile(r"[ \t]*(from|import)[ \t].*\bcommon\b")  # may start an import of common
+TEMPLATES = ROOT / PACKAGE / "templates"  # the pages and assets common/render.py loads
 QUOTED_NAME = re.compile(r"""["']([A-Za-z0-9_][A-Za-z0-9_.-]*)["']""")  # "name.tsv", no path
 
 
@@ -79,17 +83,28 @@ def imported_modules(source: Path) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=None)
+def template_files(source: Path) -> frozenset[Path]:
+    """The files of ``TEMPLATES`` whose bare name ``source`` quotes, with those the quoted
+    templates name in turn (``extends``, ``include``, ``import``), followed to the end."""
+    out: set[Path] = set()
+    todo = [source]
+    while todo:
+        for name in set(QUOTED_NAME.findall(_source(todo.pop()))):
+            target = TEMPLATES / name
+            if target.is_file() and target not in out:
+                out.add(target)
+                todo.append(target)
+    return frozenset(out)
+
+
+@functools.lru_cache(maxsize=None)
 def data_files(module: Path) -> frozenset[Path]:
-    """The files of common/ whose bare name ``module`` quotes (a folder: all files under it)."""
-    out = set()
+    """The files of common/ whose bare name ``module`` quotes, and its templates."""
+    out = set(template_files(module))
     for name in set(QUOTED_NAME.findall(_source(module))):
         target = ROOT / PACKAGE / name
-        if name.endswith(".py") or name == "__pycache__":
-            continue
-        if target.is_file():
+        if not name.endswith(".py") and target.is_file():
             out.add(target)
-        elif target.is_dir():
-            out.update(p for p in target.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return frozenset(out)
 
 
@@ -101,7 +116,7 @@ def common_files(script: Path) -> list[str]:
     if script.parent == ROOT / PACKAGE:  # a common module run as ``-m common.x`` is one itself
         todo.add(script.stem)
     done: set[str] = set()
-    files: set[Path] = set()
+    files: set[Path] = set(template_files(script))  # a stage names its own page templates
     while todo:
         name = todo.pop()
         done.add(name)

@@ -5,7 +5,8 @@ place with ``os.replace``, so a crash never leaves a half-written file under the
 Make never mistakes a torn file for a finished one. Temporaries are named after their machine and
 process (``.<name>.tmp-<host>-<pid>-…``): the next stage that runs removes those whose process is
 gone (``sweep_temporaries``). A full disk becomes a ``DiskFull`` naming the folder and the space
-needed. CSV cells that a spreadsheet would execute are neutralised on write and restored on read.
+needed. CSV cells that a spreadsheet would execute are neutralised on write and restored on read;
+``plain_text`` strips the characters that would act on a terminal from untrusted text.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import re
 import shutil
 import socket
 import tempfile
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -173,6 +175,21 @@ def read_json(path: str | os.PathLike):
     """Read a JSON file."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def plain_text(text: str) -> str:
+    """``text`` with its control and format characters (terminal escape codes, bidirectional
+    overrides, zero-width characters) turned into spaces and all whitespace squeezed to single
+    spaces: safe to print on a terminal or to keep as a description."""
+    return " ".join("".join(" " if unicodedata.category(ch) in ("Cc", "Cf") else ch
+                            for ch in str(text)).split())
+
+
+def safe_name(text: str, fallback: str) -> str:
+    """``text`` (a class or layer name, possibly untrusted) as one file or folder name: runs of
+    anything but ASCII letters, digits, dot and dash become ``_``, leading and trailing dots and
+    underscores go (no hidden file, no ``..``); ``fallback`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("._") or fallback
 
 
 def csv_cell(value):

@@ -1,26 +1,47 @@
-"""HTML pages from the Jinja templates in ``common/templates/``, with every value escaped.
+"""Pages and reports from the Jinja templates in ``common/templates/``, with every value escaped.
 
-Model-written text (descriptions, keywords, class names from a user's dataset) is untrusted. The
-environment made here escapes every ``{{ value }}`` by default (autoescape on for every template),
-so a description containing ``<script>`` renders as text; only values explicitly marked safe by
-Python code here (``json_for_script``) go out raw. Meant to be the one renderer of the project's
-HTML: the atlas (10) uses it, and the debug reports (08) can move to it.
+The one renderer of the project: the atlas (10), the debug reports (08), the audit reports (13)
+and the search page (07) all go through ``render``. Model-written text (descriptions, keywords,
+class names from a user's dataset) is untrusted, so every ``{{ value }}`` is escaped by default:
+
+- ``.html`` templates escape for HTML (autoescape on), so a description containing ``<script>``
+  renders as text; only values explicitly marked safe by Python code here (``json_for_script``)
+  go out raw.
+- ``.md`` templates escape for Markdown (``md_text`` on every value), so a description that is a
+  Markdown link, image or raw HTML shows as text; only ``md_url`` (a percent-encoded relative
+  link made here) goes out raw.
+
+Self-contained reports embed their images with the ``data_uri`` filter and inline the atlas's
+stylesheet (``report_base.html``), so they look like the atlas and open anywhere.
 """
 from __future__ import annotations
 
+import base64
 import functools
+import io
 import json
+import logging
 import math
+import os
+import re
+import urllib.parse
 from pathlib import Path
 
 import jinja2
 from markupsafe import Markup
 
+log = logging.getLogger("neuron-atlas.render")
+
 TEMPLATES = Path(__file__).with_name("templates")  # the only folder holding templates and assets
+THUMB_PX = 384  # default longest side of an image embedded in a self-contained page
 
 
 def fmt_number(value, digits: int = 3) -> str:
-    """A number for a table cell: ``digits`` significant decimals, "–" for a missing value."""
+    """A number for a table cell: ``digits`` significant decimals, "–" for a missing value.
+
+    Values below 10^-3 keep ``digits`` significant digits in exponent form (a q-value of 2e-7
+    must not read 0.000).
+    """
     if value is None or value == "":
         return "–"
     try:
@@ -31,7 +52,9 @@ def fmt_number(value, digits: int = 3) -> str:
         return "–"
     if number.is_integer() and abs(number) < 1e15:
         return str(int(number))
-    return f"{number:.{digits}g}" if abs(number) >= 1 else f"{number:.{digits}f}"
+    if abs(number) >= 1 or math.isinf(number):
+        return f"{number:.{digits}g}"
+    return f"{number:.{digits}g}" if abs(number) < 1e-3 else f"{number:.{digits}f}"
 
 
 def fmt_percent(value) -> str:
@@ -54,26 +77,147 @@ def json_for_script(obj) -> Markup:
     return Markup(text)
 
 
-@functools.lru_cache(maxsize=None)
-def environment() -> jinja2.Environment:
-    """The shared Jinja environment: templates from ``TEMPLATES``, autoescape on for all of them.
+def data_uri(path, max_px: int = THUMB_PX, photo: bool = True) -> str | None:
+    """The image at ``path`` shrunk to ``max_px`` as a ``data:`` URI; None without a readable
+    image (logged), so that a template can show a placeholder.
 
-    ``StrictUndefined`` turns a misspelt variable into an error instead of an empty string.
+    ``photo`` images (mosaics, crops) become JPEG, which keeps a page of many of them small;
+    plots stay PNG so that their lines and text remain sharp.
     """
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters["num"] = fmt_number
-    env.filters["pct"] = fmt_percent
-    env.filters["json_script"] = json_for_script
+    if not path:
+        return None
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img.thumbnail((max_px, max_px))
+            buf = io.BytesIO()
+            if photo:
+                img.convert("RGB").save(buf, format="JPEG", quality=85)
+            else:
+                img.save(buf, format="PNG", optimize=True)
+    except (OSError, UnidentifiedImageError) as err:
+        log.warning("cannot embed image %s: %s", path, err)
+        return None
+    mime = "image/jpeg" if photo else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def relative_url(path, folder) -> str:
+    """``path`` as a link from a page in ``folder``: relative, forward slashes, percent-encoded
+    (a space, quote or parenthesis in a file name cannot end the link or the attribute)."""
+    rel = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+    return urllib.parse.quote(rel)
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>!|~#])")  # marks that make links, images, HTML
+
+
+def md_text(value) -> str:
+    """Text shown literally by a Markdown viewer: on one line, with every mark that could make
+    a link, an image, raw HTML, code, emphasis or a table cell border backslash-escaped (model
+    text is untrusted: ``[x](javascript:…)``, ``![](http://…)``, ``<img src=…>``)."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def _md_finalize(value):
+    """Every ``{{ value }}`` of a Markdown template: escaped by ``md_text`` unless made safe here
+    (``md_url``)."""
+    return value if isinstance(value, Markup) else md_text("" if value is None else value)
+
+
+def md_url(path, folder) -> Markup:
+    """A relative link target for a Markdown template (see ``relative_url``), emitted as is."""
+    return Markup(relative_url(path, folder))
+
+
+def _filters(env: jinja2.Environment) -> jinja2.Environment:
+    """Register the filters shared by the HTML and Markdown environments."""
+    env.filters.update(num=fmt_number, pct=fmt_percent, json_script=json_for_script,
+                       data_uri=data_uri, rel=relative_url, md_url=md_url)
+    env.globals["inline_css"] = inline_css
     return env
 
 
+@functools.lru_cache(maxsize=None)
+def environment(markdown: bool = False) -> jinja2.Environment:
+    """The shared Jinja environment for HTML (autoescape on) or for Markdown (``md_text`` on
+    every value), templates from ``TEMPLATES``.
+
+    ``StrictUndefined`` turns a misspelt variable into an error instead of an empty string.
+    """
+    options = dict(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                   trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    if markdown:
+        return _filters(jinja2.Environment(autoescape=False, finalize=_md_finalize, **options))
+    return _filters(jinja2.Environment(autoescape=True, **options))
+
+
 def render(template: str, **context) -> str:
-    """Render ``template`` (a file name under ``TEMPLATES``) with ``context``."""
-    return environment().get_template(template).render(**context)
+    """Render ``template`` (a file name under ``TEMPLATES``; ``.md`` ones escape for Markdown)
+    with ``context``. Callers name the template literally: common/deps.py finds a script's
+    templates by their quoted names, for the Makefile's prerequisites."""
+    return environment(template.endswith(".md")).get_template(template).render(**context)
 
 
 def asset(name: str) -> bytes:
     """The bytes of a static file kept beside the templates (stylesheet, script)."""
     return (TEMPLATES / name).read_bytes()
+
+
+def inline_css() -> Markup:
+    """The atlas's stylesheet, for the ``<style>`` element of a self-contained report."""
+    return Markup(asset("atlas.css").decode("utf-8").replace("</", "<\\/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: a list of blocks, written once as report.md and once as a self-contained report.html
+# (``report.md`` / ``report.html`` templates), so that both say the same thing. Block text is
+# plain text: the templates escape it.
+
+
+def heading(text: str, level: int = 2) -> dict:
+    """A heading block (level 1 is the report's title)."""
+    return {"kind": "heading", "level": int(level), "text": text}
+
+
+def paragraph(text: str) -> dict:
+    """A paragraph block."""
+    return {"kind": "paragraph", "text": text}
+
+
+def note(text: str) -> dict:
+    """A highlighted remark (a caveat the reader must see)."""
+    return {"kind": "note", "text": text}
+
+
+def figure(path, caption: str, photo: bool = True, max_px: int = 900) -> dict:
+    """An image with a caption: embedded in the HTML (JPEG for ``photo``, else PNG), linked from
+    the Markdown."""
+    return {"kind": "figure", "path": path, "caption": caption, "photo": photo, "max_px": max_px}
+
+
+def table(columns, rows, numeric=(), image: str | None = None, thumb_px: int = 320,
+          embed: bool = True) -> dict:
+    """A table of ``rows`` (dicts) in ``columns`` order; ``numeric`` columns are right-aligned;
+    the ``image`` column holds image paths (or None), shown as ``thumb_px`` thumbnails embedded
+    in the page, or with ``embed=False`` linked relative to the page's folder."""
+    return {"kind": "table", "columns": list(columns), "rows": list(rows),
+            "numeric": set(numeric), "image": image, "thumb_px": thumb_px, "embed": embed}
+
+
+def html_page(title: str, blocks: list[dict], folder: Path) -> str:
+    """``blocks`` as one HTML page styled like the atlas, for a file in ``folder`` (the folder
+    that links to images not embedded are relative to)."""
+    return render("report.html", blocks=blocks, title=title, folder=folder)
+
+
+def write_report(folder: Path, title: str, blocks: list[dict]) -> list[Path]:
+    """Write ``folder``/report.md (images linked relative to it) and report.html (images
+    embedded) atomically; return both paths."""
+    from common.io import write_text
+    folder = Path(folder)
+    md, page = folder / "report.md", folder / "report.html"
+    write_text(md, render("report.md", blocks=blocks, folder=folder))
+    write_text(page, html_page(title, blocks, folder))
+    return [md, page]

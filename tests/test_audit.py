@@ -9,6 +9,7 @@ class k is W[k, c] × the channel's spatial mean.
 import numpy as np
 import pytest
 import torch
+from markdown_it import MarkdownIt
 
 from common.io import save_npz, write_csv
 from common.provenance import read_meta, write_meta
@@ -118,16 +119,22 @@ def test_hostile_sentence_is_escaped_in_reports(audited_run, tmp_path):
     from common.io import read_csv
     run_dir, bundle = audited_run
     rows = read_csv(run_dir / "03_descriptions.csv")
-    rows[0]["description"] = "red <script>alert(1)</script> [x](javascript:alert(1))"
+    rows[0]["description"] = ("red <script>alert(1)</script> [x](javascript:alert(1)) "
+                              "\"><img src=x onerror=alert(1)>")
     write_csv(run_dir / "03_descriptions.csv", rows, list(rows[0]))
     concepts = tmp_path / "c.yaml"
-    concepts.write_text("classes:\n  '0':\n    valid: [red]\n")
+    concepts.write_text("classes:\n  '0':\n    valid: [red]\n"
+                        "    spurious: ['\"><img src=y onerror=alert(2)>']\n")
     out = tmp_path / "audit"
     audit.run_audit(run_dir, concepts, out, layer="relu2", top=5, controls=1, per_class=3,
                     text_embedder=WordsText(), bundle=bundle)
     html = (out / "0" / "report.html").read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html
-    assert "](javascript" not in (out / "0" / "report.md").read_text()
+    assert "<img src=x" not in html and "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<img src=y" not in html and "&lt;img src=y onerror=alert(2)&gt;" in html
+    md = MarkdownIt("commonmark").enable("table").render((out / "0" / "report.md").read_text())
+    assert "<a " not in md and "<img src=x" not in md and "<script" not in md
+    assert "javascript:alert(1)" in md  # shown, as text
 
 
 @pytest.mark.parametrize("text, message", [

@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.artefacts import Description, Mosaic, Prediction, columns, read_confusion
+from common.artefacts import (Description, Mosaic, Prediction, columns, read_ablation,
+                              read_causal, read_confusion, read_debug_neurons, read_pairs)
 from common.cli import StageError
-from common.io import read_csv, save_npz, write_csv
+from common.differential import chance_rate, compare_groups, layer_stats
+from common.io import save_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
 
@@ -86,7 +88,7 @@ LABELS = [0] * 30 + [0] * 12 + [0] * 4 + [1] * 10
 PREDS = [0] * 30 + [1] * 12 + [2] * 4 + [1] * 10
 KO = slice(30, 42)
 PLANTED = {("deep", 5): +1, ("deep", 33): +1, ("deep", 17): -1, ("early", 3): +1}
-EVIL = "<script>alert('x')</script> water and sky"
+EVIL = "<script>alert('x')</script> water\"><img src=x onerror=alert(1)> and sky"
 
 
 def planted_run(tmp_path, mosaics=True):
@@ -120,10 +122,11 @@ def test_confusion_table_and_automatic_selection(tmp_path):
     assert palace.accuracy == pytest.approx(30 / 46, abs=1e-4)
     assert palace.top_confused == "castle:12; monastery:4"
     assert palace.top1_share == pytest.approx(12 / 16)
-    pairs = {(r["true"], r["pred"]): r for r in read_csv(run_dir / "08_debug" / "pairs.csv")}
-    assert pairs[("palace", "castle")]["status"] == "selected"
-    assert pairs[("palace", "monastery")]["status"] == "skipped"
-    assert "--min-errors" in pairs[("palace", "monastery")]["reason"]
+    pairs = {(r.true, r.pred): r for r in read_pairs(run_dir / "08_debug" / "pairs.csv")}
+    assert pairs[("palace", "castle")].status == "selected"
+    assert pairs[("palace", "castle")].folder == "palace__castle"
+    assert pairs[("palace", "monastery")].status == "skipped"
+    assert "--min-errors" in pairs[("palace", "monastery")].reason
     assert (run_dir / "08_debug" / "palace__castle" / "report.html").exists()
     assert not (run_dir / "08_debug" / "palace__monastery").exists()
     assert (run_dir / "08_debug.meta.json").exists()
@@ -133,23 +136,24 @@ def test_planted_neurons_are_recovered(tmp_path):
     run_dir = planted_run(tmp_path)
     run_main(run_dir, "--true", "palace", "--pred", "1")  # a name and an index
     folder = run_dir / "08_debug" / "palace__castle"
-    rows = read_csv(folder / "neurons.csv")
-    assert len(rows) == 60
-    top = {(r["layer"], int(r["channel"])): r for r in rows[:len(PLANTED)]}
+    rows = read_debug_neurons(folder / "neurons.csv")
+    assert len(rows) == 60 and [r.rank for r in rows] == list(range(1, 61))
+    top = {(r.layer, r.channel): r for r in rows[:len(PLANTED)]}
     assert set(top) == set(PLANTED)
     for key, sign in PLANTED.items():
         row = top[key]
-        assert np.sign(float(row["mean_z"])) == sign and np.sign(float(row["max_delta_mu"])) == sign
-        assert row["mean_flag_fdr"] == "1" and row["mean_flag_z"] == "1"
-        assert float(row["mean_delta_mu"]) == pytest.approx(float(row["max_delta_mu"]))
-    others = [r for r in rows if (r["layer"], int(r["channel"])) not in PLANTED]
-    assert sum(r["mean_flag_fdr"] == "1" for r in others) <= 3  # BH lets a few through
-    assert top[("deep", 33)]["description"] == "birds over a lake"
+        assert np.sign(row.mean_z) == sign and np.sign(row.max_delta_mu) == sign
+        assert row.mean_flag_fdr == 1 and row.mean_flag_z == 1
+        assert row.mean_delta_mu == pytest.approx(row.max_delta_mu)
+    others = [r for r in rows if (r.layer, r.channel) not in PLANTED]
+    assert sum(r.mean_flag_fdr for r in others) <= 3  # BH lets a few through
+    assert top[("deep", 33)].description == "birds over a lake"
     for name in ("delta_mu.png", "z_heatmaps.png", "ko_examples.jpg", "ok_examples.jpg",
                  "report.md", "report.html"):
         assert (folder / name).stat().st_size > 0
     page = (folder / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<img src=x" not in page and "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in page
     assert "data:image/jpeg;base64," in page and "data:image/png;base64," in page
     md = (folder / "report.md").read_text()
     assert "<script>" not in md and "../../02_mosaics/deep/5.png" in md
@@ -165,8 +169,8 @@ def test_crops_from_01_when_there_are_no_mosaics(tmp_path):
 def test_fallback_when_no_pair_passes(tmp_path):
     run_dir = planted_run(tmp_path)
     run_main(run_dir, "--min-errors", "50")
-    pairs = {(r["true"], r["pred"]): r for r in read_csv(run_dir / "08_debug" / "pairs.csv")}
-    assert pairs[("palace", "castle")]["status"] == "fallback"
+    pairs = {(r.true, r.pred): r for r in read_pairs(run_dir / "08_debug" / "pairs.csv")}
+    assert pairs[("palace", "castle")].status == "fallback"
     assert "Fallback" in (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
     # A later run on another pair adds its folder; the first pair's report, made from the same
     # inputs, stays (`make debug TRUE=a PRED=b` adds a pair).
@@ -185,11 +189,11 @@ def test_too_few_images_is_a_clear_error(tmp_path):
     run_dir = planted_run(tmp_path)
     with pytest.raises(StageError, match=r"palace → monastery: OK has 30 images and KO 4"):
         debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
-                  run_dir / "08_debug", true="palace", pred="monastery", min_images=5,
-                  ablate_top=0)
+                  run_dir / "08_debug", settings=debug.Settings(
+                      true="palace", pred="monastery", min_images=5, ablate_top=0))
     with pytest.raises(StageError, match="matches no class"):
         debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
-                  run_dir / "08_debug", true="cathedral", ablate_top=0)
+                  run_dir / "08_debug", settings=debug.Settings(true="cathedral", ablate_top=0))
 
 
 def test_noise_z_rule_fires_about_5_percent_but_fdr_stays_below_level(tmp_path):
@@ -205,10 +209,10 @@ def test_noise_z_rule_fires_about_5_percent_but_fdr_stays_below_level(tmp_path):
         np.save(stats_dir / f"{layer}.mean.npy", values)
         np.save(stats_dir / f"{layer}.max.npy", values)
     ok_ids, ko_ids = np.arange(n_ok), np.arange(n_ok, n_ok + n_ko)
-    res = debug.layer_stats(stats_dir, ["a", "b"], ok_ids, ko_ids, 3, "noise", 0.05, 2.0)
+    res = layer_stats(stats_dir, ["a", "b"], ok_ids, ko_ids, 3, "noise", 0.05, 2.0)
     flag_z = np.concatenate([res[la]["mean"]["flag_z"] for la in "ab"])
     flag_fdr = np.concatenate([res[la]["mean"]["flag_fdr"] for la in "ab"])
-    expected = debug.chance_rate(n_ok, n_ko, 2.0)
+    expected = chance_rate(n_ok, n_ko, 2.0)
     assert 0.045 < expected < 0.055
     assert abs(flag_z.mean() - expected) < 0.015  # binomial sd ≈ 0.0035
     assert flag_fdr.mean() <= 0.05
@@ -225,11 +229,30 @@ def test_classes_never_predicted_get_their_imagenet_name():
     assert debug.class_names(rows)[281] == "n02123045"
 
 
+def test_statistics_agree_with_scipy_and_a_hand_computed_fdr():
+    """z is Student's pooled two-sample t, p is Welch's; the q-values are Benjamini–Hochberg's
+    step-up, computed here by hand from its definition."""
+    from scipy import stats as sps
+
+    from common.differential import bh_qvalues
+    rng = np.random.default_rng(5)
+    ko, ok = rng.normal(0.4, 1.0, size=(9, 6)), rng.normal(0.0, 2.0, size=(17, 6))
+    res = compare_groups(ko, ok)
+    np.testing.assert_allclose(res["z"], sps.ttest_ind(ko, ok, equal_var=True).statistic)
+    np.testing.assert_allclose(res["p"], sps.ttest_ind(ko, ok, equal_var=False).pvalue)
+    p = np.array([0.01, 0.04, 0.03, 0.5, 0.001])
+    order = np.argsort(p)
+    ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
+    expected = np.empty_like(p)
+    expected[order] = np.minimum.accumulate(ranked[::-1])[::-1]
+    np.testing.assert_allclose(bh_qvalues(p), expected)
+
+
 def test_constant_neurons_do_not_divide_by_zero():
     ko = np.zeros((5, 2))
     ok = np.zeros((7, 2))
     ok[:, 1] = 1.0
-    res = debug.compare_groups(ko, ok)
+    res = compare_groups(ko, ok)
     assert res["z"][0] == 0 and res["p"][0] == 1.0  # identical constants: no difference
     assert res["z"][1] == -np.inf and res["p"][1] == 0.0  # different constants: certain
 
@@ -269,10 +292,12 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
     tensors = {str(run_dir / "img" / f"{i}.png"): inputs[i] for i in range(26)}
     bundle = types.SimpleNamespace(model=model, name="planted", input_size=8, mean=(0, 0, 0),
                                    std=(1, 1, 1), class_names=NAMES, device=torch.device("cpu"))
+    settings = debug.Settings(true="palace", pred="castle", ablate_top=1, ablation_sample=0)
     summary = debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
-                        run_dir / "08_debug", true="palace", pred="castle", ablate_top=1,
-                        sample_size=0, bundle=bundle, image_tensor=tensors.__getitem__)
+                        run_dir / "08_debug", settings=settings, bundle=bundle,
+                        image_tensor=tensors.__getitem__)
     cc = summary["causal"]["palace__castle"]
+    assert read_causal(run_dir / "08_debug" / "palace__castle") == cc
     assert cc["suspects"] == [1] and cc["control"] != [1]
     assert cc["rerun_agreement"] == 1.0
     assert (cc["n_ko"], cc["ko_base_pred"]) == (8, 8)
@@ -282,9 +307,10 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
     # On all 26 images: 18 right before; after, 8 KO become right and 6 castle images wrong.
     assert cc["before"]["all_accuracy"] == pytest.approx(18 / 26)
     assert cc["ablated"]["all_accuracy"] == pytest.approx(20 / 26)
-    per_image = read_csv(run_dir / "08_debug" / "palace__castle" / "ablation.csv")
-    ko_rows = [r for r in per_image if r["group"] == "KO"]
-    assert len(ko_rows) == 8 and all(r["pred_ablated"] == "0" for r in ko_rows)
+    per_image = read_ablation(run_dir / "08_debug" / "palace__castle" / "ablation.csv")
+    ko_rows = [r for r in per_image if r.group == "KO"]
+    assert len(ko_rows) == 8 and all(r.pred_ablated == 0 and r.pred_base == 1 for r in ko_rows)
+    assert all(r.pred_control == 1 for r in ko_rows)  # the random control changes nothing
     report = (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
     assert "suspects zeroed" in report
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from common import deps
+from common.artefacts import read_confusion
 from common.io import read_csv
 from common.provenance import read_meta
 from conftest import ROOT, make_image, project_copy
@@ -151,8 +152,8 @@ def test_own_grey_model_with_its_own_classes(grey_tree):
     meta = json.loads((run / "01_extract.meta.json").read_text())
     assert meta["preprocess"] == {"input_size": 32, "mean": [0.2], "std": [0.25], "channels": 1}
     assert meta["accuracy"]["n_correct"] == 32 and not meta["accuracy"]["warning"]
-    confusion = read_csv(run / "08_confusion.csv")
-    assert confusion[0]["class"] == "narrow band" and confusion[0]["top1_pred"] == "pin stripe"
+    confusion = read_confusion(run / "08_confusion.csv")
+    assert confusion[0].class_ == "narrow band" and confusion[0].top1_pred == "pin stripe"
     report = (run / "08_debug" / "narrow_band__pin_stripe" / "report.md").read_text()
     assert "narrow band" in report and "pin stripe" in report
     deep = {int(r["channel"]): r["description"] for r in read_csv(run / "03_descriptions.csv")
@@ -421,3 +422,27 @@ def test_deps_counts_the_data_files_a_module_reads():
     assert "common/imagenet_classes.tsv" in deps.common_files(Path("common/imagenet.py"))
     assert "common/imagenet_classes.tsv" in deps.common_files(Path("01_extract.py"))
     assert "common/imagenet_classes.tsv" not in deps.common_files(Path("common/mosaics.py"))
+
+
+def test_deps_counts_templates_per_file():
+    """Templates are dependencies file by file: the atlas's page templates (and the base they
+    extend, found independently with jinja2's own parser) belong to 10 only, while 08, which
+    renders reports, gets report.html/report.md and the stylesheet they inline — so editing an
+    atlas page does not re-run 08's causal check, and editing the report template does."""
+    import jinja2
+    import jinja2.meta
+
+    atlas = set(deps.common_files(Path("10_atlas.py")))
+    debug = set(deps.common_files(Path("08_debug.py")))
+    templates = ROOT / "common" / "templates"
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates))
+    for page in templates.glob("atlas_*.html"):
+        assert f"common/templates/{page.name}" in atlas and \
+            f"common/templates/{page.name}" not in debug, page.name
+        parsed = env.parse(page.read_text(encoding="utf-8"))
+        for parent in jinja2.meta.find_referenced_templates(parsed):
+            assert f"common/templates/{parent}" in atlas, (page.name, parent)
+    assert {"common/templates/report.html", "common/templates/report.md",
+            "common/templates/atlas.css"} <= debug
+    assert "common/templates/base.html" not in debug
+    assert not any("templates" in f for f in deps.common_files(Path("01_extract.py")))

@@ -83,7 +83,7 @@ def test_08_refuses_predictions_of_one_run_and_statistics_of_another(tmp_path):
                                      "deep": rng.normal(size=(len(LABELS), 40))})
     with pytest.raises(ProvenanceError, match="two different runs of 01_extract") as err:
         debug.run(run_a / "01_predictions.csv", run_a / "08_confusion.csv", run_a / "08_debug",
-                  stats_dir=run_b / "01_stats", ablate_top=0)
+                  stats_dir=run_b / "01_stats", settings=debug.Settings(ablate_top=0))
     assert str(run_b / "01_stats") in str(err.value)
     assert not (run_a / "08_confusion.csv").exists()
 
@@ -122,16 +122,31 @@ def test_csv_cells_are_neutralised_and_read_back_intact(tmp_path):
     assert read_csv(path) == [{"text": t, "number": "-0.5", "as_text": "-0.25"} for t in HOSTILE]
 
 
-def test_markdown_report_shows_hostile_text_literally(tmp_path):
-    """Model text in 08's report.md renders as text: no link, no image, no HTML."""
-    debug = load_stage("08_debug")
-    blocks = [("p", text) for text in HOSTILE] + [
-        ("table", ["layer", "description"], [{"layer": "deep", "description": t} for t in HOSTILE])]
-    md = debug.render_markdown(blocks, tmp_path)
-    html = MarkdownIt("commonmark").enable("table").render(md)
+def test_reports_show_hostile_text_literally(tmp_path):
+    """Model text in a report (08's and 13's go through common/render.py) renders as text: in
+    report.md no link, image or HTML; in report.html no element or attribute made of it."""
+    from common import render as doc
+    blocks = [doc.heading(HOSTILE[8], 1)] + [doc.paragraph(text) for text in HOSTILE] + [
+        doc.note(HOSTILE[10]),
+        doc.table(["layer", "description"], [{"layer": "deep", "description": t} for t in HOSTILE])]
+    md_path, html_path = doc.write_report(tmp_path, "<script>alert(1)</script>", blocks)
+    html = MarkdownIt("commonmark").enable("table").render(md_path.read_text())
     assert "<a " not in html and "<img" not in html and "<script" not in html
     assert "javascript:alert(1)" in html  # shown, as text
     assert html.count("<tr>") == len(HOSTILE) + 1  # no hostile pipe split a row
+    page = html_path.read_text()
+    assert "<script" not in page and "<img src=x" not in page and "<a " not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("<tr>") == len(HOSTILE) + 1
+
+
+def test_report_folder_names_cannot_leave_their_folder():
+    """A class name becomes one folder name: no path separator, no hidden or parent folder."""
+    from common.io import safe_name
+    assert safe_name("../../etc/passwd", "class") == "etc_passwd"
+    assert safe_name(".hidden", "class") == "hidden"
+    assert safe_name("bell cote", "class") == "bell_cote"
+    assert safe_name("..", "class") == "class" and safe_name("", "class") == "class"
 
 
 def test_run_reports_escape_a_hostile_description(tmp_path):
@@ -145,7 +160,7 @@ def test_run_reports_escape_a_hostile_description(tmp_path):
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], inputs=[read_meta(run_dir / "01_predictions.csv")])
     debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv", run_dir / "08_debug",
-              ablate_top=0)
+              settings=debug.Settings(ablate_top=0))
     report = next((run_dir / "08_debug").glob("*/report.md")).read_text()
     assert "javascript" in report
     html = MarkdownIt("commonmark").enable("table").render(report)

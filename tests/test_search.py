@@ -222,7 +222,7 @@ def test_html_escapes_model_text(tmp_path):
     find(run_dir, ["dog <b>"], top_k=3, html_path=page, text_embedder=BagOfWords())
     text = page.read_text()
     assert "<script>" not in text and "<b>" not in text
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text
     # Mosaics are linked relative to the page, so the page opens from disk.
     assert 'src="../run/02_mosaics/L2/2.png"' in text
     assert (page.parent / "../run/02_mosaics/L2/2.png").exists()
