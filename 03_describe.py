@@ -867,8 +867,11 @@ def task_key(neuron: Neuron, backend: str, model: str, upstream: str, code: str)
         mosaic = hashlib.blake2b(Path(neuron.mosaic).read_bytes(), digest_size=16).hexdigest()
     except OSError:
         mosaic = "unreadable"  # described as a failure; a later readable mosaic gets a new key
-    text = json.dumps([upstream, backend, model, code, neuron.layer, neuron.channel, neuron.level,
-                       neuron.prompt, mosaic])
+    parts = [upstream, backend, model, code, neuron.layer, neuron.channel, neuron.level,
+             neuron.prompt, mosaic]
+    if "#" in neuron.layer and len(neuron.top_ids):  # some of a neuron's crops (09's
+        parts.append(neuron.top_ids.tolist())           # sub-concepts): which images they are
+    text = json.dumps(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -943,11 +946,13 @@ def make_neurons(mosaics_csv: Path, prompts: dict, levels_text: str, domain: str
     for r in rows:
         layer, channel, grid, n_tiles = r.layer, r.channel, r.grid, r.n_tiles
         top_ids, whole = np.zeros(0, np.int64), np.zeros(0, bool)
-        if layer in tops:
-            top = tops[layer]
-            top_ids = top.image_ids[channel, :grid * grid]
-            whole = covers_whole_input(top.rf, top.y[channel, :grid * grid],
-                                       top.x[channel, :grid * grid], input_size) & (top_ids >= 0)
+        if r.source_layer in tops:  # a sub-concept's tiles are some of its neuron's top images
+            top = tops[r.source_layer]
+            ranks = np.array(r.ranks, np.int64) if r.ranks else np.arange(grid * grid)
+            ranks = ranks[ranks < top.image_ids.shape[1]]
+            top_ids = top.image_ids[channel, ranks]
+            whole = covers_whole_input(top.rf, top.y[channel, ranks], top.x[channel, ranks],
+                                       input_size) & (top_ids >= 0)
         neurons.append(Neuron(layer=layer, channel=channel, level=levels[layer],
                               mosaic=r.path, grid=grid, tile_px=r.tile_px, n_tiles=n_tiles,
                               prompt=build_prompt(prompts, levels[layer], domain, keywords),

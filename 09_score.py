@@ -53,6 +53,7 @@ from common.artefacts import (CropVectors, Description, Mosaic, read_activations
 from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+from common.threads import single_threaded
 
 log = logging.getLogger("neuron-atlas.09_score")
 
@@ -63,10 +64,11 @@ SCORE_FIELDS = ["layer", "channel", "subconcept", "share", "selectivity", "dnr_s
                 "beats_control", "n_crops", "n_held_out", "n_positives", "control_channel"]
 SUMMARY_FIELDS = ["layer", "neurons", "dead", "mean_selectivity", "mean_dnr", "mean_clarity",
                   "mean_polysemanticity", "mean_redundancy", "mean_verify_corr",
-                  "mean_control_corr", "share_beating_control", "matcher", "embedder"]
+                  "mean_control_corr", "share_beating_control", "matcher", "embedder",
+                  "share_beating_control_auprc"]
 EVAL_FIELDS = ["layer", "channel", "class_name", "description", "cosine", "shuffled_cosine",
                "shuffled_from", "embedder"]
-SUB_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
+SUB_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop", "ranks"]
 PUBLISHED = {"DnD": 0.459, "MILAN": 0.279}  # ResNet-50 ImageNet fc, mpnet cosine (issue 12)
 POSITIVE_SHARE = 0.01  # AUPRC positives: the top 1 % of held-out images by activation …
 MIN_POSITIVES = 5      # … and at least this many
@@ -168,7 +170,9 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
 
     ``groups``: (layer, channel) → labels of its first crops (0-based groups). Index rows name the
     sub-concept ``<layer>#<s>`` (s = 1, 2, 3) with the neuron's channel, so that 03 sees one
-    neuron per sub-concept. Returns the index path.
+    neuron per sub-concept, and give its tiles' ranks in the neuron's top-k list, so that 03 knows
+    which images they are (and reuses 01's predictions where a tile is the whole image).
+    Returns the index path.
     """
     from common.mosaics import paste_tiles, png_bytes
     retract_meta(folder / "09_mosaics.meta.json")
@@ -180,7 +184,8 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
         tiles = neuron_crops(inputs, layer, channel, len(labels))
         tile_px = inputs.mosaics[(layer, channel)].tile_px
         for s in range(int(labels.max()) + 1):
-            members = [tiles[i] for i in np.flatnonzero(labels == s)]
+            ranks = np.flatnonzero(labels == s)
+            members = [tiles[i] for i in ranks]
             grid = math.ceil(math.sqrt(len(members)))
             mosaic, placed = paste_tiles(enumerate(members), grid, tile_px)
             path = folder / _safe(layer) / f"{channel}_{s + 1}.png"
@@ -188,7 +193,8 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
             write_bytes(path, png_bytes(mosaic))
             rows.append({"layer": f"{layer}#{s + 1}", "channel": channel,
                          "path": os.path.relpath(path, folder), "n_tiles": placed,
-                         "grid": grid, "tile_px": tile_px, "crop": "subconcept"})
+                         "grid": grid, "tile_px": tile_px, "crop": "subconcept",
+                         "ranks": " ".join(str(int(r)) for r in ranks[:placed])})
     index = folder / "09_mosaics.csv"
     write_csv(index, rows, SUB_FIELDS)
     write_meta(folder / "09_mosaics.meta.json", "09_subconcepts", {}, outputs=[index],
@@ -201,19 +207,26 @@ def _safe(layer: str) -> str:
     return layer.replace("/", "_").replace(os.sep, "_")
 
 
-def start_describing(index: Path, folder: Path, describe_args: str,
-                     levels: dict[str, int]) -> subprocess.Popen:
+def start_describing(index: Path, folder: Path, describe_args: str, levels: dict[str, int],
+                     activations: Path, predictions: Path) -> subprocess.Popen:
     """Start 03_describe.py on the sub-concept mosaics with ``describe_args`` (levels: those 03
-    gave the neurons' real layers); it runs while 09 scores the neurons' own sentences."""
+    gave the neurons' real layers); it runs while 09 scores the neurons' own sentences. 03 reads
+    01's activations and predictions as for the neurons themselves: the offline describer names
+    whole-image tiles by 01's predictions instead of classifying the tiles again."""
     out = folder / "03_descriptions.csv"
     command = [sys.executable, str(ROOT / "03_describe.py"), "--mosaics", str(index),
-               "--out", str(out), *shlex.split(describe_args),
+               "--out", str(out), "--activations", str(activations),
+               "--predictions", str(predictions), *shlex.split(describe_args),
                "--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
     log.info("describing %d sub-concepts with 03_describe.py", len(read_mosaics(index)))
+    # One thread for its numeric libraries, as 09's own processes (common/threads.py), unless the
+    # user set another number.
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           **os.environ}
     # 03's log goes to a file, not a pipe: an unread pipe would block it once full.
     with open(folder / "03_describe.log", "w") as stream:
         return subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, env=env)
 
 
 def finish_describing(process: subprocess.Popen, index: Path,
@@ -242,8 +255,9 @@ class Sentence:
     control: int = -1        # index (in the layer's list) of the control sentence
 
 
-def load_matcher(name: str, inputs: RunInputs, text_model: str, device: str):
-    """The concept matcher ``name`` (offline or clip) for this run."""
+def load_matcher(name: str, inputs: RunInputs, text_model: str, device: str, workers: int):
+    """The concept matcher ``name`` (offline or clip) for this run; the offline one measures the
+    images in ``workers`` processes and loads its text embedder meanwhile."""
     from common.matchers import ClipMatcher, OfflineMatcher
     if name == "clip":
         from common.embedders import load_image_embedder, load_text_embedder
@@ -252,8 +266,9 @@ def load_matcher(name: str, inputs: RunInputs, text_model: str, device: str):
         return ClipMatcher(text, image)
     from common.embedders import load_text_embedder
     usable = inputs.usable  # the matcher scores usable images only, in image-id order
-    return OfflineMatcher(load_text_embedder(text_model, device=device), inputs.class_names,
-                          inputs.top5_idx[usable], inputs.top5_prob[usable])
+    return OfflineMatcher(lambda: load_text_embedder(text_model, device=device),
+                          inputs.class_names, inputs.top5_idx[usable], inputs.top5_prob[usable],
+                          workers=workers)
 
 
 def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> dict:
@@ -444,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "embedder")
     p.add_argument("--seed", type=int, default=0, help="seed of the control sentences")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    p.add_argument("--workers", type=int, default=2, help="offline matcher: processes measuring "
+                   "the images")
     return p
 
 
@@ -459,6 +476,7 @@ def _mean(values) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
+@single_threaded  # BLAS on one thread, parallel in processes (--workers): common/threads.py
 def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mosaics: Path,
         descriptions: Path, embeddings: Path, crop_vectors: Path, scores_out: Path,
         summary_out: Path, eval_out: Path, subconcepts: Path,
@@ -466,7 +484,8 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
         max_subconcepts: int = 3, describe_args: str = "--backend offline",
         matcher: str = "offline", text_model: str = "all-MiniLM-L6-v2",
         eval_model: str = "all-mpnet-base-v2", seed: int = 0, device: str = "auto",
-        matcher_obj=None, eval_embedder=None, args: dict | None = None) -> dict:
+        workers: int = 2, matcher_obj=None, eval_embedder=None,
+        args: dict | None = None) -> dict:
     """Score every neuron; return {"scores": rows, "summary": rows, "eval": rows}.
 
     ``matcher_obj`` and ``eval_embedder`` replace the ones this function would load — tests pass
@@ -519,10 +538,11 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             level = getattr(inputs.descriptions.get((layer, channel)), "level", 0) or 1
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
-        describing = start_describing(index, subconcepts, describe_args, levels)
+        describing = start_describing(index, subconcepts, describe_args, levels, activations,
+                                      predictions)
 
     # 4. Verification (the neurons' own sentences are scored while 03 describes the sub-concepts)
-    match = matcher_obj or load_matcher(matcher, inputs, text_model, device)
+    match = matcher_obj or load_matcher(matcher, inputs, text_model, device, workers)
     usable_ids = np.flatnonzero(inputs.usable)
     try:
         sentences, matrix = score_sentences(inputs, groups, describing, subconcepts, match, seed)
@@ -532,6 +552,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             describing.wait()
 
     rows: list[dict] = []
+    auprc_beats: dict[tuple[str, int], bool] = {}  # per neuron: AUPRC above its control's
     for layer in inputs.layers:
         stats = np.asarray(layer_max_stats(stats_dir, layer))[usable_ids]
         tri = triage[layer]
@@ -575,6 +596,9 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                                 "control_channel": control.channel,
                                 "beats_control": int(np.isfinite(mine["corr"]) and (
                                     not np.isfinite(ctrl["corr"]) or mine["corr"] > ctrl["corr"]))})
+                    if not sub:
+                        auprc_beats[key] = bool(np.isfinite(mine["auprc"]) and (
+                            not np.isfinite(ctrl["auprc"]) or mine["auprc"] > ctrl["auprc"]))
                 rows.append(row)
 
     summary = []
@@ -592,7 +616,10 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             "mean_control_corr": _num(_mean(r.get("control_corr", "") for r in mine)),
             "share_beating_control": _num(np.mean([r["beats_control"] for r in verified])
                                           if verified else float("nan"), 3),
-            "matcher": match.name, "embedder": embedder})
+            "matcher": match.name, "embedder": embedder,
+            "share_beating_control_auprc": _num(np.mean(
+                [auprc_beats[(layer, r["channel"])] for r in verified])
+                if verified else float("nan"), 3)})
 
     # 5. Final-layer benchmark
     names = inputs.class_names
@@ -635,7 +662,8 @@ def main(argv=None):
         Path(args.subconcepts),
         poly_threshold=args.poly_threshold, max_subconcepts=args.max_subconcepts,
         describe_args=args.describe_args, matcher=args.matcher, text_model=args.text_model,
-        eval_model=args.eval_model, seed=args.seed, device=args.device, args=vars(args))
+        eval_model=args.eval_model, seed=args.seed, device=args.device, workers=args.workers,
+        args=vars(args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ GRID        ?= 10#                         mosaic tiles per side
 TILE        ?= 64#                         mosaic tile side (px)
 CROP        ?= rf#                         rf (receptive field) | mask (activation blob)
 DEMO_N      ?= 1500#                       images in the offline demo probe set
-WORKERS     ?= 2#                          decoding threads (01) and processes (02)
+WORKERS     ?= 2#                          decoding threads (01) and processes (02, 09)
 DESCRIBER   ?= offline#                    03 backend: offline | hf | openai
 NAMER       ?= model#                      03 offline: who names objects: model (the analysed one) | reference (Lite0, ImageNet)
 VLM         ?=#                            03 model: hf folder/hub id, or the openai server's model name
@@ -127,7 +127,7 @@ ARGS_10 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote
            --batch-size $(BATCH) --device $(DEVICE)
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
-           --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
+           --device $(DEVICE) --workers $(WORKERS) --describe-args $(call quote,$(DESCRIBE_03))
 # 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
 MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
                $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)

@@ -70,16 +70,19 @@ def main(argv=None) -> None:
     ratio = t09 / t01
     print(f"09_score on {neurons} neurons: {t09:.1f} s; 01_extract on the same images: "
           f"{t01:.1f} s; ratio {ratio:.2f} (target ≤ {TARGET_RATIO})")
-    total_beat = 0.0
+    total_beat = total_auprc = 0.0
     for r in summary:
         share = float(r["share_beating_control"] or "nan")
+        by_auprc = float(r["share_beating_control_auprc"] or "nan")
         total_beat += share * int(r["neurons"])
+        total_auprc += by_auprc * int(r["neurons"])
         print(f"  {r['layer']}: {r['neurons']} neurons, {r['dead']} dead, clarity "
               f"{r['mean_clarity']}, polysemanticity {r['mean_polysemanticity']}, verify r "
               f"{r['mean_verify_corr']} vs control {r['mean_control_corr']}, beating control "
-              f"{share:.0%} ({r['matcher']} matcher, {r['embedder']} crops)")
-    print(f"share of all neurons beating their control: {total_beat / neurons:.0%} "
-          f"(goal ≥ {GOAL_BEATING:.0%} offline)")
+              f"{share:.0%} (by AUPRC {by_auprc:.0%}; {r['matcher']} matcher, {r['embedder']} "
+              f"crops)")
+    print(f"share of all neurons beating their control: {total_beat / neurons:.0%} by Pearson r "
+          f"(goal ≥ {GOAL_BEATING:.0%} offline), {total_auprc / neurons:.0%} by AUPRC")
 
 
 if __name__ == "__main__":

@@ -51,11 +51,15 @@ def pixel_maps(rgb: np.ndarray) -> np.ndarray:
     luminance gradient (gx², gy², gx·gy; Sobel).
     """
     from scipy.ndimage import sobel
-    codes = colour_codes(rgb)
-    onehot = np.eye(len(PALETTE))[codes]
+    n = len(PALETTE)
+    out = np.empty(rgb.shape[:2] + (n + 5,))  # filled in place: 09 runs this on every image
+    out[..., :n] = colour_codes(rgb)[..., None] == np.arange(n)
     lum = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
     gx, gy = sobel(lum, axis=1) / 8, sobel(lum, axis=0) / 8
-    return np.concatenate([onehot, np.stack([lum, lum * lum, gx * gx, gy * gy, gx * gy], -1)], -1)
+    out[..., n] = lum
+    for i, (a, b) in enumerate(((lum, lum), (gx, gx), (gy, gy), (gx, gy)), start=n + 1):
+        np.multiply(a, b, out=out[..., i])
+    return out
 
 
 def integral_image(maps: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ Every stage, test and benchmark reads a contract file through this module, so a 
 in one place. A CSV row becomes a frozen dataclass whose field types say how each cell is read:
 ``int``, ``float`` (an empty cell is NaN), ``str``, ``Path``, space-separated ``tuple[int, ...]``
 and ``tuple[float, ...]``, ``bool | None`` (empty: None) and ``int | None`` (empty or ``all``:
-None). A missing file or column is a StageError that names the file and the stage that makes it.
+None). A missing file or column is a StageError that names the file and the stage that makes it;
+a field with a default is an optional column (absent: the default).
 """
 from __future__ import annotations
 
@@ -69,15 +70,18 @@ def _read_rows(path: str | Path, row_type, producer: str, required: bool = True,
     rows = read_csv(path)
     column_of = {f.name: (renamed or {}).get(f.name, f.name) for f in dataclasses.fields(row_type)}
     parse = {f.name: _CELL[f.type] for f in dataclasses.fields(row_type)}
+    optional = {f.name for f in dataclasses.fields(row_type)
+                if f.default is not dataclasses.MISSING}
     if rows:
-        missing = [c for c in column_of.values() if c not in rows[0]]
+        missing = [c for name, c in column_of.items()
+                   if c not in rows[0] and name not in optional]
         if missing:
             raise StageError(f"{path} lacks the columns {missing}: re-run {producer}")
     out = []
     for line, row in enumerate(rows, start=2):
         try:
             out.append(row_type(**{name: parse[name](row[column] or "")
-                                   for name, column in column_of.items()}))
+                                   for name, column in column_of.items() if column in row}))
         except ValueError as err:
             raise StageError(f"{path} line {line}: {err}; re-run {producer}") from err
     return out
@@ -210,7 +214,10 @@ def read_stats(stats_dir: str | Path, layer: str, agg: str) -> np.ndarray:
 @dataclass(frozen=True)
 class Mosaic:
     """A row of 02_mosaics.csv; ``grid`` is the number of tiles per side. The file holds ``path``
-    relative to its folder; ``read_mosaics`` resolves it."""
+    relative to its folder; ``read_mosaics`` resolves it. ``ranks`` (optional column, only in
+    indices of mosaics made from part of a neuron's crops, such as 09's sub-concepts named
+    ``<layer>#<s>``): the places of the tiles, best first, in the top-k list of the neuron
+    ``layer`` (without ``#<s>``), ``channel``; empty when tile i is the neuron's i-th top image."""
     layer: str
     channel: int
     path: Path
@@ -218,6 +225,13 @@ class Mosaic:
     grid: int
     tile_px: int
     crop: str
+    ranks: tuple[int, ...] = ()
+
+    @property
+    def source_layer(self) -> str:
+        """The real layer whose neuron the tiles come from (``layer`` without ``#<s>`` when
+        ``ranks`` is given)."""
+        return self.layer.rsplit("#", 1)[0] if self.ranks else self.layer
 
     @property
     def key(self) -> tuple[str, int]:

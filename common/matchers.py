@@ -22,11 +22,18 @@ cannot be decoded get NaN rows.
     neuron's per-image value is its best cell. 01 stores the argmax cell only for each neuron's top
     images, so on held-out images the window the neuron used is unknown: the best-matching window
     stands in for it, which favours sentences whose words co-occur anywhere in the image.
+    The images are measured by forked worker processes (``workers``) that write into shared
+    arrays, while the calling process embeds the sentences and class names for the object part.
 """
 from __future__ import annotations
 
 import logging
+import math
+import mmap
+import multiprocessing
 import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -35,6 +42,7 @@ from PIL import Image
 from common.appearance import FEATURES, integral_image, pixel_maps, window_features
 from common.images import BadImage, load_rgb, network_input
 from common.rf import RF, crop_box
+from common.threads import one_torch_thread
 
 log = logging.getLogger("neuron-atlas.matchers")
 
@@ -42,6 +50,7 @@ ANALYSIS_PX = 112   # side at which appearance is measured (half the usual 224 i
 MAX_WINDOWS = 1024  # windows per image and layer; denser feature maps are sampled on a grid
 NORM_IMAGES = 64    # images (seeded sample) whose windows set each feature's scale
 KEEP_BYTES = 512 << 20  # most memory kept for scoring more sentences later (score_more)
+CHUNKS_PER_WORKER = 8   # image chunks per worker process: evens out their progress
 
 _F = {name: i for i, name in enumerate(FEATURES)}
 # Appearance words → (feature, weight). A word preceded by "low" or "no" counts negatively.
@@ -98,8 +107,11 @@ def appearance_weights(sentence: str) -> np.ndarray:
 def phrases(sentence: str) -> list[str]:
     """The sentence's parts (split at commas, semicolons, "and", "or"), each without filler
     words, for the object part to compare one named thing at a time with a class name; the whole
-    sentence when no part has content left."""
-    parts = re.split(r"[,;:.]|\band\b|\bor\b", sentence.lower())
+    sentence when no part has content left. In "<kind> such as <examples>" the examples are what
+    is named: the kind before them is dropped (else "objects such as palace" would be compared
+    with class names as one phrase, "objects palace")."""
+    parts = [re.split(r"\bsuch as\b", part)[-1]
+             for part in re.split(r"[,;:.]|\band\b|\bor\b", sentence.lower())]
     kept = [" ".join(w for w in words(part) if w not in _FILLER) for part in parts]
     kept = [part for part in kept if part]
     return kept or [sentence]
@@ -151,35 +163,164 @@ def _standardise(columns: np.ndarray) -> np.ndarray:
     return (columns - mean) / np.where(std > 0, std, 1.0)
 
 
+def shrink(pixels: np.ndarray) -> np.ndarray:
+    """The network input at ANALYSIS_PX resolution."""
+    if pixels.shape[0] == ANALYSIS_PX:
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((ANALYSIS_PX, ANALYSIS_PX), Image.BILINEAR))
+
+
+def _shared_array(shape: tuple[int, ...], shared: bool) -> np.ndarray:
+    """A float64 array of NaN; with ``shared``, in memory that processes forked later write to
+    (an anonymous shared mapping), so that worker processes fill it without copies."""
+    size = math.prod(shape) * 8
+    if not shared or size == 0:
+        return np.full(shape, np.nan)
+    out = np.frombuffer(mmap.mmap(-1, size), dtype=np.float64).reshape(shape)
+    out.fill(np.nan)
+    return out
+
+
+@dataclass
+class ImagePass:
+    """One pass of the offline matcher over the images, in image chunks that worker processes
+    (or this one) measure: every image's windows of each layer, scaled by ``feature_scales``, go
+    through the appearance weights of the layer's sentences, and the best window is written into
+    ``appearance[layer]`` (images × sentences); the layers in ``kept`` also keep every window's
+    scaled features (images × windows × features) for ``score_more``."""
+
+    paths: list[str]
+    input_size: int
+    windows: dict[str, np.ndarray]  # layer → window boxes
+    weights: dict[str, np.ndarray]  # layer → FEATURES × sentences
+    appearance: dict[str, np.ndarray]  # layer → images × sentences (written here)
+    kept: dict[str, np.ndarray]  # layer → images × windows × FEATURES (written here)
+    scales: dict[str, np.ndarray] | None = None  # feature_scales, once per process
+
+
+_PASS: ImagePass | None = None  # the pass a worker process measures (set when it starts)
+
+
+def _start_worker(job: ImagePass) -> None:
+    """Worker process start: remember the pass (inherited at fork, nothing is copied)."""
+    global _PASS
+    _PASS = job
+
+
+def _features(pixels: np.ndarray, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unscaled FEATURES of every window of each layer in one network input."""
+    table = integral_image(pixel_maps(shrink(pixels)))
+    return {layer: window_features(table, boxes) for layer, boxes in windows.items()}
+
+
+def feature_scales(job: ImagePass) -> dict[str, np.ndarray]:
+    """Per layer, each feature's standard deviation over the windows of a seeded sample of
+    images, so that one unit of every word weighs the same (colour shares, gradients and
+    orientation ratios have very different spreads). Each worker process computes it itself, on
+    the same sample, so that none waits for another before measuring."""
+    if job.scales is None:
+        rng = np.random.default_rng(0)
+        n = len(job.paths)
+        sample = sorted(rng.choice(n, size=min(NORM_IMAGES, n), replace=False))
+        collected: dict[str, list[np.ndarray]] = {layer: [] for layer in job.windows}
+        for _, pixels in network_inputs([job.paths[i] for i in sample], job.input_size):
+            if pixels is not None:
+                for layer, feats in _features(pixels, job.windows).items():
+                    collected[layer].append(feats)
+        job.scales = {}
+        for layer, feats in collected.items():
+            std = np.concatenate(feats).std(axis=0) if feats else np.ones(len(FEATURES))
+            job.scales[layer] = np.where(std > 1e-9, std, 1.0)
+    return job.scales
+
+
+def _measure(task: tuple[int, int]) -> int:
+    """Worker task: measure images [start, stop); write their rows of the pass's shared arrays;
+    return how many images were measured."""
+    start, stop = task
+    job = _PASS
+    scales = feature_scales(job)
+    for offset, pixels in network_inputs(job.paths[start:stop], job.input_size):
+        if pixels is None:
+            continue
+        i = start + offset
+        for layer, feats in _features(pixels, job.windows).items():
+            w = job.weights.get(layer)
+            feats = feats / scales[layer]
+            if layer in job.kept:
+                job.kept[layer][i] = feats
+            if w is not None and w.shape[1]:
+                job.appearance[layer][i] = (feats @ w).max(axis=0)
+    return stop - start
+
+
+@contextmanager
+def _workers(job: ImagePass, workers: int):
+    """``map``-like runner of the pass's tasks: a pool of ``workers`` forked processes (which
+    share ``job``'s arrays), or this process for one worker. Forked workers start with what this
+    process imported and copy nothing back."""
+    if workers <= 1:
+        _start_worker(job)
+        try:
+            yield map
+        finally:
+            _start_worker(None)
+        return
+    # network_input imports torchvision on first use; the text embedder imports it anyway, so
+    # importing it here, once, spares each worker the import.
+    from torchvision.transforms import functional  # noqa: F401
+    with multiprocessing.get_context("fork").Pool(workers, _start_worker, (job,)) as pool:
+        yield pool.imap
+
+
+def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering ``n`` images, CHUNKS_PER_WORKER per worker."""
+    size = max(1, math.ceil(n / (max(workers, 1) * CHUNKS_PER_WORKER)))
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 class OfflineMatcher:
     """Object words from the model's own predictions, appearance words measured in the image."""
 
     name = "offline"
 
     def __init__(self, text_embedder, class_names: Sequence[str], top5_idx: np.ndarray,
-                 top5_prob: np.ndarray):
-        """``top5_idx``/``top5_prob``: N × 5 per image (−1 / 0 where 01 has no prediction)."""
-        self.text_embedder = text_embedder
+                 top5_prob: np.ndarray, workers: int = 1):
+        """``text_embedder``: an embedder, or a function that loads one (called when the object
+        part first needs it, so that loading overlaps the image pass); ``top5_idx``/``top5_prob``:
+        N × 5 per image (−1 / 0 where 01 has no prediction); ``workers``: processes that measure
+        the images (1: this one)."""
+        self._text = text_embedder
         self.class_names = list(class_names)
         self.top5_idx, self.top5_prob = top5_idx, top5_prob
+        self.workers = workers
         self._class_vectors = None
+        self._phrase_vectors: dict[str, np.ndarray] = {}  # each phrase is embedded once
         self._kept: dict[str, np.ndarray] = {}  # layer → images × windows × scaled features
         self._last: tuple | None = None         # the last score()'s images and geometry
+
+    @property
+    def text_embedder(self):
+        """The text embedder, loaded on first use when a loader was given."""
+        if not hasattr(self._text, "encode"):
+            self._text = self._text()
+        return self._text
 
     def _object_scores(self, sentences: Sequence[str]) -> np.ndarray:
         """N × S: probability-weighted cosine between each sentence (its best phrase per class)
         and the image's top-5 names."""
-        if self._class_vectors is None:
-            self._class_vectors = self.text_embedder.encode(
-                [name.replace("_", " ") for name in self.class_names])
         pieces = [phrases(s) for s in sentences]
-        flat = [p for ps in pieces for p in ps]
-        vectors = self.text_embedder.encode(flat) if flat else np.zeros((0, 1))
+        new = list(dict.fromkeys(p for ps in pieces for p in ps if p not in self._phrase_vectors))
+        with one_torch_thread():  # see common/threads.py
+            if self._class_vectors is None:
+                self._class_vectors = self.text_embedder.encode(
+                    [name.replace("_", " ") for name in self.class_names])
+            if new:
+                self._phrase_vectors.update(zip(new, self.text_embedder.encode(new)))
         cos = np.zeros((len(sentences), len(self.class_names)))
-        start = 0
         for i, ps in enumerate(pieces):
-            cos[i] = (vectors[start:start + len(ps)] @ self._class_vectors.T).max(axis=0)
-            start += len(ps)
+            vectors = np.stack([self._phrase_vectors[p] for p in ps])
+            cos[i] = (vectors @ self._class_vectors.T).max(axis=0)
         cos = cos - cos.mean(axis=1, keepdims=True)
         valid = self.top5_idx >= 0
         gathered = cos.T[np.where(valid, self.top5_idx, 0)]  # N × 5 × S
@@ -191,37 +332,38 @@ class OfflineMatcher:
               keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """Per layer: N_images × S score matrix for its sentences (rows in ``paths`` order).
 
-        ``layer_geometry``: layer → (rf array, feature-map (H, W)). Every image is decoded once.
-        The window features of the layers in ``keep`` are kept (while they fit in KEEP_BYTES), so that ``score_more`` can score more sentences of those layers on the same
-        images without decoding them again.
+        ``layer_geometry``: layer → (rf array, feature-map (H, W)). Every image is decoded once,
+        by ``workers`` processes, while this one embeds the sentences for the object part. The
+        window features of the layers in ``keep`` are kept (while they fit in KEEP_BYTES), so
+        that ``score_more`` can score more sentences of those layers on the same images without
+        decoding them again.
         """
         windows = {layer: layer_windows(*layer_geometry[layer], input_size)
-                   for layer in set(sentences_by_layer) | set(keep)}
-        scales = self._feature_scales(paths, input_size, windows)
+                   for layer in {lay for lay, sents in sentences_by_layer.items() if sents} |
+                   set(keep)}
         n = len(paths)
         if not self.keeps(keep, n, input_size, layer_geometry):
             log.info("window features of %d images would take over %d MiB: more sentences will "
                      "need another pass over the images", n, KEEP_BYTES >> 20)
             keep = ()
-        self._kept = {layer: np.full((n, len(windows[layer]), len(FEATURES)), np.nan)
-                      for layer in keep}
         self._last = (list(paths), input_size, dict(layer_geometry))
         weights = {layer: self._weights(sents) for layer, sents in sentences_by_layer.items()}
-        appearance = {layer: np.full((n, w.shape[1]), np.nan) for layer, w in weights.items()}
-        for i, pixels in progress(network_inputs(paths, input_size)):
-            if pixels is None:
-                continue
-            table = integral_image(pixel_maps(self._shrink(pixels)))
-            for layer in windows:
-                w = weights.get(layer)
-                if layer not in self._kept and (w is None or not w.shape[1]):
-                    continue
-                feats = window_features(table, windows[layer]) / scales[layer]
-                if layer in self._kept:
-                    self._kept[layer][i] = feats
-                if w is not None and w.shape[1]:
-                    appearance[layer][i] = (feats @ w).max(axis=0)
-        return {layer: self._combine(sents, weights[layer], appearance[layer])
+        shared = self.workers > 1
+        job = ImagePass(
+            list(paths), input_size, windows, weights,
+            {layer: _shared_array((n, w.shape[1]), shared) for layer, w in weights.items()},
+            {layer: _shared_array((n, len(windows[layer]), len(FEATURES)), shared)
+             for layer in keep})
+        with _workers(job, self.workers) as run:
+            done = run(_measure, _chunks(n, self.workers))
+            # The object part needs no image: it is computed while the workers measure them.
+            objects = {layer: self._object_scores(sents) if sents else None
+                       for layer, sents in sentences_by_layer.items()}
+            for _ in progress(i for count in done for i in range(count)):
+                pass
+        self._kept = job.kept
+        return {layer: self._combine(sents, weights[layer], job.appearance[layer],
+                                     objects[layer])
                 for layer, sents in sentences_by_layer.items()}
 
     @staticmethod
@@ -253,7 +395,8 @@ class OfflineMatcher:
             if w.shape[1]:
                 for i in np.flatnonzero(~np.isnan(feats[:, 0, 0])):  # readable images
                     appearance[i] = (feats[i] @ w).max(axis=0)
-            out[layer] = self._combine(sents, w, appearance)
+            out[layer] = self._combine(sents, w, appearance,
+                                       self._object_scores(sents) if sents else None)
         return out
 
     @staticmethod
@@ -262,14 +405,15 @@ class OfflineMatcher:
         return np.stack([appearance_weights(s) for s in sentences]).T if len(sentences) \
             else np.zeros((len(FEATURES), 0))
 
-    def _combine(self, sentences: Sequence[str], weights: np.ndarray,
-                 appearance: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _combine(sentences: Sequence[str], weights: np.ndarray, appearance: np.ndarray,
+                 objects: np.ndarray | None) -> np.ndarray:
         """N × S scores: the standardised appearance and object parts averaged where both apply
-        (``appearance``: N × S best-window values, NaN rows for unreadable images)."""
+        (``appearance``: N × S best-window values, NaN rows for unreadable images; ``objects``:
+        ``_object_scores`` of the sentences)."""
         n = len(appearance)
         if not len(sentences):
             return np.zeros((n, 0))
-        objects = self._object_scores(sentences)
         has_look = np.abs(weights).sum(axis=0) > 0
         has_obj = np.array([has_object_words(s) for s in sentences])
         look = _standardise(np.where(has_look, appearance, np.nan))
@@ -279,34 +423,6 @@ class OfflineMatcher:
         count = (~np.isnan(look)).astype(float) + (~np.isnan(obj))
         total = np.nan_to_num(look) + np.nan_to_num(obj)
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-    @staticmethod
-    def _shrink(pixels: np.ndarray) -> np.ndarray:
-        """The network input at ANALYSIS_PX resolution."""
-        if pixels.shape[0] == ANALYSIS_PX:
-            return pixels
-        return np.asarray(Image.fromarray(pixels).resize((ANALYSIS_PX, ANALYSIS_PX),
-                                                         Image.BILINEAR))
-
-    def _feature_scales(self, paths: Sequence[str], input_size: int,
-                        windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Per layer, each feature's standard deviation over the windows of a seeded sample of
-        images, so that one unit of every word weighs the same (colour shares, gradients and
-        orientation ratios have very different spreads)."""
-        rng = np.random.default_rng(0)
-        sample = sorted(rng.choice(len(paths), size=min(NORM_IMAGES, len(paths)), replace=False))
-        collected: dict[str, list[np.ndarray]] = {layer: [] for layer in windows}
-        for _, pixels in network_inputs([paths[i] for i in sample], input_size):
-            if pixels is None:
-                continue
-            table = integral_image(pixel_maps(self._shrink(pixels)))
-            for layer, boxes in windows.items():
-                collected[layer].append(window_features(table, boxes))
-        scales = {}
-        for layer, feats in collected.items():
-            std = np.concatenate(feats).std(axis=0) if feats else np.ones(len(FEATURES))
-            scales[layer] = np.where(std > 1e-9, std, 1.0)
-        return scales
 
 
 class ClipMatcher:

@@ -272,6 +272,35 @@ def test_offline_deep_layer_reuses_predictions_and_groups_kinds(tmp_path):
     assert "stripes" not in deep["description"]     # deep levels state labels only
 
 
+def test_part_of_a_neurons_crops_names_the_images_of_its_tiles(tmp_path):
+    """An index row made of some of a neuron's crops (09's sub-concepts: ``<layer>#<s>`` with
+    the tiles' ranks in its top-k list) gets those images' ids: its whole-image tiles reuse 01's
+    predictions of exactly those images, and the journal key changes with them."""
+    cat, fish = ([281, 282, 285, 1, 2], [0.9, 0.04, 0.03, 0.02, 0.01]), \
+        ([1, 2, 3, 4, 5], [0.9, 0.04, 0.03, 0.02, 0.01])
+    run = make_run(tmp_path, channels=1, deep_top5=[fish, cat, fish, cat])
+    sub = run / "sub"
+    sub.mkdir()
+    mosaic([stripes(45)] * 2).save(sub / "0_1.png")
+    write_csv(sub / "09_mosaics.csv",
+              [{"layer": "deep#1", "channel": 0, "path": "0_1.png", "n_tiles": 2, "grid": 2,
+                "tile_px": TILE, "crop": "subconcept", "ranks": "3 1"}],
+              ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop", "ranks"])
+    write_meta(sub / "09_mosaics.meta.json", "09_subconcepts", {}, [sub / "09_mosaics.csv"],
+               inputs=[json.loads((run / "02_mosaics.meta.json").read_text())])
+    prompts = D.load_prompts(D.DEFAULT_PROMPTS)
+    neurons, _ = D.make_neurons(sub / "09_mosaics.csv", prompts, "deep#1=5", "", "",
+                                run / "01_activations.npz")
+    assert neurons[0].top_ids.tolist() == [3, 1] and neurons[0].whole.all()
+    off = D.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"), class_names(),
+                             classify=lambda ims: pytest.fail("whole-image tiles reuse 01"))
+    text = off.describe(neurons)[0][0]
+    assert "cat" in text and "fish" not in text, text
+    other = neurons[0]._replace(top_ids=np.array([0, 2]))
+    assert D.task_key(neurons[0], "offline", "m", "", "") != D.task_key(other, "offline", "m",
+                                                                         "", "")
+
+
 def test_offline_middle_layer_classifies_crops_once(tmp_path):
     """Crops smaller than the image are classified (by the injected classifier), each distinct
     crop once; a clear majority kind is added to the measured appearance."""

@@ -198,6 +198,8 @@ def test_object_part_compares_each_named_thing_with_the_class_names():
     over all classes — so an image of one named thing scores as if the sentence named it alone."""
     assert matchers.phrases("Top images classified as dog, cat and car.") == ["dog", "cat", "car"]
     assert matchers.phrases("Top images of the.") == ["Top images of the."]  # nothing left
+    assert matchers.phrases("Top images classified as objects such as bell cote, golf ball; "
+                            "also food.") == ["bell cote", "golf ball", "food"]
     names = ["cat", "red", "plain"]
     idx = np.array([[0, -1, -1, -1, -1], [1, -1, -1, -1, -1]])
     prob = np.array([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]])
@@ -235,6 +237,90 @@ def test_sentences_scored_later_score_as_in_one_pass(tmp_path, monkeypatch, kept
     got = m.score_more({"relu1": later})["relu1"]
     assert np.array_equal(got, together[:, 2:], equal_nan=True)
     assert np.isnan(got[-1]).all() and np.isfinite(got[:-1]).all()
+
+
+def test_worker_processes_score_exactly_as_one_process(tmp_path):
+    """Measured by two forked worker processes (shared result arrays), every score, every kept
+    window feature and every later sentence's score equal those of one process, bit for bit;
+    an unreadable image stays NaN in both."""
+    paths, _ = planted_images(tmp_path, n=21)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths.insert(7, str(tmp_path / "broken.png"))
+    none = np.full((len(paths), 5), -1)
+    geometry = {"relu1": (np.array([3.0, 3, 1, 1, 0, 0]), (32, 32)),
+                "relu2": (np.array([9.0, 9, 2, 2, 1, 1]), (16, 16))}
+    sentences = {"relu1": ["Red patches.", "Vertical edges, cat."], "relu2": ["Dark stripes."]}
+    results = []
+    for workers in (1, 2):
+        m = OfflineMatcher(WordsText(), ["tench", "cat", "shark"], none,
+                           np.zeros((len(paths), 5)), workers=workers)
+        first = m.score(sentences, paths, 32, geometry, keep=["relu2"])
+        results.append((first, dict(m._kept), m.score_more({"relu2": ["Bright plain gray."]})))
+    (one, kept1, more1), (two, kept2, more2) = results
+    for layer in sentences:
+        assert np.array_equal(one[layer], two[layer], equal_nan=True)
+    assert np.array_equal(kept1["relu2"], kept2["relu2"], equal_nan=True)
+    assert np.array_equal(more1["relu2"], more2["relu2"], equal_nan=True)
+    assert np.isnan(two["relu1"][7]).all() and np.isfinite(two["relu1"][8:]).all()
+
+
+def test_text_embedder_loads_only_when_the_object_part_needs_it(tmp_path):
+    """A loader given instead of an embedder is called once, when sentences are first compared
+    with class names; each phrase is embedded once however many sentences name it."""
+    encoded, loads = [], []
+
+    class Counting(WordsText):
+        """WordsText that records what it embeds."""
+
+        def encode(self, texts):
+            """Record, then embed."""
+            encoded.extend(texts)
+            return super().encode(texts)
+
+    def load():
+        """Record the load."""
+        loads.append(1)
+        return Counting()
+    none = np.full((3, 5), -1)
+    m = OfflineMatcher(load, ["tench", "cat"], none, np.zeros((3, 5)))
+    assert not loads
+    m._object_scores(["cat and dog.", "dog, car."])
+    m._object_scores(["red dog."])
+    assert len(loads) == 1
+    assert encoded[:2] == ["tench", "cat"]  # the class names, once
+    assert sorted(encoded[2:]) == ["car", "cat", "dog", "red dog"]
+
+
+def test_pixel_maps_are_the_named_colours_luminance_and_gradients():
+    """pixel_maps (filled in place) equals its definition computed plainly: one-hot colour
+    names, luminance, its square and the Sobel structure-tensor products, bit for bit."""
+    from scipy.ndimage import sobel
+    from common.appearance import PALETTE, colour_codes, pixel_maps
+    rgb = np.random.default_rng(3).integers(0, 256, (23, 17, 3), dtype=np.uint8)
+    lum = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
+    gx, gy = sobel(lum, axis=1) / 8, sobel(lum, axis=0) / 8
+    plain = np.concatenate([np.eye(len(PALETTE))[colour_codes(rgb)],
+                            np.stack([lum, lum * lum, gx * gx, gy * gy, gx * gy], -1)], -1)
+    assert np.array_equal(pixel_maps(rgb), plain)
+
+
+def test_one_thread_inside_and_restored_after():
+    """Inside ``single_threaded`` BLAS uses one thread, inside ``one_torch_thread`` torch does;
+    afterwards the settings are back."""
+    from threadpoolctl import threadpool_info
+    from common.threads import one_torch_thread, single_threaded
+    before = torch.get_num_threads()
+    blas_before = [i["num_threads"] for i in threadpool_info()]
+
+    @single_threaded
+    def inside():
+        """The BLAS/OpenMP thread counts seen inside."""
+        return [i["num_threads"] for i in threadpool_info()]
+    assert all(n == 1 for n in inside())
+    with one_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert [i["num_threads"] for i in threadpool_info()] == blas_before
 
 
 def test_clip_matcher_is_the_cosine_of_the_two_towers(tmp_path):
@@ -352,6 +438,12 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     assert red["n_held_out"] == 30 - 9  # 30 usable images, 9 in its mosaic
     summary = result["summary"]
     assert summary[0]["layer"] == "relu1" and summary[0]["neurons"] == 4
+    verified = [r for r in neurons if r.get("beats_control", "") != ""]
+    assert verified
+    assert summary[0]["share_beating_control"] == pytest.approx(
+        np.mean([r["beats_control"] for r in verified]), abs=1e-3)
+    assert summary[0]["share_beating_control_auprc"] == pytest.approx(
+        np.mean([r["verify_auprc"] > r["control_auprc"] for r in verified]), abs=1e-3)
     assert result["eval"] == []
     meta = read_meta(run_dir / "09_scores.csv")
     assert meta["stage"] == "09_score" and "02_mosaics" in meta["lineage"]
