@@ -752,8 +752,8 @@ def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | Non
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """A row of 09_summary.csv: one layer's neuron count, dead neurons and mean scores (NaN
-    when no neuron of the layer has the score)."""
+    """A row of 09_summary.csv: one layer's neuron count, dead neurons, mean scores and shares
+    beating the control (NaN when no neuron of the layer has the score)."""
     layer: str
     neurons: int
     dead: int
@@ -767,6 +767,7 @@ class SummaryRow:
     share_beating_control: float
     matcher: str
     embedder: str
+    share_beating_control_auprc: float = math.nan  # a later column: absent from older files
 
 
 def read_summary(path: str | Path) -> list[SummaryRow]:
