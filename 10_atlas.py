@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 
@@ -1184,15 +1184,16 @@ class SearchService:
         return {"query": "uploaded image", "hits": hits, "note": "score = cosine of image vectors"}
 
 
-def make_handler(atlas_dir: Path, service: SearchService):
-    """A request handler class serving ``atlas_dir`` and the /api/ search endpoints."""
+def make_handler(root: Path, atlas_url: str, service: SearchService):
+    """A request handler class serving the files under ``root``, with the atlas at the URL path
+    ``atlas_url`` (``/`` redirects there) and the search endpoints under ``atlas_url + "api/"``."""
 
     class Handler(SimpleHTTPRequestHandler):
-        """Static files of the atlas; GET /api/status, GET /api/search, POST /api/search-image."""
+        """Static files; GET api/status, GET api/search, POST api/search-image (atlas-relative)."""
 
         def __init__(self, *a, **kw):
-            """Serve files from the atlas folder only."""
-            super().__init__(*a, directory=str(atlas_dir), **kw)
+            """Serve files from ``root`` only."""
+            super().__init__(*a, directory=str(root), **kw)
 
         def log_message(self, fmt, *args):
             """Requests go to the debug log, not to stderr line by line."""
@@ -1219,9 +1220,15 @@ def make_handler(atlas_dir: Path, service: SearchService):
             """API calls, else a file of the atlas."""
             url = urlsplit(self.path)
             query = parse_qs(url.query)
-            if url.path == "/api/status":
+            if url.path == "/" and atlas_url != "/":
+                self.send_response(302)
+                self.send_header("Location", atlas_url)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            if url.path == atlas_url + "api/status":
                 return self.send_json(service.status())
-            if url.path == "/api/search":
+            if url.path == atlas_url + "api/search":
                 text = query.get("q", [""])[0].strip()
                 if not text:
                     return self.send_json({"error": "empty query"}, 400)
@@ -1231,7 +1238,7 @@ def make_handler(atlas_dir: Path, service: SearchService):
         def do_POST(self):
             """Image search: the request body is the image file."""
             url = urlsplit(self.path)
-            if url.path != "/api/search-image":
+            if url.path != atlas_url + "api/search-image":
                 return self.send_json({"error": "unknown endpoint"}, 404)
             length = int(self.headers.get("Content-Length") or 0)
             if not 0 < length <= MAX_UPLOAD:
@@ -1246,7 +1253,9 @@ def make_handler(atlas_dir: Path, service: SearchService):
 def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8765,
           top_k: int = 24, device: str = "auto", text_embedder=None, image_embedder=None,
           started=None) -> None:
-    """Serve the atlas and its live search until interrupted.
+    """Serve the atlas and its live search until interrupted: the folder holding the run folder
+    is served (so that the atlas's links to its run's files and to compared runs' atlases work),
+    the atlas at ``/<run>/atlas/``, where ``/`` redirects.
 
     ``started`` (tests) is called with the server once it listens; port 0 picks a free port, and
     the address actually used is logged and printed to stdout.
@@ -1256,8 +1265,16 @@ def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1",
     if not (atlas_dir / "index.html").exists():
         raise StageError(f"{atlas_dir / 'index.html'} not found: build the atlas first (make atlas)")
     service = SearchService(run_dir, top_k, device, text_embedder, image_embedder)
-    server = ThreadingHTTPServer((host, port), make_handler(atlas_dir, service))
-    address = f"http://{host}:{server.server_address[1]}/"
+    # The atlas links files of its run (basket trees, 12's heat map) and other runs' atlases
+    # (compared runs) by relative paths, so the folder holding the runs is served, with the
+    # atlas under its own path; an atlas kept elsewhere (--out) is served alone.
+    root = run_dir.resolve().parent
+    atlas = atlas_dir.resolve()
+    if not atlas.is_relative_to(root):
+        root = atlas
+    atlas_url = "/" + "".join(f"{quote(part)}/" for part in atlas.relative_to(root).parts)
+    server = ThreadingHTTPServer((host, port), make_handler(root, atlas_url, service))
+    address = f"http://{host}:{server.server_address[1]}{atlas_url}"
     print(f"serving the atlas at {address}  (Ctrl-C stops)", flush=True)
     log.info("serving %s at %s; %s", atlas_dir, address,
              "image search on" if service.status()["image"] else service.image_reason or

@@ -293,10 +293,14 @@ def test_server_answers_text_and_image_queries(run):
     thread.start()
     assert ready.wait(120)
     server = holder["server"]
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    base = f"{host}/{run_dir.name}/atlas/"
     try:
-        with urllib.request.urlopen(base + "index.html", timeout=30) as resp:
-            assert b"neuron atlas" in resp.read()
+        with urllib.request.urlopen(host + "/", timeout=30) as resp:  # / redirects to the atlas
+            assert resp.geturl() == base and b"neuron atlas" in resp.read()
+        # The run's own files are reachable by the atlas's relative links, as from disk.
+        with urllib.request.urlopen(base + "../01_extract.meta.json", timeout=30) as resp:
+            assert json.loads(resp.read())
         status, body = get_json(base + "api/status")
         assert status == 200 and body["text"] is True
         status, body = get_json(base + "api/search?q=red&k=3")
