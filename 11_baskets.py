@@ -36,7 +36,7 @@ import numpy as np
 
 from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
                         stage_parser, start_stage)
-from common.io import load_npz, read_csv, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
+from common.io import load_npz, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.11_baskets")
@@ -282,15 +282,14 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
 # Union and difference
 
 
-def read_baskets(path: Path) -> dict[str, dict]:
-    """11_baskets.csv by basket name, members as (layer, channel) pairs."""
+def baskets_by_name(path: Path) -> dict[str, dict]:
+    """11_baskets.csv (read by common.artefacts) by basket name: members as (layer, channel)
+    pairs and the basket's sentence."""
+    from common.artefacts import read_baskets
     if not path.is_file():
         raise StageError(f"{path} not found: build the baskets first (make baskets)")
-    out = {}
-    for r in read_csv(path):
-        r["member_set"] = {(r["layer"], int(c)) for c in r["members"].split()}
-        out[r["basket"]] = r
-    return out
+    return {row.basket: {"member_set": {(row.layer, c) for c in row.members},
+                         "description": row.description} for row in read_baskets(path)}
 
 
 def tree_node(tree_path: Path, name: str, baskets_path: Path) -> dict:
@@ -320,7 +319,7 @@ def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: 
     from common.artefacts import read_images, read_stats
     from common.baskets import joint_images
     p = run_paths(run_dir)
-    baskets = read_baskets(p["baskets"])
+    baskets = baskets_by_name(p["baskets"])
     read_meta(p["tree"])
     for name in (a, b):
         if name not in baskets:
