@@ -13,6 +13,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,10 @@ def test_static_site(run):
         for c in range(channels):
             assert (site / "neurons" / layer / f"{c}.html").exists()
             assert (site / "thumbs" / layer / f"{c}.jpg").read_bytes()[:2] == b"\xff\xd8"
+            page_mosaic = (site / "mosaics" / layer / f"{c}.webp").read_bytes()
+            assert page_mosaic[:4] == b"RIFF" and page_mosaic[8:12] == b"WEBP"
+            assert f'src="../../mosaics/{layer}/{c}.webp"' in \
+                (site / "neurons" / layer / f"{c}.html").read_text(encoding="utf-8")
     assert not list(site.rglob("*.png"))
     assert [p.name for p in site.rglob("plotly*.js")] == ["plotly.min.js"]
     pages = list(site.rglob("*.html"))
@@ -412,3 +417,22 @@ def test_browser_walk_through_the_atlas(run):
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
+
+
+def test_labels_show_by_class_name_even_when_never_predicted():
+    """A label mapped to a class (a WordNet id → index 2) that the model never predicts shows by
+    01's class name, not as the dataset wrote it; an unmapped label keeps its own text."""
+    from types import SimpleNamespace
+    predictions = {
+        0: {"label": "n00000002", "label_idx": 2, "pred_idx": 0, "pred_name": "zero"},
+        1: {"label": "n00000002", "label_idx": 2, "pred_idx": 1, "pred_name": "one"},
+        2: {"label": "odd", "label_idx": -1, "pred_idx": 1, "pred_name": "one"},
+        3: {"label": "", "label_idx": -1, "pred_idx": 0, "pred_name": "zero"},
+    }
+    run = SimpleNamespace(extract_meta={"classes": ["zero", "one", "two"]},
+                          predictions=predictions,
+                          topk={"L": SimpleNamespace(image_ids=np.array([[0, 1, 2, 3, -1]]))})
+    counts = atlas.top_classes(run, atlas.class_names(run), "L", 0)
+    assert counts["label_counts"] == [("two", 2), ("odd", 1)]
+    assert counts["unlabelled"] == 1 and counts["topk"] == 4
+    assert dict(counts["pred_counts"]) == {"zero": 2, "one": 2}
