@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from common.artefacts import (CropVectors, Description, Mosaic, read_activations,
                               read_crop_vectors, read_descriptions, read_images, read_mosaics,
-                              read_predictions)
+                              read_predictions, read_stats)
 from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -139,15 +139,6 @@ def model_class_names(predicted: dict[int, str], n_classes: int) -> list[str]:
                          for i, name in predicted.items()):
         return imagenet
     return [predicted.get(i) or str(i) for i in range(max(n_classes, 1 + max(predicted, default=-1)))]
-
-
-def layer_max_stats(stats_dir: Path, layer: str) -> np.ndarray:
-    """01's per-image spatial maximum of every channel of ``layer`` (N × C, memory-mapped)."""
-    from common.triage import stats_file
-    path = stats_file(stats_dir, layer)
-    if not path.is_file():
-        raise StageError(f"{path} not found: 01_stats/ is incomplete; re-run stage 01")
-    return np.load(path, mmap_mode="r")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +491,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     retract_meta(meta_file)  # until the new one is written, 09 counts as not done
 
     # 1. Triage
-    triage = {layer: triage_layer(layer_max_stats(stats_dir, layer)) for layer in inputs.layers}
+    triage = {layer: triage_layer(read_stats(stats_dir, layer, "max")) for layer in inputs.layers}
 
     # 2. Interpretability, on the vectors 04 gave the top crops (no embedding here)
     embedder = inputs.crops.embedder
@@ -554,7 +545,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     rows: list[dict] = []
     auprc_beats: dict[tuple[str, int], bool] = {}  # per neuron: AUPRC above its control's
     for layer in inputs.layers:
-        stats = np.asarray(layer_max_stats(stats_dir, layer))[usable_ids]
+        stats = np.asarray(read_stats(stats_dir, layer, "max"))[usable_ids]
         tri = triage[layer]
         checks = {}
         for i, s in enumerate(sentences[layer]):

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.io import read_csv  # noqa: E402
+from common.artefacts import read_summary  # noqa: E402
 
 TARGET_RATIO = 0.5  # 09 ÷ 01 on the same images
 GOAL_BEATING = 0.8  # share of neurons whose sentence beats its control (offline matcher)
@@ -65,22 +65,20 @@ def main(argv=None) -> None:
                                   str(work / "x"), "--topk", "100", "--batch-size", "32",
                                   "--workers", "2"]))
             t09 = min(t09, timed(score_command(py, run, work)))
-        summary = read_csv(work / "09_summary.csv")
-        neurons = sum(int(r["neurons"]) for r in summary)
+        summary = read_summary(work / "09_summary.csv")
+        neurons = sum(r.neurons for r in summary)
     ratio = t09 / t01
     print(f"09_score on {neurons} neurons: {t09:.1f} s; 01_extract on the same images: "
           f"{t01:.1f} s; ratio {ratio:.2f} (target ≤ {TARGET_RATIO})")
     total_beat = total_auprc = 0.0
     for r in summary:
-        share = float(r["share_beating_control"] or "nan")
-        by_auprc = float(r["share_beating_control_auprc"] or "nan")
-        total_beat += share * int(r["neurons"])
-        total_auprc += by_auprc * int(r["neurons"])
-        print(f"  {r['layer']}: {r['neurons']} neurons, {r['dead']} dead, clarity "
-              f"{r['mean_clarity']}, polysemanticity {r['mean_polysemanticity']}, verify r "
-              f"{r['mean_verify_corr']} vs control {r['mean_control_corr']}, beating control "
-              f"{share:.0%} (by AUPRC {by_auprc:.0%}; {r['matcher']} matcher, {r['embedder']} "
-              f"crops)")
+        share, by_auprc = r.share_beating_control, r.share_beating_control_auprc
+        total_beat += share * r.neurons
+        total_auprc += by_auprc * r.neurons
+        print(f"  {r.layer}: {r.neurons} neurons, {r.dead} dead, clarity {r.mean_clarity:.4g}, "
+              f"polysemanticity {r.mean_polysemanticity:.4g}, verify r {r.mean_verify_corr:.4g} "
+              f"vs control {r.mean_control_corr:.4g}, beating control {share:.0%} (by AUPRC "
+              f"{by_auprc:.0%}; {r.matcher} matcher, {r.embedder} crops)")
     print(f"share of all neurons beating their control: {total_beat / neurons:.0%} by Pearson r "
           f"(goal ≥ {GOAL_BEATING:.0%} offline), {total_auprc / neurons:.0%} by AUPRC")
 

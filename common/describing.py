@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from common.cli import StageError
-from common.io import read_csv
+from common.artefacts import read_descriptions, read_mosaics
 
 log = logging.getLogger("neuron-atlas.describing")
 
@@ -32,11 +32,10 @@ def describe_index(index: Path, out: Path, describe_args: str,
                "--out", str(out), *shlex.split(describe_args)]
     if levels:
         command += ["--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
-    log.info("describing %d mosaics of %s with 03_describe.py", len(read_csv(index)), index)
+    log.info("describing %d mosaics of %s with 03_describe.py", len(read_mosaics(index)), index)
     result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     if result.returncode != 0:
         raise StageError(f"03_describe.py failed on the mosaics of {index}:\n"
                          f"{result.stderr[-2000:]}")
-    return {(r["layer"], int(r["channel"])): r["description"] if r["status"] == "ok" else ""
-            for r in read_csv(out)}
+    return {d.key: d.description if d.status == "ok" else "" for d in read_descriptions(out)}

@@ -66,16 +66,12 @@ def triage_layer(max_stats: np.ndarray, k: int = DNR_K, block: int = 256) -> dic
     return out
 
 
-def stats_file(stats_dir: str | Path, layer: str, kind: str = "max") -> Path:
-    """Path of 01's per-image statistic ``kind`` (max or mean) of ``layer``."""
-    return Path(stats_dir) / f"{layer}.{kind}.npy"
-
-
 def dead_neurons(stats_dir: str | Path, layers: Iterable[str]) -> set[tuple[str, int]]:
     """``(layer, channel)`` of every neuron the triage flags as dead, for the given layers."""
+    from common.artefacts import read_stats
     out: set[tuple[str, int]] = set()
     for layer in layers:
-        stats = np.load(stats_file(stats_dir, layer), mmap_mode="r")
+        stats = read_stats(stats_dir, layer, "max")
         flags = triage_layer(stats)["dead"]
         out.update((layer, int(c)) for c in np.flatnonzero(flags))
     return out
