@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from common.artefacts import ScoreRow, columns  # noqa: E402
 from common.io import save_npz, write_csv  # noqa: E402
 from common.provenance import write_meta  # noqa: E402
 from common.stages import load_stage  # noqa: E402
@@ -153,7 +154,7 @@ def synthetic_run(run: Path, seed: int = 0) -> None:
     write_csv(run / "06_trace.csv", trace, list(trace[0]))
     write_meta(run / "06_trace.meta.json", "06_trace", {"kind": "fused"}, [run / "06_trace.csv"],
                inputs=[m5])
-    write_csv(run / "09_scores.csv", scores, list(scores[0]) + ["share", "description", "mosaic"])
+    write_csv(run / "09_scores.csv", scores, columns(ScoreRow))  # 09's columns, some left empty
     write_meta(run / "09_score.meta.json", "09_score", {}, [run / "09_scores.csv"], inputs=[m4])
 
 
