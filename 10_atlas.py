@@ -56,7 +56,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
+                        stage_parser, start_stage)
 from common.io import replace_dir
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.render import asset, json_for_script, render
@@ -1323,12 +1324,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2, help="processes making thumbnails")
     b.add_argument("--batch-size", type=int, default=16, help="images per attribution pass")
     b.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    b.add_argument("--model", default=None,
-                   help="the model 01 ran, named again (needed when it is a file: file.py:func, "
-                        "checkpoint); it explains misclassified images")
-    b.add_argument("--weights", default=None, help="the weights file 01 used, named again")
-    b.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow loading a whole pickled checkpoint (trusted files only)")
+    add_model_again_flags(b, "explaining misclassified images")
     s = sub.add_parser("serve", help="serve the atlas with live semantic search",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
@@ -1349,8 +1345,8 @@ def main(argv=None):
         if min(args.thumb_px, args.mosaic_px, args.max_images, args.batch_size) < 1:
             parser.error("--thumb-px, --mosaic-px, --max-images and --batch-size must be ≥ 1")
         build(args.run, args.out, args.thumb_px, args.mosaic_px, args.neighbours,
-              args.max_images, args.workers, args.batch_size, args.device, args.model,
-              args.weights, args.unsafe_pickle, args=vars(args))
+              args.max_images, args.workers, args.batch_size, args.device,
+              **model_again(args), args=vars(args))
     else:
         serve(args.run, args.atlas, args.host, args.port, args.top_k, args.device)
 
