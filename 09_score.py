@@ -35,9 +35,7 @@ import argparse
 import logging
 import math
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import zlib
 from dataclasses import dataclass
@@ -50,7 +48,8 @@ from tqdm import tqdm
 from common.artefacts import (CropVectors, Description, Mosaic, read_activations,
                               read_crop_vectors, read_descriptions, read_images, read_mosaics,
                               read_predictions, read_stats)
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.cli import exit_on_stage_error, stage_parser, start_stage
+from common.describing import start_describing
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.threads import single_threaded
@@ -198,38 +197,6 @@ def _safe(layer: str) -> str:
     return layer.replace("/", "_").replace(os.sep, "_")
 
 
-def start_describing(index: Path, folder: Path, describe_args: str, levels: dict[str, int],
-                     activations: Path, predictions: Path) -> subprocess.Popen:
-    """Start 03_describe.py on the sub-concept mosaics with ``describe_args`` (levels: those 03
-    gave the neurons' real layers); it runs while 09 scores the neurons' own sentences. 03 reads
-    01's activations and predictions as for the neurons themselves: the offline describer names
-    whole-image tiles by 01's predictions instead of classifying the tiles again."""
-    out = folder / "03_descriptions.csv"
-    command = [sys.executable, str(ROOT / "03_describe.py"), "--mosaics", str(index),
-               "--out", str(out), "--activations", str(activations),
-               "--predictions", str(predictions), *shlex.split(describe_args),
-               "--levels", ",".join(f"{name}={level}" for name, level in levels.items())]
-    log.info("describing %d sub-concepts with 03_describe.py", len(read_mosaics(index)))
-    # One thread for its numeric libraries, as 09's own processes (common/threads.py), unless the
-    # user set another number.
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           **os.environ}
-    # 03's log goes to a file, not a pipe: an unread pipe would block it once full.
-    with open(folder / "03_describe.log", "w") as stream:
-        return subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
-                                text=True, env=env)
-
-
-def finish_describing(process: subprocess.Popen, index: Path,
-                      folder: Path) -> dict[tuple[str, int], str]:
-    """Wait for the 03 process of ``start_describing`` → (pseudo-layer, channel) → sentence."""
-    if process.wait() != 0:
-        tail = (folder / "03_describe.log").read_text(errors="replace")[-2000:]
-        raise StageError(f"03_describe.py failed on the sub-concept mosaics ({index}):\n{tail}")
-    return {d.key: d.description if d.status == "ok" else ""
-            for d in read_descriptions(folder / "03_descriptions.csv")}
-
-
 # ---------------------------------------------------------------------------------------------
 # Verification
 
@@ -287,15 +254,18 @@ def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
         s.control = int(rng.choice(pool)) if pool else -1
 
 
-def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, match,
+def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, match,
                     seed: int) -> tuple[dict[str, list[Sentence]], dict[str, np.ndarray]]:
     """Every sentence to verify, with its control, and the matcher's scores of each on the usable
     images → (layer → sentences, layer → images × sentences).
 
-    The neurons' own sentences are scored first, while ``describing`` (the 03 process, or None)
-    writes the sub-concepts' sentences; the window features of the layers with sub-concepts are
-    kept, so that those sentences are then scored without decoding the images again. When they
-    would not fit in memory, 03 is waited for first and every sentence is scored in one pass.
+    ``describe`` (None when no neuron is a candidate for sub-concepts) splits the candidates into
+    sub-concepts (filling ``groups``) and starts 03 on their mosaics: it returns a
+    ``common.describing.Describing``, or None when no neuron splits. It is called once the
+    matcher has started measuring the images, so that both run while the neurons' own sentences
+    are scored; the window features of the candidates' layers (``keep``) are kept, so that the
+    sub-concepts' sentences are then scored without decoding the images again. When those would
+    not fit in memory, 03 is run and waited for first, and every sentence is scored in one pass.
     Each distinct sentence of a layer is scored once (controls are other neurons' sentences).
     """
     geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
@@ -305,27 +275,33 @@ def score_sentences(inputs: RunInputs, groups: dict, describing, folder: Path, m
     own = {layer: sorted({r.description for (lay, _), r in inputs.descriptions.items()
                           if lay == layer and r.ok})
            for layer in inputs.layers}
-    keep = sorted({layer for layer, _ in groups})
     sub_text = None
-    if describing is not None and not match.keeps(keep, len(usable_ids), inputs.input_size,
-                                                  geometry):
-        sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder)
+    if describe is not None and not match.keeps(keep, len(usable_ids), inputs.input_size,
+                                                geometry):
+        first = describe()
+        sub_text = first.result() if first is not None else {}
         for layer in inputs.layers:
             own[layer] = sorted(set(own[layer]) | {text for (lay, _), text in sub_text.items()
                                                    if lay.rsplit("#", 1)[0] == layer and text})
+    running = []  # what ``describe`` returned while the images were measured
     with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
         def progress(items):
             """Advance the bar per image."""
             for item in items:
                 yield item
                 bar.update()
+
+        def meanwhile():
+            """Split into sub-concepts and start 03 on them while the images are measured."""
+            if describe is not None and sub_text is None:
+                running.append(describe())
         scored = match.score(own, [inputs.image_paths[i] for i in usable_ids], inputs.input_size,
-                             geometry, progress, keep=keep if sub_text is None else ())
+                             geometry, progress, keep=keep if sub_text is None else (),
+                             meanwhile=meanwhile)
     column = {layer: {text: scored[layer][:, j] for j, text in enumerate(texts)}
               for layer, texts in own.items()}
     if sub_text is None:
-        sub_text = finish_describing(describing, folder / "09_mosaics.csv", folder) \
-            if describing is not None else {}
+        sub_text = running[0].result() if running and running[0] is not None else {}
 
     sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
     for layer in inputs.layers:
@@ -508,39 +484,53 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             interp[k] = {"clarity": S.clarity(vectors[k]),
                          "polysemanticity": S.polysemanticity(vectors[k]), "redundancy": r}
 
-    # 3. Sub-concepts
-    groups = {}
-    for key, values in interp.items():
-        layer, channel = key
-        dead = bool(triage[layer]["dead"][channel])
-        if not dead and np.isfinite(values["polysemanticity"]) and \
-                values["polysemanticity"] >= poly_threshold:
+    # 3. Sub-concepts: the split, the mosaics and 03's sentences are made while the matcher
+    # measures the images (step 4), in ``split_and_describe``
+    candidates = [key for key, values in interp.items()
+                  if not triage[key[0]]["dead"][key[1]]
+                  and np.isfinite(values["polysemanticity"])
+                  and values["polysemanticity"] >= poly_threshold]
+    groups: dict[tuple[str, int], np.ndarray] = {}  # neuron → group of each of its first crops
+    subconcepts.mkdir(parents=True, exist_ok=True)
+    started = []  # the 03 run on the sub-concepts, once started
+
+    def split_and_describe():
+        """Split the candidates' crops into sub-concepts (filling ``groups``), write their
+        mosaics and start 03 on them; the running 03, or None when no neuron splits."""
+        for key in candidates:
             labels = S.sub_concepts(vectors[key], max_subconcepts)
             if labels is not None:
                 groups[key] = labels
-    log.info("%d neurons at or above polysemanticity %.2f split into sub-concepts", len(groups),
-             poly_threshold)
-    subconcepts.mkdir(parents=True, exist_ok=True)
-    describing = None
-    if groups:
+        log.info("%d neurons at or above polysemanticity %.2f split into sub-concepts",
+                 len(groups), poly_threshold)
+        if not groups:
+            return None
         index = write_subconcept_mosaics(inputs, groups, subconcepts, inputs.metas)
         levels = {}
         for (layer, channel), labels in groups.items():
             level = getattr(inputs.descriptions.get((layer, channel)), "level", 0) or 1
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
-        describing = start_describing(index, subconcepts, describe_args, levels, activations,
-                                      predictions)
+        # 03 reads 01's activations and predictions as for the neurons themselves: the offline
+        # describer names whole-image tiles by 01's predictions instead of classifying them again.
+        started.append(start_describing(index, subconcepts / "03_descriptions.csv",
+                                        describe_args, levels,
+                                        ["--activations", str(activations),
+                                         "--predictions", str(predictions)]))
+        return started[-1]
 
     # 4. Verification (the neurons' own sentences are scored while 03 describes the sub-concepts)
     match = matcher_obj or load_matcher(matcher, inputs, text_model, device, workers)
     usable_ids = np.flatnonzero(inputs.usable)
     try:
-        sentences, matrix = score_sentences(inputs, groups, describing, subconcepts, match, seed)
+        sentences, matrix = score_sentences(
+            inputs, groups, sorted({layer for layer, _ in candidates}),
+            split_and_describe if candidates else None, match, seed)
     finally:
-        if describing is not None and describing.poll() is None:
-            describing.kill()  # 09 failed before 03 finished: leave no process behind
-            describing.wait()
+        for describing in started:
+            describing.stop()  # 09 failed before 03 finished: leave no process behind
+    if not candidates:
+        log.info("no neuron at or above polysemanticity %.2f: no sub-concepts", poly_threshold)
 
     rows: list[dict] = []
     auprc_beats: dict[tuple[str, int], bool] = {}  # per neuron: AUPRC above its control's

@@ -372,11 +372,24 @@ def _high_depth_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
 
 
 def network_input(img: Image.Image, size: int) -> Image.Image:
-    """torchvision's ``Resize(size)`` (bicubic, antialiased) then ``CenterCrop(size)``: the shorter
-    side becomes ``size`` and the middle square is kept."""
-    from torchvision.transforms import functional as tvf
-    img = tvf.resize(img, size, interpolation=tvf.InterpolationMode.BICUBIC, antialias=True)
-    return tvf.center_crop(img, [size, size])
+    """torchvision's ``Resize(size)`` (bicubic) then ``CenterCrop(size)`` on a PIL image: the
+    shorter side becomes ``size`` (the longer one ``int(size × long / short)``) and the middle
+    square is kept, its corner at ``int(round(excess / 2))``.
+
+    Written with PIL, which torchvision itself calls for PIL images (PIL always antialiases), so
+    the pixels are the same (tests/test_images.py compares them with torchvision's): importing
+    torchvision takes over a second, as it loads torch's compiler, in every process that only
+    needs to resize an image, such as 09's image workers.
+    """
+    width, height = img.size
+    long = int(size * max(width, height) / min(width, height))
+    new_w, new_h = (size, long) if width <= height else (long, size)
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    if (new_w, new_h) == (size, size):
+        return img
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def network_view(img: Image.Image, size: int, channels: int = 3) -> Image.Image:

@@ -13,9 +13,10 @@ cannot be decoded get NaN rows.
   * object words: the analysed model's own top-5 predictions for the image (01_predictions.csv),
     each class name embedded with the text embedder; the image's score is the probability-weighted
     cosine between the sentence and its predicted class names (minus the sentence's mean cosine
-    over all classes), where a sentence naming several things (split into ``phrases``) counts, for
-    each class, its best-matching phrase — a class named in a list is not diluted by the rest.
-    It sees only what the classifier's classes can name.
+    over the classes that appear in any image's top 5: those are the only names an image is
+    scored against, and the only ones embedded), where a sentence naming several things (split
+    into ``phrases``) counts, for each class, its best-matching phrase — a class named in a list
+    is not diluted by the rest. It sees only what the classifier's classes can name.
   * appearance words (colour names, vertical / horizontal / diagonal, edges, stripes, texture,
     contrast, bright / dark, smooth, mixed colours): measured in every receptive-field window of the
     layer (one per feature-map cell, at ANALYSIS_PX resolution) and the best window kept, as the
@@ -266,9 +267,6 @@ def _workers(job: ImagePass, workers: int):
         finally:
             _start_worker(None)
         return
-    # network_input imports torchvision on first use; the text embedder imports it anyway, so
-    # importing it here, once, spares each worker the import.
-    from torchvision.transforms import functional  # noqa: F401
     with multiprocessing.get_context("fork").Pool(workers, _start_worker, (job,)) as pool:
         yield pool.imap
 
@@ -294,7 +292,10 @@ class OfflineMatcher:
         self.class_names = list(class_names)
         self.top5_idx, self.top5_prob = top5_idx, top5_prob
         self.workers = workers
-        self._class_vectors = None
+        valid = top5_idx >= 0
+        self._shown = np.unique(top5_idx[valid])  # classes in some image's top 5 (sorted)
+        self._column = np.searchsorted(self._shown, np.where(valid, top5_idx, 0))  # N × 5
+        self._class_vectors = None              # of the classes in ``_shown``
         self._phrase_vectors: dict[str, np.ndarray] = {}  # each phrase is embedded once
         self._kept: dict[str, np.ndarray] = {}  # layer → images × windows × scaled features
         self._last: tuple | None = None         # the last score()'s images and geometry
@@ -308,35 +309,38 @@ class OfflineMatcher:
 
     def _object_scores(self, sentences: Sequence[str]) -> np.ndarray:
         """N × S: probability-weighted cosine between each sentence (its best phrase per class)
-        and the image's top-5 names."""
+        and the image's top-5 names, less the sentence's mean over the classes shown."""
+        if not len(self._shown):  # no image has a prediction: nothing to compare with
+            return np.zeros((len(self.top5_idx), len(sentences)))
         pieces = [phrases(s) for s in sentences]
         new = list(dict.fromkeys(p for ps in pieces for p in ps if p not in self._phrase_vectors))
         with one_torch_thread():  # see common/threads.py
             if self._class_vectors is None:
                 self._class_vectors = self.text_embedder.encode(
-                    [name.replace("_", " ") for name in self.class_names])
+                    [self.class_names[c].replace("_", " ") for c in self._shown])
             if new:
                 self._phrase_vectors.update(zip(new, self.text_embedder.encode(new)))
-        cos = np.zeros((len(sentences), len(self.class_names)))
+        cos = np.zeros((len(sentences), len(self._shown)))
         for i, ps in enumerate(pieces):
             vectors = np.stack([self._phrase_vectors[p] for p in ps])
             cos[i] = (vectors @ self._class_vectors.T).max(axis=0)
         cos = cos - cos.mean(axis=1, keepdims=True)
-        valid = self.top5_idx >= 0
-        gathered = cos.T[np.where(valid, self.top5_idx, 0)]  # N × 5 × S
-        return np.einsum("nk,nks->ns", np.where(valid, self.top5_prob, 0.0), gathered)
+        gathered = cos.T[self._column]  # N × 5 × S
+        return np.einsum("nk,nks->ns", np.where(self.top5_idx >= 0, self.top5_prob, 0.0),
+                         gathered)
 
     def score(self, sentences_by_layer: dict[str, list[str]], paths: Sequence[str],
               input_size: int, layer_geometry: dict[str, tuple[np.ndarray, tuple[int, int]]],
               progress: Callable[[Iterable], Iterable] = lambda it: it,
-              keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
+              keep: Sequence[str] = (),
+              meanwhile: Callable[[], object] = lambda: None) -> dict[str, np.ndarray]:
         """Per layer: N_images × S score matrix for its sentences (rows in ``paths`` order).
 
         ``layer_geometry``: layer → (rf array, feature-map (H, W)). Every image is decoded once,
-        by ``workers`` processes, while this one embeds the sentences for the object part. The
-        window features of the layers in ``keep`` are kept (while they fit in KEEP_BYTES), so
-        that ``score_more`` can score more sentences of those layers on the same images without
-        decoding them again.
+        by ``workers`` processes; meanwhile this one calls ``meanwhile()`` (the caller's own work)
+        and then embeds the sentences for the object part. The window features of the layers in
+        ``keep`` are kept (while they fit in KEEP_BYTES), so that ``score_more`` can score more
+        sentences of those layers on the same images without decoding them again.
         """
         windows = {layer: layer_windows(*layer_geometry[layer], input_size)
                    for layer in {lay for lay, sents in sentences_by_layer.items() if sents} |
@@ -356,6 +360,7 @@ class OfflineMatcher:
              for layer in keep})
         with _workers(job, self.workers) as run:
             done = run(_measure, _chunks(n, self.workers))
+            meanwhile()
             # The object part needs no image: it is computed while the workers measure them.
             objects = {layer: self._object_scores(sents) if sents else None
                        for layer, sents in sentences_by_layer.items()}
@@ -443,10 +448,12 @@ class ClipMatcher:
     def score(self, sentences_by_layer: dict[str, list[str]], paths: Sequence[str],
               input_size: int, layer_geometry=None,
               progress: Callable[[Iterable], Iterable] = lambda it: it,
-              keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
+              keep: Sequence[str] = (),
+              meanwhile: Callable[[], object] = lambda: None) -> dict[str, np.ndarray]:
         """Per layer: N_images × S cosine matrix (the layer does not matter: whole images). The
         image vectors are always kept for ``score_more`` (``keep`` is accepted for the offline
-        matcher's sake)."""
+        matcher's sake); ``meanwhile()`` is called first."""
+        meanwhile()
         vectors = np.full((len(paths), self.image_tower.dim), np.nan, np.float32)
         batch: list[tuple[int, Image.Image]] = []
 

@@ -89,3 +89,23 @@ def test_model_again_flags_reach_reload_model_by_name():
     assert cli.model_again(args) == {"model": "net.py:build", "weights": "w.pt",
                                      "unsafe_pickle": True}
     assert "pruning: the model 01 ran" in parser.format_help()
+
+
+def test_a_stage_run_as_a_program_freezes_its_objects_before_exit():
+    """exit_on_stage_error freezes the objects alive when the stage is the program and its work
+    is done (Python's last garbage collection then skips them: 09's exit went from 1.5 s to 0.2 s),
+    and never when main() is called by other code, such as these tests."""
+    import gc
+
+    def main(argv=None):
+        """A stage's main."""
+        return 7
+    before = gc.get_freeze_count()
+    assert cli.exit_on_stage_error(main)() == 7
+    assert gc.get_freeze_count() == before
+    main.__module__ = "__main__"
+    try:
+        assert cli.exit_on_stage_error(main)() == 7
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()

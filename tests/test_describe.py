@@ -742,3 +742,42 @@ def test_skip_dead_leaves_out_the_neurons_the_triage_flags(tmp_path):
     rows = run_stage(run, describer=vlm, skip_dead=True)
     assert ("mid", 1) not in vlm.described and ("mid", 0) in vlm.described
     assert len(rows) == 3 * len(LAYERS) - 1
+
+
+# --- 03 on a mosaic index from another stage (common/describing.py) ---------------------------
+
+
+def test_describing_in_a_fork_or_a_new_process_gives_the_same_sentences(tmp_path, monkeypatch):
+    """09 and 11 run 03 on their own mosaic indexes through common.describing: in a fork of the
+    calling process where it can (03 then skips importing torch again), else as a new python
+    process. Both give the same sentences and keep 03's output in a log beside them; a failure
+    names the index and shows the end of that log."""
+    from common import describing
+    from common.io import read_csv
+    run = make_run(tmp_path)
+    rows = [r for r in read_csv(run / "02_mosaics.csv") if r["layer"] != "mid"]
+    index = run / "index.csv"
+    write_csv(index, rows, list(rows[0]))
+    write_meta(run / "index.meta.json", "index", {}, [index],
+               inputs=[json.loads((run / "02_mosaics.meta.json").read_text())])
+    extra = ["--activations", str(run / "01_activations.npz"),
+             "--predictions", str(run / "01_predictions.csv")]
+    forked = describing.start_describing(index, tmp_path / "fork" / "03.csv", "--backend offline",
+                                         {}, extra)
+    assert forked._process is not None  # a fork
+    got_fork = forked.result()
+    monkeypatch.setattr(describing, "_can_fork", lambda: False)
+    spawned = describing.start_describing(index, tmp_path / "new" / "03.csv",
+                                          "--backend offline", {}, extra)
+    assert spawned._popen is not None  # a new process
+    got_new = spawned.result()
+    assert set(got_fork) == {(r["layer"], int(r["channel"])) for r in rows}
+    assert got_fork == got_new and all(got_fork.values())
+    for folder in ("fork", "new"):
+        assert "descriptions →" in (tmp_path / folder / "03_describe.log").read_text()
+    for can_fork in (True, False):
+        monkeypatch.setattr(describing, "_can_fork", lambda: can_fork)
+        failing = describing.start_describing(index, tmp_path / f"bad{can_fork}" / "03.csv",
+                                              "--backend nonsense", {}, extra)
+        with pytest.raises(StageError, match=r"(?s)index\.csv.*invalid choice: 'nonsense'"):
+            failing.result()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from PIL import Image, ImageFile
 from common import images, imagenet
 from common.cli import StageError
 from common.images import BadImage, ImageEntry, list_images, load_rgb, map_labels
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ helpers
@@ -427,16 +431,33 @@ def test_missing_and_empty_sources_stop_with_a_fix(tmp_path):
 # ------------------------------------------------------------------ network input
 
 
-@pytest.mark.parametrize("size_in", [(400, 300), (300, 400), (224, 224), (17, 9), (1000, 230)])
-def test_network_input_matches_torchvision_resize_and_centre_crop(size_in):
+@pytest.mark.parametrize("size_in,side", [
+    ((400, 300), 224), ((300, 400), 224), ((224, 224), 224), ((17, 9), 224), ((1000, 230), 224),
+    # an odd excess (where the corner is rounded), a longer side that int() truncates, a square
+    # that is only resampled, and another network size
+    ((225, 224), 224), ((224, 227), 224), ((333, 500), 224), ((100, 100), 224),
+    ((641, 427), 240), ((7, 3), 5)])
+def test_network_input_matches_torchvision_resize_and_centre_crop(size_in, side):
+    """network_input is written with PIL; torchvision's transforms are the reference."""
     from torchvision import transforms
     source = noise_rgb(*size_in, seed=3)
-    ours = images.network_input(source, 224)
+    ours = images.network_input(source, side)
     reference = transforms.Compose([
-        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224)])(source)
-    assert ours.size == (224, 224)
+        transforms.Resize(side, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(side)])(source)
+    assert ours.size == (side, side)
     assert np.array_equal(np.asarray(ours), np.asarray(reference))
+
+
+def test_network_input_does_not_load_torchvision():
+    """09's image workers resize every image without paying torchvision's import (over a
+    second: it loads torch's compiler)."""
+    code = ("import sys; from PIL import Image; from common.images import network_input; "
+            "network_input(Image.new('RGB', (300, 200)), 224); "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_network_input_keeps_the_centre():

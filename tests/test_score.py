@@ -195,20 +195,34 @@ def test_true_description_beats_its_control_and_a_wrong_one_does_not(tmp_path):
 def test_object_part_compares_each_named_thing_with_the_class_names():
     """A sentence naming several things is split into phrases (filler words dropped), and an
     image's object score is its classes' best cosine with any phrase, minus the sentence's mean
-    over all classes — so an image of one named thing scores as if the sentence named it alone."""
+    over the classes some image is predicted as — so an image of one named thing scores as if the
+    sentence named it alone. A class no image is predicted as is never embedded."""
     assert matchers.phrases("Top images classified as dog, cat and car.") == ["dog", "cat", "car"]
     assert matchers.phrases("Top images of the.") == ["Top images of the."]  # nothing left
     assert matchers.phrases("Top images classified as objects such as bell cote, golf ball; "
                             "also food.") == ["bell cote", "golf ball", "food"]
-    names = ["cat", "red", "plain"]
+    names = ["cat", "red", "plain"]  # "plain" is in no image's top 5
     idx = np.array([[0, -1, -1, -1, -1], [1, -1, -1, -1, -1]])
     prob = np.array([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]])
-    got = OfflineMatcher(WordsText(), names, idx, prob)._object_scores(["dog, cat and car."])
+    asked = []
+
+    class Recording(WordsText):
+        """WordsText that remembers what it embedded."""
+
+        def encode(self, texts):
+            """Record, then embed."""
+            asked.extend(texts)
+            return super().encode(texts)
+    got = OfflineMatcher(Recording(), names, idx, prob)._object_scores(["dog, cat and car."])
     text = WordsText()
-    best = (text.encode(["dog", "cat", "car"]) @ text.encode(names).T).max(axis=0)
+    best = (text.encode(["dog", "cat", "car"]) @ text.encode(names[:2]).T).max(axis=0)
     expected = best - best.mean()
-    assert got[:, 0] == pytest.approx(expected[:2], abs=1e-6)
+    assert got[:, 0] == pytest.approx(expected, abs=1e-6)
     assert got[0, 0] > got[1, 0]  # the cat image, not the red one
+    assert "plain" not in asked and {"cat", "red"} <= set(asked)
+    # no image with a prediction: no object score at all
+    none = OfflineMatcher(Recording(), names, np.full((2, 5), -1), np.zeros((2, 5)))
+    assert np.array_equal(none._object_scores(["dog."]), np.zeros((2, 1)))
 
 
 @pytest.mark.parametrize("kept", [True, False])
@@ -281,8 +295,9 @@ def test_text_embedder_loads_only_when_the_object_part_needs_it(tmp_path):
         """Record the load."""
         loads.append(1)
         return Counting()
-    none = np.full((3, 5), -1)
-    m = OfflineMatcher(load, ["tench", "cat"], none, np.zeros((3, 5)))
+    idx = np.array([[0, 1, -1, -1, -1], [1, -1, -1, -1, -1], [-1, -1, -1, -1, -1]])
+    prob = np.where(idx >= 0, 0.5, 0.0)
+    m = OfflineMatcher(load, ["tench", "cat"], idx, prob)
     assert not loads
     m._object_scores(["cat and dog.", "dog, car."])
     m._object_scores(["red dog."])
