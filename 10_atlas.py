@@ -80,6 +80,9 @@ TOP_CLASSES = 8  # classes listed for a neuron's top images
 MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
 KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
               "verify_corr", "beats_control"]  # shown on cards when 09 computed them
+# 09's columns that differ between a neuron's sub-concepts (the others are the neuron's, shown once)
+SUB_COLUMNS = ["share", "clarity", "verify_corr", "verify_auprc", "control_corr", "control_auprc",
+               "beats_control", "n_held_out", "n_positives", "control_channel"]
 ATTRIBUTION_NOTE = ("Relevance of a neuron = its activation × the gradient of the class's logit "
                     "with respect to it, summed over the feature map: how much the logit would "
                     "drop, to first order, if the neuron were switched off. Positive: it pushed "
@@ -714,7 +717,8 @@ class Site:
                          "dead": bool(r["scores"].get("dead")),
                          "scores": [(k, v) for k, v in r["scores"].items()],
                          "subconcepts": r["subs"],
-                         "sub_columns": list(r["subs"][0]["scores"]) if r["subs"] else [],
+                         "sub_columns": [c for c in SUB_COLUMNS if r["subs"]
+                                         and c in r["subs"][0]["scores"]],
                          "prev_channel": r["channel"] - 1 if r["channel"] > 0 else None,
                          "next_channel": r["channel"] + 1 if r["channel"] + 1 < len(recs) else None,
                          "neighbours": [{"title": title, "neurons": [mini(L, c, sim=s)

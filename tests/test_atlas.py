@@ -111,6 +111,10 @@ def test_static_site(run):
     assert "<script>alert" not in neuron
     assert "&lt;b&gt;bold&lt;/b&gt;" in neuron and "<b>bold</b>" not in neuron
     assert "clarity" in neuron and "sub-concepts" in neuron.lower()
+    # the sub-concept table lists what differs between them, not the neuron's scores again
+    table = neuron[neuron.index("<th>sub-concept</th>"):]
+    table = table[:table.index("</thead>")]
+    assert "verify_corr" in table and "selectivity" not in table and "redundancy" not in table
     other = (site / "neurons" / "relu1" / "1.html").read_text()
     assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in other
     for script in (site / "data").glob("*.js"):
