@@ -51,7 +51,8 @@ IMAGE_FIELDS = ["image_id", "path", "label", "label_idx", "status", "reason"]
 MIN_JUDGED = 10     # labelled images needed before accuracy is judged
 PROBE_BELOW = 0.5   # below chance + this share of the way to 100 %, try other preprocessings
 NEAR_CHANCE = 0.1   # warn below chance + this share of the way to 100 %
-PROBE_IMAGES = 32   # labelled images on which other preprocessings are tried
+PROBE_IMAGES = 32   # labelled images on which other preprocessings are tried …
+PROBE_SCREEN = 8    # … each first on this many, going on only if it gets 2 more right there
 PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name", "prob", "correct",
                "top5_idx", "top5_prob"]
 
@@ -491,7 +492,8 @@ def name_classes(bundle, labels: list[str], from_folder: bool) -> None:
 def check_accuracy(predictions: Path, bundle) -> dict | None:
     """The model's accuracy on the labelled images; a loud warning (also returned, for the
     metadata) when it is near chance or far below what another input size or normalisation gets
-    on a sample — the usual sign of inputs prepared unlike in training."""
+    on a sample — the usual sign of inputs prepared unlike in training. A model with random
+    weights, asked for, is not judged."""
     with open(predictions, newline="", encoding="utf-8") as fh:
         labelled = [(int(r["label_idx"]), int(r["pred_idx"]), r["path"])
                     for r in csv.DictReader(fh) if int(r["label_idx"]) >= 0]
@@ -506,6 +508,11 @@ def check_accuracy(predictions: Path, bundle) -> dict | None:
               "chance": round(chance, 4), "better": None, "warning": ""}
     log.info("accuracy on the %d labelled images: %.1f%% (chance: %.1f%%)", len(labelled),
              100 * accuracy, 100 * chance)
+    if bundle.spec.get("random_init"):
+        # Untrained on request (load_model has said so loudly): accuracy near chance is what
+        # random weights give, and no other preprocessing can fix it, so nothing is probed.
+        log.info("random weights: accuracy is not judged and no other preprocessing is tried")
+        return result
     if len(labelled) < MIN_JUDGED or accuracy >= chance + PROBE_BELOW * (1 - chance):
         return result
     now = (f"INPUT_SIZE (now {bundle.input_size}), MEAN (now "
@@ -534,40 +541,60 @@ def check_accuracy(predictions: Path, bundle) -> dict | None:
 def probe_preprocessing(bundle, labelled: list[tuple[int, int, str]]) -> dict | None:
     """The best accuracy, on an even sample of the labelled images, over other input sizes (the
     images' own median shorter side, 224) and normalisations (0.5/0.5, ImageNet's, none), with the
-    current setting's accuracy on the same sample; None when no image of the sample decodes."""
+    current setting's accuracy on the same sample; None when no image of the sample decodes.
+
+    The current setting's answers are 01's own predictions. Every other setting is run on the
+    first PROBE_SCREEN images of the sample, and on the rest only when it gets at least two more
+    of those right than the current one: a preprocessing mistake costs far more than that, and a
+    run whose accuracy is only modest (such as the demo's) is spared most of the forward passes.
+    """
     from common.images import BadImage, load_rgb, network_input, to_tensor
     from common.models import IMAGENET_MEAN, IMAGENET_STD
     step = max(1, len(labelled) // PROBE_IMAGES)
-    sample = []
-    for label, _, path in labelled[::step][:PROBE_IMAGES]:
+    sample = []  # (label, 01's prediction, image)
+    for label, pred, path in labelled[::step][:PROBE_IMAGES]:
         try:
-            sample.append((label, load_rgb(path)[0]))
+            sample.append((label, pred, load_rgb(path)[0]))
         except BadImage:
             continue
     if not sample:
         return None
     c = bundle.channels
-    sizes = sorted({bundle.input_size, 224, int(np.median([min(img.size) for _, img in sample]))})
+    current = (bundle.input_size, tuple(bundle.mean), tuple(bundle.std))
+    sizes = sorted({bundle.input_size, 224,
+                    int(np.median([min(img.size) for _, _, img in sample]))})
     norms = {(tuple(bundle.mean), tuple(bundle.std)), ((0.5,) * c, (0.5,) * c),
              ((0.0,) * c, (1.0,) * c),
              (IMAGENET_MEAN if c == 3 else (0.449,), IMAGENET_STD if c == 3 else (0.226,))}
-    labels = torch.tensor([label for label, _ in sample])
-    scores = {}
+    settings = sorted({(size, mean, std) for size in sizes for mean, std in norms} - {current})
+    labels = torch.tensor([label for label, _, _ in sample])
+    screen = min(PROBE_SCREEN, len(sample))
+    hits = [label == pred for label, pred, _ in sample]
+    scores = {current: sum(hits) / len(sample)}
+    views = {}
     with torch.inference_mode():
-        for size in sizes:
-            views = [network_input(img, size) for _, img in sample]
-            for mean, std in sorted(norms):
-                batch = torch.stack([to_tensor(v, mean, std) for v in views]).to(bundle.device)
+        for size, mean, std in settings:
+            if size not in views:
+                views[size] = [network_input(img, size) for _, _, img in sample]
+
+            def n_right(lo: int, hi: int) -> int | None:
+                """Sample images lo … hi − 1 this setting gets right (None: the model refuses
+                the size)."""
+                batch = torch.stack([to_tensor(v, mean, std) for v in views[size][lo:hi]])
                 try:
-                    logits = bundle.model(batch)
+                    logits = bundle.model(batch.to(bundle.device))
                 except RuntimeError:  # a model fixed to one input size
-                    continue
-                scores[size, mean, std] = float((logits.argmax(1).cpu() == labels).float().mean())
-    current = scores.get((bundle.input_size, tuple(bundle.mean), tuple(bundle.std)), 0.0)
+                    return None
+                return int((logits.argmax(1).cpu() == labels[lo:hi]).sum())
+            first = n_right(0, screen)
+            if first is not None and first >= sum(hits[:screen]) + 2:
+                rest = n_right(screen, len(sample)) if screen < len(sample) else 0
+                scores[size, mean, std] = (first + (rest or 0)) / len(sample)
+    now = scores[current]
     (size, mean, std), accuracy = max(scores.items(), key=lambda kv: kv[1])
     return {"n": len(sample), "input_size": size, "mean": ",".join(f"{v:g}" for v in mean),
             "std": ",".join(f"{v:g}" for v in std), "accuracy": round(accuracy, 4),
-            "current": round(current, 4)}
+            "current": round(now, 4)}
 
 
 def inputs_digest(bundle, entries) -> str:

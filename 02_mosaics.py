@@ -40,7 +40,7 @@ from common.cli import StageError, exit_on_stage_error, stage_parser, start_stag
 from common.io import sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.rf import RF, field_box  # noqa: I001 - imported before workers fork, not in each
+from common.fields import RF, field_box
 
 log = logging.getLogger("neuron-atlas.02_mosaics")
 

@@ -402,7 +402,7 @@ def example_sheet(ids: np.ndarray, paths: dict[int, str], size: int, path: Path,
 def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str], size: int,
                path: Path, channels: int = 3) -> bool:
     """The neuron's top receptive-field crops from 01 as a strip (used when 02 has no mosaic)."""
-    from common.rf import RF, crop_box
+    from common.fields import RF, crop_box
     top = artefacts.read_activations(activations, layers=[layer])[2][layer]
     ids, ys, xs = top.image_ids[channel], top.y[channel], top.x[channel]
     rf = RF.from_array(top.rf)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from common.classes import name_key
@@ -401,6 +400,7 @@ def network_view(img: Image.Image, size: int, channels: int = 3) -> Image.Image:
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An image as a float32 tensor (C, H, W): (pixel / 255 - ``mean``) / ``std``, with C the
     number of values in ``mean``: 3 (RGB) or 1 (grey, ITU-R 601 luma as PIL's ``L`` mode)."""
+    import torch  # here, not at the top: processes that only read and resize images skip it
     channels = len(mean)
     mode = "L" if channels == 1 else "RGB"
     array = np.asarray(img.convert(mode) if img.mode != mode else img, dtype=np.float32)

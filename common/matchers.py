@@ -32,6 +32,7 @@ import logging
 import math
 import mmap
 import multiprocessing
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from PIL import Image
 
 from common.appearance import FEATURES, integral_image, pixel_maps, window_features
 from common.images import BadImage, load_rgb, network_input
-from common.rf import RF, crop_box
+from common.fields import RF, crop_box
 from common.threads import one_torch_thread
 
 log = logging.getLogger("neuron-atlas.matchers")
@@ -52,6 +53,7 @@ MAX_WINDOWS = 1024  # windows per image and layer; denser feature maps are sampl
 NORM_IMAGES = 64    # images (seeded sample) whose windows set each feature's scale
 KEEP_BYTES = 512 << 20  # most memory kept for scoring more sentences later (score_more)
 CHUNKS_PER_WORKER = 8   # image chunks per worker process: evens out their progress
+WORKER_NICENESS = 10    # worker processes yield the CPU to the process that forked them
 
 _F = {name: i for i, name in enumerate(FEATURES)}
 # Appearance words → (feature, weight). A word preceded by "low" or "no" counts negatively.
@@ -208,6 +210,14 @@ def _start_worker(job: ImagePass) -> None:
     _PASS = job
 
 
+def _start_pool_worker(job: ImagePass) -> None:
+    """Start of a forked worker: ``_start_worker``, at a lower priority than the process that
+    forked it, whose own work (09 loads its text embedder and starts 03 meanwhile) is what the
+    pass waits for in the end; the workers take the CPU time it leaves."""
+    os.nice(WORKER_NICENESS)
+    _start_worker(job)
+
+
 def _features(pixels: np.ndarray, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Unscaled FEATURES of every window of each layer in one network input."""
     table = integral_image(pixel_maps(shrink(pixels)))
@@ -267,7 +277,7 @@ def _workers(job: ImagePass, workers: int):
         finally:
             _start_worker(None)
         return
-    with multiprocessing.get_context("fork").Pool(workers, _start_worker, (job,)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, _start_pool_worker, (job,)) as pool:
         yield pool.imap
 
 

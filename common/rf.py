@@ -8,7 +8,8 @@ Conventions (used by every function here and by ``L/rf`` in ``01_activations.npz
   adjacent feature cells (the product of the strides). ``start``: the coordinate of the centre of the
   field of feature cell ``(0, 0)``; it can be negative (padding) or end in .5 (even-sized fields).
 - Feature cell ``(y, x)`` therefore sees the pixel rows ``start_h + y * jump_h ± (size_h - 1) / 2``
-  (both ends included) and likewise for columns; ``crop_box`` turns that into a clipped box.
+  (both ends included) and likewise for columns; ``common.fields.crop_box`` turns that into a
+  clipped box.
 - Sizes are the theoretical ones and are not clipped: deep layers can see more than the input.
 
 How the values are computed. The model runs once on a blank input wrapped in a tensor subclass
@@ -55,64 +56,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from common.cli import StageError
+from common.fields import RF
 
 log = logging.getLogger("neuron-atlas.rf")
 
 MENU_DEPTH = 2  # unknown-layer errors list module names up to this many dotted levels
 MENU_MAX = 80  # ... and at most this many of them
-
-
-@dataclass(frozen=True)
-class RF:
-    """Receptive field of a layer: size, jump and start per axis, in input pixels (module docstring)."""
-
-    size_h: float
-    size_w: float
-    jump_h: float
-    jump_w: float
-    start_h: float
-    start_w: float
-
-    def as_array(self) -> np.ndarray:
-        """The six values as float64, in field order (the ``L/rf`` array of 01_activations.npz)."""
-        return np.array([self.size_h, self.size_w, self.jump_h, self.jump_w,
-                         self.start_h, self.start_w], dtype=np.float64)
-
-    @classmethod
-    def from_array(cls, values: Sequence[float]) -> "RF":
-        """Inverse of ``as_array``."""
-        if len(values) != 6:
-            raise ValueError(f"an RF array has 6 values, got {len(values)}")
-        return cls(*(float(v) for v in values))
-
-
-def field_box(rf: RF, y: int, x: int) -> tuple[int, int, int, int]:
-    """Pixel box ``(top, left, bottom, right)`` of feature cell ``(y, x)``'s whole field, unclipped.
-
-    ``bottom`` and ``right`` are exclusive; the box may run past the image on any side (where the
-    network saw padding). Estimated fields may be fractional; their edges are rounded to the
-    nearest pixel, so every box of a layer has the same size.
-    """
-    top, bottom = _axis_span(rf.start_h + y * rf.jump_h, rf.size_h)
-    left, right = _axis_span(rf.start_w + x * rf.jump_w, rf.size_w)
-    return top, left, bottom, right
-
-
-def crop_box(rf: RF, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """``field_box`` clipped to a ``height`` × ``width`` image: the crop is ``image[top:bottom, left:right]``.
-
-    The box is empty (``top == bottom`` or ``left == right``) only if the field lies wholly outside
-    the image.
-    """
-    top, left, bottom, right = field_box(rf, y, x)
-    return (min(max(top, 0), height), min(max(left, 0), width),
-            min(max(bottom, 0), height), min(max(right, 0), width))
-
-
-def _axis_span(centre: float, size: float) -> tuple[int, int]:
-    """First and past-the-end pixel of a field of ``size`` pixels centred on ``centre``."""
-    first = math.floor(centre - (size - 1) / 2 + 0.5)
-    return first, first + max(int(round(size)), 0)
 
 
 def receptive_fields(model: nn.Module, layer_names: Sequence[str], input_size: int | tuple[int, int],

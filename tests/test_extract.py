@@ -252,6 +252,54 @@ def test_wrong_input_size_gives_the_accuracy_warning(stripe_folder, tmp_path, ca
     assert "WARNING: " + "!" * 78 in err and "INPUT_SIZE (now 64)" in err
 
 
+def test_random_weights_are_not_judged_by_accuracy(tmp_path, monkeypatch):
+    """A model at chance gets the warning, but not when its weights are random on request (the
+    random-init benchmarks and test runs): no alarm about preprocessing, and no probing run."""
+    from types import SimpleNamespace
+    rows = [{"image_id": i, "path": f"{i}.png", "label": "a", "label_idx": i % 4,
+             "pred_idx": (i + 1) % 4, "pred_name": "", "prob": 0.3, "correct": 0,
+             "top5_idx": "", "top5_prob": ""} for i in range(40)]
+    predictions = tmp_path / "01_predictions.csv"
+    with open(predictions, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    probed = []
+    monkeypatch.setattr(extract, "probe_preprocessing", lambda *a: probed.append(1))
+    bundle = SimpleNamespace(n_outputs=4, input_size=32, mean=(0.5,), std=(0.5,),
+                             spec={"random_init": False})
+    assert "right on only 0.0%" in extract.check_accuracy(predictions, bundle)["warning"]
+    assert probed == [1]
+    bundle.spec["random_init"] = True
+    result = extract.check_accuracy(predictions, bundle)
+    assert result["accuracy"] == 0 and result["warning"] == "" and probed == [1]
+
+
+def test_other_preprocessings_are_screened_on_a_few_images_first(tmp_path):
+    """The probe takes the current setting's answers from 01's predictions and runs every other
+    setting on PROBE_SCREEN images only, unless it does clearly better there: a model no setting
+    helps costs (settings − 1) × PROBE_SCREEN forward images, not settings × PROBE_IMAGES."""
+    from types import SimpleNamespace
+    from PIL import Image
+    labelled = []
+    for i in range(40):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (48, 40), (i, 2 * i, 3 * i)).save(path)
+        labelled.append((1, 0, str(path)))  # label 1; 01 predicted 0
+    seen = []
+
+    def model(batch):
+        """Always answers class 0; counts the images."""
+        seen.append(len(batch))
+        return torch.tensor([[1.0, 0.0]]).repeat(len(batch), 1)
+    bundle = SimpleNamespace(channels=3, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                             model=model, device="cpu")
+    best = extract.probe_preprocessing(bundle, labelled)
+    settings = 3 * 3  # sizes 32, 40 (the images' own), 224; norms 0.5 (current), none, ImageNet's
+    assert sum(seen) == (settings - 1) * extract.PROBE_SCREEN
+    assert best["accuracy"] == best["current"] == 0 and best["n"] == extract.PROBE_IMAGES
+
+
 def test_folder_names_name_the_classes_when_they_match_the_outputs(stripe_folder, tmp_path):
     """Without CLASSES, four sorted folder names name the four outputs (ImageFolder's rule)."""
     for name in ("classes.txt",):

@@ -9,7 +9,7 @@ from PIL import Image
 from common.artefacts import read_activations, read_images, read_mosaics
 from common.cli import StageError
 from common.images import load_rgb, network_input
-from common.rf import RF, field_box
+from common.fields import RF, field_box
 from conftest import FAKE_MODEL, load_stage
 
 extract = load_stage("01_extract")

@@ -15,7 +15,8 @@ import torchvision
 from torch import nn
 
 from common.cli import StageError
-from common.rf import RF, crop_box, estimate_receptive_fields, field_box, receptive_fields
+from common.fields import RF, crop_box, field_box
+from common.rf import estimate_receptive_fields, receptive_fields
 
 
 def rf(size, jump, start):
