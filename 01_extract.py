@@ -571,24 +571,24 @@ def probe_preprocessing(bundle, labelled: list[tuple[int, int, str]]) -> dict | 
     screen = min(PROBE_SCREEN, len(sample))
     hits = [label == pred for label, pred, _ in sample]
     scores = {current: sum(hits) / len(sample)}
-    views = {}
+    views = {}  # size → the sample's network inputs at that size
+
+    def n_right(size: int, mean, std, lo: int, hi: int) -> int | None:
+        """How many of sample images lo … hi − 1 a setting gets right (None: the model refuses
+        the size)."""
+        if size not in views:
+            views[size] = [network_input(img, size) for _, _, img in sample]
+        batch = torch.stack([to_tensor(v, mean, std) for v in views[size][lo:hi]])
+        try:
+            logits = bundle.model(batch.to(bundle.device))
+        except RuntimeError:  # a model fixed to one input size
+            return None
+        return int((logits.argmax(1).cpu() == labels[lo:hi]).sum())
     with torch.inference_mode():
         for size, mean, std in settings:
-            if size not in views:
-                views[size] = [network_input(img, size) for _, _, img in sample]
-
-            def n_right(lo: int, hi: int) -> int | None:
-                """Sample images lo … hi − 1 this setting gets right (None: the model refuses
-                the size)."""
-                batch = torch.stack([to_tensor(v, mean, std) for v in views[size][lo:hi]])
-                try:
-                    logits = bundle.model(batch.to(bundle.device))
-                except RuntimeError:  # a model fixed to one input size
-                    return None
-                return int((logits.argmax(1).cpu() == labels[lo:hi]).sum())
-            first = n_right(0, screen)
+            first = n_right(size, mean, std, 0, screen)
             if first is not None and first >= sum(hits[:screen]) + 2:
-                rest = n_right(screen, len(sample)) if screen < len(sample) else 0
+                rest = n_right(size, mean, std, screen, len(sample)) if screen < len(sample) else 0
                 scores[size, mean, std] = (first + (rest or 0)) / len(sample)
     now = scores[current]
     (size, mean, std), accuracy = max(scores.items(), key=lambda kv: kv[1])

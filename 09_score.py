@@ -49,7 +49,7 @@ from common.artefacts import (CropVectors, Description, Mosaic, read_activations
                               read_crop_vectors, read_descriptions, read_images, read_mosaics,
                               read_predictions, read_stats)
 from common.cli import exit_on_stage_error, stage_parser, start_stage
-from common.describing import start_describing
+from common.describing import Describing
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.threads import single_threaded
@@ -266,6 +266,7 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
     are scored; the window features of the candidates' layers (``keep``) are kept, so that the
     sub-concepts' sentences are then scored without decoding the images again. When those would
     not fit in memory, 03 is run and waited for first, and every sentence is scored in one pass.
+    If scoring fails before 03 is done, 03 is stopped: no process is left behind.
     Each distinct sentence of a layer is scored once (controls are other neurons' sentences).
     """
     geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
@@ -276,32 +277,38 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
                           if lay == layer and r.ok})
            for layer in inputs.layers}
     sub_text = None
-    if describe is not None and not match.keeps(keep, len(usable_ids), inputs.input_size,
-                                                geometry):
-        first = describe()
-        sub_text = first.result() if first is not None else {}
-        for layer in inputs.layers:
-            own[layer] = sorted(set(own[layer]) | {text for (lay, _), text in sub_text.items()
-                                                   if lay.rsplit("#", 1)[0] == layer and text})
-    running = []  # what ``describe`` returned while the images were measured
-    with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
-        def progress(items):
-            """Advance the bar per image."""
-            for item in items:
-                yield item
-                bar.update()
+    describing = None  # the running 03, once ``describe`` has started it
+    try:
+        if describe is not None and not match.keeps(keep, len(usable_ids), inputs.input_size,
+                                                    geometry):
+            describing = describe()
+            sub_text = describing.result() if describing is not None else {}
+            for layer in inputs.layers:
+                own[layer] = sorted(set(own[layer]) | {
+                    text for (lay, _), text in sub_text.items()
+                    if lay.rsplit("#", 1)[0] == layer and text})
+        with tqdm(total=len(usable_ids), desc="09 verify", unit="image", disable=None) as bar:
+            def progress(items):
+                """Advance the bar per image."""
+                for item in items:
+                    yield item
+                    bar.update()
 
-        def meanwhile():
-            """Split into sub-concepts and start 03 on them while the images are measured."""
-            if describe is not None and sub_text is None:
-                running.append(describe())
-        scored = match.score(own, [inputs.image_paths[i] for i in usable_ids], inputs.input_size,
-                             geometry, progress, keep=keep if sub_text is None else (),
-                             meanwhile=meanwhile)
+            def meanwhile():
+                """Split into sub-concepts and start 03 on them while the images are measured."""
+                nonlocal describing
+                if describe is not None and sub_text is None:
+                    describing = describe()
+            scored = match.score(own, [inputs.image_paths[i] for i in usable_ids],
+                                 inputs.input_size, geometry, progress,
+                                 keep=keep if sub_text is None else (), meanwhile=meanwhile)
+        if sub_text is None:
+            sub_text = describing.result() if describing is not None else {}
+    finally:
+        if describing is not None:
+            describing.stop()  # a no-op once 03 has finished
     column = {layer: {text: scored[layer][:, j] for j, text in enumerate(texts)}
               for layer, texts in own.items()}
-    if sub_text is None:
-        sub_text = running[0].result() if running and running[0] is not None else {}
 
     sentences: dict[str, list[Sentence]] = {layer: [] for layer in inputs.layers}
     for layer in inputs.layers:
@@ -492,7 +499,6 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                   and values["polysemanticity"] >= poly_threshold]
     groups: dict[tuple[str, int], np.ndarray] = {}  # neuron → group of each of its first crops
     subconcepts.mkdir(parents=True, exist_ok=True)
-    started = []  # the 03 run on the sub-concepts, once started
 
     def split_and_describe():
         """Split the candidates' crops into sub-concepts (filling ``groups``), write their
@@ -513,22 +519,14 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                 levels[f"{layer}#{s + 1}"] = level
         # 03 reads 01's activations and predictions as for the neurons themselves: the offline
         # describer names whole-image tiles by 01's predictions instead of classifying them again.
-        started.append(start_describing(index, subconcepts / "03_descriptions.csv",
-                                        describe_args, levels,
-                                        ["--activations", str(activations),
-                                         "--predictions", str(predictions)]))
-        return started[-1]
+        return Describing(index, subconcepts / "03_descriptions.csv", describe_args, levels,
+                          ["--activations", str(activations), "--predictions", str(predictions)])
 
     # 4. Verification (the neurons' own sentences are scored while 03 describes the sub-concepts)
     match = matcher_obj or load_matcher(matcher, inputs, text_model, device, workers)
     usable_ids = np.flatnonzero(inputs.usable)
-    try:
-        sentences, matrix = score_sentences(
-            inputs, groups, sorted({layer for layer, _ in candidates}),
-            split_and_describe if candidates else None, match, seed)
-    finally:
-        for describing in started:
-            describing.stop()  # 09 failed before 03 finished: leave no process behind
+    sentences, matrix = score_sentences(inputs, groups, sorted({layer for layer, _ in candidates}),
+                                        split_and_describe if candidates else None, match, seed)
     if not candidates:
         log.info("no neuron at or above polysemanticity %.2f: no sub-concepts", poly_threshold)
 

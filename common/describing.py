@@ -4,7 +4,7 @@
 02's format (``layer, channel, path, n_tiles, grid, tile_px, crop``), naming each mosaic by a
 pseudo-layer and a number, and runs 03 itself on it with the run's describer arguments, so that
 every sentence of a run comes from one describer. 09 does the same for sub-concepts, in the
-background while it scores the neurons' own sentences (``start_describing``, then ``result()``).
+background while it scores the neurons' own sentences (``Describing``, then ``result()``).
 
 03 runs in a child process. Where the platform forks, the child is a fork of the calling stage,
 which imports torch, torchvision and 03 first: the child then starts with them loaded instead of
@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from common.artefacts import read_descriptions, read_mosaics
 from common.cli import StageError
@@ -68,7 +69,7 @@ class Describing:
     its sentences, ``stop()`` ends it early."""
 
     def __init__(self, index: Path, out: Path, describe_args: str, levels: dict[str, int],
-                 extra: list[str] = ()):
+                 extra: Sequence[str] = ()):
         """Start 03 on the mosaics of ``index``, writing ``out`` (its log beside it) with
         ``describe_args`` (the run's describer arguments), ``levels`` (pseudo-layer → the level
         of the real layer it stands for) and ``extra`` arguments."""
@@ -122,14 +123,8 @@ class Describing:
         self._wait()
 
 
-def start_describing(index: Path, out: Path, describe_args: str, levels: dict[str, int],
-                     extra: list[str] = ()) -> Describing:
-    """03 on the mosaics of ``index``, in the background (see ``Describing``)."""
-    return Describing(index, out, describe_args, levels, list(extra))
-
-
 def describe_index(index: Path, out: Path, describe_args: str,
                    levels: dict[str, int]) -> dict[tuple[str, int], str]:
     """Run 03_describe.py on the mosaics of ``index`` and wait: (pseudo-layer, channel) →
     sentence ("" where 03 failed)."""
-    return start_describing(index, out, describe_args, levels).result()
+    return Describing(index, out, describe_args, levels).result()

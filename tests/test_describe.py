@@ -762,12 +762,12 @@ def test_describing_in_a_fork_or_a_new_process_gives_the_same_sentences(tmp_path
                inputs=[json.loads((run / "02_mosaics.meta.json").read_text())])
     extra = ["--activations", str(run / "01_activations.npz"),
              "--predictions", str(run / "01_predictions.csv")]
-    forked = describing.start_describing(index, tmp_path / "fork" / "03.csv", "--backend offline",
+    forked = describing.Describing(index, tmp_path / "fork" / "03.csv", "--backend offline",
                                          {}, extra)
     assert forked._process is not None  # a fork
     got_fork = forked.result()
     monkeypatch.setattr(describing, "_can_fork", lambda: False)
-    spawned = describing.start_describing(index, tmp_path / "new" / "03.csv",
+    spawned = describing.Describing(index, tmp_path / "new" / "03.csv",
                                           "--backend offline", {}, extra)
     assert spawned._popen is not None  # a new process
     got_new = spawned.result()
@@ -777,7 +777,7 @@ def test_describing_in_a_fork_or_a_new_process_gives_the_same_sentences(tmp_path
         assert "descriptions →" in (tmp_path / folder / "03_describe.log").read_text()
     for can_fork in (True, False):
         monkeypatch.setattr(describing, "_can_fork", lambda: can_fork)
-        failing = describing.start_describing(index, tmp_path / f"bad{can_fork}" / "03.csv",
+        failing = describing.Describing(index, tmp_path / f"bad{can_fork}" / "03.csv",
                                               "--backend nonsense", {}, extra)
         with pytest.raises(StageError, match=r"(?s)index\.csv.*invalid choice: 'nonsense'"):
             failing.result()
