@@ -33,8 +33,8 @@ from pathlib import Path
 
 # common.cli before torch: importing it sets the OMP_WAIT_POLICY default, which OpenMP reads
 # only when torch loads it (see common/cli.py).
-from common.cli import (StageError, exit_on_stage_error, parse_floats, parse_shard, shard_slice,
-                        stage_parser, start_stage)
+from common.cli import (StageError, escaped, exit_on_stage_error, parse_floats, parse_shard,
+                        shard_slice, stage_parser, start_stage)
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -192,7 +192,7 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
                 image_rows.write({"image_id": image_id, "path": entry.path, "label": entry.label,
                                    "label_idx": label_map.get(entry.label, -1),
                                    "status": "ok" if tensor is not None else "skipped",
-                                   "reason": note})
+                                   "reason": escaped(note)})
             logits = None
             if good:
                 batch = torch.stack([loaded[j][0] for j in good]).to(device)

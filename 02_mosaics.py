@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import multiprocessing as mp
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +35,9 @@ from tqdm import tqdm
 
 from common.artefacts import read_activations, read_images
 from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
-from common.io import sweep_temporaries, temp_dir, write_bytes, write_csv
+from common.io import disk_guard, sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
+from common.processes import worker_pool
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.fields import RF, field_box
 
@@ -276,9 +275,8 @@ def pool_map(func, tasks, workers: int, initargs, desc: str):
             yield func(task)
             bar.update()
     else:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else None)
-        with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-            for result in pool.imap(func, tasks, chunksize=8):
+        with worker_pool(workers, desc, _init_worker, initargs) as pool:
+            for result in pool.map(func, tasks, chunksize=8):
                 yield result
                 bar.update()
     bar.close()
@@ -323,17 +321,19 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
     shrunk_sizes = set().union(*shrunk_of_slot.values())
     scratch = len(needed) * 3 * (size * size + sum(h * w for h, w in shrunk_sizes))
     free = shutil.disk_usage(out_dir).free
-    if scratch > free - SPARE_BYTES:
-        raise StageError(f"02 needs {scratch / 1e9:.1f} GB of scratch space in {out_dir} to hold "
-                         f"the {len(needed)} decoded top images while it works, and only "
-                         f"{free / 1e9:.1f} GB are free; free some space, or build the mosaics a "
-                         f"few layers at a time (--layers)")
+    if scratch + SPARE_BYTES > free:
+        raise StageError(f"02 needs {(scratch + SPARE_BYTES) / 1e9:.1f} GB free in {out_dir} — "
+                         f"{scratch / 1e9:.1f} GB of scratch space to hold the {len(needed)} "
+                         f"decoded top images while it works and {SPARE_BYTES / 1e9:.1f} GB "
+                         f"kept for the mosaics — and {free / 1e9:.1f} GB are free; free some "
+                         f"space, or build the mosaics a few layers at a time (--layers)")
     log.info("decoding %d source images into %.2f GB of scratch space in %s", len(needed),
              scratch / 1e9, out_dir)
     cache_dir = temp_dir(out_dir, "cache")
     retract_meta(meta_file)  # mosaics are replaced from here on
     try:
-        make_cache(cache_dir, len(needed), size, shrunk_sizes)
+        with disk_guard(out_dir, scratch):  # a full disk or a file-size limit: one line
+            make_cache(cache_dir, len(needed), size, shrunk_sizes)
         channels = int((read_meta(activations).get("preprocess") or {}).get("channels", 3))
         decode_tasks = [(slot, image_rows[image_id].path, tuple(sorted(shrunk_of_slot[slot])),
                          channels) for image_id, slot in slot_of.items()]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import errno
 import functools
 import hashlib
 import io
@@ -53,8 +52,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import artefacts
-from common.cli import (StageError, exit_on_stage_error, parse_shard, shard_slice, stage_parser,
-                        start_stage)
+from common.cli import (FULL, StageError, escaped, exit_on_stage_error, file_system_problem,
+                        parse_shard, shard_slice, stage_parser, start_stage)
 from common.appearance import PALETTE, colour_codes
 from common.io import DiskFull, plain_text, sweep_temporaries, write_csv
 from common.mosaics import cut_tiles, load_mosaic
@@ -731,8 +730,10 @@ class OpenAIDescriber:
         """Describe one neuron → (raw answer, "") or (None, why it failed)."""
         import openai
         try:
-            reply = self.client.chat.completions.create(
+            # The raw answer is parsed here, so that a body of the wrong kind is named as such.
+            reply = self.client.chat.completions.with_raw_response.create(
                 model=self.model_name, messages=self._messages(neuron), **self.sampling)
+            body = reply.http_response.content
         except openai.APIStatusError as err:
             return None, f"HTTP {err.status_code}"
         except openai.APITimeoutError:
@@ -743,14 +744,20 @@ class OpenAIDescriber:
             return None, f"connection error: {_root_cause(err)}"
         except (openai.OpenAIError, OSError, ValueError) as err:  # anything else on the wire
             return None, f"request failed: {_root_cause(err)}"
+        start = escaped(body[:80].decode("utf-8", "replace"))
         try:
-            content = reply.choices[0].message.content
-        except (AttributeError, IndexError, TypeError):
-            return None, f"malformed reply: {str(reply)[:120]}"
+            answer = json.loads(body)
+        except ValueError:
+            return None, f"the server's answer is not JSON: {start}"
+        try:
+            content = answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            return None, f"the server's answer is not a chat completion (no choices[0].message." \
+                         f"content): {start}"
         if isinstance(content, list):  # some servers return content parts
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str):
-            return None, "malformed reply: content is not text"
+            return None, f"the server's answer holds no text (choices[0].message.content): {start}"
         return content, ""
 
     def describe_as_completed(self, neurons: Sequence[Neuron]):
@@ -816,9 +823,12 @@ class Journal:
                 written += self.fh.write(line[written:])
         except OSError as err:
             os.ftruncate(self.fh.fileno(), size)
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if err.errno in FULL:
+                raise DiskFull(self.path.parent, len(line)) from err
+            message = file_system_problem(err, self.path)
+            if message is None:
                 raise
-            raise DiskFull(self.path.parent, len(line)) from err
+            raise StageError(message) from err
 
     def sync(self) -> None:
         """Make the records so far survive a power cut, not only a kill."""

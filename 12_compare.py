@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
-from common.io import write_bytes, write_csv, write_text
+from common.io import sweep_temporaries, write_bytes, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.12_compare")
@@ -251,6 +251,7 @@ def run(run_a: Path, run_b: Path, out_dir: Path, kind: str = "fused",
     concepts = concept_rows(a, b, kind, concept_threshold)
     scores = [dict(r, run=run.name) for run in (a, b) for r in run.scores]
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out_dir)  # what a killed earlier run left half-written
     retract_meta(out_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
     plot_alignment(ab, ba, la, lb, (a.name, b.name), out_dir / "12_alignment.png")
     write_csv(out_dir / "12_matches.csv", matches, MATCH_FIELDS)

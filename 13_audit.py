@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
-                        stage_parser, start_stage)
-from common.io import load_npz, safe_name, save_npz, write_csv
+from common.cli import (StageError, add_model_again_flags, escaped, exit_on_stage_error,
+                        model_again, stage_parser, start_stage)
+from common.io import load_npz, safe_name, save_npz, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.13_audit")
@@ -96,6 +96,7 @@ def run_relevance(run_dir: Path, batch_size: int = 32, device: str = "auto",
     from common.artefacts import read_layer_order, read_predictions
     from common.pruning import labelled_images, load_run_model
     out = run_dir / "13_relevance.npz"
+    sweep_temporaries(run_dir)  # what a killed earlier run left half-written
     retract_meta(run_dir / "13_relevance.meta.json")
     meta01 = read_meta(run_dir / "01_activations.npz")
     layers = read_layer_order(run_dir / "01_activations.npz")
@@ -146,7 +147,8 @@ def read_concepts(path: Path) -> dict[str, dict[str, list[str]]]:
                 raise StageError(f"{path}: {name!r} → {kind} must be a list of non-empty texts")
         if not lists["valid"] and not lists["spurious"]:
             raise StageError(f"{path}: class {name!r} lists no concept")
-        out[str(name)] = {k: [t.strip() for t in v] for k, v in lists.items()}
+        # Shown in reports and logs: control characters come out escaped (common.cli.escaped).
+        out[escaped(name)] = {k: [escaped(t.strip()) for t in v] for k, v in lists.items()}
     return out
 
 
@@ -229,6 +231,7 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
     metas = [read_meta(run_dir / "01_activations.npz"), read_meta(relevance_path),
              read_meta(run_dir / "04_embeddings.npz")]
     merge_lineage(metas)
+    sweep_temporaries(out_dir)  # what a killed earlier run left half-written
     retract_meta(out_dir / "13_audit.meta.json")
     rel = load_npz(relevance_path)
     layers = [str(v) for v in rel["layers"]]

@@ -78,6 +78,22 @@ PYTHON      ?= python3#                    interpreter that creates .venv and ta
 # slowed the stages 10-20x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
+# RUN and OTHER name folders under DATA: plain names only, so that no recipe reaches outside
+# $(DATA)/$(RUN) (`make clean RUN=..` would empty the project). The raw text is checked before
+# make expands it. DATA may be any folder without blanks.
+plain_chars := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O \
+               P Q R S T U V W X Y Z 0 1 2 3 4 5 6 7 8 9 . _ -
+strip_chars = $(if $(2),$(call strip_chars,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words \
+              $(2)),$(2))),$(1))
+check_name = $(if $(or $(filter-out 1,$(words $(value $(1)))),$(filter .% -%,$(value $(1))),\
+             $(call strip_chars,$(value $(1)),$(plain_chars))),$(error $(1)=$(value $(1)) is not \
+             a plain name: use letters, digits, '.', '_' and '-', not starting with '.' or '-' \
+             (it names the folder $(value DATA)/$(value $(1))/)))
+$(call check_name,RUN)
+$(if $(value OTHER),$(call check_name,OTHER))
+$(if $(filter 1,$(words $(value DATA))),,$(error DATA=$(value DATA) must name one folder, without \
+     blanks (it holds the runs; default: data)))
+
 D       := $(DATA)/$(RUN)
 VENV    := .venv/.installed
 PY      := .venv/bin/python
@@ -332,7 +348,7 @@ no-other:
 $(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
              $(DATA)/$(OTHER)/04_embeddings.npz $(DATA)/$(OTHER)/05_clusters.csv \
              $(DATA)/$(OTHER)/09_summary.csv $(call uses,12_compare.py) | $(VENV)
-	$(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
+	$(HOLD) $(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
 	    --kind $(COMPARE_KIND)
 
 RELEVANCE := $(D)/13_relevance.npz
@@ -355,7 +371,6 @@ search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## fi
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
-	rm -rf $(D)/01_* $(D)/02_* $(D)/04_* $(D)/05_* $(D)/06_* $(D)/07_* $(D)/08_* $(D)/.args \
-	    $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_score.meta.json \
-	    $(D)/09_subconcepts/09_mosaics.* $(wildcard $(D)/09_subconcepts/*/) $(D)/10_* $(D)/atlas \
-	    $(D)/11_* $(D)/12_* $(D)/13_*
+	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \
+	    09_summary.csv 09_eval.csv 09_score.meta.json 09_subconcepts/09_mosaics.* \
+	    09_subconcepts/*/ 10_* atlas 11_* 12_* 13_*

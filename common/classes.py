@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from common.cli import StageError
+from common.cli import StageError, escaped
 
 
 def name_key(text: str) -> str:
@@ -52,7 +52,7 @@ def read_class_file(path: str | Path) -> list[str]:
     if shared:
         raise StageError(f"class file {path} names several classes alike ({', '.join(shared[:5])}; "
                          f"case, '_', '-' and spaces are not told apart): make every name distinct")
-    return names
+    return [escaped(name) for name in names]  # shown everywhere: no control character acts
 
 
 def _read_index_csv(path: Path, text: str, delimiter: str) -> list[str]:

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sys
+import unicodedata
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -57,9 +58,48 @@ def start_stage(parser: argparse.ArgumentParser, argv=None, *,
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Send log records to stderr (data goes to files), INFO by default, DEBUG with ``verbose``."""
+    """Send log records to stderr (data goes to files), INFO by default, DEBUG with ``verbose``;
+    control characters in what a record shows of user text come out escaped (``ShowControls``)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ShowControls())
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escaped(text) -> str:
+    """``text`` with every control or format character (terminal escape codes, carriage returns,
+    newlines, bidirectional overrides, zero-width characters) shown as an escape — ``\\x1b``, ``\\r``, ``\\n``, ``\\u202e`` — and everything else as it is. For user text
+    (file, folder, label, class and concept names) shown in a log, a terminal or a report: it can
+    neither act on the terminal or the page nor fake a line of its own."""
+    text = str(text)
+    if text.isprintable():
+        return text
+
+    def show(ch: str) -> str:
+        """One character, escaped when it is a control or format character."""
+        if unicodedata.category(ch) not in ("Cc", "Cf"):
+            return ch
+        code = ord(ch)
+        return _NAMED_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else
+                                          f"\\u{code:04x}" if code < 0x10000 else
+                                          f"\\U{code:08x}")
+    return "".join(map(show, text))
+
+
+class ShowControls(logging.Filter):
+    """Escape the control characters of a log record's arguments (``escaped``): names, paths and
+    the messages of exceptions (which quote user text). The record's own format string is the
+    code's and is left alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Escape the arguments in place; keep every record."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(escaped(a) if isinstance(a, (str, os.PathLike, BaseException))
+                                else a for a in record.args)
+        return True
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
@@ -126,9 +166,43 @@ class StageError(RuntimeError):
     """A run cannot go on; the message says what is wrong and how to fix it."""
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # "no space left" and "quota exceeded"
+# Errors of the file system that the user, not the code, must fix.
+_FILE_SYSTEM = FULL + (errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
+_KEPT = "then run again: finished work is kept"
+
+
+def file_system_problem(err: OSError, path: str | os.PathLike | None = None) -> str | None:
+    """One line saying what ``err`` (raised while using ``path``, else its own file name) means
+    and how to fix it, when it is a file-system error the user must fix (a full disk, a file-size
+    limit, no permission, a read-only disk); None for any other error."""
+    if err.errno not in _FILE_SYSTEM:
+        return None
+    path = os.path.abspath(path or err.filename or os.getcwd())
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if err.errno in FULL:
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        return (f"disk full while writing {path}: {folder} has {free / 1e6:.1f} MB free; free "
+                f"some space there (or point DATA=… at a larger disk), {_KEPT}")
+    if err.errno == errno.EFBIG:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit / 1e6:.1f} MB"
+        return (f"cannot write {path}: the file would be larger than allowed (the file-size "
+                f"limit of this shell, `ulimit -f`, is {shown}; else the file system's own "
+                f"limit); raise the limit (`ulimit -f unlimited`) or point DATA=… at another "
+                f"file system, {_KEPT}")
+    if err.errno == errno.EROFS:
+        return (f"cannot write {path}: {folder} is on a read-only file system; point DATA=… at "
+                f"a writable disk, {_KEPT}")
+    return (f"cannot use {path}: permission denied; make it (and {folder}) readable and "
+            f"writable for you, or point DATA=… at a folder of yours, {_KEPT}")
+
+
 def exit_on_stage_error(func):
-    """Decorator for ``main``: turn a StageError, or a full disk that no writer caught, into a
-    one-line message and exit status 2; a stage run as a program exits quickly (see below)."""
+    """Decorator for ``main``: turn a StageError, or a file-system error that no writer caught
+    (full disk, file-size limit, no permission, read-only disk), into a one-line message and exit
+    status 2; a stage run as a program exits quickly (see below)."""
     @functools.wraps(func)
     def wrapper(argv=None):
         log = logging.getLogger("neuron-atlas")
@@ -146,12 +220,10 @@ def exit_on_stage_error(func):
             log.error("%s", err)
             sys.exit(2)
         except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            message = file_system_problem(err)
+            if message is None:
                 raise
-            where = os.path.dirname(os.path.abspath(err.filename)) if err.filename else os.getcwd()
-            log.error("disk full while writing %s: %s has %.1f MB free; free some space there "
-                      "(or point DATA=… at a larger disk) and run again: finished work is kept",
-                      err.filename or "an output", where, shutil.disk_usage(where).free / 1e6)
+            log.error("%s", message)
             sys.exit(2)
     return wrapper
 

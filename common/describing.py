@@ -16,6 +16,7 @@ CUDA does not survive a fork), the child is a new ``python 03_describe.py`` proc
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import multiprocessing
@@ -28,10 +29,12 @@ from typing import Sequence
 
 from common.artefacts import read_descriptions, read_mosaics
 from common.cli import StageError
+from common.processes import die_with_parent
 
 log = logging.getLogger("neuron-atlas.describing")
 
 ROOT = Path(__file__).resolve().parents[1]
+TAIL_LINES = 20  # lines of a failed 03's log shown
 
 
 def _can_fork() -> bool:
@@ -49,8 +52,9 @@ def _describe_main():
     return importlib.import_module("03_describe").main
 
 
-def _forked_child(argv: list[str], log_path: str) -> None:
+def _forked_child(argv: list[str], log_path: str, parent_pid: int) -> None:
     """Body of the forked child: output to ``log_path``, one torch thread, 03's ``main``."""
+    die_with_parent(parent_pid)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -87,7 +91,7 @@ class Describing:
             import torchvision  # noqa: F401
             _describe_main()
             self._process = multiprocessing.get_context("fork").Process(
-                target=_forked_child, args=(argv, str(self.log_path)), daemon=True)
+                target=_forked_child, args=(argv, str(self.log_path), os.getpid()), daemon=True)
             self._process.start()
             return
         # One thread for its numeric libraries unless the user set another number.
@@ -97,7 +101,8 @@ class Describing:
         with open(self.log_path, "w") as stream:
             self._popen = subprocess.Popen([sys.executable, str(ROOT / "03_describe.py"), *argv],
                                            cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
-                                           env=env)
+                                           env=env, preexec_fn=functools.partial(
+                                               die_with_parent, os.getpid()))
 
     def _wait(self) -> int:
         """Wait for the child; its exit status."""
@@ -109,9 +114,13 @@ class Describing:
     def result(self) -> dict[tuple[str, int], str]:
         """Wait for 03 → (pseudo-layer, channel) → sentence ("" where 03 could not describe)."""
         if self._wait() != 0:
-            tail = self.log_path.read_text(errors="replace")[-2000:] \
-                if self.log_path.exists() else ""
-            raise StageError(f"03_describe.py failed on the mosaics of {self.index}:\n{tail}")
+            lines = [line for line in (self.log_path.read_text(errors="replace").splitlines()
+                                       if self.log_path.exists() else []) if line.strip()]
+            for line in lines[-TAIL_LINES:]:
+                log.error("03: %s", line)
+            raise StageError(f"03_describe.py failed on the mosaics of {self.index}: "
+                             f"{lines[-1] if lines else 'no output'} (the end of its log "
+                             f"{self.log_path} is above)")
         return {d.key: d.description if d.status == "ok" else ""
                 for d in read_descriptions(self.out)}
 

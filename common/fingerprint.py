@@ -28,6 +28,8 @@ import os
 import sys
 from pathlib import Path
 
+from common.cli import escaped
+
 CHUNK = 1 << 20  # bytes read at a time when hashing a file's content
 
 
@@ -138,7 +140,7 @@ def main(argv=None) -> None:
     try:
         print(fingerprint(args.images, args.model, args.weights, args.classes))
     except InputError as err:
-        print(f"error: {err}")
+        print(f"error: {escaped(err)}")
         sys.exit(2)
 
 

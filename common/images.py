@@ -13,6 +13,9 @@ An image set is either a folder or a CSV list:
   columns ignored; relative paths are taken from the CSV's own folder. Every row is listed,
   whatever its extension, in the CSV's order.
 
+A path is kept byte for byte (later stages open the file by it); a label is shown everywhere, so
+its control characters come out escaped (``\x1b``: ``common.cli.escaped``).
+
 Listing never opens a file: one that has an image extension but holds no image is listed, and
 ``load_rgb`` reports it.
 
@@ -34,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from common.classes import name_key
-from common.cli import StageError
+from common.cli import StageError, escaped
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ def _list_folder(folder: Path) -> list[ImageEntry]:
                 continue
             rel = (rel_root / name).as_posix()
             if has_image_extension(name):
-                label = rel_root.parts[0] if rel_root.parts else ""
+                label = escaped(rel_root.parts[0]) if rel_root.parts else ""
                 found.append((rel, label))
             else:
                 ignored.append(rel)
@@ -162,7 +165,7 @@ def _list_csv(csv_path: Path) -> list[ImageEntry]:
         if not rel:
             raise StageError(f"{csv_path} line {line_no} has an empty path; fill it in or "
                              f"remove the row")
-        label = (row.get(label_col) or "").strip() if label_col else ""
+        label = escaped((row.get(label_col) or "").strip()) if label_col else ""
         path = Path(rel) if os.path.isabs(rel) else csv_path.parent / rel
         entries.append(ImageEntry(str(path), label))
     return entries

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import hashlib
 import io
 import json
@@ -28,18 +27,22 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from common.cli import StageError
+from common.cli import FULL, StageError, file_system_problem
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamp so equal arrays give equal .npz bytes
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp makes 0600 files, outputs get the usual 0666 & ~umask
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"  # part of temporary names
-_FULL = (errno.ENOSPC, errno.EDQUOT)  # "no space left" and "quota exceeded"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # cells a spreadsheet would run as a formula
 _TEXT_MARK = "'"  # the spreadsheet convention for "this cell is text", put before such cells
 
 
-class DiskFull(StageError):
+class WriteFailed(StageError):
+    """A write failed for a reason the user must fix (file-size limit, no permission, read-only
+    disk); the message names the path and the fix (``common.cli.file_system_problem``)."""
+
+
+class DiskFull(WriteFailed):
     """A write failed for lack of space; the message names the folder and the space needed."""
 
     def __init__(self, folder: str | os.PathLike, needed: int | None, partial: int = 0):
@@ -62,8 +65,12 @@ def _size(n_bytes: int) -> str:
 
 @contextlib.contextmanager
 def disk_guard(folder: str | os.PathLike, needed: int | None = None,
-               partial: str | os.PathLike | None = None) -> Iterator[None]:
-    """Turn a "no space left" OSError inside the block into a DiskFull for ``folder``.
+               partial: str | os.PathLike | None = None,
+               target: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn a "no space left" OSError inside the block into a DiskFull for ``folder``, and the
+    other errors a user must fix (file-size limit, permission, read-only disk) into a WriteFailed
+    naming the file (``target``, the final name of a temporary being written; else the error's
+    own file, ``partial`` or ``folder``) and the fix.
 
     ``needed`` is the size being written when known; else the size of ``partial`` (the file
     being written) is reported as a lower bound.
@@ -71,10 +78,13 @@ def disk_guard(folder: str | os.PathLike, needed: int | None = None,
     try:
         yield
     except OSError as err:
-        if err.errno not in _FULL:
+        if err.errno in FULL:
+            written = os.path.getsize(partial) if partial and os.path.exists(partial) else 0
+            raise DiskFull(folder, needed, written) from err
+        message = file_system_problem(err, target or err.filename or partial or folder)
+        if message is None:
             raise
-        written = os.path.getsize(partial) if partial and os.path.exists(partial) else 0
-        raise DiskFull(folder, needed, written) from err
+        raise WriteFailed(message) from err
 
 
 def _temp_prefix(name: str) -> str:
@@ -146,7 +156,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None,
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        with disk_guard(path.parent, needed, tmp_path):
+        with disk_guard(path.parent, needed, tmp_path, target=path):
             yield tmp_path
             os.chmod(tmp_path, 0o666 & ~_UMASK)
             os.replace(tmp_path, path)

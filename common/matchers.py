@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-import multiprocessing
 import os
 import re
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from PIL import Image
 from common.appearance import FEATURES, integral_image, pixel_maps, window_features
 from common.images import BadImage, load_rgb, network_input
 from common.fields import RF, crop_box
+from common.processes import worker_pool
 from common.threads import one_torch_thread
 
 log = logging.getLogger("neuron-atlas.matchers")
@@ -277,8 +277,8 @@ def _workers(job: ImagePass, workers: int):
         finally:
             _start_worker(None)
         return
-    with multiprocessing.get_context("fork").Pool(workers, _start_pool_worker, (job,)) as pool:
-        yield pool.imap
+    with worker_pool(workers, "09 image pass", _start_pool_worker, (job,)) as pool:
+        yield pool.map
 
 
 def _chunks(n: int, workers: int) -> list[tuple[int, int]]:

@@ -75,6 +75,9 @@ def read_meta(artefact: str | Path, meta_file: str | Path | None = None) -> dict
     """
     artefact = Path(artefact)
     meta_file = Path(meta_file) if meta_file is not None else meta_path_for(artefact)
+    if not meta_file.is_file():
+        raise ProvenanceError(f"{artefact} has no {meta_file.name} beside it: the stage that "
+                              f"writes them did not finish (stopped or killed); run it again")
     meta = read_json(meta_file)
     files = meta.get("files") or {}
     redo = (f"delete {meta_file} and run `make all` (or re-run {meta.get('stage', 'that stage')}"

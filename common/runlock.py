@@ -10,9 +10,12 @@ dies, even by SIGKILL:
   .stage.lock  held by each stage process: the Makefile starts stages through
                ``python -m common.runlock stage DIR -- command…``, which takes the lock and
                becomes the command. A stage that outlives a killed `make` still holds it, so the
-               next `make` waits for nothing and writes nothing: it stops and says so.
+               next `make` waits for nothing and writes nothing: it stops and says so. Worker
+               processes a stage forks share its lock; they die with it (common/processes.py),
+               and should one live on, the message names the live holders, not the dead stage.
 
-Standard library only: it runs before the virtual environment exists.
+Standard library only (with common.cli, which is too): it runs before the virtual environment
+exists.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import select
 import sys
 import time
 from pathlib import Path
+
+from common.cli import escaped
 
 MAKE_LOCK = ".make.lock"
 STAGE_LOCK = ".stage.lock"
@@ -44,12 +49,44 @@ def _try_lock(path: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            pid = int(holder.split()[0]) if holder[:1].isdigit() else 0
+            stamp = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            pid = int(stamp.split()[0]) if stamp[:1].isdigit() else 0
             if (pid and _alive(pid)) or time.monotonic() > deadline:
                 os.close(fd)
-                raise Busy(holder or "unknown process") from None
+                # The stamp names the process that took the lock. Processes it forked share the
+                # lock and may keep it after it died: then the live holders are named instead.
+                live = [] if pid and _alive(pid) else _holders(path)
+                named = "; ".join(f"{p} {command}" for p, command in live)
+                raise Busy(escaped(named or stamp or "unknown process")) from None
             time.sleep(0.05)
+
+
+def _holders(path: Path) -> list[tuple[int, str]]:
+    """The live processes, other than this one, with ``path`` open (the lock is shared by all
+    of them: a stage's forked workers inherit it), as (pid, command line); empty where /proc
+    cannot tell (another platform, another user's processes)."""
+    try:
+        target = os.stat(path)
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for pid in sorted(pids):
+        if pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            for fd in fds:
+                info = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        words = fh.read().split(b"\0")
+                    command = " ".join(w.decode("utf-8", "replace") for w in words if w)
+                    found.append((pid, command[:200]))
+                    break
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -129,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     """``make DIR PID``: print "" or why not; ``stage DIR -- command…``: run command locked."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 3 and argv[0] == "make":
-        print(hold_for_make(Path(argv[1]), int(argv[2])), flush=True)
+        print(escaped(hold_for_make(Path(argv[1]), int(argv[2]))), flush=True)
     elif len(argv) >= 4 and argv[0] == "stage" and argv[2] == "--":
         exec_stage(Path(argv[1]), argv[3:])
     else:

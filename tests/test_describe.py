@@ -520,7 +520,8 @@ def test_openai_retries_500_and_records_malformed_and_timeout(tmp_path, server):
     assert len(server.requests) == 2
     server.mode = "bad"
     raw, err = desc.describe(neurons[:1])[0]
-    assert raw is None and "malformed" in err
+    assert raw is None and err == ("the server's answer is not a chat completion (no choices[0]."
+                                   "message.content): {\"unexpected\": true}")
     server.mode, server.modes = "ok", ["sleep", "sleep"]
     raw, err = desc.describe(neurons[:1])[0]
     assert raw is None and ("timeout" in err.lower() or "timed out" in err.lower()), err

@@ -4,7 +4,6 @@ The repository's scripts are copied (with their timestamps) into a scratch tree 
 script in the test never touches the working copy.
 """
 import collections
-import hashlib
 import json
 import modulefinder
 import os
@@ -21,7 +20,6 @@ import pytest
 from common import deps
 from common.artefacts import read_confusion
 from common.io import read_csv
-from common.provenance import read_meta
 from conftest import ROOT, make_image, project_copy
 
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
@@ -46,9 +44,6 @@ def make(root, args, *extra, env=None):
 def run_folder(args):
     """The run folder data/t of ``args``."""
     return Path(next(a for a in args if a.startswith("DATA=")).split("=", 1)[1]) / "t"
-
-
-TEMPORARY = re.compile(r"\.tmp-|^\.cache\.|^\.01_part\.|^\.01_stats\.")  # old names too
 
 
 def commands(result):
@@ -228,57 +223,6 @@ def test_unlabelled_odd_names_and_missing_images(tree, tmp_path):
                    [f"IMAGES={tmp_path / 'nope'}"], "all")
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     assert "No rule to make target" not in missing.stderr
-
-
-# Outputs that define each stage's result (compared between a killed and a resumed run).
-RESULTS = {"01_extract.py": ["01_activations.npz", "01_images.csv", "01_predictions.csv"],
-           "02_mosaics.py": ["02_mosaics.csv"], "03_describe.py": ["03_descriptions.csv"],
-           "04_embed.py": ["04_embeddings.npz"], "05_cluster.py": ["05_clusters.csv",
-                                                                  "05_keywords.csv"],
-           "06_trace.py": ["06_trace.csv"], "08_debug.py": ["08_confusion.csv"]}
-
-
-def digests(folder, names):
-    """SHA-256 of each named file in ``folder``."""
-    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
-
-
-def test_kill_at_any_stage_then_make_all_finishes_with_the_same_result(tree):
-    """SIGKILL of make and its stage (or of the stage alone) mid-write or between a stage's
-    outputs and its meta: `make -q all` is never true on the incomplete run, the next `make all`
-    completes, reproduces the outputs the killed stage had made, and leaves no temporary."""
-    root, args = tree
-    data = run_folder(args)
-    env = {**os.environ, "PYTHONPATH": str(root / "tests" / "faults")}
-    faults = [("01_extract.py", "replace=1", "all"),   # inside its scratch part folder
-              ("01_extract.py", "meta", "all"),
-              ("02_mosaics.py", "replace=3", "all"),   # a few mosaics written, cache present
-              ("02_mosaics.py", "meta", "stage"),      # make survives and cleans up
-              ("03_describe.py", "meta", "all"), ("04_embed.py", "meta", "all"),
-              ("05_cluster.py", "meta", "all"), ("06_trace.py", "meta", "all"),
-              ("08_debug.py", "replace=2", "all"),     # mid-report: a figure being written
-              ("08_debug.py", "meta", "all")]
-    killed_with = {}
-    for script, point, who in faults:
-        result = make(root, args, "all",
-                      env={**env, "ATLAS_FAULT": f"{script}:{point}", "ATLAS_FAULT_WHO": who})
-        assert result.returncode != 0, f"{script}:{point} was not reached"
-        assert script in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-        assert make(root, args, "-q", "all").returncode != 0, f"{script}:{point}"
-        assert not (data / script.replace(".py", ".meta.json")).exists()
-        if point == "meta" and who == "all":
-            assert all((data / n).exists() for n in RESULTS[script]), result.stderr[-3000:]
-            killed_with[script] = digests(data, RESULTS[script])
-    final = make(root, args, "all")
-    assert final.returncode == 0, final.stderr[-3000:]
-    assert make(root, args, "-q", "all").returncode == 0
-    for script, before in killed_with.items():
-        assert digests(data, RESULTS[script]) == before, script
-    left = [str(p) for p in data.rglob("*") if TEMPORARY.search(p.name)]
-    assert left == []
-    for names in RESULTS.values():  # every output matches the meta written with it
-        for name in names:
-            read_meta(data / name)
 
 
 def test_one_writer_per_run_folder(tree, tmp_path):

@@ -297,7 +297,13 @@ def _raw_server(reply: bytes):
     (b"HTXP/9 what is this\r\n\r\n", "connection error"),           # bad status line
     (b"", "connection error"),                                      # connection reset
     (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6\r\n\r\n<html>",
-     "malformed reply"),                                            # not JSON
+     "the server's answer is not JSON: <html>"),                    # not JSON
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+     b"oops\x1b[2J!!", "the server's answer is not JSON: oops\\x1b[2J!!"),  # says JSON, is not
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]",
+     "the server's answer is not a chat completion (no choices[0].message.content): []"),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 42\r\n\r\n"
+     b'{"choices": [{"message": {"content": 7}}]}', "the server's answer holds no text"),
 ])
 def test_transport_errors_are_recorded_failures(tmp_path, reply, reason):
     """Whatever goes wrong on the wire becomes a failed row with its reason, not a traceback."""
@@ -311,6 +317,7 @@ def test_transport_errors_are_recorded_failures(tmp_path, reply, reason):
         close()
     assert len(rows) == 3 and {r["status"] for r in rows} == {"failed"}
     assert all(r["reason"].startswith(reason) for r in rows), rows
+    assert "StopIteration" not in rows[0]["reason"]
 
 
 # --- a full disk ----------------------------------------------------------------------------------
