@@ -72,7 +72,9 @@ JPEG_QUALITY = 75  # thumbnails and mosaics: small files, crops still recognisab
 # picture where the default (4) costs ~14 ms for 4 % fewer bytes.
 PAGE_FORMAT = ("WEBP", ".webp")
 WEBP_METHOD = 2
-POOL_FROM = 8  # jobs from which 10 forks its workers (measured: 8 mosaics, 0.25 s alone, 0.17 s in 2)
+# Jobs from which 10 forks its workers: the break-even point measured with 640-px mosaics (8: 0.15 s
+# alone or in 2 processes; 16: 0.30 s alone, 0.21 s in 2).
+POOL_FROM = 8
 NEIGHBOURS = 8  # similar neurons listed per layer on a neuron page
 CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
 DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
