@@ -1,6 +1,8 @@
-# neuron-atlas — each stage is one script; each rule lists the script, its inputs and the common/
-# files the script imports, so editing one stage or module re-runs the stages that use it and the
-# stages after them, nothing before.
+# neuron-atlas — the table of contents: the variables, then one section per stage in run order.
+# Each stage is one script and a phony target named after it (`make mosaics`); its file rule lists
+# the script, its inputs and the common/ files the script imports, so editing one stage or module
+# re-runs the stages that use it and the stages after them, nothing before. Plumbing (locks,
+# .venv, argument tracking) is in tools/plumbing.mk and tools/arguments.mk.
 #   make all            set up .venv and run every stage on the offline demo (RUN=demo)
 #   make test           set up .venv and run the test suite
 #   make serve          browse data/$(RUN)/atlas with live search on http://$(HOST):$(PORT)/
@@ -78,40 +80,47 @@ PYTHON      ?= python3#                    interpreter that creates .venv and ta
 # slowed the stages 10-20x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-# RUN and OTHER name folders under DATA: plain names only, so that no recipe reaches outside
-# $(DATA)/$(RUN) (`make clean RUN=..` would empty the project). The raw text is checked before
-# make expands it. DATA may be any folder without blanks.
-plain_chars := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O \
-               P Q R S T U V W X Y Z 0 1 2 3 4 5 6 7 8 9 . _ -
-strip_chars = $(if $(2),$(call strip_chars,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words \
-              $(2)),$(2))),$(1))
-check_name = $(if $(or $(filter-out 1,$(words $(value $(1)))),$(filter .% -%,$(value $(1))),\
-             $(call strip_chars,$(value $(1)),$(plain_chars))),$(error $(1)=$(value $(1)) is not \
-             a plain name: use letters, digits, '.', '_' and '-', not starting with '.' or '-' \
-             (it names the folder $(value DATA)/$(value $(1))/)))
-$(call check_name,RUN)
-$(if $(value OTHER),$(call check_name,OTHER))
-$(if $(filter 1,$(words $(value DATA))),,$(error DATA=$(value DATA) must name one folder, without \
-     blanks (it holds the runs; default: data)))
+.DEFAULT_GOAL := all
+include tools/plumbing.mk
+.PHONY: all test bench help clean venv extract mosaics describe embed cluster trace search debug \
+        score eval atlas serve baskets compare audit no-other reports-changed
 
-D       := $(DATA)/$(RUN)
-VENV    := .venv/.installed
-PY      := .venv/bin/python
-comma   := ,
-# $(call uses,NN_name.py) lists the common/ files the script imports, directly or through other
-# modules, and the data files those read; common/deps.py finds them in the sources (nothing is run).
-DEPS    := $(shell $(PYTHON) -B -m common.deps)
-$(if $(DEPS),,$(error common/deps.py printed nothing: is PYTHON=$(PYTHON) a Python 3?))
-uses = $(sort $(foreach s,$(1),$(subst $(comma), ,$(patsubst $(s):%,%,$(filter $(s):%,$(DEPS))))))
+# The files of each stage (their names are the artefact contract: ARTEFACTS.md). Each stage writes
+# its .meta.json last and deletes the old one before replacing any output, so the metas are targets
+# and prerequisites too: a stage killed midway lacks its meta, and make runs it again before
+# anything that reads it.
+EXTRACT      := $(D)/01_activations.npz
+M01          := $(D)/01_extract.meta.json
+MOSAICS      := $(D)/02_mosaics.csv
+M02          := $(D)/02_mosaics.meta.json
+DESCRIPTIONS := $(D)/03_descriptions.csv
+M03          := $(D)/03_describe.meta.json
+EMBEDDINGS   := $(D)/04_embeddings.npz
+CROPVECTORS  := $(D)/04_crops.npz
+M04          := $(D)/04_embed.meta.json
+CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
+                $(D)/05_keywords.csv $(D)/05_categories.csv
+M05          := $(D)/05_cluster.meta.json
+TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
+M06          := $(D)/06_trace.meta.json
+CONFUSION    := $(D)/08_confusion.csv
+M08          := $(D)/08_debug.meta.json
+SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
+M09          := $(D)/09_score.meta.json
+ATLAS        := $(D)/atlas/index.html
+M10          := $(D)/10_atlas.meta.json
+BASKETS      := $(D)/11_baskets.csv $(D)/11_tree.npz $(D)/11_pruning.csv
+M11          := $(D)/11_baskets.meta.json
+COMPARED     := $(D)/12_compare__$(OTHER)/12_compare.meta.json
+RELEVANCE    := $(D)/13_relevance.npz
+M13          := $(D)/13_audit/13_audit.meta.json
 
-.DELETE_ON_ERROR:
-.PHONY: all test bench help clean venv search debug eval atlas serve baskets compare audit no-other \
-        reports-changed
+all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage (01–10) on data/$(RUN)
 
-# Per-stage arguments are written to data/$(RUN)/.args/NN only when they change, so that a new
-# MODEL, LAYERS or GRID re-runs the stages it affects, and `make -q all` stays true otherwise.
-quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
+# --- the stages, in run order (08 runs after 09, whose scores its reports show) -----------------
 # File names are passed as --flag='name', so that spaces and leading dashes reach the script intact.
+
+# --- 01 extract: top images, per-image statistics and predictions --------------------------------
 ARGS_01 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
            $(if $(CLASSES),--classes=$(call quote,$(CLASSES))) \
            $(if $(filter 1,$(RANDOM_INIT)),--random-init) \
@@ -119,7 +128,20 @@ ARGS_01 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote
            $(if $(LAYERS),--layers $(LAYERS)) --topk $(TOPK) --batch-size $(BATCH) \
            --device $(DEVICE) --workers $(WORKERS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
            $(if $(MEAN),--mean $(MEAN)) $(if $(STD),--std $(STD))
+extract: $(EXTRACT) $(M01) ## 01: top-activating images of every neuron, per-image statistics, predictions
+$(EXTRACT) $(M01) &: 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 \
+                    $(D)/.args/01-inputs $(call uses,01_extract.py) | $(VENV)
+	$(HOLD) $(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
+
+# --- 02 mosaics: each neuron's top crops tiled into one PNG --------------------------------------
 ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
+mosaics: $(MOSAICS) $(M02) ## 02: a mosaic of each neuron's top crops
+$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(call uses,02_mosaics.py) \
+                | $(VENV)
+	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
+	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
+
+# --- 03 describe: a sentence per mosaic, the prompt fitted to the layer's depth ------------------
 ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) --namer $(NAMER) \
            --analysed-model=$(call quote,$(MODEL)) \
            $(if $(WEIGHTS),--analysed-weights=$(call quote,$(WEIGHTS))) \
@@ -128,102 +150,80 @@ ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPT
            $(if $(LEVELS),--levels $(LEVELS)) --base-url $(BASE_URL) --device $(DEVICE)
 DESCRIBE_03 := $(ARGS_03)
 ARGS_03 += $(if $(filter 1,$(SKIP_DEAD)),--skip-dead)
+describe: $(DESCRIPTIONS) $(M03) ## 03: a sentence for each mosaic (DESCRIBER=offline|hf|openai)
+$(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
+                $(D)/.args/03 $(call uses,03_describe.py) | $(VENV)
+	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
+	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
+
+# --- 04 embed: text, image and fused vectors of each neuron -------------------------------------
 ARGS_04 := --text-model $(TEXT_EMBEDDER) --image-model $(IMAGE_EMBEDDER) --device $(DEVICE)
+embed: $(EMBEDDINGS) $(M04) ## 04: text, image and fused embeddings of each neuron
+$(EMBEDDINGS) $(CROPVECTORS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) \
+                $(D)/.args/04 $(call uses,04_embed.py) | $(VENV)
+	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
+	    --out $(EMBEDDINGS) $(ARGS_04)
+
+# --- 05 cluster: per-layer clusters, their quality, keywords and 2-D maps ------------------------
 ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
            $(if $(NLI_MODEL),--nli-model $(NLI_MODEL)) --device $(DEVICE)
+cluster: $(CLUSTERS) $(M05) ## 05: clusters of neurons per layer, with metrics, keywords and maps
+$(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
+                $(M01) $(D)/.args/05 $(call uses,05_cluster.py) | $(VENV)
+	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
+	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
+
+# --- 06 trace: how the clusters of one layer lead to those of the next --------------------------
 ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow "$(FOLLOW)") \
            --device $(DEVICE)
+trace: $(TRACE) $(M06) ## 06: links between the clusters of consecutive layers (a Sankey diagram)
+$(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
+                $(EXTRACT) $(M01) $(D)/.args/06 $(call uses,06_trace.py) | $(VENV)
+	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
+	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
+
+# --- 07 search: neurons matching a free text (printed; live in the atlas with `make serve`) -------
+search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## 07: find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
+	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
+	    --mosaics $(MOSAICS) --top-k $(HITS) --scoring $(SCORING) --device $(DEVICE) \
+	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \
+	    $(if $(QUERY),"$(QUERY)",--interactive)
+
+# --- 08 debug: neurons that fire differently when a class is mistaken for another ---------------
 ARGS_08 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
            --min-errors $(MIN_ERRORS) --min-share $(MIN_SHARE) --max-pairs $(MAX_PAIRS) \
            --fdr $(FDR) --ablate-top $(ABLATE_TOP) --batch-size $(BATCH) --device $(DEVICE) \
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
-ARGS_10 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
-           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
-           --batch-size $(BATCH) --device $(DEVICE)
+debug: $(CONFUSION) $(M08) ## 08: debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
+$(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
+                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(call uses,08_debug.py) | $(VENV)
+	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
+	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
+	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
+
+# --- 09 score: triage, interpretability scores, sub-concepts, verification of each sentence ------
 # 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
            --device $(DEVICE) --workers $(WORKERS) --describe-args $(call quote,$(DESCRIBE_03))
-# 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
-MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
-               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
-ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
-           --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
-           --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
-ARGS_13 := --audit=$(call quote,$(AUDIT)) $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) \
-           --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) --controls $(CONTROLS) \
-           --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) --device $(DEVICE) $(MODEL_AGAIN)
-DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
-# $(call track_args,NN,ARGS) prints NN when ARGS differ from the stored ones; outside a dry run
-# (make -n) it also stores them, which makes stage NN and the stages after it out of date.
-track_args = $(shell mkdir -p $(D)/.args && { printf '%s\n' $(call quote,$(strip $(2))) | \
-        cmp -s - $(D)/.args/$(1) || { echo $(1); $(if $(DRY_RUN),:,printf '%s\n' \
-        $(call quote,$(strip $(2))) > $(D)/.args/$(1)); }; })
-# One writer per run folder: this make holds data/$(RUN)/.make.lock until it exits (a second make
-# on the same RUN stops with a message), and each stage holds .stage.lock while it runs (HOLD).
-ifeq ($(filter help test venv,$(MAKECMDGOALS))$(DRY_RUN),)
-LOCKED := $(shell $(PYTHON) -m common.runlock make $(call quote,$(D)) $$PPID)
-$(if $(LOCKED),$(error $(LOCKED)))
-endif
-HOLD = $(PY) -m common.runlock stage $(call quote,$(D)) --
-DEMO_IMAGES := data/demo_images/images.csv
-IS_DEMO     := $(if $(subst $(DEMO_IMAGES),,$(IMAGES)),,1)
-# 01 also depends on the content of its inputs (common/fingerprint.py: every image's path, size
-# and mtime, the model's files by content), stored in .args/01-inputs when it changes. The demo
-# set is made by a rule below, so make's own timestamps cover it.
-ifeq ($(filter help test venv clean $(DEMO_IMAGES),$(MAKECMDGOALS)),)
-INPUTS_01 := $(shell $(PYTHON) -m common.fingerprint --model=$(call quote,$(MODEL)) \
-        $(if $(IS_DEMO),,--images=$(call quote,$(IMAGES))) \
-        $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
-        $(if $(CLASSES),--classes=$(call quote,$(CLASSES))))
-ifneq ($(.SHELLSTATUS),0)
-$(error $(INPUTS_01))
-endif
-CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
-           $(call track_args,01-inputs,$(INPUTS_01)) $(call track_args,02,$(ARGS_02)) \
-           $(call track_args,03,$(ARGS_03)) $(call track_args,04,$(ARGS_04)) \
-           $(call track_args,05,$(ARGS_05)) $(call track_args,06,$(ARGS_06)) \
-           $(call track_args,08,$(ARGS_08)) $(call track_args,09,$(ARGS_09)) \
-           $(call track_args,10,$(ARGS_10))
-# The arguments of the reports made on request are tracked by the make that makes them only, so
-# that `make all` with other defaults leaves a report made with `make audit AUDIT=mine.yaml` as it is.
-CHANGED += $(if $(filter baskets,$(MAKECMDGOALS)),$(call track_args,11,$(ARGS_11))) \
-           $(if $(filter audit,$(MAKECMDGOALS)),$(call track_args,13,$(ARGS_13)))
-endif
-ifneq ($(DRY_RUN),)
-# A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
-$(foreach n,$(CHANGED),$(eval $(D)/.args/$(n): .FORCE ; @# the arguments of stage $(n) changed))
-.FORCE:
-endif
+score: $(SCORES) $(M09) ## 09: triage, interpretability and verification scores; sub-concepts
+$(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
+                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \
+                $(D)/.args/09 $(call uses,09_score.py 03_describe.py) | $(VENV)
+	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
+	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
+	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --crop-vectors $(CROPVECTORS) \
+	    --scores $(D)/09_scores.csv \
+	    --summary $(D)/09_summary.csv --eval $(D)/09_eval.csv --subconcepts $(D)/09_subconcepts \
+	    $(ARGS_09)
 
-EXTRACT      := $(D)/01_activations.npz
-MOSAICS      := $(D)/02_mosaics.csv
-DESCRIPTIONS := $(D)/03_descriptions.csv
-EMBEDDINGS   := $(D)/04_embeddings.npz
-CROPVECTORS  := $(D)/04_crops.npz
-CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
-                $(D)/05_keywords.csv $(D)/05_categories.csv
-TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
-CONFUSION    := $(D)/08_confusion.csv
-SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
-BASKETS      := $(D)/11_baskets.csv $(D)/11_tree.npz $(D)/11_pruning.csv
+eval: $(SCORES) $(M09) ## 09: final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
+	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
 
-# Each stage writes its .meta.json last and deletes the old one before replacing any output, so
-# the metas are targets and prerequisites too: a stage killed midway lacks its meta, and make runs
-# it again before anything that reads it.
-M01 := $(D)/01_extract.meta.json
-M02 := $(D)/02_mosaics.meta.json
-M03 := $(D)/03_describe.meta.json
-M04 := $(D)/04_embed.meta.json
-M05 := $(D)/05_cluster.meta.json
-M06 := $(D)/06_trace.meta.json
-M08 := $(D)/08_debug.meta.json
-M09 := $(D)/09_score.meta.json
-M11 := $(D)/11_baskets.meta.json
-M13 := $(D)/13_audit/13_audit.meta.json
-M10 := $(D)/10_atlas.meta.json
-COMPARED := $(D)/12_compare__$(OTHER)/12_compare.meta.json
-ATLAS        := $(D)/atlas/index.html
+# --- 10 atlas: the browsable site of everything above --------------------------------------------
+ARGS_10 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
+           --batch-size $(BATCH) --device $(DEVICE)
 ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
                 $(M05) $(TRACE) $(M06) $(SCORES) $(M09) $(CONFUSION) $(M08)#  what the atlas shows
 # The atlas also shows the reports made on request (baskets, audit, comparisons), so it is rebuilt
@@ -244,20 +244,58 @@ COMPARED_RUNS := $(patsubst $(D)/12_compare__%/12_compare.meta.json,%,$(filter \
 OTHER_INPUTS  := $(wildcard $(foreach r,$(COMPARED_RUNS),$(addprefix $(DATA)/$(r)/,\
                      04_embed.meta.json 05_cluster.meta.json 09_score.meta.json)))
 
-all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) \
-     $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage on data/$(RUN)
+atlas: $(ATLAS) $(M10) ## 10: the browsable site data/$(RUN)/atlas/index.html (opens from disk)
+$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(REPORTS_ASKED) $(OTHER_INPUTS) \
+                $(if $(REPORTS_NEWER),reports-changed) $(D)/.args/10 $(call uses,10_atlas.py) | $(VENV)
+	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
+reports-changed:
 
+serve: $(ATLAS) $(M10) | $(VENV) ## 10: serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
+	$(PY) 10_atlas.py serve --run $(D) --host $(HOST) --port $(PORT) --device $(DEVICE)
+
+# --- 11 baskets (on request): groups of neurons that fire together -------------------------------
+# 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
+MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
+ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
+           --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
+           --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
+baskets: $(BASKETS) $(M11) $(ATLAS) $(M10) ## 11: neuron baskets in data/$(RUN)/11_* (and in the atlas); UNION="A B" / DIFFERENCE="A B" print a set of two
+	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
+	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
+$(BASKETS) $(M11) &: 11_baskets.py 03_describe.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
+                $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py 03_describe.py) | $(VENV)
+	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
+
+# --- 12 compare (on request): this run against another one, neuron by neuron --------------------
+compare: $(if $(OTHER),$(COMPARED) $(ATLAS) $(M10),no-other) ## 12: compare two runs: make compare RUN=a OTHER=b (both after make all); the atlas of a shows it
+no-other:
+	@echo "make compare needs OTHER=<run> (a second run under $(DATA)/)"; exit 2
+$(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
+             $(DATA)/$(OTHER)/04_embeddings.npz $(DATA)/$(OTHER)/05_clusters.csv \
+             $(DATA)/$(OTHER)/09_summary.csv $(call uses,12_compare.py) | $(VENV)
+	$(HOLD) $(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
+	    --kind $(COMPARE_KIND)
+
+# --- 13 audit (on request): each class's valid and spurious concepts among its relevant neurons --
+ARGS_13 := --audit=$(call quote,$(AUDIT)) $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) \
+           --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) --controls $(CONTROLS) \
+           --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) --device $(DEVICE) $(MODEL_AGAIN)
+audit: $(M13) $(ATLAS) $(M10) ## 13: audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/ and the atlas
+$(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
+                $(call uses,13_audit.py) | $(VENV)
+	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
+	    $(MODEL_AGAIN)
+$(M13): 13_audit.py $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) \
+        $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(AUDIT) $(D)/.args/13 $(call uses,13_audit.py) \
+        | $(VENV)
+	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --out-dir $(D)/13_audit $(ARGS_13)
+
+# --- the project's own commands ----------------------------------------------------------------
 help: ## list targets and variables
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
+	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 	@echo; echo "Variables (default):"
-	@grep -E '^[A-Z_]+ +\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/# */\t# /'
-
-venv: $(VENV) ## create .venv from requirements.txt
-$(VENV): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	touch $@
+	@grep -hE '^[A-Z_]+ +\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/# */\t# /'
 
 test: $(VENV) ## run the test suite (offline, CPU)
 	$(PY) -m pytest -q tests
@@ -271,106 +309,9 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/bench_atlas.py
 	$(PY) bench/bench_relevance.py
 
-$(DEMO_IMAGES): $(call uses,common/demo.py) | $(VENV)
-	$(PY) -m common.demo data/demo_images --n-images $(DEMO_N) --seed 0
-
-$(EXTRACT) $(M01) &: 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 \
-                    $(D)/.args/01-inputs $(call uses,01_extract.py) | $(VENV)
-	$(HOLD) $(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
-
-$(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(call uses,02_mosaics.py) \
-                | $(VENV)
-	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
-	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
-
-$(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
-                $(D)/.args/03 $(call uses,03_describe.py) | $(VENV)
-	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
-	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
-
-$(EMBEDDINGS) $(CROPVECTORS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) \
-                $(D)/.args/04 $(call uses,04_embed.py) | $(VENV)
-	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
-	    --out $(EMBEDDINGS) $(ARGS_04)
-
-$(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
-                $(M01) $(D)/.args/05 $(call uses,05_cluster.py) | $(VENV)
-	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
-	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
-
-$(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
-                $(EXTRACT) $(M01) $(D)/.args/06 $(call uses,06_trace.py) | $(VENV)
-	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
-	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
-
-$(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
-                $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \
-                $(D)/.args/09 $(call uses,09_score.py 03_describe.py) | $(VENV)
-	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
-	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
-	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --crop-vectors $(CROPVECTORS) \
-	    --scores $(D)/09_scores.csv \
-	    --summary $(D)/09_summary.csv --eval $(D)/09_eval.csv --subconcepts $(D)/09_subconcepts \
-	    $(ARGS_09)
-
-eval: $(SCORES) $(M09) ## final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
-	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
-
-$(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
-                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(call uses,08_debug.py) | $(VENV)
-	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
-	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
-	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
-
-$(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(REPORTS_ASKED) $(OTHER_INPUTS) \
-                $(if $(REPORTS_NEWER),reports-changed) $(D)/.args/10 $(call uses,10_atlas.py) | $(VENV)
-	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
-reports-changed:
-
-atlas: $(ATLAS) $(M10) ## the browsable site data/$(RUN)/atlas/index.html (opens from disk)
-
-serve: $(ATLAS) $(M10) | $(VENV) ## serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
-	$(PY) 10_atlas.py serve --run $(D) --host $(HOST) --port $(PORT) --device $(DEVICE)
-
-debug: $(CONFUSION) $(M08) ## debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
-
-$(BASKETS) $(M11) &: 11_baskets.py 03_describe.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
-                $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py 03_describe.py) | $(VENV)
-	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
-
-baskets: $(BASKETS) $(M11) $(ATLAS) $(M10) ## neuron baskets in data/$(RUN)/11_* (and in the atlas); UNION="A B" / DIFFERENCE="A B" print a set of two
-	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
-	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
-
-compare: $(if $(OTHER),$(COMPARED) $(ATLAS) $(M10),no-other) ## compare two runs: make compare RUN=a OTHER=b (both after make all); the atlas of a shows it
-no-other:
-	@echo "make compare needs OTHER=<run> (a second run under $(DATA)/)"; exit 2
-$(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
-             $(DATA)/$(OTHER)/04_embeddings.npz $(DATA)/$(OTHER)/05_clusters.csv \
-             $(DATA)/$(OTHER)/09_summary.csv $(call uses,12_compare.py) | $(VENV)
-	$(HOLD) $(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
-	    --kind $(COMPARE_KIND)
-
-RELEVANCE := $(D)/13_relevance.npz
-$(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
-                $(call uses,13_audit.py) | $(VENV)
-	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
-	    $(MODEL_AGAIN)
-
-$(M13): 13_audit.py $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) \
-        $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(AUDIT) $(D)/.args/13 $(call uses,13_audit.py) \
-        | $(VENV)
-	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --out-dir $(D)/13_audit $(ARGS_13)
-
-audit: $(M13) $(ATLAS) $(M10) ## audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/ and the atlas
-
-search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
-	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
-	    --mosaics $(MOSAICS) --top-k $(HITS) --scoring $(SCORING) --device $(DEVICE) \
-	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \
-	    $(if $(QUERY),"$(QUERY)",--interactive)
-
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \
 	    09_summary.csv 09_eval.csv 09_score.meta.json 09_subconcepts/09_mosaics.* \
 	    09_subconcepts/*/ 10_* atlas 11_* 12_* 13_*
+
+include tools/arguments.mk

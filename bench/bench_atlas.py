@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from common.artefacts import ScoreRow, columns  # noqa: E402
 from common.io import save_npz, write_csv  # noqa: E402
 from common.provenance import write_meta  # noqa: E402
-from common.stages import load_stage  # noqa: E402
+from tools.stages import load_stage  # noqa: E402
 
 SIZES = (96, 256, 576, 1024, 2048)  # neurons per layer: 4,000 in all
 MOSAIC_PX, TILE = 640, 64  # 10 × 10 tiles of 64 px, the demo's mosaic
@@ -160,7 +160,7 @@ def synthetic_run(run: Path, seed: int = 0) -> None:
 
 def page_seconds(driver, url: str) -> float:
     """Seconds from asking for ``url`` until the page marks itself ready."""
-    from common.browser import wait_ready
+    from tools.browser import wait_ready
     start = time.perf_counter()
     driver.get(url)
     wait_ready(driver, timeout=60)
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
         figures.update(synthetic_seconds=seconds, synthetic_mb=folder_size(run / "atlas"))
         print(f"synthetic run of {sum(SIZES)} neurons: atlas built in {seconds:.1f} s "
               f"(target ≤ 180), {figures['synthetic_mb']:.1f} MB")
-        from common.browser import NoBrowser, headless_chromium
+        from tools.browser import NoBrowser, headless_chromium
         try:
             driver = headless_chromium()
         except NoBrowser as err:

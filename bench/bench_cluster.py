@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from common.stages import load_stage  # noqa: E402
+from tools.stages import load_stage  # noqa: E402
 
 SIZES = (64, 256, 512, 1024, 2048)  # channels of ResNet-50's relu, layer1, layer2, layer3, layer4
 DIM = 384  # text embedding width of all-MiniLM-L6-v2

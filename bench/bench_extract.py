@@ -28,12 +28,12 @@ from common.cli import keep_freed_memory  # noqa: E402
 import torch  # noqa: E402
 
 from common.models import load_model  # noqa: E402
-from common.stages import load_stage  # noqa: E402
+from tools.stages import load_stage  # noqa: E402
 
 
 def image_csv(folder: Path, n: int) -> Path:
     """A CSV listing ``n`` demo images (built once into ``folder``)."""
-    from common.demo import build_demo_set
+    from tools.demo import build_demo_set
     source = build_demo_set(folder / "demo", n_images=n, seed=0)
     return Path(source)
 

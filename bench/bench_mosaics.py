@@ -34,7 +34,7 @@ REPEATS = 2  # timed runs of each side, alternating; the fastest of each is comp
 import numpy as np  # noqa: E402
 
 from common.artefacts import read_activations, read_images  # noqa: E402
-from common.stages import load_stage  # noqa: E402
+from tools.stages import load_stage  # noqa: E402
 
 
 def decode(path: str) -> int:
@@ -45,7 +45,7 @@ def decode(path: str) -> int:
 
 def measure(tmp: Path, n: int, side: int, workers: int, grid: int) -> dict:
     """Build a probe set, run 01 on it, then time the decode-once baseline and 02."""
-    from common.demo import build_demo_set
+    from tools.demo import build_demo_set
     extract, mosaics = load_stage("01_extract"), load_stage("02_mosaics")
     csv_path = build_demo_set(tmp / f"set{side}", n_images=n, seed=0, side=side)
     run = tmp / f"run{side}"

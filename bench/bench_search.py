@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from common.artefacts import read_activations, read_images  # noqa: E402
 from common.embedders import load_text_embedder  # noqa: E402
-from common.stages import load_stage  # noqa: E402
+from tools.stages import load_stage  # noqa: E402
 from test_search import labelled_ranks  # noqa: E402
 
 DEMO_QUERIES = {"cat": "n02123045", "military uniform": "n03763968", "a soldier": "n03763968",

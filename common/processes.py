@@ -6,7 +6,7 @@ thumbnail makers, the 03 that 09 and 11 start on their own mosaics) makes them h
 * every child asks the kernel to kill it the moment its parent dies (Linux's
   ``PR_SET_PDEATHSIG``). A stage killed by SIGKILL, or by the out-of-memory killer, then leaves
   no orphan behind: none blocked forever on a pipe, none still holding the run's
-  ``.stage.lock`` that it inherited (common/runlock.py);
+  ``.stage.lock`` that it inherited (tools/runlock.py);
 * a worker that dies fails its stage within seconds with one clear line (``WorkerDied``):
   ``concurrent.futures`` notices a dead worker and breaks the pool, where
   ``multiprocessing.Pool`` silently starts a replacement and waits forever for the lost task.

@@ -155,7 +155,7 @@ def environment(markdown: bool = False) -> jinja2.Environment:
 
 def render(template: str, **context) -> str:
     """Render ``template`` (a file name under ``TEMPLATES``; ``.md`` ones escape for Markdown)
-    with ``context``. Callers name the template literally: common/deps.py finds a script's
+    with ``context``. Callers name the template literally: tools/deps.py finds a script's
     templates by their quoted names, for the Makefile's prerequisites."""
     return environment(template.endswith(".md")).get_template(template).render(**context)
 

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.stages import load_stage  # noqa: E402,F401  (re-exported for the tests)
+from tools.stages import load_stage  # noqa: E402,F401  (re-exported for the tests)
 
 FAKE_MODEL = f"{ROOT / 'tests' / 'fake_model.py'}:build"
 
@@ -39,7 +39,7 @@ def make_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def project_copy(root: pathlib.Path) -> pathlib.Path:
-    """A copy of the project's scripts, Makefile and common/ + tests/ (sharing .venv) in ``root``.
+    """A copy of the project's scripts, Makefile and common/, tests/, tools/ (sharing .venv) in ``root``.
 
     Copies keep their timestamps, so that make in the copy behaves as in the working tree, and
     touching a script there never touches the working copy.
@@ -48,7 +48,7 @@ def project_copy(root: pathlib.Path) -> pathlib.Path:
     for item in ROOT.iterdir():
         if item.name.endswith(".py") or item.name in ("Makefile", "requirements.txt"):
             shutil.copy2(item, root / item.name)
-    for folder in ("common", "tests"):
+    for folder in ("common", "tests", "tools"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".venv").symlink_to(ROOT / ".venv")
     return root

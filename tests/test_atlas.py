@@ -19,7 +19,7 @@ import torch
 
 from atlas_fixture import ATTRIBUTE, SCRIPT, SUB_EVIL, fake_run, make, write_scores
 from common.attribution import channel_attribution
-from common.browser import NoBrowser, headless_chromium, wait_ready
+from tools.browser import NoBrowser, headless_chromium, wait_ready
 from common.artefacts import read_audit, read_audit_summary, read_baskets
 from common.io import read_csv
 from common.io import safe_name

@@ -1,4 +1,4 @@
-"""Tests of common/demo.py: the offline demo set is reproducible, honestly labelled and loadable."""
+"""Tests of tools/demo.py: the offline demo set is reproducible, honestly labelled and loadable."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common import demo, imagenet
+from common import imagenet
+from tools import demo
 from common.cli import StageError
 from common.images import list_images, load_rgb, map_labels
 from common.io import read_csv

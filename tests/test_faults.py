@@ -266,7 +266,7 @@ def test_a_lock_kept_by_a_dead_stages_child_names_the_live_child(tmp_path):
                       "child = os.fork()\n"
                       "if child:\n    print(child, flush=True)\n    time.sleep(60)\n"
                       "else:\n    sys.stdout.close()\n    time.sleep(60)\n")
-    stage = subprocess.Popen([sys.executable, "-m", "common.runlock", "stage", str(data / "t"),
+    stage = subprocess.Popen([sys.executable, "-m", "tools.runlock", "stage", str(data / "t"),
                               "--", sys.executable, str(script)], cwd=root,
                              stdout=subprocess.PIPE, text=True)
     child = int(stage.stdout.readline())

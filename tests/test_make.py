@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import deps
+from tools import deps
 from common.artefacts import read_confusion
 from common.io import read_csv
 from conftest import ROOT, make_image, project_copy
@@ -53,7 +53,7 @@ def commands(result):
 
 
 def module_users() -> dict[str, set[str]]:
-    """common/*.py → the stage scripts that import it (common/deps.py's answer)."""
+    """common/*.py → the stage scripts that import it (tools/deps.py's answer)."""
     users = collections.defaultdict(set)
     for script in ROOT.glob("[0-9][0-9]_*.py"):
         for name in deps.common_files(script):
@@ -110,11 +110,22 @@ def test_broken_stage_leaves_no_target(tree):
 
 
 def test_help_lists_targets_and_variables():
-    """`make help` documents the targets and the variables a user sets."""
+    """`make help` lists `all` first, then every stage's own target in run order (each with the
+    number of its script), the project's commands, and every variable a user sets."""
     result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
-    for word in ("all", "test", "bench", "MODEL", "IMAGES", "LAYERS", "RUN"):
-        assert word in result.stdout
+    targets = [line.split("\t")[0] for line in result.stdout.splitlines() if "\t" in line
+               and not line.startswith(" ") and "=" not in line.split("\t")[0]]
+    stages = ["extract", "mosaics", "describe", "embed", "cluster", "trace", "search", "debug",
+              "score", "atlas", "baskets", "compare", "audit"]
+    assert targets[0] == "all"
+    assert [t for t in targets if t in stages] == stages
+    numbered = {line.split("\t")[0]: line.split("\t")[1][:3] for line in result.stdout.splitlines()
+                if line.split("\t")[0] in stages}
+    assert numbered == {name: f"{n:02d}:" for n, name in enumerate(stages, start=1)}
+    assert {"test", "bench", "help", "clean", "venv"} <= set(targets)
+    variables = {line.split(" = ")[0] for line in result.stdout.splitlines() if " = " in line}
+    assert {"RUN", "IMAGES", "MODEL", "LAYERS", "TOPK", "DESCRIBER", "AUDIT", "DATA"} <= variables
 
 
 GREY = ["RUN=g", "MODEL=tests/fake_grey_model.py:build", "LAYERS=relu1,bands", "INPUT_SIZE=32",
@@ -232,7 +243,7 @@ def test_one_writer_per_run_folder(tree, tmp_path):
     data = run_folder(args)
     other_make = subprocess.Popen(["sleep", "60"])
     try:
-        held = subprocess.run([sys.executable, "-m", "common.runlock", "make", str(data),
+        held = subprocess.run([sys.executable, "-m", "tools.runlock", "make", str(data),
                                str(other_make.pid)], cwd=root, capture_output=True, text=True)
         assert held.returncode == 0 and held.stdout.strip() == ""
         second = make(root, args, "all")
@@ -243,7 +254,7 @@ def test_one_writer_per_run_folder(tree, tmp_path):
     finally:
         other_make.kill()
         other_make.wait()
-    orphan = subprocess.Popen([sys.executable, "-m", "common.runlock", "stage", str(data), "--",
+    orphan = subprocess.Popen([sys.executable, "-m", "tools.runlock", "stage", str(data), "--",
                                "sleep", "60"], cwd=root)
     try:
         lock, deadline = data / ".stage.lock", time.time() + 10
@@ -322,22 +333,23 @@ def make_database(*args) -> dict[str, tuple[list[str], str]]:
 
 
 def test_each_rule_lists_exactly_the_common_files_its_scripts_use(tmp_path):
-    """A rule that runs a script (a stage listed among its prerequisites, or ``-m common.x`` in its
-    recipe) has exactly that script's common/ files among its prerequisites: the modules it
+    """A rule that runs a script (a stage or tool listed among its prerequisites, or ``-m tools.x``
+    in its recipe) has exactly that script's common/ files among its prerequisites: the modules it
     imports, directly or not, and the data files they read — no fewer (a stale result) and no
     more (editing a report helper must not re-run extraction)."""
     prompts = tmp_path / "prompts.yaml"  # 03's prompt file is an input of its own, not a module's
     rules = make_database(f"DATA={tmp_path}", f"PROMPTS={prompts}")
     checked = set()
     for target, (prerequisites, recipe) in rules.items():
-        scripts = {p for p in prerequisites if re.fullmatch(r"\d\d_\w+\.py", p)}
-        scripts |= {f"common/{m}.py" for m in re.findall(r"-m common\.(\w+)", recipe)}
+        scripts = {p for p in prerequisites if re.fullmatch(r"\d\d_\w+\.py|tools/\w+\.py", p)}
+        scripts |= {f"{package}/{m}.py"
+                    for package, m in re.findall(r"-m (common|tools)\.(\w+)", recipe)}
         if not scripts:
             continue
         wanted = {f for script in scripts for f in deps.common_files(Path(script))}
         assert {p for p in prerequisites if p.startswith("common/")} == wanted, target
         checked |= scripts
-    assert {"common/demo.py", "01_extract.py", "02_mosaics.py", "03_describe.py", "04_embed.py",
+    assert {"tools/demo.py", "01_extract.py", "02_mosaics.py", "03_describe.py", "04_embed.py",
             "05_cluster.py", "06_trace.py", "08_debug.py", "09_score.py"} <= checked
     # Every data file of common/ reaches the rules of the scripts that read it.
     listed = {p for prerequisites, _ in rules.values() for p in prerequisites}
@@ -349,7 +361,7 @@ def test_each_rule_lists_exactly_the_common_files_its_scripts_use(tmp_path):
 @pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("[0-9][0-9]_*.py")) +
                          sorted(f"common/{p.name}" for p in (ROOT / "common").glob("*.py")))
 def test_deps_finds_the_modules_python_would_import(script):
-    """common/deps.py agrees with the standard library's modulefinder, which reads the compiled
+    """tools/deps.py agrees with the standard library's modulefinder, which reads the compiled
     code (imports inside functions included) instead of the source lines deps.py parses."""
     finder = modulefinder.ModuleFinder(path=[str(ROOT)])
     finder.run_script(str(ROOT / script))

@@ -4,11 +4,11 @@ killed `make`) from writing into the same ``data/<RUN>/`` at once.
 Two lock files in the run folder, both ``flock`` locks that the kernel releases when their holder
 dies, even by SIGKILL:
   .make.lock   held for the life of a `make` process. The Makefile takes it while reading itself,
-               before it stores anything (``python3 -m common.runlock make DIR PID``): a helper
+               before it stores anything (``python3 -m tools.runlock make DIR PID``): a helper
                process keeps the lock until that `make` exits, and a second `make` stops at once
                with a message.
   .stage.lock  held by each stage process: the Makefile starts stages through
-               ``python -m common.runlock stage DIR -- command…``, which takes the lock and
+               ``python -m tools.runlock stage DIR -- command…``, which takes the lock and
                becomes the command. A stage that outlives a killed `make` still holds it, so the
                next `make` waits for nothing and writes nothing: it stops and says so. Worker
                processes a stage forks share its lock; they die with it (common/processes.py),
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     elif len(argv) >= 4 and argv[0] == "stage" and argv[2] == "--":
         exec_stage(Path(argv[1]), argv[3:])
     else:
-        sys.exit("usage: python -m common.runlock make DIR MAKE_PID | stage DIR -- COMMAND…")
+        sys.exit("usage: python -m tools.runlock make DIR MAKE_PID | stage DIR -- COMMAND…")
 
 
 if __name__ == "__main__":

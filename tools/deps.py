@@ -12,8 +12,8 @@ are therefore always named literally. Every module depends on ``common/__init__.
 runs before any of them. A stage script's own default files (03's ``common/prompts.yaml``) are
 not counted: they are command-line inputs, which the Makefile lists itself (``$(PROMPTS)``).
 
-    python3 -m common.deps              one line, script:file,file,… for every NN_*.py and common/*.py
-    python3 -m common.deps 06_trace.py  the common/ files of one script, one per line
+    python3 -m tools.deps              one line, script:file,file,… for every NN_*.py and common/*.py
+    python3 -m tools.deps 06_trace.py  the common/ files of one script, one per line
 
 The standard library only: make runs this with the system python, before .venv exists.
 """
@@ -129,8 +129,9 @@ def common_files(script: Path) -> list[str]:
 
 
 def scripts() -> list[Path]:
-    """The stage scripts (``NN_name.py``) and the common modules: what make may run."""
-    return sorted(ROOT.glob("[0-9][0-9]_*.py")) + sorted((ROOT / PACKAGE).glob("*.py"))
+    """The stage scripts (``NN_name.py``), the common modules and the tools: what make may run."""
+    return sorted(ROOT.glob("[0-9][0-9]_*.py")) + sorted((ROOT / PACKAGE).glob("*.py")) + \
+        sorted((ROOT / "tools").glob("*.py"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ Writes into OUT_DIR:
 The output is byte-identical for the same ``--n-images`` and ``--seed``. The folder is built in a
 temporary sibling and renamed into place, so an interrupted build never looks finished.
 
-    python -m common.demo data/demo_images --n-images 1500 --seed 0
+    python -m tools.demo data/demo_images --n-images 1500 --seed 0
 """
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def _readme(photos: list[Photo], counts: list[int], n_images: int, seed: int, si
         f"{n_images} JPEG views ({side}x{side} px, quality {JPEG_QUALITY}) cut from "
         f"{len(photos)} photos that ship inside",
         "pip packages (scikit-image, scikit-learn, matplotlib), built offline by",
-        f"`python -m common.demo OUT_DIR --n-images {n_images} --seed {seed}"
+        f"`python -m tools.demo OUT_DIR --n-images {n_images} --seed {seed}"
         f"{'' if side == OUT_SIDE else f' --side {side}'}`; the same "
         "arguments and package versions give the same bytes.",
         "",
@@ -386,9 +386,9 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of ``python -m common.demo``."""
+    """Command-line options of ``python -m tools.demo``."""
     parser = stage_parser("Build the offline demo image set from photos shipped in pip packages.")
-    parser.prog = "python -m common.demo"
+    parser.prog = "python -m tools.demo"
     parser.add_argument("out_dir", help="folder to create (replaced if incomplete or different)")
     parser.add_argument("--n-images", type=int, default=1500, help="number of views to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
