@@ -12,8 +12,8 @@ Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (o
 2. Interpretability (SemanticLens §3.5) of each neuron's top crops, with the vectors 04's image
    embedder gave them (04_crops.npz): clarity, polysemanticity, redundancy.
 3. Sub-concepts (SIEVE): a neuron whose polysemanticity is at least --poly-threshold has its crops
-   split into 2–3 groups; each gets a mosaic and a sentence from 03_describe.py itself, run on
-   the sub-concept mosaics with the same backend arguments (--describe-args).
+   split into 2–3 groups; each gets a mosaic and a sentence from the run's describer
+   (common/describers.py, with 03's describer arguments: --describe-args), in the background.
 4. Verification: a concept matcher scores every image for the sentence; Pearson correlation and
    AUPRC against the neuron's per-image maximum on images outside the sentence's mosaic, beside the
    same for a control sentence (another neuron of the layer, seeded).
@@ -49,7 +49,7 @@ from common.artefacts import (CropVectors, Description, Mosaic, read_activations
                               read_crop_vectors, read_descriptions, read_images, read_mosaics,
                               read_predictions, read_stats)
 from common.cli import exit_on_stage_error, stage_parser, start_stage
-from common.describing import Describing
+from common.describers import Describing, parse_describe_args
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 from common.threads import single_threaded
@@ -159,9 +159,9 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
     """One mosaic per sub-concept (its crops, best first, in a square grid) and their index CSV.
 
     ``groups``: (layer, channel) → labels of its first crops (0-based groups). Index rows name the
-    sub-concept ``<layer>#<s>`` (s = 1, 2, 3) with the neuron's channel, so that 03 sees one
-    neuron per sub-concept, and give its tiles' ranks in the neuron's top-k list, so that 03 knows
-    which images they are (and reuses 01's predictions where a tile is the whole image).
+    sub-concept ``<layer>#<s>`` (s = 1, 2, 3) with the neuron's channel, so that the describer sees
+    one neuron per sub-concept, and give its tiles' ranks in the neuron's top-k list, so that it
+    knows which images they are (and reuses 01's predictions where a tile is the whole image).
     Returns the index path.
     """
     from common.mosaics import paste_tiles, png_bytes
@@ -260,13 +260,14 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
     images → (layer → sentences, layer → images × sentences).
 
     ``describe`` (None when no neuron is a candidate for sub-concepts) splits the candidates into
-    sub-concepts (filling ``groups``) and starts 03 on their mosaics: it returns a
-    ``common.describing.Describing``, or None when no neuron splits. It is called once the
+    sub-concepts (filling ``groups``) and starts the describer on their mosaics: it returns a
+    ``common.describers.Describing``, or None when no neuron splits. It is called once the
     matcher has started measuring the images, so that both run while the neurons' own sentences
     are scored; the window features of the candidates' layers (``keep``) are kept, so that the
     sub-concepts' sentences are then scored without decoding the images again. When those would
-    not fit in memory, 03 is run and waited for first, and every sentence is scored in one pass.
-    If scoring fails before 03 is done, 03 is stopped: no process is left behind.
+    not fit in memory, the describer is run and waited for first, and every sentence is scored in
+    one pass. If scoring fails before the describer is done, it is stopped: no process is left
+    behind.
     Each distinct sentence of a layer is scored once (controls are other neurons' sentences).
     """
     geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
@@ -277,7 +278,7 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
                           if lay == layer and r.ok})
            for layer in inputs.layers}
     sub_text = None
-    describing = None  # the running 03, once ``describe`` has started it
+    describing = None  # the background describer, once ``describe`` has started it
     try:
         if describe is not None and not match.keeps(keep, len(usable_ids), inputs.input_size,
                                                     geometry):
@@ -295,7 +296,8 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
                     bar.update()
 
             def meanwhile():
-                """Split into sub-concepts and start 03 on them while the images are measured."""
+                """Split into sub-concepts and start the describer on them while the images are
+                measured."""
                 nonlocal describing
                 if describe is not None and sub_text is None:
                     describing = describe()
@@ -306,7 +308,7 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
             sub_text = describing.result() if describing is not None else {}
     finally:
         if describing is not None:
-            describing.stop()  # a no-op once 03 has finished
+            describing.stop()  # a no-op once it has finished
     column = {layer: {text: scored[layer][:, j] for j, text in enumerate(texts)}
               for layer, texts in own.items()}
 
@@ -423,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-subconcepts", type=int, default=3, choices=[2, 3],
                    help="most groups a neuron's crops are split into")
     p.add_argument("--describe-args", default="--backend offline",
-                   help="03_describe.py arguments for the sub-concept sentences (the same backend "
-                        "as the neurons'; make passes them)")
+                   help="03's describer flags (03_describe.py --help) for the sub-concept "
+                        "sentences: the same describer as the neurons' (make passes them)")
     p.add_argument("--matcher", choices=["offline", "clip"], default="offline",
                    help="concept matcher of the verification")
     p.add_argument("--text-model", default="all-MiniLM-L6-v2",
@@ -467,6 +469,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
     """
     from common import scores as S
     from common.triage import triage_layer
+    describer = parse_describe_args(describe_args)  # refused now, not after the image pass
     inputs = read_inputs(activations, stats_dir, images, predictions, mosaics, descriptions,
                          embeddings, crop_vectors)
     meta_file = scores_out.parent / f"{STAGE}.meta.json"
@@ -491,7 +494,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             interp[k] = {"clarity": S.clarity(vectors[k]),
                          "polysemanticity": S.polysemanticity(vectors[k]), "redundancy": r}
 
-    # 3. Sub-concepts: the split, the mosaics and 03's sentences are made while the matcher
+    # 3. Sub-concepts: the split, the mosaics and their sentences are made while the matcher
     # measures the images (step 4), in ``split_and_describe``
     candidates = [key for key, values in interp.items()
                   if not triage[key[0]]["dead"][key[1]]
@@ -502,7 +505,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
 
     def split_and_describe():
         """Split the candidates' crops into sub-concepts (filling ``groups``), write their
-        mosaics and start 03 on them; the running 03, or None when no neuron splits."""
+        mosaics and start the describer on them (``Describing``), or None when no neuron splits."""
         for key in candidates:
             labels = S.sub_concepts(vectors[key], max_subconcepts)
             if labels is not None:
@@ -517,12 +520,12 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
             level = getattr(inputs.descriptions.get((layer, channel)), "level", 0) or 1
             for s in range(int(labels.max()) + 1):
                 levels[f"{layer}#{s + 1}"] = level
-        # 03 reads 01's activations and predictions as for the neurons themselves: the offline
-        # describer names whole-image tiles by 01's predictions instead of classifying them again.
-        return Describing(index, subconcepts / "03_descriptions.csv", describe_args, levels,
-                          ["--activations", str(activations), "--predictions", str(predictions)])
+        # The describer reads 01's activations and predictions as for the neurons themselves: the
+        # offline one names whole-image tiles by 01's predictions instead of classifying them.
+        return Describing(index, subconcepts / "03_descriptions.csv", describer, levels,
+                          activations, predictions)
 
-    # 4. Verification (the neurons' own sentences are scored while 03 describes the sub-concepts)
+    # 4. Verification (the neurons' own sentences are scored while the sub-concepts are described)
     match = matcher_obj or load_matcher(matcher, inputs, text_model, device, workers)
     usable_ids = np.flatnonzero(inputs.usable)
     sentences, matrix = score_sentences(inputs, groups, sorted({layer for layer, _ in candidates}),

@@ -36,6 +36,7 @@ import numpy as np
 
 from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
                         stage_parser, start_stage)
+from common.describers import DescriberSettings, describe_index, parse_describe_args
 from common.io import load_npz, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -110,16 +111,16 @@ def image_mosaic(ids: np.ndarray, paths: list[str], grid: int, tile: int,
     return png_bytes(mosaic), placed
 
 
-def describe_mosaics(rows: list[dict], folder: Path, describe_args: str, levels: dict[str, int],
-                     metas: list[dict], describe=None) -> dict[tuple[str, int], str]:
+def describe_mosaics(rows: list[dict], folder: Path, describer: DescriberSettings,
+                     levels: dict[str, int], metas: list[dict], describe=None
+                     ) -> dict[tuple[str, int], str]:
     """Write the mosaic index ``rows`` (and its meta, made from ``metas``) in ``folder`` and have
-    03 describe them."""
-    from common.describing import describe_index
+    the run's describer (``describer``: 03's settings) describe them."""
     index = folder / "11_mosaics.csv"
     write_csv(index, rows, INDEX_FIELDS)
     write_meta(folder / "11_mosaics.meta.json", "11_mosaics", {}, outputs=[index], inputs=metas,
                n_mosaics=len(rows))
-    return (describe or describe_index)(index, folder / "03_descriptions.csv", describe_args,
+    return (describe or describe_index)(index, folder / "03_descriptions.csv", describer,
                                         levels)
 
 
@@ -209,11 +210,12 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
           model: dict | None = None, describe=None, bundle=None, args: dict | None = None) -> dict:
     """Find, describe and prune the baskets of every layer of the run in ``run_dir``.
 
-    ``describe`` (like ``common.describing.describe_index``) and ``bundle`` (the model) replace the
+    ``describe`` (like ``common.describers.describe_index``) and ``bundle`` (the model) replace the
     ones this function would use — tests pass small ones. Returns {"baskets", "pruning"} rows.
     """
     from common.artefacts import read_activations, read_images, read_stats
     from common.baskets import cluster, correlation, joint_images, random_baskets
+    describer = parse_describe_args(describe_args)  # refused before any work
     p = run_paths(run_dir)
     retract_meta(run_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
     sweep_temporaries(p["folder"])
@@ -261,7 +263,7 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
                             "mosaic": os.path.relpath(mosaic, run_dir)})
     sentences = {}
     if index_rows:
-        sentences = describe_mosaics(index_rows, folder, describe_args,
+        sentences = describe_mosaics(index_rows, folder, describer,
                                      {f"{layer}:basket": levels.get(layer, 1) for layer in layers},
                                      metas, describe)
     for b in baskets:
@@ -318,6 +320,7 @@ def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: 
     difference); kept in 11_sets/<op>__<a>__<b>/set.json and printed by ``main``."""
     from common.artefacts import read_images, read_stats
     from common.baskets import joint_images
+    describer = parse_describe_args(describe_args)  # refused before any work
     p = run_paths(run_dir)
     baskets = baskets_by_name(p["baskets"])
     read_meta(p["tree"])
@@ -344,7 +347,7 @@ def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: 
         level = layer_levels(p["descriptions"]).get(members[0][0], 1)
         sentences = describe_mosaics([{"layer": "set", "channel": 1, "path": "mosaic.png",
                                        "n_tiles": placed, "grid": grid, "tile_px": tile,
-                                       "crop": "image"}], folder, describe_args,
+                                       "crop": "image"}], folder, describer,
                                      {"set": level}, [read_meta(p["baskets"])], describe)
         result.update(images=[int(i) for i in ids], joint_hits=hits,
                       image_paths=[paths[int(i)] for i in ids[:10]],
@@ -384,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=10, help="mosaic tiles per side")
     p.add_argument("--tile", type=int, default=64, help="mosaic tile side (px)")
     p.add_argument("--describe-args", default="--backend offline",
-                   help="03_describe.py arguments for the basket sentences (make passes 03's)")
+                   help="03's describer flags (03_describe.py --help) for the basket sentences "
+                        "(make passes the run's)")
     p.add_argument("--prune", type=int, default=2, help="largest baskets per layer pruned (0: none)")
     p.add_argument("--controls", type=int, default=3,
                    help="random baskets of the same size pruned per basket")

@@ -203,13 +203,13 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
 
 # --- 09 score: triage, interpretability scores, sub-concepts, verification of each sentence ------
-# 09 describes sub-concepts with 03 itself, with 03's backend arguments (not --skip-dead).
+# 09 describes sub-concepts with the run's describer: 03's describer arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
            --device $(DEVICE) --workers $(WORKERS) --describe-args $(call quote,$(DESCRIBE_03))
 score: $(SCORES) $(M09) ## 09: triage, interpretability and verification scores; sub-concepts
-$(SCORES) $(M09) &: 09_score.py 03_describe.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
+$(SCORES) $(M09) &: 09_score.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
                 $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \
-                $(D)/.args/09 $(call uses,09_score.py 03_describe.py) | $(VENV)
+                $(D)/.args/09 $(call uses,09_score.py) | $(VENV)
 	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
 	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
 	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --crop-vectors $(CROPVECTORS) \
@@ -263,8 +263,8 @@ ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) -
 baskets: $(BASKETS) $(M11) $(ATLAS) $(M10) ## 11: neuron baskets in data/$(RUN)/11_* (and in the atlas); UNION="A B" / DIFFERENCE="A B" print a set of two
 	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
 	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
-$(BASKETS) $(M11) &: 11_baskets.py 03_describe.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
-                $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py 03_describe.py) | $(VENV)
+$(BASKETS) $(M11) &: 11_baskets.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
+                $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py) | $(VENV)
 	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
 
 # --- 12 compare (on request): this run against another one, neuron by neuron --------------------
@@ -301,13 +301,9 @@ test: $(VENV) ## run the test suite (offline, CPU)
 	$(PY) -m pytest -q tests
 
 bench: $(VENV) ## benchmarks: print measured ratios against their targets
-	$(PY) bench/bench_extract.py
-	$(PY) bench/bench_mosaics.py
-	$(PY) bench/bench_describe_embed.py
-	$(PY) bench/bench_cluster.py --threads 1
-	$(PY) bench/bench_score.py
-	$(PY) bench/bench_atlas.py
-	$(PY) bench/bench_relevance.py
+	$(PY) bench/results.py bench/bench_extract.py bench/bench_mosaics.py \
+	    bench/bench_describe_embed.py "bench/bench_cluster.py --threads 1" bench/bench_score.py \
+	    bench/bench_atlas.py bench/bench_relevance.py
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \

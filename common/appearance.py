@@ -1,14 +1,19 @@
-"""Measured appearance: colour names of pixels, and colour / contrast / edge statistics of every
-receptive-field window of an image.
+"""Measured appearance: colour names of pixels, the colour / contrast / orientation / stripe
+measures of a neuron's crops and the phrase that says them, and the colour / contrast / edge
+statistics of every receptive-field window of an image.
 
-03's offline describer names the colours of a neuron's crops with ``colour_codes``; 09's offline
-matcher measures, for every image, the same kinds of words in each window a layer's cells look at
-(``window_features``), so that a description's appearance words can be checked on images the
-describer never saw.
+The offline describer (common/describers.py) says what a neuron's crops look like with
+``measure_tiles`` and ``appearance_phrase``; 09's offline matcher measures, for every image, the
+same kinds of words in each window a layer's cells look at (``window_features``), so that a
+description's appearance words can be checked on images the describer never saw.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from common.mosaics import BACKGROUND
 
 PALETTE = ["black", "white", "gray", "red", "orange", "yellow", "green", "cyan", "blue", "purple",
            "pink", "brown"]
@@ -105,3 +110,124 @@ def window_features(integral: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         np.where(energy > 1e-9, np.hypot(jxx - jyy, 2 * jxy) / safe, 0.0),
         1.0 - (shares ** 2).sum(1)], axis=1)
     return np.concatenate([shares, extra], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# A neuron's crops: what they look like, measured and said
+
+
+def _centre_weight(side: int) -> np.ndarray:
+    """Gaussian weight over a tile: a receptive field's centre drives the unit most."""
+    ax = np.arange(side) - (side - 1) / 2
+    w = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * (side / 3.0) ** 2))
+    return w / w.sum()
+
+
+def measure_tiles(tiles: Sequence[np.ndarray]) -> dict:
+    """Colour shares, contrast, dominant orientation, its consistency, and stripe frequency.
+
+    Orientation comes from the structure tensor of each tile's luminance (gradient outer
+    products, centre-weighted); the tiles' doubled angles are averaged, weighted by gradient
+    energy, so that opposite gradients agree. Stripes are told from single edges by the
+    frequency of the strongest non-constant Fourier component. All tiles are processed at once.
+    Flat grey (02's padding past the image border, empty tiles) is left out, and so is the border
+    between it and the image, which is no feature of the image.
+    """
+    from scipy.ndimage import correlate1d, maximum_filter
+    empty = {"colours": {}, "contrast": 0.0, "agreement": 0.0, "coherence": 0.0,
+             "orientation_deg": 0.0, "cycles": 0.0, "periodic": 0.0, "n_tiles": 0}
+    side = min(min(t.shape[:2]) for t in tiles) if len(tiles) else 0
+    if side < 4:
+        return empty
+    stack = np.stack([t[:side, :side] for t in tiles])
+    valid = ~np.all(stack == BACKGROUND, axis=-1)
+    stack, valid = stack[valid.mean((1, 2)) >= 0.2], valid[valid.mean((1, 2)) >= 0.2]
+    if not len(stack):
+        return empty
+    w = _centre_weight(side)
+    codes = colour_codes(stack)
+    counts = np.bincount(codes[valid], weights=np.broadcast_to(w, codes.shape)[valid],
+                         minlength=len(PALETTE))
+    shares = {PALETTE[i]: float(c / counts.sum()) for i, c in enumerate(counts) if c > 0}
+    shares = dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+    lum = stack.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
+    w_image = w * valid
+    w_image /= w_image.sum((1, 2), keepdims=True)
+    mean = (w_image * lum).sum((1, 2), keepdims=True)
+    contrasts = np.sqrt((w_image * (lum - mean) ** 2).sum((1, 2)))
+    lum = np.where(valid, lum, mean)  # grey padding → the tile's mean: no step at its border
+    # Sobel along one image axis, smoothing along the other (never across tiles); gradients that
+    # touch padding are dropped.
+    gx = correlate1d(correlate1d(lum, [-1, 0, 1], axis=2), [1, 2, 1], axis=1) / 8
+    gy = correlate1d(correlate1d(lum, [-1, 0, 1], axis=1), [1, 2, 1], axis=2) / 8
+    w_grad = w * ~maximum_filter(~valid, size=(1, 3, 3))
+    jxx, jyy, jxy = ((w_grad * gx * gx).sum((1, 2)), (w_grad * gy * gy).sum((1, 2)),
+                     (w_grad * gx * gy).sum((1, 2)))
+    energy = jxx + jyy
+    live = energy >= 1e-5
+    if live.any():
+        coherence = np.hypot(jxx - jyy, 2 * jxy)[live] / energy[live]
+        doubled = np.arctan2(2 * jxy, jxx - jyy)[live]
+        vec = np.sum(energy[live] * np.exp(1j * doubled)) / energy[live].sum()
+        spec = np.abs(np.fft.fft2((lum - lum.mean((1, 2), keepdims=True))[live] *
+                                  np.sqrt(w * side * side), axes=(1, 2))) ** 2
+        fy, fx = np.meshgrid(np.fft.fftfreq(side) * side, np.fft.fftfreq(side) * side,
+                             indexing="ij")
+        radius = np.hypot(fy, fx)
+        spec[:, radius < 1] = 0
+        flat = spec.reshape(len(spec), -1)
+        peak_r = radius.reshape(-1)[np.argmax(flat, axis=1)]
+        near = np.abs(radius[None] - peak_r[:, None, None]) <= 1
+        periodic = (spec * near).sum((1, 2)) / np.maximum(spec.sum((1, 2)), 1e-12)
+        agreement = float(np.abs(vec))
+        stripe_deg = float((np.degrees(np.angle(vec)) / 2 + 90) % 180)  # edges cross gradients
+        coh, cyc, per = (float(np.median(coherence)), float(np.median(peak_r)),
+                         float(np.median(periodic)))
+    else:
+        agreement = stripe_deg = coh = cyc = per = 0.0
+    return {"colours": shares, "contrast": float(np.median(contrasts)), "agreement": agreement,
+            "coherence": coh, "orientation_deg": stripe_deg, "cycles": cyc, "periodic": per,
+            "n_tiles": int(len(stack))}
+
+
+def orientation_word(deg: float) -> str:
+    """horizontal / vertical / diagonal for a line angle in degrees (0 = horizontal)."""
+    deg = deg % 180
+    if deg < 22.5 or deg >= 157.5:
+        return "horizontal"
+    if 67.5 <= deg < 112.5:
+        return "vertical"
+    return "diagonal"
+
+
+def appearance_phrase(m: dict) -> str:
+    """A short phrase saying only what ``measure_tiles`` found."""
+    if m["n_tiles"] == 0:
+        return ""
+    shares = m["colours"]
+    # Near-equal shares are listed in palette order, so "black and white" reads the same each time.
+    ranked = sorted(shares, key=lambda c: (-round(shares[c] * 10), PALETTE.index(c)))
+    main = [c for c in ranked if shares[c] >= 0.15][:3]
+    if not main or sum(shares[c] for c in ranked[:3]) < 0.6:
+        colours = "mixed colours"
+    elif len(main) == 1:
+        colours = main[0]
+    else:
+        colours = ", ".join(main[:-1]) + " and " + main[-1]
+    oriented = m["agreement"] >= 0.5 and m["coherence"] >= 0.35
+    if m["contrast"] < 0.03:
+        return f"uniform {colours} areas"
+    elif oriented and m["cycles"] >= 2 and m["periodic"] >= 0.15:
+        form = f"{orientation_word(m['orientation_deg'])} stripes"
+    elif oriented:
+        form = f"{orientation_word(m['orientation_deg'])} edges"
+    elif m["periodic"] >= 0.25 and m["cycles"] >= 2:
+        form = "a repeating texture"
+    else:
+        form = "irregular texture"
+    text = f"{form} in mixed colours" if colours == "mixed colours" else f"{colours} {form}"
+    if m["contrast"] >= 0.25:
+        text += ", high contrast"
+    elif m["contrast"] < 0.08:
+        text += ", low contrast"
+    return text

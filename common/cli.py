@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import errno
 import functools
 import gc
@@ -31,6 +32,8 @@ import logging
 import os
 import shutil
 import sys
+import types
+import typing
 import unicodedata
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -122,6 +125,30 @@ def keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     except (OSError, AttributeError):  # not glibc (e.g. musl): keep the default allocator
         return
+
+
+def add_settings(parser: argparse.ArgumentParser, settings: type) -> None:
+    """Add one flag per field of the frozen dataclass ``settings`` to ``parser``: ``--field-name``
+    with the field's default (written once, in the dataclass), its help and choices from the
+    field's metadata (``help``, ``choices``); a bool field becomes a switch. Read the flags back
+    with :func:`settings_from`."""
+    hints = typing.get_type_hints(settings)
+    for field in dataclasses.fields(settings):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        help_text = field.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=field.default, help=help_text)
+            continue
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None"
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        parser.add_argument(flag, type=kind, default=field.default, help=help_text,
+                            choices=field.metadata.get("choices"))
+
+
+def settings_from(settings: type, args: argparse.Namespace):
+    """The ``settings`` dataclass filled from parsed flags (those :func:`add_settings` added)."""
+    return settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings)})
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -16,10 +16,11 @@ from common.cli import StageError
 from common.imagenet import class_names
 from common.io import save_npz, write_csv
 from common.provenance import write_meta
+from common import appearance, describers as D, offline_describer as O
 from conftest import load_stage
 
 
-D = load_stage("03_describe")
+STAGE03 = load_stage("03_describe")
 TILE, GRID, SIZE = 32, 2, 64          # tiny mosaics: 2 × 2 tiles of 32 px; 64 px network input
 TERRIERS = [185, 187, 189, 199]       # Norfolk, Yorkshire, Lakeland, Scotch terrier
 LAYERS = ["early", "mid", "deep"]
@@ -113,11 +114,17 @@ class FakeVLM:
                 for n in neurons]
 
 
+OPTIONS = ("describer", "shard", "merge_only", "skip_dead", "args")  # the rest: describer settings
+
+
 def run_stage(run, **kw):
-    """Run stage 03 on a planted run folder."""
-    return D.run(run / "02_mosaics.csv", run / "03_descriptions.csv",
-                 activations=run / "01_activations.npz", predictions=run / "01_predictions.csv",
-                 **kw)
+    """Run stage 03 on a planted run folder; keyword arguments that are not ``describe``'s own
+    options are describer settings."""
+    settings = D.DescriberSettings(**{k: v for k, v in kw.items() if k not in OPTIONS})
+    return STAGE03.run(run / "02_mosaics.csv", run / "03_descriptions.csv", settings,
+                       activations=run / "01_activations.npz",
+                       predictions=run / "01_predictions.csv",
+                       **{k: v for k, v in kw.items() if k in OPTIONS})
 
 
 # --- prompts and levels ---------------------------------------------------------------------
@@ -193,11 +200,9 @@ def test_predictions_reused_only_for_the_reference_model(tmp_path):
     assert D.is_reference_model({"model": {"name": "efficientnet_lite0"}})
     assert not D.is_reference_model({"model": {"name": "resnet50"}})
     assert not D.is_reference_model({"model": {"name": "efficientnet_lite0", "random_init": True}})
-    kw = dict(model=None, device="cpu", batch_size=None, classify_crops=4, temperature=0.8, top_p=0.95,
-              max_new_tokens=57, seed=0, base_url="", api_key_env="", concurrency=1, timeout=1,
-              retries=0)
-    ref = D.make_describer("offline", 5, run / "01_predictions.csv", True, **kw)
-    other = D.make_describer("offline", 5, run / "01_predictions.csv", False, **kw)
+    settings = D.DescriberSettings(device="cpu", classify_crops=4)
+    ref = D.make_describer(settings, 5, run / "01_predictions.csv", True)
+    other = D.make_describer(settings, 5, run / "01_predictions.csv", False)
     assert len(ref.predictions) == GRID * GRID and other.predictions == {}
 
 
@@ -219,7 +224,7 @@ def test_offline_names_colours_orientation_and_stripes(tmp_path):
             return [stripes(45, phase=i) for i in range(4)]
         return [stripes(90, phase=i, c1=(220, 20, 20), c2=(20, 180, 40)) for i in range(4)]
     run = make_run(tmp_path, channels=2, tiles_of=tiles)
-    off = D.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"),
+    off = O.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"),
                              class_names(), classify=lambda ims: pytest.fail("no crops"))
     rows = run_stage(run, describer=off, levels="early=1,mid=1,deep=5")
     early = {int(r["channel"]): r for r in rows if r["layer"] == "early"}
@@ -236,10 +241,10 @@ def test_offline_names_colours_orientation_and_stripes(tmp_path):
 def test_offline_uniform_and_edge_tiles():
     """A uniform tile is called uniform; one straight boundary is an edge, not stripes."""
     flat = [np.full((TILE, TILE, 3), (30, 60, 200), np.uint8)] * 4
-    assert D.appearance_phrase(D.measure_tiles(flat)) == "uniform blue areas"
+    assert appearance.appearance_phrase(appearance.measure_tiles(flat)) == "uniform blue areas"
     edge = np.zeros((TILE, TILE, 3), np.uint8)
     edge[:, TILE // 2:] = 255
-    text = D.appearance_phrase(D.measure_tiles([edge] * 4))
+    text = appearance.appearance_phrase(appearance.measure_tiles([edge] * 4))
     assert "vertical edges" in text and "stripes" not in text
 
 
@@ -250,20 +255,20 @@ def test_offline_ignores_padding_and_its_border():
     stripes[:] = (20, 20, 110)                                     # dark and light blue
     stripes[:, (np.arange(TILE) // 4) % 2 == 1] = (70, 70, 230)
     padded = stripes.copy()
-    padded[: TILE // 2 - 2] = D.BACKGROUND   # the border runs close to the tile's centre
-    alone, with_pad = D.measure_tiles([stripes] * 4), D.measure_tiles([padded] * 4)
-    assert D.orientation_word(with_pad["orientation_deg"]) == "vertical"
+    padded[: TILE // 2 - 2] = 128   # the border runs close to the tile's centre
+    alone, with_pad = appearance.measure_tiles([stripes] * 4), appearance.measure_tiles([padded] * 4)
+    assert appearance.orientation_word(with_pad["orientation_deg"]) == "vertical"
     assert with_pad["agreement"] > 0.9
     assert "gray" not in with_pad["colours"]
     assert abs(with_pad["contrast"] - alone["contrast"]) < 0.05
-    assert "vertical" in D.appearance_phrase(with_pad) and "stripes" in D.appearance_phrase(with_pad)
+    assert "vertical" in appearance.appearance_phrase(with_pad) and "stripes" in appearance.appearance_phrase(with_pad)
 
 
 def test_offline_deep_layer_reuses_predictions_and_groups_kinds(tmp_path):
     """Whole-image receptive fields: 01's predictions are reused (no classifier call) and four
     different terriers become 'dogs, mostly terriers'."""
     run = make_run(tmp_path, channels=1)
-    off = D.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"),
+    off = O.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"),
                              class_names(),
                              classify=lambda ims: pytest.fail("deep layer must reuse 01"))
     rows = run_stage(run, describer=off, levels="early=1,mid=1,deep=5")
@@ -292,7 +297,7 @@ def test_part_of_a_neurons_crops_names_the_images_of_its_tiles(tmp_path):
     neurons, _ = D.make_neurons(sub / "09_mosaics.csv", prompts, "deep#1=5", "", "",
                                 run / "01_activations.npz")
     assert neurons[0].top_ids.tolist() == [3, 1] and neurons[0].whole.all()
-    off = D.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"), class_names(),
+    off = O.OfflineDescriber(5, D.read_predictions(run / "01_predictions.csv"), class_names(),
                              classify=lambda ims: pytest.fail("whole-image tiles reuse 01"))
     text = off.describe(neurons)[0][0]
     assert "cat" in text and "fish" not in text, text
@@ -311,7 +316,7 @@ def test_offline_middle_layer_classifies_crops_once(tmp_path):
         calls.append(len(images))
         return [([291, 292, 290, 1, 2], [0.7, 0.1, 0.1, 0.05, 0.05])] * len(images)  # big cats
     run = make_run(tmp_path, channels=2)
-    off = D.OfflineDescriber(5, {}, class_names(), classify=classify)
+    off = O.OfflineDescriber(5, {}, class_names(), classify=classify)
     rows = run_stage(run, describer=off, levels="early=1,mid=3,deep=5")
     mid = [r for r in rows if r["layer"] == "mid"]
     assert all("cats" in r["description"] and "stripes" in r["description"] for r in mid)
@@ -338,10 +343,10 @@ def test_objects_phrase_mixed_and_confidence():
     mixed = [([151, 1, 2, 3, 4], [0.9, 0.025, 0.025, 0.025, 0.025]),
              ([281, 1, 2, 3, 4], [0.9, 0.025, 0.025, 0.025, 0.025]),
              ([980, 1, 2, 3, 4], [0.9, 0.025, 0.025, 0.025, 0.025])]
-    text, share = D.objects_phrase(mixed, names)
+    text, share = O.objects_phrase(mixed, names)
     assert text.startswith("a mix of") and share < 0.5
     unsure = [([207, 208, 1, 2, 3], [0.1, 0.05, 0.05, 0.05, 0.05])] * 3
-    assert "low classifier confidence" in D.objects_phrase(unsure, names)[0]
+    assert "low classifier confidence" in O.objects_phrase(unsure, names)[0]
 
 
 # --- long runs: resume, retry, shards ---------------------------------------------------------
@@ -397,9 +402,7 @@ def test_shards_then_merge(tmp_path):
     assert len(a.described) + len(b.described) == 9 and not set(a.described) & set(b.described)
     first = (run / "03_descriptions.csv").read_text()
     (run / "03_descriptions.csv").unlink()
-    D.run(run / "02_mosaics.csv", run / "03_descriptions.csv",
-          activations=run / "01_activations.npz", predictions=run / "01_predictions.csv",
-          describer=FakeVLM(), merge_only=True)
+    run_stage(run, describer=FakeVLM(), merge_only=True)
     assert (run / "03_descriptions.csv").read_text() == first
     assert len(rows) == 9
 
@@ -415,12 +418,13 @@ def test_merge_with_missing_shard_fails_clearly(tmp_path):
 def test_main_offline_end_to_end(tmp_path, monkeypatch):
     """The CLI writes the CSV with the contract's columns and a meta with the lineage."""
     run = make_run(tmp_path, channels=1)
-    monkeypatch.setattr(D, "reference_classify",
+    monkeypatch.setattr(O, "reference_classify",
                         lambda *a, **k: lambda ims: [([1, 2, 3, 4, 5], [.9, .04, .03, .02, .01])]
                         * len(ims))
-    D.main(["--mosaics", str(run / "02_mosaics.csv"), "--out", str(run / "03_descriptions.csv"),
-            "--activations", str(run / "01_activations.npz"),
-            "--predictions", str(run / "01_predictions.csv")])
+    STAGE03.main(["--mosaics", str(run / "02_mosaics.csv"),
+                  "--out", str(run / "03_descriptions.csv"),
+                  "--activations", str(run / "01_activations.npz"),
+                  "--predictions", str(run / "01_predictions.csv")])
     assert D.FIELDS == columns(Description)  # what 03 writes is what the reader reads
     rows = read_descriptions(run / "03_descriptions.csv")
     assert {r.backend for r in rows} == {"offline"} and all(r.ok for r in rows)
@@ -749,11 +753,11 @@ def test_skip_dead_leaves_out_the_neurons_the_triage_flags(tmp_path):
 
 
 def test_describing_in_a_fork_or_a_new_process_gives_the_same_sentences(tmp_path, monkeypatch):
-    """09 and 11 run 03 on their own mosaic indexes through common.describing: in a fork of the
-    calling process where it can (03 then skips importing torch again), else as a new python
-    process. Both give the same sentences and keep 03's output in a log beside them; a failure
-    names the index and shows the end of that log."""
-    from common import describing
+    """09 and 11 describe their own mosaic indexes with common.describers.Describing: in a fork
+    of the calling process where it can (the child then skips importing torch again), else in a
+    fresh interpreter. Both give the same sentences and keep the describer's log beside them; a
+    failure names the index and shows the end of that log; --describe-args that are not 03's
+    describer flags are refused before anything starts."""
     from common.io import read_csv
     run = make_run(tmp_path)
     rows = [r for r in read_csv(run / "02_mosaics.csv") if r["layer"] != "mid"]
@@ -761,24 +765,41 @@ def test_describing_in_a_fork_or_a_new_process_gives_the_same_sentences(tmp_path
     write_csv(index, rows, list(rows[0]))
     write_meta(run / "index.meta.json", "index", {}, [index],
                inputs=[json.loads((run / "02_mosaics.meta.json").read_text())])
-    extra = ["--activations", str(run / "01_activations.npz"),
-             "--predictions", str(run / "01_predictions.csv")]
-    forked = describing.Describing(index, tmp_path / "fork" / "03.csv", "--backend offline",
-                                         {}, extra)
-    assert forked._process is not None  # a fork
+    inputs = (run / "01_activations.npz", run / "01_predictions.csv")
+    settings = D.parse_describe_args("--backend offline --device cpu")
+    forked = D.Describing(index, tmp_path / "fork" / "03.csv", settings, {}, *inputs)
+    assert forked.method == "fork"
     got_fork = forked.result()
-    monkeypatch.setattr(describing, "_can_fork", lambda: False)
-    spawned = describing.Describing(index, tmp_path / "new" / "03.csv",
-                                          "--backend offline", {}, extra)
-    assert spawned._popen is not None  # a new process
+    monkeypatch.setattr(D, "_can_fork", lambda: False)
+    spawned = D.Describing(index, tmp_path / "new" / "03.csv", settings, {}, *inputs)
+    assert spawned.method == "spawn"
     got_new = spawned.result()
     assert set(got_fork) == {(r["layer"], int(r["channel"])) for r in rows}
     assert got_fork == got_new and all(got_fork.values())
     for folder in ("fork", "new"):
         assert "descriptions →" in (tmp_path / folder / "03_describe.log").read_text()
+    missing = D.parse_describe_args(f"--prompts {tmp_path / 'nope.yaml'}")
     for can_fork in (True, False):
-        monkeypatch.setattr(describing, "_can_fork", lambda: can_fork)
-        failing = describing.Describing(index, tmp_path / f"bad{can_fork}" / "03.csv",
-                                              "--backend nonsense", {}, extra)
-        with pytest.raises(StageError, match=r"(?s)index\.csv.*invalid choice: 'nonsense'"):
+        monkeypatch.setattr(D, "_can_fork", lambda: can_fork)
+        failing = D.Describing(index, tmp_path / f"bad{can_fork}" / "03.csv", missing, {},
+                               *inputs)
+        with pytest.raises(StageError,
+                           match=r"index\.csv failed: .*prompt file .*nope\.yaml not found"):
             failing.result()
+    for wrong in ("--backend nonsense", "--mosaics x.csv", "--nope"):
+        with pytest.raises(StageError, match="describe-args"):
+            D.parse_describe_args(wrong)
+
+
+def test_offline_sentences_are_keyed_on_all_of_the_describers_code(monkeypatch):
+    """An edit of the offline describer, of the appearance measures it words, or of the module
+    holding the prompts and answer cleaning changes the key of every offline sentence (they are
+    written again); nothing else does."""
+    from pathlib import Path
+    before, real = D.code_version(), Path.read_bytes
+    assert D.code_version() == before
+    for module in (O, appearance, D):
+        edited = str(Path(module.__file__))
+        monkeypatch.setattr(Path, "read_bytes",
+                            lambda self, e=edited: real(self) + (b"#" if str(self) == e else b""))
+        assert D.code_version() != before, module.__name__

@@ -21,12 +21,12 @@ from common.cli import StageError
 from common.io import (DiskFull, atomic_path, read_csv, sweep_temporaries, temp_dir, write_csv,
                        write_text)
 from common.provenance import ProvenanceError, read_meta, write_meta
+from common import describers as D
 from conftest import FAKE_MODEL, load_stage
 from test_debug import LABELS, PREDS, planted_run, write_run
 from test_describe import FakeVLM, make_run, run_stage
 from test_trace import write_inputs as write_trace_inputs
 
-D = load_stage("03_describe")
 HOSTILE = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)",
            "\t=1+1", "\r=1+1", "'quoted", "''twice", "[x](javascript:alert(1))",
            "![](http://tracker.example/p.png)", "<img src=x onerror=alert(1)>",
@@ -367,7 +367,7 @@ def test_full_disk_in_03_keeps_the_journal_whole(tmp_path, small_disk, caplog):
     out = small_disk / "03_descriptions.csv"
     fill(small_disk, 300)
     with pytest.raises(DiskFull, match=f"disk full: {small_disk}"):
-        D.run(run / "02_mosaics.csv", out, activations=run / "01_activations.npz",
+        D.describe(run / "02_mosaics.csv", out, activations=run / "01_activations.npz",
               predictions=run / "01_predictions.csv", describer=FakeVLM())
     journal = small_disk / "03_descriptions.part-0-of-1.jsonl"
     text = journal.read_text()

@@ -9,8 +9,8 @@ counted the same way, per file, from the script and its modules (``render("atlas
 ``asset("atlas.css")``), with the templates those name in turn (``{% extends "base.html" %}``);
 so editing an atlas page re-runs the atlas, not 08, whose reports use ``report.html``. Templates
 are therefore always named literally. Every module depends on ``common/__init__.py``, which Python
-runs before any of them. A stage script's own default files (03's ``common/prompts.yaml``) are
-not counted: they are command-line inputs, which the Makefile lists itself (``$(PROMPTS)``).
+runs before any of them. The default prompt file ``common/prompts.yaml`` counts for the scripts
+that describe (common/describers.py names it), besides the ``$(PROMPTS)`` the Makefile lists.
 
     python3 -m tools.deps              one line, script:file,file,… for every NN_*.py and common/*.py
     python3 -m tools.deps 06_trace.py  the common/ files of one script, one per line
