@@ -24,7 +24,7 @@ from conftest import ROOT, make_image, project_copy
 # Class folders, a class file and an image name holding control characters (ESC, CR, a newline,
 # a right-to-left override): none may reach a log or report as such.
 CLASSES = ["red\x1b[31m", "edgy\u202e", "neither"]
-HOSTILE_FILE = "im\x1b[2J\r\nage.png"
+HOSTILE_FILE = "zz\x1b[2J\r\nage.png"  # a copy of red_00.png, listed after it: the duplicate
 RAW = re.compile("[\x1b\r\u202e]")
 ARGS = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=2", "PRUNE=1",
@@ -59,7 +59,7 @@ def hostile(tmp_path):
         (images / name).mkdir(parents=True)
         for i in range(10):
             make_image(kind, 48, rng).save(images / name / f"{kind}_{i:02d}.png")
-    shutil.copy(images / CLASSES[0] / "red_00.png", images / CLASSES[0] / HOSTILE_FILE)  # skipped
+    shutil.copy(images / CLASSES[0] / "red_00.png", images / CLASSES[0] / HOSTILE_FILE)
     (images / CLASSES[2] / "broken.jpg").write_bytes(b"this is not a jpeg")
     classes = tmp_path / "classes.txt"
     classes.write_text("".join(f"{name}\n" for name in CLASSES))
@@ -120,7 +120,7 @@ def assert_controls_escaped(result, run: Path) -> None:
     assert not RAW.search(result.stdout + result.stderr), \
         [line for line in (result.stdout + result.stderr).splitlines() if RAW.search(line)][:3]
     if "01_extract.py" in result.stdout:  # 01 logs the duplicate by its path, escaped
-        assert "red\\x1b[31m/red_00.png: duplicate of image" in result.stderr
+        assert "red\\x1b[31m/zz\\x1b[2J\\r\\nage.png: duplicate of image" in result.stderr
     for path in run.rglob("*"):
         if not path.is_file() or path.suffix not in (".csv", ".md", ".html", ".json", ".txt",
                                                      ".log", ".js", ".svg", ".jsonl"):
@@ -190,7 +190,7 @@ def test_kills_at_four_moments_and_dead_workers_leave_a_run_that_finishes(hostil
                     timeout=120)
         assert time.monotonic() - clock < 60, script
         assert lost.returncode != 0, script
-        assert re.search(r"a worker process died|03_describe\.py failed", lost.stderr), \
+        assert re.search(r"a worker process died|describing the mosaics of \S+ failed", lost.stderr), \
             (script, lost.stderr[-2000:])
         assert "Traceback" not in lost.stderr, (script, lost.stderr[-3000:])
         assert_no_process_left(lost, within_s=5)
