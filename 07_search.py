@@ -13,21 +13,28 @@ against the neuron's cosines with generic queries; measured on a labelled case a
 (bench/bench_search.py, figures in README), plain cosine ranked the right neurons first most
 often, so it is the default. An image query is compared with the neurons' image
 embeddings and is refused when the image embedder available here is not the one 04 used.
-The search itself lives in common/search.py, shared with the atlas's live search (10_atlas.py
-serve).
+The search itself lives in common/search.py. With --serve (make serve), 07 serves the run's atlas
+over HTTP (Python's standard library: one local user, a few read-only JSON endpoints and static
+files need no framework) and answers its search page's queries: text, and an uploaded image.
 
 Example:
   python 07_search.py --embeddings data/demo/04_embeddings.npz "a dog with a ball" "striped fur"
   python 07_search.py --embeddings data/demo/04_embeddings.npz --interactive   # queries on stdin
   python 07_search.py --embeddings data/demo/04_embeddings.npz --image cat.jpg --html cat.html
+  python 07_search.py --embeddings data/demo/04_embeddings.npz --serve --port 8765
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import logging
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 
@@ -44,6 +51,8 @@ log = logging.getLogger("neuron-atlas.07_search")
 STAGE = "07_search"
 HIT_FIELDS = ["query", "rank", "layer", "channel", "score", "cosine", "description", "mosaic"]
 DESC_WIDTH = 70  # characters of a description printed on the terminal (files get it whole)
+TOP_K, SERVE_TOP_K = 10, 24  # neurons per query: printed, and answered to the atlas's page
+MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
 
 
 def format_hits(query: str, hits: list[dict], note: str = "") -> str:
@@ -177,6 +186,170 @@ def run(embeddings: Path, queries: list[str], images: list[str] = (), interactiv
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Serving: the run's atlas with live search (make serve)
+
+
+class SearchService:
+    """The search over the run's neurons, with the embedders loaded once; thread-safe."""
+
+    def __init__(self, run_dir: Path, top_k: int, device: str = "auto", text_embedder=None,
+                 image_embedder=None):
+        """Load the index and the embedders; image search is off (with a reason) if impossible."""
+        from common.search import Searcher, load_index, loader_name
+        embeddings = run_dir / "04_embeddings.npz"
+        index = load_index(embeddings, run_dir / "03_descriptions.csv", run_dir / "02_mosaics.csv")
+        if text_embedder is None:
+            from common.embedders import load_text_embedder
+            text_embedder = load_text_embedder(loader_name(index.text_model, "text"), device=device)
+        self.image_reason = ""
+        if image_embedder is None and index.image is not None:
+            from common.embedders import load_image_embedder
+            try:
+                image_embedder = load_image_embedder(loader_name(index.image_model, "image"),
+                                                     device=device)
+            except (StageError, OSError) as err:
+                self.image_reason = f"image search unavailable: {err}"
+        try:
+            self.searcher = Searcher(index, text_embedder, image_embedder)
+        except StageError as err:  # the image embedder here is not 04's: text search only
+            self.image_reason = str(err)
+            self.searcher = Searcher(index, text_embedder, None)
+        self.top_k = top_k
+        self.lock = threading.Lock()
+
+    def status(self) -> dict:
+        """What the page may offer."""
+        return {"text": True, "image": self.searcher.image_embedder is not None,
+                "image_reason": self.image_reason, "k": self.top_k}
+
+    def text(self, query: str, k: int) -> dict:
+        """Hits for a text query."""
+        with self.lock:
+            hits = self.searcher.search_text(query, k)
+        return {"query": query, "hits": hits, "note": self.searcher.describe_scoring()}
+
+    def image(self, data: bytes, k: int) -> dict:
+        """Hits for an uploaded image (bytes of any format Pillow reads)."""
+        from PIL import Image, UnidentifiedImageError
+        if self.searcher.image_embedder is None:
+            return {"error": self.image_reason or "no image embeddings in this run"}
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                picture = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            return {"error": f"cannot read the uploaded image: {err}"}
+        with self.lock:
+            hits = self.searcher.search_image(picture, "uploaded image", k)
+        return {"query": "uploaded image", "hits": hits, "note": "score = cosine of image vectors"}
+
+
+def make_handler(root: Path, atlas_url: str, service: SearchService):
+    """A request handler class serving the files under ``root``, with the atlas at the URL path
+    ``atlas_url`` (``/`` redirects there) and the search endpoints under ``atlas_url + "api/"``."""
+
+    class Handler(SimpleHTTPRequestHandler):
+        """Static files; GET api/status, GET api/search, POST api/search-image (atlas-relative)."""
+
+        def __init__(self, *a, **kw):
+            """Serve files from ``root`` only."""
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, fmt, *args):
+            """Requests go to the debug log, not to stderr line by line."""
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def send_json(self, obj, status: int = 200) -> None:
+            """Answer with a JSON body."""
+            body = json.dumps(obj).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def top_k(self, query: dict) -> int:
+            """The k asked for, within 1 … 200."""
+            try:
+                return max(1, min(200, int(query.get("k", [service.top_k])[0])))
+            except ValueError:
+                return service.top_k
+
+        def do_GET(self):
+            """API calls, else a file of the atlas."""
+            url = urlsplit(self.path)
+            query = parse_qs(url.query)
+            if url.path == "/" and atlas_url != "/":
+                self.send_response(302)
+                self.send_header("Location", atlas_url)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            if url.path == atlas_url + "api/status":
+                return self.send_json(service.status())
+            if url.path == atlas_url + "api/search":
+                text = query.get("q", [""])[0].strip()
+                if not text:
+                    return self.send_json({"error": "empty query"}, 400)
+                return self.send_json(service.text(text, self.top_k(query)))
+            return super().do_GET()
+
+        def do_POST(self):
+            """Image search: the request body is the image file."""
+            url = urlsplit(self.path)
+            if url.path != atlas_url + "api/search-image":
+                return self.send_json({"error": "unknown endpoint"}, 404)
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 < length <= MAX_UPLOAD:
+                return self.send_json({"error": f"send an image of 1 byte to {MAX_UPLOAD >> 20} "
+                                                f"MB as the request body"}, 400)
+            answer = service.image(self.rfile.read(length), self.top_k(parse_qs(url.query)))
+            return self.send_json(answer, 400 if "error" in answer else 200)
+
+    return Handler
+
+
+def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8765,
+          top_k: int = 24, device: str = "auto", text_embedder=None, image_embedder=None,
+          started=None) -> None:
+    """Serve the atlas and its live search until interrupted: the folder holding the run folder
+    is served (so that the atlas's links to its run's files and to compared runs' atlases work),
+    the atlas at ``/<run>/atlas/``, where ``/`` redirects.
+
+    ``started`` (tests) is called with the server once it listens; port 0 picks a free port, and
+    the address actually used is logged and printed to stdout.
+    """
+    run_dir = Path(run_dir)
+    atlas_dir = Path(atlas_dir or run_dir / "atlas")
+    if not (atlas_dir / "index.html").exists():
+        raise StageError(f"{atlas_dir / 'index.html'} not found: build the atlas first (make atlas)")
+    service = SearchService(run_dir, top_k, device, text_embedder, image_embedder)
+    # The atlas links files of its run (basket trees, 12's heat map) and other runs' atlases
+    # (compared runs) by relative paths, so the folder holding the runs is served, with the
+    # atlas under its own path; an atlas kept elsewhere (--out) is served alone.
+    root = run_dir.resolve().parent
+    atlas = atlas_dir.resolve()
+    if not atlas.is_relative_to(root):
+        root = atlas
+    atlas_url = "/" + "".join(f"{quote(part)}/" for part in atlas.relative_to(root).parts)
+    server = ThreadingHTTPServer((host, port), make_handler(root, atlas_url, service))
+    address = f"http://{host}:{server.server_address[1]}{atlas_url}"
+    print(f"serving the atlas at {address}  (Ctrl-C stops)", flush=True)
+    log.info("serving %s at %s; %s", atlas_dir, address,
+             "image search on" if service.status()["image"] else service.image_reason or
+             "image search off")
+    if started is not None:
+        started(server)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        server.server_close()
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of stage 07."""
     p = stage_parser(__doc__.split("\n")[0])
@@ -190,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the given queries, read one query per line from stdin until EOF")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an example image as the query (repeatable)")
-    p.add_argument("--top-k", type=int, default=10, help="neurons shown per query")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"neurons shown per query (None: {TOP_K}, {SERVE_TOP_K} with --serve)")
     p.add_argument("--layers", default="", help="comma-separated layers to search (empty: all)")
     p.add_argument("--scoring", choices=SCORINGS, default=DEFAULT_SCORING,
                    help="ranking of a text query: cosine; baseline (minus the neuron's cosine "
@@ -208,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, default=None,
                    help="also write an HTML page with mosaics beside the descriptions")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the run's atlas (the run folder of --embeddings) over HTTP and "
+                        "answer its search page's queries (text and an uploaded image), until "
+                        "Ctrl-C")
+    p.add_argument("--atlas", type=Path, default=None,
+                   help="--serve: the atlas folder (None: <run>/atlas)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="--serve: address to listen on (local only)")
+    p.add_argument("--port", type=int, default=8765, help="--serve: port (0: any free port)")
     return p
 
 
@@ -216,13 +399,17 @@ def main(argv=None):
     """Parse flags and answer the queries."""
     parser = build_parser()
     args = start_stage(parser, argv)
-    if not (args.queries or args.image or args.interactive):
-        parser.error("give at least one query, --image PATH or --interactive")
-    if args.top_k < 1:
+    top_k = args.top_k or (SERVE_TOP_K if args.serve else TOP_K)
+    if top_k < 1:
         parser.error("--top-k must be at least 1")
+    if args.serve:
+        serve(args.embeddings.parent, args.atlas, args.host, args.port, top_k, args.device)
+        return
+    if not (args.queries or args.image or args.interactive):
+        parser.error("give at least one query, --image PATH, --interactive or --serve")
     layers = [n.strip() for n in args.layers.split(",") if n.strip()]
     run(args.embeddings, args.queries, args.image, interactive=args.interactive,
-        top_k=args.top_k, layers=layers, scoring=args.scoring, baseline=args.baseline,
+        top_k=top_k, layers=layers, scoring=args.scoring, baseline=args.baseline,
         csv_path=args.csv, html_path=args.html, device=args.device,
         descriptions=args.descriptions, mosaics=args.mosaics, min_score=args.min_score,
         scores=args.scores, args=vars(args))

@@ -14,6 +14,9 @@ Writes:
                                    neurons/ (crops from 01 where 02 has no mosaic), ablation.csv
                                    and causal.json (causal check), report.md, report.html
                                    (self-contained: images embedded)
+  08_debug/attributions.npz        relevance (activation × gradient) of every neuron to the wrong
+                                   and the right class of the first --attribute-images KO images
+                                   of each analysed pair, for the atlas (common/attribution.py)
   08_debug.meta.json               provenance (beside 08_confusion.csv)
 
 For a pair (true class T, predicted class P): OK = images of T predicted T, KO = images of T
@@ -62,6 +65,7 @@ log = logging.getLogger("neuron-atlas.08_debug")
 STAGE = "08_debug"
 TOP_CONFUSED = 5  # confused classes listed per true class in 08_confusion.csv
 EXAMPLES = 8  # KO / OK images shown in each report's contact sheets
+ATTRIBUTIONS = "attributions.npz"  # in the 08_debug/ folder: relevances the atlas shows
 TILE_PX = 112  # side of an image in those sheets and in crop strips
 
 
@@ -79,7 +83,9 @@ class Settings:
     z_threshold: float = 2.0       # the thesis's |z| rule
     rank_by: str = "mean"          # aggregation that ranks neurons and picks those to ablate
     show_top: int = 8              # neurons shown with images in reports
-    ablate_top: int = 10           # suspects zeroed in the causal check (0: no check, no model)
+    ablate_top: int = 10           # suspects zeroed in the causal check (0: no check)
+    attribute_images: int = 30     # misclassified images per pair whose neurons' relevance the
+    #                                atlas shows (activation × gradient; 0: none, no model needed)
     ablation_sample: int = 200     # labelled images on which overall accuracy is measured; 0: all
     batch_size: int = 32           # images per forward pass
     seed: int = 0                  # seed of the sample and the random control
@@ -754,6 +760,37 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate
                  result["control_ablated"]["ko_to_true"])
 
 
+def attribute_pairs(analyses: list[dict], rows: list[dict], ctx: dict, extract_meta: dict,
+                    bundle=None) -> tuple[dict[int, dict], str]:
+    """Relevance of every neuron to the wrong and the right class of the first
+    ``attribute_images`` misclassified images (by id) of each analysed pair, for the atlas
+    (common/attribution.py). Returns the records by image id, and why there are none when the
+    model could not be run ("" otherwise): the reports do not depend on it."""
+    settings: Settings = ctx["settings"]
+    jobs = []
+    for a in analyses:
+        t, p = int(a["pair"]["true_idx"]), int(a["pair"]["pred_idx"])
+        ko = sorted(int(r["image_id"]) for r in rows
+                    if int(r["label_idx"]) == t and int(r["pred_idx"]) == p)
+        jobs += [(i, ctx["paths"][i], p, t) for i in ko[:settings.attribute_images]]
+    if not jobs:
+        return {}, ""
+    from common.attribution import attribute_images
+    try:
+        if bundle is None:
+            from common.models import reload_model
+            bundle = reload_model(extract_meta, settings.model, settings.weights,
+                                  settings.unsafe_pickle, settings.device)
+        records = attribute_images(bundle, ctx["layers"], jobs, settings.batch_size)
+    except (StageError, OSError, RuntimeError, ValueError) as err:
+        error = f"No relevance computed: the model could not be run ({err})."
+        log.warning("%s", error)
+        return {}, error
+    log.info("08: relevance of %d misclassified images to their wrong and right classes",
+             len(records))
+    return records, ""
+
+
 def remove_stale_reports(out_dir: Path, keep: set[str], upstream: dict) -> None:
     """Delete pair folders of an earlier run (recognised by their report.md) that were made from
     other inputs than ``upstream`` (the lineage recorded in their pair.json). Reports of other
@@ -800,7 +837,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
     ``predictions``. ``bundle`` (a common.models.ModelBundle or look-alike), ``ablate`` (a context
     manager like common.hooks.ablate_channels) and ``image_tensor`` (path → input tensor) are
     loaded here only when not injected; they are needed only for the causal check
-    (``settings.ablate_top`` > 0).
+    (``settings.ablate_top`` > 0) and the relevances (``settings.attribute_images`` > 0).
     """
     predictions = Path(predictions)
     run_dir = predictions.parent
@@ -867,6 +904,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
         model_name = getattr(bundle, "name", model_name)
         run_causal(analyses, rows, ctx, bundle, ablate,
                    image_tensor or default_image_tensor(bundle))
+    attributions, attribution_error = attribute_pairs(analyses, rows, ctx, extract_meta, bundle)
 
     outputs = [confusion_path, out_dir / "pairs.csv"]
     for a in analyses:
@@ -881,6 +919,13 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
     for a in analyses:
         write_json(a["folder"] / "pair.json", {"pair": a["pair"], "upstream": upstream})
     remove_stale_reports(out_dir, {a["folder"].name for a in analyses}, upstream)
+    attributions_path = out_dir / ATTRIBUTIONS
+    if attributions:
+        artefacts.write_attributions(attributions_path, ctx["layers"], attributions,
+                                     settings.attribute_images)
+        outputs.append(attributions_path)
+    else:
+        attributions_path.unlink(missing_ok=True)  # an earlier run's: not of these inputs
     (out_dir / "note.md").unlink(missing_ok=True)  # an unlabelled earlier run's note
     artefacts.write_pairs(out_dir / "pairs.csv", pairs)
     artefacts.write_confusion(confusion_path, confusion)
@@ -888,7 +933,8 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
                          for a in analyses],
                "causal": {a["pair"]["folder"]: a.get("causal") for a in analyses}}
     write_meta(meta_file, STAGE, args or {}, outputs=outputs,
-               inputs=metas, pairs=summary["pairs"])
+               inputs=metas, pairs=summary["pairs"], attributed_images=len(attributions),
+               attribution_error=attribution_error)
     log.info("08: %d classes in %s; %d pair(s) analysed in %s", len(confusion), confusion_path,
              len(analyses), out_dir)
     return summary
@@ -930,7 +976,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neurons shown with images in reports")
     p.add_argument("--ablate-top", type=int, default=default.ablate_top,
                    help="positive-z neurons of the deepest layer zeroed in the causal check "
-                        "(0: no check, no model loaded)")
+                        "(0: no check)")
+    p.add_argument("--attribute-images", type=int, default=default.attribute_images,
+                   help="misclassified images per analysed pair whose neurons' relevance to the "
+                        "wrong and the right class is computed for the atlas (0: none; with "
+                        "--ablate-top 0 too, no model is loaded)")
     p.add_argument("--ablation-sample", type=int, default=default.ablation_sample,
                    help="labelled images (random, seeded) on which overall accuracy is measured; "
                         "0: all")
@@ -939,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=default.seed,
                    help="seed of the sample and random control")
     p.add_argument("--device", default=default.device, help="auto (cuda if present), cpu, cuda …")
-    add_model_again_flags(p, "causal check")
+    add_model_again_flags(p, "causal check and relevance")
     return p
 
 

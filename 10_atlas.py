@@ -1,9 +1,9 @@
-"""Stage 10 — the atlas: a static site of a whole run that opens from disk, and a live search server.
+"""Stage 10 — the atlas: a static site of a whole run that opens from disk.
 
 Reads (see ARTEFACTS.md) the run folder: 01_images.csv, 01_predictions.csv, 01_activations.npz and
 01_extract.meta.json, 02_mosaics.csv, 03_descriptions.csv (required); 04_embeddings.npz,
 05_clusters.csv / 05_keywords.csv / 05_metrics.csv / 05_categories.csv, 06_trace.csv, 08_confusion.csv
-and 08_debug/, 09_scores.csv and 09_summary.csv (optional: a page says what is missing); and the
+and 08_debug/ (with its attributions.npz), 09_scores.csv and 09_summary.csv (optional: a page says what is missing); and the
 reports made on request — 11_baskets.csv / 11_pruning.csv, 13_audit/, 12_compare__<B>/ — each shown
 only while the outputs it was made from are unchanged (its meta's lineage, B's for B).
 Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.json:
@@ -13,24 +13,23 @@ Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.js
   neurons/<L>/<c>.html    one neuron: mosaic, sentences, scores, classes of its top images,
                           similar neurons in its layer and the layers around it, debug reports
   sankey.html             06's trace with clickable clusters
-  search.html             text filter over all sentences; by meaning / image under `serve`
+  search.html             text filter over all sentences; by meaning / image when served by 07
   debug/                  08's reports, and per analysed pair a page per misclassified image
   baskets.html, audit/, compare/<B>.html   11's baskets, 13's audit, 12's comparison with run B
   assets/                 atlas.css, atlas.js, plotly.min.js (stored once)
   thumbs/, mosaics/, subs/  JPEG (cards, sub-concepts) and WebP (neuron pages) copies of the mosaics
 
-Misclassified images: for every KO image of the pairs 08 analysed, the relevance of each neuron of
-each layer to the wrong class is activation × gradient of that class's logit at the layer, summed
-over space (common/attribution.py): a first-order estimate of how much the logit would drop with
-the neuron switched off. The model is re-loaded from 01's meta, images prepared as 01 did.
+Misclassified images: for the KO images of the pairs 08 analysed, 08 computed the relevance of each
+neuron of each layer to the wrong class — activation × gradient of that class's logit at the
+layer, summed over space (common/attribution.py): a first-order estimate of how much the logit
+would drop with the neuron switched off. The atlas only renders it: it loads no model and never
+imports torch to build.
 
-`serve` serves the atlas folder over HTTP (Python's standard library: one local user, a few
-read-only JSON endpoints and static files need no framework) and answers search.html's queries
-with 07's semantic search (common/search.py): text, and an uploaded example image.
+The atlas opens from disk; `07_search.py --serve` (make serve) serves it over HTTP with the live
+search its search page asks for.
 
 Example:
-  python 10_atlas.py build --run data/demo                    # → data/demo/atlas/index.html
-  python 10_atlas.py serve --run data/demo --port 8765         # → http://127.0.0.1:8765/
+  python 10_atlas.py --run data/demo                    # → data/demo/atlas/index.html
 """
 from __future__ import annotations
 
@@ -39,23 +38,19 @@ import collections
 import dataclasses
 import datetime
 import io
-import json
 import logging
 import math
 import os
 import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 
-from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
-                        stage_parser, start_stage)
+from common.attribution import ATTRIBUTION_NOTE
+from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
 from common.io import replace_dir, sweep_temporaries, temp_dir
 from common.processes import worker_pool
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -79,16 +74,11 @@ NEIGHBOURS = 8  # similar neurons listed per layer on a neuron page
 CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
 DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
 TOP_CLASSES = 8  # classes listed for a neuron's top images
-MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
 KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
               "verify_corr", "beats_control"]  # shown on cards when 09 computed them
 # 09's columns that differ between a neuron's sub-concepts (the others are the neuron's, shown once)
 SUB_COLUMNS = ["share", "clarity", "verify_corr", "verify_auprc", "control_corr", "control_auprc",
                "beats_control", "n_held_out", "n_positives", "control_channel"]
-ATTRIBUTION_NOTE = ("Relevance of a neuron = its activation × the gradient of the class's logit "
-                    "with respect to it, summed over the feature map: how much the logit would "
-                    "drop, to first order, if the neuron were switched off. Positive: it pushed "
-                    "the image towards that class.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +108,8 @@ class RunData:
     confusion: list[dict] | None = None
     pairs: list[dict] | None = None
     debug_neurons: dict = field(default_factory=dict)  # 08 folder → neurons.csv rows
+    attributions: object = None                      # 08's common.artefacts.Attributions
+    attribution_error: str = ""                      # why 08 computed none
     scores: list | None = None                       # 09 ScoreRows, sub-concepts included
     summary: list | None = None                      # 09 SummaryRows
     metas: list[dict] = field(default_factory=list)
@@ -132,11 +124,11 @@ class RunData:
 
 def read_run(run_dir: Path) -> RunData:
     """Read the artefacts of ``run_dir``; 01-03 are required, the later stages optional."""
-    from common.artefacts import (read_activations, read_categories, read_clusters,
-                                  read_confusion, read_debug_neurons, read_descriptions,
-                                  read_embeddings, read_images, read_keywords, read_metrics,
-                                  read_mosaics, read_pairs, read_predictions, read_score_rows,
-                                  read_summary, read_trace)
+    from common.artefacts import (read_activations, read_attributions, read_categories,
+                                  read_clusters, read_confusion, read_debug_neurons,
+                                  read_descriptions, read_embeddings, read_images, read_keywords,
+                                  read_metrics, read_mosaics, read_pairs, read_predictions,
+                                  read_score_rows, read_summary, read_trace)
     from common.io import read_json
 
     def need(name: str, stage: str) -> Path:
@@ -205,6 +197,12 @@ def read_run(run_dir: Path) -> RunData:
             if pair.analysed and neurons.exists():
                 run.debug_neurons[pair.folder] = [dataclasses.asdict(r)
                                                   for r in read_debug_neurons(neurons)]
+        meta08 = metas[-1]  # 08_confusion.csv's, read by ``optional``
+        attributions = run_dir / "08_debug" / "attributions.npz"
+        if attributions.is_file():
+            read_meta(attributions, run_dir / "08_debug.meta.json")  # 08's, unchanged since
+            run.attributions = read_attributions(attributions)
+        run.attribution_error = meta08.get("attribution_error", "")
     if path := optional("09_scores.csv", "scores"):
         run.scores = read_score_rows(path)
         if (run_dir / "09_summary.csv").exists():
@@ -518,8 +516,10 @@ def make_images(jobs: list[tuple], workers: int) -> list[str]:
 # Debugging: relevance of each neuron to the wrong class of misclassified images
 
 
-def analysed_pairs(run: RunData, max_images: int) -> list[dict]:
-    """08's analysed pairs with their KO image ids (at most ``max_images`` each, lowest ids)."""
+def analysed_pairs(run: RunData) -> list[dict]:
+    """08's analysed pairs with the ids of the KO images 08 attributed (the lowest ids, at most
+    its ``--attribute-images`` per pair) and how many KO images the pair has."""
+    limit = run.attributions.max_images if run.attributions is not None else 0
     out = []
     for pair in run.pairs or []:
         if not pair["analysed"]:
@@ -527,47 +527,19 @@ def analysed_pairs(run: RunData, max_images: int) -> list[dict]:
         t, p = int(pair["true_idx"]), int(pair["pred_idx"])
         ko = sorted(i for i, r in run.predictions.items()
                     if int(r["label_idx"]) == t and int(r["pred_idx"]) == p)
-        out.append({**pair, "ko_ids": ko[:max_images], "ko_total": len(ko)})
+        out.append({**pair, "ko_ids": ko[:limit], "ko_total": len(ko)})
     return out
 
 
-def attribute_images(run: RunData, pairs: list[dict], bundle, batch_size: int) -> dict:
-    """``image id → {"wrong": {layer: C relevances}, "right": …, logits, "input": PIL image}``.
-
-    Relevances to the predicted (wrong) class and to the true class, both by activation ×
-    gradient at every layer of the run. An image that cannot be read is skipped (logged).
-    """
-    import torch
-    from common.attribution import channel_attribution
-    from common.images import BadImage, load_rgb, network_input, to_tensor
-    jobs = []
-    for pair in pairs:
-        for i in pair["ko_ids"]:
-            jobs.append((i, int(pair["pred_idx"]), int(pair["true_idx"])))
-    out = {}
-    for start in range(0, len(jobs), batch_size):
-        chunk, tensors, pictures = [], [], []
-        for i, wrong, right in jobs[start:start + batch_size]:
-            try:
-                img, _ = load_rgb(run.predictions[i]["path"])
-            except BadImage as err:
-                log.warning("image %d skipped in the attribution: %s", i, err.reason)
-                continue
-            picture = network_input(img, bundle.input_size)
-            chunk.append((i, wrong, right))
-            pictures.append(picture)
-            tensors.append(to_tensor(picture, bundle.mean, bundle.std))
-        if not chunk:
-            continue
-        batch = torch.stack(tensors)
-        relevance, logits = channel_attribution(bundle.model, run.layers, batch,
-                                                [[c[1] for c in chunk], [c[2] for c in chunk]])
-        for b, (i, _, _) in enumerate(chunk):
-            out[i] = {"wrong": {L: relevance[L][0, b].numpy() for L in run.layers},
-                      "right": {L: relevance[L][1, b].numpy() for L in run.layers},
-                      "logit_wrong": float(logits[0, b]), "logit_right": float(logits[1, b]),
-                      "input": pictures[b]}
-    return out
+def network_picture(run: RunData, image_id: int):
+    """Image ``image_id`` as the network saw it (01's input size, RGB), or None if unreadable."""
+    from common.images import BadImage, load_rgb, network_input
+    try:
+        img, _ = load_rgb(run.predictions[image_id]["path"])
+    except BadImage as err:
+        log.warning("image %d not shown: %s", image_id, err.reason)
+        return None
+    return network_input(img, int(run.extract_meta["preprocess"]["input_size"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -955,9 +927,9 @@ class Site:
         """search.html (it reads every layer's data script)."""
         self.page("search.html", "atlas_search.html")
 
-    def debug_pages(self, pairs: list[dict], attributions: dict, attribution_error: str,
-                    method: str) -> dict:
-        """debug/: index, per pair a page, the 08 report and one page per KO image.
+    def debug_pages(self, pairs: list[dict], method: str) -> dict:
+        """debug/: index, per pair a page, the 08 report and one page per KO image 08 attributed
+        (its relevances: ``method``).
 
         Returns ``(layer, channel) → [image contributions]`` for the neuron pages.
         """
@@ -974,10 +946,16 @@ class Site:
             if report.exists():
                 shutil.copyfile(report, out_dir / "report.html")
             images, totals = [], collections.defaultdict(lambda: 0.0)
-            ids = [i for i in pair["ko_ids"] if i in attributions]
+            attributed = {}
+            for i in pair["ko_ids"]:
+                att = run.attributions.of(i) if run.attributions is not None else None
+                picture = network_picture(run, i) if att is not None else None
+                if picture is not None:
+                    picture.save(out_dir / f"{i}.jpg", format="JPEG", quality=85)
+                    attributed[i] = att
+            ids = list(attributed)
             for pos, i in enumerate(ids):
-                att, pred = attributions[i], run.predictions[i]
-                att["input"].save(out_dir / f"{i}.jpg", format="JPEG", quality=85)
+                att, pred = attributed[i], run.predictions[i]
                 groups = []
                 for layer in run.layers:
                     wrong, right = att["wrong"][layer], att["right"][layer]
@@ -1029,8 +1007,8 @@ class Site:
                         "flagged": flag(r) or "no",
                         "description": r.get("description", "")}
                        for r in run.debug_neurons.get(folder, [])[:DEBUG_TOP]]
-            note = attribution_error
-            if pair["ko_total"] > len(pair["ko_ids"]):
+            note = run.attribution_error
+            if pair["ko_ids"] and pair["ko_total"] > len(pair["ko_ids"]):
                 note = (note + " " if note else "") + (f"Only the first {len(pair['ko_ids'])} of "
                                                        f"{pair['ko_total']} misclassified images "
                                                        f"have a page (--max-images).")
@@ -1071,16 +1049,13 @@ def debug_appearances(run: RunData, pairs: list[dict]) -> dict:
 
 
 def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
-          mosaic_px: int = MOSAIC_PX, n_neighbours: int = NEIGHBOURS, max_images: int = 30,
-          workers: int = 2, batch_size: int = 16, device: str = "auto", model: str | None = None,
-          weights: str | None = None, unsafe_pickle: bool = False, bundle=None,
+          mosaic_px: int = MOSAIC_PX, n_neighbours: int = NEIGHBOURS, workers: int = 2,
           args: dict | None = None) -> Path:
     """Write the atlas of ``run_dir`` into ``out`` (default ``run_dir/atlas``); return index.html.
 
     The site is written into a temporary folder beside ``out`` and moved into place only when
-    complete. ``bundle`` (a loaded model) may be injected; otherwise the model 01 ran is loaded
-    again when there are misclassified images to explain — a model or weights *file* only when
-    ``model`` / ``weights`` name it again (``common.models.reload_model``).
+    complete. The atlas only renders: the relevances of misclassified images' neurons are 08's
+    (08_debug/attributions.npz), and no model is loaded here.
     """
     run_dir = Path(run_dir)
     out = Path(out or run_dir / "atlas")
@@ -1104,26 +1079,11 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
             log.warning("mosaic skipped: %s", err)
         log.info("10: %d mosaics shrunk in %.1f s", len(jobs), time.perf_counter() - clock)
         clock = time.perf_counter()
-        pairs = analysed_pairs(run, max_images)
-        attributions, attribution_error = {}, ""
-        if any(p["ko_ids"] for p in pairs):
-            try:
-                if bundle is None:
-                    from common.models import reload_model
-                    bundle = reload_model(run.extract_meta, model, weights,
-                                          unsafe_pickle, device)
-                attributions = attribute_images(run, pairs, bundle, batch_size)
-            except (StageError, OSError, RuntimeError, ValueError) as err:
-                attribution_error = f"No relevance computed: the model could not be run ({err})."
-                log.warning("%s", attribution_error)
-            log.info("10: relevance of %d misclassified images in %.1f s", len(attributions),
-                     time.perf_counter() - clock)
-        clock = time.perf_counter()
+        pairs = analysed_pairs(run)
         similar, similar_kind = neighbours(run, n_neighbours)
         contributions = {}
         if run.confusion is not None:
-            contributions = site.debug_pages(pairs, attributions, attribution_error,
-                                             ATTRIBUTION_NOTE)
+            contributions = site.debug_pages(pairs, ATTRIBUTION_NOTE)
         reports = site.report_pages()
         site.layers()
         site.neurons(similar, similar_kind, debug_appearances(run, pairs), contributions, reports)
@@ -1139,9 +1099,7 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
     files = sorted(p for p in out.rglob("*") if p.is_file())
     shown = [r.meta for r in run.reports if r.state == "current"]
     write_meta(meta_file, STAGE, args or {}, outputs=files, inputs=run.metas + shown,
-               mosaics_skipped=errors, attributed_images=len(attributions),
-               attribution_error=attribution_error,
-               reports=[{"kind": r.kind, "title": r.title, "state": r.state, "why": r.why}
+               mosaics_skipped=errors, reports=[{"kind": r.kind, "title": r.title, "state": r.state, "why": r.why}
                         for r in run.reports])
     size = sum(p.stat().st_size for p in files)
     log.info("10: atlas of %d neurons in %s (%.1f MB); open %s", sum(map(len, records.values())),
@@ -1150,215 +1108,32 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
 
 
 # ----------------------------------------------------------------------------------------------
-# Serving: the atlas plus 07's semantic search
-
-
-class SearchService:
-    """07's search over the run's neurons, with the embedders loaded once; thread-safe."""
-
-    def __init__(self, run_dir: Path, top_k: int, device: str = "auto", text_embedder=None,
-                 image_embedder=None):
-        """Load the index and the embedders; image search is off (with a reason) if impossible."""
-        from common.search import Searcher, load_index, loader_name
-        embeddings = run_dir / "04_embeddings.npz"
-        index = load_index(embeddings, run_dir / "03_descriptions.csv", run_dir / "02_mosaics.csv")
-        if text_embedder is None:
-            from common.embedders import load_text_embedder
-            text_embedder = load_text_embedder(loader_name(index.text_model, "text"), device=device)
-        self.image_reason = ""
-        if image_embedder is None and index.image is not None:
-            from common.embedders import load_image_embedder
-            try:
-                image_embedder = load_image_embedder(loader_name(index.image_model, "image"),
-                                                     device=device)
-            except (StageError, OSError) as err:
-                self.image_reason = f"image search unavailable: {err}"
-        try:
-            self.searcher = Searcher(index, text_embedder, image_embedder)
-        except StageError as err:  # the image embedder here is not 04's: text search only
-            self.image_reason = str(err)
-            self.searcher = Searcher(index, text_embedder, None)
-        self.top_k = top_k
-        self.lock = threading.Lock()
-
-    def status(self) -> dict:
-        """What the page may offer."""
-        return {"text": True, "image": self.searcher.image_embedder is not None,
-                "image_reason": self.image_reason, "k": self.top_k}
-
-    def text(self, query: str, k: int) -> dict:
-        """Hits for a text query."""
-        with self.lock:
-            hits = self.searcher.search_text(query, k)
-        return {"query": query, "hits": hits, "note": self.searcher.describe_scoring()}
-
-    def image(self, data: bytes, k: int) -> dict:
-        """Hits for an uploaded image (bytes of any format Pillow reads)."""
-        from PIL import Image, UnidentifiedImageError
-        if self.searcher.image_embedder is None:
-            return {"error": self.image_reason or "no image embeddings in this run"}
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                picture = img.convert("RGB")
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-            return {"error": f"cannot read the uploaded image: {err}"}
-        with self.lock:
-            hits = self.searcher.search_image(picture, "uploaded image", k)
-        return {"query": "uploaded image", "hits": hits, "note": "score = cosine of image vectors"}
-
-
-def make_handler(root: Path, atlas_url: str, service: SearchService):
-    """A request handler class serving the files under ``root``, with the atlas at the URL path
-    ``atlas_url`` (``/`` redirects there) and the search endpoints under ``atlas_url + "api/"``."""
-
-    class Handler(SimpleHTTPRequestHandler):
-        """Static files; GET api/status, GET api/search, POST api/search-image (atlas-relative)."""
-
-        def __init__(self, *a, **kw):
-            """Serve files from ``root`` only."""
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, fmt, *args):
-            """Requests go to the debug log, not to stderr line by line."""
-            log.debug("%s " + fmt, self.address_string(), *args)
-
-        def send_json(self, obj, status: int = 200) -> None:
-            """Answer with a JSON body."""
-            body = json.dumps(obj).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def top_k(self, query: dict) -> int:
-            """The k asked for, within 1 … 200."""
-            try:
-                return max(1, min(200, int(query.get("k", [service.top_k])[0])))
-            except ValueError:
-                return service.top_k
-
-        def do_GET(self):
-            """API calls, else a file of the atlas."""
-            url = urlsplit(self.path)
-            query = parse_qs(url.query)
-            if url.path == "/" and atlas_url != "/":
-                self.send_response(302)
-                self.send_header("Location", atlas_url)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return None
-            if url.path == atlas_url + "api/status":
-                return self.send_json(service.status())
-            if url.path == atlas_url + "api/search":
-                text = query.get("q", [""])[0].strip()
-                if not text:
-                    return self.send_json({"error": "empty query"}, 400)
-                return self.send_json(service.text(text, self.top_k(query)))
-            return super().do_GET()
-
-        def do_POST(self):
-            """Image search: the request body is the image file."""
-            url = urlsplit(self.path)
-            if url.path != atlas_url + "api/search-image":
-                return self.send_json({"error": "unknown endpoint"}, 404)
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= MAX_UPLOAD:
-                return self.send_json({"error": f"send an image of 1 byte to {MAX_UPLOAD >> 20} "
-                                                f"MB as the request body"}, 400)
-            answer = service.image(self.rfile.read(length), self.top_k(parse_qs(url.query)))
-            return self.send_json(answer, 400 if "error" in answer else 200)
-
-    return Handler
-
-
-def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8765,
-          top_k: int = 24, device: str = "auto", text_embedder=None, image_embedder=None,
-          started=None) -> None:
-    """Serve the atlas and its live search until interrupted: the folder holding the run folder
-    is served (so that the atlas's links to its run's files and to compared runs' atlases work),
-    the atlas at ``/<run>/atlas/``, where ``/`` redirects.
-
-    ``started`` (tests) is called with the server once it listens; port 0 picks a free port, and
-    the address actually used is logged and printed to stdout.
-    """
-    run_dir = Path(run_dir)
-    atlas_dir = Path(atlas_dir or run_dir / "atlas")
-    if not (atlas_dir / "index.html").exists():
-        raise StageError(f"{atlas_dir / 'index.html'} not found: build the atlas first (make atlas)")
-    service = SearchService(run_dir, top_k, device, text_embedder, image_embedder)
-    # The atlas links files of its run (basket trees, 12's heat map) and other runs' atlases
-    # (compared runs) by relative paths, so the folder holding the runs is served, with the
-    # atlas under its own path; an atlas kept elsewhere (--out) is served alone.
-    root = run_dir.resolve().parent
-    atlas = atlas_dir.resolve()
-    if not atlas.is_relative_to(root):
-        root = atlas
-    atlas_url = "/" + "".join(f"{quote(part)}/" for part in atlas.relative_to(root).parts)
-    server = ThreadingHTTPServer((host, port), make_handler(root, atlas_url, service))
-    address = f"http://{host}:{server.server_address[1]}{atlas_url}"
-    print(f"serving the atlas at {address}  (Ctrl-C stops)", flush=True)
-    log.info("serving %s at %s; %s", atlas_dir, address,
-             "image search on" if service.status()["image"] else service.image_reason or
-             "image search off")
-    if started is not None:
-        started(server)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        log.info("stopped")
-    finally:
-        server.server_close()
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 10: ``build`` and ``serve``."""
+    """Command-line flags of stage 10."""
     p = stage_parser(__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="write the static atlas",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
-    b.add_argument("--out", type=Path, default=None, help="atlas folder (None: <run>/atlas)")
-    b.add_argument("--thumb-px", type=int, default=THUMB_PX, help="side of card thumbnails")
-    b.add_argument("--mosaic-px", type=int, default=MOSAIC_PX,
+    p.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
+    p.add_argument("--out", type=Path, default=None, help="atlas folder (None: <run>/atlas)")
+    p.add_argument("--thumb-px", type=int, default=THUMB_PX, help="side of card thumbnails")
+    p.add_argument("--mosaic-px", type=int, default=MOSAIC_PX,
                    help="side of the mosaic on neuron pages")
-    b.add_argument("--neighbours", type=int, default=NEIGHBOURS,
+    p.add_argument("--neighbours", type=int, default=NEIGHBOURS,
                    help="similar neurons listed per layer on a neuron page")
-    b.add_argument("--max-images", type=int, default=30,
-                   help="misclassified images explained per analysed pair")
-    b.add_argument("--workers", type=int, default=2, help="processes making thumbnails")
-    b.add_argument("--batch-size", type=int, default=16, help="images per attribution pass")
-    b.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    add_model_again_flags(b, "explaining misclassified images")
-    s = sub.add_parser("serve", help="serve the atlas with live semantic search",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
-    s.add_argument("--atlas", type=Path, default=None, help="atlas folder (None: <run>/atlas)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (local only)")
-    s.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
-    s.add_argument("--top-k", type=int, default=24, help="neurons returned per query")
-    s.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    p.add_argument("--workers", type=int, default=2, help="processes making thumbnails")
     return p
 
 
 @exit_on_stage_error
 def main(argv=None):
-    """Parse flags and build or serve the atlas."""
+    """Parse flags and build the atlas."""
     parser = build_parser()
     args = start_stage(parser, argv)
-    if args.command == "build":
-        if min(args.thumb_px, args.mosaic_px, args.max_images, args.batch_size) < 1:
-            parser.error("--thumb-px, --mosaic-px, --max-images and --batch-size must be ≥ 1")
-        build(args.run, args.out, args.thumb_px, args.mosaic_px, args.neighbours,
-              args.max_images, args.workers, args.batch_size, args.device,
-              **model_again(args), args=vars(args))
-    else:
-        serve(args.run, args.atlas, args.host, args.port, args.top_k, args.device)
+    if min(args.thumb_px, args.mosaic_px) < 1:
+        parser.error("--thumb-px and --mosaic-px must be ≥ 1")
+    build(args.run, args.out, args.thumb_px, args.mosaic_px, args.neighbours, args.workers,
+          args=vars(args))
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ AUDIT       ?= examples/demo_audit.yaml#   13 concepts file: per class, valid an
 AUDIT_LAYER ?=#                            13 layer audited (empty: the deepest)
 AUDIT_TOP   ?= 20#                         13 most relevant neurons per class shown and checked
 AUDIT_MARGIN ?= 0.2#                       13 alignment above the empty-text baseline needed for a label (0: SemanticLens)
-HOST        ?= 127.0.0.1#                  10 `make serve`: address the atlas server listens on
-PORT        ?= 8765#                       10 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
+HOST        ?= 127.0.0.1#                  07 `make serve`: address the atlas server listens on
+PORT        ?= 8765#                       07 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
 PYTHON      ?= python3#                    interpreter that creates .venv and takes the run lock
 
@@ -189,6 +189,10 @@ search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## 07
 	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 
+serve: $(ATLAS) $(M10) | $(VENV) ## 07: serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
+	$(PY) 07_search.py --serve --embeddings $(EMBEDDINGS) --host $(HOST) --port $(PORT) \
+	    --device $(DEVICE)
+
 # --- 08 debug: neurons that fire differently when a class is mistaken for another ---------------
 ARGS_08 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
            $(if $(TRUE),--true "$(TRUE)") $(if $(PRED),--pred "$(PRED)") \
@@ -221,9 +225,7 @@ eval: $(SCORES) $(M09) ## 09: final-layer benchmark (needs the classifier's outp
 	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
 
 # --- 10 atlas: the browsable site of everything above --------------------------------------------
-ARGS_10 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
-           $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle) --workers $(WORKERS) \
-           --batch-size $(BATCH) --device $(DEVICE)
+ARGS_10 := --workers $(WORKERS)#  10 only renders: the model ran in 08
 ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(CLUSTERS) \
                 $(M05) $(TRACE) $(M06) $(SCORES) $(M09) $(CONFUSION) $(M08)#  what the atlas shows
 # The atlas also shows the reports made on request (baskets, audit, comparisons), so it is rebuilt
@@ -247,11 +249,8 @@ OTHER_INPUTS  := $(wildcard $(foreach r,$(COMPARED_RUNS),$(addprefix $(DATA)/$(r
 atlas: $(ATLAS) $(M10) ## 10: the browsable site data/$(RUN)/atlas/index.html (opens from disk)
 $(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(REPORTS_ASKED) $(OTHER_INPUTS) \
                 $(if $(REPORTS_NEWER),reports-changed) $(D)/.args/10 $(call uses,10_atlas.py) | $(VENV)
-	$(HOLD) $(PY) 10_atlas.py build --run $(D) $(ARGS_10)
+	$(HOLD) $(PY) 10_atlas.py --run $(D) $(ARGS_10)
 reports-changed:
-
-serve: $(ATLAS) $(M10) | $(VENV) ## 10: serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
-	$(PY) 10_atlas.py serve --run $(D) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
 # --- 11 baskets (on request): groups of neurons that fire together -------------------------------
 # 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).

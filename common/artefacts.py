@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from common.cli import StageError
-from common.io import read_csv, read_json, save_npz, write_csv
+from common.io import load_npz, read_csv, read_json, save_npz, write_csv
 from common.mosaics import cut_tiles, load_mosaic
 
 log = logging.getLogger("neuron-atlas.artefacts")
@@ -677,6 +677,60 @@ def read_causal(folder: str | Path) -> dict | None:
     not run for the pair."""
     path = Path(folder) / "causal.json"
     return read_json(path) if path.exists() else None
+
+
+@dataclass
+class Attributions:
+    """08_debug/attributions.npz: the relevance (activation × gradient, common/attribution.py)
+    of every neuron of the run's layers to the wrong (predicted) and the right (true) class of
+    the misclassified images of the analysed pairs — the first ``max_images`` of each pair, by
+    image id; an unreadable image has no row."""
+    layers: list[str]
+    image_ids: np.ndarray      # n, int64
+    wrong: dict[str, np.ndarray]  # layer → n × C float32
+    right: dict[str, np.ndarray]  # layer → n × C float32
+    logit_wrong: np.ndarray    # n, float32
+    logit_right: np.ndarray    # n, float32
+    max_images: int            # images attributed per pair at most
+
+    def of(self, image_id: int) -> dict | None:
+        """One image's relevances and logits (``attribute_images``' record), None if absent."""
+        rows = np.flatnonzero(self.image_ids == image_id)
+        if not len(rows):
+            return None
+        r = int(rows[0])
+        return {"wrong": {L: self.wrong[L][r] for L in self.layers},
+                "right": {L: self.right[L][r] for L in self.layers},
+                "logit_wrong": float(self.logit_wrong[r]),
+                "logit_right": float(self.logit_right[r])}
+
+
+def write_attributions(path: str | Path, layers: list[str], records: dict[int, dict],
+                       max_images: int) -> None:
+    """Write 08_debug/attributions.npz from ``attribute_images``' records (image id order)."""
+    ids = sorted(records)
+    arrays = {"layers": np.array(layers), "image_ids": np.array(ids, np.int64),
+              "max_images": np.array(max_images),
+              "logit_wrong": np.array([records[i]["logit_wrong"] for i in ids], np.float32),
+              "logit_right": np.array([records[i]["logit_right"] for i in ids], np.float32)}
+    for layer in layers:
+        for side in ("wrong", "right"):
+            arrays[f"{layer}/{side}"] = np.array([records[i][side][layer] for i in ids],
+                                                 np.float32).reshape(len(ids), -1)
+    save_npz(path, arrays)
+
+
+def read_attributions(path: str | Path) -> Attributions | None:
+    """08_debug/attributions.npz, or None when 08 computed none (no model, or no pair)."""
+    if not Path(path).is_file():
+        return None
+    data = load_npz(path)
+    layers = [str(v) for v in data["layers"]]
+    return Attributions(layers=layers, image_ids=data["image_ids"],
+                        wrong={L: data[f"{L}/wrong"] for L in layers},
+                        right={L: data[f"{L}/right"] for L in layers},
+                        logit_wrong=data["logit_wrong"], logit_right=data["logit_right"],
+                        max_images=int(data["max_images"]))
 
 
 # ---------------------------------------------------------------------------------------------

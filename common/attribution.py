@@ -9,29 +9,37 @@ channel c is
 much ``y_k`` would drop if the channel were switched off (set to zero): positive R_c means the
 channel pushed the image towards class k, negative that it held it back. For a network that is
 linear after the layer (e.g. global average pooling and a linear classifier) it is exact and the
-R_c of all channels add up to ``y_k`` minus the bias. The atlas uses it for misclassified images
-(which neurons drove the wrong class); per-class relevance reuses the same function.
+R_c of all channels add up to ``y_k`` minus the bias. 08 uses it for the misclassified images of
+the pairs it analyses (which neurons drove the wrong class: ``attribute_images``, shown by the
+atlas); per-class relevance (13) reuses the same function. torch is imported only by the
+functions that run the model, so that the atlas can quote ``ATTRIBUTION_NOTE`` without it.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator, Sequence
 
-import torch
-from torch import nn
+import numpy as np
 
-from common.models import get_module
+log = logging.getLogger("neuron-atlas.attribution")
+
+ATTRIBUTION_NOTE = ("Relevance of a neuron = its activation × the gradient of the class's logit "
+                    "with respect to it, summed over the feature map: how much the logit would "
+                    "drop, to first order, if the neuron were switched off. Positive: it pushed "
+                    "the image towards that class.")
 
 
 @contextlib.contextmanager
-def _keep_outputs(model: nn.Module, layer_names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def _keep_outputs(model, layer_names: Sequence[str]) -> Iterator[dict]:
     """Yield a dict filled, at each forward pass, with each layer's output tensor in the graph.
 
     The hook hands a clone on to the rest of the network, so that later in-place operations
     (``out += identity``, ``ReLU(inplace=True)``) change the clone, not the kept tensor whose
     gradient is asked for.
     """
-    kept: dict[str, torch.Tensor] = {}
+    from common.models import get_module
+    kept: dict = {}
     handles = []
 
     def make_hook(name: str):
@@ -52,8 +60,7 @@ def _keep_outputs(model: nn.Module, layer_names: Sequence[str]) -> Iterator[dict
             handle.remove()
 
 
-def channel_attribution(model: nn.Module, layer_names: Sequence[str], images: torch.Tensor,
-                        classes) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def channel_attribution(model, layer_names: Sequence[str], images, classes) -> tuple[dict, object]:
     """Activation × gradient of each image's class logit, summed over space, per layer.
 
     ``images`` is a batch (B × 3 × H × W, already normalised for the model). ``classes`` holds the
@@ -64,11 +71,12 @@ def channel_attribution(model: nn.Module, layer_names: Sequence[str], images: to
     its own gradient. The model's parameters get no gradient (only layer outputs are
     differentiated).
     """
+    import torch
     device = next(model.parameters()).device
     images = images.to(device)
     classes = torch.as_tensor(classes, dtype=torch.long, device=device)
     rows = classes if classes.ndim == 2 else classes[None]
-    relevances: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+    relevances: dict[str, list] = {name: [] for name in layer_names}
     explained = []
     with torch.enable_grad(), _keep_outputs(model, layer_names) as kept:
         logits = model(images)
@@ -91,3 +99,38 @@ def channel_attribution(model: nn.Module, layer_names: Sequence[str], images: to
     if classes.ndim == 2:
         return {n: torch.stack(v) for n, v in relevances.items()}, torch.stack(explained)
     return {n: v[0] for n, v in relevances.items()}, explained[0]
+
+
+def attribute_images(bundle, layers: Sequence[str], jobs: Sequence[tuple[int, str, int, int]],
+                     batch_size: int) -> dict[int, dict]:
+    """Relevance of every channel of ``layers`` to two classes of each image, by activation ×
+    gradient: ``jobs`` holds (image id, path, wrong class, right class) — for a misclassified
+    image its predicted and its true class. Images go through the model as 01 prepared them
+    (``bundle``: input size, mean, std), ``batch_size`` at a time.
+
+    Returns ``image id → {"wrong": {layer: C float32}, "right": …, "logit_wrong",
+    "logit_right"}``; an image that cannot be read is skipped (logged).
+    """
+    import torch
+    from common.images import BadImage, load_rgb, network_input, to_tensor
+    out = {}
+    for start in range(0, len(jobs), batch_size):
+        chunk, tensors = [], []
+        for i, path, wrong, right in jobs[start:start + batch_size]:
+            try:
+                img, _ = load_rgb(path)
+            except BadImage as err:
+                log.warning("image %d skipped in the attribution: %s", i, err.reason)
+                continue
+            chunk.append((i, wrong, right))
+            tensors.append(to_tensor(network_input(img, bundle.input_size), bundle.mean,
+                                     bundle.std))
+        if not chunk:
+            continue
+        relevance, logits = channel_attribution(bundle.model, layers, torch.stack(tensors),
+                                                [[c[1] for c in chunk], [c[2] for c in chunk]])
+        for b, (i, _, _) in enumerate(chunk):
+            out[i] = {"wrong": {L: np.asarray(relevance[L][0, b].numpy()) for L in layers},
+                      "right": {L: np.asarray(relevance[L][1, b].numpy()) for L in layers},
+                      "logit_wrong": float(logits[0, b]), "logit_right": float(logits[1, b])}
+    return out

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -24,7 +25,7 @@ from common.artefacts import read_audit, read_audit_summary, read_baskets
 from common.io import read_csv
 from common.io import safe_name
 from common.render import fmt_number, json_for_script
-from conftest import load_stage
+from conftest import ROOT, load_stage
 
 atlas = load_stage("10_atlas")
 
@@ -145,12 +146,45 @@ def test_debug_pages_name_the_neurons_behind_the_error(run):
     assert "misclassified image" in (run_dir / "atlas" / "neurons" / "conv2" / "1.html").read_text()
 
 
+def test_08_attributes_the_first_misclassified_images_and_10_only_renders(run, fake_bundle,
+                                                                          tmp_path):
+    """08 writes the relevances the atlas shows: those of the lowest-id KO images of its pair,
+    equal bit for bit to common.attribution on the images prepared as 01 prepared them; 10
+    builds the atlas from them without importing torch (it loads no model)."""
+    from common.artefacts import read_attributions, read_predictions
+    from common.images import load_rgb, network_input, to_tensor
+    _, _, run_dir = run
+    att = read_attributions(run_dir / "08_debug" / "attributions.npz")
+    ko = sorted(p.image_id for p in read_predictions(run_dir / "01_predictions.csv")
+                if p.label_idx == 0 and p.pred_idx == 1)
+    assert list(att.image_ids) == ko[:att.max_images] and att.max_images == 30 and len(ko) == 6
+    pictures = [network_input(load_rgb(p.path)[0], 32)
+                for p in read_predictions(run_dir / "01_predictions.csv") if p.image_id in ko]
+    batch = torch.stack([to_tensor(p, fake_bundle.mean, fake_bundle.std) for p in pictures])
+    relevance, logits = channel_attribution(fake_bundle.model, att.layers, batch,
+                                            [[1] * len(ko), [0] * len(ko)])
+    for layer in att.layers:
+        assert np.array_equal(att.wrong[layer], relevance[layer][0].numpy())
+        assert np.array_equal(att.right[layer], relevance[layer][1].numpy())
+    assert np.array_equal(att.logit_wrong, logits[0].numpy())
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas"))
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']; "
+              "from tools.stages import load_stage; "
+              "load_stage('10_atlas').build(__import__('pathlib').Path(sys.argv[2]), workers=1); "
+              "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", script, str(ROOT), str(copy)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((copy / "atlas" / "debug").rglob("[0-9]*.html"))) == 6
+
+
 def test_atlas_without_scores_says_not_scored(run, tmp_path):
     """Without 09's files the atlas still builds and says the neurons are not scored."""
     _, _, run_dir = run
     copy = tmp_path / "t"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas", "09_*"))
-    atlas.main(["build", "--run", str(copy), "--workers", "1", "--device", "cpu"])
+    atlas.main(["--run", str(copy), "--workers", "1"])
     assert "Not scored" in (copy / "atlas" / "index.html").read_text()
     assert "Not scored" in (copy / "atlas" / "neurons" / "relu1" / "0.html").read_text()
     assert "clarity" not in (copy / "atlas" / "data" / "relu1.js").read_text()
@@ -165,7 +199,7 @@ def test_inputs_from_another_run_are_refused(run, tmp_path):
     meta["lineage"]["03_describe"] = "0000000000000000"
     (copy / "09_score.meta.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit):
-        atlas.main(["build", "--run", str(copy), "--workers", "1", "--device", "cpu"])
+        atlas.main(["--run", str(copy), "--workers", "1"])
     assert not (copy / "atlas").exists()
 
 
@@ -284,7 +318,8 @@ def get_json(url: str, data: bytes | None = None) -> tuple[int, dict]:
 
 
 def test_server_answers_text_and_image_queries(run):
-    """serve() answers 07's search over HTTP: text, an uploaded image, and bad input."""
+    """07's serve() serves the atlas and answers its search over HTTP: text, an uploaded image,
+    and bad input."""
     import io
 
     from PIL import Image
@@ -297,7 +332,7 @@ def test_server_answers_text_and_image_queries(run):
         holder["server"] = server
         ready.set()
 
-    thread = threading.Thread(target=atlas.serve, kwargs={
+    thread = threading.Thread(target=load_stage("07_search").serve, kwargs={
         "run_dir": run_dir, "port": 0, "device": "cpu", "started": started}, daemon=True)
     thread.start()
     assert ready.wait(120)

@@ -27,7 +27,7 @@ import time
 _SPEC = os.environ.get("ATLAS_FAULT", "")
 _COUNT = os.environ.get("ATLAS_FAULT_COUNT", "")
 _NAME = os.path.basename(sys.argv[0]) if sys.argv else ""
-_COMMAND = " ".join([_NAME] + [a for a in sys.argv[1:2] if not a.startswith("-")])  # "10_atlas.py build"
+_COMMAND = " ".join([_NAME] + [a for a in sys.argv[1:2] if not a.startswith("-")])  # "13_audit.py audit"
 
 
 def _kill():
