@@ -44,6 +44,7 @@ from common.artefacts import (CategoryRow, ClusterRow, Embeddings, KeywordRow, K
                               MetricRow, columns, order_layers, read_descriptions,
                               read_embeddings, read_layer_order)
 from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -175,8 +176,7 @@ def load_layers(descriptions_path: str | Path, embeddings_path: str | Path,
         idx = np.array([i for _, _, i in items])
         vectors = {}
         for kind in KINDS:
-            mat = np.asarray(getattr(emb, kind)[idx], dtype=np.float64)
-            vectors[kind] = mat / np.linalg.norm(mat, axis=1, keepdims=True)
+            vectors[kind] = l2_normalise(getattr(emb, kind)[idx], np.float64)
         layers.append(LayerData(name, np.array([c for c, _, _ in items], dtype=np.int64),
                                 [t for _, t, _ in items], vectors))
     return layers, emb, skipped
@@ -500,9 +500,8 @@ def classify_embedding(vectors: np.ndarray, categories: dict[str, str],
                        embedder) -> tuple[list[str], list[float]]:
     """Best category of each description by cosine between its embedding and a category phrase."""
     names = list(categories)
-    phrases = np.asarray(embedder.encode([PHRASE_TEMPLATE.format(categories[n]) for n in names]),
-                         dtype=np.float64)
-    phrases /= np.linalg.norm(phrases, axis=1, keepdims=True)
+    phrases = l2_normalise(embedder.encode([PHRASE_TEMPLATE.format(categories[n]) for n in names]),
+                           np.float64)
     sims = vectors @ phrases.T
     best = np.argmax(sims, axis=1)
     return [names[i] for i in best], [float(sims[r, i]) for r, i in enumerate(best)]
@@ -534,8 +533,7 @@ def assign_categories(layers: list[LayerData], emb: Embeddings, categories: dict
         else:
             log.info("04's text embeddings come from %r, not %r: encoding the descriptions again",
                      stored_model, text_embedder.name)
-            vectors = np.asarray(text_embedder.encode(all_descriptions), dtype=np.float64)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = l2_normalise(text_embedder.encode(all_descriptions), np.float64)
         best, scores = classify_embedding(vectors, categories, text_embedder)
     return best, scores, method
 

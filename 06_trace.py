@@ -34,6 +34,7 @@ import numpy as np
 from common.artefacts import TraceLink, columns, order_layers, read_clusters, read_keywords, \
     read_layer_order
 from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -109,8 +110,7 @@ def embed_clusters(layers: dict[str, list[Cluster]], embedder,
         log.warning("%s cluster %d has no keywords: it is left out of the trace", c.layer, c.cluster)
     if not clusters:
         return {}
-    vectors = np.asarray(embedder.encode([c.text(n_keywords) for c in clusters]), dtype=np.float64)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = l2_normalise(embedder.encode([c.text(n_keywords) for c in clusters]), np.float64)
     return {c.key: v for c, v in zip(clusters, vectors)}
 
 
@@ -381,8 +381,8 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
     if follow:
         if not layers:
             raise StageError("--follow needs clusters with keywords; 05_keywords.csv has none")
-        query = np.asarray(text_embedder.encode([follow]), dtype=np.float64)[0]
-        path = follow_concept(query / np.linalg.norm(query), layers, vectors)
+        query = l2_normalise(text_embedder.encode([follow]), np.float64)[0]
+        path = follow_concept(query, layers, vectors)
         print_path(path, follow, n_keywords)
 
     rows = [{"source_layer": link.source.layer, "source_cluster": link.source.cluster,

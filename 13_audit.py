@@ -157,11 +157,12 @@ def alignment(neurons: np.ndarray, concepts: np.ndarray, empty: np.ndarray
     """SemanticLens alignment of each neuron with a set of concepts: the best over the set of
     cos(neuron, concept) − cos(neuron, empty text). Returns the scores (−inf for an empty set)
     and the index of the best concept (−1)."""
-    from common.compare import unit
+    from common.embedders import l2_normalise
     if not len(concepts):
         return np.full(len(neurons), -np.inf), np.full(len(neurons), -1)
-    v = unit(neurons)
-    scores = v @ unit(concepts).T - (v @ unit(empty[None])[0])[:, None]
+    v = l2_normalise(neurons, np.float64)
+    scores = v @ l2_normalise(concepts, np.float64).T - \
+        (v @ l2_normalise(empty[None], np.float64)[0])[:, None]
     return scores.max(axis=1), scores.argmax(axis=1)
 
 

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+from common.embedders import l2_normalise
 
 
 def best_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``a``, the index of the most similar row of ``b`` and that cosine."""
-    sim = unit(a) @ unit(b).T
+    sim = l2_normalise(a, np.float64) @ l2_normalise(b, np.float64).T
     best = sim.argmax(axis=1)
     return best, sim[np.arange(len(a)), best]
 
@@ -36,4 +32,5 @@ def alignment_matrix(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.n
 def centroids(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit mean vector of each cluster label (labels sorted) and the labels."""
     keys = np.unique(labels)
-    return unit(np.stack([vectors[labels == k].mean(axis=0) for k in keys])), keys
+    return l2_normalise(np.stack([vectors[labels == k].mean(axis=0) for k in keys]),
+                        np.float64), keys

@@ -42,11 +42,12 @@ def _device(device: str = "auto"):
     return pick_device(device)
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` scaled to unit length (all-zero rows stay zero), as float32."""
-    x = np.asarray(x, dtype=np.float32)
+def l2_normalise(x: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Rows of ``x`` scaled to unit length (all-zero rows stay zero), as ``dtype``: the one L2
+    normalisation of the project (embeddings, scores, clusters, trace, comparison, audit)."""
+    x = np.asarray(x, dtype=dtype)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(x.dtype)
 
 
 class SentenceTextEmbedder:

@@ -105,6 +105,20 @@ def test_average_precision_matches_sklearn():
             average_precision_score(positive, score_))
 
 
+def test_pearson_matches_scipy_and_is_nan_for_a_constant():
+    """The verification's correlation equals scipy.stats.pearsonr; a constant vector (a neuron that
+    never fires on the held-out images) or a single value gives NaN, not a warning or 0."""
+    from scipy.stats import pearsonr
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        x, y = rng.normal(size=50), rng.normal(size=50)
+        y[:25] += x[:25]
+        assert S.pearson(x, y) == pytest.approx(pearsonr(x, y).statistic, abs=1e-12)
+    assert np.isnan(S.pearson(np.ones(5), rng.normal(size=5)))
+    assert np.isnan(S.pearson(rng.normal(size=5), np.zeros(5)))
+    assert np.isnan(S.pearson([1.0], [2.0]))
+
+
 def test_clarity_closed_form_is_the_mean_pairwise_cosine():
     """SemanticLens eq. 7 (no similarity matrix) equals eq. 6 computed pair by pair."""
     v = np.random.default_rng(1).normal(size=(9, 5))
