@@ -74,9 +74,10 @@ _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 def escaped(text) -> str:
     """``text`` with every control or format character (terminal escape codes, carriage returns,
-    newlines, bidirectional overrides, zero-width characters) shown as an escape — ``\\x1b``, ``\\r``, ``\\n``, ``\\u202e`` — and everything else as it is. For user text
-    (file, folder, label, class and concept names) shown in a log, a terminal or a report: it can
-    neither act on the terminal or the page nor fake a line of its own."""
+    newlines, bidirectional overrides, zero-width characters) shown as an escape — ``\\x1b``,
+    ``\\r``, ``\\n``, ``\\u202e`` — and everything else as it is. For user text (file, folder,
+    label, class and concept names) shown in a log, a terminal or a report: it can neither act on
+    the terminal or the page nor fake a line of its own."""
     text = str(text)
     if text.isprintable():
         return text
