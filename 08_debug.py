@@ -760,7 +760,7 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate
                  result["control_ablated"]["ko_to_true"])
 
 
-def attribute_pairs(analyses: list[dict], rows: list[dict], ctx: dict, extract_meta: dict,
+def attribute_pairs(analyses: list[dict], ctx: dict, extract_meta: dict,
                     bundle=None) -> tuple[dict[int, dict], str]:
     """Relevance of every neuron to the wrong and the right class of the first
     ``attribute_images`` misclassified images (by id) of each analysed pair, for the atlas
@@ -768,11 +768,10 @@ def attribute_pairs(analyses: list[dict], rows: list[dict], ctx: dict, extract_m
     model could not be run ("" otherwise): the reports do not depend on it."""
     settings: Settings = ctx["settings"]
     jobs = []
-    for a in analyses:
+    for a in analyses:  # a["ko_ids"]: the pair's KO images, by id (``split_ok_ko``)
         t, p = int(a["pair"]["true_idx"]), int(a["pair"]["pred_idx"])
-        ko = sorted(int(r["image_id"]) for r in rows
-                    if int(r["label_idx"]) == t and int(r["pred_idx"]) == p)
-        jobs += [(i, ctx["paths"][i], p, t) for i in ko[:settings.attribute_images]]
+        jobs += [(int(i), ctx["paths"][int(i)], p, t)
+                 for i in a["ko_ids"][:settings.attribute_images]]
     if not jobs:
         return {}, ""
     from common.attribution import attribute_images
@@ -904,7 +903,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
         model_name = getattr(bundle, "name", model_name)
         run_causal(analyses, rows, ctx, bundle, ablate,
                    image_tensor or default_image_tensor(bundle))
-    attributions, attribution_error = attribute_pairs(analyses, rows, ctx, extract_meta, bundle)
+    attributions, attribution_error = attribute_pairs(analyses, ctx, extract_meta, bundle)
 
     outputs = [confusion_path, out_dir / "pairs.csv"]
     for a in analyses:
