@@ -5,7 +5,7 @@ one quoted string. Every script runs with this Python, one after another; its ou
 the terminal as it comes. Then a new section — the date and time (UTC), the machine (CPU model,
 cores, memory, GPU, Python and torch versions) and, per script, its exit status and what it printed
 on stdout — is inserted at the top of the "Measurements" part of the results file, newest first.
-The file is written atomically (a temporary file in the same folder, then os.replace). The exit
+The file is written atomically (common.io.write_text). The exit
 status is 1 when any script failed, else 0; the section is written either way.
 
   python bench/results.py bench/bench_extract.py "bench/bench_cluster.py --threads 1"
@@ -19,9 +19,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.io import write_text  # noqa: E402  (after the project root is on the path)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"  # default results file, beside this script
 MEASUREMENTS = "## Measurements"  # heading of the part that new sections go to the top of
@@ -127,11 +132,10 @@ def git_commit():
     """Return the checked-out commit, marked when the working tree has changes, or None."""
     if shutil.which("git") is None:
         return None
-    root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                               capture_output=True, text=True, timeout=30, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -212,32 +216,13 @@ def insert(document, new):
     return head + "\n" + new + ("\n" + tail if tail else "")
 
 
-def write_atomically(path, text):
-    """Write text to path through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        if path.exists():
-            os.chmod(temporary, path.stat().st_mode & 0o777)
-        else:
-            os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def run(benchmarks, results_path):
     """Run every benchmark, then record them in results_path; return how many failed."""
     when = datetime.datetime.now(datetime.timezone.utc)
     facts = machine()
     results = [(command, *run_benchmark(command)) for command in benchmarks]
     document = results_path.read_text(encoding="utf-8") if results_path.exists() else HEADER
-    write_atomically(results_path, insert(document, section(when, facts, results)))
+    write_text(results_path, insert(document, section(when, facts, results)))
     failed = [command for command, status, _, _ in results if status != 0]
     print(f"==> recorded {len(results)} benchmark(s) in {results_path}"
           + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
