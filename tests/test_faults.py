@@ -20,6 +20,7 @@ import pytest
 from common.io import read_csv
 from common.provenance import read_meta
 from conftest import ROOT, make_image, project_copy
+from test_make import FAST, make
 
 # Class folders, a class file and an image name holding control characters (ESC, CR, a newline,
 # a right-to-left override): none may reach a log or report as such.
@@ -69,17 +70,6 @@ def hostile(tmp_path):
     data = tmp_path / "data"
     return root, [f"IMAGES={images}", f"DATA={data}", f"CLASSES={classes}",
                   f"AUDIT={concepts}", *ARGS], data / "t"
-
-
-def make(root, args, *goals, env=None, timeout=300):
-    """Run make in a session of its own; the completed process, with ``session`` (its id)."""
-    proc = subprocess.Popen(["make", "--no-print-directory", *goals, *args], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
-    out, err = proc.communicate(timeout=timeout)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    done.session = proc.pid
-    return done
 
 
 def session_processes(session: int) -> list[str]:
@@ -222,8 +212,7 @@ def test_run_names_that_leave_the_data_folder_are_refused(tmp_path, name):
     for variable, goal in (("RUN", "clean"), ("RUN", "all"), ("OTHER", "compare")):
         if variable == "OTHER" and not name:
             continue  # no OTHER: `make compare` asks for one (tests/test_make.py)
-        result = subprocess.run(["make", "--no-print-directory", goal, f"{variable}={name}"],
-                                cwd=root, capture_output=True, text=True, timeout=120)
+        result = make(root, [f"{variable}={name}"], goal, timeout=120)
         assert result.returncode != 0, (variable, name)
         assert f"{variable}={name} is not a plain name" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -242,23 +231,20 @@ def test_make_clean_removes_the_outputs_of_its_run_only(tmp_path):
                      "09_subconcepts/d/1.png", "atlas/index.html", ".args/01"):
             (data / run / name).parent.mkdir(parents=True, exist_ok=True)
             (data / run / name).write_text(name)
-    result = subprocess.run(["make", "--no-print-directory", "clean", "RUN=a", f"DATA={data}"],
-                            cwd=root, capture_output=True, text=True, timeout=120)
+    result = make(root, ["RUN=a", f"DATA={data}"], "clean", timeout=120)
     assert result.returncode == 0, result.stderr
     left = {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
     assert {"a/03_descriptions.csv", "a/09_subconcepts/03_x.csv"} <= left
     assert not {"a/01_activations.npz", "a/09_subconcepts/d/1.png", "a/atlas/index.html",
                 "a/.args/01"} & left
     assert {f"b/{n}" for n in ("01_activations.npz", "atlas/index.html", ".args/01")} <= left
-    blank = subprocess.run(["make", "--no-print-directory", "clean", f"DATA={data} x"],
-                           cwd=root, capture_output=True, text=True, timeout=120)
+    blank = make(root, [f"DATA={data} x"], "clean", timeout=120)
     assert blank.returncode != 0 and "must name one folder" in blank.stderr
 
 
 def test_a_lock_kept_by_a_dead_stages_child_names_the_live_child(tmp_path):
     """A stage's forked children share its run lock. Should one outlive the stage, `make` stops
     and names that live child (its pid and command), not the dead stage that took the lock."""
-    from test_make import FAST
     root = project_copy(tmp_path / "tree")
     data = tmp_path / "data"
     script = tmp_path / "stage.py"
@@ -273,8 +259,7 @@ def test_a_lock_kept_by_a_dead_stages_child_names_the_live_child(tmp_path):
     try:
         stage.kill()
         stage.wait()
-        result = subprocess.run(["make", "--no-print-directory", "all", f"DATA={data}", *FAST],
-                                cwd=root, capture_output=True, text=True, timeout=120)
+        result = make(root, [f"DATA={data}", *FAST], "all", timeout=120)
         assert result.returncode != 0 and "still writing" in result.stderr
         assert f"({child} {sys.executable} {script})" in result.stderr, result.stderr
         assert str(stage.pid) not in result.stderr

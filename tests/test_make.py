@@ -33,12 +33,17 @@ def tree(tmp_path, image_folder):
     return root, [f"IMAGES={image_folder}", f"DATA={tmp_path / 'data'}", *FAST]
 
 
-def make(root, args, *extra, env=None):
-    """Run make in ``root`` in a process group of its own (so that a fault can kill make and its
-    stages together); return the completed process."""
-    return subprocess.run(["make", "--no-print-directory", *extra, *args], cwd=root,
-                          capture_output=True, text=True, timeout=600, start_new_session=True,
-                          env=env)
+def make(root, args, *extra, env=None, timeout=600):
+    """Run make in ``root`` in a session (and process group) of its own, so that a fault can kill
+    make and its stages together; return the completed process, with ``session``: its id, the
+    session every process it starts belongs to."""
+    proc = subprocess.Popen(["make", "--no-print-directory", *extra, *args], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    out, err = proc.communicate(timeout=timeout)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done.session = proc.pid
+    return done
 
 
 def run_folder(args):
