@@ -1,8 +1,9 @@
 """Stage 02 — tile each neuron's top-activating image crops into one mosaic PNG.
 
-Reads 01_activations.npz (top images and positions per neuron) and 01_images.csv.
-Writes one PNG per neuron into the mosaics folder (<layer>/<channel>.png) and an index CSV
-(layer, channel, path, n_tiles, grid, tile_px, crop). Crops are best-first, row by row.
+Reads, in the run folder (--run), 01_activations.npz (top images and positions per neuron) and
+01_images.csv. Writes one PNG per neuron into 02_mosaics/<layer>/<channel>.png and the index
+02_mosaics.csv (layer, channel, path, n_tiles, grid, tile_px, crop). Crops are best-first, row
+by row.
 
 Crop modes:
   rf    the receptive field of the maximally activated cell (default). All tiles of a layer share
@@ -16,9 +17,7 @@ Each source image is decoded once per run into a shared memory-mapped cache; mos
 by a pool of processes.
 
 Example:
-  python 02_mosaics.py --activations data/demo/01_activations.npz \
-      --images data/demo/01_images.csv --out-dir data/demo/02_mosaics \
-      --index data/demo/02_mosaics.csv --grid 10 --tile 64
+  python 02_mosaics.py --run data/demo --grid 10 --tile 64
 """
 from __future__ import annotations
 
@@ -27,14 +26,16 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.artefacts import read_activations, read_images
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.artefacts import Run, layer_dir, read_activations, read_images
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.io import disk_guard, sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
 from common.processes import worker_pool
@@ -51,18 +52,22 @@ SPARE_BYTES = 1 << 30  # disk space to leave free beside the scratch image cache
 SHRUNK_FROM = 0.25  # rf windows covering this share of the image or more: cut from a shrunk copy
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Stage 02's settings: one flag each (``--grid`` …), defaults written here only."""
+
+    grid: int = setting(10, "tiles per side (grid × grid crops)", make="GRID")
+    tile: int = setting(64, "tile side in pixels", make="TILE")
+    crop: str = setting("rf", "how crops are cut", make="CROP", choices=("rf", "mask"))
+    layers: str = setting("", "comma-separated subset of layers (empty: all)")
+    workers: int = setting(os.cpu_count() or 1, "processes (default: one per CPU core)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 02."""
+    """Command-line flags of stage 02: ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n")[0])
-    p.add_argument("--activations", required=True, help="01_activations.npz")
-    p.add_argument("--images", required=True, help="01_images.csv")
-    p.add_argument("--out-dir", required=True, help="folder for <layer>/<channel>.png")
-    p.add_argument("--index", required=True, help="CSV listing the mosaics")
-    p.add_argument("--grid", type=int, default=10, help="tiles per side (grid × grid crops)")
-    p.add_argument("--tile", type=int, default=64, help="tile side in pixels")
-    p.add_argument("--crop", choices=["rf", "mask"], default="rf", help="how crops are cut")
-    p.add_argument("--layers", default="", help="comma-separated subset of layers (empty: all)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    add_run(p, "01_activations.npz and 01_images.csv", "02_mosaics/ and 02_mosaics.csv")
+    add_settings(p, Settings)
     return p
 
 
@@ -282,15 +287,17 @@ def pool_map(func, tasks, workers: int, initargs, desc: str):
     bar.close()
 
 
-def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: int = 10,
-        tile: int = 64, crop: str = "rf", layers: list[str] | None = None, workers: int = 1,
-        args: dict | None = None) -> list[dict]:
-    """Build all mosaics; return the index rows."""
+def run(run: Run, settings: Settings = Settings(), args: dict | None = None) -> list[dict]:
+    """Build the mosaics of ``run``; return the index rows."""
+    activations, images_csv, out_dir, index = run.activations, run.images, run.mosaic_dir, \
+        run.mosaics
+    grid, tile, crop, workers = settings.grid, settings.tile, settings.crop, settings.workers
+    layers = [n.strip() for n in settings.layers.split(",") if n.strip()]
     if grid < 1 or tile < 4:
         raise StageError("--grid must be ≥ 1 and --tile ≥ 4")
     metas = [read_meta(activations), read_meta(images_csv)]
     merge_lineage(metas)  # refuse, before any work, top images of one run and photos of another
-    meta_file = index.parent / f"{STAGE}.meta.json"
+    meta_file = run.meta(STAGE)
     sweep_temporaries(out_dir, index.parent)  # what a killed earlier run left behind
     all_layers, input_size, tops = read_activations(activations)
     chosen = layers or all_layers
@@ -348,7 +355,7 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
             top = tops[name]
             for channel in range(top.channels):
                 ids = top.image_ids[channel, :n_tiles]
-                path = out_dir / name / f"{channel}.png"
+                path = layer_dir(out_dir, name) / f"{channel}.png"
                 tasks.append({
                     "layer": name, "channel": channel, "grid": grid, "tile": tile,
                     "mode": "mask" if use_mask[name] else "rf", "rf": top.rf,
@@ -371,10 +378,7 @@ def run(activations: Path, images_csv: Path, out_dir: Path, index: Path, grid: i
 def main(argv=None):
     """Parse flags and build the mosaics."""
     args = start_stage(build_parser(), argv)
-    layers = [n.strip() for n in args.layers.split(",") if n.strip()] or None
-    run(Path(args.activations), Path(args.images), Path(args.out_dir), Path(args.index),
-        grid=args.grid, tile=args.tile, crop=args.crop, layers=layers, workers=args.workers,
-        args=vars(args))
+    run(Run(args.run), settings_from(Settings, args), args=vars(args))
 
 
 if __name__ == "__main__":

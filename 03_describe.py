@@ -1,8 +1,8 @@
 """Stage 03 — describe every neuron's mosaic in words, with a prompt fitted to the layer's depth.
 
-Reads 02_mosaics.csv (+ the mosaic PNGs), 01_activations.npz and 01_predictions.csv.
-Writes 03_descriptions.csv (layer, channel, level, description, backend, model, status, reason)
-and 03_describe.meta.json.
+Reads, in the run folder (--run), 02_mosaics.csv (+ the mosaic PNGs), 01_activations.npz and
+01_predictions.csv. Writes 03_descriptions.csv (layer, channel, level, description, backend,
+model, status, reason) and 03_describe.meta.json.
 
 The describers are a library (common/describers.py, with the offline one in
 common/offline_describer.py); this stage runs them on 02's mosaics. Backends (--backend):
@@ -23,53 +23,45 @@ With --shard i/N each machine describes its share; the run that completes the se
 --merge) writes 03_descriptions.csv.
 
 Example:
-  python 03_describe.py --mosaics data/demo/02_mosaics.csv \
-      --activations data/demo/01_activations.npz --predictions data/demo/01_predictions.csv \
-      --out data/demo/03_descriptions.csv --backend offline
+  python 03_describe.py --run data/demo --backend offline
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from common.cli import (add_settings, exit_on_stage_error, parse_shard, settings_from,
+from common.artefacts import Run
+from common.cli import (add_run, add_settings, exit_on_stage_error, parse_shard, settings_from,
                         stage_parser, start_stage)
 from common.describers import DescriberSettings, describe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 03: its files, then the describer's settings."""
+    """Command-line flags of stage 03: ``--run``, then the describer's settings."""
     p = stage_parser(__doc__.split("\n")[0])
-    p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
-    p.add_argument("--activations", default=None, help="01_activations.npz (layer order, top "
-                   "images; needed by the offline backend)")
-    p.add_argument("--predictions", default=None, help="01_predictions.csv (offline backend)")
-    p.add_argument("--out", required=True, help="03_descriptions.csv to write")
+    add_run(p, "02_mosaics.csv, 01_activations.npz and 01_predictions.csv",
+            "03_descriptions.csv and its journal")
     p.add_argument("--skip-dead", action="store_true", help="leave out neurons the triage flags "
-                   "as dead or barely active (common/triage.py; needs --activations, reads the "
-                   "01_stats/ beside it)")
+                   "as dead or barely active (common/triage.py; reads 01_stats/)")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="describe only share i of N")
     p.add_argument("--merge", action="store_true", help="only assemble the shards' journals")
     add_settings(p, DescriberSettings)
     return p
 
 
-def run(mosaics: Path, out: Path, settings: DescriberSettings = DescriberSettings(),
-        activations: Path | None = None, predictions: Path | None = None, **options
+def run(run: Run, settings: DescriberSettings = DescriberSettings(), **options
         ) -> list[dict] | None:
-    """Describe the mosaics of ``mosaics`` into ``out`` (``common.describers.describe``; its
-    ``options``: describer, shard, merge_only, skip_dead, args)."""
-    return describe(mosaics, out, settings, activations, predictions, **options)
+    """Describe the mosaics of ``run`` into its 03_descriptions.csv (``common.describers.describe``;
+    its ``options``: describer, shard, merge_only, skip_dead, args)."""
+    return describe(run.mosaics, run.descriptions, settings, run.activations, run.predictions,
+                    **options)
 
 
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags and describe the neurons."""
     args = start_stage(build_parser(), argv, keep_memory=True)
-    run(Path(args.mosaics), Path(args.out), settings_from(DescriberSettings, args),
-        activations=Path(args.activations) if args.activations else None,
-        predictions=Path(args.predictions) if args.predictions else None,
-        shard=args.shard, merge_only=args.merge, skip_dead=args.skip_dead, args=vars(args))
+    run(Run(args.run), settings_from(DescriberSettings, args), shard=args.shard,
+        merge_only=args.merge, skip_dead=args.skip_dead, args=vars(args))
 
 
 if __name__ == "__main__":

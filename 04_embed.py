@@ -17,22 +17,22 @@ Writes 04_embeddings.npz (layer, channel, text, image, fused, text_model, image_
   towers of one CLIP model), else the concatenation of the two L2-normalised halves.
 
 Example:
-  python 04_embed.py --descriptions data/demo/03_descriptions.csv \
-      --mosaics data/demo/02_mosaics.csv --out data/demo/04_embeddings.npz
+  python 04_embed.py --run data/demo
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.artefacts import (CropVectors, Embeddings, Mosaic, read_descriptions, read_mosaics,
-                              write_crop_vectors, write_embeddings)
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.artefacts import (CropVectors, Embeddings, Mosaic, Run, read_descriptions,
+                              read_mosaics, write_crop_vectors, write_embeddings)
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.embedders import embed_distinct_crops, fuse, l2_normalise, same_space
 from common.io import sweep_temporaries
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -40,27 +40,30 @@ from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 log = logging.getLogger("neuron-atlas.04_embed")
 
 STAGE = "04_embed"
-CROPS_FILE = "04_crops.npz"  # the per-crop vectors, written beside --out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Stage 04's settings: one flag each (``--text-model`` …), defaults written here only."""
+
+    text_model: str = setting(
+        "all-MiniLM-L6-v2", "sentence-transformers folder or hub id, or clip:<model or path> "
+        "(workstation: sentence-transformers/clip-ViT-L-14)", make="TEXT_EMBEDDER")
+    image_model: str = setting(
+        "auto", "auto (CLIP ViT-B/32 if its weights are on disk, else cnn), cnn, clip, "
+        "clip:<model or path>", make="IMAGE_EMBEDDER")
+    image_tiles: int = setting(16, "cnn image embedding: top crops averaged per neuron")
+    crop_vectors: int = setting(
+        20, "top crops per neuron whose own vectors 04_crops.npz keeps (09's clarity, "
+        "polysemanticity, redundancy and sub-concepts)")
+    device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 04."""
+    """Command-line flags of stage 04: ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n")[0])
-    p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
-    p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
-    p.add_argument("--out", required=True, help="04_embeddings.npz to write")
-    p.add_argument("--text-model", default="all-MiniLM-L6-v2",
-                   help="sentence-transformers folder or hub id, or clip:<model or path> "
-                        "(workstation: sentence-transformers/clip-ViT-L-14)")
-    p.add_argument("--image-model", default="auto",
-                   help="auto (CLIP ViT-B/32 if its weights are on disk, else cnn), cnn, clip, "
-                        "clip:<model or path>")
-    p.add_argument("--image-tiles", type=int, default=16,
-                   help="cnn image embedding: top crops averaged per neuron")
-    p.add_argument("--crop-vectors", type=int, default=20,
-                   help="top crops per neuron whose own vectors 04_crops.npz keeps (09's "
-                        "clarity, polysemanticity, redundancy and sub-concepts)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
+    add_run(p, "03_descriptions.csv and 02_mosaics.csv", "04_embeddings.npz and 04_crops.npz")
+    add_settings(p, Settings)
     return p
 
 
@@ -84,17 +87,17 @@ def cnn_image_vectors(crops: CropVectors, mosaics: list[Mosaic], n_tiles: int) -
     return l2_normalise(out)
 
 
-def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_embedder=None,
-        text_model: str | None = None, image_model: str | None = "auto", image_tiles: int = 16,
-        crop_vectors_n: int = 20, device: str = "auto",
+def run(run: Run, settings: Settings = Settings(), text_embedder=None, image_embedder=None,
         args: dict | None = None) -> dict[str, np.ndarray]:
-    """Embed the described neurons; return the arrays written to ``out`` (the per-crop vectors
-    go to 04_crops.npz beside it).
+    """Embed the described neurons of ``run``; return the arrays written to its
+    04_embeddings.npz (the per-crop vectors go to its 04_crops.npz).
 
     ``text_embedder`` / ``image_embedder`` (objects as made by common.embedders) replace the
-    ones loaded from ``text_model`` / ``image_model`` — tests pass small fakes here.
+    ones loaded from the settings' ``text_model`` / ``image_model`` — tests pass small fakes.
     """
     from common.embedders import load_image_embedder, load_text_embedder
+    descriptions, mosaics, out = run.descriptions, run.mosaics, run.embeddings
+    image_tiles, crop_vectors_n = settings.image_tiles, settings.crop_vectors
     metas = [read_meta(descriptions), read_meta(mosaics)]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
     described = read_descriptions(descriptions)
@@ -111,8 +114,10 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     if missing:
         raise StageError(f"{len(missing)} described neurons have no mosaic in {mosaics} (e.g. "
                          f"{missing[0]}): descriptions and mosaics come from different runs")
-    text_embedder = text_embedder or load_text_embedder(text_model, device=device)
-    image_embedder = image_embedder or load_image_embedder(image_model, device=device)
+    text_embedder = text_embedder or load_text_embedder(settings.text_model,
+                                                        device=settings.device)
+    image_embedder = image_embedder or load_image_embedder(settings.image_model,
+                                                           device=settings.device)
 
     log.info("text embedding with %s (%d-d)", text_embedder.name, text_embedder.dim)
     text = text_embedder.encode([r.description for r in rows])
@@ -135,9 +140,9 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     fused, rule = fuse(text, image, shared)
     if n_cut > crop_vectors_n:
         crops.arrays["index"] = crops.arrays["index"][:, :crop_vectors_n]
-    crops_out = out.with_name(CROPS_FILE)
-    sweep_temporaries(out.parent)  # what a killed earlier run left half-written
-    retract_meta(out.parent / f"{STAGE}.meta.json")
+    crops_out = run.crop_vectors
+    sweep_temporaries(run.folder)  # what a killed earlier run left half-written
+    retract_meta(run.meta(STAGE))
     arrays = write_embeddings(out, Embeddings(
         layer=np.array([r.layer for r in rows]), channel=np.array([r.channel for r in rows]),
         text=text, image=image, fused=fused, text_model=text_embedder.name,
@@ -145,7 +150,7 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
     write_crop_vectors(crops_out, crops)
     why = ("text and image vectors share one CLIP space: their normalised mean" if shared else
            "text and image vectors come from different spaces: normalised halves concatenated")
-    write_meta(out.parent / f"{STAGE}.meta.json", STAGE, dict(args or {}),
+    write_meta(run.meta(STAGE), STAGE, dict(args or {}),
                outputs=[out, crops_out], inputs=metas,
                text_model=text_embedder.name, image_model=image_embedder.name,
                image_space=image_embedder.space, fusion=rule, fusion_reason=why,
@@ -164,10 +169,7 @@ def run(descriptions: Path, mosaics: Path, out: Path, text_embedder=None, image_
 def main(argv=None):
     """Parse flags and embed the neurons."""
     args = start_stage(build_parser(), argv, keep_memory=True)
-    run(Path(args.descriptions), Path(args.mosaics), Path(args.out), text_model=args.text_model,
-        image_model=args.image_model, image_tiles=args.image_tiles,
-        crop_vectors_n=args.crop_vectors, device=args.device,
-        args=vars(args))
+    run(Run(args.run), settings_from(Settings, args), args=vars(args))
 
 
 if __name__ == "__main__":

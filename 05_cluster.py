@@ -1,10 +1,10 @@
 """Stage 05: group each layer's neurons by meaning, measure the groups, and name each layer's concepts.
 
-Reads
+Reads, in the run folder (--run)
     03_descriptions.csv   one description per neuron (rows with status ``failed`` are skipped)
     04_embeddings.npz     text and fused embedding of every neuron
     01_activations.npz    optional, only its ``layers`` array: the layer order of the model
-Writes, in --out-dir
+Writes, in the run folder
     05_clusters.csv       layer, channel, kind, cluster, x, y (x, y: the 2-D map of that layer and kind)
     05_metrics.csv        layer, kind, k, cohesion, silhouette, davies_bouldin, ari_text_fused
     05_ksearch.csv        layer, kind, k, silhouette, inertia, chosen: every k the search fitted
@@ -26,14 +26,11 @@ an NLI zero-shot classifier when --nli-model is given, else the cosine between e
 and one phrase per category (the meta records which).
 
 Example:
-    python 05_cluster.py --descriptions data/demo/03_descriptions.csv \
-        --embeddings data/demo/04_embeddings.npz --activations data/demo/01_activations.npz \
-        --out-dir data/demo
+    python 05_cluster.py --run data/demo --projection pca
 """
 
 import argparse
 import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from common.artefacts import (CategoryRow, ClusterRow, Embeddings, KeywordRow, KSearchRow,
-                              MetricRow, columns, order_layers, read_descriptions,
+                              MetricRow, Run, columns, layer_slug, order_layers, read_descriptions,
                               read_embeddings, read_layer_order)
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -538,11 +536,6 @@ def assign_categories(layers: list[LayerData], emb: Embeddings, categories: dict
     return best, scores, method
 
 
-def safe_name(layer: str) -> str:
-    """Layer name made safe for a file name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", layer)
-
-
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display is needed or used)."""
     import matplotlib
@@ -638,30 +631,61 @@ def fmt(value: float) -> str:
     return "" if not np.isfinite(value) else f"{value:.6f}"
 
 
-def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str | Path,
-        activations_path: str | Path | None = None, k_min: int = 2, k_max: int = 512,
-        n_init: int = 3, grid_points: int = 8, seed: int = 0, projection: str = "umap",
-        n_keywords: int = 50, cluster_terms: int = 10, categories: dict[str, str] | None = None,
-        extra_stop_words: tuple[str, ...] = (), nli_model: str | None = None,
-        text_embedder_name: str | None = None, device: str = "auto", plots: bool = True,
-        classifier=None, text_embedder=None) -> dict:
-    """Cluster, map, and summarise every layer; write the 05_* files into ``out_dir``.
+@dataclass(frozen=True)
+class Settings:
+    """Stage 05's settings: one flag each (``--k-max`` …), defaults written here only."""
+
+    k_min: int = setting(2, "smallest number of clusters tried", make="K_MIN")
+    k_max: int = setting(512, "largest number of clusters tried (capped at neurons − 1 per "
+                         "layer)", make="K_MAX")
+    grid_points: int = setting(8, "k values fitted in the first, geometric round of the k search")
+    n_init: int = setting(3, "KMeans restarts per k")
+    seed: int = setting(0, "seed of KMeans and UMAP")
+    projection: str = setting("umap", "2-D map method (PCA is instant, UMAP shows local "
+                              "structure)", make="PROJECTION", choices=("umap", "pca"))
+    n_keywords: int = setting(50, "TF-IDF terms kept per layer")
+    cluster_terms: int = setting(10, "TF-IDF terms kept per cluster")
+    extra_stop_words: str = setting(
+        "", "comma-separated words to drop from keywords, besides English stop words and the "
+        "built-in filler list")
+    categories: str = setting(
+        ";".join(DEFAULT_CATEGORIES), "';'-separated concept categories, each 'name' or "
+        "'name=phrase' (the phrase is what the embedding fallback compares descriptions with)")
+    nli_model: str | None = setting(
+        None, "local path (or hub name) of an NLI model for zero-shot categories; without it, "
+        "categories come from embedding similarity", make="NLI_MODEL")
+    text_embedder: str | None = setting(
+        None, "text embedder for the category phrases, as named to common.embedders (omitted: "
+        "its offline default, all-MiniLM-L6-v2)")
+    device: str = setting("auto", "auto, cpu or cuda", make="DEVICE")
+    no_plots: bool = setting(False, "skip the PNG figures")
+
+
+def run(run: Run, settings: Settings = Settings(), classifier=None, text_embedder=None) -> dict:
+    """Cluster, map, and summarise every layer of ``run``; write its 05_* files.
 
     ``classifier`` (a zero-shot NLI callable) and ``text_embedder`` (an object with ``.encode``
     and ``.name``) may be injected; otherwise they are loaded here only if needed: the classifier
-    when ``nli_model`` is given, the embedder for the embedding-similarity fallback. Returns the
-    meta that was written.
+    when the settings name an NLI model, the embedder for the embedding-similarity fallback.
+    Returns the meta that was written.
     """
     from sklearn.metrics import adjusted_rand_score
     from tqdm import tqdm
 
+    k_min, k_max, seed, n_init = settings.k_min, settings.k_max, settings.seed, settings.n_init
+    grid_points, projection = settings.grid_points, settings.projection
     if k_min < 2 or k_max < k_min:
         raise StageError(f"need 2 ≤ --k-min ≤ --k-max, got {k_min} and {k_max}")
     if grid_points < 3:
         raise StageError(f"--grid-points must be at least 3, got {grid_points}")
-    categories = dict(categories or DEFAULT_CATEGORIES)
-    out_dir = Path(out_dir)
-    plot_dir = out_dir / "05_plots"
+    n_keywords, cluster_terms = settings.n_keywords, settings.cluster_terms
+    nli_model, plots = settings.nli_model, not settings.no_plots
+    categories = parse_categories(settings.categories)
+    extra_stop_words = tuple(w.strip() for w in settings.extra_stop_words.split(",") if w.strip())
+    descriptions_path, embeddings_path, out_dir = run.descriptions, run.embeddings, run.folder
+    # 01's layer order when 01_activations.npz is there, else the descriptions' own order
+    activations_path = run.activations if run.activations.exists() else None
+    plot_dir = run.plots
     for path, producer in ((descriptions_path, "03_describe"), (embeddings_path, "04_embed")):
         if not Path(path).exists():
             raise StageError(f"{path} does not exist; run {producer} first (e.g. `make`)")
@@ -670,7 +694,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
         input_metas.append(read_meta(activations_path))
     merge_lineage(input_metas)  # fail before any work when the inputs come from different runs
     sweep_temporaries(out_dir)  # what a killed earlier run left half-written
-    retract_meta(out_dir / "05_cluster.meta.json")  # outputs are replaced from here on
+    retract_meta(run.meta("05_cluster"))  # outputs are replaced from here on
 
     layers, emb, skipped = load_layers(descriptions_path, embeddings_path,
                                        read_layer_order(activations_path) if activations_path
@@ -726,7 +750,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
                               "cluster": int(c), "x": fmt(xy[0]), "y": fmt(xy[1])}
                              for ch, c, xy in zip(data.channels, res.labels, coords[kind])]
         if plots:
-            stem = safe_name(data.layer)
+            stem = layer_slug(data.layer)
             plot_k_selection(data.layer, results, plot_dir / f"{stem}_k.png")
             plot_maps(data.layer, coords, results, methods_used[data.layer],
                       plot_dir / f"{stem}_map.png")
@@ -734,7 +758,8 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
     progress.close()
 
     best, scores, method = assign_categories(layers, emb, categories, nli_model, classifier,
-                                             text_embedder, text_embedder_name, device)
+                                             text_embedder, settings.text_embedder,
+                                             settings.device)
     unknown = sorted(set(best) - set(categories))
     if unknown:
         raise StageError(f"the category classifier returned labels that are not categories: {unknown}")
@@ -767,7 +792,7 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
             "seed": seed, "projection": projection, "n_keywords": n_keywords,
             "cluster_terms": cluster_terms, "categories": categories,
             "extra_stop_words": list(extra_stop_words), "nli_model": nli_model}
-    return write_meta(out_dir / "05_cluster.meta.json", "05_cluster", args,
+    return write_meta(run.meta("05_cluster"), "05_cluster", args,
                       [out_dir / name for name in outputs], inputs=input_metas,
                       category_method=method, projection_used=methods_used,
                       describer_wording=sorted(template),
@@ -775,39 +800,12 @@ def run(descriptions_path: str | Path, embeddings_path: str | Path, out_dir: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of the stage."""
+    """Command-line options of the stage: ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
-    p.add_argument("--embeddings", required=True, help="04_embeddings.npz")
-    p.add_argument("--activations", default=None,
-                   help="01_activations.npz, for the model's layer order (else the order in which "
-                        "layers first appear in the descriptions)")
-    p.add_argument("--out-dir", required=True, help="folder for the 05_* files")
-    p.add_argument("--k-min", type=int, default=2, help="smallest number of clusters tried")
-    p.add_argument("--k-max", type=int, default=512,
-                   help="largest number of clusters tried (capped at neurons − 1 per layer)")
-    p.add_argument("--grid-points", type=int, default=8,
-                   help="k values fitted in the first, geometric round of the k search")
-    p.add_argument("--n-init", type=int, default=3, help="KMeans restarts per k")
-    p.add_argument("--seed", type=int, default=0, help="seed of KMeans and UMAP")
-    p.add_argument("--projection", choices=("umap", "pca"), default="umap",
-                   help="2-D map method (PCA is instant, UMAP shows local structure)")
-    p.add_argument("--n-keywords", type=int, default=50, help="TF-IDF terms kept per layer")
-    p.add_argument("--cluster-terms", type=int, default=10, help="TF-IDF terms kept per cluster")
-    p.add_argument("--extra-stop-words", default="",
-                   help="comma-separated words to drop from keywords, besides English stop words "
-                        "and the built-in filler list")
-    p.add_argument("--categories", default=";".join(DEFAULT_CATEGORIES),
-                   help="';'-separated concept categories, each 'name' or 'name=phrase' (the "
-                        "phrase is what the embedding fallback compares descriptions with)")
-    p.add_argument("--nli-model", default=None,
-                   help="local path (or hub name) of an NLI model for zero-shot categories; "
-                        "without it, categories come from embedding similarity")
-    p.add_argument("--text-embedder", default=None,
-                   help="text embedder for the category phrases, as named to common.embedders "
-                        "(omitted: its offline default, all-MiniLM-L6-v2)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    add_run(p, "03_descriptions.csv, 04_embeddings.npz (and 01's layer order)",
+            "05_clusters.csv, 05_metrics.csv, 05_ksearch.csv, 05_keywords.csv, "
+            "05_categories.csv and 05_plots/")
+    add_settings(p, Settings)
     return p
 
 
@@ -815,13 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse arguments and run the stage."""
     args = start_stage(build_parser(), argv)
-    run(args.descriptions, args.embeddings, args.out_dir, activations_path=args.activations,
-        k_min=args.k_min, k_max=args.k_max, n_init=args.n_init, grid_points=args.grid_points,
-        seed=args.seed, projection=args.projection, n_keywords=args.n_keywords,
-        cluster_terms=args.cluster_terms, categories=parse_categories(args.categories),
-        extra_stop_words=tuple(w.strip() for w in args.extra_stop_words.split(",") if w.strip()),
-        nli_model=args.nli_model, text_embedder_name=args.text_embedder, device=args.device,
-        plots=not args.no_plots)
+    run(Run(args.run), settings_from(Settings, args))
 
 
 if __name__ == "__main__":

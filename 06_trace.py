@@ -1,11 +1,11 @@
 """Stage 06: trace concepts through the layers, linking each cluster to its closest in the next layer.
 
-Reads
+Reads, in the run folder (--run)
     05_clusters.csv       which neurons form which cluster (for cluster sizes), per layer and kind
     05_keywords.csv       the top TF-IDF terms of every cluster
     01_activations.npz    optional, only its ``layers`` array: the model's layer order (else the
                           order of 05_clusters.csv, which 05 wrote in that order)
-Writes, in --out-dir
+Writes, in the run folder
     06_trace.csv          source_layer, source_cluster, source_keywords, target_layer,
                           target_cluster, target_keywords, similarity
     06_sankey.html        interactive Sankey diagram, plotly.js inlined (opens offline)
@@ -19,8 +19,7 @@ to that concept is printed and highlighted: it maximises the summed similarity o
 the query plus the summed similarity of consecutive clusters (dynamic programming over layers).
 
 Example:
-    python 06_trace.py --clusters data/demo/05_clusters.csv --keywords data/demo/05_keywords.csv \
-        --activations data/demo/01_activations.npz --out-dir data/demo --follow yellow
+    python 06_trace.py --run data/demo --follow yellow
 """
 import argparse
 import collections
@@ -31,14 +30,31 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import TraceLink, columns, order_layers, read_clusters, read_keywords, \
-    read_layer_order
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.artefacts import (Run, TraceLink, columns, order_layers, read_clusters, read_keywords,
+                              read_layer_order)
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.06_trace")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Stage 06's settings: one flag each (``--threshold`` …), defaults written here only."""
+
+    kind: str = setting("fused", "which clustering of 05 to trace", make="TRACE_KIND",
+                        choices=("fused", "text"))
+    n_keywords: int = setting(5, "keywords that represent a cluster")
+    threshold: float = setting(0.5, "smallest cosine kept as a link", make="THRESHOLD")
+    follow: str | None = setting(None, "a concept (free text) whose path is highlighted",
+                                 make="FOLLOW")
+    text_embedder: str | None = setting(
+        None, "text embedder for keywords, as named to common.embedders (omitted: its offline "
+        "default, all-MiniLM-L6-v2)")
+    device: str = setting("auto", "auto, cpu or cuda", make="DEVICE")
 
 LABEL_TERMS = 3  # keywords shown in a node label (hover shows all --n-keywords)
 LABEL_FONT_PX = 12  # label text size of the HTML Sankey
@@ -341,20 +357,23 @@ def print_path(path: list[dict], query: str, n_keywords: int) -> None:
               f"{c.text(n_keywords)}")
 
 
-def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str = "fused",
-        n_keywords: int = 5, threshold: float = 0.5, follow: str | None = None,
-        text_embedder_name: str | None = None, device: str = "auto", text_embedder=None) -> dict:
-    """Link clusters of consecutive layers and write 06_trace.csv, 06_sankey.html and .png.
+def run(run: Run, settings: Settings = Settings(), text_embedder=None) -> dict:
+    """Link clusters of consecutive layers and write the run's 06_trace.csv, 06_sankey.html and
+    .png.
 
     ``text_embedder`` (an object with ``.encode`` and ``.name``) may be injected; otherwise it
     is loaded from common.embedders. Returns the meta written (with the followed path, if any).
     """
+    clusters_path, keywords_path, out_dir = run.clusters, run.keywords, run.folder
+    # 01's layer order when 01_activations.npz is there, else 05_clusters.csv's own order
+    activations_path = run.activations if run.activations.exists() else None
+    kind, n_keywords, threshold = settings.kind, settings.n_keywords, settings.threshold
+    follow = settings.follow
     for path in (clusters_path, keywords_path):
         if not Path(path).exists():
             raise StageError(f"{path} does not exist; run 05_cluster first (e.g. `make`)")
     if n_keywords < 1:
         raise StageError(f"--n-keywords must be at least 1, got {n_keywords}")
-    out_dir = Path(out_dir)
     input_metas = [read_meta(clusters_path), read_meta(keywords_path)]
     if activations_path is not None:
         input_metas.append(read_meta(activations_path))
@@ -366,7 +385,7 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
                            read_layer_order(activations_path) if activations_path else [])
     if text_embedder is None:
         from common.embedders import load_text_embedder
-        text_embedder = load_text_embedder(text_embedder_name, device=device)
+        text_embedder = load_text_embedder(settings.text_embedder, device=settings.device)
     vectors = embed_clusters(layers, text_embedder, n_keywords)
     layers = usable(layers, vectors)
     if len(layers) < 2:
@@ -409,22 +428,11 @@ def run(clusters_path, keywords_path, out_dir, activations_path=None, kind: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of the stage."""
+    """Command-line options of the stage: ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--clusters", required=True, help="05_clusters.csv")
-    p.add_argument("--keywords", required=True, help="05_keywords.csv")
-    p.add_argument("--activations", default=None,
-                   help="01_activations.npz, for the model's layer order")
-    p.add_argument("--out-dir", required=True, help="folder for the 06_* files")
-    p.add_argument("--kind", choices=("fused", "text"), default="fused",
-                   help="which clustering of 05 to trace")
-    p.add_argument("--n-keywords", type=int, default=5, help="keywords that represent a cluster")
-    p.add_argument("--threshold", type=float, default=0.5, help="smallest cosine kept as a link")
-    p.add_argument("--follow", default=None, help="a concept (free text) whose path is highlighted")
-    p.add_argument("--text-embedder", default=None,
-                   help="text embedder for keywords, as named to common.embedders "
-                        "(omitted: its offline default, all-MiniLM-L6-v2)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_run(p, "05_clusters.csv, 05_keywords.csv (and 01's layer order)",
+            "06_trace.csv, 06_sankey.html and .png")
+    add_settings(p, Settings)
     return p
 
 
@@ -432,9 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse arguments and run the stage."""
     args = start_stage(build_parser(), argv)
-    run(args.clusters, args.keywords, args.out_dir, activations_path=args.activations,
-        kind=args.kind, n_keywords=args.n_keywords, threshold=args.threshold, follow=args.follow,
-        text_embedder_name=args.text_embedder, device=args.device)
+    run(Run(args.run), settings_from(Settings, args))
 
 
 if __name__ == "__main__":

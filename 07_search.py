@@ -1,7 +1,7 @@
 """Stage 07 — find neurons by a text query, or by an example image, across all layers.
 
-Reads (see ARTEFACTS.md) 04_embeddings.npz (one vector per neuron) and, shown next to each hit,
-03_descriptions.csv and 02_mosaics.csv (by default beside the embeddings; optional), with metas.
+Reads (see ARTEFACTS.md), in the run folder (--run), 04_embeddings.npz (one vector per neuron)
+and, shown next to each hit, 03_descriptions.csv and 02_mosaics.csv (optional), with metas.
 Prints, per query, the top-k neurons: rank, layer, channel, score, cosine, description, mosaic.
 Writes only on request: --csv FILE and --html FILE (mosaics beside the descriptions, all model text
 escaped), plus a 07_search.meta.json beside them.
@@ -10,22 +10,23 @@ A text query is embedded with the text model that 04 used and compared (cosine) 
 text embeddings; hits are ranked by that cosine. --scoring baseline subtracts the cosine of a
 content-free sentence (SemanticLens's empty-template baseline) and --scoring neuron z-scores it
 against the neuron's cosines with generic queries; measured on a labelled case and on the demo
-(bench/bench_search.py, figures in README), plain cosine ranked the right neurons first most
-often, so it is the default. An image query is compared with the neurons' image
+(bench/bench_search.py, figures in bench/RESULTS.md), plain cosine ranked the right neurons first
+most often, so it is the default. An image query is compared with the neurons' image
 embeddings and is refused when the image embedder available here is not the one 04 used.
 The search itself lives in common/search.py. With --serve (make serve), 07 serves the run's atlas
 over HTTP (Python's standard library: one local user, a few read-only JSON endpoints and static
 files need no framework) and answers its search page's queries: text, and an uploaded image.
 
 Example:
-  python 07_search.py --embeddings data/demo/04_embeddings.npz "a dog with a ball" "striped fur"
-  python 07_search.py --embeddings data/demo/04_embeddings.npz --interactive   # queries on stdin
-  python 07_search.py --embeddings data/demo/04_embeddings.npz --image cat.jpg --html cat.html
-  python 07_search.py --embeddings data/demo/04_embeddings.npz --serve --port 8765
+  python 07_search.py --run data/demo "a dog with a ball" "striped fur"
+  python 07_search.py --run data/demo --interactive                        # queries on stdin
+  python 07_search.py --run data/demo --image cat.jpg --html cat.html
+  python 07_search.py --run data/demo --serve --port 8765
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import io
 import json
 import logging
@@ -38,8 +39,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
-from common.artefacts import read_scores
+from common.artefacts import Run, read_scores
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.io import plain_text, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
 from common import render as doc
@@ -53,6 +55,28 @@ HIT_FIELDS = ["query", "rank", "layer", "channel", "score", "cosine", "descripti
 DESC_WIDTH = 70  # characters of a description printed on the terminal (files get it whole)
 TOP_K, SERVE_TOP_K = 10, 24  # neurons per query: printed, and answered to the atlas's page
 MAX_UPLOAD = 20 << 20  # largest image accepted by the live image search (bytes)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Stage 07's settings: one flag each (``--top-k`` …), defaults written here only."""
+
+    top_k: int | None = setting(
+        None, f"neurons shown per query (None: {TOP_K}, {SERVE_TOP_K} with --serve)")
+    layers: str = setting("", "comma-separated layers to search (empty: all)")
+    scoring: str = setting(
+        DEFAULT_SCORING, "ranking of a text query: cosine; baseline (minus the neuron's cosine "
+        "with --baseline); neuron (z-score against the neuron's cosines with generic queries). "
+        "docs/search.md: what each ranked first, measured", make="SCORING", choices=SCORINGS)
+    baseline: str = setting(DEFAULT_BASELINE, "--scoring baseline: the content-free text whose "
+                            "cosine is subtracted")
+    min_score: float | None = setting(
+        None, "search only neurons whose description 09 verified at least this well "
+        "(verify_corr, the correlation of the sentence with the neuron on held-out images)",
+        make="MIN_SCORE")
+    device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
+    host: str = setting("127.0.0.1", "--serve: address to listen on (local only)", make="HOST")
+    port: int = setting(8765, "--serve: port (0: any free port)", make="PORT")
 
 
 def format_hits(query: str, hits: list[dict], note: str = "") -> str:
@@ -96,33 +120,30 @@ def input_metas(embeddings: Path, descriptions: Path, mosaics: Path) -> list[dic
     return [read_meta(embeddings)] + [read_meta(p) for p in (descriptions, mosaics) if p.exists()]
 
 
-def run(embeddings: Path, queries: list[str], images: list[str] = (), interactive: bool = False,
-        top_k: int = 10, layers: list[str] | None = None, scoring: str = DEFAULT_SCORING,
-        baseline: str = DEFAULT_BASELINE,
-        csv_path: Path | None = None, html_path: Path | None = None, text_embedder=None,
-        image_embedder=None, device: str = "auto", stdin: TextIO | None = None,
-        stdout: TextIO | None = None, descriptions: Path | None = None,
-        mosaics: Path | None = None, min_score: float | None = None,
-        scores: Path | None = None, args: dict | None = None) -> list[dict]:
+def run(run: Run, queries: list[str], settings: Settings = Settings(), images: list[str] = (),
+        interactive: bool = False, csv_path: Path | None = None, html_path: Path | None = None,
+        text_embedder=None, image_embedder=None, stdin: TextIO | None = None,
+        stdout: TextIO | None = None, args: dict | None = None) -> list[dict]:
     """Answer the text ``queries``, the example ``images`` and, if ``interactive``, every line of
-    ``stdin``; print each answer to ``stdout`` and return all hit rows.
+    ``stdin`` over the neurons of ``run``; print each answer to ``stdout`` and return all hit rows.
 
-    ``descriptions``, ``mosaics`` and ``scores`` default to the contract's file names beside
-    ``embeddings``. With ``min_score`` only neurons whose description was verified (09's
-    ``verify_corr``) at least that well are searched. Embedders are loaded here only when not injected (tests inject fakes).
+    With ``settings.min_score`` only neurons whose description was verified (09's
+    ``verify_corr``) at least that well are searched. Embedders are loaded here only when not
+    injected (tests inject fakes).
     """
+    top_k, scoring, baseline = settings.top_k or TOP_K, settings.scoring, settings.baseline
+    layers = [n.strip() for n in settings.layers.split(",") if n.strip()]
+    min_score, device = settings.min_score, settings.device
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    embeddings = Path(embeddings)
-    descriptions = Path(descriptions or embeddings.parent / "03_descriptions.csv")
-    mosaics = Path(mosaics or embeddings.parent / "02_mosaics.csv")
+    embeddings, descriptions, mosaics = run.embeddings, run.descriptions, run.mosaics
     metas = input_metas(embeddings, descriptions, mosaics)
     merge_lineage(metas)  # refuse inputs that come from different runs
     index = load_index(embeddings, descriptions, mosaics)
     if layers:
         index = index.select_layers(layers)
     if min_score is not None:
-        scores = Path(scores or embeddings.parent / "09_scores.csv")
+        scores = run.scores
         if not scores.exists():
             raise StageError(f"--min-score needs {scores} (stage 09: make all); it is missing")
         metas.append(read_meta(scores))
@@ -197,8 +218,9 @@ class SearchService:
                  image_embedder=None):
         """Load the index and the embedders; image search is off (with a reason) if impossible."""
         from common.search import Searcher, load_index, loader_name
-        embeddings = run_dir / "04_embeddings.npz"
-        index = load_index(embeddings, run_dir / "03_descriptions.csv", run_dir / "02_mosaics.csv")
+        files = Run(run_dir)
+        embeddings = files.embeddings
+        index = load_index(embeddings, files.descriptions, files.mosaics)
         if text_embedder is None:
             from common.embedders import load_text_embedder
             text_embedder = load_text_embedder(loader_name(index.text_model, "text"), device=device)
@@ -351,46 +373,24 @@ def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 07."""
+    """Command-line flags of stage 07: the queries, ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("queries", nargs="*", help="text queries, e.g. \"a dog with a ball\"")
-    p.add_argument("--embeddings", required=True, type=Path, help="04_embeddings.npz of the run")
-    p.add_argument("--descriptions", type=Path, default=None,
-                   help="03_descriptions.csv (None: the one beside --embeddings)")
-    p.add_argument("--mosaics", type=Path, default=None,
-                   help="02_mosaics.csv (None: the one beside --embeddings)")
+    add_run(p, "04_embeddings.npz, 03_descriptions.csv, 02_mosaics.csv (09_scores.csv with "
+            "--min-score)", "nothing unless --csv / --html ask")
     p.add_argument("--interactive", action="store_true",
                    help="after the given queries, read one query per line from stdin until EOF")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an example image as the query (repeatable)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help=f"neurons shown per query (None: {TOP_K}, {SERVE_TOP_K} with --serve)")
-    p.add_argument("--layers", default="", help="comma-separated layers to search (empty: all)")
-    p.add_argument("--scoring", choices=SCORINGS, default=DEFAULT_SCORING,
-                   help="ranking of a text query: cosine; baseline (minus the neuron's cosine "
-                        "with --baseline); neuron (z-score against the neuron's cosines with "
-                        "generic queries). README: what each ranked first, measured")
-    p.add_argument("--baseline", default=DEFAULT_BASELINE,
-                   help="--scoring baseline: the content-free text whose cosine is subtracted")
-    p.add_argument("--min-score", type=float, default=None,
-                   help="search only neurons whose description 09 verified at least this well "
-                        "(verify_corr, the correlation of the sentence with the neuron on held-out "
-                        "images)")
-    p.add_argument("--scores", type=Path, default=None,
-                   help="09_scores.csv (None: the one beside --embeddings)")
     p.add_argument("--csv", type=Path, default=None, help="also write all hits to this CSV")
     p.add_argument("--html", type=Path, default=None,
                    help="also write an HTML page with mosaics beside the descriptions")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
     p.add_argument("--serve", action="store_true",
-                   help="serve the run's atlas (the run folder of --embeddings) over HTTP and "
-                        "answer its search page's queries (text and an uploaded image), until "
-                        "Ctrl-C")
+                   help="serve the run's atlas over HTTP and answer its search page's queries "
+                        "(text and an uploaded image), until Ctrl-C")
     p.add_argument("--atlas", type=Path, default=None,
                    help="--serve: the atlas folder (None: <run>/atlas)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="--serve: address to listen on (local only)")
-    p.add_argument("--port", type=int, default=8765, help="--serve: port (0: any free port)")
+    add_settings(p, Settings)
     return p
 
 
@@ -399,20 +399,17 @@ def main(argv=None):
     """Parse flags and answer the queries."""
     parser = build_parser()
     args = start_stage(parser, argv)
-    top_k = args.top_k or (SERVE_TOP_K if args.serve else TOP_K)
-    if top_k < 1:
+    settings = settings_from(Settings, args)
+    if settings.top_k is not None and settings.top_k < 1:
         parser.error("--top-k must be at least 1")
     if args.serve:
-        serve(args.embeddings.parent, args.atlas, args.host, args.port, top_k, args.device)
+        serve(Run(args.run).folder, args.atlas, settings.host, settings.port,
+              settings.top_k or SERVE_TOP_K, settings.device)
         return
     if not (args.queries or args.image or args.interactive):
         parser.error("give at least one query, --image PATH, --interactive or --serve")
-    layers = [n.strip() for n in args.layers.split(",") if n.strip()]
-    run(args.embeddings, args.queries, args.image, interactive=args.interactive,
-        top_k=top_k, layers=layers, scoring=args.scoring, baseline=args.baseline,
-        csv_path=args.csv, html_path=args.html, device=args.device,
-        descriptions=args.descriptions, mosaics=args.mosaics, min_score=args.min_score,
-        scores=args.scores, args=vars(args))
+    run(Run(args.run), args.queries, settings, args.image, interactive=args.interactive,
+        csv_path=args.csv, html_path=args.html, args=vars(args))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@ what they are described as, and whether switching them off undoes the mistake.
 Reads (see ARTEFACTS.md): 01_predictions.csv, 01_stats/<layer>.{max,mean}.npy, 01_activations.npz
 and 01_extract.meta.json (layers, top images, the model to re-run: a model or weights file only
 when --model / --weights name it again, a pickle only with --unsafe-pickle), 02_mosaics.csv and
-03_descriptions.csv (shown with each neuron; optional). The 01-03 inputs default to their contract
-names beside --predictions.
-Writes:
+03_descriptions.csv (shown with each neuron; optional), all in the run folder (--run).
+Writes (into the run folder):
   08_confusion.csv                 per true class: accuracy, errors, top confused classes, rank
   08_debug/pairs.csv               every confusion pair with why it was or was not analysed
   08_debug/<true>__<pred>/         per analysed pair: neurons.csv (ranked, with descriptions),
@@ -17,7 +16,7 @@ Writes:
   08_debug/attributions.npz        relevance (activation × gradient) of every neuron to the wrong
                                    and the right class of the first --attribute-images KO images
                                    of each analysed pair, for the atlas (common/attribution.py)
-  08_debug.meta.json               provenance (beside 08_confusion.csv)
+  08_debug.meta.json               provenance
 
 For a pair (true class T, predicted class P): OK = images of T predicted T, KO = images of T
 predicted P. For every neuron and both per-image aggregations (spatial max and mean):
@@ -31,11 +30,8 @@ tables and figures (``report_blocks``) that common/render.py renders through the
 report.md and report.html.
 
 Example:
-  python 08_debug.py --predictions data/demo/01_predictions.csv \
-      --confusion data/demo/08_confusion.csv --out-dir data/demo/08_debug          # automatic
-  python 08_debug.py --predictions data/r50/01_predictions.csv --confusion \
-      data/r50/08_confusion.csv --out-dir data/r50/08_debug --true palace --pred castle \
-      --model resnet50 --weights r50.pth
+  python 08_debug.py --run data/demo                                    # automatic pairs
+  python 08_debug.py --run data/r50 --true palace --pred castle --model resnet50 --weights r50.pth
 """
 from __future__ import annotations
 
@@ -49,16 +45,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from common import artefacts
 from common import render as doc
 from common.classes import name_key
-from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, stage_parser,
-                        start_stage)
+from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error,
+                        setting, settings_from, stage_parser, start_stage)
 from common.differential import AGGS, STAT_COLS, chance_rate, layer_stats
 from common.io import atomic_path, safe_name, sweep_temporaries, write_json, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+from common.rerun import load_images, load_run_model
 
 log = logging.getLogger("neuron-atlas.08_debug")
 
@@ -70,34 +66,38 @@ TILE_PX = 112  # side of an image in those sheets and in crop strips
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """What to analyse and how: the command-line flags of the stage, one field per flag (the
-    01-03 input paths are ``run``'s own arguments)."""
-    true: str | None = None        # --true: the class whose images are misclassified
-    pred: str | None = None        # --pred: the class they are mistaken for
-    min_errors: int = 5            # automatic selection: least KO images of a pair
-    min_share: float = 0.25        # … least share of the true class's errors going to the pair
-    min_images: int = 3            # least OK and KO images to compare them
-    max_pairs: int = 2             # … most pairs analysed
-    fdr: float = 0.05              # Benjamini–Hochberg level of the flag
-    z_threshold: float = 2.0       # the thesis's |z| rule
-    rank_by: str = "mean"          # aggregation that ranks neurons and picks those to ablate
-    show_top: int = 8              # neurons shown with images in reports
-    ablate_top: int = 10           # suspects zeroed in the causal check (0: no check)
-    attribute_images: int = 30     # misclassified images per pair whose neurons' relevance the
-    #                                atlas shows (activation × gradient; 0: none, no model needed)
-    ablation_sample: int = 200     # labelled images on which overall accuracy is measured; 0: all
-    batch_size: int = 32           # images per forward pass
-    seed: int = 0                  # seed of the sample and the random control
-    model: str | None = None       # 01's model, named again (see --model)
-    weights: str | None = None     # 01's weights, named again
-    unsafe_pickle: bool = False    # allow a whole pickled checkpoint (trusted files only)
-    device: str = "auto"
+class Settings(ModelAgain):
+    """What to analyse and how: one flag per field (``--min-errors`` …), defaults written here
+    only; ``make`` names the Makefile variable that sets a field. The model to re-run (causal
+    check and relevance) is named again by ``ModelAgain``'s fields."""
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Settings":
-        """The settings of parsed flags (each field is the flag of the same name)."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    true: str | None = setting(None, "true class to debug (name, label or index)", make="TRUE")
+    pred: str | None = setting(
+        None, "confusing class (default with --true: its most frequent wrong prediction)",
+        make="PRED")
+    min_errors: int = setting(5, "auto: least KO images of a pair", make="MIN_ERRORS")
+    min_share: float = setting(
+        0.25, "auto: least share of the true class's errors that go to the pair's class",
+        make="MIN_SHARE")
+    min_images: int = setting(3, "least OK and KO images needed to compare them")
+    max_pairs: int = setting(2, "auto: most pairs analysed", make="MAX_PAIRS")
+    fdr: float = setting(0.05, "Benjamini–Hochberg level of the flag", make="FDR")
+    z_threshold: float = setting(2.0, "the thesis's |z| rule")
+    rank_by: str = setting("mean", "aggregation used to rank neurons and pick the ones to ablate",
+                           choices=AGGS)
+    show_top: int = setting(8, "neurons shown with images in reports")
+    ablate_top: int = setting(
+        10, "positive-z neurons of the deepest layer zeroed in the causal check (0: no check)",
+        make="ABLATE_TOP")
+    attribute_images: int = setting(
+        30, "misclassified images per analysed pair whose neurons' relevance to the wrong and "
+        "the right class is computed for the atlas (activation × gradient; 0: none; with "
+        "--ablate-top 0 too, no model is loaded)")
+    ablation_sample: int = setting(
+        200, "labelled images (random, seeded) on which overall accuracy is measured; 0: all")
+    batch_size: int = setting(32, "images per forward pass", make="BATCH")
+    seed: int = setting(0, "seed of the sample and random control")
+    device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,48 +429,16 @@ def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str
 # Causal check: ablation of suspect neurons
 
 
-def default_image_tensor(bundle):
-    """``path → input tensor`` exactly as 01 prepared images (raises BadImage for a bad file)."""
-    from common.images import load_rgb, network_input, to_tensor
-
-    def load(path: str):
-        img, _ = load_rgb(path)
-        return to_tensor(network_input(img, bundle.input_size), bundle.mean, bundle.std)
-    return load
-
-
-def predict_probs(bundle, tensors: dict[int, object], ids: list[int], ablation: dict | None,
-                  ablate, batch_size: int, desc: str) -> dict[int, np.ndarray]:
-    """Softmax outputs for ``ids`` (whose input tensors are in ``tensors``), optionally ablated."""
-    import contextlib
-    import torch
-    out: dict[int, np.ndarray] = {}
-    ids = [i for i in ids if i in tensors]
-    ctx = ablate(bundle.model, ablation) if ablation else contextlib.nullcontext()
-    with ctx, torch.inference_mode():
-        for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=None,
-                          leave=False):
-            chunk = ids[start:start + batch_size]
-            batch = torch.stack([tensors[i].float() for i in chunk]).to(bundle.device)
-            probs = torch.softmax(bundle.model(batch).float(), dim=1).cpu().numpy()
-            out.update(zip(chunk, probs))
-    return out
+def predict_probs(bundle, images, ids: list[int], ablation: dict | None, batch_size: int,
+                  desc: str) -> dict[int, np.ndarray]:
+    """Softmax outputs for those of ``ids`` among ``images`` (common.rerun.Images), by id,
+    optionally ablated."""
+    from common.rerun import predict
+    chosen = images.select(ids)
+    return dict(zip(chosen.ids, predict(bundle, chosen, ablation, batch_size, desc)))
 
 
-def load_tensors(ids: list[int], paths: dict[int, str], image_tensor) -> dict[int, object]:
-    """Input tensors of ``ids`` (kept in float16 to halve memory); unreadable images are logged."""
-    from common.images import BadImage
-    tensors = {}
-    for i in tqdm(ids, desc="08 load images", unit="img", disable=None, leave=False):
-        try:
-            tensors[i] = image_tensor(paths[i]).half()
-        except (BadImage, OSError) as err:
-            log.warning("image %d (%s) left out of the causal check: %s", i, paths[i],
-                        getattr(err, "reason", err))
-    return tensors
-
-
-def causal_check(bundle, ablate, tensors, base: dict[int, np.ndarray], layer: str,
+def causal_check(bundle, images, base: dict[int, np.ndarray], layer: str,
                  suspects: list[int], control: list[int], pair: dict, ok_ids, ko_ids,
                  sample_ids, rows_by_id: dict[int, dict], batch_size: int) -> tuple[dict, list]:
     """Zero ``suspects`` (then, as a control, ``control``) in ``layer`` and compare predictions.
@@ -483,10 +451,8 @@ def causal_check(bundle, ablate, tensors, base: dict[int, np.ndarray], layer: st
     t, p = pair["true_idx"], pair["pred_idx"]
     pair_ids = sorted(set(ok_ids.tolist()) | set(ko_ids.tolist()))
     ids = sorted(set(pair_ids) | set(sample_ids))
-    ablated = predict_probs(bundle, tensors, ids, {layer: suspects}, ablate, batch_size,
-                            "08 ablated")
-    ctrl = predict_probs(bundle, tensors, pair_ids, {layer: control}, ablate, batch_size,
-                         "08 control")
+    ablated = predict_probs(bundle, images, ids, {layer: suspects}, batch_size, "08 ablated")
+    ctrl = predict_probs(bundle, images, pair_ids, {layer: control}, batch_size, "08 control")
     ids = [i for i in ids if i in ablated]
 
     def acc(group, probs) -> float | None:
@@ -602,22 +568,18 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
         f"that is missing).")]
     top_rows = []
     for r in ctx["top_neurons"]:
-        score = ctx["scores"].get((r["layer"], r["channel"]), {})
         top_rows.append({"rank": r["rank"], "layer": r["layer"], "channel": r["channel"],
                          "z": num(r[f"{rb}_z"]), "Δμ": num(r[f"{rb}_delta_mu"]),
                          "effect": num(r[f"{rb}_effect"]), "q": num(r[f"{rb}_q"]),
                          "FDR": "yes" if r[f"{rb}_flag_fdr"] else "no",
                          "description": r["description"] or "(no description)",
-                         "verified r": num(score.get("verify_corr"), 2),
-                         "clarity": num(score.get("clarity"), 2), "images": r.get("_image")})
+                         "images": r.get("_image")})
     blocks += [doc.table(["rank", "layer", "channel", "z", "Δμ", "effect", "q", "FDR",
-                          "description", "verified r", "clarity", "images"], top_rows,
-                         numeric=["rank", "channel", "z", "Δμ", "effect", "q", "verified r",
-                                  "clarity"], image="images"),
-               doc.paragraph("verified r: how well the description predicts the neuron's "
-                             "activation on images it was not written from (09, Pearson; compare "
-                             "with its control in 09_scores.csv); clarity: how alike its top crops "
-                             "are (0 … 1). Trust a description with a low verified r less.")]
+                          "description", "images"], top_rows,
+                         numeric=["rank", "channel", "z", "Δμ", "effect", "q"], image="images"),
+               doc.paragraph("How far to trust each description (09's verification against a "
+                             "control, and the clarity of the neuron's crops) is shown beside "
+                             "these neurons on this pair's page of the atlas (make atlas).")]
 
     blocks.append(doc.heading("Causal check"))
     cc = ctx.get("causal")
@@ -723,8 +685,7 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
     return info
 
 
-def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate,
-               image_tensor) -> None:
+def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, image_tensor) -> None:
     """Ablation re-runs for every analysed pair; results go into each analysis dict."""
     settings: Settings = ctx["settings"]
     rows_by_id = {r["image_id"]: r for r in rows}
@@ -736,9 +697,9 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate
     needed = set(sample)
     for a in analyses:
         needed |= set(a["ok_ids"].tolist()) | set(a["ko_ids"].tolist())
-    tensors = load_tensors(sorted(needed), ctx["paths"], image_tensor)
-    base = predict_probs(bundle, tensors, sorted(tensors), None, ablate, settings.batch_size,
-                         "08 baseline")
+    images = load_images(bundle, [(i, ctx["paths"][i], rows_by_id[i]["label_idx"])
+                                  for i in sorted(needed)], {}, image_tensor, "08 load images")
+    base = predict_probs(bundle, images, images.ids, None, settings.batch_size, "08 baseline")
     layer = ctx["layers"][-1]
     for a in analyses:
         suspects = suspects_of(a["stats"], layer, settings.rank_by, settings.ablate_top)
@@ -748,7 +709,7 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, ablate
             continue
         n_channels = len(a["stats"][layer][settings.rank_by]["z"])
         control = control_of(n_channels, suspects, settings.seed)
-        result, per_image = causal_check(bundle, ablate, tensors, base, layer, suspects, control,
+        result, per_image = causal_check(bundle, images, base, layer, suspects, control,
                                          a["pair"], a["ok_ids"], a["ko_ids"], sample, rows_by_id,
                                          settings.batch_size)
         a["causal"] = result
@@ -777,9 +738,8 @@ def attribute_pairs(analyses: list[dict], ctx: dict, extract_meta: dict,
     from common.attribution import attribute_images
     try:
         if bundle is None:
-            from common.models import reload_model
-            bundle = reload_model(extract_meta, settings.model, settings.weights,
-                                  settings.unsafe_pickle, settings.device)
+            bundle = load_run_model(extract_meta, device=settings.device,
+                                    **settings.model_again())
         records = attribute_images(bundle, ctx["layers"], jobs, settings.batch_size)
     except (StageError, OSError, RuntimeError, ValueError) as err:
         error = f"No relevance computed: the model could not be run ({err})."
@@ -825,35 +785,26 @@ def write_unlabelled_note(predictions: Path, confusion_path: Path, out_dir: Path
     return {"pairs": [], "causal": {}}
 
 
-def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
-        settings: Settings = Settings(), stats_dir: Path | None = None,
-        activations: Path | None = None, descriptions: Path | None = None,
-        mosaics: Path | None = None, scores: Path | None = None, bundle=None, ablate=None,
-        image_tensor=None, args: dict | None = None) -> dict:
-    """Write the confusion table and a debug report per selected pair; return a summary.
+def run(run: artefacts.Run, settings: Settings = Settings(), *, bundle=None, image_tensor=None,
+        args: dict | None = None) -> dict:
+    """Write the run's confusion table and a debug report per selected pair; return a summary.
 
-    The 01-03 inputs (and 09's optional scores) default to their contract names beside
-    ``predictions``. ``bundle`` (a common.models.ModelBundle or look-alike), ``ablate`` (a context
-    manager like common.hooks.ablate_channels) and ``image_tensor`` (path → input tensor) are
-    loaded here only when not injected; they are needed only for the causal check
+    ``bundle`` (a common.models.ModelBundle or look-alike) and ``image_tensor``
+    (path → input tensor; default: common.rerun.image_loader) are loaded here only when not
+    injected; they are needed only for the causal check
     (``settings.ablate_top`` > 0) and the relevances (``settings.attribute_images`` > 0).
     """
-    predictions = Path(predictions)
-    run_dir = predictions.parent
-    stats_dir = Path(stats_dir or run_dir / "01_stats")
-    activations = Path(activations or run_dir / "01_activations.npz")
-    descriptions = Path(descriptions or run_dir / "03_descriptions.csv")
-    mosaics = Path(mosaics or run_dir / "02_mosaics.csv")
-    scores = Path(scores or run_dir / "09_scores.csv")
-    out_dir, confusion_path = Path(out_dir), Path(confusion_path)
+    predictions, stats_dir, activations = run.predictions, run.stats, run.activations
+    descriptions, mosaics = run.descriptions, run.mosaics
+    out_dir, confusion_path = run.debug, run.confusion
     if settings.pred and not settings.true:
         raise StageError("--pred needs --true (the class whose images are misclassified)")
 
     extract_meta = read_meta(predictions)
     metas = [extract_meta, read_meta(activations), read_meta(stats_dir)] + \
-        [read_meta(p) for p in (descriptions, mosaics, scores) if p.exists()]
+        [read_meta(p) for p in (descriptions, mosaics) if p.exists()]
     merge_lineage(metas)  # refuse, before any work, inputs that come from different runs
-    meta_file = confusion_path.parent / f"{STAGE}.meta.json"
+    meta_file = run.meta(STAGE)
     sweep_temporaries(out_dir, confusion_path.parent)  # what a killed earlier run left behind
     retract_meta(meta_file)  # outputs are replaced from here on
     rows, paths = read_predictions(predictions)
@@ -883,7 +834,6 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
            "descriptions": artefacts.description_texts(
                artefacts.read_descriptions(descriptions, required=False)),
            "mosaics": {m.key: m.path for m in artefacts.read_mosaics(mosaics, required=False)},
-           "scores": artefacts.read_scores(scores),
            "paths": paths,
            "shared_names": {n for n, c in collections.Counter(names.values()).items() if c > 1}}
     ctx["layers"], input_size, _ = artefacts.read_activations(activations, layers=())
@@ -895,14 +845,10 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
     model_name = (extract_meta.get("model") or {}).get("name", "?")
     if analyses and settings.ablate_top > 0:
         if bundle is None:
-            from common.models import reload_model
-            bundle = reload_model(extract_meta, settings.model, settings.weights,
-                                  settings.unsafe_pickle, settings.device)
-        if ablate is None:
-            from common.hooks import ablate_channels as ablate
+            bundle = load_run_model(extract_meta, device=settings.device,
+                                    **settings.model_again())
         model_name = getattr(bundle, "name", model_name)
-        run_causal(analyses, rows, ctx, bundle, ablate,
-                   image_tensor or default_image_tensor(bundle))
+        run_causal(analyses, rows, ctx, bundle, image_tensor)
     attributions, attribution_error = attribute_pairs(analyses, ctx, extract_meta, bundle)
 
     outputs = [confusion_path, out_dir / "pairs.csv"]
@@ -912,7 +858,7 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
         md, _ = doc.write_report(a["folder"], f"{a['pair']['true']} → {a['pair']['pred']}",
                                  report_blocks(a["pair"], report_ctx))
         outputs += [a["folder"] / "neurons.csv", md]
-    # The runs a report is made from (not 09's scores, which may come later and only add columns).
+    # The runs a report is made from.
     upstream = {stage: fp for stage, fp in merge_lineage(metas).items()
                 if stage in ("01_extract", "02_mosaics", "03_describe")}
     for a in analyses:
@@ -940,55 +886,11 @@ def run(predictions: Path, confusion_path: Path, out_dir: Path, *,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 08 (defaults: ``Settings``)."""
-    default = Settings()
+    """Command-line flags of stage 08: ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n")[0])
-    p.add_argument("--predictions", required=True, type=Path, help="01_predictions.csv")
-    p.add_argument("--confusion", required=True, type=Path, help="08_confusion.csv to write")
-    p.add_argument("--out-dir", required=True, type=Path, help="08_debug folder to write")
-    beside = "(None: the one beside --predictions)"
-    p.add_argument("--stats-dir", type=Path, default=None, help=f"01_stats {beside}")
-    p.add_argument("--activations", type=Path, default=None, help=f"01_activations.npz {beside}")
-    p.add_argument("--descriptions", type=Path, default=None,
-                   help=f"03_descriptions.csv {beside}; optional")
-    p.add_argument("--mosaics", type=Path, default=None, help=f"02_mosaics.csv {beside}; optional")
-    p.add_argument("--scores", type=Path, default=None,
-                   help=f"09_scores.csv {beside}; optional (verification and clarity in reports)")
-    p.add_argument("--true", default=None, help="true class to debug (name, label or index)")
-    p.add_argument("--pred", default=None,
-                   help="confusing class (default with --true: its most frequent wrong prediction)")
-    p.add_argument("--min-errors", type=int, default=default.min_errors,
-                   help="auto: least KO images of a pair")
-    p.add_argument("--min-share", type=float, default=default.min_share,
-                   help="auto: least share of the true class's errors that go to the pair's class")
-    p.add_argument("--min-images", type=int, default=default.min_images,
-                   help="least OK and KO images needed to compare them")
-    p.add_argument("--max-pairs", type=int, default=default.max_pairs,
-                   help="auto: most pairs analysed")
-    p.add_argument("--fdr", type=float, default=default.fdr,
-                   help="Benjamini–Hochberg level of the flag")
-    p.add_argument("--z-threshold", type=float, default=default.z_threshold,
-                   help="the thesis's |z| rule")
-    p.add_argument("--rank-by", choices=AGGS, default=default.rank_by,
-                   help="aggregation used to rank neurons and pick the ones to ablate")
-    p.add_argument("--show-top", type=int, default=default.show_top,
-                   help="neurons shown with images in reports")
-    p.add_argument("--ablate-top", type=int, default=default.ablate_top,
-                   help="positive-z neurons of the deepest layer zeroed in the causal check "
-                        "(0: no check)")
-    p.add_argument("--attribute-images", type=int, default=default.attribute_images,
-                   help="misclassified images per analysed pair whose neurons' relevance to the "
-                        "wrong and the right class is computed for the atlas (0: none; with "
-                        "--ablate-top 0 too, no model is loaded)")
-    p.add_argument("--ablation-sample", type=int, default=default.ablation_sample,
-                   help="labelled images (random, seeded) on which overall accuracy is measured; "
-                        "0: all")
-    p.add_argument("--batch-size", type=int, default=default.batch_size,
-                   help="images per forward pass")
-    p.add_argument("--seed", type=int, default=default.seed,
-                   help="seed of the sample and random control")
-    p.add_argument("--device", default=default.device, help="auto (cuda if present), cpu, cuda …")
-    add_model_again_flags(p, "causal check and relevance")
+    add_run(p, "01's files, 02_mosaics.csv and 03_descriptions.csv",
+            "08_confusion.csv and 08_debug/")
+    add_settings(p, Settings)
     return p
 
 
@@ -1001,9 +903,7 @@ def main(argv=None):
         parser.error("--fdr must lie between 0 and 1")
     if args.min_images < 2:
         parser.error("--min-images must be at least 2 (a variance needs two images)")
-    run(args.predictions, args.confusion, args.out_dir, settings=Settings.from_args(args),
-        stats_dir=args.stats_dir, activations=args.activations, descriptions=args.descriptions,
-        mosaics=args.mosaics, scores=args.scores, args=vars(args))
+    run(artefacts.Run(args.run), settings_from(Settings, args), args=vars(args))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Stage 09 — how far to trust each neuron's description: triage, interpretability, sub-concepts
 and verification on held-out images.
 
-Reads (see ARTEFACTS.md) 01_activations.npz, 01_stats/, 01_images.csv, 01_predictions.csv,
-02_mosaics.csv (+ PNGs), 03_descriptions.csv, 04_embeddings.npz and 04_crops.npz (the vector
-04's image embedder gave each top crop).
+Reads (see ARTEFACTS.md), in the run folder (--run), 01_activations.npz, 01_stats/,
+01_images.csv, 01_predictions.csv, 02_mosaics.csv (+ PNGs), 03_descriptions.csv,
+04_embeddings.npz and 04_crops.npz (the vector 04's image embedder gave each top crop).
 Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (one row per layer),
 09_eval.csv (final-layer benchmark; no rows unless the layers include the classifier's output),
 09_subconcepts/ (sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
@@ -21,13 +21,7 @@ Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (o
    class name, beside a shuffled-sentence control.
 
 Example:
-  python 09_score.py --activations data/demo/01_activations.npz --stats-dir data/demo/01_stats \
-      --images data/demo/01_images.csv --predictions data/demo/01_predictions.csv \
-      --mosaics data/demo/02_mosaics.csv --descriptions data/demo/03_descriptions.csv \
-      --embeddings data/demo/04_embeddings.npz --crop-vectors data/demo/04_crops.npz \
-      --scores data/demo/09_scores.csv \
-      --summary data/demo/09_summary.csv --eval data/demo/09_eval.csv \
-      --subconcepts data/demo/09_subconcepts --describe-args "--backend offline"
+  python 09_score.py --run data/demo --describe-args "--backend offline"
 """
 from __future__ import annotations
 
@@ -36,19 +30,18 @@ import logging
 import math
 import os
 import shutil
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from common.artefacts import (CropVectors, Description, Mosaic, read_activations,
+from common.artefacts import (CropVectors, Description, Mosaic, Run, layer_dir, read_activations,
                               read_crop_vectors, read_descriptions, read_images, read_mosaics,
                               read_predictions, read_stats)
-from common.cli import exit_on_stage_error, stage_parser, start_stage
+from common.cli import (add_run, add_settings, exit_on_stage_error, setting, settings_from,
+                        stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -100,10 +93,13 @@ class RunInputs:
     class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
 
 
-def read_inputs(activations: Path, stats_dir: Path, images: Path, predictions: Path,
-                mosaics: Path, descriptions: Path, embeddings: Path,
-                crop_vectors: Path) -> RunInputs:
-    """Read and cross-check 09's inputs; refuse inputs that come from different runs."""
+def read_inputs(run: Run) -> RunInputs:
+    """Read and cross-check 09's inputs in ``run``; refuse inputs that come from different
+    runs."""
+    activations, stats_dir, images, predictions = (run.activations, run.stats, run.images,
+                                                   run.predictions)
+    mosaics, descriptions, embeddings = run.mosaics, run.descriptions, run.embeddings
+    crop_vectors = run.crop_vectors
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     read_meta(crop_vectors)  # written by the same 04 run as the embeddings, byte for byte
     merge_lineage(metas)
@@ -178,7 +174,7 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
             members = [tiles[i] for i in ranks]
             grid = math.ceil(math.sqrt(len(members)))
             mosaic, placed = paste_tiles(enumerate(members), grid, tile_px)
-            path = folder / _safe(layer) / f"{channel}_{s + 1}.png"
+            path = layer_dir(folder, layer) / f"{channel}_{s + 1}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes(path, png_bytes(mosaic))
             rows.append({"layer": f"{layer}#{s + 1}", "channel": channel,
@@ -190,11 +186,6 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
     write_meta(folder / "09_mosaics.meta.json", "09_subconcepts", {}, outputs=[index],
                inputs=metas, n_mosaics=len(rows))
     return index
-
-
-def _safe(layer: str) -> str:
-    """A layer name usable as a folder name (dots kept, path separators replaced)."""
-    return layer.replace("/", "_").replace(os.sep, "_")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,39 +395,34 @@ def eval_report(rows: list[dict], backend: str, layer: str | None) -> str:
 # The stage
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Stage 09's settings: one flag each (``--poly-threshold`` …), defaults written here only."""
+
+    poly_threshold: float = setting(
+        POLY_THRESHOLD, "neurons with at least this polysemanticity are split into sub-concepts",
+        make="POLY")
+    max_subconcepts: int = setting(3, "most groups a neuron's crops are split into",
+                                   choices=(2, 3))
+    describe_args: str = setting(
+        "--backend offline", "03's describer flags (03_describe.py --help) for the sub-concept "
+        "sentences: the same describer as the neurons' (make passes them)")
+    matcher: str = setting("offline", "concept matcher of the verification", make="MATCHER",
+                           choices=("offline", "clip"))
+    text_model: str = setting("all-MiniLM-L6-v2", "offline matcher: text embedder of sentences "
+                              "and class names", make="TEXT_EMBEDDER")
+    eval_model: str = setting("all-mpnet-base-v2", "final-layer benchmark embedder")
+    seed: int = setting(0, "seed of the control sentences")
+    device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
+    workers: int = setting(2, "offline matcher: processes measuring the images", make="WORKERS")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 09."""
+    """Command-line flags of stage 09: ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n")[0])
-    p.add_argument("--activations", required=True, help="01_activations.npz")
-    p.add_argument("--stats-dir", required=True, help="01_stats/")
-    p.add_argument("--images", required=True, help="01_images.csv")
-    p.add_argument("--predictions", required=True, help="01_predictions.csv")
-    p.add_argument("--mosaics", required=True, help="02_mosaics.csv")
-    p.add_argument("--descriptions", required=True, help="03_descriptions.csv")
-    p.add_argument("--embeddings", required=True, help="04_embeddings.npz")
-    p.add_argument("--crop-vectors", required=True, help="04_crops.npz: 04's vector of each top "
-                   "crop (clarity, polysemanticity, redundancy, sub-concepts)")
-    p.add_argument("--scores", required=True, help="09_scores.csv to write")
-    p.add_argument("--summary", required=True, help="09_summary.csv to write")
-    p.add_argument("--eval", required=True, help="09_eval.csv to write")
-    p.add_argument("--subconcepts", required=True, help="folder for the sub-concept mosaics")
-    p.add_argument("--poly-threshold", type=float, default=POLY_THRESHOLD,
-                   help="neurons with at least this polysemanticity are split into sub-concepts")
-    p.add_argument("--max-subconcepts", type=int, default=3, choices=[2, 3],
-                   help="most groups a neuron's crops are split into")
-    p.add_argument("--describe-args", default="--backend offline",
-                   help="03's describer flags (03_describe.py --help) for the sub-concept "
-                        "sentences: the same describer as the neurons' (make passes them)")
-    p.add_argument("--matcher", choices=["offline", "clip"], default="offline",
-                   help="concept matcher of the verification")
-    p.add_argument("--text-model", default="all-MiniLM-L6-v2",
-                   help="offline matcher: text embedder of sentences and class names")
-    p.add_argument("--eval-model", default="all-mpnet-base-v2", help="final-layer benchmark "
-                   "embedder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the control sentences")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    p.add_argument("--workers", type=int, default=2, help="offline matcher: processes measuring "
-                   "the images")
+    add_run(p, "01's files, 02_mosaics.csv, 03_descriptions.csv, 04_embeddings.npz and "
+            "04_crops.npz", "09_scores.csv, 09_summary.csv, 09_eval.csv and 09_subconcepts/")
+    add_settings(p, Settings)
     return p
 
 
@@ -453,26 +439,23 @@ def _mean(values) -> float:
 
 
 @single_threaded  # BLAS on one thread, parallel in processes (--workers): common/threads.py
-def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mosaics: Path,
-        descriptions: Path, embeddings: Path, crop_vectors: Path, scores_out: Path,
-        summary_out: Path, eval_out: Path, subconcepts: Path,
-        poly_threshold: float = POLY_THRESHOLD,
-        max_subconcepts: int = 3, describe_args: str = "--backend offline",
-        matcher: str = "offline", text_model: str = "all-MiniLM-L6-v2",
-        eval_model: str = "all-mpnet-base-v2", seed: int = 0, device: str = "auto",
-        workers: int = 2, matcher_obj=None, eval_embedder=None,
+def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedder=None,
         args: dict | None = None) -> dict:
-    """Score every neuron; return {"scores": rows, "summary": rows, "eval": rows}.
+    """Score every neuron of ``run``; return {"scores": rows, "summary": rows, "eval": rows}.
 
     ``matcher_obj`` and ``eval_embedder`` replace the ones this function would load — tests pass
     small ones.
     """
     from common import scores as S
     from common.triage import triage_layer
-    describer = parse_describe_args(describe_args)  # refused now, not after the image pass
-    inputs = read_inputs(activations, stats_dir, images, predictions, mosaics, descriptions,
-                         embeddings, crop_vectors)
-    meta_file = scores_out.parent / f"{STAGE}.meta.json"
+    describer = parse_describe_args(settings.describe_args)  # refused now, not after the images
+    poly_threshold, max_subconcepts, seed = (settings.poly_threshold, settings.max_subconcepts,
+                                             settings.seed)
+    activations, predictions, stats_dir = run.activations, run.predictions, run.stats
+    scores_out, summary_out, eval_out = run.scores, run.summary, run.eval
+    subconcepts = run.subconcepts
+    inputs = read_inputs(run)
+    meta_file = run.meta(STAGE)
     sweep_temporaries(scores_out.parent, subconcepts)  # what a killed earlier run left half-written
     retract_meta(meta_file)  # until the new one is written, 09 counts as not done
 
@@ -526,7 +509,8 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                           activations, predictions)
 
     # 4. Verification (the neurons' own sentences are scored while the sub-concepts are described)
-    match = matcher_obj or load_matcher(matcher, inputs, text_model, device, workers)
+    match = matcher_obj or load_matcher(settings.matcher, inputs, settings.text_model,
+                                        settings.device, settings.workers)
     usable_ids = np.flatnonzero(inputs.usable)
     sentences, matrix = score_sentences(inputs, groups, sorted({layer for layer, _ in candidates}),
                                         split_and_describe if candidates else None, match, seed)
@@ -565,8 +549,8 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
                     members = vectors[key][labels == sub - 1]
                     row["clarity"] = _num(S.clarity(members))
                     row["description"] = s.text if s else ""
-                    row["mosaic"] = os.path.relpath(subconcepts / _safe(layer) / f"{channel}_{sub}.png",
-                                                    scores_out.parent)
+                    png = layer_dir(subconcepts, layer) / f"{channel}_{sub}.png"
+                    row["mosaic"] = os.path.relpath(png, scores_out.parent)
                 if mine is not None:
                     row.update({"verify_corr": _num(mine["corr"]),
                                 "verify_auprc": _num(mine["auprc"]),
@@ -612,7 +596,8 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
         texts = {c: r.description for (layer, c), r in inputs.descriptions.items()
                  if layer == layer_out and r.status == "ok"}
         eval_rows = final_layer_eval(layer_out, texts, names,
-                                     eval_embedder or load_text_embedder(eval_model, device=device),
+                                     eval_embedder or load_text_embedder(settings.eval_model,
+                                                                        device=settings.device),
                                      seed)
     report = eval_report(eval_rows, inputs.describer_backend, layer_out)
     log.info("%s", report)
@@ -638,14 +623,7 @@ def run(activations: Path, stats_dir: Path, images: Path, predictions: Path, mos
 def main(argv=None):
     """Parse flags and score the neurons."""
     args = start_stage(build_parser(), argv, keep_memory=True)
-    run(Path(args.activations), Path(args.stats_dir), Path(args.images), Path(args.predictions),
-        Path(args.mosaics), Path(args.descriptions), Path(args.embeddings),
-        Path(args.crop_vectors), Path(args.scores), Path(args.summary), Path(args.eval),
-        Path(args.subconcepts),
-        poly_threshold=args.poly_threshold, max_subconcepts=args.max_subconcepts,
-        describe_args=args.describe_args, matcher=args.matcher, text_model=args.text_model,
-        eval_model=args.eval_model, seed=args.seed, device=args.device, workers=args.workers,
-        args=vars(args))
+    run(Run(args.run), settings_from(Settings, args), args=vars(args))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artefacts import Run, layer_slug
 from common.attribution import ATTRIBUTION_NOTE
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.io import replace_dir, sweep_temporaries, temp_dir
 from common.processes import worker_pool
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -59,8 +61,6 @@ from common.render import asset, json_for_script, render
 log = logging.getLogger("neuron-atlas.10_atlas")
 
 STAGE = "10_atlas"
-THUMB_PX = 160  # side of a card / hover thumbnail (JPEG)
-MOSAIC_PX = 400  # side of the mosaic shown on a neuron page (WebP; the PNG stays in 02_mosaics/)
 JPEG_QUALITY = 75  # thumbnails and mosaics: small files, crops still recognisable
 # Page-sized mosaics are most of the atlas's bytes: WebP at the same quality is about a sixth
 # smaller than JPEG (measured on the demo's mosaics); encoder method 2 costs ~6 ms more per
@@ -70,7 +70,17 @@ WEBP_METHOD = 2
 # Jobs from which 10 forks its workers: the break-even point measured with 640-px mosaics (8: 0.15 s
 # alone or in 2 processes; 16: 0.30 s alone, 0.21 s in 2).
 POOL_FROM = 8
-NEIGHBOURS = 8  # similar neurons listed per layer on a neuron page
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Stage 10's settings: one flag each, defaults written here only."""
+
+    thumb_px: int = setting(160, "side of card / hover thumbnails (JPEG)")
+    mosaic_px: int = setting(400, "side of the mosaic on neuron pages (WebP; the PNG stays in "
+                             "02_mosaics/)")
+    neighbours: int = setting(8, "similar neurons listed per layer on a neuron page")
+    workers: int = setting(2, "processes making thumbnails", make="WORKERS")
 CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
 DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
 TOP_CLASSES = 8  # classes listed for a neuron's top images
@@ -131,82 +141,81 @@ def read_run(run_dir: Path) -> RunData:
                                   read_score_rows, read_summary, read_trace)
     from common.io import read_json
 
-    def need(name: str, stage: str) -> Path:
-        """The path of a required artefact; a clear error when it is missing."""
-        path = run_dir / name
+    files = Run(run_dir)
+
+    def need(path: Path, stage: str) -> Path:
+        """``path`` of a required artefact; a clear error when it is missing."""
         if not path.exists():
             raise StageError(f"{path} not found: run stage {stage} first (make all RUN=…)")
         return path
 
-    activations = need("01_activations.npz", "01")
-    descriptions_csv = need("03_descriptions.csv", "03")
-    mosaics_csv = need("02_mosaics.csv", "02")
+    activations = need(files.activations, "01")
+    descriptions_csv = need(files.descriptions, "03")
+    mosaics_csv = need(files.mosaics, "02")
     metas = [read_meta(activations), read_meta(mosaics_csv), read_meta(descriptions_csv)]
     layers, _, topk = read_activations(activations)
     # 01-04 through common/artefacts.py (typed rows, kept here as dicts for the templates).
     run = RunData(run_dir=run_dir, layers=layers, topk=topk,
-                  images=[dataclasses.asdict(r) for r in read_images(need("01_images.csv", "01"))],
+                  images=[dataclasses.asdict(r) for r in read_images(need(files.images, "01"))],
                   predictions={r.image_id: dataclasses.asdict(r)
-                               for r in read_predictions(need("01_predictions.csv", "01"))},
+                               for r in read_predictions(need(files.predictions, "01"))},
                   extract_meta=metas[0],
                   mosaics={m.key: m.path for m in read_mosaics(mosaics_csv)},
                   descriptions={d.key: dataclasses.asdict(d)
                                 for d in read_descriptions(descriptions_csv)})
 
-    def optional(name: str, what: str) -> Path | None:
-        """The path of an optional artefact (its meta joins the lineage check), else None."""
-        path = run_dir / name
+    def optional(path: Path, what: str) -> Path | None:
+        """``path`` of an optional artefact (its meta joins the lineage check), else None."""
         if path.exists():
             metas.append(read_meta(path))
             return path
-        run.notes.append(f"{name} not found: {what} not shown.")
+        run.notes.append(f"{path.name} not found: {what} not shown.")
         return None
 
-    if path := optional("04_embeddings.npz", "similar neurons"):
+    if path := optional(files.embeddings, "similar neurons"):
         run.embeddings = read_embeddings(path)
-    if path := optional("05_clusters.csv", "clusters and 2-D maps"):
+    if path := optional(files.clusters, "clusters and 2-D maps"):
         rows = read_clusters(path)
         kinds = {r.kind for r in rows}
-        trace_meta = run_dir / "06_trace.meta.json"
+        trace_meta = files.meta("06_trace")
         wanted = read_json(trace_meta).get("args", {}).get("kind") if trace_meta.exists() else None
         run.cluster_kind = wanted if wanted in kinds else ("fused" if "fused" in kinds
                                                           else next(iter(sorted(kinds)), None))
         run.clusters = {(r.layer, r.channel): (r.cluster, r.x, r.y)
                         for r in rows if r.kind == run.cluster_kind}
         terms = collections.defaultdict(list)
-        for r in read_keywords(run_dir / "05_keywords.csv"):
+        for r in read_keywords(files.keywords):
             if r.kind in (run.cluster_kind, "all"):
                 terms[(r.layer, r.cluster)].append((r.rank, r.term))
         run.keywords = {k: ", ".join(t for _, t in sorted(v)[:4]) for k, v in terms.items()}
-        run.metrics = {r.layer: r for r in read_metrics(run_dir / "05_metrics.csv")
+        run.metrics = {r.layer: r for r in read_metrics(files.metrics)
                        if r.kind == run.cluster_kind}
-        if (run_dir / "05_categories.csv").exists():
-            run.categories = {(r.layer, r.channel): r
-                              for r in read_categories(run_dir / "05_categories.csv")}
+        if files.categories.exists():
+            run.categories = {(r.layer, r.channel): r for r in read_categories(files.categories)}
         run.map_methods = read_meta(path).get("projection_used", {})
-    if path := optional("06_trace.csv", "the concept trace"):
+    if path := optional(files.trace, "the concept trace"):
         run.trace = read_trace(path)
-    if path := optional("08_confusion.csv", "debugging"):
+    if path := optional(files.confusion, "debugging"):
         run.confusion = [{**dataclasses.asdict(r), "class": r.class_}
                          for r in read_confusion(path)]
-        pairs_csv = run_dir / "08_debug" / "pairs.csv"
+        pairs_csv = files.pairs
         pairs = read_pairs(pairs_csv) if pairs_csv.exists() else []
         run.pairs = [{**dataclasses.asdict(p), "analysed": p.analysed} for p in pairs]
         for pair in pairs:
-            neurons = run_dir / "08_debug" / pair.folder / "neurons.csv"
+            neurons = files.debug / pair.folder / "neurons.csv"
             if pair.analysed and neurons.exists():
                 run.debug_neurons[pair.folder] = [dataclasses.asdict(r)
                                                   for r in read_debug_neurons(neurons)]
         meta08 = metas[-1]  # 08_confusion.csv's, read by ``optional``
-        attributions = run_dir / "08_debug" / "attributions.npz"
+        attributions = files.attributions
         if attributions.is_file():
-            read_meta(attributions, run_dir / "08_debug.meta.json")  # 08's, unchanged since
+            read_meta(attributions, files.meta("08_debug"))  # 08's, unchanged since
             run.attributions = read_attributions(attributions)
         run.attribution_error = meta08.get("attribution_error", "")
-    if path := optional("09_scores.csv", "scores"):
+    if path := optional(files.scores, "scores"):
         run.scores = read_score_rows(path)
-        if (run_dir / "09_summary.csv").exists():
-            run.summary = read_summary(run_dir / "09_summary.csv")
+        if files.summary.exists():
+            run.summary = read_summary(files.summary)
     run.metas = metas
     read_reports(run)
     return run
@@ -267,6 +276,7 @@ def read_reports(run: RunData) -> None:
                                   read_compare_scores, read_concept_matches, read_matches,
                                   read_pruning)
     run_dir, name = run.run_dir, run.run_dir.name
+    files = Run(run_dir)
 
     def check(report: Report, artefact: Path, sources: list[tuple[str, Path]],
               meta_file: Path | None = None) -> bool:
@@ -293,16 +303,15 @@ def read_reports(run: RunData) -> None:
 
     baskets = Report("baskets", "Baskets of neurons that fire together (11)", "baskets",
                      f"make baskets RUN={name}")
-    if check(baskets, run_dir / "11_baskets.csv", [("lineage", run_dir)]):
-        run.baskets = read_baskets(run_dir / "11_baskets.csv")
-        run.pruning = read_pruning(run_dir / "11_pruning.csv")
+    if check(baskets, files.baskets, [("lineage", run_dir)]):
+        run.baskets = read_baskets(files.baskets)
+        run.pruning = read_pruning(files.pruning)
         baskets.page = "baskets.html"
     audit = Report("audit", "Audit of classes against valid and spurious concepts (13)", "audit",
                    f"make audit RUN={name} AUDIT=concepts.yaml")
-    if check(audit, run_dir / "13_audit" / "audit.csv", [("lineage", run_dir)],
-             run_dir / "13_audit" / "13_audit.meta.json"):
-        run.audit = read_audit(run_dir / "13_audit" / "audit.csv")
-        run.audit_summary = read_audit_summary(run_dir / "13_audit" / "summary.csv")
+    if check(audit, files.audit, [("lineage", run_dir)], files.audit_dir / "13_audit.meta.json"):
+        run.audit = read_audit(files.audit)
+        run.audit_summary = read_audit_summary(files.audit_summary)
         audit.page = "audit/index.html"
     run.reports = [baskets, audit]
     for folder in sorted(run_dir.glob("12_compare__*/")):
@@ -323,7 +332,7 @@ def read_reports(run: RunData) -> None:
                 alignment=read_alignment(folder / "12_alignment.csv"),
                 concepts=read_concept_matches(folder / "12_concepts.csv"),
                 scores=read_compare_scores(folder / "12_scores.csv")))
-            report.page = f"compare/{slug(other)}.html"
+            report.page = f"compare/{layer_slug(other)}.html"
     if not any(r.kind == "compare" for r in run.reports):
         run.reports.append(Report("compare", "Comparison with another run (12)", "",
                                   f"make compare RUN={name} OTHER=<another run>"))
@@ -331,11 +340,6 @@ def read_reports(run: RunData) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Neurons: one record per neuron with everything its card, page and map point need
-
-
-def slug(layer: str) -> str:
-    """A file-name-safe form of a layer name (``features.3`` stays, ``a/b`` → ``a_b``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", layer).strip(".") or "layer"
 
 
 def number(text: str):
@@ -378,7 +382,7 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
 
             values = top.values[c][top.image_ids[c] >= 0]
             records.append({
-                "layer": layer, "slug": slug(layer), "channel": c,
+                "layer": layer, "slug": layer_slug(layer), "channel": c,
                 "description": desc.get("description", "") if desc.get("status") == "ok" else "",
                 "status": desc.get("status", "missing"), "reason": desc.get("reason", ""),
                 "level": desc.get("level", ""),
@@ -391,7 +395,7 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
                 "subs": subs.get(key, []),
                 "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
                 "mosaic_png": run.mosaics.get(key),
-                "url": f"neurons/{slug(layer)}/{c}.html",
+                "url": f"neurons/{layer_slug(layer)}/{c}.html",
             })
         out[layer] = records
     return out
@@ -555,7 +559,7 @@ class Site:
         self.scored = run.scores is not None
         self.layer_info = [self._layer_info(name) for name in run.layers]
         slugs = collections.Counter(info["slug"] for info in self.layer_info)
-        if clash := [name for name in run.layers if slugs[slug(name)] > 1]:
+        if clash := [name for name in run.layers if slugs[layer_slug(name)] > 1]:
             raise StageError(f"layers {clash} map to the same file name in the atlas; rename "
                              f"them, or choose other layers with LAYERS=…")
         for i, info in enumerate(self.layer_info):
@@ -574,7 +578,7 @@ class Site:
         levels = collections.Counter(r["level"] for r in recs if r["level"])
         metric = self.run.metrics.get(name)
         method = self.run.map_methods.get(name, {}).get(self.run.cluster_kind, "")
-        return {"name": name, "slug": slug(name), "neurons": len(recs),
+        return {"name": name, "slug": layer_slug(name), "neurons": len(recs),
                 "described": sum(r["status"] == "ok" for r in recs),
                 "level": levels.most_common(1)[0][0] if levels else "–",
                 "k": metric.k if metric else None,
@@ -624,7 +628,7 @@ class Site:
         for b in self.run.baskets:
             source = self.run.run_dir / b.mosaic
             if b.mosaic and source.is_file():
-                self.basket_thumbs[b.basket] = f"baskets/{slug(b.layer)}/b{b.number}.jpg"
+                self.basket_thumbs[b.basket] = f"baskets/{layer_slug(b.layer)}/b{b.number}.jpg"
                 jobs.append((str(source), [(str(self.out / self.basket_thumbs[b.basket]),
                                             thumb_px)]))
         return jobs
@@ -718,7 +722,7 @@ class Site:
             key = (layer, cluster)
             if key not in index:
                 index[key] = len(nodes)
-                nodes.append({"layer": layer, "slug": slug(layer), "cluster": cluster,
+                nodes.append({"layer": layer, "slug": layer_slug(layer), "cluster": cluster,
                               "size": sizes.get(key, 0),
                               "label": f"{layer}: {self.run.keywords.get((layer, cluster), '')}"})
             return index[key]
@@ -829,7 +833,7 @@ class Site:
                 continue
             rows = []
             for b in mine:
-                anchor = f"b-{slug(b.layer)}-{b.number}"
+                anchor = f"b-{layer_slug(b.layer)}-{b.number}"
                 rows.append({"row": b, "anchor": anchor,
                              "thumb": self.basket_thumbs.get(b.basket, ""),
                              "png": Path(os.path.relpath(run.run_dir / b.mosaic,
@@ -842,7 +846,7 @@ class Site:
                          "cohesion": b.cohesion, "description": b.description})
             tree = Path(mine[0].mosaic).parent  # 11_baskets/<layer as a file name>/
             tree = run.run_dir / tree.parent / f"tree_{tree.name}.png"
-            layers.append({"name": layer, "slug": slug(layer), "baskets": rows,
+            layers.append({"name": layer, "slug": layer_slug(layer), "baskets": rows,
                            "neurons": len(self.records[layer]),
                            "tree": Path(os.path.relpath(tree, run.run_dir / "atlas")).as_posix()
                            if tree.is_file() else ""})
@@ -886,9 +890,9 @@ class Site:
     def compare_page(self, comparison: Comparison, out: dict) -> None:
         """compare/<other>.html: the layer alignment, concepts without a counterpart and 09's
         scores of both runs; each neuron's page gets its best match in the other run."""
-        rel = f"compare/{slug(comparison.other)}.html"
+        rel = f"compare/{layer_slug(comparison.other)}.html"
         for key, m in comparison.matches.items():
-            target = f"neurons/{slug(m.match_layer)}/{m.match_channel}.html"
+            target = f"neurons/{layer_slug(m.match_layer)}/{m.match_channel}.html"
             page = self.by_key[key]["url"] if key in self.by_key else target
             out[key]["matches"].append(
                 {"other": comparison.other, "layer": m.match_layer, "channel": m.match_channel,
@@ -903,9 +907,9 @@ class Site:
         for r in comparison.concepts:
             if r.counterpart:
                 continue
-            url = f"../layers/{slug(r.layer)}.html"  # from compare/
+            url = f"../layers/{layer_slug(r.layer)}.html"  # from compare/
             if r.side == "B":
-                url = self.other_page(comparison, f"layers/{slug(r.layer)}.html", rel)
+                url = self.other_page(comparison, f"layers/{layer_slug(r.layer)}.html", rel)
             concepts.append({"row": r, "url": f"{url}#cluster={r.cluster}" if url else ""})
         facts = {"neurons": len(matches), "mutual": sum(m.mutual for m in matches),
                  "mean": float(np.mean([m.cosine for m in matches])) if matches else None,
@@ -1000,13 +1004,16 @@ class Site:
                 top.append({"layer": layer, "neurons": [
                     {**{k: by_key[(layer, c)][k] for k in ("url", "thumb", "description")},
                      "layer": layer, "channel": c, "value": v} for v, c in ranked]})
-            flagged = [{"rank": r["rank"], "layer": r["layer"], "channel": int(r["channel"]),
-                        "url": by_key[(r["layer"], int(r["channel"]))]["url"]
-                        if (r["layer"], int(r["channel"])) in by_key else "",
-                        "z": number(r.get("mean_z")), "q": number(r.get("mean_q")),
-                        "flagged": flag(r) or "no",
-                        "description": r.get("description", "")}
-                       for r in run.debug_neurons.get(folder, [])[:DEBUG_TOP]]
+            flagged = []
+            for r in run.debug_neurons.get(folder, [])[:DEBUG_TOP]:
+                rec = by_key.get((r["layer"], int(r["channel"])), {"url": "", "scores": {}})
+                flagged.append({"rank": r["rank"], "layer": r["layer"],
+                                "channel": int(r["channel"]), "url": rec["url"],
+                                "z": number(r.get("mean_z")), "q": number(r.get("mean_q")),
+                                "flagged": flag(r) or "no",
+                                "verify_corr": rec["scores"].get("verify_corr"),
+                                "clarity": rec["scores"].get("clarity"),
+                                "description": r.get("description", "")})
             note = run.attribution_error
             if pair["ko_ids"] and pair["ko_total"] > len(pair["ko_ids"]):
                 note = (note + " " if note else "") + (f"Only the first {len(pair['ko_ids'])} of "
@@ -1048,8 +1055,7 @@ def debug_appearances(run: RunData, pairs: list[dict]) -> dict:
 # Building
 
 
-def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
-          mosaic_px: int = MOSAIC_PX, n_neighbours: int = NEIGHBOURS, workers: int = 2,
+def build(run_dir: Path, settings: Settings = Settings(), out: Path | None = None,
           args: dict | None = None) -> Path:
     """Write the atlas of ``run_dir`` into ``out`` (default ``run_dir/atlas``); return index.html.
 
@@ -1073,14 +1079,14 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
         site = Site(run, tmp, records)
         site.assets()
         clock = time.perf_counter()
-        jobs = site.image_jobs(thumb_px, mosaic_px)
-        errors = make_images(jobs, workers)
+        jobs = site.image_jobs(settings.thumb_px, settings.mosaic_px)
+        errors = make_images(jobs, settings.workers)
         for err in errors:
             log.warning("mosaic skipped: %s", err)
         log.info("10: %d mosaics shrunk in %.1f s", len(jobs), time.perf_counter() - clock)
         clock = time.perf_counter()
         pairs = analysed_pairs(run)
-        similar, similar_kind = neighbours(run, n_neighbours)
+        similar, similar_kind = neighbours(run, settings.neighbours)
         contributions = {}
         if run.confusion is not None:
             contributions = site.debug_pages(pairs, ATTRIBUTION_NOTE)
@@ -1112,16 +1118,11 @@ def build(run_dir: Path, out: Path | None = None, thumb_px: int = THUMB_PX,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 10."""
+    """Command-line flags of stage 10: ``--run``, ``--out`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, type=Path, help="run folder (data/<RUN>)")
+    add_run(p, "every stage's files (01–03 needed, the others shown when present)", "atlas/")
     p.add_argument("--out", type=Path, default=None, help="atlas folder (None: <run>/atlas)")
-    p.add_argument("--thumb-px", type=int, default=THUMB_PX, help="side of card thumbnails")
-    p.add_argument("--mosaic-px", type=int, default=MOSAIC_PX,
-                   help="side of the mosaic on neuron pages")
-    p.add_argument("--neighbours", type=int, default=NEIGHBOURS,
-                   help="similar neurons listed per layer on a neuron page")
-    p.add_argument("--workers", type=int, default=2, help="processes making thumbnails")
+    add_settings(p, Settings)
     return p
 
 
@@ -1132,8 +1133,7 @@ def main(argv=None):
     args = start_stage(parser, argv)
     if min(args.thumb_px, args.mosaic_px) < 1:
         parser.error("--thumb-px and --mosaic-px must be ≥ 1")
-    build(args.run, args.out, args.thumb_px, args.mosaic_px, args.neighbours, args.workers,
-          args=vars(args))
+    build(args.run, settings_from(Settings, args), args.out, args=vars(args))
 
 
 if __name__ == "__main__":

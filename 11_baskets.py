@@ -15,27 +15,28 @@ members is ≥ --min-corr. Clusters of ≥ 2 neurons are baskets, numbered large
 (``<layer>:b1`` …).
 
 Union and difference of two baskets (after a build; any two, of any layers):
-  python 11_baskets.py --run-dir data/demo --union _blocks.15:b1 _blocks.15:b2
-  python 11_baskets.py --run-dir data/demo --difference _blocks.8:n197 _blocks.8:b4
+  python 11_baskets.py --run data/demo --union _blocks.15:b1 _blocks.15:b2
+  python 11_baskets.py --run data/demo --difference _blocks.8:n197 _blocks.8:b4
 print the members, the images that activate the set jointly and the sentences of both baskets and
 of the set (03 run on the set's mosaic), and keep them in 11_sets/<op>__<A>__<B>/. Besides
 baskets, any node of a layer's tree can be named, ``<layer>:n<node>`` (e.g. a basket's parent).
 
 Example (build):
-  python 11_baskets.py --run-dir data/demo --describe-args "--backend offline"
+  python 11_baskets.py --run data/demo --describe-args "--backend offline"
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import (StageError, add_model_again_flags, exit_on_stage_error, model_again,
-                        stage_parser, start_stage)
+from common.artefacts import Run, layer_dir, layer_slug
+from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error,
+                        setting, settings_from, stage_parser, start_stage)
 from common.describers import DescriberSettings, describe_index, parse_describe_args
 from common.io import load_npz, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -52,21 +53,31 @@ PRUNE_FIELDS = ["basket", "layer", "size", "class_idx", "class_name", "n_images"
                 "delta_pruned", "delta_random", "p_true_before", "p_true_pruned",
                 "p_true_random", "controls"]
 INDEX_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
-MIN_CORR = 0.5  # join groups whose members correlate at least this much on average
+
+
+@dataclass(frozen=True)
+class Settings(ModelAgain):
+    """Stage 11's settings: one flag each, defaults written here only (the model to prune with
+    is named again by ``ModelAgain``'s fields)."""
+
+    min_corr: float = setting(0.5, "cut: groups are joined while their members correlate at "
+                              "least this much on average", make="MIN_CORR")
+    grid: int = setting(10, "mosaic tiles per side", make="GRID")
+    tile: int = setting(64, "mosaic tile side (px)", make="TILE")
+    describe_args: str = setting("--backend offline", "03's describer flags (03_describe.py "
+                                 "--help) for the basket sentences (make passes the run's)")
+    prune: int = setting(2, "largest baskets per layer pruned (0: none)", make="PRUNE")
+    controls: int = setting(3, "random baskets of the same size pruned per basket",
+                            make="CONTROLS")
+    prune_images: int = setting(40, "labelled images per class used by the pruning check",
+                                make="PRUNE_IMAGES")
+    seed: int = setting(0, "seed of the image sample and controls")
+    batch_size: int = setting(32, "images per forward pass", make="BATCH")
+    device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading the run
-
-
-def run_paths(run_dir: Path) -> dict[str, Path]:
-    """The contract names of 11's inputs and outputs in ``run_dir``."""
-    return {"activations": run_dir / "01_activations.npz", "stats": run_dir / "01_stats",
-            "images": run_dir / "01_images.csv", "predictions": run_dir / "01_predictions.csv",
-            "descriptions": run_dir / "03_descriptions.csv",
-            "baskets": run_dir / "11_baskets.csv", "tree": run_dir / "11_tree.npz",
-            "pruning": run_dir / "11_pruning.csv", "folder": run_dir / "11_baskets",
-            "sets": run_dir / "11_sets"}
 
 
 def layer_levels(descriptions: Path) -> dict[str, int]:
@@ -75,11 +86,6 @@ def layer_levels(descriptions: Path) -> dict[str, int]:
         return {}
     from common.artefacts import read_descriptions
     return {r.layer: r.level or 1 for r in read_descriptions(descriptions)}
-
-
-def safe_name(text: str) -> str:
-    """``text`` as a file name (anything but letters, digits, dot, dash and underscore → _)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,22 +134,22 @@ def describe_mosaics(rows: list[dict], folder: Path, describer: DescriberSetting
 # Pruning
 
 
-def prune_baskets(baskets: list[dict], channels: dict[str, int], run_dir: Path, n_prune: int,
-                  n_controls: int, per_class: int, seed: int, device: str, batch_size: int,
-                  bundle=None, model: dict | None = None) -> list[dict]:
-    """Zero the ``n_prune`` largest baskets of each layer, then as many random baskets of the
-    same size (``n_controls`` each, seeded) and report per-class accuracy changes. ``model``:
-    the model as the user names it again (``model``, ``weights``, ``unsafe_pickle``)."""
+def prune_baskets(baskets: list[dict], channels: dict[str, int], run: Run, settings: Settings,
+                  bundle=None) -> list[dict]:
+    """Zero the ``settings.prune`` largest baskets of each layer, then as many random baskets of
+    the same size (``settings.controls`` each, seeded) and report per-class accuracy changes.
+    ``bundle`` replaces the model the settings name again — tests pass a small one."""
     from common.artefacts import read_predictions
     from common.baskets import random_baskets
-    from common.pruning import (class_name, labelled_images, load_run_model,
-                                per_class as class_stats, predict)
-    chosen = [b for b in baskets if b["number"] <= n_prune]
+    from common.rerun import (class_name, labelled_images, load_run_model,
+                              per_class as class_stats, predict)
+    n_controls, seed, batch_size = settings.controls, settings.seed, settings.batch_size
+    chosen = [b for b in baskets if b["number"] <= settings.prune]
     if not chosen:
         return []
-    bundle = bundle or load_run_model(read_meta(run_dir / "01_activations.npz"),
-                                      device=device, **(model or {}))
-    images = labelled_images(read_predictions(run_dir / "01_predictions.csv"), bundle, per_class,
+    bundle = bundle or load_run_model(read_meta(run.activations), device=settings.device,
+                                      **settings.model_again())
+    images = labelled_images(read_predictions(run.predictions), bundle, settings.prune_images,
                              seed)
     if not images.ids:
         raise StageError("no labelled image could be loaded for pruning")
@@ -204,39 +210,38 @@ def plot_tree(tree: np.ndarray, min_corr: float, layer: str, path: Path) -> None
     write_bytes(path, buf.getvalue())
 
 
-def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int = 64,
-          describe_args: str = "--backend offline", prune: int = 2, controls: int = 3,
-          prune_images: int = 40, seed: int = 0, device: str = "auto", batch_size: int = 32,
-          model: dict | None = None, describe=None, bundle=None, args: dict | None = None) -> dict:
-    """Find, describe and prune the baskets of every layer of the run in ``run_dir``.
+def build(run: Run, settings: Settings = Settings(), describe=None, bundle=None,
+          args: dict | None = None) -> dict:
+    """Find, describe and prune the baskets of every layer of ``run``.
 
     ``describe`` (like ``common.describers.describe_index``) and ``bundle`` (the model) replace the
     ones this function would use — tests pass small ones. Returns {"baskets", "pruning"} rows.
     """
     from common.artefacts import read_activations, read_images, read_stats
     from common.baskets import cluster, correlation, joint_images, random_baskets
-    describer = parse_describe_args(describe_args)  # refused before any work
-    p = run_paths(run_dir)
-    retract_meta(run_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
-    sweep_temporaries(p["folder"])
-    metas = [read_meta(p["activations"]), read_meta(p["stats"])]
-    if p["descriptions"].is_file():
-        metas.append(read_meta(p["descriptions"]))
+    describer = parse_describe_args(settings.describe_args)  # refused before any work
+    min_corr, grid, tile, seed = settings.min_corr, settings.grid, settings.tile, settings.seed
+    run_dir = run.folder
+    retract_meta(run.meta(STAGE))  # not done until the new meta is written
+    sweep_temporaries(run.basket_dir)
+    metas = [read_meta(run.activations), read_meta(run.stats)]
+    if run.descriptions.is_file():
+        metas.append(read_meta(run.descriptions))
     merge_lineage(metas)  # refuse 03 sentences of another run's mosaics
-    layers, _, tops = read_activations(p["activations"])
-    paths = [r.path for r in read_images(p["images"])]
-    levels = layer_levels(p["descriptions"])
-    folder = p["folder"]
+    layers, _, tops = read_activations(run.activations)
+    paths = [r.path for r in read_images(run.images)]
+    levels = layer_levels(run.descriptions)
+    folder = run.basket_dir
     folder.mkdir(parents=True, exist_ok=True)
     baskets, trees, index_rows, cache = [], {}, [], {}
     for layer in layers:
-        stats = read_stats(p["stats"], layer, "max")
+        stats = read_stats(run.stats, layer, "max")
         corr = correlation(stats)
         tree, found = cluster(corr, min_corr)
         trees[f"{layer}/linkage"] = tree
         trees[f"{layer}/correlation"] = corr.astype(np.float32)
         if len(tree):
-            plot_tree(tree, min_corr, layer, folder / f"tree_{safe_name(layer)}.png")
+            plot_tree(tree, min_corr, layer, folder / f"tree_{layer_slug(layer)}.png")
         log.info("%s: %d baskets of ≥ 2 neurons (%d of %d neurons in one)", layer, len(found),
                  sum(len(b.members) for b in found), corr.shape[0])
         for b in found:
@@ -245,7 +250,7 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
                       for r in random_baskets(corr.shape[0], len(b.members), 20, seed + b.number)]
             ids, _, hits = joint_images(np.asarray(stats[:, b.members]), grid * grid)
             png, placed = image_mosaic(ids, paths, grid, tile, cache)
-            mosaic = folder / safe_name(layer) / f"b{b.number}.png"
+            mosaic = layer_dir(folder, layer) / f"b{b.number}.png"
             write_bytes(mosaic, png)
             name = f"{layer}:b{b.number}"
             index_rows.append({"layer": f"{layer}:basket", "channel": b.number,
@@ -269,13 +274,12 @@ def build(run_dir: Path, min_corr: float = MIN_CORR, grid: int = 10, tile: int =
     for b in baskets:
         b["description"] = sentences.get((f"{b['layer']}:basket", b["number"]), "")
     channels = {layer: tops[layer].channels for layer in layers}
-    pruning = prune_baskets(baskets, channels, run_dir, prune, controls, prune_images, seed,
-                            device, batch_size, bundle, model) if prune > 0 else []
-    save_npz(p["tree"], trees)
-    write_csv(p["baskets"], baskets, BASKET_FIELDS)
-    write_csv(p["pruning"], pruning, PRUNE_FIELDS)
-    write_meta(run_dir / f"{STAGE}.meta.json", STAGE, dict(args or {}),
-               outputs=[p["baskets"], p["tree"], p["pruning"]], inputs=metas,
+    pruning = prune_baskets(baskets, channels, run, settings, bundle) if settings.prune > 0 else []
+    save_npz(run.tree, trees)
+    write_csv(run.baskets, baskets, BASKET_FIELDS)
+    write_csv(run.pruning, pruning, PRUNE_FIELDS)
+    write_meta(run.meta(STAGE), STAGE, dict(args or {}),
+               outputs=[run.baskets, run.tree, run.pruning], inputs=metas,
                min_corr=min_corr, n_baskets=len(baskets))
     return {"baskets": baskets, "pruning": pruning}
 
@@ -314,23 +318,23 @@ def tree_node(tree_path: Path, name: str, baskets_path: Path) -> dict:
     return {"member_set": {(layer, int(c)) for c in leaves}, "description": ""}
 
 
-def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: int = 64,
-                  describe_args: str = "--backend offline", describe=None) -> dict:
+def set_operation(run: Run, op: str, a: str, b: str, settings: Settings = Settings(),
+                  describe=None) -> dict:
     """Members, joint images and sentences of ``a ∪ b`` or ``a \\ b`` (``op``: union |
     difference); kept in 11_sets/<op>__<a>__<b>/set.json and printed by ``main``."""
     from common.artefacts import read_images, read_stats
     from common.baskets import joint_images
-    describer = parse_describe_args(describe_args)  # refused before any work
-    p = run_paths(run_dir)
-    baskets = baskets_by_name(p["baskets"])
-    read_meta(p["tree"])
+    describer = parse_describe_args(settings.describe_args)  # refused before any work
+    grid, tile = settings.grid, settings.tile
+    baskets = baskets_by_name(run.baskets)
+    read_meta(run.tree)
     for name in (a, b):
         if name not in baskets:
-            baskets[name] = tree_node(p["tree"], name, p["baskets"])
+            baskets[name] = tree_node(run.tree, name, run.baskets)
     members = (baskets[a]["member_set"] | baskets[b]["member_set"] if op == "union"
                else baskets[a]["member_set"] - baskets[b]["member_set"])
     members = sorted(members)
-    folder = p["sets"] / safe_name(f"{op}__{a}__{b}")
+    folder = run.basket_sets / layer_slug(f"{op}__{a}__{b}")
     folder.mkdir(parents=True, exist_ok=True)
     result = {"operation": op, "a": a, "b": b,
               "members": [f"{layer}:{c}" for layer, c in members],
@@ -338,17 +342,17 @@ def set_operation(run_dir: Path, op: str, a: str, b: str, grid: int = 10, tile: 
               "b_description": baskets[b]["description"], "images": [], "description": ""}
     if members:
         layers = sorted({layer for layer, _ in members})
-        columns = np.concatenate([np.asarray(read_stats(p["stats"], layer, "max")[
+        columns = np.concatenate([np.asarray(read_stats(run.stats, layer, "max")[
             :, [c for ly, c in members if ly == layer]]) for layer in layers], axis=1)
         ids, _, hits = joint_images(columns, grid * grid)
-        paths = [r.path for r in read_images(p["images"])]
+        paths = [r.path for r in read_images(run.images)]
         png, placed = image_mosaic(ids, paths, grid, tile, {})
         write_bytes(folder / "mosaic.png", png)
-        level = layer_levels(p["descriptions"]).get(members[0][0], 1)
+        level = layer_levels(run.descriptions).get(members[0][0], 1)
         sentences = describe_mosaics([{"layer": "set", "channel": 1, "path": "mosaic.png",
                                        "n_tiles": placed, "grid": grid, "tile_px": tile,
                                        "crop": "image"}], folder, describer,
-                                     {"set": level}, [read_meta(p["baskets"])], describe)
+                                     {"set": level}, [read_meta(run.baskets)], describe)
         result.update(images=[int(i) for i in ids], joint_hits=hits,
                       image_paths=[paths[int(i)] for i in ids[:10]],
                       description=sentences.get(("set", 1), ""),
@@ -375,29 +379,15 @@ def format_set(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
+    """Command-line flags: ``--run``, the set operations and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", required=True, help="the run's folder (data/<RUN>)")
+    add_run(p, "01's files and 03_descriptions.csv",
+            "11_baskets.csv, 11_tree.npz, 11_pruning.csv, 11_baskets/ (11_sets/ for a set)")
     ops = p.add_mutually_exclusive_group()
     ops.add_argument("--union", nargs=2, metavar=("A", "B"), help="show the union of two baskets")
     ops.add_argument("--difference", nargs=2, metavar=("A", "B"),
                      help="show the neurons of A not in B")
-    p.add_argument("--min-corr", type=float, default=MIN_CORR,
-                   help="cut: groups are joined while their members correlate at least this much")
-    p.add_argument("--grid", type=int, default=10, help="mosaic tiles per side")
-    p.add_argument("--tile", type=int, default=64, help="mosaic tile side (px)")
-    p.add_argument("--describe-args", default="--backend offline",
-                   help="03's describer flags (03_describe.py --help) for the basket sentences "
-                        "(make passes the run's)")
-    p.add_argument("--prune", type=int, default=2, help="largest baskets per layer pruned (0: none)")
-    p.add_argument("--controls", type=int, default=3,
-                   help="random baskets of the same size pruned per basket")
-    p.add_argument("--prune-images", type=int, default=40,
-                   help="labelled images per class used by the pruning check")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and controls")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    add_model_again_flags(p, "pruning")
+    add_settings(p, Settings)
     return p
 
 
@@ -405,16 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Build the baskets, or print the union / difference of two."""
     args = start_stage(build_parser(), argv, keep_memory=True)
-    run_dir = Path(args.run_dir)
+    run, settings = Run(args.run), settings_from(Settings, args)
     if args.union or args.difference:
         op = "union" if args.union else "difference"
         a, b = args.union or args.difference
-        print(format_set(set_operation(run_dir, op, a, b, args.grid, args.tile,
-                                       args.describe_args)))
+        print(format_set(set_operation(run, op, a, b, settings)))
         return
-    result = build(run_dir, args.min_corr, args.grid, args.tile, args.describe_args, args.prune,
-                   args.controls, args.prune_images, args.seed, args.device, args.batch_size,
-                   model=model_again(args), args=vars(args))
+    result = build(run, settings, args=vars(args))
     log.info("%d baskets; pruning rows: %d", len(result["baskets"]), len(result["pruning"]))
 
 

@@ -6,7 +6,7 @@ Reads from each run folder (see ARTEFACTS.md): 04_embeddings.npz (the neurons' v
 03_descriptions.csv (sentences shown beside the matches), 05_clusters.csv (concepts) and
 09_summary.csv (per-layer scores; optional). Both runs must be embedded by the same text and
 image embedders, or their vectors are not comparable.
-Writes into --out-dir (make: data/<RUN>/12_compare__<OTHER>/):
+Writes into <run>/12_compare__<other>/ (the folder's name after the other run's):
   12_matches.csv     one row per neuron of A and of B: its best match in the other run, cosine,
                      whether the match is mutual, both sentences
   12_alignment.csv   layer of A × layer of B: mean best-match cosine A→B and B→A
@@ -18,7 +18,7 @@ Writes into --out-dir (make: data/<RUN>/12_compare__<OTHER>/):
   12_compare.meta.json
 
 Example:
-  python 12_compare.py --run data/lite0 --other data/lite1 --out-dir data/lite0/12_compare__lite1
+  python 12_compare.py --run data/lite0 --other data/lite1     # → data/lite0/12_compare__lite1/
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import StageError, exit_on_stage_error, stage_parser, start_stage
+from common import artefacts
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.io import sweep_temporaries, write_bytes, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -45,10 +47,20 @@ CONCEPT_FIELDS = ["side", "layer", "cluster", "size", "match_layer", "match_clus
 SCORE_COLUMNS = ["neurons", "dead", "mean_selectivity", "mean_clarity", "mean_polysemanticity",
                  "mean_redundancy", "mean_verify_corr", "mean_control_corr",
                  "share_beating_control"]
-CONCEPT_THRESHOLD = 0.9  # a concept has a counterpart when the closest centroid is this close
 
 
-class Run:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Stage 12's settings: one flag each, defaults written here only."""
+
+    kind: str = setting("fused", "04 vectors compared (and 05 clusters of that kind)",
+                        make="COMPARE_KIND", choices=("fused", "text"))
+    concept_threshold: float = setting(
+        0.9, "a concept has a counterpart when the closest concept of the other run is at least "
+        "this close (cosine of the centroids)")
+
+
+class RunVectors:
     """The artefacts of one run that 12 reads."""
 
     def __init__(self, folder: Path, kind: str):
@@ -56,7 +68,8 @@ class Run:
         self.folder, self.name = folder, folder.name
         from common.artefacts import (description_texts, read_clusters, read_descriptions,
                                       read_embeddings, read_keywords, read_summary)
-        path = folder / "04_embeddings.npz"
+        run = artefacts.Run(folder)
+        path = run.embeddings
         if not path.is_file():
             raise StageError(f"{path} not found: run the stages up to 04 for {folder} "
                              f"(make all RUN={folder.name})")
@@ -69,20 +82,20 @@ class Run:
             rows = np.flatnonzero(emb.layer == layer)
             self.vectors[layer] = vectors[rows].astype(np.float64)
             self.channels[layer] = emb.channel[rows]
-        self.sentences = description_texts(read_descriptions(folder / "03_descriptions.csv",
+        self.sentences = description_texts(read_descriptions(run.descriptions,
                                                              required=False))
-        clusters = folder / "05_clusters.csv"
+        clusters = run.clusters
         self.clusters = [r for r in read_clusters(clusters) if r.kind == kind] \
             if clusters.is_file() else []
         if clusters.is_file():
             metas.append(read_meta(clusters))
-        keywords = folder / "05_keywords.csv"
+        keywords = run.keywords
         self.keywords: dict[tuple[str, int], list[str]] = {}
         if keywords.is_file():
             for r in read_keywords(keywords):
                 if r.kind == kind and r.cluster is not None:
                     self.keywords.setdefault((r.layer, r.cluster), []).append(r.term)
-        summary = folder / "09_summary.csv"
+        summary = run.summary
         # An undefined mean (NaN) is an empty cell, as 09 writes it.
         self.scores = [{k: "" if isinstance(v, float) and math.isnan(v) else v
                         for k, v in dataclasses.asdict(r).items()} for r in read_summary(summary)] \
@@ -95,17 +108,17 @@ class Run:
 def layer_order(folder: Path, layers: np.ndarray) -> list[str]:
     """The layers of ``layers`` in model order (01's list when present, else as 04 stored them)."""
     from common.artefacts import order_layers, read_layer_order
-    path = folder / "01_activations.npz"
+    path = artefacts.Run(folder).activations
     return order_layers(layers.tolist(), read_layer_order(path) if path.is_file() else [])
 
 
-def stack(run: Run) -> tuple[np.ndarray, list[tuple[str, int]]]:
+def stack(run: RunVectors) -> tuple[np.ndarray, list[tuple[str, int]]]:
     """All of a run's vectors in one matrix, with (layer, channel) per row."""
     keys = [(layer, int(c)) for layer in run.vectors for c in run.channels[layer]]
     return np.concatenate(list(run.vectors.values())), keys
 
 
-def neuron_matches(a: Run, b: Run) -> list[dict]:
+def neuron_matches(a: RunVectors, b: RunVectors) -> list[dict]:
     """Each neuron of A matched to its closest neuron of B (any layer) and back; "mutual" when
     each is the other's best match."""
     from common.compare import best_matches
@@ -126,11 +139,11 @@ def neuron_matches(a: Run, b: Run) -> list[dict]:
     return rows
 
 
-def concept_rows(a: Run, b: Run, kind: str, threshold: float) -> list[dict]:
+def concept_rows(a: RunVectors, b: RunVectors, kind: str, threshold: float) -> list[dict]:
     """Every concept (05 cluster) of each run with its closest concept of the other run."""
     from common.compare import centroids
 
-    def concepts(run: Run):
+    def concepts(run: RunVectors):
         """Centroids of the run's clusters, with (layer, cluster, size, example sentence)."""
         where = {(layer, int(c)): (layer, i) for layer in run.vectors
                  for i, c in enumerate(run.channels[layer])}
@@ -196,8 +209,8 @@ def plot_alignment(ab: np.ndarray, ba: np.ndarray, layers_a: list[str], layers_b
     write_bytes(path, buf.getvalue())
 
 
-def report(a: Run, b: Run, matches: list[dict], align: list[dict], concepts: list[dict],
-           scores: list[dict], threshold: float, kind: str) -> str:
+def report(a: RunVectors, b: RunVectors, matches: list[dict], align: list[dict],
+           concepts: list[dict], scores: list[dict], threshold: float, kind: str) -> str:
     """The comparison in words (Markdown); sentences are model text, so they are not included."""
     lines = [f"# {a.name} compared with {b.name}", "",
              f"Vectors: 04's {kind} embeddings ({a.text_model} / {a.image_model}).", ""]
@@ -231,11 +244,15 @@ def report(a: Run, b: Run, matches: list[dict], align: list[dict], concepts: lis
     return "\n".join(lines) + "\n"
 
 
-def run(run_a: Path, run_b: Path, out_dir: Path, kind: str = "fused",
-        concept_threshold: float = CONCEPT_THRESHOLD, args: dict | None = None) -> dict:
-    """Compare the runs in ``run_a`` and ``run_b``; write 12's files into ``out_dir``."""
+def run(run: artefacts.Run, other: artefacts.Run, settings: Settings = Settings(),
+        args: dict | None = None) -> dict:
+    """Compare ``run`` with ``other``; write 12's files into the run's folder of the comparison
+    (``Run.comparison_dir``)."""
     from common.compare import alignment_matrix
-    a, b = Run(run_a, kind), Run(run_b, kind)
+    kind, concept_threshold = settings.kind, settings.concept_threshold
+    run_a, run_b = run.folder, other.folder
+    out_dir = run.comparison_dir(run_b.name)
+    a, b = RunVectors(run_a, kind), RunVectors(run_b, kind)
     if (a.text_model, a.image_model) != (b.text_model, b.image_model):
         raise StageError(f"the runs were embedded differently ({a.name}: {a.text_model} / "
                          f"{a.image_model}; {b.name}: {b.text_model} / {b.image_model}); their "
@@ -274,15 +291,13 @@ def run(run_a: Path, run_b: Path, out_dir: Path, kind: str = "fused",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
+    """Command-line flags: ``--run``, ``--other`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="folder of run A (data/<RUN>)")
-    p.add_argument("--other", required=True, help="folder of run B")
-    p.add_argument("--out-dir", required=True, help="folder for 12's files")
-    p.add_argument("--kind", choices=["fused", "text"], default="fused",
-                   help="04 vectors compared (and 05 clusters of that kind)")
-    p.add_argument("--concept-threshold", type=float, default=CONCEPT_THRESHOLD,
-                   help="a concept has a counterpart when the closest one is at least this close")
+    add_run(p, "04_embeddings.npz, 03_descriptions.csv, 05_clusters.csv and 09_summary.csv of "
+            "both runs", "12_compare__<other>/")
+    p.add_argument("--other", required=True, type=Path, metavar="DIR",
+                   help="folder of run B, compared with --run (make: data/<OTHER>/)")
+    add_settings(p, Settings)
     return p
 
 
@@ -290,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """Parse flags and compare the two runs."""
     args = start_stage(build_parser(), argv)
-    run(Path(args.run), Path(args.other), Path(args.out_dir), args.kind, args.concept_threshold,
+    run(artefacts.Run(args.run), artefacts.Run(args.other), settings_from(Settings, args),
         args=vars(args))
 
 

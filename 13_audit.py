@@ -14,37 +14,47 @@ Two steps, two commands:
               alignment with a concept is cos(neuron, concept) − cos(neuron, empty text) (the
               empty-text baseline of SemanticLens); its alignment with a set is the best over the
               set. Labels: valid (valid alignment > margin, spurious not), spurious, both, or
-              unexpected (neither). Writes into --out-dir: audit.csv (every neuron of the audited
-              layer per class), summary.csv (per class), <class>/report.md and report.html, and
-              13_audit.meta.json.
+              unexpected (neither). Writes into <run>/13_audit/: audit.csv (every neuron of
+              the audited layer per class), summary.csv (per class), <class>/report.md and
+              report.html, and 13_audit.meta.json.
 
 The causal check zeroes the spurious-aligned (spurious or both) neurons among the class's --top
 most relevant, re-runs the class's labelled images, and reports accuracy and confusions before and
 after, beside random sets of the same size from the same layer (seeded).
 
 Examples:
-  python 13_audit.py relevance --run-dir data/demo
-  python 13_audit.py audit --run-dir data/demo --audit examples/demo_audit.yaml \
-      --out-dir data/demo/13_audit
+  python 13_audit.py relevance --run data/demo
+  python 13_audit.py audit --run data/demo --audit examples/demo_audit.yaml
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import logging
 import re
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from common.cli import (StageError, add_model_again_flags, escaped, exit_on_stage_error,
-                        model_again, stage_parser, start_stage)
+from common.artefacts import Run
+from common.cli import (ModelAgain, StageError, add_run, add_settings, escaped,
+                        exit_on_stage_error, setting, settings_from, stage_parser, start_stage)
 from common.io import load_npz, safe_name, save_npz, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.13_audit")
 
 LABELS = ("valid", "spurious", "both", "unexpected")
+
+
+@dataclass(frozen=True)
+class RelevanceSettings(ModelAgain):
+    """``13_audit.py relevance``'s settings (and the model, named again)."""
+
+    batch_size: int = setting(32, "images per pass", make="BATCH")
+    device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
+
+
 MARGIN = 0.2  # with 04's sentence embedder an unrelated concept still gains ~0.1 over the empty
               # text (demo: median 0.1, 90th percentile 0.2), so SemanticLens's 0 labels nearly
               # every neuron "both"; 0.2 keeps the labels for concepts the sentence is about
@@ -58,58 +68,80 @@ SUMMARY_FIELDS = ["class_name", "class_idx", "layer", "n_images", "top", "n_vali
                   "confusions_control", "controls"]
 
 
+@dataclass(frozen=True)
+class Settings(RelevanceSettings):
+    """``13_audit.py audit``'s settings: one flag each, defaults written here only."""
+
+    layer: str | None = setting(None, "layer audited (default: the deepest one)",
+                                make="AUDIT_LAYER")
+    top: int = setting(20, "most relevant neurons per class shown and checked", make="AUDIT_TOP")
+    margin: float = setting(MARGIN, "alignment above which a neuron is labelled with a concept "
+                            "(0: any gain over the empty text, as in SemanticLens)",
+                            make="AUDIT_MARGIN")
+    controls: int = setting(3, "random sets of the same size zeroed", make="CONTROLS")
+    images_per_class: int = setting(40, "labelled images of a class re-run by the causal check",
+                                    make="PRUNE_IMAGES")
+    seed: int = setting(0, "seed of the image sample and controls")
+
+
 # ---------------------------------------------------------------------------------------------
 # Relevance
 
 
-def class_relevance(bundle, images, layers: list[str], batch_size: int,
-                    attribution=None) -> dict[str, np.ndarray]:
+def class_relevance(bundle, batches, layers: list[str], attribution=None
+                    ) -> dict[str, np.ndarray]:
     """Per layer, classes × channels: each image's activation × gradient of its own class logit,
-    summed over space, averaged over the images of each class (``images``: common.pruning's
-    Labelled). Also ``classes`` (indices, ascending) and ``n_images`` per class."""
+    summed over space, averaged over the images of each class. ``batches`` yields ``(ids, labels,
+    tensor)`` (``common.rerun.image_batches``). Also ``classes`` (indices, ascending) and
+    ``n_images`` per class."""
     from common.attribution import channel_attribution
     attribution = attribution or channel_attribution
-    classes = np.unique(images.labels)
-    sums = {layer: None for layer in layers}
-    for start in tqdm(range(0, len(images.ids), batch_size), desc="13 relevance", unit="batch",
-                      disable=None):
-        batch = images.tensors[start:start + batch_size].float()
-        labels = images.labels[start:start + batch_size]
+    sums: dict[str, dict[int, np.ndarray]] = {layer: {} for layer in layers}
+    counts: dict[int, int] = {}
+    for _ids, labels, batch in batches:
         rel, _ = attribution(bundle.model, layers, batch, labels)
         for layer in layers:
             values = rel[layer].double().numpy()
-            if sums[layer] is None:
-                sums[layer] = np.zeros((len(classes), values.shape[1]))
-            np.add.at(sums[layer], np.searchsorted(classes, labels), values)
-    counts = np.array([(images.labels == k).sum() for k in classes])
-    out = {f"{layer}/relevance": (sums[layer] / counts[:, None]).astype(np.float32)
+            for k in np.unique(labels):
+                total = values[labels == k].sum(axis=0)
+                sums[layer][int(k)] = sums[layer].get(int(k), 0) + total
+        for k in labels:
+            counts[int(k)] = counts.get(int(k), 0) + 1
+    if not counts:
+        raise StageError("no labelled image of the run could be loaded: see the warnings above")
+    classes = np.array(sorted(counts), dtype=np.int64)
+    n_images = np.array([counts[k] for k in classes])
+    out = {f"{layer}/relevance": (np.stack([sums[layer][k] for k in classes])
+                                  / n_images[:, None]).astype(np.float32)
            for layer in layers}
-    out.update(classes=classes, n_images=counts, layers=np.array(layers))
+    out.update(classes=classes, n_images=n_images, layers=np.array(layers))
     return out
 
 
-def run_relevance(run_dir: Path, batch_size: int = 32, device: str = "auto",
-                  model: dict | None = None, bundle=None, args: dict | None = None
-                  ) -> dict[str, np.ndarray]:
-    """Compute 13_relevance.npz for the run in ``run_dir`` (all labelled images, one pass).
-    ``model``: the model as the user names it again (``model``, ``weights``, ``unsafe_pickle``)."""
+def run_relevance(run: Run, settings: RelevanceSettings = RelevanceSettings(), bundle=None,
+                  args: dict | None = None) -> dict[str, np.ndarray]:
+    """Compute ``run``'s 13_relevance.npz (all labelled images, one pass). ``bundle`` replaces
+    the model the settings name again — tests pass a small one."""
     from common.artefacts import read_layer_order, read_predictions
-    from common.pruning import labelled_images, load_run_model
-    out = run_dir / "13_relevance.npz"
-    sweep_temporaries(run_dir)  # what a killed earlier run left half-written
-    retract_meta(run_dir / "13_relevance.meta.json")
-    meta01 = read_meta(run_dir / "01_activations.npz")
-    layers = read_layer_order(run_dir / "01_activations.npz")
-    bundle = bundle or load_run_model(meta01, device=device, **(model or {}))
-    images = labelled_images(read_predictions(run_dir / "01_predictions.csv"), bundle, 10 ** 9,
-                             seed=0)
-    arrays = class_relevance(bundle, images, layers, batch_size)
+    from common.rerun import image_batches, labelled_rows, load_run_model
+    out = run.relevance
+    sweep_temporaries(run.folder)  # what a killed earlier run left half-written
+    retract_meta(run.meta("13_relevance"))
+    meta01 = read_meta(run.activations)
+    layers = read_layer_order(run.activations)
+    bundle = bundle or load_run_model(meta01, device=settings.device, **settings.model_again())
+    # Class by class, as the classes' sums are kept (the order changes no sum beyond rounding).
+    rows = sorted(labelled_rows(read_predictions(run.predictions)),
+                  key=lambda r: r.label_idx)
+    batches = image_batches(bundle, [(r.image_id, r.path, r.label_idx) for r in rows],
+                            settings.batch_size, desc="13 relevance")
+    arrays = class_relevance(bundle, batches, layers)
     save_npz(out, arrays)
-    write_meta(run_dir / "13_relevance.meta.json", "13_relevance", dict(args or {}),
-               outputs=[out], inputs=[meta01], n_images=len(images.ids),
+    write_meta(run.meta("13_relevance"), "13_relevance", dict(args or {}),
+               outputs=[out], inputs=[meta01], n_images=int(arrays["n_images"].sum()),
                attribution="activation x gradient of the true-class logit, summed over space")
     log.info("relevance of %d layers for %d classes from %d labelled images", len(layers),
-             len(arrays["classes"]), len(images.ids))
+             len(arrays["classes"]), int(arrays["n_images"].sum()))
     return arrays
 
 
@@ -209,12 +241,9 @@ def confusions(stats: dict, class_names, limit: int = 3) -> str:
                      for k, n in pairs)
 
 
-def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | None = None,
-              top: int = 20, margin: float = MARGIN, controls: int = 3, per_class: int = 40,
-              seed: int = 0, batch_size: int = 32, device: str = "auto",
-              model: dict | None = None, text_embedder=None, bundle=None,
-              args: dict | None = None) -> dict:
-    """Audit the classes of ``concepts_path`` on the run in ``run_dir``; write ``out_dir``.
+def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), text_embedder=None,
+              bundle=None, args: dict | None = None) -> dict:
+    """Audit the classes of ``concepts_path`` on ``run``; write its 13_audit/ folder.
 
     ``text_embedder`` and ``bundle`` replace the 04 text embedder and the model — tests pass
     small ones. Returns {"audit": rows, "summary": rows}.
@@ -223,31 +252,33 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
                                   read_mosaics, read_predictions)
     from common.baskets import random_baskets
     from common.embedders import load_text_embedder
-    from common.pruning import labelled_images, load_run_model, per_class as class_stats, predict
+    from common.rerun import labelled_images, load_run_model, per_class as class_stats, predict
+    layer, top, margin, controls = settings.layer, settings.top, settings.margin, settings.controls
+    per_class, seed, batch_size = settings.images_per_class, settings.seed, settings.batch_size
+    out_dir = run.audit_dir
     concepts = read_concepts(concepts_path)
-    relevance_path = run_dir / "13_relevance.npz"
+    relevance_path = run.relevance
     if not relevance_path.is_file():
         raise StageError(f"{relevance_path} not found: compute it first (13_audit.py relevance, "
                          f"or make audit)")
-    metas = [read_meta(run_dir / "01_activations.npz"), read_meta(relevance_path),
-             read_meta(run_dir / "04_embeddings.npz")]
+    metas = [read_meta(run.activations), read_meta(relevance_path), read_meta(run.embeddings)]
     merge_lineage(metas)
     sweep_temporaries(out_dir)  # what a killed earlier run left half-written
     retract_meta(out_dir / "13_audit.meta.json")
     rel = load_npz(relevance_path)
     layers = [str(v) for v in rel["layers"]]
-    emb = read_embeddings(run_dir / "04_embeddings.npz")
+    emb = read_embeddings(run.embeddings)
     layer = layer or next((ly for ly in reversed(layers) if (emb.layer == ly).any()), None)
     if layer not in layers or not (emb.layer == layer).any():
         raise StageError(f"layer {layer!r} has no relevance or no embedded neurons; audited "
                          f"layers must be among {layers} and described by 03/04")
     rows = np.flatnonzero(emb.layer == layer)
     vectors = {int(c): emb.text[i] for c, i in zip(emb.channel[rows], rows)}
-    sentences = description_texts(read_descriptions(run_dir / "03_descriptions.csv"))
-    mosaics = {m.key: m.path for m in read_mosaics(run_dir / "02_mosaics.csv", required=False)}
-    embedder = text_embedder or load_text_embedder(emb.text_model, device=device)
-    predictions = read_predictions(run_dir / "01_predictions.csv")
-    bundle = bundle or load_run_model(metas[0], device=device, **(model or {}))
+    sentences = description_texts(read_descriptions(run.descriptions))
+    mosaics = {m.key: m.path for m in read_mosaics(run.mosaics, required=False)}
+    embedder = text_embedder or load_text_embedder(emb.text_model, device=settings.device)
+    predictions = read_predictions(run.predictions)
+    bundle = bundle or load_run_model(metas[0], device=settings.device, **settings.model_again())
     class_idx = resolve_classes(concepts, predictions, bundle.class_names)
     matrix = rel[f"{layer}/relevance"]
     n_channels = matrix.shape[1]
@@ -300,10 +331,7 @@ def run_audit(run_dir: Path, concepts_path: Path, out_dir: Path, layer: str | No
                "unexpected_share": round(share({"unexpected"}), 4),
                "zeroed": " ".join(map(str, zeroed))}
         if mine.any():
-            from common.pruning import Labelled
-            subset = Labelled(ids=[i for i, m in zip(images.ids, mine) if m],
-                              labels=images.labels[mine], tensors=images.tensors[mine],
-                              class_names=images.class_names)
+            subset = images.select(mine)
             before = class_stats(predict(bundle, subset, None, batch_size), subset.labels)[idx]
             row.update(accuracy_before=round(before["accuracy"], 4),
                        confusions_before=confusions(before, bundle.class_names))
@@ -378,31 +406,20 @@ def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
+    """Command-line flags: per command ``--run`` and the fields of its settings."""
     p = stage_parser(__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("relevance", help="per-class relevance of every neuron (one pass)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = sub.add_parser("audit", help="audit classes against a concepts file",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for q in (r, a):
-        q.add_argument("--run-dir", required=True, help="the run's folder (data/<RUN>)")
-        q.add_argument("--batch-size", type=int, default=32, help="images per pass")
-        q.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda …")
-    add_model_again_flags(r, "relevance")
-    add_model_again_flags(a, "causal check")
-    a.add_argument("--audit", required=True, help="concepts file (YAML)")
-    a.add_argument("--out-dir", required=True, help="folder for the audit's files")
-    a.add_argument("--layer", default=None, help="layer audited (default: the deepest one)")
-    a.add_argument("--top", type=int, default=20, help="most relevant neurons per class shown "
-                   "and checked")
-    a.add_argument("--margin", type=float, default=MARGIN, help="alignment above which a neuron "
-                   "is labelled with a concept (0: any gain over the empty text, as in "
-                   "SemanticLens)")
-    a.add_argument("--controls", type=int, default=3, help="random sets of the same size zeroed")
-    a.add_argument("--images-per-class", type=int, default=40,
-                   help="labelled images of a class re-run by the causal check")
-    a.add_argument("--seed", type=int, default=0, help="seed of the image sample and controls")
+    add_run(r, "01_predictions.csv, 01_activations.npz and 01's images",
+            "13_relevance.npz")
+    add_settings(r, RelevanceSettings)
+    add_run(a, "13_relevance.npz, 04_embeddings.npz, 03_descriptions.csv and 02_mosaics.csv",
+            "13_audit/")
+    a.add_argument("--audit", required=True, type=Path, help="concepts file (YAML)")
+    add_settings(a, Settings)
     return p
 
 
@@ -411,13 +428,9 @@ def main(argv=None):
     """Compute the relevance, or audit the classes."""
     args = start_stage(build_parser(), argv, keep_memory=True)
     if args.command == "relevance":
-        run_relevance(Path(args.run_dir), batch_size=args.batch_size, device=args.device,
-                      model=model_again(args), args=vars(args))
+        run_relevance(Run(args.run), settings_from(RelevanceSettings, args), args=vars(args))
         return
-    run_audit(Path(args.run_dir), Path(args.audit), Path(args.out_dir), layer=args.layer,
-              top=args.top, margin=args.margin, controls=args.controls,
-              per_class=args.images_per_class, seed=args.seed, batch_size=args.batch_size,
-              device=args.device, model=model_again(args), args=vars(args))
+    run_audit(Run(args.run), args.audit, settings_from(Settings, args), args=vars(args))
 
 
 if __name__ == "__main__":

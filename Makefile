@@ -138,8 +138,7 @@ ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)
 mosaics: $(MOSAICS) $(M02) ## 02: a mosaic of each neuron's top crops
 $(MOSAICS) $(M02) &: 02_mosaics.py $(EXTRACT) $(M01) $(D)/.args/02 $(call uses,02_mosaics.py) \
                 | $(VENV)
-	$(HOLD) $(PY) 02_mosaics.py --activations $(EXTRACT) --images $(D)/01_images.csv \
-	    --out-dir $(D)/02_mosaics --index $(MOSAICS) $(ARGS_02)
+	$(HOLD) $(PY) 02_mosaics.py --run $(D) $(ARGS_02)
 
 # --- 03 describe: a sentence per mosaic, the prompt fitted to the layer's depth ------------------
 ARGS_03 := --backend $(DESCRIBER) $(if $(VLM),--model $(VLM)) --prompts $(PROMPTS) --namer $(NAMER) \
@@ -153,16 +152,14 @@ ARGS_03 += $(if $(filter 1,$(SKIP_DEAD)),--skip-dead)
 describe: $(DESCRIPTIONS) $(M03) ## 03: a sentence for each mosaic (DESCRIBER=offline|hf|openai)
 $(DESCRIPTIONS) $(M03) &: 03_describe.py $(MOSAICS) $(M02) $(EXTRACT) $(M01) $(PROMPTS) \
                 $(D)/.args/03 $(call uses,03_describe.py) | $(VENV)
-	$(HOLD) $(PY) 03_describe.py --mosaics $(MOSAICS) --activations $(EXTRACT) \
-	    --predictions $(D)/01_predictions.csv --out $(DESCRIPTIONS) $(ARGS_03)
+	$(HOLD) $(PY) 03_describe.py --run $(D) $(ARGS_03)
 
 # --- 04 embed: text, image and fused vectors of each neuron -------------------------------------
 ARGS_04 := --text-model $(TEXT_EMBEDDER) --image-model $(IMAGE_EMBEDDER) --device $(DEVICE)
 embed: $(EMBEDDINGS) $(M04) ## 04: text, image and fused embeddings of each neuron
 $(EMBEDDINGS) $(CROPVECTORS) $(M04) &: 04_embed.py $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) \
                 $(D)/.args/04 $(call uses,04_embed.py) | $(VENV)
-	$(HOLD) $(PY) 04_embed.py --descriptions $(DESCRIPTIONS) --mosaics $(MOSAICS) \
-	    --out $(EMBEDDINGS) $(ARGS_04)
+	$(HOLD) $(PY) 04_embed.py --run $(D) $(ARGS_04)
 
 # --- 05 cluster: per-layer clusters, their quality, keywords and 2-D maps ------------------------
 ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
@@ -170,8 +167,7 @@ ARGS_05 := --k-min $(K_MIN) --k-max $(K_MAX) --projection $(PROJECTION) \
 cluster: $(CLUSTERS) $(M05) ## 05: clusters of neurons per layer, with metrics, keywords and maps
 $(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(EXTRACT) \
                 $(M01) $(D)/.args/05 $(call uses,05_cluster.py) | $(VENV)
-	$(HOLD) $(PY) 05_cluster.py --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) \
-	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_05)
+	$(HOLD) $(PY) 05_cluster.py --run $(D) $(ARGS_05)
 
 # --- 06 trace: how the clusters of one layer lead to those of the next --------------------------
 ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow "$(FOLLOW)") \
@@ -179,19 +175,17 @@ ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow
 trace: $(TRACE) $(M06) ## 06: links between the clusters of consecutive layers (a Sankey diagram)
 $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
                 $(EXTRACT) $(M01) $(D)/.args/06 $(call uses,06_trace.py) | $(VENV)
-	$(HOLD) $(PY) 06_trace.py --clusters $(D)/05_clusters.csv --keywords $(D)/05_keywords.csv \
-	    --activations $(EXTRACT) --out-dir $(D) $(ARGS_06)
+	$(HOLD) $(PY) 06_trace.py --run $(D) $(ARGS_06)
 
 # --- 07 search: neurons matching a free text (printed; live in the atlas with `make serve`) -------
+ARGS_07 := --scoring $(SCORING) $(if $(MIN_SCORE),--min-score $(MIN_SCORE)) --device $(DEVICE) \
+           --host $(HOST) --port $(PORT)
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## 07: find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
-	$(PY) 07_search.py --embeddings $(EMBEDDINGS) --descriptions $(DESCRIPTIONS) \
-	    --mosaics $(MOSAICS) --top-k $(HITS) --scoring $(SCORING) --device $(DEVICE) \
-	    $(if $(MIN_SCORE),--min-score $(MIN_SCORE) --scores $(D)/09_scores.csv) \
+	$(PY) 07_search.py --run $(D) $(ARGS_07) --top-k $(HITS) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
 
 serve: $(ATLAS) $(M10) | $(VENV) ## 07: serve the atlas with live search (text and image) on http://$(HOST):$(PORT)/
-	$(PY) 07_search.py --serve --embeddings $(EMBEDDINGS) --host $(HOST) --port $(PORT) \
-	    --device $(DEVICE)
+	$(PY) 07_search.py --serve --run $(D) $(ARGS_07)
 
 # --- 08 debug: neurons that fire differently when a class is mistaken for another ---------------
 ARGS_08 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
@@ -201,10 +195,8 @@ ARGS_08 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote
            $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
 debug: $(CONFUSION) $(M08) ## 08: debug reports in data/$(RUN)/08_debug/ (TRUE=palace PRED="bell cote": one pair)
 $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) \
-                $(M03) $(D)/09_scores.csv $(M09) $(D)/.args/08 $(call uses,08_debug.py) | $(VENV)
-	$(HOLD) $(PY) 08_debug.py --predictions $(D)/01_predictions.csv --stats-dir $(D)/01_stats \
-	    --activations $(EXTRACT) --mosaics $(MOSAICS) --descriptions $(DESCRIPTIONS) \
-	    --scores $(D)/09_scores.csv --confusion $(CONFUSION) --out-dir $(D)/08_debug $(ARGS_08)
+                $(M03) $(D)/.args/08 $(call uses,08_debug.py) | $(VENV)
+	$(HOLD) $(PY) 08_debug.py --run $(D) $(ARGS_08)
 
 # --- 09 score: triage, interpretability scores, sub-concepts, verification of each sentence ------
 # 09 describes sub-concepts with the run's describer: 03's describer arguments (not --skip-dead).
@@ -214,12 +206,7 @@ score: $(SCORES) $(M09) ## 09: triage, interpretability and verification scores;
 $(SCORES) $(M09) &: 09_score.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
                 $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \
                 $(D)/.args/09 $(call uses,09_score.py) | $(VENV)
-	$(HOLD) $(PY) 09_score.py --activations $(EXTRACT) --stats-dir $(D)/01_stats \
-	    --images $(D)/01_images.csv --predictions $(D)/01_predictions.csv --mosaics $(MOSAICS) \
-	    --descriptions $(DESCRIPTIONS) --embeddings $(EMBEDDINGS) --crop-vectors $(CROPVECTORS) \
-	    --scores $(D)/09_scores.csv \
-	    --summary $(D)/09_summary.csv --eval $(D)/09_eval.csv --subconcepts $(D)/09_subconcepts \
-	    $(ARGS_09)
+	$(HOLD) $(PY) 09_score.py --run $(D) $(ARGS_09)
 
 eval: $(SCORES) $(M09) ## 09: final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
 	@$(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_report'])" $(M09)
@@ -260,21 +247,21 @@ ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) -
            --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
 baskets: $(BASKETS) $(M11) $(ATLAS) $(M10) ## 11: neuron baskets in data/$(RUN)/11_* (and in the atlas); UNION="A B" / DIFFERENCE="A B" print a set of two
-	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --union $(UNION) $(ARGS_11))
-	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run-dir $(D) --difference $(DIFFERENCE) $(ARGS_11))
+	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run $(D) --union $(UNION) $(ARGS_11))
+	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run $(D) --difference $(DIFFERENCE) $(ARGS_11))
 $(BASKETS) $(M11) &: 11_baskets.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
                 $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py) | $(VENV)
-	$(HOLD) $(PY) 11_baskets.py --run-dir $(D) $(ARGS_11)
+	$(HOLD) $(PY) 11_baskets.py --run $(D) $(ARGS_11)
 
 # --- 12 compare (on request): this run against another one, neuron by neuron --------------------
+ARGS_12 := --kind $(COMPARE_KIND)
 compare: $(if $(OTHER),$(COMPARED) $(ATLAS) $(M10),no-other) ## 12: compare two runs: make compare RUN=a OTHER=b (both after make all); the atlas of a shows it
 no-other:
 	@echo "make compare needs OTHER=<run> (a second run under $(DATA)/)"; exit 2
 $(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)/09_summary.csv \
              $(DATA)/$(OTHER)/04_embeddings.npz $(DATA)/$(OTHER)/05_clusters.csv \
              $(DATA)/$(OTHER)/09_summary.csv $(call uses,12_compare.py) | $(VENV)
-	$(HOLD) $(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) --out-dir $(dir $@) \
-	    --kind $(COMPARE_KIND)
+	$(HOLD) $(PY) 12_compare.py --run $(D) --other $(DATA)/$(OTHER) $(ARGS_12)
 
 # --- 13 audit (on request): each class's valid and spurious concepts among its relevant neurons --
 ARGS_13 := --audit=$(call quote,$(AUDIT)) $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) \
@@ -283,12 +270,12 @@ ARGS_13 := --audit=$(call quote,$(AUDIT)) $(if $(AUDIT_LAYER),--layer $(AUDIT_LA
 audit: $(M13) $(ATLAS) $(M10) ## 13: audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/ and the atlas
 $(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
                 $(call uses,13_audit.py) | $(VENV)
-	$(HOLD) $(PY) 13_audit.py relevance --run-dir $(D) --batch-size $(BATCH) --device $(DEVICE) \
+	$(HOLD) $(PY) 13_audit.py relevance --run $(D) --batch-size $(BATCH) --device $(DEVICE) \
 	    $(MODEL_AGAIN)
 $(M13): 13_audit.py $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04) \
         $(DESCRIPTIONS) $(M03) $(MOSAICS) $(M02) $(AUDIT) $(D)/.args/13 $(call uses,13_audit.py) \
         | $(VENV)
-	$(HOLD) $(PY) 13_audit.py audit --run-dir $(D) --out-dir $(D)/13_audit $(ARGS_13)
+	$(HOLD) $(PY) 13_audit.py audit --run $(D) $(ARGS_13)
 
 # --- the project's own commands ----------------------------------------------------------------
 help: ## list targets and variables

@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
         if (args.demo / "08_confusion.csv").exists():
             with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
                 start = time.perf_counter()
-                stage.build(args.demo, Path(tmp) / "atlas", workers=args.workers)
+                stage.build(args.demo, stage.Settings(workers=args.workers), Path(tmp) / "atlas")
                 seconds = time.perf_counter() - start
                 size = folder_size(Path(tmp) / "atlas")
             figures.update(demo_seconds=seconds, demo_mb=size)
@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
         run = base / "synthetic"
         synthetic_run(run)
         start = time.perf_counter()
-        stage.build(run, workers=args.workers)
+        stage.build(run, stage.Settings(workers=args.workers))
         seconds = time.perf_counter() - start
         figures.update(synthetic_seconds=seconds, synthetic_mb=folder_size(run / "atlas"))
         print(f"synthetic run of {sum(SIZES)} neurons: atlas built in {seconds:.1f} s "

@@ -48,12 +48,13 @@ def timed(cmd: list[str]) -> float:
 def bench_stages(run: Path, work: Path) -> dict:
     """Time 03 (offline) and 04 as subprocesses on ``run``, writing into ``work``."""
     py = sys.executable
-    out03, out04 = work / "03_descriptions.csv", work / "04_embeddings.npz"
-    t03 = timed([py, "03_describe.py", "--mosaics", str(run / "02_mosaics.csv"),
-                 "--activations", str(run / "01_activations.npz"),
-                 "--predictions", str(run / "01_predictions.csv"), "--out", str(out03)])
-    t04 = timed([py, "04_embed.py", "--descriptions", str(out03),
-                 "--mosaics", str(run / "02_mosaics.csv"), "--out", str(out04)])
+    out03 = work / "03_descriptions.csv"
+    # 03 and 04 read and write a run folder: ``work`` becomes one, 01's and 02's files linked in.
+    for name in run.glob("0[12]_*"):
+        if not (work / name.name).exists():
+            (work / name.name).symlink_to(name.resolve())
+    t03 = timed([py, "03_describe.py", "--run", str(work)])
+    t04 = timed([py, "04_embed.py", "--run", str(work)])
     rows = read_descriptions(out03)
     return {"neurons": len(rows), "ok": sum(r.status == "ok" for r in rows), "t03": t03,
             "t04": t04}

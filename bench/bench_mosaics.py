@@ -63,14 +63,10 @@ def measure(tmp: Path, n: int, side: int, workers: int, grid: int) -> dict:
         with mp.get_context("fork").Pool(workers) as pool:
             pool.map(decode, paths, chunksize=8)
         baselines.append(time.perf_counter() - start)
-        out_dir = run / f"02_mosaics_{rep}"
         start = time.perf_counter()
-        mosaics.main(["--activations", str(run / "01_activations.npz"), "--images",
-                      str(run / "01_images.csv"), "--out-dir", str(out_dir),
-                      "--index", str(out_dir / "index.csv"), "--workers", str(workers),
-                      "--grid", str(grid)])
+        mosaics.main(["--run", str(run), "--workers", str(workers), "--grid", str(grid)])
         runs.append(time.perf_counter() - start)
-        shutil.rmtree(out_dir)
+        shutil.rmtree(run / "02_mosaics")
     baseline, elapsed = min(baselines), min(runs)
     n_mosaics = sum(tops[name].channels for name in layers)
     return {"images": len(paths), "mosaics": n_mosaics, "baseline": baseline, "elapsed": elapsed,

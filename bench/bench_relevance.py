@@ -56,7 +56,7 @@ def main(argv=None) -> None:
         t01 = timed([py, "01_extract.py", "--images", str(work / "labelled.csv"), "--out",
                      str(work / "run"), "--topk", "100", "--batch-size", str(args.batch_size),
                      "--workers", "2"])
-        t13 = timed([py, "13_audit.py", "relevance", "--run-dir", str(work / "run"),
+        t13 = timed([py, "13_audit.py", "relevance", "--run", str(work / "run"),
                      "--batch-size", str(args.batch_size)])
     ratio = t13 / t01
     print(f"bench_relevance: {n} labelled images; 01 {t01:.1f} s, relevance {t13:.1f} s, "

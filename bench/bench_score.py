@@ -35,16 +35,12 @@ def timed(cmd: list[str]) -> float:
 
 
 def score_command(py: str, run: Path, work: Path) -> list[str]:
-    """09_score on the finished ``run``, writing into ``work``."""
-    return [py, "09_score.py", "--activations", str(run / "01_activations.npz"),
-            "--stats-dir", str(run / "01_stats"), "--images", str(run / "01_images.csv"),
-            "--predictions", str(run / "01_predictions.csv"),
-            "--mosaics", str(run / "02_mosaics.csv"),
-            "--descriptions", str(run / "03_descriptions.csv"),
-            "--embeddings", str(run / "04_embeddings.npz"),
-            "--crop-vectors", str(run / "04_crops.npz"),
-            "--scores", str(work / "09_scores.csv"), "--summary", str(work / "09_summary.csv"),
-            "--eval", str(work / "09_eval.csv"), "--subconcepts", str(work / "09_subconcepts")]
+    """09_score on the finished ``run``, writing into ``work`` (made a run folder: the run's
+    01-04 files linked in)."""
+    for name in run.glob("0[1-4]_*"):
+        if not (work / name.name).exists():
+            (work / name.name).symlink_to(name.resolve())
+    return [py, "09_score.py", "--run", str(work)]
 
 
 def main(argv=None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +24,88 @@ from common.io import load_npz, read_csv, read_json, save_npz, write_csv
 from common.mosaics import cut_tiles, load_mosaic
 
 log = logging.getLogger("neuron-atlas.artefacts")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: where each contract file lies
+
+
+def layer_slug(layer: str) -> str:
+    """The one name a layer's folder or file gets (``_blocks.3`` stays, ``a/b`` → ``a_b``): runs of
+    anything but ASCII letters, digits, ``.``, ``_`` and ``-`` become ``_``; no leading or trailing
+    dot (no hidden file, no ``..``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", layer).strip(".") or "layer"
+
+
+def layer_dir(parent: str | Path, layer: str) -> Path:
+    """The folder of ``layer`` inside ``parent`` (a stage's per-layer outputs)."""
+    return Path(parent) / layer_slug(layer)
+
+
+class _InRun:
+    """A contract file's place in a run folder: ``Run.mosaics`` → ``<run>/02_mosaics.csv``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, run, owner=None):
+        return self if run is None else run.folder / self.name
+
+
+class Run:
+    """A run folder (``data/<RUN>/``) and the path of every file of the artefact contract in it
+    (ARTEFACTS.md), one property each; ``meta(stage)`` is a stage's provenance file."""
+
+    images = _InRun("01_images.csv")
+    predictions = _InRun("01_predictions.csv")
+    activations = _InRun("01_activations.npz")
+    stats = _InRun("01_stats")
+    mosaic_dir = _InRun("02_mosaics")
+    mosaics = _InRun("02_mosaics.csv")
+    descriptions = _InRun("03_descriptions.csv")
+    embeddings = _InRun("04_embeddings.npz")
+    crop_vectors = _InRun("04_crops.npz")
+    clusters = _InRun("05_clusters.csv")
+    metrics = _InRun("05_metrics.csv")
+    ksearch = _InRun("05_ksearch.csv")
+    keywords = _InRun("05_keywords.csv")
+    categories = _InRun("05_categories.csv")
+    plots = _InRun("05_plots")
+    trace = _InRun("06_trace.csv")
+    sankey_html = _InRun("06_sankey.html")
+    sankey_png = _InRun("06_sankey.png")
+    confusion = _InRun("08_confusion.csv")
+    debug = _InRun("08_debug")
+    pairs = _InRun("08_debug/pairs.csv")
+    attributions = _InRun("08_debug/attributions.npz")
+    scores = _InRun("09_scores.csv")
+    summary = _InRun("09_summary.csv")
+    eval = _InRun("09_eval.csv")
+    subconcepts = _InRun("09_subconcepts")
+    atlas = _InRun("atlas")
+    baskets = _InRun("11_baskets.csv")
+    tree = _InRun("11_tree.npz")
+    pruning = _InRun("11_pruning.csv")
+    basket_dir = _InRun("11_baskets")
+    basket_sets = _InRun("11_sets")
+    relevance = _InRun("13_relevance.npz")
+    audit_dir = _InRun("13_audit")
+    audit = _InRun("13_audit/audit.csv")
+    audit_summary = _InRun("13_audit/summary.csv")
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.folder)!r})"
+
+    def meta(self, stage: str) -> Path:
+        """The provenance file of ``stage`` (``"04_embed"`` → ``<run>/04_embed.meta.json``)."""
+        return self.folder / f"{stage}.meta.json"
+
+    def comparison_dir(self, other: str) -> Path:
+        """12's folder comparing this run with run ``other``."""
+        return self.folder / f"12_compare__{other}"
 
 
 def _as_float(text: str) -> float:

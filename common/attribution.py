@@ -106,30 +106,20 @@ def attribute_images(bundle, layers: Sequence[str], jobs: Sequence[tuple[int, st
     """Relevance of every channel of ``layers`` to two classes of each image, by activation ×
     gradient: ``jobs`` holds (image id, path, wrong class, right class) — for a misclassified
     image its predicted and its true class. Images go through the model as 01 prepared them
-    (``bundle``: input size, mean, std), ``batch_size`` at a time.
+    (``common.rerun.image_batches``), ``batch_size`` at a time.
 
     Returns ``image id → {"wrong": {layer: C float32}, "right": …, "logit_wrong",
     "logit_right"}``; an image that cannot be read is skipped (logged).
     """
-    import torch
-    from common.images import BadImage, load_rgb, network_input, to_tensor
+    from common.rerun import image_batches
     out = {}
-    for start in range(0, len(jobs), batch_size):
-        chunk, tensors = [], []
-        for i, path, wrong, right in jobs[start:start + batch_size]:
-            try:
-                img, _ = load_rgb(path)
-            except BadImage as err:
-                log.warning("image %d skipped in the attribution: %s", i, err.reason)
-                continue
-            chunk.append((i, wrong, right))
-            tensors.append(to_tensor(network_input(img, bundle.input_size), bundle.mean,
-                                     bundle.std))
-        if not chunk:
-            continue
-        relevance, logits = channel_attribution(bundle.model, layers, torch.stack(tensors),
-                                                [[c[1] for c in chunk], [c[2] for c in chunk]])
-        for b, (i, _, _) in enumerate(chunk):
+    # Each image goes in with its place in ``jobs`` as its "label", to find its classes again.
+    items = [(i, path, k) for k, (i, path, _, _) in enumerate(jobs)]
+    for ids, places, batch in image_batches(bundle, items, batch_size, desc="08 relevance"):
+        chosen = [jobs[k] for k in places]
+        relevance, logits = channel_attribution(bundle.model, layers, batch,
+                                                [[c[2] for c in chosen], [c[3] for c in chosen]])
+        for b, i in enumerate(ids):
             out[i] = {"wrong": {L: np.asarray(relevance[L][0, b].numpy()) for L in layers},
                       "right": {L: np.asarray(relevance[L][1, b].numpy()) for L in layers},
                       "logit_wrong": float(logits[0, b]), "logit_right": float(logits[1, b])}

@@ -30,6 +30,7 @@ import functools
 import gc
 import logging
 import os
+import pathlib
 import shutil
 import sys
 import types
@@ -128,6 +129,18 @@ def keep_freed_memory() -> None:
         return
 
 
+def setting(default, help: str, *, make: str | None = None, choices=None):
+    """A field of a stage's frozen ``Settings`` dataclass: its default (written here once), the
+    help of its flag, the Makefile variable that sets it (``make``; tests/test_make.py checks that
+    the Makefile's default equals this one) and its allowed values."""
+    metadata = {"help": help}
+    if make:
+        metadata["make"] = make
+    if choices:
+        metadata["choices"] = list(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def add_settings(parser: argparse.ArgumentParser, settings: type) -> None:
     """Add one flag per field of the frozen dataclass ``settings`` to ``parser``: ``--field-name``
     with the field's default (written once, in the dataclass), its help and choices from the
@@ -145,6 +158,13 @@ def add_settings(parser: argparse.ArgumentParser, settings: type) -> None:
             kind = next(k for k in typing.get_args(kind) if k is not type(None))
         parser.add_argument(flag, type=kind, default=field.default, help=help_text,
                             choices=field.metadata.get("choices"))
+
+
+def add_run(parser: argparse.ArgumentParser, reads: str, writes: str) -> None:
+    """``--run DIR``: the run folder whose contract files the stage reads and writes
+    (common.artefacts.Run); ``reads`` and ``writes`` name them in the help."""
+    parser.add_argument("--run", required=True, type=pathlib.Path, metavar="DIR",
+                        help=f"run folder (make: data/<RUN>/); reads {reads}; writes {writes}")
 
 
 def settings_from(settings: type, args: argparse.Namespace):
@@ -172,22 +192,21 @@ def shard_slice(n_items: int, shard: tuple[int, int]) -> range:
     return range(start, stop)
 
 
-def add_model_again_flags(parser: argparse.ArgumentParser, use: str) -> None:
-    """Add ``--model``, ``--weights`` and ``--unsafe-pickle`` to a stage that loads 01's model
-    again (``common.models.reload_model`` checks them against 01's meta: a meta never chooses code
-    to run); ``use`` says in the help what the stage loads it for. Read back with
-    :func:`model_again`."""
-    parser.add_argument("--model", default=None, help=f"{use}: the model 01 ran, named again "
-                        "(needed when it is a file; make passes MODEL)")
-    parser.add_argument("--weights", default=None,
-                        help=f"{use}: 01's weights file, named again (make passes WEIGHTS)")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help=f"{use}: allow loading a whole pickled checkpoint (trusted files only)")
+@dataclasses.dataclass(frozen=True)
+class ModelAgain:
+    """Settings of a stage that runs 01's model again (08, 11, 13), inherited by its ``Settings``:
+    the model, as the user names it again — ``common.models.reload_model`` checks them against
+    01's meta, for a meta never chooses code to run."""
 
+    model: str | None = setting(None, "the model 01 ran, named again (needed when it is a file; "
+                                "make passes MODEL)")
+    weights: str | None = setting(None, "01's weights file, named again (make passes WEIGHTS)")
+    unsafe_pickle: bool = setting(False, "allow loading a whole pickled checkpoint (trusted "
+                                  "files only)")
 
-def model_again(args: argparse.Namespace) -> dict:
-    """The flags of :func:`add_model_again_flags` as ``reload_model``'s keyword arguments."""
-    return {"model": args.model, "weights": args.weights, "unsafe_pickle": args.unsafe_pickle}
+    def model_again(self) -> dict:
+        """These settings as ``reload_model``'s keyword arguments."""
+        return {"model": self.model, "weights": self.weights, "unsafe_pickle": self.unsafe_pickle}
 
 
 class StageError(RuntimeError):

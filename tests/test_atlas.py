@@ -144,6 +144,17 @@ def test_debug_pages_name_the_neurons_behind_the_error(run):
     assert "relevance 0→1" in data and "z 0→1" in data
     # The neuron pages point back to the images they drove.
     assert "misclassified image" in (run_dir / "atlas" / "neurons" / "conv2" / "1.html").read_text()
+    # The pair's page gives each flagged neuron 09's trust figures (08 itself does not wait for
+    # 09): the fixture's verify_corr 0.5 and clarity 0.9 − 0.2 × channel.
+    from common.render import fmt_number
+    index = (folder / "index.html").read_text()
+    flagged = index[index.index("Neurons flagged by 08"):]
+    rows = flagged[flagged.index("<tbody>"):flagged.index("</tbody>")].split("</tr>")[:-1]
+    assert rows and "verified r" in flagged
+    for row in rows:
+        channel = int(row.split(" #")[1].split("<")[0])
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        assert cells[5:7] == [fmt_number(0.5), fmt_number(round(0.9 - 0.2 * channel, 3))]
 
 
 def test_08_attributes_the_first_misclassified_images_and_10_only_renders(run, fake_bundle,
@@ -171,7 +182,8 @@ def test_08_attributes_the_first_misclassified_images_and_10_only_renders(run, f
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas"))
     script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']; "
               "from tools.stages import load_stage; "
-              "load_stage('10_atlas').build(__import__('pathlib').Path(sys.argv[2]), workers=1); "
+              "atlas = load_stage('10_atlas'); "
+              "atlas.build(__import__('pathlib').Path(sys.argv[2]), atlas.Settings(workers=1)); "
               "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", script, str(ROOT), str(copy)],
                             capture_output=True, text=True, timeout=300)

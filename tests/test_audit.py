@@ -11,6 +11,7 @@ import pytest
 import torch
 from markdown_it import MarkdownIt
 
+from common.artefacts import Run
 from common.io import save_npz, write_csv
 from common.provenance import read_meta, write_meta
 from conftest import FAKE_MODEL, load_stage
@@ -41,7 +42,8 @@ def audited_run(tmp_path, image_folder):
         "--layers", "relu1,relu2", "--input-size", "32", "--topk", "8", "--batch-size", "8",
         "--device", "cpu", "--workers", "1"])
     bundle = load_model(FAKE_MODEL, device="cpu", input_size=32)
-    audit.run_relevance(run_dir, batch_size=8, device="cpu", bundle=bundle)
+    audit.run_relevance(Run(run_dir), audit.RelevanceSettings(batch_size=8, device="cpu"),
+                        bundle=bundle)
     sentences = {("relu2", 0): "red patches", ("relu2", 1): "edge stripes",
                  ("relu1", 0): "red", ("relu1", 1): "edge", ("relu1", 2): "edge",
                  ("relu1", 3): "sky"}
@@ -77,12 +79,12 @@ def test_relevance_is_weight_times_spatial_mean(audited_run):
     for k in range(3):
         paths = [r["path"] for r in rows if int(r["label_idx"]) == k]
         batch = torch.stack([to_tensor(network_input(load_rgb(p)[0], 32), bundle.mean,
-                                       bundle.std).half().float() for p in paths])  # stored as 13 does
+                                       bundle.std) for p in paths])  # float32, as 01 fed the model
         with torch.no_grad():
             bundle.model(batch)
         means = kept["out"].mean(dim=(2, 3)).numpy().mean(axis=0)
-        np.testing.assert_allclose(rel["relu2/relevance"][k], weight[k] * means, rtol=1e-4,
-                                   atol=1e-6)
+        np.testing.assert_allclose(rel["relu2/relevance"][k], weight[k] * means, rtol=1e-5,
+                                   atol=1e-7)
     hook.remove()
     assert rel["relu2/relevance"][0, 0] > 0 and rel["relu2/relevance"][0, 1] == 0
 
@@ -96,9 +98,10 @@ def test_audit_labels_shares_and_causal_check(audited_run, tmp_path):
     concepts = tmp_path / "concepts.yaml"
     concepts.write_text("classes:\n  '0':\n    valid: [edge]\n    spurious: [red]\n"
                         "  '1':\n    valid: [edge]\n    spurious: [sky]\n")
-    out = tmp_path / "audit"
-    result = audit.run_audit(run_dir, concepts, out, layer="relu2", top=5, controls=1,
-                             per_class=10, text_embedder=WordsText(), bundle=bundle)
+    out = run_dir / "13_audit"
+    result = audit.run_audit(Run(run_dir), concepts, audit.Settings(
+        layer="relu2", top=5, controls=1, images_per_class=10), text_embedder=WordsText(),
+        bundle=bundle)
     labels = {(r["class_name"], r["channel"]): r["label"] for r in result["audit"]}
     assert labels == {("0", 0): "spurious", ("0", 1): "valid", ("1", 0): "unexpected",
                       ("1", 1): "valid"}
@@ -125,8 +128,9 @@ def test_hostile_sentence_is_escaped_in_reports(audited_run, tmp_path):
     concepts = tmp_path / "c.yaml"
     concepts.write_text("classes:\n  '0':\n    valid: [red]\n"
                         "    spurious: ['\"><img src=y onerror=alert(2)>']\n")
-    out = tmp_path / "audit"
-    audit.run_audit(run_dir, concepts, out, layer="relu2", top=5, controls=1, per_class=3,
+    out = run_dir / "13_audit"
+    audit.run_audit(Run(run_dir), concepts, audit.Settings(layer="relu2", top=5, controls=1,
+                                                           images_per_class=3),
                     text_embedder=WordsText(), bundle=bundle)
     html = (out / "0" / "report.html").read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html

@@ -9,8 +9,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from common import baskets as B
+from common.artefacts import Run
 from conftest import FAKE_MODEL, load_stage
 
 stage = load_stage("11_baskets")
@@ -102,8 +104,8 @@ def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
     and difference of two baskets give the set algebra of their members."""
     from common.models import load_model
     bundle = load_model(FAKE_MODEL, device="cpu", input_size=32)
-    result = stage.build(fake_run, min_corr=0.3, grid=3, tile=16, prune=1, controls=2,
-                         prune_images=5, describe=fake_describe, bundle=bundle)
+    small = stage.Settings(min_corr=0.3, grid=3, tile=16, prune=1, controls=2, prune_images=5)
+    result = stage.build(Run(fake_run), small, describe=fake_describe, bundle=bundle)
     for name in ("11_baskets.csv", "11_tree.npz", "11_pruning.csv", "11_baskets.meta.json"):
         assert (fake_run / name).is_file()
     baskets = result["baskets"]
@@ -128,25 +130,25 @@ def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
         writer.writeheader()
         writer.writerows(table)
     with pytest.raises(SystemExit):  # an edited artefact is refused …
-        stage.main(["--run-dir", str(fake_run), "--union", "relu1:b1", "relu2:b1"])
+        stage.main(["--run", str(fake_run), "--union", "relu1:b1", "relu2:b1"])
     from common.provenance import read_meta, write_meta
     write_meta(fake_run / "11_baskets.meta.json", "11_baskets", {},  # … until its meta vouches
                [fake_run / n for n in ("11_baskets.csv", "11_tree.npz", "11_pruning.csv")],
                [read_meta(fake_run / "01_activations.npz")])
-    union = stage.set_operation(fake_run, "union", "relu1:b1", "relu2:b1", grid=3, tile=16,
+    union = stage.set_operation(Run(fake_run), "union", "relu1:b1", "relu2:b1", small,
                                 describe=fake_describe)
     assert union["members"] == ["relu1:1", "relu1:2", "relu1:3", "relu2:0", "relu2:1"]
     assert union["description"] == "set 1" and len(union["images"]) == 9
     assert union["b_description"] == "red or edges"
-    diff = stage.set_operation(fake_run, "difference", "relu1:b1", "relu2:b1", grid=3, tile=16,
+    diff = stage.set_operation(Run(fake_run), "difference", "relu1:b1", "relu2:b1", small,
                                describe=fake_describe)
     assert diff["members"] == ["relu1:1", "relu1:2", "relu1:3"]
-    empty = stage.set_operation(fake_run, "difference", "relu1:b1", "relu1:b1",
+    empty = stage.set_operation(Run(fake_run), "difference", "relu1:b1", "relu1:b1",
                                 describe=fake_describe)
     assert empty["members"] == [] and "empty" in stage.format_set(empty)
     # A tree node: relu1's root holds all four channels; minus the basket leaves the red one.
     root = 2 * 4 - 2
-    rest = stage.set_operation(fake_run, "difference", f"relu1:n{root}", "relu1:b1",
+    rest = stage.set_operation(Run(fake_run), "difference", f"relu1:n{root}", "relu1:b1",
                                describe=fake_describe)
     assert rest["members"] == ["relu1:0"] and rest["a_description"] == ""
     saved = json.loads((fake_run / "11_sets" / "union__relu1_b1__relu2_b1" / "set.json")
@@ -154,7 +156,7 @@ def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
     assert saved["members"] == union["members"]
     a = "relu1:b1"
     with pytest.raises(SystemExit):
-        stage.main(["--run-dir", str(fake_run), "--union", a, "nope:b9"])
+        stage.main(["--run", str(fake_run), "--union", a, "nope:b9"])
     err = capsys.readouterr().err
     assert "differs from what 11_baskets wrote" in err and "no basket 'nope:b9'" in err
 
@@ -166,8 +168,8 @@ def test_pruning_the_red_channel_breaks_the_red_class_only(fake_run):
     from common.models import load_model
     bundle = load_model(FAKE_MODEL, device="cpu", input_size=32)
     basket = {"basket": "relu2:b1", "layer": "relu2", "number": 1, "channel_list": [0]}
-    rows = stage.prune_baskets([basket], {"relu2": 2}, fake_run, n_prune=1, n_controls=1,
-                               per_class=10, seed=0, device="cpu", batch_size=8, bundle=bundle)
+    rows = stage.prune_baskets([basket], {"relu2": 2}, Run(fake_run), stage.Settings(
+        prune=1, controls=1, prune_images=10, seed=0, device="cpu", batch_size=8), bundle=bundle)
     by_class = {r["class_idx"]: r for r in rows}
     assert by_class[0]["accuracy_before"] == 1.0 and by_class[0]["accuracy_pruned"] == 0.0
     assert by_class[0]["delta_pruned"] == -1.0
@@ -176,11 +178,38 @@ def test_pruning_the_red_channel_breaks_the_red_class_only(fake_run):
     assert by_class[0]["controls"] == "1"
 
 
+def test_the_rerun_gives_the_model_the_input_01_gave_it(fake_run, tmp_path):
+    """common.rerun, which 08, 11 and 13 predict with, loads images in float32 as 01 did: every
+    image's top-5 probabilities equal 01's to the 6 decimals 01 writes; streamed batches hold the
+    same tensors; an image that no longer loads is left out, not fatal."""
+    from common.artefacts import read_predictions
+    from common.provenance import read_meta
+    from common.rerun import image_batches, load_images, load_run_model, predict
+    bundle = load_run_model(read_meta(fake_run / "01_activations.npz"), model=FAKE_MODEL,
+                            device="cpu")
+    rows = read_predictions(fake_run / "01_predictions.csv")
+    items = [(r.image_id, r.path, r.label_idx) for r in rows]
+    images = load_images(bundle, items, {})
+    assert images.tensors.dtype == torch.float32 and images.ids == [r.image_id for r in rows]
+    probs = predict(bundle, images, batch_size=7)
+    for r, p in zip(rows, probs):
+        assert list(np.argsort(-p)[:5]) == list(r.top5_idx)
+        np.testing.assert_allclose(np.sort(p)[::-1][:5], r.top5_prob, atol=6e-7)
+    streamed = list(image_batches(bundle, items, batch_size=4))
+    assert [len(ids) for ids, _, _ in streamed][:2] == [4, 4]
+    assert torch.equal(torch.cat([t for _, _, t in streamed]), images.tensors)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    some = load_images(bundle, items[:2] + [(999, str(broken), 0)], {})
+    assert some.ids == [items[0][0], items[1][0]]
+    assert some.select([items[1][0]]).ids == [items[1][0]]
+
+
 def test_the_model_file_is_loaded_only_when_named_again(fake_run):
     """01 ran a model file: its meta alone does not make 11 import that code; naming it does."""
     from common.cli import StageError
     from common.provenance import read_meta
-    from common.pruning import load_run_model
+    from common.rerun import load_run_model
     meta = read_meta(fake_run / "01_activations.npz")
     with pytest.raises(StageError, match="pass --model"):
         load_run_model(meta, device="cpu")

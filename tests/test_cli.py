@@ -79,16 +79,31 @@ def test_start_stage_parses_logs_and_keeps_memory(monkeypatch):
         root.handlers[:] = saved[1]
 
 
-def test_model_again_flags_reach_reload_model_by_name():
-    """The re-load flags come back as reload_model's keyword arguments, each under its own name."""
+def test_settings_become_flags_and_model_again_reaches_reload_model_by_name():
+    """A Settings dataclass (here one that inherits ModelAgain) becomes one flag per field with
+    its default and help; the re-load settings come back as reload_model's keyword arguments,
+    each under its own name."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings(cli.ModelAgain):
+        top: int = cli.setting(20, "neurons shown", make="TOP")
+        kind: str = cli.setting("fused", "which vectors", choices=("fused", "text"))
+
     parser = cli.stage_parser("a stage")
-    cli.add_model_again_flags(parser, "pruning")
-    assert cli.model_again(parser.parse_args([])) == {"model": None, "weights": None,
-                                                     "unsafe_pickle": False}
-    args = parser.parse_args(["--model", "net.py:build", "--weights", "w.pt", "--unsafe-pickle"])
-    assert cli.model_again(args) == {"model": "net.py:build", "weights": "w.pt",
-                                     "unsafe_pickle": True}
-    assert "pruning: the model 01 ran" in parser.format_help()
+    cli.add_settings(parser, Settings)
+    default = cli.settings_from(Settings, parser.parse_args([]))
+    assert default == Settings() and default.model_again() == {
+        "model": None, "weights": None, "unsafe_pickle": False}
+    given = cli.settings_from(Settings, parser.parse_args(
+        ["--model", "net.py:build", "--weights", "w.pt", "--unsafe-pickle", "--top", "3",
+         "--kind", "text"]))
+    assert given.model_again() == {"model": "net.py:build", "weights": "w.pt",
+                                   "unsafe_pickle": True}
+    assert (given.top, given.kind) == (3, "text")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kind", "image"])
+    assert "the model 01 ran" in parser.format_help() and "neurons shown" in parser.format_help()
 
 
 def test_a_stage_run_as_a_program_freezes_its_objects_before_exit():

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import silhouette_score
 from sklearn.metrics.pairwise import cosine_distances, cosine_similarity
 
-from common.artefacts import (Description, Embeddings, columns, read_categories, read_clusters,
+from common.artefacts import (Description, Embeddings, Run, columns, read_categories, read_clusters,
                               read_keywords, read_ksearch, read_metrics, write_embeddings)
 from common.io import read_json, save_npz, write_csv
 from common.provenance import write_meta
@@ -263,9 +263,8 @@ def test_end_to_end_two_layers(tmp_path, monkeypatch):
     save_npz(acts, {"layers": np.array(["early", "late"])})
     write_meta(tmp_path / "01_extract.meta.json", "01_extract", {}, [acts])
     fake_embedders_module(monkeypatch)
-    out = tmp_path / "out"
-    stage.main(["--descriptions", str(desc), "--embeddings", str(emb), "--activations", str(acts),
-                "--out-dir", str(out), "--k-max", "12", "--projection", "pca"])
+    out = tmp_path  # the run folder: 05 reads 03's and 04's files there and writes beside them
+    stage.main(["--run", str(out), "--k-max", "12", "--projection", "pca"])
 
     metrics = read_metrics(out / "05_metrics.csv")
     assert [(m.layer, m.kind) for m in metrics] == [
@@ -304,8 +303,8 @@ def test_degenerate_layers_do_not_crash(tmp_path):
     same_vec = np.tile(planted(1, 1, seed=6)[0], (6, 1))
     same = (["yellow dots"] * 6, same_vec, same_vec)
     desc, emb = write_inputs(tmp_path, {"tiny": one, "same": same})
-    out = tmp_path / "out"
-    meta = stage.run(desc, emb, out, k_min=2, k_max=8, projection="pca",
+    out = tmp_path
+    meta = stage.run(Run(out), stage.Settings(k_min=2, k_max=8, projection="pca"),
                      text_embedder=BagOfWordsEmbedder())
     metrics = {(m.layer, m.kind): m for m in read_metrics(out / "05_metrics.csv")}
     assert metrics[("tiny", "text")].k == 1 and math.isnan(metrics[("tiny", "text")].silhouette)
@@ -321,8 +320,8 @@ def test_single_layer_and_stop_word_only_descriptions(tmp_path):
     descs, x, f, _ = planted_layer(6, 2, seed=7)
     descs = ["the neuron responds to image patches"] * len(descs)
     desc, emb = write_inputs(tmp_path, {"only": (descs, x, f)})
-    out = tmp_path / "out"
-    stage.run(desc, emb, out, k_max=5, projection="pca", plots=False,
+    out = tmp_path
+    stage.run(Run(out), stage.Settings(k_max=5, projection="pca", no_plots=True),
               text_embedder=BagOfWordsEmbedder())
     assert [m.k for m in read_metrics(out / "05_metrics.csv")] == [2, 2]
     assert read_keywords(out / "05_keywords.csv") == []
@@ -330,8 +329,7 @@ def test_single_layer_and_stop_word_only_descriptions(tmp_path):
 
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        stage.main(["--descriptions", str(tmp_path / "03_descriptions.csv"),
-                    "--embeddings", str(tmp_path / "04_embeddings.npz"), "--out-dir", str(tmp_path)])
+        stage.main(["--run", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "03_descriptions.csv does not exist" in err and "Traceback" not in err

@@ -7,7 +7,7 @@ The runs are written here: 04 embeddings of planted unit vectors (one direction 
 import numpy as np
 import pytest
 
-from common.artefacts import SummaryRow, columns
+from common.artefacts import Run, SummaryRow, columns
 from common.compare import alignment_matrix, best_matches
 from common.io import save_npz, write_csv
 from common.provenance import write_meta
@@ -78,7 +78,7 @@ def test_a_run_compared_with_itself_matches_neuron_to_neuron(tmp_path):
     diagonal and less elsewhere; every concept has its counterpart."""
     vectors = planted_vectors()
     write_run(tmp_path / "a", vectors, clusters_of(vectors))
-    result = stage.run(tmp_path / "a", tmp_path / "a", tmp_path / "out")
+    result = stage.run(Run(tmp_path / "a"), Run(tmp_path / "a"))
     for r in result["matches"]:
         assert (r["match_layer"], r["match_channel"]) == (r["layer"], r["channel"])
         assert r["mutual"] == 1 and r["cosine"] == pytest.approx(1.0)
@@ -87,8 +87,8 @@ def test_a_run_compared_with_itself_matches_neuron_to_neuron(tmp_path):
     assert all(r["counterpart"] == 1 for r in result["concepts"])
     for name in ("12_matches.csv", "12_alignment.csv", "12_alignment.png", "12_concepts.csv",
                  "12_scores.csv", "12_report.md", "12_compare.meta.json"):
-        assert (tmp_path / "out" / name).is_file()
-    report = (tmp_path / "out" / "12_report.md").read_text()
+        assert (tmp_path / "a" / "12_compare__a" / name).is_file()
+    report = (tmp_path / "a" / "12_compare__a" / "12_report.md").read_text()
     assert "matched to the same layer and channel 14" in report
 
 
@@ -101,7 +101,7 @@ def test_a_channel_permuted_copy_is_matched_back(tmp_path):
     shuffled = {ly: v[perms[ly]] + 0.01 * rng.normal(size=v.shape) for ly, v in vectors.items()}
     write_run(tmp_path / "a", vectors, clusters_of(vectors))
     write_run(tmp_path / "b", shuffled, clusters_of(shuffled))
-    result = stage.run(tmp_path / "a", tmp_path / "b", tmp_path / "out")
+    result = stage.run(Run(tmp_path / "a"), Run(tmp_path / "b"))
     for r in result["matches"]:
         if r["side"] == "A":
             assert r["match_layer"] == r["layer"]
@@ -125,7 +125,7 @@ def test_a_concept_only_one_run_has_is_reported(tmp_path):
     a_clusters["deep"] = a_clusters["deep"] + [2, 2]
     write_run(tmp_path / "a", a_vectors, a_clusters)
     write_run(tmp_path / "b", shared, clusters_of(vectors))
-    result = stage.run(tmp_path / "a", tmp_path / "b", tmp_path / "out")
+    result = stage.run(Run(tmp_path / "a"), Run(tmp_path / "b"))
     alone = [(r["side"], r["layer"], r["cluster"], r["cosine"]) for r in result["concepts"]
              if not r["counterpart"]]
     assert len(alone) == 1 and alone[0][:3] == ("A", "deep", 2)
@@ -139,6 +139,5 @@ def test_runs_embedded_differently_are_refused(tmp_path, capsys):
     write_run(tmp_path / "a", vectors, clusters_of(vectors))
     write_run(tmp_path / "b", vectors, clusters_of(vectors), text_model="other")
     with pytest.raises(SystemExit):
-        stage.main(["--run", str(tmp_path / "a"), "--other", str(tmp_path / "b"),
-                    "--out-dir", str(tmp_path / "out")])
+        stage.main(["--run", str(tmp_path / "a"), "--other", str(tmp_path / "b")])
     assert "embedded differently" in capsys.readouterr().err

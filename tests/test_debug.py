@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.artefacts import (Description, Mosaic, Prediction, columns, read_ablation,
+from common.artefacts import (Description, Mosaic, Prediction, Run, columns, read_ablation,
                               read_causal, read_confusion, read_debug_neurons, read_pairs)
 from common.cli import StageError
 from common.differential import chance_rate, compare_groups, layer_stats
@@ -107,9 +107,7 @@ def planted_run(tmp_path, mosaics=True):
 
 def run_main(run_dir, *extra):
     """Call 08's main on ``run_dir`` without the causal check unless ``extra`` asks for it."""
-    debug.main(["--predictions", str(run_dir / "01_predictions.csv"),
-                "--confusion", str(run_dir / "08_confusion.csv"),
-                "--out-dir", str(run_dir / "08_debug"), "--ablate-top", "0", *extra])
+    debug.main(["--run", str(run_dir), "--ablate-top", "0", *extra])
 
 
 def test_confusion_table_and_automatic_selection(tmp_path):
@@ -188,12 +186,10 @@ def test_fallback_when_no_pair_passes(tmp_path):
 def test_too_few_images_is_a_clear_error(tmp_path):
     run_dir = planted_run(tmp_path)
     with pytest.raises(StageError, match=r"palace → monastery: OK has 30 images and KO 4"):
-        debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
-                  run_dir / "08_debug", settings=debug.Settings(
-                      true="palace", pred="monastery", min_images=5, ablate_top=0))
+        debug.run(Run(run_dir), debug.Settings(true="palace", pred="monastery", min_images=5,
+                                               ablate_top=0))
     with pytest.raises(StageError, match="matches no class"):
-        debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
-                  run_dir / "08_debug", settings=debug.Settings(true="cathedral", ablate_top=0))
+        debug.run(Run(run_dir), debug.Settings(true="cathedral", ablate_top=0))
 
 
 def test_noise_z_rule_fires_about_5_percent_but_fdr_stays_below_level(tmp_path):
@@ -293,9 +289,7 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
     bundle = types.SimpleNamespace(model=model, name="planted", input_size=8, mean=(0, 0, 0),
                                    std=(1, 1, 1), class_names=NAMES, device=torch.device("cpu"))
     settings = debug.Settings(true="palace", pred="castle", ablate_top=1, ablation_sample=0)
-    summary = debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv",
-                        run_dir / "08_debug", settings=settings, bundle=bundle,
-                        image_tensor=tensors.__getitem__)
+    summary = debug.run(Run(run_dir), settings, bundle=bundle, image_tensor=tensors.__getitem__)
     cc = summary["causal"]["palace__castle"]
     assert read_causal(run_dir / "08_debug" / "palace__castle") == cc
     assert cc["suspects"] == [1] and cc["control"] != [1]
@@ -314,18 +308,3 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
     report = (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
     assert "suspects zeroed" in report
 
-
-def test_report_shows_verification_and_clarity_from_09(tmp_path):
-    """With 09_scores.csv beside the run, each listed neuron shows its verified r and clarity."""
-    from common.artefacts import ScoreRow, columns
-    from common.io import write_csv
-    from common.provenance import read_meta, write_meta
-    run_dir = planted_run(tmp_path)
-    write_csv(run_dir / "09_scores.csv",
-              [{"layer": "deep", "channel": 33, "subconcept": "", "verify_corr": 0.4321,
-                "clarity": 0.8765}], columns(ScoreRow))
-    write_meta(run_dir / "09_score.meta.json", "09_score", {}, [run_dir / "09_scores.csv"],
-               inputs=[read_meta(run_dir / "01_predictions.csv")])
-    run_main(run_dir, "--true", "palace", "--pred", "castle")
-    md = (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
-    assert "verified r" in md and "0.43" in md and "0.88" in md

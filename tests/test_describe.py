@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.artefacts import Description, Prediction, columns, read_descriptions
+from common.artefacts import Description, Prediction, Run, columns, read_descriptions
 from common.cli import StageError
 from common.imagenet import class_names
 from common.io import save_npz, write_csv
@@ -121,10 +121,7 @@ def run_stage(run, **kw):
     """Run stage 03 on a planted run folder; keyword arguments that are not ``describe``'s own
     options are describer settings."""
     settings = D.DescriberSettings(**{k: v for k, v in kw.items() if k not in OPTIONS})
-    return STAGE03.run(run / "02_mosaics.csv", run / "03_descriptions.csv", settings,
-                       activations=run / "01_activations.npz",
-                       predictions=run / "01_predictions.csv",
-                       **{k: v for k, v in kw.items() if k in OPTIONS})
+    return STAGE03.run(Run(run), settings, **{k: v for k, v in kw.items() if k in OPTIONS})
 
 
 # --- prompts and levels ---------------------------------------------------------------------
@@ -421,10 +418,7 @@ def test_main_offline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(O, "reference_classify",
                         lambda *a, **k: lambda ims: [([1, 2, 3, 4, 5], [.9, .04, .03, .02, .01])]
                         * len(ims))
-    STAGE03.main(["--mosaics", str(run / "02_mosaics.csv"),
-                  "--out", str(run / "03_descriptions.csv"),
-                  "--activations", str(run / "01_activations.npz"),
-                  "--predictions", str(run / "01_predictions.csv")])
+    STAGE03.main(["--run", str(run)])
     assert D.FIELDS == columns(Description)  # what 03 writes is what the reader reads
     rows = read_descriptions(run / "03_descriptions.csv")
     assert {r.backend for r in rows} == {"offline"} and all(r.ok for r in rows)

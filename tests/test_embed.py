@@ -96,10 +96,11 @@ def make_run(tmp_path, tiles_by_neuron, statuses=None):
     return run
 
 
-def embed(run, **kw):
-    """Run stage 04 on a planted run folder."""
-    return S.run(run / "03_descriptions.csv", run / "02_mosaics.csv", run / "04_embeddings.npz",
-                 **kw)
+def embed(run, text_embedder, image_embedder, **settings):
+    """Run stage 04 on a planted run folder (``settings``: fields of its Settings)."""
+    from common.artefacts import Run
+    return S.run(Run(run), S.Settings(**settings), text_embedder=text_embedder,
+                 image_embedder=image_embedder)
 
 
 NEURONS = {("a", 0): ["red", "red", "red", "red"], ("a", 1): ["blue", "blue", "red", "red"],
@@ -163,7 +164,7 @@ def test_crop_vectors_of_every_neuron_each_distinct_crop_once(tmp_path):
     once; the file is among 04's outputs, so 09 can check it came from this run."""
     from common.provenance import read_meta
     run = make_run(tmp_path, NEURONS, statuses={("b", 0): "failed"})
-    embed(run, text_embedder=FakeText(), image_embedder=FakeCnn(), crop_vectors_n=3)
+    embed(run, text_embedder=FakeText(), image_embedder=FakeCnn(), crop_vectors=3)
     crops = read_crop_vectors(run / "04_crops.npz")
     assert crops.embedder == "fake-cnn" and crops.space == "cnn" and crops.max_crops == 3
     assert len(crops.arrays["vectors"]) == 3            # red, blue, green: once each

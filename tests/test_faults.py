@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.artefacts import Run
 from common.io import read_csv
 from common.provenance import read_meta
 from conftest import ROOT, make_image, project_copy
@@ -281,10 +282,8 @@ def test_a_file_size_limit_is_one_line_naming_the_path_and_the_fix(image_folder,
     def small_files():
         """In the child: files may not grow past ``limit``."""
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    result = subprocess.run([sys.executable, str(ROOT / "02_mosaics.py"), "--activations",
-                             str(out / "01_activations.npz"), "--images",
-                             str(out / "01_images.csv"), "--out-dir", str(out / "02_mosaics"),
-                             "--index", str(out / "02_mosaics.csv"), "--workers", "1"],
+    result = subprocess.run([sys.executable, str(ROOT / "02_mosaics.py"), "--run", str(out),
+                             "--workers", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120,
                             preexec_fn=small_files)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -309,8 +308,7 @@ def test_disk_checks_state_the_whole_requirement(image_folder, tmp_path, monkeyp
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(mosaics.shutil, "disk_usage", lambda _: usage(1 << 40, 0, 100 << 20))
     with pytest.raises(StageError) as err:
-        mosaics.run(out / "01_activations.npz", out / "01_images.csv", out / "02_mosaics",
-                    out / "02_mosaics.csv", grid=3, tile=8)
+        mosaics.run(Run(out), mosaics.Settings(grid=3, tile=8))
     assert re.search(r"needs 1\.1 GB free .* 0\.0 GB of scratch space .* 1\.1 GB kept for the "
                      r"mosaics — and 0\.1 GB are free", str(err.value)), str(err.value)
 

@@ -93,8 +93,9 @@ def test_make_all_then_up_to_date_then_partial(tree):
     os.utime(root / only_09[0])
     dry = make(root, args, "-n", "all")
     assert "09_score.py" in commands(dry), only_09[0]
+    # 08 reads nothing of 09 (the atlas joins them), so it does not wait for 09 either.
     assert not {"01_extract.py", "02_mosaics.py", "03_describe.py", "04_embed.py", "05_cluster.py",
-                "06_trace.py"} & set(commands(dry)), only_09[0]
+                "06_trace.py", "08_debug.py"} & set(commands(dry)), only_09[0]
 
     # A changed variable re-runs the stages it affects: a new grid touches 02, not 01.
     make(root, args, "all")
@@ -131,6 +132,53 @@ def test_help_lists_targets_and_variables():
     assert {"test", "bench", "help", "clean", "venv"} <= set(targets)
     variables = {line.split(" = ")[0] for line in result.stdout.splitlines() if " = " in line}
     assert {"RUN", "IMAGES", "MODEL", "LAYERS", "TOPK", "DESCRIBER", "AUDIT", "DATA"} <= variables
+
+
+def makefile_defaults() -> dict[str, str]:
+    """``VAR ?= value#  comment`` lines of the Makefile: variable → its default, as written."""
+    found = re.findall(r"^([A-Z][A-Z0-9_]*)\s*\?=[ \t]*([^#\n]*?)[ \t]*#", 
+                       (ROOT / "Makefile").read_text(), re.M)
+    return dict(found)
+
+
+def same_default(text: str, value) -> bool:
+    """Whether the Makefile's ``text`` sets what the Python default ``value`` is."""
+    if isinstance(value, bool):
+        return text == ("1" if value else "0")
+    if value is None:
+        return text == ""
+    if isinstance(value, (int, float)):
+        return text != "" and float(text) == value
+    return text == str(value)
+
+
+def test_each_setting_has_its_default_once_and_make_passes_it():
+    """Every field of a stage's Settings that a Makefile variable sets (``make`` in its metadata)
+    has the Makefile default equal to the Python one, and the stage's ARGS_NN hands the variable
+    to that field's flag: a default changed in one place only is caught here."""
+    import dataclasses
+    from conftest import load_stage
+    defaults = makefile_defaults()
+    makefile = (ROOT / "Makefile").read_text()
+    checked = []
+    for script in sorted(ROOT.glob("[01][0-9]_*.py")):
+        settings = getattr(load_stage(script.stem), "Settings", None)
+        if settings is None:
+            continue
+        block = re.search(rf"^ARGS_{script.stem[:2]} :=(.*?)\n(?=\S)", makefile, re.M | re.S)
+        for field in dataclasses.fields(settings):
+            var = field.metadata.get("make")
+            if not var:
+                continue
+            assert var in defaults, f"{script.name}: {field.name} names no variable {var}"
+            assert same_default(defaults[var], field.default), \
+                f"{var} ?= {defaults[var]!r} but {script.name}'s {field.name} = {field.default!r}"
+            flag = "--" + field.name.replace("_", "-")
+            passed = rf"{flag}\b[^-]*?\$\({var}\)|\$\({var}\)\),{flag}\b"
+            assert block and re.search(passed, block.group(1)), \
+                f"ARGS_{script.stem[:2]} lacks {flag} $({var})"
+            checked.append((script.stem, field.name))
+    assert len({stage for stage, _ in checked}) >= 2 and len(checked) >= 10, checked
 
 
 GREY = ["RUN=g", "MODEL=tests/fake_grey_model.py:build", "LAYERS=relu1,bands", "INPUT_SIZE=32",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.artefacts import read_activations, read_images, read_mosaics
+from common.artefacts import Run, read_activations, read_images, read_mosaics
 from common.cli import StageError
 from common.images import load_rgb, network_input
 from common.fields import RF, field_box
@@ -28,10 +28,7 @@ def extracted(image_folder, tmp_path):
 
 def run_mosaics(run_dir, *extra):
     """Run 02's main on a 01 run folder; return the index rows."""
-    mosaics.main(["--activations", str(run_dir / "01_activations.npz"),
-                  "--images", str(run_dir / "01_images.csv"), "--out-dir",
-                  str(run_dir / "02_mosaics"), "--index", str(run_dir / "02_mosaics.csv"),
-                  "--grid", "3", "--tile", "8", "--workers", "1", *extra])
+    mosaics.main(["--run", str(run_dir), "--grid", "3", "--tile", "8", "--workers", "1", *extra])
     return read_mosaics(run_dir / "02_mosaics.csv")
 
 
@@ -188,8 +185,7 @@ def test_too_little_scratch_space_is_a_clear_error(extracted, monkeypatch):
     full_disk = shutil._ntuple_diskusage(total=10**9, used=10**9, free=0)
     monkeypatch.setattr(mosaics.shutil, "disk_usage", lambda _path: full_disk)
     with pytest.raises(StageError, match="scratch space.*--layers"):
-        mosaics.run(extracted / "01_activations.npz", extracted / "01_images.csv",
-                    extracted / "02_mosaics", extracted / "02_mosaics.csv", grid=3, tile=8)
+        mosaics.run(Run(extracted), mosaics.Settings(grid=3, tile=8))
     assert not (extracted / "02_mosaics.csv").exists()
 
 

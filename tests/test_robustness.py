@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from markdown_it import MarkdownIt
 
+from common.artefacts import Run
 from common.cli import StageError
 from common.io import (DiskFull, atomic_path, read_csv, sweep_temporaries, temp_dir, write_csv,
                        write_text)
@@ -36,7 +37,8 @@ HOSTILE = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+cmd|' /C calc'!A0", "-2+3", 
 # --- one lineage -------------------------------------------------------------------------------
 
 def test_02_refuses_top_images_of_one_run_and_photos_of_another(image_folder, tmp_path, capfd):
-    """02 given 01_activations.npz of one run and 01_images.csv of another stops, naming both."""
+    """02 on a run folder holding another 01 run's 01_activations.npz (copied in) stops, naming
+    the file."""
     extract, mosaics = load_stage("01_extract"), load_stage("02_mosaics")
     runs = []
     for name, size in (("a", "32"), ("b", "40")):
@@ -45,46 +47,44 @@ def test_02_refuses_top_images_of_one_run_and_photos_of_another(image_folder, tm
                       "--layers", "relu1", "--input-size", size, "--topk", "4",
                       "--batch-size", "8", "--device", "cpu"])
         runs.append(out)
+    shutil.copy(runs[1] / "01_activations.npz", runs[0] / "01_activations.npz")  # b's, copied in
     with pytest.raises(SystemExit):
-        mosaics.main(["--activations", str(runs[0] / "01_activations.npz"),
-                      "--images", str(runs[1] / "01_images.csv"),
-                      "--out-dir", str(runs[0] / "02_mosaics"),
-                      "--index", str(runs[0] / "02_mosaics.csv"), "--workers", "1"])
+        mosaics.main(["--run", str(runs[0]), "--workers", "1"])
     err = capfd.readouterr().err
-    assert "two different runs of 01_extract" in err
-    assert str(runs[0] / "01_activations.npz") in err and str(runs[1] / "01_images.csv") in err
+    assert "differs from what 01_extract wrote" in err
+    assert str(runs[0] / "01_activations.npz") in err
     assert not (runs[0] / "02_mosaics.csv").exists()
 
 
 def test_06_refuses_clusters_and_keywords_of_two_runs(tmp_path):
-    """05_keywords.csv of another 05 run, given or copied beside the clusters, is refused."""
+    """05_keywords.csv of another 05 run copied into the run folder is refused: the same file
+    name does not make it the same run."""
     trace = load_stage("06_trace")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    clusters_a, keywords_a, acts_a = write_trace_inputs(tmp_path / "a")
+    _, keywords_a, _ = write_trace_inputs(tmp_path / "a")
     other = {"a": {0: ["red"]}, "b": {0: ["blue"]}, "c": {0: ["green"]}}
     _, keywords_b, _ = write_trace_inputs(tmp_path / "b", clusters=other)
-    with pytest.raises(ProvenanceError, match="two different runs of 05_cluster"):
-        trace.run(clusters_a, keywords_b, tmp_path / "a", activations_path=acts_a,
-                  text_embedder=object())
-    shutil.copy(keywords_b, keywords_a)  # the same file name does not make it the same run
+    shutil.copy(keywords_b, keywords_a)
     with pytest.raises(ProvenanceError, match="differs from what 05_cluster wrote"):
-        trace.run(clusters_a, keywords_a, tmp_path / "a", activations_path=acts_a,
-                  text_embedder=object())
+        trace.run(Run(tmp_path / "a"), text_embedder=object())
+    assert not (tmp_path / "a" / "06_trace.csv").exists()
 
 
 def test_08_refuses_predictions_of_one_run_and_statistics_of_another(tmp_path):
-    """08 with 01_predictions.csv of run a and 01_stats of run b: refused before any flag."""
+    """08 on a run folder holding run a's 01_predictions.csv and run b's 01_stats (copied in):
+    refused before any flag."""
     debug = load_stage("08_debug")
     run_a = planted_run(tmp_path)
     rng = np.random.default_rng(1)
     run_b = tmp_path / "b"
     write_run(run_b, LABELS, PREDS, {"early": rng.normal(size=(len(LABELS), 20)),
                                      "deep": rng.normal(size=(len(LABELS), 40))})
-    with pytest.raises(ProvenanceError, match="two different runs of 01_extract") as err:
-        debug.run(run_a / "01_predictions.csv", run_a / "08_confusion.csv", run_a / "08_debug",
-                  stats_dir=run_b / "01_stats", settings=debug.Settings(ablate_top=0))
-    assert str(run_b / "01_stats") in str(err.value)
+    shutil.rmtree(run_a / "01_stats")
+    shutil.copytree(run_b / "01_stats", run_a / "01_stats")
+    with pytest.raises(ProvenanceError, match="differs from what 01_extract wrote") as err:
+        debug.run(Run(run_a), debug.Settings(ablate_top=0))
+    assert str(run_a / "01_stats") in str(err.value)
     assert not (run_a / "08_confusion.csv").exists()
 
 
@@ -159,8 +159,7 @@ def test_run_reports_escape_a_hostile_description(tmp_path):
     write_csv(run_dir / "03_descriptions.csv", rows, list(rows[0]))
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], inputs=[read_meta(run_dir / "01_predictions.csv")])
-    debug.run(run_dir / "01_predictions.csv", run_dir / "08_confusion.csv", run_dir / "08_debug",
-              settings=debug.Settings(ablate_top=0))
+    debug.run(Run(run_dir), debug.Settings(ablate_top=0))
     report = next((run_dir / "08_debug").glob("*/report.md")).read_text()
     assert "javascript" in report
     html = MarkdownIt("commonmark").enable("table").render(report)
@@ -383,7 +382,7 @@ def test_full_disk_in_05_is_one_clear_line(tmp_path, monkeypatch, capfd):
     d1, x1, f1, _ = test_cluster.planted_layer(6, 2, seed=3)
     desc, emb = test_cluster.write_inputs(tmp_path, {"only": (d1, x1, f1)})
     test_cluster.fake_embedders_module(monkeypatch)
-    out = tmp_path / "out"
+    out = tmp_path  # the run folder
     real_write = type(out).write_bytes
 
     def write_half(self, data):
@@ -394,8 +393,7 @@ def test_full_disk_in_05_is_one_clear_line(tmp_path, monkeypatch, capfd):
         return real_write(self, data)
     monkeypatch.setattr(type(out), "write_bytes", write_half)
     with pytest.raises(SystemExit) as exit_:
-        cluster.main(["--descriptions", str(desc), "--embeddings", str(emb), "--out-dir",
-                      str(out), "--k-max", "3", "--projection", "pca"])
+        cluster.main(["--run", str(out), "--k-max", "3", "--projection", "pca"])
     assert exit_.value.code == 2
     err = [line for line in capfd.readouterr().err.splitlines() if "ERROR" in line]
     assert len(err) == 1 and f"disk full: {out}" in err[0] and "is needed" in err[0]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from common import scores as S
 from common import matchers
+from common.artefacts import Run
 from common.matchers import OfflineMatcher, appearance_weights, has_object_words
 from common.triage import DNR_K, triage_layer
 from conftest import FAKE_MODEL, load_stage, make_image
@@ -415,10 +416,8 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
         "--images", str(image_folder), "--out", str(run_dir), "--model", FAKE_MODEL,
         "--layers", "relu1", "--input-size", "32", "--topk", "16", "--batch-size", "8",
         "--device", "cpu", "--workers", "1"])
-    load_stage("02_mosaics").main([
-        "--activations", str(run_dir / "01_activations.npz"), "--images",
-        str(run_dir / "01_images.csv"), "--out-dir", str(run_dir / "02_mosaics"), "--index",
-        str(run_dir / "02_mosaics.csv"), "--grid", "3", "--tile", "16", "--workers", "1"])
+    load_stage("02_mosaics").main(["--run", str(run_dir), "--grid", "3", "--tile", "16",
+                                   "--workers", "1"])
     sentences = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]
     write_csv(run_dir / "03_descriptions.csv",
               [{"layer": "relu1", "channel": c, "level": 1, "description": t, "backend": "offline",
@@ -427,21 +426,16 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
                backend="offline")
-    load_stage("04_embed").run(run_dir / "03_descriptions.csv", run_dir / "02_mosaics.csv",
-                               run_dir / "04_embeddings.npz", text_embedder=WordsText(),
-                               image_embedder=ConvFeature(), crop_vectors_n=9)
+    embed = load_stage("04_embed")
+    embed.run(Run(run_dir), embed.Settings(crop_vectors=9), text_embedder=WordsText(),
+              image_embedder=ConvFeature())
     none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
 
     def run_09():
         """Stage 09 on the run (every neuron split: polysemanticity threshold 0)."""
         return score.run(
-            run_dir / "01_activations.npz", run_dir / "01_stats", run_dir / "01_images.csv",
-            run_dir / "01_predictions.csv", run_dir / "02_mosaics.csv",
-            run_dir / "03_descriptions.csv", run_dir / "04_embeddings.npz",
-            run_dir / "04_crops.npz", run_dir / "09_scores.csv", run_dir / "09_summary.csv",
-            run_dir / "09_eval.csv", run_dir / "09_subconcepts", poly_threshold=0.0,
-            matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))),
-            describe_args="--backend offline")
+            Run(run_dir), score.Settings(poly_threshold=0.0, describe_args="--backend offline"),
+            matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))))
     result = run_09()
     with open(run_dir / "09_scores.csv", newline="") as fh:
         header = next(csv.reader(fh))

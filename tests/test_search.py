@@ -4,6 +4,7 @@ HTML escaping.
 The embedders are fakes whose vectors can be worked out on paper: the text one is a normalised
 bag of words over a tiny vocabulary, the image one the normalised mean colour.
 """
+import dataclasses
 import io
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from common.cli import StageError
-from common.artefacts import (Description, Embeddings, Mosaic, ScoreRow, columns,
+from common.artefacts import (Description, Embeddings, Mosaic, Run, ScoreRow, columns,
                               write_embeddings)
 from common.io import read_csv, write_csv
 from common.provenance import read_meta, write_meta
@@ -105,9 +106,14 @@ def make_run(tmp_path, descriptions=None, image_model="fake-colour"):
 
 
 def find(run_dir, queries, **kwargs):
-    """Stage 07's run on ``run_dir`` with output to a string buffer unless ``stdout`` is given."""
+    """Stage 07's run on ``run_dir`` with output to a string buffer unless ``stdout`` is given;
+    the keywords that are fields of its Settings go there (``layers`` as a list)."""
     kwargs.setdefault("stdout", io.StringIO())
-    return search.run(run_dir / "04_embeddings.npz", queries, **kwargs)
+    fields = {f.name for f in dataclasses.fields(search.Settings)}
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    if isinstance(settings.get("layers"), list):
+        settings["layers"] = ",".join(settings["layers"])
+    return search.run(Run(run_dir), queries, search.Settings(**settings), **kwargs)
 
 
 def ranked(rows, query):
@@ -202,8 +208,7 @@ def test_interactive_reads_stdin_until_eof(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common.embedders, "load_text_embedder", fake_loader)
     monkeypatch.setattr("sys.stdin", io.StringIO("cat\n\n  red stripes \ndog ball\n"))
     out_csv = tmp_path / "hits" / "hits.csv"
-    search.main(["--embeddings", str(run_dir / "04_embeddings.npz"), "--interactive",
-                 "--top-k", "1", "--csv", str(out_csv)])
+    search.main(["--run", str(run_dir), "--interactive", "--top-k", "1", "--csv", str(out_csv)])
     printed = capsys.readouterr().out
     assert [line[3:].split("   (")[0] for line in printed.splitlines() if line.startswith("== ")] \
         == ["cat", "red stripes", "dog ball"]

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from common.artefacts import ClusterRow, KeywordRow, TraceLink, columns, read_trace
+from common.artefacts import ClusterRow, KeywordRow, Run, TraceLink, columns, read_trace
 from common.io import read_json, save_npz, write_csv
 from common.provenance import write_meta
 from conftest import load_stage
@@ -80,10 +80,8 @@ def write_inputs(tmp_path, clusters=CLUSTERS, order=("a", "b", "c"), empty=()):
 
 def test_best_matches_threshold_and_layer_order(tmp_path):
     clusters_csv, keywords_csv, acts = write_inputs(tmp_path)
-    out = tmp_path / "out"
-    stage.run(clusters_csv, keywords_csv, out, activations_path=acts, threshold=0.3,
-              text_embedder=BagOfWordsEmbedder())
-    trace = read_trace(out / "06_trace.csv")
+    stage.run(Run(tmp_path), stage.Settings(threshold=0.3), text_embedder=BagOfWordsEmbedder())
+    trace = read_trace(tmp_path / "06_trace.csv")
     links = {(r.source_layer, r.source_cluster): (r.target_layer, r.target_cluster) for r in trace}
     # dog/fur and car/wheel share no word with the next layer: dropped by the threshold
     assert links == {("a", 0): ("b", 1), ("a", 1): ("b", 0), ("b", 0): ("c", 1), ("b", 1): ("c", 0)}
@@ -96,8 +94,7 @@ def test_best_matches_threshold_and_layer_order(tmp_path):
 
 def test_threshold_drops_weak_links(tmp_path):
     clusters_csv, keywords_csv, acts = write_inputs(tmp_path)
-    stage.run(clusters_csv, keywords_csv, tmp_path, activations_path=acts, threshold=0.7,
-              text_embedder=BagOfWordsEmbedder())
+    stage.run(Run(tmp_path), stage.Settings(threshold=0.7), text_embedder=BagOfWordsEmbedder())
     kept = {(r.source_layer, r.source_cluster) for r in read_trace(tmp_path / "06_trace.csv")}
     assert kept == {("a", 1), ("b", 0), ("b", 1)}
 
@@ -107,8 +104,7 @@ def test_follow_prints_and_highlights_the_path(tmp_path, monkeypatch, capsys):
     module = types.ModuleType("common.embedders")
     module.load_text_embedder = lambda name=None, device="auto": BagOfWordsEmbedder()
     monkeypatch.setitem(sys.modules, "common.embedders", module)
-    stage.main(["--clusters", str(clusters_csv), "--keywords", str(keywords_csv),
-                "--out-dir", str(tmp_path), "--follow", "lemon"])
+    stage.main(["--run", str(tmp_path), "--follow", "lemon"])
     printed = capsys.readouterr().out
     assert "best path for 'lemon'" in printed
     meta = read_json(tmp_path / "06_trace.meta.json")
@@ -142,7 +138,7 @@ def test_sankey_html_is_self_contained_and_escaped(tmp_path):
     evil = "<img src=x onerror=alert(1)>"
     clusters = {evil: {0: ["yellow", "dot"]}, "b": {0: ["yellow", "lemon"]}}
     clusters_csv, keywords_csv, _ = write_inputs(tmp_path, clusters=clusters, order=None)
-    stage.run(clusters_csv, keywords_csv, tmp_path, threshold=0.3, follow="yellow",
+    stage.run(Run(tmp_path), stage.Settings(threshold=0.3, follow="yellow"),
               text_embedder=BagOfWordsEmbedder())
     page = (tmp_path / "06_sankey.html").read_text()
     assert "<img src=x" not in page
@@ -160,8 +156,8 @@ def test_sankey_html_is_self_contained_and_escaped(tmp_path):
 def test_single_layer_and_cluster_without_keywords(tmp_path):
     clusters_csv, keywords_csv, _ = write_inputs(tmp_path, clusters={"a": CLUSTERS["a"]},
                                                  order=None, empty={("a", 2)})
-    stage.run(clusters_csv, keywords_csv, tmp_path, text_embedder=BagOfWordsEmbedder(),
-              follow="black stripe")
+    stage.run(Run(tmp_path), stage.Settings(follow="black stripe"),
+              text_embedder=BagOfWordsEmbedder())
     assert read_trace(tmp_path / "06_trace.csv") == []
     assert (tmp_path / "06_trace.csv").read_text() == ",".join(columns(TraceLink)) + "\n"
     assert (tmp_path / "06_sankey.html").exists() and (tmp_path / "06_sankey.png").exists()
@@ -172,8 +168,7 @@ def test_single_layer_and_cluster_without_keywords(tmp_path):
 
 def test_missing_inputs_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        stage.main(["--clusters", str(tmp_path / "05_clusters.csv"),
-                    "--keywords", str(tmp_path / "05_keywords.csv"), "--out-dir", str(tmp_path)])
+        stage.main(["--run", str(tmp_path)])
     assert exc.value.code == 2
     assert "run 05_cluster first" in capsys.readouterr().err
 
