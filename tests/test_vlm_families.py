@@ -17,22 +17,24 @@ from common.cli import StageError
 from common.journal import read_journals
 from test_describe import make_run, run_stage
 
-# family → (builder options, image token, tokens per image, prompt form). Tokens per image follow
-# from each tiny config: LLaVA 4 × 4 patches (CLS dropped); SmolVLM/Idefics3 16 patches
-# shuffled by 2 → 4; Gemma 3 pooled to 2 × 2; mllama one <|image|> (features enter by
-# cross-attention);
-# PaliGemma 16 patches; BLIP-2/InstructBLIP 4 queries; Florence-2 one 1 × 1 map + its pooled one.
+# family → (builder in tiny_vlms, its options, image token, tokens per image, prompt form).
+# Tokens per image follow from each tiny config: LLaVA 4 × 4 patches (CLS dropped); Qwen2(.5)-VL
+# 4 × 4 patches merged 2 × 2; SmolVLM/Idefics3 16 patches shuffled by 2 → 4; Gemma 3 pooled to
+# 2 × 2; mllama one <|image|> (features enter by cross-attention); PaliGemma 16 patches;
+# BLIP-2/InstructBLIP 4 queries; Florence-2 one 1 × 1 map + its pooled token.
 FAMILIES = {
-    "llava": ({}, "<image>", 16, "chat"),
-    "smolvlm": ({}, "<image>", 4, "chat"),
-    "idefics3": ({}, "<image>", 4, "chat"),
-    "gemma3": ({}, "<image_soft_token>", 4, "chat"),
-    "mllama": ({}, "<|image|>", 1, "chat"),
-    "paligemma": ({}, "<image>", 16, "answer en "),
-    "blip2": ({}, "<image>", 4, "Question: "),
-    "blip2-t5": ({"text": "t5"}, "<image>", 4, "Question: "),
-    "instructblip": ({}, "<image>", 4, ""),
-    "florence2": ({}, "<image>", 2, "<MORE_DETAILED_CAPTION>"),
+    "llava": ("llava", {}, "<image>", 16, "chat"),
+    "qwen2_vl": ("qwen2_vl", {}, "<|image_pad|>", 4, "chat"),
+    "qwen2_5_vl": ("qwen2_vl", {"family": "qwen2_5_vl"}, "<|image_pad|>", 4, "chat"),
+    "smolvlm": ("smolvlm", {}, "<image>", 4, "chat"),
+    "idefics3": ("smolvlm", {"family": "idefics3"}, "<image>", 4, "chat"),
+    "gemma3": ("gemma3", {}, "<image_soft_token>", 4, "chat"),
+    "mllama": ("mllama", {}, "<|image|>", 1, "chat"),
+    "paligemma": ("paligemma", {}, "<image>", 16, "answer en "),
+    "blip2": ("blip2", {}, "<image>", 4, "Question: "),
+    "blip2-t5": ("blip2", {"text": "t5"}, "<image>", 4, "Question: "),
+    "instructblip": ("instructblip", {}, "<image>", 4, ""),
+    "florence2": ("florence2", {}, "<image>", 2, "<MORE_DETAILED_CAPTION>"),
 }
 ENCODER_DECODER = {"blip2-t5", "florence2"}
 NEW_TOKENS = 3
@@ -42,9 +44,9 @@ NEW_TOKENS = 3
 def family(request, tmp_path_factory):
     """(family name, its tiny model loaded by HFDescriber), built once per test run."""
     name = request.param
-    options = FAMILIES[name][0]
+    builder, options = FAMILIES[name][:2]
     folder = tmp_path_factory.mktemp(name)
-    getattr(tiny_vlms, name.split("-")[0])(folder, **options)
+    getattr(tiny_vlms, builder)(folder, **options)
     return name, D.HFDescriber(str(folder), device="cpu", batch_size=3, temperature=0,
                                max_new_tokens=NEW_TOKENS)
 
@@ -56,7 +58,7 @@ def test_family_prompt_batch_and_image_tokens(family, tmp_path):
     the prompt (encoder-decoder models included), equal to their answers one at a time; each
     prompt row holding the image tokens the model's features fill."""
     name, hf = family
-    _, image_token, per_image, form = FAMILIES[name]
+    _, _, image_token, per_image, form = FAMILIES[name]
     text = hf.prompt_text("describe the stripes")
     if form == "chat":
         assert text.startswith("USER: ") and text.endswith("ASSISTANT:")

@@ -264,6 +264,34 @@ def florence2(folder):
     return save(T.Florence2ForConditionalGeneration(config), processor, folder)
 
 
-def idefics3(folder):
-    """Idefics3: SmolVLM's parent, built the same way."""
-    return smolvlm(folder, family="idefics3")
+
+def qwen2_vl(folder, family="qwen2_vl"):
+    """Qwen2-VL (and Qwen2.5-VL: ``family="qwen2_5_vl"``): 8-px patches merged 2 × 2, so a
+    32-px image is 4 <|image_pad|> tokens between <|vision_start|> and <|vision_end|>; M-RoPE."""
+    import transformers as T
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[family]
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    tok = word_tokenizer(["<|vision_start|>", "<|vision_end|>", *named.values()], named)
+    pixels = dict(patch_size=8, merge_size=2, temporal_patch_size=2,
+                  size={"shortest_edge": PX * PX, "longest_edge": PX * PX})
+    processor = getattr(T, f"{prefix}Processor")(
+        image_processor=T.Qwen2VLImageProcessor(**pixels),
+        video_processor=T.Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
+        chat_template=chat("<|vision_start|><|image_pad|><|vision_end|>"))
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        vision.update(intermediate_size=32, out_hidden_size=32, fullatt_block_indexes=[0],
+                      window_size=16)
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=2,
+                eos_token_id=3, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [1, 1, 2]})
+    config = getattr(T, f"{prefix}Config")(
+        vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(0)
+    return save(getattr(T, f"{prefix}ForConditionalGeneration")(config), processor, folder)
