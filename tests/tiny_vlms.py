@@ -1,13 +1,13 @@
 """Tiny randomly initialised vision-language models of each family the hf describer supports,
-built from configs and saved to a folder (nothing is downloaded): the tests load them with
-``HFDescriber`` exactly as a researcher's checkpoint.
+and of the CLIP-like dual encoders, built from configs and saved to a folder (nothing is
+downloaded): the tests load them exactly as a researcher's checkpoint.
 
 Every family shares one word-level tokenizer (``word_tokenizer``) with that family's special
 tokens, 32-px images and one- or two-layer towers of 16–32 features; a chat template is given
 where the family's processor has one, none where the family takes a plain prompt.
 """
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 WORDS = ("you study the first stages of visual processing picture is a grid small patches "
@@ -22,15 +22,19 @@ CHAT = ("{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'
         "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def word_tokenizer(special, named=None, extra=(), **roles):
+def word_tokenizer(special, named=None, extra=(), close=False, **roles):
     """A word-level fast tokenizer over WORDS, after ``special`` tokens (the first four being
     pad, unk, bos, eos); ``named`` maps attribute names (image_token, boi_token …) to tokens
-    the family's processor looks up on the tokenizer; ``extra`` are more ordinary tokens."""
+    the family's processor looks up on the tokenizer; ``extra`` are more ordinary tokens;
+    ``close`` ends every text with </s> (where a text encoder reads its vector, as CLIP's)."""
     vocab = {w: i for i, w in enumerate(list(dict.fromkeys(
         ["<pad>", "<unk>", "<s>", "</s>", "USER:", "ASSISTANT:", *special, *WORDS, *extra])))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")
+    if close:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                           special_tokens=[("</s>", 3)])
     settings = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     settings.update(roles)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens=named or {},
@@ -295,3 +299,31 @@ def qwen2_vl(folder, family="qwen2_vl"):
         vision_end_token_id=ids("<|vision_end|>"))
     torch.manual_seed(0)
     return save(getattr(T, f"{prefix}ForConditionalGeneration")(config), processor, folder)
+
+
+def hf_dual_encoder(folder, family="clip"):
+    """transformers' CLIP (``family="clip"``) or SigLIP: one-layer towers of 16 features, 12-d
+    (CLIP) or 16-d (SigLIP) joint vectors; texts end in </s> (CLIP reads its vector there) and
+    are at most 16 tokens (SigLIP pads every text to that length)."""
+    import transformers as T
+    tok = word_tokenizer([], {}, close=True, model_max_length=16)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2)
+    vision = dict(tower, image_size=PX, patch_size=8)
+    text = dict(tower, vocab_size=len(tok), max_position_embeddings=16, pad_token_id=0,
+                bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    if family == "clip":
+        images = T.CLIPImageProcessor(size={"shortest_edge": PX},
+                                      crop_size={"height": PX, "width": PX})
+        processor = T.CLIPProcessor(image_processor=images, tokenizer=tok)
+        model = T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision,
+                                         projection_dim=12))
+    else:
+        processor = T.SiglipProcessor(
+            image_processor=T.SiglipImageProcessor(size={"height": PX, "width": PX}),
+            tokenizer=tok)
+        model = T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
