@@ -16,10 +16,13 @@ Backends (``DescriberSettings.backend``):
            (crops smaller than the image: the analysed model classifies them). For an ImageNet
            model, and with namer "reference" for any model, the reference classifier
            (EfficientNet-Lite0) names them instead, grouped into broader ImageNet kinds.
-  hf       any Hugging Face image-text-to-text model (local folder or hub id), batched.
+  hf       any Hugging Face image-text-to-text model (local folder or hub id), batched, in its
+           family's prompt form (chat template, else PLAIN_PROMPTS; docs/vlm-families.md).
   openai   any OpenAI-compatible chat-completions server with image input (vLLM, Ollama, …);
            the API key is read from the environment variable named by ``api_key_env``.
 
+A failed batch is described again neuron by neuron, and what still fails is a failed neuron with
+its reason; a describer that fails on every neuron of the first batch stops the stage at once.
 Every answer is journaled as it arrives (common/journal.py), keyed by everything it depends on,
 so an interrupted run loses nothing and a rerun describes only what is new or failed.
 """
