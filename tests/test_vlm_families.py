@@ -18,12 +18,16 @@ from common.journal import read_journals
 from test_describe import make_run, run_stage
 
 # family → (builder in tiny_vlms, its options, image token, tokens per image, prompt form).
-# Tokens per image follow from each tiny config: LLaVA 4 × 4 patches (CLS dropped); Qwen2(.5)-VL
+# Tokens per image follow from each tiny config: LLaVA 4 × 4 patches (CLS dropped); LLaVA-NeXT
+# and -OneVision a base view and one tile of 4 × 4 patches each, plus a newline per tile row
+# (16 + 16 + 4); Qwen2(.5)-VL
 # 4 × 4 patches merged 2 × 2; SmolVLM/Idefics3 16 patches shuffled by 2 → 4; Gemma 3 pooled to
 # 2 × 2; mllama one <|image|> (features enter by cross-attention); PaliGemma 16 patches;
 # BLIP-2/InstructBLIP 4 queries; Florence-2 one 1 × 1 map + its pooled token.
 FAMILIES = {
     "llava": ("llava", {}, "<image>", 16, "chat"),
+    "llava_next": ("llava_next", {}, "<image>", 36, "chat"),
+    "llava_onevision": ("llava_onevision", {}, "<image>", 36, "chat"),
     "qwen2_vl": ("qwen2_vl", {}, "<|image_pad|>", 4, "chat"),
     "qwen2_5_vl": ("qwen2_vl", {"family": "qwen2_5_vl"}, "<|image_pad|>", 4, "chat"),
     "smolvlm": ("smolvlm", {}, "<image>", 4, "chat"),
@@ -37,7 +41,7 @@ FAMILIES = {
     "florence2": ("florence2", {}, "<image>", 2, "<MORE_DETAILED_CAPTION>"),
 }
 ENCODER_DECODER = {"blip2-t5", "florence2"}
-NEW_TOKENS = 3
+NEW_TOKENS = 2  # answer length: enough to tell answers apart, short to keep the tests quick
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -327,3 +327,52 @@ def hf_dual_encoder(folder, family="clip"):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def llava_next(folder):
+    """LLaVA-NeXT: LLaVA with "any resolution" tiling; one 32-px grid point, so an image is its
+    base view and one tile, each 4 × 4 patches, plus a newline token per tile row."""
+    import transformers as T
+    tok = word_tokenizer(["<image>"], {"image_token": "<image>"})
+    processor = T.LlavaNextProcessor(
+        image_processor=T.LlavaNextImageProcessor(size={"shortest_edge": PX},
+                                                  crop_size={"height": PX, "width": PX},
+                                                  image_grid_pinpoints=[[PX, PX]]),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=chat("<image>"))
+    config = T.LlavaNextConfig(
+        vision_config=T.CLIPVisionConfig(hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         image_size=PX, patch_size=8, projection_dim=16),
+        text_config=llama(len(tok)), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=[[PX, PX]], vision_feature_select_strategy="default",
+        vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return save(T.LlavaNextForConditionalGeneration(config), processor, folder)
+
+
+def llava_onevision(folder):
+    """LLaVA-OneVision: SigLIP tower (no CLS), "any resolution" tiling as LLaVA-NeXT's with one
+    32-px grid point, Qwen2 text model."""
+    import transformers as T
+    tok = word_tokenizer(["<image>", "<video>"], {"image_token": "<image>",
+                                                  "video_token": "<video>"})
+    pixels = dict(size={"height": PX, "width": PX}, image_grid_pinpoints=[[PX, PX]])
+    processor = T.LlavaOnevisionProcessor(
+        image_processor=T.LlavaOnevisionImageProcessor(**pixels),
+        video_processor=T.LlavaOnevisionVideoProcessor(size={"height": PX, "width": PX}),
+        tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+        chat_template=chat("<image>"))
+    text = T.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         max_position_embeddings=512)
+    config = T.LlavaOnevisionConfig(
+        vision_config=T.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=PX, patch_size=8).to_dict(),
+        text_config=text.to_dict(), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=[[PX, PX]],
+        vision_feature_select_strategy="full", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return save(T.LlavaOnevisionForConditionalGeneration(config), processor, folder)
