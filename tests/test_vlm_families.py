@@ -188,3 +188,24 @@ def test_unknown_family_without_template_gets_the_plain_prompt(caplog):
     assert hf.prompt_text("what") == "what"
     assert set(D.PLAIN_PROMPTS) == {"paligemma", "blip-2", "instructblip", "florence2"}
     assert all(("{prompt}" in v) != (k == "florence2") for k, v in D.PLAIN_PROMPTS.items())
+
+
+def test_stage_cli_with_a_model_folder(tmp_path):
+    """`03_describe.py --backend hf --model <folder>` (what `make … DESCRIBER=hf VLM=<folder>`
+    runs) describes every neuron with a plain-prompt encoder-decoder family, and a folder that
+    holds no model stops with exit status 2 instead of a traceback."""
+    from common.artefacts import read_descriptions
+    from conftest import load_stage
+    stage = load_stage("03_describe")
+    folder = tiny_vlms.florence2(tmp_path / "florence2")
+    run = make_run(tmp_path, channels=1)
+    args = ["--mosaics", str(run / "02_mosaics.csv"), "--out", str(run / "03_descriptions.csv"),
+            "--backend", "hf", "--device", "cpu", "--batch-size", "3", "--temperature", "0",
+            "--max-new-tokens", "2"]
+    stage.main(args + ["--model", str(folder)])
+    rows = read_descriptions(run / "03_descriptions.csv")
+    assert len(rows) == 3 and all(r.ok and r.model == str(folder) for r in rows)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        stage.main(args + ["--model", str(tmp_path / "empty")])
+    assert stop.value.code == 2
