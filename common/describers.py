@@ -730,7 +730,9 @@ def stop_if_all_failed(failures: Counter, done: int, total: int, batch_size: int
     so far failed and they are at least a full batch (or all there are): a model that cannot
     describe anything (wrong family, broken weights, a server that rejects every request) is
     reported at once, instead of after hours of failures. The journal keeps what was tried.
-    The offline describer's failures are the mosaics' own (nothing to measure), never its."""
+    Called only while no neuron of the shard has an answer from an earlier run (a rerun that asks
+    again for a few failed neurons finishes, whatever they give). The offline describer's
+    failures are the mosaics' own (nothing to measure), never its."""
     if backend == "offline" or not done or sum(failures.values()) < done or \
             done < min(total, batch_size):
         return
@@ -818,8 +820,9 @@ def describe(mosaics: Path, out: Path, settings: DescriberSettings = DescriberSe
                         failures[reason] += 1
                     bar.update()
                 journal.sync()
-                stop_if_all_failed(failures, start + len(batch), len(todo), size, backend_name,
-                                   model_label)
+                if len(todo) == len(mine):  # nothing described before: the model may not work
+                    stop_if_all_failed(failures, start + len(batch), len(todo), size,
+                                       backend_name, model_label)
     rows = assemble(out, neurons, keys, backend_name, model_label, metas, dict(args or {}),
                     level_map)
     if rows is None and shard[1] == 1 and not merge_only:

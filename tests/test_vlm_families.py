@@ -15,7 +15,7 @@ import tiny_vlms
 from common import describers as D
 from common.cli import StageError
 from common.journal import read_journals
-from test_describe import make_run, run_stage
+from test_describe import FakeVLM, make_run, run_stage
 
 # family → (builder in tiny_vlms, its options, image token, tokens per image, prompt form).
 # Tokens per image follow from each tiny config: LLaVA 4 × 4 patches (CLS dropped); LLaVA-NeXT
@@ -166,6 +166,18 @@ def test_failure_of_every_neuron_stops_with_model_and_cause(tmp_path):
     assert len(records) == 4 and all(r[-1]["error"].startswith("generation failed: KeyError")
                                      for r in records.values())
     assert not (run / "03_descriptions.csv").exists()
+
+
+def test_a_rerun_of_failed_neurons_alone_finishes_when_they_fail_again(tmp_path):
+    """Once other neurons are described, a rerun that asks again for the failed ones writes the
+    CSV even when all of them fail again (a bad mosaic stays bad): make is not stopped."""
+    run = make_run(tmp_path, channels=3)
+    first = run_stage(run, describer=FakeVLM(fail=[("mid", 1), ("deep", 2)]))
+    assert sum(r["status"] == "failed" for r in first) == 2
+    again = FakeVLM(fail=[("mid", 1), ("deep", 2)])
+    rows = run_stage(run, describer=again)
+    assert again.described == [("mid", 1), ("deep", 2)]
+    assert len(rows) == 9 and sum(r["status"] == "failed" for r in rows) == 2
 
 
 def test_empty_answers_of_every_neuron_stop_too(tmp_path):
