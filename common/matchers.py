@@ -6,7 +6,7 @@ Each matcher turns, per layer, a list of sentences and the run's images into a s
 cannot be decoded get NaN rows.
 
 - ``clip``: cosine between the CLIP text vector of the sentence and the CLIP image vector of the
-  whole network input. Sees anything CLIP knows, but always the whole image, not the part the
+  whole network input (clip-anytorch, OpenCLIP, or transformers' CLIP or SigLIP). Sees anything CLIP knows, but always the whole image, not the part the
   neuron looks at.
 - ``offline``: built only from what runs here. Two parts, each standardised over the images and
   averaged when both apply:
@@ -449,6 +449,13 @@ class ClipMatcher:
         """Both towers of one CLIP model (``common.embedders.ClipEmbedder``)."""
         self.text_tower, self.image_tower = text_tower, image_tower
         self._vectors: np.ndarray | None = None  # image vectors of the last score() call
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto") -> "ClipMatcher":
+        """The matcher of CLIP-like ``model``: clip-anytorch, OpenCLIP, or transformers' CLIP or
+        SigLIP (the names ``common.embedders.load_clip_towers`` takes), loaded once."""
+        from common.embedders import load_clip_towers
+        return cls(*load_clip_towers(model, device))
 
     @staticmethod
     def keeps(layers: Sequence[str], n_images: int, input_size: int, layer_geometry=None) -> bool:

@@ -1,6 +1,6 @@
 """Tests of stage 03 (describe): prompts, post-processing, the offline describer on planted
-images, resuming after a kill, shards, a real HTTP round trip to a loopback server, and the hf
-backend on a tiny randomly initialised LLaVA built here (nothing is downloaded)."""
+images, resuming after a kill, shards, a real HTTP round trip to a loopback server; the hf
+backend's families are tested in test_vlm_families.py."""
 import json
 import logging
 import threading
@@ -428,6 +428,36 @@ def test_main_offline_end_to_end(tmp_path, monkeypatch):
 
 # --- openai backend: real HTTP round trip on loopback ----------------------------------------
 
+# What real servers answer (recorded shapes, trimmed): mode → (HTTP status, JSON body).
+SERVER_SHAPES = {
+    "vllm": (200, {"id": "chatcmpl-9f2", "object": "chat.completion", "created": 1765000000,
+                   "model": "tiny-vlm", "prompt_logprobs": None,
+                   "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                                "stop_reason": None,
+                                "message": {"role": "assistant", "reasoning_content": None,
+                                            "content": "Red and white diagonal stripes.",
+                                            "tool_calls": []}}],
+                   "usage": {"prompt_tokens": 612, "total_tokens": 620,
+                             "completion_tokens": 8}}),
+    "ollama": (200, {"id": "chatcmpl-412", "object": "chat.completion", "created": 1765000000,
+                     "model": "tiny-vlm", "system_fingerprint": "fp_ollama",
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant",
+                                              "content": "<think>\nStripes, so texture.\n"
+                                                         "</think>\n\nFine black stripes."}}],
+                     "usage": {"prompt_tokens": 40, "completion_tokens": 12,
+                               "total_tokens": 52}}),
+    "vllm-reasoning-cut": (200, {"object": "chat.completion", "choices": [{
+        "index": 0, "finish_reason": "length",
+        "message": {"role": "assistant", "reasoning_content": "Let me look at the",
+                    "content": None}}]}),
+    "ollama-404": (404, {"error": {"message": "model \"tiny-vlm\" not found, try pulling it first",
+                                   "type": "api_error", "param": None, "code": None}}),
+    "vllm-400": (400, {"object": "error", "message": "The model `tiny-vlm` does not exist.",
+                       "type": "NotFoundError", "param": None, "code": 404}),
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     """A small OpenAI-compatible chat-completions endpoint whose behaviour the test sets."""
 
@@ -445,11 +475,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         text = body["messages"][0]["content"][0]["text"]
-        reply = ({"choices": [{"message": {"role": "assistant",
-                                           "content": f"ASSISTANT: 'answer to {len(text)}'"}}]}
-                 if mode == "ok" else {"unexpected": True})
+        status, reply = 200, ({"choices": [{"message": {
+            "role": "assistant", "content": f"ASSISTANT: 'answer to {len(text)}'"}}]}
+            if mode == "ok" else {"unexpected": True})
+        if mode in SERVER_SHAPES:
+            status, reply = SERVER_SHAPES[mode]
         data = json.dumps(reply).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -528,6 +560,44 @@ def test_openai_retries_500_and_records_malformed_and_timeout(tmp_path, server):
     assert raw is None and err == "HTTP 500"
 
 
+@pytest.mark.parametrize("mode, raw, error", [
+    ("vllm", "Red and white diagonal stripes.", ""),
+    ("ollama", "<think>\nStripes, so texture.\n</think>\n\nFine black stripes.", ""),
+    ("vllm-reasoning-cut", None, "the answer was cut at --max-new-tokens 57 before any text "
+                                 "(a reasoning model needs more)"),
+    ("ollama-404", None, 'HTTP 404: model "tiny-vlm" not found, try pulling it first'),
+    ("vllm-400", None, "HTTP 400: The model `tiny-vlm` does not exist."),
+])
+def test_openai_answer_shapes_of_vllm_and_ollama(tmp_path, server, mode, raw, error):
+    """Each server's answer shape is read: vLLM's and Ollama's full completions, an answer a
+    reasoning model spent on thinking, and each server's error body, whose message becomes
+    the reason."""
+    run = make_run(tmp_path, channels=1)
+    neurons, _ = D.make_neurons(run / "02_mosaics.csv", D.load_prompts(D.DEFAULT_PROMPTS), "", "",
+                                "", run / "01_activations.npz")
+    server.mode = mode
+    assert _openai(server, retries=0).describe(neurons[:1]) == [(raw, error)]
+
+
+def test_thinking_is_dropped_from_answers():
+    """A reasoning model's notes before its answer are not part of the description; notes cut
+    off before any answer leave none."""
+    assert D.clean_answer("<think>\nStripes, so texture.\n</think>\n\nFine black stripes.") == (
+        "Fine black stripes.", "")
+    assert D.clean_answer("<think>The tiles show")[1] == "empty answer"
+
+
+def test_openai_model_the_server_lacks_stops_the_stage_in_one_line(tmp_path, server):
+    """Ollama without the model pulled answers 404 to every neuron: the stage stops with one
+    line naming the model and the server's own words."""
+    run = make_run(tmp_path, channels=1)
+    server.mode = "ollama-404"
+    with pytest.raises(StageError) as err:
+        run_stage(run, describer=_openai(server, retries=0))
+    assert str(err.value).startswith('tiny-vlm (openai) failed on all 3 neurons tried so far (3 '
+                                     '× HTTP 404: model "tiny-vlm" not found, try pulling it')
+
+
 def test_openai_unreachable_server_stops_with_advice_and_keeps_progress(tmp_path, server):
     """After some neurons are done, a refused connection ends the run with a clear message;
     the done neurons stay in the journal and are not asked for again."""
@@ -555,83 +625,7 @@ def test_openai_unreachable_server_stops_with_advice_and_keeps_progress(tmp_path
     assert len(rows) == 6 and len(server.requests) - before == 4
 
 
-# --- hf backend on a tiny random LLaVA ---------------------------------------------------------
-
-def _tiny_llava(folder):
-    """Build and save a tiny random LLaVA with a word-level tokenizer and a chat template."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor,
-                              PreTrainedTokenizerFast)
-    words = ("you study the first stages of visual processing picture is a grid small patches "
-             "black white red stripes diagonal dogs colour texture one phrase").split()
-    special = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"]
-    vocab = {w: i for i, w in enumerate(special + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>",
-                                   extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                           crop_size={"height": 32, "width": 32}),
-        tokenizer=fast, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=template)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=32, patch_size=8,
-                                       projection_dim=16),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                                max_position_embeddings=512),
-        image_token_index=vocab["<image>"], vision_feature_select_strategy="default",
-        vision_feature_layer=-1)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    """Folder of the tiny LLaVA, built once for this file."""
-    folder = tmp_path_factory.mktemp("tiny_llava")
-    _tiny_llava(folder)
-    return folder
-
-
-def test_hf_backend_batches_like_one_by_one(tiny_llava, tmp_path):
-    """Loaded from a folder like any hub model; greedy answers of a batch of 4 mosaics with
-    prompts of different lengths equal those generated one at a time."""
-    hf = D.HFDescriber(str(tiny_llava), device="cpu", batch_size=4, temperature=0,
-                       max_new_tokens=6)
-    text = hf.prompt_text("describe the stripes")
-    assert text.startswith("USER: <image>") and text.endswith("ASSISTANT:")
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)) for _ in range(4)]
-    prompts = ["black " * (i + 1) for i in range(4)]
-    batched = hf.generate(images, prompts)
-    single = [hf.generate([im], [p])[0] for im, p in zip(images, prompts)]
-    assert batched == single
-    # Only the new tokens are decoded: at most max_new_tokens words, no echo of the prompt.
-    assert all(len(a.split()) <= 6 and not a.startswith("USER") for a in batched)
-    assert all(set(a.split()) <= set(hf.processor.tokenizer.get_vocab()) for a in batched)
-
-
-def test_hf_backend_runs_the_stage(tiny_llava, tmp_path):
-    """The hf describer plugs into run(); rows record backend and model."""
-    run = make_run(tmp_path, channels=1)
-    hf = D.HFDescriber(str(tiny_llava), device="cpu", batch_size=3, temperature=0,
-                       max_new_tokens=4)
-    rows = run_stage(run, describer=hf)
-    assert {r["backend"] for r in rows} == {"hf"} and {r["model"] for r in rows} == {str(tiny_llava)}
-    assert all(r["status"] in ("ok", "failed") for r in rows)
-
+# --- hf backend (each family on a tiny random model: tests/test_vlm_families.py) -------------
 
 def test_hf_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
     """A model that is neither a folder nor in the cache: StageError saying how to get it."""

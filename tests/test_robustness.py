@@ -21,6 +21,7 @@ from common.artefacts import Run
 from common.cli import StageError
 from common.io import (DiskFull, atomic_path, read_csv, sweep_temporaries, temp_dir, write_csv,
                        write_text)
+from common.journal import read_journals
 from common.provenance import ProvenanceError, read_meta, write_meta
 from common import describers as D
 from conftest import FAKE_MODEL, load_stage
@@ -305,18 +306,23 @@ def _raw_server(reply: bytes):
      b'{"choices": [{"message": {"content": 7}}]}', "the server's answer holds no text"),
 ])
 def test_transport_errors_are_recorded_failures(tmp_path, reply, reason):
-    """Whatever goes wrong on the wire becomes a failed row with its reason, not a traceback."""
+    """Whatever goes wrong on the wire becomes a failed neuron with its reason in the journal,
+    not a traceback; as it hits every neuron, the stage stops with one line naming the model
+    and that reason."""
     port, close = _raw_server(reply)
     try:
         run = make_run(tmp_path, channels=1)
         desc = D.OpenAIDescriber(f"http://127.0.0.1:{port}/v1", "m", api_key_env="NO_SUCH_KEY",
                                  concurrency=2, timeout=2, retries=0)
-        rows = run_stage(run, describer=desc)
+        with pytest.raises(StageError) as err:
+            run_stage(run, describer=desc)
     finally:
         close()
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"failed"}
-    assert all(r["reason"].startswith(reason) for r in rows), rows
-    assert "StopIteration" not in rows[0]["reason"]
+    assert "m (openai) failed on all 3 neurons" in str(err.value)
+    assert f" × {reason}" in str(err.value) and "\n" not in str(err.value)
+    records = [r[-1] for r in read_journals(run / "03_descriptions.csv").values()]
+    assert len(records) == 3 and all(r["error"].startswith(reason) for r in records), records
+    assert "StopIteration" not in records[0]["error"]
 
 
 # --- a full disk ----------------------------------------------------------------------------------
