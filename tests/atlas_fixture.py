@@ -81,13 +81,17 @@ def write_scores(run: Path, seed: int = 1) -> None:
     write_csv(run / "09_summary.csv", [{"layer": L, "neurons": 4, "dead": 1, "mean_clarity": 0.5,
                                         "matcher": "fake-matcher", "embedder": "fake"}
                                        for L in layers], columns(SummaryRow))
+    # No final-layer benchmark on these layers: 09_eval.csv has its header only, as 09 writes it.
+    write_csv(run / "09_eval.csv", [], ["layer", "channel", "class_name", "description", "cosine",
+                                        "shuffled_cosine", "shuffled_from", "embedder"])
     write_meta(run / "09_score.meta.json", "09_score", {},
-               [run / "09_scores.csv", run / "09_summary.csv"],
+               [run / "09_scores.csv", run / "09_summary.csv", run / "09_eval.csv"],
                inputs=[read_meta(run / "03_descriptions.csv")])
 
 
 def fake_run(base: Path) -> tuple[Path, list[str], Path]:
-    """Build the run (01-08, 09 planted, atlas) under ``base``; return (tree, make args, run)."""
+    """Build the run (01-08, 09 planted: all three of its files, so that make does not run it,
+    and the atlas) under ``base``; return (tree, make args, run)."""
     tree = project_copy(base / "tree")
     images = image_set(base / "images")
     args = [f"IMAGES={images}", f"DATA={base / 'data'}", *FAST]

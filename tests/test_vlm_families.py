@@ -211,9 +211,8 @@ def test_stage_cli_with_a_model_folder(tmp_path):
     stage = load_stage("03_describe")
     folder = tiny_vlms.florence2(tmp_path / "florence2")
     run = make_run(tmp_path, channels=1)
-    args = ["--mosaics", str(run / "02_mosaics.csv"), "--out", str(run / "03_descriptions.csv"),
-            "--backend", "hf", "--device", "cpu", "--batch-size", "3", "--temperature", "0",
-            "--max-new-tokens", "2"]
+    args = ["--run", str(run), "--backend", "hf", "--device", "cpu", "--batch-size", "3",
+            "--temperature", "0", "--max-new-tokens", "2"]
     stage.main(args + ["--model", str(folder)])
     rows = read_descriptions(run / "03_descriptions.csv")
     assert len(rows) == 3 and all(r.ok and r.model == str(folder) for r in rows)
