@@ -40,8 +40,8 @@ from tqdm import tqdm
 from common.artefacts import (CropVectors, Description, Mosaic, Run, layer_dir, read_activations,
                               read_crop_vectors, read_descriptions, read_images, read_mosaics,
                               read_predictions, read_stats)
-from common.cli import (add_run, add_settings, exit_on_stage_error, setting, settings_from,
-                        stage_parser, start_stage)
+from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+                        settings_from, stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -205,14 +205,12 @@ class Sentence:
 
 
 def load_matcher(name: str, inputs: RunInputs, text_model: str, device: str, workers: int):
-    """The concept matcher ``name`` (offline or clip) for this run; the offline one measures the
-    images in ``workers`` processes and loads its text embedder meanwhile."""
+    """The concept matcher ``name`` for this run: ``offline``, or ``clip`` / ``clip:<model>`` (the
+    two towers of that CLIP-like model, ``common.embedders.load_clip_towers``); the offline one
+    measures the images in ``workers`` processes and loads its text embedder meanwhile."""
     from common.matchers import ClipMatcher, OfflineMatcher
-    if name == "clip":
-        from common.embedders import load_image_embedder, load_text_embedder
-        image = load_image_embedder("clip", device=device)
-        text = load_text_embedder(f"clip:{image.name}", device=device)
-        return ClipMatcher(text, image)
+    if name == "clip" or name.startswith("clip:"):
+        return ClipMatcher.load(name, device)
     from common.embedders import load_text_embedder
     usable = inputs.usable  # the matcher scores usable images only, in image-id order
     return OfflineMatcher(lambda: load_text_embedder(text_model, device=device),
@@ -407,8 +405,10 @@ class Settings:
     describe_args: str = setting(
         "--backend offline", "03's describer flags (03_describe.py --help) for the sub-concept "
         "sentences: the same describer as the neurons' (make passes them)")
-    matcher: str = setting("offline", "concept matcher of the verification", make="MATCHER",
-                           choices=("offline", "clip"))
+    matcher: str = setting(
+        "offline", "concept matcher of the verification: offline, clip (ViT-B/32), or "
+        "clip:<model> — any CLIP-like model 04 can load (docs/vlm-families.md): "
+        "clip:open_clip:<arch>:<file>, clip:hf:<folder> (CLIP or SigLIP)", make="MATCHER")
     text_model: str = setting("all-MiniLM-L6-v2", "offline matcher: text embedder of sentences "
                               "and class names", make="TEXT_EMBEDDER")
     eval_model: str = setting("all-mpnet-base-v2", "final-layer benchmark embedder")
@@ -449,6 +449,9 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
     from common import scores as S
     from common.triage import triage_layer
     describer = parse_describe_args(settings.describe_args)  # refused now, not after the images
+    if settings.matcher != "offline" and settings.matcher.split(":")[0] != "clip":
+        raise StageError(f"--matcher {settings.matcher!r}: use offline, clip or clip:<model> "
+                         f"(e.g. clip:hf:<folder>)")
     poly_threshold, max_subconcepts, seed = (settings.poly_threshold, settings.max_subconcepts,
                                              settings.seed)
     activations, predictions, stats_dir = run.activations, run.predictions, run.stats

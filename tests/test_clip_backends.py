@@ -128,3 +128,19 @@ def test_open_clip_needs_a_checkpoint_file(tmp_path):
     from common.cli import StageError
     with pytest.raises(StageError, match="clip:open_clip:<architecture>:<checkpoint"):
         E.load_clip_towers(f"clip:open_clip:ViT-B-32:{tmp_path / 'missing.bin'}", "cpu")
+
+
+def test_09_verifies_with_the_model_its_matcher_names(backend, tmp_path):
+    """09's ``--matcher clip:<model>`` loads that model's two towers, whichever library it is
+    from; a matcher name that is none of offline, clip, clip:<model> is refused before any
+    input is read."""
+    from common.artefacts import Run
+    from common.cli import StageError
+    from conftest import load_stage
+    score = load_stage("09_score")
+    _, name, _ = backend
+    matcher = score.load_matcher(f"clip:{name}", None, "", "cpu", 1)
+    assert isinstance(matcher, ClipMatcher)
+    assert matcher.text_tower.space_id == E.load_clip_towers(name, "cpu")[0].space_id
+    with pytest.raises(StageError, match="--matcher 'siglip'"):
+        score.run(Run(tmp_path), score.Settings(matcher="siglip"))
