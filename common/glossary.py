@@ -17,6 +17,8 @@ SOURCES = {  # seed documents (../shared/seeds/), as the glossary cites them
     "002": "Neurobasket (seed 002)",
     "003": "SemanticLens (seed 003)",
     "004": "SIEVE (seed 004: select, hypothesise and verify)",
+    "004v": "SIEVE's verification step (seed 004); the correlation and precision measures are "
+            "neuron-atlas's",
     "atlas": "neuron-atlas itself (not in the seeds)",
 }
 
@@ -75,7 +77,7 @@ TERMS: dict[str, Term] = {
         "−1 … 1; empty when not computable (no sentence, too few images).",
         "0: the sentence says nothing about when the neuron fires; higher is better. Read it "
         "against control r: a generic sentence can reach a positive r too.",
-        "004", "verdict"),
+        "004v", "verdict"),
     "control_corr": Term(
         "control r", "control r",
         "The same correlation for another neuron's sentence: what an unrelated description "
@@ -95,7 +97,7 @@ TERMS: dict[str, Term] = {
         "the neuron's strongest images (its top 1 %, at least 5) come.",
         "0 … 1; a random ranking scores about positives ÷ held-out images.",
         "Higher is better; it rewards finding the rare best images, where r weighs every image.",
-        "004", "verdict"),
+        "004v", "verdict"),
     "control_auprc": Term(
         "control precision (AP)", "control AP",
         "Verified precision reached by the control neuron's sentence on the same images.",
@@ -119,14 +121,14 @@ TERMS: dict[str, Term] = {
         "How many images the verified and control r were computed on.",
         "A count (at least 10 for a correlation).",
         "More images give a narrower interval on the margin.",
-        "004", "verdict"),
+        "004v", "verdict"),
     "n_positives": Term(
         "positives", "positives",
         "Held-out images counted as the neuron's hits for precision (its top 1 %, at least 5).",
         "The held-out images with the highest activation, which the precision scores look for.",
         "A count.",
         "Precision by chance is about positives ÷ held-out images.",
-        "004", "verdict"),
+        "004v", "verdict"),
     "control_channel": Term(
         "control neuron", "control #",
         "The neuron of this layer whose sentence served as the control.",
@@ -160,7 +162,7 @@ TERMS: dict[str, Term] = {
         "most 5 % of the median spread of its layer.",
         "0 or 1.",
         "1: its mosaic and sentence describe noise; ignore its description.",
-        "004", "triage"),
+        "atlas", "triage"),
     "clarity": Term(
         "clarity", "clarity",
         "How alike the neuron's top crops look to an image embedder (mean pairwise cosine).",
@@ -201,7 +203,7 @@ TERMS: dict[str, Term] = {
         "The number of the neuron's top crops that 04 embedded.",
         "A count.",
         "Below 4 the crop scores are left empty; with few crops they are noisy.",
-        "003", "crops"),
+        "atlas", "crops"),
     "share_beating_control": Term(
         "share beating control", "beats control",
         "Share of the layer's verified neurons whose sentence beats its control (by r).",
@@ -223,7 +225,7 @@ TERMS: dict[str, Term] = {
         "The number of the layer's neurons flagged dead.",
         "A count.",
         "Their descriptions describe noise.",
-        "004", "layer"),
+        "atlas", "layer"),
     "neurons": Term(
         "neurons", "neurons", "How many neurons (channels) the layer has.",
         "The layer's channel count.", "A count.", "Not a score.", "000", "layer"),

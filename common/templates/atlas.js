@@ -34,8 +34,8 @@
     return v === undefined ? null : v;
   }
 
-  // A score's plain name (chip label when ``short``) and tooltip, from the glossary
-  // (common/glossary.py) as the layer's data script carries it; its own key when unknown.
+  // A column's plain name (n), card-chip label (s) and one-line tooltip (t), from the glossary
+  // (common/glossary.py) as the layer's data script carries them; its own key when unknown.
   function term(layer, key) {
     const t = (layer.terms || {})[key];
     return t || { n: key, s: key, t: "" };
