@@ -30,7 +30,6 @@ GROUPS = [  # glossary sections, in page order
     ("debug", "Debugging a confusion (stage 08)"),
     ("neuron", "The neuron itself (stages 01, 05)"),
 ]
-CONFIDENCE = 0.95  # level of the margin's interval
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95 % interval
 
 
@@ -287,7 +286,7 @@ TERMS: dict[str, Term] = {
         "0 … clusters − 1.", "Not a score: neurons of a cluster say similar things.",
         "000", "neuron"),
 }
-ALIASES = {"mean_dnr": "dnr_score", "mean_verify_corr": "verify_corr"}  # summary → score
+ALIASES = {"mean_dnr": "dnr_score"}  # 09 summary columns not named mean_<score column>
 PAIRED = ("z ", "relevance ")  # 10's per-pair columns: "z <true>→<pred>", "relevance <true>→<pred>"
 
 
