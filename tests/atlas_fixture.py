@@ -62,9 +62,10 @@ def plant_descriptions(run: Path) -> None:
     write_json(meta_file, meta)
 
 
-def write_scores(run: Path, seed: int = 1) -> None:
+def write_scores(run: Path, seed: int = 1, unverified: tuple = ()) -> None:
     """A small 09_scores.csv / 09_summary.csv in stage 09's columns, with its meta (another
-    ``seed``: other DnR scores, as a new run of 09 would give)."""
+    ``seed``: other DnR scores, as a new run of 09 would give; the ``unverified`` (layer,
+    channel) get no verification columns, as when 09 could not verify a sentence)."""
     rows, rng = [], np.random.default_rng(seed)
     mosaics = {(r["layer"], int(r["channel"])): r["path"] for r in read_csv(run / "02_mosaics.csv")}
     channels = collections.Counter(layer for layer, _ in mosaics)
@@ -80,6 +81,10 @@ def write_scores(run: Path, seed: int = 1) -> None:
                      "control_corr": control, "control_auprc": 0.3,
                      "beats_control": int(0.5 > control), "n_held_out": HELD_OUT.get(channel, 200),
                      "n_positives": 5, "control_channel": (channel + 1) % channels[layer]})
+        if (layer, channel) in unverified:
+            for column in ("verify_corr", "verify_auprc", "control_corr", "control_auprc",
+                           "beats_control", "n_held_out", "n_positives", "control_channel"):
+                rows[-1][column] = ""
         if layer == "relu1" and channel == 0:
             for k in (1, 2):
                 rows.append({**base, "subconcept": k, "share": 0.5,

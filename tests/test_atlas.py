@@ -267,6 +267,21 @@ def test_trust_is_explained_by_one_glossary(run):
     assert data["terms"]["z 0→1"]["a"] == "z" and set(data["columns"]) <= set(data["terms"])
 
 
+def test_a_neuron_09_could_not_verify_gets_no_verdict(run, tmp_path):
+    """A neuron with a 09 row but no verification says why there is no verdict and shows no
+    margin; its neighbours keep theirs."""
+    _, _, run_dir = run
+    copy = tmp_path / "t"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas"))
+    write_scores(copy, unverified=(("relu1", 2),))
+    atlas.main(["--run", str(copy), "--workers", "1"])
+    page = (copy / "atlas" / "neurons" / "relu1" / "2.html").read_text()
+    verdict = section(page, '<section id="verdict"', "</section>")
+    assert "<strong>No verdict</strong>: 09 could not verify" in verdict
+    assert "95 % interval" not in verdict and "control sentence" not in verdict
+    assert "Described reliably" in (copy / "atlas" / "neurons" / "relu1" / "0.html").read_text()
+
+
 def test_inputs_from_another_run_are_refused(run, tmp_path):
     """A 09 file made from other descriptions is refused before anything is written."""
     _, _, run_dir = run
