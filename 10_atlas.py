@@ -13,6 +13,8 @@ Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.js
   neurons/<L>/<c>.html    one neuron: mosaic, sentences, scores, classes of its top images,
                           similar neurons in its layer and the layers around it, debug reports
   sankey.html             06's trace with clickable clusters
+  glossary.html           what every score means (common/glossary.py: the one copy of the texts
+                          that headers, card chips and the sort menu show as tooltips)
   search.html             text filter over all sentences; by meaning / image when served by 07
   debug/                  08's reports, and per analysed pair a page per misclassified image
   baskets.html, audit/, compare/<B>.html   11's baskets, 13's audit, 12's comparison with run B
@@ -53,6 +55,7 @@ from common.artefacts import Run, layer_slug
 from common.attribution import ATTRIBUTION_NOTE
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
+from common.glossary import glossary, term, verdict
 from common.io import replace_dir, sweep_temporaries, temp_dir
 from common.processes import worker_pool
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -650,8 +653,11 @@ class Site:
                     "sub": [s["description"] for s in r["subs"] if s["description"]],
                     "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead"))}
                    for r in recs]
+        named = ["channel", "top_activation", "cluster", *columns]
         return {"name": layer, "columns": columns, "clusters": clusters, "neurons": neurons,
-                "key": [k for k in KEY_SCORES if k in columns]}
+                "key": [k for k in KEY_SCORES if k in columns],
+                "terms": {k: {"n": t["name"], "s": t["short"], "t": t["tip"], "a": t["anchor"]}
+                          for k in named for t in [term(k)]}}
 
     def layers(self) -> None:
         """Per layer: its data script, its card page and its map page."""
@@ -678,6 +684,12 @@ class Site:
             return {"layer": layer, "channel": channel, "url": r["url"], "thumb": r["thumb"],
                     "description": r["description"], **extra}
 
+        def control_of(layer: str, channel: float | None) -> dict | None:
+            """The control neuron 09 verified the sentence against (its tile), None if none."""
+            if channel is None or (layer, int(channel)) not in by_key:
+                return None
+            return mini(layer, int(channel))
+
         names = class_names(self.run)
         total = sum(len(v) for v in self.records.values())
         with tqdm(total=total, desc="10 neuron pages", unit="page") as bar:
@@ -694,7 +706,9 @@ class Site:
                          "cluster_keywords": self.run.keywords.get((layer, r["cluster"]), "")
                          if r["cluster"] is not None else "",
                          "dead": bool(r["scores"].get("dead")),
-                         "scores": [(k, v) for k, v in r["scores"].items()],
+                         "scores": [(term(k), v) for k, v in r["scores"].items()],
+                         "verdict": verdict(r["scores"]),
+                         "control": control_of(layer, r["scores"].get("control_channel")),
                          "subconcepts": r["subs"],
                          "sub_columns": [c for c in SUB_COLUMNS if r["subs"]
                                          and c in r["subs"][0]["scores"]],
@@ -769,7 +783,9 @@ class Site:
                 "lineage": merge_lineage(run.metas)}
         summary = None
         if run.summary:
-            summary = {"columns": columns(SummaryRow),
+            names = columns(SummaryRow)
+            summary = {"columns": names,
+                       "terms": [term("dead_neurons" if c == "dead" else c) for c in names],
                        "rows": [dataclasses.asdict(r) for r in run.summary]}
         categories = None
         if run.categories:
@@ -930,6 +946,10 @@ class Site:
     def search(self) -> None:
         """search.html (it reads every layer's data script)."""
         self.page("search.html", "atlas_search.html")
+
+    def glossary(self) -> None:
+        """glossary.html: every score's plain name, meaning, range, reading and source paper."""
+        self.page("glossary.html", "atlas_glossary.html", groups=glossary())
 
     def debug_pages(self, pairs: list[dict], method: str) -> dict:
         """debug/: index, per pair a page, the 08 report and one page per KO image 08 attributed
@@ -1096,6 +1116,7 @@ def build(run_dir: Path, settings: Settings = Settings(), out: Path | None = Non
         if run.trace:
             site.sankey()
         site.search()
+        site.glossary()
         site.run_page()
         log.info("10: pages written in %.1f s", time.perf_counter() - clock)
         replace_dir(tmp, out)

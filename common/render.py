@@ -30,6 +30,8 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
+from common.glossary import term
+
 log = logging.getLogger("neuron-atlas.render")
 
 TEMPLATES = Path(__file__).with_name("templates")  # the only folder holding templates and assets
@@ -136,6 +138,7 @@ def _filters(env: jinja2.Environment) -> jinja2.Environment:
     env.filters.update(num=fmt_number, pct=fmt_percent, json_script=json_for_script,
                        data_uri=data_uri, rel=relative_url, md_url=md_url)
     env.globals["inline_css"] = inline_css
+    env.globals["term"] = term  # a score's plain name and tooltip (common/glossary.py)
     return env
 
 

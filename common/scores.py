@@ -145,3 +145,28 @@ def top_share_positives(activation: np.ndarray, share: float = 0.01, minimum: in
     if threshold <= activation.min():  # a silent majority (ReLU zeros) is no positive
         return activation > threshold
     return activation >= threshold
+
+
+def correlation_interval(r: float, n: int, z: float) -> tuple[float, float]:
+    """Fisher-z interval of a Pearson ``r`` on ``n`` pairs: tanh(atanh r ± z / √(n − 3)).
+
+    ``r`` is clipped just inside ±1 so that a perfect correlation keeps a finite transform.
+    """
+    centre = np.arctanh(np.clip(r, -1 + 1e-12, 1 - 1e-12))
+    half = z / np.sqrt(n - 3)
+    return float(np.tanh(centre - half)), float(np.tanh(centre + half))
+
+
+def margin_interval(r: float, r_control: float, n: int, z: float) -> tuple[float, float, float]:
+    """``r − r_control`` and its interval (Zou 2007: the two Fisher-z intervals combined),
+    both correlations on the same ``n`` (≥ 4) images, taken as independent → (d, low, high).
+
+    Treating them as independent ignores that both were measured on the same images; when the
+    two sentences' match scores are positively correlated the true interval is narrower, so
+    this one is on the cautious side.
+    """
+    l1, u1 = correlation_interval(r, n, z)
+    l2, u2 = correlation_interval(r_control, n, z)
+    d = r - r_control
+    return (float(d), float(d - np.sqrt((r - l1) ** 2 + (u2 - r_control) ** 2)),
+            float(d + np.sqrt((u1 - r) ** 2 + (r_control - l2) ** 2)))

@@ -7,6 +7,7 @@ could write it; a small 09_scores.csv (the columns of stage 09) is added.
 """
 from __future__ import annotations
 
+import collections
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from conftest import make_image, project_copy
 SCRIPT = "<script>alert(1)</script> red blobs"
 ATTRIBUTE = '"><img src=x onerror=alert(1)> vertical edges'
 SUB_EVIL = "<b>bold</b> sub-concept"
+CONTROL_CORR = {2: 0.6}  # planted control r by channel (others 0.1); every verified r is 0.5
+HELD_OUT = {1: 12}  # planted held-out images by channel (others 200)
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=1", "THRESHOLD=-1",
         "ABLATE_TOP=0"]
@@ -59,18 +62,29 @@ def plant_descriptions(run: Path) -> None:
     write_json(meta_file, meta)
 
 
-def write_scores(run: Path, seed: int = 1) -> None:
+def write_scores(run: Path, seed: int = 1, unverified: tuple = ()) -> None:
     """A small 09_scores.csv / 09_summary.csv in stage 09's columns, with its meta (another
-    ``seed``: other DnR scores, as a new run of 09 would give)."""
+    ``seed``: other DnR scores, as a new run of 09 would give; the ``unverified`` (layer,
+    channel) get no verification columns, as when 09 could not verify a sentence)."""
     rows, rng = [], np.random.default_rng(seed)
     mosaics = {(r["layer"], int(r["channel"])): r["path"] for r in read_csv(run / "02_mosaics.csv")}
+    channels = collections.Counter(layer for layer, _ in mosaics)
     for (layer, channel), mosaic in sorted(mosaics.items()):
         base = {"layer": layer, "channel": channel, "embedder": "fake", "matcher": "fake-matcher"}
+        # The three verdicts: channel 0 beats its control on 200 images (reliably), 1 on only
+        # 12 (weakly: the interval reaches 0), 2 loses to it (not better than chance).
+        control = CONTROL_CORR.get(channel, 0.1)
         rows.append({**base, "subconcept": "", "selectivity": round(1 + channel * 0.5, 3),
                      "dnr_score": round(float(rng.random()), 3), "dead": int(channel == 3),
                      "clarity": round(0.9 - 0.2 * channel, 3), "polysemanticity": 0.1 * channel,
                      "redundancy": 0.2, "verify_corr": 0.5, "verify_auprc": 0.6,
-                     "control_corr": 0.1, "control_auprc": 0.3, "beats_control": 1})
+                     "control_corr": control, "control_auprc": 0.3,
+                     "beats_control": int(0.5 > control), "n_held_out": HELD_OUT.get(channel, 200),
+                     "n_positives": 5, "control_channel": (channel + 1) % channels[layer]})
+        if (layer, channel) in unverified:
+            for column in ("verify_corr", "verify_auprc", "control_corr", "control_auprc",
+                           "beats_control", "n_held_out", "n_positives", "control_channel"):
+                rows[-1][column] = ""
         if layer == "relu1" and channel == 0:
             for k in (1, 2):
                 rows.append({**base, "subconcept": k, "share": 0.5,

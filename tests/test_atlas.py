@@ -13,18 +13,22 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from atlas_fixture import ATTRIBUTE, SCRIPT, SUB_EVIL, fake_run, make, write_scores
+from atlas_fixture import (ATTRIBUTE, CONTROL_CORR, HELD_OUT, SCRIPT, SUB_EVIL, fake_run, make,
+                           write_scores)
 from common.attribution import channel_attribution
 from tools.browser import NoBrowser, headless_chromium, wait_ready
 from common.artefacts import read_audit, read_audit_summary, read_baskets
 from common.io import read_csv
 from common.io import safe_name
+from common.glossary import TERMS, Z_95
 from common.render import fmt_number, json_for_script
+from common.scores import margin_interval
 from conftest import ROOT, load_stage
 
 atlas = load_stage("10_atlas")
@@ -115,7 +119,8 @@ def test_static_site(run):
     # the sub-concept table lists what differs between them, not the neuron's scores again
     table = neuron[neuron.index("<th>sub-concept</th>"):]
     table = table[:table.index("</thead>")]
-    assert "verify_corr" in table and "selectivity" not in table and "redundancy" not in table
+    assert 'glossary.html#verify_corr"' in table and 'glossary.html#selectivity"' not in table
+    assert 'glossary.html#redundancy"' not in table
     other = (site / "neurons" / "relu1" / "1.html").read_text()
     assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in other
     for script in (site / "data").glob("*.js"):
@@ -198,8 +203,83 @@ def test_atlas_without_scores_says_not_scored(run, tmp_path):
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas", "09_*"))
     atlas.main(["--run", str(copy), "--workers", "1"])
     assert "Not scored" in (copy / "atlas" / "index.html").read_text()
-    assert "Not scored" in (copy / "atlas" / "neurons" / "relu1" / "0.html").read_text()
+    neuron = (copy / "atlas" / "neurons" / "relu1" / "0.html").read_text()
+    assert "Not scored" in neuron
+    assert "verdict good" not in neuron and "Described" not in neuron  # no verdict invented
+    assert 'id="scores"' not in neuron
     assert "clarity" not in (copy / "atlas" / "data" / "relu1.js").read_text()
+
+
+def section(page: str, start: str, end: str) -> str:
+    """The part of ``page`` from ``start`` to the next ``end``."""
+    part = page[page.index(start):]
+    return part[:part.index(end)]
+
+
+def test_trust_is_explained_by_one_glossary(run):
+    """The glossary page has an entry per score (its texts from common/glossary.py, escaped);
+    every glossary link of the atlas lands on one; score headers carry the entry's tooltip; each
+    neuron page opens with the verdict the fixture planted, the interval of common.scores and
+    the control's sentence (escaped), and keeps the raw table behind a disclosure."""
+    from markupsafe import escape  # as the templates escape (Jinja's autoescape)
+    _, _, run_dir = run
+    site = run_dir / "atlas"
+    glossary = (site / "glossary.html").read_text()
+    for key, t in TERMS.items():
+        entry = section(glossary, f'id="{key}"', "</section>")
+        for text in (t.name, t.tip, t.measures, t.range, t.reading):
+            assert escape(text) in entry, (key, text)
+    anchors = set(re.findall(r'id="([^"]+)"', glossary))
+    linked = set()
+    for page in site.rglob("*.html"):
+        linked |= set(re.findall(r'glossary\.html#([^"]+)"', page.read_text()))
+    assert {"verify_corr", "z", "q", "silhouette", "margin", "clarity"} <= linked <= anchors
+    # relu1: channel 0 beats its control on 200 images, 1 on 12 only, 2 loses to it.
+    levels = {0: "Described reliably", 1: "Described weakly", 2: "Not better than chance"}
+    for channel, headline in levels.items():
+        page = (site / "neurons" / "relu1" / f"{channel}.html").read_text()
+        verdict = section(page, '<section id="verdict"', "</section>")
+        assert page.index('id="verdict"') < page.index('class="mosaic"')  # the page opens with it
+        assert f"<strong>{headline}</strong>" in verdict
+        control = CONTROL_CORR.get(channel, 0.1)
+        d, low, high = margin_interval(0.5, control, HELD_OUT.get(channel, 200), Z_95)
+        assert f"margin {d:+.2f} (95 % interval {low:+.2f} … {high:+.2f})" in verdict
+        assert f'href="../../neurons/relu1/{(channel + 1) % 4}.html"' in verdict
+        scores = section(page, '<details id="scores">', "</details>")
+        assert "<details id=\"scores\" open" not in page  # closed until asked for
+        tip = escape(TERMS["dnr_score"].tip)
+        assert f'title="{tip}"><a class="term" href="../../glossary.html#dnr_score">' in scores
+    last = section((site / "neurons" / "relu1" / "3.html").read_text(), '<section id="verdict"',
+                   "</section>")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; red blobs" in last  # neuron 0's sentence
+    assert "<script>" not in last
+    # Headers of the run, pair and compare pages take the glossary's tooltips too.
+    index = (site / "index.html").read_text()
+    assert f'title="{escape(TERMS["silhouette"].tip)}"' in index
+    assert f'title="Layer mean: {escape(TERMS["clarity"].tip[0].lower())}' in index
+    pair = next((site / "debug").glob("*/index.html")).read_text()
+    for key in ("z", "q", "verify_corr", "clarity"):
+        assert f'title="{escape(TERMS[key].tip)}"' in pair, key
+    # The layer's data script carries the names and tips its sort menu and card chips show.
+    data = json.loads((site / "data" / "relu1.js").read_text().split("] = ", 1)[1].rstrip(";\n"))
+    assert data["terms"]["verify_corr"] == {"n": "verified r", "s": "verified r",
+                                            "t": TERMS["verify_corr"].tip, "a": "verify_corr"}
+    assert data["terms"]["z 0→1"]["a"] == "z" and set(data["columns"]) <= set(data["terms"])
+
+
+def test_a_neuron_09_could_not_verify_gets_no_verdict(run, tmp_path):
+    """A neuron with a 09 row but no verification says why there is no verdict and shows no
+    margin; its neighbours keep theirs."""
+    _, _, run_dir = run
+    copy = tmp_path / "t"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("atlas"))
+    write_scores(copy, unverified=(("relu1", 2),))
+    atlas.main(["--run", str(copy), "--workers", "1"])
+    page = (copy / "atlas" / "neurons" / "relu1" / "2.html").read_text()
+    verdict = section(page, '<section id="verdict"', "</section>")
+    assert "<strong>No verdict</strong>: 09 could not verify" in verdict
+    assert "95 % interval" not in verdict and "control sentence" not in verdict
+    assert "Described reliably" in (copy / "atlas" / "neurons" / "relu1" / "0.html").read_text()
 
 
 def test_inputs_from_another_run_are_refused(run, tmp_path):
@@ -468,6 +548,60 @@ def test_browser_walk_through_the_atlas(run):
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
+
+
+def test_browser_verdict_disclosure_and_glossary_at_two_widths(run, tmp_path):
+    """At 1440 and 390 px: a neuron page shows its verdict first and the raw scores only once
+    the disclosure is opened; "How this is judged" lands on the rule; no page is wider than the
+    window; the layer's sort menu and card chips carry plain names with tooltips. Screenshots
+    go to tmp_path (and to $ATLAS_SCREENSHOTS when set, to look at)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    _, _, run_dir = run
+    site = (run_dir / "atlas").resolve()
+    shots = Path(os.environ.get("ATLAS_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    driver = chromium()
+    width = "return [document.documentElement.scrollWidth, window.innerWidth]"
+    try:
+        for w, h in ((1440, 900), (390, 844)):
+            driver.set_window_size(w, h)
+            driver.get((site / "neurons" / "relu1" / "0.html").as_uri())
+            verdict = driver.find_element(By.ID, "verdict")
+            assert verdict.is_displayed() and verdict.text.startswith("Described reliably")
+            mosaic = driver.find_element(By.CSS_SELECTOR, "img.mosaic")
+            assert verdict.location["y"] < mosaic.location["y"]
+            assert "red blobs" not in verdict.text and "vertical edges" in verdict.text  # #1's
+            raw = driver.find_element(By.CSS_SELECTOR, "#scores table")
+            assert not raw.is_displayed()
+            driver.save_screenshot(str(shots / f"neuron_{w}.png"))
+            driver.find_element(By.CSS_SELECTOR, "#scores summary").click()
+            assert raw.is_displayed()
+            scroll, inner = driver.execute_script(width)
+            assert scroll <= inner, (w, scroll)
+            assert no_alert_ran(driver)
+            link = verdict.find_element(By.LINK_TEXT, "How this is judged")
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
+            link.click()  # (scrolled clear of the sticky top bar first)
+            assert driver.current_url.endswith("glossary.html#margin")
+            rule = driver.find_element(By.ID, "margin")
+            assert rule.is_displayed() and "Described reliably" not in rule.text
+            assert "described reliably when the whole interval is above 0" in rule.text
+            scroll, inner = driver.execute_script(width)
+            assert scroll <= inner, (w, scroll)
+            driver.save_screenshot(str(shots / f"glossary_{w}.png"))
+        driver.get((site / "layers" / "relu1.html").as_uri())
+        wait_ready(driver)
+        option = driver.find_element(By.CSS_SELECTOR, '#sort option[value="verify_corr"]')
+        assert option.text == "verified r" and option.get_attribute("title") == \
+            TERMS["verify_corr"].tip
+        Select(driver.find_element(By.ID, "sort")).select_by_value("dnr_score")
+        chips = driver.find_elements(By.CSS_SELECTOR, "#cards .card .score")
+        titled = {c.text.split(" ")[0]: c.get_attribute("title") for c in chips}
+        assert titled["top-20"] == f"top-20 strength: {TERMS['dnr_score'].tip}"
+        assert titled["top"] == f"top activation: {TERMS['top_activation'].tip}"
+    finally:
+        driver.quit()
 
 
 def test_labels_show_by_class_name_even_when_never_predicted():

@@ -34,6 +34,19 @@
     return v === undefined ? null : v;
   }
 
+  // A column's plain name (n), card-chip label (s) and one-line tooltip (t), from the glossary
+  // (common/glossary.py) as the layer's data script carries them; its own key when unknown.
+  function term(layer, key) {
+    const t = (layer.terms || {})[key];
+    return t || { n: key, s: key, t: "" };
+  }
+
+  function chip(layer, key, v) {
+    const t = term(layer, key), span = el("span", "score", t.s + " " + fmt(v));
+    if (t.t) span.title = t.n + ": " + t.t;
+    return span;
+  }
+
   function card(layer, n, extra) {
     const a = el("a", "card");
     a.href = root + n.u;
@@ -57,14 +70,14 @@
       a.append(ul);
     }
     const scores = el("div", "scores");
-    scores.append(el("span", "score", "top act " + fmt(n.a)));
+    scores.append(chip(layer, "top_activation", n.a));
     // The card's key scores, and the score the list is sorted by when it is not one of them.
     const shown = layer.key.slice();
     if (extra && extra.sortKey && n.s[extra.sortKey] !== undefined && shown.indexOf(extra.sortKey) < 0) {
       shown.push(extra.sortKey);
     }
     shown.forEach(function (k) {
-      if (n.s[k] !== undefined && n.s[k] !== null) scores.append(el("span", "score", k + " " + fmt(n.s[k])));
+      if (n.s[k] !== undefined && n.s[k] !== null) scores.append(chip(layer, k, n.s[k]));
     });
     a.append(scores);
     return a;
@@ -95,7 +108,9 @@
     const count = document.getElementById("count");
     layer.neurons.forEach(function (n) { n.text = [n.d].concat(n.sub || []).join(" ").toLowerCase(); });
     ["channel", "top_activation", "cluster"].concat(layer.columns).forEach(function (k) {
-      sortSel.append(new Option(k, k));
+      const t = term(layer, k), option = new Option(t.n, k);
+      if (t.t) option.title = t.t;
+      sortSel.append(option);
     });
     layer.clusters.forEach(function (c) {
       clusterSel.append(new Option("cluster " + c.id + " (" + c.size + "): " + c.keywords, String(c.id)));

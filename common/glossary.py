@@ -1,0 +1,361 @@
+"""What every score the atlas shows means: one definition per score, read by every page.
+
+``TERMS`` is the only copy of the texts: the atlas's column headers, card chips and sort menu take
+their plain name and one-line tooltip from it (``term``), and its glossary page (glossary.html)
+lists every entry in full: what the score measures, its range, how to read it and which seed
+paper it comes from. ``verdict`` turns a neuron's verification into the sentence its page opens
+with, by the rule written in the ``margin`` entry.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+SOURCES = {  # seed documents (../shared/seeds/), as the glossary cites them
+    "000": "the thesis (seed 000: conceptual description of neurons with VLMs)",
+    "001": "Describe-and-Refine (seed 001)",
+    "002": "Neurobasket (seed 002)",
+    "003": "SemanticLens (seed 003)",
+    "004": "SIEVE (seed 004: select, hypothesise and verify)",
+    "004v": "SIEVE's verification step (seed 004); the correlation and precision measures are "
+            "neuron-atlas's",
+    "atlas": "neuron-atlas itself (not in the seeds)",
+}
+
+GROUPS = [  # glossary sections, in page order
+    ("verdict", "Verdict and verification (stage 09)"),
+    ("triage", "Triage: does the neuron respond at all (stage 09)"),
+    ("crops", "Its top crops: one concept or several (stage 09)"),
+    ("layer", "Per layer (09 summary, 05 clusters)"),
+    ("debug", "Debugging a confusion (stage 08)"),
+    ("neuron", "The neuron itself (stages 01, 05)"),
+]
+Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95 % interval
+
+
+@dataclass(frozen=True)
+class Term:
+    """One score: its names and the texts that explain it."""
+
+    name: str       # plain name, lower case: column headers, sort menu, glossary heading
+    short: str      # label on a layer card's chip
+    tip: str        # one line: the tooltip (``title``) wherever the score appears
+    measures: str   # glossary: what it measures
+    range: str      # glossary: the values it can take
+    reading: str    # glossary: how to read it
+    source: str     # a key of SOURCES
+    group: str      # a key of GROUPS
+
+
+TERMS: dict[str, Term] = {
+    "margin": Term(
+        "margin over control", "margin",
+        "Verified r minus control r, with a 95 % interval: the basis of the page's verdict.",
+        "How much better the neuron's own sentence predicts its activation on held-out images "
+        "than another neuron's sentence does on the same images: d = r − r_c (verified r minus "
+        "control r), with a 95 % interval. Each correlation gets a Fisher-z interval, "
+        "tanh(atanh r ± 1.96 / √(n − 3)) on the n held-out images, giving (l, u) for r and "
+        "(l_c, u_c) for r_c; Zou's (2007) rule combines them: low = d − √((r − l)² + "
+        "(u_c − r_c)²), high = d + √((u − r)² + (r_c − l_c)²). The two correlations are treated "
+        "as independent, as 09 does not store how alike the two sentences' match scores are; "
+        "measured on the same images they usually move together, so the true interval is "
+        "narrower and the verdict errs on the cautious side.",
+        "−2 … 2, with a 95 % interval.",
+        "The verdict a neuron page opens with: described reliably when the whole interval is "
+        "above 0 and verified r is above 0; described weakly when the margin is above 0 but its "
+        "interval reaches 0; not better than chance when the margin is 0 or below. No verdict "
+        "when 09 has no verified or control r, or fewer than 4 held-out images.",
+        "atlas", "verdict"),
+    "verify_corr": Term(
+        "verified r", "verified r",
+        "Pearson r between how well images match the sentence and the neuron's activation, on "
+        "held-out images.",
+        "Whether the description predicts the neuron: a concept matcher scores every image "
+        "for the sentence, and the scores are correlated with the neuron's per-image maximum "
+        "on images the sentence was not written from (not in its mosaic).",
+        "−1 … 1; empty when not computable (no sentence, too few images).",
+        "0: the sentence says nothing about when the neuron fires; higher is better. Read it "
+        "against control r: a generic sentence can reach a positive r too.",
+        "004v", "verdict"),
+    "control_corr": Term(
+        "control r", "control r",
+        "The same correlation for another neuron's sentence: what an unrelated description "
+        "reaches on these images.",
+        "Verified r computed with the sentence of another neuron of the layer (drawn with a "
+        "seed among those with other words), against this neuron's activation, on the same "
+        "held-out images.",
+        "−1 … 1.",
+        "The baseline: a description is informative only by how far its verified r exceeds "
+        "this (see the margin).",
+        "atlas", "verdict"),
+    "verify_auprc": Term(
+        "verified precision (AP)", "verified AP",
+        "Average precision with which the sentence's match scores find the neuron's top 1 % "
+        "of held-out images.",
+        "Ranks the held-out images by how well they match the sentence and measures how early "
+        "the neuron's strongest images (its top 1 %, at least 5) come.",
+        "0 … 1; a random ranking scores about positives ÷ held-out images.",
+        "Higher is better; it rewards finding the rare best images, where r weighs every image.",
+        "004v", "verdict"),
+    "control_auprc": Term(
+        "control precision (AP)", "control AP",
+        "Verified precision reached by the control neuron's sentence on the same images.",
+        "Average precision of the control sentence's match scores for this neuron's top 1 % "
+        "held-out images.",
+        "0 … 1.",
+        "The baseline for verified precision.",
+        "atlas", "verdict"),
+    "beats_control": Term(
+        "beats its control", "beats control",
+        "1 when verified r is above control r (no interval: the verdict weighs the margin).",
+        "Whether the neuron's own sentence correlates better with its activation than the "
+        "control sentence does.",
+        "0 or 1; empty when not verified.",
+        "1 is necessary, not sufficient: a tiny margin on few images can be luck. The verdict "
+        "adds the interval.",
+        "atlas", "verdict"),
+    "n_held_out": Term(
+        "held-out images", "held out",
+        "Images used for verification: scored, but not in the sentence's mosaic.",
+        "How many images the verified and control r were computed on.",
+        "A count (at least 10 for a correlation).",
+        "More images give a narrower interval on the margin.",
+        "004v", "verdict"),
+    "n_positives": Term(
+        "positives", "positives",
+        "Held-out images counted as the neuron's hits for precision (its top 1 %, at least 5).",
+        "The held-out images with the highest activation, which the precision scores look for.",
+        "A count.",
+        "Precision by chance is about positives ÷ held-out images.",
+        "004v", "verdict"),
+    "control_channel": Term(
+        "control neuron", "control #",
+        "The neuron of this layer whose sentence served as the control.",
+        "Which other neuron's description was used as the control sentence.",
+        "A channel number of the same layer.",
+        "Not a score: its sentence is shown on the neuron page, to judge how different it is.",
+        "atlas", "verdict"),
+    "selectivity": Term(
+        "selectivity", "selectivity",
+        "How much more the neuron fires on its best images than on a typical one "
+        "(99th percentile ÷ median).",
+        "The 99th percentile of the neuron's per-image maximum divided by its median, after "
+        "shifting negative values; the median is floored at 1 % of the range.",
+        "1 … 100.",
+        "Near 1: fires about as much everywhere (a texture, or nothing). High: responds to "
+        "something rare. 100: silent on most images.",
+        "004", "triage"),
+    "dnr_score": Term(
+        "top-20 strength", "top-20",
+        "Mean of log(1 + activation) over the neuron's 20 strongest images.",
+        "How strongly the neuron fires on its best images, damped by a logarithm so a few "
+        "extreme values do not dominate.",
+        "0 or more (negative activations count as 0).",
+        "Higher: a stronger response to its best images. Compare within a layer; scales "
+        "differ between layers.",
+        "001", "triage"),
+    "dead": Term(
+        "dead", "dead",
+        "1 when the neuron hardly varies across images (spread ≤ 5 % of its layer's median).",
+        "Whether the neuron's spread (99th percentile − median of its per-image maximum) is at "
+        "most 5 % of the median spread of its layer.",
+        "0 or 1.",
+        "1: its mosaic and sentence describe noise; ignore its description.",
+        "atlas", "triage"),
+    "clarity": Term(
+        "clarity", "clarity",
+        "How alike the neuron's top crops look to an image embedder (mean pairwise cosine).",
+        "The mean cosine between the image vectors of every pair of the neuron's top crops (on "
+        "a sub-concept row: of that sub-concept's crops).",
+        "−1/(n − 1) … 1 for n crops.",
+        "High: one consistent visual concept. Low: mixed crops, which one sentence is likely "
+        "to describe only in part.",
+        "003", "crops"),
+    "polysemanticity": Term(
+        "polysemanticity", "polysemantic",
+        "How far apart two groups of its top crops are (1 − cosine of the groups' summed "
+        "vectors).",
+        "The top crops are split in two by Ward clustering; the score is 1 minus the cosine of "
+        "the two groups' summed vectors.",
+        "0 … 2.",
+        "Near 0: one concept. High: at least two; see its sub-concepts.",
+        "003", "crops"),
+    "redundancy": Term(
+        "redundancy", "redundancy",
+        "Cosine of its mean crop vector with the closest other neuron's of the same layer.",
+        "How close the neuron's average top crop is to that of the most similar other neuron of "
+        "its layer.",
+        "−1 … 1.",
+        "Near 1: another neuron responds to the same kind of image.",
+        "003", "crops"),
+    "share": Term(
+        "share of crops", "share",
+        "Fraction of the neuron's top crops that fall in this sub-concept (1 for the neuron).",
+        "For a sub-concept: the share of the neuron's embedded top crops in its group.",
+        "0 … 1.",
+        "A large share: the main concept; a small one: a side concept.",
+        "004", "crops"),
+    "n_crops": Term(
+        "crops embedded", "crops",
+        "How many of its top crops had an image vector (for clarity, polysemanticity, "
+        "redundancy).",
+        "The number of the neuron's top crops that 04 embedded.",
+        "A count.",
+        "Below 4 the crop scores are left empty; with few crops they are noisy.",
+        "atlas", "crops"),
+    "share_beating_control": Term(
+        "share beating control", "beats control",
+        "Share of the layer's verified neurons whose sentence beats its control (by r).",
+        "Over a layer's neurons with a verified and control r: the share with beats its "
+        "control = 1.",
+        "0 … 1.",
+        "About 0.5 means the layer's sentences do no better than other neurons' sentences.",
+        "atlas", "layer"),
+    "share_beating_control_auprc": Term(
+        "share beating control (AP)", "beats control AP",
+        "Share of the layer's verified neurons whose precision is above their control's.",
+        "As share beating control, with verified precision instead of r.",
+        "0 … 1.",
+        "About 0.5 means no better than chance.",
+        "atlas", "layer"),
+    "dead_neurons": Term(
+        "dead neurons", "dead",
+        "How many of the layer's neurons are dead.",
+        "The number of the layer's neurons flagged dead.",
+        "A count.",
+        "Their descriptions describe noise.",
+        "atlas", "layer"),
+    "neurons": Term(
+        "neurons", "neurons", "How many neurons (channels) the layer has.",
+        "The layer's channel count.", "A count.", "Not a score.", "000", "layer"),
+    "k": Term(
+        "clusters", "clusters", "How many clusters of similar descriptions 05 made in the layer.",
+        "The number of clusters 05 chose for the layer's neuron embeddings (by silhouette).",
+        "1 or more.", "Each cluster is a family of neurons with related descriptions.",
+        "000", "layer"),
+    "silhouette": Term(
+        "silhouette", "silhouette",
+        "How well separated the layer's description clusters are (05).",
+        "The mean silhouette of 05's clustering: how much closer each neuron is to its own "
+        "cluster than to the next.",
+        "−1 … 1; empty for a single cluster.",
+        "Above 0.5: clear families; near 0: overlapping ones.",
+        "000", "layer"),
+    "z": Term(
+        "shift on errors (z)", "z",
+        "How differently the neuron fires on misclassified than on correct images of the class, "
+        "in standard errors.",
+        "08's two-sample z of the neuron's mean activation, misclassified (KO) against "
+        "correctly classified (OK) images of the true class.",
+        "Any real number.",
+        "Positive: fires more on the errors. |z| ≥ 2 happens to about 5 % of neurons by chance; "
+        "trust q for a flag.",
+        "000", "debug"),
+    "q": Term(
+        "FDR q-value", "q",
+        "z's p-value adjusted for testing every neuron (Benjamini–Hochberg).",
+        "The smallest false-discovery rate at which the neuron would be flagged, over all "
+        "neurons 08 tested for the pair.",
+        "0 … 1.",
+        "Small (≤ 0.05): a shift unlikely to be one of the chance hits among many neurons.",
+        "atlas", "debug"),
+    "relevance": Term(
+        "relevance to the wrong class", "relevance",
+        "Activation × gradient of the wrong class's logit, summed over space, averaged over the "
+        "pair's misclassified images.",
+        "A first-order estimate of how much the wrongly predicted class's logit would drop "
+        "with the neuron switched off.",
+        "Any real number.",
+        "Positive: the neuron pushed the images towards the wrong class; large values point "
+        "at the cause of the error.",
+        "003", "debug"),
+    "top_activation": Term(
+        "top activation", "top act",
+        "The neuron's highest response over all images (its best image's spatial maximum).",
+        "The largest value of the neuron's activation map over every image of the run.",
+        "Any real number, in the layer's own units.",
+        "Compare within a layer only.",
+        "000", "neuron"),
+    "channel": Term(
+        "channel", "#", "The neuron's index in its layer.",
+        "The channel number of the neuron in the layer's output.", "0 … channels − 1.",
+        "Not a score.", "000", "neuron"),
+    "cluster": Term(
+        "cluster", "cluster", "05's cluster of neurons with similar descriptions.",
+        "The cluster 05 put the neuron in, from its description (and mosaic) embedding.",
+        "0 … clusters − 1.", "Not a score: neurons of a cluster say similar things.",
+        "000", "neuron"),
+}
+ALIASES = {"mean_dnr": "dnr_score"}  # 09 summary columns not named mean_<score column>
+PAIRED = ("z ", "relevance ")  # 10's per-pair columns: "z <true>→<pred>", "relevance <true>→<pred>"
+
+
+def term(key: str) -> dict:
+    """The plain name, chip label, tooltip and glossary anchor of column ``key`` (a dict for
+    templates and JSON): 09's and 05's columns, 09's summary (``mean_<score>``: the layer's
+    mean) and 10's per-pair columns; an unknown column keeps its own name and has no tooltip."""
+    for prefix in PAIRED:
+        if key.startswith(prefix):
+            t = TERMS[prefix.strip()]
+            pair = key[len(prefix):]
+            return {"key": key, "name": f"{t.name}, {pair}", "short": f"{t.short} {pair}",
+                    "tip": f"{t.tip} Pair {pair}.", "anchor": prefix.strip()}
+    if key in TERMS:
+        t = TERMS[key]
+        return {"key": key, "name": t.name, "short": t.short, "tip": t.tip, "anchor": key}
+    base = ALIASES.get(key, key.removeprefix("mean_"))
+    if key.startswith("mean_") and base in TERMS:
+        t = TERMS[base]
+        return {"key": key, "name": f"mean {t.name}",
+                "short": f"mean {t.short}", "tip": f"Layer mean: {t.tip[0].lower()}{t.tip[1:]}",
+                "anchor": base}
+    return {"key": key, "name": key.replace("_", " "), "short": key.replace("_", " "), "tip": "",
+            "anchor": ""}
+
+
+def glossary() -> list[dict]:
+    """The glossary page's sections: per group its title and full entries, in ``GROUPS`` order."""
+    return [{"id": group, "title": title,
+             "terms": [{"key": key, **asdict(t), "source": SOURCES[t.source]}
+                       for key, t in TERMS.items() if t.group == group]}
+            for group, title in GROUPS]
+
+
+VERDICTS = {  # verdict level → (headline, CSS class)
+    "reliable": ("Described reliably", "good"),
+    "weak": ("Described weakly", "weak"),
+    "chance": ("Not better than chance", "bad"),
+    "none": ("No verdict", "none"),
+}
+
+
+def verdict(scores: dict) -> dict | None:
+    """The verdict on a neuron's sentence from its 09 scores (``verify_corr``, ``control_corr``,
+    ``n_held_out``), by the rule of ``TERMS["margin"]``; None when the neuron has no 09 row.
+
+    Returns ``{level, headline, css, margin, low, high, verify, control, n, why}``; ``level`` is
+    "none" (with ``why``) when the neuron was not verified.
+    """
+    from common.scores import margin_interval
+    if not scores:
+        return None
+    r, rc, n = scores.get("verify_corr"), scores.get("control_corr"), scores.get("n_held_out")
+    out = {"verify": r, "control": rc, "n": n, "margin": None, "low": None, "high": None,
+           "why": ""}
+    if r is None:
+        out["why"] = "09 could not verify this neuron's sentence (no sentence, or too few images)."
+    elif rc is None:
+        out["why"] = "09 found no control sentence for this neuron."
+    elif n is None or n < 4 or not all(math.isfinite(v) for v in (r, rc)):
+        out["why"] = "too few held-out images for an interval."
+    if out["why"]:
+        return {**out, "level": "none", "headline": VERDICTS["none"][0],
+                "css": VERDICTS["none"][1]}
+    out["margin"], out["low"], out["high"] = margin_interval(r, rc, int(n), Z_95)
+    if out["low"] > 0 and r > 0:
+        level = "reliable"
+    elif out["margin"] > 0:
+        level = "weak"
+    else:
+        level = "chance"
+    return {**out, "level": level, "headline": VERDICTS[level][0], "css": VERDICTS[level][1]}
