@@ -297,8 +297,11 @@ def ablate_channels(model: nn.Module, channels: Mapping[str, Sequence[int]]) -> 
     patch = patch_side(model)
 
     def make_hook(index: torch.Tensor):
-        """Hook returning a copy of the output with ``index`` channels set to zero."""
+        """Hook returning a copy of the output with ``index`` channels set to zero (of the first
+        element of a tuple output, as ``reduce_outputs`` reads it)."""
         def hook(module, _inputs, output):
+            if isinstance(output, tuple):
+                return (hook(module, _inputs, output[0]), *output[1:])
             layout = infer_layout(output.shape, image_hw[-1], module, patch) if image_hw else None
             axis = layout.channel_axis if layout is not None else 1
             output = output.clone()

@@ -303,3 +303,15 @@ def test_default_layers_of_transformers(caplog):
         assert default_layers("tiny", tiny_vit()) == ["encoder.layers.encoder_layer_0.mlp",
                                                       "encoder.layers.encoder_layer_1.mlp"]
     assert "only 2 layer(s)" in caplog.text and "python -m tools.layers tiny" in caplog.text
+
+
+def test_ablation_of_a_tuple_output():
+    """Attention modules return (output, weights): the channel is zeroed in the output, in every
+    token, and the module's output stays a tuple."""
+    model = tiny_vit()
+    layer = "encoder.layers.encoder_layer_0.self_attention"
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad(), ablate_channels(model, {layer: [1]}), \
+            record_outputs(model, [layer]) as after:
+        model(x)
+    assert after[layer].shape == (1, 17, 16) and after[layer][..., 1].abs().sum() == 0
