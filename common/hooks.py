@@ -16,7 +16,8 @@ on the input image. Four output shapes are read:
 
 Which of ``(B, C, H, W)`` and ``(B, H, W, C)`` an output is follows from which pair of axes has the
 input's aspect ratio (feature maps shrink both sides by the same stride); when both pairs do (as
-many channels as cells per side), a LayerNorm, Linear or Swin module is taken as channels-last.
+many channels as cells per side), a LayerNorm, Linear or Swin module is taken as channels-last;
+when neither does, the output is read as ``(B, C, H, W)``, as for any CNN.
 The patch grid of tokens comes from the model's ``patch_size`` attribute or its first convolution
 whose kernel equals its stride (the patch embedding), else from the square number of tokens.
 """
@@ -142,7 +143,7 @@ def infer_layout(shape: Sequence[int], image_hw: tuple[int, int], module: nn.Mod
             return Layout(GRID, shape[1], (shape[2], shape[3]))
         if last:
             return Layout(CHANNELS_LAST, shape[3], (shape[1], shape[2]))
-        return None
+        return Layout(GRID, shape[1], (shape[2], shape[3]))  # read as 01 always read 4-D maps
     if len(shape) == 3:
         return _token_layout(shape[1], shape[2], image_hw, patch)
     return None

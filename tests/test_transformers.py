@@ -123,7 +123,7 @@ def brute_force(model, csv_path, layer, layout_kind):
 
 def test_layouts_of_each_shape():
     """Each shape gets its layout; the two 4-D layouts are told apart by which axes have the
-    input's aspect ratio, and a tie by the module; shapes without positions are None."""
+    input's aspect ratio, a tie by the module; shapes without positions are None."""
     image = (32, 32)
     assert infer_layout((2, 6, 8, 8), image).kind == GRID
     last = infer_layout((2, 8, 8, 6), image)
@@ -139,7 +139,7 @@ def test_layouts_of_each_shape():
     assert infer_layout((2, 50, 16), (224, 224)).grid == (7, 7)
     assert infer_layout((2, 10), image).kind == VECTOR
     assert infer_layout((2, 7, 16), image, patch=8) is None      # 7 tokens: no grid
-    assert infer_layout((2, 3, 5, 40), image) is None           # neither pair fits the image
+    assert infer_layout((2, 3, 5, 40), image).kind == GRID      # neither pair fits: as CNNs
     assert infer_layout((2, 1, 3, 8, 8), image) is None
     assert patch_side(tiny_vit()) == 8 and patch_side(ChannelsLast()) == 4
 
