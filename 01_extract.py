@@ -433,7 +433,7 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
                     "The model's classes: %s (name them with CLASSES=names.txt)",
                     ", ".join(repr(lab) for lab in unmapped[:10]), valid)
     layouts = read_layouts(bundle.model, layers, (bundle.input_size, bundle.input_size),
-                           bundle.channels, bundle.n_outputs)
+                           bundle.channels, bundle.n_outputs, getattr(bundle, "shapes", None))
     n_batches = -(-len(entries) // batch_size)
     parts_root = out / "01_parts"
 

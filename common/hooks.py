@@ -169,18 +169,28 @@ def _token_layout(n_tokens: int, channels: int, image_hw: tuple[int, int],
     return None
 
 
-def probe_layouts(model: nn.Module, layer_names: Sequence[str], image_hw: tuple[int, int],
-                  channels: int = 3) -> dict[str, tuple[tuple[int, ...], Layout | None]]:
-    """One forward pass of a blank image: each layer's output shape and its layout (None: not
-    readable). Layers that never run are left out."""
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    def shape_of(out) -> tuple[int, ...]:
-        """The output's shape; () for an output that is not a tensor (never readable)."""
-        return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+def _shape_of(out) -> tuple[int, ...]:
+    """An output's shape; () for an output that is not a tensor (never readable)."""
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
 
-    with reduce_outputs(model, layer_names, shape_of) as shapes, torch.inference_mode():
-        model(torch.zeros(1, channels, *image_hw, device=device))
+
+def probe_shapes(model: nn.Module, layer_names: Sequence[str]):
+    """Context manager yielding a dict filled with each layer's output shape at a forward pass
+    (quietly: a module run several times, common among all modules, is no concern here)."""
+    return reduce_outputs(model, layer_names, _shape_of, warn_repeats=False)
+
+
+def probe_layouts(model: nn.Module, layer_names: Sequence[str], image_hw: tuple[int, int],
+                  channels: int = 3, shapes: Mapping[str, tuple] | None = None
+                  ) -> dict[str, tuple[tuple[int, ...], Layout | None]]:
+    """Each layer's output shape on a blank image and its layout (None: not readable); layers
+    that never run are left out. ``shapes`` recorded on such an image at this size (a
+    ``ModelBundle``'s) spare the forward pass when they cover every layer."""
+    if not shapes or any(name not in shapes for name in layer_names):
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with probe_shapes(model, layer_names) as shapes, torch.inference_mode():
+            model(torch.zeros(1, channels, *image_hw, device=device))
     patch = patch_side(model)
     return {name: (shapes[name],
                    infer_layout(shapes[name], image_hw, get_module(model, name), patch))
@@ -195,10 +205,11 @@ def readable(layout: Layout | None, n_outputs: int | None) -> bool:
 
 
 def read_layouts(model: nn.Module, layer_names: Sequence[str], image_hw: tuple[int, int],
-                 channels: int = 3, n_outputs: int | None = None) -> dict[str, Layout]:
+                 channels: int = 3, n_outputs: int | None = None,
+                 shapes: Mapping[str, tuple] | None = None) -> dict[str, Layout]:
     """The layout of each named layer, logged; a layer whose output cannot be read stops with one
-    line naming it, its shape and layers that can be read."""
-    probed = probe_layouts(model, layer_names, image_hw, channels)
+    line naming it, its shape and layers that can be read. ``shapes``: as for ``probe_layouts``."""
+    probed = probe_layouts(model, layer_names, image_hw, channels, shapes)
     for name in layer_names:
         if name not in probed:
             raise StageError(f"layer {name!r} never runs in the model's forward pass; choose a "
@@ -209,17 +220,19 @@ def read_layouts(model: nn.Module, layer_names: Sequence[str], image_hw: tuple[i
                 f"layer {name!r} gives a {tuple(shape)} output, which 01 cannot read as neurons "
                 f"with positions (it reads (B, C, H, W), (B, H, W, C), (B, tokens, C) and the "
                 f"classifier's (B, classes)). Layers it can read include: "
-                f"{', '.join(readable_menu(model, image_hw, channels, n_outputs))} (all of them: "
+                f"{', '.join(readable_menu(model, image_hw, channels, n_outputs, shapes))} "
+                f"(all of them: "
                 f"python -m tools.layers MODEL)")
         log.info("layer %s: output %s read as %s", name, tuple(shape), layout.describe())
     return {name: probed[name][1] for name in layer_names}
 
 
 def readable_menu(model: nn.Module, image_hw: tuple[int, int], channels: int,
-                  n_outputs: int | None, at_most: int = 12) -> list[str]:
+                  n_outputs: int | None, shapes: Mapping[str, tuple] | None = None,
+                  at_most: int = 12) -> list[str]:
     """Up to ``at_most`` readable layers spread evenly over the model, shallow names first."""
     names = [n for n, (_, layout) in probe_layouts(model, module_names(model), image_hw,
-                                                   channels).items()
+                                                   channels, shapes).items()
              if readable(layout, n_outputs)]
     shallow = min((n.count(".") for n in names), default=0)
     names = [n for n in names if n.count(".") <= shallow + 2] or names
@@ -241,14 +254,15 @@ def output_layouts(model: nn.Module, shapes: Mapping[str, Sequence[int]],
 
 @contextlib.contextmanager
 def reduce_outputs(model: nn.Module, layer_names: Sequence[str],
-                   reducer: Callable[[torch.Tensor], object] | Mapping[str, Callable]
-                   ) -> Iterator[dict[str, object]]:
+                   reducer: Callable[[torch.Tensor], object] | Mapping[str, Callable],
+                   warn_repeats: bool = True) -> Iterator[dict[str, object]]:
     """Yield a dict that holds ``reducer(output)`` of each layer for the latest forward pass.
 
     ``reducer`` (one function, or one per layer name) runs inside the hook, before any later
     in-place change to the output. A module
     called several times in one forward (a ReLU shared inside a block) keeps its last call and a
-    warning is logged, since "the output of that layer" is then ambiguous.
+    warning is logged (unless ``warn_repeats`` is False), since "the output of that layer" is then
+    ambiguous.
     """
     results: dict[str, object] = {}
     calls: dict[str, int] = {}
@@ -263,7 +277,7 @@ def reduce_outputs(model: nn.Module, layer_names: Sequence[str],
             if isinstance(output, (tuple, list)):
                 output = output[0]
             calls[name] = calls.get(name, 0) + 1
-            if calls[name] == 2 and name not in warned:
+            if warn_repeats and calls[name] == 2 and name not in warned:
                 warned.add(name)
                 log.warning("layer %s runs more than once per forward pass; its last call is used",
                             name)

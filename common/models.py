@@ -61,6 +61,7 @@ class ModelBundle:
     channels: int = 3          # input channels of the first convolution: 1 grey, 3 RGB
     n_outputs: int | None = None  # length of the output vector (None: not a class vector)
     class_source: str = ""     # where class_names came from, said in the log and metadata
+    shapes: dict = field(default_factory=dict)  # module name → output shape on one blank input
 
     @property
     def preprocess(self) -> dict:
@@ -375,7 +376,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, random_ini
     if any(s <= 0 for s in std):
         raise StageError(f"STD must be positive, got {','.join(map(str, std))}")
     size = int(input_size or d_size)
-    n_outputs = _n_outputs(model, channels, size)
+    n_outputs, shapes = _n_outputs(model, channels, size)
     class_names, class_source = _class_names(model, n_outputs, classes)
     spec = {"name": name, "weights": str(weights_path) if weights_path else None,
             "random_init": random_init, "unsafe_pickle": unsafe_pickle, "input_size": size,
@@ -385,20 +386,24 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, random_ini
              ",".join(f"{v:g}" for v in std), n_outputs or "no class", class_source or "none")
     return ModelBundle(model=model, name=name, input_size=size, mean=mean, std=std,
                        class_names=class_names, spec=spec, default_layers=default_layers(name, model),
-                       channels=channels, n_outputs=n_outputs, class_source=class_source)
+                       channels=channels, n_outputs=n_outputs, class_source=class_source,
+                       shapes=shapes)
 
 
-def _n_outputs(model: nn.Module, channels: int, size: int) -> int | None:
-    """Length of the model's output vector on one blank input (None when not a vector); a model
-    that cannot take the input is a clear error naming the variables that set it."""
+def _n_outputs(model: nn.Module, channels: int, size: int) -> tuple[int | None, dict]:
+    """Length of the model's output vector on one blank input (None when not a vector), and the
+    output shape of every module on that input (what 01 reads the layers' layouts from, without a
+    forward pass of its own); a model that cannot take the input is a clear error naming the
+    variables that set it."""
+    from common.hooks import probe_shapes
     device = next(model.parameters()).device
     try:
-        with torch.inference_mode():
+        with probe_shapes(model, module_names(model)) as shapes, torch.inference_mode():
             out = model(torch.zeros(1, channels, size, size, device=device))
     except RuntimeError as err:
         raise StageError(f"the model fails on a {channels}×{size}×{size} input ({err}). Set "
                          f"INPUT_SIZE to the side it was trained on (MEAN and STD likewise)") from err
-    return int(out.shape[1]) if out.ndim == 2 else None
+    return (int(out.shape[1]) if out.ndim == 2 else None), dict(shapes)
 
 
 def _class_names(model: nn.Module, n_outputs: int | None,

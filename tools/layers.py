@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     bundle = load_model(args.model, weights=args.weights, random_init=args.weights is None,
                         unsafe_pickle=args.unsafe_pickle, device="cpu", input_size=args.input_size)
     side = (bundle.input_size, bundle.input_size)
-    probed = probe_layouts(bundle.model, module_names(bundle.model), side, bundle.channels)
+    probed = probe_layouts(bundle.model, module_names(bundle.model), side, bundle.channels,
+                           bundle.shapes)
     defaults = set(bundle.default_layers)
     for name, (shape, layout) in probed.items():
         ok = readable(layout, bundle.n_outputs)
