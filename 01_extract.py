@@ -6,10 +6,17 @@ Writes to the run folder (see ARTEFACTS.md):
   01_predictions.csv   the model's top-5 classes per usable image, with its label
   01_activations.npz   per layer and channel: the top-k images by spatial maximum, with (y, x),
                        receptive-field parameters and, for small feature maps, the activation maps
-  01_stats/            per image and channel: spatial max and mean (memory-mappable .npy)
+  01_stats/            per image and channel: spatial max and mean (memory-mappable .npy); for a
+                       transformer layer with a class token also that token's value (.cls.npy)
   01_extract.meta.json provenance, and what later stages reuse: the preprocessing (input size,
-                       mean, std, channels), the class names, and the accuracy on labelled
-                       images (with a warning when it suggests a wrong size or normalisation)
+                       mean, std, channels), the class names, each layer's layout (grid,
+                       channels_last, tokens or vector: common/hooks.py), and the accuracy on
+                       labelled images (with a warning when it suggests a wrong size or
+                       normalisation)
+
+A neuron is a channel of a feature map (B, C, H, W), of a channels-last map (B, H, W, C) or of
+transformer tokens (B, N, C); its per-image values are the max and mean over the grid's cells or
+the patch tokens, its position the argmax cell or patch.
 
 Example:
   python 01_extract.py --images data/demo_images/images.csv --out data/demo
@@ -120,21 +127,29 @@ def label_indices(labels: list[str], class_names: list[str] | None) -> tuple[dic
     return map_labels(present, class_names, synsets)
 
 
-def make_reducer(max_map_side: int):
-    """Hook reduction of one layer output: per image and channel the max, its (y, x), the mean,
-    and for small maps the map itself — computed at once, before any in-place change."""
+def make_reducer(max_map_side: int, layout):
+    """Hook reduction of one layer output of ``layout`` (common.hooks.Layout): per image and
+    channel the max over its cells (patch tokens), its (y, x), the mean, the class token's value
+    if there is one, and for small maps the map itself — computed at once, before any in-place
+    change."""
     def reduce(out: torch.Tensor):
-        if out.ndim == 2:  # a fully connected layer: one "pixel" per channel
-            out = out[:, :, None, None]
-        b, c, h, w = out.shape
-        flat = out.detach().float().reshape(b, c, h * w)
+        grid = layout.to_grid(out.detach())
+        b, c, h, w = grid.shape
+        flat = grid.float().reshape(b, c, h * w)
         mx, idx = flat.max(dim=2)
         keep_map = max(h, w) <= max_map_side
+        cls = layout.class_token(out.detach())
         return {"max": mx.cpu(), "mean": flat.mean(dim=2).cpu(),
                 "y": (idx // w).int().cpu(), "x": (idx % w).int().cpu(),
                 "map": flat.reshape(b, c, h, w).half().cpu() if keep_map else None,
+                "cls": None if cls is None else cls.float().cpu(),
                 "shape": (c, h, w)}
     return reduce
+
+
+def stat_kinds(layout) -> tuple[str, ...]:
+    """The 01_stats files of a layer: max and mean, and the class token's value if it has one."""
+    return ("max", "mean", "cls") if layout.has_class_token else ("max", "mean")
 
 
 def iter_batches(entries, batch_ids, batch_size, size, mean, std, workers, prefetch=2,
@@ -165,16 +180,18 @@ def iter_batches(entries, batch_ids, batch_size, size, mean, std, workers, prefe
 
 
 def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
-                 batch_ids, part_dir: Path, skip: dict[int, str] | None = None) -> dict:
+                 batch_ids, part_dir: Path, layouts: dict,
+                 skip: dict[int, str] | None = None) -> dict:
     """Run the model over the given batches; write stats, image rows and predictions of this part
-    into ``part_dir`` and return its top-k buffers and layer shapes."""
+    into ``part_dir`` and return its top-k buffers and layer shapes. ``layouts``: each layer's
+    ``common.hooks.Layout``."""
     from common.hooks import reduce_outputs
     n_rows = sum(len(range(b * batch_size, min((b + 1) * batch_size, len(entries))))
                  for b in batch_ids)
     size, device = bundle.input_size, bundle.device
     tops: dict[str, StreamingTopK] = {}
     shapes: dict[str, tuple] = {}
-    writers: dict[str, tuple[NpyRowWriter, NpyRowWriter]] = {}
+    writers: dict[str, dict[str, NpyRowWriter]] = {}
     stats_dir = part_dir / "stats"
     stats_dir.mkdir(parents=True, exist_ok=True)
     progress = tqdm(total=n_rows, desc="01 extract", unit="img", disable=None)
@@ -182,7 +199,9 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
     # Rows go straight to disk so that memory does not grow with the number of images.
     with CsvAppender(part_dir / "images.csv", IMAGE_FIELDS) as image_rows, \
             CsvAppender(part_dir / "predictions.csv", PRED_FIELDS) as pred_rows, \
-            reduce_outputs(bundle.model, layers, make_reducer(max_map_side)) as outputs, \
+            reduce_outputs(bundle.model, layers,
+                           {name: make_reducer(max_map_side, layouts[name]) for name in layers}
+                           ) as outputs, \
             torch.inference_mode():
         for _b, ids, loaded in iter_batches(entries, batch_ids, batch_size, size, bundle.mean,
                                             bundle.std, workers, skip=skip):
@@ -206,9 +225,10 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
                     if name not in tops:
                         c, h, w = res["shape"]
                         tops[name] = StreamingTopK(c, topk, (h, w) if max(h, w) <= max_map_side else None)
-                        writers[name] = (NpyRowWriter(stats_dir / f"{name}.max.npy", n_rows, c),
-                                         NpyRowWriter(stats_dir / f"{name}.mean.npy", n_rows, c))
-                        for w_ in writers[name]:
+                        writers[name] = {kind: NpyRowWriter(stats_dir / f"{name}.{kind}.npy",
+                                                            n_rows, c)
+                                         for kind in stat_kinds(layouts[name])}
+                        for w_ in writers[name].values():
                             w_.write(np.full((rows_done, c), np.nan, np.float32))
                         check_space(part_dir, writers)
                     good_ids = np.asarray([ids[j] for j in good], dtype=np.int64)
@@ -216,13 +236,11 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
                                       res["x"].numpy(),
                                       None if res["map"] is None else res["map"].numpy())
                 c = shapes[name][0]
-                block_max = np.full((len(ids), c), np.nan, np.float32)
-                block_mean = np.full((len(ids), c), np.nan, np.float32)
-                if good:
-                    block_max[good] = res["max"].numpy()
-                    block_mean[good] = res["mean"].numpy()
-                writers[name][0].write(block_max)
-                writers[name][1].write(block_mean)
+                for kind, writer in writers[name].items():
+                    block = np.full((len(ids), c), np.nan, np.float32)
+                    if good:
+                        block[good] = res[kind].numpy()
+                    writer.write(block)
             if logits is not None:
                 pred_rows.write_all(prediction_rows(logits, [ids[j] for j in good], entries, label_map,
                                                  bundle.class_names))
@@ -232,7 +250,7 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
     for name in layers:
         if name not in writers:
             continue
-        for w_ in writers[name]:
+        for w_ in writers[name].values():
             w_.close()
     arrays = {}
     for name, top in tops.items():
@@ -265,7 +283,8 @@ def prediction_rows(logits: torch.Tensor, ids, entries, label_map, class_names) 
 def check_space(folder: Path, writers: dict) -> None:
     """Stop before the statistics fill the disk: they are the bulk of 01's output (its final
     files are renamed from ``folder``, so they need no second copy)."""
-    needed = sum(4 * w.n_cols * (w.n_rows - w.written) for pair in writers.values() for w in pair)
+    needed = sum(4 * w.n_cols * (w.n_rows - w.written) for kinds in writers.values()
+                 for w in kinds.values())
     if shutil.disk_usage(folder).free < needed:
         raise DiskFull(folder, needed)
 
@@ -346,7 +365,7 @@ def concat_stats(sources: list[Path], rows: list[int], dest: Path, n_images: int
 
 
 def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_size: int,
-             n_images: int) -> dict:
+             n_images: int, layouts: dict) -> dict:
     """Combine part folders (one for a plain run, N for shards) into the final artefacts."""
     n_rows = concat_csv([part / "images.csv" for part in parts], out / "01_images.csv")
     if n_rows != n_images:
@@ -371,14 +390,14 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
         arrays[f"{name}/rf"] = rfs[name].as_array()
 
     if len(parts) == 1 and all((parts[0] / "stats" / f"{name}.{kind}.npy").exists()
-                               for name in layers for kind in ("max", "mean")):
+                               for name in layers for kind in stat_kinds(layouts[name])):
         stats_tmp = parts[0] / "stats"  # a single run's files are already complete: move, not copy
     else:
         stats_tmp = temp_dir(out, "01_stats")
         part_rows = [count_rows(part / "images.csv") for part in parts]
         for name in layers:
             channels = int(arrays[f"{name}/fmap"][0])
-            for kind in ("max", "mean"):
+            for kind in stat_kinds(layouts[name]):
                 concat_stats([part / "stats" / f"{name}.{kind}.npy" for part in parts],
                              part_rows,
                              stats_tmp / f"{name}.{kind}.npy", n_images, channels)
@@ -395,6 +414,7 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
     With ``shard`` only a slice is processed into ``out/01_parts/``; with ``merge`` the parts
     are combined. Returns a summary (None for a shard).
     """
+    from common.hooks import CHANNELS_LAST, TOKENS, read_layouts
     from common.images import find_duplicates, list_images
     from common.rf import receptive_fields
     out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +432,8 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
         log.warning("labels %s map to no class of the model: their images get label_idx -1. "
                     "The model's classes: %s (name them with CLASSES=names.txt)",
                     ", ".join(repr(lab) for lab in unmapped[:10]), valid)
+    layouts = read_layouts(bundle.model, layers, (bundle.input_size, bundle.input_size),
+                           bundle.channels, bundle.n_outputs, getattr(bundle, "shapes", None))
     n_batches = -(-len(entries) // batch_size)
     parts_root = out / "01_parts"
 
@@ -421,7 +443,7 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
         tmp = temp_dir(parts_root, part_dir.name)
         try:
             extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
-                         max_map_side, list(shard_slice(n_batches, shard)), tmp, skip)
+                         max_map_side, list(shard_slice(n_batches, shard)), tmp, layouts, skip)
             write_json(tmp / "part.json", {"shard": list(shard), "n_images": len(entries),
                                            "batch_size": batch_size, "layers": layers,
                                            "topk": topk, "inputs": inputs_digest(bundle, entries)})
@@ -450,10 +472,13 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
     try:
         if tmpdirs is not None:
             extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
-                         max_map_side, list(range(n_batches)), tmpdirs, skip)
-        rfs = receptive_fields(bundle.model, layers, (bundle.input_size, bundle.input_size))
+                         max_map_side, list(range(n_batches)), tmpdirs, layouts, skip)
+        # Transformer layers get their patch as a field (attention sees the whole image).
+        rfs = receptive_fields(bundle.model, layers, (bundle.input_size, bundle.input_size),
+                               patch_grids={name: layout.grid for name, layout in layouts.items()
+                                            if layout.kind in (TOKENS, CHANNELS_LAST)})
         retract_meta(out / f"{STAGE}.meta.json")
-        summary = assemble(parts, out, layers, rfs, bundle.input_size, len(entries))
+        summary = assemble(parts, out, layers, rfs, bundle.input_size, len(entries), layouts)
     finally:
         if tmpdirs is not None:
             shutil.rmtree(tmpdirs, ignore_errors=True)
@@ -464,7 +489,8 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
                model=bundle.spec, layers=layers, **summary, preprocess=bundle.preprocess,
                classes=bundle.class_names, class_source=bundle.class_source,
                n_duplicates=len(skip), accuracy=accuracy,
-               rf={name: rfs[name].as_array().tolist() for name in layers})
+               rf={name: rfs[name].as_array().tolist() for name in layers},
+               layouts={name: layouts[name].as_dict() for name in layers})
     if merge is not None:
         shutil.rmtree(parts_root)
     log.info("%d images (%d skipped) → %s", summary["n_images"], summary["n_skipped"], out)

@@ -73,7 +73,10 @@ class StreamingTopK:
         """Activation maps in rank order (C × k × h × w), or None when none are kept."""
         if self.maps is None:
             return None
-        return np.take_along_axis(self.maps, self.slots[:, :, None, None], axis=1)
+        # Row-wise fancy indexing copies whole maps; take_along_axis would broadcast the slots to
+        # an index array as large as the maps (120 MB for a ViT-B layer at k = 100) and was 10x
+        # slower.
+        return self.maps[np.arange(self.maps.shape[0])[:, None], self.slots]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """The buffers as named arrays for 01_activations.npz (unfilled values saved as NaN)."""

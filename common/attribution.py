@@ -5,7 +5,8 @@ channel c is
 
     R_c = Σ_{h,w} a[c, h, w] · ∂y_k / ∂a[c, h, w]
 
-(gradient × input at the layer, summed over space). It is the first-order Taylor estimate of how
+(gradient × input at the layer, summed over space; for a transformer layer over every token, the
+class token included, as zeroing the channel would zero it in every token). It is the first-order Taylor estimate of how
 much ``y_k`` would drop if the channel were switched off (set to zero): positive R_c means the
 channel pushed the image towards class k, negative that it held it back. For a network that is
 linear after the layer (e.g. global average pooling and a linear classifier) it is exact and the
@@ -72,6 +73,7 @@ def channel_attribution(model, layer_names: Sequence[str], images, classes) -> t
     differentiated).
     """
     import torch
+    from common.hooks import output_layouts
     device = next(model.parameters()).device
     images = images.to(device)
     classes = torch.as_tensor(classes, dtype=torch.long, device=device)
@@ -86,15 +88,16 @@ def channel_attribution(model, layer_names: Sequence[str], images, classes) -> t
         missing = [n for n in layer_names if n not in kept]
         if missing:
             raise ValueError(f"layers {missing} did not run in the forward pass")
+        layouts = output_layouts(model, {n: kept[n].shape for n in layer_names},
+                                 tuple(images.shape[-2:]))
         for t, row in enumerate(rows):
             chosen = logits.gather(1, row[:, None])[:, 0]
             grads = torch.autograd.grad(chosen.sum(), [kept[n] for n in layer_names],
                                         retain_graph=t + 1 < len(rows))
             for name, grad in zip(layer_names, grads):
                 product = kept[name].detach() * grad
-                # Sum over every axis after the channel one (space; none for a B × C output).
-                relevances[name].append(
-                    product.reshape(product.shape[0], product.shape[1], -1).sum(2).float().cpu())
+                # Sum over every position (cells, or every token; none for a B × C output).
+                relevances[name].append(layouts[name].per_channel(product).sum(2).float().cpu())
             explained.append(chosen.detach().float().cpu())
     if classes.ndim == 2:
         return {n: torch.stack(v) for n, v in relevances.items()}, torch.stack(explained)

@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class ModelBundle:
     channels: int = 3          # input channels of the first convolution: 1 grey, 3 RGB
     n_outputs: int | None = None  # length of the output vector (None: not a class vector)
     class_source: str = ""     # where class_names came from, said in the log and metadata
+    shapes: dict = field(default_factory=dict)  # module name → output shape on one blank input
 
     @property
     def preprocess(self) -> dict:
@@ -234,14 +236,57 @@ def family(name: str, model: nn.Module) -> str:
     return name
 
 
+def evenly_spaced(names: list[str], n: int = 5) -> list[str]:
+    """``n`` names spread evenly from the first to the last (fewer when there are fewer)."""
+    picks = sorted({round(i * (len(names) - 1) / (n - 1)) for i in range(n)}) if names else []
+    return [names[i] for i in picks]
+
+
+def block_layers(model: nn.Module) -> list[str]:
+    """Five evenly spaced block outputs of a transformer or ConvNeXt-like model, else [].
+
+    A block is a module whose class name ends in ``Block`` (or ``BlockV2``) and that sits
+    directly in a ``Sequential`` or ``ModuleList``, in a model that has attention (a module whose
+    class name holds ``Attention``) or blocks of ConvNeXt's class ``CNBlock``. ViT-like blocks
+    (with an ``mlp`` child, not Swin) give their MLP's output (the block's own neurons before the
+    residual sum); Swin and ConvNeXt blocks give the block output.
+    """
+    modules = list(model.named_modules())
+    has_attention = any("Attention" in type(m).__name__ for _, m in modules)
+    containers = {name for name, m in modules if isinstance(m, (nn.Sequential, nn.ModuleList))}
+    blocks = [(name, m) for name, m in modules
+              if re.search(r"Block(V\d+)?$", type(m).__name__)
+              and name.rpartition(".")[0] in containers]
+    if not blocks or not (has_attention or type(blocks[0][1]).__name__ == "CNBlock"):
+        return []
+    names = [f"{name}.mlp" if isinstance(getattr(m, "mlp", None), nn.Module)
+             and "swin" not in type(m).__name__.lower() else name for name, m in blocks]
+    return evenly_spaced(names)
+
+
 def default_layers(name: str, model: nn.Module) -> list[str]:
-    """Five layers from early to deep: known choices for common families, else evenly spaced convs."""
+    """Five layers from early to deep: known choices for common families, five blocks of
+    transformers and ConvNeXt-like models, else evenly spaced convs; fewer than three found are
+    said in the log with the command that lists the candidates."""
+    layers = _default_layers(name, model)
+    if len(layers) < 3:
+        log.warning("the default-layer rule finds only %d layer(s) in %s (%s); list the layers "
+                    "01 can read with `python -m tools.layers %s` and choose some with LAYERS=…",
+                    len(layers), name, ", ".join(layers), name)
+    return layers
+
+
+def _default_layers(name: str, model: nn.Module) -> list[str]:
+    """The rule of ``default_layers``."""
     kind = family(name, model)
     if kind.startswith("efficientnet_lite"):
         return lite_layers(model)
     names = dict(model.named_modules())
     if kind.startswith(("resnet", "resnext", "wide_resnet")) and all(n in names for n in RESNET_LAYERS):
         return list(RESNET_LAYERS)
+    blocks = block_layers(model)
+    if blocks:
+        return blocks
     # VGG-like: the activation just before each max-pool closes a resolution stage.
     ordered = list(model.named_modules())
     before_pool = [ordered[i - 1][0] for i, (_, m) in enumerate(ordered)
@@ -251,8 +296,7 @@ def default_layers(name: str, model: nn.Module) -> list[str]:
     convs = [n for n, m in ordered if isinstance(m, nn.Conv2d)]
     if not convs:
         raise StageError("the model has no Conv2d layer; name the layers to study with LAYERS=…")
-    picks = sorted({round(i * (len(convs) - 1) / 4) for i in range(5)})
-    return [convs[i] for i in picks]
+    return evenly_spaced(convs)
 
 
 def input_channels(model: nn.Module) -> int:
@@ -332,7 +376,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, random_ini
     if any(s <= 0 for s in std):
         raise StageError(f"STD must be positive, got {','.join(map(str, std))}")
     size = int(input_size or d_size)
-    n_outputs = _n_outputs(model, channels, size)
+    n_outputs, shapes = _n_outputs(model, channels, size)
     class_names, class_source = _class_names(model, n_outputs, classes)
     spec = {"name": name, "weights": str(weights_path) if weights_path else None,
             "random_init": random_init, "unsafe_pickle": unsafe_pickle, "input_size": size,
@@ -342,20 +386,24 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, random_ini
              ",".join(f"{v:g}" for v in std), n_outputs or "no class", class_source or "none")
     return ModelBundle(model=model, name=name, input_size=size, mean=mean, std=std,
                        class_names=class_names, spec=spec, default_layers=default_layers(name, model),
-                       channels=channels, n_outputs=n_outputs, class_source=class_source)
+                       channels=channels, n_outputs=n_outputs, class_source=class_source,
+                       shapes=shapes)
 
 
-def _n_outputs(model: nn.Module, channels: int, size: int) -> int | None:
-    """Length of the model's output vector on one blank input (None when not a vector); a model
-    that cannot take the input is a clear error naming the variables that set it."""
+def _n_outputs(model: nn.Module, channels: int, size: int) -> tuple[int | None, dict]:
+    """Length of the model's output vector on one blank input (None when not a vector), and the
+    output shape of every module on that input (what 01 reads the layers' layouts from, without a
+    forward pass of its own); a model that cannot take the input is a clear error naming the
+    variables that set it."""
+    from common.hooks import probe_shapes
     device = next(model.parameters()).device
     try:
-        with torch.inference_mode():
+        with probe_shapes(model, module_names(model)) as shapes, torch.inference_mode():
             out = model(torch.zeros(1, channels, size, size, device=device))
     except RuntimeError as err:
         raise StageError(f"the model fails on a {channels}×{size}×{size} input ({err}). Set "
                          f"INPUT_SIZE to the side it was trained on (MEAN and STD likewise)") from err
-    return int(out.shape[1]) if out.ndim == 2 else None
+    return (int(out.shape[1]) if out.ndim == 2 else None), dict(shapes)
 
 
 def _class_names(model: nn.Module, n_outputs: int | None,

@@ -36,6 +36,13 @@ autograd functions) is followed exactly. Per operation:
   applied at each position of a channels-last map (as in ConvNeXt) is a 1×1 conv and keeps the field.
 - views, permutes, slices (``x[..., ::2]`` doubles the jump) and copies follow the image axes.
 
+Transformer layers (tokens, or a channels-last grid inside Swin-like stages) are not traced:
+attention mixes every patch with every other, so their theoretical field is the whole input and
+a crop of it would show nothing in particular. Their cells get a *patch field* instead
+(``patch_field``): the cell's own patch of the input plus a margin of PATCH_MARGIN of a cell on
+each side (at least PATCH_MARGIN_MIN pixels), centred on the patch. It shows where the token sits,
+not all it has seen.
+
 A layer whose output went through an operation without a rule (transposed convolution, upsampling,
 spatial softmax, …), or a model that cannot run on the wrapped tensor, falls back to
 ``estimate_receptive_fields``: a gradient probe on a linearised copy of the model; a warning says
@@ -62,10 +69,23 @@ log = logging.getLogger("neuron-atlas.rf")
 
 MENU_DEPTH = 2  # unknown-layer errors list module names up to this many dotted levels
 MENU_MAX = 80  # ... and at most this many of them
+PATCH_MARGIN = 0.5  # patch fields: margin on each side, as a share of the cell's side ...
+PATCH_MARGIN_MIN = 8  # ... and at least this many input pixels (Swin's first cells are 4 px)
+
+
+def patch_field(grid: tuple[int, int], input_size: int | tuple[int, int]) -> RF:
+    """The field given to a cell of a ``grid`` (rows, columns) of patches tiling the input: its
+    patch (a cell is input / grid pixels) plus the margin described in the module docstring."""
+    height, width = _pair(input_size)
+    jump_h, jump_w = height / grid[0], width / grid[1]
+    size_h, size_w = (jump + 2 * max(PATCH_MARGIN * jump, PATCH_MARGIN_MIN)
+                      for jump in (jump_h, jump_w))
+    return RF(size_h, size_w, jump_h, jump_w, (jump_h - 1) / 2, (jump_w - 1) / 2)
 
 
 def receptive_fields(model: nn.Module, layer_names: Sequence[str], input_size: int | tuple[int, int],
-                     channels: int | None = None) -> dict[str, RF]:
+                     channels: int | None = None,
+                     patch_grids: dict[str, tuple[int, int]] | None = None) -> dict[str, RF]:
     """Receptive field of each named layer's output for an input of ``input_size`` (side, or (H, W)).
 
     ``layer_names`` are dotted module names as in ``model.named_modules()``; a module called several
@@ -74,16 +94,24 @@ def receptive_fields(model: nn.Module, layer_names: Sequence[str], input_size: i
     ``estimate_receptive_fields`` and a warning. ``channels`` is the number of input channels
     (default: the first ``nn.Conv2d``'s, else 3). The model is left as it was (mode included).
     Raises ``StageError`` for an unknown layer name or a layer that the forward pass never runs.
+    Layers named in ``patch_grids`` (transformer layers: name → their patch grid) get a
+    ``patch_field`` and are not traced.
     """
     names = list(dict.fromkeys(layer_names))
     _check_layer_names(model, names)
     size = _pair(input_size)
-    fields = _trace_fields(model, names, size, channels)
+    patch_grids = patch_grids or {}
+    traced = [name for name in names if name not in patch_grids]
+    fields = _trace_fields(model, traced, size, channels) if traced else {}
+    fields.update({name: patch_field(grid, size) for name, grid in patch_grids.items()
+                   if name in names})
     result: dict[str, RF] = {}
     to_probe = []
     for name in names:
         field = fields.get(name)
-        if isinstance(field, _Field):
+        if isinstance(field, RF):
+            result[name] = field
+        elif isinstance(field, _Field):
             if field.note:
                 log.warning("receptive field of %s is a bound, not exact: %s", name, field.note)
             result[name] = field.to_rf()
