@@ -19,11 +19,11 @@ transformer tokens (B, N, C); its per-image values are the max and mean over the
 the patch tokens, its position the argmax cell or patch.
 
 Example:
-  python 01_extract.py --images data/demo_images/images.csv --out data/demo
+  python 01_extract.py --images data/demo_images/images.csv --run data/demo
   python 01_extract.py --images shapes/ --model shapes_net.py:build --weights shapes.pt \
-      --classes shapes_classes.txt --input-size 28 --mean 0.5 --std 0.5 --out data/shapes
-  python 01_extract.py --images imagenet/val --model resnet50 --weights r50.pth --out data/r50 \
-      --shard 0/4          # then: python 01_extract.py --out data/r50 --merge 4 (same other flags)
+      --classes shapes_classes.txt --input-size 28 --mean 0.5 --std 0.5 --run data/shapes
+  python 01_extract.py --images imagenet/val --model resnet50 --weights r50.pth --run data/r50 \
+      --shard 0/4          # then: python 01_extract.py --run data/r50 --merge 4 (same other flags)
 """
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # common.cli before torch: importing it sets the OMP_WAIT_POLICY default, which OpenMP reads
 # only when torch loads it (see common/cli.py).
-from common.cli import (StageError, escaped, exit_on_stage_error, parse_floats, parse_shard,
-                        shard_slice, stage_parser, start_stage)
+from common.cli import (StageError, add_run, add_settings, escaped, exit_on_stage_error,
+                        parse_floats, parse_shard, setting, settings_from, shard_slice,
+                        stage_parser, start_stage)
+from common.artefacts import Run
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -64,39 +67,47 @@ PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name"
                "top5_idx", "top5_prob"]
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Stage 01's settings: one flag each (``--topk`` …), defaults written here only."""
+
+    model: str = setting("efficientnet_lite0", "efficientnet_lite0, a torchvision name, "
+                         "file.py:function or checkpoint.pt", make="MODEL")
+    weights: str | None = setting(None, "state-dict file for the model", make="WEIGHTS")
+    random_init: bool = setting(False, "allow random weights (no training)", make="RANDOM_INIT")
+    unsafe_pickle: bool = setting(False, "load a whole pickled checkpoint with "
+                                  "weights_only=False (trusted files only)", make="UNSAFE_PICKLE")
+    layers: str = setting("", "comma-separated dotted layer names (empty: the model's default "
+                          "layers; python -m tools.layers MODEL lists the readable ones)",
+                          make="LAYERS")
+    topk: int = setting(100, "top images kept per neuron", make="TOPK")
+    batch_size: int = setting(32, "images per forward pass", make="BATCH")
+    workers: int = setting(2, "threads decoding images", make="WORKERS")
+    input_size: int | None = setting(None, "side of the square network input (default: the "
+                                     "model's own, e.g. 224)", make="INPUT_SIZE")
+    mean: str | None = setting(None, "normalisation mean, 1 or 3 comma-separated values "
+                               "(default: the model's)", make="MEAN")
+    std: str | None = setting(None, "normalisation std, 1 or 3 comma-separated values "
+                              "(default: the model's)", make="STD")
+    classes: str | None = setting(None, "class names in output order: a text file (one per "
+                                  "line) or a CSV index,name (default: the model's own, "
+                                  "ImageNet's, or the class folders)", make="CLASSES")
+    max_map_side: int = setting(16, "keep the activation maps of top images for layers whose "
+                                "feature map is at most this wide (used by 02 --crop mask)")
+    device: str = setting("auto", "auto (cuda if present), cpu, cuda, cuda:1 …", make="DEVICE")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of stage 01."""
+    """Command-line flags of stage 01: its images, ``--run``, sharding and ``Settings``."""
     p = stage_parser(__doc__.split("\n")[0])
     p.add_argument("--images", help="image folder (class sub-folders = labels) or CSV (path,label)")
-    p.add_argument("--out", required=True, help="run folder to write into")
-    p.add_argument("--model", default="efficientnet_lite0",
-                   help="efficientnet_lite0, a torchvision name, file.py:function or checkpoint.pt")
-    p.add_argument("--weights", default=None, help="state-dict file for the model")
-    p.add_argument("--random-init", action="store_true", help="allow random weights (no training)")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="load a whole pickled checkpoint with weights_only=False (trusted files only)")
-    p.add_argument("--layers", default="", help="comma-separated dotted layer names "
-                                                 "(empty: the model's five default layers)")
-    p.add_argument("--topk", type=int, default=100, help="top images kept per neuron")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding images")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="side of the square network input (default: the model's own, e.g. 224)")
-    p.add_argument("--mean", type=parse_floats, default=None,
-                   help="normalisation mean, 1 or 3 comma-separated values (default: the model's)")
-    p.add_argument("--std", type=parse_floats, default=None,
-                   help="normalisation std, 1 or 3 comma-separated values (default: the model's)")
-    p.add_argument("--classes", default=None,
-                   help="class names in output order: a text file (one per line) or a CSV "
-                        "index,name (default: the model's own, ImageNet's, or the class folders)")
-    p.add_argument("--max-map-side", type=int, default=16,
-                   help="keep the activation maps of top images for layers whose feature map is at "
-                        "most this wide (used by 02 --crop mask)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 …")
+    add_run(p, "the images and the model", "01_images.csv, 01_predictions.csv, "
+            "01_activations.npz and 01_stats/")
     p.add_argument("--shard", type=parse_shard, default=None,
                    help="i/N: process only the i-th of N slices of the images into 01_parts/")
     p.add_argument("--merge", type=int, default=None, metavar="N",
                    help="combine the N shard results in 01_parts/ into the final outputs")
+    add_settings(p, Settings)
     return p
 
 
@@ -406,14 +417,18 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
     return {"n_images": n_images, "n_ok": n_ok, "n_skipped": n_images - n_ok}
 
 
-def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batch_size: int = 32,
-        workers: int = 2, max_map_side: int = 16, shard: tuple[int, int] | None = None,
-        merge: int | None = None, args: dict | None = None) -> dict | None:
-    """Extract activations of ``layers`` of ``bundle`` over ``images`` into ``out``.
+def run(run: Run, images: str, bundle, layers: list[str], settings: Settings = Settings(),
+        shard: tuple[int, int] | None = None, merge: int | None = None,
+        args: dict | None = None) -> dict | None:
+    """Extract activations of ``layers`` of ``bundle`` (the model of ``settings``, loaded by
+    ``main``) over ``images`` into ``run``.
 
-    With ``shard`` only a slice is processed into ``out/01_parts/``; with ``merge`` the parts
+    With ``shard`` only a slice is processed into ``<run>/01_parts/``; with ``merge`` the parts
     are combined. Returns a summary (None for a shard).
     """
+    out = run.folder
+    topk, batch_size = settings.topk, settings.batch_size
+    workers, max_map_side = settings.workers, settings.max_map_side
     from common.hooks import CHANNELS_LAST, TOKENS, read_layouts
     from common.images import find_duplicates, list_images
     from common.rf import receptive_fields
@@ -477,15 +492,15 @@ def run(images: str, out: Path, bundle, layers: list[str], topk: int = 100, batc
         rfs = receptive_fields(bundle.model, layers, (bundle.input_size, bundle.input_size),
                                patch_grids={name: layout.grid for name, layout in layouts.items()
                                             if layout.kind in (TOKENS, CHANNELS_LAST)})
-        retract_meta(out / f"{STAGE}.meta.json")
+        retract_meta(run.meta(STAGE))
         summary = assemble(parts, out, layers, rfs, bundle.input_size, len(entries), layouts)
     finally:
         if tmpdirs is not None:
             shutil.rmtree(tmpdirs, ignore_errors=True)
-    accuracy = check_accuracy(out / "01_predictions.csv", bundle)
-    write_meta(out / f"{STAGE}.meta.json", STAGE, args or {},
-               outputs=[out / "01_activations.npz", out / "01_images.csv",
-                        out / "01_predictions.csv", *sorted((out / "01_stats").glob("*.npy"))],
+    accuracy = check_accuracy(run.predictions, bundle)
+    write_meta(run.meta(STAGE), STAGE, args or {},
+               outputs=[run.activations, run.images, run.predictions,
+                        *sorted(run.stats.glob("*.npy"))],
                model=bundle.spec, layers=layers, **summary, preprocess=bundle.preprocess,
                classes=bundle.class_names, class_source=bundle.class_source,
                n_duplicates=len(skip), accuracy=accuracy,
@@ -647,21 +662,26 @@ def load_part_info(part: Path) -> dict:
 @exit_on_stage_error
 def main(argv=None):
     """Parse flags, load the model, and run (or shard, or merge) the extraction."""
-    args = start_stage(build_parser(), argv, keep_memory=True)
+    parser = build_parser()
+    args = start_stage(parser, argv, keep_memory=True)
     if not args.images:
         raise StageError("--images is required (an image folder or a CSV of paths)")
+    try:  # "0.5" or "0.485,0.456,0.406" → a tuple, recorded so in the meta
+        args.mean, args.std = (parse_floats(v) if v else None for v in (args.mean, args.std))
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"--mean / --std: {err}")
+    settings = settings_from(Settings, args)
     torch.manual_seed(0)
     from common.models import get_module, load_model
-    bundle = load_model(args.model, weights=args.weights, random_init=args.random_init,
-                        unsafe_pickle=args.unsafe_pickle, device=args.device,
-                        input_size=args.input_size, mean=args.mean, std=args.std,
-                        classes=args.classes)
-    layers = [n.strip() for n in args.layers.split(",") if n.strip()] or bundle.default_layers
+    bundle = load_model(settings.model, weights=settings.weights,
+                        random_init=settings.random_init, unsafe_pickle=settings.unsafe_pickle,
+                        device=settings.device, input_size=settings.input_size,
+                        mean=settings.mean, std=settings.std, classes=settings.classes)
+    layers = [n.strip() for n in settings.layers.split(",") if n.strip()] or bundle.default_layers
     for name in layers:
         get_module(bundle.model, name)
-    run(args.images, Path(args.out), bundle, layers, topk=args.topk, batch_size=args.batch_size,
-        workers=args.workers, max_map_side=args.max_map_side, shard=args.shard, merge=args.merge,
-        args=vars(args))
+    run(Run(args.run), args.images, bundle, layers, settings, shard=args.shard,
+        merge=args.merge, args=vars(args))
 
 
 if __name__ == "__main__":

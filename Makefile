@@ -131,7 +131,7 @@ ARGS_01 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote
 extract: $(EXTRACT) $(M01) ## 01: top-activating images of every neuron, per-image statistics, predictions
 $(EXTRACT) $(M01) &: 01_extract.py $(if $(IS_DEMO),$(DEMO_IMAGES)) $(D)/.args/01 \
                     $(D)/.args/01-inputs $(call uses,01_extract.py) | $(VENV)
-	$(HOLD) $(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --out $(D) $(ARGS_01)
+	$(HOLD) $(PY) 01_extract.py --images=$(call quote,$(IMAGES)) --run $(D) $(ARGS_01)
 
 # --- 02 mosaics: each neuron's top crops tiled into one PNG --------------------------------------
 ARGS_02 := --grid $(GRID) --tile $(TILE) --crop $(CROP) --workers $(WORKERS)

@@ -25,6 +25,7 @@ REPEATS = 3  # timed runs of each side, alternating; the fastest of each is comp
 
 # common.cli before torch, as in 01_extract: importing it sets OMP_WAIT_POLICY's default,
 # which OpenMP reads only when torch loads it.
+from common.artefacts import Run  # noqa: E402
 from common.cli import keep_freed_memory  # noqa: E402
 import torch  # noqa: E402
 
@@ -66,8 +67,8 @@ def overhead(name: str, n: int, tmp: Path, batch_size: int = 32, workers: int = 
     for rep in range(REPEATS):
         bare.append(bare_loop(extract, bundle, entries, batch_size, workers))
         start = time.perf_counter()
-        extract.run(str(csv_path), tmp / f"run_{name}_{rep}", bundle, bundle.default_layers,
-                    batch_size=batch_size, workers=workers)
+        extract.run(Run(tmp / f"run_{name}_{rep}"), str(csv_path), bundle, bundle.default_layers,
+                    extract.Settings(batch_size=batch_size, workers=workers))
         full.append(time.perf_counter() - start)
     bare = min(bare)
     ratio = min(full) / bare
@@ -90,7 +91,7 @@ finally:
 
 def peak_memory_kb(csv_path: Path, out: Path) -> int:
     """Peak RSS (KiB) of a 01_extract process over the images of ``csv_path``."""
-    argv = ["--images", str(csv_path), "--out", str(out), "--device", "cpu", "--batch-size", "32"]
+    argv = ["--images", str(csv_path), "--run", str(out), "--device", "cpu", "--batch-size", "32"]
     code = CHILD.format(root=str(ROOT), script=str(ROOT / "01_extract.py"), argv=argv)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(proc.stdout.split("PEAK_KB")[-1].split()[0])

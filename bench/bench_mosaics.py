@@ -49,7 +49,7 @@ def measure(tmp: Path, n: int, side: int, workers: int, grid: int) -> dict:
     extract, mosaics = load_stage("01_extract"), load_stage("02_mosaics")
     csv_path = build_demo_set(tmp / f"set{side}", n_images=n, seed=0, side=side)
     run = tmp / f"run{side}"
-    extract.main(["--images", str(csv_path), "--out", str(run), "--device", "cpu"])
+    extract.main(["--images", str(csv_path), "--run", str(run), "--device", "cpu"])
     layers, _, tops = read_activations(run / "01_activations.npz")
     rows = read_images(run / "01_images.csv")
     needed = sorted({int(i) for name in layers

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         n = labelled_list(args.images, work / "labelled.csv")
-        t01 = timed([py, "01_extract.py", "--images", str(work / "labelled.csv"), "--out",
+        t01 = timed([py, "01_extract.py", "--images", str(work / "labelled.csv"), "--run",
                      str(work / "run"), "--topk", "100", "--batch-size", str(args.batch_size),
                      "--workers", "2"])
         t13 = timed([py, "13_audit.py", "relevance", "--run", str(work / "run"),

@@ -57,7 +57,7 @@ def main(argv=None) -> None:
         t01 = t09 = float("inf")
         for round_ in range(ROUNDS):
             work = Path(tmp) / str(round_)
-            t01 = min(t01, timed([py, "01_extract.py", "--images", args.images, "--out",
+            t01 = min(t01, timed([py, "01_extract.py", "--images", args.images, "--run",
                                   str(work / "x"), "--topk", "100", "--batch-size", "32",
                                   "--workers", "2"]))
             t09 = min(t09, timed(score_command(py, run, work)))

@@ -38,7 +38,7 @@ def audited_run(tmp_path, image_folder):
     from common.models import load_model
     run_dir = tmp_path / "run"
     load_stage("01_extract").main([
-        "--images", str(image_folder), "--out", str(run_dir), "--model", FAKE_MODEL,
+        "--images", str(image_folder), "--run", str(run_dir), "--model", FAKE_MODEL,
         "--layers", "relu1,relu2", "--input-size", "32", "--topk", "8", "--batch-size", "8",
         "--device", "cpu", "--workers", "1"])
     bundle = load_model(FAKE_MODEL, device="cpu", input_size=32)

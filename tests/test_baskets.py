@@ -86,7 +86,7 @@ def fake_run(tmp_path, image_folder):
     """01 run for real on the fake model (layers relu1 and relu2) over the labelled folder."""
     run_dir = tmp_path / "run"
     load_stage("01_extract").main([
-        "--images", str(image_folder), "--out", str(run_dir), "--model", FAKE_MODEL,
+        "--images", str(image_folder), "--run", str(run_dir), "--model", FAKE_MODEL,
         "--layers", "relu1,relu2", "--input-size", "32", "--topk", "8", "--batch-size", "8",
         "--device", "cpu", "--workers", "1"])
     return run_dir

@@ -16,7 +16,7 @@ LAYERS = "relu1,pool,conv2"
 
 def run_extract(image_folder, out, *extra):
     """Run 01's main on the fake model with a 32-px input."""
-    extract.main(["--images", str(image_folder), "--out", str(out), "--model", FAKE_MODEL,
+    extract.main(["--images", str(image_folder), "--run", str(out), "--model", FAKE_MODEL,
                   "--layers", LAYERS, "--input-size", "32", "--topk", "5", "--batch-size", "4",
                   "--device", "cpu", *extra])
 
@@ -201,7 +201,7 @@ def test_merge_refuses_missing_shard(image_folder, tmp_path):
 def test_unknown_layer_lists_valid_names(image_folder, tmp_path, capfd):
     """A typo in a layer name stops the run and shows the names to choose from."""
     with pytest.raises(SystemExit):
-        extract.main(["--images", str(image_folder), "--out", str(tmp_path / "x"), "--model",
+        extract.main(["--images", str(image_folder), "--run", str(tmp_path / "x"), "--model",
                       FAKE_MODEL, "--layers", "conv9", "--device", "cpu"])
     err = capfd.readouterr().err
     assert "conv9" in err and "conv1" in err and "relu1" in err
@@ -214,7 +214,7 @@ def test_no_usable_image_fails(tmp_path, capfd):
     (folder / "a.png").write_bytes(b"")
     (folder / "b.jpg").write_bytes(b"garbage")
     with pytest.raises(SystemExit) as exc:
-        extract.main(["--images", str(folder), "--out", str(tmp_path / "r"), "--model", FAKE_MODEL,
+        extract.main(["--images", str(folder), "--run", str(tmp_path / "r"), "--model", FAKE_MODEL,
                       "--input-size", "32", "--device", "cpu"])
     assert exc.value.code == 2
     assert "none of the 2 images" in capfd.readouterr().err
@@ -227,7 +227,7 @@ GREY_MODEL = FAKE_MODEL.replace("fake_model.py", "fake_grey_model.py")
 
 def run_grey(images, out, size="32", *extra):
     """Run 01 on the grey stripe model with its normalisation and class file."""
-    extract.main(["--images", str(images), "--out", str(out), "--model", GREY_MODEL,
+    extract.main(["--images", str(images), "--run", str(out), "--model", GREY_MODEL,
                   "--layers", "relu1,bands", "--input-size", size, "--mean", "0.2", "--std", "0.25",
                   "--classes", str(images.parent / "classes.txt"), "--topk", "4", "--device", "cpu",
                   *extra])
@@ -304,7 +304,7 @@ def test_folder_names_name_the_classes_when_they_match_the_outputs(stripe_folder
     """Without CLASSES, four sorted folder names name the four outputs (ImageFolder's rule)."""
     for name in ("classes.txt",):
         (stripe_folder.parent / name).unlink()
-    extract.main(["--images", str(stripe_folder), "--out", str(tmp_path / "r"), "--model",
+    extract.main(["--images", str(stripe_folder), "--run", str(tmp_path / "r"), "--model",
                   GREY_MODEL, "--input-size", "32", "--mean", "0.2", "--std", "0.25",
                   "--device", "cpu", "--layers", "relu1"])
     preds = read_predictions(tmp_path / "r" / "01_predictions.csv")

@@ -274,7 +274,7 @@ def test_a_file_size_limit_is_one_line_naming_the_path_and_the_fix(image_folder,
     import resource
     from conftest import FAKE_MODEL, load_stage
     out = tmp_path / "run"
-    load_stage("01_extract").main(["--images", str(image_folder), "--out", str(out), "--model",
+    load_stage("01_extract").main(["--images", str(image_folder), "--run", str(out), "--model",
                                    FAKE_MODEL, "--layers", "relu1", "--input-size", "32",
                                    "--topk", "9", "--batch-size", "8", "--device", "cpu"])
     limit = 16 << 10  # the cache of 30 decoded 32-px images needs about 90 kB
@@ -301,7 +301,7 @@ def test_disk_checks_state_the_whole_requirement(image_folder, tmp_path, monkeyp
     from common.cli import StageError
     from conftest import FAKE_MODEL, load_stage
     out = tmp_path / "run"
-    load_stage("01_extract").main(["--images", str(image_folder), "--out", str(out), "--model",
+    load_stage("01_extract").main(["--images", str(image_folder), "--run", str(out), "--model",
                                    FAKE_MODEL, "--layers", "relu1", "--input-size", "32",
                                    "--topk", "9", "--batch-size", "8", "--device", "cpu"])
     mosaics = load_stage("02_mosaics")

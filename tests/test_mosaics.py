@@ -20,7 +20,7 @@ mosaics = load_stage("02_mosaics")
 def extracted(image_folder, tmp_path):
     """A 01 run of the fake model (conv2's 16×16 maps are small enough to be stored)."""
     out = tmp_path / "run"
-    extract.main(["--images", str(image_folder), "--out", str(out), "--model", FAKE_MODEL,
+    extract.main(["--images", str(image_folder), "--run", str(out), "--model", FAKE_MODEL,
                   "--layers", "relu1,conv2", "--input-size", "32", "--topk", "9",
                   "--batch-size", "8", "--device", "cpu", "--max-map-side", "16"])
     return out

@@ -44,7 +44,7 @@ def test_02_refuses_top_images_of_one_run_and_photos_of_another(image_folder, tm
     runs = []
     for name, size in (("a", "32"), ("b", "40")):
         out = tmp_path / name
-        extract.main(["--images", str(image_folder), "--out", str(out), "--model", FAKE_MODEL,
+        extract.main(["--images", str(image_folder), "--run", str(out), "--model", FAKE_MODEL,
                       "--layers", "relu1", "--input-size", size, "--topk", "4",
                       "--batch-size", "8", "--device", "cpu"])
         runs.append(out)
@@ -357,7 +357,7 @@ def test_full_disk_in_01_is_one_clear_line(image_folder, small_disk, capfd):
     extract = load_stage("01_extract")
     fill(small_disk, 6_000)
     with pytest.raises(SystemExit) as exit_:
-        extract.main(["--images", str(image_folder), "--out", str(small_disk), "--model",
+        extract.main(["--images", str(image_folder), "--run", str(small_disk), "--model",
                       FAKE_MODEL, "--layers", "relu1,conv2", "--input-size", "32", "--topk", "4",
                       "--batch-size", "8", "--device", "cpu"])
     assert exit_.value.code == 2

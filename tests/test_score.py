@@ -413,7 +413,7 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     from common.provenance import read_meta, write_meta
     run_dir = tmp_path / "run"
     load_stage("01_extract").main([
-        "--images", str(image_folder), "--out", str(run_dir), "--model", FAKE_MODEL,
+        "--images", str(image_folder), "--run", str(run_dir), "--model", FAKE_MODEL,
         "--layers", "relu1", "--input-size", "32", "--topk", "16", "--batch-size", "8",
         "--device", "cpu", "--workers", "1"])
     load_stage("02_mosaics").main(["--run", str(run_dir), "--grid", "3", "--tile", "16",

@@ -97,7 +97,7 @@ def images_csv(folder, n: int = 12, seed: int = 0):
 
 def run_extract(csv_path, out, model, layers, *extra):
     """01's main on a test model (random weights) with a 32-px input."""
-    extract.main(["--images", str(csv_path), "--out", str(out), "--model", model,
+    extract.main(["--images", str(csv_path), "--run", str(out), "--model", model,
                   "--layers", layers, "--input-size", str(SIZE), "--topk", "4",
                   "--batch-size", "5", "--device", "cpu", "--mean", "0.5", "--std", "0.5", *extra])
 
@@ -228,7 +228,7 @@ def test_planted_token_crop_covers_its_patch(tmp_path):
     (folder / "images.csv").write_text("path,label\n0.png,\n1.png,\n2.png,\n")
     torch.save(model, tmp_path / "planted.pt")
     out = tmp_path / "run"
-    extract.main(["--images", str(folder / "images.csv"), "--out", str(out), "--model",
+    extract.main(["--images", str(folder / "images.csv"), "--run", str(out), "--model",
                   str(tmp_path / "planted.pt"), "--unsafe-pickle", "--layers", "encoder.dropout",
                   "--input-size", str(SIZE), "--topk", "3", "--device", "cpu",
                   "--mean", "0", "--std", "1"])
