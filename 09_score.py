@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.artefacts import (CropVectors, Description, Mosaic, Run, layer_dir, read_activations,
-                              read_crop_vectors, read_descriptions, read_images, read_mosaics,
-                              read_predictions, read_stats)
+from common.artefacts import (CropVectors, Description, Mosaic, Run, ScoreRow, SummaryRow,
+                              columns, layer_dir, read_activations, read_crop_vectors,
+                              read_descriptions, read_images, read_mosaics, read_predictions,
+                              read_stats)
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
@@ -50,14 +51,8 @@ from common.threads import single_threaded
 log = logging.getLogger("neuron-atlas.09_score")
 
 STAGE = "09_score"
-SCORE_FIELDS = ["layer", "channel", "subconcept", "share", "selectivity", "dnr_score", "dead",
-                "clarity", "polysemanticity", "redundancy", "embedder", "description", "mosaic",
-                "matcher", "verify_corr", "verify_auprc", "control_corr", "control_auprc",
-                "beats_control", "n_crops", "n_held_out", "n_positives", "control_channel"]
-SUMMARY_FIELDS = ["layer", "neurons", "dead", "mean_selectivity", "mean_dnr", "mean_clarity",
-                  "mean_polysemanticity", "mean_redundancy", "mean_verify_corr",
-                  "mean_control_corr", "share_beating_control", "matcher", "embedder",
-                  "share_beating_control_auprc"]
+SCORE_FIELDS = columns(ScoreRow)  # 09_scores.csv and 09_summary.csv: the readers' own columns
+SUMMARY_FIELDS = columns(SummaryRow)
 EVAL_FIELDS = ["layer", "channel", "class_name", "description", "cosine", "shuffled_cosine",
                "shuffled_from", "embedder"]
 SUB_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop", "ranks"]
