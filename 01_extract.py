@@ -41,8 +41,8 @@ from pathlib import Path
 
 # common.cli before torch: importing it sets the OMP_WAIT_POLICY default, which OpenMP reads
 # only when torch loads it (see common/cli.py).
-from common.cli import (StageError, add_run, add_settings, escaped, exit_on_stage_error,
-                        parse_floats, parse_shard, setting, settings_from, shard_slice,
+from common.cli import (StageError, add_run, add_settings, comma_list, escaped,
+                        exit_on_stage_error, parse_floats, parse_shard, setting, settings_from, shard_slice,
                         stage_parser, start_stage)
 from common.artefacts import Run
 import numpy as np
@@ -677,7 +677,7 @@ def main(argv=None):
                         random_init=settings.random_init, unsafe_pickle=settings.unsafe_pickle,
                         device=settings.device, input_size=settings.input_size,
                         mean=settings.mean, std=settings.std, classes=settings.classes)
-    layers = [n.strip() for n in settings.layers.split(",") if n.strip()] or bundle.default_layers
+    layers = comma_list(settings.layers) or bundle.default_layers
     for name in layers:
         get_module(bundle.model, name)
     run(Run(args.run), args.images, bundle, layers, settings, shard=args.shard,

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.artefacts import Run, layer_dir, read_activations, read_images
-from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+from common.cli import (StageError, add_run, add_settings, comma_list, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.io import disk_guard, sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
@@ -292,7 +292,7 @@ def run(run: Run, settings: Settings = Settings(), args: dict | None = None) -> 
     activations, images_csv, out_dir, index = run.activations, run.images, run.mosaic_dir, \
         run.mosaics
     grid, tile, crop, workers = settings.grid, settings.tile, settings.crop, settings.workers
-    layers = [n.strip() for n in settings.layers.split(",") if n.strip()]
+    layers = comma_list(settings.layers)
     if grid < 1 or tile < 4:
         raise StageError("--grid must be ≥ 1 and --tile ≥ 4")
     metas = [read_meta(activations), read_meta(images_csv)]

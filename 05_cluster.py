@@ -40,7 +40,7 @@ import numpy as np
 from common.artefacts import (CategoryRow, ClusterRow, Embeddings, KeywordRow, KSearchRow,
                               MetricRow, Run, columns, layer_slug, order_layers, read_descriptions,
                               read_embeddings, read_layer_order)
-from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+from common.cli import (StageError, add_run, add_settings, comma_list, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv
@@ -681,7 +681,7 @@ def run(run: Run, settings: Settings = Settings(), classifier=None, text_embedde
     n_keywords, cluster_terms = settings.n_keywords, settings.cluster_terms
     nli_model, plots = settings.nli_model, not settings.no_plots
     categories = parse_categories(settings.categories)
-    extra_stop_words = tuple(w.strip() for w in settings.extra_stop_words.split(",") if w.strip())
+    extra_stop_words = tuple(comma_list(settings.extra_stop_words))
     descriptions_path, embeddings_path, out_dir = run.descriptions, run.embeddings, run.folder
     # 01's layer order when 01_activations.npz is there, else the descriptions' own order
     activations_path = run.activations if run.activations.exists() else None

@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import numpy as np
 
 from common.artefacts import Run, read_scores
-from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+from common.cli import (StageError, add_run, add_settings, comma_list, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.io import plain_text, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
@@ -132,7 +132,7 @@ def run(run: Run, queries: list[str], settings: Settings = Settings(), images: l
     injected (tests inject fakes).
     """
     top_k, scoring, baseline = settings.top_k or TOP_K, settings.scoring, settings.baseline
-    layers = [n.strip() for n in settings.layers.split(",") if n.strip()]
+    layers = comma_list(settings.layers)
     min_score, device = settings.min_score, settings.device
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout

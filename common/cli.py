@@ -172,6 +172,11 @@ def settings_from(settings: type, args: argparse.Namespace):
     return settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings)})
 
 
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated setting (``--layers a, b``), stripped, empty ones dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """Parse ``"i/N"`` (0 ≤ i < N) into ``(i, N)``; argparse type for ``--shard``."""
     try:

@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import artefacts
-from common.cli import StageError, add_settings, escaped, settings_from, shard_slice
+from common.cli import StageError, add_settings, comma_list, escaped, settings_from, shard_slice
 from common.io import plain_text, sweep_temporaries, write_csv
 from common.journal import Journal, journal_path, read_journals
 from common.mosaics import load_mosaic
@@ -179,7 +179,7 @@ def build_prompt(prompts: dict, level: int, domain: str = "", keywords: str = ""
 def parse_levels(text: str) -> dict[str, int]:
     """Parse ``layer=level,layer=level`` (levels 1-based) into a dict."""
     out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in comma_list(text):
         layer, sep, level = item.rpartition("=")
         if not sep or not layer or not level.strip().isdigit():
             raise StageError(f"--levels expects layer=level pairs such as layer1=2, got {item!r}")

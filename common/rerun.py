@@ -11,6 +11,7 @@ Channels are zeroed with ``common.hooks.ablate_channels`` (a forward hook).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -94,14 +95,8 @@ def image_batches(bundle, items: Sequence[tuple[int, str, int]], batch_size: int
     """``(ids, labels, tensor)`` batches of the readable ``items`` — (id, path, label) — loaded
     as 01 did, ``batch_size`` at a time: one pass over many images without holding them all."""
     import torch
-    batch: list = []
-    for got in _readable(items, image_loader(bundle), desc):
-        batch.append(got)
-        if len(batch) == batch_size:
-            yield [g[0] for g in batch], np.array([g[1] for g in batch]), \
-                torch.stack([g[2] for g in batch])
-            batch = []
-    if batch:
+    readable = _readable(items, image_loader(bundle), desc)
+    while batch := list(itertools.islice(readable, batch_size)):
         yield [g[0] for g in batch], np.array([g[1] for g in batch]), \
             torch.stack([g[2] for g in batch])
 

@@ -104,6 +104,8 @@ def test_settings_become_flags_and_model_again_reaches_reload_model_by_name():
     with pytest.raises(SystemExit):
         parser.parse_args(["--kind", "image"])
     assert "the model 01 ran" in parser.format_help() and "neurons shown" in parser.format_help()
+    # A comma-separated setting (--layers) gives its stripped, non-empty items, in order.
+    assert cli.comma_list(" relu1, ,conv2 ,") == ["relu1", "conv2"] and cli.comma_list("") == []
 
 
 def test_a_stage_run_as_a_program_freezes_its_objects_before_exit():
