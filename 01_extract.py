@@ -44,7 +44,7 @@ from pathlib import Path
 from common.cli import (StageError, add_run, add_settings, comma_list, escaped,
                         exit_on_stage_error, parse_floats, parse_shard, setting, settings_from, shard_slice,
                         stage_parser, start_stage)
-from common.artefacts import Run
+from common.artefacts import ImageRow, Prediction, Run, columns
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -57,14 +57,13 @@ from common.provenance import retract_meta, write_meta
 log = logging.getLogger("neuron-atlas.01_extract")
 
 STAGE = "01_extract"
-IMAGE_FIELDS = ["image_id", "path", "label", "label_idx", "status", "reason"]
+IMAGE_FIELDS = columns(ImageRow)  # the readers' own columns, in file order
 MIN_JUDGED = 10     # labelled images needed before accuracy is judged
 PROBE_BELOW = 0.5   # below chance + this share of the way to 100 %, try other preprocessings
 NEAR_CHANCE = 0.1   # warn below chance + this share of the way to 100 %
 PROBE_IMAGES = 32   # labelled images on which other preprocessings are tried …
 PROBE_SCREEN = 8    # … each first on this many, going on only if it gets 2 more right there
-PRED_FIELDS = ["image_id", "path", "label", "label_idx", "pred_idx", "pred_name", "prob", "correct",
-               "top5_idx", "top5_prob"]
+PRED_FIELDS = columns(Prediction)
 
 
 @dataclass(frozen=True)
@@ -375,20 +374,20 @@ def concat_stats(sources: list[Path], rows: list[int], dest: Path, n_images: int
     writer.close()
 
 
-def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_size: int,
+def assemble(parts: list[Path], run: Run, layers: list[str], rfs: dict, input_size: int,
              n_images: int, layouts: dict) -> dict:
     """Combine part folders (one for a plain run, N for shards) into the final artefacts."""
-    n_rows = concat_csv([part / "images.csv" for part in parts], out / "01_images.csv")
+    n_rows = concat_csv([part / "images.csv" for part in parts], run.images)
     if n_rows != n_images:
         raise StageError(f"the parts cover {n_rows} of {n_images} images; run every shard "
                          f"with the same flags before --merge")
     arrays = {"layers": np.asarray(layers), "input_size": np.asarray([input_size, input_size])}
-    with open(out / "01_images.csv", newline="", encoding="utf-8") as fh:
+    with open(run.images, newline="", encoding="utf-8") as fh:
         n_ok = sum(row["status"] == "ok" for row in csv.DictReader(fh))  # streamed, not loaded
     if n_ok == 0:
         raise StageError(f"none of the {n_images} images could be used (reasons in "
-                         f"{out / '01_images.csv'}); check IMAGES=…")
-    concat_csv([part / "predictions.csv" for part in parts], out / "01_predictions.csv")
+                         f"{run.images}); check IMAGES=…")
+    concat_csv([part / "predictions.csv" for part in parts], run.predictions)
 
     part_arrays = [load_npz(part / "topk.npz") for part in parts]
     for name in layers:
@@ -404,7 +403,7 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
                                for name in layers for kind in stat_kinds(layouts[name])):
         stats_tmp = parts[0] / "stats"  # a single run's files are already complete: move, not copy
     else:
-        stats_tmp = temp_dir(out, "01_stats")
+        stats_tmp = temp_dir(run.folder, "01_stats")
         part_rows = [count_rows(part / "images.csv") for part in parts]
         for name in layers:
             channels = int(arrays[f"{name}/fmap"][0])
@@ -412,8 +411,8 @@ def assemble(parts: list[Path], out: Path, layers: list[str], rfs: dict, input_s
                 concat_stats([part / "stats" / f"{name}.{kind}.npy" for part in parts],
                              part_rows,
                              stats_tmp / f"{name}.{kind}.npy", n_images, channels)
-    replace_dir(stats_tmp, out / "01_stats")
-    save_npz(out / "01_activations.npz", arrays)
+    replace_dir(stats_tmp, run.stats)
+    save_npz(run.activations, arrays)
     return {"n_images": n_images, "n_ok": n_ok, "n_skipped": n_images - n_ok}
 
 
@@ -493,7 +492,7 @@ def run(run: Run, images: str, bundle, layers: list[str], settings: Settings = S
                                patch_grids={name: layout.grid for name, layout in layouts.items()
                                             if layout.kind in (TOKENS, CHANNELS_LAST)})
         retract_meta(run.meta(STAGE))
-        summary = assemble(parts, out, layers, rfs, bundle.input_size, len(entries), layouts)
+        summary = assemble(parts, run, layers, rfs, bundle.input_size, len(entries), layouts)
     finally:
         if tmpdirs is not None:
             shutil.rmtree(tmpdirs, ignore_errors=True)

@@ -379,7 +379,7 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None) -> dict:
         input_metas.append(read_meta(activations_path))
     merge_lineage(input_metas)  # refuse, before any work, clusters and keywords of two runs
     sweep_temporaries(out_dir)  # what a killed earlier run left half-written
-    retract_meta(out_dir / "06_trace.meta.json")  # outputs are replaced from here on
+    retract_meta(run.meta("06_trace"))  # outputs are replaced from here on
 
     layers = load_clusters(clusters_path, keywords_path, kind,
                            read_layer_order(activations_path) if activations_path else [])
@@ -408,14 +408,14 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None) -> dict:
              "source_keywords": link.source.text(n_keywords), "target_layer": link.target.layer,
              "target_cluster": link.target.cluster, "target_keywords": link.target.text(n_keywords),
              "similarity": f"{link.similarity:.6f}"} for link in links]
-    write_csv(out_dir / "06_trace.csv", rows, columns(TraceLink))
+    write_csv(run.trace, rows, columns(TraceLink))
     title = (f"concept flow between layers ({kind} clusters, cosine ≥ {threshold:g})"
              + (f"; path of '{follow}' in red" if follow else ""))
     fig, pos, drawn = build_figure(layers, links, path, n_keywords, title)
     page = fig.to_html(include_plotlyjs=True, full_html=True, div_id="sankey",
                        config={"displaylogo": False})
-    write_text(out_dir / "06_sankey.html", page)
-    draw_png(layers, drawn, pos, path, title, out_dir / "06_sankey.png")
+    write_text(run.sankey_html, page)
+    draw_png(layers, drawn, pos, path, title, run.sankey_png)
 
     args = {"clusters": str(clusters_path), "keywords": str(keywords_path),
             "activations": str(activations_path) if activations_path else None, "kind": kind,
@@ -423,7 +423,7 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None) -> dict:
     followed = [{"layer": s["cluster"].layer, "cluster": s["cluster"].cluster,
                  "keywords": s["cluster"].text(n_keywords),
                  "query_similarity": round(s["query_similarity"], 6)} for s in path]
-    return write_meta(out_dir / "06_trace.meta.json", "06_trace", args, [out_dir / "06_trace.csv"],
+    return write_meta(run.meta("06_trace"), "06_trace", args, [run.trace],
                       inputs=input_metas, text_embedder=text_embedder.name, followed=followed)
 
 

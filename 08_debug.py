@@ -61,7 +61,6 @@ log = logging.getLogger("neuron-atlas.08_debug")
 STAGE = "08_debug"
 TOP_CONFUSED = 5  # confused classes listed per true class in 08_confusion.csv
 EXAMPLES = 8  # KO / OK images shown in each report's contact sheets
-ATTRIBUTIONS = "attributions.npz"  # in the 08_debug/ folder: relevances the atlas shows
 TILE_PX = 112  # side of an image in those sheets and in crop strips
 
 
@@ -628,7 +627,7 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
 # The stage
 
 
-def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict | None:
+def analyse_pair(pair: dict, rows: list[dict], ctx: dict, run: artefacts.Run) -> dict | None:
     """Statistics, figures and neuron table of one pair; None (logged) when it cannot be analysed.
 
     Too few images is a StageError for a pair the user asked for, and a logged skip otherwise.
@@ -639,7 +638,8 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
     # ImageNet has two classes called "crane" (and two "maillot"): add the index to such names.
     unique = [name if name not in ctx["shared_names"] else f"{name}-{idx}"
               for name, idx in ((pair["true"], pair["true_idx"]), (pair["pred"], pair["pred_idx"]))]
-    folder = out_dir / folder_name(*unique)
+    files = run.pair(folder_name(*unique))
+    folder = files.folder
     try:
         if min(len(ok_ids), len(ko_ids)) < settings.min_images:
             raise StageError(f"pair {label}: OK has {len(ok_ids)} images and KO {len(ko_ids)}; the "
@@ -657,27 +657,27 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, out_dir: Path) -> dict
     pair["folder"] = folder.name
     table = neuron_rows(stats, ctx["layers"], settings.rank_by, ctx["descriptions"],
                        ctx["mosaics"])
-    artefacts.write_debug_neurons(folder / "neurons.csv", table)
-    plot_delta_hist(stats, ctx["layers"], folder / "delta_mu.png", settings.z_threshold)
-    plot_z_heatmaps(stats, ctx["layers"], folder / "z_heatmaps.png", settings.z_threshold)
+    artefacts.write_debug_neurons(files.neurons, table)
+    plot_delta_hist(stats, ctx["layers"], files.delta_png, settings.z_threshold)
+    plot_z_heatmaps(stats, ctx["layers"], files.heat_png, settings.z_threshold)
     top = [dict(r) for r in table[:settings.show_top]]
     for r in top:
         if r["mosaic"] and Path(r["mosaic"]).exists():
             r["_image"] = r["mosaic"]
         else:
-            strip = folder / "neurons" / f"{folder_name(r['layer'], str(r['channel']))}.jpg"
+            strip = files.strips / f"{folder_name(r['layer'], str(r['channel']))}.jpg"
             strip.parent.mkdir(exist_ok=True)
             r["_image"] = strip if crop_strip(ctx["activations"], r["layer"], r["channel"],
                                               ctx["paths"], ctx["input_size"], strip,
                                               ctx["channels"]) else None
     size, channels = ctx["input_size"], ctx["channels"]
-    info = {"pair": pair, "folder": folder, "ok_ids": ok_ids, "ko_ids": ko_ids, "stats": stats,
-            "top_neurons": top, "hist_png": folder / "delta_mu.png",
-            "heat_png": folder / "z_heatmaps.png",
-            "ko_sheet": folder / "ko_examples.jpg" if example_sheet(
-                ko_ids, ctx["paths"], size, folder / "ko_examples.jpg", channels) else None,
-            "ok_sheet": folder / "ok_examples.jpg" if example_sheet(
-                ok_ids, ctx["paths"], size, folder / "ok_examples.jpg", channels) else None}
+    info = {"pair": pair, "folder": folder, "files": files, "ok_ids": ok_ids, "ko_ids": ko_ids,
+            "stats": stats, "top_neurons": top, "hist_png": files.delta_png,
+            "heat_png": files.heat_png,
+            "ko_sheet": files.ko_examples if example_sheet(
+                ko_ids, ctx["paths"], size, files.ko_examples, channels) else None,
+            "ok_sheet": files.ok_examples if example_sheet(
+                ok_ids, ctx["paths"], size, files.ok_examples, channels) else None}
     flagged = {agg: sum(int(stats[layer][agg]["flag_fdr"].sum()) for layer in ctx["layers"])
                for agg in AGGS}
     log.info("%s: OK %d, KO %d; FDR-flagged neurons: max %d, mean %d → %s", label, len(ok_ids),
@@ -713,8 +713,8 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, image_
                                          a["pair"], a["ok_ids"], a["ko_ids"], sample, rows_by_id,
                                          settings.batch_size)
         a["causal"] = result
-        artefacts.write_ablation(a["folder"] / "ablation.csv", per_image)
-        write_json(a["folder"] / "causal.json", result)
+        artefacts.write_ablation(a["files"].ablation, per_image)
+        write_json(a["files"].causal, result)
         log.info("%s → %s: zeroing %d channels of %s flips %d of %d KO images to %s "
                  "(random control: %d)", a["pair"]["true"], a["pair"]["pred"], len(suspects), layer,
                  result["ablated"]["ko_to_true"], result["n_ko"], a["pair"]["true"],
@@ -755,7 +755,8 @@ def remove_stale_reports(out_dir: Path, keep: set[str], upstream: dict) -> None:
     other inputs than ``upstream`` (the lineage recorded in their pair.json). Reports of other
     pairs made from the same inputs stay: `make debug TRUE=a PRED=b` adds a pair to them."""
     for child in sorted(out_dir.iterdir()):
-        if not child.is_dir() or child.name in keep or not (child / "report.md").exists():
+        if (not child.is_dir() or child.name in keep
+                or not artefacts.PairFolder(child).report.exists()):
             continue
         try:
             same = artefacts.read_pair_record(child).get("upstream") == upstream
@@ -766,22 +767,21 @@ def remove_stale_reports(out_dir: Path, keep: set[str], upstream: dict) -> None:
             shutil.rmtree(child)
 
 
-def write_unlabelled_note(predictions: Path, confusion_path: Path, out_dir: Path, metas: list,
-                          args: dict | None) -> dict:
+def write_unlabelled_note(run: artefacts.Run, metas: list, args: dict | None) -> dict:
     """An image set without labels has no errors to debug: write an empty confusion table and a
     short note saying so and how to give labels, instead of failing the run."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    note = (f"# Nothing to debug\n\nNo image in {predictions} has a label that names a class of "
+    run.debug.mkdir(parents=True, exist_ok=True)
+    note = (f"# Nothing to debug\n\nNo image in {run.predictions} has a label that names a class of "
             f"the model, so no misclassification can be found. Give labelled images (class "
             f"sub-folders, or a `label` column in the CSV list), with CLASSES=names.txt if the "
             f"labels are class names the model does not carry.\n")
-    write_text(out_dir / "note.md", note)
-    artefacts.write_pairs(out_dir / "pairs.csv", [])
-    artefacts.write_confusion(confusion_path, [])
-    remove_stale_reports(out_dir, set(), {})
-    write_meta(confusion_path.parent / f"{STAGE}.meta.json", STAGE, args or {},
-               outputs=[confusion_path, out_dir / "note.md"], inputs=metas, pairs=[])
-    log.warning("no labelled image: nothing to debug (see %s)", out_dir / "note.md")
+    write_text(run.debug_note, note)
+    artefacts.write_pairs(run.pairs, [])
+    artefacts.write_confusion(run.confusion, [])
+    remove_stale_reports(run.debug, set(), {})
+    write_meta(run.meta(STAGE), STAGE, args or {},
+               outputs=[run.confusion, run.debug_note], inputs=metas, pairs=[])
+    log.warning("no labelled image: nothing to debug (see %s)", run.debug_note)
     return {"pairs": [], "causal": {}}
 
 
@@ -809,7 +809,7 @@ def run(run: artefacts.Run, settings: Settings = Settings(), *, bundle=None, ima
     retract_meta(meta_file)  # outputs are replaced from here on
     rows, paths = read_predictions(predictions)
     if not rows:
-        return write_unlabelled_note(predictions, confusion_path, out_dir, metas, args)
+        return write_unlabelled_note(run, metas, args)
     names = class_names(rows, extract_meta.get("classes"))
     confusion = confusion_table(rows, names)
     conf_by_idx = {r["class_idx"]: r for r in confusion}
@@ -828,7 +828,7 @@ def run(run: artefacts.Run, settings: Settings = Settings(), *, bundle=None, ima
                     "%s → %s (%d KO)", chosen[0]["true"], chosen[0]["pred"], chosen[0]["ko"])
     if not chosen:
         log.warning("no confusion has at least %d OK and %d KO images: no pair is analysed "
-                    "(see %s)", settings.min_images, settings.min_images, out_dir / "pairs.csv")
+                    "(see %s)", settings.min_images, settings.min_images, run.pairs)
 
     ctx = {"settings": settings, "stats_dir": stats_dir, "activations": activations,
            "descriptions": artefacts.description_texts(
@@ -840,7 +840,7 @@ def run(run: artefacts.Run, settings: Settings = Settings(), *, bundle=None, ima
     ctx["input_size"] = input_size[0]
     ctx["channels"] = int((extract_meta.get("preprocess") or {}).get("channels", 3))
     out_dir.mkdir(parents=True, exist_ok=True)
-    analyses = [a for a in (analyse_pair(p, rows, ctx, out_dir) for p in chosen) if a is not None]
+    analyses = [a for a in (analyse_pair(p, rows, ctx, run) for p in chosen) if a is not None]
 
     model_name = (extract_meta.get("model") or {}).get("name", "?")
     if analyses and settings.ablate_top > 0:
@@ -851,28 +851,28 @@ def run(run: artefacts.Run, settings: Settings = Settings(), *, bundle=None, ima
         run_causal(analyses, rows, ctx, bundle, image_tensor)
     attributions, attribution_error = attribute_pairs(analyses, ctx, extract_meta, bundle)
 
-    outputs = [confusion_path, out_dir / "pairs.csv"]
+    outputs = [confusion_path, run.pairs]
     for a in analyses:
         report_ctx = {**ctx, **a, "model_name": model_name,
                       "confusion_row": conf_by_idx[a["pair"]["true_idx"]]}
         md, _ = doc.write_report(a["folder"], f"{a['pair']['true']} → {a['pair']['pred']}",
                                  report_blocks(a["pair"], report_ctx))
-        outputs += [a["folder"] / "neurons.csv", md]
+        outputs += [a["files"].neurons, md]
     # The runs a report is made from.
     upstream = {stage: fp for stage, fp in merge_lineage(metas).items()
                 if stage in ("01_extract", "02_mosaics", "03_describe")}
     for a in analyses:
-        write_json(a["folder"] / "pair.json", {"pair": a["pair"], "upstream": upstream})
+        write_json(a["files"].record, {"pair": a["pair"], "upstream": upstream})
     remove_stale_reports(out_dir, {a["folder"].name for a in analyses}, upstream)
-    attributions_path = out_dir / ATTRIBUTIONS
+    attributions_path = run.attributions
     if attributions:
         artefacts.write_attributions(attributions_path, ctx["layers"], attributions,
                                      settings.attribute_images)
         outputs.append(attributions_path)
     else:
         attributions_path.unlink(missing_ok=True)  # an earlier run's: not of these inputs
-    (out_dir / "note.md").unlink(missing_ok=True)  # an unlabelled earlier run's note
-    artefacts.write_pairs(out_dir / "pairs.csv", pairs)
+    run.debug_note.unlink(missing_ok=True)  # an unlabelled earlier run's note
+    artefacts.write_pairs(run.pairs, pairs)
     artefacts.write_confusion(confusion_path, confusion)
     summary = {"pairs": [{k: a["pair"][k] for k in ("true", "pred", "ok", "ko", "status", "folder")}
                          for a in analyses],

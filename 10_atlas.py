@@ -205,7 +205,7 @@ def read_run(run_dir: Path) -> RunData:
         pairs = read_pairs(pairs_csv) if pairs_csv.exists() else []
         run.pairs = [{**dataclasses.asdict(p), "analysed": p.analysed} for p in pairs]
         for pair in pairs:
-            neurons = files.debug / pair.folder / "neurons.csv"
+            neurons = files.pair(pair.folder).neurons
             if pair.analysed and neurons.exists():
                 run.debug_neurons[pair.folder] = [dataclasses.asdict(r)
                                                   for r in read_debug_neurons(neurons)]
@@ -262,7 +262,7 @@ def changed_since(lineage: dict, run_dir: Path) -> list[str]:
     from common.io import read_json
     out = []
     for stage, fingerprint in lineage.items():
-        meta = run_dir / f"{stage}.meta.json"
+        meta = Run(run_dir).meta(stage)
         if meta.is_file() and read_json(meta).get("fingerprint") != fingerprint:
             out.append(stage)
     return sorted(out)
@@ -312,7 +312,7 @@ def read_reports(run: RunData) -> None:
         baskets.page = "baskets.html"
     audit = Report("audit", "Audit of classes against valid and spurious concepts (13)", "audit",
                    f"make audit RUN={name} AUDIT=concepts.yaml")
-    if check(audit, files.audit, [("lineage", run_dir)], files.audit_dir / "13_audit.meta.json"):
+    if check(audit, files.audit, [("lineage", run_dir)], files.audit_meta):
         run.audit = read_audit(files.audit)
         run.audit_summary = read_audit_summary(files.audit_summary)
         audit.page = "audit/index.html"
@@ -324,17 +324,18 @@ def read_reports(run: RunData) -> None:
         run.reports.append(report)
         # 12 records the lineage of the 04, 05 and 09 outputs of each run: A's is judged
         # here, B's in B.
-        if check(report, folder / "12_matches.csv",
+        made = files.comparison(other)
+        if check(report, made.matches,
                  [("lineage_a", run_dir), ("lineage_b", run_dir.parent / other)]):
-            rows = read_matches(folder / "12_matches.csv")
+            rows = read_matches(made.matches)
             run.compares.append(Comparison(
                 other=other, other_dir=run_dir.parent / other, meta=report.meta,
                 matches={(r.layer, r.channel): r for r in rows if r.side == "A"},
                 back=collections.Counter((r.match_layer, r.match_channel)
                                          for r in rows if r.side == "B"),
-                alignment=read_alignment(folder / "12_alignment.csv"),
-                concepts=read_concept_matches(folder / "12_concepts.csv"),
-                scores=read_compare_scores(folder / "12_scores.csv")))
+                alignment=read_alignment(made.alignment),
+                concepts=read_concept_matches(made.concepts),
+                scores=read_compare_scores(made.scores)))
             report.page = f"compare/{layer_slug(other)}.html"
     if not any(r.kind == "compare" for r in run.reports):
         run.reports.append(Report("compare", "Comparison with another run (12)", "",
@@ -817,10 +818,10 @@ class Site:
     def other_page(self, comparison: Comparison, target: str, page: str) -> str:
         """Link from ``page`` of this atlas to page ``target`` of run B's atlas, "" when B has no
         atlas or no such page."""
-        path = comparison.other_dir / "atlas" / target
+        path = Run(comparison.other_dir).atlas / target
         if not path.is_file():
             return ""
-        here = self.run.run_dir / "atlas" / Path(page).parent
+        here = Run(self.run.run_dir).atlas / Path(page).parent
         return Path(os.path.relpath(path, here)).as_posix()
 
     def report_pages(self) -> dict:
@@ -853,7 +854,7 @@ class Site:
                 rows.append({"row": b, "anchor": anchor,
                              "thumb": self.basket_thumbs.get(b.basket, ""),
                              "png": Path(os.path.relpath(run.run_dir / b.mosaic,
-                                                         run.run_dir / "atlas")).as_posix(),
+                                                         Run(run.run_dir).atlas)).as_posix(),
                              "members": [self.neuron_link(layer, c) for c in b.members],
                              "pruning": pruned.get(b.basket, [])})
                 for c in b.members:
@@ -864,7 +865,7 @@ class Site:
             tree = run.run_dir / tree.parent / f"tree_{tree.name}.png"
             layers.append({"name": layer, "slug": layer_slug(layer), "baskets": rows,
                            "neurons": len(self.records[layer]),
-                           "tree": Path(os.path.relpath(tree, run.run_dir / "atlas")).as_posix()
+                           "tree": Path(os.path.relpath(tree, Run(run.run_dir).atlas)).as_posix()
                            if tree.is_file() else ""})
         meta = next(r.meta for r in run.reports if r.kind == "baskets")
         self.page("baskets.html", "atlas_baskets.html", layers=layers,
@@ -932,9 +933,9 @@ class Site:
                  "kind": comparison.meta.get("kind", ""),
                  "threshold": comparison.meta.get("concept_threshold"),
                  "other_atlas": self.other_page(comparison, "index.html", rel),
-                 "png": Path(os.path.relpath(self.run.run_dir / f"12_compare__{comparison.other}"
-                                             / "12_alignment.png",
-                                             self.run.run_dir / "atlas" / "compare")).as_posix()}
+                 "png": Path(os.path.relpath(Run(self.run.run_dir).comparison(comparison.other)
+                                             .alignment_png,
+                                             Run(self.run.run_dir).atlas / "compare")).as_posix()}
         self.page(rel, "atlas_compare.html", other=comparison.other, facts=facts,
                   layers_a=layers_a, layers_b=layers_b, cell=cell, concepts=concepts,
                   concept_counts={side: (sum(r.side == side and not r.counterpart
@@ -1084,11 +1085,11 @@ def build(run_dir: Path, settings: Settings = Settings(), out: Path | None = Non
     (08_debug/attributions.npz), and no model is loaded here.
     """
     run_dir = Path(run_dir)
-    out = Path(out or run_dir / "atlas")
+    out = Path(out or Run(run_dir).atlas)
     run = read_run(run_dir)
     merge_lineage(run.metas)  # refuse inputs that come from different runs
     records = neuron_records(run)
-    meta_file = run_dir / f"{STAGE}.meta.json"
+    meta_file = Run(run_dir).meta(STAGE)
     retract_meta(meta_file)  # until the new atlas is in place, stage 10 counts as not done
     sweep_temporaries(out.parent)  # what a killed earlier build left half-written
     for old in out.parent.glob(f".{out.name}.*"):  # named so before 10 used common.io's rule

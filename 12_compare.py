@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from common import artefacts
+from common.artefacts import columns
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.io import sweep_temporaries, write_bytes, write_csv, write_text
@@ -39,14 +40,7 @@ from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 log = logging.getLogger("neuron-atlas.12_compare")
 
 STAGE = "12_compare"
-MATCH_FIELDS = ["side", "layer", "channel", "match_layer", "match_channel", "cosine", "mutual",
-                "description", "match_description"]
-ALIGN_FIELDS = ["layer_a", "layer_b", "a_to_b", "b_to_a"]
-CONCEPT_FIELDS = ["side", "layer", "cluster", "size", "match_layer", "match_cluster", "cosine",
-                  "counterpart", "keywords", "example"]
-SCORE_COLUMNS = ["neurons", "dead", "mean_selectivity", "mean_clarity", "mean_polysemanticity",
-                 "mean_redundancy", "mean_verify_corr", "mean_control_corr",
-                 "share_beating_control"]
+SCORE_COLUMNS = columns(artefacts.CompareScoreRow)[2:]  # after run and layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,11 +241,11 @@ def report(a: RunVectors, b: RunVectors, matches: list[dict], align: list[dict],
 def run(run: artefacts.Run, other: artefacts.Run, settings: Settings = Settings(),
         args: dict | None = None) -> dict:
     """Compare ``run`` with ``other``; write 12's files into the run's folder of the comparison
-    (``Run.comparison_dir``)."""
+    (``Run.comparison``)."""
     from common.compare import alignment_matrix
     kind, concept_threshold = settings.kind, settings.concept_threshold
     run_a, run_b = run.folder, other.folder
-    out_dir = run.comparison_dir(run_b.name)
+    out = run.comparison(run_b.name)
     a, b = RunVectors(run_a, kind), RunVectors(run_b, kind)
     if (a.text_model, a.image_model) != (b.text_model, b.image_model):
         raise StageError(f"the runs were embedded differently ({a.name}: {a.text_model} / "
@@ -267,21 +261,20 @@ def run(run: artefacts.Run, other: artefacts.Run, settings: Settings = Settings(
              for i, x in enumerate(la) for j, y in enumerate(lb)]
     concepts = concept_rows(a, b, kind, concept_threshold)
     scores = [dict(r, run=run.name) for run in (a, b) for r in run.scores]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(out_dir)  # what a killed earlier run left half-written
-    retract_meta(out_dir / f"{STAGE}.meta.json")  # not done until the new meta is written
-    plot_alignment(ab, ba, la, lb, (a.name, b.name), out_dir / "12_alignment.png")
-    write_csv(out_dir / "12_matches.csv", matches, MATCH_FIELDS)
-    write_csv(out_dir / "12_alignment.csv", align, ALIGN_FIELDS)
-    write_csv(out_dir / "12_concepts.csv", concepts, CONCEPT_FIELDS)
-    write_csv(out_dir / "12_scores.csv", scores, ["run", "layer", *SCORE_COLUMNS])
+    out.folder.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out.folder)  # what a killed earlier run left half-written
+    retract_meta(out.meta)  # not done until the new meta is written
+    plot_alignment(ab, ba, la, lb, (a.name, b.name), out.alignment_png)
+    write_csv(out.matches, matches, columns(artefacts.MatchRow))
+    write_csv(out.alignment, align, columns(artefacts.AlignmentRow))
+    write_csv(out.concepts, concepts, columns(artefacts.ConceptMatchRow))
+    write_csv(out.scores, scores, columns(artefacts.CompareScoreRow))
     text = report(a, b, matches, align, concepts, scores, concept_threshold, kind)
-    write_text(out_dir / "12_report.md", text)
+    write_text(out.report, text)
     # The two runs have lineages of their own (the same stage names): they are recorded side by
     # side, not merged.
-    write_meta(out_dir / f"{STAGE}.meta.json", STAGE, dict(args or {}),
-               outputs=[out_dir / f"12_{n}" for n in ("matches.csv", "alignment.csv",
-                                                      "concepts.csv", "scores.csv")],
+    write_meta(out.meta, STAGE, dict(args or {}),
+               outputs=[out.matches, out.alignment, out.concepts, out.scores],
                run_a=str(run_a), run_b=str(run_b), lineage_a=a.lineage,
                lineage_b=b.lineage, kind=kind,
                concept_threshold=concept_threshold)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import Run
+from common.artefacts import AuditRow, AuditSummaryRow, Run, columns
 from common.cli import (ModelAgain, StageError, add_run, add_settings, escaped,
                         exit_on_stage_error, setting, settings_from, stage_parser, start_stage)
 from common.io import load_npz, safe_name, save_npz, sweep_temporaries, write_csv
@@ -58,14 +58,6 @@ class RelevanceSettings(ModelAgain):
 MARGIN = 0.2  # with 04's sentence embedder an unrelated concept still gains ~0.1 over the empty
               # text (demo: median 0.1, 90th percentile 0.2), so SemanticLens's 0 labels nearly
               # every neuron "both"; 0.2 keeps the labels for concepts the sentence is about
-AUDIT_FIELDS = ["class_name", "class_idx", "layer", "channel", "relevance", "rank", "label",
-                "valid_alignment", "valid_concept", "spurious_alignment", "spurious_concept",
-                "description"]
-SUMMARY_FIELDS = ["class_name", "class_idx", "layer", "n_images", "top", "n_valid", "n_spurious",
-                  "n_both", "n_unexpected", "n_undescribed", "spurious_share", "valid_share",
-                  "unexpected_share", "zeroed", "accuracy_before", "accuracy_zeroed",
-                  "accuracy_control", "confusions_before", "confusions_zeroed",
-                  "confusions_control", "controls"]
 
 
 @dataclass(frozen=True)
@@ -264,7 +256,7 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
     metas = [read_meta(run.activations), read_meta(relevance_path), read_meta(run.embeddings)]
     merge_lineage(metas)
     sweep_temporaries(out_dir)  # what a killed earlier run left half-written
-    retract_meta(out_dir / "13_audit.meta.json")
+    retract_meta(run.audit_meta)
     rel = load_npz(relevance_path)
     layers = [str(v) for v in rel["layers"]]
     emb = read_embeddings(run.embeddings)
@@ -351,10 +343,10 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
         write_reports(out_dir, row, [a for a in audit_rows if a["class_name"] == name],
                       order, mosaics, concepts[name], margin)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "audit.csv", audit_rows, AUDIT_FIELDS)
-    write_csv(out_dir / "summary.csv", summary, SUMMARY_FIELDS)
-    write_meta(out_dir / "13_audit.meta.json", "13_audit", dict(args or {}),
-               outputs=[out_dir / "audit.csv", out_dir / "summary.csv"], inputs=metas,
+    write_csv(run.audit, audit_rows, columns(AuditRow))
+    write_csv(run.audit_summary, summary, columns(AuditSummaryRow))
+    write_meta(run.audit_meta, "13_audit", dict(args or {}),
+               outputs=[run.audit, run.audit_summary], inputs=metas,
                layer=layer, margin=margin, text_model=getattr(embedder, "name", ""),
                concepts=str(concepts_path))
     for row in summary:

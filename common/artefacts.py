@@ -43,7 +43,7 @@ def layer_dir(parent: str | Path, layer: str) -> Path:
 
 
 class _InRun:
-    """A contract file's place in a run folder: ``Run.mosaics`` → ``<run>/02_mosaics.csv``."""
+    """A contract file's place in its folder: ``Run.mosaics`` → ``<run>/02_mosaics.csv``."""
 
     def __init__(self, name: str):
         self.name = name
@@ -52,9 +52,47 @@ class _InRun:
         return self if run is None else run.folder / self.name
 
 
-class Run:
+class _Folder:
+    """A folder of the contract; its subclasses list its files as ``_InRun`` properties."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.folder)!r})"
+
+
+class PairFolder(_Folder):
+    """One analysed confusion pair of 08 (``08_debug/<true>__<pred>/``)."""
+
+    neurons = _InRun("neurons.csv")
+    delta_png = _InRun("delta_mu.png")
+    heat_png = _InRun("z_heatmaps.png")
+    strips = _InRun("neurons")
+    ko_examples = _InRun("ko_examples.jpg")
+    ok_examples = _InRun("ok_examples.jpg")
+    ablation = _InRun("ablation.csv")
+    causal = _InRun("causal.json")
+    record = _InRun("pair.json")
+    report = _InRun("report.md")
+
+
+class Comparison(_Folder):
+    """12's comparison of a run with another (``<run>/12_compare__<other>/``)."""
+
+    matches = _InRun("12_matches.csv")
+    alignment = _InRun("12_alignment.csv")
+    alignment_png = _InRun("12_alignment.png")
+    concepts = _InRun("12_concepts.csv")
+    scores = _InRun("12_scores.csv")
+    report = _InRun("12_report.md")
+    meta = _InRun("12_compare.meta.json")
+
+
+class Run(_Folder):
     """A run folder (``data/<RUN>/``) and the path of every file of the artefact contract in it
-    (ARTEFACTS.md), one property each; ``meta(stage)`` is a stage's provenance file."""
+    (ARTEFACTS.md), one property each; ``meta(stage)`` is a stage's provenance file, ``pair`` and
+    ``comparison`` the folders of 08's pairs and 12's comparisons."""
 
     images = _InRun("01_images.csv")
     predictions = _InRun("01_predictions.csv")
@@ -77,35 +115,39 @@ class Run:
     confusion = _InRun("08_confusion.csv")
     debug = _InRun("08_debug")
     pairs = _InRun("08_debug/pairs.csv")
+    debug_note = _InRun("08_debug/note.md")
     attributions = _InRun("08_debug/attributions.npz")
     scores = _InRun("09_scores.csv")
     summary = _InRun("09_summary.csv")
     eval = _InRun("09_eval.csv")
     subconcepts = _InRun("09_subconcepts")
+    subconcept_mosaics = _InRun("09_subconcepts/09_mosaics.csv")
+    subconcept_descriptions = _InRun("09_subconcepts/03_descriptions.csv")
     atlas = _InRun("atlas")
     baskets = _InRun("11_baskets.csv")
     tree = _InRun("11_tree.npz")
     pruning = _InRun("11_pruning.csv")
     basket_dir = _InRun("11_baskets")
+    basket_mosaics = _InRun("11_baskets/11_mosaics.csv")
+    basket_descriptions = _InRun("11_baskets/03_descriptions.csv")
     basket_sets = _InRun("11_sets")
     relevance = _InRun("13_relevance.npz")
     audit_dir = _InRun("13_audit")
     audit = _InRun("13_audit/audit.csv")
     audit_summary = _InRun("13_audit/summary.csv")
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def __repr__(self) -> str:
-        return f"Run({str(self.folder)!r})"
+    audit_meta = _InRun("13_audit/13_audit.meta.json")
 
     def meta(self, stage: str) -> Path:
         """The provenance file of ``stage`` (``"04_embed"`` → ``<run>/04_embed.meta.json``)."""
         return self.folder / f"{stage}.meta.json"
 
-    def comparison_dir(self, other: str) -> Path:
+    def pair(self, name: str) -> PairFolder:
+        """08's folder of one analysed pair (``name`` is pairs.csv's ``folder``)."""
+        return PairFolder(self.debug / name)
+
+    def comparison(self, other: str) -> Comparison:
         """12's folder comparing this run with run ``other``."""
-        return self.folder / f"12_compare__{other}"
+        return Comparison(self.folder / f"12_compare__{other}")
 
 
 def _as_float(text: str) -> float:
@@ -752,13 +794,13 @@ def write_ablation(path: str | Path, rows: Iterable[dict]) -> None:
 def read_pair_record(folder: str | Path) -> dict:
     """``pair.json`` of an 08 pair folder: ``{"pair": its pairs.csv row, "upstream": {stage:
     fingerprint}}`` (the lineage of the inputs the folder was made from)."""
-    return read_json(Path(folder) / "pair.json")
+    return read_json(PairFolder(folder).record)
 
 
 def read_causal(folder: str | Path) -> dict | None:
     """``causal.json`` of an 08 pair folder (the causal check's summary), None when the check was
     not run for the pair."""
-    path = Path(folder) / "causal.json"
+    path = PairFolder(folder).causal
     return read_json(path) if path.exists() else None
 
 

@@ -18,7 +18,8 @@ class NoBrowser(RuntimeError):
 
 
 def headless_chromium():
-    """A selenium driver of a fresh headless Chromium (own temporary profile); quit() it after."""
+    """A selenium driver of a fresh headless Chromium (own temporary profile, deleted by its
+    ``quit()``); quit() it after."""
     chrome, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chrome or not driver:
         raise NoBrowser("Debian's chromium and chromium-driver are not installed "
@@ -29,8 +30,24 @@ def headless_chromium():
     options.binary_location = chrome
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='atlas-chromium-')}")
-    return webdriver.Chrome(service=Service(driver), options=options)
+    profile = tempfile.mkdtemp(prefix="atlas-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    try:
+        browser = webdriver.Chrome(service=Service(driver), options=options)
+    except Exception:
+        shutil.rmtree(profile, ignore_errors=True)
+        raise
+    close = browser.quit
+
+    def quit_and_clean() -> None:
+        """Close the browser, then delete its temporary profile (else one is left per test)."""
+        try:
+            close()
+        finally:
+            shutil.rmtree(profile, ignore_errors=True)
+
+    browser.quit = quit_and_clean
+    return browser
 
 
 def wait_ready(driver, timeout: float = 30) -> None:
