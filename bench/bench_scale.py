@@ -1,0 +1,254 @@
+"""Scaling benchmark: how each stage's time and peak memory grow with the images and the neurons.
+
+Two workloads, each run through the whole pipeline (01 → 10, offline describer) with `make`, one
+stage target at a time, as a user runs it:
+
+- **images**: the demo's model and layers (EfficientNet-Lite0, 512 neurons) on demo-style image
+  sets of ``base × s`` images (``tools.demo``, seed 0), for each scale ``s`` of ``--sizes``;
+- **neurons**: a random-init ResNet-50 on ``--neuron-images`` demo-style images, its layer choice
+  widened with the scale (``layer2`` 512 neurons, ``layer3`` 1,024, ``layer4`` 2,048, and at 8× all
+  five stages ``conv1 … layer4``, 3,904 neurons: the thesis's ResNet-50 run).
+
+Per stage and size it measures the wall time and the peak memory (the resident set of the stage's
+whole process tree, sampled every 0.1 s) and fits the growth exponent b of time ≈ a·nᵇ (the slope
+on log–log axes, by least squares over the sizes, n = images or neurons actually run). A stage whose
+exponent is over the target (1.15) is named with the size at which, by the two fits, it would take
+longer than 01 (the forward pass). After the largest neuron workload it checks that the atlas was
+built and that ``make -q all`` holds.
+
+It prints a markdown report (``bench/results.py`` files it in bench/RESULTS.md) and draws the times
+against the size on log–log axes (``--plot``, default bench/scale.png). Everything runs in a
+temporary data folder (``DATA=…``), deleted at the end unless ``--keep``.
+
+  python bench/bench_scale.py [--sizes 1,2,4,8] [--base-images 1500] [--neuron-images 300]
+                              [--workloads images,neurons] [--plot bench/scale.png] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# make targets of 01 → 10 in the order `make all` runs them (08 does not wait for 09)
+STAGES = [("01", "extract"), ("02", "mosaics"), ("03", "describe"), ("04", "embed"),
+          ("05", "cluster"), ("06", "trace"), ("09", "score"), ("08", "debug"), ("10", "atlas")]
+TARGET_EXPONENT = 1.15
+# ResNet-50's layer choice at each neuron scale (its block outputs: 64, 256, 512, 1024, 2048)
+RESNET_LAYERS = {1: "layer2", 2: "layer3", 4: "layer4",
+                 8: "conv1,layer1,layer2,layer3,layer4"}
+RESNET_WIDTH = {"conv1": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+POLL = 0.1  # seconds between memory samples
+
+
+@dataclass
+class Measure:
+    """One workload at one size: n (images or neurons) and per stage (time s, peak MiB)."""
+    n: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_mib: dict[str, float] = field(default_factory=dict)
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Resident bytes of ``proc`` and all its descendants (0 for those already gone)."""
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd`` from the project root (output to ``log``); return (wall seconds, peak MiB of its
+    process tree). Raise with the log's end when it fails."""
+    with open(log, "ab") as out:
+        start = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            peak = max(peak, tree_rss(proc))
+            time.sleep(POLL)
+        seconds = time.perf_counter() - start
+    if child.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}):\n" + "\n".join(tail))
+    return seconds, peak / 2 ** 20
+
+
+def demo_images(work: Path, n: int, log: Path) -> Path:
+    """A demo-style image set of ``n`` images under ``work`` (built once); its images.csv."""
+    folder = work / f"images-{n}"
+    if not (folder / "images.csv").exists():
+        subprocess.run([sys.executable, "-m", "tools.demo", str(folder), "--n-images", str(n),
+                        "--seed", "0"], cwd=ROOT, check=True, stdout=open(log, "ab"),
+                       stderr=subprocess.STDOUT)
+    return folder / "images.csv"
+
+
+def run_pipeline(work: Path, run: str, variables: dict[str, str], log: Path) -> Measure:
+    """Every stage of 01 → 10 on a fresh run ``run`` in ``work``, one make target at a time."""
+    shutil.rmtree(work / run, ignore_errors=True)
+    make = ["make", "--no-print-directory", f"DATA={work}", f"RUN={run}",
+            *[f"{k}={v}" for k, v in variables.items()]]
+    measure = Measure(n=0)
+    for number, target in STAGES:
+        seconds, peak = run_measured([*make, target], log)
+        measure.seconds[number], measure.peak_mib[number] = seconds, peak
+        print(f"    {number} {target:<8} {seconds:8.1f} s {peak:8.0f} MiB", flush=True)
+    return measure
+
+
+def exponent(ns: list[int], values: list[float]) -> tuple[float, float]:
+    """Least-squares fit of log(value) = log(a) + b·log(n); returns (b, a)."""
+    b, log_a = np.polyfit(np.log(ns), np.log(np.maximum(values, 1e-3)), 1)
+    return float(b), float(math.exp(log_a))
+
+
+def crossing(stage: tuple[float, float], forward: tuple[float, float]) -> float | None:
+    """The n at which a·nᵇ of ``stage`` overtakes 01's fit ``forward``; None when it never does
+    (its exponent is not above 01's)."""
+    (b, a), (b1, a1) = stage, forward
+    if b <= b1:
+        return None
+    return (a1 / a) ** (1.0 / (b - b1))
+
+
+def report(name: str, unit: str, measures: list[Measure]) -> list[str]:
+    """Markdown lines: per stage its time and peak memory at each size, and both exponents."""
+    ns = [m.n for m in measures]
+    lines = [f"#### {name}: time (s) and peak memory (MiB) per stage, by {unit}", "",
+             "| stage | " + " | ".join(f"{n:,} {unit}" for n in ns)
+             + " | time exponent | memory exponent | over target |",
+             "|---|" + "---|" * (len(ns) + 3)]
+    forward = exponent(ns, [m.seconds["01"] for m in measures])
+    for number, target in STAGES:
+        times = [m.seconds[number] for m in measures]
+        peaks = [m.peak_mib[number] for m in measures]
+        b_time, b_mem = exponent(ns, times)[0], exponent(ns, peaks)[0]
+        over = ""
+        if b_time > TARGET_EXPONENT:
+            cross = crossing(exponent(ns, times), forward)
+            over = ("yes: " + (f"overtakes 01 at about {cross:,.0f} {unit}" if cross else
+                               "but stays below 01"))
+        lines.append(f"| {number} {target} | "
+                     + " | ".join(f"{t:.1f} s · {p:.0f}" for t, p in zip(times, peaks))
+                     + f" | {b_time:.2f} | {b_mem:.2f} | {over} |")
+    total = [sum(m.seconds.values()) for m in measures]
+    lines.append("| all | " + " | ".join(f"{t:.1f} s" for t in total)
+                 + f" | {exponent(ns, total)[0]:.2f} | | |")
+    return lines + [""]
+
+
+def plot(results: dict[str, tuple[str, list[Measure]]], path: Path) -> None:
+    """Time per stage against size, log–log, one panel per workload."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (name, (unit, measures)) in zip(axes[0], results.items()):
+        ns = [m.n for m in measures]
+        for number, target in STAGES:
+            ax.plot(ns, [m.seconds[number] for m in measures], marker="o",
+                    label=f"{number} {target}")
+        ax.plot(ns, [measures[0].seconds["01"] * n / ns[0] for n in ns], "k:",
+                label="linear (from 01)")
+        ax.set(xscale="log", yscale="log", xlabel=unit, ylabel="seconds", title=name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """Run the workloads, print the report, draw the plot."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1,2,4,8", help="scales, comma-separated (neurons: of 1, 2, "
+                   "4, 8 only)")
+    p.add_argument("--base-images", type=int, default=1500, help="images at scale 1")
+    p.add_argument("--neuron-images", type=int, default=300, help="images of the neuron workload")
+    p.add_argument("--workloads", default="images,neurons", help="images, neurons or both")
+    p.add_argument("--plot", type=Path, default=ROOT / "bench" / "scale.png", help="PNG written")
+    p.add_argument("--work", type=Path, help="data folder (default: a temporary one, deleted)")
+    p.add_argument("--keep", action="store_true", help="keep the data folder")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    workloads = args.workloads.split(",")
+    if "neurons" in workloads and not set(sizes) <= set(RESNET_LAYERS):
+        p.error(f"the neuron workload has the scales {sorted(RESNET_LAYERS)}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="neuron-atlas-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench_scale.log"
+    print(f"data in {work}; stage output in {log}", flush=True)
+    results: dict[str, tuple[str, list[Measure]]] = {}
+    status = 0
+    try:
+        if "images" in workloads:
+            measures = []
+            for s in sizes:
+                n = args.base_images * s
+                print(f"  images × {s}: {n} images", flush=True)
+                images = demo_images(work, n, log)
+                m = run_pipeline(work, f"img-{n}", {"IMAGES": str(images)}, log)
+                m.n = n
+                measures.append(m)
+            results["images (EfficientNet-Lite0, 512 neurons)"] = ("images", measures)
+        if "neurons" in workloads:
+            images = demo_images(work, args.neuron_images, log)
+            measures = []
+            for s in sizes:
+                layers = RESNET_LAYERS[s]
+                n = sum(RESNET_WIDTH[name] for name in layers.split(","))
+                print(f"  neurons × {s}: {n} neurons ({layers})", flush=True)
+                variables = {"IMAGES": str(images), "MODEL": "resnet50", "RANDOM_INIT": "1",
+                             "LAYERS": layers}
+                m = run_pipeline(work, f"neurons-{n}", variables, log)
+                m.n = n
+                measures.append(m)
+            results[f"neurons (random-init ResNet-50, {args.neuron_images} images)"] = (
+                "neurons", measures)
+            last = f"neurons-{measures[-1].n}"
+            atlas = work / last / "atlas" / "index.html"
+            q = subprocess.run(["make", "-q", "all", f"DATA={work}", f"RUN={last}",
+                                *[f"{k}={v}" for k, v in variables.items()]], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+            print(f"  largest neuron run: atlas built: {atlas.is_file()}; `make -q all` "
+                  f"{'holds' if q == 0 else 'does NOT hold'}", flush=True)
+            status |= int(q != 0 or not atlas.is_file())
+    except RuntimeError as err:
+        print(f"FAILED: {err}", flush=True)
+        status = 1
+    print()
+    for name, (unit, measures) in results.items():
+        if len(measures) >= 2:
+            print("\n".join(report(name, unit, measures)))
+    if any(len(m) >= 2 for _, m in results.values()):
+        plot({k: v for k, v in results.items() if len(v[1]) >= 2}, args.plot)
+        print(f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")
+    (work / "scale.json").write_text(json.dumps(
+        {name: [vars(m) for m in measures] for name, (_, measures) in results.items()}, indent=1))
+    if not args.keep and args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
