@@ -778,14 +778,14 @@ def run(run: Run, settings: Settings = Settings(), classifier=None, text_embedde
         plot_categories(shares, list(categories), method, plot_dir / "categories.png")
 
     outputs = {
-        "05_clusters.csv": (cluster_rows, ClusterRow),
-        "05_metrics.csv": (metric_rows, MetricRow),
-        "05_ksearch.csv": (ksearch_rows, KSearchRow),
-        "05_keywords.csv": (keyword_rows, KeywordRow),
-        "05_categories.csv": (category_rows, CategoryRow),
+        run.clusters: (cluster_rows, ClusterRow),
+        run.metrics: (metric_rows, MetricRow),
+        run.ksearch: (ksearch_rows, KSearchRow),
+        run.keywords: (keyword_rows, KeywordRow),
+        run.categories: (category_rows, CategoryRow),
     }
-    for name, (rows, row_type) in outputs.items():
-        write_csv(out_dir / name, rows, columns(row_type))
+    for path, (rows, row_type) in outputs.items():
+        write_csv(path, rows, columns(row_type))
     args = {"descriptions": str(descriptions_path), "embeddings": str(embeddings_path),
             "activations": str(activations_path) if activations_path else None,
             "k_min": k_min, "k_max": k_max, "n_init": n_init, "grid_points": grid_points,
@@ -793,7 +793,7 @@ def run(run: Run, settings: Settings = Settings(), classifier=None, text_embedde
             "cluster_terms": cluster_terms, "categories": categories,
             "extra_stop_words": list(extra_stop_words), "nli_model": nli_model}
     return write_meta(run.meta("05_cluster"), "05_cluster", args,
-                      [out_dir / name for name in outputs], inputs=input_metas,
+                      list(outputs), inputs=input_metas,
                       category_method=method, projection_used=methods_used,
                       describer_wording=sorted(template),
                       degenerate=notes, skipped=skipped)

@@ -82,7 +82,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := all
 include tools/plumbing.mk
-.PHONY: all test bench help clean venv extract mosaics describe embed cluster trace search debug \
+.PHONY: all test bench bench-scale help clean venv extract mosaics describe embed cluster trace search debug \
         score eval atlas serve baskets compare audit no-other reports-changed
 
 # The files of each stage (their names are the artefact contract: ARTEFACTS.md). Each stage writes
@@ -279,7 +279,7 @@ $(M13): 13_audit.py $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04
 
 # --- the project's own commands ----------------------------------------------------------------
 help: ## list targets and variables
-	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 	@echo; echo "Variables (default):"
 	@grep -hE '^[A-Z_]+ +\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/# */\t# /'
 
@@ -290,6 +290,9 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/results.py bench/bench_extract.py bench/bench_mosaics.py \
 	    bench/bench_describe_embed.py "bench/bench_cluster.py --threads 1" bench/bench_score.py \
 	    bench/bench_atlas.py bench/bench_relevance.py
+
+bench-scale: $(VENV) ## benchmark: every stage's time and memory at 1×–8× the images and the neurons (hours on 2 cores)
+	$(PY) bench/results.py bench/bench_scale.py
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \
