@@ -645,7 +645,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                                 "verify_auprc": _num(mine["auprc"]),
                                 "n_held_out": mine["n"], "n_positives": mine["pos"],
                                 "activation_rate": _num(extra["ar"]),
-                                "semantic_consistency": _num(extra["consistency"])})
+                                "dnr_consistency": _num(extra["consistency"])})
                 if ctrl is not None:
                     control = sentences[layer][s.control]
                     row.update({"control_corr": _num(ctrl["corr"]),
@@ -690,8 +690,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
             "split": sum(1 for key in groups if key[0] == layer),
             "hypotheses": len(kept), "hypotheses_kept": int(np.sum(kept)),
             "mean_ar": _num(mean_ar), "mean_ar_kept": _num(mean_kept),
-            "mean_semantic_consistency": _num(_mean(r.get("semantic_consistency", "")
-                                                    for r in mine)),
+            "mean_dnr_consistency": _num(_mean(r.get("dnr_consistency", "") for r in mine)),
             "n_selection": int((~test).sum()), "n_test": int(test.sum())})
     for row in summary:
         log.info("%s: Activation Rate over %d hypotheses %s; %d at or above it kept, mean %s "

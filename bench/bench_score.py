@@ -100,7 +100,7 @@ def dnr_table(rows, stats_dir: Path, layers: list[str]) -> str:
             lines.append(f"  {layer}: no verified neuron")
             continue
         best = max(verified, key=lambda r: r.margin_low)
-        consistency = [r.semantic_consistency for r in sorted(mine, key=lambda r: r.channel)]
+        consistency = [r.dnr_consistency for r in sorted(mine, key=lambda r: r.channel)]
         table = ranks_by_method(read_stats(stats_dir, layer, "max"), consistency)
         cells = ", ".join(f"{m} {int(table[m][1][best.channel])} ({table[m][0][best.channel]:.4g})"
                           for m in RANKINGS)

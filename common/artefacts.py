@@ -859,7 +859,7 @@ class ScoreRow:
     control_description: str = ""
     activation_rate: float = math.nan
     ar_kept: int | None = None
-    semantic_consistency: float = math.nan
+    dnr_consistency: float = math.nan
 
     @property
     def key(self) -> tuple[str, int]:
@@ -883,7 +883,7 @@ def read_score_rows(path: str | Path) -> list[ScoreRow]:
 
 SCORE_COLUMNS = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
                  "selectivity", "dnr_score", "dead", "margin", "margin_low", "margin_high",
-                 "activation_rate", "semantic_consistency")  # the numbers of a neuron row of 09_scores.csv
+                 "activation_rate", "dnr_consistency")  # the numbers of a neuron row of 09_scores.csv
 
 
 def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | None]]:
@@ -926,7 +926,7 @@ class SummaryRow:
     hypotheses_kept: int | None = None
     mean_ar: float = math.nan
     mean_ar_kept: float = math.nan
-    mean_semantic_consistency: float = math.nan
+    mean_dnr_consistency: float = math.nan
     n_selection: int | None = None
     n_test: int | None = None
 

@@ -114,8 +114,8 @@ TERMS: dict[str, Term] = {
         "0 or 1; empty when not a hypothesis.",
         "0: SIEVE would discard this hypothesis.",
         "004", "verdict"),
-    "semantic_consistency": Term(
-        "semantic consistency", "consistency",
+    "dnr_consistency": Term(
+        "semantic consistency (DnR)", "consistency",
         "DnR's top-20 score: α · mean top activation (scaled) + (1 − α) · similarity², α = 0.5.",
         "Over the 20 test-half held-out images where the neuron fires most: α times their "
         "mean activation divided by the layer's largest, plus 1 − α times the square of the "
