@@ -103,7 +103,8 @@ def dnr_table(rows, stats_dir: Path, layers: list[str]) -> str:
         consistency = [r.dnr_consistency for r in sorted(mine, key=lambda r: r.channel)]
         table = ranks_by_method(read_stats(stats_dir, layer, "max"), consistency)
         cells = ", ".join(f"{m} {int(table[m][1][best.channel])} ({table[m][0][best.channel]:.4g})"
-                          for m in RANKINGS)
+                          if table[m][0][best.channel] == table[m][0][best.channel]  # not NaN
+                          else f"{m} – (no score)" for m in RANKINGS)
         lines.append(f"  {layer} neuron {best.channel} of {len(mine)} (margin {best.margin:.3f}, "
                      f"interval low {best.margin_low:.3f}): {cells}")
     return "\n".join(lines)
