@@ -9,14 +9,21 @@ Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (o
 09_subconcepts/ (sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
 
 1. Triage (common/triage.py, no forward pass): SIEVE selectivity, DnR top-k log score, dead flag.
+   SIEVE's selection: neurons not dead and with selectivity ≥ --select (0: off); the count each
+   β of SELECT_SWEEP would keep is logged per layer.
 2. Interpretability (SemanticLens §3.5) of each neuron's top crops, with the vectors 04's image
    embedder gave them (04_crops.npz): clarity, polysemanticity, redundancy.
-3. Sub-concepts (SIEVE): a neuron whose polysemanticity is at least --poly-threshold has its crops
-   split into 2–3 groups; each gets a mosaic and a sentence from the run's describer
-   (common/describers.py, with 03's describer arguments: --describe-args), in the background.
-4. Verification: a concept matcher scores every image for the sentence; Pearson correlation and
-   AUPRC against the neuron's per-image maximum on images outside the sentence's mosaic, beside the
-   same for a control sentence (another neuron of the layer, seeded).
+3. Sub-concepts (SIEVE): the top-20 crops of every selected neuron (at least --poly-threshold
+   polysemantic; 0: all) are clustered agglomeratively, the silhouette choosing 1–3 groups
+   (common.scores.sub_concepts); a neuron with 2–3 groups gets a mosaic and a sentence per group
+   from the run's describer (common/describers.py, with 03's describer arguments:
+   --describe-args), in the background.
+4. Verification, on the test half of the usable images (common.scores.test_half; the selection
+   half is kept for ranking candidate sentences): a concept matcher scores every image for the
+   sentence; Pearson correlation and AUPRC against the neuron's per-image maximum on images outside
+   the sentence's mosaic, beside the same for a control sentence (another neuron of the layer,
+   seeded); the margin over the control with a paired bootstrap interval and the verdict; SIEVE's
+   Activation Rate and its filter of hypotheses per layer; DnR's semantic consistency.
 5. Final-layer benchmark: cosine (all-mpnet-base-v2) of each output neuron's sentence with its
    class name, beside a shuffled-sentence control.
 
@@ -60,8 +67,11 @@ PUBLISHED = {"DnD": 0.459, "MILAN": 0.279}  # ResNet-50 ImageNet fc, mpnet cosin
 POSITIVE_SHARE = 0.01  # AUPRC positives: the top 1 % of held-out images by activation …
 MIN_POSITIVES = 5      # … and at least this many
 ROOT = Path(__file__).resolve().parent
-POLY_THRESHOLD = 0.6   # split neurons this polysemantic (two crop groups at cos ≤ 0.4): on the demo
-                       # with the CNN feature, about the most polysemantic quarter of the neurons
+POLY_THRESHOLD = 0.0   # cluster the crops of every selected neuron (SIEVE); higher: only neurons at
+                       # least this polysemantic (0.6: about the most polysemantic quarter of the
+                       # demo's), fewer describer calls
+TOP_PATCHES = 20       # SIEVE clusters each neuron's top 20 patches
+SELECT_SWEEP = (2, 4, 6, 8, 10, 12)  # β values whose neuron counts 09 prints (SIEVE's Table 5: 4–12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +234,54 @@ def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> 
     return {"corr": pearson(scores[keep], activation[keep]),
             "auprc": average_precision(positive, scores[keep]), "n": int(keep.sum()),
             "pos": int(positive.sum())}
+
+
+def measure(scores: np.ndarray, control: np.ndarray | None, activation: np.ndarray,
+            held_out: np.ndarray, scale: float, settings, rng: np.random.Generator
+            ) -> tuple[dict, dict | None, dict]:
+    """One sentence measured on the images of ``held_out`` (held out from its mosaic, in the test
+    half): ``verify`` of the sentence and of its control (None without one), and the margin of
+    the first over the second with its bootstrap interval (``margin``, ``low``, ``high``), the
+    Activation Rate (``ar``) and DnR's semantic consistency (``consistency``).
+
+    The seam for ranking candidate sentences: called with the selection half instead, it gives
+    the same numbers there."""
+    from common.scores import (activation_rate, bootstrap_margin, semantic_consistency,
+                               top_share_positives)
+    mine = verify(scores, activation, held_out)
+    ctrl = verify(control, activation, held_out) if control is not None else None
+    keep = held_out & np.isfinite(scores) & np.isfinite(activation)
+    extra = {"margin": float("nan"), "low": float("nan"), "high": float("nan"),
+             "ar": float("nan"), "consistency": float("nan")}
+    if keep.sum() >= 2 * MIN_POSITIVES:
+        positive = top_share_positives(activation[keep], POSITIVE_SHARE, MIN_POSITIVES)
+        extra["ar"] = activation_rate(positive, scores[keep])
+        extra["consistency"] = semantic_consistency(activation[keep], scores[keep], scale,
+                                                    settings.alpha)
+        if control is not None:
+            both = keep & np.isfinite(control)
+            extra["margin"], extra["low"], extra["high"] = bootstrap_margin(
+                scores[both], control[both], activation[both], settings.bootstrap, rng)
+    return mine, ctrl, extra
+
+
+def sieve_filter(rows: list[dict], groups: dict, layers: list[str]) -> dict[str, tuple]:
+    """SIEVE's filter of hypotheses, per layer, in place: a hypothesis is a selected neuron's
+    sentence when its crops form one group, else each of its sub-concepts' sentences; those with
+    an Activation Rate below the layer's mean are discarded (``ar_kept`` 0) and the mean is
+    recomputed over the rest → layer → (mean AR, kept flags, mean AR kept)."""
+    from common.scores import mean_filter
+    out = {}
+    for layer in layers:
+        hypotheses = [r for r in rows if r["layer"] == layer and r["selected"]
+                      and r.get("activation_rate", "") != ""
+                      and bool(r["subconcept"]) == ((layer, r["channel"]) in groups)]
+        mean, kept, mean_kept = mean_filter(np.array([r["activation_rate"] for r in hypotheses],
+                                                     np.float64))
+        for r, k in zip(hypotheses, kept):
+            r["ar_kept"] = int(k)
+        out[layer] = (mean, kept, mean_kept)
+    return out
 
 
 def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
@@ -407,7 +465,16 @@ class Settings:
     text_model: str = setting("all-MiniLM-L6-v2", "offline matcher: text embedder of sentences "
                               "and class names", make="TEXT_EMBEDDER")
     eval_model: str = setting("all-mpnet-base-v2", "final-layer benchmark embedder")
-    seed: int = setting(0, "seed of the control sentences")
+    select: float = setting(
+        0.0, "SIEVE's selection: only neurons whose selectivity (p99 / median) is at least this "
+        "are clustered into hypotheses and given an Activation Rate (the paper's 10; 0: every "
+        "neuron that is not dead)", make="SELECT")
+    bootstrap: int = setting(1000, "resamples of the test-half images behind the margin's "
+                             "95 % interval")
+    alpha: float = setting(0.5, "weight of the activation term in DnR's semantic consistency "
+                           "(1 − alpha weighs the squared similarity)")
+    seed: int = setting(0, "seed of the control sentences, the selection/test halves, the "
+                        "bootstrap and the one-cluster reference")
     device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
     workers: int = setting(2, "offline matcher: processes measuring the images", make="WORKERS")
 
@@ -475,24 +542,39 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
             interp[k] = {"clarity": S.clarity(vectors[k]),
                          "polysemanticity": S.polysemanticity(vectors[k]), "redundancy": r}
 
-    # 3. Sub-concepts: the split, the mosaics and their sentences are made while the matcher
+    # 3. SIEVE's selection (the p99 / median gate at --select; off at 0: every living neuron) and
+    # sub-concepts: the top patches of each selected neuron are clustered, the silhouette choosing
+    # 1 to 3 groups; the split, the mosaics and their sentences are made while the matcher
     # measures the images (step 4), in ``split_and_describe``
+    selected = {layer: ~triage[layer]["dead"] & (triage[layer]["selectivity"] >= settings.select)
+                for layer in inputs.layers}
+    sweep = {layer: {beta: int((triage[layer]["selectivity"][~triage[layer]["dead"]] >= beta).sum())
+                     for beta in SELECT_SWEEP} for layer in inputs.layers}
+    for layer in inputs.layers:
+        log.info("%s: neurons selectivity ≥ β (SIEVE's selection), of %d living: %s%s", layer,
+                 int((~triage[layer]["dead"]).sum()),
+                 ", ".join(f"β {b}: {n}" for b, n in sweep[layer].items()),
+                 f"; --select {settings.select:g} keeps {int(selected[layer].sum())}"
+                 if settings.select > 0 else " (--select off)")
     candidates = [key for key, values in interp.items()
-                  if not triage[key[0]]["dead"][key[1]]
+                  if selected[key[0]][key[1]]
                   and np.isfinite(values["polysemanticity"])
                   and values["polysemanticity"] >= poly_threshold]
     groups: dict[tuple[str, int], np.ndarray] = {}  # neuron → group of each of its first crops
+    n_clusters: dict[tuple[str, int], int] = {}     # clustered neuron → groups chosen (1 … 3)
     subconcepts.mkdir(parents=True, exist_ok=True)
 
     def split_and_describe():
         """Split the candidates' crops into sub-concepts (filling ``groups``), write their
         mosaics and start the describer on them (``Describing``), or None when no neuron splits."""
         for key in candidates:
-            labels = S.sub_concepts(vectors[key], max_subconcepts)
+            rng = np.random.default_rng([seed, zlib.crc32(key[0].encode()), key[1]])
+            labels = S.sub_concepts(vectors[key][:TOP_PATCHES], max_subconcepts, rng)
+            n_clusters[key] = 1 if labels is None else int(labels.max()) + 1
             if labels is not None:
                 groups[key] = labels
-        log.info("%d neurons at or above polysemanticity %.2f split into sub-concepts",
-                 len(groups), poly_threshold)
+        log.info("%d of %d clustered neurons split into sub-concepts (the others keep one "
+                 "sentence)", len(groups), len(candidates))
         if not groups:
             return None
         index = write_subconcept_mosaics(inputs, groups, subconcepts, inputs.metas)
@@ -513,38 +595,47 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
     sentences, matrix = score_sentences(inputs, groups, sorted({layer for layer, _ in candidates}),
                                         split_and_describe if candidates else None, match, seed)
     if not candidates:
-        log.info("no neuron at or above polysemanticity %.2f: no sub-concepts", poly_threshold)
+        log.info("no selected neuron at or above polysemanticity %.2f: no sub-concepts",
+                 poly_threshold)
 
+    # Every figure below is measured on the test half of the held-out images; the selection half
+    # is left for ranking candidate sentences (S.test_half).
+    test = S.test_half(len(usable_ids), seed)
     rows: list[dict] = []
     auprc_beats: dict[tuple[str, int], bool] = {}  # per neuron: AUPRC above its control's
     for layer in inputs.layers:
         stats = np.asarray(read_stats(stats_dir, layer, "max"))[usable_ids]
+        scale = float(np.nanmax(stats)) if stats.size else float("nan")
         tri = triage[layer]
         checks = {}
         for i, s in enumerate(sentences[layer]):
-            held_out = ~np.isin(usable_ids, s.shown)
-            mine = verify(matrix[layer][:, i], stats[:, s.channel], held_out) if s.text else None
-            ctrl = verify(matrix[layer][:, s.control], stats[:, s.channel], held_out) \
-                if s.text and s.control >= 0 else None
-            checks[(s.channel, s.subconcept)] = (s, mine, ctrl)
+            held_out = ~np.isin(usable_ids, s.shown) & test
+            measured = measure(
+                matrix[layer][:, i], matrix[layer][:, s.control] if s.control >= 0 else None,
+                stats[:, s.channel], held_out, scale, settings,
+                np.random.default_rng([seed, zlib.crc32(layer.encode()), s.channel, s.subconcept])
+            ) if s.text else (None, None, {})
+            checks[(s.channel, s.subconcept)] = (s, *measured)
         for channel in range(inputs.tops[layer].channels):
             key = (layer, channel)
             labels = groups.get(key)
             for sub in range(0, (int(labels.max()) + 2) if labels is not None else 1):
-                s, mine, ctrl = checks.get((channel, sub), (None, None, None))
+                s, mine, ctrl, extra = checks.get((channel, sub), (None, None, None, {}))
                 row = {"layer": layer, "channel": channel, "subconcept": sub or "",
                        "share": 1 if sub == 0 else
                        _num(float((labels == sub - 1).mean()), 3),
                        "selectivity": _num(tri["selectivity"][channel]),
                        "dnr_score": _num(tri["dnr_score"][channel]),
                        "dead": int(tri["dead"][channel]),
+                       "selected": int(selected[layer][channel]),
+                       "crop_clusters": n_clusters.get(key, "") if not sub else "",
                        "clarity": _num(interp[key]["clarity"]),
                        "polysemanticity": _num(interp[key]["polysemanticity"]),
                        "redundancy": _num(interp[key]["redundancy"]),
                        "embedder": embedder, "matcher": match.name,
                        "n_crops": len(vectors[key])}
                 if sub:
-                    members = vectors[key][labels == sub - 1]
+                    members = vectors[key][:len(labels)][labels == sub - 1]
                     row["clarity"] = _num(S.clarity(members))
                     row["description"] = s.text if s else ""
                     png = layer_dir(subconcepts, layer) / f"{channel}_{sub}.png"
@@ -552,23 +643,31 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                 if mine is not None:
                     row.update({"verify_corr": _num(mine["corr"]),
                                 "verify_auprc": _num(mine["auprc"]),
-                                "n_held_out": mine["n"], "n_positives": mine["pos"]})
+                                "n_held_out": mine["n"], "n_positives": mine["pos"],
+                                "activation_rate": _num(extra["ar"]),
+                                "dnr_consistency": _num(extra["consistency"])})
                 if ctrl is not None:
                     control = sentences[layer][s.control]
                     row.update({"control_corr": _num(ctrl["corr"]),
                                 "control_auprc": _num(ctrl["auprc"]),
                                 "control_channel": control.channel,
-                                "beats_control": int(np.isfinite(mine["corr"]) and (
-                                    not np.isfinite(ctrl["corr"]) or mine["corr"] > ctrl["corr"]))})
+                                "control_description": control.text,
+                                "margin": _num(extra["margin"]),
+                                "margin_low": _num(extra["low"]),
+                                "margin_high": _num(extra["high"]),
+                                "verdict": S.verdict_level(mine["corr"], extra["margin"],
+                                                           extra["low"])})
                     if not sub:
                         auprc_beats[key] = bool(np.isfinite(mine["auprc"]) and (
                             not np.isfinite(ctrl["auprc"]) or mine["auprc"] > ctrl["auprc"]))
                 rows.append(row)
+    ar_filter = sieve_filter(rows, groups, inputs.layers)
 
     summary = []
     for layer in inputs.layers:
         mine = [r for r in rows if r["layer"] == layer and r["subconcept"] == ""]
-        verified = [r for r in mine if r.get("beats_control", "") != ""]
+        verified = [r for r in mine if r.get("verdict", "none") != "none"]
+        mean_ar, kept, mean_kept = ar_filter[layer]
         summary.append({
             "layer": layer, "neurons": len(mine), "dead": sum(r["dead"] for r in mine),
             "mean_selectivity": _num(_mean(r["selectivity"] for r in mine)),
@@ -578,12 +677,25 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
             "mean_redundancy": _num(_mean(r["redundancy"] for r in mine)),
             "mean_verify_corr": _num(_mean(r.get("verify_corr", "") for r in mine)),
             "mean_control_corr": _num(_mean(r.get("control_corr", "") for r in mine)),
-            "share_beating_control": _num(np.mean([r["beats_control"] for r in verified])
+            "share_beating_control": _num(np.mean([r["margin"] > 0 for r in verified])
                                           if verified else float("nan"), 3),
             "matcher": match.name, "embedder": embedder,
             "share_beating_control_auprc": _num(np.mean(
                 [auprc_beats[(layer, r["channel"])] for r in verified])
-                if verified else float("nan"), 3)})
+                if verified else float("nan"), 3),
+            "share_reliable": _num(np.mean([r["verdict"] == "reliable" for r in verified])
+                                   if verified else float("nan"), 3),
+            "mean_margin": _num(_mean(r.get("margin", "") for r in mine)),
+            "selected": int(selected[layer].sum()),
+            "split": sum(1 for key in groups if key[0] == layer),
+            "hypotheses": len(kept), "hypotheses_kept": int(np.sum(kept)),
+            "mean_ar": _num(mean_ar), "mean_ar_kept": _num(mean_kept),
+            "mean_dnr_consistency": _num(_mean(r.get("dnr_consistency", "") for r in mine)),
+            "n_selection": int((~test).sum()), "n_test": int(test.sum())})
+    for row in summary:
+        log.info("%s: Activation Rate over %d hypotheses %s; %d at or above it kept, mean %s "
+                 "(SIEVE's filter)", row["layer"], row["hypotheses"], row["mean_ar"],
+                 row["hypotheses_kept"], row["mean_ar_kept"])
 
     # 5. Final-layer benchmark
     names = inputs.class_names
@@ -607,6 +719,9 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                outputs=[scores_out, summary_out, eval_out], inputs=inputs.metas,
                embedder=embedder, embedder_space=inputs.crops.space, matcher=match.name,
                n_subconcept_neurons=len(groups), poly_threshold=poly_threshold,
+               select=settings.select, select_sweep=sweep, bootstrap=settings.bootstrap,
+               alpha=settings.alpha, halves={"seed": seed, "selection": int((~test).sum()),
+                                              "test": int(test.sum())},
                eval_layer=layer_out, eval_report=report,
                describer_saw_class_names=inputs.describer_backend == "offline")
     for row in summary:

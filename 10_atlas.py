@@ -88,10 +88,10 @@ CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
 DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
 TOP_CLASSES = 8  # classes listed for a neuron's top images
 KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
-              "verify_corr", "beats_control"]  # shown on cards when 09 computed them
+              "verify_corr", "margin"]  # shown on cards when 09 computed them
 # 09's columns that differ between a neuron's sub-concepts (the others are the neuron's, shown once)
 SUB_COLUMNS = ["share", "clarity", "verify_corr", "verify_auprc", "control_corr", "control_auprc",
-               "beats_control", "n_held_out", "n_positives", "control_channel"]
+               "margin", "n_held_out", "n_positives", "control_channel"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the 
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
 SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage flags dead or barely active
 MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip | clip:<model> (docs/vlm-families.md)
-POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
+POLY        ?= 0#                          09 polysemanticity from which a neuron's crops are clustered (0: every selected neuron)
+SELECT      ?= 0#                          09 SIEVE's selection: least selectivity p99/median of a clustered neuron (paper: 10; 0: off)
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
 MIN_CORR    ?= 0.5#                        11 baskets: groups are joined while their members correlate at least this much
 PRUNE       ?= 2#                          11 largest baskets per layer pruned in the causal check (0: none)
@@ -200,8 +201,9 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 
 # --- 09 score: triage, interpretability scores, sub-concepts, verification of each sentence ------
 # 09 describes sub-concepts with the run's describer: 03's describer arguments (not --skip-dead).
-ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --text-model $(TEXT_EMBEDDER) \
-           --device $(DEVICE) --workers $(WORKERS) --describe-args $(call quote,$(DESCRIBE_03))
+ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --select $(SELECT) \
+           --text-model $(TEXT_EMBEDDER) --device $(DEVICE) --workers $(WORKERS) \
+           --describe-args $(call quote,$(DESCRIBE_03))
 score: $(SCORES) $(M09) ## 09: triage, interpretability and verification scores; sub-concepts
 $(SCORES) $(M09) &: 09_score.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
                 $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \

@@ -117,7 +117,7 @@ def synthetic_run(run: Path, seed: int = 0) -> None:
                               ("selectivity", "dnr_score", "clarity", "polysemanticity",
                                "redundancy", "verify_corr", "verify_auprc", "control_corr",
                                "control_auprc")},
-                           "dead": 0, "beats_control": int(rng.random() < 0.5),
+                           "dead": 0, "margin": round(float(rng.random()) - 0.5, 3),
                            "embedder": "synthetic", "matcher": "synthetic"})
     shutil.rmtree(run / "unique")
     write_csv(run / "02_mosaics.csv", mrows, list(mrows[0]))

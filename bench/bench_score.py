@@ -1,5 +1,7 @@
 """Benchmark of 09_score on a finished demo run: its time as a ratio to 01's on the same images,
-and the run's layer summary (share of neurons whose sentence beats its control).
+the run's layer summary (share of neurons whose sentence beats its control, SIEVE's Activation
+Rate before and after its filter) and Describe-and-Refine's Table 1 for the run: where each
+layer's best-described neuron ranks under five ways of ranking neurons.
 
 Both stages run as separate processes, as Make runs them, writing into a temporary folder so the
 run's own files are left alone (09 describes the sub-concepts from scratch there, in a fresh
@@ -20,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.artefacts import read_summary  # noqa: E402
+from common.artefacts import read_score_rows, read_stats, read_summary  # noqa: E402
+from common.scores import RANKINGS, ranks_by_method  # noqa: E402
 
 TARGET_RATIO = 0.5  # 09 ÷ 01 on the same images
 GOAL_BEATING = 0.8  # share of neurons whose sentence beats its control (offline matcher)
@@ -62,6 +65,7 @@ def main(argv=None) -> None:
                                   "--workers", "2"]))
             t09 = min(t09, timed(score_command(py, run, work)))
         summary = read_summary(work / "09_summary.csv")
+        rows = read_score_rows(work / "09_scores.csv")
         neurons = sum(r.neurons for r in summary)
     ratio = t09 / t01
     print(f"09_score on {neurons} neurons: {t09:.1f} s; 01_extract on the same images: "
@@ -74,9 +78,36 @@ def main(argv=None) -> None:
         print(f"  {r.layer}: {r.neurons} neurons, {r.dead} dead, clarity {r.mean_clarity:.4g}, "
               f"polysemanticity {r.mean_polysemanticity:.4g}, verify r {r.mean_verify_corr:.4g} "
               f"vs control {r.mean_control_corr:.4g}, beating control {share:.0%} (by AUPRC "
-              f"{by_auprc:.0%}; {r.matcher} matcher, {r.embedder} crops)")
+              f"{by_auprc:.0%}; {r.matcher} matcher, {r.embedder} crops), reliably "
+              f"{r.share_reliable:.0%}; {r.selected} selected, {r.split} split; Activation Rate "
+              f"{r.mean_ar:.3f} over {r.hypotheses} hypotheses, {r.mean_ar_kept:.3f} over the "
+              f"{r.hypotheses_kept} SIEVE's filter keeps")
     print(f"share of all neurons beating their control: {total_beat / neurons:.0%} by Pearson r "
           f"(goal ≥ {GOAL_BEATING:.0%} offline), {total_auprc / neurons:.0%} by AUPRC")
+    print(dnr_table(rows, run / "01_stats", [r.layer for r in summary]))
+
+
+def dnr_table(rows, stats_dir: Path, layers: list[str]) -> str:
+    """DnR's Table 1 over the run: per layer, its best-described neuron (highest lower end of
+    the margin's interval) and its rank among the layer's neurons, with its score, under each
+    ranking method (common.scores.RANKINGS)."""
+    lines = ["DnR Table 1 analogue: rank (score) of each layer's best-described neuron among its "
+             "layer's neurons; " + "; ".join(RANKINGS)]
+    for layer in layers:
+        mine = [r for r in rows if r.layer == layer and r.subconcept is None]
+        verified = [r for r in mine if r.margin_low == r.margin_low]  # not NaN
+        if not verified:
+            lines.append(f"  {layer}: no verified neuron")
+            continue
+        best = max(verified, key=lambda r: r.margin_low)
+        consistency = [r.dnr_consistency for r in sorted(mine, key=lambda r: r.channel)]
+        table = ranks_by_method(read_stats(stats_dir, layer, "max"), consistency)
+        cells = ", ".join(f"{m} {int(table[m][1][best.channel])} ({table[m][0][best.channel]:.4g})"
+                          if table[m][0][best.channel] == table[m][0][best.channel]  # not NaN
+                          else f"{m} – (no score)" for m in RANKINGS)
+        lines.append(f"  {layer} neuron {best.channel} of {len(mine)} (margin {best.margin:.3f}, "
+                     f"interval low {best.margin_low:.3f}): {cells}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -866,7 +866,8 @@ def read_attributions(path: str | Path) -> Attributions | None:
 class ScoreRow:
     """A row of 09_scores.csv: a neuron (``subconcept`` None) or one of its sub-concepts (1, 2, 3;
     then ``description`` and ``mosaic``, relative to the run folder, are the sub-concept's). An
-    empty numeric cell (not computable) reads as NaN or None; ARTEFACTS.md defines each column."""
+    empty numeric cell (not computable) reads as NaN or None; ARTEFACTS.md defines each column.
+    Held-out figures are measured on the test half of the held-out images."""
     layer: str
     channel: int
     subconcept: int | None
@@ -885,11 +886,22 @@ class ScoreRow:
     verify_auprc: float
     control_corr: float
     control_auprc: float
-    beats_control: int | None
     n_crops: int | None
     n_held_out: int | None
     n_positives: int | None
     control_channel: int | None
+    # Issue 21's columns (absent from older files): SIEVE's selection, clusters and Activation
+    # Rate, the margin over the control with its bootstrap interval, DnR's semantic consistency
+    selected: int | None = None
+    crop_clusters: int | None = None
+    margin: float = math.nan
+    margin_low: float = math.nan
+    margin_high: float = math.nan
+    verdict: str = ""
+    control_description: str = ""
+    activation_rate: float = math.nan
+    ar_kept: int | None = None
+    dnr_consistency: float = math.nan
 
     @property
     def key(self) -> tuple[str, int]:
@@ -912,7 +924,8 @@ def read_score_rows(path: str | Path) -> list[ScoreRow]:
 
 
 SCORE_COLUMNS = ("verify_corr", "verify_auprc", "control_corr", "clarity", "polysemanticity",
-                 "selectivity", "dnr_score", "dead")  # the numbers of a neuron row of 09_scores.csv
+                 "selectivity", "dnr_score", "dead", "margin", "margin_low", "margin_high",
+                 "activation_rate", "dnr_consistency")  # the numbers of a neuron row of 09_scores.csv
 
 
 def read_scores(path: str | Path) -> dict[tuple[str, int], dict[str, float | None]]:
@@ -946,7 +959,18 @@ class SummaryRow:
     share_beating_control: float
     matcher: str
     embedder: str
-    share_beating_control_auprc: float = math.nan  # a later column: absent from older files
+    share_beating_control_auprc: float = math.nan  # later columns: absent from older files
+    share_reliable: float = math.nan
+    mean_margin: float = math.nan
+    selected: int | None = None
+    split: int | None = None
+    hypotheses: int | None = None
+    hypotheses_kept: int | None = None
+    mean_ar: float = math.nan
+    mean_ar_kept: float = math.nan
+    mean_dnr_consistency: float = math.nan
+    n_selection: int | None = None
+    n_test: int | None = None
 
 
 def read_summary(path: str | Path) -> list[SummaryRow]:

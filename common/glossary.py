@@ -50,22 +50,81 @@ class Term:
 TERMS: dict[str, Term] = {
     "margin": Term(
         "margin over control", "margin",
-        "Verified r minus control r, with a 95 % interval: the basis of the page's verdict.",
+        "Verified r minus control r, with a 95 % interval: the basis of the verdict.",
         "How much better the neuron's own sentence predicts its activation on held-out images "
-        "than another neuron's sentence does on the same images: d = r − r_c (verified r minus "
-        "control r), with a 95 % interval. Each correlation gets a Fisher-z interval, "
-        "tanh(atanh r ± 1.96 / √(n − 3)) on the n held-out images, giving (l, u) for r and "
-        "(l_c, u_c) for r_c; Zou's (2007) rule combines them: low = d − √((r − l)² + "
-        "(u_c − r_c)²), high = d + √((u − r)² + (r_c − l_c)²). The two correlations are treated "
-        "as independent, as 09 does not store how alike the two sentences' match scores are; "
-        "measured on the same images they usually move together, so the true interval is "
-        "narrower and the verdict errs on the cautious side.",
+        "of the test half than another neuron's sentence does on the same images: d = r − r_c "
+        "(verified r minus control r). Its 95 % interval is a paired bootstrap: the images are "
+        "drawn with replacement (1,000 times by default), both correlations are recomputed on "
+        "each draw, and the 2.5th and 97.5th percentiles of the differences are the interval's "
+        "ends. Files written before 09 stored the interval get Zou's (2007) interval from the "
+        "two Fisher-z intervals instead, which treats the two correlations as independent.",
         "−2 … 2, with a 95 % interval.",
         "The verdict a neuron page opens with: described reliably when the whole interval is "
         "above 0 and verified r is above 0; described weakly when the margin is above 0 but its "
         "interval reaches 0; not better than chance when the margin is 0 or below. No verdict "
         "when 09 has no verified or control r, or fewer than 4 held-out images.",
         "atlas", "verdict"),
+    "margin_low": Term(
+        "margin, interval low", "margin low",
+        "Lower end of the margin's 95 % bootstrap interval: above 0, the sentence beats its "
+        "control beyond luck.",
+        "The 2.5th percentile of the margin over bootstrap draws of the test-half images.",
+        "−2 … 2.",
+        "The verdict needs it above 0.",
+        "atlas", "verdict"),
+    "margin_high": Term(
+        "margin, interval high", "margin high",
+        "Upper end of the margin's 95 % bootstrap interval.",
+        "The 97.5th percentile of the margin over bootstrap draws of the test-half images.",
+        "−2 … 2.",
+        "Below 0: the control sentence does better, beyond luck.",
+        "atlas", "verdict"),
+    "verdict": Term(
+        "verdict", "verdict",
+        "reliable (interval above 0 and r > 0), weak (margin > 0, interval reaching 0), chance, "
+        "or none.",
+        "09's verdict on the sentence by the rule of the margin entry, stored beside the "
+        "margin.",
+        "reliable, weak, chance or none.",
+        "Trust a sentence marked reliable; read a weak one as a lead.",
+        "atlas", "verdict"),
+    "control_description": Term(
+        "control sentence", "control",
+        "The other neuron's sentence the margin is measured against.",
+        "The sentence of the control neuron, kept beside the margin so that it can be read.",
+        "Text.",
+        "A control close in meaning to the sentence makes a small margin expected.",
+        "atlas", "verdict"),
+    "activation_rate": Term(
+        "Activation Rate", "AR",
+        "Share of the concept's images (the matcher's top picks) on which the neuron is in its "
+        "top 1 %.",
+        "SIEVE's Activation Rate with retrieved images: on the test half of the held-out "
+        "images, the matcher's highest-ranked images for the sentence, as many as the neuron "
+        "has images at or above its top-1 % threshold there, and the share of them at or above "
+        "it.",
+        "0 … 1; by chance about the share of positives (1 %).",
+        "Near 1: images of the concept make the neuron fire; near 0: they do not.",
+        "004", "verdict"),
+    "ar_kept": Term(
+        "kept by SIEVE's filter", "AR kept",
+        "1 when the hypothesis's Activation Rate is at least its layer's mean (SIEVE's filter).",
+        "On hypotheses only (a selected neuron's sentence, or each of its sub-concepts' when it "
+        "is split): whether its Activation Rate reaches the layer's mean rate.",
+        "0 or 1; empty when not a hypothesis.",
+        "0: SIEVE would discard this hypothesis.",
+        "004", "verdict"),
+    "dnr_consistency": Term(
+        "semantic consistency (DnR)", "consistency",
+        "DnR's top-20 score: α · mean top activation (scaled) + (1 − α) · similarity², α = 0.5.",
+        "Over the 20 test-half held-out images where the neuron fires most: α times their "
+        "mean activation divided by the layer's largest, plus 1 − α times the square of the "
+        "sentence's mean match there, as a percentile of the matcher's scores (0.5 by chance). "
+        "α is 09's --alpha (0.5).",
+        "0 … 1 for a layer without negative activations.",
+        "Higher: the neuron fires strongly and its strongest images match the sentence. A "
+        "ranking score, not a test against a control.",
+        "001", "verdict"),
     "verify_corr": Term(
         "verified r", "verified r",
         "Pearson r between how well images match the sentence and the neuron's activation, on "
@@ -105,19 +164,12 @@ TERMS: dict[str, Term] = {
         "0 … 1.",
         "The baseline for verified precision.",
         "atlas", "verdict"),
-    "beats_control": Term(
-        "beats its control", "beats control",
-        "1 when verified r is above control r (no interval: the verdict weighs the margin).",
-        "Whether the neuron's own sentence correlates better with its activation than the "
-        "control sentence does.",
-        "0 or 1; empty when not verified.",
-        "1 is necessary, not sufficient: a tiny margin on few images can be luck. The verdict "
-        "adds the interval.",
-        "atlas", "verdict"),
     "n_held_out": Term(
         "held-out images", "held out",
-        "Images used for verification: scored, but not in the sentence's mosaic.",
-        "How many images the verified and control r were computed on.",
+        "Images used for verification: in the test half and not in the sentence's mosaic.",
+        "How many images the verified and control r were computed on: the run's images are "
+        "split, seeded, into a selection half (for ranking candidate sentences) and a test half; "
+        "every reported figure uses the test half, minus the sentence's mosaic.",
         "A count (at least 10 for a correlation).",
         "More images give a narrower interval on the margin.",
         "004v", "verdict"),
@@ -188,6 +240,26 @@ TERMS: dict[str, Term] = {
         "−1 … 1.",
         "Near 1: another neuron responds to the same kind of image.",
         "003", "crops"),
+    "selected": Term(
+        "selected (SIEVE)", "selected",
+        "1 when SIEVE's selection keeps the neuron (not dead, selectivity ≥ SELECT); per layer: "
+        "how many.",
+        "SIEVE's gate on the ratio p99 / median of the neuron's per-image maximum (its "
+        "selectivity): 09's --select β, the paper's 10; 0 (the default) keeps every neuron that "
+        "is not dead. Only selected neurons are clustered and give hypotheses.",
+        "0 or 1 per neuron; a count per layer.",
+        "09 prints, per layer, how many neurons each β from 2 to 12 would keep.",
+        "004", "crops"),
+    "crop_clusters": Term(
+        "crop groups", "groups",
+        "How many groups the silhouette chose for the neuron's top-20 crops (1: one concept).",
+        "SIEVE's clustering: Ward agglomerative clustering of the top-20 crop vectors into 2 or "
+        "3 groups, the one with the higher cosine silhouette kept if it beats the silhouette "
+        "that one cloud of the same spread reaches (95th percentile of 10 seeded draws); else "
+        "1.",
+        "1 … 3; empty when the neuron was not clustered.",
+        "2 or 3: each group has its own sentence (the sub-concept rows).",
+        "004", "crops"),
     "share": Term(
         "share of crops", "share",
         "Fraction of the neuron's top crops that fall in this sub-concept (1 for the neuron).",
@@ -206,8 +278,8 @@ TERMS: dict[str, Term] = {
     "share_beating_control": Term(
         "share beating control", "beats control",
         "Share of the layer's verified neurons whose sentence beats its control (by r).",
-        "Over a layer's neurons with a verified and control r: the share with beats its "
-        "control = 1.",
+        "Over a layer's neurons with a margin and its interval: the share whose margin "
+        "(verified r − control r) is above 0.",
         "0 … 1.",
         "About 0.5 means the layer's sentences do no better than other neurons' sentences.",
         "atlas", "layer"),
@@ -217,6 +289,63 @@ TERMS: dict[str, Term] = {
         "As share beating control, with verified precision instead of r.",
         "0 … 1.",
         "About 0.5 means no better than chance.",
+        "atlas", "layer"),
+    "share_reliable": Term(
+        "share described reliably", "reliable",
+        "Share of the layer's verified neurons whose verdict is reliable (margin's interval "
+        "above 0).",
+        "Over a layer's neurons with a margin and its interval: the share whose verdict is "
+        "reliable.",
+        "0 … 1.",
+        "The strict counterpart of share beating control, which counts any margin above 0.",
+        "atlas", "layer"),
+    "split": Term(
+        "neurons split", "split",
+        "How many of the layer's neurons have 2 or 3 crop groups, each with its own sentence.",
+        "The layer's neurons whose crop groups (SIEVE's clustering) number 2 or 3.",
+        "A count.",
+        "The others keep one sentence.",
+        "004", "layer"),
+    "hypotheses": Term(
+        "hypotheses", "hypotheses",
+        "The layer's hypotheses with an Activation Rate: selected neurons' sentences, or their "
+        "sub-concepts'.",
+        "Per selected neuron: its sentence when its crops form one group, else each "
+        "sub-concept's sentence; counted when it has an Activation Rate.",
+        "A count.",
+        "SIEVE's filter keeps those at or above the mean rate.",
+        "004", "layer"),
+    "hypotheses_kept": Term(
+        "hypotheses kept", "kept",
+        "Hypotheses whose Activation Rate reaches the layer's mean (SIEVE's filter).",
+        "The hypotheses with ar_kept = 1.",
+        "A count.",
+        "About half, unless the rates are skewed.",
+        "004", "layer"),
+    "mean_ar_kept": Term(
+        "mean Activation Rate after the filter", "mean AR kept",
+        "Layer mean Activation Rate over the hypotheses SIEVE's filter keeps.",
+        "The mean Activation Rate recomputed over the hypotheses at or above the layer's mean "
+        "rate, as SIEVE reports it.",
+        "0 … 1.",
+        "Compare with the mean before the filter (mean Activation Rate).",
+        "004", "layer"),
+    "n_selection": Term(
+        "selection half", "selection",
+        "Usable images in the selection half (for ranking candidate sentences; no figure uses "
+        "them).",
+        "The seeded half of the usable images kept apart for choosing between candidate "
+        "sentences.",
+        "A count.",
+        "Not a score.",
+        "atlas", "layer"),
+    "n_test": Term(
+        "test half", "test",
+        "Usable images in the test half, on which every reported figure is measured.",
+        "The other half of the usable images; a sentence is verified on those not in its "
+        "mosaic.",
+        "A count.",
+        "Not a score.",
         "atlas", "layer"),
     "dead_neurons": Term(
         "dead neurons", "dead",
@@ -286,7 +415,7 @@ TERMS: dict[str, Term] = {
         "0 … clusters − 1.", "Not a score: neurons of a cluster say similar things.",
         "000", "neuron"),
 }
-ALIASES = {"mean_dnr": "dnr_score"}  # 09 summary columns not named mean_<score column>
+ALIASES = {"mean_dnr": "dnr_score", "mean_ar": "activation_rate"}  # 09 summary columns not named mean_<score column>
 PAIRED = ("z ", "relevance ")  # 10's per-pair columns: "z <true>→<pred>", "relevance <true>→<pred>"
 
 
@@ -331,12 +460,14 @@ VERDICTS = {  # verdict level → (headline, CSS class)
 
 def verdict(scores: dict) -> dict | None:
     """The verdict on a neuron's sentence from its 09 scores (``verify_corr``, ``control_corr``,
-    ``n_held_out``), by the rule of ``TERMS["margin"]``; None when the neuron has no 09 row.
+    ``n_held_out``, and the bootstrap interval ``margin_low``, ``margin_high`` where 09 stored
+    it), by the rule of ``TERMS["margin"]`` (``common.scores.verdict_level``); None when the
+    neuron has no 09 row.
 
     Returns ``{level, headline, css, margin, low, high, verify, control, n, why}``; ``level`` is
     "none" (with ``why``) when the neuron was not verified.
     """
-    from common.scores import margin_interval
+    from common.scores import margin_interval, verdict_level
     if not scores:
         return None
     r, rc, n = scores.get("verify_corr"), scores.get("control_corr"), scores.get("n_held_out")
@@ -351,11 +482,10 @@ def verdict(scores: dict) -> dict | None:
     if out["why"]:
         return {**out, "level": "none", "headline": VERDICTS["none"][0],
                 "css": VERDICTS["none"][1]}
-    out["margin"], out["low"], out["high"] = margin_interval(r, rc, int(n), Z_95)
-    if out["low"] > 0 and r > 0:
-        level = "reliable"
-    elif out["margin"] > 0:
-        level = "weak"
-    else:
-        level = "chance"
+    if scores.get("margin_low") is not None and scores.get("margin_high") is not None:
+        out["margin"], out["low"], out["high"] = (scores.get("margin", r - rc),
+                                                  scores["margin_low"], scores["margin_high"])
+    else:  # a 09 file from before the bootstrap interval
+        out["margin"], out["low"], out["high"] = margin_interval(r, rc, int(n), Z_95)
+    level = verdict_level(r, out["margin"], out["low"])
     return {**out, "level": level, "headline": VERDICTS[level][0], "css": VERDICTS[level][1]}

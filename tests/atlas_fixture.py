@@ -79,11 +79,11 @@ def write_scores(run: Path, seed: int = 1, unverified: tuple = ()) -> None:
                      "clarity": round(0.9 - 0.2 * channel, 3), "polysemanticity": 0.1 * channel,
                      "redundancy": 0.2, "verify_corr": 0.5, "verify_auprc": 0.6,
                      "control_corr": control, "control_auprc": 0.3,
-                     "beats_control": int(0.5 > control), "n_held_out": HELD_OUT.get(channel, 200),
+                     "n_held_out": HELD_OUT.get(channel, 200),
                      "n_positives": 5, "control_channel": (channel + 1) % channels[layer]})
         if (layer, channel) in unverified:
             for column in ("verify_corr", "verify_auprc", "control_corr", "control_auprc",
-                           "beats_control", "n_held_out", "n_positives", "control_channel"):
+                           "n_held_out", "n_positives", "control_channel"):
                 rows[-1][column] = ""
         if layer == "relu1" and channel == 0:
             for k in (1, 2):
