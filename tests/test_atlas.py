@@ -84,6 +84,50 @@ def test_json_for_script_cannot_close_a_script():
     assert fmt_number("") == "–" and fmt_number(2.0) == "2" and fmt_number(0.12345) == "0.123"
 
 
+def test_no_template_lets_text_through_unescaped():
+    """Model-written text reaches every page through the templates' escaping: no template marks a
+    value ``|safe`` or turns autoescaping off (values that are markup already come from Python
+    as ``Markup``: json_for_script, inline_css, md_url)."""
+    from jinja2 import nodes
+    from common.render import TEMPLATES, environment
+    found = []
+    for path in sorted(TEMPLATES.glob("*.*")):
+        if path.suffix not in (".html", ".md"):
+            continue
+        tree = environment(path.suffix == ".md").parse(path.read_text(encoding="utf-8"))
+        found += [f"{path.name}: |safe" for f in tree.find_all(nodes.Filter) if f.name == "safe"]
+        found += [f"{path.name}: autoescape"
+                  for _ in tree.find_all(nodes.ScopedEvalContextModifier)]
+    assert len(list(TEMPLATES.glob("atlas_*.html"))) >= 10
+    assert found == []
+
+
+def test_basket_page_escapes_every_model_written_field():
+    """A basket's sentence, its members' descriptions (the link titles), class and layer names and
+    the run's name, all carrying markup, are shown as text on baskets.html."""
+    from types import SimpleNamespace
+    from common.render import render
+    evil = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+    row = SimpleNamespace(basket=f"b{evil}", node=3, depth=1, size=2, cohesion=0.5,
+                          random_cohesion=0.1, join_corr=0.3, joint_hits=4,
+                          description=f"red {evil} blobs")
+    layer = {"name": f"relu{evil}", "slug": "relu1", "neurons": 4, "tree": "",
+             "baskets": [{"row": row, "anchor": "b-relu1-1", "thumb": "", "png": "b.png",
+                          "members": [{"url": "neurons/relu1/0.html", "channel": 0,
+                                       "description": f"member {evil}"},
+                                      {"url": "", "channel": 1, "description": ""}],
+                          "pruning": [SimpleNamespace(class_name=f"cls{evil}", accuracy_before=1.0,
+                                                      accuracy_pruned=0.5, accuracy_random=0.9)]}]}
+    site = {"run": f"run{evil}", "layers": [], "has_trace": False, "has_debug": False,
+            "reports": []}
+    page = render("atlas_baskets.html", site=site, root="", layers=[layer], min_corr=0.2, total=1,
+                  members=2)
+    assert "<script>" not in page and "<img src=x" not in page
+    escaped = "&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;"
+    for text in ("red ", "member ", "cls", "relu", "run", "b"):
+        assert text + escaped in page, text
+
+
 # ----------------------------------------------------------------------------------------------
 # The static site of the fake run
 

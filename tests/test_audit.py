@@ -117,6 +117,24 @@ def test_audit_labels_shares_and_causal_check(audited_run, tmp_path):
     assert "red patches" in (out / "0" / "report.html").read_text()
 
 
+def test_a_neuron_labelled_both_is_zeroed_like_a_spurious_one(audited_run, tmp_path):
+    """Class 0 declares red both valid and spurious: its red neuron is labelled 'both', counts in
+    both shares, and, as it carries a spurious concept, is zeroed in the causal check (which
+    breaks the class)."""
+    run_dir, bundle = audited_run
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text("classes:\n  '0':\n    valid: [red]\n    spurious: [red]\n")
+    result = audit.run_audit(Run(run_dir), concepts, audit.Settings(
+        layer="relu2", top=5, controls=1, images_per_class=10), text_embedder=WordsText(),
+        bundle=bundle)
+    labels = {r["channel"]: r["label"] for r in result["audit"]}
+    assert labels == {0: "both", 1: "unexpected"}
+    (red,) = result["summary"]
+    assert red["n_both"] == 1 and red["zeroed"] == "0"
+    assert red["spurious_share"] == red["valid_share"] == 1.0
+    assert red["accuracy_before"] == 1.0 and red["accuracy_zeroed"] == 0.0
+
+
 def test_hostile_sentence_is_escaped_in_reports(audited_run, tmp_path):
     """A description carrying HTML and a Markdown link shows as text in both reports."""
     from common.io import read_csv
@@ -169,3 +187,11 @@ def test_alignment_subtracts_the_empty_text_baseline():
     assert audit.label_of(0.2, 0.1, 0.0) == "both"
     assert audit.label_of(-0.2, 0.1, 0.0) == "spurious"
     assert audit.label_of(0.05, 0.0, 0.1) == "unexpected"
+
+
+def test_an_alignment_exactly_at_the_margin_does_not_count():
+    """MARGIN is the alignment a concept must exceed: exactly at it, the neuron is not aligned."""
+    assert audit.label_of(0.1, 0.1, 0.1) == "unexpected"
+    assert audit.label_of(0.1, np.nextafter(0.1, 1.0), 0.1) == "spurious"
+    assert audit.label_of(np.nextafter(0.1, 1.0), 0.1, 0.1) == "valid"
+    assert audit.label_of(0.0, 0.0, 0.0) == "unexpected"

@@ -253,6 +253,28 @@ def test_constant_neurons_do_not_divide_by_zero():
     assert res["z"][1] == -np.inf and res["p"][1] == 0.0  # different constants: certain
 
 
+def test_the_default_fdr_level_is_five_percent():
+    """Neurons are flagged at a false discovery rate of 5 % unless FDR says otherwise (the level the
+    report and the noise test above are written for)."""
+    assert debug.Settings().fdr == 0.05
+
+
+def test_the_random_control_never_includes_a_suspect():
+    """Over 300 seeds the control has as many channels as there are suspects, all distinct, none
+    of them a suspect, and every other channel is drawn; with fewer non-suspects than suspects it
+    takes all of them."""
+    suspects = [1, 4, 5]
+    seen = set()
+    for seed in range(300):
+        control = debug.control_of(8, suspects, seed)
+        assert len(control) == len(set(control)) == 3 and not set(control) & set(suspects)
+        assert control == sorted(control)
+        seen.update(control)
+    assert seen == {0, 2, 3, 6, 7}
+    assert debug.control_of(4, [0, 1, 3], 0) == [2]
+    assert debug.control_of(7, [1, 4, 5], 11) == debug.control_of(7, [1, 4, 5], 11)  # seeded
+
+
 class PlantedModel(nn.Module):
     """Three channels → three classes. Channel 1 drives class 1 (castle): logit1 = 3·c1 − 1,
     logit0 = c0, logit2 = 0.1·c2 − 5. A palace image with c1 ≈ 1 is therefore called castle."""

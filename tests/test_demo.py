@@ -128,13 +128,29 @@ def test_manifest_and_readme_describe_the_set(built):
 def test_allocation_sums_and_favours_labelled_photos(n_images):
     photos = [p for p, _ in demo.SOURCES]
     counts = demo.allocate(n_images, photos)
-    assert sum(counts) == n_images and min(counts) >= 0
+    assert sum(counts) == n_images and len(counts) == len(photos)
     if n_images >= len(photos):
         assert min(counts) >= 1
     if n_images >= 10 * len(photos):
         labelled = [c for p, c in zip(photos, counts) if p.synset]
         unlabelled = [c for p, c in zip(photos, counts) if not p.synset]
         assert min(labelled) > max(unlabelled)
+
+
+@pytest.mark.parametrize("n_images, expected", [
+    (1, [1, 0, 0, 0, 0]),          # shares 1/3, 1/3, 1/9 × 3: the remainder to the first largest
+    (4, [1, 1, 1, 1, 0]),          # fewer views than photos: largest remainders, then photo order
+    (5, [1, 1, 1, 1, 1]),          # 5/3, 5/3, 5/9 × 3 → 2, 2, 1, 0, 0, then each photo gets one
+    (20, [7, 7, 2, 2, 2]),         # 6.67, 6.67, 2.22 × 3: two left over go to the labelled ones
+    (100, [34, 33, 11, 11, 11]),   # 33.3, 33.3, 11.1 × 3: one left over, to the first labelled
+])
+def test_allocation_by_hand(n_images, expected):
+    """Two labelled photos (weight LABELLED_WEIGHT = 3) and three unlabelled ones (weight 1):
+    views are the shares n × w / 9 rounded by largest remainder, at least one each when n ≥ 5."""
+    from types import SimpleNamespace
+    assert demo.LABELLED_WEIGHT == 3
+    photos = [SimpleNamespace(synset=s) for s in ("n1", "n2", "", "", "")]
+    assert demo.allocate(n_images, photos) == expected
 
 
 def test_foreign_folder_is_never_replaced(tmp_path):

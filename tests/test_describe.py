@@ -127,11 +127,18 @@ def run_stage(run, **kw):
 # --- prompts and levels ---------------------------------------------------------------------
 
 def test_levels_follow_relative_depth_or_explicit_setting():
-    """5 layers → levels 1..5; 3 layers spread over 5 levels; explicit pairs win."""
+    """5 layers → levels 1..5; 3 layers spread over 5 levels; one layer the middle level;
+    explicit pairs win."""
     five = [f"l{i}" for i in range(5)]
     assert D.assign_levels(five, 5) == {f"l{i}": i + 1 for i in range(5)}
     assert D.assign_levels(["a", "b", "c"], 5) == {"a": 1, "b": 3, "c": 5}
     assert D.assign_levels(["a", "b", "c"], 5, D.parse_levels("b=2")) == {"a": 1, "b": 2, "c": 5}
+    # A single layer has no relative depth: it gets the middle level, (n + 1) // 2 (an odd n tells
+    # it from n // 2), unless set explicitly.
+    assert D.assign_levels(["only"], 5) == {"only": 3}
+    assert D.assign_levels(["only"], 3) == {"only": 2}
+    assert D.assign_levels(["only"], 1) == {"only": 1}
+    assert D.assign_levels(["only"], 5, {"only": 5}) == {"only": 5}
     with pytest.raises(StageError):
         D.assign_levels(["a"], 5, {"a": 9})
     with pytest.raises(StageError):
@@ -365,6 +372,37 @@ def test_kill_and_resume_redescribes_nothing(tmp_path):
     third = FakeVLM()
     run_stage(run, describer=third)
     assert third.described == []
+
+
+def test_torn_journal_keeps_its_complete_records_and_resumes(tmp_path):
+    """A kill mid-write leaves the journal's last line cut mid-record: the complete records before
+    it are read back, and the rerun describes the torn record's neuron and the rest, no other."""
+    from common.journal import journal_path, read_journals
+    run = make_run(tmp_path, channels=3)           # 9 neurons, batches of 2
+    first = FakeVLM(crash_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(run, describer=first)
+    out = run / "03_descriptions.csv"
+    journal = journal_path(out, (0, 1))
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+    torn = lines[-1][:len(lines[-1]) // 2]
+    journal.write_bytes(b"".join(lines[:3]) + torn)  # the fourth record cut halfway, no newline
+    kept = read_journals(out)
+    assert sorted(kept) == sorted(first.described[:3])
+    second = FakeVLM()
+    rows = run_stage(run, describer=second)
+    assert sorted(second.described) == sorted(set(all_neurons(run)) - set(first.described[:3]))
+    assert first.described[3] in second.described
+    assert len(rows) == 9 and all(r["status"] == "ok" and r["description"] for r in rows)
+    records = [json.loads(line) for line in journal.read_bytes().splitlines()]  # no torn line left
+    assert len(records) == 9
+
+
+def all_neurons(run):
+    """Every (layer, channel) of a planted run's mosaics."""
+    from common.io import read_csv
+    return [(r["layer"], int(r["channel"])) for r in read_csv(run / "02_mosaics.csv")]
 
 
 def test_failed_neurons_are_listed_then_retried(tmp_path):

@@ -209,6 +209,19 @@ def test_fuse_rules():
     assert rule == "mean" and np.allclose(fused, E.l2_normalise(t))
 
 
+def test_concat_fusion_weighs_text_and_image_equally_whatever_their_scale():
+    """Each half is made unit length before the concatenation, so each holds half of the fused
+    row's squared length: text (3, 4) and image (0, 100) fuse to (0.6, 0.8, 0, 1) / √2 — an
+    image half left at its own scale would drown the text."""
+    text = np.array([[3.0, 4.0], [1.0, 0.0]])
+    image = np.array([[0.0, 100.0, 0.0], [0.02, 0.0, 0.0]])
+    fused, rule = E.fuse(text, image, shared=False)
+    assert rule == "concat"
+    expected = np.array([[0.6, 0.8, 0, 1, 0], [1, 0, 1, 0, 0]]) / np.sqrt(2)
+    np.testing.assert_allclose(fused, expected)
+    np.testing.assert_allclose(np.linalg.norm(fused[:, 2:], axis=1), np.sqrt(0.5))
+
+
 def test_space_ids_of_clip_sentence_models():
     """sentence-transformers clip-ViT-L-14 lives in CLIP ViT-L/14's space, not ViT-B/32's."""
     assert E._clip_space_of("sentence-transformers/clip-ViT-L-14") == "clip:ViT-L/14"

@@ -66,18 +66,55 @@ def test_topk_maps_follow_their_entries():
 
 
 def test_topk_merge_is_order_independent():
-    """Merging shard buffers in any order gives the same arrays as a single stream."""
+    """Shard buffers merged in any order give the arrays of a single stream, bit for bit: with
+    ties across shards (the lower image id ranks first whichever shard holds it), positions and
+    the activation maps that travel with each entry (each shard streamed in batches, so that its
+    maps are stored out of rank order)."""
     rng = np.random.default_rng(2)
-    values = rng.normal(size=(50, 3)).astype(np.float32)
-    pos = np.zeros((50, 3), np.int32)
-    single = StreamingTopK(3, 5)
-    single.update(values, np.arange(50), pos, pos)
-    a, b = StreamingTopK(3, 5), StreamingTopK(3, 5)
-    a.update(values[25:], np.arange(25, 50), pos[25:], pos[25:])
-    b.update(values[:25], np.arange(25), pos[:25], pos[:25])
-    a.merge(b)
-    np.testing.assert_array_equal(a.image_ids, single.image_ids)
-    np.testing.assert_array_equal(a.values, single.values)
+    n, channels, k = 60, 3, 6
+    values = rng.integers(0, 4, size=(n, channels)).astype(np.float32)  # ties in every shard
+    ys, xs = rng.integers(0, 3, size=(2, n, channels)).astype(np.int32)
+    maps = rng.normal(size=(n, channels, 2, 3)).astype(np.float16)
+    single = StreamingTopK(channels, k, (2, 3))
+    single.update(values, np.arange(n), ys, xs, maps)
+    shards = [np.arange(0, 20), np.arange(20, 45), np.arange(45, n)]
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        parts = []
+        for s in order:
+            part = StreamingTopK(channels, k, (2, 3))
+            for ids in np.array_split(shards[s], 4):  # batches: the maps' storage slots shuffle
+                part.update(values[ids], ids, ys[ids], xs[ids], maps[ids])
+            parts.append(part)
+        merged = parts[0]
+        for part in parts[1:]:
+            merged.merge(part)
+        for name in ("image_ids", "values", "y", "x"):
+            np.testing.assert_array_equal(getattr(merged, name), getattr(single, name), name)
+        np.testing.assert_array_equal(merged.ranked_maps(), single.ranked_maps())
+    for c in range(channels):  # the single stream itself ranks by value, then by image id
+        ranked = sorted(range(n), key=lambda i: (-values[i, c], i))
+        assert single.image_ids[c].tolist() == ranked[:k]
+        np.testing.assert_array_equal(single.ranked_maps()[c], maps[single.image_ids[c], c])
+    assert any(len(set(single.values[c].tolist())) < k for c in range(channels))  # ties kept
+
+
+def test_reducer_stores_the_peak_row_and_column_of_a_wide_map():
+    """On a 3 × 5 map (not square) a peak at row 1, column 4 is stored as y = 1, x = 4 (a peak off
+    the diagonal: swapping y and x, or dividing by the height, cannot pass), with the max and
+    mean of the map, and the map kept when it is small enough."""
+    from common.hooks import Layout
+    out = torch.zeros(2, 2, 3, 5)
+    out[0, 0, 1, 4] = 7.0   # image 0, channel 0: row 1, column 4
+    out[0, 1, 2, 0] = 3.0   # image 0, channel 1: row 2, column 0
+    out[1, 0, 0, 3] = 1.0   # image 1, channel 0: row 0, column 3
+    out[1, 1, 2, 3] = 5.0   # image 1, channel 1: row 2, column 3
+    reduced = extract.make_reducer(8, Layout("grid", channels=2, grid=(3, 5)))(out)
+    assert reduced["y"].tolist() == [[1, 2], [0, 2]]
+    assert reduced["x"].tolist() == [[4, 0], [3, 3]]
+    assert reduced["max"].tolist() == [[7.0, 3.0], [1.0, 5.0]]
+    np.testing.assert_allclose(reduced["mean"], [[7 / 15, 3 / 15], [1 / 15, 5 / 15]], rtol=1e-6)
+    assert reduced["shape"] == (2, 3, 5) and reduced["map"].shape == (2, 2, 3, 5)
+    assert extract.make_reducer(4, Layout("grid", channels=2, grid=(3, 5)))(out)["map"] is None
 
 
 def test_hook_sees_output_before_inplace_relu(fake_bundle):

@@ -45,3 +45,20 @@ def test_folder_walk_sees_deep_changes_and_skips_hidden(tmp_path):
         fingerprint(str(tmp_path / "nope"), "efficientnet_lite0", None, None)
     with pytest.raises(InputError, match="WEIGHTS file"):
         fingerprint(None, "resnet18", str(tmp_path / "w.pt"), None)
+
+
+@pytest.mark.parametrize("name", ["net.pt", "net.pth", "net.ckpt", "net.bin", "net.py:build"])
+def test_a_model_file_counts_by_content(tmp_path, name):
+    """MODEL given as a checkpoint (or a .py builder) is fingerprinted by its bytes: new weights
+    in the same file re-run 01, a touch does not; a missing file is an error naming MODEL."""
+    path = tmp_path / name.partition(":")[0]
+    model = str(tmp_path / name)
+    path.write_bytes(b"weights-1")
+    first = fingerprint(None, model, None, None)
+    os.utime(path, ns=(1, 1))
+    assert fingerprint(None, model, None, None) == first
+    path.write_bytes(b"weights-2")
+    assert fingerprint(None, model, None, None) != first
+    path.unlink()
+    with pytest.raises(InputError, match="MODEL file"):
+        fingerprint(None, model, None, None)

@@ -57,6 +57,29 @@ def test_missing_meta_is_a_clear_error(tmp_path):
         read_meta(tmp_path / "03_descriptions.csv")
 
 
+def test_an_artefact_edited_in_place_is_refused_by_its_content(tmp_path):
+    """A file (or a file in a folder artefact) whose bytes changed after its meta was written is
+    refused even when its name, size and modification time are those the stage left: only the
+    SHA-256 of its content tells."""
+    single = tmp_path / "04_embeddings.npz"
+    folder = tmp_path / "01_stats"
+    write_text(single, "vectors-1")
+    write_text(folder / "relu1.max.npy", "values-1")
+    write_meta(tmp_path / "04_embed.meta.json", "04_embed", {}, [single])
+    write_text(folder / "relu1.mean.npy", "values-1")
+    write_meta(tmp_path / "01_extract.meta.json", "01_extract", {}, sorted(folder.iterdir()))
+    for artefact, edited, stage in ((single, single, "04_embed"),
+                                    (folder, folder / "relu1.max.npy", "01_extract")):
+        assert read_meta(artefact)["stage"] == stage
+        before = os.stat(edited)
+        with open(edited, "r+b") as fh:
+            fh.seek(-1, os.SEEK_END)
+            fh.write(b"2")   # same size
+        os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+        with pytest.raises(ProvenanceError, match=f"differs from what {stage} wrote"):
+            read_meta(artefact)
+
+
 def test_npy_row_writer_fills_a_loadable_array_and_checks_the_row_count(tmp_path):
     rows = np.arange(12, dtype=np.float32).reshape(6, 2)
     writer = NpyRowWriter(tmp_path / "a.npy", 6, 2)

@@ -451,3 +451,17 @@ def test_efficientnet_lite0_matches_gradient_probe():
     # stem 3×3/2 built for 224 px: total pad = 111*2 + 3 - 224 = 1 → (0 before, 1 after):
     # first 0, size 3, start 1 (a symmetric pad 1 would give start 0)
     assert exact["_conv_stem"] == rf(3, 2, 1)
+
+
+def test_crop_box_clips_each_axis_to_its_own_side_of_a_wide_image():
+    """A 12 × 20 image (height ≠ width): the bottom is clipped to the height, the right to the
+    width. RF(7, jump 2, start 0) at cell (5, 9) is centred on (10, 18) → rows 7..13, cols 15..21
+    → clipped to (7, 15, 12, 20); in a 20 × 12 image the same cell at (9, 5) → (15, 7, 20, 12).
+    Anisotropic fields clip the same way: RF 5 × 9 at cell (0, 0) spans rows −2..2, cols −4..4.
+    """
+    field = rf(7, 2, 0)
+    assert crop_box(field, 5, 9, 12, 20) == (7, 15, 12, 20)
+    assert crop_box(field, 9, 5, 20, 12) == (15, 7, 20, 12)
+    wide = RF(size_h=5, size_w=9, jump_h=1, jump_w=1, start_h=0, start_w=0)
+    assert field_box(wide, 0, 0) == (-2, -4, 3, 5)
+    assert crop_box(wide, 0, 0, 2, 30) == (0, 0, 2, 5)

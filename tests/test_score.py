@@ -90,6 +90,17 @@ def test_triage_equals_hand_computation():
     assert t["dead"].tolist() == [False, False, False, True, True]
 
 
+def test_one_wide_neuron_does_not_make_its_neighbours_dead():
+    """The dead floor is 5 % of the layer's *median* spread: one neuron whose spread is 100 times
+    its neighbours' (which would lift a mean-based floor above them all) changes nothing, and only
+    the neuron below 5 % of the median is dead. Ramps 0 … 100 × s have spread p99 − median = 49 s."""
+    ramp = np.arange(101, dtype=np.float64)
+    scales = [1.0, 1.0, 1.0, 100.0, 0.04, 0.06]   # spreads 49 ×: median 49, floor 2.45
+    t = triage_layer(np.stack([ramp * s for s in scales], axis=1).astype(np.float32))
+    np.testing.assert_allclose(t["q99"] - t["median"], 49 * np.array(scales), rtol=1e-5)
+    assert t["dead"].tolist() == [False, False, False, False, True, False]
+
+
 # ---------------------------------------------------------------------------------------------
 # Measures
 
@@ -104,6 +115,12 @@ def test_average_precision_matches_sklearn():
         score_ = rng.integers(0, 8, 200).astype(float) + positive * rng.random(200)
         assert S.average_precision(positive, score_) == pytest.approx(
             average_precision_score(positive, score_))
+    # A positive and a negative tied at the top count together (precision 1/2 at recall 1),
+    # whichever comes first in the input; one more positive below them adds 2/3 × 1/2.
+    for positive, score_, expected in (([1, 0], [0.5, 0.5], 0.5), ([0, 1], [0.5, 0.5], 0.5),
+                                       ([1, 0, 1], [0.9, 0.9, 0.1], 0.5 * 0.5 + 0.5 * 2 / 3)):
+        assert S.average_precision(positive, score_) == pytest.approx(expected)
+        assert average_precision_score(positive, score_) == pytest.approx(expected)
 
 
 def test_pearson_matches_scipy_and_is_nan_for_a_constant():
@@ -145,6 +162,20 @@ def test_one_pattern_is_clear_two_patterns_are_polysemantic_and_split_back():
     labels = S.sub_concepts(mixed, max_k=3)
     assert labels is not None
     assert adjusted_rand_score(truth[order], labels) >= 0.9
+
+
+def test_polysemanticity_is_one_minus_the_cosine_of_the_two_group_sums():
+    """Six crops, three near each of two directions 60° apart: Ward splits them in those two
+    groups, and polysemanticity = 1 − cos(sum of group 1, sum of group 2), by hand."""
+    rng = np.random.default_rng(4)
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.5, np.sqrt(0.75), 0.0])
+    crops_ = np.array([a] * 3 + [b] * 3) + rng.normal(scale=0.01, size=(6, 3))
+    unit = crops_ / np.linalg.norm(crops_, axis=1, keepdims=True)
+    one, two = unit[:3].sum(axis=0), unit[3:].sum(axis=0)
+    expected = 1 - one @ two / (np.linalg.norm(one) * np.linalg.norm(two))
+    assert expected == pytest.approx(0.5, abs=0.02)
+    assert S.polysemanticity(crops_) == pytest.approx(expected, abs=1e-6)  # float32 inside
+    assert np.isnan(S.polysemanticity(crops_[:3]))
 
 
 def test_redundancy_is_the_highest_cosine_with_another_neuron():

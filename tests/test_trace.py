@@ -99,6 +99,21 @@ def test_threshold_drops_weak_links(tmp_path):
     assert kept == {("a", 1), ("b", 0), ("b", 1)}
 
 
+def test_a_link_exactly_at_the_threshold_is_kept():
+    """THRESHOLD is the lowest cosine kept: a best match at exactly 0.5 stays, one a hair below
+    goes. Vectors (1, 0) and (0.5, √0.75) have a cosine of exactly 0.5 in floating point; the
+    largest float below 1 in place of the 1 gives the largest cosine below it."""
+    cluster = lambda layer, i: stage.Cluster(layer, i, 1, [f"w{i}"])  # noqa: E731
+    layers = {"a": [cluster("a", 0), cluster("a", 1)], "b": [cluster("b", 0)]}
+    vectors = {("a", 0): np.array([1.0, 0.0]), ("a", 1): np.array([np.nextafter(1.0, 0.0), 0.0]),
+               ("b", 0): np.array([0.5, np.sqrt(0.75)])}
+    assert vectors[("a", 0)] @ vectors[("b", 0)] == 0.5
+    assert vectors[("a", 1)] @ vectors[("b", 0)] == np.nextafter(0.5, 0.0)
+    links = stage.best_links(layers, vectors, 0.5)
+    assert [(link.source.key, link.target.key, link.similarity) for link in links] == \
+        [(("a", 0), ("b", 0), 0.5)]
+
+
 def test_follow_prints_and_highlights_the_path(tmp_path, monkeypatch, capsys):
     clusters_csv, keywords_csv, _ = write_inputs(tmp_path, order=None)
     module = types.ModuleType("common.embedders")
