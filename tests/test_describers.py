@@ -14,14 +14,12 @@ from common.artefacts import (Run, read_describer_neurons, read_describer_summar
                               read_descriptions)
 from common.cli import StageError
 from common.describers import DescriberSettings
-from common.io import write_csv
 from common.matchers import OfflineMatcher
-from common.provenance import read_meta, write_meta
 from conftest import FAKE_MODEL, load_stage
-from test_score import ConvFeature, WordsText
+from test_score import SENTENCES, WordsText, described_run
 
 stage = load_stage("14_describers")
-TRUE = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]
+TRUE = SENTENCES
 WRONG = ["Vertical edges.", "Red patches.", "Red patches.", "Vertical edges."]
 BASE = f"--backend offline --analysed-model {FAKE_MODEL} --device cpu"  # the run's 03 flags
 
@@ -43,25 +41,9 @@ class Saying:
 
 @pytest.fixture
 def fake_run(tmp_path, image_folder):
-    """01, 02 and 04 of the fake model (one layer, 4 neurons, 30 usable images); 03's file."""
-    run_dir = tmp_path / "run"
-    load_stage("01_extract").main([
-        "--images", str(image_folder), "--run", str(run_dir), "--model", FAKE_MODEL,
-        "--layers", "relu1", "--input-size", "32", "--topk", "16", "--batch-size", "8",
-        "--device", "cpu", "--workers", "1"])
-    load_stage("02_mosaics").main(["--run", str(run_dir), "--grid", "3", "--tile", "16",
-                                   "--workers", "1"])
-    write_csv(run_dir / "03_descriptions.csv",
-              [{"layer": "relu1", "channel": c, "level": 1, "description": t, "backend": "offline",
-                "model": "test", "status": "ok"} for c, t in enumerate(TRUE)],
-              ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
-    write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
-               [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
-               backend="offline")
-    embed = load_stage("04_embed")
-    embed.run(Run(run_dir), embed.Settings(crop_vectors=9), text_embedder=WordsText(),
-              image_embedder=ConvFeature())
-    return run_dir
+    """01, 02 and 04 of the fake model (one layer, 4 neurons, 30 usable images); 03's file says
+    the true sentences (test_score.py's run)."""
+    return described_run(tmp_path, image_folder)
 
 
 def matcher():

@@ -404,11 +404,12 @@ def test_final_layer_eval_and_its_shuffled_control():
 # The stage end to end on the fake model
 
 
-def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
-    """01 and 02 run for real on the fake model; 03's file is written here and 04 runs for real
-    with the fake model's conv1 feature as its image embedder (04_crops.npz); 09 writes the
-    contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
-    a process) describe the sub-concept mosaics, with held-out verification beside a control."""
+SENTENCES = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]  # true ones
+
+
+def described_run(tmp_path, image_folder):
+    """01 and 02 for real on the fake model (relu1, 3 × 3 mosaics), SENTENCES as 03's file, and
+    04 for real with the fake model's conv1 feature as its image embedder → the run folder."""
     from common.io import write_csv
     from common.provenance import read_meta, write_meta
     run_dir = tmp_path / "run"
@@ -418,10 +419,9 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
         "--device", "cpu", "--workers", "1"])
     load_stage("02_mosaics").main(["--run", str(run_dir), "--grid", "3", "--tile", "16",
                                    "--workers", "1"])
-    sentences = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]
     write_csv(run_dir / "03_descriptions.csv",
               [{"layer": "relu1", "channel": c, "level": 1, "description": t, "backend": "offline",
-                "model": "test", "status": "ok"} for c, t in enumerate(sentences)],
+                "model": "test", "status": "ok"} for c, t in enumerate(SENTENCES)],
               ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
@@ -429,6 +429,16 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     embed = load_stage("04_embed")
     embed.run(Run(run_dir), embed.Settings(crop_vectors=9), text_embedder=WordsText(),
               image_embedder=ConvFeature())
+    return run_dir
+
+
+def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
+    """01 and 02 run for real on the fake model; 03's file is written here and 04 runs for real
+    with the fake model's conv1 feature as its image embedder (04_crops.npz); 09 writes the
+    contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
+    a process) describe the sub-concept mosaics, with held-out verification beside a control."""
+    from common.provenance import read_meta
+    run_dir = described_run(tmp_path, image_folder)
     none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
 
     def run_09():
