@@ -6,11 +6,13 @@ Reads, in the run folder (--run)
     01_activations.npz    optional, only its ``layers`` array: the layer order of the model
 Writes, in the run folder
     05_clusters.csv       layer, channel, kind, cluster, x, y (x, y: the 2-D map of that layer and kind)
-    05_metrics.csv        layer, kind, k, cohesion, silhouette, davies_bouldin, ari_text_fused
+    05_metrics.csv        layer, kind, k, cohesion, silhouette, davies_bouldin, ari_text_fused,
+                          wins, better (which embedding kind clusters better by these metrics)
     05_ksearch.csv        layer, kind, k, silhouette, inertia, chosen: every k the search fitted
     05_keywords.csv       layer, kind, cluster, rank, term, weight (kind, cluster ``all``: the layer)
     05_categories.csv     layer, channel, category, score, method
-    05_plots/             <layer>_k.png, <layer>_map.png, <layer>_keywords.png, categories.png
+    05_plots/             <layer>_k.png, <layer>_map.png, <layer>_keywords.png,
+                          <layer>_wordcloud.png, categories.png
     05_cluster.meta.json
 
 For every layer and embedding kind, KMeans is fitted for a bracketing set of k values and the k with
@@ -59,6 +61,7 @@ UMAP_MIN_POINTS = 5  # below this, a 2-D PCA is used instead of UMAP (UMAP needs
 MAP_POINT_SIZE = 12  # marker size on the 2-D maps
 TOKEN_PATTERN = r"(?u)\b[^\W\d_]{2,}(?:-[^\W\d_]+)*\b"  # words of 2+ letters; man-made: one term
 KEYWORD_BARS = 20  # terms shown in the per-layer keyword chart (all --n-keywords are in the CSV)
+WORDCLOUD_SIZE = (800, 400)  # pixels of a layer's word cloud
 
 DEFAULT_CATEGORIES = {  # name -> phrase that the embedding fallback compares descriptions with
     "actions/scenes": "people or animals doing something, or a whole scene such as a street, a "
@@ -606,6 +609,24 @@ def plot_keywords(layer: str, terms: list[tuple[str, float]], path: Path) -> Non
     save_figure(fig, path)
 
 
+def plot_wordcloud(terms: list[tuple[str, float]], path: Path, seed: int = 0) -> None:
+    """The layer's word cloud (the thesis's §5.1.1 figure): every kept term sized by its mean
+    TF-IDF weight, drawn by the ``wordcloud`` package with the font it ships (no network)."""
+    from PIL import Image
+    from wordcloud import WordCloud
+
+    weights = {t: w for t, w in terms if w > 0}
+    if weights:
+        cloud = WordCloud(width=WORDCLOUD_SIZE[0], height=WORDCLOUD_SIZE[1],
+                          background_color="white", colormap="viridis", random_state=seed,
+                          prefer_horizontal=0.9, max_words=len(weights))
+        image = cloud.generate_from_frequencies(weights).to_image()
+    else:  # nothing left after stop words: a blank card, so the atlas still has a picture
+        image = Image.new("RGB", WORDCLOUD_SIZE, "white")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
 def plot_categories(shares: dict[str, dict[str, float]], names: list[str], method: str,
                     path: Path) -> None:
     """Stacked bars of the share of each category per layer."""
@@ -624,6 +645,24 @@ def plot_categories(shares: dict[str, dict[str, float]], names: list[str], metho
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def metric_wins(results: dict[str, Clustering]) -> tuple[dict[str, int], str]:
+    """Which embedding kind clusters the layer better, as the thesis compares them (§4.3.1).
+
+    Each kind scores one win per metric on which it beats the other: higher cohesion, higher
+    silhouette, lower Davies–Bouldin (an undefined value, NaN, beats nothing and loses to
+    nothing; equal values are no win). ``better`` is the kind with at least two wins, else "tie".
+    """
+    (a, ra), (b, rb) = results.items()
+    wins = {a: 0, b: 0}
+    for x, y, higher in ((ra.cohesion, rb.cohesion, True), (ra.silhouette, rb.silhouette, True),
+                         (ra.davies_bouldin, rb.davies_bouldin, False)):
+        if not (np.isfinite(x) and np.isfinite(y)) or x == y:
+            continue
+        wins[a if (x > y) == higher else b] += 1
+    best = [kind for kind, n in wins.items() if n >= 2]
+    return wins, best[0] if best else "tie"
 
 
 def fmt(value: float) -> str:
@@ -737,12 +776,16 @@ def run(run: Run, settings: Settings = Settings(), classifier=None, text_embedde
 
         layer_terms, rows = keyword_table(data, results, stop_words, n_keywords, cluster_terms)
         keyword_rows += rows
+        wins, better = metric_wins(results)
+        log.info("%s: %s clusters better (wins of 3 metrics: %s)", data.layer, better,
+                 ", ".join(f"{kind} {n}" for kind, n in wins.items()))
         for kind in KINDS:
             res = results[kind]
             metric_rows.append({"layer": data.layer, "kind": kind, "k": res.k,
                                 "cohesion": fmt(res.cohesion), "silhouette": fmt(res.silhouette),
                                 "davies_bouldin": fmt(res.davies_bouldin),
-                                "ari_text_fused": fmt(ari)})
+                                "ari_text_fused": fmt(ari), "wins": wins[kind],
+                                "better": better})
             ksearch_rows += [{"layer": data.layer, "kind": kind, "k": k, "silhouette": fmt(s),
                               "inertia": fmt(i), "chosen": int(k == res.k)}
                              for k, (s, i) in sorted(res.curve.items())]
@@ -755,6 +798,7 @@ def run(run: Run, settings: Settings = Settings(), classifier=None, text_embedde
             plot_maps(data.layer, coords, results, methods_used[data.layer],
                       plot_dir / f"{stem}_map.png")
             plot_keywords(data.layer, layer_terms, plot_dir / f"{stem}_keywords.png")
+            plot_wordcloud(layer_terms, plot_dir / f"{stem}_wordcloud.png", seed)
     progress.close()
 
     best, scores, method = assign_categories(layers, emb, categories, nli_model, classifier,

@@ -20,10 +20,10 @@ Writes (into the run folder):
 
 For a pair (true class T, predicted class P): OK = images of T predicted T, KO = images of T
 predicted P. For every neuron and both per-image aggregations (spatial max and mean):
-Δμ = μ_KO − μ_OK; z = Δμ divided by its pooled-variance standard error, so that |z| ≥ 2 is
-the classic "two standard errors" rule (it fires for ~5% of neurons even when nothing differs);
-the Welch t-test p-value; and the Benjamini–Hochberg q-value over all neurons of all layers,
-which is the flag to trust (the statistics: common/differential.py). The causal check zeroes the
+Δμ = μ_KO − μ_OK; the thesis's z = Δμ / σ with σ the pooled standard deviation of the two groups,
+flagged by the thesis's rule |z| ≥ 2; t = Δμ over its standard error (Student's two-sample
+statistic); the Welch t-test p-value; and its Benjamini–Hochberg q-value over all neurons of all
+layers, flagged at q ≤ FDR (the statistics: common/differential.py). The causal check zeroes the
 top positive-z neurons of the deepest layer, re-runs the model, and counts KO images that flip to
 T, against an equally sized random set of neurons. The reports are written as blocks of text,
 tables and figures (``report_blocks``) that common/render.py renders through the templates
@@ -80,8 +80,8 @@ class Settings(ModelAgain):
         make="MIN_SHARE")
     min_images: int = setting(3, "least OK and KO images needed to compare them")
     max_pairs: int = setting(2, "auto: most pairs analysed", make="MAX_PAIRS")
-    fdr: float = setting(0.05, "Benjamini–Hochberg level of the flag", make="FDR")
-    z_threshold: float = setting(2.0, "the thesis's |z| rule")
+    fdr: float = setting(0.05, "Benjamini–Hochberg level of the flag_fdr", make="FDR")
+    z_threshold: float = setting(2.0, "the thesis's rule: flag_z when |z| = |Δμ| / σ ≥ this")
     rank_by: str = setting("mean", "aggregation used to rank neurons and pick the ones to ablate",
                            choices=AGGS)
     show_top: int = setting(8, "neurons shown with images in reports")
@@ -362,7 +362,7 @@ def plot_z_heatmaps(stats: dict, layers: list[str], path: Path, z_threshold: flo
             ax.set_title(f"{layer} · {agg} (channel = row·{width} + column)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-            fig.colorbar(im, ax=ax, shrink=0.8, label="z")
+            fig.colorbar(im, ax=ax, shrink=0.8, label="z = Δμ / σ")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
@@ -538,11 +538,12 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
 
     rule = f"|z|≥{settings.z_threshold:g}"
     blocks += [doc.heading("Differential neurons per layer"), doc.paragraph(
-        f"For each neuron, Δμ = μ_KO − μ_OK of its per-image activation, z = Δμ over the standard "
-        f"error of that difference, a Welch t-test p-value and a Benjamini–Hochberg q-value over "
-        f"all neurons of all layers. '{rule}' is the thesis's rule; 'expected' is how many "
-        f"neurons it flags by chance alone. 'FDR' counts neurons with q ≤ {settings.fdr:g}, the "
-        f"flag that accounts for testing many neurons.")]
+        f"For each neuron, Δμ = μ_KO − μ_OK of its per-image activation; the thesis's z = Δμ / σ "
+        f"with σ the pooled standard deviation of OK and KO; t = Δμ over its standard error "
+        f"(Student's two-sample statistic), a Welch t-test p-value and its Benjamini–Hochberg "
+        f"q-value over all neurons of all layers. '{rule}' counts the thesis's rule; 'expected' "
+        f"is how many neurons it would flag by chance alone. 'FDR' counts neurons with "
+        f"q ≤ {settings.fdr:g}, the flag that accounts for testing many neurons.")]
     stats, layers = ctx["stats"], ctx["layers"]
     layer_rows = []
     for layer in layers:
@@ -569,13 +570,13 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
     for r in ctx["top_neurons"]:
         top_rows.append({"rank": r["rank"], "layer": r["layer"], "channel": r["channel"],
                          "z": num(r[f"{rb}_z"]), "Δμ": num(r[f"{rb}_delta_mu"]),
-                         "effect": num(r[f"{rb}_effect"]), "q": num(r[f"{rb}_q"]),
+                         "t": num(r[f"{rb}_t"]), "q": num(r[f"{rb}_q"]),
                          "FDR": "yes" if r[f"{rb}_flag_fdr"] else "no",
                          "description": r["description"] or "(no description)",
                          "images": r.get("_image")})
-    blocks += [doc.table(["rank", "layer", "channel", "z", "Δμ", "effect", "q", "FDR",
+    blocks += [doc.table(["rank", "layer", "channel", "z", "Δμ", "t", "q", "FDR",
                           "description", "images"], top_rows,
-                         numeric=["rank", "channel", "z", "Δμ", "effect", "q"], image="images"),
+                         numeric=["rank", "channel", "z", "Δμ", "t", "q"], image="images"),
                doc.paragraph("How far to trust each description (09's verification against a "
                              "control, and the clarity of the neuron's crops) is shown beside "
                              "these neurons on this pair's page of the atlas (make atlas).")]

@@ -587,7 +587,10 @@ class Site:
                 "level": levels.most_common(1)[0][0] if levels else "–",
                 "k": metric.k if metric else None,
                 "silhouette": metric.silhouette if metric else None,
+                "better": metric.better if metric else None,
                 "keywords": self.run.keywords.get((name, None), ""),
+                "wordcloud": (f"wordclouds/{layer_slug(name)}.png"
+                              if self.wordcloud_png(name).exists() else ""),
                 "has_map": any(r["x"] is not None for r in recs),
                 "map_note": f"2-D map ({method.upper() or '?'}) of the {self.run.cluster_kind} "
                             f"embeddings, from 05."}
@@ -602,8 +605,13 @@ class Site:
 
     # -- static parts ---------------------------------------------------------------------------
 
+    def wordcloud_png(self, layer: str) -> Path:
+        """05's word cloud of ``layer`` (it may be absent: 05 run with --no-plots)."""
+        return self.run.run_dir / "05_plots" / f"{layer_slug(layer)}_wordcloud.png"
+
     def assets(self) -> None:
-        """Stylesheet, script and plotly.js (from the plotly package: works offline), once."""
+        """Stylesheet, script and plotly.js (from the plotly package: works offline), once;
+        05's word clouds of the layers."""
         import plotly
         folder = self.out / "assets"
         folder.mkdir(parents=True, exist_ok=True)
@@ -611,6 +619,10 @@ class Site:
         (folder / "atlas.js").write_bytes(asset("atlas.js"))
         shutil.copyfile(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
                         folder / "plotly.min.js")
+        for info in self.layer_info:
+            if info["wordcloud"]:
+                (self.out / "wordclouds").mkdir(exist_ok=True)
+                shutil.copyfile(self.wordcloud_png(info["name"]), self.out / info["wordcloud"])
 
     def image_jobs(self, thumb_px: int, mosaic_px: int) -> list[tuple]:
         """Thumbnail / mosaic jobs for every neuron with a mosaic, and each sub-concept mosaic."""
@@ -1032,6 +1044,7 @@ class Site:
                                 "channel": int(r["channel"]), "url": rec["url"],
                                 "z": number(r.get("mean_z")), "q": number(r.get("mean_q")),
                                 "flagged": flag(r) or "no",
+                                "flagged_z": flag(r, "flag_z") or "no",
                                 "verify_corr": rec["scores"].get("verify_corr"),
                                 "clarity": rec["scores"].get("clarity"),
                                 "description": r.get("description", "")})
@@ -1049,10 +1062,11 @@ class Site:
         return contributions
 
 
-def flag(row: dict) -> str:
-    """The aggregations ("max", "mean") by which 08 flagged the neuron (FDR); "" when none."""
+def flag(row: dict, column: str = "flag_fdr") -> str:
+    """The aggregations ("max", "mean") by which 08 flagged the neuron ("" when none): by the FDR
+    flag, or with ``column="flag_z"`` by the thesis's rule |z| ≥ 2."""
     return ", ".join(agg for agg in ("max", "mean")
-                     if str(row.get(f"{agg}_flag_fdr", "")).lower() in ("1", "true"))
+                     if str(row.get(f"{agg}_{column}", "")).lower() in ("1", "true"))
 
 
 def debug_appearances(run: RunData, pairs: list[dict]) -> dict:
@@ -1066,7 +1080,7 @@ def debug_appearances(run: RunData, pairs: list[dict]) -> dict:
                 out[(row["layer"], int(row["channel"]))].append({
                     "folder": folder, "true": pair["true"], "pred": pair["pred"], "rank": rank,
                     "z": number(row.get("mean_z")), "q": number(row.get("mean_q")),
-                    "flagged": flag(row) or "no",
+                    "flagged": flag(row) or "no", "flagged_z": flag(row, "flag_z") or "no",
                     "report": f"debug/{folder}/report.html"
                     if (run.run_dir / "08_debug" / folder / "report.html").exists() else ""})
     return out

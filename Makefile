@@ -71,6 +71,7 @@ COMPARE_KIND ?= fused#                     12 vectors compared: fused | text
 AUDIT       ?= examples/demo_audit.yaml#   13 concepts file: per class, valid and spurious concepts as text
 AUDIT_LAYER ?=#                            13 layer audited (empty: the deepest)
 AUDIT_TOP   ?= 20#                         13 most relevant neurons per class shown and checked
+DESCRIBERS  ?=#                            14 two describers compared by `make describe-compare`: prompt files, offline[:namer], hf:<model>, openai:<model>
 AUDIT_MARGIN ?= 0.2#                       13 alignment above the empty-text baseline needed for a label (0: SemanticLens)
 HOST        ?= 127.0.0.1#                  07 `make serve`: address the atlas server listens on
 PORT        ?= 8765#                       07 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
@@ -84,7 +85,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .DEFAULT_GOAL := all
 include tools/plumbing.mk
 .PHONY: all test bench bench-scale help clean venv extract mosaics describe embed cluster trace search debug \
-        score eval atlas serve baskets compare audit no-other reports-changed
+        score eval atlas serve baskets compare audit no-other reports-changed describe-compare \
+        no-describers
 
 # The files of each stage (their names are the artefact contract: ARTEFACTS.md). Each stage writes
 # its .meta.json last and deletes the old one before replacing any output, so the metas are targets
@@ -115,6 +117,7 @@ M11          := $(D)/11_baskets.meta.json
 COMPARED     := $(D)/12_compare__$(OTHER)/12_compare.meta.json
 RELEVANCE    := $(D)/13_relevance.npz
 M13          := $(D)/13_audit/13_audit.meta.json
+M14          := $(D)/14_describers/14_describers.meta.json
 
 all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage (01–10) on data/$(RUN)
 
@@ -279,9 +282,19 @@ $(M13): 13_audit.py $(RELEVANCE) $(D)/13_relevance.meta.json $(EMBEDDINGS) $(M04
         | $(VENV)
 	$(HOLD) $(PY) 13_audit.py audit --run $(D) $(ARGS_13)
 
+# --- 14 describe-compare (on request): two describers on the same mosaics, scored by 09's check --
+ARGS_14 := --describers "$(DESCRIBERS)" --matcher $(MATCHER) --text-model $(TEXT_EMBEDDER) \
+           --device $(DEVICE) --workers $(WORKERS) --describe-args $(call quote,$(DESCRIBE_03))
+describe-compare: $(if $(DESCRIBERS),$(M14),no-describers) ## 14: which describer explains the neurons best: make describe-compare DESCRIBERS="a.yaml b.yaml" (or offline:reference, hf:<model>, openai:<model>); report in data/$(RUN)/14_describers/
+no-describers:
+	@echo 'make describe-compare needs DESCRIBERS="a b" (two prompt files or describers)'; exit 2
+$(M14): 14_describers.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) \
+        $(CROPVECTORS) $(M04) $(D)/.args/14 $(call uses,14_describers.py) | $(VENV)
+	$(HOLD) $(PY) 14_describers.py --run $(D) $(ARGS_14)
+
 # --- the project's own commands ----------------------------------------------------------------
 help: ## list targets and variables
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 	@echo; echo "Variables (default):"
 	@grep -hE '^[A-Z_]+ +\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/# */\t# /'
 
@@ -299,6 +312,7 @@ bench-scale: $(VENV) ## benchmark: every stage's time and memory at 1×–8× th
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \
 	    09_summary.csv 09_eval.csv 09_score.meta.json 09_subconcepts/09_mosaics.* \
-	    09_subconcepts/*/ 10_* atlas 11_* 12_* 13_*
+	    09_subconcepts/*/ 10_* atlas 11_* 12_* 13_* 14_describers/*.csv \
+	    14_describers/report.* 14_describers/14_describers.meta.json
 
 include tools/arguments.mk

@@ -140,9 +140,11 @@ def synthetic_run(run: Path, seed: int = 0) -> None:
     kw = [{"layer": r["layer"], "kind": "fused", "cluster": r["cluster"], "rank": 1,
            "term": WORDS[r["cluster"] % len(WORDS)], "weight": 1.0} for r in crows]
     write_csv(run / "05_keywords.csv", kw, list(kw[0]))
-    write_csv(run / "05_metrics.csv", [{"layer": L, "kind": "fused", "k": max(2, c // 40)}
+    write_csv(run / "05_metrics.csv", [{"layer": L, "kind": "fused", "k": max(2, c // 40),
+                                        "wins": 0, "better": "tie"}
                                        for L, c in zip(layers, SIZES)],
-              ["layer", "kind", "k", "cohesion", "silhouette", "davies_bouldin", "ari_text_fused"])
+              ["layer", "kind", "k", "cohesion", "silhouette", "davies_bouldin", "ari_text_fused",
+               "wins", "better"])
     write_csv(run / "05_categories.csv", cats, list(cats[0]))
     m5 = write_meta(run / "05_cluster.meta.json", "05_cluster", {}, [run / "05_clusters.csv"],
                     inputs=[m4],

@@ -136,6 +136,9 @@ class Run(_Folder):
     audit = _InRun("13_audit/audit.csv")
     audit_summary = _InRun("13_audit/summary.csv")
     audit_meta = _InRun("13_audit/13_audit.meta.json")
+    describer_dir = _InRun("14_describers")
+    describer_neurons = _InRun("14_describers/neurons.csv")
+    describer_summary = _InRun("14_describers/summary.csv")
 
     def meta(self, stage: str) -> Path:
         """The provenance file of ``stage`` (``"04_embed"`` → ``<run>/04_embed.meta.json``)."""
@@ -558,7 +561,10 @@ def read_clusters(path: str | Path) -> list[ClusterRow]:
 
 @dataclass(frozen=True)
 class MetricRow:
-    """A row of 05_metrics.csv; silhouette and Davies–Bouldin are NaN when k = 1."""
+    """A row of 05_metrics.csv; silhouette and Davies–Bouldin are NaN when k = 1. ``wins``: of
+    the three metrics (cohesion and silhouette higher, Davies–Bouldin lower), on how many this
+    kind beats the layer's other kind; ``better``: the kind that wins at least two ("text" or
+    "fused"), or "tie" — the same on both rows of a layer."""
     layer: str
     kind: str
     k: int
@@ -566,6 +572,8 @@ class MetricRow:
     silhouette: float
     davies_bouldin: float
     ari_text_fused: float
+    wins: int
+    better: str
 
 
 def read_metrics(path: str | Path) -> list[MetricRow]:
@@ -690,15 +698,18 @@ ANALYSED = ("selected", "fallback", "requested")  # statuses of pairs.csv that h
 class DebugNeuron:
     """A row of 08_debug/<pair>/neurons.csv: one neuron, ranked by |z| (see 08's --rank-by), with
     the statistics of common/differential.py for the per-image max (``max_``) and mean
-    (``mean_``); the flags are 0 or 1."""
+    (``mean_``): ``sigma`` the pooled standard deviation, ``z`` = Δμ / sigma (the thesis's z),
+    ``t`` the Student two-sample statistic, ``p`` Welch's p-value, ``q`` its Benjamini–Hochberg
+    q-value; the flags (``flag_z``: |z| ≥ the rule; ``flag_fdr``: q ≤ FDR) are 0 or 1."""
     rank: int
     layer: str
     channel: int
     max_mu_ok: float
     max_mu_ko: float
     max_delta_mu: float
+    max_sigma: float
     max_z: float
-    max_effect: float
+    max_t: float
     max_p: float
     max_q: float
     max_flag_z: int
@@ -706,8 +717,9 @@ class DebugNeuron:
     mean_mu_ok: float
     mean_mu_ko: float
     mean_delta_mu: float
+    mean_sigma: float
     mean_z: float
-    mean_effect: float
+    mean_t: float
     mean_p: float
     mean_q: float
     mean_flag_z: int
@@ -1168,3 +1180,49 @@ class AuditSummaryRow:
 def read_audit_summary(path: str | Path) -> list[AuditSummaryRow]:
     """Every row of 13_audit/summary.csv."""
     return _read_rows(path, AuditSummaryRow, "13_audit (make audit)")
+
+
+@dataclass(frozen=True)
+class DescriberNeuron:
+    """A row of 14_describers/neurons.csv: one neuron described by two describers (``a`` and
+    ``b``, named by their folders), each sentence's verify_corr and its control's (09's
+    verification; NaN where not verified), and ``winner``: the name of the describer whose
+    sentence verifies better, ``tie``, or empty when neither was verified."""
+    layer: str
+    channel: int
+    describer_a: str
+    describer_b: str
+    sentence_a: str
+    verify_corr_a: float
+    control_corr_a: float
+    sentence_b: str
+    verify_corr_b: float
+    control_corr_b: float
+    winner: str
+
+
+def read_describer_neurons(path: str | Path) -> list[DescriberNeuron]:
+    """Every row of 14_describers/neurons.csv."""
+    return _read_rows(path, DescriberNeuron, "14_describers (make describe-compare)")
+
+
+@dataclass(frozen=True)
+class DescriberSummary:
+    """A row of 14_describers/summary.csv: one describer on one layer (``all``: every layer) —
+    neurons, how many of its sentences were verified, their mean verify_corr and control_corr
+    (NaN when none), the share beating their control, and its wins and the ties over the other
+    describer."""
+    layer: str
+    describer: str
+    neurons: int
+    verified: int
+    mean_verify_corr: float
+    mean_control_corr: float
+    share_beating_control: float
+    wins: int
+    ties: int
+
+
+def read_describer_summary(path: str | Path) -> list[DescriberSummary]:
+    """Every row of 14_describers/summary.csv."""
+    return _read_rows(path, DescriberSummary, "14_describers (make describe-compare)")

@@ -5,13 +5,17 @@ Stage 08 compares, for a confusion (true class T predicted as P), the images of 
 statistics) and both per-image aggregations (spatial max and mean):
 
 - Δμ = μ_KO − μ_OK;
-- z = Δμ over its pooled-variance standard error (the Student two-sample statistic), so that
-  |z| ≥ 2 is the classic "two standard errors" rule — which fires for about 5 % of neurons even
-  when nothing differs (``chance_rate``);
-- the effect size Δμ / s_p (Cohen's d);
-- the Welch t-test p-value (no equal-variance assumption);
-- the Benjamini–Hochberg q-value over all neurons of all layers of one aggregation (one family
-  of tests): the flag to trust.
+- ``sigma`` = s_p, the pooled standard deviation of the two groups,
+  √(((n_KO − 1)·s²_KO + (n_OK − 1)·s²_OK) / (n_KO + n_OK − 2)) — the thesis's "combined standard
+  deviation of the two sets" (§ statistical neuron analysis), read as the pooled one;
+- ``z`` = Δμ / s_p, the thesis's z, with its ``flag_z``: |z| ≥ 2 (a shift of two standard
+  deviations of the neuron, whatever the number of images);
+- ``t`` = Δμ / (s_p·√(1/n_KO + 1/n_OK)), the Student two-sample statistic (z scaled by the
+  number of images);
+- ``p``, the Welch t-test p-value (no equal-variance assumption);
+- ``q``, the Benjamini–Hochberg q-value over all neurons of all layers of one aggregation (one
+  family of tests), with its ``flag_fdr``: q ≤ FDR — the flag that accounts for testing many
+  neurons.
 """
 from __future__ import annotations
 
@@ -26,17 +30,17 @@ from common import artefacts
 from common.cli import StageError
 
 AGGS = ("max", "mean")  # per-image aggregations of a channel's feature map, as stored by 01
-STAT_COLS = ("mu_ok", "mu_ko", "delta_mu", "z", "effect", "p", "q", "flag_z", "flag_fdr")
+STAT_COLS = ("mu_ok", "mu_ko", "delta_mu", "sigma", "z", "t", "p", "q", "flag_z", "flag_fdr")
 
 
 def compare_groups(ko: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
     """Per column (neuron) of ``ko`` (n_KO × C) against ``ok`` (n_OK × C).
 
-    ``z`` is Δμ over the pooled-variance standard error of Δμ, s_p·√(1/n_KO + 1/n_OK), i.e.
-    the Student two-sample statistic; under no difference it is ≈ N(0, 1), which is what makes
-    |z| ≥ 2 mean "two standard errors". ``effect`` is Δμ / s_p (Cohen's d), the size of the
-    difference in units of the neurons' spread. ``p`` is Welch's two-sided t-test (no equal-variance
-    assumption). Constant neurons get z = 0 and p = 1 when both groups agree exactly.
+    ``sigma`` is the pooled standard deviation s_p of the two groups; ``z`` = Δμ / s_p (the
+    thesis's z: the shift in units of the neuron's spread); ``t`` = Δμ over the standard error
+    s_p·√(1/n_KO + 1/n_OK) (the Student two-sample statistic). ``p`` is Welch's two-sided t-test
+    (no equal-variance assumption). Constant neurons get z = t = 0 and p = 1 when both groups
+    agree exactly, ±inf and p = 0 when they differ.
     """
     ko = np.asarray(ko, dtype=np.float64)
     ok = np.asarray(ok, dtype=np.float64)
@@ -48,15 +52,16 @@ def compare_groups(ko: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
     sd = np.sqrt(pooled_var)
     se = sd * math.sqrt(1 / n1 + 1 / n2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(se > 0, delta / se, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
-        effect = np.where(sd > 0, delta / sd, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
+        t = np.where(se > 0, delta / se, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
+        z = np.where(sd > 0, delta / sd, np.where(delta == 0, 0.0, np.sign(delta) * np.inf))
         # Constant neurons (a dead unit is 0 on every image) make scipy warn about precision;
         # they are handled just below, so the warning is noise here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             p = sps.ttest_ind(ko, ok, axis=0, equal_var=False).pvalue
     p = np.where(np.isnan(p), np.where(delta == 0, 1.0, 0.0), p)
-    return {"mu_ok": mu_ok, "mu_ko": mu_ko, "delta_mu": delta, "z": z, "effect": effect, "p": p}
+    return {"mu_ok": mu_ok, "mu_ko": mu_ko, "delta_mu": delta, "sigma": sd, "z": z, "t": t,
+            "p": p}
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
@@ -106,5 +111,9 @@ def layer_stats(stats_dir: Path, layers: list[str], ok_ids: np.ndarray, ko_ids: 
 
 
 def chance_rate(n_ok: int, n_ko: int, z_threshold: float) -> float:
-    """Share of neurons expected to pass |z| ≥ threshold when nothing differs (t distribution)."""
-    return float(2 * sps.t.sf(z_threshold, n_ok + n_ko - 2))
+    """Share of neurons expected to pass |z| ≥ threshold when nothing differs.
+
+    z = Δμ / s_p = t·√(1/n_KO + 1/n_OK) and t follows Student's t with n_OK + n_KO − 2 degrees of
+    freedom under normal, equal-variance groups, so |z| ≥ c is |t| ≥ c / √(1/n_KO + 1/n_OK).
+    """
+    return float(2 * sps.t.sf(z_threshold / math.sqrt(1 / n_ok + 1 / n_ko), n_ok + n_ko - 2))

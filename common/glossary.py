@@ -370,19 +370,37 @@ TERMS: dict[str, Term] = {
         "−1 … 1; empty for a single cluster.",
         "Above 0.5: clear families; near 0: overlapping ones.",
         "000", "layer"),
+    "better": Term(
+        "clusters better", "better",
+        "Which embedding of the sentences, text or fused (text + mosaic), clusters the layer "
+        "better (05).",
+        "05 clusters each layer's text and fused embeddings and counts, per kind, the metrics on "
+        "which it beats the other: cohesion higher, silhouette higher, Davies–Bouldin lower.",
+        "text, fused, or tie (neither wins two of the three).",
+        "The thesis found fused better on every layer; the atlas's maps and clusters use the "
+        "fused kind unless told otherwise.",
+        "000", "layer"),
     "z": Term(
         "shift on errors (z)", "z",
         "How differently the neuron fires on misclassified than on correct images of the class, "
-        "in standard errors.",
-        "08's two-sample z of the neuron's mean activation, misclassified (KO) against "
-        "correctly classified (OK) images of the true class.",
-        "Any real number.",
-        "Positive: fires more on the errors. |z| ≥ 2 happens to about 5 % of neurons by chance; "
-        "trust q for a flag.",
+        "in its standard deviations.",
+        "08's z = Δμ / σ: the mean activation on misclassified (KO) minus that on correctly "
+        "classified (OK) images of the true class, over σ, the pooled standard deviation of the "
+        "two groups.",
+        "Any real number; it does not grow with the number of images.",
+        "Positive: fires more on the errors. The thesis flags |z| ≥ 2 (flag_z); trust q for a "
+        "flag that accounts for testing every neuron.",
         "000", "debug"),
+    "t": Term(
+        "t statistic", "t",
+        "z scaled by the number of images: Δμ over its standard error (Student's two-sample t).",
+        "08's t = Δμ / (σ·√(1/n_KO + 1/n_OK)); its p-value (Welch's) gives q.",
+        "Any real number; grows with the number of images for the same shift.",
+        "|t| ≥ 2 happens to about 5 % of neurons by chance alone: not a flag on its own.",
+        "atlas", "debug"),
     "q": Term(
         "FDR q-value", "q",
-        "z's p-value adjusted for testing every neuron (Benjamini–Hochberg).",
+        "t's p-value adjusted for testing every neuron (Benjamini–Hochberg); flag_fdr: q ≤ FDR.",
         "The smallest false-discovery rate at which the neuron would be flagged, over all "
         "neurons 08 tested for the pair.",
         "0 … 1.",

@@ -304,6 +304,13 @@ def test_trust_is_explained_by_one_glossary(run):
     pair = next((site / "debug").glob("*/index.html")).read_text()
     for key in ("z", "q", "verify_corr", "clarity"):
         assert f'title="{escape(TERMS[key].tip)}"' in pair, key
+    assert "<th>|z| ≥ 2 by</th><th>FDR flag by</th>" in pair  # the thesis's flag and BH's apart
+    # 05's word clouds sit beside each layer's keywords; which embedding clusters better, too.
+    assert f'title="{escape(TERMS["better"].tip)}"' in index
+    clouds = sorted(p.name for p in (site / "wordclouds").glob("*.png"))
+    assert clouds == sorted(f"{p.stem.removesuffix('_wordcloud')}.png"
+                            for p in (run_dir / "05_plots").glob("*_wordcloud.png")) != []
+    assert all(f'src="wordclouds/{name}"' in index for name in clouds)
     # The layer's data script carries the names and tips its sort menu and card chips show.
     data = json.loads((site / "data" / "relu1.js").read_text().split("] = ", 1)[1].rstrip(";\n"))
     assert data["terms"]["verify_corr"] == {"n": "verified r", "s": "verified r",

@@ -289,13 +289,33 @@ def test_end_to_end_two_layers(tmp_path, monkeypatch):
     ksearch = read_ksearch(out / "05_ksearch.csv")
     assert sum(r.chosen for r in ksearch) == 4
     for name in ("early_k.png", "early_map.png", "early_keywords.png", "late_map.png",
-                 "categories.png"):
+                 "early_wordcloud.png", "categories.png"):
         assert (out / "05_plots" / name).stat().st_size > 1000
+    from PIL import Image
+    cloud = np.asarray(Image.open(out / "05_plots" / "early_wordcloud.png").convert("L"))
+    assert cloud.shape == (400, 800) and (cloud < 128).mean() > 0.01  # words drawn, not blank
+    assert {m.better for m in metrics} <= {"text", "fused", "tie"}
+    for layer in ("early", "late"):
+        pair = [m for m in metrics if m.layer == layer]
+        assert pair[0].better == pair[1].better and pair[0].wins + pair[1].wins <= 3
     meta = read_json(out / "05_cluster.meta.json")
     assert set(meta["lineage"]) == {"01_extract", "03_describe", "04_embed", "05_cluster"}
     assert meta["category_method"] == "embedding:fake-bow"
     assert meta["describer_wording"] == ["number", "pattern"]
     assert meta["skipped"]["failed description"] == 1
+
+
+def test_metric_wins_counts_each_metric_once_and_names_the_majority():
+    c = stage.Clustering
+    labels = np.zeros(3, dtype=int)
+    text = c(3, labels, cohesion=0.80, silhouette=0.30, davies_bouldin=1.5)
+    fused = c(3, labels, cohesion=0.90, silhouette=0.25, davies_bouldin=1.2)
+    assert stage.metric_wins({"text": text, "fused": fused}) == ({"text": 1, "fused": 2}, "fused")
+    text = c(3, labels, cohesion=0.95, silhouette=0.35, davies_bouldin=1.5)
+    assert stage.metric_wins({"text": text, "fused": fused}) == ({"text": 2, "fused": 1}, "text")
+    # undefined metrics (k = 1) count for neither; a single win is no majority
+    one = c(1, labels, cohesion=0.7, silhouette=float("nan"), davies_bouldin=float("nan"))
+    assert stage.metric_wins({"text": one, "fused": fused}) == ({"text": 0, "fused": 1}, "tie")
 
 
 def test_degenerate_layers_do_not_crash(tmp_path):

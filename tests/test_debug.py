@@ -5,6 +5,7 @@ Runs are built by hand: 01's predictions and per-image statistics are written di
 differences between OK and KO images are known exactly.
 """
 import json
+import math
 import types
 
 import numpy as np
@@ -92,12 +93,12 @@ EVIL = "<script>alert('x')</script> water\"><img src=x onerror=alert(1)> and sky
 
 
 def planted_run(tmp_path, mosaics=True):
-    """A run where exactly the PLANTED neurons differ between KO and OK (by 2.5 σ)."""
+    """A run where exactly the PLANTED neurons differ between KO and OK (by 3.5 σ)."""
     rng = np.random.default_rng(7)
     stats = {"early": rng.normal(size=(len(LABELS), 20)),
              "deep": rng.normal(size=(len(LABELS), 40))}
     for (layer, ch), sign in PLANTED.items():
-        stats[layer][KO, ch] += sign * 2.5
+        stats[layer][KO, ch] += sign * 3.5
     run_dir = tmp_path / "run"
     write_run(run_dir, LABELS, PREDS, stats,
               descriptions={("deep", 5): EVIL, ("deep", 33): "birds over a lake"},
@@ -145,6 +146,7 @@ def test_planted_neurons_are_recovered(tmp_path):
         assert row.mean_delta_mu == pytest.approx(row.max_delta_mu)
     others = [r for r in rows if (r.layer, r.channel) not in PLANTED]
     assert sum(r.mean_flag_fdr for r in others) <= 3  # BH lets a few through
+    assert sum(r.mean_flag_z + r.max_flag_z for r in others) == 0  # |Δμ| ≥ 2σ: not by chance
     assert top[("deep", 33)].description == "birds over a lake"
     for name in ("delta_mu.png", "z_heatmaps.png", "ko_examples.jpg", "ok_examples.jpg",
                  "report.md", "report.html"):
@@ -192,10 +194,11 @@ def test_too_few_images_is_a_clear_error(tmp_path):
         debug.run(Run(run_dir), debug.Settings(true="cathedral", ablate_top=0))
 
 
-def test_noise_z_rule_fires_about_5_percent_but_fdr_stays_below_level(tmp_path):
-    # 4000 neurons, no real difference: |z| ≥ 2 is a 2-standard-error rule, so it flags
-    # about 2·P(t_53 ≥ 2) ≈ 5% of them; the Benjamini–Hochberg flag controls the false
-    # discovery rate, and with no true effect at all it should flag (almost) nothing.
+def test_noise_thesis_z_rule_and_fdr_flag_nothing_while_t_rule_fires_5_percent(tmp_path):
+    # 4000 neurons, no real difference. The thesis's |z| ≥ 2 (Δμ two pooled standard deviations
+    # away) needs |t| ≥ 2/√(1/15 + 1/40) ≈ 6.6 here, so it flags nothing; a rule on the t
+    # statistic, |t| ≥ 2, would flag about 2·P(t_53 ≥ 2) ≈ 5 %; the Benjamini–Hochberg flag controls
+    # the false discovery rate and flags (almost) nothing.
     rng = np.random.default_rng(0)
     n_ok, n_ko = 40, 15
     stats_dir = tmp_path / "01_stats"
@@ -207,12 +210,23 @@ def test_noise_z_rule_fires_about_5_percent_but_fdr_stays_below_level(tmp_path):
     ok_ids, ko_ids = np.arange(n_ok), np.arange(n_ok, n_ok + n_ko)
     res = layer_stats(stats_dir, ["a", "b"], ok_ids, ko_ids, 3, "noise", 0.05, 2.0)
     flag_z = np.concatenate([res[la]["mean"]["flag_z"] for la in "ab"])
+    t = np.concatenate([res[la]["mean"]["t"] for la in "ab"])
     flag_fdr = np.concatenate([res[la]["mean"]["flag_fdr"] for la in "ab"])
-    expected = chance_rate(n_ok, n_ko, 2.0)
-    assert 0.045 < expected < 0.055
-    assert abs(flag_z.mean() - expected) < 0.015  # binomial sd ≈ 0.0035
+    assert chance_rate(n_ok, n_ko, 2.0) < 1e-6 and flag_z.sum() == 0
+    from scipy import stats as sps
+    expected_t = 2 * sps.t.sf(2.0, n_ok + n_ko - 2)
+    assert 0.045 < expected_t < 0.055
+    assert abs((np.abs(t) >= 2).mean() - expected_t) < 0.015  # binomial sd ≈ 0.0035
     assert flag_fdr.mean() <= 0.05
     assert flag_fdr.sum() <= 4
+    # With a shift of 2.5 standard deviations on half the neurons, the thesis's rule finds most.
+    values = rng.normal(size=(n_ok + n_ko, 200))
+    values[n_ok:, :100] += 2.5
+    np.save(stats_dir / "c.mean.npy", values.astype(np.float32))
+    np.save(stats_dir / "c.max.npy", values.astype(np.float32))
+    res = layer_stats(stats_dir, ["c"], ok_ids, ko_ids, 3, "shift", 0.05, 2.0)
+    flag_z = res["c"]["mean"]["flag_z"]
+    assert flag_z[:100].mean() > 0.8 and flag_z[100:].sum() == 0
 
 
 def test_classes_never_predicted_get_their_imagenet_name():
@@ -226,15 +240,27 @@ def test_classes_never_predicted_get_their_imagenet_name():
 
 
 def test_statistics_agree_with_scipy_and_a_hand_computed_fdr():
-    """z is Student's pooled two-sample t, p is Welch's; the q-values are Benjamini–Hochberg's
-    step-up, computed here by hand from its definition."""
+    """z is the thesis's Δμ / σ with σ the pooled standard deviation, computed here by hand;
+    t is Student's pooled two-sample t and p Welch's (scipy); the q-values are
+    Benjamini–Hochberg's step-up, computed here by hand from its definition."""
     from scipy import stats as sps
 
     from common.differential import bh_qvalues
     rng = np.random.default_rng(5)
     ko, ok = rng.normal(0.4, 1.0, size=(9, 6)), rng.normal(0.0, 2.0, size=(17, 6))
     res = compare_groups(ko, ok)
-    np.testing.assert_allclose(res["z"], sps.ttest_ind(ko, ok, equal_var=True).statistic)
+    for c in range(ko.shape[1]):  # the thesis's z, by hand from its definition
+        a, b = [float(v) for v in ko[:, c]], [float(v) for v in ok[:, c]]
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        ssa, ssb = sum((v - ma) ** 2 for v in a), sum((v - mb) ** 2 for v in b)
+        sigma = math.sqrt((ssa + ssb) / (len(a) + len(b) - 2))
+        assert res["sigma"][c] == pytest.approx(sigma, rel=1e-12)
+        assert res["z"][c] == pytest.approx((ma - mb) / sigma, rel=1e-12)
+    # A worked example: KO 1, 2, 3 (mean 2), OK 0, 0, 0, 0 (mean 0); pooled variance
+    # (2 + 0) / (3 + 4 − 2) = 0.4, so z = 2 / √0.4 ≈ 3.162 and t = z / √(1/3 + 1/4) ≈ 4.140.
+    worked = compare_groups(np.array([[1.0], [2.0], [3.0]]), np.zeros((4, 1)))
+    assert worked["z"][0] == pytest.approx(3.16227766) and worked["t"][0] == pytest.approx(4.14039336)
+    np.testing.assert_allclose(res["t"], sps.ttest_ind(ko, ok, equal_var=True).statistic)
     np.testing.assert_allclose(res["p"], sps.ttest_ind(ko, ok, equal_var=False).pvalue)
     p = np.array([0.01, 0.04, 0.03, 0.5, 0.001])
     order = np.argsort(p)
@@ -249,8 +275,8 @@ def test_constant_neurons_do_not_divide_by_zero():
     ok = np.zeros((7, 2))
     ok[:, 1] = 1.0
     res = compare_groups(ko, ok)
-    assert res["z"][0] == 0 and res["p"][0] == 1.0  # identical constants: no difference
-    assert res["z"][1] == -np.inf and res["p"][1] == 0.0  # different constants: certain
+    assert res["z"][0] == 0 and res["t"][0] == 0 and res["p"][0] == 1.0  # identical constants
+    assert res["z"][1] == -np.inf and res["t"][1] == -np.inf and res["p"][1] == 0.0  # differ
 
 
 def test_the_default_fdr_level_is_five_percent():

@@ -130,6 +130,8 @@ def test_help_lists_targets_and_variables():
                 if line.split("\t")[0] in stages}
     assert numbered == {name: f"{n:02d}:" for n, name in enumerate(stages, start=1)}
     assert {"test", "bench", "help", "clean", "venv"} <= set(targets)
+    helps = dict(line.split("\t", 1) for line in result.stdout.splitlines() if "\t" in line)
+    assert helps["describe-compare"].startswith("14:")  # a hyphenated target is listed too
     variables = {line.split(" = ")[0] for line in result.stdout.splitlines() if " = " in line}
     assert {"RUN", "IMAGES", "MODEL", "LAYERS", "TOPK", "DESCRIBER", "AUDIT", "DATA"} <= variables
 

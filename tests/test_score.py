@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common import scores as S
-from common import matchers
+from common import matchers, verification
 from common.artefacts import Run
 from common.matchers import OfflineMatcher, appearance_weights, has_object_words
 from common.triage import DNR_K, triage_layer
@@ -229,8 +229,8 @@ def test_true_description_beats_its_control_and_a_wrong_one_does_not(tmp_path):
     held_out = np.ones(len(paths), bool)
     held_out[:6] = False  # as if these had been in the mosaics
     for neuron, control in ((0, 1), (1, 0)):
-        right = score.verify(scores_[:, neuron], act[:, neuron], held_out)
-        wrong = score.verify(scores_[:, control], act[:, neuron], held_out)
+        right = verification.verify(scores_[:, neuron], act[:, neuron], held_out)
+        wrong = verification.verify(scores_[:, control], act[:, neuron], held_out)
         assert right["corr"] > 0.5 and right["corr"] > wrong["corr"]
         assert right["auprc"] > wrong["auprc"]
         assert right["n"] == 54
@@ -435,11 +435,12 @@ def test_final_layer_eval_and_its_shuffled_control():
 # The stage end to end on the fake model
 
 
-def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
-    """01 and 02 run for real on the fake model; 03's file is written here and 04 runs for real
-    with the fake model's conv1 feature as its image embedder (04_crops.npz); 09 writes the
-    contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
-    a process) describe the sub-concept mosaics, with held-out verification beside a control."""
+SENTENCES = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]  # true ones
+
+
+def described_run(tmp_path, image_folder):
+    """01 and 02 for real on the fake model (relu1, 3 × 3 mosaics), SENTENCES as 03's file, and
+    04 for real with the fake model's conv1 feature as its image embedder → the run folder."""
     from common.io import write_csv
     from common.provenance import read_meta, write_meta
     run_dir = tmp_path / "run"
@@ -449,10 +450,9 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
         "--device", "cpu", "--workers", "1"])
     load_stage("02_mosaics").main(["--run", str(run_dir), "--grid", "3", "--tile", "16",
                                    "--workers", "1"])
-    sentences = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]
     write_csv(run_dir / "03_descriptions.csv",
               [{"layer": "relu1", "channel": c, "level": 1, "description": t, "backend": "offline",
-                "model": "test", "status": "ok"} for c, t in enumerate(sentences)],
+                "model": "test", "status": "ok"} for c, t in enumerate(SENTENCES)],
               ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
@@ -460,6 +460,16 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     embed = load_stage("04_embed")
     embed.run(Run(run_dir), embed.Settings(crop_vectors=9), text_embedder=WordsText(),
               image_embedder=ConvFeature())
+    return run_dir
+
+
+def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
+    """01 and 02 run for real on the fake model; 03's file is written here and 04 runs for real
+    with the fake model's conv1 feature as its image embedder (04_crops.npz); 09 writes the
+    contract's columns, splits the neurons' crops and has the real 03 (offline backend, run as
+    a process) describe the sub-concept mosaics, with held-out verification beside a control."""
+    from common.provenance import read_meta
+    run_dir = described_run(tmp_path, image_folder)
     none = np.full((30, 5), -1)  # the matcher sees the 30 usable images (one file is broken)
     # The fake model's neurons are monosemantic, so the silhouette keeps one group each (tested
     # above); here every neuron is split in two, to run the sub-concept path end to end.
@@ -507,7 +517,7 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     assert verified
     for r in verified:
         assert r["margin_low"] <= r["margin"] <= r["margin_high"]
-        assert r["control_description"] == sentences[r["control_channel"]]
+        assert r["control_description"] == SENTENCES[r["control_channel"]]
         assert r["verdict"] == S.verdict_level(r["verify_corr"], r["margin"], r["margin_low"])
         assert 0 <= r["activation_rate"] <= 1 and r["crop_clusters"] in (1, 2, 3)
     assert summary[0]["share_beating_control"] == pytest.approx(
@@ -534,9 +544,9 @@ def test_controls_are_other_neurons_with_other_words():
     texts = ["red", "red", "blue", "red"]
     def draw(seed):
         """Controls of the four sentences plus a sub-concept of neuron 0."""
-        sents = [score.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
-        sents.append(score.Sentence("L", 0, 1, "blue", shown))
-        score.pick_controls(sents, np.random.default_rng(seed))
+        sents = [verification.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
+        sents.append(verification.Sentence("L", 0, 1, "blue", shown))
+        verification.pick_controls(sents, np.random.default_rng(seed))
         return [(s, sents[s.control]) for s in sents]
     pairs = draw(0)
     for s, control in pairs:

@@ -27,7 +27,8 @@ CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
 # The arguments of the reports made on request are tracked by the make that makes them only, so
 # that `make all` with other defaults leaves a report made with `make audit AUDIT=mine.yaml` as it is.
 CHANGED += $(if $(filter baskets,$(MAKECMDGOALS)),$(call track_args,11,$(ARGS_11))) \
-           $(if $(filter audit,$(MAKECMDGOALS)),$(call track_args,13,$(ARGS_13)))
+           $(if $(filter audit,$(MAKECMDGOALS)),$(call track_args,13,$(ARGS_13))) \
+           $(if $(filter describe-compare,$(MAKECMDGOALS)),$(call track_args,14,$(ARGS_14)))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.
