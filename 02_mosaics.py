@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.artefacts import Run, layer_dir, read_activations, read_images
+from common.artefacts import Mosaic, Run, columns, layer_dir, read_activations, read_images
 from common.cli import (StageError, add_run, add_settings, comma_list, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.io import disk_guard, sweep_temporaries, temp_dir, write_bytes, write_csv
@@ -45,7 +45,7 @@ from common.fields import RF, field_box
 log = logging.getLogger("neuron-atlas.02_mosaics")
 
 STAGE = "02_mosaics"
-FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
+FIELDS = [c for c in columns(Mosaic) if c != "ranks"]  # the reader's columns; ranks: only 09's index
 DIM = 0.3         # brightness kept outside the activation blob in mask crops
 MASK_LEVEL = 0.5  # blob = upsampled activation above this share of its peak
 SPARE_BYTES = 1 << 30  # disk space to leave free beside the scratch image cache, for the PNGs

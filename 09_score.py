@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import Run, ScoreRow, SummaryRow, columns, layer_dir, read_stats
+from common.artefacts import Mosaic, Run, ScoreRow, SummaryRow, columns, layer_dir, read_stats
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
@@ -60,7 +60,7 @@ SCORE_FIELDS = columns(ScoreRow)  # 09_scores.csv and 09_summary.csv: the reader
 SUMMARY_FIELDS = columns(SummaryRow)
 EVAL_FIELDS = ["layer", "channel", "class_name", "description", "cosine", "shuffled_cosine",
                "shuffled_from", "embedder"]
-SUB_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop", "ranks"]
+SUB_FIELDS = columns(Mosaic)  # 02's index columns and the tiles' ranks
 PUBLISHED = {"DnD": 0.459, "MILAN": 0.279}  # ResNet-50 ImageNet fc, mpnet cosine (issue 12)
 ROOT = Path(__file__).resolve().parent
 POLY_THRESHOLD = 0.0   # cluster the crops of every selected neuron (SIEVE); higher: only neurons at
@@ -84,7 +84,7 @@ def neuron_crops(inputs: RunInputs, layer: str, channel: int, n_crops: int) -> l
 # Sub-concepts
 
 
-def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
+def write_subconcept_mosaics(inputs: RunInputs, groups: dict, run: Run,
                              metas: list[dict]) -> Path:
     """One mosaic per sub-concept (its crops, best first, in a square grid) and their index CSV.
 
@@ -95,7 +95,8 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
     Returns the index path.
     """
     from common.mosaics import paste_tiles, png_bytes
-    retract_meta(folder / "09_mosaics.meta.json")
+    folder = run.subconcepts
+    retract_meta(run.subconcept_meta)
     for old in folder.glob("*/"):
         if old.is_dir():
             shutil.rmtree(old)
@@ -115,9 +116,9 @@ def write_subconcept_mosaics(inputs: RunInputs, groups: dict, folder: Path,
                          "path": os.path.relpath(path, folder), "n_tiles": placed,
                          "grid": grid, "tile_px": tile_px, "crop": "subconcept",
                          "ranks": " ".join(str(int(r)) for r in ranks[:placed])})
-    index = folder / "09_mosaics.csv"
+    index = run.subconcept_mosaics
     write_csv(index, rows, SUB_FIELDS)
-    write_meta(folder / "09_mosaics.meta.json", "09_subconcepts", {}, outputs=[index],
+    write_meta(run.subconcept_meta, "09_subconcepts", {}, outputs=[index],
                inputs=metas, n_mosaics=len(rows))
     return index
 
@@ -339,7 +340,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                  "sentence)", len(groups), len(candidates))
         if not groups:
             return None
-        index = write_subconcept_mosaics(inputs, groups, subconcepts, inputs.metas)
+        index = write_subconcept_mosaics(inputs, groups, run, inputs.metas)
         levels = {}
         for (layer, channel), labels in groups.items():
             level = getattr(inputs.descriptions.get((layer, channel)), "level", 0) or 1
@@ -347,7 +348,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                 levels[f"{layer}#{s + 1}"] = level
         # The describer reads 01's activations and predictions as for the neurons themselves: the
         # offline one names whole-image tiles by 01's predictions instead of classifying them.
-        return Describing(index, subconcepts / "03_descriptions.csv", describer, levels,
+        return Describing(index, run.subconcept_descriptions, describer, levels,
                           activations, predictions)
 
     # 4. Verification (the neurons' own sentences are scored while the sub-concepts are described)

@@ -122,6 +122,7 @@ class Run(_Folder):
     eval = _InRun("09_eval.csv")
     subconcepts = _InRun("09_subconcepts")
     subconcept_mosaics = _InRun("09_subconcepts/09_mosaics.csv")
+    subconcept_meta = _InRun("09_subconcepts/09_mosaics.meta.json")
     subconcept_descriptions = _InRun("09_subconcepts/03_descriptions.csv")
     atlas = _InRun("atlas")
     baskets = _InRun("11_baskets.csv")

@@ -15,7 +15,7 @@ from common.artefacts import (Run, read_describer_neurons, read_describer_summar
 from common.cli import StageError
 from common.describers import DescriberSettings
 from common.matchers import OfflineMatcher
-from conftest import FAKE_MODEL, load_stage
+from conftest import FAKE_MODEL, load_stage, make_image
 from test_score import SENTENCES, WordsText, described_run
 
 stage = load_stage("14_describers")
@@ -39,17 +39,26 @@ class Saying:
         return [(self.sentences[n.channel], "") for n in neurons]
 
 
+N_IMAGES = 60  # 20 per class: 09's test half (30) less a mosaic (9) leaves enough to verify
+
+
 @pytest.fixture
-def fake_run(tmp_path, image_folder):
-    """01, 02 and 04 of the fake model (one layer, 4 neurons, 30 usable images); 03's file says
+def fake_run(tmp_path):
+    """01, 02 and 04 of the fake model (one layer, 4 neurons, 60 usable images); 03's file says
     the true sentences (test_score.py's run)."""
-    return described_run(tmp_path, image_folder)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for label, kind in enumerate(["red", "edges", "plain"]):
+        (root / str(label)).mkdir(parents=True)
+        for i in range(N_IMAGES // 3):
+            make_image(kind, 48, rng).save(root / str(label) / f"{kind}_{i:02d}.png")
+    return described_run(tmp_path, root)
 
 
 def matcher():
     """09's offline matcher with the bag-of-words text embedder (no class names matter)."""
-    none = np.full((30, 5), -1)
-    return OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5)))
+    none = np.full((N_IMAGES, 5), -1)
+    return OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((N_IMAGES, 5)))
 
 
 def test_describers_are_parsed_from_one_word_each(tmp_path):
