@@ -308,10 +308,14 @@ def read_reports(run: RunData) -> None:
     baskets = Report("baskets", "Baskets of neurons that fire together (11)", "baskets",
                      f"make baskets RUN={name}")
     if check(baskets, files.baskets, [("lineage", run_dir)]):
-        run.baskets = read_baskets(files.baskets)
-        run.pruning = read_pruning(files.pruning)
-        run.consistency = read_consistency(files.consistency)
-        baskets.page = "baskets.html"
+        try:
+            run.baskets = read_baskets(files.baskets)
+            run.pruning = read_pruning(files.pruning)
+            run.consistency = read_consistency(files.consistency)
+            baskets.page = "baskets.html"
+        except StageError as err:  # files of an older 11 (other columns)
+            run.baskets, run.pruning, run.consistency = [], [], []
+            baskets.state, baskets.why = "stale", f"made by an older 11_baskets: {err}"
     audit = Report("audit", "Audit of classes against valid and spurious concepts (13)", "audit",
                    f"make audit RUN={name} AUDIT=concepts.yaml")
     if check(audit, files.audit, [("lineage", run_dir)], files.audit_dir / "13_audit.meta.json"):

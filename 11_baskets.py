@@ -111,8 +111,9 @@ def layer_levels(descriptions: Path) -> dict[str, int]:
 
 @dataclass
 class ImageFacts:
-    """What 01 knows of each image, by image id: its label, its predicted class and its top-5
-    prediction as a vector (the offline stand-in for a caption)."""
+    """What 01 knows of each image, by image id: its label (under the model's name for that
+    class when 01 saw the model predict it, else the dataset's text), its predicted class and its
+    top-5 prediction as a vector (the offline stand-in for a caption)."""
 
     labels: dict[int, str]
     predicted: dict[int, str]
@@ -124,7 +125,9 @@ class ImageFacts:
         """From 01_predictions.csv (``common.artefacts.read_predictions``)."""
         from common.artefacts import read_predictions
         rows = read_predictions(predictions) if predictions.is_file() else []
-        labels = {r.image_id: r.label or str(r.label_idx) for r in rows if r.label_idx >= 0}
+        names = {r.pred_idx: r.pred_name for r in rows if r.pred_name}  # the model's names
+        labels = {r.image_id: names.get(r.label_idx) or r.label or str(r.label_idx)
+                  for r in rows if r.label_idx >= 0}
         return cls(labels=labels, predicted={r.image_id: r.pred_name for r in rows},
                    top5={r.image_id: (r.top5_idx, r.top5_prob) for r in rows},
                    n_classes=len(set(labels.values())))
