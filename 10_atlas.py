@@ -129,7 +129,8 @@ class RunData:
     notes: list[str] = field(default_factory=list)   # what is missing, shown on the run page
     reports: list = field(default_factory=list)      # the on-request reports (Report), all kinds
     baskets: list = field(default_factory=list)      # 11 BasketRows (when current)
-    pruning: list = field(default_factory=list)      # 11 PruningRows
+    pruning: list = field(default_factory=list)      # 11 PruningRows (Table 2)
+    consistency: list = field(default_factory=list)  # 11 ConsistencyRows (Table 1)
     audit: list = field(default_factory=list)        # 13 AuditRows
     audit_summary: list = field(default_factory=list)  # 13 AuditSummaryRows
     compares: list = field(default_factory=list)     # one Comparison per current 12 folder
@@ -276,8 +277,8 @@ def read_reports(run: RunData) -> None:
     names the command that refreshes it, and no page shows its figures.
     """
     from common.artefacts import (read_alignment, read_audit, read_audit_summary, read_baskets,
-                                  read_compare_scores, read_concept_matches, read_matches,
-                                  read_pruning)
+                                  read_compare_scores, read_concept_matches, read_consistency,
+                                  read_matches, read_pruning)
     run_dir, name = run.run_dir, run.run_dir.name
     files = Run(run_dir)
 
@@ -307,9 +308,14 @@ def read_reports(run: RunData) -> None:
     baskets = Report("baskets", "Baskets of neurons that fire together (11)", "baskets",
                      f"make baskets RUN={name}")
     if check(baskets, files.baskets, [("lineage", run_dir)]):
-        run.baskets = read_baskets(files.baskets)
-        run.pruning = read_pruning(files.pruning)
-        baskets.page = "baskets.html"
+        try:
+            run.baskets = read_baskets(files.baskets)
+            run.pruning = read_pruning(files.pruning)
+            run.consistency = read_consistency(files.consistency)
+            baskets.page = "baskets.html"
+        except StageError as err:  # files of an older 11 (other columns)
+            run.baskets, run.pruning, run.consistency = [], [], []
+            baskets.state, baskets.why = "stale", f"made by an older 11_baskets: {err}"
     audit = Report("audit", "Audit of classes against valid and spurious concepts (13)", "audit",
                    f"make audit RUN={name} AUDIT=concepts.yaml")
     if check(audit, files.audit, [("lineage", run_dir)], files.audit_meta):
@@ -849,12 +855,14 @@ class Site:
         return out
 
     def baskets_page(self, out: dict) -> None:
-        """baskets.html: every basket of every layer with its members, sentence, mosaic and
-        pruning result; each member's page lists its basket."""
+        """baskets.html: the run's Tables 1 and 2, then every basket of every layer with its
+        members, name, sentence, mosaic and the classes it was pruned for; each member's page
+        lists its basket."""
         run = self.run
         pruned = collections.defaultdict(list)
         for row in run.pruning:
-            pruned[row.basket].append(row)
+            for name in row.pruned.split():
+                pruned[name].append(row.class_name)
         layers = []
         for layer in run.layers:
             mine = [b for b in run.baskets if b.layer == layer]
@@ -872,17 +880,14 @@ class Site:
                 for c in b.members:
                     out[(layer, c)]["baskets"].append(
                         {"basket": b.basket, "url": f"baskets.html#{anchor}", "size": b.size,
-                         "cohesion": b.cohesion, "description": b.description})
-            tree = Path(mine[0].mosaic).parent  # 11_baskets/<layer as a file name>/
-            tree = run.run_dir / tree.parent / f"tree_{tree.name}.png"
+                         "cohesion": b.cohesion,
+                         "description": " — ".join(t for t in (b.name, b.description) if t)})
             layers.append({"name": layer, "slug": layer_slug(layer), "baskets": rows,
-                           "neurons": len(self.records[layer]),
-                           "tree": Path(os.path.relpath(tree, Run(run.run_dir).atlas)).as_posix()
-                           if tree.is_file() else ""})
+                           "neurons": len(self.records[layer])})
         meta = next(r.meta for r in run.reports if r.kind == "baskets")
-        self.page("baskets.html", "atlas_baskets.html", layers=layers,
-                  min_corr=meta.get("min_corr"), total=len(run.baskets),
-                  members=sum(b.size for b in run.baskets))
+        self.page("baskets.html", "atlas_baskets.html", layers=layers, meta=meta,
+                  total=len(run.baskets), members=sum(b.size for b in run.baskets),
+                  consistency=run.consistency, pruning=run.pruning)
 
     def audit_pages(self, out: dict) -> None:
         """audit/index.html (every audited class, its figures and most relevant neurons) and a

@@ -1,25 +1,32 @@
-"""Stage 11 — baskets (Neurobasket): groups of neurons of a layer that fire together, what images
-they fire on, a sentence for each, their place in the tree, union / difference, and pruning.
+"""Stage 11 — baskets (Neurobasket, seed 002): sets of neurons of a layer, each tied to a group
+of images, with a name, its place in a hierarchy, union / difference, and the paper's two tests.
 
-Reads (see ARTEFACTS.md) 01_activations.npz (layers), 01_stats/<layer>.max.npy (memory-mapped),
-01_images.csv, 01_predictions.csv (labelled images for pruning), 01_extract.meta.json (the model),
-03_descriptions.csv (each layer's abstraction level, for the basket sentences).
-Writes 11_baskets.csv (one row per basket), 11_tree.npz (each layer's linkage matrix and its
-correlation cut), 11_pruning.csv (per pruned basket and class: accuracy before / after, against
-random baskets of the same size), 11_baskets/ (mosaics, their index, 03's sentences, one
-dendrogram PNG per layer) and 11_baskets.meta.json.
+Reads (see ARTEFACTS.md) 01_activations.npz (layers), 01_stats/<layer>.mean.npy and .max.npy
+(memory-mapped), 01_images.csv, 01_predictions.csv (labels and predictions: names, purity and
+the labelled images for pruning), 01_extract.meta.json (the model), 03_descriptions.csv (each
+layer's abstraction level, for the basket sentences).
+Writes 11_baskets.csv (one row per basket), 11_tree.npz (the hierarchy), 11_consistency.csv
+(Table 1: activation consistency against random-index sets), 11_pruning.csv (Table 2: Δprob_y
+of pruning the baskets named after class y, against random baskets and random-index sets),
+11_baskets/ (mosaics, their index, 03's sentences) and 11_baskets.meta.json.
 
-Rule (common/baskets.py): neurons are clustered by the correlation of their per-image maxima,
-average linkage on 1 − r, and two groups are joined while the mean correlation between their
-members is ≥ --min-corr. Clusters of ≥ 2 neurons are baskets, numbered largest first per layer
-(``<layer>:b1`` …).
+Two ways to find baskets (``--method``, ``make baskets BASKETS=…``; common/baskets.py):
+- ``finch`` (default, the paper's): FINCH clusters each layer's images by their features (01's
+  per-image channel means) into levels, fine to coarse; clusters pass four filters (cohesion,
+  purity of their predictions, the Davies–Bouldin ratio, levels with more clusters than the run
+  has classes); each kept cluster is a basket, filled with the neurons active (A ≥ μ(x) + α σ(x))
+  on at least β of its images. Its name comes from its images' labels and predictions; its
+  sentence from 03's describer run on the mosaic of its images (a VLM when 03 is given one).
+- ``corr``: neurons grouped by the correlation of their per-image maxima, average linkage cut
+  at ``--min-corr``; the images are those the members fire on jointly.
 
 Union and difference of two baskets (after a build; any two, of any layers):
   python 11_baskets.py --run data/demo --union _blocks.15:b1 _blocks.15:b2
-  python 11_baskets.py --run data/demo --difference _blocks.8:n197 _blocks.8:b4
-print the members, the images that activate the set jointly and the sentences of both baskets and
-of the set (03 run on the set's mosaic), and keep them in 11_sets/<op>__<A>__<B>/. Besides
-baskets, any node of a layer's tree can be named, ``<layer>:n<node>`` (e.g. a basket's parent).
+  python 11_baskets.py --run data/demo --difference _blocks.8:b4 _blocks.8:b9
+print the members, the images that activate the set jointly, what those images are (their
+labels and predictions) and the sentences of both baskets and of the set (03 run on the set's
+mosaic), and keep them in 11_sets/<op>__<A>__<B>/. With ``corr`` baskets, any node of a layer's
+tree can be named too, ``<layer>:n<node>``.
 
 Example (build):
   python 11_baskets.py --run data/demo --describe-args "--backend offline"
@@ -27,9 +34,11 @@ Example (build):
 from __future__ import annotations
 
 import argparse
+import collections
 from dataclasses import dataclass
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,21 +47,23 @@ from common.artefacts import Run, layer_dir, layer_slug
 from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error,
                         setting, settings_from, stage_parser, start_stage)
 from common.describers import DescriberSettings, describe_index, parse_describe_args
-from common.io import load_npz, save_npz, sweep_temporaries, write_bytes, write_csv, write_json
+from common.io import save_npz, sweep_temporaries, write_bytes, write_csv, write_json
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
 log = logging.getLogger("neuron-atlas.11_baskets")
 
 STAGE = "11_baskets"
-BASKET_FIELDS = ["basket", "layer", "number", "size", "members", "cohesion", "random_cohesion",
-                 "join_corr",
-                 "node", "parent", "depth", "sibling_members", "joint_hits", "top_images",
-                 "mosaic", "description"]
-PRUNE_FIELDS = ["basket", "layer", "size", "class_idx", "class_name", "n_images",
-                "accuracy_before", "accuracy_pruned", "accuracy_random", "accuracy_random_sd",
-                "delta_pruned", "delta_random", "p_true_before", "p_true_pruned",
-                "p_true_random", "controls"]
+BASKET_FIELDS = ["basket", "layer", "number", "method", "level", "cluster", "parent", "size",
+                 "members", "n_images", "cohesion", "purity", "db_ratio", "consistency",
+                 "random_consistency", "top_images", "name", "mosaic", "description"]
+CONSISTENCY_FIELDS = ["layer", "n_baskets", "mean_size", "consistency", "consistency_sd",
+                      "random_index", "random_index_sd", "repeats"]
+PRUNE_FIELDS = ["class_idx", "class_name", "n_images", "n_baskets", "pruned", "p_before",
+                "delta_basket", "delta_basket_sd", "delta_random_basket",
+                "delta_random_basket_sd", "delta_random_index", "delta_random_index_sd",
+                "repeats"]
 INDEX_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
+SAMPLE_CAP = 10_000  # baskets drawn per repeat for Table 1 at most (the paper's 10,000)
 
 
 @dataclass(frozen=True)
@@ -60,18 +71,28 @@ class Settings(ModelAgain):
     """Stage 11's settings: one flag each, defaults written here only (the model to prune with
     is named again by ``ModelAgain``'s fields)."""
 
-    min_corr: float = setting(0.5, "cut: groups are joined while their members correlate at "
+    method: str = setting("finch", "finch: the paper's baskets (FINCH clusters of images, filled "
+                          "with their active neurons); corr: neurons grouped by correlation",
+                          make="BASKETS", choices=("finch", "corr"))
+    alpha: float = setting(3.0, "finch: a neuron is active on an image when its activation is "
+                           "≥ μ + α σ of the layer's neurons on that image (Eq. 2)",
+                           make="BASKET_ALPHA")
+    beta: float = setting(0.75, "finch: a basket holds the neurons active on at least this "
+                          "share of its images (Eq. 4)", make="BASKET_BETA")
+    min_images: int = setting(5, "finch: image clusters smaller than this are no basket")
+    min_corr: float = setting(0.5, "corr: groups are joined while their members correlate at "
                               "least this much on average", make="MIN_CORR")
     grid: int = setting(10, "mosaic tiles per side", make="GRID")
     tile: int = setting(64, "mosaic tile side (px)", make="TILE")
     describe_args: str = setting("--backend offline", "03's describer flags (03_describe.py "
                                  "--help) for the basket sentences (make passes the run's)")
-    prune: int = setting(2, "largest baskets per layer pruned (0: none)", make="PRUNE")
-    controls: int = setting(3, "random baskets of the same size pruned per basket",
-                            make="CONTROLS")
+    prune: int = setting(5, "baskets named after a class pruned per class and repeat (0: no "
+                         "pruning)", make="PRUNE")
+    repeats: int = setting(5, "seeded repeats of the random draws of both tests (mean ± std)",
+                           make="REPEATS")
     prune_images: int = setting(40, "labelled images per class used by the pruning check",
                                 make="PRUNE_IMAGES")
-    seed: int = setting(0, "seed of the image sample and controls")
+    seed: int = setting(0, "seed of the image sample and the random draws")
     batch_size: int = setting(32, "images per forward pass", make="BATCH")
     device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
 
@@ -86,6 +107,59 @@ def layer_levels(descriptions: Path) -> dict[str, int]:
         return {}
     from common.artefacts import read_descriptions
     return {r.layer: r.level or 1 for r in read_descriptions(descriptions)}
+
+
+@dataclass
+class ImageFacts:
+    """What 01 knows of each image, by image id: its label (under the model's name for that
+    class when 01 saw the model predict it, else the dataset's text), its predicted class and its
+    top-5 prediction as a vector (the offline stand-in for a caption)."""
+
+    labels: dict[int, str]
+    predicted: dict[int, str]
+    top5: dict[int, tuple[tuple[int, ...], tuple[float, ...]]]
+    n_classes: int
+
+    @classmethod
+    def read(cls, predictions: Path) -> "ImageFacts":
+        """From 01_predictions.csv (``common.artefacts.read_predictions``)."""
+        from common.artefacts import read_predictions
+        rows = read_predictions(predictions) if predictions.is_file() else []
+        names = {r.pred_idx: r.pred_name for r in rows if r.pred_name}  # the model's names
+        labels = {r.image_id: names.get(r.label_idx) or r.label or str(r.label_idx)
+                  for r in rows if r.label_idx >= 0}
+        return cls(labels=labels, predicted={r.image_id: r.pred_name for r in rows},
+                   top5={r.image_id: (r.top5_idx, r.top5_prob) for r in rows},
+                   n_classes=len(set(labels.values())))
+
+    def vectors(self, ids) -> np.ndarray:
+        """Each image's top-5 class probabilities as one row over the classes seen."""
+        width = 1 + max((max(i) for i, _ in self.top5.values() if i), default=0)
+        out = np.zeros((len(ids), width))
+        for row, image_id in enumerate(ids):
+            idx, prob = self.top5.get(int(image_id), ((), ()))
+            out[row, list(idx)] = prob
+        return out
+
+    def name(self, ids) -> str:
+        """A basket's offline name: what most of its images are labelled and predicted as."""
+        parts = []
+        for what, table in (("labelled", self.labels), ("predicted", self.predicted)):
+            seen = [table[int(i)] for i in ids if int(i) in table]
+            if seen:
+                counts = collections.Counter(seen)
+                top = min(counts, key=lambda k: (-counts[k], k))  # ties: the first by name
+                count = counts[top]
+                parts.append(f"{what} {top} ({count} of {len(seen)})")
+        return "; ".join(parts) or "images without labels or predictions"
+
+
+def mentions(text: str, class_name: str) -> bool:
+    """Whether ``text`` names the class (its name before any comma, whole words, any case);
+    the counts in brackets of a basket's name are not read."""
+    name = class_name.split(",")[0].strip()
+    text = re.sub(r"\([^)]*\)", " ", text)
+    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.I) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,96 +205,217 @@ def describe_mosaics(rows: list[dict], folder: Path, describer: DescriberSetting
 
 
 # ---------------------------------------------------------------------------------------------
-# Pruning
+# Finding baskets
 
 
-def prune_baskets(baskets: list[dict], channels: dict[str, int], run: Run, settings: Settings,
-                  bundle=None) -> list[dict]:
-    """Zero the ``settings.prune`` largest baskets of each layer, then as many random baskets of
-    the same size (``settings.controls`` each, seeded) and report per-class accuracy changes.
-    ``bundle`` replaces the model the settings name again — tests pass a small one."""
+def finch_baskets(layer: str, means: np.ndarray, ids: np.ndarray, facts: ImageFacts,
+                  settings: Settings, skipped: dict) -> tuple[list[dict], np.ndarray]:
+    """The paper's baskets of one layer: FINCH levels of the images ``ids`` (rows of ``means``,
+    N × C channel means), the four filters, Eq. 1–4. Returns the baskets (each with its image
+    rows, ``rows``) and the partitions (N × levels). ``skipped`` counts the clusters left out,
+    by reason."""
+    from common.baskets import (active_neurons, davies_bouldin_ratios, image_hierarchy,
+                                neuron_set, outliers, purity, silhouettes)
+    parts = image_hierarchy(means)
+    active = active_neurons(means, settings.alpha)
+    vectors = facts.vectors(ids)
+    unit = means / np.where((n := np.linalg.norm(means, axis=1, keepdims=True)) > 0, n, 1.0)
+    found = []
+    for level in range(parts.shape[1]):
+        labels = parts[:, level]
+        clusters = np.unique(labels)
+        # (iv) a level is read while it has more clusters than the run has classes
+        if len(clusters) < 2 or len(clusters) <= facts.n_classes:
+            skipped["levels with too few clusters"] += 1
+            continue
+        sil = silhouettes(means, labels)
+        ratio = davies_bouldin_ratios(means, labels)
+        scores = []
+        for k in clusters:
+            rows = np.flatnonzero(labels == k)
+            known = rows[np.abs(vectors[rows]).sum(axis=1) > 0]  # images with a prediction
+            scores.append((int(k), rows, float(sil[rows].mean()),
+                           purity(vectors[known]) if len(known) else float("nan"),
+                           ratio[int(k)]))
+        cohesion_bad = outliers([c for _, _, c, _, _ in scores], high_is_bad=False)
+        purity_bad = outliers([p for _, _, _, p, _ in scores], high_is_bad=False)
+        ratio_bad = outliers([r for _, _, _, _, r in scores], high_is_bad=True)
+        for i, (k, rows, coh, pur, rat) in enumerate(scores):
+            reason = ("fewer images than --min-images" if len(rows) < settings.min_images else
+                      "low cohesion" if cohesion_bad[i] else "low purity" if purity_bad[i] else
+                      "high Davies–Bouldin ratio" if ratio_bad[i] else "")
+            members = [] if reason else neuron_set(active[rows], settings.beta)[0]
+            if not reason and not members:
+                reason = "no neuron active on β of its images"
+            if reason:
+                skipped[reason] += 1
+                continue
+            centre = unit[rows].mean(axis=0)
+            order = rows[np.argsort(-(unit[rows] @ centre), kind="stable")]  # typical first
+            found.append({"layer": layer, "method": "finch", "level": level + 1, "cluster": k,
+                          "channel_list": members, "rows": order, "cohesion": round(coh, 4),
+                          "purity": round(pur, 4) if np.isfinite(pur) else "",
+                          "db_ratio": round(rat, 4) if np.isfinite(rat) else ""})
+    found.sort(key=lambda b: (b["level"], -len(b["rows"]), b["cluster"]))
+    number = {(b["level"], b["cluster"]): i for i, b in enumerate(found, 1)}
+    for i, b in enumerate(found, 1):
+        b["number"] = i
+        up = b["level"]  # the next level's column (0-based) holds the parent cluster
+        parent = parts[b["rows"][0], up] if up < parts.shape[1] else -1
+        b["parent"] = number.get((up + 1, int(parent)), -1)
+    return found, parts
+
+
+def corr_baskets(layer: str, maxima: np.ndarray, settings: Settings
+                 ) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """The correlation baskets of one layer (rows: every image of 01_stats) and its tree."""
+    from common.baskets import cluster, correlation, joint_images
+    corr = correlation(maxima)
+    tree, found = cluster(corr, settings.min_corr)
+    out = []
+    for b in found:
+        ids, _, _ = joint_images(np.asarray(maxima[:, b.members]),
+                                 settings.grid * settings.grid)
+        out.append({"layer": layer, "method": "corr", "level": 0, "cluster": b.node,
+                    "number": b.number, "parent": b.parent, "channel_list": b.members,
+                    "rows": ids, "cohesion": round(b.cohesion, 4), "purity": "",
+                    "db_ratio": ""})
+    return out, {f"{layer}/linkage": tree, f"{layer}/correlation": corr.astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's two tests
+
+
+def consistency_table(baskets: list[dict], profiles: dict[str, np.ndarray],
+                      channels: dict[str, int], repeats: int, seed: int) -> list[dict]:
+    """Table 1: per layer and over all, the mean activation consistency (Eq. 5) of baskets drawn
+    with replacement (as many as there are, at most 10,000) and of random-index sets of the same
+    sizes on the same images, ``repeats`` seeded draws, mean ± std. ``profiles``: a layer's
+    channel means, rows as the baskets' ``rows``. Baskets of one neuron have no pair: left out."""
+    from common.baskets import consistency
+    usable = [b for b in baskets if len(b["channel_list"]) >= 2]
+    groups = [(layer, [b for b in usable if b["layer"] == layer])
+              for layer in dict.fromkeys(b["layer"] for b in usable)]
+    if len(groups) > 1:
+        groups.append(("all", usable))
+    table = []
+    for layer, mine in groups:
+        ours, chance = [], []
+        for r in range(repeats):
+            rng = np.random.default_rng([seed, r])
+            drawn = rng.choice(len(mine), size=min(len(mine), SAMPLE_CAP), replace=True)
+            ours.append(np.mean([mine[i]["consistency"] for i in drawn]))
+            chance.append(np.mean([consistency(np.asarray(
+                profiles[mine[i]["layer"]][mine[i]["rows"]])[:, rng.choice(
+                    channels[mine[i]["layer"]], len(mine[i]["channel_list"]), replace=False)])
+                for i in drawn]))
+        table.append({"layer": layer, "n_baskets": len(mine),
+                      "mean_size": round(float(np.mean([len(b["channel_list"]) for b in mine])), 2),
+                      "consistency": round(float(np.mean(ours)), 4),
+                      "consistency_sd": round(float(np.std(ours)), 4),
+                      "random_index": round(float(np.mean(chance)), 4),
+                      "random_index_sd": round(float(np.std(chance)), 4), "repeats": repeats})
+    return table
+
+
+def prune_by_class(baskets: list[dict], channels: dict[str, int], run: Run, settings: Settings,
+                   bundle=None) -> list[dict]:
+    """Table 2: for each labelled class y with baskets whose name or sentence mentions it, zero
+    ``settings.prune`` of them (a seeded draw), one at a time, on y's labelled images and take
+    Δprob_y = mean(p_pruned(y|x) − p(y|x)); beside as many random other baskets and random-index
+    sets of the same sizes. ``settings.repeats`` draws: mean ± std, per class and (class_idx −1)
+    over the classes. ``bundle`` replaces the model the settings name again (tests)."""
     from common.artefacts import read_predictions
-    from common.baskets import random_baskets
-    from common.rerun import (class_name, labelled_images, load_run_model,
-                              per_class as class_stats, predict)
-    n_controls, seed, batch_size = settings.controls, settings.seed, settings.batch_size
-    chosen = [b for b in baskets if b["number"] <= settings.prune]
-    if not chosen:
-        return []
+    from common.rerun import class_name, labelled_images, load_run_model, predict
     bundle = bundle or load_run_model(read_meta(run.activations), device=settings.device,
                                       **settings.model_again())
     images = labelled_images(read_predictions(run.predictions), bundle, settings.prune_images,
-                             seed)
+                             settings.seed)
     if not images.ids:
         raise StageError("no labelled image could be loaded for pruning")
-    before = class_stats(predict(bundle, images, None, batch_size, "11 unpruned"), images.labels)
-    rows = []
-    for b in chosen:
-        members = b["channel_list"]
-        pruned = class_stats(predict(bundle, images, {b["layer"]: members}, batch_size,
-                                     f"11 prune {b['basket']}"), images.labels)
-        # Controls avoid the basket's own neurons when the layer has enough others to draw
-        # from; in a small layer they are drawn from all of its neurons so they keep its size.
-        spare = channels[b["layer"]] - len(members) >= len(members)
-        controls = random_baskets(channels[b["layer"]], len(members), n_controls,
-                                  seed=seed + b["number"] + 1000 * len(rows),
-                                  exclude=members if spare else [])
-        ctrl = [class_stats(predict(bundle, images, {b["layer"]: c}, batch_size, "11 control"),
-                            images.labels) for c in controls]
-        for label, base in before.items():
-            acc_r = [c[label]["accuracy"] for c in ctrl]
-            p_r = [c[label]["p_true"] for c in ctrl]
-            rows.append({
-                "basket": b["basket"], "layer": b["layer"], "size": len(members),
-                "class_idx": label, "class_name": class_name(bundle, images, label),
-                "n_images": base["n"], "accuracy_before": round(base["accuracy"], 4),
-                "accuracy_pruned": round(pruned[label]["accuracy"], 4),
-                "accuracy_random": round(float(np.mean(acc_r)), 4) if acc_r else "",
-                "accuracy_random_sd": round(float(np.std(acc_r)), 4) if acc_r else "",
-                "delta_pruned": round(pruned[label]["accuracy"] - base["accuracy"], 4),
-                "delta_random": round(float(np.mean(acc_r)) - base["accuracy"], 4) if acc_r else "",
-                "p_true_before": round(base["p_true"], 4),
-                "p_true_pruned": round(pruned[label]["p_true"], 4),
-                "p_true_random": round(float(np.mean(p_r)), 4) if p_r else "",
-                "controls": " ".join(",".join(map(str, c)) for c in controls)})
+    before = predict(bundle, images, None, settings.batch_size, "11 unpruned")
+    cache: dict = {}
+
+    def delta(label: int, layer: str, members) -> float:
+        """Δprob of class ``label`` on its images with ``members`` of ``layer`` zeroed."""
+        key = (label, layer, tuple(sorted(int(m) for m in members)))
+        if key not in cache:
+            mask = images.labels == label
+            probs = predict(bundle, images.select(mask), {layer: list(key[2])},
+                            settings.batch_size, f"11 prune {layer}")
+            cache[key] = float((probs[:, label] - before[mask, label]).mean())
+        return cache[key]
+
+    rows, overall = [], collections.defaultdict(lambda: collections.defaultdict(list))
+    for label in sorted(set(images.labels.tolist())):
+        names = {class_name(bundle, images, label), images.class_names.get(label, "")}
+        named = [b for b in baskets if any(mentions(f"{b['name']} {b.get('description', '')}", n)
+                                           for n in names)]
+        if not named:
+            continue
+        others = [b for b in baskets if b not in named]
+        runs = collections.defaultdict(list)
+        for r in range(settings.repeats):
+            rng = np.random.default_rng([settings.seed, r, label])
+            picked = [named[i] for i in rng.choice(len(named), min(settings.prune, len(named)),
+                                                   replace=False)]
+            runs["basket"].append(np.mean([delta(label, b["layer"], b["channel_list"])
+                                           for b in picked]))
+            runs["random_index"].append(np.mean([delta(label, b["layer"], rng.choice(
+                channels[b["layer"]], len(b["channel_list"]), replace=False)) for b in picked]))
+            if others:
+                drawn = rng.choice(len(others), len(picked), replace=len(others) < len(picked))
+                runs["random_basket"].append(np.mean([delta(
+                    label, others[i]["layer"], others[i]["channel_list"]) for i in drawn]))
+            for kind, values in runs.items():
+                overall[kind][r].append(values[-1])
+        mask = images.labels == label
+        rows.append(table_row(runs, settings.repeats, class_idx=label,
+                              class_name=class_name(bundle, images, label),
+                              n_images=int(mask.sum()), n_baskets=len(named),
+                              pruned=" ".join(b["basket"] for b in named),
+                              p_before=round(float(before[mask, label].mean()), 4)))
+    if len(rows) > 1:
+        per_repeat = {kind: [np.mean(by_r[r]) for r in sorted(by_r)]
+                      for kind, by_r in overall.items()}
+        rows.append(table_row(per_repeat, settings.repeats, class_idx=-1,
+                              class_name="all classes above",
+                              n_images=sum(r["n_images"] for r in rows),
+                              n_baskets=sum(r["n_baskets"] for r in rows), pruned="",
+                              p_before=round(float(np.mean([r["p_before"] for r in rows])), 4)))
     return rows
+
+
+def table_row(runs: dict[str, list[float]], repeats: int, **fields) -> dict:
+    """A row of 11_pruning.csv: ``fields`` and, per kind of pruned set, the mean and std of its
+    Δprob over the repeats (empty where there was nothing to draw)."""
+    for kind in ("basket", "random_basket", "random_index"):
+        values = runs.get(kind, [])
+        fields[f"delta_{kind}"] = round(float(np.mean(values)), 4) if values else ""
+        fields[f"delta_{kind}_sd"] = round(float(np.std(values)), 4) if values else ""
+    return dict(fields, repeats=repeats)
 
 
 # ---------------------------------------------------------------------------------------------
 # Build
 
 
-def plot_tree(tree: np.ndarray, min_corr: float, layer: str, path: Path) -> None:
-    """Dendrogram of one layer, heights as correlation, with the cut drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.cluster.hierarchy import dendrogram
-    fig, ax = plt.subplots(figsize=(10, 4))
-    dendrogram(tree, ax=ax, color_threshold=1 - min_corr, no_labels=len(tree) > 60,
-               above_threshold_color="#999999")
-    ax.axhline(1 - min_corr, color="red", lw=1, ls="--")
-    ax.set_ylabel("1 − mean correlation")
-    ax.set_title(f"{layer}: baskets below the red line (mean correlation ≥ {min_corr})")
-    fig.tight_layout()
-    from io import BytesIO
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
-
-
 def build(run: Run, settings: Settings = Settings(), describe=None, bundle=None,
           args: dict | None = None) -> dict:
-    """Find, describe and prune the baskets of every layer of ``run``.
+    """Find, name and describe the baskets of every layer of ``run`` and run the two tests.
 
     ``describe`` (like ``common.describers.describe_index``) and ``bundle`` (the model) replace the
-    ones this function would use — tests pass small ones. Returns {"baskets", "pruning"} rows.
+    ones this function would use — tests pass small ones. Returns {"baskets", "consistency",
+    "pruning"} rows.
     """
     from common.artefacts import read_activations, read_images, read_stats
-    from common.baskets import cluster, correlation, joint_images, random_baskets
+    from common.baskets import consistency, random_baskets
     describer = parse_describe_args(settings.describe_args)  # refused before any work
-    min_corr, grid, tile, seed = settings.min_corr, settings.grid, settings.tile, settings.seed
+    if not (0 < settings.beta <= 1) or settings.repeats < 1:
+        raise StageError(f"--beta {settings.beta} / --repeats {settings.repeats}: β is a share "
+                         "in (0, 1] and at least one repeat is needed")
+    grid, tile, seed = settings.grid, settings.tile, settings.seed
     run_dir = run.folder
     retract_meta(run.meta(STAGE))  # not done until the new meta is written
     sweep_temporaries(run.basket_dir)
@@ -230,42 +425,49 @@ def build(run: Run, settings: Settings = Settings(), describe=None, bundle=None,
     merge_lineage(metas)  # refuse 03 sentences of another run's mosaics
     layers, _, tops = read_activations(run.activations)
     paths = [r.path for r in read_images(run.images)]
+    facts = ImageFacts.read(run.predictions)
     levels = layer_levels(run.descriptions)
     folder = run.basket_dir
     folder.mkdir(parents=True, exist_ok=True)
-    baskets, trees, index_rows, cache = [], {}, [], {}
+    channels = {layer: tops[layer].channels for layer in layers}
+    baskets, trees, index_rows, cache, profiles = [], {}, [], {}, {}
+    skipped = collections.Counter()
     for layer in layers:
-        stats = read_stats(run.stats, layer, "max")
-        corr = correlation(stats)
-        tree, found = cluster(corr, min_corr)
-        trees[f"{layer}/linkage"] = tree
-        trees[f"{layer}/correlation"] = corr.astype(np.float32)
-        if len(tree):
-            plot_tree(tree, min_corr, layer, folder / f"tree_{layer_slug(layer)}.png")
-        log.info("%s: %d baskets of ≥ 2 neurons (%d of %d neurons in one)", layer, len(found),
-                 sum(len(b.members) for b in found), corr.shape[0])
+        means = np.asarray(read_stats(run.stats, layer, "mean"), dtype=np.float64)
+        usable = np.flatnonzero(np.isfinite(means).all(axis=1))
+        if settings.method == "finch":
+            found, parts = finch_baskets(layer, means[usable], usable, facts, settings, skipped)
+            trees[f"{layer}/partitions"] = parts
+            trees[f"{layer}/image_ids"] = usable
+            profiles[layer] = means[usable]
+            for b in found:  # rows: of profiles[layer]
+                b["ids"] = usable[b["rows"]]
+        else:
+            found, tree = corr_baskets(layer, read_stats(run.stats, layer, "max"), settings)
+            trees.update(tree)
+            profiles[layer] = means
+            for b in found:
+                b["ids"] = b["rows"]
+        log.info("%s: %d baskets (%s)", layer, len(found), settings.method)
         for b in found:
-            # The seed's random-index baseline: the same measure on random sets of the same size.
-            chance = [corr[np.ix_(r, r)][~np.eye(len(r), dtype=bool)].mean()
-                      for r in random_baskets(corr.shape[0], len(b.members), 20, seed + b.number)]
-            ids, _, hits = joint_images(np.asarray(stats[:, b.members]), grid * grid)
-            png, placed = image_mosaic(ids, paths, grid, tile, cache)
-            mosaic = layer_dir(folder, layer) / f"b{b.number}.png"
+            members = b["channel_list"]
+            b["consistency"] = consistency(profiles[layer][b["rows"]][:, members])
+            chance = [consistency(profiles[layer][b["rows"]][:, r]) for r in
+                      random_baskets(channels[layer], len(members), settings.repeats,
+                                     seed + b["number"])] if len(members) >= 2 else []
+            png, placed = image_mosaic(b["ids"], paths, grid, tile, cache)
+            mosaic = layer_dir(folder, layer) / f"b{b['number']}.png"
             write_bytes(mosaic, png)
-            name = f"{layer}:b{b.number}"
-            index_rows.append({"layer": f"{layer}:basket", "channel": b.number,
+            index_rows.append({"layer": f"{layer}:basket", "channel": b["number"],
                                "path": os.path.relpath(mosaic, folder), "n_tiles": placed,
                                "grid": grid, "tile_px": tile, "crop": "image"})
-            baskets.append({"basket": name, "layer": layer, "number": b.number,
-                            "size": len(b.members), "channel_list": b.members,
-                            "members": " ".join(map(str, b.members)),
-                            "cohesion": round(b.cohesion, 4),
-                            "random_cohesion": round(float(np.mean(chance)), 4),
-                            "join_corr": round(b.join_corr, 4) if np.isfinite(b.join_corr) else "",
-                            "node": b.node, "parent": b.parent, "depth": b.depth,
-                            "sibling_members": " ".join(map(str, b.sibling_members)),
-                            "joint_hits": hits, "top_images": " ".join(map(str, ids[:10])),
-                            "mosaic": os.path.relpath(mosaic, run_dir)})
+            b.update(basket=f"{layer}:b{b['number']}", size=len(members),
+                     members=" ".join(map(str, members)), n_images=len(b["ids"]),
+                     random_consistency=round(float(np.mean(chance)), 4) if chance else "",
+                     top_images=" ".join(map(str, b["ids"][:10])), name=facts.name(b["ids"]),
+                     mosaic=os.path.relpath(mosaic, run_dir))
+            b["consistency"] = round(b["consistency"], 4) if len(members) >= 2 else ""
+            baskets.append(b)
     sentences = {}
     if index_rows:
         sentences = describe_mosaics(index_rows, folder, describer,
@@ -273,15 +475,18 @@ def build(run: Run, settings: Settings = Settings(), describe=None, bundle=None,
                                      metas, describe)
     for b in baskets:
         b["description"] = sentences.get((f"{b['layer']}:basket", b["number"]), "")
-    channels = {layer: tops[layer].channels for layer in layers}
-    pruning = prune_baskets(baskets, channels, run, settings, bundle) if settings.prune > 0 else []
+    table1 = consistency_table(baskets, profiles, channels, settings.repeats, seed)
+    pruning = (prune_by_class(baskets, channels, run, settings, bundle)
+               if settings.prune > 0 and baskets else [])
     save_npz(run.tree, trees)
     write_csv(run.baskets, baskets, BASKET_FIELDS)
+    write_csv(run.consistency, table1, CONSISTENCY_FIELDS)
     write_csv(run.pruning, pruning, PRUNE_FIELDS)
     write_meta(run.meta(STAGE), STAGE, dict(args or {}),
-               outputs=[run.baskets, run.tree, run.pruning], inputs=metas,
-               min_corr=min_corr, n_baskets=len(baskets))
-    return {"baskets": baskets, "pruning": pruning}
+               outputs=[run.baskets, run.tree, run.consistency, run.pruning], inputs=metas,
+               method=settings.method, alpha=settings.alpha, beta=settings.beta,
+               min_corr=settings.min_corr, n_baskets=len(baskets), skipped=dict(skipped))
+    return {"baskets": baskets, "consistency": table1, "pruning": pruning}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,22 +500,25 @@ def baskets_by_name(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise StageError(f"{path} not found: build the baskets first (make baskets)")
     return {row.basket: {"member_set": {(row.layer, c) for c in row.members},
-                         "description": row.description} for row in read_baskets(path)}
+                         "description": " — ".join(t for t in (row.name, row.description) if t)}
+            for row in read_baskets(path)}
 
 
 def tree_node(tree_path: Path, name: str, baskets_path: Path) -> dict:
-    """A node of a layer's tree named ``<layer>:n<node>`` (the numbering of 11_baskets.csv's
-    ``node`` and ``parent``) as a basket-like dict: its leaves are its members, no sentence.
+    """A node of a ``corr`` layer's tree named ``<layer>:n<node>`` (scipy's numbering, that of
+    11_baskets.csv's ``cluster`` and ``parent`` there) as a basket-like dict: its leaves are its
+    members, no sentence.
 
     Baskets of one cut never share neurons, so set operations become informative between nested
     nodes: a parent minus one of its baskets leaves what the sibling adds.
     """
     from scipy.cluster.hierarchy import to_tree
+    from common.artefacts import read_basket_tree
     layer, _, node = name.rpartition(":")
-    trees = load_npz(tree_path)
+    trees = read_basket_tree(tree_path)
     if not node.startswith("n") or not node[1:].isdigit() or f"{layer}/linkage" not in trees:
         raise StageError(f"no basket {name!r} in {baskets_path}, and it names no tree node "
-                         f"(<layer>:n<node>, the node and parent columns there)")
+                         f"(<layer>:n<node>: a node of a corr basket tree)")
     _, nodes = to_tree(trees[f"{layer}/linkage"], rd=True)
     if int(node[1:]) >= len(nodes):
         raise StageError(f"{name}: the tree of {layer} has nodes 0 … {len(nodes) - 1}")
@@ -355,6 +563,7 @@ def set_operation(run: Run, op: str, a: str, b: str, settings: Settings = Settin
                                      {"set": level}, [read_meta(run.baskets)], describe)
         result.update(images=[int(i) for i in ids], joint_hits=hits,
                       image_paths=[paths[int(i)] for i in ids[:10]],
+                      name=ImageFacts.read(run.predictions).name(ids),
                       description=sentences.get(("set", 1), ""),
                       mosaic=str(folder / "mosaic.png"))
     write_json(folder / "set.json", result)
@@ -370,7 +579,8 @@ def format_set(result: dict) -> str:
     if not result["members"]:
         lines.append("  the set is empty: every neuron of the first basket is in the second")
         return "\n".join(lines)
-    lines += [f"  set: {result['description']}",
+    lines += [f"  the set's images: {result['name']}",
+              f"  set: {result['description']}",
               f"  members: {' '.join(result['members'])}",
               f"  images firing jointly: {result['joint_hits']}; best: "
               f"{', '.join(result['image_paths'])}",
@@ -382,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags: ``--run``, the set operations and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n\n")[0])
     add_run(p, "01's files and 03_descriptions.csv",
-            "11_baskets.csv, 11_tree.npz, 11_pruning.csv, 11_baskets/ (11_sets/ for a set)")
+            "11_baskets.csv, 11_tree.npz, 11_consistency.csv, 11_pruning.csv, 11_baskets/ "
+            "(11_sets/ for a set)")
     ops = p.add_mutually_exclusive_group()
     ops.add_argument("--union", nargs=2, metavar=("A", "B"), help="show the union of two baskets")
     ops.add_argument("--difference", nargs=2, metavar=("A", "B"),
@@ -402,7 +613,15 @@ def main(argv=None):
         print(format_set(set_operation(run, op, a, b, settings)))
         return
     result = build(run, settings, args=vars(args))
-    log.info("%d baskets; pruning rows: %d", len(result["baskets"]), len(result["pruning"]))
+    for row in result["consistency"]:
+        log.info("consistency %s: baskets %.3f ± %.3f, random index %.3f ± %.3f", row["layer"],
+                 row["consistency"], row["consistency_sd"], row["random_index"],
+                 row["random_index_sd"])
+    for row in result["pruning"]:
+        log.info("Δprob %s: baskets %s ± %s, random baskets %s ± %s, random index %s ± %s",
+                 row["class_name"], row["delta_basket"], row["delta_basket_sd"],
+                 row["delta_random_basket"], row["delta_random_basket_sd"],
+                 row["delta_random_index"], row["delta_random_index_sd"])
 
 
 if __name__ == "__main__":

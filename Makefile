@@ -60,12 +60,16 @@ MATCHER     ?= offline#                    09 concept matcher of the verificatio
 POLY        ?= 0#                          09 polysemanticity from which a neuron's crops are clustered (0: every selected neuron)
 SELECT      ?= 0#                          09 SIEVE's selection: least selectivity p99/median of a clustered neuron (paper: 10; 0: off)
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
-MIN_CORR    ?= 0.5#                        11 baskets: groups are joined while their members correlate at least this much
-PRUNE       ?= 2#                          11 largest baskets per layer pruned in the causal check (0: none)
-CONTROLS    ?= 3#                          11/13 random neuron sets of the same size per causal check
+BASKETS     ?= finch#                      11 how baskets are found: finch (the paper: FINCH clusters of images, filled by Eq. 1–4) | corr
+BASKET_ALPHA ?= 3#                         11 finch: a neuron is active on an image at ≥ μ + α σ of the layer's neurons there (Eq. 2)
+BASKET_BETA ?= 0.75#                       11 finch: a basket holds the neurons active on at least this share of its images (Eq. 4)
+MIN_CORR    ?= 0.5#                        11 corr baskets: groups are joined while their members correlate at least this much
+PRUNE       ?= 5#                          11 baskets named after a class pruned per class and repeat (0: no pruning)
+REPEATS     ?= 5#                          11 seeded repeats of the random draws of the consistency and pruning tests
+CONTROLS    ?= 3#                          13 random neuron sets of the same size per causal check
 PRUNE_IMAGES ?= 40#                        11/13 labelled images per class used by the causal checks
 UNION       ?=#                            11 two baskets or tree nodes whose union `make baskets` prints (UNION="_blocks.8:b3 _blocks.8:b4")
-DIFFERENCE  ?=#                            11 two baskets or tree nodes A B (<layer>:n<node>): `make baskets` prints the neurons of A not in B
+DIFFERENCE  ?=#                            11 two baskets A B (or corr tree nodes <layer>:n<node>): `make baskets` prints the neurons of A not in B
 OTHER       ?=#                            12 the run compared with RUN by `make compare` (a name under DATA)
 COMPARE_KIND ?= fused#                     12 vectors compared: fused | text
 AUDIT       ?= examples/demo_audit.yaml#   13 concepts file: per class, valid and spurious concepts as text
@@ -112,7 +116,7 @@ SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
 M09          := $(D)/09_score.meta.json
 ATLAS        := $(D)/atlas/index.html
 M10          := $(D)/10_atlas.meta.json
-BASKETS      := $(D)/11_baskets.csv $(D)/11_tree.npz $(D)/11_pruning.csv
+BASKET_FILES := $(D)/11_baskets.csv $(D)/11_tree.npz $(D)/11_consistency.csv $(D)/11_pruning.csv
 M11          := $(D)/11_baskets.meta.json
 COMPARED     := $(D)/12_compare__$(OTHER)/12_compare.meta.json
 RELEVANCE    := $(D)/13_relevance.npz
@@ -248,13 +252,14 @@ reports-changed:
 # 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
 MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
                $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
-ARGS_11 := $(MODEL_AGAIN) --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
-           --controls $(CONTROLS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
+ARGS_11 := $(MODEL_AGAIN) --method $(BASKETS) --alpha $(BASKET_ALPHA) --beta $(BASKET_BETA) \
+           --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
+           --repeats $(REPEATS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
            --device $(DEVICE) --describe-args $(call quote,$(DESCRIBE_03))
-baskets: $(BASKETS) $(M11) $(ATLAS) $(M10) ## 11: neuron baskets in data/$(RUN)/11_* (and in the atlas); UNION="A B" / DIFFERENCE="A B" print a set of two
+baskets: $(BASKET_FILES) $(M11) $(ATLAS) $(M10) ## 11: neuron baskets in data/$(RUN)/11_* (and in the atlas); UNION="A B" / DIFFERENCE="A B" print a set of two
 	$(if $(UNION),$(HOLD) $(PY) 11_baskets.py --run $(D) --union $(UNION) $(ARGS_11))
 	$(if $(DIFFERENCE),$(HOLD) $(PY) 11_baskets.py --run $(D) --difference $(DIFFERENCE) $(ARGS_11))
-$(BASKETS) $(M11) &: 11_baskets.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
+$(BASKET_FILES) $(M11) &: 11_baskets.py $(EXTRACT) $(M01) $(DESCRIPTIONS) $(M03) \
                 $(PROMPTS) $(D)/.args/11 $(call uses,11_baskets.py) | $(VENV)
 	$(HOLD) $(PY) 11_baskets.py --run $(D) $(ARGS_11)
 

@@ -128,6 +128,7 @@ class Run(_Folder):
     baskets = _InRun("11_baskets.csv")
     tree = _InRun("11_tree.npz")
     pruning = _InRun("11_pruning.csv")
+    consistency = _InRun("11_consistency.csv")
     basket_dir = _InRun("11_baskets")
     basket_mosaics = _InRun("11_baskets/11_mosaics.csv")
     basket_descriptions = _InRun("11_baskets/03_descriptions.csv")
@@ -997,53 +998,86 @@ def read_summary(path: str | Path) -> list[SummaryRow]:
 
 @dataclass(frozen=True)
 class BasketRow:
-    """A row of 11_baskets.csv: a group of co-activating neurons of one layer and its place in
-    the layer's linkage tree (``parent`` −1 at the root, ``join_corr`` NaN there); ``mosaic``
-    is relative to the run folder."""
+    """A row of 11_baskets.csv: a set of neurons of one layer tied to a group of images.
+
+    ``method`` finch (the paper's): ``level`` (1 = finest) and ``cluster`` are the image
+    cluster's place in the layer's FINCH partitions, ``parent`` the number of the basket of the
+    next level holding it (−1: none kept). ``method`` corr: level 0, ``cluster`` and ``parent``
+    are nodes of the linkage tree. ``consistency`` NaN for a single neuron; ``mosaic`` relative
+    to the run folder."""
     basket: str
     layer: str
     number: int
+    method: str
+    level: int
+    cluster: int
+    parent: int
     size: int
     members: tuple[int, ...]
+    n_images: int
     cohesion: float
-    random_cohesion: float
-    join_corr: float
-    node: int
-    parent: int
-    depth: int
-    sibling_members: tuple[int, ...]
-    joint_hits: int
+    purity: float
+    db_ratio: float
+    consistency: float
+    random_consistency: float
     top_images: tuple[int, ...]
+    name: str
     mosaic: str
     description: str
 
 
 def read_baskets(path: str | Path) -> list[BasketRow]:
-    """Every row of 11_baskets.csv (layer by layer, largest basket first)."""
+    """Every row of 11_baskets.csv (layer by layer, by level, largest first)."""
     return _read_rows(path, BasketRow, "11_baskets (make baskets)")
+
+
+def read_basket_tree(path: str | Path) -> dict[str, np.ndarray]:
+    """11_tree.npz by array name: ``<layer>/partitions`` and ``<layer>/image_ids`` (finch) or
+    ``<layer>/linkage`` and ``<layer>/correlation`` (corr)."""
+    if not Path(path).is_file():
+        raise StageError(f"{path} not found: build the baskets first (make baskets)")
+    return load_npz(path)
+
+
+@dataclass(frozen=True)
+class ConsistencyRow:
+    """A row of 11_consistency.csv (the paper's Table 1 for the run): a layer's (or ``all``)
+    baskets of two neurons or more, their mean activation consistency and that of random-index
+    sets of the same sizes, mean and std over the repeats."""
+    layer: str
+    n_baskets: int
+    mean_size: float
+    consistency: float
+    consistency_sd: float
+    random_index: float
+    random_index_sd: float
+    repeats: int
+
+
+def read_consistency(path: str | Path) -> list[ConsistencyRow]:
+    """Every row of 11_consistency.csv."""
+    return _read_rows(path, ConsistencyRow, "11_baskets (make baskets)")
 
 
 @dataclass(frozen=True)
 class PruningRow:
-    """A row of 11_pruning.csv: one class's accuracy and true-class probability before and with
-    a basket switched off, beside random baskets of its size (``*_random``: their mean, NaN
-    without controls)."""
-    basket: str
-    layer: str
-    size: int
+    """A row of 11_pruning.csv (the paper's Table 2 for the run): a class y (``class_idx`` −1:
+    all classes above), the baskets whose name mentions it (``pruned``), and the mean change of
+    p(y|x) on its labelled images when one of them, a random other basket or a random-index set
+    of the same size is zeroed: mean and std over the repeats (NaN: nothing to draw)."""
     class_idx: int
     class_name: str
     n_images: int
-    accuracy_before: float
-    accuracy_pruned: float
-    accuracy_random: float
-    accuracy_random_sd: float
-    delta_pruned: float
-    delta_random: float
-    p_true_before: float
-    p_true_pruned: float
-    p_true_random: float
-    controls: str
+    n_baskets: int
+    pruned: str
+    p_before: float
+    delta_basket: float
+    delta_basket_sd: float
+    delta_random_basket: float
+    delta_random_basket_sd: float
+    delta_random_index: float
+    delta_random_index_sd: float
+    repeats: int
 
 
 def read_pruning(path: str | Path) -> list[PruningRow]:

@@ -1,17 +1,30 @@
-"""Baskets (Neurobasket): groups of neurons of one layer that fire together over the images.
+"""Baskets (Neurobasket, seed 002): groups of neurons of one layer, found in one of two ways.
 
-A layer's neurons are compared by their co-activation: the Pearson correlation, over the images,
-of 01's per-image spatial maximum of each channel (``01_stats/<layer>.max.npy``). They are
-clustered hierarchically with average linkage on the distance ``1 − r``, and the tree is cut by
-one rule: two groups are joined only while the mean correlation between the members of one and the
-members of the other is at least ``min_corr``. Every cluster of two or more neurons is a basket;
-neurons left alone are in none.
+The paper's way (``finch``, the default of 11): the *images* are clustered, not the neurons.
+FINCH (Sarfraz et al., 2019; the ``finch-clust`` package) builds a hierarchy of image clusters from
+each image's feature vector at the layer (01's per-image channel means), level 1 the finest.
+Clusters are kept when they pass the four filters (``filter_clusters``): cohesion (mean silhouette
+of its images), purity (how alike its images' predictions are: the offline stand-in for the
+paper's caption purity), the simplified Davies–Bouldin ratio R_i, each dropping the outliers beyond
+``FILTER_SD`` standard deviations of its level; and a level is kept only while it has more
+clusters than the run has classes. Each kept cluster is filled with its neurons by Eq. 1–4
+(``active_neurons``, ``neuron_set``): a neuron is active on an image when its activation is at
+least μ(x) + α σ(x) over the layer's neurons on that image, and belongs to the basket when it is
+active on at least β of the basket's images. ``consistency`` is the paper's Eq. 5.
 
-Which images "activate a basket jointly": each member's per-image maximum is standardised over
-the images (z-score), and an image's joint score is the mean z of the members. Following the
-seed's consistency rule (a neuron counts as active on an image, and the basket needs most of its
-members active), an image is a joint hit when at least ``JOINT_SHARE`` of the members are in their
-own top ``ACTIVE_TOP`` of images.
+The older way (``corr``): a layer's neurons are compared by their co-activation: the Pearson
+correlation, over the images, of 01's per-image spatial maximum of each channel
+(``01_stats/<layer>.max.npy``). They are clustered hierarchically with average linkage on the
+distance ``1 − r``, and the tree is cut by one rule: two groups are joined only while the mean
+correlation between the members of one and the members of the other is at least ``min_corr``.
+Every cluster of two or more neurons is a basket; neurons left alone are in none.
+
+Which images "activate a set of neurons jointly" (the mosaic of a union or difference, and of a
+``corr`` basket): each member's per-image maximum is standardised over the images (z-score), and
+an image's joint score is the mean z of the members. Following the seed's consistency rule (a
+neuron counts as active on an image, and the basket needs most of its members active), an image
+is a joint hit when at least ``JOINT_SHARE`` of the members are in their own top ``ACTIVE_TOP`` of
+images.
 """
 from __future__ import annotations
 
@@ -21,6 +34,7 @@ import numpy as np
 
 JOINT_SHARE = 0.75  # share of the members that must be active on an image (the seed's β)
 ACTIVE_TOP = 0.10   # a member is active on an image among its own top 10 % of images
+FILTER_SD = 2.0     # a cluster whose filter score lies beyond μ ± 2σ of its level is dropped
 
 
 def correlation(stats: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -151,3 +165,100 @@ def random_baskets(n_channels: int, size: int, n: int, seed: int,
     pool = np.setdiff1d(np.arange(n_channels), list(exclude))
     size = min(size, len(pool))
     return [sorted(int(c) for c in rng.choice(pool, size=size, replace=False)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's baskets: FINCH on the images, the four filters, Eq. 1–5
+
+
+def image_hierarchy(features: np.ndarray) -> np.ndarray:
+    """FINCH's partitions of the rows of ``features`` (N × D, cosine distance): an N × levels
+    array of cluster ids, column 0 the finest level. Deterministic for N ≤ 20,000 (exact first
+    neighbours); beyond, FINCH needs ``pynndescent`` for approximate ones."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # finch warns on import when pynndescent is absent
+        from finch import FINCH
+    if len(features) < 3:
+        return np.zeros((len(features), 0), dtype=np.int64)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):  # finch prints progress
+        parts, _, _ = FINCH(np.asarray(features, dtype=np.float32), distance="cosine",
+                            verbose=False)
+    return np.asarray(parts, dtype=np.int64).reshape(len(features), -1)
+
+
+def silhouettes(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each image's silhouette (cosine distance) under the partition ``labels``; 0 for an image
+    alone in its cluster, NaN for all when there are fewer than two clusters."""
+    from sklearn.metrics import silhouette_samples
+    if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(labels):
+        return np.full(len(labels), np.nan)
+    return silhouette_samples(features, labels, metric="cosine")
+
+
+def davies_bouldin_ratios(features: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """The simplified Davies–Bouldin ratio of each cluster: R_i = max over j ≠ i of
+    (s_i + s_j) / d(c_i, c_j), with c the centroid and s the mean Euclidean distance of a
+    cluster's images to it (sklearn's davies_bouldin_score is the mean of these R_i). High:
+    close to, or as spread as, another cluster."""
+    ids = np.unique(labels)
+    cents = np.stack([features[labels == k].mean(axis=0) for k in ids])
+    spread = np.array([np.linalg.norm(features[labels == k] - c, axis=1).mean()
+                       for k, c in zip(ids, cents)])
+    dist = np.linalg.norm(cents[:, None, :] - cents[None, :, :], axis=2)
+    ratio = (spread[:, None] + spread[None, :]) / np.where(dist > 0, dist, np.inf)
+    np.fill_diagonal(ratio, -np.inf)
+    worst = ratio.max(axis=1) if len(ids) > 1 else np.full(len(ids), np.nan)
+    return {int(k): float(v) for k, v in zip(ids, worst)}
+
+
+def purity(vectors: np.ndarray) -> float:
+    """Mean cosine between each row of ``vectors`` (an image's description as a vector) and
+    their mean: 1 when every image is described alike."""
+    norms = np.linalg.norm(vectors, axis=1)
+    centre = vectors.mean(axis=0)
+    if not np.linalg.norm(centre) or not norms.all():
+        return float("nan")
+    return float((vectors @ centre / (norms * np.linalg.norm(centre))).mean())
+
+
+def outliers(scores: np.ndarray, high_is_bad: bool, n_sd: float = FILTER_SD) -> np.ndarray:
+    """Which of ``scores`` lie beyond ``n_sd`` standard deviations from their mean on the bad
+    side (NaN scores are never outliers)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    if finite.sum() < 2:
+        return np.zeros(len(scores), dtype=bool)
+    mean, sd = scores[finite].mean(), scores[finite].std()
+    bad = scores > mean + n_sd * sd if high_is_bad else scores < mean - n_sd * sd
+    return bad & finite
+
+
+def active_neurons(activations: np.ndarray, alpha: float) -> np.ndarray:
+    """Eq. 1–2: N × C booleans, neuron c active on image x when A_c(x) ≥ μ(x) + α σ(x), μ and σ
+    taken over the layer's C neurons on image x."""
+    acts = np.asarray(activations, dtype=np.float64)
+    mu = acts.mean(axis=1, keepdims=True)
+    sigma = acts.std(axis=1, keepdims=True)
+    return acts >= mu + alpha * sigma
+
+
+def neuron_set(active: np.ndarray, beta: float) -> tuple[list[int], np.ndarray]:
+    """Eq. 3–4 for one basket: ``active`` holds the basket's images' rows of
+    ``active_neurons``; returns the neurons active on at least a share ``beta`` of them and every
+    neuron's share p_N."""
+    share = active.mean(axis=0) if len(active) else np.zeros(active.shape[1])
+    return [int(c) for c in np.flatnonzero(share >= beta - 1e-12)], share
+
+
+def consistency(profiles: np.ndarray) -> float:
+    """Eq. 5: the mean pairwise cosine between the columns of ``profiles`` (images × neurons:
+    each neuron's activations over a basket's images); NaN for fewer than two neurons."""
+    m = profiles.shape[1]
+    if m < 2:
+        return float("nan")
+    unit = profiles / np.where((n := np.linalg.norm(profiles, axis=0)) > 0, n, 1.0)
+    cos = unit.T @ unit
+    return float((cos.sum() - np.trace(cos)) / (m * (m - 1)))

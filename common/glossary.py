@@ -29,6 +29,7 @@ GROUPS = [  # glossary sections, in page order
     ("layer", "Per layer (09 summary, 05 clusters)"),
     ("debug", "Debugging a confusion (stage 08)"),
     ("neuron", "The neuron itself (stages 01, 05)"),
+    ("baskets", "Baskets: sets of neurons tied to groups of images (stage 11)"),
 ]
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95 % interval
 
@@ -432,6 +433,48 @@ TERMS: dict[str, Term] = {
         "The cluster 05 put the neuron in, from its description (and mosaic) embedding.",
         "0 … clusters − 1.", "Not a score: neurons of a cluster say similar things.",
         "000", "neuron"),
+    "basket_cohesion": Term(
+        "cohesion", "cohesion",
+        "Mean silhouette of the basket's images in its FINCH level (corr baskets: the members' "
+        "mean correlation).",
+        "How much closer the basket's images are to each other than to the next cluster of "
+        "the same level: the mean silhouette (cosine distance on the layer's per-image channel "
+        "means). A cluster whose cohesion lies more than 2 standard deviations below its "
+        "level's mean is dropped. For corr baskets: the members' mean pairwise correlation.",
+        "−1 … 1.", "Higher: a tighter group of images.", "002", "baskets"),
+    "purity": Term(
+        "purity", "purity",
+        "How alike the model's top-5 predictions of the basket's images are (mean cosine to "
+        "their mean).",
+        "The offline stand-in for the paper's caption purity: each image's top-5 class "
+        "probabilities as a vector, and the mean cosine between those vectors and their mean. "
+        "Clusters more than 2 standard deviations below their level's mean are dropped.",
+        "0 … 1.", "1: the model sees every image of the basket alike.", "002", "baskets"),
+    "db_ratio": Term(
+        "Davies–Bouldin ratio", "R_i",
+        "The cluster's worst (spread_i + spread_j) / distance between centres; high: it "
+        "overlaps another cluster.",
+        "The simplified Davies–Bouldin index of one cluster, R_i = max over the other clusters "
+        "j of (s_i + s_j) / d(c_i, c_j), s the mean distance of a cluster's images to its centre "
+        "c. Clusters more than 2 standard deviations above their level's mean are dropped.",
+        "0 … ∞.", "Lower: better separated from the level's other clusters.", "002", "baskets"),
+    "consistency": Term(
+        "activation consistency", "consistency",
+        "Mean pairwise cosine of the basket's neurons' activations over its images (Eq. 5).",
+        "Each neuron of the basket gives a vector, its activation (channel mean) on each of the "
+        "basket's images; the consistency is the mean cosine over all pairs of those vectors. "
+        "Compared with random-index sets of the same size on the same images.",
+        "0 … 1 for non-negative activations (−1 … 1 otherwise); empty for a single neuron.",
+        "Higher than its random-index baseline: the neurons rise and fall together on the "
+        "basket's images.", "002", "baskets"),
+    "delta_prob": Term(
+        "Δprob", "Δprob",
+        "Mean change of p(class) on the class's labelled images when a basket is zeroed.",
+        "For class y: zero the neurons of a basket whose name mentions y, re-run the model on "
+        "y's labelled images and average p_pruned(y|x) − p(y|x); beside random other baskets "
+        "and random-index sets of the same size, over seeded repeats (mean ± std).",
+        "−1 … 1.", "More negative than the random baselines: the basket carries the class.",
+        "002", "baskets"),
 }
 ALIASES = {"mean_dnr": "dnr_score", "mean_ar": "activation_rate"}  # 09 summary columns not named mean_<score column>
 PAIRED = ("z ", "relevance ")  # 10's per-pair columns: "z <true>→<pred>", "relevance <true>→<pred>"

@@ -378,7 +378,8 @@ def test_reports_made_on_request_are_shown_linked_and_dropped_when_stale(run, tm
     folder, site = data / "t", data / "t" / "atlas"
     concepts = tmp_path / "concepts.yaml"
     concepts.write_text("classes:\n  '0':\n    valid: [red]\n    spurious: [edges]\n")
-    small = ["PRUNE=1", "CONTROLS=1", "PRUNE_IMAGES=3"]
+    small = ["PRUNE=1", "CONTROLS=1", "PRUNE_IMAGES=3", "REPEATS=1", "BASKET_ALPHA=0.5",
+             "BASKET_BETA=0.6"]  # 4 and 2 channels: μ + 3σ is out of reach
     assert quiet(tree, args, "atlas") == 0
     make(tree, [*args, *small], "baskets")
     assert 'href="baskets.html"' in (site / "index.html").read_text()

@@ -1,8 +1,10 @@
-"""Stage 11 (baskets): co-activation, the cut rule, joint images, union / difference and pruning.
+"""Stage 11 (baskets): the paper's baskets (FINCH image groups, the filters, Eq. 1–5), the
+correlation baskets, joint images, union / difference and the pruning test.
 
-Planted statistics: channels driven by a shared hidden factor co-activate, so which neurons share
-a basket is known in advance; pruning runs the fake model, whose conv2 channel 0 alone carries
-the "red" class.
+Planted structure: image groups with their own feature centres are the clusters FINCH must find;
+neurons planted high on a group's images are the ones Eq. 2–4 must put in its basket; channels
+driven by a shared hidden factor co-activate (the corr baskets). Pruning runs the fake model,
+whose relu2 channel 0 alone carries the "red" class.
 """
 import csv
 import json
@@ -81,6 +83,92 @@ def test_random_baskets_are_seeded_and_exclude_members():
     assert all(len(c) == 3 and not set(c) & {0, 1, 2} for c in a)
 
 
+def planted_hierarchy(seed=0, per_group=30, channels=64, noise=0.08):
+    """Per-image channel means of 6 planted image groups in 3 pairs: the two groups of a pair
+    share 12 raised channels and each has 4 of its own; every group has one typical image (its
+    centre) and noisy others. Returns (features, group of each image)."""
+    rng = np.random.default_rng(seed)
+    centres = np.full((6, channels), 0.5)
+    for pair in range(3):
+        shared = rng.choice(channels, 12, replace=False)
+        for g in (2 * pair, 2 * pair + 1):
+            centres[g, shared] += 1.0
+            centres[g, rng.choice(channels, 4, replace=False)] += 1.0
+    groups = np.repeat(np.arange(6), per_group)
+    feats = centres[groups] + rng.normal(0, noise, size=(len(groups), channels))
+    feats[::per_group] = centres
+    return np.clip(feats, 0, None), groups
+
+
+def planted_images(n_groups=5, per_group=40, channels=64, seed=0):
+    """Per-image channel means (N × C, non-negative like post-ReLU means) of ``n_groups`` image
+    groups, each with neurons 2g and 2g+1 planted far above μ + 3σ of the image's neurons on
+    ~90 % of its images (never the group's first) and ordinary on the rest. Returns (features, group of each
+    image, planted neurons of each group)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 1, size=(n_groups, channels)) ** 3 + 0.05
+    feats, groups, planted = [], [], []
+    for g in range(n_groups):
+        block = centres[g] * rng.uniform(0.9, 1.1, size=(per_group, channels))
+        mine = [2 * g, 2 * g + 1]
+        hot = rng.random(per_group) < 0.9
+        hot[0] = False  # at least one image where they stay quiet
+        block[:, mine] = np.where(hot[:, None], 6.0, 0.5) + rng.uniform(0, 0.5, (per_group, 2))
+        feats.append(block)
+        groups += [g] * per_group
+        planted.append(mine)
+    return np.concatenate(feats), np.array(groups), planted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_finch_recovers_planted_image_groups(seed):
+    """FINCH's first level is the 6 planted groups and its second the 3 pairs (adjusted Rand
+    index by scikit-learn ≥ 0.9 each); the same call on the neurons (the transposed table)
+    finds no such groups."""
+    from sklearn.metrics import adjusted_rand_score
+    feats, groups = planted_hierarchy(seed)
+    parts = B.image_hierarchy(feats)
+    assert parts.shape == (len(feats), 2)
+    assert adjusted_rand_score(groups, parts[:, 0]) >= 0.9
+    assert adjusted_rand_score(groups // 2, parts[:, 1]) >= 0.9
+    assert adjusted_rand_score(groups, parts[:, 1]) < 0.9  # the levels differ
+
+
+def test_planted_neurons_fill_their_basket_by_eq_2_to_4():
+    """Eq. 2 equals a hand loop over images; Eq. 3–4 put exactly the planted neurons of a group
+    in its basket at β = 0.75 (they are active on ~90 % of its images, the others on none);
+    at β = 1 the neurons silent on a few of the group's images drop out."""
+    feats, groups, planted = planted_images()
+    active = B.active_neurons(feats, alpha=3.0)
+    for x in (0, 57, 199):
+        row = feats[x].astype(np.float64)
+        want = row >= row.mean() + 3.0 * row.std()
+        assert active[x].tolist() == want.tolist()
+    for g, mine in enumerate(planted):
+        members, share = B.neuron_set(active[groups == g], beta=0.75)
+        assert members == mine
+        assert share[mine[0]] == pytest.approx(active[groups == g, mine[0]].mean())
+        assert B.neuron_set(active[groups == g], beta=1.0)[0] == []
+
+
+def test_consistency_and_davies_bouldin_match_independent_computations():
+    """Eq. 5 is the mean off-diagonal cosine (scikit-learn's cosine_similarity); the mean of the
+    simplified R_i is scikit-learn's Davies–Bouldin score; silhouettes are scikit-learn's."""
+    from sklearn.metrics import davies_bouldin_score
+    from sklearn.metrics.pairwise import cosine_similarity
+    feats, groups, planted = planted_images()
+    profiles = feats[groups == 1][:, [0, 3, 4, 5, 9]]
+    cos = cosine_similarity(profiles.T)
+    assert B.consistency(profiles) == pytest.approx(cos[~np.eye(5, dtype=bool)].mean())
+    assert np.isnan(B.consistency(profiles[:, :1]))
+    ratios = B.davies_bouldin_ratios(feats, groups)
+    assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
+    assert B.purity(np.ones((4, 3))) == pytest.approx(1.0)
+    assert B.outliers([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 9], high_is_bad=True).tolist() == \
+        [False] * 10 + [True]
+    assert not B.outliers([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 9], high_is_bad=False).any()
+
+
 @pytest.fixture
 def fake_run(tmp_path, image_folder):
     """01 run for real on the fake model (layers relu1 and relu2) over the labelled folder."""
@@ -92,6 +180,33 @@ def fake_run(tmp_path, image_folder):
     return run_dir
 
 
+def test_consistency_table_beats_random_index_sets_on_planted_baskets():
+    """Table 1 on planted data: on each of 3 image groups, 3 planted neurons follow one shared
+    factor while the layer's other neurons vary independently; the groups' baskets are far more
+    consistent (Eq. 5) than random-index sets of their size on the same images. With a single
+    basket every draw is that basket: the table gives its Eq. 5 exactly, std 0. Seeded."""
+    rng = np.random.default_rng(3)
+    acts = rng.uniform(0, 1, size=(90, 30))
+    groups = np.repeat(np.arange(3), 30)
+    baskets = []
+    for g in range(3):
+        rows, mine = np.flatnonzero(groups == g), [3 * g, 3 * g + 1, 3 * g + 2]
+        factor = rng.uniform(0, 1, size=len(rows))
+        acts[np.ix_(rows, mine)] = 5 * factor[:, None] + rng.normal(0, 0.05, (len(rows), 3))
+        baskets.append({"layer": "L", "channel_list": mine, "rows": rows,
+                        "consistency": B.consistency(acts[np.ix_(rows, mine)])})
+    table = stage.consistency_table(baskets, {"L": acts}, {"L": 30}, 5, seed=0)
+    assert [r["layer"] for r in table] == ["L"]
+    row = table[0]
+    assert row["n_baskets"] == 3 and row["mean_size"] == 3 and row["repeats"] == 5
+    assert row["consistency"] > 0.95 and row["random_index"] < 0.85
+    assert row["consistency"] > row["random_index"] + 3 * row["random_index_sd"]
+    assert stage.consistency_table(baskets, {"L": acts}, {"L": 30}, 5, seed=0) == table
+    one = stage.consistency_table(baskets[:1], {"L": acts}, {"L": 30}, 5, seed=0)[0]
+    assert one["consistency"] == round(baskets[0]["consistency"], 4)
+    assert one["consistency_sd"] == 0.0
+
+
 def fake_describe(index, out, args, levels):
     """Stand-in for 03: a sentence naming each mosaic's pseudo-layer and number."""
     with open(index, newline="") as fh:
@@ -100,82 +215,132 @@ def fake_describe(index, out, args, levels):
 
 
 def test_build_and_set_operations_on_the_fake_model(fake_run, capsys):
-    """11 writes its contract files; every basket has members, a mosaic and a sentence; union
-    and difference of two baskets give the set algebra of their members."""
+    """11 (the paper's method) writes its contract files; every basket is an image cluster of a
+    kept FINCH level with the neurons of Eq. 2–4, a mosaic, a name from its images' labels and a
+    sentence; parents are baskets of the next level holding the same images; union and
+    difference of two baskets give the set algebra of their members, with what the set's
+    images are."""
+    from common.artefacts import read_basket_tree, read_baskets, read_consistency, read_pruning
     from common.models import load_model
     bundle = load_model(FAKE_MODEL, device="cpu", input_size=32)
-    small = stage.Settings(min_corr=0.3, grid=3, tile=16, prune=1, controls=2, prune_images=5)
+    # 4 and 2 channels per layer: μ + 3σ is out of reach of 4 numbers, hence α = 0.5
+    small = stage.Settings(alpha=0.5, beta=0.6, min_images=2, grid=3, tile=16, prune=1,
+                           repeats=2, prune_images=5)
     result = stage.build(Run(fake_run), small, describe=fake_describe, bundle=bundle)
-    for name in ("11_baskets.csv", "11_tree.npz", "11_pruning.csv", "11_baskets.meta.json"):
+    for name in ("11_baskets.csv", "11_tree.npz", "11_consistency.csv", "11_pruning.csv",
+                 "11_baskets.meta.json"):
         assert (fake_run / name).is_file()
-    baskets = result["baskets"]
-    # On these images relu1's edge and brightness channels peak together (bars and borders are
-    # bright and edgy at once: r ≥ 0.98) and the red channel goes against them (r ≤ −0.3); relu2's
-    # two channels anti-correlate (r = −0.4), so relu2 has no basket.
-    assert [(b["basket"], b["channel_list"]) for b in baskets] == [("relu1:b1", [1, 2, 3])]
-    b = baskets[0]
-    assert (fake_run / b["mosaic"]).is_file() and b["cohesion"] > 0.9
-    assert b["random_cohesion"] < b["cohesion"]  # random triples of relu1 include the red channel
-    assert b["description"] == "relu1:basket 1" and b["sibling_members"] == "0"
-    rows = result["pruning"]
-    assert {r["class_idx"] for r in rows} == {0, 1, 2}
-    assert all(r["n_images"] == 5 and r["basket"] == "relu1:b1" for r in rows)
-    # A second basket, of another layer, written by hand: sets may cross layers.
+    rows = read_baskets(fake_run / "11_baskets.csv")
+    assert len(rows) == len(result["baskets"]) >= 4
+    tree = read_basket_tree(fake_run / "11_tree.npz")
+    images = read_images_csv(fake_run)
+    from common.artefacts import read_stats
+    for row in rows:
+        parts, ids = tree[f"{row.layer}/partitions"], tree[f"{row.layer}/image_ids"]
+        mine = np.flatnonzero(parts[:, row.level - 1] == row.cluster)
+        assert row.method == "finch" and row.n_images == len(mine) >= 2
+        assert set(row.top_images) <= set(ids[mine].tolist())
+        means = np.asarray(read_stats(fake_run / "01_stats", row.layer, "mean"))[ids[mine]]
+        assert list(row.members) == B.neuron_set(B.active_neurons(means, 0.5), 0.6)[0] != []
+        labels = [images[i] for i in ids[mine]]
+        top = min(set(labels), key=lambda k: (-labels.count(k), k))
+        assert row.name.startswith(f"labelled {top} ({labels.count(top)} of {len(labels)})")
+        assert row.description == f"{row.layer}:basket {row.number}"
+        assert (fake_run / row.mosaic).is_file()
+        if row.parent > 0:
+            parent = next(r for r in rows if r.layer == row.layer and r.number == row.parent)
+            assert parent.level == row.level + 1
+            assert set(mine) <= set(np.flatnonzero(parts[:, parent.level - 1] == parent.cluster))
+    assert any(r.parent > 0 for r in rows)
+    assert read_consistency(fake_run / "11_consistency.csv") == []  # no basket of 2 neurons
+    table2 = read_pruning(fake_run / "11_pruning.csv")
+    assert [r.class_idx for r in table2] == [0, 1, 2, -1]
+    assert all(r.repeats == 2 and r.n_baskets >= 1 for r in table2)
+    a, b = rows[0].basket, next(r.basket for r in rows if r.layer != rows[0].layer)
+    union = stage.set_operation(Run(fake_run), "union", a, b, small, describe=fake_describe)
+    want = sorted([f"{rows[0].layer}:{c}" for c in rows[0].members] +
+                  [f"{r.layer}:{c}" for r in rows if r.basket == b for c in r.members])
+    assert union["members"] == want and union["description"] == "set 1"
+    assert union["name"].startswith("labelled ") and len(union["images"]) == 9
+    diff = stage.set_operation(Run(fake_run), "difference", a, b, small, describe=fake_describe)
+    assert diff["members"] == [f"{rows[0].layer}:{c}" for c in rows[0].members]
+    assert "the set's images: labelled" in stage.format_set(diff)
+    empty = stage.set_operation(Run(fake_run), "difference", a, a, describe=fake_describe)
+    assert empty["members"] == [] and "empty" in stage.format_set(empty)
+    with pytest.raises(SystemExit):
+        stage.main(["--run", str(fake_run), "--union", a, "nope:b9"])
+    assert "no basket 'nope:b9'" in capsys.readouterr().err
+
+
+def read_images_csv(run_dir):
+    """Image id → label text of 01_images.csv."""
+    from common.artefacts import read_images
+    return {r.image_id: r.label for r in read_images(run_dir / "01_images.csv")}
+
+
+def test_correlation_baskets_stay_available(fake_run, capsys):
+    """--method corr: relu1's edge and brightness channels peak together (r ≥ 0.98) and form
+    the one basket; its tree's nodes can be named in a set operation; an edited artefact is
+    refused until its meta vouches for it."""
+    small = stage.Settings(method="corr", min_corr=0.3, grid=3, tile=16, prune=0, repeats=2)
+    result = stage.build(Run(fake_run), small, describe=fake_describe)
+    assert [(b["basket"], b["channel_list"]) for b in result["baskets"]] == [("relu1:b1",
+                                                                               [1, 2, 3])]
+    b = result["baskets"][0]
+    assert b["method"] == "corr" and b["cohesion"] > 0.9 and b["level"] == 0
+    assert result["pruning"] == [] and result["consistency"][0]["n_baskets"] == 1
+    root = 2 * 4 - 2  # relu1's root holds all four channels; minus the basket leaves red
+    rest = stage.set_operation(Run(fake_run), "difference", f"relu1:n{root}", "relu1:b1",
+                               small, describe=fake_describe)
+    assert rest["members"] == ["relu1:0"] and rest["a_description"] == ""
+    saved = json.loads((fake_run / "11_sets" / f"difference__relu1_n{root}__relu1_b1" /
+                        "set.json").read_text())
+    assert saved["members"] == rest["members"]
     with open(fake_run / "11_baskets.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
-    table.append(dict(table[0], basket="relu2:b1", layer="relu2", members="0 1",
-                      description="red or edges"))
+    table[0]["members"] = "0 1"
     with open(fake_run / "11_baskets.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    with pytest.raises(SystemExit):  # an edited artefact is refused …
-        stage.main(["--run", str(fake_run), "--union", "relu1:b1", "relu2:b1"])
-    from common.provenance import read_meta, write_meta
-    write_meta(fake_run / "11_baskets.meta.json", "11_baskets", {},  # … until its meta vouches
-               [fake_run / n for n in ("11_baskets.csv", "11_tree.npz", "11_pruning.csv")],
-               [read_meta(fake_run / "01_activations.npz")])
-    union = stage.set_operation(Run(fake_run), "union", "relu1:b1", "relu2:b1", small,
-                                describe=fake_describe)
-    assert union["members"] == ["relu1:1", "relu1:2", "relu1:3", "relu2:0", "relu2:1"]
-    assert union["description"] == "set 1" and len(union["images"]) == 9
-    assert union["b_description"] == "red or edges"
-    diff = stage.set_operation(Run(fake_run), "difference", "relu1:b1", "relu2:b1", small,
-                               describe=fake_describe)
-    assert diff["members"] == ["relu1:1", "relu1:2", "relu1:3"]
-    empty = stage.set_operation(Run(fake_run), "difference", "relu1:b1", "relu1:b1",
-                                describe=fake_describe)
-    assert empty["members"] == [] and "empty" in stage.format_set(empty)
-    # A tree node: relu1's root holds all four channels; minus the basket leaves the red one.
-    root = 2 * 4 - 2
-    rest = stage.set_operation(Run(fake_run), "difference", f"relu1:n{root}", "relu1:b1",
-                               describe=fake_describe)
-    assert rest["members"] == ["relu1:0"] and rest["a_description"] == ""
-    saved = json.loads((fake_run / "11_sets" / "union__relu1_b1__relu2_b1" / "set.json")
-                       .read_text())
-    assert saved["members"] == union["members"]
-    a = "relu1:b1"
     with pytest.raises(SystemExit):
-        stage.main(["--run", str(fake_run), "--union", a, "nope:b9"])
-    err = capsys.readouterr().err
-    assert "differs from what 11_baskets wrote" in err and "no basket 'nope:b9'" in err
+        stage.main(["--run", str(fake_run), "--union", "relu1:b1", f"relu1:n{root}"])
+    assert "differs from what 11_baskets wrote" in capsys.readouterr().err
 
 
-def test_pruning_the_red_channel_breaks_the_red_class_only(fake_run):
-    """Zeroing relu2 channel 0 (the fake model's red detector, weight 4 on class 'red') makes red
-    images lose their class while the edge class keeps its accuracy; its size-matched random
-    control (relu2's only other channel, the edge detector) does the opposite."""
+def test_pruning_a_planted_class_basket_drops_that_class_more_than_random_baskets(fake_run):
+    """Table 2 on the fake model: the basket named after class 0 (red) holds relu2's red
+    channel, the model's only carrier of that class; zeroing it drops p(red) on red images far
+    more than zeroing a random other basket (the edge channel, or relu1's brightness) — and the
+    row's figures are the hand-computed mean change of p(red) on those images."""
+    from common.artefacts import read_predictions
     from common.models import load_model
+    from common.rerun import labelled_images, predict
     bundle = load_model(FAKE_MODEL, device="cpu", input_size=32)
-    basket = {"basket": "relu2:b1", "layer": "relu2", "number": 1, "channel_list": [0]}
-    rows = stage.prune_baskets([basket], {"relu2": 2}, Run(fake_run), stage.Settings(
-        prune=1, controls=1, prune_images=10, seed=0, device="cpu", batch_size=8), bundle=bundle)
-    by_class = {r["class_idx"]: r for r in rows}
-    assert by_class[0]["accuracy_before"] == 1.0 and by_class[0]["accuracy_pruned"] == 0.0
-    assert by_class[0]["delta_pruned"] == -1.0
-    assert by_class[1]["accuracy_pruned"] == by_class[1]["accuracy_before"]
-    assert by_class[1]["accuracy_random"] < by_class[1]["accuracy_before"]
-    assert by_class[0]["controls"] == "1"
+    baskets = [
+        {"basket": "relu2:b1", "layer": "relu2", "channel_list": [0],
+         "name": "labelled 0 (9 of 10)", "description": "red squares"},
+        {"basket": "relu2:b2", "layer": "relu2", "channel_list": [1],
+         "name": "labelled 1 (10 of 10)", "description": "stripes"},
+        {"basket": "relu1:b1", "layer": "relu1", "channel_list": [3],
+         "name": "labelled 2 (8 of 10)", "description": "plain grey"}]
+    settings = stage.Settings(prune=1, repeats=3, prune_images=10, seed=0, device="cpu",
+                              batch_size=8)
+    rows = stage.prune_by_class(baskets, {"relu1": 4, "relu2": 2}, Run(fake_run), settings,
+                                bundle=bundle)
+    red = next(r for r in rows if r.get("class_idx") == 0)
+    assert red["pruned"] == "relu2:b1" and red["n_baskets"] == 1 and red["repeats"] == 3
+    assert red["delta_basket"] < -0.3
+    assert red["delta_basket"] < red["delta_random_basket"] - 0.2
+    assert red["delta_basket_sd"] == 0.0  # the one named basket, every repeat
+    images = labelled_images(read_predictions(fake_run / "01_predictions.csv"), bundle, 10, 0)
+    mask = images.labels == 0
+    before = predict(bundle, images.select(mask))[:, 0]
+    after = predict(bundle, images.select(mask), {"relu2": [0]})[:, 0]
+    assert red["delta_basket"] == pytest.approx(float((after - before).mean()), abs=1e-4)
+    assert rows[-1]["class_idx"] == -1
+    assert rows[-1]["delta_basket"] == pytest.approx(np.mean([r["delta_basket"]
+                                                              for r in rows[:-1]]), abs=1e-3)
 
 
 def test_the_rerun_gives_the_model_the_input_01_gave_it(fake_run, tmp_path):

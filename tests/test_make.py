@@ -353,7 +353,8 @@ def test_make_baskets_audit_and_compare(tree, tmp_path):
     concepts.write_text("classes:\n  '0':\n    valid: [red]\n    spurious: [edges]\n")
     # The same variables in every call: a changed PRUNE, CONTROLS or PRUNE_IMAGES would
     # (rightly) make 11's outputs out of date.
-    small = ["PRUNE=1", "CONTROLS=1", "PRUNE_IMAGES=3"]
+    small = ["PRUNE=1", "CONTROLS=1", "PRUNE_IMAGES=3", "REPEATS=1", "BASKET_ALPHA=0.5",
+             "BASKET_BETA=0.6"]  # 4 and 2 channels: μ + 3σ is out of reach
     for target in (["baskets"], ["audit", f"AUDIT={concepts}"], ["compare", "OTHER=t"]):
         result = make(root, args, *target, *small)
         assert result.returncode == 0, result.stderr[-2000:]
