@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import Run, layer_dir, layer_slug
+from common.artefacts import DescribedMosaics, Mosaic, Run, columns, layer_dir, layer_slug
 from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error,
                         setting, settings_from, stage_parser, start_stage)
 from common.describers import DescriberSettings, describe_index, parse_describe_args
@@ -62,7 +62,7 @@ PRUNE_FIELDS = ["class_idx", "class_name", "n_images", "n_baskets", "pruned", "p
                 "delta_basket", "delta_basket_sd", "delta_random_basket",
                 "delta_random_basket_sd", "delta_random_index", "delta_random_index_sd",
                 "repeats"]
-INDEX_FIELDS = ["layer", "channel", "path", "n_tiles", "grid", "tile_px", "crop"]
+INDEX_FIELDS = [c for c in columns(Mosaic) if c != "ranks"]  # 02's index columns
 SAMPLE_CAP = 10_000  # baskets drawn per repeat for Table 1 at most (the paper's 10,000)
 
 
@@ -196,12 +196,11 @@ def describe_mosaics(rows: list[dict], folder: Path, describer: DescriberSetting
                      ) -> dict[tuple[str, int], str]:
     """Write the mosaic index ``rows`` (and its meta, made from ``metas``) in ``folder`` and have
     the run's describer (``describer``: 03's settings) describe them."""
-    index = folder / "11_mosaics.csv"
-    write_csv(index, rows, INDEX_FIELDS)
-    write_meta(folder / "11_mosaics.meta.json", "11_mosaics", {}, outputs=[index], inputs=metas,
+    files = DescribedMosaics(folder)
+    write_csv(files.index, rows, INDEX_FIELDS)
+    write_meta(files.meta, "11_mosaics", {}, outputs=[files.index], inputs=metas,
                n_mosaics=len(rows))
-    return (describe or describe_index)(index, folder / "03_descriptions.csv", describer,
-                                        levels)
+    return (describe or describe_index)(files.index, files.descriptions, describer, levels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, describer_o
         if not Path(path).exists():
             raise StageError(f"{path} does not exist; run {producer} first (e.g. `make all`)")
     folder = run.describer_dir
-    meta_file = folder / f"{STAGE}.meta.json"
+    meta_file = run.describer_meta
     folder.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(folder)
     retract_meta(meta_file)
@@ -274,7 +274,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, describer_o
 
     described, out_metas = [], {}
     for i, d in enumerate(describers):
-        out = folder / d.name / "03_descriptions.csv"
+        out = run.described_by(d.name)
         out.parent.mkdir(parents=True, exist_ok=True)
         log.info("describer %s (%s) → %s", d.name, d.spec, out)
         describe(run.mosaics, out, d.settings, run.activations, run.predictions,

@@ -89,6 +89,15 @@ class Comparison(_Folder):
     meta = _InRun("12_compare.meta.json")
 
 
+class DescribedMosaics(_Folder):
+    """Mosaics 11 had described: its baskets' (``11_baskets/``) or a set's
+    (``11_sets/<op>__<A>__<B>/``)."""
+
+    index = _InRun("11_mosaics.csv")
+    meta = _InRun("11_mosaics.meta.json")
+    descriptions = _InRun("03_descriptions.csv")
+
+
 class Run(_Folder):
     """A run folder (``data/<RUN>/``) and the path of every file of the artefact contract in it
     (ARTEFACTS.md), one property each; ``meta(stage)`` is a stage's provenance file, ``pair`` and
@@ -130,8 +139,6 @@ class Run(_Folder):
     pruning = _InRun("11_pruning.csv")
     consistency = _InRun("11_consistency.csv")
     basket_dir = _InRun("11_baskets")
-    basket_mosaics = _InRun("11_baskets/11_mosaics.csv")
-    basket_descriptions = _InRun("11_baskets/03_descriptions.csv")
     basket_sets = _InRun("11_sets")
     relevance = _InRun("13_relevance.npz")
     audit_dir = _InRun("13_audit")
@@ -141,6 +148,7 @@ class Run(_Folder):
     describer_dir = _InRun("14_describers")
     describer_neurons = _InRun("14_describers/neurons.csv")
     describer_summary = _InRun("14_describers/summary.csv")
+    describer_meta = _InRun("14_describers/14_describers.meta.json")
 
     def meta(self, stage: str) -> Path:
         """The provenance file of ``stage`` (``"04_embed"`` → ``<run>/04_embed.meta.json``)."""
@@ -149,6 +157,10 @@ class Run(_Folder):
     def pair(self, name: str) -> PairFolder:
         """08's folder of one analysed pair (``name`` is pairs.csv's ``folder``)."""
         return PairFolder(self.debug / name)
+
+    def described_by(self, name: str) -> Path:
+        """14's sentences of describer ``name`` (03's format)."""
+        return self.describer_dir / name / "03_descriptions.csv"
 
     def comparison(self, other: str) -> Comparison:
         """12's folder comparing this run with run ``other``."""

@@ -126,3 +126,38 @@ def test_a_stage_run_as_a_program_freezes_its_objects_before_exit():
         assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+def contract_names() -> set[str]:
+    """The file names of the artefact contract, as common.artefacts's folders list them."""
+    from common import artefacts
+    names = set()
+    for folder in (artefacts.Run, artefacts.PairFolder, artefacts.Comparison,
+                   artefacts.DescribedMosaics):
+        for place in vars(folder).values():
+            if isinstance(place, artefacts._InRun) and "." in place.name:
+                names.add(place.name.rsplit("/", 1)[-1])
+    return names
+
+
+def literal_contract_paths(script) -> list[tuple[int, str]]:
+    """String constants of ``script`` that are a contract file's whole name (its docstring and help
+    texts name files among other words, and those are not paths)."""
+    import ast
+    names, tree = contract_names(), ast.parse(script.read_text())
+    helps = {id(node) for call in ast.walk(tree)
+             if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "add_run"
+             for node in ast.walk(call)}  # add_run's texts say what a stage reads and writes
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.rsplit("/", 1)[-1] in names and id(node) not in helps]
+
+
+def test_no_stage_builds_a_contract_path_from_a_literal(tmp_path):
+    """Every path of a contract file comes from common.artefacts (Run and its folders)."""
+    assert {"01_images.csv", "12_matches.csv", "neurons.csv", "audit.csv"} <= contract_names()
+    found = {name: hits for name in STAGES if (hits := literal_contract_paths(ROOT / name))}
+    assert not found, f"contract paths built from literals (use common.artefacts.Run): {found}"
+    planted = tmp_path / "99_planted.py"
+    planted.write_text('from pathlib import Path\nout = Path("x") / "12_matches.csv"\n')
+    assert literal_contract_paths(planted) == [(2, "12_matches.csv")]
