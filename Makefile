@@ -59,6 +59,7 @@ SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage fl
 MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip | clip:<model> (docs/vlm-families.md)
 POLY        ?= 0.6#                        09 polysemanticity from which a neuron is split into sub-concepts
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
+WEAK_BELOW  ?= 0.4#                         07 a text hit below this cosine is a weak match; none above it: no good match (docs/search.md)
 MIN_CORR    ?= 0.5#                        11 baskets: groups are joined while their members correlate at least this much
 PRUNE       ?= 2#                          11 largest baskets per layer pruned in the causal check (0: none)
 CONTROLS    ?= 3#                          11/13 random neuron sets of the same size per causal check
@@ -179,7 +180,7 @@ $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) 
 
 # --- 07 search: neurons matching a free text (printed; live in the atlas with `make serve`) -------
 ARGS_07 := --scoring $(SCORING) $(if $(MIN_SCORE),--min-score $(MIN_SCORE)) --device $(DEVICE) \
-           --host $(HOST) --port $(PORT)
+           --weak-below $(WEAK_BELOW) --host $(HOST) --port $(PORT)
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## 07: find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --run $(D) $(ARGS_07) --top-k $(HITS) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)
