@@ -574,7 +574,7 @@ class Site:
                      "reports": [{"name": r.nav, "url": r.page}
                                  for r in run.reports if r.state == "current"]}
         self.by_key = {(r["layer"], r["channel"]): r for recs in records.values() for r in recs}
-        self.basket_thumbs: dict[str, tuple] = {}  # basket → (JPEG, WebP) (by image_jobs)
+        self.basket_thumbs: dict[str, str] = {}  # basket → its JPEG (set by image_jobs)
         self.term_keys = set(TERMS)  # every column a page names: its tip goes to terms.js
 
     def _layer_info(self, name: str) -> dict:
@@ -633,11 +633,9 @@ class Site:
         for b in self.run.baskets:
             source = self.run.run_dir / b.mosaic
             if b.mosaic and source.is_file():
-                stem = f"baskets/{layer_slug(b.layer)}/b{b.number}"
-                self.basket_thumbs[b.basket] = (f"{stem}.jpg", f"{stem}{PAGE_FORMAT[1]}")
-                jobs.append((str(source), [(str(self.out / f"{stem}.jpg"), thumb_px),
-                                           (str(self.out / f"{stem}{PAGE_FORMAT[1]}"),
-                                            mosaic_px)]))
+                self.basket_thumbs[b.basket] = f"baskets/{layer_slug(b.layer)}/b{b.number}.jpg"
+                jobs.append((str(source), [(str(self.out / self.basket_thumbs[b.basket]),
+                                            thumb_px)]))
         return jobs
 
     # -- data and pages -------------------------------------------------------------------------
@@ -876,8 +874,10 @@ class Site:
             rows = []
             for b in mine:
                 anchor = f"b-{layer_slug(b.layer)}-{b.number}"
-                thumb, large = self.basket_thumbs.get(b.basket, ("", ""))
-                rows.append({"row": b, "anchor": anchor, "thumb": thumb, "large": large,
+                # The full-size PNG (in the run folder) is named, not linked: the atlas links
+                # nothing outside itself, and a page-sized copy of each would cost ~2 MB.
+                rows.append({"row": b, "anchor": anchor,
+                             "thumb": self.basket_thumbs.get(b.basket, ""),
                              "members": [self.neuron_link(layer, c) for c in b.members],
                              "pruning": pruned.get(b.basket, [])})
                 for c in b.members:

@@ -721,6 +721,7 @@ def test_browser_maps_no_default_ring_legend_sorted_clear_of_toolbar_no_wide_pag
             legend = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#map .legendtext")]
             assert legend[:len(clusters)] == [n.strip() for n in names[:len(clusters)]]
             assert driver.execute_script(overlap) is False, w
+        driver.get("about:blank")  # (a neuron page's link loads the map afresh)
         driver.get((copy / "maps" / "relu1.html").as_uri() + "#c=2")
         wait_ready(driver)
         assert driver.execute_script(
