@@ -656,9 +656,10 @@ class Site:
         extra = {}
         for r in recs:
             v = r["verdict"] or {}
-            extra[r["channel"]] = {k: x for k, x in (("trust", trust.get(r["channel"])),
-                                                     ("margin", v.get("margin")))
-                                   if x is not None}
+            margin = v.get("margin")
+            extra[r["channel"]] = {k: x for k, x in (
+                ("trust", trust.get(r["channel"])),
+                ("margin", None if margin is None else round(margin, 4))) if x is not None}
         score_keys = {k for r in recs for k in r["scores"]}
         # Sort menu order: the trust order and the margin, the cards' key scores, the rest.
         columns = [k for k in ("trust", "margin") if any(k in e for e in extra.values())]
@@ -669,9 +670,17 @@ class Site:
         sizes = collections.Counter(r["cluster"] for r in recs if r["cluster"] is not None)
         clusters = [{"id": c, "size": sizes[c], "keywords": self.run.keywords.get((layer, c), "")}
                     for c in sorted(sizes)]
+
+        def short(v):
+            """A coordinate or activation to 5 significant digits (the script of a 4,000-neuron
+            layer stays small)."""
+            return None if v is None else float(f"{v:.5g}")
+
+        # Empty scores are left out of ``s``: the page reads a missing score as empty.
         neurons = [{"c": r["channel"], "d": r["description"], "cl": r["cluster"],
-                    "x": r["x"], "y": r["y"], "a": r["top_activation"],
-                    "s": {**r["scores"], **extra[r["channel"]], **r["debug_scores"]},
+                    "x": short(r["x"]), "y": short(r["y"]), "a": short(r["top_activation"]),
+                    "s": {k: x for k, x in {**r["scores"], **extra[r["channel"]],
+                                            **r["debug_scores"]}.items() if x is not None},
                     "v": (r["verdict"] or {}).get("level", "")[:1],
                     "sub": [s["description"] for s in r["subs"] if s["description"]],
                     "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead"))}
