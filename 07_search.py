@@ -45,8 +45,8 @@ from common.cli import (StageError, add_run, add_settings, comma_list, exit_on_s
 from common.io import plain_text, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, write_meta
 from common import render as doc
-from common.search import (DEFAULT_BASELINE, DEFAULT_SCORING, SCORINGS, Searcher, load_index,
-                           loader_name)
+from common.search import (DEFAULT_BASELINE, DEFAULT_SCORING, SCORINGS, WEAK_BELOW, Searcher,
+                           load_index, loader_name)
 
 log = logging.getLogger("neuron-atlas.07_search")
 
@@ -70,6 +70,10 @@ class Settings:
         "docs/search.md: what each ranked first, measured", make="SCORING", choices=SCORINGS)
     baseline: str = setting(DEFAULT_BASELINE, "--scoring baseline: the content-free text whose "
                             "cosine is subtracted")
+    weak_below: float = setting(
+        WEAK_BELOW, "a text hit whose cosine is below this is a weak match, and a query whose "
+        "best hit is weak has no good match (measured for all-MiniLM-L6-v2: docs/search.md)",
+        make="WEAK_BELOW")
     min_score: float | None = setting(
         None, "search only neurons whose description 09 verified at least this well "
         "(verify_corr, the correlation of the sentence with the neuron on held-out images)",
@@ -87,10 +91,15 @@ def format_hits(query: str, hits: list[dict], note: str = "") -> str:
     if not hits:
         lines.append("   (no neuron to match)")
         return "\n".join(lines)
+    if hits[0].get("weak"):
+        lines.append(f"   no good match: the best cosine, {hits[0]['cosine']:.2f}, is below the "
+                     f"weak-match threshold; the closest neurons are listed all the same")
     width = max(5, *(len(plain_text(h["layer"])) for h in hits))
     lines.append(f"{'rank':>4}  {'layer':<{width}}  {'chan':>5}  {'score':>7}  {'cosine':>7}  "
                  f"{'description':<{DESC_WIDTH}}  mosaic")
-    for h in hits:
+    for h, before in zip(hits, [None, *hits]):
+        if h.get("weak") and before is not None and not before.get("weak"):
+            lines.append("   -- weak matches (cosine below the threshold) --")
         desc = plain_text(h["description"]) or "(no description)"
         if len(desc) > DESC_WIDTH:
             desc = desc[:DESC_WIDTH - 1] + "…"
@@ -163,7 +172,8 @@ def run(run: Run, queries: list[str], settings: Settings = Settings(), images: l
         from common.embedders import load_image_embedder
         image_embedder = load_image_embedder(loader_name(index.image_model, "image"), device=device)
     searcher = Searcher(index, text_embedder if wants_text else None,
-                        image_embedder if images else None, scoring, baseline)
+                        image_embedder if images else None, scoring, baseline,
+                        settings.weak_below)
     note = searcher.describe_scoring()
     groups: list[tuple[str, str, list[dict]]] = []
 
@@ -215,7 +225,7 @@ class SearchService:
     """The search over the run's neurons, with the embedders loaded once; thread-safe."""
 
     def __init__(self, run_dir: Path, top_k: int, device: str = "auto", text_embedder=None,
-                 image_embedder=None):
+                 image_embedder=None, weak_below: float = WEAK_BELOW):
         """Load the index and the embedders; image search is off (with a reason) if impossible."""
         from common.search import Searcher, load_index, loader_name
         files = Run(run_dir)
@@ -233,26 +243,32 @@ class SearchService:
             except (StageError, OSError) as err:
                 self.image_reason = f"image search unavailable: {err}"
         try:
-            self.searcher = Searcher(index, text_embedder, image_embedder)
+            self.searcher = Searcher(index, text_embedder, image_embedder, weak_below=weak_below)
         except StageError as err:  # the image embedder here is not 04's: text search only
             self.image_reason = str(err)
-            self.searcher = Searcher(index, text_embedder, None)
+            self.searcher = Searcher(index, text_embedder, None, weak_below=weak_below)
         self.top_k = top_k
         self.lock = threading.Lock()
 
     def status(self) -> dict:
         """What the page may offer."""
         return {"text": True, "image": self.searcher.image_embedder is not None,
-                "image_reason": self.image_reason, "k": self.top_k}
+                "image_reason": self.image_reason, "k": self.top_k,
+                "weak_below": self.searcher.weak_below,
+                "layers": list(dict.fromkeys(self.searcher.index.layers.tolist()))}
 
-    def text(self, query: str, k: int) -> dict:
-        """Hits for a text query."""
+    def text(self, query: str, k: int, layers: list[str] | None = None) -> dict:
+        """Hits for a text query (among the neurons of ``layers`` when given); ``weak`` marks a
+        hit below the weak-match threshold, ``good`` says whether the best hit is above it."""
         with self.lock:
-            hits = self.searcher.search_text(query, k)
-        return {"query": query, "hits": hits, "note": self.searcher.describe_scoring()}
+            hits = self.searcher.search_text(query, k, layers)
+        return {"query": query, "hits": hits, "note": self.searcher.describe_scoring(),
+                "weak_below": self.searcher.weak_below,
+                "good": bool(hits) and not hits[0]["weak"]}
 
-    def image(self, data: bytes, k: int) -> dict:
-        """Hits for an uploaded image (bytes of any format Pillow reads)."""
+    def image(self, data: bytes, k: int, layers: list[str] | None = None) -> dict:
+        """Hits for an uploaded image (bytes of any format Pillow reads), among the neurons of
+        ``layers`` when given."""
         from PIL import Image, UnidentifiedImageError
         if self.searcher.image_embedder is None:
             return {"error": self.image_reason or "no image embeddings in this run"}
@@ -262,7 +278,7 @@ class SearchService:
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             return {"error": f"cannot read the uploaded image: {err}"}
         with self.lock:
-            hits = self.searcher.search_image(picture, "uploaded image", k)
+            hits = self.searcher.search_image(picture, "uploaded image", k, layers)
         return {"query": "uploaded image", "hits": hits, "note": "score = cosine of image vectors"}
 
 
@@ -298,6 +314,10 @@ def make_handler(root: Path, atlas_url: str, service: SearchService):
             except ValueError:
                 return service.top_k
 
+        def layers(self, query: dict) -> list[str] | None:
+            """The layers asked for (``layer=a,b`` or repeated), None for all."""
+            return [name for value in query.get("layer", []) for name in comma_list(value)] or None
+
         def do_GET(self):
             """API calls, else a file of the atlas."""
             url = urlsplit(self.path)
@@ -314,7 +334,7 @@ def make_handler(root: Path, atlas_url: str, service: SearchService):
                 text = query.get("q", [""])[0].strip()
                 if not text:
                     return self.send_json({"error": "empty query"}, 400)
-                return self.send_json(service.text(text, self.top_k(query)))
+                return self.send_json(service.text(text, self.top_k(query), self.layers(query)))
             return super().do_GET()
 
         def do_POST(self):
@@ -326,7 +346,8 @@ def make_handler(root: Path, atlas_url: str, service: SearchService):
             if not 0 < length <= MAX_UPLOAD:
                 return self.send_json({"error": f"send an image of 1 byte to {MAX_UPLOAD >> 20} "
                                                 f"MB as the request body"}, 400)
-            answer = service.image(self.rfile.read(length), self.top_k(parse_qs(url.query)))
+            query = parse_qs(url.query)
+            answer = service.image(self.rfile.read(length), self.top_k(query), self.layers(query))
             return self.send_json(answer, 400 if "error" in answer else 200)
 
     return Handler
@@ -334,9 +355,9 @@ def make_handler(root: Path, atlas_url: str, service: SearchService):
 
 def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8765,
           top_k: int = 24, device: str = "auto", text_embedder=None, image_embedder=None,
-          started=None) -> None:
+          started=None, weak_below: float = WEAK_BELOW) -> None:
     """Serve the atlas and its live search until interrupted: the folder holding the run folder
-    is served (so that the atlas's links to its run's files and to compared runs' atlases work),
+    is served (so that the atlas's links to compared runs' atlases work),
     the atlas at ``/<run>/atlas/``, where ``/`` redirects.
 
     ``started`` (tests) is called with the server once it listens; port 0 picks a free port, and
@@ -346,10 +367,10 @@ def serve(run_dir: Path, atlas_dir: Path | None = None, host: str = "127.0.0.1",
     atlas_dir = Path(atlas_dir or run_dir / "atlas")
     if not (atlas_dir / "index.html").exists():
         raise StageError(f"{atlas_dir / 'index.html'} not found: build the atlas first (make atlas)")
-    service = SearchService(run_dir, top_k, device, text_embedder, image_embedder)
-    # The atlas links files of its run (basket trees, 12's heat map) and other runs' atlases
-    # (compared runs) by relative paths, so the folder holding the runs is served, with the
-    # atlas under its own path; an atlas kept elsewhere (--out) is served alone.
+    service = SearchService(run_dir, top_k, device, text_embedder, image_embedder, weak_below)
+    # The atlas links other runs' atlases (compared runs) by relative paths, so the folder
+    # holding the runs is served, with the atlas under its own path; an atlas kept elsewhere
+    # (--out) is served alone.
     root = run_dir.resolve().parent
     atlas = atlas_dir.resolve()
     if not atlas.is_relative_to(root):
@@ -404,7 +425,7 @@ def main(argv=None):
         parser.error("--top-k must be at least 1")
     if args.serve:
         serve(Run(args.run).folder, args.atlas, settings.host, settings.port,
-              settings.top_k or SERVE_TOP_K, settings.device)
+              settings.top_k or SERVE_TOP_K, settings.device, weak_below=settings.weak_below)
         return
     if not (args.queries or args.image or args.interactive):
         parser.error("give at least one query, --image PATH, --interactive or --serve")

@@ -18,7 +18,7 @@ Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.js
   search.html             text filter over all sentences; by meaning / image when served by 07
   debug/                  08's reports, and per analysed pair a page per misclassified image
   baskets.html, audit/, compare/<B>.html   11's baskets, 13's audit, 12's comparison with run B
-  assets/                 atlas.css, atlas.js, plotly.min.js (stored once)
+  assets/                 atlas.css, atlas.js, terms.js (tooltips), plotly.min.js (stored once)
   thumbs/, mosaics/, subs/  JPEG (cards, sub-concepts) and WebP (neuron pages) copies of the mosaics
 
 Misclassified images: for the KO images of the pairs 08 analysed, 08 computed the relevance of each
@@ -55,7 +55,7 @@ from common.artefacts import Run, layer_slug
 from common.attribution import ATTRIBUTION_NOTE
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
-from common.glossary import glossary, term, verdict
+from common.glossary import TERMS, glossary, term, trust_key, verdict
 from common.io import replace_dir, sweep_temporaries, temp_dir
 from common.processes import worker_pool
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
@@ -402,6 +402,7 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
                 "top_activation": float(values[0]) if len(values) else None,
                 "last_activation": float(values[-1]) if len(values) else None,
                 "scores": main.get(key, {}),
+                "verdict": verdict(main.get(key, {})),
                 "subs": subs.get(key, []),
                 "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
                 "mosaic_png": run.mosaics.get(key),
@@ -581,6 +582,7 @@ class Site:
                                  for r in run.reports if r.state == "current"]}
         self.by_key = {(r["layer"], r["channel"]): r for recs in records.values() for r in recs}
         self.basket_thumbs: dict[str, str] = {}  # basket → its JPEG (set by image_jobs)
+        self.term_keys = set(TERMS)  # every column a page names: its tip goes to terms.js
 
     def _layer_info(self, name: str) -> dict:
         """Summary of one layer for the run page and the navigation."""
@@ -658,21 +660,52 @@ class Site:
     # -- data and pages -------------------------------------------------------------------------
 
     def layer_data(self, layer: str) -> dict:
-        """The JSON the layer's card page, map and search read (one small object per neuron)."""
+        """The JSON the layer's card page, map and search read (one small object per neuron).
+
+        Scored layers add two columns of their own: ``trust``, each neuron's rank in the trust
+        order (common/glossary.py's ``trust_key``; the page's default order), and ``margin``, its
+        verdict's margin over control; ``v`` is the verdict's level (r, w, c, n: reliable, weak,
+        chance, none; "" when not scored).
+        """
         recs = self.records[layer]
-        columns = sorted({k for r in recs for k in r["scores"]})
+        trust = {}
+        if self.scored:
+            ranked = sorted(recs, key=lambda r: (*trust_key(r["scores"]), r["channel"]))
+            trust = {r["channel"]: i + 1 for i, r in enumerate(ranked)}
+        extra = {}
+        for r in recs:
+            v = r["verdict"] or {}
+            margin = v.get("margin")
+            extra[r["channel"]] = {k: x for k, x in (
+                ("trust", trust.get(r["channel"])),
+                ("margin", None if margin is None else round(margin, 4))) if x is not None}
+        score_keys = {k for r in recs for k in r["scores"]}
+        # Sort menu order: the trust order and the margin, the cards' key scores, the rest.
+        columns = [k for k in ("trust", "margin") if any(k in e for e in extra.values())]
+        columns += [k for k in KEY_SCORES if k in score_keys]
+        columns += sorted(score_keys - set(columns))
         # 08's z and the mean relevance per analysed pair come after 09's scores, in pair order.
         columns += list(dict.fromkeys(k for r in recs for k in r["debug_scores"]))
         sizes = collections.Counter(r["cluster"] for r in recs if r["cluster"] is not None)
         clusters = [{"id": c, "size": sizes[c], "keywords": self.run.keywords.get((layer, c), "")}
                     for c in sorted(sizes)]
+
+        def short(v):
+            """A coordinate or activation to 5 significant digits (the script of a 4,000-neuron
+            layer stays small)."""
+            return None if v is None else float(f"{v:.5g}")
+
+        # Empty scores are left out of ``s``: the page reads a missing score as empty.
         neurons = [{"c": r["channel"], "d": r["description"], "cl": r["cluster"],
-                    "x": r["x"], "y": r["y"], "a": r["top_activation"],
-                    "s": {**r["scores"], **r["debug_scores"]},
+                    "x": short(r["x"]), "y": short(r["y"]), "a": short(r["top_activation"]),
+                    "s": {k: x for k, x in {**r["scores"], **extra[r["channel"]],
+                                            **r["debug_scores"]}.items() if x is not None},
+                    "v": (r["verdict"] or {}).get("level", "")[:1],
                     "sub": [s["description"] for s in r["subs"] if s["description"]],
                     "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead"))}
                    for r in recs]
         named = ["channel", "top_activation", "cluster", *columns]
+        self.term_keys.update(named)
         return {"name": layer, "columns": columns, "clusters": clusters, "neurons": neurons,
                 "key": [k for k in KEY_SCORES if k in columns],
                 "terms": {k: {"n": t["name"], "s": t["short"], "t": t["tip"], "a": t["anchor"]}
@@ -715,10 +748,10 @@ class Site:
             for layer, recs in self.records.items():
                 for r in recs:
                     key = (layer, r["channel"])
-                    original = ""
+                    original = ""  # named, not linked: the atlas links nothing outside itself
                     if r["mosaic_png"] is not None:
                         original = os.path.relpath(os.path.abspath(r["mosaic_png"]),
-                                                   os.path.abspath(self.out / "neurons" / r["slug"]))
+                                                   os.path.abspath(self.run.run_dir))
                     n = {**r, **top_classes(self.run, names, layer, r["channel"]),
                          "original": Path(original).as_posix() if original else "",
                          "describe_status": r["status"], "describe_reason": r["reason"],
@@ -726,7 +759,7 @@ class Site:
                          if r["cluster"] is not None else "",
                          "dead": bool(r["scores"].get("dead")),
                          "scores": [(term(k), v) for k, v in r["scores"].items()],
-                         "verdict": verdict(r["scores"]),
+                         "verdict": r["verdict"],
                          "control": control_of(layer, r["scores"].get("control_channel")),
                          "subconcepts": r["subs"],
                          "sub_columns": [c for c in SUB_COLUMNS if r["subs"]
@@ -871,10 +904,10 @@ class Site:
             rows = []
             for b in mine:
                 anchor = f"b-{layer_slug(b.layer)}-{b.number}"
+                # The full-size PNG (in the run folder) is named, not linked: the atlas links
+                # nothing outside itself, and a page-sized copy of each would cost ~2 MB.
                 rows.append({"row": b, "anchor": anchor,
                              "thumb": self.basket_thumbs.get(b.basket, ""),
-                             "png": Path(os.path.relpath(run.run_dir / b.mosaic,
-                                                         Run(run.run_dir).atlas)).as_posix(),
                              "members": [self.neuron_link(layer, c) for c in b.members],
                              "pruning": pruned.get(b.basket, [])})
                 for c in b.members:
@@ -949,10 +982,12 @@ class Site:
                  "mean": float(np.mean([m.cosine for m in matches])) if matches else None,
                  "kind": comparison.meta.get("kind", ""),
                  "threshold": comparison.meta.get("concept_threshold"),
-                 "other_atlas": self.other_page(comparison, "index.html", rel),
-                 "png": Path(os.path.relpath(Run(self.run.run_dir).comparison(comparison.other)
-                                             .alignment_png,
-                                             Run(self.run.run_dir).atlas / "compare")).as_posix()}
+                 "other_atlas": self.other_page(comparison, "index.html", rel), "png": ""}
+        png = Run(self.run.run_dir).comparison(comparison.other).alignment_png
+        if png.is_file():  # copied: the atlas links nothing outside itself but run B's atlas
+            facts["png"] = f"{layer_slug(comparison.other)}_alignment.png"
+            (self.out / "compare").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, self.out / "compare" / facts["png"])
         self.page(rel, "atlas_compare.html", other=comparison.other, facts=facts,
                   layers_a=layers_a, layers_b=layers_b, cell=cell, concepts=concepts,
                   concept_counts={side: (sum(r.side == side and not r.counterpart
@@ -960,6 +995,15 @@ class Site:
                                          sum(r.side == side for r in comparison.concepts))
                                   for side in ("A", "B")},
                   scores=comparison.scores)
+
+    def terms_script(self) -> None:
+        """assets/terms.js: the one-line tip of every score the pages name (``data-term``), for
+        atlas.js to show as tooltips: written once instead of on every page."""
+        from common.artefacts import SummaryRow, columns
+        keys = self.term_keys | set(columns(SummaryRow)) | {f"mean_{k}" for k in TERMS}
+        tips = {k: t["tip"] for k in sorted(keys) for t in [term(k)] if t["tip"]}
+        (self.out / "assets" / "terms.js").write_text(
+            f"window.ATLAS_TERMS = {json_for_script(tips)};\n", encoding="utf-8")
 
     def search(self) -> None:
         """search.html (it reads every layer's data script)."""
@@ -1138,6 +1182,7 @@ def build(run_dir: Path, settings: Settings = Settings(), out: Path | None = Non
         site.search()
         site.glossary()
         site.run_page()
+        site.terms_script()
         log.info("10: pages written in %.1f s", time.perf_counter() - clock)
         replace_dir(tmp, out)
     finally:

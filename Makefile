@@ -60,6 +60,7 @@ MATCHER     ?= offline#                    09 concept matcher of the verificatio
 POLY        ?= 0#                          09 polysemanticity from which a neuron's crops are clustered (0: every selected neuron)
 SELECT      ?= 0#                          09 SIEVE's selection: least selectivity p99/median of a clustered neuron (paper: 10; 0: off)
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
+WEAK_BELOW  ?= 0.4#                         07 a text hit below this cosine is a weak match; none above it: no good match (docs/search.md)
 BASKETS     ?= finch#                      11 how baskets are found: finch (the paper: FINCH clusters of images, filled by Eq. 1–4) | corr
 BASKET_ALPHA ?= 3#                         11 finch: a neuron is active on an image at ≥ μ + α σ of the layer's neurons there (Eq. 2)
 BASKET_BETA ?= 0.75#                       11 finch: a basket holds the neurons active on at least this share of its images (Eq. 4)
@@ -187,7 +188,7 @@ $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) 
 
 # --- 07 search: neurons matching a free text (printed; live in the atlas with `make serve`) -------
 ARGS_07 := --scoring $(SCORING) $(if $(MIN_SCORE),--min-score $(MIN_SCORE)) --device $(DEVICE) \
-           --host $(HOST) --port $(PORT)
+           --weak-below $(WEAK_BELOW) --host $(HOST) --port $(PORT)
 search: $(EMBEDDINGS) $(M04) $(if $(MIN_SCORE),$(SCORES) $(M09)) | $(VENV) ## 07: find neurons: make search QUERY="a dog with a ball" (no QUERY: interactive)
 	$(PY) 07_search.py --run $(D) $(ARGS_07) --top-k $(HITS) \
 	    $(if $(QUERY),"$(QUERY)",--interactive)

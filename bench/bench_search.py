@@ -5,6 +5,9 @@ objects, one described in generic words), each concept queried by name; printed:
 neuron (1 = first) and the mean reciprocal rank. Demo (when `make all` has built data/demo): a
 neuron is right for a class when at least half of its top 20 images carry that class's label;
 printed per query: precision of the first 10 hits and average precision over all neurons.
+Weak-match threshold (demo): the best cosine of queries for things the demo's neurons show
+(MATCHING) and for things the demo lacks (MISSING), and how many of each fall on the wrong side
+of common/search.py's WEAK_BELOW and of a few other thresholds.
 The shipped sentence embedder (all-MiniLM-L6-v2) embeds queries and descriptions.
 
   python bench/bench_search.py [--run data/demo]
@@ -27,6 +30,37 @@ from test_search import labelled_ranks  # noqa: E402
 DEMO_QUERIES = {"cat": "n02123045", "military uniform": "n03763968", "a soldier": "n03763968",
                 "palace": "n03877845", "espresso": "n07920052", "coffee": "n07920052"}
 TOP_IMAGES = 20  # top images of a neuron whose labels decide whether it is right for a class
+MATCHING = ("a cat", "tabby cat fur", "espresso", "a cup of coffee", "military uniform",
+            "a church bell tower", "a palace", "a tripod", "a bobsled", "an academic gown",
+            "a petri dish", "a suit and tie", "orange texture", "black and gray texture",
+            "vertical edges", "diagonal lines", "red colour", "food", "a missile", "a stone wall",
+            "a drilling platform", "vehicles", "a bow tie", "a window shade")
+MISSING = ("a shoe", "a violin", "a snowy mountain", "a giraffe", "an airplane wing", "a guitar",
+           "a tennis racket", "a bicycle wheel", "a pineapple", "handwritten digits",
+           "a chess board", "a zebra", "a microscope slide of blood cells", "a football",
+           "an umbrella", "a toothbrush", "a sunset over the sea", "a horse", "a laptop",
+           "a wedding dress", "a spider web", "a lighthouse", "a clock face")
+
+
+def threshold_figures(search, run: Path, embedder) -> None:
+    """Print the best cosine of each MATCHING and MISSING query on the demo, and the queries on
+    the wrong side of the weak-match threshold (and of its neighbours)."""
+    from common.search import WEAK_BELOW
+    index = search.load_index(run / "04_embeddings.npz", run / "03_descriptions.csv",
+                              run / "02_mosaics.csv")
+    searcher = search.Searcher(index, embedder)
+    best = {q: searcher.search_text(q, 1)[0] for q in MATCHING + MISSING}
+    for name, queries in (("matching", MATCHING), ("missing", MISSING)):
+        values = [best[q]["cosine"] for q in queries]
+        print(f"{name}: best cosine {min(values):.2f} … {max(values):.2f} (median "
+              f"{np.median(values):.2f}); " + ", ".join(f"{q} {best[q]['cosine']:.2f}"
+                                                     for q in queries))
+    for threshold in sorted({0.3, 0.35, WEAK_BELOW, 0.45, 0.5}):
+        missed = [q for q in MATCHING if best[q]["cosine"] < threshold]
+        passed = [q for q in MISSING if best[q]["cosine"] >= threshold]
+        print(f"threshold {threshold:.2f}{' (WEAK_BELOW)' if threshold == WEAK_BELOW else ''}: "
+              f"{len(missed)} of {len(MATCHING)} matching queries called weak {missed}, "
+              f"{len(passed)} of {len(MISSING)} missing ones called good {passed}")
 
 
 def demo_figures(search, run: Path, embedder, scoring: str) -> dict[str, tuple[float, float]]:
@@ -65,6 +99,9 @@ def main(argv=None) -> None:
             print(f"{'':8s} demo: mean P@10 {np.mean([p for p, _ in figures.values()]):.3f}, mean AP "
                   f"{np.mean([a for _, a in figures.values()]):.3f}; "
                   + ", ".join(f"{q} {p:.1f}/{a:.2f}" for q, (p, a) in figures.items()))
+
+    if (args.run / "04_embeddings.npz").exists():
+        threshold_figures(search, args.run, embedder)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,20 @@ TERMS: dict[str, Term] = {
         "Higher: the neuron fires strongly and its strongest images match the sentence. A "
         "ranking score, not a test against a control.",
         "001", "verdict"),
+    "trust": Term(
+        "trust order", "trust",
+        "Rank in the layer's trust order (1 first): reliably described, then weakly, then by "
+        "chance; dead and unverified neurons last.",
+        "The order in which a layer page lists its neurons by default, most trustworthy "
+        "description first. Neurons are ranked by (1) dead ones last; (2) their verdict: "
+        "described reliably, then weakly, then not better than chance, then no verdict, then "
+        "not scored; (3) within a verdict, the lower end of the margin's 95 % interval, high "
+        "first (a margin known to be large beats a larger but less certain one); (4) verified "
+        "r, high first; (5) channel.",
+        "1 … the layer's neuron count.",
+        "Read the first cards of a layer to see what it has learned that its descriptions can "
+        "be trusted for; the last ones are noise or unexplained.",
+        "atlas", "verdict"),
     "verify_corr": Term(
         "verified r", "verified r",
         "Pearson r between how well images match the sentence and the neuron's activation, on "
@@ -550,3 +564,17 @@ def verdict(scores: dict) -> dict | None:
         out["margin"], out["low"], out["high"] = margin_interval(r, rc, int(n), Z_95)
     level = verdict_level(r, out["margin"], out["low"])
     return {**out, "level": level, "headline": VERDICTS[level][0], "css": VERDICTS[level][1]}
+
+
+TRUST_RANKS = {"reliable": 0, "weak": 1, "chance": 2, "none": 3}  # verdict → place in the order
+
+
+def trust_key(scores: dict) -> tuple:
+    """Sort key of a neuron in the trust order of ``TERMS["trust"]`` (smaller: first), from its 09
+    scores (empty: not scored); the channel, step (5), is the caller's tie-breaker."""
+    v = verdict(scores)
+    dead = bool(scores.get("dead")) if scores else False
+    level = TRUST_RANKS[v["level"]] if v else len(TRUST_RANKS)
+    low = v["low"] if v and v["low"] is not None else -math.inf
+    r = scores.get("verify_corr") if scores else None
+    return (dead, level, -low, -(r if r is not None and math.isfinite(r) else -math.inf))

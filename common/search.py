@@ -20,6 +20,12 @@ from common.cli import StageError
 DEFAULT_BASELINE = "a picture of various things"  # a description that says nothing specific
 SCORINGS = ("cosine", "baseline", "neuron")  # how a text query's cosines may be ranked
 DEFAULT_SCORING = "cosine"  # ranked the right neurons first most often (bench/bench_search.py)
+# A hit whose cosine with the query is below this is a weak match, shown as such (and a query
+# whose best hit is weak has no good match). Measured with all-MiniLM-L6-v2 on the demo
+# (bench/bench_search.py, docs/search.md#no-good-match): the best hit of all but 2 of 24 queries
+# for things the demo's neurons show reaches it (0.31-0.85), of all but 2 of 23 queries for
+# things the demo lacks stays below it (0.22-0.48): the fewest misjudged of 0.30 ... 0.50.
+WEAK_BELOW = 0.4
 GENERIC_QUERIES = (  # queries that name no particular concept: a neuron's usual response to a query
     "an object", "a thing", "a texture", "a pattern", "a shape", "a colour", "edges and lines",
     "a picture", "an animal", "a person", "a scene", "a building", "a vehicle", "food",
@@ -118,19 +124,20 @@ class Searcher:
     """
 
     def __init__(self, index: NeuronIndex, text_embedder=None, image_embedder=None,
-                 scoring: str = DEFAULT_SCORING, baseline: str = DEFAULT_BASELINE):
+                 scoring: str = DEFAULT_SCORING, baseline: str = DEFAULT_BASELINE,
+                 weak_below: float = WEAK_BELOW):
         """Check the embedders against the index and precompute what ``scoring`` needs.
 
         Scorings of a text query: ``cosine``; ``baseline``: minus the neuron's cosine with the
         ``baseline`` sentence; ``neuron``: a z-score of the cosine against the neuron's cosines
-        with GENERIC_QUERIES.
+        with GENERIC_QUERIES. A text hit whose cosine is below ``weak_below`` is marked weak.
         """
         if scoring not in SCORINGS:
             raise StageError(f"unknown scoring {scoring!r}: one of {', '.join(SCORINGS)}")
         self.index = index
         self.text_embedder = text_embedder
         self.image_embedder = image_embedder
-        self.scoring, self.baseline = scoring, baseline
+        self.scoring, self.baseline, self.weak_below = scoring, baseline, weak_below
         # Neurons without a description (zero vector) would score 0 and outrank real neurons
         # with a negative normalised score, so they are left out of text search.
         self._has_text = np.linalg.norm(index.text, axis=1) > 0
@@ -157,28 +164,36 @@ class Searcher:
                 "neuron": f"score = z of the cosine against the neuron's cosines with "
                           f"{len(GENERIC_QUERIES)} generic queries"}[self.scoring]
 
-    def search_text(self, query: str, top_k: int) -> list[dict]:
-        """Top-k neurons for a text query, ranked by the chosen scoring of their cosines."""
+    def search_text(self, query: str, top_k: int, layers: list[str] | None = None) -> list[dict]:
+        """Top-k neurons for a text query, ranked by the chosen scoring of their cosines (only
+        those of ``layers`` when given)."""
         cosine = self.index.text @ self.text_embedder.encode([query])[0]
         score = (cosine - self._offset) / self._scale
-        return self._hits(query, cosine, score, self._has_text, top_k)
+        return self._hits(query, cosine, score, self._has_text, top_k, layers, self.weak_below)
 
-    def search_image(self, image, label: str, top_k: int) -> list[dict]:
-        """Top-k neurons for an example image (a PIL image), ranked by cosine."""
+    def search_image(self, image, label: str, top_k: int,
+                     layers: list[str] | None = None) -> list[dict]:
+        """Top-k neurons for an example image (a PIL image), ranked by cosine (only those of
+        ``layers`` when given); none is marked weak, as the threshold is a text one."""
         q = self.image_embedder.encode([image])[0]
         cosine = self.index.image @ q
         valid = np.linalg.norm(self.index.image, axis=1) > 0
-        return self._hits(label, cosine, cosine, valid, top_k)
+        return self._hits(label, cosine, cosine, valid, top_k, layers)
 
     def _hits(self, query: str, cosine: np.ndarray, score: np.ndarray, valid: np.ndarray,
-              top_k: int) -> list[dict]:
-        """Rows of the ``top_k`` best ``score``s among ``valid`` neurons (ties: 04's row order)."""
+              top_k: int, layers: list[str] | None = None,
+              weak_below: float | None = None) -> list[dict]:
+        """Rows of the ``top_k`` best ``score``s among ``valid`` neurons (of ``layers`` when
+        given; ties: 04's row order); ``weak`` marks a cosine below ``weak_below``."""
+        if layers:
+            valid = valid & np.isin(self.index.layers, layers)
         candidates = np.flatnonzero(valid)
         # a stable sort keeps 04's row order among equal scores, at the top-k cut too
         best = candidates[np.argsort(-score[candidates], kind="stable")[:top_k]]
         ix = self.index
         return [{"query": query, "rank": r + 1, "layer": str(ix.layers[i]),
                  "channel": int(ix.channels[i]), "score": round(float(score[i]), 4),
-                 "cosine": round(float(cosine[i]), 4), "description": ix.descriptions[i],
+                 "cosine": round(float(cosine[i]), 4), "weak": weak_below is not None and bool(cosine[i] < weak_below),
+                 "description": ix.descriptions[i],
                  "mosaic": "" if ix.mosaics[i] is None else str(ix.mosaics[i])}
                 for r, i in enumerate(best)]

@@ -291,22 +291,28 @@ def test_trust_is_explained_by_one_glossary(run):
         assert f'href="../../neurons/relu1/{(channel + 1) % 4}.html"' in verdict
         scores = section(page, '<details id="scores">', "</details>")
         assert "<details id=\"scores\" open" not in page  # closed until asked for
-        tip = escape(TERMS["dnr_score"].tip)
-        assert f'title="{tip}"><a class="term" href="../../glossary.html#dnr_score">' in scores
+        assert 'data-term="dnr_score"><a class="term" href="../../glossary.html#dnr_score">' \
+            in scores
+        assert TERMS["dnr_score"].tip not in page  # the tip is in assets/terms.js only
     last = section((site / "neurons" / "relu1" / "3.html").read_text(), '<section id="verdict"',
                    "</section>")
     assert "&lt;script&gt;alert(1)&lt;/script&gt; red blobs" in last  # neuron 0's sentence
     assert "<script>" not in last
-    # Headers of the run, pair and compare pages take the glossary's tooltips too.
+    # Headers of the run, pair and compare pages take the glossary's tooltips too, from the one
+    # shared script of tips.
+    tips = json.loads((site / "assets" / "terms.js").read_text().split(" = ", 1)[1]
+                      .rstrip(";\n"))
+    assert {k: tips[k] for k in TERMS} == {k: t.tip for k, t in TERMS.items()}
+    assert tips["mean_clarity"] == f"Layer mean: {TERMS['clarity'].tip[0].lower()}" \
+                                   f"{TERMS['clarity'].tip[1:]}"
     index = (site / "index.html").read_text()
-    assert f'title="{escape(TERMS["silhouette"].tip)}"' in index
-    assert f'title="Layer mean: {escape(TERMS["clarity"].tip[0].lower())}' in index
+    assert 'data-term="silhouette"' in index and 'data-term="mean_clarity"' in index
     pair = next((site / "debug").glob("*/index.html")).read_text()
     for key in ("z", "q", "verify_corr", "clarity"):
-        assert f'title="{escape(TERMS[key].tip)}"' in pair, key
+        assert f'data-term="{key}"' in pair, key
     assert "<th>|z| ≥ 2 by</th><th>FDR flag by</th>" in pair  # the thesis's flag and BH's apart
     # 05's word clouds sit beside each layer's keywords; which embedding clusters better, too.
-    assert f'title="{escape(TERMS["better"].tip)}"' in index
+    assert 'data-term="better"' in index
     clouds = sorted(p.name for p in (site / "wordclouds").glob("*.png"))
     assert clouds == sorted(f"{p.stem.removesuffix('_wordcloud')}.png"
                             for p in (run_dir / "05_plots").glob("*_wordcloud.png")) != []
@@ -534,7 +540,8 @@ def no_alert_ran(driver) -> bool:
 
 
 def test_browser_walk_through_the_atlas(run):
-    """Sort and filter a layer, follow a neighbour, hover the map, search via `make serve`."""
+    """Sort and filter a layer, follow a neighbour, hover the map, search via `make serve` (by
+    meaning, from the top bar's box, in one layer, and a query with no good match)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -595,6 +602,19 @@ def test_browser_walk_through_the_atlas(run):
             lambda d: "by meaning" in d.find_element(By.ID, "count").text)
         assert cards() and all("match" in c.text for c in cards())
         assert no_alert_ran(driver)
+        # The top bar's box searches by meaning at once, in the layer asked for; a query nothing
+        # matches well says so, its hits faded as weak.
+        driver.get(url + "search.html?q=red&layer=conv2")
+        WebDriverWait(driver, 60).until(
+            lambda d: "by meaning" in d.find_element(By.ID, "count").text)
+        assert cards() and {c.get_attribute("data-layer") for c in cards()} == {"conv2"}
+        driver.find_element(By.ID, "q").clear()
+        driver.find_element(By.ID, "q").send_keys("a violin concert in a cathedral")
+        Select(driver.find_element(By.ID, "layer")).select_by_value("")
+        driver.find_element(By.ID, "semantic").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "no-match").is_displayed())
+        assert "No good match" in driver.find_element(By.ID, "no-match").text
+        assert cards() and all("weak" in c.get_attribute("class") for c in cards())
     finally:
         driver.quit()
         if server is not None:
@@ -652,6 +672,112 @@ def test_browser_verdict_disclosure_and_glossary_at_two_widths(run, tmp_path):
         titled = {c.text.split(" ")[0]: c.get_attribute("title") for c in chips}
         assert titled["top-20"] == f"top-20 strength: {TERMS['dnr_score'].tip}"
         assert titled["top"] == f"top activation: {TERMS['top_activation'].tip}"
+    finally:
+        driver.quit()
+
+
+def test_browser_layer_page_sorts_by_trust_with_presets_and_filters_kept_in_the_url(run):
+    """A scored layer lists its neurons in the trust order (relu1: #0 reliable, #1 weak, #2 by
+    chance, #3 dead); each preset gives its list; "beats its control" and a score threshold
+    filter; the sort menu has plain names; the state is in the URL, and a reload keeps it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    _, _, run_dir = run
+    site = (run_dir / "atlas").resolve()
+    data = json.loads((site / "data" / "relu1.js").read_text().split("] = ", 1)[1].rstrip(";\n"))
+    assert [n["s"]["trust"] for n in data["neurons"]] == [1, 2, 3, 4]
+    assert data["columns"][:2] == ["trust", "margin"] and data["terms"]["trust"]["n"] == \
+        "trust order"
+    assert [n["v"] for n in data["neurons"]] == ["r", "w", "c", "r"]  # #3: reliable, but dead
+    driver = chromium()
+    cards = lambda: [c.get_attribute("data-channel")  # noqa: E731
+                     for c in driver.find_elements(By.CSS_SELECTOR, "#cards .card")]
+    url = (site / "layers" / "relu1.html").as_uri()
+    try:
+        driver.get(url)
+        wait_ready(driver)
+        assert cards() == ["0", "1", "2", "3"]
+        assert driver.find_element(By.CSS_SELECTOR, "#sort option").text == "trust order"
+        names = [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#sort option")]
+        assert "selectivity" in names and "verified r" in names and "verify_corr" not in names
+        preset = Select(driver.find_element(By.ID, "preset"))
+        expected = {"selective": ["2", "1", "0"], "polysemantic": ["2", "1", "0"],
+                    "weak": ["3", "2", "1"], "reliable": ["0"], "trust": ["0", "1", "2", "3"]}
+        for name, channels in expected.items():
+            preset.select_by_value(name)
+            assert cards() == channels, name
+            assert driver.current_url.endswith(f"#preset={name}")
+        Select(driver.find_element(By.ID, "sort")).select_by_value("selectivity")
+        assert preset.first_selected_option.get_attribute("value") == ""  # own choice
+        assert cards() == ["3", "2", "1", "0"]
+        driver.find_element(By.ID, "beats").click()  # #2 loses to its control
+        assert cards() == ["3", "1", "0"]
+        Select(driver.find_element(By.ID, "tcol")).select_by_value("clarity")
+        driver.find_element(By.ID, "tmin").send_keys("0.6")  # clarity 0.9 − 0.2 × channel
+        assert cards() == ["1", "0"]
+        state = driver.current_url.split("#", 1)[1]
+        assert "sort=selectivity" in state and "beats=1" in state and "t=clarity" in state
+        driver.get("about:blank")
+        driver.get(f"{url}#{state}")  # a link with the state shows the same list
+        wait_ready(driver)
+        assert cards() == ["1", "0"] and driver.find_element(By.ID, "beats").is_selected()
+        driver.get(f"{url}#preset=weak")  # the same page: its fragment alone changes
+        WebDriverWait(driver, 10).until(lambda d: cards() == ["3", "2", "1"])
+        assert no_alert_ran(driver)
+    finally:
+        driver.quit()
+
+
+PAGES = ["index.html", "layers/relu1.html", "maps/relu1.html", "neurons/relu1/0.html",
+         "sankey.html", "search.html", "glossary.html", "debug/index.html"]
+
+
+def test_browser_maps_no_default_ring_legend_sorted_clear_of_toolbar_no_wide_page(run, tmp_path):
+    """A map rings a neuron only when one is asked for (#c=2), lists its clusters in order, and
+    plotly's toolbar does not cover the legend; no page type is wider than the window at 1440
+    or 390 px; the atlas copied elsewhere has every link and picture (self-contained)."""
+    from selenium.webdriver.common.by import By
+    _, _, run_dir = run
+    copy = tmp_path / "elsewhere" / "atlas"
+    shutil.copytree(run_dir / "atlas", copy)  # the run folder is not beside it any more
+    assert broken_links(copy) == []
+    pair = next((copy / "debug").glob("*/index.html"))
+    pages = PAGES + [str(pair.relative_to(copy)),
+                     str(next(pair.parent.glob("[0-9]*.html")).relative_to(copy))]
+    driver = chromium()
+    width = "return [document.documentElement.scrollWidth, window.innerWidth]"
+    overlap = """const a = document.querySelector('#map .modebar').getBoundingClientRect(),
+                       b = document.querySelector('#map g.legend').getBoundingClientRect();
+                 return !(a.right <= b.left || b.right <= a.left || a.bottom <= b.top ||
+                          b.bottom <= a.top);"""
+    try:
+        for w, h in ((1440, 900), (390, 844)):
+            driver.set_window_size(w, h)
+            for page in pages:
+                driver.get((copy / page).as_uri())
+                wait_ready(driver)
+                scroll, inner = driver.execute_script(width)
+                assert scroll <= inner, (w, page, scroll)
+                broken = driver.execute_script(
+                    "return Array.from(document.images).filter(i => i.getAttribute('src') && "
+                    "i.complete && i.naturalWidth === 0).map(i => i.src)")
+                assert broken == [], (page, broken)
+            driver.get((copy / "maps" / "relu1.html").as_uri())
+            wait_ready(driver)
+            names = driver.execute_script(
+                "return document.getElementById('map').data.map(t => t.name)")
+            assert not any(n.startswith("neuron") for n in names)  # no ring without #c
+            clusters = [int(re.match(r"cluster (\d+)", n).group(1)) for n in names
+                        if n.startswith("cluster")]
+            assert clusters == sorted(clusters) and len(clusters) >= 2
+            legend = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#map .legendtext")]
+            assert legend[:len(clusters)] == [n.strip() for n in names[:len(clusters)]]
+            assert driver.execute_script(overlap) is False, w
+        driver.get("about:blank")  # (a neuron page's link loads the map afresh)
+        driver.get((copy / "maps" / "relu1.html").as_uri() + "#c=2")
+        wait_ready(driver)
+        assert driver.execute_script(
+            "return document.getElementById('map').data.map(t => t.name)")[-1] == "neuron 2"
     finally:
         driver.quit()
 

@@ -9,7 +9,8 @@ import pytest
 import scipy.stats
 
 from common.artefacts import ScoreRow, SummaryRow, columns
-from common.glossary import GROUPS, SOURCES, TERMS, Z_95, glossary, term, verdict
+from common.glossary import (GROUPS, SOURCES, TERMS, Z_95, glossary, term, trust_key,
+                             verdict)
 from common.scores import correlation_interval, margin_interval
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "common" / "templates"
@@ -65,6 +66,25 @@ def test_verdict_levels_and_when_there_is_none():
     v = verdict({"verify_corr": 0.5, "control_corr": 0.1, "n_held_out": 100})
     assert v["headline"] == "Described reliably" and v["margin"] == pytest.approx(0.4)
     assert (v["low"], v["high"]) == pytest.approx(margin_interval(0.5, 0.1, 100, Z_95)[1:])
+
+
+def test_trust_order_puts_verdicts_first_then_the_surer_margin():
+    """The trust order of the glossary's ``trust`` entry, on hand-set neurons: a reliable margin
+    known to be above 0.1489 (r 0.5, control 0.1, 100 images: the hand computation above) comes
+    before a larger but less certain reliable one (r 0.6, control 0.1, 40 images: low 0.1133 by
+    the same rule), a weak neuron with a large margin after both, then chance, no verdict, not
+    scored; a dead neuron last whatever its verdict."""
+    def scores(r, rc, n, dead=0):
+        return {"verify_corr": r, "control_corr": rc, "n_held_out": n, "dead": dead}
+    neurons = {
+        "sure": scores(0.5, 0.1, 100), "larger": scores(0.6, 0.1, 40),
+        "weak": scores(0.7, 0.2, 8), "chance": scores(0.2, 0.3, 100),
+        "none": {"verify_corr": None, "control_corr": None, "n_held_out": None, "dead": 0},
+        "unscored": {}, "dead": scores(0.9, 0.0, 500, dead=1)}
+    assert margin_interval(0.6, 0.1, 40, Z_95)[1] == pytest.approx(0.1133, abs=1e-3)
+    assert verdict(neurons["weak"])["level"] == "weak"
+    order = sorted(neurons, key=lambda k: trust_key(neurons[k]))
+    assert order == ["sure", "larger", "weak", "chance", "none", "unscored", "dead"]
 
 
 def test_every_score_the_atlas_shows_has_one_entry():

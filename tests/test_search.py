@@ -162,6 +162,32 @@ def test_layer_filter_and_unknown_layer(tmp_path):
         find(run_dir, ["dog"], layers=["L9"], text_embedder=BagOfWords())
 
 
+def test_weak_matches_and_no_good_match(tmp_path):
+    # "ball cat red" is (ball + cat + red) / √3: cosine 1/√3 = 0.577 with "cat" (L1/1) and
+    # 1/√6 = 0.408 with "dog ball" (L1/0) and "red stripes" (L2/0).
+    run_dir = make_run(tmp_path)
+    query = "ball cat red"
+    out = io.StringIO()
+    rows = find(run_dir, [query], top_k=3, weak_below=0.5, text_embedder=BagOfWords(), stdout=out)
+    assert [(r["layer"], r["channel"], r["weak"]) for r in rows] == [
+        ("L1", 1, False), ("L1", 0, True), ("L2", 0, True)]
+    assert rows[1]["cosine"] == pytest.approx(1 / np.sqrt(6), abs=1e-4)
+    printed = out.getvalue()
+    assert "no good match" not in printed
+    assert printed.index("cat") < printed.index("-- weak matches") < printed.index("dog ball")
+    out = io.StringIO()
+    rows = find(run_dir, [query], top_k=3, weak_below=0.6, text_embedder=BagOfWords(), stdout=out)
+    assert all(r["weak"] for r in rows)
+    assert "no good match: the best cosine, 0.58, is below" in out.getvalue()
+    # The live search's layer filter (07 --serve asks for it per query).
+    from common.search import Searcher, load_index
+    index = load_index(run_dir / "04_embeddings.npz", run_dir / "03_descriptions.csv",
+                       run_dir / "02_mosaics.csv")
+    hits = Searcher(index, BagOfWords(), weak_below=0.5).search_text(query, 3, layers=["L2"])
+    assert [(h["layer"], h["channel"], h["weak"]) for h in hits][0] == ("L2", 0, True)
+    assert {h["layer"] for h in hits} == {"L2"}
+
+
 def test_text_embedder_of_another_space_is_refused(tmp_path):
     run_dir = make_run(tmp_path)
     other = BagOfWords()

@@ -61,6 +61,7 @@
     head.append(el("span", "ch", (extra && extra.showLayer ? layer.name + " " : "") + "#" + n.c));
     if (n.cl !== null) head.append(el("span", "tag", "cluster " + n.cl));
     if (n.dead) head.append(el("span", "tag dead", "dead"));
+    else if (VERDICT_TAGS[n.v]) head.append(el("span", "tag v-" + VERDICT_TAGS[n.v][1], VERDICT_TAGS[n.v][0]));
     if (extra && extra.score !== undefined) head.append(el("span", "tag", "match " + fmt(extra.score)));
     a.append(head);
     a.append(el("p", "desc", n.d || "(no description)"));
@@ -100,36 +101,110 @@
     return function (newRows) { rows = newRows; shown = 0; grid.replaceChildren(); more(); };
   }
 
+  // The layer page's presets: a sort and filters each (docs/atlas.md#layer-pages). "trust" is
+  // the default of a scored layer: every neuron in the trust order of the glossary.
+  const PRESETS = {
+    trust: { sort: "trust", order: "asc", verdict: "", beats: false },
+    reliable: { sort: "trust", order: "asc", verdict: "reliable", beats: true },
+    selective: { sort: "selectivity", order: "desc", verdict: "alive", beats: false },
+    polysemantic: { sort: "polysemanticity", order: "desc", verdict: "alive", beats: false },
+    weak: { sort: "trust", order: "desc", verdict: "poor", beats: false }
+  };
+  // Which verdicts (v: r, w, c, n, "" unscored) each choice of the verdict filter keeps.
+  const VERDICTS = {
+    alive: function (n) { return !n.dead; },
+    reliable: function (n) { return !n.dead && n.v === "r"; },
+    good: function (n) { return !n.dead && (n.v === "r" || n.v === "w"); },
+    poor: function (n) { return n.dead || n.v !== "r"; }
+  };
+  const VERDICT_TAGS = { r: ["reliable", "good"], w: ["weak", "weak"], c: ["chance", "bad"] };
+
   function initLayer() {
     const layer = DATA[body.dataset.layer];
     const grid = document.getElementById("cards");
-    const sortSel = document.getElementById("sort"), orderSel = document.getElementById("order");
-    const filter = document.getElementById("filter"), clusterSel = document.getElementById("cluster");
-    const count = document.getElementById("count");
+    const $ = function (id) { return document.getElementById(id); };
+    const sortSel = $("sort"), orderSel = $("order"), filter = $("filter"), clusterSel = $("cluster");
+    const presetSel = $("preset"), verdictSel = $("verdict"), beats = $("beats");
+    const tcol = $("tcol"), tmin = $("tmin"), count = $("count");
+    const scored = layer.columns.indexOf("trust") >= 0;
     layer.neurons.forEach(function (n) { n.text = [n.d].concat(n.sub || []).join(" ").toLowerCase(); });
-    ["channel", "top_activation", "cluster"].concat(layer.columns).forEach(function (k) {
+    layer.columns.concat(["channel", "top_activation", "cluster"]).forEach(function (k) {
       const t = term(layer, k), option = new Option(t.n, k);
       if (t.t) option.title = t.t;
       sortSel.append(option);
+      if (k !== "channel" && k !== "cluster" && k !== "trust") {
+        const o = new Option(t.n, k);
+        if (t.t) o.title = t.t;
+        tcol.append(o);
+      }
     });
     layer.clusters.forEach(function (c) {
       clusterSel.append(new Option("cluster " + c.id + " (" + c.size + "): " + c.keywords, String(c.id)));
     });
-    const state = new URLSearchParams(location.hash.slice(1));
-    orderSel.value = "asc"; // channel order by default
-    if (state.get("sort")) sortSel.value = state.get("sort");
-    if (state.get("order")) orderSel.value = state.get("order");
-    if (state.get("q")) filter.value = state.get("q");
-    if (state.get("cluster")) clusterSel.value = state.get("cluster");
-    const show = pager(grid, document.getElementById("more"), function (n) {
+    // Presets that need a score this layer lacks are not offered.
+    if (presetSel) {
+      Array.from(presetSel.options).forEach(function (o) {
+        const p = PRESETS[o.value];
+        if (p && layer.columns.indexOf(p.sort) < 0) o.remove();
+      });
+    }
+
+    function setPreset(name) {
+      const p = PRESETS[name];
+      if (!p) return;
+      sortSel.value = p.sort;
+      orderSel.value = p.order;
+      if (verdictSel) verdictSel.value = p.verdict;
+      if (beats) beats.checked = p.beats;
+      tcol.value = "";
+      tmin.value = "";
+    }
+
+    // The state lives in the URL's fragment: a page reloaded, a link shared or a fragment
+    // followed (#cluster=3 from the trace) shows the same list.
+    function load() {
+      const state = new URLSearchParams(location.hash.slice(1));
+      if (scored) setPreset(state.get("preset") || "trust");
+      else { sortSel.value = "channel"; orderSel.value = "asc"; }
+      if (state.get("sort")) sortSel.value = state.get("sort");
+      if (state.get("order")) orderSel.value = state.get("order");
+      filter.value = state.get("q") || "";
+      clusterSel.value = state.get("cluster") || "";
+      if (verdictSel && state.has("verdict")) verdictSel.value = state.get("verdict");
+      if (beats && state.has("beats")) beats.checked = state.get("beats") === "1";
+      if (state.get("t")) { tcol.value = state.get("t"); tmin.value = state.get("min") || ""; }
+    }
+    load();
+    const show = pager(grid, $("more"), function (n) {
       return card(layer, n, { sortKey: sortSel.value });
     });
+
+    // The preset the controls match, or "" (own choice).
+    function matching() {
+      const name = Object.keys(PRESETS).find(function (k) {
+        const p = PRESETS[k];
+        return p.sort === sortSel.value && p.order === orderSel.value && p.beats === beats.checked &&
+          p.verdict === verdictSel.value && !(tcol.value && tmin.value !== "");
+      });
+      return name && presetSel.querySelector('option[value="' + name + '"]') ? name : "";
+    }
 
     function apply() {
       const q = filter.value.trim().toLowerCase(), cl = clusterSel.value, key = sortSel.value;
       const sign = orderSel.value === "desc" ? -1 : 1;
+      const keep = verdictSel && VERDICTS[verdictSel.value];
+      const mustBeat = beats && beats.checked;
+      const tk = tcol.value, tv = tmin.value === "" ? null : Number(tmin.value);
       const rows = layer.neurons.filter(function (n) {
-        return (cl === "" || String(n.cl) === cl) && (!q || n.text.includes(q));
+        if (cl !== "" && String(n.cl) !== cl) return false;
+        if (q && !n.text.includes(q)) return false;
+        if (keep && !keep(n)) return false;
+        if (mustBeat && n.s.beats_control !== 1) return false;
+        if (tk && tv !== null && !Number.isNaN(tv)) {
+          const v = value(n, tk);
+          if (v === null || v < tv) return false;
+        }
+        return true;
       });
       rows.sort(function (a, b) {
         const va = value(a, key), vb = value(b, key);
@@ -139,19 +214,34 @@
         return a.c - b.c;
       });
       count.textContent = rows.length + " of " + layer.neurons.length + " neurons";
-      const h = new URLSearchParams({ sort: key, order: orderSel.value });
+      const h = new URLSearchParams();
+      if (presetSel) {
+        presetSel.value = matching();
+        if (presetSel.value) h.set("preset", presetSel.value);
+      }
+      if (!presetSel || !presetSel.value) {
+        h.set("sort", key);
+        h.set("order", orderSel.value);
+        if (verdictSel && verdictSel.value) h.set("verdict", verdictSel.value);
+        if (mustBeat) h.set("beats", "1");
+      }
       if (q) h.set("q", filter.value.trim());
       if (cl) h.set("cluster", cl);
+      if (tk && tmin.value !== "") { h.set("t", tk); h.set("min", tmin.value); }
       history.replaceState(null, "", "#" + h.toString());
       show(rows);
     }
+    if (presetSel) presetSel.addEventListener("change", function () { setPreset(presetSel.value); apply(); });
     sortSel.addEventListener("change", function () {
-      // Channels read best in order; for a score the best ones come first.
-      orderSel.value = sortSel.value === "channel" ? "asc" : "desc";
+      // Channels and the trust rank read best from the first; for a score the best ones come first.
+      orderSel.value = sortSel.value === "channel" || sortSel.value === "trust" ? "asc" : "desc";
       apply();
     });
-    [orderSel, clusterSel].forEach(function (e) { e.addEventListener("change", apply); });
-    filter.addEventListener("input", apply);
+    [orderSel, clusterSel, verdictSel, beats, tcol].forEach(function (e) {
+      if (e) e.addEventListener("change", apply);
+    });
+    [filter, tmin].forEach(function (e) { e.addEventListener("input", apply); });
+    window.addEventListener("hashchange", function () { load(); apply(); });
     apply();
     body.dataset.ready = "1";
   }
@@ -187,7 +277,12 @@
       groups.get(k).push(n);
     });
     const names = new Map(layer.clusters.map(function (c) { return [c.id, c.keywords]; }));
-    const traces = Array.from(groups.entries()).map(function (entry) {
+    // Legend in cluster order, neurons without a cluster last.
+    const entries = Array.from(groups.entries()).sort(function (a, b) {
+      if (a[0] === "none" || b[0] === "none") return (a[0] === "none") - (b[0] === "none");
+      return a[0] - b[0];
+    });
+    const traces = entries.map(function (entry) {
       const k = entry[0], ns = entry[1];
       return {
         type: "scatter", mode: "markers", x: ns.map(function (n) { return n.x; }),
@@ -197,8 +292,9 @@
       };
     });
     const byChannel = new Map(layer.neurons.map(function (n) { return [n.c, n]; }));
-    // maps/<layer>.html#c=12 (linked from a neuron page) rings that neuron.
-    const mark = byChannel.get(Number(new URLSearchParams(location.hash.slice(1)).get("c")));
+    // maps/<layer>.html#c=12 (linked from a neuron page) rings that neuron; without c, none.
+    const asked = new URLSearchParams(location.hash.slice(1)).get("c");
+    const mark = asked !== null && asked.trim() !== "" ? byChannel.get(Number(asked)) : undefined;
     if (mark && mark.x !== null) {
       traces.push({ type: "scatter", mode: "markers", x: [mark.x], y: [mark.y], customdata: [mark.c],
                     name: "neuron " + mark.c, hoverinfo: "none",
@@ -206,8 +302,13 @@
     }
     const panel = hoverPanel();
     const div = document.getElementById("map");
+    // The legend sits below the plot on a narrow screen, else right of it below the top margin
+    // that holds plotly's toolbar, so the toolbar never covers it.
+    const narrow = div.clientWidth < 700;
     Plotly.newPlot(div, traces, {
-      margin: { l: 30, r: 10, t: 10, b: 30 }, hovermode: "closest", legend: { font: { size: 11 } },
+      margin: { l: 30, r: 10, t: 40, b: 30 }, hovermode: "closest",
+      legend: narrow ? { font: { size: 11 }, orientation: "h", x: 0, y: -0.02, yanchor: "top" }
+                     : { font: { size: 11 }, x: 1.02, y: 1, yanchor: "top" },
       xaxis: { zeroline: false, showticklabels: false }, yaxis: { zeroline: false, showticklabels: false }
     }, { responsive: true, displaylogo: false }).then(function () { body.dataset.ready = "1"; });
     div.on("plotly_hover", function (d) {
@@ -255,23 +356,32 @@
     });
     const find = new Map(all.map(function (r) { return [r.layer.name + "\u0000" + r.n.c, r]; }));
     const input = document.getElementById("q"), count = document.getElementById("count");
+    const layerSel = document.getElementById("layer"), noMatch = document.getElementById("no-match");
     const grid = document.getElementById("cards");
     const show = pager(grid, document.getElementById("more"), function (r) {
-      return card(r.layer, r.n, { showLayer: true, score: r.score });
+      const a = card(r.layer, r.n, { showLayer: true, score: r.score });
+      if (r.weak) { a.classList.add("weak"); a.querySelector(".head").append(el("span", "tag", "weak match")); }
+      return a;
     });
+    const params = new URLSearchParams(location.search);
+    if (params.get("q")) input.value = params.get("q");
+    if (params.get("layer")) layerSel.value = params.get("layer");
+    let byMeaning = null; // the last answer by meaning, shown until the query changes
     function filterText() {
-      const q = input.value.trim().toLowerCase();
-      const rows = q ? all.filter(function (r) { return r.n.text.includes(q); }) : [];
+      const q = input.value.trim().toLowerCase(), only = layerSel.value;
+      const rows = q ? all.filter(function (r) {
+        return (!only || r.layer.name === only) && r.n.text.includes(q);
+      }) : [];
       count.textContent = q ? rows.length + " neurons whose sentences contain this text" : "";
+      noMatch.hidden = true;
       show(rows);
     }
-    const q0 = new URLSearchParams(location.search).get("q");
-    if (q0) input.value = q0;
-    input.addEventListener("input", filterText);
+    input.addEventListener("input", function () { byMeaning = null; filterText(); });
+    layerSel.addEventListener("change", function () { if (byMeaning) byMeaning(); else filterText(); });
     filterText();
     body.dataset.ready = "1";
 
-    // Live semantic search: only when the page is served by `10_atlas.py serve` (make serve).
+    // Live semantic search: only when the page is served by `07_search.py --serve` (make serve).
     const live = document.getElementById("live"), status = document.getElementById("live-status");
     if (!location.protocol.startsWith("http")) return;
     function showHits(resp) {
@@ -279,9 +389,16 @@
       const rows = [];
       resp.hits.forEach(function (h) {
         const r = find.get(h.layer + "\u0000" + h.channel);
-        if (r) rows.push({ layer: r.layer, n: r.n, score: h.score });
+        if (r) rows.push({ layer: r.layer, n: r.n, score: h.score, weak: h.weak });
       });
-      count.textContent = rows.length + " neurons by meaning (" + resp.note + ")";
+      const weak = rows.filter(function (r) { return r.weak; }).length;
+      count.textContent = rows.length + " neurons by meaning (" + resp.note + ")" +
+        (weak ? ", " + weak + " of them weak" : "");
+      // A query nothing matches well says so, instead of passing its closest neurons off as hits.
+      noMatch.hidden = !(rows.length && resp.good === false);
+      noMatch.textContent = "No good match: the best cosine, " + fmt(resp.hits.length ? resp.hits[0].cosine : null) +
+        ", is below " + fmt(resp.weak_below) + " (docs/search.md: what that threshold separates). " +
+        "The closest neurons are shown faded.";
       show(rows);
       status.textContent = "";
     }
@@ -294,17 +411,34 @@
       live.hidden = false;
       document.getElementById("image-form").hidden = !s.image;
       status.textContent = "";
+      const only = function () { return layerSel.value ? "&layer=" + encodeURIComponent(layerSel.value) : ""; };
+      function meaning() {
+        const q = input.value.trim();
+        if (!q) return;
+        byMeaning = meaning;
+        ask(root + "api/search?k=" + s.k + only() + "&q=" + encodeURIComponent(q));
+      }
       document.getElementById("text-form").addEventListener("submit", function (ev) {
         ev.preventDefault();
-        ask(root + "api/search?k=" + s.k + "&q=" + encodeURIComponent(input.value.trim()));
+        meaning();
       });
       document.getElementById("image-form").addEventListener("submit", function (ev) {
         ev.preventDefault();
         const file = document.getElementById("image").files[0];
-        if (file) ask(root + "api/search-image?k=" + s.k, { method: "POST", body: file });
+        if (file) ask(root + "api/search-image?k=" + s.k + only(), { method: "POST", body: file });
       });
+      // A query from the top bar's box is searched by meaning when the server can.
+      if (params.get("q")) meaning();
     }).catch(function () { /* served by a plain file server: the text filter still works */ });
   }
+
+  // Tooltips of score names: an element names its score (data-term) and takes the one-line tip
+  // from assets/terms.js, so that no page repeats the glossary's texts.
+  const TIPS = window.ATLAS_TERMS || {};
+  document.querySelectorAll("[data-term]").forEach(function (e) {
+    const tip = TIPS[e.dataset.term];
+    if (tip) e.title = tip;
+  });
 
   const pages = { layer: initLayer, map: initMap, sankey: initSankey, search: initSearch };
   if (pages[body.dataset.page]) pages[body.dataset.page]();
