@@ -83,7 +83,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .DEFAULT_GOAL := all
 include tools/plumbing.mk
 .PHONY: all test bench help clean venv extract mosaics describe embed cluster trace search debug \
-        score eval atlas serve baskets compare audit no-other reports-changed
+        score eval atlas serve baskets compare audit no-other reports-changed mutants
 
 # The files of each stage (their names are the artefact contract: ARTEFACTS.md). Each stage writes
 # its .meta.json last and deletes the old one before replacing any output, so the metas are targets
@@ -290,6 +290,9 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	$(PY) bench/results.py bench/bench_extract.py bench/bench_mosaics.py \
 	    bench/bench_describe_embed.py "bench/bench_cluster.py --threads 1" bench/bench_score.py \
 	    bench/bench_atlas.py bench/bench_relevance.py
+
+mutants: $(DEV_VENV) ## mutation testing of the core modules (tools/mutants.toml, under 30 min): score and survivors to bench/RESULTS.md
+	$(PY) -m tools.mutants
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \
