@@ -245,12 +245,15 @@ def test_statistics_agree_with_scipy_and_a_hand_computed_fdr():
 
 
 def test_constant_neurons_do_not_divide_by_zero():
-    ko = np.zeros((5, 2))
-    ok = np.zeros((7, 2))
+    ko = np.zeros((5, 3))
+    ok = np.zeros((7, 3))
     ok[:, 1] = 1.0
+    ko[:, 2] = 1.0
     res = compare_groups(ko, ok)
     assert res["z"][0] == 0 and res["p"][0] == 1.0  # identical constants: no difference
     assert res["z"][1] == -np.inf and res["p"][1] == 0.0  # different constants: certain
+    assert res["z"][2] == np.inf and res["p"][2] == 0.0  # … in either direction
+    assert res["effect"].tolist() == [0.0, -np.inf, np.inf]
 
 
 class PlantedModel(nn.Module):

@@ -25,6 +25,7 @@ import ast
 import datetime
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -99,20 +100,33 @@ def owner(spans: list[tuple[int, int, str]], line: int) -> str | None:
     return next((name for first, last, name in spans if first <= line <= last), None)
 
 
-def all_mutants(modules: list[Module], tree: Path) -> list[tuple[object, Module]]:
-    """Every Cosmic Ray mutation of the chosen functions of ``modules`` (paths relative to
-    ``tree``), in a stable order."""
-    from cosmic_ray.commands.init import _all_work_items
+def all_mutants(modules: list[Module], skip_operators: list[str]) -> list[tuple[object, Module]]:
+    """Every Cosmic Ray mutation of the chosen functions of ``modules`` (paths relative to the
+    current folder) by the operators whose names match none of ``skip_operators`` (regular
+    expressions), in a stable order."""
+    import cosmic_ray.plugins
+    from cosmic_ray.ast import ast_nodes, get_ast_from_path
+    from cosmic_ray.work_item import MutationSpec
 
+    operators = []
+    for name in cosmic_ray.plugins.operator_names():
+        kind = cosmic_ray.plugins.get_operator(name)
+        if not kind.arguments() and not any(re.search(p, name) for p in skip_operators):
+            operators.append((name, kind()))
     found = []
     for module in modules:
-        spans = top_level_names((tree / module.path).read_text())
-        for item in _all_work_items([Path(module.path)], {}):
-            spec = item.mutations[0]
-            name = owner(spans, spec.start_pos[0])
-            if name is None or name in module.skip or (module.only and name not in module.only):
-                continue
-            found.append((spec, module))
+        spans = top_level_names(Path(module.path).read_text())
+        nodes = list(ast_nodes(get_ast_from_path(Path(module.path))))
+        for name, operator in operators:
+            positions = [pos for node in nodes for pos in operator.mutation_positions(node)]
+            for occurrence, (start, end) in enumerate(positions):
+                where = owner(spans, start[0])
+                if where is None or where in module.skip or (module.only
+                                                             and where not in module.only):
+                    continue
+                found.append((MutationSpec(module_path=module.path, operator_name=name,
+                                           occurrence=occurrence, start_pos=start, end_pos=end),
+                              module))
     found.sort(key=lambda pair: (pair[0].module_path.as_posix(), pair[0].start_pos,
                                  pair[0].operator_name, pair[0].occurrence))
     return found
@@ -225,6 +239,16 @@ def cell(text: str) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
 
 
+def test_files(tests: list[str]) -> str:
+    """Tests in short: each file, with the number of its tests picked when not the whole file."""
+    picked: dict[str, list[str]] = {}
+    for test in tests:
+        picked.setdefault(test.split("::")[0], []).append(test)
+    return ", ".join(name.removeprefix("tests/") + ("" if tests_of == [name] else
+                                                    f" ({len(tests_of)} tests)")
+                     for name, tests_of in picked.items())
+
+
 def section(outcomes: list[Outcome], modules: list[Module], config: dict, population: int,
             seconds: float) -> str:
     """The dated Markdown section of one run."""
@@ -251,7 +275,7 @@ def section(outcomes: list[Outcome], modules: list[Module], config: dict, popula
         killed_m = sum(o.state in ("killed", "timeout") for o in mine)
         lines.append(f"| {module.path} | {', '.join(module.only) or 'all'}"
                      f"{' less ' + ', '.join(module.skip) if module.skip else ''} | "
-                     f"{' '.join(module.tests)} | {killed_m}/{judged_m} |")
+                     f"{test_files(module.tests)} | {killed_m}/{judged_m} |")
     survivors = [o for o in outcomes if o.state == "survived"]
     lines += ["", "Survivors:" if survivors else "No survivor.", ""]
     if survivors:
@@ -291,10 +315,11 @@ def main(argv=None) -> None:
     began = time.monotonic()
     copy_tree(tree)
     os.chdir(tree)
-    population = all_mutants(modules, tree)
+    population = all_mutants(modules, config.get("skip_operators", []))
     size = min(args.sample or config["sample"], len(population))
+    # Judged in the drawn order: if the time budget runs out, those judged are still a random
+    # sample of all the modules.
     sample = random.Random(config["seed"]).sample(population, size)
-    sample.sort(key=lambda pair: (pair[0].module_path.as_posix(), pair[0].start_pos))
     used = [m for m in modules if any(module is m for _, module in sample)]
     print(f"{len(population)} mutants in {len(modules)} modules; {size} drawn (seed "
           f"{config['seed']})", flush=True)
