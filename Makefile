@@ -291,7 +291,7 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 	    bench/bench_describe_embed.py "bench/bench_cluster.py --threads 1" bench/bench_score.py \
 	    bench/bench_atlas.py bench/bench_relevance.py
 
-mutants: $(DEV_VENV) ## mutation testing of the core modules (tools/mutants.toml, under 30 min): score and survivors to bench/RESULTS.md
+mutants: $(DEV_VENV) $(call uses,tools/mutants.py) ## mutation testing of the core modules (tools/mutants.toml, under 30 min): score and survivors to bench/RESULTS.md
 	$(PY) -m tools.mutants
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
