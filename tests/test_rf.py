@@ -361,6 +361,28 @@ def test_image_axes_packed_into_tokens_and_unpacked_keep_the_field(caplog):
     assert "estimated" not in caplog.text
 
 
+class ChannelsLast(nn.Module):
+    """A 3×3 conv whose map is permuted to channels-last (1, H, W, C) and back."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """Conv, permute to (N, H, W, C), permute back."""
+        return self.conv(x).permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+
+
+def test_permuted_image_axes_are_followed(caplog):
+    """Permutes move the image axes and back: a 3×3 conv after them sees 5 pixels, no probe."""
+    net = nn.Sequential(ChannelsLast(), nn.Conv2d(1, 1, 3, padding=1))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(net, ["0", "1"], 16)
+    assert fields == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+    assert "estimated" not in caplog.text
+
+
 def test_elementwise_layers_pass_through():
     """ReLU (in place too), BN, SiLU, ReLU6, Dropout and Identity do not change the field."""
     net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1), nn.ReLU(inplace=True), nn.SiLU(),
