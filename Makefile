@@ -91,7 +91,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 include tools/plumbing.mk
 .PHONY: all test bench bench-scale help clean venv extract mosaics describe embed cluster trace search debug \
         score eval atlas serve baskets compare audit no-other reports-changed describe-compare \
-        no-describers
+        no-describers mutants
 
 # The files of each stage (their names are the artefact contract: ARTEFACTS.md). Each stage writes
 # its .meta.json last and deletes the old one before replacing any output, so the metas are targets
@@ -314,6 +314,9 @@ bench: $(VENV) ## benchmarks: print measured ratios against their targets
 
 bench-scale: $(VENV) ## benchmark: every stage's time and memory at 1×–8× the images and the neurons (hours on 2 cores)
 	$(PY) bench/results.py bench/bench_scale.py
+
+mutants: $(DEV_VENV) $(call uses,tools/mutants.py) ## mutation testing of the core modules (tools/mutants.toml, under 30 min): score and survivors to bench/RESULTS.md
+	$(PY) -m tools.mutants
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
 	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \

@@ -109,6 +109,17 @@ def test_search_matches_exhaustive_sweep_with_fewer_fits(noise, planted_k):
     assert all(curve[k][0] == pytest.approx(sweep[k]) for k in curve)
 
 
+def test_a_falling_silhouette_curve_is_refined_at_its_start_only(monkeypatch):
+    # every k lies within SEARCH_TOLERANCE of the best and the curve only falls: its one local
+    # peak is k = 2, so only the bracket 2..4 of round one (2, 4, 7, 12, 22, 40) is refined; a
+    # point on the slope is no peak, however close to the best
+    monkeypatch.setattr(stage, "fit_kmeans", lambda data, k, seed, n_init: (np.full(3, k), 0.0))
+    monkeypatch.setattr(stage, "silhouette", lambda dist, labels: 0.5 - 1e-4 * labels[0])
+    best, labels, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
+    assert best == 2 and labels.tolist() == [2, 2, 2]
+    assert sorted(curve) == [2, 3, 4, 7, 12, 22, 40]
+
+
 def test_near_identical_rows_merge_and_distinct_ones_do_not():
     x, _ = planted(1, 3, seed=9)
     turn = np.zeros_like(x[0])

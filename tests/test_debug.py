@@ -271,12 +271,14 @@ def test_statistics_agree_with_scipy_and_a_hand_computed_fdr():
 
 
 def test_constant_neurons_do_not_divide_by_zero():
-    ko = np.zeros((5, 2))
-    ok = np.zeros((7, 2))
+    ko = np.zeros((5, 3))
+    ok = np.zeros((7, 3))
     ok[:, 1] = 1.0
+    ko[:, 2] = 1.0
     res = compare_groups(ko, ok)
     assert res["z"][0] == 0 and res["t"][0] == 0 and res["p"][0] == 1.0  # identical constants
     assert res["z"][1] == -np.inf and res["t"][1] == -np.inf and res["p"][1] == 0.0  # differ
+    assert res["z"][2] == np.inf and res["t"][2] == np.inf and res["p"][2] == 0.0  # either way
 
 
 def test_the_default_fdr_level_is_five_percent():

@@ -164,6 +164,7 @@ def test_prompt_per_level_with_domain_and_keywords(tmp_path):
                                            "answer": "F2", "keywords": True}]}))
     mine = D.load_prompts(own)
     assert D.build_prompt(mine, 2, "", "mitosis") == "R2 From cells. D2 A2 F2 Use mitosis."
+    assert D.build_prompt(mine, 1, "", "mitosis") == "R1 From cells. D1 A1 F1"  # no keywords key: none
     (tmp_path / "bad.yaml").write_text("levels: []\n")
     with pytest.raises(StageError):
         D.load_prompts(tmp_path / "bad.yaml")

@@ -282,6 +282,107 @@ def test_branches_with_different_jumps_give_a_covering_bound(caplog):
     assert "bound" in caplog.text
 
 
+class AddedAxis(nn.Module):
+    """A 3×3 conv whose output gains an axis before the image axes and loses it again."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """Conv, then (1, 1, H, W) → (1, 1, 1, H, W) → (1, 1, H, W)."""
+        return self.conv(x).unsqueeze(1).squeeze(1)
+
+
+def test_axes_added_and_removed_before_the_image_axes_keep_the_field():
+    """An axis inserted or dropped in front of the image axes moves them, and the field with
+    them: two 3×3 convs see 5 pixels, not the whole image."""
+    net = nn.Sequential(AddedAxis(), nn.Conv2d(1, 1, 3, padding=1))
+    assert receptive_fields(net, ["0", "1"], 16) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+class Stacked(nn.Module):
+    """The two branches of concat_branches stacked on a new axis ``dim``, then summed over it."""
+
+    def __init__(self, dim):
+        """The 3×3 branch and the left/top-padded 5×5 branch."""
+        super().__init__()
+        self.dim = dim
+        self.left = nn.Conv2d(1, 1, 3, padding=1)
+        self.right = nn.Sequential(nn.ZeroPad2d((4, 0, 4, 0)), nn.Conv2d(1, 1, 5))
+
+    def forward(self, x):
+        """Stacked (1, 2, 1, H, W) or (1, 1, H, W, 2), summed over the stacked axis."""
+        return torch.stack([self.left(x), self.right(x)], dim=self.dim).sum(dim=self.dim)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_stack_moves_the_image_axes_and_takes_the_union(dim, caplog):
+    """Stacking before the image axes shifts them by one, after them not; the sum over the stack
+    sees the union of the two fields, as concatenation does: pixels -4..1 → size 6, jump 1,
+    start -1.5. A 3×3 conv after it finds the image axes where they are (no probe): -5..2 → 8."""
+    net = nn.Sequential(Stacked(dim), nn.Conv2d(1, 1, 3, padding=1))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(net, ["0", "1"], 16)
+    assert fields == {"0": rf(6, 1, -1.5), "1": rf(8, 1, -1.5)}
+    assert "estimated" not in caplog.text
+
+
+def test_even_adaptive_pooling_is_a_window():
+    """AdaptiveAvgPool2d 16 → 4 is a 4×4 window of stride 4: after a 3×3 pad-1 conv (pixels
+    -1..1), pooled cell 0 reads conv cells 0..3, pixels -1..4 → size 6, jump 4, start 1.5."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AdaptiveAvgPool2d(4))
+    assert receptive_fields(net, ["1"], 16)["1"] == rf(6, 4, 1.5)
+
+
+class Tokens(nn.Module):
+    """A 3×3 conv whose map is flattened into tokens (1, C, H·W) and folded back, as ViT-style
+    blocks do."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """Conv, flatten the image axes into one, unflatten them again."""
+        y = self.conv(x)
+        return y.flatten(2).view(y.shape)
+
+
+def test_image_axes_packed_into_tokens_and_unpacked_keep_the_field(caplog):
+    """Flattening H and W into one token axis and back keeps them followed: a 3×3 conv after it
+    sees 5 pixels, with no probe."""
+    net = nn.Sequential(Tokens(), nn.Conv2d(1, 1, 3, padding=1))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(net, ["0", "1"], 16)
+    assert fields == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+    assert "estimated" not in caplog.text
+
+
+class ChannelsLast(nn.Module):
+    """A 3×3 conv whose map is permuted to channels-last (1, H, W, C) and back."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """Conv, permute to (N, H, W, C), permute back."""
+        return self.conv(x).permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+
+
+def test_permuted_image_axes_are_followed(caplog):
+    """Permutes move the image axes and back: a 3×3 conv after them sees 5 pixels, no probe."""
+    net = nn.Sequential(ChannelsLast(), nn.Conv2d(1, 1, 3, padding=1))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(net, ["0", "1"], 16)
+    assert fields == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+    assert "estimated" not in caplog.text
+
+
 def test_elementwise_layers_pass_through():
     """ReLU (in place too), BN, SiLU, ReLU6, Dropout and Identity do not change the field."""
     net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1), nn.ReLU(inplace=True), nn.SiLU(),

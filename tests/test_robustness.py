@@ -200,6 +200,7 @@ def test_torn_journal_lines_are_logged_dropped_and_redescribed(tmp_path, caplog)
                                                json.loads(lines[i])["channel"]) for i in (2, 5)])
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
     assert "torn record" in caplog.text and "1 unreadable (torn) line" in caplog.text
+    assert "torn record (20 bytes," in caplog.text  # the 20 bytes of lines[5] cut off
     kept = journal.read_text().splitlines()
     assert kept[2] == lines[2][:15]  # the torn middle line stays skipped; nothing was glued on
     assert all(json.loads(line) for line in kept[3:])

@@ -137,6 +137,13 @@ def test_pearson_matches_scipy_and_is_nan_for_a_constant():
     assert np.isnan(S.pearson([1.0], [2.0]))
 
 
+def test_correlation_interval_by_hand():
+    # Fisher z: atanh(0.5) = 0.549306, half width 1.96 / √(28 − 3) = 0.392 → tanh of 0.157306
+    # and 0.941306
+    low, high = S.correlation_interval(0.5, 28, 1.96)
+    assert low == pytest.approx(0.156021, abs=1e-5) and high == pytest.approx(0.735822, abs=1e-5)
+
+
 def test_clarity_closed_form_is_the_mean_pairwise_cosine():
     """SemanticLens eq. 7 (no similarity matrix) equals eq. 6 computed pair by pair."""
     v = np.random.default_rng(1).normal(size=(9, 5))
@@ -176,6 +183,18 @@ def test_polysemanticity_is_one_minus_the_cosine_of_the_two_group_sums():
     assert expected == pytest.approx(0.5, abs=0.02)
     assert S.polysemanticity(crops_) == pytest.approx(expected, abs=1e-6)  # float32 inside
     assert np.isnan(S.polysemanticity(crops_[:3]))
+
+
+def test_three_close_patterns_split_into_three():
+    """Three tight groups of crops whose directions all share a common part (every cosine > 0.5):
+    the silhouette on cosine distances picks three groups, not two."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(3) + 1.0  # pairwise cosine 5/6
+    truth = np.repeat([0, 1, 2], 6)
+    vectors = centres[truth] + rng.normal(scale=0.02, size=(18, 3))
+    labels = S.sub_concepts(vectors, max_k=3)
+    assert labels is not None and len(set(labels.tolist())) == 3
+    assert all(len(set(labels[truth == g].tolist())) == 1 for g in range(3))
 
 
 def test_redundancy_is_the_highest_cosine_with_another_neuron():

@@ -217,6 +217,7 @@ def test_html_columns_leave_room_for_their_labels():
     x, plot_px = stage.column_positions([10, 30, 20])
     gaps = [(b - a) * plot_px for a, b in zip(x, x[1:])]
     px = [n * stage.LABEL_CHAR_PX for n in (10, 30, 20)]
+    assert x[0] == pytest.approx(0.001) and x[-1] == pytest.approx(0.999)  # spread edge to edge
     assert gaps[0] >= px[0]
     assert gaps[1] >= px[1] + px[2]  # the last column's labels sit on the left of its nodes
     assert stage.column_positions([25]) == ([0.5], 0)

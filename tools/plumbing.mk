@@ -34,7 +34,7 @@ quote = '$(subst ','\'',$(1))'# single-quoted for the shell, inner ' escaped
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # One writer per run folder: this make holds data/$(RUN)/.make.lock until it exits (a second make
 # on the same RUN stops with a message), and each stage holds .stage.lock while it runs (HOLD).
-ifeq ($(filter help test venv,$(MAKECMDGOALS))$(DRY_RUN),)
+ifeq ($(filter help test venv mutants,$(MAKECMDGOALS))$(DRY_RUN),)
 LOCKED := $(shell $(PYTHON) -m tools.runlock make $(call quote,$(D)) $$PPID)
 $(if $(LOCKED),$(error $(LOCKED)))
 endif
@@ -47,6 +47,12 @@ $(VENV): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Maintenance tools (`make mutants`), kept out of `make all`'s setup.
+DEV_VENV := .venv/.installed-dev
+$(DEV_VENV): requirements-dev.txt | $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 $(DEMO_IMAGES): tools/demo.py $(call uses,tools/demo.py) | $(VENV)
