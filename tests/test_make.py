@@ -460,3 +460,23 @@ def test_deps_counts_templates_per_file():
             "common/templates/atlas.css"} <= debug
     assert "common/templates/base.html" not in debug
     assert not any("templates" in f for f in deps.common_files(Path("01_extract.py")))
+
+
+def test_the_mutation_config_names_functions_and_tests_that_exist():
+    """tools/mutants.toml (make mutants) names, per module, functions the module defines and tests
+    that exist, so that a renamed function or test cannot quietly drop out of the measurement."""
+    import ast
+    from tools.mutants import CONFIG, read_config
+    modules = read_config(CONFIG)["module"]
+    assert modules
+    for module in modules:
+        tree = ast.parse((ROOT / module.path).read_text())
+        defined = {n.name for n in ast.walk(tree)
+                   if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert {name.split(".")[0] for name in module.only} <= defined, module.path
+        for test in module.tests:
+            path, _, name = test.partition("::")
+            assert (ROOT / path).is_file(), test
+            if name:
+                assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(),
+                                 re.M), test
