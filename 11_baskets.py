@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import DescribedMosaics, Mosaic, Run, columns, layer_dir, layer_slug
+from common.artefacts import (BasketRow, ConsistencyRow, DescribedMosaics, Mosaic, PruningRow, Run,
+                              columns, layer_dir, layer_slug)
 from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error,
                         setting, settings_from, stage_parser, start_stage)
 from common.describers import DescriberSettings, describe_index, parse_describe_args
@@ -53,15 +54,9 @@ from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 log = logging.getLogger("neuron-atlas.11_baskets")
 
 STAGE = "11_baskets"
-BASKET_FIELDS = ["basket", "layer", "number", "method", "level", "cluster", "parent", "size",
-                 "members", "n_images", "cohesion", "purity", "db_ratio", "consistency",
-                 "random_consistency", "top_images", "name", "mosaic", "description"]
-CONSISTENCY_FIELDS = ["layer", "n_baskets", "mean_size", "consistency", "consistency_sd",
-                      "random_index", "random_index_sd", "repeats"]
-PRUNE_FIELDS = ["class_idx", "class_name", "n_images", "n_baskets", "pruned", "p_before",
-                "delta_basket", "delta_basket_sd", "delta_random_basket",
-                "delta_random_basket_sd", "delta_random_index", "delta_random_index_sd",
-                "repeats"]
+BASKET_FIELDS = columns(BasketRow)  # the readers' own columns, in file order
+CONSISTENCY_FIELDS = columns(ConsistencyRow)
+PRUNE_FIELDS = columns(PruningRow)
 INDEX_FIELDS = [c for c in columns(Mosaic) if c != "ranks"]  # 02's index columns
 SAMPLE_CAP = 10_000  # baskets drawn per repeat for Table 1 at most (the paper's 10,000)
 

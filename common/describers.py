@@ -64,7 +64,7 @@ from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 log = logging.getLogger("neuron-atlas.03_describe")
 
 STAGE = "03_describe"  # the stage whose files ``describe`` writes, wherever it is called from
-FIELDS = ["layer", "channel", "level", "description", "backend", "model", "status", "reason"]
+FIELDS = artefacts.columns(artefacts.Description)  # 03_descriptions.csv: the reader's columns
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.yaml")
 DEFAULT_HF_MODEL = "llava-hf/llava-1.5-7b-hf"  # the thesis's describer, for a GPU workstation
 MAX_ANSWER_CHARS = 400        # longer answers are cut at a sentence end
