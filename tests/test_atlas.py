@@ -108,23 +108,31 @@ def test_basket_page_escapes_every_model_written_field():
     from types import SimpleNamespace
     from common.render import render
     evil = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
-    row = SimpleNamespace(basket=f"b{evil}", node=3, depth=1, size=2, cohesion=0.5,
-                          random_cohesion=0.1, join_corr=0.3, joint_hits=4,
-                          description=f"red {evil} blobs")
-    layer = {"name": f"relu{evil}", "slug": "relu1", "neurons": 4, "tree": "",
-             "baskets": [{"row": row, "anchor": "b-relu1-1", "thumb": "", "png": "b.png",
+    row = SimpleNamespace(basket=f"b{evil}", parent=2, level=1, n_images=12, size=2,
+                          cohesion=0.5, purity=0.8, db_ratio=0.4, consistency=0.9,
+                          random_consistency=0.1, name=f"labelled {evil}",
+                          description=f"red {evil} blobs", mosaic=f"11_baskets/{evil}.png")
+    layer = {"name": f"relu{evil}", "slug": "relu1", "neurons": 4,
+             "baskets": [{"row": row, "anchor": "b-relu1-1", "thumb": "b.jpg",
                           "members": [{"url": "neurons/relu1/0.html", "channel": 0,
                                        "description": f"member {evil}"},
                                       {"url": "", "channel": 1, "description": ""}],
-                          "pruning": [SimpleNamespace(class_name=f"cls{evil}", accuracy_before=1.0,
-                                                      accuracy_pruned=0.5, accuracy_random=0.9)]}]}
+                          "pruning": [f"cls{evil}"]}]}
     site = {"run": f"run{evil}", "layers": [], "has_trace": False, "has_debug": False,
             "reports": []}
-    page = render("atlas_baskets.html", site=site, root="", layers=[layer], min_corr=0.2, total=1,
-                  members=2)
+    consistency = [SimpleNamespace(layer=f"relu{evil}", n_baskets=1, mean_size=2.0,
+                                   consistency=0.9, consistency_sd=0.01, random_index=0.1,
+                                   random_index_sd=0.02, repeats=5)]
+    pruning = [SimpleNamespace(class_idx=0, class_name=f"cls{evil}", n_images=10, n_baskets=1,
+                               pruned="", p_before=0.9, delta_basket=-0.2, delta_basket_sd=0.01,
+                               delta_random_basket=-0.01, delta_random_basket_sd=0.01,
+                               delta_random_index=0.0, delta_random_index_sd=0.0, repeats=5)]
+    page = render("atlas_baskets.html", site=site, root="", layers=[layer],
+                  meta={"method": "finch", "alpha": 3, "beta": 0.75}, total=1, members=2,
+                  consistency=consistency, pruning=pruning)
     assert "<script>" not in page and "<img src=x" not in page
     escaped = "&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;"
-    for text in ("red ", "member ", "cls", "relu", "run", "b"):
+    for text in ("red ", "member ", "cls", "relu", "run", "b", "labelled ", "11_baskets/"):
         assert text + escaped in page, text
 
 
@@ -150,7 +158,8 @@ def test_static_site(run):
             assert page_mosaic[:4] == b"RIFF" and page_mosaic[8:12] == b"WEBP"
             assert f'src="../../mosaics/{layer}/{c}.webp"' in \
                 (site / "neurons" / layer / f"{c}.html").read_text(encoding="utf-8")
-    assert not list(site.rglob("*.png"))
+    # Thumbnails are JPEG and mosaics WebP: the only PNGs are 05's word clouds, copied as drawn.
+    assert {p.parent.name for p in site.rglob("*.png")} == {"wordclouds"}
     assert [p.name for p in site.rglob("plotly*.js")] == ["plotly.min.js"]
     pages = list(site.rglob("*.html"))
     assert all("Plotly.newPlot" not in p.read_text()[:5000] or p.stat().st_size < 100_000
@@ -203,7 +212,7 @@ def test_debug_pages_name_the_neurons_behind_the_error(run):
     for row in rows:
         channel = int(row.split(" #")[1].split("<")[0])
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
-        assert cells[5:7] == [fmt_number(0.5), fmt_number(round(0.9 - 0.2 * channel, 3))]
+        assert cells[6:8] == [fmt_number(0.5), fmt_number(round(0.9 - 0.2 * channel, 3))]
 
 
 def test_08_attributes_the_first_misclassified_images_and_10_only_renders(run, fake_bundle,

@@ -199,7 +199,7 @@
         if (cl !== "" && String(n.cl) !== cl) return false;
         if (q && !n.text.includes(q)) return false;
         if (keep && !keep(n)) return false;
-        if (mustBeat && n.s.beats_control !== 1) return false;
+        if (mustBeat && !(value(n, "margin") > 0)) return false;  // margin over its control
         if (tk && tv !== null && !Number.isNaN(tv)) {
           const v = value(n, tk);
           if (v === null || v < tv) return false;
