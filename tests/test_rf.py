@@ -409,6 +409,32 @@ def test_squeeze_excitation_gate_keeps_the_local_field():
     assert receptive_fields(net, ["0"], 16)["0"] == rf(3, 1, 0)
 
 
+class LinearGate(nn.Module):
+    """Squeeze-and-excitation written with a Linear layer: the gate loses its image axes (a mean
+    over them, then a (B, C) vector viewed back as (B, C, 1, 1)) before it scales the map."""
+
+    def __init__(self):
+        """A 3×3 conv of 2 channels and the Linear of the gate."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        """Gate the conv's output."""
+        y = self.conv(x)
+        gate = torch.sigmoid(self.fc(y.mean(dim=(2, 3))))
+        return y * gate.view(-1, 2, 1, 1)
+
+
+def test_a_gate_without_image_axes_keeps_the_local_field(caplog):
+    """A gate whose image axes were averaged away (no image dims at all) is broadcast over the map:
+    the field stays the conv's, found by analysis, not the probe."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(nn.Sequential(LinearGate()), ["0"], 16)
+    assert fields["0"] == rf(3, 1, 0)
+    assert "estimated" not in caplog.text
+
+
 def test_unfollowed_operation_falls_back_to_the_probe(caplog):
     """An operation without a rule (here pixel-unshuffle) is measured by the probe, with a warning.
 
