@@ -757,7 +757,7 @@ def remove_stale_reports(out_dir: Path, keep: set[str], upstream: dict) -> None:
     pairs made from the same inputs stay: `make debug TRUE=a PRED=b` adds a pair to them."""
     for child in sorted(out_dir.iterdir()):
         if (not child.is_dir() or child.name in keep
-                or not artefacts.PairFolder(child).report.exists()):
+                or not doc.report_paths(child)[0].exists()):
             continue
         try:
             same = artefacts.read_pair_record(child).get("upstream") == upstream

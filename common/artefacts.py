@@ -73,8 +73,7 @@ class PairFolder(_Folder):
     ok_examples = _InRun("ok_examples.jpg")
     ablation = _InRun("ablation.csv")
     causal = _InRun("causal.json")
-    record = _InRun("pair.json")
-    report = _InRun("report.md")
+    record = _InRun("pair.json")  # its report.md and .html: common.render.report_paths
 
 
 class Comparison(_Folder):

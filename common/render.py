@@ -215,12 +215,17 @@ def html_page(title: str, blocks: list[dict], folder: Path) -> str:
     return render("report.html", blocks=blocks, title=title, folder=folder)
 
 
+def report_paths(folder: Path) -> tuple[Path, Path]:
+    """The report.md and report.html that ``write_report`` writes in ``folder``."""
+    return Path(folder) / "report.md", Path(folder) / "report.html"
+
+
 def write_report(folder: Path, title: str, blocks: list[dict]) -> list[Path]:
     """Write ``folder``/report.md (images linked relative to it) and report.html (images
     embedded) atomically; return both paths."""
     from common.io import write_text
     folder = Path(folder)
-    md, page = folder / "report.md", folder / "report.html"
+    md, page = report_paths(folder)
     write_text(md, render("report.md", blocks=blocks, folder=folder))
     write_text(page, html_page(title, blocks, folder))
     return [md, page]

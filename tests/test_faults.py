@@ -30,7 +30,8 @@ HOSTILE_FILE = "zz\x1b[2J\r\nage.png"  # a copy of red_00.png, listed after it: 
 RAW = re.compile("[\x1b\r\u202e]")
 ARGS = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=2", "PRUNE=1",
-        "CONTROLS=1", "PRUNE_IMAGES=3", "OTHER=t"]
+        "CONTROLS=1", "PRUNE_IMAGES=3", "OTHER=t",  # 11 on 4 and 2 channels: μ + 3σ is out of
+        "REPEATS=1", "BASKET_ALPHA=0.5", "BASKET_BETA=0.6"]  # reach, so the finch baskets need less
 GOALS = ["all", "baskets", "audit", "compare"]
 # Each stage (or one command of it) and the goal that runs it, in run order.
 STAGES = [("01_extract.py", "all"), ("02_mosaics.py", "all"), ("03_describe.py", "all"),
