@@ -28,7 +28,9 @@ from test_make import FAST, make
 CLASSES = ["red\x1b[31m", "edgy\u202e", "neither"]
 HOSTILE_FILE = "zz\x1b[2J\r\nage.png"  # a copy of red_00.png, listed after it: the duplicate
 RAW = re.compile("[\x1b\r\u202e]")
-ARGS = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
+# Three layers (4 + 4 + 2 neurons): 10 makes at least 8 thumbnails, so it forks its pool (10_atlas's
+# POOL_FROM) and the worker faults below reach it.
+ARGS = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,pool,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=2", "PRUNE=1",
         "CONTROLS=1", "PRUNE_IMAGES=3", "OTHER=t",  # 11 on 4 and 2 channels: μ + 3σ is out of
         "REPEATS=1", "BASKET_ALPHA=0.5", "BASKET_BETA=0.6"]  # reach, so the finch baskets need less
