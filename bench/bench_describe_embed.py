@@ -15,7 +15,6 @@ run's own descriptions are left alone.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,6 @@ sys.path.insert(0, str(ROOT))
 from common.artefacts import read_descriptions  # noqa: E402
 
 TARGET_S = 120.0  # 03 + 04 on the whole demo, 2 CPU cores
-
-
-def load_module(path: Path, name: str):
-    """Import a Python file by path."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timed(cmd: list[str]) -> float:
@@ -60,17 +51,22 @@ def bench_stages(run: Path, work: Path) -> dict:
             "t04": t04}
 
 
-def bench_hf(n: int) -> dict:
-    """Seconds per neuron of the tiny LLaVA at batch 1 and batch 16 on ``n`` mosaics."""
+def bench_hf(n: int, device: str = "auto") -> dict:
+    """Seconds per neuron of the tiny LLaVA at batch 1 and batch 16 on ``n`` mosaics (keys 1 and
+    16), and its peak GPU memory in MiB ("peak_gpu_mib", 0 without a GPU)."""
     import numpy as np
+    import torch
     from PIL import Image
-    sys.path.insert(0, str(ROOT / "tests"))  # the test module imports its conftest
-    tests = load_module(ROOT / "tests" / "test_describe.py", "bench_test_describe")
-    describe = tests.D
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_vlms import llava
+    from common.describers import HFDescriber
     with tempfile.TemporaryDirectory() as folder:
-        tests._tiny_llava(folder)
-        hf = describe.HFDescriber(folder, device="auto", temperature=0, max_new_tokens=16)
-    hf.gen["min_new_tokens"] = hf.gen["max_new_tokens"]  # equal work per answer at any batch
+        llava(folder)
+        hf = HFDescriber(folder, device=device, temperature=0, max_new_tokens=16)
+    hf.gen.min_new_tokens = hf.gen.max_new_tokens  # equal work per answer at any batch
+    on_gpu = hf.model.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(hf.model.device)
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(n)]
     prompts = ["black white stripes " * (1 + i % 5) for i in range(n)]  # uneven: padding
@@ -81,6 +77,8 @@ def bench_hf(n: int) -> dict:
         for s in range(0, n, batch):
             hf.generate(images[s:s + batch], prompts[s:s + batch])
         result[batch] = (time.perf_counter() - start) / n
+    result["peak_gpu_mib"] = (torch.cuda.max_memory_allocated(hf.model.device) / 2 ** 20
+                              if on_gpu else 0.0)
     return result
 
 
