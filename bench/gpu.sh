@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 missing=$("$PY" - <<'PY'
 import importlib.util
-need = ["torch", "torchvision", "numpy", "PIL", "tqdm", "yaml", "transformers", "tokenizers",
+need = ["torch", "torchvision", "numpy", "PIL", "tqdm", "yaml", "jinja2", "transformers", "tokenizers",
         "threadpoolctl"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from isal import isal_zlib
 from PIL import Image
 
 BACKGROUND = 128  # grey for empty tiles and letterbox borders: neither black nor white features
@@ -49,6 +48,7 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     filtered[:, 0] = 2  # filter type: Up
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256
+    from isal import isal_zlib  # here: stages that only tile images need not have ISA-L
     data = isal_zlib.compress(filtered, 1)
 
     def chunk(tag: bytes, body: bytes) -> list[bytes]:
