@@ -802,6 +802,37 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoi
                 nn.Dropout2d)
 
 
+class _DilatedWindow(nn.Module):
+    """A dilated max pool's windows with every input passing gradient: the mean over each window
+    as a depthwise convolution (AvgPool2d has no dilation), padded so that the output has the
+    pool's size, ``ceil_mode`` included."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        """Take the geometry of ``pool``."""
+        super().__init__()
+        self.pool = pool
+        self.kernel = _pair_list(pool.kernel_size, 1)
+        self.stride = _pair_list(pool.stride or pool.kernel_size, 1)
+        self.padding = _pair_list(pool.padding, 0)
+        self.dilation = _pair_list(pool.dilation, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Window means of ``x`` (N, C, H, W) on the pool's grid."""
+        out_hw = self.pool(x.detach()).shape[-2:]
+        pads = []
+        for axis in (1, 0):  # F.pad lists the last axis first: left, right, top, bottom
+            k, s, p, d = (self.kernel[axis], self.stride[axis], self.padding[axis],
+                          self.dilation[axis])
+            needed = (out_hw[axis] - 1) * s + d * (k - 1) + 1
+            pads += [p, max(0, needed - x.shape[-2 + axis] - p)]
+        channels = x.shape[1]
+        weight = torch.full((channels, 1, *self.kernel), 1.0 / (self.kernel[0] * self.kernel[1]),
+                            dtype=x.dtype, device=x.device)
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, pads), weight,
+                                          stride=self.stride, dilation=self.dilation,
+                                          groups=channels)
+
+
 def _linearised_copy(model: nn.Module) -> nn.Module:
     """A copy in which no input gradient cancels or vanishes (see ``estimate_receptive_fields``)."""
     probe = copy.deepcopy(model).to(_PROBE_DTYPE).eval()
@@ -811,6 +842,8 @@ def _linearised_copy(model: nn.Module) -> nn.Module:
             replacement = nn.Identity()
         elif type(module) is nn.MaxPool2d and _pair_list(module.dilation, 1) == (1, 1):
             replacement = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode)
+        elif type(module) is nn.MaxPool2d:
+            replacement = _DilatedWindow(module)
         if replacement is not None and name:
             parent_name, _, child = name.rpartition(".")
             setattr(probe.get_submodule(parent_name), child, replacement)

@@ -98,6 +98,17 @@ def pooled():
     return nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(1, 1, 3, padding=1))
 
 
+def dilated_pool():
+    """3×3 conv, then a 3×3 max pool with stride 2 and dilation 2 (its window spans 5 pixels)."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3), nn.MaxPool2d(3, stride=2, dilation=2))
+
+
+def dilated_pool_ceil():
+    """The same pool padded by 1 and rounding its output size up (``ceil_mode``)."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3),
+                         nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True))
+
+
 def asymmetric_pad():
     """ZeroPad2d(left=2, right=0, top=0, bottom=1), then an unpadded 3×3 stride-2 conv."""
     return nn.Sequential(nn.ZeroPad2d((2, 0, 0, 1)), nn.Conv2d(1, 1, 3, stride=2))
@@ -126,6 +137,8 @@ TINY = {  # name: (factory, layer, input side, expected RF)
     "stride_then_conv": (stride_then_conv, "1", 16, rf(7, 2, 0)),
     "dilated": (dilated, "1", 33, rf(11, 2, 5)),
     "pooled": (pooled, "2", 16, rf(8, 2, 0.5)),
+    "dilated_pool": (dilated_pool, "1", 16, rf(7, 2, 3)),
+    "dilated_pool_ceil": (dilated_pool_ceil, "1", 17, rf(7, 2, 2)),
     "asymmetric_pad": (asymmetric_pad, "1", 16, RF(3, 3, 2, 2, 1, -1)),
     "residual_strided_skip": (residual_strided_skip, "0", 16, rf(7, 2, 0)),
     "residual_offset": (residual_offset, "0", 16, rf(6, 2, 1.5)),
