@@ -20,10 +20,6 @@ import numpy as np
 from common.cli import StageError
 
 SHIPPED = Path(__file__).with_name("concepts.txt")  # the shipped list (`make label`, no CONCEPTS)
-MARGIN = 0.2  # alignment a concept must exceed to label a neuron: with 04's sentence embedder an
-              # unrelated concept still gains ~0.1 over the empty text (demo: median 0.1, 90th
-              # percentile 0.2), so SemanticLens's 0 labels nearly every neuron; 0.2 keeps the
-              # labels of concepts the neuron's sentence is about
 
 
 def read_concepts(path: str | os.PathLike) -> list[str]:

@@ -62,7 +62,7 @@ def test_labels_and_missing_concepts_of_a_small_run(labelled_run):
     assert {k: r.label for k, r in labels.items()} == {
         ("relu1", 0): "red", ("relu1", 1): "edge", ("relu1", 2): "edge", ("relu1", 3): "sky",
         ("relu2", 0): "red", ("relu2", 1): "edge"}
-    assert all(r.labelled == 1 and r.margin == pytest.approx(r.score - 0.2, abs=2e-4)
+    assert all(r.labelled == 1 and r.margin == pytest.approx(r.score - label.MARGIN, abs=2e-4)
                for r in labels.values())
     rows = {(r.layer, r.concept): r for r in read_label_concepts(run.label_concepts)}
     assert len(rows) == 2 * len(CONCEPTS)
