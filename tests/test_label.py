@@ -1,8 +1,8 @@
 """Stage 15 (labels and gaps, SemanticLens) on the fake model's run, with sentences and vectors
 planted so that every label and every missing concept is known in advance.
 
-The text embedder counts four words ("red", "edge", "sky", "cat") plus a constant, so each
-cosine can be computed on paper; the empty text is the constant alone.
+The text embedder (test_audit's) counts four words ("red", "edge", "sky", "cat") plus a
+constant, so each cosine can be computed on paper; the empty text is the constant alone.
 """
 import numpy as np
 import pytest
@@ -13,24 +13,13 @@ from common.concepts import SHIPPED, alignments, best_alignment, read_concepts
 from common.io import save_npz
 from common.provenance import read_meta, write_meta
 from conftest import FAKE_MODEL, load_stage
+from test_audit import WordsText  # counts red, edge, sky, cat (+ a constant)
 
 label = load_stage("15_label")
 
 SENTENCES = {("relu1", 0): "red", ("relu1", 1): "edge", ("relu1", 2): "edge",
              ("relu1", 3): "sky", ("relu2", 0): "red patches", ("relu2", 1): "edge stripes"}
 CONCEPTS = ["red", "edge", "sky", "cat"]  # "cat": planted, no neuron's sentence names it
-
-
-class WordsText:
-    """A text embedder that counts a few words (a constant keeps the empty text non-zero)."""
-
-    name, dim = "words", 4
-    VOCAB = ["red", "edge", "sky", "cat"]
-
-    def encode(self, texts):
-        """Unit bag-of-words vectors."""
-        out = np.array([[t.lower().count(w) for w in self.VOCAB] for t in texts], np.float32) + 0.01
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 @pytest.fixture
