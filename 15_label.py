@@ -149,7 +149,8 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None,
     write_csv(run.label_concepts, concept_rows, columns(LabelConceptRow))
     write_meta(run.meta(STAGE), STAGE, dict(args or {}),
                outputs=[run.labels, run.label_concepts], inputs=metas, vectors=kind,
-               text_model=emb.text_model, margin=settings.margin, concepts=str(concepts_path),
+               text_model=emb.text_model, margin=settings.margin,
+               concepts=settings.concepts or "common/concepts.txt (shipped)",
                n_concepts=len(concepts), n_neurons=len(label_rows),
                n_labelled=sum(r["labelled"] for r in label_rows))
     return {"labels": label_rows, "concepts": concept_rows}
