@@ -87,6 +87,7 @@ class Settings:
 CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
 DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
 TOP_CLASSES = 8  # classes listed for a neuron's top images
+LABELS_SHOWN = 12  # most frequent 15 labels listed per layer
 KEY_SCORES = ["selectivity", "dnr_score", "clarity", "polysemanticity", "redundancy",
               "verify_corr", "margin"]  # shown on cards when 09 computed them
 # 09's columns that differ between a neuron's sub-concepts (the others are the neuron's, shown once)
@@ -133,6 +134,8 @@ class RunData:
     consistency: list = field(default_factory=list)  # 11 ConsistencyRows (Table 1)
     audit: list = field(default_factory=list)        # 13 AuditRows
     audit_summary: list = field(default_factory=list)  # 13 AuditSummaryRows
+    labels: dict = field(default_factory=dict)       # (layer, channel) → 15 LabelRow
+    label_concepts: list = field(default_factory=list)  # 15 LabelConceptRows
     compares: list = field(default_factory=list)     # one Comparison per current 12 folder
 
 
@@ -278,7 +281,7 @@ def read_reports(run: RunData) -> None:
     """
     from common.artefacts import (read_alignment, read_audit, read_audit_summary, read_baskets,
                                   read_compare_scores, read_concept_matches, read_consistency,
-                                  read_matches, read_pruning)
+                                  read_label_concepts, read_labels, read_matches, read_pruning)
     run_dir, name = run.run_dir, run.run_dir.name
     files = Run(run_dir)
 
@@ -323,6 +326,18 @@ def read_reports(run: RunData) -> None:
         run.audit_summary = read_audit_summary(files.audit_summary)
         audit.page = "audit/index.html"
     run.reports = [baskets, audit]
+    if files.labels.exists() or files.meta("15_label").exists():  # none made: the atlas as before
+        labels = Report("labels", "Labels: each neuron's best concept of a list (15)", "labels",
+                        f"make label RUN={name}")
+        run.reports.append(labels)
+        if check(labels, files.labels, [("lineage", run_dir)], files.meta("15_label")):
+            try:
+                run.labels = {(r.layer, r.channel): r for r in read_labels(files.labels)}
+                run.label_concepts = read_label_concepts(files.label_concepts)
+                labels.page = "labels.html"
+            except StageError as err:  # files of an older 15 (other columns)
+                run.labels, run.label_concepts = {}, []
+                labels.state, labels.why = "stale", f"made by an older 15_label: {err}"
     for folder in sorted(run_dir.glob("12_compare__*/")):
         other = folder.name.split("__", 1)[1]
         report = Report("compare", f"Comparison with run {other} (12)", f"vs {other}",
@@ -404,6 +419,7 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
                 "scores": main.get(key, {}),
                 "verdict": verdict(main.get(key, {})),
                 "subs": subs.get(key, []),
+                "label": run.labels.get(key),  # 15's LabelRow, None when not labelled by 15
                 "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
                 "mosaic_png": run.mosaics.get(key),
                 "url": f"neurons/{layer_slug(layer)}/{c}.html",
@@ -600,8 +616,22 @@ class Site:
                 "wordcloud": (f"wordclouds/{layer_slug(name)}.png"
                               if self.wordcloud_png(name).exists() else ""),
                 "has_map": any(r["x"] is not None for r in recs),
+                "labels": self._layer_labels(name, recs),
                 "map_note": f"2-D map ({method.upper() or '?'}) of the {self.run.cluster_kind} "
                             f"embeddings, from 05."}
+
+    def _layer_labels(self, name: str, recs: list[dict]) -> dict | None:
+        """15's labels of one layer: neurons labelled, the most frequent labels, the concepts no
+        neuron of the layer encodes (None when 15 has not labelled the run)."""
+        rows = [r for r in self.run.label_concepts if r.layer == name]
+        if not rows:
+            return None
+        counts = sorted((r for r in rows if r.labelled), key=lambda r: -r.labelled)
+        return {"labelled": sum(r["label"] is not None and bool(r["label"].labelled)
+                                for r in recs),
+                "scored": sum(r["label"] is not None for r in recs),
+                "top": [(r.concept, r.labelled) for r in counts[:LABELS_SHOWN]],
+                "missing": [r.concept for r in rows if r.missing], "concepts": len(rows)}
 
     def page(self, rel: str, template: str, **context) -> None:
         """Render ``template`` to ``rel`` (a path inside the atlas); links are made relative."""
@@ -676,14 +706,18 @@ class Site:
         for r in recs:
             v = r["verdict"] or {}
             margin = v.get("margin")
+            label = r["label"]
             extra[r["channel"]] = {k: x for k, x in (
                 ("trust", trust.get(r["channel"])),
-                ("margin", None if margin is None else round(margin, 4))) if x is not None}
+                ("margin", None if margin is None else round(margin, 4)),
+                ("label_score", None if label is None else label.score)) if x is not None}
         score_keys = {k for r in recs for k in r["scores"]}
         # Sort menu order: the trust order and the margin, the cards' key scores, the rest.
         columns = [k for k in ("trust", "margin") if any(k in e for e in extra.values())]
+        has_labels = any("label_score" in e for e in extra.values())
         columns += [k for k in KEY_SCORES if k in score_keys]
         columns += sorted(score_keys - set(columns))
+        columns += ["label_score"] if has_labels else []  # 15's score of the neuron's best concept
         # 08's z and the mean relevance per analysed pair come after 09's scores, in pair order.
         columns += list(dict.fromkeys(k for r in recs for k in r["debug_scores"]))
         sizes = collections.Counter(r["cluster"] for r in recs if r["cluster"] is not None)
@@ -702,9 +736,12 @@ class Site:
                                             **r["debug_scores"]}.items() if x is not None},
                     "v": (r["verdict"] or {}).get("level", "")[:1],
                     "sub": [s["description"] for s in r["subs"] if s["description"]],
-                    "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead"))}
+                    "t": r["thumb"], "u": r["url"], "dead": bool(r["scores"].get("dead")),
+                    **({"lb": r["label"].label} if r["label"] is not None
+                       and r["label"].labelled else {})}
                    for r in recs]
-        named = ["channel", "top_activation", "cluster", *columns]
+        named = ["channel", "top_activation", "cluster", *columns,
+                 *(["concept_label"] if has_labels else [])]
         self.term_keys.update(named)
         return {"name": layer, "columns": columns, "clusters": clusters, "neurons": neurons,
                 "key": [k for k in KEY_SCORES if k in columns],
@@ -883,6 +920,8 @@ class Site:
             self.baskets_page(out)
         if self.run.audit_summary:
             self.audit_pages(out)
+        if self.run.label_concepts:
+            self.labels_page()
         for comparison in self.run.compares:
             self.compare_page(comparison, out)
         return out
@@ -921,6 +960,14 @@ class Site:
         self.page("baskets.html", "atlas_baskets.html", layers=layers, meta=meta,
                   total=len(run.baskets), members=sum(b.size for b in run.baskets),
                   consistency=run.consistency, pruning=run.pruning)
+
+    def labels_page(self) -> None:
+        """labels.html: per layer, how many neurons 15 labelled, their most frequent labels and
+        the concepts no neuron of the layer encodes."""
+        meta = next(r.meta for r in self.run.reports if r.kind == "labels")
+        self.page("labels.html", "atlas_labels.html", layers=self.layer_info,
+                  margin=meta.get("margin"), concepts=meta.get("concepts", ""),
+                  vectors=meta.get("vectors", ""), n_concepts=meta.get("n_concepts"))
 
     def audit_pages(self, out: dict) -> None:
         """audit/index.html (every audited class, its figures and most relevant neurons) and a

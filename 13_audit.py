@@ -39,6 +39,7 @@ import numpy as np
 from common.artefacts import AuditRow, AuditSummaryRow, Run, columns
 from common.cli import (ModelAgain, StageError, add_run, add_settings, escaped,
                         exit_on_stage_error, setting, settings_from, stage_parser, start_stage)
+from common.concepts import best_alignment
 from common.io import load_npz, safe_name, save_npz, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -176,20 +177,6 @@ def read_concepts(path: Path) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def alignment(neurons: np.ndarray, concepts: np.ndarray, empty: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """SemanticLens alignment of each neuron with a set of concepts: the best over the set of
-    cos(neuron, concept) − cos(neuron, empty text). Returns the scores (−inf for an empty set)
-    and the index of the best concept (−1)."""
-    from common.embedders import l2_normalise
-    if not len(concepts):
-        return np.full(len(neurons), -np.inf), np.full(len(neurons), -1)
-    v = l2_normalise(neurons, np.float64)
-    scores = v @ l2_normalise(concepts, np.float64).T - \
-        (v @ l2_normalise(empty[None], np.float64)[0])[:, None]
-    return scores.max(axis=1), scores.argmax(axis=1)
-
-
 def label_of(valid: float, spurious: float, margin: float) -> str:
     """valid / spurious / both / unexpected from the two alignments and the margin."""
     v, s = valid > margin, spurious > margin
@@ -285,12 +272,13 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
             continue
         r = matrix[where[0]].astype(np.float64)
         texts = concepts[name]
-        a_valid, i_valid = alignment(np.stack([vectors[c] for c in channels]),
-                                     embedder.encode(texts["valid"]) if texts["valid"] else [],
-                                     empty)
-        a_spur, i_spur = alignment(np.stack([vectors[c] for c in channels]),
-                                   embedder.encode(texts["spurious"]) if texts["spurious"] else [],
-                                   empty)
+        stacked = np.stack([vectors[c] for c in channels])
+        valid = best_alignment(stacked, embedder.encode(texts["valid"]) if texts["valid"] else [],
+                               empty)
+        spur = best_alignment(stacked,
+                              embedder.encode(texts["spurious"]) if texts["spurious"] else [],
+                              empty)
+        a_valid, i_valid, a_spur, i_spur = valid.score, valid.index, spur.score, spur.index
         label = {int(c): label_of(a_valid[k], a_spur[k], margin) for k, c in enumerate(channels)}
         pos = np.clip(r, 0, None)
         total = pos.sum() or 1.0

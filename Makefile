@@ -59,6 +59,7 @@ SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage fl
 MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip | clip:<model> (docs/vlm-families.md)
 POLY        ?= 0#                          09 polysemanticity from which a neuron's crops are clustered (0: every selected neuron)
 SELECT      ?= 0#                          09 SIEVE's selection: least selectivity p99/median of a clustered neuron (paper: 10; 0: off)
+CONCEPTS    ?=#                            09/15 file of concept phrases, one per line (09: extra candidates; 15 label: empty = shipped list)
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
 WEAK_BELOW  ?= 0.4#                         07 a text hit below this cosine is a weak match; none above it: no good match (docs/search.md)
 BASKETS     ?= finch#                      11 how baskets are found: finch (the paper: FINCH clusters of images, filled by Eq. 1–4) | corr
@@ -78,6 +79,7 @@ AUDIT_LAYER ?=#                            13 layer audited (empty: the deepest)
 AUDIT_TOP   ?= 20#                         13 most relevant neurons per class shown and checked
 DESCRIBERS  ?=#                            14 two describers compared by `make describe-compare`: prompt files, offline[:namer], hf:<model>, openai:<model>
 AUDIT_MARGIN ?= 0.2#                       13 alignment above the empty-text baseline needed for a label (0: SemanticLens)
+LABEL_MARGIN ?= 0.3#                       15 score over the empty-text baseline a neuron's best concept must exceed to label it (0: SemanticLens)
 HOST        ?= 127.0.0.1#                  07 `make serve`: address the atlas server listens on
 PORT        ?= 8765#                       07 `make serve`: its port (0: any free port; 8000 is BASE_URL's)
 DATA        ?= data#                       folder holding the runs
@@ -91,7 +93,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 include tools/plumbing.mk
 .PHONY: all test bench bench-scale help clean venv extract mosaics describe embed cluster trace search debug \
         score eval atlas serve baskets compare audit no-other reports-changed describe-compare \
-        no-describers mutants
+        no-describers label mutants
 
 # The files of each stage (their names are the artefact contract: ARTEFACTS.md). Each stage writes
 # its .meta.json last and deletes the old one before replacing any output, so the metas are targets
@@ -123,6 +125,8 @@ COMPARED     := $(D)/12_compare__$(OTHER)/12_compare.meta.json
 RELEVANCE    := $(D)/13_relevance.npz
 M13          := $(D)/13_audit/13_audit.meta.json
 M14          := $(D)/14_describers/14_describers.meta.json
+LABELS       := $(D)/15_labels.csv $(D)/15_concepts.csv
+M15          := $(D)/15_label.meta.json
 
 all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(CONFUSION) $(ATLAS) $(M01) $(M02) $(M03) $(M04) $(M05) $(M06) $(M08) $(M09) $(M10) ## run every stage (01–10) on data/$(RUN)
 
@@ -233,8 +237,9 @@ ATLAS_INPUTS := $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) $(
 # have changed since as out of date, with the command that refreshes it.
 REPORTS_ASKED := $(if $(filter baskets,$(MAKECMDGOALS)),$(M11)) \
                  $(if $(filter audit,$(MAKECMDGOALS)),$(M13)) \
+                 $(if $(filter label,$(MAKECMDGOALS)),$(M15)) \
                  $(if $(and $(filter compare,$(MAKECMDGOALS)),$(OTHER)),$(COMPARED))
-REPORTS_MADE  := $(wildcard $(M11) $(M13) $(D)/13_relevance.meta.json \
+REPORTS_MADE  := $(wildcard $(M11) $(M13) $(M15) $(D)/13_relevance.meta.json \
                      $(D)/12_compare__*/12_compare.meta.json)
 REPORTS_NEWER := $(if $(REPORTS_MADE),$(shell for f in $(REPORTS_MADE); do \
                      test "$$f" -nt $(M10) && echo "$$f"; done))
@@ -297,6 +302,14 @@ no-describers:
 $(M14): 14_describers.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) \
         $(CROPVECTORS) $(M04) $(D)/.args/14 $(call uses,14_describers.py) | $(VENV)
 	$(HOLD) $(PY) 14_describers.py --run $(D) $(ARGS_14)
+
+# --- 15 label (on request): each neuron's best concept of a list, and the concepts no neuron has --
+ARGS_15 := $(if $(CONCEPTS),--concepts=$(call quote,$(CONCEPTS))) --margin $(LABEL_MARGIN) \
+           --device $(DEVICE)
+label: $(LABELS) $(M15) $(ATLAS) $(M10) ## 15: label every neuron with its best concept of CONCEPTS (empty: common/concepts.txt) and list each layer's missing concepts; in the atlas
+$(LABELS) $(M15) &: 15_label.py $(EXTRACT) $(M01) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(CONCEPTS) \
+                $(D)/.args/15 $(call uses,15_label.py) | $(VENV)
+	$(HOLD) $(PY) 15_label.py --run $(D) $(ARGS_15)
 
 # --- the project's own commands ----------------------------------------------------------------
 help: ## list targets and variables

@@ -1,16 +1,20 @@
-"""Measure how 07_search's scorings rank the right neurons, on a labelled case and on the demo.
+"""Measure how 07_search's scorings rank the right neurons, on a labelled case and on runs.
 
 Labelled case: the neurons of tests/test_search.py's LABELLED (vague edge neurons, textures and
 objects, one described in generic words), each concept queried by name; printed: the rank of its
 neuron (1 = first) and the mean reciprocal rank. Demo (when `make all` has built data/demo): a
 neuron is right for a class when at least half of its top 20 images carry that class's label;
 printed per query: precision of the first 10 hits and average precision over all neurons.
+Another run (a user's model): --query "text=label" (repeatable) names each query and the label
+of 01_images.csv its right neurons' top images carry. Scorings: 07's three, and `baseline` with
+the empty text as its sentence (SemanticLens's Eq. 4 as written; 07's --baseline "").
 Weak-match threshold (demo): the best cosine of queries for things the demo's neurons show
 (MATCHING) and for things the demo lacks (MISSING), and how many of each fall on the wrong side
 of common/search.py's WEAK_BELOW and of a few other thresholds.
 The shipped sentence embedder (all-MiniLM-L6-v2) embeds queries and descriptions.
 
   python bench/bench_search.py [--run data/demo]
+  python bench/bench_search.py --run data/grey --query "pin stripe=Pin_Stripe" …
 """
 import argparse
 import sys
@@ -63,16 +67,19 @@ def threshold_figures(search, run: Path, embedder) -> None:
               f"{len(passed)} of {len(MISSING)} missing ones called good {passed}")
 
 
-def demo_figures(search, run: Path, embedder, scoring: str) -> dict[str, tuple[float, float]]:
-    """Per demo query: (precision at 10, average precision) of ``scoring``."""
+def demo_figures(search, run: Path, embedder, scoring: str, baseline: str | None = None,
+                 queries: dict[str, str] = DEMO_QUERIES) -> dict[str, tuple[float, float]]:
+    """Per query (text → the label its right neurons' top images carry): (precision at 10,
+    average precision) of ``scoring`` (with ``baseline`` as the baseline sentence when given)."""
     index = search.load_index(run / "04_embeddings.npz", run / "03_descriptions.csv",
                               run / "02_mosaics.csv")
     labels = np.array([r.label for r in read_images(run / "01_images.csv")])
     _, _, tops = read_activations(run / "01_activations.npz", layers=set(index.layers.tolist()))
-    searcher = search.Searcher(index, embedder, scoring=scoring)
+    extra = {} if baseline is None else {"baseline": baseline}
+    searcher = search.Searcher(index, embedder, scoring=scoring, **extra)
     row_of = {key: i for i, key in enumerate(zip(index.layers.tolist(), index.channels.tolist()))}
     out = {}
-    for query, wnid in DEMO_QUERIES.items():
+    for query, wnid in queries.items():
         right = np.array([np.mean(labels[tops[layer].image_ids[channel, :TOP_IMAGES]] == wnid)
                           >= 0.5 for layer, channel in row_of])
         hits = searcher.search_text(query, len(row_of))
@@ -86,21 +93,28 @@ def main(argv=None) -> None:
     """Print the figures of every scoring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=ROOT / "data" / "demo", help="a demo run")
+    parser.add_argument("--query", action="append", default=[], metavar="TEXT=LABEL",
+                        help="a query and the 01_images.csv label of its right neurons (default: "
+                             "the demo's)")
     args = parser.parse_args(argv)
+    queries = dict(q.rsplit("=", 1) for q in args.query) or DEMO_QUERIES
     search = load_stage("07_search")
     embedder = load_text_embedder(device="cpu")
-    for scoring in search.SCORINGS:
-        ranks = labelled_ranks(scoring, embedder)
+    for scoring, baseline in [(s, None) for s in search.SCORINGS] + [("baseline", "")]:
+        name = f"{scoring} ''" if baseline == "" else scoring
+        extra = {} if baseline is None else {"baseline": baseline}
+        ranks = labelled_ranks(scoring, embedder, **extra)
         mrr = np.mean([1 / r for r in ranks.values()])
-        print(f"{scoring:8s} labelled case: MRR {mrr:.3f}, ranks "
+        print(f"{name:11s} labelled case: MRR {mrr:.3f}, ranks "
               + ", ".join(f"{c} {r}" for c, r in ranks.items()))
         if (args.run / "04_embeddings.npz").exists():
-            figures = demo_figures(search, args.run, embedder, scoring)
-            print(f"{'':8s} demo: mean P@10 {np.mean([p for p, _ in figures.values()]):.3f}, mean AP "
+            figures = demo_figures(search, args.run, embedder, scoring, baseline, queries)
+            print(f"{name:11s} {args.run.name}: mean P@10 "
+                  f"{np.mean([p for p, _ in figures.values()]):.3f}, mean AP "
                   f"{np.mean([a for _, a in figures.values()]):.3f}; "
                   + ", ".join(f"{q} {p:.1f}/{a:.2f}" for q, (p, a) in figures.items()))
 
-    if (args.run / "04_embeddings.npz").exists():
+    if (args.run / "04_embeddings.npz").exists() and queries is DEMO_QUERIES:
         threshold_figures(search, args.run, embedder)
 
 

@@ -148,6 +148,8 @@ class Run(_Folder):
     describer_neurons = _InRun("14_describers/neurons.csv")
     describer_summary = _InRun("14_describers/summary.csv")
     describer_meta = _InRun("14_describers/14_describers.meta.json")
+    labels = _InRun("15_labels.csv")
+    label_concepts = _InRun("15_concepts.csv")
 
     def meta(self, stage: str) -> Path:
         """The provenance file of ``stage`` (``"04_embed"`` → ``<run>/04_embed.meta.json``)."""
@@ -1272,3 +1274,45 @@ class DescriberSummary:
 def read_describer_summary(path: str | Path) -> list[DescriberSummary]:
     """Every row of 14_describers/summary.csv."""
     return _read_rows(path, DescriberSummary, "14_describers (make describe-compare)")
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """A row of 15_labels.csv: one neuron and its best concept of the list (SemanticLens's
+    labelling): ``cosine`` with the concept, ``baseline`` (cosine with the empty text),
+    ``score`` = cosine − baseline, ``margin`` = score − the threshold, ``labelled`` 1 when the
+    score exceeds the threshold (``label`` is then the concept, else ``unlabelled``)."""
+    layer: str
+    channel: int
+    label: str
+    concept: str
+    cosine: float
+    baseline: float
+    score: float
+    margin: float
+    labelled: int
+
+
+def read_labels(path: str | Path) -> list[LabelRow]:
+    """Every row of 15_labels.csv."""
+    return _read_rows(path, LabelRow, "15_label (make label)")
+
+
+@dataclass(frozen=True)
+class LabelConceptRow:
+    """A row of 15_concepts.csv: one concept in one layer — ``labelled``: the layer's neurons
+    labelled with it; ``aligned``: those whose score with it exceeds the threshold; its best
+    score in the layer and that neuron's channel; ``missing`` 1 when no neuron of the layer is
+    aligned with it (a gap of the layer's knowledge)."""
+    layer: str
+    concept: str
+    labelled: int
+    aligned: int
+    best_score: float
+    best_channel: int
+    missing: int
+
+
+def read_label_concepts(path: str | Path) -> list[LabelConceptRow]:
+    """Every row of 15_concepts.csv."""
+    return _read_rows(path, LabelConceptRow, "15_label (make label)")

@@ -30,6 +30,7 @@ GROUPS = [  # glossary sections, in page order
     ("debug", "Debugging a confusion (stage 08)"),
     ("neuron", "The neuron itself (stages 01, 05)"),
     ("baskets", "Baskets: sets of neurons tied to groups of images (stage 11)"),
+    ("labels", "Labels: each neuron's best concept of a list (stage 15)"),
 ]
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95 % interval
 
@@ -489,6 +490,51 @@ TERMS: dict[str, Term] = {
         "and random-index sets of the same size, over seeded repeats (mean ± std).",
         "−1 … 1.", "More negative than the random baselines: the basket carries the class.",
         "002", "baskets"),
+    "concept_label": Term(
+        "concept label", "label",
+        "The neuron's best concept of the list (make label), kept when its score clears the margin.",
+        "Stage 15 scores every concept of a list (CONCEPTS, or the shipped common/concepts.txt) "
+        "against the neuron and keeps the best one as its label when that concept score exceeds "
+        "LABEL_MARGIN; otherwise the neuron is unlabelled.",
+        "A phrase of the list, or unlabelled.",
+        "A summary in the list's words; open the mosaic before trusting it, and read an "
+        "unlabelled neuron as one the list has no word for.", "003", "labels"),
+    "label_score": Term(
+        "concept score", "concept",
+        "Cosine with the concept's text minus cosine with the empty text (SemanticLens Eq. 4).",
+        "cos(neuron, concept) − cos(neuron, empty text). The neuron's vector is its sentence's "
+        "text vector (or, with a CLIP image embedder, the mean vector of its top crops); the "
+        "empty text's cosine is what any phrase scores through the text model alone, so it is "
+        "taken off.", "−2 … 2; in practice −0.2 … 0.8.",
+        "Above the margin (0.3 by default): the concept describes the neuron; near 0: no more "
+        "than an empty phrase.", "003", "labels"),
+    "label_baseline": Term(
+        "empty-text baseline", "baseline",
+        "Cosine of the neuron's vector with the empty text: what any phrase scores for free.",
+        "The cosine between the neuron's vector and the text model's vector of the empty text, "
+        "subtracted from each concept's cosine.", "−1 … 1.",
+        "High for vague neurons, whose vectors are close to every phrase; it explains why a high "
+        "cosine may still leave a neuron unlabelled.", "003", "labels"),
+    "label_margin": Term(
+        "score over the threshold", "over",
+        "Concept score minus LABEL_MARGIN: above 0 the neuron is labelled.",
+        "The best concept score less the threshold a label needs (LABEL_MARGIN).",
+        "−2 … 2.", "The further above 0, the clearer the label; below 0, unlabelled.", "003",
+        "labels"),
+    "labelled": Term(
+        "labelled neurons", "labelled",
+        "Neurons of the layer whose best concept clears the margin over the empty text.",
+        "The number of the layer's neurons that stage 15 gave a label, of those it scored (those "
+        "with a vector in 04).", "0 … the layer's neurons.",
+        "Few: the list lacks this layer's concepts (early layers: add textures and colours).",
+        "003", "labels"),
+    "missing_concepts": Term(
+        "missing concepts", "missing",
+        "Concepts of the list no neuron of the layer aligns with beyond the margin: gaps.",
+        "A concept is missing in a layer when its score with every neuron of the layer stays at "
+        "or below LABEL_MARGIN (SemanticLens §4.1.2: knowledge the model lacks).",
+        "A list of phrases.", "A concept the model should know but misses here points at data "
+        "to add; early layers miss objects by nature.", "003", "labels"),
 }
 ALIASES = {"mean_dnr": "dnr_score", "mean_ar": "activation_rate"}  # 09 summary columns not named mean_<score column>
 PAIRED = ("z ", "relevance ")  # 10's per-pair columns: "z <true>→<pred>", "relevance <true>→<pred>"

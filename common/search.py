@@ -19,7 +19,8 @@ from common.cli import StageError
 
 DEFAULT_BASELINE = "a picture of various things"  # a description that says nothing specific
 SCORINGS = ("cosine", "baseline", "neuron")  # how a text query's cosines may be ranked
-DEFAULT_SCORING = "cosine"  # ranked the right neurons first most often (bench/bench_search.py)
+DEFAULT_SCORING = "cosine"  # ranked best on the demo, tied elsewhere; Eq. 4's empty-text
+# baseline ranked worse on the demo (bench/bench_search.py, figures in docs/search.md)
 # A hit whose cosine with the query is below this is a weak match, shown as such (and a query
 # whose best hit is weak has no good match). Measured with all-MiniLM-L6-v2 on the demo
 # (bench/bench_search.py, docs/search.md#no-good-match): the best hit of all but 2 of 24 queries

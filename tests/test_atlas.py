@@ -23,7 +23,7 @@ from atlas_fixture import (ATTRIBUTE, CONTROL_CORR, HELD_OUT, SCRIPT, SUB_EVIL, 
                            write_scores)
 from common.attribution import channel_attribution
 from tools.browser import NoBrowser, headless_chromium, wait_ready
-from common.artefacts import read_audit, read_audit_summary, read_baskets
+from common.artefacts import read_audit, read_audit_summary, read_baskets, read_label_concepts, read_labels
 from common.io import read_csv
 from common.io import safe_name
 from common.glossary import TERMS, Z_95
@@ -461,6 +461,42 @@ def test_reports_made_on_request_are_shown_linked_and_dropped_when_stale(run, tm
     assert not (site / "compare").exists() and broken_links(site) == []
     if driver is None:
         pytest.skip(f"links not followed in a browser: {missing}")
+
+
+def test_labels_show_on_cards_neuron_and_layer_pages(run, tmp_path):
+    """Without 15's files the atlas has no trace of labels; `make label` (a list with a planted
+    concept no sentence names, and one written as markup) ends with the atlas, which shows each
+    labelled neuron's label on its card and page (escaped), and the planted concept among each
+    layer's missing ones on the layer page and labels.html; every link resolves."""
+    tree, args, run_dir = run
+    data = tmp_path / "data"
+    shutil.copytree(run_dir.parent / "t", data / "t", symlinks=True)  # copy2: times kept
+    args = [a if not a.startswith("DATA=") else f"DATA={data}" for a in args]
+    folder, site = data / "t", data / "t" / "atlas"
+    assert "labels.html" not in (site / "index.html").read_text()
+    assert "Concept label" not in (site / "neurons" / "relu1" / "0.html").read_text()
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("<i>red</i> blobs\nvertical edges\na brass xylophone\n", encoding="utf-8")
+    make(tree, [*args, f"CONCEPTS={concepts}"], "label")
+    labels = read_labels(folder / "15_labels.csv")
+    labelled = [r for r in labels if r.labelled]
+    assert labelled and {r.layer for r in labels} == {"relu1", "conv2"}
+    for r in labels:
+        page = (site / "neurons" / r.layer / f"{r.channel}.html").read_text()
+        section = page[page.index("<h2>Concept label</h2>"):]
+        assert "<i>red</i>" not in section
+        assert html.escape(r.label if r.labelled else r.concept, quote=False) in section
+        data_js = (site / "data" / f"{r.layer}.js").read_text()
+        assert (f'"lb":{json_for_script(r.label)}' in data_js) == bool(r.labelled)
+    missing = {(r.layer, r.concept) for r in read_label_concepts(folder / "15_concepts.csv")
+               if r.missing}
+    assert {("relu1", "a brass xylophone"), ("conv2", "a brass xylophone")} <= missing
+    for layer in ("relu1", "conv2"):
+        page = (site / "layers" / f"{layer}.html").read_text()
+        assert "a brass xylophone" in page[page.index('id="labels"'):]
+    index = (site / "index.html").read_text()
+    assert 'href="labels.html"' in index and "a brass xylophone" in (site / "labels.html").read_text()
+    assert broken_links(site) == []
 
 
 # ----------------------------------------------------------------------------------------------

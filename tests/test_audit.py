@@ -12,6 +12,7 @@ import torch
 from markdown_it import MarkdownIt
 
 from common.artefacts import Run
+from common.concepts import best_alignment
 from common.io import save_npz, write_csv
 from common.provenance import read_meta, write_meta
 from conftest import FAKE_MODEL, load_stage
@@ -180,9 +181,9 @@ def test_alignment_subtracts_the_empty_text_baseline():
     v = np.array([[1.0, 0.0], [0.0, 1.0]])
     concepts = np.array([[1.0, 1.0], [0.0, 2.0]])
     empty = np.array([1.0, 0.0])
-    scores, best = audit.alignment(v, concepts, empty)
-    assert scores[0] == pytest.approx(1 / np.sqrt(2) - 1) and best[0] == 0
-    assert scores[1] == pytest.approx(1.0) and best[1] == 1
+    best = best_alignment(v, concepts, empty)
+    assert best.score[0] == pytest.approx(1 / np.sqrt(2) - 1) and best.index[0] == 0
+    assert best.score[1] == pytest.approx(1.0) and best.index[1] == 1
     assert audit.label_of(0.2, -0.1, 0.0) == "valid"
     assert audit.label_of(0.2, 0.1, 0.0) == "both"
     assert audit.label_of(-0.2, 0.1, 0.0) == "spurious"

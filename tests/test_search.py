@@ -293,12 +293,13 @@ LABELLED = ([("early", f"{c} {k}.", "vertical edges" if k == "vertical edges" el
                ("deep", "Birds perched on branches.", "bird")])
 
 
-def labelled_ranks(scoring: str, embedder) -> dict[str, int]:
-    """Per concept of LABELLED: the rank (1 = first) of its best neuron for the concept as query."""
+def labelled_ranks(scoring: str, embedder, **options) -> dict[str, int]:
+    """Per concept of LABELLED: the rank (1 = first) of its best neuron for the concept as query
+    (``options``: more of ``Searcher``'s arguments, e.g. ``baseline``)."""
     index = NeuronIndex(np.array([n[0] for n in LABELLED]), np.arange(len(LABELLED)),
                                embedder.encode([n[1] for n in LABELLED]), None, embedder.name,
                                "", [n[1] for n in LABELLED], [None] * len(LABELLED))
-    searcher = search.Searcher(index, embedder, scoring=scoring)
+    searcher = search.Searcher(index, embedder, scoring=scoring, **options)
     ranks = {}
     for concept in sorted({n[2] for n in LABELLED} - {""}):
         order = [h["channel"] for h in searcher.search_text(concept, len(LABELLED))]

@@ -28,7 +28,8 @@ CHANGED := $(call track_args,01,$(ARGS_01) --images=$(call quote,$(IMAGES))) \
 # that `make all` with other defaults leaves a report made with `make audit AUDIT=mine.yaml` as it is.
 CHANGED += $(if $(filter baskets,$(MAKECMDGOALS)),$(call track_args,11,$(ARGS_11))) \
            $(if $(filter audit,$(MAKECMDGOALS)),$(call track_args,13,$(ARGS_13))) \
-           $(if $(filter describe-compare,$(MAKECMDGOALS)),$(call track_args,14,$(ARGS_14)))
+           $(if $(filter describe-compare,$(MAKECMDGOALS)),$(call track_args,14,$(ARGS_14))) \
+           $(if $(filter label,$(MAKECMDGOALS)),$(call track_args,15,$(ARGS_15)))
 endif
 ifneq ($(DRY_RUN),)
 # A dry run stores nothing, so it marks the stages whose arguments changed as out of date instead.

@@ -62,6 +62,11 @@
     if (n.cl !== null) head.append(el("span", "tag", "cluster " + n.cl));
     if (n.dead) head.append(el("span", "tag dead", "dead"));
     else if (VERDICT_TAGS[n.v]) head.append(el("span", "tag v-" + VERDICT_TAGS[n.v][1], VERDICT_TAGS[n.v][0]));
+    if (n.lb) {
+      const lb = el("span", "tag label", n.lb), t = term(layer, "concept_label");
+      if (t.t) lb.title = t.n + ": " + t.t;
+      head.append(lb);
+    }
     if (extra && extra.score !== undefined) head.append(el("span", "tag", "match " + fmt(extra.score)));
     a.append(head);
     a.append(el("p", "desc", n.d || "(no description)"));
@@ -127,7 +132,7 @@
     const presetSel = $("preset"), verdictSel = $("verdict"), beats = $("beats");
     const tcol = $("tcol"), tmin = $("tmin"), count = $("count");
     const scored = layer.columns.indexOf("trust") >= 0;
-    layer.neurons.forEach(function (n) { n.text = [n.d].concat(n.sub || []).join(" ").toLowerCase(); });
+    layer.neurons.forEach(function (n) { n.text = [n.d, n.lb || ""].concat(n.sub || []).join(" ").toLowerCase(); });
     layer.columns.concat(["channel", "top_activation", "cluster"]).forEach(function (k) {
       const t = term(layer, k), option = new Option(t.n, k);
       if (t.t) option.title = t.t;
