@@ -88,6 +88,18 @@ def build_run(tmp_path, image_folder):
     return run_dir, bundle
 
 
+RED_SPURIOUS = "  '0':\n    valid: [edge]\n    spurious: [red]\n"  # class 0: red is spurious
+
+
+def audit_classes(run, tmp_path, classes: str, matcher=None, **settings) -> dict:
+    """``run_audit`` on the fake run ``run`` (folder, model) of the concepts ``classes`` (the YAML
+    under ``classes:``), layer relu2, top 5, with the word-count embedder."""
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text("classes:\n" + classes)
+    return audit.run_audit(Run(run[0]), concepts, audit.Settings(layer="relu2", top=5, **settings),
+                           text_embedder=WordsText(), bundle=run[1], matcher_obj=matcher)
+
+
 def test_relevance_is_weight_times_spatial_mean(audited_run):
     """relu2's relevance for class k is W[k, c] × the mean over the class's images of the
     channel's spatial mean (computed here with a plain forward hook)."""
@@ -145,12 +157,8 @@ def test_a_neuron_labelled_both_is_zeroed_like_a_spurious_one(audited_run, tmp_p
     """Class 0 declares red both valid and spurious: its red neuron is labelled 'both', counts in
     both shares, and, as it carries a spurious concept, is zeroed in the causal check (which
     breaks the class)."""
-    run_dir, bundle = audited_run
-    concepts = tmp_path / "concepts.yaml"
-    concepts.write_text("classes:\n  '0':\n    valid: [red]\n    spurious: [red]\n")
-    result = audit.run_audit(Run(run_dir), concepts, audit.Settings(
-        layer="relu2", top=5, controls=1, images_per_class=10), text_embedder=WordsText(),
-        bundle=bundle, matcher_obj=RedShare())
+    result = audit_classes(audited_run, tmp_path, "  '0':\n    valid: [red]\n    spurious: [red]\n",
+                           RedShare(), controls=1, images_per_class=10)
     labels = {r["channel"]: r["label"] for r in result["audit"]}
     assert labels == {0: "both", 1: "unexpected"}
     (red,) = result["summary"]
@@ -286,11 +294,8 @@ def test_zeroing_a_planted_spurious_neuron_removes_the_reliance_random_sets_do_n
     from sklearn.metrics import roc_auc_score
     from common.artefacts import read_predictions, read_reliance
     run_dir, bundle = planted_run
-    concepts = tmp_path / "concepts.yaml"
-    concepts.write_text("classes:\n  '0':\n    valid: [edge]\n    spurious: [red]\n")
-    result = audit.run_audit(Run(run_dir), concepts, audit.Settings(
-        layer="relu2", top=5, controls=2, images_per_class=20), text_embedder=WordsText(),
-        bundle=bundle, matcher_obj=RedShare())
+    result = audit_classes(planted_run, tmp_path, RED_SPURIOUS, RedShare(), controls=2,
+                           images_per_class=20)
     (row,) = result["reliance"]
     assert result["summary"][0]["zeroed"] == "0"
     assert (row["concept"], row["status"], row["n_with"], row["n_without"]) == ("red", "ok", 5, 10)
@@ -321,7 +326,7 @@ def test_too_few_images_of_a_concept_are_skipped_with_the_reason(audited_run, tm
     ``common.verification.load_matcher`` gives for the settings, on the run's image table."""
     import common.verification as verification
     from common.artefacts import read_reliance
-    run_dir, bundle = audited_run
+    run_dir = audited_run[0]
     asked = []
 
     class Ranked(RedShare):
@@ -339,11 +344,8 @@ def test_too_few_images_of_a_concept_are_skipped_with_the_reason(audited_run, tm
         asked.append((name, type(table).__name__, text_model, workers))
         return Ranked()
     monkeypatch.setattr(verification, "load_matcher", load_matcher)
-    concepts = tmp_path / "concepts.yaml"
-    concepts.write_text("classes:\n  '0':\n    valid: [edge]\n    spurious: [red]\n")
-    result = audit.run_audit(Run(run_dir), concepts, audit.Settings(
-        layer="relu2", top=5, controls=1, images_per_class=10, workers=1),
-        text_embedder=WordsText(), bundle=bundle)
+    result = audit_classes(audited_run, tmp_path, RED_SPURIOUS, controls=1,
+                           images_per_class=10, workers=1)
     assert asked == [("offline", "ImageTable", "all-MiniLM-L6-v2", 1)]
     (row,) = result["reliance"]
     assert row["status"] == "skipped" and (row["n_with"], row["n_without"]) == (3, 5)
