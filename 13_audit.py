@@ -475,10 +475,10 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
                                     subset.labels)[idx]
                 ctrl = [class_stats(predict(bundle, subset, {layer: s}, batch_size),
                                     subset.labels)[idx] for s in sets]
+                spread = mean_sd([c["accuracy"] for c in ctrl])
                 row.update(accuracy_zeroed=round(after["accuracy"], 4),
                            confusions_zeroed=confusions(after, bundle.class_names),
-                           accuracy_control=mean_sd([c["accuracy"] for c in ctrl])[0],
-                           accuracy_control_sd=mean_sd([c["accuracy"] for c in ctrl])[1],
+                           accuracy_control=spread[0], accuracy_control_sd=spread[1],
                            confusions_control=confusions(ctrl[0], bundle.class_names) if ctrl else "",
                            controls=" ".join(",".join(map(str, s)) for s in sets))
         summary.append(row)
