@@ -136,6 +136,7 @@ class RunData:
     audit_summary: list = field(default_factory=list)  # 13 AuditSummaryRows
     labels: dict = field(default_factory=dict)       # (layer, channel) → 15 LabelRow
     label_concepts: list = field(default_factory=list)  # 15 LabelConceptRows
+    audit_reliance: list = field(default_factory=list)  # 13 RelianceRows (the model test)
     compares: list = field(default_factory=list)     # one Comparison per current 12 folder
 
 
@@ -281,7 +282,8 @@ def read_reports(run: RunData) -> None:
     """
     from common.artefacts import (read_alignment, read_audit, read_audit_summary, read_baskets,
                                   read_compare_scores, read_concept_matches, read_consistency,
-                                  read_label_concepts, read_labels, read_matches, read_pruning)
+                                  read_label_concepts, read_labels, read_matches, read_pruning,
+                                  read_reliance)
     run_dir, name = run.run_dir, run.run_dir.name
     files = Run(run_dir)
 
@@ -324,6 +326,7 @@ def read_reports(run: RunData) -> None:
     if check(audit, files.audit, [("lineage", run_dir)], files.audit_meta):
         run.audit = read_audit(files.audit)
         run.audit_summary = read_audit_summary(files.audit_summary)
+        run.audit_reliance = read_reliance(files.audit_reliance, required=False)  # older 13: none
         audit.page = "audit/index.html"
     run.reports = [baskets, audit]
     if files.labels.exists() or files.meta("15_label").exists():  # none made: the atlas as before
@@ -995,11 +998,13 @@ class Site:
                      "url": f"audit/index.html#{folder}"})
             classes.append({"row": summary, "anchor": folder, "report": report,
                             "neurons": [{**self.neuron_link(a.layer, a.channel), "audit": a}
-                                        for a in top]})
+                                        for a in top],
+                            "reliance": [r for r in run.audit_reliance
+                                         if r.class_name == summary.class_name]})
         meta = next(r.meta for r in run.reports if r.kind == "audit")
         self.page("audit/index.html", "atlas_audit.html", classes=classes,
                   margin=meta.get("margin"), concepts=meta.get("concepts", ""),
-                  layer=meta.get("layer", ""))
+                  layer=meta.get("layer", ""), model_test=meta.get("model_test") or {})
 
     def compare_page(self, comparison: Comparison, out: dict) -> None:
         """compare/<other>.html: the layer alignment, concepts without a counterpart and 09's

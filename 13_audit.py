@@ -22,6 +22,13 @@ The causal check zeroes the spurious-aligned (spurious or both) neurons among th
 most relevant, re-runs the class's labelled images, and reports accuracy and confusions before and
 after, beside random sets of the same size from the same layer (seeded).
 
+The model test (SemanticLens's test on images of a spurious concept, and its correction): the run's
+concept matcher (--matcher, as 09's verification) scores every usable image for each spurious
+concept; a class's images in its top WITH_SHARE by that score show the concept, those in its
+bottom WITHOUT_SHARE do not. The AUC of the class's logit separating the two groups (0.5: the concept
+changes nothing) and the gap of their mean logits measure the class's reliance on the concept,
+before and with the same neurons and random sets zeroed → 13_audit/reliance.csv.
+
 Examples:
   python 13_audit.py relevance --run data/demo
   python 13_audit.py audit --run data/demo --audit examples/demo_audit.yaml
@@ -36,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import AuditRow, AuditSummaryRow, Run, columns
+from common.artefacts import AuditRow, AuditSummaryRow, RelianceRow, Run, columns
 from common.cli import (ModelAgain, StageError, add_run, add_settings, escaped,
                         exit_on_stage_error, setting, settings_from, stage_parser, start_stage)
 from common.concepts import best_alignment
@@ -56,6 +63,10 @@ class RelevanceSettings(ModelAgain):
     device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
 
 
+WITH_SHARE = 0.25    # a class's image shows a concept when its matcher score is in the class's
+                     # top quarter …
+WITHOUT_SHARE = 0.5  # … and does not when in its bottom half (the quarter between is borderline)
+MIN_IMAGES = 5       # fewer of a class's images on either side: no AUC ("too few images")
 MARGIN = 0.2  # with 04's sentence embedder an unrelated concept still gains ~0.1 over the empty
               # text (demo: median 0.1, 90th percentile 0.2), so SemanticLens's 0 labels nearly
               # every neuron "both"; 0.2 keeps the labels for concepts the sentence is about
@@ -75,6 +86,12 @@ class Settings(RelevanceSettings):
     images_per_class: int = setting(40, "labelled images of a class re-run by the causal check",
                                     make="PRUNE_IMAGES")
     seed: int = setting(0, "seed of the image sample and controls")
+    matcher: str = setting(
+        "offline", "concept matcher that finds the images showing each spurious concept, as 09's "
+        "--matcher (offline, clip or clip:<model>)", make="MATCHER")
+    text_model: str = setting("all-MiniLM-L6-v2", "offline matcher: text embedder of concepts "
+                              "and class names", make="TEXT_EMBEDDER")
+    workers: int = setting(2, "offline matcher: processes measuring the images", make="WORKERS")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +227,113 @@ def resolve_classes(concepts: dict, predictions: list[dict], class_names: list[s
 
 
 # ---------------------------------------------------------------------------------------------
+# The model test: the class's reliance on a spurious concept
+
+
+def concept_scores(match, concepts: list[str], table, input_size: int, layer: str,
+                   geometry: tuple) -> dict[str, np.ndarray]:
+    """Each concept's matcher score of every image of the run, by image id (NaN for an unusable
+    or unreadable image): one pass of ``match`` (``common.verification.load_matcher``'s) over the
+    run's usable images (``table``: ``common.verification.ImageTable``), with the windows of
+    ``layer`` (``geometry``: its receptive field and feature-map (H, W)) for the offline one."""
+    from tqdm import tqdm
+    usable = np.flatnonzero(table.usable)
+    with tqdm(total=len(usable), desc="13 concepts", unit="image", disable=None) as bar:
+        def progress(items):
+            """Advance the bar per image."""
+            for item in items:
+                yield item
+                bar.update()
+        scored = match.score({layer: list(concepts)}, [table.image_paths[i] for i in usable],
+                             input_size, {layer: geometry}, progress)[layer]
+    out = {}
+    for j, concept in enumerate(concepts):
+        column = np.full(len(table.image_paths), np.nan)
+        column[usable] = scored[:, j]
+        out[concept] = column
+    return out
+
+
+def concept_image_ids(scores: np.ndarray, class_ids: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The images of a class that show a concept and those that do not, as image ids among
+    ``class_ids`` (the class's usable images); ``scores``: the concept's matcher score of every
+    image of the run (``concept_scores``).
+
+    Within the class (the matcher's scores have no zero that means "absent", and a concept common
+    in the class, such as sky for a palace, would leave no run-wide "without" side): an image
+    shows the concept when its score is in the class's top WITH_SHARE (and above the class's
+    median, so that tied scores never count as showing it), and does not when it is below the
+    class's WITHOUT_SHARE quantile. The one place that decides which images stand for a concept:
+    images generated for it (SemanticLens's diffusion images, GENERATOR=diffusers) are to come in
+    here."""
+    class_ids = np.asarray(class_ids, np.int64)
+    mine = scores[class_ids] if len(class_ids) else np.zeros(0)
+    ok = np.isfinite(mine)
+    if not ok.any():
+        return class_ids[:0], class_ids[:0]
+    high = np.quantile(mine[ok], 1 - WITH_SHARE)
+    median = np.quantile(mine[ok], 0.5)
+    low = np.quantile(mine[ok], WITHOUT_SHARE)
+    return class_ids[ok & (mine >= high) & (mine > median)], class_ids[ok & (mine < low)]
+
+
+def reliance(scores: np.ndarray, shows: np.ndarray) -> tuple[float, float]:
+    """The class's reliance on a concept from its output ``scores`` on images that show the
+    concept (``shows``) and images that do not: the AUC of the scores separating the two groups,
+    images with the concept as positives (sklearn's ``roc_auc_score``; 0.5: the concept changes
+    nothing, above: the class is scored higher with it), and the gap of the two groups' means."""
+    from sklearn.metrics import roc_auc_score
+    shows = np.asarray(shows, bool)
+    return (float(roc_auc_score(shows, scores)),
+            float(np.mean(scores[shows]) - np.mean(scores[~shows])))
+
+
+def mean_sd(values: list[float]) -> tuple[float | str, float | str]:
+    """Mean and standard deviation (rounded; empty without values)."""
+    if not values:
+        return "", ""
+    return round(float(np.mean(values)), 4), round(float(np.std(values)), 4)
+
+
+def reliance_rows(base: dict, concepts: list[str], found: dict[str, tuple], outputs: dict,
+                  ids: list[int], n_zeroed: int, matcher: str) -> list[dict]:
+    """reliance.csv's rows of one class: per spurious concept, its images with and without
+    (``found``: concept → ``concept_image_ids``), and the reliance on it from the class's logit
+    on the loaded images ``ids`` under each condition (``outputs``: ``before``, ``zeroed`` —
+    None when nothing was zeroed — and ``controls``, a list), or why it was skipped."""
+    rows = []
+    where = {i: k for k, i in enumerate(ids)}
+    for concept in concepts:
+        pos, neg = found[concept]
+        if min(len(pos), len(neg)) >= MIN_IMAGES:  # loaded: those that still load count
+            pos = [where[i] for i in pos if i in where]
+            neg = [where[i] for i in neg if i in where]
+        row = {**base, "concept": concept, "matcher": matcher, "n_with": len(pos),
+               "n_without": len(neg), "n_zeroed": n_zeroed, "status": "ok", "reason": ""}
+        if min(len(pos), len(neg)) < MIN_IMAGES:
+            row.update(status="skipped", reason=f"too few images: {len(pos)} with the concept, "
+                       f"{len(neg)} without (at least {MIN_IMAGES} each)")
+            rows.append(row)
+            continue
+        take = np.array(pos + neg)
+        shows = np.arange(len(take)) < len(pos)
+
+        def measure(logits):
+            """AUC and gap of one condition's logits."""
+            return reliance(logits[take], shows)
+        row["auc_before"], row["gap_before"] = (round(v, 4) for v in measure(outputs["before"]))
+        if outputs["zeroed"] is not None:
+            row["auc_zeroed"], row["gap_zeroed"] = (round(v, 4)
+                                                    for v in measure(outputs["zeroed"]))
+            ctrl = [measure(o) for o in outputs["controls"]]
+            row["auc_control"], row["auc_control_sd"] = mean_sd([a for a, _ in ctrl])
+            row["gap_control"], row["gap_control_sd"] = mean_sd([g for _, g in ctrl])
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Audit
 
 
@@ -221,17 +345,21 @@ def confusions(stats: dict, class_names, limit: int = 3) -> str:
 
 
 def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), text_embedder=None,
-              bundle=None, args: dict | None = None) -> dict:
+              bundle=None, args: dict | None = None, matcher_obj=None) -> dict:
     """Audit the classes of ``concepts_path`` on ``run``; write its 13_audit/ folder.
 
-    ``text_embedder`` and ``bundle`` replace the 04 text embedder and the model — tests pass
-    small ones. Returns {"audit": rows, "summary": rows}.
+    ``text_embedder``, ``bundle`` and ``matcher_obj`` replace the 04 text embedder, the model and
+    the concept matcher — tests pass small ones. Returns {"audit": rows, "summary": rows,
+    "reliance": rows}.
     """
-    from common.artefacts import (description_texts, read_descriptions, read_embeddings,
-                                  read_mosaics, read_predictions)
+    from common.artefacts import (description_texts, read_activations, read_descriptions,
+                                  read_embeddings, read_mosaics, read_predictions)
     from common.baskets import random_baskets
     from common.embedders import load_text_embedder
     from common.rerun import labelled_images, load_run_model, per_class as class_stats, predict
+    from common.verification import load_matcher, read_image_table
+    if settings.matcher != "offline" and settings.matcher.split(":")[0] != "clip":
+        raise StageError(f"--matcher {settings.matcher!r}: use offline, clip or clip:<model>")
     layer, top, margin, controls = settings.layer, settings.top, settings.margin, settings.controls
     per_class, seed, batch_size = settings.images_per_class, settings.seed, settings.batch_size
     out_dir = run.audit_dir
@@ -264,7 +392,20 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
     channels = np.array(sorted(vectors))
     empty = embedder.encode([""])[0]
     images = labelled_images(predictions, bundle, per_class, seed)
-    audit_rows, summary = [], []
+    # The model test: one pass of the concept matcher over the run's images for every spurious
+    # concept of the audited classes.
+    table = read_image_table(run)
+    spurious = list(dict.fromkeys(t for name in class_idx for t in concepts[name]["spurious"]))
+    found_scores, matcher_name = {}, ""
+    if spurious:
+        _, input_size, tops = read_activations(run.activations)
+        match = matcher_obj or load_matcher(settings.matcher, table, settings.text_model,
+                                            settings.device, settings.workers)
+        matcher_name = match.name
+        geometry = (tops[layer].rf, (int(tops[layer].fmap[1]), int(tops[layer].fmap[2])))
+        found_scores = concept_scores(match, spurious, table, int(input_size[0]), layer,
+                                      geometry)
+    audit_rows, summary, reliance_all = [], [], []
     for name, idx in class_idx.items():
         where = np.flatnonzero(rel["classes"] == idx)
         if not len(where):
@@ -302,6 +443,8 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
         counts = {kind: sum(label.get(c) == kind for c in order) for kind in LABELS}
         zeroed = [c for c in order if label.get(c) in ("spurious", "both")]
         mine = images.labels == idx
+        sets = random_baskets(n_channels, len(zeroed), controls, seed, exclude=zeroed) \
+            if zeroed else []
         row = {"class_name": name, "class_idx": idx, "layer": layer,
                "n_images": int(rel["n_images"][where[0]]), "top": len(order),
                **{f"n_{k}": v for k, v in counts.items()},
@@ -318,38 +461,84 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
             if zeroed:
                 after = class_stats(predict(bundle, subset, {layer: zeroed}, batch_size),
                                     subset.labels)[idx]
-                sets = random_baskets(n_channels, len(zeroed), controls, seed, exclude=zeroed)
                 ctrl = [class_stats(predict(bundle, subset, {layer: s}, batch_size),
                                     subset.labels)[idx] for s in sets]
+                spread = mean_sd([c["accuracy"] for c in ctrl])
                 row.update(accuracy_zeroed=round(after["accuracy"], 4),
                            confusions_zeroed=confusions(after, bundle.class_names),
-                           accuracy_control=round(float(np.mean([c["accuracy"] for c in ctrl])), 4)
-                           if ctrl else "",
+                           accuracy_control=spread[0], accuracy_control_sd=spread[1],
                            confusions_control=confusions(ctrl[0], bundle.class_names) if ctrl else "",
                            controls=" ".join(",".join(map(str, s)) for s in sets))
         summary.append(row)
+        mine_rel = class_reliance(
+            {"class_name": name, "class_idx": idx, "layer": layer}, texts["spurious"],
+            found_scores, table, predictions, bundle, idx, layer, zeroed, sets, batch_size,
+            matcher_name)
+        reliance_all += mine_rel
         write_reports(out_dir, row, [a for a in audit_rows if a["class_name"] == name],
-                      order, mosaics, concepts[name], margin)
+                      order, mosaics, concepts[name], margin, mine_rel)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(run.audit, audit_rows, columns(AuditRow))
     write_csv(run.audit_summary, summary, columns(AuditSummaryRow))
+    write_csv(run.audit_reliance, reliance_all, columns(RelianceRow))
     write_meta(run.audit_meta, "13_audit", dict(args or {}),
-               outputs=[run.audit, run.audit_summary], inputs=metas,
+               outputs=[run.audit, run.audit_summary, run.audit_reliance], inputs=metas,
                layer=layer, margin=margin, text_model=getattr(embedder, "name", ""),
-               concepts=str(concepts_path))
+               concepts=str(concepts_path),
+               model_test={"matcher": matcher_name, "with_share": WITH_SHARE,
+                           "without_share": WITHOUT_SHARE, "min_images": MIN_IMAGES,
+                           "score": "the class's logit"})
     for row in summary:
         log.info("%s: spurious share %.3f of the positive relevance; zeroing %d spurious-aligned "
                  "neurons: accuracy %s → %s (random control %s)", row["class_name"],
                  row["spurious_share"], len(row["zeroed"].split()), row.get("accuracy_before"),
                  row.get("accuracy_zeroed", "-"), row.get("accuracy_control", "-"))
-    return {"audit": audit_rows, "summary": summary}
+    for r in reliance_all:
+        if r["status"] == "ok":
+            log.info("%s, %s (%d with, %d without): AUC %s → %s zeroed (random %s ± %s)",
+                     r["class_name"], r["concept"], r["n_with"], r["n_without"], r["auc_before"],
+                     r.get("auc_zeroed", "-"), r.get("auc_control", "-"),
+                     r.get("auc_control_sd", "-"))
+        else:
+            log.info("%s, %s: skipped (%s)", r["class_name"], r["concept"], r["reason"])
+    return {"audit": audit_rows, "summary": summary, "reliance": reliance_all}
+
+
+def class_reliance(base: dict, texts: list[str], found_scores: dict, table, predictions: list,
+                   bundle, idx: int, layer: str, zeroed: list[int], sets: list[list[int]],
+                   batch_size: int, matcher: str) -> list[dict]:
+    """reliance.csv's rows of class ``idx``: its usable labelled images are split per spurious
+    concept (``concept_image_ids``), those of any concept with enough on both sides are loaded
+    once, and the class's logit is computed before, with ``zeroed`` zeroed, and with each random
+    set of ``sets`` zeroed (``common.rerun.predict``, ``common.hooks.ablate_channels``)."""
+    from common.rerun import load_images, predict
+    class_ids = np.array(sorted(r.image_id for r in predictions
+                                if r.label_idx == idx and table.usable[r.image_id]), np.int64)
+    found = {t: concept_image_ids(found_scores[t], class_ids) for t in texts}
+    wanted = sorted({int(i) for w, wo in found.values() if min(len(w), len(wo)) >= MIN_IMAGES
+                     for i in (*w, *wo)})
+    outputs = {"before": None, "zeroed": None, "controls": []}
+    ids: list[int] = []
+    if wanted:
+        loaded = load_images(bundle, [(i, table.image_paths[i], idx) for i in wanted], {},
+                             desc="load images of the concepts")
+        ids = loaded.ids
+
+        def logits(ablation):
+            """The class's logit on the loaded images, with ``ablation`` zeroed."""
+            return predict(bundle, loaded, ablation, batch_size, logits=True)[:, idx]
+        outputs["before"] = logits(None)
+        if zeroed:
+            outputs["zeroed"] = logits({layer: zeroed})
+            outputs["controls"] = [logits({layer: s}) for s in sets]
+    return reliance_rows(base, texts, found, outputs, ids, len(zeroed), matcher)
 
 
 def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int],
-                  mosaics: dict, concepts: dict, margin: float) -> None:
-    """report.md and report.html of one class (common/render.py): figures, then the most relevant
-    neurons with label, sentence and mosaic. Sentences and concepts are untrusted text: the
-    templates escape them."""
+                  mosaics: dict, concepts: dict, margin: float, reliance: list[dict]) -> None:
+    """report.md and report.html of one class (common/render.py): figures, the reliance on each
+    spurious concept, then the most relevant neurons with label, sentence and mosaic. Sentences
+    and concepts are untrusted text: the templates escape them."""
     from common import render as doc
     folder = out_dir / safe_name(row["class_name"], "class")
     folder.mkdir(parents=True, exist_ok=True)
@@ -369,8 +558,17 @@ def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int
         ("spurious-aligned relevant neurons zeroed", row["zeroed"] or "none (no causal check)"),
         ("accuracy with them zeroed", row.get("accuracy_zeroed", "")),
         ("confusions with them zeroed", row.get("confusions_zeroed", "")),
-        ("accuracy with random sets of the same size zeroed", row.get("accuracy_control", "")),
+        ("accuracy with random sets of the same size zeroed (mean ± std)",
+         pm(row.get("accuracy_control", ""), row.get("accuracy_control_sd", ""))),
     ]
+    reliance_rows_shown = [{
+        "spurious concept": r["concept"], "images with": r["n_with"],
+        "images without": r["n_without"],
+        "AUC before": r.get("auc_before", ""), "AUC zeroed": r.get("auc_zeroed", ""),
+        "AUC random (mean ± std)": pm(r.get("auc_control", ""), r.get("auc_control_sd", "")),
+        "gap before": r.get("gap_before", ""), "gap zeroed": r.get("gap_zeroed", ""),
+        "gap random (mean ± std)": pm(r.get("gap_control", ""), r.get("gap_control_sd", "")),
+        "note": r["reason"]} for r in reliance]
     columns = ["rank", "channel", "mosaic", "label", "description", "relevance",
                "valid_alignment", "valid_concept", "spurious_alignment", "spurious_concept"]
     neuron_rows = [dict(n, mosaic=mosaics.get((n["layer"], n["channel"]))) for n in top]
@@ -379,10 +577,26 @@ def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int
         doc.paragraph(f"Alignment = cos(neuron, concept) − cos(neuron, empty text); a label needs "
                       f"more than {margin}."),
         doc.table(["fact", "value"], [{"fact": k, "value": v} for k, v in facts]),
+        doc.heading("Reliance on the spurious concepts"),
+        doc.paragraph(f"The class's images that the concept matcher finds showing each spurious "
+                      f"concept (the class's top {WITH_SHARE:.0%} by its score) against those that "
+                      f"do not (the class's bottom {WITHOUT_SHARE:.0%}): AUC of the class's logit "
+                      f"separating them (0.5: the concept changes nothing; above: the class is "
+                      f"scored higher with it) and the gap of their mean logits, before and with "
+                      f"the zeroed neurons or random sets of the same size zeroed."),
+        doc.table(list(reliance_rows_shown[0]) if reliance_rows_shown else ["spurious concept"],
+                  reliance_rows_shown,
+                  numeric=["images with", "images without", "AUC before", "AUC zeroed",
+                           "gap before", "gap zeroed"]),
         doc.heading("Most relevant neurons"),
         doc.table(columns, neuron_rows, image="mosaic", thumb_px=160,
                   numeric=["rank", "channel", "relevance", "valid_alignment",
                            "spurious_alignment"])])
+
+
+def pm(mean, sd) -> str:
+    """'mean ± sd', or empty when not measured."""
+    return f"{mean} ± {sd}" if mean != "" else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,7 +56,7 @@ MAX_PAIRS   ?= 2#                          08 auto: most pairs analysed
 FDR         ?= 0.05#                       08 Benjamini–Hochberg level of the neuron flag
 ABLATE_TOP  ?= 10#                         08 suspect neurons zeroed in the causal check (0: skip)
 SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage flags dead or barely active
-MATCHER     ?= offline#                    09 concept matcher of the verification: offline | clip | clip:<model> (docs/vlm-families.md)
+MATCHER     ?= offline#                    09/13/14 concept matcher of the verification and the audit: offline | clip | clip:<model> (docs/vlm-families.md)
 POLY        ?= 0#                          09 polysemanticity from which a neuron's crops are clustered (0: every selected neuron)
 SELECT      ?= 0#                          09 SIEVE's selection: least selectivity p99/median of a clustered neuron (paper: 10; 0: off)
 CONCEPTS    ?=#                            09/15 file of concept phrases, one per line (09: extra candidates; 15 label: empty = shipped list)
@@ -282,7 +282,8 @@ $(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)
 # --- 13 audit (on request): each class's valid and spurious concepts among its relevant neurons --
 ARGS_13 := --audit=$(call quote,$(AUDIT)) $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) \
            --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) --controls $(CONTROLS) \
-           --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) --device $(DEVICE) $(MODEL_AGAIN)
+           --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) --device $(DEVICE) \
+           --matcher $(MATCHER) --text-model $(TEXT_EMBEDDER) --workers $(WORKERS) $(MODEL_AGAIN)
 audit: $(M13) $(ATLAS) $(M10) ## 13: audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/ and the atlas
 $(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
                 $(call uses,13_audit.py) | $(VENV)

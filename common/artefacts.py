@@ -143,6 +143,7 @@ class Run(_Folder):
     audit_dir = _InRun("13_audit")
     audit = _InRun("13_audit/audit.csv")
     audit_summary = _InRun("13_audit/summary.csv")
+    audit_reliance = _InRun("13_audit/reliance.csv")
     audit_meta = _InRun("13_audit/13_audit.meta.json")
     describer_dir = _InRun("14_describers")
     describer_neurons = _InRun("14_describers/neurons.csv")
@@ -1223,11 +1224,47 @@ class AuditSummaryRow:
     confusions_zeroed: str
     confusions_control: str
     controls: str
+    accuracy_control_sd: float = math.nan  # std over the random sets (absent before issue 22)
 
 
 def read_audit_summary(path: str | Path) -> list[AuditSummaryRow]:
     """Every row of 13_audit/summary.csv."""
     return _read_rows(path, AuditSummaryRow, "13_audit (make audit)")
+
+
+@dataclass(frozen=True)
+class RelianceRow:
+    """A row of 13_audit/reliance.csv: one spurious concept of one audited class — how many of the
+    class's usable images show it (``n_with``) and do not (``n_without``) by the concept matcher
+    (``matcher``), and the model's reliance on it: the AUC of the class's logit separating the two
+    groups (0.5: none) and the gap of their mean logits, before, with the class's spurious-aligned
+    relevant neurons zeroed (``n_zeroed``), and with random sets of the same size zeroed (mean and
+    std over the sets). ``status`` is ``ok`` or ``skipped`` (``reason`` says why); NaN where not
+    measured."""
+    class_name: str
+    class_idx: int
+    layer: str
+    concept: str
+    matcher: str
+    n_with: int
+    n_without: int
+    status: str
+    reason: str
+    n_zeroed: int
+    auc_before: float
+    auc_zeroed: float
+    auc_control: float
+    auc_control_sd: float
+    gap_before: float
+    gap_zeroed: float
+    gap_control: float
+    gap_control_sd: float
+
+
+def read_reliance(path: str | Path, required: bool = True) -> list[RelianceRow]:
+    """Every row of 13_audit/reliance.csv (``required=False``: an audit made before it existed
+    reads as none)."""
+    return _read_rows(path, RelianceRow, "13_audit (make audit)", required=required)
 
 
 @dataclass(frozen=True)

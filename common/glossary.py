@@ -31,6 +31,7 @@ GROUPS = [  # glossary sections, in page order
     ("neuron", "The neuron itself (stages 01, 05)"),
     ("baskets", "Baskets: sets of neurons tied to groups of images (stage 11)"),
     ("labels", "Labels: each neuron's best concept of a list (stage 15)"),
+    ("audit", "Audit of a class against valid and spurious concepts (stage 13)"),
 ]
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95 % interval
 
@@ -535,6 +536,49 @@ TERMS: dict[str, Term] = {
         "or below LABEL_MARGIN (SemanticLens §4.1.2: knowledge the model lacks).",
         "A list of phrases.", "A concept the model should know but misses here points at data "
         "to add; early layers miss objects by nature.", "003", "labels"),
+    "concept_images": Term(
+        "images with / without", "with / without",
+        "The class's images the concept matcher finds showing the concept, and not showing it.",
+        "The run's concept matcher (MATCHER, as in the verification) scores each of the class's "
+        "usable images for the spurious concept; the class's top quarter by that score counts as "
+        "showing it, its bottom half as not (the quarter between is left out as borderline). "
+        "Under 5 on either side, no reliance is measured.",
+        "0 … the class's images.", "Few on one side: the test says little about this concept.",
+        "atlas", "audit"),
+    "reliance_auc": Term(
+        "reliance AUC", "AUC",
+        "AUC of the class's logit separating its images with the concept from those without.",
+        "SemanticLens's model test: how well the class's output tells images with a spurious "
+        "concept from images without it, here as the ROC AUC of the class's logit with the "
+        "images showing the concept as positives; before → with the class's spurious-aligned "
+        "relevant neurons zeroed, beside random sets of the same size (mean ± std). The paper "
+        "compares the class's real images with images generated to show the spurious concept "
+        "alone (there, high means well separated); without an image generator, the class's own "
+        "images with and without the concept stand in.",
+        "0 … 1; 0.5 when the concept changes nothing.",
+        "Above 0.5: the class is scored higher when the concept is present — it relies on it. "
+        "Closer to 0.5 after zeroing than with random sets: the zeroed neurons carried that "
+        "reliance.", "003", "audit"),
+    "reliance_gap": Term(
+        "logit gap", "gap",
+        "Mean class logit of its images with the concept minus that of those without.",
+        "The same two groups of the class's images as the reliance AUC; the difference of their "
+        "mean logits for the class, before → zeroed, beside random sets of the same size "
+        "(mean ± std). Unlike the AUC it says by how much, not only how consistently.",
+        "Any real number, in logit units; 0 when the concept changes nothing.",
+        "Shrinking towards 0 when the spurious-aligned neurons are zeroed, more than with random "
+        "sets: the reliance went through them.", "atlas", "audit"),
+    "accuracy_zeroed": Term(
+        "accuracy before → zeroed", "accuracy",
+        "Class accuracy before and with its spurious-aligned relevant neurons zeroed (random sets: "
+        "mean ± std).",
+        "Share of the class's sampled labelled images (PRUNE_IMAGES) predicted as the class, by "
+        "the model as it is and with the spurious-aligned neurons among the class's most "
+        "relevant zeroed (SemanticLens's correction by pruning, without retraining); in brackets "
+        "the same with random sets of as many neurons of the layer zeroed, over CONTROLS seeded "
+        "sets.", "0 … 1.",
+        "A drop much larger than with random sets: the class needs those neurons; no drop while "
+        "the reliance falls: the correction is cheap.", "003", "audit"),
 }
 ALIASES = {"mean_dnr": "dnr_score", "mean_ar": "activation_rate"}  # 09 summary columns not named mean_<score column>
 PAIRED = ("z ", "relevance ")  # 10's per-pair columns: "z <true>→<pred>", "relevance <true>→<pred>"

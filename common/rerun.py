@@ -138,9 +138,9 @@ def labelled_images(predictions: list, bundle, per_class: int, seed: int) -> Ima
 
 
 def predict(bundle, images: Images, ablation: dict[str, list[int]] | None = None,
-            batch_size: int = 32, desc: str = "predict") -> np.ndarray:
-    """Softmax outputs (n × classes) of ``images``, with the channels of ``ablation`` (layer →
-    channels) zeroed if given."""
+            batch_size: int = 32, desc: str = "predict", logits: bool = False) -> np.ndarray:
+    """Softmax outputs (n × classes) of ``images`` — the logits themselves with ``logits`` —
+    with the channels of ``ablation`` (layer → channels) zeroed if given."""
     import torch
     from common.hooks import ablate_channels
     out = []
@@ -149,7 +149,8 @@ def predict(bundle, images: Images, ablation: dict[str, list[int]] | None = None
         for start in tqdm(range(0, len(images.ids), batch_size), desc=desc, unit="batch",
                           disable=None, leave=False):
             batch = images.tensors[start:start + batch_size].to(bundle.device)
-            out.append(torch.softmax(bundle.model(batch).float(), dim=1).cpu().numpy())
+            raw = bundle.model(batch).float()
+            out.append((raw if logits else torch.softmax(raw, dim=1)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 

@@ -49,34 +49,54 @@ class RunInputs:
     class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
 
 
+@dataclass
+class ImageTable:
+    """What a concept matcher needs of a run's images: every image's path (by image id), which are
+    usable (status ok), 01's top-5 predictions and the model's class names."""
+
+    image_paths: list[str]   # by image id
+    usable: np.ndarray       # bool per image id: status ok
+    top5_idx: np.ndarray     # N × 5 (−1 where no prediction)
+    top5_prob: np.ndarray    # N × 5
+    class_names: list[str]   # the model's class names by index (ImageNet's, or 01's pred_name)
+
+
+def read_image_table(run: Run) -> ImageTable:
+    """``run``'s ImageTable, from 01_images.csv and 01_predictions.csv."""
+    rows = read_images(run.images)
+    top5_idx = np.full((len(rows), 5), -1, np.int64)
+    top5_prob = np.zeros((len(rows), 5))
+    predicted = {}
+    for p in read_predictions(run.predictions):
+        predicted[p.pred_idx] = p.pred_name
+        n = min(len(p.top5_idx), 5)
+        top5_idx[p.image_id, :n] = p.top5_idx[:n]
+        top5_prob[p.image_id, :n] = p.top5_prob[:n]
+    return ImageTable(image_paths=[r.path for r in rows],
+                      usable=np.array([r.status == "ok" for r in rows]),
+                      top5_idx=top5_idx, top5_prob=top5_prob,
+                      class_names=model_class_names(predicted,
+                                                    int(top5_idx.max(initial=-1)) + 1))
+
+
 def read_inputs(run: Run) -> RunInputs:
     """Read and cross-check 09's inputs in ``run``; refuse inputs that come from different
     runs."""
-    activations, stats_dir, images, predictions = (run.activations, run.stats, run.images,
-                                                   run.predictions)
+    activations, stats_dir = run.activations, run.stats
     mosaics, descriptions, embeddings = run.mosaics, run.descriptions, run.embeddings
     crop_vectors = run.crop_vectors
     metas = [read_meta(p) for p in (activations, mosaics, descriptions, embeddings, stats_dir)]
     read_meta(crop_vectors)  # written by the same 04 run as the embeddings, byte for byte
     merge_lineage(metas)
     layers, input_size, tops = read_activations(activations)
-    rows = read_images(images)
-    paths = [r.path for r in rows]
-    usable = np.array([r.status == "ok" for r in rows])
-    top5_idx = np.full((len(rows), 5), -1, np.int64)
-    top5_prob = np.zeros((len(rows), 5))
-    predicted = {}
-    for p in read_predictions(predictions):
-        predicted[p.pred_idx] = p.pred_name
-        n = min(len(p.top5_idx), 5)
-        top5_idx[p.image_id, :n] = p.top5_idx[:n]
-        top5_prob[p.image_id, :n] = p.top5_prob[:n]
+    table = read_image_table(run)
     index = {m.key: m for m in read_mosaics(mosaics)}
     described = {d.key: d for d in read_descriptions(descriptions)}
-    return RunInputs(class_names=model_class_names(predicted, int(top5_idx.max(initial=-1)) + 1),
+    return RunInputs(class_names=table.class_names,
                      layers=layers, input_size=int(input_size[0]), tops=tops,
-                     stats_dir=stats_dir, image_paths=paths, usable=usable, top5_idx=top5_idx,
-                     top5_prob=top5_prob, mosaics=index, descriptions=described, metas=metas,
+                     stats_dir=stats_dir, image_paths=table.image_paths, usable=table.usable,
+                     top5_idx=table.top5_idx, top5_prob=table.top5_prob, mosaics=index,
+                     descriptions=described, metas=metas,
                      crops=read_crop_vectors(crop_vectors),
                      describer_backend=str(metas[2].get("backend", "")))
 
@@ -108,10 +128,12 @@ class Sentence:
     control: int = -1        # index (in the layer's list) of the control sentence
 
 
-def load_matcher(name: str, inputs: RunInputs, text_model: str, device: str, workers: int):
-    """The concept matcher ``name`` for this run: ``offline``, or ``clip`` / ``clip:<model>`` (the
-    two towers of that CLIP-like model, ``common.embedders.load_clip_towers``); the offline one
-    measures the images in ``workers`` processes and loads its text embedder meanwhile."""
+def load_matcher(name: str, inputs: RunInputs | ImageTable, text_model: str, device: str,
+                 workers: int):
+    """The concept matcher ``name`` for this run (``inputs``: its RunInputs, or its ImageTable
+    where nothing else is read, as in 13's audit): ``offline``, or ``clip`` / ``clip:<model>``
+    (the two towers of that CLIP-like model, ``common.embedders.load_clip_towers``); the offline
+    one measures the images in ``workers`` processes and loads its text embedder meanwhile."""
     from common.matchers import ClipMatcher, OfflineMatcher
     if name == "clip" or name.startswith("clip:"):
         return ClipMatcher.load(name, device)

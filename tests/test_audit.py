@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from markdown_it import MarkdownIt
+from PIL import Image
 
 from common.artefacts import Run
 from common.concepts import best_alignment
@@ -32,10 +33,33 @@ class WordsText:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+class RedShare:
+    """A concept matcher that looks at the whole image, as CLIP does: every concept's score of an
+    image is the share of its pixels that are strongly red, measured on the file (not by the
+    model)."""
+
+    name = "red-share"
+
+    def score(self, sentences_by_layer, paths, input_size, layer_geometry=None,
+              progress=lambda items: items, **_):
+        """Per layer: images × sentences, each column the images' red shares."""
+        shares = []
+        for path in progress(paths):
+            pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+            shares.append(((pixels[..., 0] > 200) & (pixels[..., 1] < 60)).mean())
+        return {layer: np.repeat(np.array(shares)[:, None], len(texts), axis=1)
+                for layer, texts in sentences_by_layer.items()}
+
+
 @pytest.fixture
 def audited_run(tmp_path, image_folder):
     """01 on the fake model, its relevance, and 03 / 04 files whose sentences name each neuron's
     planted preference."""
+    return build_run(tmp_path, image_folder)
+
+
+def build_run(tmp_path, image_folder):
+    """``audited_run`` on the images of ``image_folder``: (run folder, fake model)."""
     from common.models import load_model
     run_dir = tmp_path / "run"
     load_stage("01_extract").main([
@@ -63,6 +87,18 @@ def audited_run(tmp_path, image_folder):
     write_meta(run_dir / "04_embed.meta.json", "04_embed", {}, [run_dir / "04_embeddings.npz"],
                [read_meta(run_dir / "03_descriptions.csv")])
     return run_dir, bundle
+
+
+RED_SPURIOUS = "  '0':\n    valid: [edge]\n    spurious: [red]\n"  # class 0: red is spurious
+
+
+def audit_classes(run, tmp_path, classes: str, matcher=None, **settings) -> dict:
+    """``run_audit`` on the fake run ``run`` (folder, model) of the concepts ``classes`` (the YAML
+    under ``classes:``), layer relu2, top 5, with the word-count embedder."""
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text("classes:\n" + classes)
+    return audit.run_audit(Run(run[0]), concepts, audit.Settings(layer="relu2", top=5, **settings),
+                           text_embedder=WordsText(), bundle=run[1], matcher_obj=matcher)
 
 
 def test_relevance_is_weight_times_spatial_mean(audited_run):
@@ -102,7 +138,7 @@ def test_audit_labels_shares_and_causal_check(audited_run, tmp_path):
     out = run_dir / "13_audit"
     result = audit.run_audit(Run(run_dir), concepts, audit.Settings(
         layer="relu2", top=5, controls=1, images_per_class=10), text_embedder=WordsText(),
-        bundle=bundle)
+        bundle=bundle, matcher_obj=RedShare())
     labels = {(r["class_name"], r["channel"]): r["label"] for r in result["audit"]}
     assert labels == {("0", 0): "spurious", ("0", 1): "valid", ("1", 0): "unexpected",
                       ("1", 1): "valid"}
@@ -122,12 +158,8 @@ def test_a_neuron_labelled_both_is_zeroed_like_a_spurious_one(audited_run, tmp_p
     """Class 0 declares red both valid and spurious: its red neuron is labelled 'both', counts in
     both shares, and, as it carries a spurious concept, is zeroed in the causal check (which
     breaks the class)."""
-    run_dir, bundle = audited_run
-    concepts = tmp_path / "concepts.yaml"
-    concepts.write_text("classes:\n  '0':\n    valid: [red]\n    spurious: [red]\n")
-    result = audit.run_audit(Run(run_dir), concepts, audit.Settings(
-        layer="relu2", top=5, controls=1, images_per_class=10), text_embedder=WordsText(),
-        bundle=bundle)
+    result = audit_classes(audited_run, tmp_path, "  '0':\n    valid: [red]\n    spurious: [red]\n",
+                           RedShare(), controls=1, images_per_class=10)
     labels = {r["channel"]: r["label"] for r in result["audit"]}
     assert labels == {0: "both", 1: "unexpected"}
     (red,) = result["summary"]
@@ -150,7 +182,7 @@ def test_hostile_sentence_is_escaped_in_reports(audited_run, tmp_path):
     out = run_dir / "13_audit"
     audit.run_audit(Run(run_dir), concepts, audit.Settings(layer="relu2", top=5, controls=1,
                                                            images_per_class=3),
-                    text_embedder=WordsText(), bundle=bundle)
+                    text_embedder=WordsText(), bundle=bundle, matcher_obj=RedShare())
     html = (out / "0" / "report.html").read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<img src=x" not in html and "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in html
@@ -196,3 +228,128 @@ def test_an_alignment_exactly_at_the_margin_does_not_count():
     assert audit.label_of(0.1, np.nextafter(0.1, 1.0), 0.1) == "spurious"
     assert audit.label_of(np.nextafter(0.1, 1.0), 0.1, 0.1) == "valid"
     assert audit.label_of(0.0, 0.0, 0.0) == "unexpected"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model test: reliance on a spurious concept, and its correction
+
+
+def test_reliance_is_sklearns_auc_and_a_hand_count():
+    """With-concept logits 3 and 1 against without-concept 2 and 0: of the four (with, without)
+    pairs, three put the with-image higher, so AUC = 3/4; the gap of the means is 2 − 1 = 1. A tie
+    counts one half: with 1 against without 1 and 0 gives (0.5 + 1) / 2."""
+    from sklearn.metrics import roc_auc_score
+    scores, shows = np.array([3.0, 1.0, 2.0, 0.0]), np.array([True, True, False, False])
+    assert audit.reliance(scores, shows) == pytest.approx((0.75, 1.0))
+    assert audit.reliance(scores, shows)[0] == roc_auc_score(shows, scores)
+    assert audit.reliance(np.array([1.0, 1.0, 0.0]), np.array([True, False, False]))[0] == 0.75
+
+
+def test_concept_images_are_the_top_quarter_and_bottom_half_of_the_class():
+    """Of a class's 8 images scored 0 … 7 the top quarter (6, 7) shows the concept, the bottom
+    half (0 … 3) does not; images of other classes and unusable (NaN) ones never count; tied
+    scores (a concept the matcher sees nowhere) show it nowhere."""
+    scores = np.array([np.nan, 7, 6, 5, 4, 3, 2, 1, 0, 100.0])
+    with_ids, without_ids = audit.concept_image_ids(scores, np.arange(9))
+    assert with_ids.tolist() == [1, 2] and sorted(without_ids.tolist()) == [5, 6, 7, 8]
+    flat = np.zeros(10)
+    assert audit.concept_image_ids(flat, np.arange(10))[0].tolist() == []
+
+
+@pytest.fixture
+def planted_run(tmp_path):
+    """The fake model's run on 20 'red' images whose red squares grow from 6 to 25 px (so the
+    red neuron, and class 0's logit, grow with the share of red), 10 edge and 10 plain images."""
+    from conftest import make_image
+    rng = np.random.default_rng(3)
+    root = tmp_path / "planted"
+    for label in range(3):
+        (root / str(label)).mkdir(parents=True)
+    for i, side in enumerate(range(6, 26)):
+        arr = np.full((48, 48, 3), 120, np.uint8)
+        top, left = rng.integers(0, 48 - side, size=2)
+        arr[top:top + side, left:left + side] = (230, 20, 20)
+        Image.fromarray(arr).save(root / "0" / f"red_{i:02d}.png")
+    for label, kind in ((1, "edges"), (2, "plain")):
+        for i in range(10):
+            make_image(kind, 48, rng).save(root / str(label) / f"{kind}_{i:02d}.png")
+    return build_run(tmp_path, root)
+
+
+def class_logits(bundle, paths, k):
+    """Class k's logit of each image, from a plain forward pass of the fake model."""
+    from common.images import load_rgb, network_input, to_tensor
+    batch = torch.stack([to_tensor(network_input(load_rgb(p)[0], 32), bundle.mean, bundle.std)
+                         for p in paths])
+    with torch.no_grad():
+        return bundle.model(batch)[:, k].numpy()
+
+
+def test_zeroing_a_planted_spurious_neuron_removes_the_reliance_random_sets_do_not(planted_run,
+                                                                                  tmp_path):
+    """Class 0 declares red spurious: its images with the most red (the top 5 of 20) get a
+    higher class-0 logit than the 10 with the least, AUC 1 — sklearn's AUC of a plain forward pass
+    on the same images. Zeroing the red neuron (labelled spurious) leaves every class-0 logit at
+    the bias: AUC 0.5, gap 0. The random control of the same size (the edge neuron) leaves the
+    reliance as it was. reliance.csv reads back with the same figures."""
+    from sklearn.metrics import roc_auc_score
+    from common.artefacts import read_predictions, read_reliance
+    run_dir, bundle = planted_run
+    result = audit_classes(planted_run, tmp_path, RED_SPURIOUS, RedShare(), controls=2,
+                           images_per_class=20)
+    (row,) = result["reliance"]
+    assert result["summary"][0]["zeroed"] == "0"
+    assert (row["concept"], row["status"], row["n_with"], row["n_without"]) == ("red", "ok", 5, 10)
+    assert row["matcher"] == "red-share" and row["n_zeroed"] == 1
+    red = sorted((r for r in read_predictions(run_dir / "01_predictions.csv")
+                  if r.label_idx == 0), key=lambda r: r.path)  # red_00 (6 px) … red_19 (25 px)
+    paths = [r.path for r in red[-5:] + red[:10]]
+    shows = np.arange(15) < 5
+    logits = class_logits(bundle, paths, 0)
+    assert row["auc_before"] == pytest.approx(roc_auc_score(shows, logits), abs=1e-4)
+    assert row["auc_before"] == 1.0 and row["gap_before"] > 0.1
+    assert row["gap_before"] == pytest.approx(logits[:5].mean() - logits[5:].mean(), abs=1e-4)
+    assert row["auc_zeroed"] == 0.5 and row["gap_zeroed"] == 0.0
+    assert row["auc_control"] == row["auc_before"] and row["auc_control_sd"] == 0.0
+    assert row["gap_control"] == pytest.approx(row["gap_before"], abs=1e-4)
+    assert row["gap_before"] - row["gap_zeroed"] > row["gap_before"] - row["gap_control"] + 0.1
+    (back,) = read_reliance(run_dir / "13_audit" / "reliance.csv")
+    assert back.auc_before == 1.0 and back.auc_zeroed == 0.5 and back.n_with == 5
+    html = (run_dir / "13_audit" / "0" / "report.html").read_text()
+    assert "Reliance on the spurious concepts" in html and "1.0 ± 0.0" in html
+
+
+def test_too_few_images_of_a_concept_are_skipped_with_the_reason(audited_run, tmp_path,
+                                                                 monkeypatch):
+    """A matcher that scores the run's images 0, 1, 2 … in order: of class 0's 10 images, the top
+    quarter (3) show the concept and the bottom half (5) do not — under the 5 each an AUC needs,
+    so the concept is skipped, saying why, and no AUC is written. The matcher is the one
+    ``common.verification.load_matcher`` gives for the settings, on the run's image table."""
+    import common.verification as verification
+    from common.artefacts import read_reliance
+    run_dir = audited_run[0]
+    asked = []
+
+    class Ranked(RedShare):
+        """Each image's score is its place in the list."""
+
+        name = "ranked"
+
+        def score(self, sentences_by_layer, paths, *args, **kwargs):
+            """Per layer: images × sentences, each column 0, 1, 2 …"""
+            return {layer: np.repeat(np.arange(len(paths), dtype=float)[:, None], len(texts), 1)
+                    for layer, texts in sentences_by_layer.items()}
+
+    def load_matcher(name, table, text_model, device, workers):
+        """Record the request; answer with the ranking matcher."""
+        asked.append((name, type(table).__name__, text_model, workers))
+        return Ranked()
+    monkeypatch.setattr(verification, "load_matcher", load_matcher)
+    result = audit_classes(audited_run, tmp_path, RED_SPURIOUS, controls=1,
+                           images_per_class=10, workers=1)
+    assert asked == [("offline", "ImageTable", "all-MiniLM-L6-v2", 1)]
+    (row,) = result["reliance"]
+    assert row["status"] == "skipped" and (row["n_with"], row["n_without"]) == (3, 5)
+    assert row["reason"] == "too few images: 3 with the concept, 5 without (at least 5 each)"
+    (back,) = read_reliance(run_dir / "13_audit" / "reliance.csv")
+    assert back.status == "skipped" and np.isnan(back.auc_before) and np.isnan(back.auc_zeroed)
