@@ -125,14 +125,23 @@ def load_matcher(name: str, inputs: RunInputs, text_model: str, device: str, wor
 def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> dict:
     """Pearson and AUPRC of one sentence's matcher scores against the activation, on held-out
     images with a finite score."""
+    return verify_masks(scores, activation, held_out)[0]
+
+
+def verify_masks(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray
+                 ) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """``verify``'s figures with the masks behind them: the images measured (``keep``, over all
+    images) and, among those, the positives (the top 1 % by activation; None when too few images
+    are kept to verify) — so that ``measure`` and the refinement do not compute them again."""
     from common.scores import average_precision, pearson, top_share_positives
     keep = held_out & np.isfinite(scores) & np.isfinite(activation)
     if keep.sum() < 2 * MIN_POSITIVES:
-        return {"corr": float("nan"), "auprc": float("nan"), "n": int(keep.sum()), "pos": 0}
+        return ({"corr": float("nan"), "auprc": float("nan"), "n": int(keep.sum()), "pos": 0},
+                keep, None)
     positive = top_share_positives(activation[keep], POSITIVE_SHARE, MIN_POSITIVES)
-    return {"corr": pearson(scores[keep], activation[keep]),
-            "auprc": average_precision(positive, scores[keep]), "n": int(keep.sum()),
-            "pos": int(positive.sum())}
+    return ({"corr": pearson(scores[keep], activation[keep]),
+             "auprc": average_precision(positive, scores[keep]), "n": int(keep.sum()),
+             "pos": int(positive.sum())}, keep, positive)
 
 
 def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
@@ -247,15 +256,12 @@ def measure(scores: np.ndarray, control: np.ndarray | None, activation: np.ndarr
 
     The seam for ranking candidate sentences: called with the selection half instead, it gives
     the same numbers there."""
-    from common.scores import (activation_rate, bootstrap_margin, semantic_consistency,
-                               top_share_positives)
-    mine = verify(scores, activation, held_out)
+    from common.scores import activation_rate, bootstrap_margin, semantic_consistency
+    mine, keep, positive = verify_masks(scores, activation, held_out)
     ctrl = verify(control, activation, held_out) if control is not None else None
-    keep = held_out & np.isfinite(scores) & np.isfinite(activation)
     extra = {"margin": float("nan"), "low": float("nan"), "high": float("nan"),
              "ar": float("nan"), "consistency": float("nan")}
-    if keep.sum() >= 2 * MIN_POSITIVES:
-        positive = top_share_positives(activation[keep], POSITIVE_SHARE, MIN_POSITIVES)
+    if positive is not None:
         extra["ar"] = activation_rate(positive, scores[keep])
         extra["consistency"] = semantic_consistency(activation[keep], scores[keep], scale, alpha)
         if control is not None and bootstrap > 0:
