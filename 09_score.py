@@ -6,7 +6,8 @@ Reads (see ARTEFACTS.md), in the run folder (--run), 01_activations.npz, 01_stat
 04_embeddings.npz and 04_crops.npz (the vector 04's image embedder gave each top crop).
 Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (one row per layer),
 09_eval.csv (final-layer benchmark; no rows unless the layers include the classifier's output),
-09_subconcepts/ (sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
+09_candidates.csv (every candidate sentence, its score, source and iteration), 09_subconcepts/
+(sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
 
 1. Triage (common/triage.py, no forward pass): SIEVE selectivity, DnR top-k log score, dead flag.
    SIEVE's selection: neurons not dead and with selectivity ≥ --select (0: off); the count each
@@ -24,6 +25,9 @@ Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (o
    the sentence's mosaic, beside the same for a control sentence (another neuron of the layer,
    seeded); the margin over the control with a paired bootstrap interval and the verdict; SIEVE's
    Activation Rate and its filter of hypotheses per layer; DnR's semantic consistency.
+   Before that, Describe-and-Refine's loop (common/refinement.py) chooses each sentence among
+   candidates on the selection half: 03's, the sub-concepts', the user's (--concepts) and, up to
+   --refine times, the describer's answer on a mosaic of the images the best one misses.
 5. Final-layer benchmark: cosine (all-mpnet-base-v2) of each output neuron's sentence with its
    class name, beside a shuffled-sentence control.
 
