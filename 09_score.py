@@ -478,7 +478,9 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                                         settings.device, settings.workers)
     usable_ids = np.flatnonzero(inputs.usable)
     sentences, matrix = score_sentences(inputs, groups, sorted({layer for layer, _ in candidates}),
-                                        split_and_describe if candidates else None, match, seed)
+                                        split_and_describe if candidates else None, match, seed,
+                                        also_keep=inputs.layers if settings.refine or concepts
+                                        else ())
     if not candidates:
         log.info("no selected neuron at or above polysemanticity %.2f: no sub-concepts",
                  poly_threshold)

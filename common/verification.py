@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -157,7 +158,8 @@ def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
 
 
 def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, match,
-                    seed: int) -> tuple[dict[str, list[Sentence]], dict[str, np.ndarray]]:
+                    seed: int, also_keep: Sequence[str] = ()
+                    ) -> tuple[dict[str, list[Sentence]], dict[str, np.ndarray]]:
     """Every sentence to verify, with its control, and the matcher's scores of each on the usable
     images → (layer → sentences, layer → images × sentences).
 
@@ -171,11 +173,18 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
     one pass. If scoring fails before the describer is done, it is stopped: no process is left
     behind.
     Each distinct sentence of a layer is scored once (controls are other neurons' sentences).
+    The window features of the layers of ``also_keep`` (09's refinement scores more sentences of
+    every layer) are kept too, smallest first, as far as they fit beside ``keep``'s.
     """
     geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
                                                 int(inputs.tops[layer].fmap[2])))
                 for layer in inputs.layers}
     usable_ids = np.flatnonzero(inputs.usable)
+    if match.keeps(keep, len(usable_ids), inputs.input_size, geometry):
+        size = {layer: int(np.prod(geometry[layer][1])) for layer in also_keep}
+        for layer in sorted(set(also_keep) - set(keep), key=size.get):
+            if match.keeps([*keep, layer], len(usable_ids), inputs.input_size, geometry):
+                keep = [*keep, layer]
     own = {layer: sorted({r.description for (lay, _), r in inputs.descriptions.items()
                           if lay == layer and r.ok})
            for layer in inputs.layers}
