@@ -16,7 +16,7 @@ from common import matchers, verification
 from common.artefacts import Run, read_candidates
 from common.matchers import OfflineMatcher, appearance_weights, has_object_words
 from common.triage import DNR_K, triage_layer
-from conftest import FAKE_MODEL, load_stage, make_image
+from conftest import FAKE_MODEL, labelled_images, load_stage, make_image
 from fake_model import FakeNet
 
 score = load_stage("09_score")
@@ -804,13 +804,7 @@ class MissDescriber:
 @pytest.fixture
 def many_images(tmp_path):
     """90 labelled planted images (30 red squares, 30 vertical bars, 30 plain grey)."""
-    rng = np.random.default_rng(2)
-    root = tmp_path / "many"
-    for label, kind in enumerate(["red", "edges", "plain"]):
-        (root / str(label)).mkdir(parents=True)
-        for i in range(30):
-            make_image(kind, 48, rng).save(root / str(label) / f"{kind}_{i:02d}.png")
-    return root
+    return labelled_images(tmp_path / "many", 30, 2)
 
 
 def test_a_neuron_whose_sentence_names_the_wrong_pattern_is_refined_to_its_own(tmp_path,
