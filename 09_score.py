@@ -6,7 +6,8 @@ Reads (see ARTEFACTS.md), in the run folder (--run), 01_activations.npz, 01_stat
 04_embeddings.npz and 04_crops.npz (the vector 04's image embedder gave each top crop).
 Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (one row per layer),
 09_eval.csv (final-layer benchmark; no rows unless the layers include the classifier's output),
-09_subconcepts/ (sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
+09_candidates.csv (every candidate sentence, its score, source and iteration), 09_subconcepts/
+(sub-concept mosaics, their index and their descriptions) and 09_score.meta.json.
 
 1. Triage (common/triage.py, no forward pass): SIEVE selectivity, DnR top-k log score, dead flag.
    SIEVE's selection: neurons not dead and with selectivity ≥ --select (0: off); the count each
@@ -24,6 +25,9 @@ Writes 09_scores.csv (one row per neuron and per sub-concept), 09_summary.csv (o
    the sentence's mosaic, beside the same for a control sentence (another neuron of the layer,
    seeded); the margin over the control with a paired bootstrap interval and the verdict; SIEVE's
    Activation Rate and its filter of hypotheses per layer; DnR's semantic consistency.
+   Before that, Describe-and-Refine's loop (common/refinement.py) chooses each sentence among
+   candidates on the selection half: 03's, the sub-concepts', the user's (--concepts) and, up to
+   --refine times, the describer's answer on a mosaic of the images the best one misses.
 5. Final-layer benchmark: cosine (all-mpnet-base-v2) of each output neuron's sentence with its
    class name, beside a shuffled-sentence control.
 
@@ -37,21 +41,26 @@ import logging
 import math
 import os
 import shutil
+import tempfile
+import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import Mosaic, Run, ScoreRow, SummaryRow, columns, layer_dir, read_stats
+from common.artefacts import (CandidateRow, Mosaic, Run, ScoreRow, SummaryRow, columns,
+                              layer_dir, read_stats)
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import retract_meta, write_meta
 from common.threads import single_threaded
-from common.verification import (RunInputs, check_layer, load_matcher, read_inputs,
-                                 score_sentences)
+from common.refinement import Request, Unit, refine
+from common.verification import (RunInputs, Sentence, check_layer, load_matcher, pick_controls,
+                                 read_inputs, score_sentences, verify)
 
 log = logging.getLogger("neuron-atlas.09_score")
 
@@ -61,6 +70,7 @@ SUMMARY_FIELDS = columns(SummaryRow)
 EVAL_FIELDS = ["layer", "channel", "class_name", "description", "cosine", "shuffled_cosine",
                "shuffled_from", "embedder"]
 SUB_FIELDS = columns(Mosaic)  # 02's index columns and the tiles' ranks
+CANDIDATE_FIELDS = columns(CandidateRow)
 PUBLISHED = {"DnD": 0.459, "MILAN": 0.279}  # ResNet-50 ImageNet fc, mpnet cosine (issue 12)
 ROOT = Path(__file__).resolve().parent
 POLY_THRESHOLD = 0.0   # cluster the crops of every selected neuron (SIEVE); higher: only neurons at
@@ -68,6 +78,7 @@ POLY_THRESHOLD = 0.0   # cluster the crops of every selected neuron (SIEVE); hig
                        # demo's), fewer describer calls
 TOP_PATCHES = 20       # SIEVE clusters each neuron's top 20 patches
 SELECT_SWEEP = (2, 4, 6, 8, 10, 12)  # β values whose neuron counts 09 prints (SIEVE's Table 5: 4–12)
+MISS_PX = 112          # px per image in the mosaic of a sentence's misses (4 × 4: a VLM's 448 px)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +156,104 @@ def sieve_filter(rows: list[dict], groups: dict, layers: list[str]) -> dict[str,
         out[layer] = (mean, kept, mean_kept)
     return out
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement (Describe-and-Refine's loop: common/refinement.py)
+
+
+def starting_units(inputs: RunInputs, sentences: dict[str, list[Sentence]], usable_ids: np.ndarray,
+                   selection: np.ndarray, concepts: list[str]) -> list[Unit]:
+    """One unit per sentence to verify, with its starting candidates in order: its own sentence
+    (03's, or the sub-concept's), for a neuron its sub-concepts' sentences, then the user's
+    concepts; each scored on the selection half minus the images its mosaic showed."""
+    units = []
+    for layer, sents in sentences.items():
+        subs: dict[int, list[str]] = {}
+        for s in sents:
+            if s.subconcept and s.text:
+                subs.setdefault(s.channel, []).append(s.text)
+        for s in sents:
+            offered = [(s.text, "sentence" if not s.subconcept else "subconcept")] if s.text else []
+            if not s.subconcept:
+                offered += [(t, "subconcept") for t in subs.get(s.channel, [])]
+            offered += [(t, "user") for t in concepts]
+            candidates, seen = [], set()
+            for text, source in offered:
+                if text not in seen:
+                    seen.add(text)
+                    candidates.append((text, source))
+            if not candidates:
+                continue
+            row = inputs.descriptions.get((layer, s.channel))
+            units.append(Unit(layer, s.channel, s.subconcept, getattr(row, "level", 0) or 1,
+                              ~np.isin(usable_ids, s.shown) & selection, s.text, candidates))
+    return units
+
+
+def miss_asker(run: Run, inputs: RunInputs, settings, usable_ids: np.ndarray, folder: Path,
+               describer=None):
+    """The describer's side of the loop: ``ask(requests)`` tiles each request's missed images
+    (as the network saw them, MISS_PX a side) into a mosaic in ``folder`` and has the run's
+    describer (``settings``: 03's flags; ``describer`` replaces it — tests pass fakes) describe
+    them with the level's prompt and the missing sentence → one answer per request ("" where it
+    failed). The describer is loaded on the first call only."""
+    from common.describers import (Neuron, clean_answer, is_reference_model, load_prompts,
+                                   make_describer)
+    from common.images import BadImage, load_rgb, network_input
+    from common.mosaics import paste_tiles, png_bytes
+    from common.refinement import refine_prompt
+    prompts = load_prompts(settings.prompts)
+    tiles: dict[int, np.ndarray | None] = {}
+    made = {"describer": describer, "mosaics": 0}
+
+    def tile(image_id: int) -> np.ndarray | None:
+        """The image as the network saw it, MISS_PX a side (None when it cannot be read)."""
+        if image_id not in tiles:
+            try:
+                img = load_rgb(inputs.image_paths[image_id])[0]
+                tiles[image_id] = np.asarray(network_input(img, MISS_PX))
+            except BadImage as err:
+                log.warning("image %d left out of a mosaic of misses: %s", image_id, err)
+                tiles[image_id] = None
+        return tiles[image_id]
+
+    def ask(requests: list[Request]) -> list[str]:
+        """One answer per request, the describer called in its batches."""
+        if made["describer"] is None:
+            meta01 = inputs.metas[0]
+            made["describer"] = make_describer(settings, len(prompts["levels"]), run.predictions,
+                                               is_reference_model(meta01), meta01)
+        neurons = []
+        for r in requests:
+            ids = usable_ids[r.rows]
+            grid = math.ceil(math.sqrt(len(ids)))
+            mosaic, _ = paste_tiles(((k, tile(int(i))) for k, i in enumerate(ids)), grid, MISS_PX)
+            made["mosaics"] += 1
+            path = folder / f"{made['mosaics']}.png"
+            write_bytes(path, png_bytes(mosaic))
+            u = r.unit
+            neurons.append(Neuron(layer=u.layer, channel=u.channel, level=u.level, mosaic=path,
+                                  grid=grid, tile_px=MISS_PX, n_tiles=len(ids),
+                                  prompt=refine_prompt(prompts, u.level, r.sentence,
+                                                       settings.domain, settings.keywords),
+                                  top_ids=ids, whole=np.ones(len(ids), bool)))
+        d = made["describer"]
+        size = max(1, settings.batch_size or getattr(d, "batch_size", 16))
+        answers = []
+        for start in range(0, len(neurons), size):
+            answers += ["" if error else clean_answer(raw)[0]
+                        for raw, error in d.describe(neurons[start:start + size])]
+        return answers
+    return ask
+
+
+def candidate_rows(units: list[Unit]) -> list[dict]:
+    """09_candidates.csv: every candidate of every unit, in the order the loop scored them."""
+    return [{"layer": u.layer, "channel": u.channel, "subconcept": u.subconcept or "",
+             "iteration": r["iteration"], "source": r["source"], "description": r["description"],
+             "selection_corr": _num(r["score"]), "chosen": int(i == u.best)}
+            for u in units for i, r in enumerate(u.records)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +347,13 @@ class Settings:
                            "(1 − alpha weighs the squared similarity)")
     seed: int = setting(0, "seed of the control sentences, the selection/test halves, the "
                         "bootstrap and the one-cluster reference")
+    refine: int = setting(
+        3, "Describe-and-Refine: most iterations of asking the describer about the images the "
+        "best sentence misses (scored on the selection half; stops when one does not improve "
+        "it; 0: no refinement, the first sentence stays)", make="REFINE")
+    concepts: str = setting(
+        "", "file of concept phrases, one per line, each a candidate sentence of every neuron "
+        "(empty: none)", make="CONCEPTS")
     device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
     workers: int = setting(2, "offline matcher: processes measuring the images", make="WORKERS")
 
@@ -265,15 +381,21 @@ def _mean(values) -> float:
 
 @single_threaded  # BLAS on one thread, parallel in processes (--workers): common/threads.py
 def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedder=None,
-        args: dict | None = None) -> dict:
-    """Score every neuron of ``run``; return {"scores": rows, "summary": rows, "eval": rows}.
+        args: dict | None = None, describer_obj=None) -> dict:
+    """Score every neuron of ``run``; return {"scores": rows, "summary": rows, "eval": rows,
+    "candidates": rows}.
 
-    ``matcher_obj`` and ``eval_embedder`` replace the ones this function would load — tests pass
-    small ones.
+    ``matcher_obj``, ``eval_embedder`` and ``describer_obj`` (the refinement's describer) replace
+    the ones this function would load — tests pass small ones.
     """
     from common import scores as S
+    from common.concepts import read_concepts
     from common.triage import triage_layer
     describer = parse_describe_args(settings.describe_args)  # refused now, not after the images
+    concepts = read_concepts(settings.concepts) if settings.concepts else []
+    if settings.refine < 0:
+        raise StageError(f"--refine {settings.refine}: give the most refinement iterations, "
+                         f"0 or more (0: none)")
     if settings.matcher != "offline" and settings.matcher.split(":")[0] != "clip":
         raise StageError(f"--matcher {settings.matcher!r}: use offline, clip or clip:<model> "
                          f"(e.g. clip:hf:<folder>)")
@@ -356,18 +478,50 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                                         settings.device, settings.workers)
     usable_ids = np.flatnonzero(inputs.usable)
     sentences, matrix = score_sentences(inputs, groups, sorted({layer for layer, _ in candidates}),
-                                        split_and_describe if candidates else None, match, seed)
+                                        split_and_describe if candidates else None, match, seed,
+                                        also_keep=inputs.layers if settings.refine or concepts
+                                        else ())
     if not candidates:
         log.info("no selected neuron at or above polysemanticity %.2f: no sub-concepts",
                  poly_threshold)
 
-    # Every figure below is measured on the test half of the held-out images; the selection half
-    # is left for ranking candidate sentences (S.test_half).
+    # Candidates are ranked on the selection half of the held-out images; every figure below is
+    # measured on the test half (S.test_half), on the chosen sentence.
     test = S.test_half(len(usable_ids), seed)
+    maxima = {layer: np.asarray(read_stats(stats_dir, layer, "max"))[usable_ids]
+              for layer in inputs.layers}  # read once: refinement and verification
+    first = {(layer, s.channel, s.subconcept): (s.text, matrix[layer][:, i])
+             for layer, sents in sentences.items() for i, s in enumerate(sents)}
+    started = time.perf_counter()
+    units = starting_units(inputs, sentences, usable_ids, ~test, concepts)
+    cache = {layer: {s.text: matrix[layer][:, i] for i, s in enumerate(sents) if s.text}
+             for layer, sents in sentences.items()}
+    with tempfile.TemporaryDirectory(prefix="09_misses_") as folder:
+        refine(units, cache, maxima, settings.refine, match.score_more,
+               miss_asker(run, inputs, describer, usable_ids, Path(folder), describer_obj))
+    refine_seconds = time.perf_counter() - started
+    by_key = {(s.layer, s.channel, s.subconcept): s for sents in sentences.values() for s in sents}
+    for u in units:
+        by_key[(u.layer, u.channel, u.subconcept)].text = u.records[u.best]["description"]
+    for layer in inputs.layers:  # controls among the final sentences, by the same seeded streams
+        pick_controls(sentences[layer], np.random.default_rng([seed, zlib.crc32(layer.encode())]))
+    blank = np.zeros(len(usable_ids))
+    matrix = {layer: np.stack([cache[layer][s.text] if s.text else blank for s in sents], axis=1)
+              if sents else np.zeros((len(usable_ids), 0)) for layer, sents in sentences.items()}
+    calls = Counter()
+    for u in units:
+        calls[(u.layer, u.channel)] += u.calls
+    changed = sum(u.records[u.best]["description"] != u.first for u in units)
+    log.info("refinement (%d iterations at most, %d user concepts): %d of %d sentences replaced "
+             "by a better candidate on the selection half; describer calls per neuron: mean %.2f, "
+             "max %d; %.1f s", settings.refine, len(concepts), changed, len(units),
+             np.mean(list(calls.values())) if calls else 0.0, max(calls.values(), default=0),
+             refine_seconds)
+
     rows: list[dict] = []
     auprc_beats: dict[tuple[str, int], bool] = {}  # per neuron: AUPRC above its control's
     for layer in inputs.layers:
-        stats = np.asarray(read_stats(stats_dir, layer, "max"))[usable_ids]
+        stats = maxima[layer]
         tri = triage[layer]
         checks = check_layer(sentences[layer], matrix[layer], stats, usable_ids, test,
                              settings.alpha, settings.bootstrap, [seed, zlib.crc32(layer.encode())])
@@ -395,6 +549,14 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                     row["description"] = s.text if s else ""
                     png = layer_dir(subconcepts, layer) / f"{channel}_{sub}.png"
                     row["mosaic"] = os.path.relpath(png, scores_out.parent)
+                if s is not None:
+                    text, scores = first[(layer, channel, sub)]
+                    row["description"] = s.text
+                    row["first_description"] = text
+                    if text:
+                        row["first_corr"] = _num(verify(
+                            scores, stats[:, channel],
+                            ~np.isin(usable_ids, s.shown) & test)["corr"])
                 if mine is not None:
                     row.update({"verify_corr": _num(mine["corr"]),
                                 "verify_auprc": _num(mine["auprc"]),
@@ -446,7 +608,11 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
             "hypotheses": len(kept), "hypotheses_kept": int(np.sum(kept)),
             "mean_ar": _num(mean_ar), "mean_ar_kept": _num(mean_kept),
             "mean_dnr_consistency": _num(_mean(r.get("dnr_consistency", "") for r in mine)),
-            "n_selection": int((~test).sum()), "n_test": int(test.sum())})
+            "n_selection": int((~test).sum()), "n_test": int(test.sum()),
+            "mean_first_corr": _num(_mean(r.get("first_corr", "") for r in mine)),
+            "distinct_first": len({r["first_description"] for r in mine
+                                   if r.get("first_description")}),
+            "distinct_sentences": len({r["description"] for r in mine if r.get("description")})})
     for row in summary:
         log.info("%s: Activation Rate over %d hypotheses %s; %d at or above it kept, mean %s "
                  "(SIEVE's filter)", row["layer"], row["hypotheses"], row["mean_ar"],
@@ -470,8 +636,16 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
     write_csv(scores_out, rows, SCORE_FIELDS)
     write_csv(summary_out, summary, SUMMARY_FIELDS)
     write_csv(eval_out, eval_rows, EVAL_FIELDS)
+    candidates_out = run.candidates
+    candidates = candidate_rows(units)
+    write_csv(candidates_out, candidates, CANDIDATE_FIELDS)
     write_meta(meta_file, STAGE, dict(args or {}),
-               outputs=[scores_out, summary_out, eval_out], inputs=inputs.metas,
+               outputs=[scores_out, summary_out, eval_out, candidates_out], inputs=inputs.metas,
+               refine={"iterations": settings.refine, "concepts": len(concepts),
+                       "seconds": round(refine_seconds, 2), "units": len(units),
+                       "replaced": changed, "describer_calls_mean": round(float(
+                           np.mean(list(calls.values()))) if calls else 0.0, 3),
+                       "describer_calls_max": max(calls.values(), default=0)},
                embedder=embedder, embedder_space=inputs.crops.space, matcher=match.name,
                n_subconcept_neurons=len(groups), poly_threshold=poly_threshold,
                select=settings.select, select_sweep=sweep, bootstrap=settings.bootstrap,
@@ -484,7 +658,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                  "%s, %s beat their control", row["layer"], row["neurons"], row["dead"],
                  row["mean_clarity"], row["mean_polysemanticity"], row["mean_verify_corr"],
                  row["mean_control_corr"], row["share_beating_control"])
-    return {"scores": rows, "summary": summary, "eval": eval_rows}
+    return {"scores": rows, "summary": summary, "eval": eval_rows, "candidates": candidates}
 
 
 @exit_on_stage_error

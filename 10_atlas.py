@@ -125,6 +125,7 @@ class RunData:
     attributions: object = None                      # 08's common.artefacts.Attributions
     attribution_error: str = ""                      # why 08 computed none
     scores: list | None = None                       # 09 ScoreRows, sub-concepts included
+    candidates: dict = field(default_factory=dict)   # (layer, channel) → 09 CandidateRows
     summary: list | None = None                      # 09 SummaryRows
     metas: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # what is missing, shown on the run page
@@ -146,7 +147,8 @@ def read_run(run_dir: Path) -> RunData:
                                   read_clusters, read_confusion, read_debug_neurons,
                                   read_descriptions, read_embeddings, read_images, read_keywords,
                                   read_metrics, read_mosaics, read_pairs, read_predictions,
-                                  read_score_rows, read_summary, read_trace)
+                                  read_candidates, read_score_rows, read_summary,
+                                  read_trace)
     from common.io import read_json
 
     files = Run(run_dir)
@@ -224,6 +226,9 @@ def read_run(run_dir: Path) -> RunData:
         run.scores = read_score_rows(path)
         if files.summary.exists():
             run.summary = read_summary(files.summary)
+        for c in read_candidates(files.candidates, required=False):
+            if c.subconcept is None:  # a neuron's own candidates (its page lists them)
+                run.candidates.setdefault(c.key, []).append(c)
     run.metas = metas
     read_reports(run)
     return run
@@ -396,9 +401,26 @@ def score_tables(run: RunData) -> tuple[dict, dict]:
     return main, subs
 
 
+def candidate_table(rows: list) -> tuple[list[dict], float | None]:
+    """09's candidates of one neuron → (those the chosen sentence beat, best first, and the
+    chosen one's selection score); scores NaN → None."""
+    def score(c) -> float | None:
+        """The candidate's selection score, None when it has none."""
+        return None if math.isnan(c.selection_corr) else c.selection_corr
+    chosen = [score(c) for c in rows if c.chosen]
+    beaten = [{"description": c.description, "source": c.source, "iteration": c.iteration,
+               "selection_corr": score(c)} for c in rows if not c.chosen]
+    beaten.sort(key=lambda c: -math.inf if c["selection_corr"] is None else c["selection_corr"],
+                reverse=True)
+    return beaten, chosen[0] if chosen else None
+
+
 def neuron_records(run: RunData) -> dict[str, list[dict]]:
-    """Per layer, one record per channel (in channel order) with its text, cluster and scores."""
+    """Per layer, one record per channel (in channel order) with its text, cluster and scores.
+    The text is 09's final sentence (the best of its candidates) when 09 chose one, else 03's."""
     main, subs = score_tables(run)
+    final = {row.key: row for row in run.scores or [] if row.subconcept is None
+             and row.description}
     out = {}
     for layer in run.layers:
         top = run.topk[layer]
@@ -409,9 +431,13 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
             cluster = run.clusters.get(key)
 
             values = top.values[c][top.image_ids[c] >= 0]
+            first = desc.get("description", "") if desc.get("status") == "ok" else ""
+            beaten, chosen_score = candidate_table(run.candidates.get(key, []))
             records.append({
                 "layer": layer, "slug": layer_slug(layer), "channel": c,
-                "description": desc.get("description", "") if desc.get("status") == "ok" else "",
+                "description": final[key].description if key in final else first,
+                "first_description": first, "candidates": beaten,
+                "chosen_score": chosen_score,
                 "status": desc.get("status", "missing"), "reason": desc.get("reason", ""),
                 "level": desc.get("level", ""),
                 "cluster": cluster[0] if cluster else None,

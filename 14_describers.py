@@ -140,23 +140,31 @@ def winner(corr_a: float, corr_b: float) -> str:
     return "a" if corr_a > corr_b else "b" if corr_b > corr_a else "tie"
 
 
-def verification(inputs, descriptions: dict, settings: Settings, match) -> dict:
+def verification(inputs, descriptions: dict, settings: Settings, match,
+                 stats: dict[str, np.ndarray]) -> dict:
     """(layer, channel) → (verify_corr, control_corr) of one describer's sentences, by 09's
     verification (common/verification.py) on the run's usable images; NaN where a sentence was
-    not verified."""
+    not verified. ``stats``: layer → per-image maxima of the usable images (``layer_maxima``),
+    read once for both describers."""
     inputs = dataclasses.replace(inputs, descriptions=descriptions)
     sentences, matrix = score_sentences(inputs, {}, [], None, match, settings.seed)
     usable_ids = np.flatnonzero(inputs.usable)
     test = test_half(len(usable_ids), settings.seed)  # 09's halves: the same figures as 09's
     out = {}
     for layer in inputs.layers:
-        stats = np.asarray(read_stats(inputs.stats_dir, layer, "max"))[usable_ids]
-        checks = check_layer(sentences[layer], matrix[layer], stats, usable_ids, test, alpha=0.5,
+        checks = check_layer(sentences[layer], matrix[layer], stats[layer], usable_ids, test, alpha=0.5,
                              bootstrap=0, seed=[settings.seed])  # r only: no interval needed
         for (channel, _), (_, mine, ctrl, _) in checks.items():
             out[(layer, channel)] = (mine["corr"] if mine else math.nan,
                                      ctrl["corr"] if ctrl else math.nan)
     return out
+
+
+def layer_maxima(inputs) -> dict[str, np.ndarray]:
+    """Layer → 01's per-image maxima of the usable images (rows in image-id order)."""
+    usable_ids = np.flatnonzero(inputs.usable)
+    return {layer: np.asarray(read_stats(inputs.stats_dir, layer, "max"))[usable_ids]
+            for layer in inputs.layers}
 
 
 def compare_rows(inputs, names: tuple[str, str], described: tuple[dict, dict],
@@ -285,7 +293,8 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, describer_o
 
     match = matcher_obj or load_matcher(settings.matcher, inputs, settings.text_model,
                                         settings.device, settings.workers)
-    scores = [verification(inputs, desc, settings, match) for desc in described]
+    stats = layer_maxima(inputs)
+    scores = [verification(inputs, desc, settings, match, stats) for desc in described]
     names = (describers[0].name, describers[1].name)
     rows = compare_rows(inputs, names, tuple(described), tuple(scores))
     summary = summary_rows(rows, inputs.layers, names)

@@ -59,6 +59,7 @@ SKIP_DEAD   ?= 0#                          03 1: leave out neurons the triage fl
 MATCHER     ?= offline#                    09/13/14 concept matcher of the verification and the audit: offline | clip | clip:<model> (docs/vlm-families.md)
 POLY        ?= 0#                          09 polysemanticity from which a neuron's crops are clustered (0: every selected neuron)
 SELECT      ?= 0#                          09 SIEVE's selection: least selectivity p99/median of a clustered neuron (paper: 10; 0: off)
+REFINE      ?= 3#                          09 DnR refinement: most rounds of asking the describer about a sentence's misses (0: none)
 CONCEPTS    ?=#                            09/15 file of concept phrases, one per line (09: extra candidates; 15 label: empty = shipped list)
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
 WEAK_BELOW  ?= 0.4#                         07 a text hit below this cosine is a weak match; none above it: no good match (docs/search.md)
@@ -115,7 +116,7 @@ TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
 M06          := $(D)/06_trace.meta.json
 CONFUSION    := $(D)/08_confusion.csv
 M08          := $(D)/08_debug.meta.json
-SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv
+SCORES       := $(D)/09_scores.csv $(D)/09_summary.csv $(D)/09_eval.csv $(D)/09_candidates.csv
 M09          := $(D)/09_score.meta.json
 ATLAS        := $(D)/atlas/index.html
 M10          := $(D)/10_atlas.meta.json
@@ -215,11 +216,12 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 # 09 describes sub-concepts with the run's describer: 03's describer arguments (not --skip-dead).
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --select $(SELECT) \
            --text-model $(TEXT_EMBEDDER) --device $(DEVICE) --workers $(WORKERS) \
+           --refine $(REFINE) $(if $(CONCEPTS),--concepts $(call quote,$(CONCEPTS))) \
            --describe-args $(call quote,$(DESCRIBE_03))
 score: $(SCORES) $(M09) ## 09: triage, interpretability and verification scores; sub-concepts
 $(SCORES) $(M09) &: 09_score.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
                 $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \
-                $(D)/.args/09 $(call uses,09_score.py) | $(VENV)
+                $(CONCEPTS) $(D)/.args/09 $(call uses,09_score.py) | $(VENV)
 	$(HOLD) $(PY) 09_score.py --run $(D) $(ARGS_09)
 
 eval: $(SCORES) $(M09) ## 09: final-layer benchmark (needs the classifier's output among LAYERS, e.g. LAYERS=_blocks.15,_fc)
@@ -333,7 +335,7 @@ mutants: $(DEV_VENV) $(call uses,tools/mutants.py) ## mutation testing of the co
 	$(PY) -m tools.mutants
 
 clean: ## remove the outputs of data/$(RUN) except the (expensive) descriptions (03's, and 09's of sub-concepts)
-	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv \
+	cd $(call quote,$(D)) && rm -rf 01_* 02_* 04_* 05_* 06_* 07_* 08_* .args 09_scores.csv 09_candidates.csv \
 	    09_summary.csv 09_eval.csv 09_score.meta.json 09_subconcepts/09_mosaics.* \
 	    09_subconcepts/*/ 10_* atlas 11_* 12_* 13_* 14_describers/*.csv \
 	    14_describers/report.* 14_describers/14_describers.meta.json

@@ -128,6 +128,7 @@ class Run(_Folder):
     scores = _InRun("09_scores.csv")
     summary = _InRun("09_summary.csv")
     eval = _InRun("09_eval.csv")
+    candidates = _InRun("09_candidates.csv")
     subconcepts = _InRun("09_subconcepts")
     subconcept_mosaics = _InRun("09_subconcepts/09_mosaics.csv")
     subconcept_meta = _InRun("09_subconcepts/09_mosaics.meta.json")
@@ -930,6 +931,11 @@ class ScoreRow:
     activation_rate: float = math.nan
     ar_kept: int | None = None
     dnr_consistency: float = math.nan
+    # Refinement's columns (absent from older files): the sentence the neuron or sub-concept
+    # started from (03's, or the sub-concept's first) and its r on the same test-half images;
+    # ``description`` is then the chosen sentence (a neuron row's too)
+    first_description: str = ""
+    first_corr: float = math.nan
 
     @property
     def key(self) -> tuple[str, int]:
@@ -999,11 +1005,43 @@ class SummaryRow:
     mean_dnr_consistency: float = math.nan
     n_selection: int | None = None
     n_test: int | None = None
+    mean_first_corr: float = math.nan
+    distinct_first: int | None = None
+    distinct_sentences: int | None = None
 
 
 def read_summary(path: str | Path) -> list[SummaryRow]:
     """Every row of 09_summary.csv, in layer order."""
     return _read_rows(path, SummaryRow, "09_score")
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """A row of 09_candidates.csv: one candidate sentence of a neuron (``subconcept`` None) or of
+    a sub-concept, in the order Describe-and-Refine's loop scored them. ``source``: sentence
+    (03's), subconcept (a sub-concept's sentence), user (CONCEPTS) or refined (the describer's
+    answer on the images the best sentence of the previous iteration missed); ``selection_corr``:
+    its Pearson r on the selection half (NaN when too few images); ``chosen`` 1 for the one kept
+    (the final sentence of 09_scores.csv)."""
+    layer: str
+    channel: int
+    subconcept: int | None
+    iteration: int
+    source: str
+    description: str
+    selection_corr: float
+    chosen: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(layer, channel): the neuron."""
+        return self.layer, self.channel
+
+
+def read_candidates(path: str | Path, required: bool = True) -> list[CandidateRow]:
+    """Every row of 09_candidates.csv, in file order (``required=False``: a missing file, as
+    from a run before refinement, gives [] and a warning)."""
+    return _read_rows(path, CandidateRow, "09_score", required)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,40 @@ TERMS: dict[str, Term] = {
         "0 or 1; empty when not a hypothesis.",
         "0: SIEVE would discard this hypothesis.",
         "004", "verdict"),
+    "first_corr": Term(
+        "first sentence's verification", "first r",
+        "Verification r of the sentence the neuron started from (03's), before refinement.",
+        "The same Pearson correlation as the verification, on the same test-half images, for "
+        "the first sentence instead of the one DnR's refinement chose.",
+        "−1 … 1.",
+        "Below the verification r: the refinement found a sentence that fits the neuron "
+        "better; equal: it kept the first.",
+        "001", "verdict"),
+    "selection_corr": Term(
+        "selection score", "selection r",
+        "A candidate sentence's verification r on the selection half, by which DnR ranks "
+        "candidates.",
+        "Pearson correlation of the matcher's score for the candidate with the neuron's "
+        "per-image maximum on the selection half of the held-out images (never the test half, "
+        "so that choosing does not inflate the reported figures).",
+        "−1 … 1.",
+        "The chosen sentence has the highest; the others are the candidates it beat.",
+        "001", "verdict"),
+    "distinct_sentences": Term(
+        "distinct sentences", "distinct",
+        "Different final sentences among the layer's neurons (after refinement).",
+        "The number of different chosen sentences over the layer's neurons.",
+        "A count, at most the number of neurons.",
+        "Far below the neuron count: many neurons share one sentence, which then tells them "
+        "apart poorly.",
+        "atlas", "layer"),
+    "distinct_first": Term(
+        "distinct first sentences", "distinct first",
+        "Different sentences among the layer's neurons before refinement (03's).",
+        "The number of different first sentences over the layer's neurons.",
+        "A count, at most the number of neurons.",
+        "Compare with the distinct sentences after refinement.",
+        "atlas", "layer"),
     "dnr_consistency": Term(
         "semantic consistency (DnR)", "consistency",
         "DnR's top-20 score: α · mean top activation (scaled) + (1 − α) · similarity², α = 0.5.",

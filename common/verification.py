@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -147,14 +148,23 @@ def load_matcher(name: str, inputs: RunInputs | ImageTable, text_model: str, dev
 def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> dict:
     """Pearson and AUPRC of one sentence's matcher scores against the activation, on held-out
     images with a finite score."""
+    return verify_masks(scores, activation, held_out)[0]
+
+
+def verify_masks(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray
+                 ) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """``verify``'s figures with the masks behind them: the images measured (``keep``, over all
+    images) and, among those, the positives (the top 1 % by activation; None when too few images
+    are kept to verify) — so that ``measure`` and the refinement do not compute them again."""
     from common.scores import average_precision, pearson, top_share_positives
     keep = held_out & np.isfinite(scores) & np.isfinite(activation)
     if keep.sum() < 2 * MIN_POSITIVES:
-        return {"corr": float("nan"), "auprc": float("nan"), "n": int(keep.sum()), "pos": 0}
+        return ({"corr": float("nan"), "auprc": float("nan"), "n": int(keep.sum()), "pos": 0},
+                keep, None)
     positive = top_share_positives(activation[keep], POSITIVE_SHARE, MIN_POSITIVES)
-    return {"corr": pearson(scores[keep], activation[keep]),
-            "auprc": average_precision(positive, scores[keep]), "n": int(keep.sum()),
-            "pos": int(positive.sum())}
+    return ({"corr": pearson(scores[keep], activation[keep]),
+             "auprc": average_precision(positive, scores[keep]), "n": int(keep.sum()),
+             "pos": int(positive.sum())}, keep, positive)
 
 
 def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
@@ -170,7 +180,8 @@ def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
 
 
 def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, match,
-                    seed: int) -> tuple[dict[str, list[Sentence]], dict[str, np.ndarray]]:
+                    seed: int, also_keep: Sequence[str] = ()
+                    ) -> tuple[dict[str, list[Sentence]], dict[str, np.ndarray]]:
     """Every sentence to verify, with its control, and the matcher's scores of each on the usable
     images → (layer → sentences, layer → images × sentences).
 
@@ -184,11 +195,18 @@ def score_sentences(inputs: RunInputs, groups: dict, keep: list[str], describe, 
     one pass. If scoring fails before the describer is done, it is stopped: no process is left
     behind.
     Each distinct sentence of a layer is scored once (controls are other neurons' sentences).
+    The window features of the layers of ``also_keep`` (09's refinement scores more sentences of
+    every layer) are kept too, smallest first, as far as they fit beside ``keep``'s.
     """
     geometry = {layer: (inputs.tops[layer].rf, (int(inputs.tops[layer].fmap[1]),
                                                 int(inputs.tops[layer].fmap[2])))
                 for layer in inputs.layers}
     usable_ids = np.flatnonzero(inputs.usable)
+    if match.keeps(keep, len(usable_ids), inputs.input_size, geometry):
+        size = {layer: int(np.prod(geometry[layer][1])) for layer in also_keep}
+        for layer in sorted(set(also_keep) - set(keep), key=size.get):
+            if match.keeps([*keep, layer], len(usable_ids), inputs.input_size, geometry):
+                keep = [*keep, layer]
     own = {layer: sorted({r.description for (lay, _), r in inputs.descriptions.items()
                           if lay == layer and r.ok})
            for layer in inputs.layers}
@@ -269,15 +287,12 @@ def measure(scores: np.ndarray, control: np.ndarray | None, activation: np.ndarr
 
     The seam for ranking candidate sentences: called with the selection half instead, it gives
     the same numbers there."""
-    from common.scores import (activation_rate, bootstrap_margin, semantic_consistency,
-                               top_share_positives)
-    mine = verify(scores, activation, held_out)
+    from common.scores import activation_rate, bootstrap_margin, semantic_consistency
+    mine, keep, positive = verify_masks(scores, activation, held_out)
     ctrl = verify(control, activation, held_out) if control is not None else None
-    keep = held_out & np.isfinite(scores) & np.isfinite(activation)
     extra = {"margin": float("nan"), "low": float("nan"), "high": float("nan"),
              "ar": float("nan"), "consistency": float("nan")}
-    if keep.sum() >= 2 * MIN_POSITIVES:
-        positive = top_share_positives(activation[keep], POSITIVE_SHARE, MIN_POSITIVES)
+    if positive is not None:
         extra["ar"] = activation_rate(positive, scores[keep])
         extra["consistency"] = semantic_consistency(activation[keep], scores[keep], scale, alpha)
         if control is not None and bootstrap > 0:

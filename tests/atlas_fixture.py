@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import ScoreRow, SummaryRow, columns
+from common.artefacts import CandidateRow, ScoreRow, SummaryRow, columns
 from common.io import read_csv, read_json, sha256_file, write_csv, write_json
 from common.provenance import read_meta, write_meta
 from conftest import make_image, project_copy
@@ -21,6 +21,7 @@ from conftest import make_image, project_copy
 SCRIPT = "<script>alert(1)</script> red blobs"
 ATTRIBUTE = '"><img src=x onerror=alert(1)> vertical edges'
 SUB_EVIL = "<b>bold</b> sub-concept"
+BEATEN_EVIL = "<i>refined</i> guess"  # a candidate 09's refinement did not choose
 CONTROL_CORR = {2: 0.6}  # planted control r by channel (others 0.1); every verified r is 0.5
 HELD_OUT = {1: 12}  # planted held-out images by channel (others 200)
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
@@ -98,13 +99,23 @@ def write_scores(run: Path, seed: int = 1, unverified: tuple = ()) -> None:
     # No final-layer benchmark on these layers: 09_eval.csv has its header only, as 09 writes it.
     write_csv(run / "09_eval.csv", [], ["layer", "channel", "class_name", "description", "cosine",
                                         "shuffled_cosine", "shuffled_from", "embedder"])
+    # 09's candidates: relu1 #0's sentence beat a sub-concept's and a refined one (model text)
+    write_csv(run / "09_candidates.csv",
+              [{"layer": "relu1", "channel": 0, "subconcept": "", "iteration": i, "source": src,
+                "description": text, "selection_corr": corr, "chosen": int(i == 0 and
+                                                                           src == "sentence")}
+               for i, src, text, corr in ((0, "sentence", SCRIPT, 0.5),
+                                          (0, "subconcept", SUB_EVIL, 0.2),
+                                          (1, "refined", BEATEN_EVIL, 0.3))],
+              columns(CandidateRow))
     write_meta(run / "09_score.meta.json", "09_score", {},
-               [run / "09_scores.csv", run / "09_summary.csv", run / "09_eval.csv"],
+               [run / "09_scores.csv", run / "09_summary.csv", run / "09_eval.csv",
+                run / "09_candidates.csv"],
                inputs=[read_meta(run / "03_descriptions.csv")])
 
 
 def fake_run(base: Path) -> tuple[Path, list[str], Path]:
-    """Build the run (01-08, 09 planted: all three of its files, so that make does not run it,
+    """Build the run (01-08, 09 planted: all four of its files, so that make does not run it,
     and the atlas) under ``base``; return (tree, make args, run)."""
     tree = project_copy(base / "tree")
     images = image_set(base / "images")

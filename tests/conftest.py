@@ -54,15 +54,21 @@ def project_copy(root: pathlib.Path) -> pathlib.Path:
     return root
 
 
+def labelled_images(root: pathlib.Path, per_class: int, seed: int) -> pathlib.Path:
+    """``per_class`` 48-px images of each kind in class folders (0 = red, 1 = edges, 2 = plain)
+    under ``root``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for label, kind in enumerate(["red", "edges", "plain"]):
+        (root / str(label)).mkdir(parents=True)
+        for i in range(per_class):
+            make_image(kind, 48, rng).save(root / str(label) / f"{kind}_{i:02d}.png")
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A labelled folder of 30 images (classes 0 = red, 1 = edges, 2 = plain) plus one corrupt file."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for label, kind in enumerate(["red", "edges", "plain"]):
-        (root / str(label)).mkdir(parents=True)
-        for i in range(10):
-            make_image(kind, 48, rng).save(root / str(label) / f"{kind}_{i:02d}.png")
+    root = labelled_images(tmp_path / "images", 10, 0)
     (root / "2" / "broken.jpg").write_bytes(b"this is not a jpeg")
     return root
 

@@ -2,6 +2,7 @@
 pages of a whole fake run (escaping, assets, scores or "not scored", debugging pages), the search
 server, and the site driven in headless Chromium (sort, filter, neighbour link, map hover,
 injected markup, live search through `make serve`)."""
+import collections
 import html
 import json
 import os
@@ -176,6 +177,24 @@ def test_static_site(run):
     assert 'glossary.html#redundancy"' not in table
     other = (site / "neurons" / "relu1" / "1.html").read_text()
     assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in other
+    # 09's refinement: a neuron page lists the candidates its sentence beat, escaped, and shows
+    # the chosen (final) sentence
+    from markupsafe import escape
+    from common.artefacts import read_candidates, read_score_rows
+    final = {r.key: r.description for r in read_score_rows(run_dir / "09_scores.csv")
+             if r.subconcept is None}
+    beaten = collections.defaultdict(list)
+    for c in read_candidates(run_dir / "09_candidates.csv"):
+        if c.subconcept is None and not c.chosen:
+            beaten[c.key].append(c.description)
+    assert set(beaten) == {("relu1", 0)} and len(beaten["relu1", 0]) == 2
+    for (layer, c), texts in beaten.items():
+        page = (site / "neurons" / layer / f"{c}.html").read_text(encoding="utf-8")
+        section = page[page.index('id="candidates"'):page.index("<h2>Scores</h2>")]
+        assert all(str(escape(t)) in section for t in texts) and "<i>refined" not in section
+        assert section.index("refined</td>") < section.index("subconcept</td>")  # best first
+        assert str(escape(final[(layer, c)])) in page[page.index('id="description"'):]
+    assert 'id="candidates"' not in (site / "neurons" / "relu1" / "1.html").read_text()
     for script in (site / "data").glob("*.js"):
         assert "<" not in script.read_text()  # model text reaches the page as JSON, escaped
     assert (site / "sankey.html").exists() and (site / "search.html").exists()

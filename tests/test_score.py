@@ -13,10 +13,10 @@ from PIL import Image
 
 from common import scores as S
 from common import matchers, verification
-from common.artefacts import Run
+from common.artefacts import Run, read_candidates
 from common.matchers import OfflineMatcher, appearance_weights, has_object_words
 from common.triage import DNR_K, triage_layer
-from conftest import FAKE_MODEL, load_stage, make_image
+from conftest import FAKE_MODEL, labelled_images, load_stage, make_image
 from fake_model import FakeNet
 
 score = load_stage("09_score")
@@ -457,9 +457,10 @@ def test_final_layer_eval_and_its_shuffled_control():
 SENTENCES = ["Red patches.", "Vertical edges.", "Horizontal edges.", "Bright gray."]  # true ones
 
 
-def described_run(tmp_path, image_folder):
-    """01 and 02 for real on the fake model (relu1, 3 × 3 mosaics), SENTENCES as 03's file, and
-    04 for real with the fake model's conv1 feature as its image embedder → the run folder."""
+def described_run(tmp_path, image_folder, sentences=SENTENCES):
+    """01 and 02 for real on the fake model (relu1, 3 × 3 mosaics), ``sentences`` as 03's file,
+    and 04 for real with the fake model's conv1 feature as its image embedder → the run
+    folder."""
     from common.io import write_csv
     from common.provenance import read_meta, write_meta
     run_dir = tmp_path / "run"
@@ -471,7 +472,7 @@ def described_run(tmp_path, image_folder):
                                    "--workers", "1"])
     write_csv(run_dir / "03_descriptions.csv",
               [{"layer": "relu1", "channel": c, "level": 1, "description": t, "backend": "offline",
-                "model": "test", "status": "ok"} for c, t in enumerate(SENTENCES)],
+                "model": "test", "status": "ok"} for c, t in enumerate(sentences)],
               ["layer", "channel", "level", "description", "backend", "model", "status", "reason"])
     write_meta(run_dir / "03_describe.meta.json", "03_describe", {},
                [run_dir / "03_descriptions.csv"], [read_meta(run_dir / "02_mosaics.csv")],
@@ -496,9 +497,11 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
                         S.split_crops(v, 2))
 
     def run_09():
-        """Stage 09 on the run (every neuron split: polysemanticity threshold 0)."""
+        """Stage 09 on the run (every neuron split: polysemanticity threshold 0; no refinement,
+        so that each sentence is the one it started from)."""
         return score.run(
-            Run(run_dir), score.Settings(poly_threshold=0.0, describe_args="--backend offline"),
+            Run(run_dir), score.Settings(poly_threshold=0.0, describe_args="--backend offline",
+                                         refine=0),
             matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none, np.zeros((30, 5))))
     result = run_09()
     with open(run_dir / "09_scores.csv", newline="") as fh:
@@ -508,6 +511,12 @@ def test_stage_on_the_fake_model(tmp_path, image_folder, monkeypatch):
     assert [r["channel"] for r in neurons] == [0, 1, 2, 3]
     assert all(r["share"] == 1 and r["embedder"] == "fake-conv1" for r in neurons)
     assert all(r["n_crops"] == 9 for r in neurons)  # 04 kept 9 crops of each 3 × 3 mosaic
+    # REFINE=0: every neuron keeps 03's sentence, the chosen one of its candidates
+    assert [r["description"] for r in neurons] == [r["first_description"] for r in neurons] \
+        == SENTENCES
+    chosen = {(c.layer, c.channel, c.subconcept): c.description
+              for c in read_candidates(run_dir / "09_candidates.csv") if c.chosen}
+    assert {k[1]: t for k, t in chosen.items() if k[2] is None} == dict(enumerate(SENTENCES))
     subs = [r for r in result["scores"] if r["subconcept"] != ""]
     assert subs, "every neuron with enough crops is split"
     described = {(r["layer"], int(r["channel"])): r
@@ -714,3 +723,145 @@ def test_semantic_consistency_and_dnr_ranking_table_by_hand():
     assert table["median"][1].tolist() == [3, 2, 1]              # 0, 1, 2
     assert table["squared mean"][1].tolist() == [1, 3, 2]        # 27, 1, 8/3
     assert table["semantic consistency"][1].tolist() == [2, 1, 3]  # NaN ranks last
+
+
+# ---------------------------------------------------------------------------------------------
+# Describe-and-Refine's loop (common/refinement.py)
+
+
+def test_candidates_are_ranked_on_the_selection_half_only():
+    """Two candidates of one neuron on 40 images: A follows the activation on the selection half
+    and goes against it on the test half, B the reverse. The loop chooses A, and the score it
+    records for each is the Pearson r on the selection half alone (by hand); had it read the
+    test half, or all images, it would have chosen B."""
+    from common.refinement import Unit, refine
+    rng = np.random.default_rng(3)
+    act = rng.normal(size=40)
+    selection = np.zeros(40, bool)
+    selection[::2] = True  # a selection half interleaved with the test half
+    noise = rng.normal(scale=0.3, size=40)
+    a = np.where(selection, act, -act) + noise
+    b = np.where(selection, -act * 0.5, act) + noise
+    cache = {"L": {"B": b, "A": a}}
+    unit = Unit("L", 0, 0, 1, selection.copy(), "B", [("B", "sentence"), ("A", "user")])
+    asked = []
+    refine([unit], cache, {"L": act[:, None]}, 2, lambda more: {},
+           lambda requests: asked.extend(requests) or [""] * len(requests))
+    scores = {r["description"]: r["score"] for r in unit.records}
+    assert scores["A"] == pytest.approx(hand_pearson(a[selection], act[selection]), abs=1e-12)
+    assert scores["B"] == pytest.approx(hand_pearson(b[selection], act[selection]), abs=1e-12)
+    assert unit.records[unit.best]["description"] == "A"
+    assert hand_pearson(b, act) > hand_pearson(a, act)  # on all images B would have won
+    assert all(not np.isin(np.flatnonzero(~selection), r.rows).any() for r in asked)
+    # REFINE=0: the first sentence stays, though A scores higher
+    again = Unit("L", 0, 0, 1, selection.copy(), "B", [("B", "sentence"), ("A", "user")])
+    refine([again], cache, {"L": act[:, None]}, 0, lambda more: {},
+           lambda requests: pytest.fail("no describer call without refinement"))
+    assert again.records[again.best]["description"] == "B" and len(again.records) == 2
+
+
+def test_misses_are_the_positives_the_matcher_ranks_low():
+    """By hand on 20 held-out images: the 5 strongest activations are the positives; the matcher
+    ranks 2 of them within its top 5 places (max(5 positives, 10 % of 20)), so the other 3 are
+    the misses, strongest activation first; images outside ``held_out`` are never misses."""
+    from common.refinement import misses
+    act = np.arange(20, dtype=float)         # positives: images 15 … 19
+    scores = np.zeros(20)
+    scores[[19, 17]] = 1.0                   # the matcher's top 5: 19, 17 and three of 0 … 3
+    scores[[0, 1, 2, 3]] = 0.5
+    held = np.ones(20, bool)
+    assert misses(scores, act, held).tolist() == [18, 16, 15]
+    held2 = np.ones(22, bool)
+    held2[21] = False                         # an image the unit may not use
+    act2, scores2 = np.append(act, [-1, 100.0]), np.append(scores, [0, 0])
+    assert 21 not in misses(scores2, act2, held2).tolist()
+
+
+class MissDescriber:
+    """A describer that names what most tiles of a mosaic show (red squares, bars or grey), and
+    keeps the prompts it was given."""
+
+    backend, model_label, batch_size = "fake", "fake", 8
+
+    def __init__(self):
+        """No prompt seen yet."""
+        self.prompts = []
+
+    def describe(self, neurons):
+        """One answer per neuron, from its mosaic's tiles."""
+        from common.mosaics import cut_tiles, load_mosaic
+        out = []
+        for n in neurons:
+            self.prompts.append((n.channel, n.prompt))
+            tiles = cut_tiles(load_mosaic(n.mosaic), n.grid, n.tile_px, n.n_tiles)
+            red = sum(((t[..., 0].astype(int) - t[..., 1]) > 80).mean() > 0.02 for t in tiles)
+            bars = sum(t.std() > 60 for t in tiles)
+            out.append(("Red patches." if red > len(tiles) / 2 else
+                        "Vertical edges." if bars > len(tiles) / 2 else "Plain grey.", ""))
+        return out
+
+
+@pytest.fixture
+def many_images(tmp_path):
+    """90 labelled planted images (30 red squares, 30 vertical bars, 30 plain grey)."""
+    return labelled_images(tmp_path / "many", 30, 2)
+
+
+def test_a_neuron_whose_sentence_names_the_wrong_pattern_is_refined_to_its_own(tmp_path,
+                                                                              many_images):
+    """The redness neuron (conv1 channel 0) starts from 03's "Vertical edges." (pattern B). The
+    describer, shown the images where that sentence fails (the neuron fires: red squares), says
+    "Red patches." (pattern A), which wins on the selection half: the final sentence within
+    REFINE iterations, 03's kept beside it, every candidate in 09_candidates.csv (read back as
+    written). With REFINE=0 the first sentence stays; a user concept can supply A too."""
+    wrong = ["Vertical edges.", "Vertical edges.", "Horizontal edges.", "Bright gray."]
+    run_dir = described_run(tmp_path, many_images, wrong)
+    n = 90
+    none = np.full((n, 5), -1)
+
+    def run_09(describer, **settings):
+        """Stage 09 on the run, no sub-concepts, with ``describer`` for the misses."""
+        return score.run(Run(run_dir), score.Settings(poly_threshold=2.0, **settings),
+                         matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none,
+                                                    np.zeros((n, 5))),
+                         describer_obj=describer)
+    describer = MissDescriber()
+    result = run_09(describer, refine=3)
+    red = next(r for r in result["scores"] if r["channel"] == 0 and r["subconcept"] == "")
+    assert red["description"] == "Red patches." and red["first_description"] == "Vertical edges."
+    assert red["verify_corr"] > red["first_corr"]  # on the test half, which chose nothing
+    mine = [c for c in result["candidates"] if c["channel"] == 0]
+    assert [(c["source"], c["description"]) for c in mine if c["chosen"]] == \
+        [("refined", "Red patches.")]
+    assert max(c["iteration"] for c in mine) <= 3
+    assert any(ch == 0 and '"Vertical edges."' in p for ch, p in describer.prompts)
+    back = read_candidates(run_dir / "09_candidates.csv")
+    assert [(c.layer, c.channel, c.subconcept, c.iteration, c.source, c.description, c.chosen)
+            for c in back] == \
+        [(c["layer"], c["channel"], c["subconcept"] or None, c["iteration"], c["source"],
+          c["description"], c["chosen"]) for c in result["candidates"]]
+    assert [c.selection_corr for c in back] == pytest.approx(
+        [c["selection_corr"] if c["selection_corr"] != "" else np.nan
+         for c in result["candidates"]], nan_ok=True)
+    summary = result["summary"][0]
+    assert summary["mean_verify_corr"] > summary["mean_first_corr"]
+    finals = [r["description"] for r in result["scores"] if r["subconcept"] == ""]
+    assert summary["distinct_first"] == 3 and summary["distinct_sentences"] == len(set(finals))
+
+    kept = run_09(MissDescriber(), refine=0)
+    assert next(r for r in kept["scores"] if r["channel"] == 0)["description"] == \
+        "Vertical edges."
+
+    class Silent(MissDescriber):
+        """A describer with nothing to add."""
+
+        def describe(self, neurons):
+            """No answer."""
+            return [(None, "no answer")] * len(neurons)
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("# what a user expects\nRed patches.\n")
+    user = run_09(Silent(), refine=3, concepts=str(concepts))
+    red = next(r for r in user["scores"] if r["channel"] == 0)
+    assert red["description"] == "Red patches."
+    assert [c["source"] for c in user["candidates"] if c["channel"] == 0 and c["chosen"]] == \
+        ["user"]
