@@ -52,9 +52,10 @@ import numpy as np
 
 from common.artefacts import (CandidateRow, Mosaic, Run, ScoreRow, SummaryRow, columns,
                               layer_dir, read_stats)
-from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
+from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
+from common.generation import GENERATORS
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import retract_meta, write_meta
 from common.threads import single_threaded
@@ -319,8 +320,9 @@ def eval_report(rows: list[dict], backend: str, layer: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Stage 09's settings: one flag each (``--poly-threshold`` …), defaults written here only."""
+class Settings(ModelAgain):
+    """Stage 09's settings: one flag each (``--poly-threshold`` …), defaults written here only;
+    the model flags (``ModelAgain``) are needed only with ``--generator diffusers``."""
 
     poly_threshold: float = setting(
         POLY_THRESHOLD, "neurons with at least this polysemanticity are split into sub-concepts",
@@ -354,6 +356,17 @@ class Settings:
     concepts: str = setting(
         "", "file of concept phrases, one per line, each a candidate sentence of every neuron "
         "(empty: none)", make="CONCEPTS")
+    generator: str = setting(
+        "retrieve", "images of a concept for the Activation Rate: retrieve (the held-out images "
+        "the matcher ranks highest) or diffusers (rendered by a text-to-image model, as DnR and "
+        "SIEVE do)", make="GENERATOR", choices=GENERATORS)
+    generator_model: str = setting(
+        "stabilityai/sd-turbo", "diffusers: the text-to-image pipeline, a folder or a Hugging "
+        "Face id in the local cache", make="GENERATOR_MODEL")
+    generate_n: int = setting(8, "diffusers: images rendered per sentence", make="GENERATE_N")
+    generate_steps: int = setting(
+        1, "diffusers: denoising steps (at most 4: a distilled model, run without guidance)",
+        make="GENERATE_STEPS")
     device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
     workers: int = setting(2, "offline matcher: processes measuring the images", make="WORKERS")
 
@@ -377,6 +390,38 @@ def _mean(values) -> float:
     arr = np.array([v for v in values if v != "" and v is not None], dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     return float(arr.mean()) if arr.size else float("nan")
+
+
+def rate_on_generated(rendered: list, inputs: RunInputs, settings: Settings, run: Run) -> dict:
+    """GENERATOR=diffusers: replace each row's Activation Rate by the one measured on images
+    rendered for its sentence (``settings.generate_n`` each, seeded; a sentence shared by several
+    neurons is rendered once) → what the meta records of it. ``rendered``: (row, the held-out
+    positives, the held-out activations, the sentence) of every verified sentence."""
+    from common.generation import Renderer, responses
+    from common.provenance import read_meta
+    from common.rerun import load_run_model
+    from common.scores import generated_activation_rate
+    started = time.perf_counter()
+    texts = list(dict.fromkeys(text for *_, text in rendered))
+    renderer = Renderer.load(settings.generator_model, settings.device, settings.generate_steps)
+    images = renderer.render(texts, settings.generate_n, settings.seed)
+    bundle = load_run_model(read_meta(run.activations), device=settings.device,
+                            **settings.model_again())
+    flat = [image for text in texts for image in images[text]]
+    found = responses(bundle, flat, inputs.layers)
+    start = {text: i * settings.generate_n for i, text in enumerate(texts)}
+    for row, positive, activation, text in rendered:
+        i = start[text]
+        rate = generated_activation_rate(
+            positive, activation, found[row["layer"]][i:i + settings.generate_n, row["channel"]])
+        row["activation_rate"] = "" if not np.isfinite(rate) else round(rate, 4)
+    seconds = time.perf_counter() - started
+    log.info("Activation Rate on generated images: %d sentences × %d images by %s (%d steps) in "
+             "%.1f s", len(texts), settings.generate_n, settings.generator_model,
+             settings.generate_steps, seconds)
+    return {"images": "generated", "generator": "diffusers", "model": settings.generator_model,
+            "per_sentence": settings.generate_n, "steps": settings.generate_steps,
+            "sentences": len(texts), "seconds": round(seconds, 2)}
 
 
 @single_threaded  # BLAS on one thread, parallel in processes (--workers): common/threads.py
@@ -520,6 +565,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
 
     rows: list[dict] = []
     auprc_beats: dict[tuple[str, int], bool] = {}  # per neuron: AUPRC above its control's
+    rendered: list[tuple[dict, np.ndarray, np.ndarray, str]] = []  # GENERATOR=diffusers' rows
     for layer in inputs.layers:
         stats = maxima[layer]
         tri = triage[layer]
@@ -563,6 +609,10 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                                 "n_held_out": mine["n"], "n_positives": mine["pos"],
                                 "activation_rate": _num(extra["ar"]),
                                 "dnr_consistency": _num(extra["consistency"])})
+                    if settings.generator == "diffusers":
+                        held_out = ~np.isin(usable_ids, s.shown) & test
+                        rendered.append((row, S.top_share_positives(stats[held_out, channel]),
+                                         stats[held_out, channel], s.text))
                 if ctrl is not None:
                     control = sentences[layer][s.control]
                     row.update({"control_corr": _num(ctrl["corr"]),
@@ -578,6 +628,9 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                         auprc_beats[key] = bool(np.isfinite(mine["auprc"]) and (
                             not np.isfinite(ctrl["auprc"]) or mine["auprc"] > ctrl["auprc"]))
                 rows.append(row)
+    concept_images = {"images": "retrieved: the held-out images the matcher ranks highest"}
+    if settings.generator == "diffusers":
+        concept_images = rate_on_generated(rendered, inputs, settings, run)
     ar_filter = sieve_filter(rows, groups, inputs.layers)
 
     summary = []
@@ -651,7 +704,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                select=settings.select, select_sweep=sweep, bootstrap=settings.bootstrap,
                alpha=settings.alpha, halves={"seed": seed, "selection": int((~test).sum()),
                                               "test": int(test.sum())},
-               eval_layer=layer_out, eval_report=report,
+               eval_layer=layer_out, eval_report=report, concept_images=concept_images,
                describer_saw_class_names=inputs.describer_backend == "offline")
     for row in summary:
         log.info("%s: %d neurons, %d dead, clarity %s, polysemanticity %s, verify r %s vs control "

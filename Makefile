@@ -60,6 +60,10 @@ MATCHER     ?= offline#                    09/13/14 concept matcher of the verif
 POLY        ?= 0#                          09 polysemanticity from which a neuron's crops are clustered (0: every selected neuron)
 SELECT      ?= 0#                          09 SIEVE's selection: least selectivity p99/median of a clustered neuron (paper: 10; 0: off)
 REFINE      ?= 3#                          09 DnR refinement: most rounds of asking the describer about a sentence's misses (0: none)
+GENERATOR   ?= retrieve#                   09 images of a concept for the Activation Rate: retrieve (matcher's top held-out images) | diffusers (rendered)
+GENERATOR_MODEL ?= stabilityai/sd-turbo#   09 diffusers: text-to-image pipeline, a folder or a Hugging Face id already on disk
+GENERATE_N  ?= 8#                          09 diffusers: images rendered per sentence
+GENERATE_STEPS ?= 1#                       09 diffusers: denoising steps (≤ 4: a distilled model, no guidance)
 CONCEPTS    ?=#                            09/15 file of concept phrases, one per line (09: extra candidates; 15 label: empty = shipped list)
 MIN_SCORE   ?=#                            07 search only neurons whose description 09 verified at least this well (verify_corr)
 WEAK_BELOW  ?= 0.4#                         07 a text hit below this cosine is a weak match; none above it: no good match (docs/search.md)
@@ -217,7 +221,11 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --select $(SELECT) \
            --text-model $(TEXT_EMBEDDER) --device $(DEVICE) --workers $(WORKERS) \
            --refine $(REFINE) $(if $(CONCEPTS),--concepts $(call quote,$(CONCEPTS))) \
-           --describe-args $(call quote,$(DESCRIBE_03))
+           --describe-args $(call quote,$(DESCRIBE_03)) --generator $(GENERATOR) \
+           $(if $(filter diffusers,$(GENERATOR)),--generator-model=$(call quote,$(GENERATOR_MODEL)) \
+             --generate-n $(GENERATE_N) --generate-steps $(GENERATE_STEPS) \
+             --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+             $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle))
 score: $(SCORES) $(M09) ## 09: triage, interpretability and verification scores; sub-concepts
 $(SCORES) $(M09) &: 09_score.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
                 $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \

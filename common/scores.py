@@ -312,6 +312,20 @@ def activation_rate(positive: np.ndarray, match: np.ndarray) -> float:
     return float(positive[concept].mean())
 
 
+def generated_activation_rate(positive: np.ndarray, activation: np.ndarray,
+                              responses: np.ndarray) -> float:
+    """SIEVE's Activation Rate on generated images: the share of ``responses`` (the neuron's
+    per-image maximum on images rendered for the concept, common/generation.py) at or above its
+    top-1 % threshold — the lowest ``activation`` among the held-out ``positive`` images. NaN
+    without positives or without responses."""
+    positive = np.asarray(positive, bool)
+    responses = np.asarray(responses, np.float64)
+    if not positive.any() or not responses.size:
+        return float("nan")
+    threshold = float(np.asarray(activation, np.float64)[positive].min())
+    return float((responses >= threshold).mean())
+
+
 def mean_filter(rates: np.ndarray) -> tuple[float, np.ndarray, float]:
     """SIEVE's filter of hypotheses by Activation Rate: the mean rate, which hypotheses are kept
     (rate at or above that mean) and the mean recomputed over those kept → (mean, kept, mean

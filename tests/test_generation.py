@@ -9,41 +9,11 @@ from PIL import Image
 from common.cli import StageError
 from common.generation import Renderer, concept_seed, responses
 
-WORDS = ["[PAD]", "[UNK]", "red", "stripes", "a", "dog", "blue", "sky"]
-
-
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """A folder holding a 16-px Stable Diffusion pipeline with random weights."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
-    torch.manual_seed(0)
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]",
-                                        unk_token="[UNK]", model_max_length=8)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=16,
-                                        intermediate_size=32, num_attention_heads=2,
-                                        num_hidden_layers=1, max_position_embeddings=8,
-                                        projection_dim=16))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
-                                block_out_channels=(8, 16), layers_per_block=1,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                       unet=unet, scheduler=EulerDiscreteScheduler(),
-                                       safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    pipeline.save_pretrained(folder)
-    return folder
+    from tiny_vlms import tiny_diffusion
+    return tiny_diffusion(tmp_path_factory.mktemp("tiny-sd"))
 
 
 def pixels(image) -> np.ndarray:

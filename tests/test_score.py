@@ -865,3 +865,50 @@ def test_a_neuron_whose_sentence_names_the_wrong_pattern_is_refined_to_its_own(t
     assert red["description"] == "Red patches."
     assert [c["source"] for c in user["candidates"] if c["channel"] == 0 and c["chosen"]] == \
         ["user"]
+
+
+def test_generated_activation_rate_by_hand():
+    """Share of the rendered images at or above the lowest held-out positive's activation."""
+    positive = np.array([0, 1, 1, 0], bool)
+    activation = np.array([0.1, 0.9, 0.6, 0.3])
+    assert S.generated_activation_rate(positive, activation, np.array([0.6, 0.59, 1.0, 0.0])) \
+        == 0.5
+    assert np.isnan(S.generated_activation_rate(np.zeros(4, bool), activation, np.ones(3)))
+    assert np.isnan(S.generated_activation_rate(positive, activation, np.zeros(0)))
+
+
+def test_generator_diffusers_measures_the_rate_on_rendered_images(tmp_path, many_images,
+                                                                 monkeypatch):
+    """GENERATOR=diffusers: 09 loads the text-to-image pipeline (a tiny random one, from its
+    folder) and the analysed model again, and measures each sentence's Activation Rate on the
+    images rendered for it. With the renders planted — red squares for a sentence that says
+    red, grey for any other — the redness neuron's "Red patches." rates 1 and a neuron whose
+    sentence names no red rates 0 on its planted grey; each sentence is rendered once."""
+    from common.generation import Renderer
+    from common.provenance import read_meta
+    from tiny_vlms import tiny_diffusion
+    run_dir = described_run(tmp_path, many_images)
+    n = 90
+    none = np.full((n, 5), -1)
+    asked = []
+
+    def planted(self, concepts, count, seed=0, batch=8):
+        """``count`` red-square or grey images per concept, by its words."""
+        asked.append(list(concepts))
+        rng = np.random.default_rng(seed)
+        return {c: [make_image("red" if "red" in c.lower() else "plain", 48, rng)
+                    for _ in range(count)] for c in dict.fromkeys(concepts)}
+    monkeypatch.setattr(Renderer, "render", planted)
+    result = score.run(Run(run_dir), score.Settings(
+        poly_threshold=2.0, refine=0, generator="diffusers",
+        generator_model=str(tiny_diffusion(tmp_path / "sd")), generate_n=4, model=FAKE_MODEL,
+        device="cpu"), matcher_obj=OfflineMatcher(WordsText(), ["a", "b", "c"], none,
+                                                  np.zeros((n, 5))))
+    rate = {r["description"]: r["activation_rate"] for r in result["scores"]
+            if r["subconcept"] == ""}
+    assert rate["Red patches."] == 1.0
+    assert rate["Horizontal edges."] == 0.0 and rate["Vertical edges."] == 0.0
+    assert len(asked) == 1 and sorted(asked[0]) == sorted(set(SENTENCES))
+    meta = read_meta(run_dir / "09_scores.csv")
+    assert meta["concept_images"]["images"] == "generated"
+    assert meta["concept_images"]["per_sentence"] == 4

@@ -376,3 +376,31 @@ def llava_onevision(folder):
         vision_feature_select_strategy="full", vision_feature_layer=-1)
     torch.manual_seed(0)
     return save(T.LlavaOnevisionForConditionalGeneration(config), processor, folder)
+
+
+def tiny_diffusion(folder):
+    """A Stable Diffusion text-to-image pipeline rendering 16-px images (UNet, VAE and CLIP text
+    tower of 8–16 features, the shared word tokenizer), for GENERATOR=diffusers → ``folder``."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    tok = word_tokenizer([], extra=("a", "dog", "blue", "sky", "patches", "edges"))
+    tok.model_max_length = 8
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                        num_attention_heads=2, num_hidden_layers=1,
+                                        max_position_embeddings=8, projection_dim=16))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+                                block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                       scheduler=EulerDiscreteScheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    return folder
