@@ -73,6 +73,7 @@ EXAMPLES = 8  # KO / OK images shown in each report's contact sheets
 TILE_PX = 112  # side of an image in those sheets and in crop strips
 WHY_TILE = 128  # side of the image and of each neuron's map in why/<image id>.jpg
 WHY_IN_REPORT = 3  # misclassified images whose "why" the report shows (all: why/ and the atlas)
+FIGURE_PX = 2400  # longest side of a plot embedded in the report: its own size, never shrunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -617,9 +618,13 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
         layer_rows.append(row)
     blocks += [doc.table(layer_rows[0].keys(), layer_rows,
                          numeric=[k for k in layer_rows[0] if k != "layer"]),
-               doc.figure(ctx["hist_png"], "Distribution of Δμ per layer", photo=False),
-               doc.figure(ctx["heat_png"], "z per channel and layer (dots: |z| above the rule)",
-                          photo=False)]
+               # At their own size (about 900 px wide): shrunk to fit 900 px of height, their
+               # labels were ~7 px high.
+               doc.figure(ctx["hist_png"], "Distribution of Δμ per layer", photo=False,
+                          max_px=FIGURE_PX),
+               doc.figure(ctx["heat_png"], "z per channel and layer (dots: |z| above the rule; "
+                          "the atlas's page of this pair names each cell on hover)",
+                          photo=False, max_px=FIGURE_PX)]
 
     rb = settings.rank_by
     blocks += [doc.heading("Most anomalous neurons"), doc.paragraph(
