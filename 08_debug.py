@@ -12,7 +12,10 @@ Writes (into the run folder):
                                    delta_mu.png, z_heatmaps.png, ko_examples.jpg, ok_examples.jpg,
                                    neurons/ (crops from 01 where 02 has no mosaic), ablation.csv
                                    and causal.json (causal check), report.md, report.html
-                                   (self-contained: images embedded)
+                                   (self-contained: images embedded), report.json (its blocks,
+                                   for the atlas's linked copy), why.npz and why/<id>.jpg (per
+                                   attributed KO image, its top neurons of all layers ranked
+                                   together, with their activation maps over the image)
   08_debug/attributions.npz        relevance (activation × gradient) of every neuron to the wrong
                                    and the right class of the first --attribute-images KO images
                                    of each analysed pair, for the atlas (common/attribution.py)
@@ -25,7 +28,13 @@ flagged by the thesis's rule |z| ≥ 2; t = Δμ over its standard error (Studen
 statistic); the Welch t-test p-value; and its Benjamini–Hochberg q-value over all neurons of all
 layers, flagged at q ≤ FDR (the statistics: common/differential.py). The causal check zeroes the
 top positive-z neurons of the deepest layer, re-runs the model, and counts KO images that flip to
-T, against an equally sized random set of neurons. The reports are written as blocks of text,
+T, against an equally sized random set of neurons.
+
+Why one image went wrong: for each of the first --attribute-images KO images of a pair, the
+--why-neurons neurons of all layers with the largest share of the push from T to P — activation ×
+gradient of (logit P − logit T), summed over space, divided by the sum of the absolute values of
+its layer on that image, so that layers of any size rank together
+(common.attribution.rank_contributions) — each with its activation map over the image. The reports are written as blocks of text,
 tables and figures (``report_blocks``) that common/render.py renders through the templates
 report.md and report.html.
 
@@ -62,6 +71,9 @@ STAGE = "08_debug"
 TOP_CONFUSED = 5  # confused classes listed per true class in 08_confusion.csv
 EXAMPLES = 8  # KO / OK images shown in each report's contact sheets
 TILE_PX = 112  # side of an image in those sheets and in crop strips
+WHY_TILE = 128  # side of the image and of each neuron's map in why/<image id>.jpg
+WHY_IN_REPORT = 3  # misclassified images whose "why" the report shows (all: why/ and the atlas)
+FIGURE_PX = 2400  # longest side of a plot embedded in the report: its own size, never shrunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +104,9 @@ class Settings(ModelAgain):
         30, "misclassified images per analysed pair whose neurons' relevance to the wrong and "
         "the right class is computed for the atlas (activation × gradient; 0: none; with "
         "--ablate-top 0 too, no model is loaded)")
+    why_neurons: int = setting(
+        8, "neurons of all layers, ranked together, shown with their activation maps for each "
+        "attributed misclassified image (why.npz; 0: none)")
     ablation_sample: int = setting(
         200, "labelled images (random, seeded) on which overall accuracy is measured; 0: all")
     batch_size: int = setting(32, "images per forward pass", make="BATCH")
@@ -318,7 +333,8 @@ def plot_delta_hist(stats: dict, layers: list[str], path: Path, z_threshold: flo
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(layers), len(AGGS), figsize=(9, 2.2 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), len(AGGS), figsize=(10, 2.6 * len(layers)),
+                             squeeze=False)
     for i, layer in enumerate(layers):
         for j, agg in enumerate(AGGS):
             res = stats[layer][agg]
@@ -326,10 +342,10 @@ def plot_delta_hist(stats: dict, layers: list[str], path: Path, z_threshold: flo
             ax.hist(res["delta_mu"], bins=40, color="#4a7ab5")
             ax.axvline(0, color="k", lw=0.8)
             ax.set_title(f"{layer} · {agg}: |z|≥{z_threshold:g} {int(res['flag_z'].sum())}, "
-                         f"FDR {int(res['flag_fdr'].sum())} of {len(res['z'])}", fontsize=9)
-            ax.tick_params(labelsize=7)
+                         f"FDR {int(res['flag_fdr'].sum())} of {len(res['z'])}", fontsize=12)
+            ax.tick_params(labelsize=11)
     for ax in axes[-1]:
-        ax.set_xlabel("Δμ = μ_KO − μ_OK", fontsize=8)
+        ax.set_xlabel("Δμ = μ_KO − μ_OK", fontsize=12)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
@@ -345,7 +361,8 @@ def plot_z_heatmaps(stats: dict, layers: list[str], path: Path, z_threshold: flo
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(layers), len(AGGS), figsize=(9, 3.0 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), len(AGGS), figsize=(10, 3.4 * len(layers)),
+                             squeeze=False)
     for i, layer in enumerate(layers):
         for j, agg in enumerate(AGGS):
             z = np.clip(stats[layer][agg]["z"], -1e3, 1e3)
@@ -359,10 +376,12 @@ def plot_z_heatmaps(stats: dict, layers: list[str], path: Path, z_threshold: flo
             im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             ys, xs = np.nonzero(np.abs(grid) >= z_threshold)
             ax.scatter(xs, ys, s=4, c="k", marker=".")
-            ax.set_title(f"{layer} · {agg} (channel = row·{width} + column)", fontsize=9)
+            ax.set_title(f"{layer} · {agg} (channel = row·{width} + column)", fontsize=12)
             ax.set_xticks([])
             ax.set_yticks([])
-            fig.colorbar(im, ax=ax, shrink=0.8, label="z = Δμ / σ")
+            bar = fig.colorbar(im, ax=ax, shrink=0.8)
+            bar.set_label("z = Δμ / σ", fontsize=11)
+            bar.ax.tick_params(labelsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
@@ -422,6 +441,48 @@ def crop_strip(activations: Path, layer: str, channel: int, paths: dict[int, str
         if bottom > top and right > left:
             tiles.append(img.crop((left, top, right, bottom)))
     return contact_sheet(tiles, path, columns=EXAMPLES)
+
+
+def why_strip(picture, ranked: list[dict], path: Path) -> None:
+    """why/<image id>.jpg: the image as the network saw it, then each of its ``ranked`` neurons'
+    activation map over it (common.images.overlay), ``WHY_TILE`` px each, captioned with the
+    neuron and its share in a 13 px font."""
+    from PIL import Image, ImageDraw, ImageFont
+    from common.images import overlay
+    font = ImageFont.load_default(size=13)
+    band = 36  # caption height: two lines
+    tiles = [(picture, "the image", "as seen")] + [
+        (overlay(picture, r["map"]), f"{r['layer']} #{r['channel']}",
+         f"share {100 * r['share']:.0f}%") for r in ranked]
+    sheet = Image.new("RGB", (len(tiles) * WHY_TILE, WHY_TILE + band), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (tile, line1, line2) in enumerate(tiles):
+        x = k * WHY_TILE
+        sheet.paste(tile.convert("RGB").resize((WHY_TILE, WHY_TILE)), (x, 0))
+        draw.text((x + 3, WHY_TILE + 2), line1[:19], fill="black", font=font)
+        draw.text((x + 3, WHY_TILE + 18), line2, fill="#444", font=font)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="JPEG", quality=85)
+
+
+def write_why(analysis: dict, records: dict[int, dict], ctx: dict) -> list[int]:
+    """why.npz and why/<image id>.jpg of one pair from ``attribute_images``' records of its KO
+    images; returns the ids written (those the model ran on and that could be read)."""
+    files = analysis["files"]
+    ids = [int(i) for i in analysis["ko_ids"] if int(i) in records and "top" in records[int(i)]]
+    if files.why_strips.is_dir():
+        shutil.rmtree(files.why_strips)  # strips of images an earlier run chose
+    if not ids:
+        files.why.unlink(missing_ok=True)
+        return []
+    artefacts.write_why(files.why, ctx["layers"], {i: records[i] for i in ids})
+    why = artefacts.read_why(files.why)
+    files.why_strips.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        picture = open_network_input(ctx["paths"][i], ctx["input_size"], ctx["channels"])
+        if picture is not None:
+            why_strip(picture, why.of(i), files.why_strips / f"{i}.jpg")
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,9 +618,13 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
         layer_rows.append(row)
     blocks += [doc.table(layer_rows[0].keys(), layer_rows,
                          numeric=[k for k in layer_rows[0] if k != "layer"]),
-               doc.figure(ctx["hist_png"], "Distribution of Δμ per layer", photo=False),
-               doc.figure(ctx["heat_png"], "z per channel and layer (dots: |z| above the rule)",
-                          photo=False)]
+               # At their own size (about 900 px wide): shrunk to fit 900 px of height, their
+               # labels were ~7 px high.
+               doc.figure(ctx["hist_png"], "Distribution of Δμ per layer", photo=False,
+                          max_px=FIGURE_PX),
+               doc.figure(ctx["heat_png"], "z per channel and layer (dots: |z| above the rule; "
+                          "the atlas's page of this pair names each cell on hover)",
+                          photo=False, max_px=FIGURE_PX)]
 
     rb = settings.rank_by
     blocks += [doc.heading("Most anomalous neurons"), doc.paragraph(
@@ -573,14 +638,17 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
                          "t": num(r[f"{rb}_t"]), "q": num(r[f"{rb}_q"]),
                          "FDR": "yes" if r[f"{rb}_flag_fdr"] else "no",
                          "description": r["description"] or "(no description)",
-                         "images": r.get("_image")})
+                         "images": r.get("_image"),
+                         "_href": artefacts.neuron_page(r["layer"], r["channel"])})
     blocks += [doc.table(["rank", "layer", "channel", "z", "Δμ", "t", "q", "FDR",
                           "description", "images"], top_rows,
-                         numeric=["rank", "channel", "z", "Δμ", "t", "q"], image="images"),
+                         numeric=["rank", "channel", "z", "Δμ", "t", "q"], image="images",
+                         link="channel"),
                doc.paragraph("How far to trust each description (09's verification against a "
                              "control, and the clarity of the neuron's crops) is shown beside "
                              "these neurons on this pair's page of the atlas (make atlas).")]
 
+    blocks += why_blocks(pair, ctx)
     blocks.append(doc.heading("Causal check"))
     cc = ctx.get("causal")
     if cc is None:
@@ -624,6 +692,41 @@ def report_blocks(pair: dict, ctx: dict) -> list[dict]:
     return blocks
 
 
+def why_blocks(pair: dict, ctx: dict) -> list[dict]:
+    """The report's "why" section: for the first ``WHY_IN_REPORT`` attributed KO images, the
+    neurons of all layers that pushed it most from the true to the predicted class, with their
+    maps (why/<id>.jpg) and a table whose channels link to the atlas's neuron pages."""
+    from common.attribution import WHY_NOTE
+    t, p = pair["true"], pair["pred"]
+    blocks = [doc.heading(f"Why these images were called {p}")]
+    why, ids = ctx.get("why"), ctx.get("why_ids") or []
+    if why is None or not ids:
+        return blocks + [doc.paragraph(ctx.get("attribution_error") or
+                                       "Not computed (--attribute-images 0 or --why-neurons 0).")]
+    blocks.append(doc.paragraph(
+        f"For each of {len(ids)} misclassified images (the first by image id, at most "
+        f"--attribute-images), the neurons of all layers ranked together by how much of the push "
+        f"from {t} to {p} passes through them. {WHY_NOTE} The first {min(WHY_IN_REPORT, len(ids))} "
+        f"images are shown here; why/ has one picture per image, and the atlas a page per image."))
+    descriptions = ctx["descriptions"]
+    for i in ids[:WHY_IN_REPORT]:
+        strip = ctx["files"].why_strips / f"{i}.jpg"
+        if strip.exists():
+            blocks.append(doc.figure(strip, f"Image {i} ({t} predicted as {p}) and the "
+                                            f"activation maps of its top neurons",
+                                     max_px=WHY_TILE * (1 + len(why.of(i)))))
+        rows = [{"rank": k, "layer": r["layer"], "channel": r["channel"],
+                 "share": doc.fmt_percent(r["share"]), "relevance": doc.fmt_number(r["relevance"]),
+                 "description": descriptions.get((r["layer"], r["channel"]), "")
+                 or "(no description)", "_href": artefacts.neuron_page(r["layer"], r["channel"])}
+                for k, r in enumerate(why.of(i), 1)]
+        blocks.append(doc.table(["rank", "layer", "channel", "share", "relevance",
+                                 "description"], rows,
+                                numeric=["rank", "channel", "share", "relevance"],
+                                link="channel"))
+    return blocks
+
+
 # ----------------------------------------------------------------------------------------------
 # The stage
 
@@ -664,7 +767,7 @@ def analyse_pair(pair: dict, rows: list[dict], ctx: dict, run: artefacts.Run) ->
     top = [dict(r) for r in table[:settings.show_top]]
     for r in top:
         if r["mosaic"] and Path(r["mosaic"]).exists():
-            r["_image"] = r["mosaic"]
+            r["_image"] = Path(r["mosaic"])
         else:
             strip = files.strips / f"{folder_name(r['layer'], str(r['channel']))}.jpg"
             strip.parent.mkdir(exist_ok=True)
@@ -723,7 +826,7 @@ def run_causal(analyses: list[dict], rows: list[dict], ctx: dict, bundle, image_
 
 
 def attribute_pairs(analyses: list[dict], ctx: dict, extract_meta: dict,
-                    bundle=None) -> tuple[dict[int, dict], str]:
+                    bundle=None, image_tensor=None) -> tuple[dict[int, dict], str]:
     """Relevance of every neuron to the wrong and the right class of the first
     ``attribute_images`` misclassified images (by id) of each analysed pair, for the atlas
     (common/attribution.py). Returns the records by image id, and why there are none when the
@@ -741,7 +844,8 @@ def attribute_pairs(analyses: list[dict], ctx: dict, extract_meta: dict,
         if bundle is None:
             bundle = load_run_model(extract_meta, device=settings.device,
                                     **settings.model_again())
-        records = attribute_images(bundle, ctx["layers"], jobs, settings.batch_size)
+        records = attribute_images(bundle, ctx["layers"], jobs, settings.batch_size,
+                                   top=settings.why_neurons, load=image_tensor)
     except (StageError, OSError, RuntimeError, ValueError) as err:
         error = f"No relevance computed: the model could not be run ({err})."
         log.warning("%s", error)
@@ -850,15 +954,22 @@ def run(run: artefacts.Run, settings: Settings = Settings(), *, bundle=None, ima
                                     **settings.model_again())
         model_name = getattr(bundle, "name", model_name)
         run_causal(analyses, rows, ctx, bundle, image_tensor)
-    attributions, attribution_error = attribute_pairs(analyses, ctx, extract_meta, bundle)
+    attributions, attribution_error = attribute_pairs(analyses, ctx, extract_meta, bundle,
+                                                      image_tensor)
 
     outputs = [confusion_path, run.pairs]
     for a in analyses:
-        report_ctx = {**ctx, **a, "model_name": model_name,
+        a["why_ids"] = write_why(a, attributions, ctx)
+        a["why"] = artefacts.read_why(a["files"].why) if a["why_ids"] else None
+        report_ctx = {**ctx, **a, "model_name": model_name, "attribution_error": attribution_error,
                       "confusion_row": conf_by_idx[a["pair"]["true_idx"]]}
+        blocks = report_blocks(a["pair"], report_ctx)
         md, _ = doc.write_report(a["folder"], f"{a['pair']['true']} → {a['pair']['pred']}",
-                                 report_blocks(a["pair"], report_ctx))
-        outputs += [a["files"].neurons, md]
+                                 blocks)
+        artefacts.write_report_blocks(a["files"].blocks, blocks)
+        outputs += [a["files"].neurons, md, a["files"].blocks]
+        if a["why_ids"]:
+            outputs.append(a["files"].why)
     # The runs a report is made from.
     upstream = {stage: fp for stage, fp in merge_lineage(metas).items()
                 if stage in ("01_extract", "02_mosaics", "03_describe")}

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import Run, layer_slug
+from common.artefacts import Run, layer_slug, neuron_page, read_report_blocks
 from common.attribution import ATTRIBUTION_NOTE
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
@@ -59,7 +59,7 @@ from common.glossary import TERMS, glossary, term, trust_key, verdict
 from common.io import replace_dir, sweep_temporaries, temp_dir
 from common.processes import worker_pool
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.render import asset, json_for_script, render
+from common.render import asset, fmt_number, json_for_script, render, report_paths
 
 log = logging.getLogger("neuron-atlas.10_atlas")
 
@@ -85,6 +85,9 @@ class Settings:
     neighbours: int = setting(8, "similar neurons listed per layer on a neuron page")
     workers: int = setting(2, "processes making thumbnails", make="WORKERS")
 CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
+PAIR_TOP = 12  # neurons of all layers listed on a pair's page, by their mean share of the error
+HEAT_COLOURS = 32  # colours of an activation map's PNG on a misclassified image's page
+FAST_OCTREE = 2  # PIL's Image.Quantize.FASTOCTREE: the quantizer that keeps transparency
 DEBUG_TOP = 20  # a neuron "appears in" a debug report when FDR-flagged or ranked this high
 TOP_CLASSES = 8  # classes listed for a neuron's top images
 LABELS_SHOWN = 12  # most frequent 15 labels listed per layer
@@ -124,6 +127,7 @@ class RunData:
     debug_neurons: dict = field(default_factory=dict)  # 08 folder → neurons.csv rows
     attributions: object = None                      # 08's common.artefacts.Attributions
     attribution_error: str = ""                      # why 08 computed none
+    whys: dict = field(default_factory=dict)         # 08 folder → its why.npz (artefacts.Why)
     scores: list | None = None                       # 09 ScoreRows, sub-concepts included
     candidates: dict = field(default_factory=dict)   # (layer, channel) → 09 CandidateRows
     summary: list | None = None                      # 09 SummaryRows
@@ -148,7 +152,7 @@ def read_run(run_dir: Path) -> RunData:
                                   read_descriptions, read_embeddings, read_images, read_keywords,
                                   read_metrics, read_mosaics, read_pairs, read_predictions,
                                   read_candidates, read_score_rows, read_summary,
-                                  read_trace)
+                                  read_trace, read_why)
     from common.io import read_json
 
     files = Run(run_dir)
@@ -216,6 +220,10 @@ def read_run(run_dir: Path) -> RunData:
             if pair.analysed and neurons.exists():
                 run.debug_neurons[pair.folder] = [dataclasses.asdict(r)
                                                   for r in read_debug_neurons(neurons)]
+                why_path = files.pair(pair.folder).why
+                if why_path.is_file():
+                    read_meta(why_path, files.meta("08_debug"))  # 08's, unchanged since
+                    run.whys[pair.folder] = read_why(why_path)
         meta08 = metas[-1]  # 08_confusion.csv's, read by ``optional``
         attributions = files.attributions
         if attributions.is_file():
@@ -451,7 +459,7 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
                 "label": run.labels.get(key),  # 15's LabelRow, None when not labelled by 15
                 "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
                 "mosaic_png": run.mosaics.get(key),
-                "url": f"neurons/{layer_slug(layer)}/{c}.html",
+                "url": neuron_page(layer, c),
             })
         out[layer] = records
     return out
@@ -1093,23 +1101,35 @@ class Site:
 
     def debug_pages(self, pairs: list[dict], method: str) -> dict:
         """debug/: index, per pair a page, the 08 report and one page per KO image 08 attributed
-        (its relevances: ``method``).
+        (its relevances: ``method``; why it went wrong: 08's why.npz, neurons of all layers
+        ranked together with their maps over the image).
 
         Returns ``(layer, channel) → [image contributions]`` for the neuron pages.
         """
+        from common.attribution import WHY_NOTE, contribution_shares
+        from common.images import heat_rgba
         run, by_key = self.run, {(r["layer"], r["channel"]): r
                                   for recs in self.records.values() for r in recs}
         contributions = collections.defaultdict(list)
         names = class_names(run)
+        deep_first = list(reversed(run.layers))
         shown = []
         for pair in pairs:
             folder = pair["folder"]
-            report = run.run_dir / "08_debug" / folder / "report.html"
+            files = Run(run.run_dir).pair(folder)
+            report = report_paths(files.folder)[1]
             out_dir = self.out / "debug" / folder
             out_dir.mkdir(parents=True, exist_ok=True)
-            if report.exists():
+            blocks = read_report_blocks(files.blocks)
+            if blocks is not None:
+                self.page(f"debug/{folder}/report.html", "atlas_report.html", pair=pair,
+                          blocks=blocks, folder=files.folder)
+            elif report.exists():
                 shutil.copyfile(report, out_dir / "report.html")
-            images, totals = [], collections.defaultdict(lambda: 0.0)
+            has_report = blocks is not None or report.exists()
+            why = run.whys.get(folder)
+            images, totals, shares = [], collections.defaultdict(lambda: 0.0), \
+                collections.defaultdict(lambda: 0.0)
             attributed = {}
             for i in pair["ko_ids"]:
                 att = run.attributions.of(i) if run.attributions is not None else None
@@ -1121,7 +1141,7 @@ class Site:
             for pos, i in enumerate(ids):
                 att, pred = attributed[i], run.predictions[i]
                 groups = []
-                for layer in run.layers:
+                for layer in deep_first:
                     wrong, right = att["wrong"][layer], att["right"][layer]
                     positive = float(wrong[wrong > 0].sum())
                     top = np.argsort(-wrong, kind="stable")[:CONTRIBUTORS]
@@ -1139,6 +1159,21 @@ class Site:
                     for c in range(len(wrong)):
                         totals[(layer, c)] += float(wrong[c]) / len(ids)
                     groups.append({"layer": layer, "rows": rows})
+                for layer, values in contribution_shares(att["wrong"], att["right"]).items():
+                    for c, v in enumerate(values):
+                        shares[(layer, c)] += float(v) / len(ids)
+                ranked = []
+                for k, r in enumerate(why.of(i) if why is not None else [], 1):
+                    heat = f"{i}/{k}.png"
+                    (out_dir / str(i)).mkdir(exist_ok=True)
+                    # 32 colours with their transparency: a quarter of the bytes of RGBA
+                    heat_rgba(r["map"]).quantize(colors=HEAT_COLOURS, method=FAST_OCTREE).save(
+                        out_dir / heat, format="PNG", optimize=True)
+                    rec = by_key[(r["layer"], r["channel"])]
+                    ranked.append({**r, "rank": k, "heat": heat, "url": rec["url"],
+                                   "thumb": rec["thumb"], "description": rec["description"],
+                                   "peak": float(r["map"].max()),
+                                   "lift": r["share"] * len(att["wrong"][r["layer"]])})
                 top5 = zip(pred["top5_idx"], pred["top5_prob"])
                 image = {"id": i, "label": pair["true"], "pred": pred["pred_name"],
                          "prob": number(pred["prob"]), "path": pred["path"],
@@ -1146,11 +1181,12 @@ class Site:
                                            for k, p in top5),
                          "logit_pred": att["logit_wrong"], "logit_true": att["logit_right"],
                          "prev": ids[pos - 1] if pos > 0 else None,
-                         "next": ids[pos + 1] if pos + 1 < len(ids) else None}
+                         "next": ids[pos + 1] if pos + 1 < len(ids) else None,
+                         "why": ranked}
                 images.append(image)
                 self.page(f"debug/{folder}/{i}.html", "atlas_image.html", image=image,
-                          pair=pair, layers=groups, method=method)
-            top = []
+                          pair=pair, layers=groups, method=method, why_note=WHY_NOTE,
+                          report=has_report)
             name = f"{pair['true']}→{pair['pred']}"
             for key, value in totals.items():
                 by_key[key]["debug_scores"][f"relevance {name}"] = round(value, 5)
@@ -1158,12 +1194,12 @@ class Site:
                 key = (row["layer"], int(row["channel"]))
                 if key in by_key and number(row.get("mean_z")) is not None:
                     by_key[key]["debug_scores"][f"z {name}"] = round(number(row["mean_z"]), 4)
-            for layer in run.layers:
-                ranked = sorted(((v, c) for (L, c), v in totals.items() if L == layer),
-                                key=lambda t: (-t[0], t[1]))[:CONTRIBUTORS]
-                top.append({"layer": layer, "neurons": [
-                    {**{k: by_key[(layer, c)][k] for k in ("url", "thumb", "description")},
-                     "layer": layer, "channel": c, "value": v} for v, c in ranked]})
+            # Neurons of all layers ranked together by their mean share of the error.
+            ranked = sorted(((v, L, c) for (L, c), v in shares.items() if v > 0),
+                            key=lambda t: (-t[0], deep_first.index(t[1]), t[2]))[:PAIR_TOP]
+            top = [{**{k: by_key[(L, c)][k] for k in ("url", "thumb", "description")},
+                    "layer": L, "channel": c, "value": v, "relevance": totals[(L, c)],
+                    "lift": v * len(self.records[L])} for v, L, c in ranked]
             flagged = []
             for r in run.debug_neurons.get(folder, [])[:DEBUG_TOP]:
                 rec = by_key.get((r["layer"], int(r["channel"])), {"url": "", "scores": {}})
@@ -1179,14 +1215,41 @@ class Site:
             if pair["ko_ids"] and pair["ko_total"] > len(pair["ko_ids"]):
                 note = (note + " " if note else "") + (f"Only the first {len(pair['ko_ids'])} of "
                                                        f"{pair['ko_total']} misclassified images "
-                                                       f"have a page (--max-images).")
+                                                       f"have a page (--attribute-images).")
             self.page(f"debug/{folder}/index.html", "atlas_pair.html", pair=pair,
                       images=images, top=top if images else [], flagged=flagged,
-                      report=report.exists(), method=method, attribution_note=note)
-            shown.append({**pair, "page": True, "report": report.exists()})
+                      report=has_report, method=method, why_note=WHY_NOTE,
+                      attribution_note=note,
+                      zmaps=z_maps(run.debug_neurons.get(folder, []), deep_first, by_key))
+            shown.append({**pair, "page": True, "report": has_report})
         skipped = [p for p in run.pairs or [] if not p["analysed"]][:30]
         self.page("debug/index.html", "atlas_debug.html", pairs=shown, skipped=skipped)
         return contributions
+
+
+def z_maps(neurons: list[dict], layers: list[str], by_key: dict) -> list[dict]:
+    """08's z (mean aggregation) of every neuron of a pair as one grid per layer (``layers``
+    order): cells in channel order with their colour (red: more active on the errors, blue:
+    less; full colour at the pair's largest |z|, at least 2, the thesis's rule), their hover
+    text and their neuron page."""
+    z = {(r["layer"], int(r["channel"])): number(r.get("mean_z")) for r in neurons}
+    full = max([2.0] + [abs(v) for v in z.values() if v is not None])  # |z| of full colour
+    out = []
+    for layer in layers:
+        channels = sorted(c for L, c in z if L == layer)
+        if not channels:
+            continue
+        cells = []
+        for c in channels:
+            value = z[(layer, c)]
+            strength = 0.0 if value is None else min(abs(value) / full, 1.0)
+            tint = round(255 * (1 - strength))
+            colour = f"#ff{tint:02x}{tint:02x}" if (value or 0) > 0 else f"#{tint:02x}{tint:02x}ff"
+            rec = by_key.get((layer, c), {})
+            cells.append({"c": c, "z": value, "colour": colour, "url": rec.get("url", ""),
+                          "title": f"{layer} · channel {c} · z = {fmt_number(value)}"})
+        out.append({"layer": layer, "cells": cells, "full": full})
+    return out
 
 
 def flag(row: dict, column: str = "flag_fdr") -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ def layer_slug(layer: str) -> str:
     anything but ASCII letters, digits, ``.``, ``_`` and ``-`` become ``_``; no leading or trailing
     dot (no hidden file, no ``..``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", layer).strip(".") or "layer"
+
+
+def neuron_page(layer: str, channel: int) -> str:
+    """The atlas page of a neuron, as a path inside the atlas folder (links from 08's reports
+    and from 10's pages)."""
+    return f"neurons/{layer_slug(layer)}/{int(channel)}.html"
 
 
 def layer_dir(parent: str | Path, layer: str) -> Path:
@@ -74,6 +81,9 @@ class PairFolder(_Folder):
     ablation = _InRun("ablation.csv")
     causal = _InRun("causal.json")
     record = _InRun("pair.json")  # its report.md and .html: common.render.report_paths
+    why = _InRun("why.npz")  # per misclassified image: its top neurons of all layers, maps
+    why_strips = _InRun("why")  # <image id>.jpg: the image and those neurons' maps side by side
+    blocks = _InRun("report.json")  # the report as render blocks, for the atlas's linked copy
 
 
 class Comparison(_Folder):
@@ -885,6 +895,109 @@ def read_attributions(path: str | Path) -> Attributions | None:
                         right={L: data[f"{L}/right"] for L in layers},
                         logit_wrong=data["logit_wrong"], logit_right=data["logit_right"],
                         max_images=int(data["max_images"]))
+
+
+@dataclass
+class Why:
+    """08_debug/<pair>/why.npz: for each misclassified image 08 attributed (ids as in
+    attributions.npz), the neurons of all layers ranked together by their share of the push from
+    the true to the predicted class (common.attribution.rank_contributions), with each one's
+    activation map on the image. Row i, rank k: ``layer[i, k]`` (−1: fewer neurons than ranks;
+    an index into ``layers``), ``channel``, ``share`` (−1 … 1), ``relevance`` (its activation ×
+    gradient of logit_pred − logit_true) and ``maps[i, k]`` (MAP_SIDE × MAP_SIDE, the layer's
+    activation grid resampled over the whole image)."""
+    layers: list[str]
+    image_ids: np.ndarray   # n, int64
+    layer: np.ndarray       # n × K, int16 (−1: empty rank)
+    channel: np.ndarray     # n × K, int32
+    share: np.ndarray       # n × K, float32
+    relevance: np.ndarray   # n × K, float32
+    maps: np.ndarray        # n × K × S × S, float16
+
+    def of(self, image_id: int) -> list[dict]:
+        """One image's ranked neurons: dicts of layer, channel, share, relevance and map (S × S
+        float32); [] when the image was not attributed."""
+        rows = np.flatnonzero(self.image_ids == image_id)
+        if not len(rows):
+            return []
+        r = int(rows[0])
+        return [{"layer": self.layers[int(L)], "channel": int(self.channel[r, k]),
+                 "share": float(self.share[r, k]), "relevance": float(self.relevance[r, k]),
+                 "map": self.maps[r, k].astype(np.float32)}
+                for k, L in enumerate(self.layer[r]) if L >= 0]
+
+
+def write_why(path: str | Path, layers: list[str], records: dict[int, dict]) -> None:
+    """Write 08_debug/<pair>/why.npz from ``attribute_images(..., top=K)``'s records of the
+    pair's images (each with ``top`` and ``maps``), in image id order."""
+    ids = sorted(records)
+    k = max([len(records[i]["top"]) for i in ids] + [0])
+    side = max([records[i]["maps"].shape[-1] for i in ids] + [1])
+    layer = np.full((len(ids), k), -1, np.int16)
+    channel = np.zeros((len(ids), k), np.int32)
+    share = np.zeros((len(ids), k), np.float32)
+    relevance = np.zeros((len(ids), k), np.float32)
+    maps = np.zeros((len(ids), k, side, side), np.float16)
+    for r, i in enumerate(ids):
+        for j, (name, c, sh, rel) in enumerate(records[i]["top"]):
+            layer[r, j], channel[r, j], share[r, j], relevance[r, j] = layers.index(name), c, sh, rel
+            maps[r, j] = records[i]["maps"][j]
+    save_npz(path, {"layers": np.array(layers), "image_ids": np.array(ids, np.int64),
+                    "layer": layer, "channel": channel, "share": share, "relevance": relevance,
+                    "maps": maps})
+
+
+def read_why(path: str | Path) -> Why | None:
+    """08_debug/<pair>/why.npz, or None when 08 ranked no image of the pair (no model run)."""
+    if not Path(path).is_file():
+        return None
+    data = load_npz(path)
+    return Why(layers=[str(v) for v in data["layers"]], image_ids=data["image_ids"],
+               layer=data["layer"], channel=data["channel"], share=data["share"],
+               relevance=data["relevance"], maps=data["maps"])
+
+
+def write_report_blocks(path: str | Path, blocks: list[dict]) -> None:
+    """Write 08_debug/<pair>/report.json: a report's common/render.py blocks as JSON, image paths
+    relative to the file's folder (the atlas renders its own copy with links from them)."""
+    from common.io import write_json
+    folder = Path(path).parent
+
+    def plain(value):
+        """A block value as JSON: paths relative to ``folder``, sets as sorted lists."""
+        if isinstance(value, Path):
+            return {"path": Path(os.path.relpath(os.path.abspath(value), os.path.abspath(folder))).as_posix()}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        return value
+    write_json(path, {"blocks": plain(blocks)})
+
+
+def read_report_blocks(path: str | Path) -> list[dict] | None:
+    """08_debug/<pair>/report.json as render blocks (image paths absolute again; ``numeric``
+    back as a set); None when absent (a report written before 08 stored its blocks)."""
+    if not Path(path).is_file():
+        return None
+    folder = Path(path).parent
+
+    def back(value):
+        """Undo ``write_report_blocks``' ``plain``."""
+        if isinstance(value, dict):
+            if set(value) == {"path"}:
+                return folder / value["path"]
+            return {k: back(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [back(v) for v in value]
+        return value
+    blocks = back(read_json(path)["blocks"])
+    for b in blocks:
+        if "numeric" in b:
+            b["numeric"] = set(b["numeric"])
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------

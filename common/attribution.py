@@ -14,6 +14,15 @@ R_c of all channels add up to ``y_k`` minus the bias. 08 uses it for the misclas
 the pairs it analyses (which neurons drove the wrong class: ``attribute_images``, shown by the
 atlas); per-class relevance (13) reuses the same function. torch is imported only by the
 functions that run the model, so that the atlas can quote ``ATTRIBUTION_NOTE`` without it.
+
+Why an image was misclassified (true class T, predicted P): the relevance of the logit difference
+y_P − y_T is R(P) − R(T) (the relevance is linear in the logit explained). To rank the neurons of
+several layers together, each layer's values are divided by the sum of their absolute values on
+that image (``contribution_shares``): each layer splits, to first order, the same logit
+difference among its channels, so a channel's share of its layer's total says how much of the
+error passes through it whatever the layer's size or units (−1 … 1; the shares' absolute values
+add up to 1 in each layer). ``attribute_images`` keeps, per image, the ``top`` neurons of all
+layers by that share with their activation maps (``WHY_NOTE`` says this on the pages).
 """
 from __future__ import annotations
 
@@ -29,6 +38,40 @@ ATTRIBUTION_NOTE = ("Relevance of a neuron = its activation × the gradient of t
                     "with respect to it, summed over the feature map: how much the logit would "
                     "drop, to first order, if the neuron were switched off. Positive: it pushed "
                     "the image towards that class.")
+
+
+WHY_NOTE = ("Contribution to the error = activation × gradient of (logit of the predicted class "
+            "− logit of the true class), summed over the feature map, divided by the sum of the "
+            "absolute contributions of all neurons of its layer on this image: the neuron's share "
+            "of the push from the true to the wrong class that passes through its layer (−1 … 1), "
+            "so that neurons of all layers rank together; a layer of few channels gives each a "
+            "larger share. Maps: the neuron's activation over the image, shown from 40 % of its "
+            "peak on the image (yellow) to the peak (red).")
+MAP_SIDE = 28  # side of the activation maps kept per (image, top neuron): small, upsampled on show
+
+
+def contribution_shares(wrong: dict, right: dict) -> dict:
+    """Per layer, each channel's share of the layer's absolute contribution to y_wrong − y_right:
+    ``(wrong − right) / Σ |wrong − right|`` (``wrong``, ``right``: layer → C relevances of one
+    image; a layer whose contributions are all 0 gets zeros)."""
+    out = {}
+    for layer, w in wrong.items():
+        diff = np.asarray(w, np.float64) - np.asarray(right[layer], np.float64)
+        total = np.abs(diff).sum()
+        out[layer] = diff / total if total > 0 else np.zeros_like(diff)
+    return out
+
+
+def rank_contributions(wrong: dict, right: dict, top: int) -> list[tuple[str, int, float, float]]:
+    """The ``top`` neurons of all layers with the largest positive share of the push towards the
+    wrong class (``contribution_shares``), as (layer, channel, share, wrong − right), largest
+    first; ties by layer order (as given), then channel."""
+    shares = contribution_shares(wrong, right)
+    order = list(shares)
+    rows = [(layer, c, float(s[c]), float(wrong[layer][c] - right[layer][c]))
+            for layer, s in shares.items() for c in np.flatnonzero(s > 0)]
+    rows.sort(key=lambda r: (-r[2], order.index(r[0]), r[1]))
+    return [(layer, int(c), share, diff) for layer, c, share, diff in rows[:top]]
 
 
 @contextlib.contextmanager
@@ -61,7 +104,8 @@ def _keep_outputs(model, layer_names: Sequence[str]) -> Iterator[dict]:
             handle.remove()
 
 
-def channel_attribution(model, layer_names: Sequence[str], images, classes) -> tuple[dict, object]:
+def channel_attribution(model, layer_names: Sequence[str], images, classes,
+                        maps: dict | None = None) -> tuple[dict, object]:
     """Activation × gradient of each image's class logit, summed over space, per layer.
 
     ``images`` is a batch (B × 3 × H × W, already normalised for the model). ``classes`` holds the
@@ -70,7 +114,8 @@ def channel_attribution(model, layer_names: Sequence[str], images, classes) -> t
     explained logits (B,) — or ``T × B × C`` and ``T × B`` for T rows. Each image's logit depends
     only on its own input in eval mode, so the gradient of the summed logits gives every image
     its own gradient. The model's parameters get no gradient (only layer outputs are
-    differentiated).
+    differentiated). A dict passed as ``maps`` receives each layer's activations on its grid of
+    positions (B × C × H × W, on the CPU; the patch tokens of a transformer layer).
     """
     import torch
     from common.hooks import output_layouts
@@ -90,6 +135,9 @@ def channel_attribution(model, layer_names: Sequence[str], images, classes) -> t
             raise ValueError(f"layers {missing} did not run in the forward pass")
         layouts = output_layouts(model, {n: kept[n].shape for n in layer_names},
                                  tuple(images.shape[-2:]))
+        if maps is not None:
+            maps.update({n: layouts[n].to_grid(kept[n].detach()).float().cpu()
+                         for n in layer_names})
         for t, row in enumerate(rows):
             chosen = logits.gather(1, row[:, None])[:, 0]
             grads = torch.autograd.grad(chosen.sum(), [kept[n] for n in layer_names],
@@ -105,25 +153,41 @@ def channel_attribution(model, layer_names: Sequence[str], images, classes) -> t
 
 
 def attribute_images(bundle, layers: Sequence[str], jobs: Sequence[tuple[int, str, int, int]],
-                     batch_size: int) -> dict[int, dict]:
+                     batch_size: int, top: int = 0, load=None) -> dict[int, dict]:
     """Relevance of every channel of ``layers`` to two classes of each image, by activation ×
     gradient: ``jobs`` holds (image id, path, wrong class, right class) — for a misclassified
     image its predicted and its true class. Images go through the model as 01 prepared them
-    (``common.rerun.image_batches``), ``batch_size`` at a time.
+    (``common.rerun.image_batches``; ``load``: path → tensor, to inject), ``batch_size`` at a
+    time.
 
     Returns ``image id → {"wrong": {layer: C float32}, "right": …, "logit_wrong",
-    "logit_right"}``; an image that cannot be read is skipped (logged).
+    "logit_right"}``; an image that cannot be read is skipped (logged). With ``top`` > 0 a record
+    also holds ``"top"``, ``rank_contributions``' ``top`` neurons of all layers, and ``"maps"``,
+    their activation maps on this image (``top`` × ``MAP_SIDE`` × ``MAP_SIDE`` float32,
+    resampled bilinearly from the layer's grid).
     """
+    import torch.nn.functional as F
     from common.rerun import image_batches
     out = {}
     # Each image goes in with its place in ``jobs`` as its "label", to find its classes again.
     items = [(i, path, k) for k, (i, path, _, _) in enumerate(jobs)]
-    for ids, places, batch in image_batches(bundle, items, batch_size, desc="08 relevance"):
+    for ids, places, batch in image_batches(bundle, items, batch_size, desc="08 relevance",
+                                            load=load):
         chosen = [jobs[k] for k in places]
+        grids: dict | None = {} if top > 0 else None
         relevance, logits = channel_attribution(bundle.model, layers, batch,
-                                                [[c[2] for c in chosen], [c[3] for c in chosen]])
+                                                [[c[2] for c in chosen], [c[3] for c in chosen]],
+                                                maps=grids)
         for b, i in enumerate(ids):
             out[i] = {"wrong": {L: np.asarray(relevance[L][0, b].numpy()) for L in layers},
                       "right": {L: np.asarray(relevance[L][1, b].numpy()) for L in layers},
                       "logit_wrong": float(logits[0, b]), "logit_right": float(logits[1, b])}
+            if grids is not None:
+                ranked = rank_contributions(out[i]["wrong"], out[i]["right"], top)
+                picked = [grids[layer][b, c][None, None] for layer, c, _, _ in ranked]
+                out[i]["top"] = ranked
+                out[i]["maps"] = np.stack([
+                    F.interpolate(m, size=(MAP_SIDE, MAP_SIDE), mode="bilinear",
+                                  align_corners=False, antialias=True)[0, 0].numpy()
+                    for m in picked]) if picked else np.zeros((0, MAP_SIDE, MAP_SIDE), np.float32)
     return out

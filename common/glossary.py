@@ -467,6 +467,41 @@ TERMS: dict[str, Term] = {
         "Positive: the neuron pushed the images towards the wrong class; large values point "
         "at the cause of the error.",
         "003", "debug"),
+    "error_share": Term(
+        "share of the error", "share",
+        "The neuron's part of the push from the true to the predicted class on this image, among "
+        "all neurons of its layer (activation × gradient).",
+        "08's contribution of the neuron to logit(predicted) − logit(true): its activation × the "
+        "gradient of that difference, summed over the feature map, divided by the sum of the "
+        "absolute contributions of every neuron of its layer on the same image. Every layer splits "
+        "(to first order) the same logit difference among its neurons, so shares of different "
+        "layers compare, and neurons of all layers rank together.",
+        "−1 … 1; the absolute shares of one layer add up to 1 (100 %).",
+        "Large and positive: much of what made the network choose the wrong class passes through "
+        "this neuron; its map shows where on the image it fired. Negative: it argued for the "
+        "true class. On a pair's page: the mean over its attributed images. A layer of few "
+        "channels splits the push among few neurons, so each gets a larger share: read it with "
+        "'times an even share'.",
+        "atlas", "debug"),
+    "error_lift": Term(
+        "times an even share", "× even",
+        "The share of the error over the share every neuron of the layer would get from an even "
+        "split (1 / channels).",
+        "share of the error × the number of channels of the neuron's layer.",
+        "−channels … channels; 1 is an even split.",
+        "Well above 1: the neuron stands out in its layer; this favours wide layers as the share "
+        "favours narrow ones, so the two together say how exceptional and how large the "
+        "neuron's part is.",
+        "atlas", "debug"),
+    "error_relevance": Term(
+        "contribution to the error", "contribution",
+        "Activation × gradient of logit(predicted) − logit(true), summed over space: the "
+        "neuron's share before it is divided by its layer's total.",
+        "A first-order estimate of how much the gap between the wrong and the right class's "
+        "logits would shrink with the neuron switched off.",
+        "Any real number, in logit units; compare within a layer (use the share across layers).",
+        "Positive: the neuron widened the gap towards the wrong class.",
+        "003", "debug"),
     "top_activation": Term(
         "top activation", "top act",
         "The neuron's highest response over all images (its best image's spatial maximum).",

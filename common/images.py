@@ -414,6 +414,32 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     return ((tensor - mean_t) / std_t).contiguous()
 
 
+# Where a neuron fires on an image: transparent below 40 % of its peak on the image, then yellow
+# to red at the peak, more opaque as the value rises, so that the picture stays visible.
+HEAT_STOPS = np.array([[0.0, 0, 160, 255, 0], [0.4, 0, 160, 255, 0], [0.6, 255, 230, 0, 110],
+                       [1.0, 230, 0, 0, 190]], np.float32)  # value, R, G, B, alpha
+
+
+def heat_rgba(activation: np.ndarray, size: tuple[int, int] | None = None) -> Image.Image:
+    """An activation map as an RGBA picture (``HEAT_STOPS`` colours), scaled from 0 (or its
+    minimum when negative) to its maximum; ``size`` (width, height) resizes it bilinearly, so
+    that it can be laid over an image (``Image.alpha_composite``) or, left small, stretched over
+    one by a page. A constant map is transparent."""
+    a = np.asarray(activation, np.float32)
+    a = np.nan_to_num(a)
+    low, high = min(float(a.min()), 0.0), float(a.max())
+    v = (a - low) / (high - low) if high > low else np.zeros_like(a)
+    channels = [np.interp(v, HEAT_STOPS[:, 0], HEAT_STOPS[:, k]) for k in range(1, 5)]
+    picture = Image.fromarray(np.stack(channels, -1).round().astype(np.uint8), "RGBA")
+    return picture.resize(size, Image.BILINEAR) if size else picture
+
+
+def overlay(picture: Image.Image, activation: np.ndarray) -> Image.Image:
+    """``picture`` (RGB) with ``activation``'s ``heat_rgba`` stretched over it (RGB)."""
+    base = picture.convert("RGBA")
+    return Image.alpha_composite(base, heat_rgba(activation, base.size)).convert("RGB")
+
+
 # --------------------------------------------------------------------------------------------
 # Labels
 

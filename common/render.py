@@ -201,12 +201,16 @@ def figure(path, caption: str, photo: bool = True, max_px: int = 900) -> dict:
 
 
 def table(columns, rows, numeric=(), image: str | None = None, thumb_px: int = 320,
-          embed: bool = True) -> dict:
+          embed: bool = True, link: str | None = None, href: str = "_href") -> dict:
     """A table of ``rows`` (dicts) in ``columns`` order; ``numeric`` columns are right-aligned;
     the ``image`` column holds image paths (or None), shown as ``thumb_px`` thumbnails embedded
-    in the page, or with ``embed=False`` linked relative to the page's folder."""
+    in the page, or with ``embed=False`` linked relative to the page's folder. The ``link``
+    column links to the atlas page that each row's ``href`` field names (a path inside the
+    atlas) where the page is rendered inside the atlas (``link_root`` of the templates), and is
+    plain text elsewhere."""
     return {"kind": "table", "columns": list(columns), "rows": list(rows),
-            "numeric": set(numeric), "image": image, "thumb_px": thumb_px, "embed": embed}
+            "numeric": set(numeric), "image": image, "thumb_px": thumb_px, "embed": embed,
+            "link": link, "href": href}
 
 
 def html_page(title: str, blocks: list[dict], folder: Path) -> str:

@@ -91,11 +91,13 @@ def load_images(bundle, items: Sequence[tuple[int, str, int]], class_names: dict
 
 
 def image_batches(bundle, items: Sequence[tuple[int, str, int]], batch_size: int,
-                  desc: str = "images") -> Iterator[tuple[list[int], np.ndarray, object]]:
+                  desc: str = "images",
+                  load=None) -> Iterator[tuple[list[int], np.ndarray, object]]:
     """``(ids, labels, tensor)`` batches of the readable ``items`` — (id, path, label) — loaded
-    as 01 did, ``batch_size`` at a time: one pass over many images without holding them all."""
+    as 01 did (``load``: path → tensor, default :func:`image_loader`), ``batch_size`` at a time:
+    one pass over many images without holding them all."""
     import torch
-    readable = _readable(items, image_loader(bundle), desc)
+    readable = _readable(items, load or image_loader(bundle), desc)
     while batch := list(itertools.islice(readable, batch_size)):
         yield [g[0] for g in batch], np.array([g[1] for g in batch]), \
             torch.stack([g[2] for g in batch])

@@ -160,7 +160,8 @@ def test_static_site(run):
             assert f'src="../../mosaics/{layer}/{c}.webp"' in \
                 (site / "neurons" / layer / f"{c}.html").read_text(encoding="utf-8")
     # Thumbnails are JPEG and mosaics WebP: the only PNGs are 05's word clouds, copied as drawn.
-    assert {p.parent.name for p in site.rglob("*.png")} == {"wordclouds"}
+    # (and the debugging pages' activation maps, small PNGs with transparency)
+    assert {p.parent.name for p in site.rglob("*.png") if "debug" not in p.parts} == {"wordclouds"}
     assert [p.name for p in site.rglob("plotly*.js")] == ["plotly.min.js"]
     pages = list(site.rglob("*.html"))
     assert all("Plotly.newPlot" not in p.read_text()[:5000] or p.stat().st_size < 100_000
@@ -232,6 +233,57 @@ def test_debug_pages_name_the_neurons_behind_the_error(run):
         channel = int(row.split(" #")[1].split("<")[0])
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
         assert cells[6:8] == [fmt_number(0.5), fmt_number(round(0.9 - 0.2 * channel, 3))]
+
+
+def test_debug_pages_answer_why_with_maps_and_links_that_stay_inside_the_atlas(run, tmp_path):
+    """A misclassified image's page ranks the neurons of all layers together as 08's why.npz
+    does, each with its activation map over the image; the pair's page has one hoverable z cell
+    per neuron naming layer, channel and z; 08's report, rendered by the atlas, links its
+    neurons to their pages and back to the pair. Every link and image of the debugging pages
+    resolves inside a copy of the atlas folder, with the run folder gone."""
+    from common.artefacts import read_why
+    _, _, run_dir = run
+    pair = next(p for p in (run_dir / "08_debug").iterdir() if p.is_dir())
+    why = read_why(pair / "why.npz")
+    assert why is not None and len(why.image_ids) == 6
+    copy = tmp_path / "elsewhere" / "atlas"
+    shutil.copytree(run_dir / "atlas", copy)
+    folder = copy / "debug" / pair.name
+    i = int(why.image_ids[0])
+    page = (folder / f"{i}.html").read_text()
+    table = page[page.index('<table class="why">'):page.index("</table>", page.index('class="why"'))]
+    shown = re.findall(r'<td><a href="\.\./\.\./neurons/([^/]+)/(\d+)\.html">[^<]+ #\d+</a>',
+                       table)
+    assert shown == [(r["layer"], str(r["channel"])) for r in why.of(i)] and shown
+    heats = re.findall(r'class="heat" src="([^"]+)"', table)
+    assert len(heats) == len(shown) and all((folder / h).is_file() for h in heats)
+    assert 'data-term="error_share"' in table
+    from PIL import Image
+    with Image.open(folder / heats[0]) as heat:
+        assert heat.size == (28, 28) and heat.convert("RGBA").getextrema()[3][1] > 0
+    # The deepest layer's per-layer table comes first.
+    assert page.index("<h3>conv2</h3>") < page.index("<h3>relu1</h3>")
+    index = (folder / "index.html").read_text()
+    cells = re.findall(r'<a style="background:[^"]+" href="[^"]+" title="([^"]+)"', index)
+    assert len(cells) == 4 + 2
+    assert cells[0].startswith("conv2 · channel 0 · z = ") and \
+        any(c.startswith("relu1 · channel 3 · z = ") for c in cells)
+    report = (folder / "report.html").read_text()
+    assert 'href="index.html"' in report and "Why these images were called" in report
+    assert len(re.findall(r'href="\.\./\.\./neurons/(relu1|conv2)/\d\.html"', report)) >= 3
+    assert "<script>alert" not in report
+    checked = 0
+    for html_file in (copy / "debug").rglob("*.html"):
+        text = html_file.read_text()
+        for target in re.findall(r'(?:href|src)="([^"#?]+)[^"]*"', text):
+            if target.startswith(("data:", "http:", "https:", "mailto:")):
+                continue
+            resolved = (html_file.parent / target).resolve()
+            assert resolved.is_relative_to(copy.resolve()), (html_file, target)
+            assert resolved.exists(), (html_file, target)
+            checked += 1
+    assert checked > 100
+    assert "error_share" in (copy / "glossary.html").read_text()
 
 
 def test_08_attributes_the_first_misclassified_images_and_10_only_renders(run, fake_bundle,
@@ -792,6 +844,34 @@ def test_browser_layer_page_sorts_by_trust_with_presets_and_filters_kept_in_the_
         driver.quit()
 
 
+def test_browser_z_grid_names_the_channel_under_the_pointer(run):
+    """On a pair's page, a real pointer over a z cell names its layer, channel and z below the
+    grid (its tooltip says the same), and a click opens that neuron's page."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    _, _, run_dir = run
+    pair = next((run_dir / "atlas" / "debug").glob("*/index.html"))
+    driver = chromium()
+    try:
+        driver.set_window_size(1440, 900)
+        driver.get(pair.as_uri())
+        wait_ready(driver)
+        cells = driver.find_elements(By.CSS_SELECTOR, ".zgrid a")
+        assert len(cells) == 6
+        readout = driver.find_element(By.ID, "zreadout")
+        assert readout.text == ""
+        ActionChains(driver).move_to_element(cells[1]).perform()
+        assert readout.text.startswith("conv2 · channel 1 · z = ")
+        assert cells[1].get_attribute("title") == readout.text
+        ActionChains(driver).move_to_element(cells[3]).perform()
+        assert readout.text.startswith("relu1 · channel 1 · z = ")
+        cells[3].click()
+        assert driver.current_url.endswith("/neurons/relu1/1.html")
+        assert no_alert_ran(driver)
+    finally:
+        driver.quit()
+
+
 PAGES = ["index.html", "layers/relu1.html", "maps/relu1.html", "neurons/relu1/0.html",
          "sankey.html", "search.html", "glossary.html", "debug/index.html"]
 
@@ -806,7 +886,7 @@ def test_browser_maps_no_default_ring_legend_sorted_clear_of_toolbar_no_wide_pag
     shutil.copytree(run_dir / "atlas", copy)  # the run folder is not beside it any more
     assert broken_links(copy) == []
     pair = next((copy / "debug").glob("*/index.html"))
-    pages = PAGES + [str(pair.relative_to(copy)),
+    pages = PAGES + [str(pair.relative_to(copy)), str((pair.parent / "report.html").relative_to(copy)),
                      str(next(pair.parent.glob("[0-9]*.html")).relative_to(copy))]
     driver = chromium()
     width = "return [document.documentElement.scrollWidth, window.innerWidth]"

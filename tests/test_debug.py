@@ -7,6 +7,7 @@ differences between OK and KO images are known exactly.
 import json
 import math
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from PIL import Image
 from torch import nn
 
 from common.artefacts import (Description, Mosaic, Prediction, Run, columns, read_ablation,
-                              read_causal, read_confusion, read_debug_neurons, read_pairs)
+                              read_causal, read_confusion, read_debug_neurons, read_pairs,
+                              read_report_blocks, read_why)
 from common.cli import StageError
 from common.differential import chance_rate, compare_groups, layer_stats
 from common.io import save_npz, write_csv
@@ -320,14 +322,20 @@ class PlantedModel(nn.Module):
         return self.head(self.feat(x).mean(dim=(2, 3)))
 
 
-def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
+def planted_inputs():
+    """Three channels of 26 images (8 × 8, constant): 12 palace OK (c1 low), 8 palace KO (c1
+    high), 6 castle OK (c0 low, c1 high); returns c0, c1, c2, their N × 3 values, the inputs."""
     rng = np.random.default_rng(3)
-    # 12 palace OK (c1 low), 8 palace KO (c1 high), 6 castle OK (c0 low, c1 high).
     c0 = np.r_[rng.uniform(0.9, 1.1, 20), rng.uniform(0.0, 0.2, 6)]
     c1 = np.r_[rng.uniform(0.0, 0.2, 12), rng.uniform(0.8, 1.2, 8), rng.uniform(0.8, 1.2, 6)]
     c2 = rng.uniform(0, 1, 26)
     values = np.stack([c0, c1, c2], axis=1).astype(np.float32)
-    inputs = torch.from_numpy(values)[:, :, None, None].expand(-1, -1, 8, 8).contiguous()
+    return c0, c1, c2, values, \
+        torch.from_numpy(values)[:, :, None, None].expand(-1, -1, 8, 8).contiguous()
+
+
+def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
+    _, _, _, values, inputs = planted_inputs()
     model = PlantedModel().eval()
     with torch.no_grad():
         preds = model(inputs).argmax(1).tolist()
@@ -358,3 +366,103 @@ def test_ablation_of_the_planted_neuron_flips_the_errors(tmp_path):
     report = (run_dir / "08_debug" / "palace__castle" / "report.md").read_text()
     assert "suspects zeroed" in report
 
+
+
+class SplitModel(nn.Module):
+    """PlantedModel's error with two layers: ``feat`` (identity 1×1 conv) then ``mix``, which copies
+    feat's channel 1 into two channels (m1 = m2 = f1; m0 = f0, m3 = f2); the head reads
+    logit0 = m0, logit1 = 1.5·m1 + 1.5·m2 − 1, logit2 = 0.1·m3 − 5 of their spatial means. Planted
+    neuron: feat #1, the only way from the image to class 1 (castle)."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Conv2d(3, 3, 1, bias=False)
+        self.mix = nn.Conv2d(3, 4, 1, bias=False)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.feat.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.mix.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]])
+                                  .view(4, 3, 1, 1))
+            self.head.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.5, 1.5, 0],
+                                                 [0, 0, 0, 0.1]]))
+            self.head.bias.copy_(torch.tensor([0.0, -1.0, -5.0]))
+
+    def forward(self, x):
+        return self.head(self.mix(self.feat(x)).mean(dim=(2, 3)))
+
+
+def test_why_ranks_the_planted_neuron_first_across_layers_as_a_hand_computation(tmp_path):
+    """why.npz ranks, for every misclassified image, the neurons of both layers together by
+    activation × gradient of (logit castle − logit palace) over their layer's absolute total. By
+    hand (everything after feat is linear, so the relevance is exact): mix gives
+    (W_castle − W_palace)·mean(m) = (−f0, 1.5·f1, 1.5·f1, 0), feat gives (−f0, 3·f1, 0); divided
+    by the layer's Σ|·| the planted feat #1 has twice the share of each of mix's two copies of it,
+    so it ranks first although every layer carries the same push. Its map is where it fires: the
+    left half of the image, where channel 1 was painted."""
+    c0, c1, c2, values, inputs = planted_inputs()
+    inputs[:, 1, :, :4] *= 2  # channel 1 on the left half only, with the same mean
+    inputs[:, 1, :, 4:] = 0
+    model = SplitModel().eval()
+    with torch.no_grad():
+        preds = model(inputs).argmax(1).tolist()
+    assert preds == [0] * 12 + [1] * 14
+    labels = [0] * 20 + [1] * 6
+    mix = np.stack([c0, c1, c1, c2], axis=1).astype(np.float32)
+    run_dir = tmp_path / "run"
+    write_run(run_dir, labels, preds, {"feat": values, "mix": mix},
+              descriptions={("feat", 1): EVIL})
+    tensors = {str(run_dir / "img" / f"{i}.png"): inputs[i] for i in range(26)}
+    bundle = types.SimpleNamespace(model=model, name="split", input_size=8, mean=(0, 0, 0),
+                                   std=(1, 1, 1), class_names=NAMES, device=torch.device("cpu"))
+    settings = debug.Settings(true="palace", pred="castle", ablate_top=0, attribute_images=5,
+                              why_neurons=8)
+    debug.run(Run(run_dir), settings, bundle=bundle, image_tensor=tensors.__getitem__)
+    folder = Run(run_dir).pair("palace__castle")
+    why = read_why(folder.why)
+    assert why.layers == ["feat", "mix"]
+    assert list(why.image_ids) == list(range(12, 17))  # the first 5 KO images by id
+    for i in why.image_ids:
+        f0, f1 = float(c0[i]), float(c1[i])
+        by_hand = {"feat": np.array([-f0, 3 * f1, 0.0]), "mix": np.array([-f0, 1.5 * f1,
+                                                                         1.5 * f1, 0.0])}
+        expected = sorted(((v / np.abs(r).sum(), k, L, c) for k, (L, r) in
+                           enumerate(by_hand.items()) for c, v in enumerate(r) if v > 0),
+                          key=lambda e: (-e[0], e[1], e[3]))  # ties: layer order, channel
+        ranked = why.of(int(i))
+        assert [(r["layer"], r["channel"]) for r in ranked] == [(L, c) for _, _, L, c in expected]
+        assert ranked[0]["layer"] == "feat" and ranked[0]["channel"] == 1
+        assert [r["share"] for r in ranked] == pytest.approx([s for s, *_ in expected], abs=1e-5)
+        assert ranked[0]["share"] == pytest.approx(3 * f1 / (f0 + 3 * f1), abs=1e-5)
+        assert ranked[0]["relevance"] == pytest.approx(3 * f1, abs=1e-5)
+        planted_map = ranked[0]["map"]
+        assert planted_map.shape == (28, 28)
+        assert planted_map[:, :10].mean() == pytest.approx(2 * f1, rel=0.05)
+        assert planted_map[:, 18:].max() < 0.05 * f1
+        assert (folder.why_strips / f"{int(i)}.jpg").exists()
+    # The report shows it, and its blocks (for the atlas's copy) link the neuron to its page.
+    report = (folder.folder / "report.md").read_text()
+    assert "Why these images were called castle" in report and "why/12.jpg" in report
+    blocks = read_report_blocks(folder.blocks)
+    linked = [row for b in blocks if b["kind"] == "table" and b.get("link") == "channel"
+              for row in b["rows"]]
+    assert {"layer": "feat", "channel": 1, "_href": "neurons/feat/1.html"}.items() <= \
+        linked[0].items()
+    assert all(Path(b["path"]).is_file() for b in blocks if b["kind"] == "figure")
+    assert "<script>" not in (folder.folder / "report.html").read_text()
+
+
+def test_rank_contributions_divides_each_layer_by_its_absolute_total():
+    """Two layers with contributions on different scales: each is divided by its own Σ|·| before
+    they are ranked together; negative shares and zero layers never rank."""
+    from common.attribution import contribution_shares, rank_contributions
+    wrong = {"a": np.array([10.0, -30.0, 60.0]), "b": np.array([0.2, 0.1, 0.1, 0.0]),
+             "c": np.zeros(2)}
+    right = {"a": np.zeros(3), "b": np.array([0.0, 0.0, 0.2, 0.0]), "c": np.zeros(2)}
+    shares = contribution_shares(wrong, right)
+    assert shares["a"] == pytest.approx([0.1, -0.3, 0.6])
+    assert shares["b"] == pytest.approx([0.5, 0.25, -0.25, 0.0])
+    assert np.all(shares["c"] == 0)
+    assert rank_contributions(wrong, right, 3) == [("a", 2, pytest.approx(0.6), 60.0),
+                                                   ("b", 0, pytest.approx(0.5), 0.2),
+                                                   ("b", 1, pytest.approx(0.25), 0.1)]
+    assert len(rank_contributions(wrong, right, 10)) == 4

@@ -445,6 +445,20 @@
     if (tip) e.title = tip;
   });
 
+  // A pair's z grid: the cell under the pointer (or focused) is named in the line below it,
+  // beside its native tooltip, so that a touch screen shows it too.
+  const readout = document.getElementById("zreadout");
+  if (readout) {
+    const show = function (ev) {
+      const cell = ev.target.closest(".zgrid a");
+      if (cell) readout.textContent = cell.title;
+    };
+    document.querySelectorAll(".zgrid").forEach(function (grid) {
+      grid.addEventListener("mouseover", show);
+      grid.addEventListener("focusin", show);
+    });
+  }
+
   const pages = { layer: initLayer, map: initMap, sankey: initSankey, search: initSearch };
   if (pages[body.dataset.page]) pages[body.dataset.page]();
   else body.dataset.ready = "1";
