@@ -70,34 +70,13 @@ def make_images(folder: Path, n: int, workers: int) -> Path:
     return csv_path
 
 
-def synchronise(device) -> None:
-    """Wait for the GPU's queued work, so that a clock read after it is honest."""
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bare_loop(extract, bundle, entries, batch_size: int, workers: int) -> float:
-    """Seconds for 01's decoding pipeline and the forward passes alone."""
-    import torch
-    n_batches = -(-len(entries) // batch_size)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for _b, _ids, loaded in extract.iter_batches(entries, range(n_batches), batch_size,
-                                                     bundle.input_size, bundle.mean, bundle.std,
-                                                     workers):
-            batch = torch.stack([t for t, _ in loaded if t is not None]).to(bundle.device)
-            bundle.model(batch)
-    synchronise(bundle.device)
-    return time.perf_counter() - start
-
-
 def extract_throughput(csv_path: Path, work: Path, batch: int, workers: int, device: str) -> dict:
     """images/s of the bare loop and of 01 (best of two interleaved runs each) and 01's peak
     GPU memory."""
     import torch
     from common.artefacts import Run
     from common.images import list_images
+    from bench.bench_extract import bare_loop
     from common.models import load_model
     from tools.stages import load_stage
     extract = load_stage("01_extract")
@@ -113,7 +92,8 @@ def extract_throughput(csv_path: Path, work: Path, batch: int, workers: int, dev
         start = time.perf_counter()
         extract.run(Run(work / f"run_{rep}"), str(csv_path), bundle, bundle.default_layers,
                     extract.Settings(batch_size=batch, workers=workers, device=device))
-        synchronise(bundle.device)
+        if bundle.device.type == "cuda":
+            torch.cuda.synchronize(bundle.device)
         full.append(time.perf_counter() - start)
         if bundle.device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated(bundle.device))
