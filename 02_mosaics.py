@@ -40,7 +40,7 @@ from common.io import disk_guard, sweep_temporaries, temp_dir, write_bytes, writ
 from common.mosaics import BACKGROUND, paste_tiles, png_bytes
 from common.processes import worker_pool
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.fields import RF, field_box
+from common.fields import RF, tile_window
 
 log = logging.getLogger("neuron-atlas.02_mosaics")
 
@@ -177,20 +177,6 @@ def _cut(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.
     if y1 > y0 and x1 > x0:
         out[y0 - top:y1 - top, x0 - left:x1 - left] = image[y0:y1, x0:x1]
     return out
-
-
-def tile_window(rf: RF, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """The input box ``(top, left, bottom, right)`` that cell (y, x)'s tile shows.
-
-    It is the cell's receptive field, which may run past the image, except along an axis where the
-    field is at least as long as the image: there it is the whole image (deep layers).
-    """
-    top, left, bottom, right = field_box(rf, y, x)
-    if bottom - top >= height:
-        top, bottom = 0, height
-    if right - left >= width:
-        left, right = 0, width
-    return top, left, bottom, right
 
 
 def layer_plan(rf: RF, height: int, width: int, tile: int) -> tuple[int, int, float, tuple | None]:

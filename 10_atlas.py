@@ -19,7 +19,13 @@ Writes <run>/atlas/ (replaced as a whole, atomically) and <run>/10_atlas.meta.js
   debug/                  08's reports, and per analysed pair a page per misclassified image
   baskets.html, audit/, compare/<B>.html   11's baskets, 13's audit, 12's comparison with run B
   assets/                 atlas.css, atlas.js, terms.js (tooltips), plotly.min.js (stored once)
-  thumbs/, mosaics/, subs/  JPEG (cards, sub-concepts) and WebP (neuron pages) copies of the mosaics
+  thumbs/, subs/          JPEG copies of the mosaics (cards, sub-concepts)
+  images/<id>.webp        every image in a neuron's top k, as the network saw it: a neuron
+                          page draws its mosaic's tiles from them at the images' own resolution,
+                          and a click on a tile shows the whole image
+  actmaps/<L>/<c>.webp    for layers whose maps 01 stored: the neuron's activation map on each
+                          of its top images, in one grey strip (white: its top activation)
+  mosaics/                WebP copies of the mosaics that cannot be drawn from images/ (CROP=mask)
 
 Misclassified images: for the KO images of the pairs 08 analysed, 08 computed the relevance of each
 neuron of each layer to the wrong class — activation × gradient of that class's logit at the
@@ -52,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from common.artefacts import Run, layer_slug, neuron_page, read_report_blocks
+from common.fields import RF, tile_window
 from common.attribution import ATTRIBUTION_NOTE
 from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
@@ -65,6 +72,14 @@ log = logging.getLogger("neuron-atlas.10_atlas")
 
 STAGE = "10_atlas"
 JPEG_QUALITY = 75  # thumbnails and mosaics: small files, crops still recognisable
+# The top images the neuron pages draw their tiles from, at the network's input size: 1,496 of
+# them in the demo, 8.6 MB as WebP at quality 70 (JPEG: 11.9 MB at 70, 10.3 MB at 60; measured on
+# 80 of them; WebP costs ~16 ms an image where JPEG costs 1). They replace the 400-px WebP
+# mosaics (16.4 MB), where 640-px WebP mosaics, at full resolution, would have cost 35 MB.
+SOURCE_QUALITY = 70
+# Activation maps: one grey WebP strip per neuron. Measured on the demo's 432 neurons with maps:
+# 1.4 MB at quality 50, where coloured RGBA strips cost 4.8 MB (1.9 MB with a lossy alpha at 20).
+MAP_QUALITY = 50
 # Page-sized mosaics are most of the atlas's bytes: WebP at the same quality is about a sixth
 # smaller than JPEG (measured on the demo's mosaics); encoder method 2 costs ~6 ms more per
 # picture where the default (4) costs ~14 ms for 4 % fewer bytes.
@@ -80,8 +95,8 @@ class Settings:
     """Stage 10's settings: one flag each, defaults written here only."""
 
     thumb_px: int = setting(160, "side of card / hover thumbnails (JPEG)")
-    mosaic_px: int = setting(400, "side of the mosaic on neuron pages (WebP; the PNG stays in "
-                             "02_mosaics/)")
+    mosaic_px: int = setting(400, "side of the mosaic on neuron pages when 02 cut it with "
+                             "CROP=mask (WebP; CROP=rf mosaics are drawn from the top images)")
     neighbours: int = setting(8, "similar neurons listed per layer on a neuron page")
     workers: int = setting(2, "processes making thumbnails", make="WORKERS")
 CONTRIBUTORS = 5  # neurons listed per layer on a misclassified image's page
@@ -109,10 +124,11 @@ class RunData:
     run_dir: Path
     layers: list[str]
     topk: dict                      # layer → common.activations.LayerTopK
+    input_size: tuple               # (height, width) of the network's input, from 01
     images: list[dict]              # 01_images.csv rows
     predictions: dict[int, dict]    # image id → 01_predictions.csv row
     extract_meta: dict
-    mosaics: dict                   # (layer, channel) → PNG path
+    mosaics: dict                   # (layer, channel) → 02_mosaics.csv's Mosaic row
     descriptions: dict              # (layer, channel) → 03 row
     embeddings: object = None       # common.artefacts.Embeddings of 04, or None
     cluster_kind: str | None = None
@@ -167,14 +183,14 @@ def read_run(run_dir: Path) -> RunData:
     descriptions_csv = need(files.descriptions, "03")
     mosaics_csv = need(files.mosaics, "02")
     metas = [read_meta(activations), read_meta(mosaics_csv), read_meta(descriptions_csv)]
-    layers, _, topk = read_activations(activations)
+    layers, input_size, topk = read_activations(activations)
     # 01-04 through common/artefacts.py (typed rows, kept here as dicts for the templates).
-    run = RunData(run_dir=run_dir, layers=layers, topk=topk,
+    run = RunData(run_dir=run_dir, layers=layers, topk=topk, input_size=input_size,
                   images=[dataclasses.asdict(r) for r in read_images(need(files.images, "01"))],
                   predictions={r.image_id: dataclasses.asdict(r)
                                for r in read_predictions(need(files.predictions, "01"))},
                   extract_meta=metas[0],
-                  mosaics={m.key: m.path for m in read_mosaics(mosaics_csv)},
+                  mosaics={m.key: m for m in read_mosaics(mosaics_csv)},
                   descriptions={d.key: dataclasses.asdict(d)
                                 for d in read_descriptions(descriptions_csv)})
 
@@ -458,7 +474,9 @@ def neuron_records(run: RunData) -> dict[str, list[dict]]:
                 "subs": subs.get(key, []),
                 "label": run.labels.get(key),  # 15's LabelRow, None when not labelled by 15
                 "debug_scores": {},  # filled by the debugging pages: 08's z, mean relevance
-                "mosaic_png": run.mosaics.get(key),
+                "mosaic_png": getattr(run.mosaics.get(key), "path", None),
+                "mosaic_row": run.mosaics.get(key),
+                "tiles": None,  # what its page's mosaic and lightbox draw (Site.tiles)
                 "url": neuron_page(layer, c),
             })
         out[layer] = records
@@ -567,17 +585,75 @@ def shrink_image(job: tuple) -> str | None:
     return None
 
 
-def make_images(jobs: list[tuple], workers: int) -> list[str]:
-    """Run ``shrink_image`` on every job (``workers`` processes); return the errors."""
+def source_picture(job: tuple) -> str | None:
+    """Write one top image as the network saw it; return an error text or None.
+
+    ``job`` is ``(source, side, destination)``: the image file, the network's input side and
+    the WebP to write.
+    """
+    from common.images import BadImage, load_rgb, network_input
+    source, side, destination = job
+    try:
+        img, _ = load_rgb(source)
+    except BadImage as err:
+        return f"{source}: {err.reason}"
+    buf = io.BytesIO()
+    network_input(img, side).save(buf, format=PAGE_FORMAT[0], quality=SOURCE_QUALITY,
+                                  method=WEBP_METHOD)
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    Path(destination).write_bytes(buf.getvalue())
+    return None
+
+
+def make_images(jobs: list[tuple], workers: int, work=shrink_image,
+                desc: str = "10 thumbnails") -> list[str]:
+    """Run ``work`` (``shrink_image``, ``source_picture``, ``write_map_strip``) on every job
+    (``workers`` processes); return the errors."""
     from tqdm import tqdm
     if workers <= 1 or len(jobs) < POOL_FROM:
-        results = [shrink_image(j) for j in tqdm(jobs, desc="10 thumbnails", unit="img")]
+        results = [work(j) for j in tqdm(jobs, desc=desc, unit="img")]
     else:
-        with worker_pool(workers, "10 thumbnails") as pool:
+        with worker_pool(workers, desc) as pool:
             chunk = max(1, min(16, len(jobs) // (4 * workers)))  # every worker gets a share
-            results = list(tqdm(pool.map(shrink_image, jobs, chunksize=chunk), total=len(jobs),
-                                desc="10 thumbnails", unit="img"))
+            results = list(tqdm(pool.map(work, jobs, chunksize=chunk), total=len(jobs),
+                                desc=desc, unit="img"))
     return [r for r in results if r]
+
+
+def strip_columns(k: int, w: int) -> int:
+    """Columns of a strip of ``k`` maps ``w`` cells wide (WebP's largest side is 16,383)."""
+    return max(1, min(k, 16383 // w))
+
+
+def map_strip(maps: np.ndarray, top: float) -> bytes:
+    """A neuron's activation maps on its top images (k × h × w, best first) as one grey WebP:
+    map i at column i % columns, row i // columns (``strip_columns``).
+
+    A cell's grey level is its activation as a share of the neuron's ``top`` activation: white
+    at the top, black at 0 and below. One scale for all maps, so a weaker image's map is
+    darker, as its activation is lower. The lightbox multiplies the image by it.
+    """
+    from PIL import Image
+    k, h, w = maps.shape
+    level = np.nan_to_num(maps.astype(np.float32), nan=0.0)
+    level = np.clip(level / top, 0.0, 1.0) if top > 0 else np.zeros_like(level)
+    columns = strip_columns(k, w)
+    rows = -(-k // columns)
+    grid = np.zeros((rows * columns, h, w), np.float32)
+    grid[:k] = level
+    plane = grid.reshape(rows, columns, h, w).transpose(0, 2, 1, 3).reshape(rows * h, columns * w)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(255 * plane).astype(np.uint8), "L").save(
+        buf, format="WEBP", quality=MAP_QUALITY, method=WEBP_METHOD)
+    return buf.getvalue()
+
+
+def write_map_strip(job: tuple) -> None:
+    """Write ``map_strip(maps, top)`` to ``destination``; ``job`` is ``(maps, top,
+    destination)`` (for ``make_images``'s workers: 8 ms a neuron)."""
+    maps, top, destination = job
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    Path(destination).write_bytes(map_strip(maps, top))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,9 +784,11 @@ class Site:
                 png = r["mosaic_png"]
                 if png is not None and Path(png).exists():
                     r["thumb"] = f"thumbs/{r['slug']}/{r['channel']}.jpg"
-                    r["mosaic"] = f"mosaics/{r['slug']}/{r['channel']}{PAGE_FORMAT[1]}"
-                    jobs.append((str(png), [(str(self.out / r["thumb"]), thumb_px),
-                                            (str(self.out / r["mosaic"]), mosaic_px)]))
+                    targets = [(str(self.out / r["thumb"]), thumb_px)]
+                    if r["mosaic_row"].crop != "rf":  # not drawn from images/: a page copy
+                        r["mosaic"] = f"mosaics/{r['slug']}/{r['channel']}{PAGE_FORMAT[1]}"
+                        targets.append((str(self.out / r["mosaic"]), mosaic_px))
+                    jobs.append((str(png), targets))
                 for sub in r["subs"]:
                     source = self.run.run_dir / sub["mosaic"] if sub["mosaic"] else None
                     if source is not None and source.is_file():
@@ -723,6 +801,68 @@ class Site:
                 jobs.append((str(source), [(str(self.out / self.basket_thumbs[b.basket]),
                                             thumb_px)]))
         return jobs
+
+    def tiled(self) -> list[dict]:
+        """The records whose tiles the neuron pages show: those with a mosaic."""
+        return [r for recs in self.records.values() for r in recs if r["mosaic_row"] is not None]
+
+    def source_jobs(self) -> list[tuple]:
+        """``source_picture`` jobs: every image in the tiles of a mosaic, once."""
+        side = int(self.run.input_size[0])  # 01's inputs are square
+        ids = set()
+        for r in self.tiled():
+            top = self.run.topk[r["layer"]]
+            ids.update(int(i) for i in top.image_ids[r["channel"]][:r["mosaic_row"].n_tiles]
+                       if i >= 0)
+        return [(self.run.predictions[i]["path"], side,
+                 str(self.out / "images" / f"{i}{PAGE_FORMAT[1]}"))
+                for i in sorted(ids) if i in self.run.predictions]
+
+    def tiles(self, workers: int) -> None:
+        """Fill each record's ``tiles``: what its page's mosaic and lightbox draw (the images
+        of its tiles, their activations and windows; its activation maps when 01 stored them),
+        writing the maps' strips into actmaps/; and write data/images.js, the label and
+        prediction of every image shown. An image without a copy in images/ (unreadable) gets
+        id −1: its tile stays grey."""
+        names = class_names(self.run)
+        copied = {int(p.stem) for p in (self.out / "images").glob(f"*{PAGE_FORMAT[1]}")}
+        height, width = self.run.input_size
+        shown, strips = set(), []
+        for r in self.tiled():
+            row, top = r["mosaic_row"], self.run.topk[r["layer"]]
+            rf = RF.from_array(top.rf)
+            c, n = r["channel"], row.n_tiles
+            tiles = []
+            for i, v, y, x in zip(top.image_ids[c][:n], top.values[c][:n], top.y[c][:n],
+                                  top.x[c][:n]):
+                if i < 0:
+                    break
+                t, left, _, _ = tile_window(rf, int(y), int(x), height, width)
+                tiles.append([int(i) if int(i) in copied else -1,
+                              float(f"{float(v):.4g}"), t, left])
+                shown.add(int(i))
+            t, left, bottom, right = tile_window(rf, 0, 0, height, width)
+            r["tiles"] = {"grid": row.grid, "tile": row.tile_px, "crop": row.crop,
+                          "size": [height, width], "window": [bottom - t, right - left],
+                          "tiles": tiles, "map": "", "map_cell": [], "map_columns": 0}
+            if top.maps is not None and len(tiles):
+                rel = f"actmaps/{r['slug']}/{c}.webp"
+                strips.append((top.maps[c][:len(tiles)], float(top.values[c][0]),
+                               str(self.out / rel)))
+                r["tiles"].update(map=rel, map_cell=list(top.maps.shape[2:]),
+                                  map_columns=strip_columns(len(tiles), top.maps.shape[3]))
+        make_images(strips, workers, write_map_strip, "10 activation maps")
+        info = {}
+        for i in sorted(shown):
+            p = self.run.predictions.get(i)
+            if p is None:
+                continue
+            idx = int(p["label_idx"])
+            label = names.get(idx, p["label"]) if idx >= 0 else p["label"]
+            info[str(i)] = [label or "", p["pred_name"], number(p["prob"])]
+        (self.out / "data").mkdir(parents=True, exist_ok=True)
+        (self.out / "data" / "images.js").write_text(
+            f"window.ATLAS_IMAGES = {json_for_script(info)};\n", encoding="utf-8")
 
     # -- data and pages -------------------------------------------------------------------------
 
@@ -1309,6 +1449,15 @@ def build(run_dir: Path, settings: Settings = Settings(), out: Path | None = Non
         for err in errors:
             log.warning("mosaic skipped: %s", err)
         log.info("10: %d mosaics shrunk in %.1f s", len(jobs), time.perf_counter() - clock)
+        clock = time.perf_counter()
+        sources = site.source_jobs()
+        unread = make_images(sources, settings.workers, source_picture, "10 top images")
+        if unread:
+            log.warning("%d top images unreadable, their tiles stay grey (first: %s)",
+                        len(unread), unread[0])
+        site.tiles(settings.workers)
+        log.info("10: %d top images copied, tiles and maps written in %.1f s", len(sources),
+                 time.perf_counter() - clock)
         clock = time.perf_counter()
         pairs = analysed_pairs(run)
         similar, similar_kind = neighbours(run, settings.neighbours)

@@ -60,6 +60,21 @@ def crop_box(rf: RF, y: int, x: int, height: int, width: int) -> tuple[int, int,
             min(max(bottom, 0), height), min(max(right, 0), width))
 
 
+def tile_window(rf: RF, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The input box ``(top, left, bottom, right)`` that cell (y, x)'s mosaic tile shows (02's
+    crops, the atlas's tiles).
+
+    It is the cell's receptive field, which may run past the image, except along an axis where the
+    field is at least as long as the image: there it is the whole image (deep layers).
+    """
+    top, left, bottom, right = field_box(rf, y, x)
+    if bottom - top >= height:
+        top, bottom = 0, height
+    if right - left >= width:
+        left, right = 0, width
+    return top, left, bottom, right
+
+
 def _axis_span(centre: float, size: float) -> tuple[int, int]:
     """First and past-the-end pixel of a field of ``size`` pixels centred on ``centre``."""
     first = math.floor(centre - (size - 1) / 2 + 0.5)

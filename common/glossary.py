@@ -509,6 +509,33 @@ TERMS: dict[str, Term] = {
         "Any real number, in the layer's own units.",
         "Compare within a layer only.",
         "000", "neuron"),
+    "receptive_field": Term(
+        "receptive field", "field",
+        "The part of the input that one cell of the layer sees; a mosaic tile shows it, grey "
+        "where it lies outside the image.",
+        "The square of input pixels that can influence the layer's cell where the neuron fired "
+        "most on an image (computed from the network's kernels and strides, common/rf.py). A "
+        "mosaic tile shows that square; where it runs past the image's border the network saw "
+        "padding, and the tile is grey there. A field at least as large as the image shows the "
+        "whole image.",
+        "Its side in input pixels: from 1 (the first layers) to more than the image (deep "
+        "layers).",
+        "Much grey in a layer's tiles: its fields are large next to the image and the neuron "
+        "often fires near the border; the lightbox shows each tile's image whole.",
+        "000", "neuron"),
+    "activation_map": Term(
+        "activation map", "map",
+        "Where on an image the neuron fires: its layer's output for that image, one value per "
+        "cell, drawn over the image.",
+        "The neuron's output at every cell of its layer for one image, stretched over the "
+        "image. The atlas draws it for the layers whose maps 01 stored (the small, deep ones), "
+        "yellow where the neuron fires most and clear where it is silent, on one scale per "
+        "neuron (its top activation), so a weaker image's map is fainter. For the other layers "
+        "the lightbox dims everything but the tile's receptive field.",
+        "0 (silent) … the neuron's top activation.",
+        "A map over the object the sentence names supports the sentence; a map on the "
+        "background or a border points at what the neuron really detects.",
+        "000", "neuron"),
     "channel": Term(
         "channel", "#", "The neuron's index in its layer.",
         "The channel number of the neuron in the layer's output.", "0 … channels − 1.",

@@ -155,12 +155,11 @@ def test_static_site(run):
         for c in range(channels):
             assert (site / "neurons" / layer / f"{c}.html").exists()
             assert (site / "thumbs" / layer / f"{c}.jpg").read_bytes()[:2] == b"\xff\xd8"
-            page_mosaic = (site / "mosaics" / layer / f"{c}.webp").read_bytes()
-            assert page_mosaic[:4] == b"RIFF" and page_mosaic[8:12] == b"WEBP"
-            assert f'src="../../mosaics/{layer}/{c}.webp"' in \
-                (site / "neurons" / layer / f"{c}.html").read_text(encoding="utf-8")
-    # Thumbnails are JPEG and mosaics WebP: the only PNGs are 05's word clouds, copied as drawn.
-    # (and the debugging pages' activation maps, small PNGs with transparency)
+            # CROP=rf: the page draws its tiles from images/, it has no mosaic copy of its own
+            assert not (site / "mosaics").exists()
+            assert 'id="mosaic"' in (site / "neurons" / layer / f"{c}.html").read_text()
+    # Thumbnails are JPEG, top images WebP: the only PNGs are 05's word clouds, copied as drawn
+    # (and the debugging pages' activation maps, small PNGs with transparency).
     assert {p.parent.name for p in site.rglob("*.png") if "debug" not in p.parts} == {"wordclouds"}
     assert [p.name for p in site.rglob("plotly*.js")] == ["plotly.min.js"]
     pages = list(site.rglob("*.html"))
@@ -199,6 +198,55 @@ def test_static_site(run):
     for script in (site / "data").glob("*.js"):
         assert "<" not in script.read_text()  # model text reaches the page as JSON, escaped
     assert (site / "sankey.html").exists() and (site / "search.html").exists()
+
+
+def page_tiles(page: Path) -> dict:
+    """The ATLAS_TILES object a neuron page hands its script."""
+    text = page.read_text(encoding="utf-8")
+    return json.loads(re.search(r"window.ATLAS_TILES = (.*?);</script>", text).group(1))
+
+
+def test_tiles_are_the_top_k_in_order_with_their_images_and_windows(run):
+    """A neuron page's tiles are its top-k of 01 in rank order (image ids, activations), each
+    with the window 02 cut (common.fields.tile_window), and every image is copied once into
+    images/ as the network saw it; data/images.js names each image's label and prediction; a
+    layer whose maps 01 stored gets them in actmaps/, one cell per tile on the neuron's scale."""
+    from PIL import Image
+    from common.artefacts import read_activations, read_predictions
+    from common.fields import RF, tile_window
+    _, _, run_dir = run
+    site = run_dir / "atlas"
+    layers, (height, width), topk = read_activations(run_dir / "01_activations.npz")
+    preds = {r.image_id: r for r in read_predictions(run_dir / "01_predictions.csv")}
+    script = (site / "data" / "images.js").read_text(encoding="utf-8")
+    images = json.loads(script[script.index("{"):script.rindex("}") + 1])
+    for layer in layers:
+        top = topk[layer]
+        for c in range(top.channels):
+            tiles = page_tiles(site / "neurons" / layer / f"{c}.html")
+            ids = [int(i) for i in top.image_ids[c] if i >= 0][:tiles["grid"] ** 2]
+            assert [t[0] for t in tiles["tiles"]] == ids
+            assert np.allclose([t[1] for t in tiles["tiles"]], top.values[c][:len(ids)],
+                               rtol=1e-3)
+            rf = RF.from_array(top.rf)
+            assert [t[2:] for t in tiles["tiles"]] == [
+                list(tile_window(rf, int(y), int(x), height, width)[:2])
+                for y, x in zip(top.y[c][:len(ids)], top.x[c][:len(ids)])]
+            for i in ids:
+                with Image.open(site / "images" / f"{i}.webp") as img:
+                    assert img.format == "WEBP" and img.size == (width, height)
+                assert images[str(i)][1] == preds[i].pred_name
+            if top.maps is not None:
+                h, w = top.maps.shape[2:]
+                with Image.open(site / tiles["map"]) as strip:
+                    grey = np.asarray(strip.convert("L")).astype(float)
+                cols = tiles["map_columns"]
+                # The best tile's strongest cell is the neuron's top activation: white (lossy).
+                assert grey[:h, :w].max() >= 235
+                assert tiles["map_cell"] == [h, w] and cols >= 1
+            else:
+                assert tiles["map"] == ""
+    assert len(list((site / "images").glob("*.webp"))) == len(images)
 
 
 def test_debug_pages_name_the_neurons_behind_the_error(run):
@@ -363,7 +411,7 @@ def test_trust_is_explained_by_one_glossary(run):
     for channel, headline in levels.items():
         page = (site / "neurons" / "relu1" / f"{channel}.html").read_text()
         verdict = section(page, '<section id="verdict"', "</section>")
-        assert page.index('id="verdict"') < page.index('class="mosaic"')  # the page opens with it
+        assert page.index('id="verdict"') < page.index('id="mosaic"')  # the page opens with it
         assert f"<strong>{headline}</strong>" in verdict
         control = CONTROL_CORR.get(channel, 0.1)
         d, low, high = margin_interval(0.5, control, HELD_OUT.get(channel, 200), Z_95)
@@ -757,7 +805,7 @@ def test_browser_verdict_disclosure_and_glossary_at_two_widths(run, tmp_path):
             driver.get((site / "neurons" / "relu1" / "0.html").as_uri())
             verdict = driver.find_element(By.ID, "verdict")
             assert verdict.is_displayed() and verdict.text.startswith("Described reliably")
-            mosaic = driver.find_element(By.CSS_SELECTOR, "img.mosaic")
+            mosaic = driver.find_element(By.ID, "mosaic")
             assert verdict.location["y"] < mosaic.location["y"]
             assert "red blobs" not in verdict.text and "vertical edges" in verdict.text  # #1's
             raw = driver.find_element(By.CSS_SELECTOR, "#scores table")
@@ -868,6 +916,62 @@ def test_browser_z_grid_names_the_channel_under_the_pointer(run):
         cells[3].click()
         assert driver.current_url.endswith("/neurons/relu1/1.html")
         assert no_alert_ran(driver)
+    finally:
+        driver.quit()
+
+
+def test_browser_a_tile_opens_its_image_activation_and_label(run):
+    """A click on a neuron page's tile opens the lightbox with that tile's image, activation,
+    label and prediction, with the overlay drawn; the arrow steps to the next tile; the page
+    is no wider than the window with the lightbox open, at 1440 and 390 px."""
+    from selenium.webdriver.common.by import By
+    _, _, run_dir = run
+    site = (run_dir / "atlas").resolve()
+    data = atlas.read_run(run_dir)
+    names = atlas.class_names(data)
+    page = site / "neurons" / "relu1" / "1.html"
+    tiles = page_tiles(page)["tiles"]
+    assert len(tiles) >= 2
+
+    def expected(k: int) -> tuple[int, float, str, str]:
+        """Image id, activation, label and prediction of tile ``k`` from the run's files."""
+        i, value = tiles[k][0], tiles[k][1]
+        row = data.predictions[i]
+        idx = int(row["label_idx"])
+        label = (names.get(idx, row["label"]) if idx >= 0 else row["label"]) or "none"
+        return i, value, label, row["pred_name"]
+
+    driver = chromium()
+    try:
+        for w, h in ((1440, 900), (390, 844)):
+            driver.set_window_size(w, h)
+            driver.get(page.as_uri())
+            wait_ready(driver)
+            buttons = driver.find_elements(By.CSS_SELECTOR, "#mosaic .tile")
+            assert len(buttons) == len(tiles)
+            assert not driver.find_element(By.ID, "lightbox").is_displayed()
+            for k in (1, 2):
+                if k == 1:
+                    buttons[k].click()
+                else:
+                    driver.find_element(By.ID, "lb-next").click()
+                i, value, label, pred = expected(k)
+                assert driver.find_element(By.ID, "lightbox").is_displayed()
+                src = driver.find_element(By.ID, "lb-image").get_attribute("src")
+                assert src.endswith(f"/images/{i}.webp"), src
+                shown = float(driver.find_element(By.ID, "lb-value").text)
+                assert shown == pytest.approx(value, rel=5e-3, abs=1e-3)
+                assert driver.find_element(By.ID, "lb-label").text == label
+                assert driver.find_element(By.ID, "lb-pred").text.startswith(pred)
+                assert driver.execute_script(
+                    "return document.getElementById('lb-image').naturalWidth") > 0
+                assert driver.execute_script(
+                    "return document.getElementById('lb-overlay').width") > 0
+            scroll, inner = driver.execute_script(
+                "return [document.documentElement.scrollWidth, window.innerWidth]")
+            assert scroll <= inner, (w, scroll)
+            driver.find_element(By.ID, "lb-close").click()
+            assert not driver.find_element(By.ID, "lightbox").is_displayed()
     finally:
         driver.quit()
 
