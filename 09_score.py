@@ -55,7 +55,7 @@ from common.artefacts import (CandidateRow, Mosaic, Run, ScoreRow, SummaryRow, c
 from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error, setting,
                         settings_from, stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
-from common.generation import GENERATORS
+from common.generation import GeneratorSettings
 from common.io import sweep_temporaries, write_bytes, write_csv
 from common.provenance import retract_meta, write_meta
 from common.threads import single_threaded
@@ -320,9 +320,10 @@ def eval_report(rows: list[dict], backend: str, layer: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class Settings(ModelAgain):
+class Settings(ModelAgain, GeneratorSettings):
     """Stage 09's settings: one flag each (``--poly-threshold`` …), defaults written here only;
-    the model flags (``ModelAgain``) are needed only with ``--generator diffusers``."""
+    the model flags (``ModelAgain``) are needed only with ``--generator diffusers``
+    (``GeneratorSettings``)."""
 
     poly_threshold: float = setting(
         POLY_THRESHOLD, "neurons with at least this polysemanticity are split into sub-concepts",
@@ -356,17 +357,6 @@ class Settings(ModelAgain):
     concepts: str = setting(
         "", "file of concept phrases, one per line, each a candidate sentence of every neuron "
         "(empty: none)", make="CONCEPTS")
-    generator: str = setting(
-        "retrieve", "images of a concept for the Activation Rate: retrieve (the held-out images "
-        "the matcher ranks highest) or diffusers (rendered by a text-to-image model, as DnR and "
-        "SIEVE do)", make="GENERATOR", choices=GENERATORS)
-    generator_model: str = setting(
-        "stabilityai/sd-turbo", "diffusers: the text-to-image pipeline, a folder or a Hugging "
-        "Face id in the local cache", make="GENERATOR_MODEL")
-    generate_n: int = setting(8, "diffusers: images rendered per sentence", make="GENERATE_N")
-    generate_steps: int = setting(
-        1, "diffusers: denoising steps (at most 4: a distilled model, run without guidance)",
-        make="GENERATE_STEPS")
     device: str = setting("auto", "auto (cuda if present), cpu, cuda …", make="DEVICE")
     workers: int = setting(2, "offline matcher: processes measuring the images", make="WORKERS")
 
@@ -397,14 +387,13 @@ def rate_on_generated(rendered: list, inputs: RunInputs, settings: Settings, run
     rendered for its sentence (``settings.generate_n`` each, seeded; a sentence shared by several
     neurons is rendered once) → what the meta records of it. ``rendered``: (row, the held-out
     positives, the held-out activations, the sentence) of every verified sentence."""
-    from common.generation import Renderer, responses
+    from common.generation import responses
     from common.provenance import read_meta
     from common.rerun import load_run_model
     from common.scores import generated_activation_rate
     started = time.perf_counter()
     texts = list(dict.fromkeys(text for *_, text in rendered))
-    renderer = Renderer.load(settings.generator_model, settings.device, settings.generate_steps)
-    images = renderer.render(texts, settings.generate_n, settings.seed)
+    images = settings.renderer(settings.device).render(texts, settings.generate_n, settings.seed)
     bundle = load_run_model(read_meta(run.activations), device=settings.device,
                             **settings.model_again())
     flat = [image for text in texts for image in images[text]]
@@ -419,9 +408,7 @@ def rate_on_generated(rendered: list, inputs: RunInputs, settings: Settings, run
     log.info("Activation Rate on generated images: %d sentences × %d images by %s (%d steps) in "
              "%.1f s", len(texts), settings.generate_n, settings.generator_model,
              settings.generate_steps, seconds)
-    return {"images": "generated", "generator": "diffusers", "model": settings.generator_model,
-            "per_sentence": settings.generate_n, "steps": settings.generate_steps,
-            "sentences": len(texts), "seconds": round(seconds, 2)}
+    return {**settings.described(), "sentences": len(texts), "seconds": round(seconds, 2)}
 
 
 @single_threaded  # BLAS on one thread, parallel in processes (--workers): common/threads.py

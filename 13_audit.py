@@ -47,6 +47,7 @@ from common.artefacts import AuditRow, AuditSummaryRow, RelianceRow, Run, column
 from common.cli import (ModelAgain, StageError, add_run, add_settings, escaped,
                         exit_on_stage_error, setting, settings_from, stage_parser, start_stage)
 from common.concepts import best_alignment
+from common.generation import GeneratorSettings
 from common.io import load_npz, safe_name, save_npz, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
 
@@ -73,8 +74,9 @@ MARGIN = 0.2  # with 04's sentence embedder an unrelated concept still gains ~0.
 
 
 @dataclass(frozen=True)
-class Settings(RelevanceSettings):
-    """``13_audit.py audit``'s settings: one flag each, defaults written here only."""
+class Settings(RelevanceSettings, GeneratorSettings):
+    """``13_audit.py audit``'s settings: one flag each, defaults written here only (the images of
+    a spurious concept for the model test: ``GeneratorSettings``)."""
 
     layer: str | None = setting(None, "layer audited (default: the deepest one)",
                                 make="AUDIT_LAYER")
@@ -405,6 +407,10 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
         geometry = (tops[layer].rf, (int(tops[layer].fmap[1]), int(tops[layer].fmap[2])))
         found_scores = concept_scores(match, spurious, table, int(input_size[0]), layer,
                                       geometry)
+    rendered: dict[str, list] = {}  # GENERATOR=diffusers: the images of each spurious concept
+    if spurious and settings.generator == "diffusers":
+        rendered = settings.renderer(settings.device).render(spurious, settings.generate_n,
+                                                             settings.seed)
     audit_rows, summary, reliance_all = [], [], []
     for name, idx in class_idx.items():
         where = np.flatnonzero(rel["classes"] == idx)
@@ -473,7 +479,7 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
         mine_rel = class_reliance(
             {"class_name": name, "class_idx": idx, "layer": layer}, texts["spurious"],
             found_scores, table, predictions, bundle, idx, layer, zeroed, sets, batch_size,
-            matcher_name)
+            matcher_name, rendered)
         reliance_all += mine_rel
         write_reports(out_dir, row, [a for a in audit_rows if a["class_name"] == name],
                       order, mosaics, concepts[name], margin, mine_rel)
@@ -487,7 +493,8 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
                concepts=str(concepts_path),
                model_test={"matcher": matcher_name, "with_share": WITH_SHARE,
                            "without_share": WITHOUT_SHARE, "min_images": MIN_IMAGES,
-                           "score": "the class's logit"})
+                           "score": "the class's logit",
+                           "with_images": settings.described() if rendered else "retrieved"})
     for row in summary:
         log.info("%s: spurious share %.3f of the positive relevance; zeroing %d spurious-aligned "
                  "neurons: accuracy %s → %s (random control %s)", row["class_name"],
@@ -506,22 +513,39 @@ def run_audit(run: Run, concepts_path: Path, settings: Settings = Settings(), te
 
 def class_reliance(base: dict, texts: list[str], found_scores: dict, table, predictions: list,
                    bundle, idx: int, layer: str, zeroed: list[int], sets: list[list[int]],
-                   batch_size: int, matcher: str) -> list[dict]:
+                   batch_size: int, matcher: str, rendered: dict | None = None) -> list[dict]:
     """reliance.csv's rows of class ``idx``: its usable labelled images are split per spurious
     concept (``concept_image_ids``), those of any concept with enough on both sides are loaded
     once, and the class's logit is computed before, with ``zeroed`` zeroed, and with each random
-    set of ``sets`` zeroed (``common.rerun.predict``, ``common.hooks.ablate_channels``)."""
-    from common.rerun import load_images, predict
+    set of ``sets`` zeroed (``common.rerun.predict``, ``common.hooks.ablate_channels``).
+
+    ``rendered`` (GENERATOR=diffusers: concept → PIL images made for it, as SemanticLens does)
+    takes the place of the images with the concept; those without it stay the class's own."""
+    import torch
+    from common.generation import model_inputs
+    from common.rerun import Images, load_images, predict
     class_ids = np.array(sorted(r.image_id for r in predictions
                                 if r.label_idx == idx and table.usable[r.image_id]), np.int64)
     found = {t: concept_image_ids(found_scores[t], class_ids) for t in texts}
+    made: list = []  # rendered images, given the ids −1, −2, … in this order
+    for t in texts if rendered else ():
+        first = len(made)
+        made += rendered.get(t, [])
+        found[t] = (-1 - np.arange(first, len(made)), found[t][1])
     wanted = sorted({int(i) for w, wo in found.values() if min(len(w), len(wo)) >= MIN_IMAGES
-                     for i in (*w, *wo)})
+                     for i in (*w, *wo) if i >= 0})
     outputs = {"before": None, "zeroed": None, "controls": []}
     ids: list[int] = []
-    if wanted:
+    if wanted or made:
         loaded = load_images(bundle, [(i, table.image_paths[i], idx) for i in wanted], {},
                              desc="load images of the concepts")
+        if made:
+            tensors = model_inputs(bundle, made)
+            loaded = Images(ids=loaded.ids + [-1 - k for k in range(len(made))],
+                            labels=np.concatenate([loaded.labels, np.full(len(made), idx)]),
+                            tensors=torch.cat([loaded.tensors.reshape(-1, *tensors.shape[1:]),
+                                               tensors]),
+                            class_names={})
         ids = loaded.ids
 
         def logits(ablation):
@@ -531,7 +555,8 @@ def class_reliance(base: dict, texts: list[str], found_scores: dict, table, pred
         if zeroed:
             outputs["zeroed"] = logits({layer: zeroed})
             outputs["controls"] = [logits({layer: s}) for s in sets]
-    return reliance_rows(base, texts, found, outputs, ids, len(zeroed), matcher)
+    return reliance_rows(base, texts, found, outputs, ids, len(zeroed),
+                         f"{matcher}, with: rendered" if made else matcher)
 
 
 def write_reports(out_dir: Path, row: dict, neurons: list[dict], order: list[int],

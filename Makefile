@@ -218,14 +218,17 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 
 # --- 09 score: triage, interpretability scores, sub-concepts, verification of each sentence ------
 # 09 describes sub-concepts with the run's describer: 03's describer arguments (not --skip-dead).
+# 09 and 13 take images of a concept the same way (common.generation.GeneratorSettings)
+GENERATE := --generator $(GENERATOR) \
+            $(if $(filter diffusers,$(GENERATOR)),--generator-model=$(call quote,$(GENERATOR_MODEL)) \
+              --generate-n $(GENERATE_N) --generate-steps $(GENERATE_STEPS))
+MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --select $(SELECT) \
            --text-model $(TEXT_EMBEDDER) --device $(DEVICE) --workers $(WORKERS) \
            --refine $(REFINE) $(if $(CONCEPTS),--concepts $(call quote,$(CONCEPTS))) \
-           --describe-args $(call quote,$(DESCRIBE_03)) --generator $(GENERATOR) \
-           $(if $(filter diffusers,$(GENERATOR)),--generator-model=$(call quote,$(GENERATOR_MODEL)) \
-             --generate-n $(GENERATE_N) --generate-steps $(GENERATE_STEPS) \
-             --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
-             $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle))
+           --describe-args $(call quote,$(DESCRIBE_03)) $(GENERATE) \
+           $(if $(filter diffusers,$(GENERATOR)),$(MODEL_AGAIN))
 score: $(SCORES) $(M09) ## 09: triage, interpretability and verification scores; sub-concepts
 $(SCORES) $(M09) &: 09_score.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) \
                 $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(CROPVECTORS) $(M04) $(PROMPTS) \
@@ -266,8 +269,6 @@ reports-changed:
 
 # --- 11 baskets (on request): groups of neurons that fire together -------------------------------
 # 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
-MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
-               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
 ARGS_11 := $(MODEL_AGAIN) --method $(BASKETS) --alpha $(BASKET_ALPHA) --beta $(BASKET_BETA) \
            --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
            --repeats $(REPEATS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \
@@ -293,7 +294,8 @@ $(COMPARED): 12_compare.py $(EMBEDDINGS) $(M04) $(D)/05_clusters.csv $(M05) $(D)
 ARGS_13 := --audit=$(call quote,$(AUDIT)) $(if $(AUDIT_LAYER),--layer $(AUDIT_LAYER)) \
            --top $(AUDIT_TOP) --margin $(AUDIT_MARGIN) --controls $(CONTROLS) \
            --images-per-class $(PRUNE_IMAGES) --batch-size $(BATCH) --device $(DEVICE) \
-           --matcher $(MATCHER) --text-model $(TEXT_EMBEDDER) --workers $(WORKERS) $(MODEL_AGAIN)
+           --matcher $(MATCHER) --text-model $(TEXT_EMBEDDER) --workers $(WORKERS) $(MODEL_AGAIN) \
+           $(GENERATE)
 audit: $(M13) $(ATLAS) $(M10) ## 13: audit classes against AUDIT (concepts YAML): reports in data/$(RUN)/13_audit/ and the atlas
 $(RELEVANCE) $(D)/13_relevance.meta.json &: 13_audit.py $(EXTRACT) $(M01) \
                 $(call uses,13_audit.py) | $(VENV)

@@ -24,13 +24,40 @@ from typing import Sequence
 
 import numpy as np
 
-from common.cli import StageError
+from common.cli import StageError, setting
 
 log = logging.getLogger(__name__)
 
 GENERATORS = ("retrieve", "diffusers")  # how images of a concept are found
 DISTILLED_STEPS = 4  # at most this many denoising steps: a distilled model, run without guidance
 GUIDANCE = 7.5       # classifier-free guidance of an ordinary (many-step) pipeline
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Settings of a stage that takes images of a concept (09's Activation Rate, 13's model
+    test), inherited by its ``Settings``: one spelling of the four flags for both."""
+
+    generator: str = setting(
+        "retrieve", "images of a concept: retrieve (the run's images the matcher ranks highest) "
+        "or diffusers (rendered by a text-to-image model, as DnR, SIEVE and SemanticLens do)",
+        make="GENERATOR", choices=GENERATORS)
+    generator_model: str = setting(
+        "stabilityai/sd-turbo", "diffusers: the text-to-image pipeline, a folder or a Hugging "
+        "Face id in the local cache", make="GENERATOR_MODEL")
+    generate_n: int = setting(8, "diffusers: images rendered per concept", make="GENERATE_N")
+    generate_steps: int = setting(
+        1, "diffusers: denoising steps (at most 4: a distilled model, run without guidance)",
+        make="GENERATE_STEPS")
+
+    def renderer(self, device: str) -> "Renderer":
+        """The pipeline these settings name, loaded on ``device``."""
+        return Renderer.load(self.generator_model, device, self.generate_steps)
+
+    def described(self) -> dict:
+        """What a meta records of rendered images."""
+        return {"images": "generated", "generator": "diffusers", "model": self.generator_model,
+                "per_concept": self.generate_n, "steps": self.generate_steps}
 
 
 def concept_seed(seed: int, concept: str, index: int) -> int:
@@ -104,6 +131,15 @@ class Renderer:
         return images
 
 
+def model_inputs(bundle, images: Sequence):
+    """PIL ``images`` as the analysed network's input batch (n × C × H × W, on the CPU): resized
+    and centre-cropped to its input side and normalised as 01 does the run's images."""
+    import torch
+    from common.images import network_input, to_tensor
+    return torch.stack([to_tensor(network_input(im, bundle.input_size), bundle.mean, bundle.std)
+                        for im in images])
+
+
 def responses(bundle, images: Sequence, layers: Sequence[str], batch: int = 32
               ) -> dict[str, np.ndarray]:
     """Each neuron's maximum over its map on each of ``images`` (PIL), as stage 01 measures it:
@@ -112,7 +148,6 @@ def responses(bundle, images: Sequence, layers: Sequence[str], batch: int = 32
     channels (float32)."""
     import torch
     from common.hooks import read_layouts, reduce_outputs
-    from common.images import network_input, to_tensor
     side = bundle.input_size
     layouts = read_layouts(bundle.model, layers, (side, side), bundle.channels, bundle.n_outputs,
                            bundle.shapes)
@@ -125,9 +160,8 @@ def responses(bundle, images: Sequence, layers: Sequence[str], batch: int = 32
     with reduce_outputs(bundle.model, layers, {name: maximum(name) for name in layers},
                         warn_repeats=False) as outputs, torch.inference_mode():
         for start in range(0, len(images), max(1, batch)):
-            tensors = [to_tensor(network_input(im, side), bundle.mean, bundle.std)
-                       for im in images[start:start + max(1, batch)]]
-            bundle.model(torch.stack(tensors).to(bundle.device))
+            bundle.model(model_inputs(bundle, images[start:start + max(1, batch)])
+                         .to(bundle.device))
             for name in layers:
                 found[name].append(outputs[name].numpy())
     return {name: (np.concatenate(parts).astype(np.float32) if parts

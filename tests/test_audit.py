@@ -6,6 +6,7 @@ pool then logits 4·mean(red), 4·mean(edges), 0.5 − 2·(both). For a linear h
 average pooling, activation × gradient summed over space is exact: the relevance of channel c for
 class k is W[k, c] × the channel's spatial mean.
 """
+import json
 import numpy as np
 import pytest
 import torch
@@ -353,3 +354,52 @@ def test_too_few_images_of_a_concept_are_skipped_with_the_reason(audited_run, tm
     assert row["reason"] == "too few images: 3 with the concept, 5 without (at least 5 each)"
     (back,) = read_reliance(run_dir / "13_audit" / "reliance.csv")
     assert back.status == "skipped" and np.isnan(back.auc_before) and np.isnan(back.auc_zeroed)
+
+
+def test_rendered_images_of_the_spurious_concept_stand_for_the_images_with_it(planted_run,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    """GENERATOR=diffusers (SemanticLens's generated images): the images with the concept are the
+    ones rendered for it — here planted full-frame red squares, one pipeline (a tiny random one)
+    loaded from its folder — against the class's own images without it (the matcher's bottom
+    half). The AUC and gap equal sklearn's and a hand mean on a plain forward pass of those
+    images; zeroing the red neuron takes the reliance away; the meta says the images were
+    rendered."""
+    from sklearn.metrics import roc_auc_score
+    from common.artefacts import read_predictions
+    from common.generation import Renderer, model_inputs
+    from tiny_vlms import tiny_diffusion
+    run_dir, bundle = planted_run
+    made = []
+
+    def planted(self, concepts, count, seed=0, batch=8):
+        """``count`` images per concept: a red square on grey, growing."""
+        made.append(list(concepts))
+        out = {}
+        for c in concepts:
+            out[c] = []
+            for k in range(count):
+                arr = np.full((48, 48, 3), 120, np.uint8)
+                arr[8:20 + 3 * k, 8:20 + 3 * k] = (230, 20, 20)
+                out[c].append(Image.fromarray(arr))
+        return out
+    monkeypatch.setattr(Renderer, "render", planted)
+    result = audit_classes(planted_run, tmp_path, RED_SPURIOUS, RedShare(), controls=1,
+                           images_per_class=20, generator="diffusers",
+                           generator_model=str(tiny_diffusion(tmp_path / "sd")), generate_n=6)
+    (row,) = result["reliance"]
+    assert made == [["red"]]
+    assert (row["status"], row["n_with"], row["n_without"]) == ("ok", 6, 10)
+    assert row["matcher"] == "red-share, with: rendered"
+    red = sorted((r for r in read_predictions(run_dir / "01_predictions.csv")
+                  if r.label_idx == 0), key=lambda r: r.path)
+    without = class_logits(bundle, [r.path for r in red[:10]], 0)
+    with torch.no_grad():
+        rendered = bundle.model(model_inputs(bundle, planted(None, ["red"], 6)["red"]))[:, 0]
+    logits = np.concatenate([rendered.numpy(), without])
+    shows = np.arange(16) < 6
+    assert row["auc_before"] == pytest.approx(roc_auc_score(shows, logits), abs=1e-4)
+    assert row["gap_before"] == pytest.approx(logits[:6].mean() - logits[6:].mean(), abs=1e-4)
+    assert row["auc_zeroed"] == 0.5 and row["gap_zeroed"] == 0.0
+    meta = json.loads(Run(run_dir).audit_meta.read_text())
+    assert meta["model_test"]["with_images"]["images"] == "generated"

@@ -164,12 +164,20 @@ def test_each_setting_has_its_default_once_and_make_passes_it():
     from conftest import load_stage
     defaults = makefile_defaults()
     makefile = (ROOT / "Makefile").read_text()
+    shared = {m.group(1): m.group(2) for m in re.finditer(r"^([A-Z_]+) :=(.*?)\n(?=\S)", makefile,
+                                                          re.M | re.S)
+              if not m.group(1).startswith("ARGS_")}
     checked = []
     for script in sorted(ROOT.glob("[01][0-9]_*.py")):
         settings = getattr(load_stage(script.stem), "Settings", None)
         if settings is None:
             continue
         block = re.search(rf"^ARGS_{script.stem[:2]} :=(.*?)\n(?=\S)", makefile, re.M | re.S)
+        if block:  # flags may come through a shared variable (GENERATE, MODEL_AGAIN): expand it
+            text = block.group(1)
+            for _ in range(2):
+                text = re.sub(r"\$\((\w+)\)", lambda m: shared.get(m.group(1), m.group(0)), text)
+            block = re.match(r"(.*)", text, re.S)
         for field in dataclasses.fields(settings):
             var = field.metadata.get("make")
             if not var:

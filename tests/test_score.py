@@ -911,4 +911,4 @@ def test_generator_diffusers_measures_the_rate_on_rendered_images(tmp_path, many
     assert len(asked) == 1 and sorted(asked[0]) == sorted(set(SENTENCES))
     meta = read_meta(run_dir / "09_scores.csv")
     assert meta["concept_images"]["images"] == "generated"
-    assert meta["concept_images"]["per_sentence"] == 4
+    assert meta["concept_images"]["per_concept"] == 4
