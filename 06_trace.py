@@ -44,6 +44,7 @@ import argparse
 import collections
 import html
 import logging
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,8 @@ LABEL_FONT_PX = 12  # label text size of the HTML Sankey
 LABEL_CHAR_PX = 7.5  # widest average character of that font, so that widths are not underestimated
 COLUMN_PAD_PX = 40  # space between a label and the next column's node
 MARGIN_PX = 40  # left and right margin of the HTML Sankey
+MIN_WIDTH_PX = 640  # narrowest HTML Sankey: room for its title lines and buttons
+TITLE_CHARS = 70  # longest line of the HTML Sankey's title
 PNG_LABEL_CHARS = 38  # longer node labels are cut in the PNG
 PNG_FONT_PT = 9  # label size in the PNG: readable at its own size (110 dpi)
 PNG_GAP_IN = PNG_LABEL_CHARS * PNG_FONT_PT * 0.62 / 72 + 0.5  # column gap (in) that holds a label
@@ -448,21 +451,29 @@ def build_figure(layers, links: list[Link], path: list[dict], n_keywords: int, t
             type="buttons", direction="right", x=0, y=1.0, xanchor="left", yanchor="bottom",
             pad=dict(b=28), showactive=True, buttons=[
                 dict(label="by sentences", method="update",
-                     args=[{"visible": [True, False]}, {"title.text": html.escape(title)}]),
+                     args=[{"visible": [True, False]}, {"title.text": wrapped(title)}]),
                 dict(label="by connections", method="update",
                      args=[{"visible": [False, True]},
-                           {"title.text": html.escape(wiring_title)}])])])
-    fig.update_layout(title=dict(text=html.escape(title)), font=dict(size=LABEL_FONT_PX),
+                           {"title.text": wrapped(wiring_title)}])])])
+    fig.update_layout(title=dict(text=wrapped(title), x=0.02, xref="container", y=1,
+                                 yref="container", yanchor="top", pad=dict(t=14)),
+                      font=dict(size=LABEL_FONT_PX),
                       height=max(450, 26 * max((sum(c.key in pos for c in cs)
                                                 for cs in layers.values()), default=1) + 150),
-                      margin=dict(t=120 if connected is not None else 100),
+                      margin=dict(t=150 if connected is not None else 110),
                       annotations=[dict(text=f"<b>{html.escape(name)}</b>", x=x, y=1.0,
                                         xref="paper", yref="paper", yanchor="bottom",
                                         xanchor="right" if x > 0.5 and x == column_x[-1] else "left",
                                         showarrow=False) for name, x in x_of.items()])
     if plot_px:
-        fig.update_layout(width=plot_px + 2 * MARGIN_PX, margin=dict(l=MARGIN_PX, r=MARGIN_PX))
+        fig.update_layout(width=max(plot_px + 2 * MARGIN_PX, MIN_WIDTH_PX),
+                          margin=dict(l=MARGIN_PX, r=MARGIN_PX))
     return fig, pos, drawn
+
+
+def wrapped(title: str) -> str:
+    """A plotly title, escaped, on lines of at most TITLE_CHARS characters."""
+    return "<br>".join(textwrap.wrap(html.escape(title), TITLE_CHARS))
 
 
 def draw_png(layers, drawn: list[Link], pos, path: list[dict], title: str, out: Path) -> None:
@@ -613,7 +624,7 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None, bundle=No
     fig, pos, drawn = build_figure(every, links, path, n_keywords, title,
                                    connected=(by_wiring, wiring_title))
     page = fig.to_html(include_plotlyjs=True, full_html=True, div_id="sankey",
-                       config={"displaylogo": False})
+                       config={"displaylogo": False, "displayModeBar": False})
     write_text(run.sankey_html, page)
     draw_png(every, drawn, pos, path, title, run.sankey_png)
 
