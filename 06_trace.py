@@ -5,11 +5,22 @@ Reads, in the run folder (--run)
     05_keywords.csv       the top TF-IDF terms of every cluster
     01_activations.npz    optional, only its ``layers`` array: the model's layer order (else the
                           order of 05_clusters.csv, which 05 wrote in that order)
+    01_predictions.csv    the usable images, of which --connect-images are sampled (seeded) to
+                          measure the connections, with 01_extract.meta.json (the model to re-run,
+                          named again by --model / --weights as for 08)
 Writes, in the run folder
+    06_connections.npz    how much each neuron of a chosen layer drives each neuron of the next
+                          (activation × gradient, averaged over the sample; common/attribution.py),
+                          with 06_connections.meta.json. Computed once: kept while 01's outputs
+                          and the sample settings are unchanged, so a new --threshold or --follow
+                          does not re-run the model. Empty, with the reason in its meta, when the
+                          model cannot be run or --connect-images is 0.
     06_trace.csv          source_layer, source_cluster, source_keywords, target_layer,
-                          target_cluster, target_keywords, similarity
-    06_sankey.html        interactive Sankey diagram, plotly.js inlined (opens offline)
-    06_sankey.png         the same diagram drawn with matplotlib
+                          target_cluster, target_keywords, similarity, kind (sentence or
+                          connection)
+    06_sankey.html        interactive Sankey diagram, plotly.js inlined (opens offline); a menu
+                          switches between the trace by sentences and the trace by connections
+    06_sankey.png         the trace by sentences drawn with matplotlib
     06_trace.meta.json
 
 Each cluster is represented by the text embedding of its top keywords ("yellow, lemon, fruit").
@@ -18,6 +29,14 @@ Every cluster of layer L is linked to the most similar cluster of layer L+1 (cos
 to that concept is printed and highlighted: it maximises the summed similarity of each cluster to
 the query plus the summed similarity of consecutive clusters (dynamic programming over layers).
 
+The trace by connections links clusters through the network itself, so that a concept can be
+followed where the sentences switch vocabulary (from appearance words to object words). With C the
+connection strengths of two consecutive layers (negative values, which hold a neuron back, set to
+0), the strength from cluster A to cluster B is their share of the layer pair's drive over the
+share their sizes would give: (Σ_{i∈A, j∈B} C_ij / Σ C) / (|A|·|B| / (N·M)), N and M the clustered
+neurons of the two layers; 1 is what random wiring would give. Each cluster is linked to the
+cluster of the next layer it drives most, when that strength is at least --connect-threshold.
+
 Example:
     python 06_trace.py --run data/demo --follow yellow
 """
@@ -25,25 +44,29 @@ import argparse
 import collections
 import html
 import logging
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.artefacts import (Run, TraceLink, columns, order_layers, read_clusters, read_keywords,
-                              read_layer_order)
-from common.cli import (StageError, add_run, add_settings, exit_on_stage_error, setting,
-                        settings_from, stage_parser, start_stage)
+from common.artefacts import (Run, TraceLink, columns, order_layers, read_clusters,
+                              read_connections, read_keywords, read_layer_order, read_predictions,
+                              write_connections)
+from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_stage_error,
+                        setting, settings_from, stage_parser, start_stage)
 from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+from common.trace import column_rows
 
 log = logging.getLogger("neuron-atlas.06_trace")
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Stage 06's settings: one flag each (``--threshold`` …), defaults written here only."""
+class Settings(ModelAgain):
+    """Stage 06's settings: one flag each (``--threshold`` …), defaults written here only; the
+    model re-run for the connections is named again by ``ModelAgain``'s fields."""
 
     kind: str = setting("fused", "which clustering of 05 to trace", make="TRACE_KIND",
                         choices=("fused", "text"))
@@ -55,27 +78,42 @@ class Settings:
         None, "text embedder for keywords, as named to common.embedders (omitted: its offline "
         "default, all-MiniLM-L6-v2)")
     device: str = setting("auto", "auto, cpu or cuda", make="DEVICE")
+    connect_images: int = setting(
+        16, "usable images (seeded sample) over which the connections between consecutive "
+        "layers are averaged (0: no trace by connections)", make="CONNECT_IMAGES")
+    connect_by: str = setting("mean", "what of a later neuron's map the connections explain",
+                              choices=("mean", "max"))
+    connect_threshold: float = setting(
+        2.0, "smallest connection strength kept as a link (1: as random wiring would give)",
+        make="CONNECT_THRESHOLD")
+    batch_size: int = setting(16, "images per pass when measuring connections")
+    seed: int = setting(0, "seed of the image sample")
 
 LABEL_TERMS = 3  # keywords shown in a node label (hover shows all --n-keywords)
 LABEL_FONT_PX = 12  # label text size of the HTML Sankey
 LABEL_CHAR_PX = 7.5  # widest average character of that font, so that widths are not underestimated
 COLUMN_PAD_PX = 40  # space between a label and the next column's node
 MARGIN_PX = 40  # left and right margin of the HTML Sankey
+MIN_WIDTH_PX = 640  # narrowest HTML Sankey: room for its title lines and buttons
+TITLE_CHARS = 70  # longest line of the HTML Sankey's title
 PNG_LABEL_CHARS = 38  # longer node labels are cut in the PNG
 PNG_FONT_PT = 9  # label size in the PNG: readable at its own size (110 dpi)
 PNG_GAP_IN = PNG_LABEL_CHARS * PNG_FONT_PT * 0.62 / 72 + 0.5  # column gap (in) that holds a label
 LINK_GREY = "rgba(140, 140, 140, 0.35)"  # ordinary links
 PATH_RED = "rgba(214, 39, 40, 0.85)"  # nodes and links of the --follow path
 NODE_BLUE = "rgba(31, 119, 180, 0.9)"  # ordinary nodes
+UNLINKED_GREY = "rgba(150, 150, 150, 0.6)"  # clusters without a link at the threshold
+INVISIBLE = "rgba(0, 0, 0, 0)"  # the loop that keeps an unlinked cluster on the page
 
 
 @dataclass
 class Cluster:
-    """One cluster of one layer: its id, number of neurons and ranked keywords."""
+    """One cluster of one layer: its id, number of neurons, ranked keywords and channels."""
     layer: str
     cluster: int
     size: int
     keywords: list[str]
+    channels: list[int] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -106,6 +144,9 @@ def load_clusters(clusters_path, keywords_path, kind: str,
     if not rows:
         raise StageError(f"{clusters_path} has no rows of kind {kind!r}; use --kind text or fused")
     sizes = collections.Counter((r.layer, r.cluster) for r in rows)
+    members: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
+    for r in rows:
+        members[(r.layer, r.cluster)].append(r.channel)
     terms: dict[tuple[str, int], list[tuple[int, str]]] = {}
     for r in read_keywords(keywords_path):
         if r.kind == kind and r.cluster is not None:
@@ -113,7 +154,8 @@ def load_clusters(clusters_path, keywords_path, kind: str,
     layers: dict[str, list[Cluster]] = {}
     for name in order_layers((r.layer for r in rows), model_order):
         layers[name] = [Cluster(name, c, sizes[(layer, c)],
-                                [t for _, t in sorted(terms.get((layer, c), []))])
+                                [t for _, t in sorted(terms.get((layer, c), []))],
+                                sorted(members[(layer, c)]))
                         for layer, c in sorted(k for k in sizes if k[0] == name)]
     return layers
 
@@ -151,6 +193,123 @@ def best_links(layers: dict[str, list[Cluster]], vectors,
     return links
 
 
+def connection_links(layers: dict[str, list[Cluster]], connections,
+                     threshold: float) -> list[Link]:
+    """Each cluster's most strongly driven cluster in the next layer, by the network's connections
+    (``common.artefacts.Connections``), kept when the normalised strength (module docstring:
+    1 = as random wiring would give) is at least ``threshold``. Layers without connections
+    between them (not consecutive chosen layers) get no links."""
+    names = list(layers)
+    links = []
+    for src_name, dst_name in zip(names, names[1:]):
+        pair = connections.pair(src_name) if connections is not None else None
+        if pair is None or pair[0] != dst_name:
+            continue
+        drive = np.clip(pair[1].astype(np.float64), 0, None)
+        src = [c for c in layers[src_name] if c.channels and max(c.channels) < drive.shape[0]]
+        dst = [c for c in layers[dst_name] if c.channels and max(c.channels) < drive.shape[1]]
+        rows = [i for c in src for i in c.channels]
+        cols = [j for c in dst for j in c.channels]
+        total = drive[np.ix_(rows, cols)].sum() if rows and cols else 0.0
+        if total <= 0:
+            continue
+        for a in src:
+            lifts = [(drive[np.ix_(a.channels, b.channels)].sum() / total)
+                     / (len(a.channels) * len(b.channels) / (len(rows) * len(cols))) for b in dst]
+            j = int(np.argmax(lifts))
+            if lifts[j] >= threshold:
+                links.append(Link(a, dst[j], float(lifts[j])))
+    return links
+
+
+def sample_images(run: Run, n: int, seed: int) -> list[tuple[int, str, int]]:
+    """A seeded sample of ``n`` usable images of 01_predictions.csv as ``(id, path, label)``, in
+    id order (all of them when there are fewer)."""
+    rows = read_predictions(run.predictions)
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False)) if rows else []
+    return [(rows[i].image_id, rows[i].path, rows[i].label_idx) for i in pick]
+
+
+def measure_connections(bundle, layers: list[str], images: list[tuple[int, str, int]],
+                        aggregate: str, batch_size: int) -> tuple[list[str], dict, int]:
+    """Mean activation × gradient between consecutive ``layers`` over ``images``
+    (``common.attribution.connection_strengths``): the layers in the order they run,
+    ``{source layer: matrix}`` and the number of images read."""
+    from common.attribution import connection_strengths
+    from common.rerun import image_batches
+    sums: dict[tuple[str, str], np.ndarray] = {}
+    count = 0
+    for ids, _, batch in image_batches(bundle, images, batch_size, desc="06 connections"):
+        for pair, matrix in connection_strengths(bundle.model, layers, batch, aggregate).items():
+            sums[pair] = sums.get(pair, 0) + matrix
+        count += len(ids)
+    order = [a for a, _ in sums] + [b for _, b in list(sums)[-1:]]
+    return order, ({a: m / count for (a, _), m in sums.items()} if count else {}), count
+
+
+def previous_connections(run: Run) -> dict | None:
+    """What the last finished 06 recorded of its connections (``connection_record``), when
+    06_connections.npz is still the file it wrote; None otherwise. Read before 06 retracts its
+    meta."""
+    if not run.connections.exists() or not run.meta("06_trace").exists():
+        return None
+    try:
+        return read_meta(run.connections).get("connections")
+    except (StageError, OSError, ValueError) as err:  # changed or broken: measured again
+        log.info("06_connections.npz is measured again: %s", err)
+        return None
+
+
+def connections(run: Run, settings: Settings, layer_order: list[str], previous: dict | None,
+                bundle=None) -> tuple:
+    """06_connections.npz, measured unless ``previous`` (``previous_connections``) was made from
+    the same 01 outputs with the same sample settings. Returns ``(Connections, record)``: the
+    record (sample settings, 01's fingerprint, images read, seconds, and why the file is empty,
+    if it is) goes into 06's meta; ``bundle`` (a ``common.models.ModelBundle``) may be
+    injected."""
+    wanted = {"connect_images": settings.connect_images, "connect_by": settings.connect_by,
+              "seed": settings.seed, "layers": layer_order}
+    have_01 = run.activations.exists() and run.predictions.exists()
+    extract = read_meta(run.activations).get("fingerprint") if have_01 else None
+    if previous and previous.get("args") == wanted and previous.get("extract") == extract:
+        log.info("connections kept from %s (same 01 outputs and sample)", run.connections)
+        return read_connections(run.connections), previous
+    reason, to_next, count, seconds, ran = "", {}, 0, 0.0, layer_order
+    if not have_01:
+        reason = "no 01 outputs (01_activations.npz, 01_predictions.csv) to re-run the model on"
+    elif settings.connect_images <= 0:
+        reason = "--connect-images is 0"
+    elif len(layer_order) < 2:
+        reason = "fewer than two layers"
+    else:
+        import time
+        start = time.perf_counter()
+        try:
+            if bundle is None:
+                from common.rerun import load_run_model
+                bundle = load_run_model(read_meta(run.activations), device=settings.device,
+                                        **settings.model_again())
+            ran, to_next, count = measure_connections(
+                bundle, layer_order, sample_images(run, settings.connect_images, settings.seed),
+                settings.connect_by, settings.batch_size)
+        except (StageError, OSError, RuntimeError, ValueError) as err:
+            reason = f"the model could not be run ({err})"
+        if not reason and not count:
+            reason = "no sampled image could be read"
+        seconds = round(time.perf_counter() - start, 1)
+    if reason:
+        log.warning("no trace by connections: %s", reason)
+        to_next, count = {}, 0
+    else:
+        log.info("connections between %d layer pairs measured on %d images in %.1f s",
+                 len(to_next), count, seconds)
+    write_connections(run.connections, ran, to_next, count, settings.connect_by)
+    record = {"args": wanted, "extract": extract, "n_images": count, "seconds": seconds,
+              "reason": reason}
+    return read_connections(run.connections), record
+
+
 def follow_concept(query: np.ndarray, layers: dict[str, list[Cluster]], vectors) -> list[dict]:
     """The path of one cluster per layer that best follows ``query`` (a unit vector).
 
@@ -180,34 +339,18 @@ def follow_concept(query: np.ndarray, layers: dict[str, list[Cluster]], vectors)
     return path
 
 
-def layout(layers: dict[str, list[Cluster]], links: list[Link],
-           extra: list[Cluster]) -> dict[tuple[str, int], tuple[float, float]]:
-    """(x, y) in [0, 1] for each cluster shown: x by layer, y ordered to limit crossings.
-
-    A cluster is shown when a link or the followed path touches it. In each column, clusters
-    are sorted by the mean y of the clusters that link into them (barycentre heuristic); the first
-    column and clusters without incoming links keep their id order at the end.
-    """
-    shown = {c.key for c in extra}
-    for link in links:
-        shown |= {link.source.key, link.target.key}
-    names = [n for n in layers if any(c.key in shown for c in layers[n])]
-    incoming: dict[tuple[str, int], list[tuple[str, int]]] = {}
-    for link in links:
-        incoming.setdefault(link.target.key, []).append(link.source.key)
+def layout(layers: dict[str, list[Cluster]],
+           links: list[Link]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(x, y) in [0, 1] for every cluster, linked or not: x by layer, y ordered to limit crossings
+    (``common.trace.column_rows``: barycentre of the clusters linking in; by id otherwise)."""
+    names = [n for n in layers if layers[n]]
+    rows = column_rows([[c.key for c in layers[n]] for n in names],
+                       [(link.source.key, link.target.key) for link in links])
     pos: dict[tuple[str, int], tuple[float, float]] = {}
     for col, name in enumerate(names):
-        column = [c for c in layers[name] if c.key in shown]
-
-        def order(c):
-            """Sort key: barycentre of placed sources, unplaced clusters last by id."""
-            ys = [pos[s][1] for s in incoming.get(c.key, []) if s in pos]
-            return (0, float(np.mean(ys)), c.cluster) if ys else (1, 0.0, c.cluster)
-
-        column.sort(key=order)
         x = 0.5 if len(names) == 1 else 0.01 + 0.98 * col / (len(names) - 1)
-        for row, c in enumerate(column):
-            pos[c.key] = (x, (row + 0.5) / len(column))
+        for c in layers[name]:
+            pos[c.key] = (x, rows[c.key])
     return pos
 
 
@@ -233,52 +376,104 @@ def column_positions(label_chars: list[int]) -> tuple[list[float], int]:
     return [0.001 + 0.998 * sum(gaps[:i]) / total for i in range(len(label_chars))], int(total)
 
 
-def build_figure(layers, links: list[Link], path: list[dict], n_keywords: int, title: str):
-    """The plotly Sankey figure: nodes at ``layout`` positions, the followed path in red."""
+def with_path(links: list[Link], path: list[dict]) -> list[Link]:
+    """``links`` plus the steps of the followed path that are not among them, so that the path is
+    drawn whole (it may use a pair that is not a kept best match)."""
+    drawn = list(links)
+    linked = {(link.source.key, link.target.key) for link in links}
+    for step_a, step_b in zip(path, path[1:]):
+        if (step_a["cluster"].key, step_b["cluster"].key) not in linked:
+            drawn.append(Link(step_a["cluster"], step_b["cluster"], step_b["link_similarity"]))
+    return drawn
+
+
+def sankey_trace(layers, drawn: list[Link], pos, x_of: dict, path: list[dict], n_keywords: int,
+                 measure: str, visible: bool = True):
+    """One plotly Sankey of every cluster at ``pos`` (y) and its layer's column ``x_of``, with the
+    ``drawn`` links (their ``similarity`` named ``measure`` on hover) and the path in red.
+
+    A cluster without a link is drawn grey, held up by an invisible loop onto itself: plotly
+    leaves out nodes that no link touches."""
     import plotly.graph_objects as go
 
     on_path = [step["cluster"] for step in path]
     path_pairs = {(a.key, b.key) for a, b in zip(on_path, on_path[1:])}
-    drawn = list(links)
-    linked = {(link.source.key, link.target.key) for link in links}
-    for step_a, step_b in zip(path, path[1:]):
-        # the path may use a pair that is not a kept best match: draw it so the path is whole
-        if (step_a["cluster"].key, step_b["cluster"].key) not in linked:
-            drawn.append(Link(step_a["cluster"], step_b["cluster"], step_b["link_similarity"]))
-    pos = layout(layers, drawn, on_path)
+    path_keys = {c.key for c in on_path}
     nodes = [c for cs in layers.values() for c in cs if c.key in pos]
     index = {c.key: i for i, c in enumerate(nodes)}
-    path_keys = {c.key for c in on_path}
+    touched = {k for link in drawn for k in (link.source.key, link.target.key)}
+    loners = [c for c in nodes if c.key not in touched]
+    values = [max(link.similarity, 1e-3) for link in drawn]
+    loop = float(np.median(values)) if values else 1.0
+    colour = {c.key: PATH_RED if c.key in path_keys else NODE_BLUE if c.key in touched
+              else UNLINKED_GREY for c in nodes}
     node_hover = [html.escape(f"{c.layer}, cluster {c.cluster} ({c.size} neurons): "
-                              f"{c.text(n_keywords)}") for c in nodes]
+                              f"{c.text(n_keywords)}"
+                              + ("" if c.key in touched else f" — no link by {measure}"))
+                  for c in nodes]
     link_hover = [html.escape(f"{link.source.text(n_keywords)} → {link.target.text(n_keywords)} "
-                              f"(cosine {link.similarity:.2f})") for link in drawn]
+                              f"({measure} {link.similarity:.2f})") for link in drawn]
+    return go.Sankey(
+        arrangement="fixed", visible=visible,
+        node=dict(label=[node_label(c) for c in nodes], x=[x_of[c.layer] for c in nodes],
+                  y=[pos[c.key][1] for c in nodes], pad=8, thickness=14,
+                  color=[colour[c.key] for c in nodes],
+                  customdata=node_hover, hovertemplate="%{customdata}<extra></extra>"),
+        link=dict(source=[index[link.source.key] for link in drawn] + [index[c.key] for c in loners],
+                  target=[index[link.target.key] for link in drawn] + [index[c.key] for c in loners],
+                  value=values + [loop] * len(loners),
+                  color=[PATH_RED if (link.source.key, link.target.key) in path_pairs else LINK_GREY
+                         for link in drawn] + [INVISIBLE] * len(loners),
+                  customdata=link_hover + ["no link"] * len(loners),
+                  hovertemplate="%{customdata}<extra></extra>"))
+
+
+def build_figure(layers, links: list[Link], path: list[dict], n_keywords: int, title: str,
+                 connected: tuple[list[Link], str] | None = None):
+    """The plotly Sankey figure: every cluster in its layer's labelled column, the followed path
+    in red. With ``connected`` (the links by connections and their title) a second Sankey is
+    added, hidden, and a menu switches between the two traces. Returns the figure, the positions
+    and the drawn links of the trace by sentences (for the PNG)."""
+    import plotly.graph_objects as go
+
+    drawn = with_path(links, path)
+    pos = layout(layers, drawn)
     names = [n for n in layers if any(c.key in pos for c in layers[n])]
     column_x, plot_px = column_positions(
         [max(len(html.unescape(node_label(c))) for c in layers[n] if c.key in pos) for n in names])
     x_of = dict(zip(names, column_x))
-    fig = go.Figure(go.Sankey(
-        arrangement="fixed",
-        node=dict(label=[node_label(c) for c in nodes], x=[x_of[c.layer] for c in nodes],
-                  y=[pos[c.key][1] for c in nodes], pad=8, thickness=14,
-                  color=[PATH_RED if c.key in path_keys else NODE_BLUE for c in nodes],
-                  customdata=node_hover, hovertemplate="%{customdata}<extra></extra>"),
-        link=dict(source=[index[link.source.key] for link in drawn],
-                  target=[index[link.target.key] for link in drawn],
-                  value=[max(link.similarity, 1e-3) for link in drawn],
-                  color=[PATH_RED if (link.source.key, link.target.key) in path_pairs else LINK_GREY
-                         for link in drawn],
-                  customdata=link_hover, hovertemplate="%{customdata}<extra></extra>")))
-    fig.update_layout(title=dict(text=html.escape(title)), font=dict(size=LABEL_FONT_PX),
+    fig = go.Figure(sankey_trace(layers, drawn, pos, x_of, path, n_keywords, "cosine"))
+    if connected is not None:
+        by_wiring, wiring_title = connected
+        fig.add_trace(sankey_trace(layers, by_wiring, layout(layers, by_wiring), x_of, [],
+                                   n_keywords, "strength", visible=False))
+        fig.update_layout(updatemenus=[dict(
+            type="buttons", direction="right", x=0, y=1.0, xanchor="left", yanchor="bottom",
+            pad=dict(b=28), showactive=True, buttons=[
+                dict(label="by sentences", method="update",
+                     args=[{"visible": [True, False]}, {"title.text": wrapped(title)}]),
+                dict(label="by connections", method="update",
+                     args=[{"visible": [False, True]},
+                           {"title.text": wrapped(wiring_title)}])])])
+    fig.update_layout(title=dict(text=wrapped(title), x=0.02, xref="container", y=1,
+                                 yref="container", yanchor="top", pad=dict(t=14)),
+                      font=dict(size=LABEL_FONT_PX),
                       height=max(450, 26 * max((sum(c.key in pos for c in cs)
                                                 for cs in layers.values()), default=1) + 150),
+                      margin=dict(t=150 if connected is not None else 110),
                       annotations=[dict(text=f"<b>{html.escape(name)}</b>", x=x, y=1.0,
                                         xref="paper", yref="paper", yanchor="bottom",
                                         xanchor="right" if x > 0.5 and x == column_x[-1] else "left",
                                         showarrow=False) for name, x in x_of.items()])
     if plot_px:
-        fig.update_layout(width=plot_px + 2 * MARGIN_PX, margin=dict(l=MARGIN_PX, r=MARGIN_PX))
+        fig.update_layout(width=max(plot_px + 2 * MARGIN_PX, MIN_WIDTH_PX),
+                          margin=dict(l=MARGIN_PX, r=MARGIN_PX))
     return fig, pos, drawn
+
+
+def wrapped(title: str) -> str:
+    """A plotly title, escaped, on lines of at most TITLE_CHARS characters."""
+    return "<br>".join(textwrap.wrap(html.escape(title), TITLE_CHARS))
 
 
 def draw_png(layers, drawn: list[Link], pos, path: list[dict], title: str, out: Path) -> None:
@@ -357,12 +552,14 @@ def print_path(path: list[dict], query: str, n_keywords: int) -> None:
               f"{c.text(n_keywords)}")
 
 
-def run(run: Run, settings: Settings = Settings(), text_embedder=None) -> dict:
-    """Link clusters of consecutive layers and write the run's 06_trace.csv, 06_sankey.html and
-    .png.
+def run(run: Run, settings: Settings = Settings(), text_embedder=None, bundle=None) -> dict:
+    """Link clusters of consecutive layers, by their sentences and by the network's connections,
+    and write the run's 06_connections.npz, 06_trace.csv, 06_sankey.html and .png.
 
     ``text_embedder`` (an object with ``.encode`` and ``.name``) may be injected; otherwise it
-    is loaded from common.embedders. Returns the meta written (with the followed path, if any).
+    is loaded from common.embedders; so may ``bundle``, the model whose connections are measured
+    (else 01's, named again by the settings). Returns the meta written (with the followed path,
+    if any).
     """
     clusters_path, keywords_path, out_dir = run.clusters, run.keywords, run.folder
     # 01's layer order when 01_activations.npz is there, else 05_clusters.csv's own order
@@ -379,15 +576,20 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None) -> dict:
         input_metas.append(read_meta(activations_path))
     merge_lineage(input_metas)  # refuse, before any work, clusters and keywords of two runs
     sweep_temporaries(out_dir)  # what a killed earlier run left half-written
+    previous = previous_connections(run)
     retract_meta(run.meta("06_trace"))  # outputs are replaced from here on
 
-    layers = load_clusters(clusters_path, keywords_path, kind,
-                           read_layer_order(activations_path) if activations_path else [])
+    order = read_layer_order(activations_path) if activations_path else []
+    every = load_clusters(clusters_path, keywords_path, kind, order)
+    wiring, record = connections(run, settings, order, previous, bundle)
+    by_wiring = connection_links(every, wiring, settings.connect_threshold)
+    log.info("%d clusters linked to the next layer by connections at strength ≥ %.2f",
+             len(by_wiring), settings.connect_threshold)
     if text_embedder is None:
         from common.embedders import load_text_embedder
         text_embedder = load_text_embedder(settings.text_embedder, device=settings.device)
-    vectors = embed_clusters(layers, text_embedder, n_keywords)
-    layers = usable(layers, vectors)
+    vectors = embed_clusters(every, text_embedder, n_keywords)
+    layers = usable(every, vectors)
     if len(layers) < 2:
         log.warning("%d layer(s) with keyworded clusters: there is nothing to link; the trace "
                     "is empty", len(layers))
@@ -407,31 +609,42 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None) -> dict:
     rows = [{"source_layer": link.source.layer, "source_cluster": link.source.cluster,
              "source_keywords": link.source.text(n_keywords), "target_layer": link.target.layer,
              "target_cluster": link.target.cluster, "target_keywords": link.target.text(n_keywords),
-             "similarity": f"{link.similarity:.6f}"} for link in links]
+             "similarity": f"{link.similarity:.6f}", "kind": link_kind}
+            for link_kind, kept in (("sentence", links), ("connection", by_wiring))
+            for link in kept]
     write_csv(run.trace, rows, columns(TraceLink))
-    title = (f"concept flow between layers ({kind} clusters, cosine ≥ {threshold:g})"
-             + (f"; path of '{follow}' in red" if follow else ""))
-    fig, pos, drawn = build_figure(layers, links, path, n_keywords, title)
+    title = (f"concept flow between layers by sentences ({kind} clusters, keyword cosine ≥ "
+             f"{threshold:g})" + (f"; path of '{follow}' in red" if follow else "")
+             + "; grey: no link")
+    wiring_title = (f"concept flow between layers by connections ({kind} clusters, strength ≥ "
+                    f"{settings.connect_threshold:g} × random wiring; activation × gradient on "
+                    f"{record['n_images']} images); grey: no link")
+    if record["reason"]:
+        wiring_title = f"no trace by connections: {record['reason']}"
+    fig, pos, drawn = build_figure(every, links, path, n_keywords, title,
+                                   connected=(by_wiring, wiring_title))
     page = fig.to_html(include_plotlyjs=True, full_html=True, div_id="sankey",
-                       config={"displaylogo": False})
+                       config={"displaylogo": False, "displayModeBar": False})
     write_text(run.sankey_html, page)
-    draw_png(layers, drawn, pos, path, title, run.sankey_png)
+    draw_png(every, drawn, pos, path, title, run.sankey_png)
 
     args = {"clusters": str(clusters_path), "keywords": str(keywords_path),
             "activations": str(activations_path) if activations_path else None, "kind": kind,
-            "n_keywords": n_keywords, "threshold": threshold, "follow": follow}
+            "n_keywords": n_keywords, "threshold": threshold, "follow": follow,
+            "connect_threshold": settings.connect_threshold}
     followed = [{"layer": s["cluster"].layer, "cluster": s["cluster"].cluster,
                  "keywords": s["cluster"].text(n_keywords),
                  "query_similarity": round(s["query_similarity"], 6)} for s in path]
-    return write_meta(run.meta("06_trace"), "06_trace", args, [run.trace],
-                      inputs=input_metas, text_embedder=text_embedder.name, followed=followed)
+    return write_meta(run.meta("06_trace"), "06_trace", args, [run.trace, run.connections],
+                      inputs=input_metas, text_embedder=text_embedder.name, followed=followed,
+                      connections=record)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of the stage: ``--run`` and the fields of ``Settings``."""
     p = stage_parser(__doc__.split("\n\n")[0])
     add_run(p, "05_clusters.csv, 05_keywords.csv (and 01's layer order)",
-            "06_trace.csv, 06_sankey.html and .png")
+            "06_connections.npz, 06_trace.csv, 06_sankey.html and .png")
     add_settings(p, Settings)
     return p
 

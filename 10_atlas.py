@@ -137,7 +137,8 @@ class RunData:
     metrics: dict = field(default_factory=dict)      # layer → 05 MetricRow of cluster_kind
     categories: dict = field(default_factory=dict)   # (layer, channel) → 05 CategoryRow
     map_methods: dict = field(default_factory=dict)  # layer → kind → "umap" / "pca" (05's meta)
-    trace: list | None = None                        # 06 TraceLinks
+    trace: list | None = None                        # 06 TraceLinks (both kinds)
+    connections: object = None                       # 06's common.artefacts.Connections
     confusion: list[dict] | None = None
     pairs: list[dict] | None = None
     debug_neurons: dict = field(default_factory=dict)  # 08 folder → neurons.csv rows
@@ -167,8 +168,8 @@ def read_run(run_dir: Path) -> RunData:
                                   read_clusters, read_confusion, read_debug_neurons,
                                   read_descriptions, read_embeddings, read_images, read_keywords,
                                   read_metrics, read_mosaics, read_pairs, read_predictions,
-                                  read_candidates, read_score_rows, read_summary,
-                                  read_trace, read_why)
+                                  read_candidates, read_connections, read_score_rows,
+                                  read_summary, read_trace, read_why)
     from common.io import read_json
 
     files = Run(run_dir)
@@ -225,6 +226,9 @@ def read_run(run_dir: Path) -> RunData:
         run.map_methods = read_meta(path).get("projection_used", {})
     if path := optional(files.trace, "the concept trace"):
         run.trace = read_trace(path)
+        if files.connections.is_file():
+            read_meta(files.connections)  # 06's, unchanged since
+            run.connections = read_connections(files.connections)
     if path := optional(files.confusion, "debugging"):
         run.confusion = [{**dataclasses.asdict(r), "class": r.class_}
                          for r in read_confusion(path)]
@@ -551,6 +555,42 @@ def neighbours(run: RunData, n_best: int) -> tuple[dict, str]:
                 out[(layer, int(channel_of[row]))].append(
                     (title, [(other, int(channel_of[cand[j]]), float(sims[r, j])) for j in order]))
     return out, kind
+
+
+def by_sentence(minis: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Neighbour tiles (``mini`` dicts, best first) split into those whose sentence no other
+    tile shares, and one line per sentence shared by several: ``{"sentence", "neurons"}``, in the
+    order of each sentence's best tile."""
+    groups: dict[str, list[dict]] = {}
+    for m in minis:
+        groups.setdefault((m["description"] or "").strip(), []).append(m)
+    singles = [m for m in minis if len(groups[(m["description"] or "").strip()]) == 1]
+    shared = [{"sentence": text, "neurons": members} for text, members in groups.items()
+              if len(members) > 1]
+    return singles, shared
+
+
+def connection_neighbours(run: RunData, n_best: int) -> dict:
+    """``(layer, channel) → [(title, [(layer, channel, strength)…])…]``: a neuron's strongest
+    inputs from the chosen layer before and outputs to the one after, by 06's connections."""
+    wiring = run.connections
+    if wiring is None or not wiring.layers:
+        return {}
+    out: dict = {}
+    for k, layer in enumerate(wiring.layers):
+        size = (wiring.to_next[layer].shape[0] if layer in wiring.to_next
+                else wiring.to_next[wiring.layers[k - 1]].shape[1])
+        for channel in range(size):
+            near = wiring.strongest(layer, channel, n_best)
+            groups = []
+            if near["inputs"]:
+                groups.append((f"inputs from the layer before ({wiring.layers[k - 1]})",
+                               near["inputs"]))
+            if near["outputs"]:
+                groups.append((f"outputs to the layer after ({wiring.layers[k + 1]})",
+                               near["outputs"]))
+            out[(layer, channel)] = groups
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -939,8 +979,10 @@ class Site:
                 self.page(f"maps/{info['slug']}.html", "atlas_map.html", layer=info)
 
     def neurons(self, similar: dict, similar_kind: str, debug: dict, contributions: dict,
-                reports: dict) -> None:
-        """One page per neuron."""
+                reports: dict, wired: dict | None = None) -> None:
+        """One page per neuron; ``wired``: its neighbours by connection
+        (``connection_neighbours``)."""
+        wired = wired or {}
         from tqdm import tqdm
         by_key = {(r["layer"], r["channel"]): r for recs in self.records.values() for r in recs}
 
@@ -955,6 +997,15 @@ class Site:
             if channel is None or (layer, int(channel)) not in by_key:
                 return None
             return mini(layer, int(channel))
+
+        def tiles(groups: list) -> list[dict]:
+            """Neighbour groups as tiles, those sharing a sentence gathered on one line."""
+            out = []
+            for title, items in groups:
+                singles, shared = by_sentence([mini(L, c, sim=v) for L, c, v in items
+                                               if (L, c) in by_key])
+                out.append({"title": title, "neurons": singles, "shared": shared})
+            return out
 
         names = class_names(self.run)
         total = sum(len(v) for v in self.records.values())
@@ -980,9 +1031,8 @@ class Site:
                                          and c in r["subs"][0]["scores"]],
                          "prev_channel": r["channel"] - 1 if r["channel"] > 0 else None,
                          "next_channel": r["channel"] + 1 if r["channel"] + 1 < len(recs) else None,
-                         "neighbours": [{"title": title, "neurons": [mini(L, c, sim=s)
-                                                                   for L, c, s in items]}
-                                        for title, items in similar.get(key, [])],
+                         "neighbours": tiles(similar.get(key, [])),
+                         "connected": tiles(wired.get(key, [])),
                          "neighbour_kind": similar_kind, "debug": debug.get(key, []),
                          "contributions": contributions.get(key, []),
                          "audit": [], "baskets": [], "matches": [], **reports.get(key, {})}
@@ -992,31 +1042,38 @@ class Site:
                     bar.update()
 
     def sankey(self) -> None:
-        """The trace page: 06's links between clusters, nodes sized by their neurons."""
-        sizes = collections.Counter((layer, r["cluster"]) for layer, recs in self.records.items()
-                                    for r in recs if r["cluster"] is not None)
-        nodes, index, links = [], {}, []
-
-        def node(layer: str, cluster: int) -> int:
-            """The Sankey node index of a cluster, added on first sight."""
-            key = (layer, cluster)
-            if key not in index:
-                index[key] = len(nodes)
-                nodes.append({"layer": layer, "slug": layer_slug(layer), "cluster": cluster,
-                              "size": sizes.get(key, 0),
-                              "label": f"{layer}: {self.run.keywords.get((layer, cluster), '')}"})
-            return index[key]
-
-        for row in self.run.trace or []:
-            s = node(row.source_layer, row.source_cluster)
-            t = node(row.target_layer, row.target_cluster)
-            links.append({"s": s, "t": t, "v": max(1, nodes[s]["size"]),
-                          "sim": number(row.similarity)})
-        clusters = [{"name": info["name"], "slug": info["slug"],
-                     "clusters": self.layer_data(info["name"])["clusters"]}
-                    for info in self.layer_info]
+        """The trace page: every cluster in its layer's column (depth order), linked by 06's
+        sentence trace or by its connection trace (a switch on the page); bands as wide as the
+        source cluster's neurons."""
+        from common.trace import column_rows
+        columns = [{"name": info["name"], "slug": info["slug"],
+                    "clusters": self.layer_data(info["name"])["clusters"]}
+                   for info in self.layer_info]
+        shown = [c for c in columns if c["clusters"]]
+        nodes, index = [], {}
+        for col, layer in enumerate(shown):
+            for c in layer["clusters"]:
+                index[(layer["name"], c["id"])] = len(nodes)
+                nodes.append({"layer": layer["name"], "slug": layer["slug"], "cluster": c["id"],
+                              "size": c["size"], "col": col, "keywords": c["keywords"]})
+        modes = {}
+        for kind in ("sentence", "connection"):
+            rows = [r for r in self.run.trace or [] if r.kind == kind
+                    and (r.source_layer, r.source_cluster) in index
+                    and (r.target_layer, r.target_cluster) in index]
+            pairs = [((r.source_layer, r.source_cluster), (r.target_layer, r.target_cluster))
+                     for r in rows]
+            y = column_rows([[(L["name"], c["id"]) for c in L["clusters"]] for L in shown], pairs)
+            modes[kind] = {"y": [y[(n["layer"], n["cluster"])] for n in nodes],
+                           "links": [{"s": index[a], "t": index[b],
+                                      "v": max(1, nodes[index[a]]["size"]),
+                                      "sim": number(r.similarity)}
+                                     for r, (a, b) in zip(rows, pairs)]}
+        wiring = self.run.connections
         self.page("sankey.html", "atlas_sankey.html",
-                  sankey={"nodes": nodes, "links": links}, clusters=clusters)
+                  sankey={"nodes": nodes, "layers": [c["name"] for c in shown], "modes": modes},
+                  clusters=columns, n_connection_images=wiring.n_images if wiring else 0,
+                  has_connections=bool(wiring and wiring.layers))
 
     def run_page(self) -> None:
         """index.html: what the run is and where everything is."""
@@ -1466,7 +1523,8 @@ def build(run_dir: Path, settings: Settings = Settings(), out: Path | None = Non
             contributions = site.debug_pages(pairs, ATTRIBUTION_NOTE)
         reports = site.report_pages()
         site.layers()
-        site.neurons(similar, similar_kind, debug_appearances(run, pairs), contributions, reports)
+        site.neurons(similar, similar_kind, debug_appearances(run, pairs), contributions, reports,
+                     wired=connection_neighbours(run, settings.neighbours))
         if run.trace:
             site.sankey()
         site.search()

@@ -45,6 +45,8 @@ NLI_MODEL   ?=#                            05 local NLI model for concept catego
 TRACE_KIND  ?= fused#                      06 clustering traced: fused | text
 THRESHOLD   ?= 0.5#                        06 smallest cosine kept as a link between clusters
 FOLLOW      ?=#                            06 concept whose path is printed and highlighted (FOLLOW=yellow)
+CONNECT_IMAGES ?= 16#                      06 images over which the connections between layers are measured (0: none)
+CONNECT_THRESHOLD ?= 2#                    06 smallest connection strength linking two clusters (1: random wiring)
 QUERY       ?=#                            07 query for `make search` (empty: interactive)
 HITS        ?= 10#                         07 neurons listed per query
 SCORING     ?= cosine#                     07 text ranking: cosine | baseline | neuron (README: measured)
@@ -116,7 +118,7 @@ M04          := $(D)/04_embed.meta.json
 CLUSTERS     := $(D)/05_clusters.csv $(D)/05_metrics.csv $(D)/05_ksearch.csv \
                 $(D)/05_keywords.csv $(D)/05_categories.csv
 M05          := $(D)/05_cluster.meta.json
-TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png
+TRACE        := $(D)/06_trace.csv $(D)/06_sankey.html $(D)/06_sankey.png $(D)/06_connections.npz
 M06          := $(D)/06_trace.meta.json
 CONFUSION    := $(D)/08_confusion.csv
 M08          := $(D)/08_debug.meta.json
@@ -137,6 +139,10 @@ all: $(MOSAICS) $(DESCRIPTIONS) $(EMBEDDINGS) $(CLUSTERS) $(TRACE) $(SCORES) $(C
 
 # --- the stages, in run order (08 runs after 09, whose scores its reports show) -----------------
 # File names are passed as --flag='name', so that spaces and leading dashes reach the script intact.
+
+# 06, 11, 13 (and 09 with GENERATOR=diffusers) re-run the model 01 ran: the user names it again (a meta never chooses code to run).
+MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
+               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
 
 # --- 01 extract: top images, per-image statistics and predictions --------------------------------
 ARGS_01 := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
@@ -188,9 +194,11 @@ $(CLUSTERS) $(M05) &: 05_cluster.py $(DESCRIPTIONS) $(M03) $(EMBEDDINGS) $(M04) 
 	$(HOLD) $(PY) 05_cluster.py --run $(D) $(ARGS_05)
 
 # --- 06 trace: how the clusters of one layer lead to those of the next --------------------------
+# 06 re-runs 01's model once to measure the connections (kept while 01 and the sample are unchanged).
 ARGS_06 := --kind $(TRACE_KIND) --threshold $(THRESHOLD) $(if $(FOLLOW),--follow "$(FOLLOW)") \
-           --device $(DEVICE)
-trace: $(TRACE) $(M06) ## 06: links between the clusters of consecutive layers (a Sankey diagram)
+           --device $(DEVICE) --connect-images $(CONNECT_IMAGES) \
+           --connect-threshold $(CONNECT_THRESHOLD) $(MODEL_AGAIN)
+trace: $(TRACE) $(M06) ## 06: links between the clusters of consecutive layers, by sentences and by connections (a Sankey diagram)
 $(TRACE) $(M06) &: 06_trace.py $(D)/05_clusters.csv $(D)/05_keywords.csv $(M05) \
                 $(EXTRACT) $(M01) $(D)/.args/06 $(call uses,06_trace.py) | $(VENV)
 	$(HOLD) $(PY) 06_trace.py --run $(D) $(ARGS_06)
@@ -222,8 +230,6 @@ $(CONFUSION) $(M08) &: 08_debug.py $(EXTRACT) $(M01) $(MOSAICS) $(M02) $(DESCRIP
 GENERATE := --generator $(GENERATOR) \
             $(if $(filter diffusers,$(GENERATOR)),--generator-model=$(call quote,$(GENERATOR_MODEL)) \
               --generate-n $(GENERATE_N) --generate-steps $(GENERATE_STEPS))
-MODEL_AGAIN := --model=$(call quote,$(MODEL)) $(if $(WEIGHTS),--weights=$(call quote,$(WEIGHTS))) \
-               $(if $(filter 1,$(UNSAFE_PICKLE)),--unsafe-pickle)
 ARGS_09 := --matcher $(MATCHER) --poly-threshold $(POLY) --select $(SELECT) \
            --text-model $(TEXT_EMBEDDER) --device $(DEVICE) --workers $(WORKERS) \
            --refine $(REFINE) $(if $(CONCEPTS),--concepts $(call quote,$(CONCEPTS))) \
@@ -268,7 +274,6 @@ $(ATLAS) $(M10) &: 10_atlas.py $(ATLAS_INPUTS) $(REPORTS_ASKED) $(OTHER_INPUTS) 
 reports-changed:
 
 # --- 11 baskets (on request): groups of neurons that fire together -------------------------------
-# 11 and 13 re-run the model 01 ran: the user names it again (a meta never chooses code to run).
 ARGS_11 := $(MODEL_AGAIN) --method $(BASKETS) --alpha $(BASKET_ALPHA) --beta $(BASKET_BETA) \
            --min-corr $(MIN_CORR) --grid $(GRID) --tile $(TILE) --prune $(PRUNE) \
            --repeats $(REPEATS) --prune-images $(PRUNE_IMAGES) --batch-size $(BATCH) \

@@ -128,6 +128,7 @@ class Run(_Folder):
     categories = _InRun("05_categories.csv")
     plots = _InRun("05_plots")
     trace = _InRun("06_trace.csv")
+    connections = _InRun("06_connections.npz")
     sankey_html = _InRun("06_sankey.html")
     sankey_png = _InRun("06_sankey.png")
     confusion = _InRun("08_confusion.csv")
@@ -657,7 +658,10 @@ def read_categories(path: str | Path) -> list[CategoryRow]:
 
 @dataclass(frozen=True)
 class TraceLink:
-    """A row of 06_trace.csv: a cluster's best match in the next layer."""
+    """A row of 06_trace.csv: a cluster's best match in the next layer, by its sentences' keywords
+    (``kind`` sentence: ``similarity`` is their cosine) or by the network's connections (``kind``
+    connection: ``similarity`` is the normalised connection strength, 1 = as strong as the layer
+    pair's average; ``06_trace.connection_links``). Files made before the column: sentence."""
     source_layer: str
     source_cluster: int
     source_keywords: str
@@ -665,11 +669,72 @@ class TraceLink:
     target_cluster: int
     target_keywords: str
     similarity: float
+    kind: str = "sentence"
 
 
 def read_trace(path: str | Path) -> list[TraceLink]:
     """Every row of 06_trace.csv."""
     return _read_rows(path, TraceLink, "06_trace")
+
+
+@dataclass
+class Connections:
+    """06_connections.npz: how much each neuron of a chosen layer drives each neuron of the next
+    chosen layer (activation × gradient, ``common.attribution.connection_strengths``), averaged
+    over ``n_images`` sampled images. ``layers`` are the chosen layers in depth order; the
+    matrix of ``layers[k]`` (channels × channels of ``layers[k + 1]``) is ``to_next[layers[k]]``.
+    Empty (no layers) when 06 computed none; its meta says why."""
+    layers: list[str]
+    to_next: dict[str, np.ndarray]   # source layer → C_source × C_next float32
+    n_images: int
+    aggregate: str                   # how the later neuron's map is reduced: mean or max
+
+    def pair(self, source: str) -> tuple[str, np.ndarray] | None:
+        """``(next layer, matrix)`` of ``source``, None when it has no next layer here."""
+        if source not in self.to_next:
+            return None
+        return self.layers[self.layers.index(source) + 1], self.to_next[source]
+
+    def strongest(self, layer: str, channel: int, n: int) -> dict[str, list[tuple[str, int, float]]]:
+        """The ``n`` strongest inputs (from the layer before) and outputs (to the layer after) of
+        one neuron, by |strength|, as ``(layer, channel, strength)``; signed: negative holds the
+        other neuron back. Keys ``inputs`` and ``outputs``; a list is empty at either end."""
+        out: dict[str, list] = {"inputs": [], "outputs": []}
+        if layer not in self.layers:
+            return out
+        k = self.layers.index(layer)
+        if k > 0:
+            column = self.to_next[self.layers[k - 1]][:, channel]
+            out["inputs"] = _ranked(self.layers[k - 1], column, n)
+        if layer in self.to_next:
+            out["outputs"] = _ranked(self.layers[k + 1], self.to_next[layer][channel], n)
+        return out
+
+
+def _ranked(layer: str, values: np.ndarray, n: int) -> list[tuple[str, int, float]]:
+    """The ``n`` entries of ``values`` largest in absolute value, as ``(layer, index, value)``."""
+    order = np.argsort(-np.abs(values), kind="stable")[:n]
+    return [(layer, int(i), float(values[i])) for i in order if values[i] != 0]
+
+
+def write_connections(path: str | Path, layers: list[str], to_next: dict[str, np.ndarray],
+                      n_images: int, aggregate: str) -> None:
+    """Write 06_connections.npz (see ``Connections``); ``layers`` without matrices: empty."""
+    arrays = {"layers": np.array(layers if to_next else [], dtype=str),
+              "n_images": np.array(n_images), "aggregate": np.array(aggregate)}
+    for source, matrix in to_next.items():
+        arrays[f"{source}/to_next"] = np.asarray(matrix, np.float32)
+    save_npz(path, arrays)
+
+
+def read_connections(path: str | Path) -> Connections | None:
+    """06_connections.npz, None when the file is absent."""
+    if not Path(path).is_file():
+        return None
+    data = load_npz(path)
+    layers = [str(v) for v in data["layers"]]
+    return Connections(layers=layers, to_next={L: data[f"{L}/to_next"] for L in layers[:-1]},
+                       n_images=int(data["n_images"]), aggregate=str(data["aggregate"]))
 
 
 # ---------------------------------------------------------------------------------------------

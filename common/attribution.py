@@ -23,6 +23,11 @@ difference among its channels, so a channel's share of its layer's total says ho
 error passes through it whatever the layer's size or units (−1 … 1; the shares' absolute values
 add up to 1 in each layer). ``attribute_images`` keeps, per image, the ``top`` neurons of all
 layers by that share with their activation maps (``WHY_NOTE`` says this on the pages).
+
+The same measure between two layers gives the network's connections (06, ``connection_strengths``):
+with ``y_j`` the spatial mean (or max) of channel j of a later layer instead of a class logit,
+``C[i, j] = Σ_{h,w} a[i, h, w] · ∂y_j / ∂a[i, h, w]`` says how much channel i of the earlier layer
+drives channel j, to first order; averaged over images it is the strength of the i → j connection.
 """
 from __future__ import annotations
 
@@ -150,6 +155,79 @@ def channel_attribution(model, layer_names: Sequence[str], images, classes,
     if classes.ndim == 2:
         return {n: torch.stack(v) for n, v in relevances.items()}, torch.stack(explained)
     return {n: v[0] for n, v in relevances.items()}, explained[0]
+
+
+def connection_strengths(model, layer_names: Sequence[str], images,
+                         aggregate: str = "mean") -> dict[tuple[str, str], np.ndarray]:
+    """Activation × gradient from each layer of ``layer_names`` to the next one to run, summed
+    over a batch of ``images`` (B × 3 × H × W, normalised for the model).
+
+    For consecutive layers (a, b) it returns ``C`` (channels of a × channels of b, float64) with
+    ``C[i, j] = Σ_images Σ_positions a_i · ∂y_j/∂a_i``, where ``y_j`` is channel j of b reduced
+    over its positions (``aggregate``: ``mean`` or ``max`` of its grid, the patch grid for tokens)
+    and a_i's positions are all of them (class token included), as in ``channel_attribution``.
+    Divide by B for the mean over images. A later layer that does not depend on the earlier one
+    gives zeros. One forward pass; one backward pass per channel of each later layer, over the
+    part of the network between the two layers.
+    """
+    import torch
+    from common.hooks import output_layouts
+    if aggregate not in ("mean", "max"):
+        raise ValueError(f"aggregate must be mean or max, got {aggregate!r}")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    out = {}
+    with torch.enable_grad(), _keep_outputs(model, layer_names) as kept:
+        model(images)
+        missing = [n for n in layer_names if n not in kept]
+        if missing:
+            raise ValueError(f"layers {missing} did not run in the forward pass")
+        layouts = output_layouts(model, {n: kept[n].shape for n in layer_names},
+                                 tuple(images.shape[-2:]))
+        ran = list(kept)  # the order in which the layers ran: depth order, whatever was asked
+        pairs = list(zip(ran, ran[1:]))
+        for a, b in pairs:
+            grid = layouts[b].to_grid(kept[b]).flatten(2)  # B × M × cells
+            targets = grid.mean(2) if aggregate == "mean" else grid.amax(2)
+            source = kept[a]
+            strengths = torch.zeros(layouts[a].channels, layouts[b].channels, dtype=torch.float64)
+            # Several later channels per backward pass (vectorised), as many as fit in about
+            # GRAD_FLOATS floats of gradient.
+            step = max(1, min(targets.shape[1], GRAD_FLOATS // max(source.numel(), 1)))
+            for start in range(0, targets.shape[1], step):
+                chosen = range(start, min(start + step, targets.shape[1]))
+                strengths[:, start:chosen[-1] + 1] = _drive(source, targets, chosen, layouts[a])
+            out[(a, b)] = strengths.numpy()
+    return out
+
+
+GRAD_FLOATS = 1 << 25  # gradient values held at once by connection_strengths (128 MB in float32)
+
+
+def _drive(source, targets, chosen: range, layout):
+    """Σ_images Σ_positions source · ∂targets[:, j]/∂source for each j in ``chosen``, as a
+    C × len(chosen) float64 tensor: one vectorised backward pass (``is_grads_batched``), or one
+    pass per j where an operation of the model cannot be vectorised."""
+    import torch
+    seeds = torch.zeros(len(chosen), *targets.shape, dtype=targets.dtype, device=targets.device)
+    for t, j in enumerate(chosen):
+        seeds[t, :, j] = 1
+    try:
+        grads = torch.autograd.grad(targets, [source], grad_outputs=seeds, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)[0]
+    except RuntimeError as err:  # an operation without a batching rule: one j at a time
+        log.info("vectorised backward pass unavailable (%s); one pass per neuron", err)
+        per_j = []
+        for t in range(len(chosen)):
+            g, = torch.autograd.grad(targets, [source], grad_outputs=seeds[t],
+                                     retain_graph=True, allow_unused=True)
+            per_j.append(torch.zeros_like(source) if g is None else g)
+        grads = torch.stack(per_j)
+    if grads is None:
+        return torch.zeros(source.shape[layout.channel_axis], len(chosen), dtype=torch.float64)
+    product = (source.detach()[None] * grads).flatten(0, 1)  # (k·B) × the layer's output shape
+    per = layout.per_channel(product)  # (k·B) × C × positions
+    return per.reshape(len(chosen), -1, per.shape[1], per.shape[2]).sum((1, 3)).T.double().cpu()
 
 
 def attribute_images(bundle, layers: Sequence[str], jobs: Sequence[tuple[int, str, int, int]],

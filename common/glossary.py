@@ -502,6 +502,30 @@ TERMS: dict[str, Term] = {
         "Any real number, in logit units; compare within a layer (use the share across layers).",
         "Positive: the neuron widened the gap towards the wrong class.",
         "003", "debug"),
+    "connection": Term(
+        "connection strength", "connection",
+        "How much one neuron drives a neuron of the next chosen layer: activation × gradient, "
+        "averaged over 06's sample of images.",
+        "For neuron i of a layer and neuron j of the next chosen layer: i's activation map times "
+        "the gradient of j's spatial mean with respect to it, summed over the map and averaged "
+        "over CONNECT_IMAGES sampled images (06_connections.npz): how much j's mean would drop, "
+        "to first order, with i switched off.",
+        "Any real number, in the later layer's units.",
+        "Positive: i drives j; negative: i holds j back. A neuron page lists the largest in "
+        "absolute value; compare within one pair of layers only.",
+        "atlas", "neuron"),
+    "connection_link": Term(
+        "cluster connection strength", "link strength",
+        "A cluster's share of the drive into a cluster of the next layer over the share their "
+        "sizes would give: 1 is random wiring.",
+        "With the negative connections set to 0: (summed connection strength from cluster A's "
+        "neurons to cluster B's / the layer pair's total) ÷ (|A|·|B| / (N·M)), N and M the "
+        "clustered neurons of the two layers. The trace by connections links each cluster to "
+        "the one it drives most when this is at least CONNECT_THRESHOLD (default 2).",
+        "0 … N·M / (|A|·|B|).",
+        "Above 1: A drives B more than random wiring would; the trace keeps links of at least "
+        "the threshold.",
+        "atlas", "layer"),
     "top_activation": Term(
         "top activation", "top act",
         "The neuron's highest response over all images (its best image's spatial maximum).",

@@ -26,7 +26,7 @@ CONTROL_CORR = {2: 0.6}  # planted control r by channel (others 0.1); every veri
 HELD_OUT = {1: 12}  # planted held-out images by channel (others 200)
 FAST = ["RUN=t", "MODEL=tests/fake_model.py:build", "LAYERS=relu1,conv2", "INPUT_SIZE=32",
         "TOPK=9", "GRID=3", "TILE=8", "BATCH=8", "DEVICE=cpu", "WORKERS=1", "THRESHOLD=-1",
-        "ABLATE_TOP=0"]
+        "ABLATE_TOP=0", "CONNECT_THRESHOLD=0"]
 
 
 def image_set(folder: Path) -> Path:

@@ -1047,3 +1047,94 @@ def test_labels_show_by_class_name_even_when_never_predicted():
     assert counts["label_counts"] == [("two", 2), ("odd", 1)]
     assert counts["unlabelled"] == 1 and counts["topk"] == 4
     assert dict(counts["pred_counts"]) == {"zero": 2, "one": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbours by connection and the trace page (issue 23, points 4 and 5)
+
+
+def test_neighbours_sharing_a_sentence_make_one_line():
+    """Three neighbours with one sentence become one line "3 neurons: …"; the others stay tiles,
+    best first."""
+    tiles = [{"layer": "a", "channel": c, "description": d, "url": f"{c}.html", "sim": s}
+             for c, d, s in ((1, "mostly espresso", 0.99), (2, "a red cup", 0.98),
+                             (3, "mostly espresso", 0.97), (4, "mostly espresso ", 0.96),
+                             (5, "a dog", 0.5))]
+    singles, shared = atlas.by_sentence(tiles)
+    assert [m["channel"] for m in singles] == [2, 5]
+    assert [(line["sentence"], [m["channel"] for m in line["neurons"]]) for line in shared] == \
+        [("mostly espresso", [1, 3, 4])]
+
+
+def test_neuron_pages_list_their_planted_connections(run):
+    """The fake model wires conv2's channel 0 to relu1's red channel 0 alone (conv2 = 1×1 conv of
+    the pooled relu1, weights by hand): conv2 #0's page lists relu1 #0 as its strongest input,
+    relu1 #0's lists conv2 #0 as its strongest output, and relu1 #3 (brightness, weight 0 into
+    conv2) has no output listed. 06_connections.npz holds the measure, on the fixture's images."""
+    from common.artefacts import read_connections
+    _, _, run_dir = run
+    wiring = read_connections(run_dir / "06_connections.npz")
+    assert wiring.layers == ["relu1", "conv2"] and wiring.n_images == 26
+    matrix = wiring.to_next["relu1"]
+    assert matrix[0, 0] > 0 and matrix[0, 1] == 0 and not matrix[3].any()
+
+    def section(layer: str, channel: int) -> str:
+        """The "Strongest connections" part of a neuron page."""
+        page = (run_dir / "atlas" / "neurons" / layer / f"{channel}.html").read_text()
+        return page[page.index('id="connections"'):page.index("<h2>Debugging")]
+
+    inputs = section("conv2", 0)
+    assert "inputs from the layer before (relu1)" in inputs
+    first = re.search(r'<a class="mini" href="[^"]*neurons/(\w+)/(\d+)\.html"', inputs)
+    assert first.groups() == ("relu1", "0")
+    outputs = section("relu1", 0)
+    first = re.search(r'<a class="mini" href="[^"]*neurons/(\w+)/(\d+)\.html"', outputs)
+    assert first.groups() == ("conv2", "0")
+    assert "outputs to the layer after" not in section("relu1", 3)
+
+
+def test_browser_trace_page_columns_every_cluster_switch_and_click(run, tmp_path):
+    """At 1440 and 390 px the trace page draws every cluster of 05 in its layer's column, the
+    layers named above their columns in depth order; the switch to the trace by connections
+    keeps every cluster; a real pointer click on a cluster opens its layer page at the cluster.
+    Screenshots go to tmp_path (and to $ATLAS_SCREENSHOTS when set)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    _, _, run_dir = run
+    site = (run_dir / "atlas").resolve()
+    clusters = read_csv(run_dir / "05_clusters.csv")
+    kind = json.loads((run_dir / "06_trace.meta.json").read_text())["args"]["kind"]
+    expected = len({(r["layer"], r["cluster"]) for r in clusters if r["kind"] == kind})
+    shots = Path(os.environ.get("ATLAS_SCREENSHOTS", tmp_path))
+    driver = chromium()
+    try:
+        for width, height in ((1440, 900), (390, 844)):
+            driver.set_window_size(width, height)
+            driver.get((site / "sankey.html").as_uri())
+            wait_ready(driver)
+            nodes = driver.find_elements(By.CSS_SELECTOR, ".sankey-node")
+            assert len(nodes) == expected
+            heads = [a.text for a in driver.find_elements(By.CSS_SELECTOR, ".annotation-text")]
+            assert heads == ["relu1", "conv2"]
+            xs = {}
+            for node in nodes:
+                xs.setdefault(node.rect["x"] // 5, []).append(node)
+            assert len(xs) == 2  # two columns
+            assert driver.execute_script(
+                "return document.documentElement.scrollWidth") <= width + 1
+            driver.save_screenshot(str(shots / f"trace-sentence-{width}.png"))
+            driver.find_element(By.CSS_SELECTOR, "#trace-kind input[value=connection]").click()
+            WebDriverWait(driver, 10).until(lambda d: "by=connection" in d.current_url)
+            assert len(driver.find_elements(By.CSS_SELECTOR, ".sankey-node")) == expected
+            assert "drive" in driver.find_element(By.ID, "trace-note").text
+            # CONNECT_THRESHOLD=0: every relu1 cluster is linked to conv2's by connections
+            assert len(driver.find_elements(By.CSS_SELECTOR, ".sankey-link")) >= 2
+            driver.save_screenshot(str(shots / f"trace-connection-{width}.png"))
+        rect = driver.find_elements(By.CSS_SELECTOR, ".sankey-node rect")[0]
+        ActionChains(driver).move_to_element(rect).click().perform()
+        WebDriverWait(driver, 10).until(lambda d: "/layers/" in d.current_url)
+        assert re.search(r"/layers/relu1\.html#(.*&)?cluster=\d", driver.current_url)
+        assert no_alert_ran(driver)
+    finally:
+        driver.quit()

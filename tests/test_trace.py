@@ -201,7 +201,7 @@ def test_png_labels_do_not_overlap_however_many_layers():
         names = list(layers)
         links = [stage.Link(a, b, 0.9) for n, m in zip(names, names[1:])
                  for a, b in zip(layers[n], layers[m])]
-        pos = stage.layout(layers, links, [])
+        pos = stage.layout(layers, links)
         fig = stage.png_figure(layers, links, pos, [], "t")
         renderer = fig.canvas.get_renderer()
         boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts
@@ -226,3 +226,104 @@ def test_html_columns_leave_room_for_their_labels():
                                                 for cs in layers.values()], 5, "t")
     assert [a.text for a in fig.layout.annotations] == [f"<b>{n}</b>" for n in layers]
     assert fig.layout.width > plot_px  # the page is as wide as its labels need
+
+
+# --- the trace by connections -----------------------------------------------------------------
+
+
+def test_connection_strength_is_weight_times_mean_activation():
+    """On the fake CNN, conv2 is a 1×1 convolution of pool with hand-set weights W (conv2's
+    channel 0 copies pool's red channel 0; its channel 1 sums the edge channels 1 and 2). With
+    y_j the spatial mean of conv2's channel j, ∂y_j/∂pool_i = W[j, i] / cells at every cell, so
+    activation × gradient summed over the cells is W[j, i] · mean(pool_i): exactly, by hand."""
+    import torch
+    from common.attribution import connection_strengths
+    from fake_model import FakeNet
+    model = FakeNet().eval()
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = connection_strengths(model, ["pool", "conv2"], images)[("pool", "conv2")]
+    with torch.no_grad():
+        pooled = model.pool(model.relu1(model.conv1(images)))
+    weight = model.conv2.weight[:, :, 0, 0].detach().double().numpy()  # 2 × 4
+    expected = weight.T * pooled.mean((2, 3)).sum(0).double().numpy()[:, None]
+    assert got.shape == (4, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+    assert got[0, 0] > 0 and got[3, 0] == 0 and got[0, 1] == 0  # the wiring, and nothing else
+    # layers asked in any order are paired in the order they run
+    assert list(connection_strengths(model, ["conv2", "pool"], images)) == [("pool", "conv2")]
+
+
+def test_vit_connections_equal_a_finite_difference():
+    """On a tiny ViT (token outputs: class token + 4 × 4 patches), Σ a_i · ∂y_j/∂a_i is the
+    derivative of y_j (the later block's channel j averaged over its patch tokens) when channel i
+    of the earlier block is scaled by (1 + ε) in every token: measured here without autograd, by
+    a central difference of two forward passes (float64), for every i and j."""
+    import torch
+    from common.attribution import connection_strengths
+    from test_transformers import tiny_vit
+    model = tiny_vit().double().eval()
+    a, b = "encoder.layers.encoder_layer_0.mlp", "encoder.layers.encoder_layer_1.mlp"
+    modules = dict(model.named_modules())
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    got = connection_strengths(model, [a, b], images)[(a, b)]
+    kept, eps = {}, 1e-5
+
+    def later_means(channel: int, scale: float) -> np.ndarray:
+        """y (images × channels of b) with channel ``channel`` of a scaled by ``scale``."""
+        def scaled(_m, _i, out):
+            out = out.clone()
+            out[..., channel] *= scale
+            return out
+        handles = [modules[a].register_forward_hook(scaled),
+                   modules[b].register_forward_hook(lambda _m, _i, out: kept.update(b=out))]
+        with torch.no_grad():
+            model(images)
+        for h in handles:
+            h.remove()
+        return kept["b"][:, 1:].mean(1).sum(0).numpy()
+
+    expected = np.stack([(later_means(i, 1 + eps) - later_means(i, 1 - eps)) / (2 * eps)
+                         for i in range(got.shape[0])])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert np.abs(got).max() > 1e-3
+
+
+def test_planted_link_ranks_first_and_round_trips(tmp_path):
+    """06_connections.npz read back lists a neuron's planted strongest input and output first."""
+    from common.artefacts import read_connections, write_connections
+    first = np.full((3, 4), 0.1)
+    first[2, 1] = 5.0  # a2 drives b1 most
+    second = np.full((4, 2), 0.2)
+    second[1, 0] = -3.0  # b1 holds c0 back: strong, by absolute value
+    write_connections(tmp_path / "06_connections.npz", ["a", "b", "c"],
+                      {"a": first, "b": second}, 7, "mean")
+    got = read_connections(tmp_path / "06_connections.npz")
+    assert got.layers == ["a", "b", "c"] and got.n_images == 7 and got.aggregate == "mean"
+    near = got.strongest("b", 1, 2)
+    assert near["inputs"][0] == ("a", 2, 5.0)
+    assert near["outputs"][0] == ("c", 0, -3.0)
+    assert got.strongest("a", 0, 3)["inputs"] == [] and got.strongest("c", 0, 3)["outputs"] == []
+
+
+def test_connection_trace_links_planted_clusters():
+    """Two layers of two clusters each, wired crosswise (a's cluster 0 drives b's cluster 1 and
+    a's cluster 1 drives b's cluster 0): the trace by connections follows the wiring, whatever
+    the keywords say. Strength = the pair's share of the positive drive over its share of the
+    neuron pairs, computed by hand below; a link under the threshold is dropped."""
+    from common.artefacts import Connections
+    a = [stage.Cluster("a", 0, 2, ["red"], [0, 1]), stage.Cluster("a", 1, 2, ["stripe"], [2, 3])]
+    b = [stage.Cluster("b", 0, 1, ["zebra"], [0]), stage.Cluster("b", 1, 2, ["apple"], [1, 2])]
+    matrix = np.zeros((4, 3))
+    matrix[np.ix_([0, 1], [1, 2])] = 1.0  # red → apple
+    matrix[np.ix_([2, 3], [0])] = 2.0  # stripe → zebra
+    matrix[0, 0] = -9.0  # inhibition is no drive
+    wiring = Connections(layers=["a", "b"], to_next={"a": matrix}, n_images=1, aggregate="mean")
+    links = stage.connection_links({"a": a, "b": b}, wiring, 1.5)
+    assert [(link.source.key, link.target.key) for link in links] == \
+        [(("a", 0), ("b", 1)), (("a", 1), ("b", 0))]
+    # red → apple: 4 of the drive 8, over 4 of 12 pairs: (4 / 8) / (4 / 12) = 1.5
+    assert links[0].similarity == pytest.approx(1.5)
+    assert links[1].similarity == pytest.approx((4 / 8) / (2 / 12))
+    assert [link.source.key for link in stage.connection_links({"a": a, "b": b}, wiring, 2.0)] \
+        == [("a", 1)]

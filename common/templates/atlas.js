@@ -346,19 +346,56 @@
   }
 
   function initSankey() {
+    // Every cluster in its layer's column (fixed, so that a click is a click, not a drag); a
+    // cluster without a link is grey and kept on the page by an invisible loop onto itself,
+    // since plotly drops nodes no link touches.
     const S = window.ATLAS_SANKEY;
-    const div = document.getElementById("sankey");
-    Plotly.newPlot(div, [{
-      type: "sankey", arrangement: "snap",
-      node: { label: S.nodes.map(function (n) { return plain(n.label); }), pad: 12, thickness: 16,
-              customdata: S.nodes.map(function (n) { return plain(n.layer + " cluster " + n.cluster + " (" + n.size + " neurons)"); }),
-              hovertemplate: "%{customdata}<extra></extra>" },
-      link: { source: S.links.map(function (l) { return l.s; }), target: S.links.map(function (l) { return l.t; }),
-              value: S.links.map(function (l) { return l.v; }),
-              customdata: S.links.map(function (l) { return fmt(l.sim); }),
-              hovertemplate: "cosine %{customdata}<extra></extra>" }
-    }], { margin: { l: 10, r: 10, t: 10, b: 10 }, font: { size: 11 } },
-    { responsive: true, displaylogo: false }).then(function () { body.dataset.ready = "1"; });
+    const div = document.getElementById("sankey"), note = document.getElementById("trace-note");
+    const cols = Math.max(S.layers.length, 1), colPx = 230;
+    const tallest = Math.max.apply(null, S.layers.map(function (name) {
+      return S.nodes.filter(function (n) { return n.layer === name; }).length;
+    }).concat([1]));
+    function draw(kind) {
+      const mode = S.modes[kind], linked = new Set();
+      mode.links.forEach(function (l) { linked.add(l.s); linked.add(l.t); });
+      const alone = S.nodes.map(function (n, i) { return i; }).filter(function (i) { return !linked.has(i); });
+      const links = mode.links.concat(alone.map(function (i) { return { s: i, t: i, v: Math.max(1, S.nodes[i].size), loop: true }; }));
+      const xOf = function (col) { return cols < 2 ? 0.5 : 0.001 + 0.998 * col / (cols - 1); };
+      const what = kind === "sentence" ? "cosine " : "strength ";
+      const width = Math.max(div.parentElement.clientWidth, cols * colPx);
+      note.textContent = note.dataset[kind];
+      return Plotly.react(div, [{
+        type: "sankey", arrangement: "fixed",
+        node: { label: S.nodes.map(function (n) { return plain("#" + n.cluster + ": " + n.keywords.split(", ").slice(0, 3).join(", ")); }),
+                x: S.nodes.map(function (n) { return xOf(n.col); }), y: mode.y, pad: 10, thickness: 16,
+                color: S.nodes.map(function (n, i) { return linked.has(i) ? "rgba(31,119,180,0.9)" : "rgba(150,150,150,0.6)"; }),
+                customdata: S.nodes.map(function (n, i) { return plain(n.layer + ", cluster " + n.cluster + " (" + n.size + " neurons): " + n.keywords + (linked.has(i) ? "" : " (no link)")); }),
+                hovertemplate: "%{customdata}<extra></extra>" },
+        link: { source: links.map(function (l) { return l.s; }), target: links.map(function (l) { return l.t; }),
+                value: links.map(function (l) { return l.v; }),
+                color: links.map(function (l) { return l.loop ? "rgba(0,0,0,0)" : "rgba(140,140,140,0.35)"; }),
+                customdata: links.map(function (l) { return l.loop ? "no link" : what + fmt(l.sim); }),
+                hovertemplate: "%{customdata}<extra></extra>" }
+      }], { width: width, height: Math.max(420, 30 * tallest + 90), margin: { l: 10, r: 10, t: 40, b: 10 },
+            font: { size: 12 },
+            annotations: S.layers.map(function (name, col) {
+              return { text: "<b>" + plain(name) + "</b>", x: xOf(col), y: 1, xref: "paper", yref: "paper",
+                       yanchor: "bottom", xanchor: col === cols - 1 && cols > 1 ? "right" : "left", showarrow: false };
+            }) }, { displaylogo: false, displayModeBar: false });
+    }
+    const radios = Array.from(document.querySelectorAll("#trace-kind input"));
+    const wanted = new URLSearchParams(location.search).get("by");
+    radios.forEach(function (r) {
+      if (r.value === wanted && !r.disabled) r.checked = true;
+      r.addEventListener("change", function () {
+        const url = new URL(location.href);
+        url.searchParams.set("by", r.value);
+        history.replaceState(null, "", url);
+        draw(r.value);
+      });
+    });
+    const first = radios.find(function (r) { return r.checked; });
+    draw(first ? first.value : "sentence").then(function () { body.dataset.ready = "1"; });
     div.on("plotly_click", function (d) {
       const p = d.points[0];
       if (!p || p.sourceLinks === undefined) return; // a link, not a cluster
