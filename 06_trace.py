@@ -272,9 +272,15 @@ def connections(run: Run, settings: Settings, layer_order: list[str], previous: 
               "seed": settings.seed, "layers": layer_order}
     have_01 = run.activations.exists() and run.predictions.exists()
     extract = read_meta(run.activations).get("fingerprint") if have_01 else None
-    if previous and previous.get("args") == wanted and previous.get("extract") == extract:
+    if previous and previous.get("args") == wanted and previous.get("extract") == extract \
+            and run.connections.is_file():
         log.info("connections kept from %s (same 01 outputs and sample)", run.connections)
-        return read_connections(run.connections), previous
+        kept = read_connections(run.connections)
+        # written again (the same bytes): an output older than this run's inputs would leave
+        # make thinking 06 is never up to date
+        write_connections(run.connections, kept.layers, kept.to_next, kept.n_images,
+                          kept.aggregate)
+        return kept, previous
     reason, to_next, count, seconds, ran = "", {}, 0, 0.0, layer_order
     if not have_01:
         reason = "no 01 outputs (01_activations.npz, 01_predictions.csv) to re-run the model on"
