@@ -265,7 +265,7 @@ def connections(run: Run, settings: Settings, layer_order: list[str], previous: 
                 bundle=None) -> tuple:
     """06_connections.npz, measured unless ``previous`` (``previous_connections``) was made from
     the same 01 outputs with the same sample settings. Returns ``(Connections, record)``: the
-    record (sample settings, 01's fingerprint, images read, seconds, and why the file is empty,
+    record (sample settings, 01's fingerprint, images read, and why the file is empty,
     if it is) goes into 06's meta; ``bundle`` (a ``common.models.ModelBundle``) may be
     injected."""
     wanted = {"connect_images": settings.connect_images, "connect_by": settings.connect_by,
@@ -311,8 +311,8 @@ def connections(run: Run, settings: Settings, layer_order: list[str], previous: 
         log.info("connections between %d layer pairs measured on %d images in %.1f s",
                  len(to_next), count, seconds)
     write_connections(run.connections, ran, to_next, count, settings.connect_by)
-    record = {"args": wanted, "extract": extract, "n_images": count, "seconds": seconds,
-              "reason": reason}
+    record = {"args": wanted, "extract": extract, "n_images": count,  # no time: a meta is
+              "reason": reason}                                    # the same on every re-run
     return read_connections(run.connections), record
 
 

@@ -408,7 +408,7 @@ def rate_on_generated(rendered: list, inputs: RunInputs, settings: Settings, run
     log.info("Activation Rate on generated images: %d sentences × %d images by %s (%d steps) in "
              "%.1f s", len(texts), settings.generate_n, settings.generator_model,
              settings.generate_steps, seconds)
-    return {**settings.described(), "sentences": len(texts), "seconds": round(seconds, 2)}
+    return {**settings.described(), "sentences": len(texts)}  # no time: metas are deterministic
 
 
 @single_threaded  # BLAS on one thread, parallel in processes (--workers): common/threads.py
@@ -682,7 +682,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
     write_meta(meta_file, STAGE, dict(args or {}),
                outputs=[scores_out, summary_out, eval_out, candidates_out], inputs=inputs.metas,
                refine={"iterations": settings.refine, "concepts": len(concepts),
-                       "seconds": round(refine_seconds, 2), "units": len(units),
+                       "units": len(units),
                        "replaced": changed, "describer_calls_mean": round(float(
                            np.mean(list(calls.values()))) if calls else 0.0, 3),
                        "describer_calls_max": max(calls.values(), default=0)},
