@@ -190,19 +190,19 @@ def connection_strengths(model, layer_names: Sequence[str], images,
             grid = layouts[b].to_grid(kept[b]).flatten(2)  # B × M × cells
             targets = grid.mean(2) if aggregate == "mean" else grid.amax(2)
             source = kept[a]
-            out[(a, b)] = _drive(source, targets, range(targets.shape[1]), layouts[a]).numpy()
+            out[(a, b)] = _drive(source, targets, layouts[a]).numpy()
     return out
 
 
-def _drive(source, targets, chosen: range, layout):
-    """Σ_images Σ_positions source · ∂targets[:, j]/∂source for each j in ``chosen``, as a
-    C × len(chosen) float64 tensor: one backward pass per j. (A vectorised pass,
+def _drive(source, targets, layout):
+    """Σ_images Σ_positions source · ∂targets[:, j]/∂source for every later channel j, as a
+    C × M float64 tensor: one backward pass per j. (A vectorised pass,
     ``is_grads_batched``, was 1.6 times slower on the demo's CPU — 707 s against 434 s for
     ``_blocks.8`` → ``_blocks.15`` on 16 images — and held gigabytes of gradients at once.)"""
     import torch
-    total = torch.zeros(source.shape[layout.channel_axis], len(chosen), dtype=torch.float64)
+    total = torch.zeros(source.shape[layout.channel_axis], targets.shape[1], dtype=torch.float64)
     seed = torch.zeros_like(targets)
-    for t, j in enumerate(chosen):
+    for j in range(targets.shape[1]):
         seed.zero_()
         seed[:, j] = 1
         g, = torch.autograd.grad(targets, [source], grad_outputs=seed, retain_graph=True,
@@ -210,7 +210,7 @@ def _drive(source, targets, chosen: range, layout):
         if g is None:
             continue  # the later layer does not depend on the earlier one
         per = layout.per_channel(source.detach() * g)  # B × C × positions
-        total[:, t] = per.sum((0, 2)).double().cpu()
+        total[:, j] = per.sum((0, 2)).double().cpu()
     return total
 
 
