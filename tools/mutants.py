@@ -5,11 +5,12 @@ operator swapped, a comparison turned, a number changed, a condition negated, a 
 modules, which of their functions, and which test files judge each module are set in
 tools/mutants.toml. All mutants of those functions are listed, a fixed-seed random sample of them
 is drawn (the same sample every run while the code stays the same), and each mutant is applied in
-turn to a copy of the project (data/mutants/tree: the working tree's files, so the checkout is never
-touched) and judged by its module's test files only, run with `pytest -x` and a time limit per
-mutant. A mutant is killed when a test fails (or the run passes its time limit), survives when all
+turn to a copy of the project (data/mutants/tree, tree1, …: the working tree's files, one copy per
+worker, so the checkout is never touched) and judged by its module's test files only, run with
+`pytest -x` and a time limit per mutant; ``workers`` mutants are judged side by side. A mutant is killed when a test fails (or the run passes its time limit), survives when all
 pass. Mutants that break the module outright (Cosmic Ray's "incompetent") are counted apart and not
-in the score.
+in the score; mutants inside type annotations of modules with ``from __future__ import annotations``
+are not made at all (never evaluated, so no test could catch them).
 
 The score, the sample and each survivor — file:line, the change, and the verdict: "needs a test",
 or why it is equivalent or not worth a test (tools/mutants.toml [[known]]) — go into a new dated
@@ -100,10 +101,30 @@ def owner(spans: list[tuple[int, int, str]], line: int) -> str | None:
     return next((name for first, last, name in spans if first <= line <= last), None)
 
 
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions (line, column) of the type annotations of a module that has
+    ``from __future__ import annotations``: they are never evaluated, so a mutant inside one can
+    never be caught (no span otherwise)."""
+    tree = ast.parse(source)
+    future = any(isinstance(node, ast.ImportFrom) and node.module == "__future__"
+                 and any(a.name == "annotations" for a in node.names) for node in tree.body)
+    if not future:
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            found.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+    return [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in found if n]
+
+
 def all_mutants(modules: list[Module], skip_operators: list[str]) -> list[tuple[object, Module]]:
     """Every Cosmic Ray mutation of the chosen functions of ``modules`` (paths relative to the
     current folder) by the operators whose names match none of ``skip_operators`` (regular
-    expressions), in a stable order."""
+    expressions), in a stable order; none inside a type annotation that is never evaluated."""
     import cosmic_ray.plugins
     from cosmic_ray.ast import ast_nodes, get_ast_from_path
     from cosmic_ray.work_item import MutationSpec
@@ -115,7 +136,8 @@ def all_mutants(modules: list[Module], skip_operators: list[str]) -> list[tuple[
             operators.append((name, kind()))
     found = []
     for module in modules:
-        spans = top_level_names(Path(module.path).read_text())
+        source = Path(module.path).read_text()
+        spans, notes = top_level_names(source), annotation_spans(source)
         nodes = list(ast_nodes(get_ast_from_path(Path(module.path))))
         for name, operator in operators:
             positions = [pos for node in nodes for pos in operator.mutation_positions(node)]
@@ -123,6 +145,8 @@ def all_mutants(modules: list[Module], skip_operators: list[str]) -> list[tuple[
                 where = owner(spans, start[0])
                 if where is None or where in module.skip or (module.only
                                                              and where not in module.only):
+                    continue
+                if any(first <= tuple(start) < last for first, last in notes):
                     continue
                 found.append((MutationSpec(module_path=module.path, operator_name=name,
                                            occurrence=occurrence, start_pos=start, end_pos=end),
@@ -162,33 +186,58 @@ def changed_lines(diff: str) -> tuple[str, str]:
     return " / ".join(before), " / ".join(after)
 
 
-def run_sample(sample: list[tuple[object, Module]], tree: Path, timeouts: dict[str, float],
-               budget: float) -> list[Outcome]:
-    """Apply each mutant in ``tree``, run its module's tests, and record the outcome; mutants not
-    started within ``budget`` seconds are left 'not run'."""
+def _take_tree(trees) -> None:
+    """Worker start: claim one copy of the project (from the queue ``trees``) and work in it."""
+    os.chdir(trees.get())
+
+
+def judge(job: tuple[object, Module, float, float]) -> Outcome:
+    """Apply one mutant in this worker's copy of the project, run its module's tests, and
+    return the outcome ('not run' when the time budget had run out before it started)."""
     from cosmic_ray.mutating import mutate_and_test
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
-    outcomes, start = [], time.monotonic()
-    for n, (spec, module) in enumerate(sample, start=1):
-        if time.monotonic() - start > budget:
-            outcomes.append(Outcome(spec, module, "not run"))
-            continue
-        began = time.monotonic()
-        result = mutate_and_test([spec], test_command(module), timeouts[module.path])
-        outcome = Outcome(spec, module, "", seconds=time.monotonic() - began)
-        if result.worker_outcome == WorkerOutcome.NO_TEST:
-            outcome.state = "no-test"
-        elif result.test_outcome == TestOutcome.INCOMPETENT:
-            outcome.state = "incompetent"
-        elif result.test_outcome == TestOutcome.SURVIVED:
-            outcome.state = "survived"
-        else:
-            outcome.state = "timeout" if result.output == "timeout" else "killed"
-        outcome.before, outcome.after = changed_lines(result.diff or "")
-        outcomes.append(outcome)
-        print(f"[{n}/{len(sample)}] {outcome.state:11} {spec.module_path}:{spec.start_pos[0]} "
-              f"{outcome.before!r} -> {outcome.after!r} ({outcome.seconds:.0f} s)", flush=True)
+    spec, module, timeout, deadline = job
+    if time.monotonic() > deadline:
+        return Outcome(spec, module, "not run")
+    began = time.monotonic()
+    result = mutate_and_test([spec], test_command(module), timeout)
+    outcome = Outcome(spec, module, "", seconds=time.monotonic() - began)
+    if result.worker_outcome == WorkerOutcome.NO_TEST:
+        outcome.state = "no-test"
+    elif result.test_outcome == TestOutcome.INCOMPETENT:
+        outcome.state = "incompetent"
+    elif result.test_outcome == TestOutcome.SURVIVED:
+        outcome.state = "survived"
+    else:
+        outcome.state = "timeout" if result.output == "timeout" else "killed"
+    outcome.before, outcome.after = changed_lines(result.diff or "")
+    return outcome
+
+
+def run_sample(sample: list[tuple[object, Module]], trees: list[Path], timeouts: dict[str, float],
+               budget: float) -> list[Outcome]:
+    """Judge each mutant of ``sample`` in one of ``trees`` (one worker process per copy of the
+    project, so mutants judged side by side never see each other's change); mutants not started
+    within ``budget`` seconds are left 'not run'. Outcomes come back in the sample's order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    for tree in trees:
+        queue.put(str(tree))
+    deadline = time.monotonic() + budget
+    jobs = [(spec, module, timeouts[module.path], deadline) for spec, module in sample]
+    outcomes = []
+    with ProcessPoolExecutor(len(trees), mp_context=context, initializer=_take_tree,
+                             initargs=(queue,)) as pool:
+        for n, outcome in enumerate(pool.map(judge, jobs), start=1):
+            outcomes.append(outcome)
+            if outcome.state != "not run":
+                print(f"[{n}/{len(sample)}] {outcome.state:11} {outcome.spec.module_path}:"
+                      f"{outcome.spec.start_pos[0]} {outcome.before!r} -> {outcome.after!r} "
+                      f"({outcome.seconds:.0f} s)", flush=True)
     return outcomes
 
 
@@ -270,7 +319,7 @@ def section(outcomes: list[Outcome], modules: list[Module], config: dict, popula
              f"{seconds / 60:.1f} min.", "",
              "| module | functions | tests | killed/judged |", "|---|---|---|---|"]
     for module in modules:
-        mine = [o for o in outcomes if o.module is module]
+        mine = [o for o in outcomes if o.module.path == module.path]
         judged_m = sum(o.state in ("killed", "timeout", "survived") for o in mine)
         killed_m = sum(o.state in ("killed", "timeout") for o in mine)
         lines.append(f"| {module.path} | {', '.join(module.only) or 'all'}"
@@ -303,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file to update")
     parser.add_argument("--sample", type=int, help="mutants drawn (default: the config's)")
     parser.add_argument("--only", nargs="+", help="mutate only these module paths")
+    parser.add_argument("--workers", type=int,
+                        help="mutants judged side by side, each in its own copy of the project "
+                             "(default: the config's, at most the number of cores)")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS")
     return parser
 
@@ -324,8 +376,14 @@ def main(argv=None) -> None:
     print(f"{len(population)} mutants in {len(modules)} modules; {size} drawn (seed "
           f"{config['seed']})", flush=True)
     timeouts = baseline(used, config, tree)
+    workers = max(1, min(args.workers or config.get("workers", 1), os.cpu_count() or 1))
+    trees = [tree] + [tree.with_name(f"tree{i}") for i in range(1, workers)]
+    for extra in trees[1:]:
+        if extra.exists():
+            shutil.rmtree(extra)
+        shutil.copytree(tree, extra, symlinks=True)
     budget = config["budget_minutes"] * 60 - (time.monotonic() - began)
-    outcomes = run_sample(sample, tree, timeouts, budget)
+    outcomes = run_sample(sample, trees, timeouts, budget)
     text = section(outcomes, used, config, len(population), time.monotonic() - began)
     print("\n" + text)
     if not args.no_write:
