@@ -35,7 +35,11 @@ connection strengths of two consecutive layers (negative values, which hold a ne
 0), the strength from cluster A to cluster B is their share of the layer pair's drive over the
 share their sizes would give: (Σ_{i∈A, j∈B} C_ij / Σ C) / (|A|·|B| / (N·M)), N and M the clustered
 neurons of the two layers; 1 is what random wiring would give. Each cluster is linked to the
-cluster of the next layer it drives most, when that strength is at least --connect-threshold.
+cluster of the next layer it drives most, when that strength is at least --connect-threshold (1).
+Clusters are made from sentences, not wiring, so a best link can be no stronger than random
+clusters of the same sizes would get: each link's permutation p-value (999 seeded reshuffles of
+which neurons form the layer's clusters) says how often they do as well; links with p > 0.05 are
+drawn faint and named so on hover.
 
 Example:
     python 06_trace.py --run data/demo --follow yellow
@@ -84,7 +88,7 @@ class Settings(ModelAgain):
     connect_by: str = setting("mean", "what of a later neuron's map the connections explain",
                               choices=("mean", "max"))
     connect_threshold: float = setting(
-        2.0, "smallest connection strength kept as a link (1: as random wiring would give)",
+        1.0, "smallest connection strength kept as a link (1: as random wiring would give)",
         make="CONNECT_THRESHOLD")
     batch_size: int = setting(16, "images per pass when measuring connections")
     seed: int = setting(0, "seed of the image sample")
@@ -104,6 +108,9 @@ PATH_RED = "rgba(214, 39, 40, 0.85)"  # nodes and links of the --follow path
 NODE_BLUE = "rgba(31, 119, 180, 0.9)"  # ordinary nodes
 UNLINKED_GREY = "rgba(150, 150, 150, 0.6)"  # clusters without a link at the threshold
 INVISIBLE = "rgba(0, 0, 0, 0)"  # the loop that keeps an unlinked cluster on the page
+FAINT_GREY = "rgba(170, 170, 170, 0.15)"  # links by connections that random clusters match
+PERMUTATIONS = 999  # random clusterings behind each connection link's p-value
+SIGNIFICANT_P = 0.05  # connection links with a larger p-value are drawn faint
 
 
 @dataclass
@@ -127,10 +134,18 @@ class Cluster:
 
 @dataclass
 class Link:
-    """A kept best match between a cluster and a cluster of the next layer."""
+    """A kept best match between a cluster and a cluster of the next layer (``p_value``: for a
+    link by connections, how often random clusters do as well; ``connection_links``)."""
     source: Cluster
     target: Cluster
     similarity: float
+    p_value: float = float("nan")
+
+    @property
+    def weak(self) -> bool:
+        """A link by connections that random clusters of the same sizes match too often
+        (p > ``SIGNIFICANT_P``): drawn faint."""
+        return self.p_value > SIGNIFICANT_P
 
 
 def load_clusters(clusters_path, keywords_path, kind: str,
@@ -193,12 +208,19 @@ def best_links(layers: dict[str, list[Cluster]], vectors,
     return links
 
 
-def connection_links(layers: dict[str, list[Cluster]], connections,
-                     threshold: float) -> list[Link]:
+def connection_links(layers: dict[str, list[Cluster]], connections, threshold: float,
+                     permutations: int = PERMUTATIONS, seed: int = 0) -> list[Link]:
     """Each cluster's most strongly driven cluster in the next layer, by the network's connections
     (``common.artefacts.Connections``), kept when the normalised strength (module docstring:
     1 = as random wiring would give) is at least ``threshold``. Layers without connections
-    between them (not consecutive chosen layers) get no links."""
+    between them (not consecutive chosen layers) get no links.
+
+    Each link carries a permutation p-value: how often ``permutations`` seeded random clusters of
+    the same sizes (the source layer's clustered neurons dealt out again at random) give their
+    cluster a best strength as high as the real one, counting the real one:
+    (1 + hits) / (1 + permutations). A small p says the cluster's neurons drive the target more
+    than a random set of as many neurons of that layer would."""
+    rng = np.random.default_rng(seed)
     names = list(layers)
     links = []
     for src_name, dst_name in zip(names, names[1:]):
@@ -213,12 +235,30 @@ def connection_links(layers: dict[str, list[Cluster]], connections,
         total = drive[np.ix_(rows, cols)].sum() if rows and cols else 0.0
         if total <= 0:
             continue
-        for a in src:
-            lifts = [(drive[np.ix_(a.channels, b.channels)].sum() / total)
-                     / (len(a.channels) * len(b.channels) / (len(rows) * len(cols))) for b in dst]
-            j = int(np.argmax(lifts))
-            if lifts[j] >= threshold:
-                links.append(Link(a, dst[j], float(lifts[j])))
+        # Drive of each clustered source neuron into each target cluster (rows × targets).
+        into = np.stack([drive[np.ix_(rows, b.channels)].sum(1) for b in dst], axis=1)
+        owner = np.repeat(np.arange(len(src)), [len(a.channels) for a in src])
+        sizes_a = np.bincount(owner, minlength=len(src)).astype(np.float64)
+        sizes_b = np.array([len(b.channels) for b in dst], np.float64)
+        expected = np.outer(sizes_a, sizes_b) / (len(rows) * len(cols))
+
+        def best(labels: np.ndarray) -> np.ndarray:
+            """Each source cluster's highest strength when its neurons are ``labels``."""
+            summed = np.zeros((len(src), len(dst)))
+            np.add.at(summed, labels, into)
+            return (summed / total / expected).max(axis=1)
+
+        lifts = np.zeros((len(src), len(dst)))
+        np.add.at(lifts, owner, into)
+        lifts = lifts / total / expected
+        hits = np.zeros(len(src))
+        for _ in range(permutations):
+            hits += best(rng.permutation(owner)) >= lifts.max(axis=1) - 1e-12
+        for k, a in enumerate(src):
+            j = int(np.argmax(lifts[k]))
+            if lifts[k, j] >= threshold:
+                links.append(Link(a, dst[j], float(lifts[k, j]),
+                                  float((1 + hits[k]) / (1 + permutations))))
     return links
 
 
@@ -418,7 +458,11 @@ def sankey_trace(layers, drawn: list[Link], pos, x_of: dict, path: list[dict], n
                               + ("" if c.key in touched else f" — no link by {measure}"))
                   for c in nodes]
     link_hover = [html.escape(f"{link.source.text(n_keywords)} → {link.target.text(n_keywords)} "
-                              f"({measure} {link.similarity:.2f})") for link in drawn]
+                              f"({measure} {link.similarity:.2f}"
+                              + ("" if np.isnan(link.p_value) else
+                                 f", p = {link.p_value:.3f}"
+                                 + ("; random clusters do as well" if link.weak else ""))
+                              + ")") for link in drawn]
     return go.Sankey(
         arrangement="fixed", visible=visible,
         node=dict(label=[node_label(c) for c in nodes], x=[x_of[c.layer] for c in nodes],
@@ -428,7 +472,8 @@ def sankey_trace(layers, drawn: list[Link], pos, x_of: dict, path: list[dict], n
         link=dict(source=[index[link.source.key] for link in drawn] + [index[c.key] for c in loners],
                   target=[index[link.target.key] for link in drawn] + [index[c.key] for c in loners],
                   value=values + [loop] * len(loners),
-                  color=[PATH_RED if (link.source.key, link.target.key) in path_pairs else LINK_GREY
+                  color=[PATH_RED if (link.source.key, link.target.key) in path_pairs
+                         else FAINT_GREY if link.weak else LINK_GREY
                          for link in drawn] + [INVISIBLE] * len(loners),
                   customdata=link_hover + ["no link"] * len(loners),
                   hovertemplate="%{customdata}<extra></extra>"))
@@ -588,9 +633,10 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None, bundle=No
     order = read_layer_order(activations_path) if activations_path else []
     every = load_clusters(clusters_path, keywords_path, kind, order)
     wiring, record = connections(run, settings, order, previous, bundle)
-    by_wiring = connection_links(every, wiring, settings.connect_threshold)
-    log.info("%d clusters linked to the next layer by connections at strength ≥ %.2f",
-             len(by_wiring), settings.connect_threshold)
+    by_wiring = connection_links(every, wiring, settings.connect_threshold, seed=settings.seed)
+    log.info("%d clusters linked to the next layer by connections at strength ≥ %.2f, %d of "
+             "them more than random clusters give (permutation p ≤ %g)", len(by_wiring),
+             settings.connect_threshold, sum(not link.weak for link in by_wiring), SIGNIFICANT_P)
     if text_embedder is None:
         from common.embedders import load_text_embedder
         text_embedder = load_text_embedder(settings.text_embedder, device=settings.device)
@@ -615,7 +661,8 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None, bundle=No
     rows = [{"source_layer": link.source.layer, "source_cluster": link.source.cluster,
              "source_keywords": link.source.text(n_keywords), "target_layer": link.target.layer,
              "target_cluster": link.target.cluster, "target_keywords": link.target.text(n_keywords),
-             "similarity": f"{link.similarity:.6f}", "kind": link_kind}
+             "similarity": f"{link.similarity:.6f}", "kind": link_kind,
+             "p_value": "" if np.isnan(link.p_value) else f"{link.p_value:.4f}"}
             for link_kind, kept in (("sentence", links), ("connection", by_wiring))
             for link in kept]
     write_csv(run.trace, rows, columns(TraceLink))
@@ -624,7 +671,8 @@ def run(run: Run, settings: Settings = Settings(), text_embedder=None, bundle=No
              + "; grey: no link")
     wiring_title = (f"concept flow between layers by connections ({kind} clusters, strength ≥ "
                     f"{settings.connect_threshold:g} × random wiring; activation × gradient on "
-                    f"{record['n_images']} images); grey: no link")
+                    f"{record['n_images']} images); faint: random clusters do as well "
+                    f"(p > {SIGNIFICANT_P:g}); grey: no link")
     if record["reason"]:
         wiring_title = f"no trace by connections: {record['reason']}"
     fig, pos, drawn = build_figure(every, links, path, n_keywords, title,

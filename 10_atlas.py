@@ -1067,7 +1067,7 @@ class Site:
             modes[kind] = {"y": [y[(n["layer"], n["cluster"])] for n in nodes],
                            "links": [{"s": index[a], "t": index[b],
                                       "v": max(1, nodes[index[a]]["size"]),
-                                      "sim": number(r.similarity)}
+                                      "sim": number(r.similarity), "p": number(r.p_value)}
                                      for r, (a, b) in zip(rows, pairs)]}
         wiring = self.run.connections
         self.page("sankey.html", "atlas_sankey.html",

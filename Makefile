@@ -46,7 +46,7 @@ TRACE_KIND  ?= fused#                      06 clustering traced: fused | text
 THRESHOLD   ?= 0.5#                        06 smallest cosine kept as a link between clusters
 FOLLOW      ?=#                            06 concept whose path is printed and highlighted (FOLLOW=yellow)
 CONNECT_IMAGES ?= 16#                      06 images over which the connections between layers are measured (0: none)
-CONNECT_THRESHOLD ?= 2#                    06 smallest connection strength linking two clusters (1: random wiring)
+CONNECT_THRESHOLD ?= 1#                    06 smallest connection strength linking two clusters (1: random wiring)
 QUERY       ?=#                            07 query for `make search` (empty: interactive)
 HITS        ?= 10#                         07 neurons listed per query
 SCORING     ?= cosine#                     07 text ranking: cosine | baseline | neuron (README: measured)

@@ -661,7 +661,9 @@ class TraceLink:
     """A row of 06_trace.csv: a cluster's best match in the next layer, by its sentences' keywords
     (``kind`` sentence: ``similarity`` is their cosine) or by the network's connections (``kind``
     connection: ``similarity`` is the normalised connection strength, 1 = as strong as the layer
-    pair's average; ``06_trace.connection_links``). Files made before the column: sentence."""
+    pair's average, and ``p_value`` how often random clusters of the same sizes do as well;
+    ``06_trace.connection_links``; NaN for sentence links). Files made before the column:
+    sentence."""
     source_layer: str
     source_cluster: int
     source_keywords: str
@@ -670,6 +672,7 @@ class TraceLink:
     target_keywords: str
     similarity: float
     kind: str = "sentence"
+    p_value: float = math.nan
 
 
 def read_trace(path: str | Path) -> list[TraceLink]:

@@ -521,10 +521,13 @@ TERMS: dict[str, Term] = {
         "With the negative connections set to 0: (summed connection strength from cluster A's "
         "neurons to cluster B's / the layer pair's total) ÷ (|A|·|B| / (N·M)), N and M the "
         "clustered neurons of the two layers. The trace by connections links each cluster to "
-        "the one it drives most when this is at least CONNECT_THRESHOLD (default 2).",
-        "0 … N·M / (|A|·|B|).",
-        "Above 1: A drives B more than random wiring would; the trace keeps links of at least "
-        "the threshold.",
+        "the one it drives most when this is at least CONNECT_THRESHOLD (default 1). Its "
+        "p-value is the share of 999 random clusterings of the source layer (same sizes) whose "
+        "cluster does as well, the real one counted.",
+        "0 … N·M / (|A|·|B|); p-value 0.001 … 1.",
+        "Above 1: A drives B more than random wiring would. A link with p > 0.05 is drawn faint: "
+        "random sets of as many neurons do as well, so the clusters (made from sentences) are "
+        "not wired together beyond chance.",
         "atlas", "layer"),
     "top_activation": Term(
         "top activation", "top act",

@@ -1132,6 +1132,13 @@ def test_browser_trace_page_columns_every_cluster_switch_and_click(run, tmp_path
             assert "drive" in driver.find_element(By.ID, "trace-note").text
             # CONNECT_THRESHOLD=0: every relu1 cluster is linked to conv2's by connections
             assert len(driver.find_elements(By.CSS_SELECTOR, ".sankey-link")) >= 2
+            # links that random clusters match (06_trace.csv p_value > 0.05) are the faint ones
+            faint = driver.execute_script(
+                "return Array.from(document.querySelectorAll('.sankey-link')).filter("
+                "function (l) { return parseFloat(getComputedStyle(l).fillOpacity) < 0.2"
+                " && parseFloat(getComputedStyle(l).fillOpacity) > 0; }).length")
+            assert faint == sum(r["kind"] == "connection" and float(r["p_value"]) > 0.05
+                                for r in read_csv(run_dir / "06_trace.csv"))
             driver.save_screenshot(str(shots / f"trace-connection-{width}.png"))
         rect = driver.find_elements(By.CSS_SELECTOR, ".sankey-node rect")[0]
         ActionChains(driver).move_to_element(rect).click().perform()

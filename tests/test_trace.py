@@ -327,3 +327,61 @@ def test_connection_trace_links_planted_clusters():
     assert links[1].similarity == pytest.approx((4 / 8) / (2 / 12))
     assert [link.source.key for link in stage.connection_links({"a": a, "b": b}, wiring, 2.0)] \
         == [("a", 1)]
+
+
+def test_connection_link_p_value_is_the_share_of_random_clusterings_that_do_as_well():
+    """The p-value of a link by connections against every relabelling of a tiny layer: six
+    neurons in clusters of 2, 2 and 2 have 90 labellings, enumerated here; the p-value of 999
+    seeded draws must be the exact share within sampling error (binomial sd ≤ 0.016), and a
+    seed gives the same p-values every time."""
+    import itertools
+    from common.artefacts import Connections
+    rng = np.random.default_rng(3)
+    matrix = rng.gamma(1.0, size=(6, 4))
+    matrix[np.ix_([0, 1], [0, 1])] += 1.5  # cluster 0 drives b's cluster 0 somewhat
+    a = [stage.Cluster("a", k, 2, [f"w{k}"], [2 * k, 2 * k + 1]) for k in range(3)]
+    b = [stage.Cluster("b", 0, 2, ["x"], [0, 1]), stage.Cluster("b", 1, 2, ["y"], [2, 3])]
+    wiring = Connections(layers=["a", "b"], to_next={"a": matrix}, n_images=1, aggregate="mean")
+    links = stage.connection_links({"a": a, "b": b}, wiring, 0.0, seed=5)
+    assert len(links) == 3
+
+    def best_lifts(owner):
+        into = np.stack([matrix[:, [0, 1]].sum(1), matrix[:, [2, 3]].sum(1)], axis=1)
+        summed = np.array([into[owner == k].sum(0) for k in range(3)])
+        return (summed / matrix.sum() / (4 / 24)).max(1)
+
+    observed = best_lifts(np.array([0, 0, 1, 1, 2, 2]))
+    labellings = {perm for perm in itertools.permutations([0, 0, 1, 1, 2, 2])}
+    assert len(labellings) == 90
+    everyone = np.array([best_lifts(np.array(perm)) for perm in labellings])
+    for k, link in enumerate(links):
+        assert link.similarity == pytest.approx(observed[k])
+        exact = float(np.mean(everyone[:, k] >= observed[k] - 1e-12))
+        assert link.p_value == pytest.approx(exact, abs=0.05)
+    assert [link.p_value for link in stage.connection_links({"a": a, "b": b}, wiring, 0.0, seed=5)] \
+        == [link.p_value for link in links]
+
+
+def test_planted_wiring_is_significant_and_random_wiring_mostly_is_not():
+    """Clusters of 8 neurons whose wiring is planted get the smallest p-value (1 / 1000); on
+    twenty layers of random wiring the share of links with p ≤ 0.05 stays near 5 % (≤ 20 %), and
+    those links are the ones drawn faint (``weak``)."""
+    from common.artefacts import Connections
+    rng = np.random.default_rng(0)
+    a = [stage.Cluster("a", k, 8, [f"w{k}"], list(range(8 * k, 8 * k + 8))) for k in range(3)]
+    b = [stage.Cluster("b", k, 8, [f"v{k}"], list(range(8 * k, 8 * k + 8))) for k in range(3)]
+    planted = rng.gamma(1.0, size=(24, 24))
+    for k in range(3):
+        planted[8 * k:8 * k + 8, 8 * ((k + 1) % 3):8 * ((k + 1) % 3) + 8] += 2.0
+    wiring = Connections(layers=["a", "b"], to_next={"a": planted}, n_images=1, aggregate="mean")
+    links = stage.connection_links({"a": a, "b": b}, wiring, 1.0)
+    assert [(link.source.cluster, link.target.cluster) for link in links] == [(0, 1), (1, 2), (2, 0)]
+    assert all(link.p_value == pytest.approx(1 / 1000) and not link.weak for link in links)
+    small = []
+    for trial in range(20):
+        noise = rng.gamma(1.0, size=(24, 24))
+        wiring = Connections(layers=["a", "b"], to_next={"a": noise}, n_images=1, aggregate="mean")
+        for link in stage.connection_links({"a": a, "b": b}, wiring, 0.0, seed=trial):
+            small.append(link.p_value <= 0.05)
+            assert link.weak == (link.p_value > 0.05)
+    assert len(small) == 60 and np.mean(small) <= 0.2
