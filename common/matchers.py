@@ -173,13 +173,13 @@ def shrink(pixels: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((ANALYSIS_PX, ANALYSIS_PX), Image.BILINEAR))
 
 
-def _shared_array(shape: tuple[int, ...], shared: bool) -> np.ndarray:
-    """A float64 array of NaN; with ``shared``, in memory that processes forked later write to
-    (an anonymous shared mapping), so that worker processes fill it without copies."""
-    size = math.prod(shape) * 8
+def _shared_array(shape: tuple[int, ...], shared: bool, dtype=np.float64) -> np.ndarray:
+    """An array of NaN; with ``shared``, in memory that processes forked later write to (an
+    anonymous shared mapping), so that worker processes fill it without copies."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
     if not shared or size == 0:
-        return np.full(shape, np.nan)
-    out = np.frombuffer(mmap.mmap(-1, size), dtype=np.float64).reshape(shape)
+        return np.full(shape, np.nan, dtype=dtype)
+    out = np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
     out.fill(np.nan)
     return out
 
@@ -257,7 +257,9 @@ def _measure(task: tuple[int, int]) -> int:
         i = start + offset
         for layer, feats in _features(pixels, job.windows).items():
             w = job.weights.get(layer)
-            feats = feats / scales[layer]
+            # Rounded to float32 here, kept so, and scored from these values now or later
+            # (score_more): the same scores either way, at half the memory.
+            feats = (feats / scales[layer]).astype(np.float32)
             if layer in job.kept:
                 job.kept[layer][i] = feats
             if w is not None and w.shape[1]:
@@ -366,7 +368,7 @@ class OfflineMatcher:
         job = ImagePass(
             list(paths), input_size, windows, weights,
             {layer: _shared_array((n, w.shape[1]), shared) for layer, w in weights.items()},
-            {layer: _shared_array((n, len(windows[layer]), len(FEATURES)), shared)
+            {layer: _shared_array((n, len(windows[layer]), len(FEATURES)), shared, np.float32)
              for layer in keep})
         with _workers(job, self.workers) as run:
             done = run(_measure, _chunks(n, self.workers))
@@ -385,9 +387,9 @@ class OfflineMatcher:
     def keeps(layers: Sequence[str], n_images: int, input_size: int,
               layer_geometry: dict[str, tuple[np.ndarray, tuple[int, int]]]) -> bool:
         """Whether ``score`` can keep the window features of ``layers`` for ``n_images`` images
-        (float64, at most KEEP_BYTES)."""
+        (float32, at most KEEP_BYTES)."""
         size = sum(n_images * len(layer_windows(*layer_geometry[layer], input_size)) *
-                   len(FEATURES) * 8 for layer in layers)
+                   len(FEATURES) * 4 for layer in layers)
         return size <= KEEP_BYTES
 
     def score_more(self, sentences_by_layer: dict[str, list[str]],
