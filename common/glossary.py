@@ -192,7 +192,8 @@ TERMS: dict[str, Term] = {
         "The same correlation for another neuron's sentence: what an unrelated description "
         "reaches on these images.",
         "Verified r computed with the sentence of another neuron of the layer (drawn with a "
-        "seed among those with other words), against this neuron's activation, on the same "
+        "seed among those that say something else: each has a word the other lacks), against "
+        "this neuron's activation, on the same "
         "held-out images.",
         "−1 … 1.",
         "The baseline: a description is informative only by how far its verified r exceeds "

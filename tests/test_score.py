@@ -583,6 +583,24 @@ def test_controls_are_other_neurons_with_other_words():
     assert [c.channel for _, c in draw(0)] == [c.channel for _, c in pairs]
 
 
+def test_a_control_says_something_else_not_the_same_sentence_with_a_clause_added():
+    """A sentence that only adds words to another (or is the other less a clause) would tie with
+    it, so it is never drawn as its control while a sentence that says something else exists,
+    over many seeds; with no such sentence the draw falls back to any different text."""
+    shown = np.zeros(0, np.int64)
+    texts = ["Top images classified as food, mostly espresso.",
+             "Top images classified as food, mostly espresso; also man-made objects.",
+             "Top images classified as cats, mostly tabby cat."]
+    for seed in range(40):
+        sents = [verification.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
+        verification.pick_controls(sents, np.random.default_rng(seed))
+        assert sents[0].control == 2 and sents[1].control == 2
+        assert sents[2].control in (0, 1)
+    pair = [verification.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts[:2])]
+    verification.pick_controls(pair, np.random.default_rng(0))
+    assert [s.control for s in pair] == [1, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Issue 21: selection/test halves, SIEVE's clusters and Activation Rate, the margin's interval,
 # DnR's semantic consistency and its ranking table
