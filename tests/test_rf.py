@@ -16,7 +16,7 @@ from torch import nn
 
 from common.cli import StageError
 from common.fields import RF, crop_box, field_box
-from common.rf import _DilatedWindow, estimate_receptive_fields, receptive_fields
+from common.rf import _DilatedWindow, estimate_receptive_fields, patch_field, receptive_fields
 
 
 def rf(size, jump, start):
@@ -940,3 +940,134 @@ def test_probe_warns_only_when_gradients_near_the_float32_limit(caplog):
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
         assert estimate_receptive_fields(deep, ["31"], 70)["31"] == rf(65, 1, 0)
     assert "near the float32 limit" in caplog.text
+
+
+def test_transformer_layers_get_patch_fields():
+    """Layers named in ``patch_grids`` are not traced: each cell gets its patch plus a margin of
+    half a cell, at least 8 px, on each side. ViT-B/16 on 224 px: 14 × 14 cells of 16 px, margin
+    8 → size 32, start 7.5. Swin's first stage: 56 × 56 cells of 4 px, margin 8 (the minimum) →
+    size 20, start 1.5. A 7 × 7 grid on a 112 × 224 image: cells 16 × 32 px, margins 8 and 16 →
+    32 × 64, starts 7.5 and 15.5; the conv before it is traced as usual."""
+    assert patch_field((14, 14), 224) == rf(32, 16, 7.5)
+    assert patch_field((56, 56), 224) == rf(20, 4, 1.5)
+    net = nn.Sequential(nn.Conv2d(1, 1, 16, stride=16), nn.Identity())
+    fields = receptive_fields(net, ["0", "1"], (112, 224), patch_grids={"1": (7, 7)})
+    assert fields == {"0": rf(16, 16, 7.5), "1": RF(32, 64, 16, 32, 7.5, 15.5)}
+
+
+class ChannelsLastLinear(nn.Module):
+    """A 3×3 conv of 2 channels, then a Linear over channels on the (N, H, W, C) map (as ConvNeXt
+    blocks do), back to (N, C, H, W)."""
+
+    def __init__(self):
+        """The conv and the Linear."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2, 1)
+
+    def forward(self, x):
+        """Conv, Linear at each position, permute back."""
+        return self.fc(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_linear_at_each_position_of_a_channels_last_map_is_a_1x1_conv(caplog):
+    """A Linear applied per position mixes channels only: on a 12 × 20 image the field stays the
+    conv's (3 px), and a 3×3 conv after it sees 5 px, traced without the probe."""
+    net = nn.Sequential(ChannelsLastLinear(), nn.Conv2d(1, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+class Reduce(nn.Module):
+    """A 3×3 conv of 2 channels reduced over channels or rows (the result kept 4-D)."""
+
+    def __init__(self, how):
+        """The conv; ``how``: "channels", "channels kept", or "rows"."""
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        """The reduction."""
+        y = self.conv(x)
+        if self.how == "channels":
+            return y.amax(dim=1).unsqueeze(1)
+        if self.how == "channels kept":
+            return y.sum(dim=1, keepdim=True)
+        return y.mean(dim=2, keepdim=True)
+
+
+@pytest.mark.parametrize("how", ["channels", "channels kept"])
+def test_reduction_over_channels_keeps_the_field(how, caplog):
+    """A max or sum over channels (the image axes move down by one when the dim goes) reads one
+    position: a 3×3 conv after it sees 5 px, traced."""
+    net = nn.Sequential(Reduce(how), nn.Conv2d(1, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def test_reduction_over_one_image_axis_is_left_to_the_probe(caplog):
+    """A mean over the rows only has no single field of the traced form: the probe measures it
+    (with a warning that names the reason)."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        receptive_fields(nn.Sequential(Reduce("rows")), ["0"], (12, 20))
+    assert "receptive field of 0 estimated" in caplog.text
+    assert "one image axis only" in caplog.text
+
+
+def test_no_layer_names_or_the_whole_model_is_an_error():
+    """An empty list of layers, or the empty name (the model itself), stops with a StageError
+    that lists valid names."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3))
+    with pytest.raises(StageError, match="no layer names given"):
+        receptive_fields(net, [], 16)
+    with pytest.raises(StageError, match="unknown layer name"):
+        receptive_fields(net, [""], 16)
+
+
+class Twice(nn.Module):
+    """One 3×3 conv applied twice (shared weights)."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """conv(conv(x))."""
+        return self.conv(self.conv(x))
+
+
+def test_a_module_called_twice_is_described_by_its_last_call(caplog):
+    """As forward hooks record it: the shared conv's output is that of its second call (5 px)."""
+    assert traced(Twice(), ["conv"], (12, 20), caplog) == {"conv": rf(5, 1, 0)}
+
+
+class WritesIntoBuffer(nn.Module):
+    """A 3×3 conv whose output is copied into a plain preallocated tensor."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """Copy the conv's output into a new plain buffer and return it."""
+        y = self.conv(x)
+        buffer = torch.zeros(y.shape, dtype=y.dtype)
+        buffer.copy_(y)
+        return buffer
+
+
+def test_values_written_into_a_plain_tensor_send_every_layer_to_the_probe(caplog):
+    """Input-dependent values written into a tensor the tracking cannot see would lose the field
+    silently; instead every layer falls back to the probe (which measures them: 3 px)."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(nn.Sequential(WritesIntoBuffer()), ["0", "0.conv"], 16)
+    assert fields == {"0": rf(3, 1, 0), "0.conv": rf(3, 1, 0)}
+    assert "receptive field of 0.conv estimated" in caplog.text
+    assert "into a plain tensor" in caplog.text
+
+
+def test_a_float64_model_is_traced_in_its_own_dtype(caplog):
+    """The blank input takes the model's dtype, so a float64 model runs and is traced."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Conv2d(1, 1, 3, padding=1)).double()
+    assert traced(net, ["1"], (12, 20), caplog) == {"1": rf(7, 2, 0)}
