@@ -316,8 +316,9 @@ def _bind(func, args, kwargs) -> dict:
     return bound
 
 
-def _pair_list(value, default) -> tuple[int, int]:
-    """An ATen int-list argument (length 0, 1 or 2, or an int) as an (h, w) pair."""
+def _pair_list(value, default=None) -> tuple[int, int]:
+    """An ATen int-list argument (length 0, 1 or 2, or an int) as an (h, w) pair; ``default``
+    stands in for an empty or missing one (a module's attributes never are)."""
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
         value = default
     if isinstance(value, int):
@@ -811,10 +812,10 @@ class _DilatedWindow(nn.Module):
         """Take the geometry of ``pool``."""
         super().__init__()
         self.pool = pool
-        self.kernel = _pair_list(pool.kernel_size, 1)
-        self.stride = _pair_list(pool.stride or pool.kernel_size, 1)
-        self.padding = _pair_list(pool.padding, 0)
-        self.dilation = _pair_list(pool.dilation, 1)
+        self.kernel = _pair_list(pool.kernel_size)
+        self.stride = _pair_list(pool.stride or pool.kernel_size)  # an empty stride means the kernel
+        self.padding = _pair_list(pool.padding)
+        self.dilation = _pair_list(pool.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Window means of ``x`` (N, C, H, W) on the pool's grid."""
@@ -840,7 +841,7 @@ def _linearised_copy(model: nn.Module) -> nn.Module:
         replacement = None
         if type(module) in _ACTIVATIONS:
             replacement = nn.Identity()
-        elif type(module) is nn.MaxPool2d and _pair_list(module.dilation, 1) == (1, 1):
+        elif type(module) is nn.MaxPool2d and _pair_list(module.dilation) == (1, 1):
             replacement = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode)
         elif type(module) is nn.MaxPool2d:
             replacement = _DilatedWindow(module)

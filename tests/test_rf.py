@@ -1071,3 +1071,25 @@ def test_a_float64_model_is_traced_in_its_own_dtype(caplog):
     """The blank input takes the model's dtype, so a float64 model runs and is traced."""
     net = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Conv2d(1, 1, 3, padding=1)).double()
     assert traced(net, ["1"], (12, 20), caplog) == {"1": rf(7, 2, 0)}
+
+
+class TransposedTokens(nn.Module):
+    """A 3×3 conv whose map becomes ViT-style tokens (N, H·W, C) and then a map again."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        """Conv, (N, C, H·W) → (N, H·W, C) → (N, C, H·W) → (N, C, H, W)."""
+        y = self.conv(x)
+        tokens = y.flatten(2).transpose(1, 2)
+        return tokens.transpose(1, 2).reshape(y.shape)
+
+
+def test_token_axis_moved_by_a_transpose_keeps_the_field(caplog):
+    """The packed token axis (rows × columns of a 12 × 20 map) is followed when a transpose
+    moves it to dim 1 and back: a 3×3 conv after it sees 5 px, traced."""
+    net = nn.Sequential(TransposedTokens(), nn.Conv2d(2, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
