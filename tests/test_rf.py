@@ -838,8 +838,12 @@ def test_probe_on_an_input_barely_larger_than_the_field(caplog):
     cell 2 reads 2..6 and cell 3 reads 4..8, inside the image: jump 2, start 0. Rows: 3 cells; the
     centre cell 1 reads 0..4 (touching the top) and cell 2 is clipped at the bottom (2..5 of 2..6),
     so neither edge gives the jump: it is the image over the cells, 6 / 3 = 2, and the field is
-    still exact. A warning says the field reaches the border."""
+    still exact. A warning says the field reaches the border; on a 20 × 24 image, where the
+    centre cell's field is inside, there is none."""
     net = nn.Sequential(nn.Conv2d(1, 1, 5, stride=2, padding=2))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        assert estimate_receptive_fields(net, ["0"], (20, 24))["0"] == rf(5, 2, 0)
+    assert "reaches the border" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
         field = estimate_receptive_fields(net, ["0"], (6, 10))["0"]
     assert field == rf(5, 2, 0) == receptive_fields(net, ["0"], (6, 10))["0"]
@@ -1092,4 +1096,28 @@ def test_token_axis_moved_by_a_transpose_keeps_the_field(caplog):
     """The packed token axis (rows × columns of a 12 × 20 map) is followed when a transpose
     moves it to dim 1 and back: a 3×3 conv after it sees 5 px, traced."""
     net = nn.Sequential(TransposedTokens(), nn.Conv2d(2, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+class CoordChannel(nn.Module):
+    """CoordConv-style: a constant channel of column coordinates concatenated in front of a 3×3
+    conv's map."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """(N, 2, H, W): the coordinates, then the conv's output."""
+        y = self.conv(x)
+        n, _, h, w = y.shape
+        coords = torch.linspace(-1, 1, w).expand(n, 1, h, w)
+        return torch.cat([coords, y], dim=1)
+
+
+def test_a_constant_channel_concatenated_first_leaves_the_field(caplog):
+    """A channel that does not depend on the image adds nothing to the field, wherever it is in
+    the concatenation: the conv's 3 px, and 5 px after a 3×3 conv, traced on 12 × 20."""
+    net = nn.Sequential(CoordChannel(), nn.Conv2d(2, 1, 3, padding=1))
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
