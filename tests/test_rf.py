@@ -632,6 +632,21 @@ def traced(net, layers, size, caplog):
     return fields
 
 
+class ConvThen(nn.Module):
+    """A 3×3 pad-1 conv with ``channels`` outputs, then ``after`` applied to its output: how a
+    model reshapes, reduces or combines a map, written as a function of the map."""
+
+    def __init__(self, after, channels=1):
+        """The conv and the function applied to its output."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.after = after
+
+    def forward(self, x):
+        """``after(conv(x))``."""
+        return self.after(self.conv(x))
+
+
 class Subsample(nn.Module):
     """Every second row from row 1 and every third column from column 2 (a negative start,
     -18 on a 20 px width)."""
@@ -685,25 +700,16 @@ def test_adaptive_pooling_per_axis_identity_window_or_uneven(caplog):
     assert "uneven bins" in caplog.text
 
 
-class BroadcastSummary(nn.Module):
-    """A 3×3 conv's global mean broadcast back over its map (an image-pooling branch)."""
-
-    def __init__(self):
-        """The conv."""
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x):
-        """Mean over the image axes, kept as 1 × 1, expanded to the map's size."""
-        y = self.conv(x)
-        return y.mean(dim=(2, 3), keepdim=True).expand_as(y)
+def broadcast_summary(y):
+    """The map's global mean (kept 1 × 1) expanded back over the map: an image-pooling branch."""
+    return y.mean(dim=(2, 3), keepdim=True).expand_as(y)
 
 
 def test_summary_broadcast_over_the_map_gives_every_cell_the_whole_image(caplog):
     """On a 12 × 20 image every cell of the broadcast mean sees all conv cells: rows -1..12
     (size 14, start 5.5), columns -1..20 (size 22, start 9.5), and the same at every cell (jump 0),
     so every crop is the whole image."""
-    fields = traced(nn.Sequential(BroadcastSummary()), ["0"], (12, 20), caplog)
+    fields = traced(nn.Sequential(ConvThen(broadcast_summary)), ["0"], (12, 20), caplog)
     assert fields["0"] == RF(14, 22, 0, 0, 5.5, 9.5)
     assert crop_box(fields["0"], 7, 13, 12, 20) == (0, 0, 12, 20)
 
@@ -738,66 +744,44 @@ def test_covering_bound_of_branches_with_different_jumps_is_set_by_the_farthest_
     assert field_box(field, 7, 5)[:2] == (7, 5)  # the last cell's crop pixel is on the bound's edge
 
 
-class SoftmaxOver(nn.Module):
-    """A 3×3 conv of 2 channels, then a softmax over tensor dim ``dim``."""
-
-    def __init__(self, dim):
-        """The conv and the softmax's dim."""
-        super().__init__()
-        self.dim = dim
-        self.conv = nn.Conv2d(1, 2, 3, padding=1)
-
-    def forward(self, x):
-        """Softmax of the conv's output."""
-        return self.conv(x).softmax(dim=self.dim)
+def softmax_over(dim):
+    """A 2-channel conv's map, then a softmax over tensor dim ``dim``."""
+    return ConvThen(lambda y: y.softmax(dim=dim), channels=2)
 
 
 @pytest.mark.parametrize("dim", [1, -3])
 def test_softmax_over_channels_keeps_the_field(dim, caplog):
     """A softmax across channels (dim 1, or -3 counted from the end) mixes no positions."""
-    assert traced(nn.Sequential(SoftmaxOver(dim)), ["0"], 16, caplog)["0"] == rf(3, 1, 0)
+    assert traced(nn.Sequential(softmax_over(dim)), ["0"], 16, caplog)["0"] == rf(3, 1, 0)
 
 
 @pytest.mark.parametrize("dim", [3, -1])
 def test_spatial_softmax_is_left_to_the_probe(dim, caplog):
     """A softmax along the width (dim 3, or -1) mixes a whole row: it has no exact rule, so the
     field is measured by the probe, with a warning."""
-    net = nn.Sequential(SoftmaxOver(dim))
+    net = nn.Sequential(softmax_over(dim))
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
         field = receptive_fields(net, ["0"], 16)["0"]
     assert "receptive field of 0 estimated" in caplog.text
     assert field == estimate_receptive_fields(net, ["0"], 16)["0"]
 
 
-class Restrided(nn.Module):
-    """A 3×3 conv, then ``as_strided`` to the same shape and strides (a no-op view) or to every
-    second row (a new shape)."""
-
-    def __init__(self, rows):
-        """The conv; ``rows``: every row or every second one."""
-        super().__init__()
-        self.rows = rows
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x):
-        """The re-strided view of the conv's output."""
-        y = self.conv(x)
-        if self.rows == "all":
-            return y.as_strided(y.shape, y.stride())
-        n, c, h, w = y.shape
-        return y.as_strided((n, c, h // 2, w), (c * h * w, h * w, 2 * w, 1))
+def every_second_row(y):
+    """``as_strided`` to a new shape: the even rows of a contiguous (N, C, H, W) map."""
+    n, c, h, w = y.shape
+    return y.as_strided((n, c, h // 2, w), (c * h * w, h * w, 2 * w, 1))
 
 
 def test_as_strided_to_the_same_shape_keeps_the_field(caplog):
     """A re-strided view that keeps the shape is a memory-layout change; the field is traced."""
-    assert traced(nn.Sequential(Restrided("all")), ["0"], 16, caplog)["0"] == rf(3, 1, 0)
+    assert traced(nn.Sequential(ConvThen(lambda y: y.as_strided(y.shape, y.stride()))), ["0"], 16, caplog)["0"] == rf(3, 1, 0)
 
 
 def test_as_strided_to_a_new_shape_is_left_to_the_probe(caplog):
     """A re-strided view to a new shape (every second row) is not followed: the probe measures
     it: rows jump 2, columns unchanged (size 3, jump 1, start 0)."""
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
-        field = receptive_fields(nn.Sequential(Restrided("every second")), ["0"], 16)["0"]
+        field = receptive_fields(nn.Sequential(ConvThen(every_second_row)), ["0"], 16)["0"]
     assert "receptive field of 0 estimated" in caplog.text
     assert field == RF(3, 3, 2, 1, 0, 0)
 
@@ -850,27 +834,17 @@ def test_probe_on_an_input_barely_larger_than_the_field(caplog):
     assert "reaches the border" in caplog.text
 
 
-class ChannelPicks(nn.Module):
-    """A 2-channel 3×3 conv whose channels are taken apart along dim 1 and put back: ``mode``
-    "select" adds y[:, 0] and y[:, 1]; "unbind" multiplies the pieces of ``unbind``; "chunk" gates
-    one half by the other (GLU-style). The result is (N, 1, H, W) again."""
+def glu(y):
+    """One half of the channels gated by the sigmoid of the other half (split with ``chunk``)."""
+    a, b = y.chunk(2, dim=1)
+    return a * torch.sigmoid(b)
 
-    def __init__(self, mode):
-        """The conv and how its channels are taken apart."""
-        super().__init__()
-        self.mode = mode
-        self.conv = nn.Conv2d(1, 2, 3, padding=1)
 
-    def forward(self, x):
-        """Combine the two channels of the conv's output."""
-        y = self.conv(x)
-        if self.mode == "select":
-            return (y[:, 0] + y[:, 1]).unsqueeze(1)
-        if self.mode == "unbind":
-            a, b = y.unbind(1)
-            return (a * b).unsqueeze(1)
-        a, b = y.chunk(2, dim=1)
-        return a * torch.sigmoid(b)
+CHANNEL_PICKS = {  # a 2-channel map taken apart along dim 1 and put back as (N, 1, H, W)
+    "select": lambda y: (y[:, 0] + y[:, 1]).unsqueeze(1),
+    "unbind": lambda y: torch.mul(*y.unbind(1)).unsqueeze(1),
+    "chunk": glu,
+}
 
 
 @pytest.mark.parametrize("mode", ["select", "unbind", "chunk"])
@@ -878,7 +852,7 @@ def test_taking_channels_apart_keeps_the_image_axes(mode, caplog):
     """Selecting, unbinding or splitting channels keeps the field and the image axes (the dims
     after the removed one move down by one): a 3×3 conv after it sees 5 pixels, traced on a
     12 × 20 image."""
-    net = nn.Sequential(ChannelPicks(mode), nn.Conv2d(1, 1, 3, padding=1))
+    net = nn.Sequential(ConvThen(CHANNEL_PICKS[mode], channels=2), nn.Conv2d(1, 1, 3, padding=1))
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
 
 
@@ -889,45 +863,21 @@ def test_probe_gives_a_layer_without_image_axes_the_whole_input():
     assert estimate_receptive_fields(net, ["2"], (12, 20))["2"] == RF(12, 20, 12, 20, 5.5, 9.5)
 
 
-class SideBySide(nn.Module):
-    """A 3×3 conv's map concatenated with itself along the width (two copies side by side)."""
-
-    def __init__(self):
-        """The conv."""
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x):
-        """(N, C, H, 2W)."""
-        y = self.conv(x)
-        return torch.cat([y, y], dim=3)
-
-
 def test_concatenation_along_an_image_axis_is_left_to_the_probe(caplog):
-    """Concatenating along the width puts cells of different places side by side: no single jump
+    """Concatenating a map with itself along the width puts cells of different places side by side: no single jump
     fits, so the field is measured by the probe and the warning says why."""
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
-        receptive_fields(nn.Sequential(SideBySide()), ["0"], 16)
+        receptive_fields(nn.Sequential(ConvThen(lambda y: torch.cat([y, y], dim=3))), ["0"], 16)
     assert "receptive field of 0 estimated" in caplog.text
     assert "concatenation along an image axis" in caplog.text
-
-
-class UnshuffleThenRestride(nn.Module):
-    """Pixel-unshuffle (no rule), then a re-strided view to a new shape (every second row)."""
-
-    def forward(self, x):
-        """(N, 4C, H/2, W/2), then its even rows."""
-        y = F.pixel_unshuffle(x, 2)
-        n, c, h, w = y.shape
-        return y.as_strided((n, c, h // 2, w), (c * h * w, h * w, 2 * w, 1))
 
 
 def test_the_probe_warning_names_the_first_operation_not_followed(caplog):
     """Once the field is lost, later operations keep the first reason: the warning names the
     pixel-unshuffle, not the re-strided view after it (which has a reason of its own)."""
-    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), UnshuffleThenRestride())
+    net = nn.Sequential(ConvThen(lambda y: every_second_row(F.pixel_unshuffle(y, 2))))
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
-        receptive_fields(net, ["1"], 16)
+        receptive_fields(net, ["0"], 16)
     assert "pixel_unshuffle" in caplog.text
     assert "as_strided" not in caplog.text
 
@@ -981,30 +931,18 @@ def test_linear_at_each_position_of_a_channels_last_map_is_a_1x1_conv(caplog):
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
 
 
-class Reduce(nn.Module):
-    """A 3×3 conv of 2 channels reduced over channels or rows (the result kept 4-D)."""
-
-    def __init__(self, how):
-        """The conv; ``how``: "channels", "channels kept", or "rows"."""
-        super().__init__()
-        self.how = how
-        self.conv = nn.Conv2d(1, 2, 3, padding=1)
-
-    def forward(self, x):
-        """The reduction."""
-        y = self.conv(x)
-        if self.how == "channels":
-            return y.amax(dim=1).unsqueeze(1)
-        if self.how == "channels kept":
-            return y.sum(dim=1, keepdim=True)
-        return y.mean(dim=2, keepdim=True)
+REDUCTIONS = {  # a 2-channel map reduced over channels or rows, kept 4-D
+    "channels": lambda y: y.amax(dim=1).unsqueeze(1),
+    "channels kept": lambda y: y.sum(dim=1, keepdim=True),
+    "rows": lambda y: y.mean(dim=2, keepdim=True),
+}
 
 
 @pytest.mark.parametrize("how", ["channels", "channels kept"])
 def test_reduction_over_channels_keeps_the_field(how, caplog):
     """A max or sum over channels (the image axes move down by one when the dim goes) reads one
     position: a 3×3 conv after it sees 5 px, traced."""
-    net = nn.Sequential(Reduce(how), nn.Conv2d(1, 1, 3, padding=1))
+    net = nn.Sequential(ConvThen(REDUCTIONS[how], channels=2), nn.Conv2d(1, 1, 3, padding=1))
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
 
 
@@ -1012,7 +950,7 @@ def test_reduction_over_one_image_axis_is_left_to_the_probe(caplog):
     """A mean over the rows only has no single field of the traced form: the probe measures it
     (with a warning that names the reason)."""
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
-        receptive_fields(nn.Sequential(Reduce("rows")), ["0"], (12, 20))
+        receptive_fields(nn.Sequential(ConvThen(REDUCTIONS["rows"], channels=2)), ["0"], (12, 20))
     assert "receptive field of 0 estimated" in caplog.text
     assert "one image axis only" in caplog.text
 
@@ -1045,27 +983,18 @@ def test_a_module_called_twice_is_described_by_its_last_call(caplog):
     assert traced(Twice(), ["conv"], (12, 20), caplog) == {"conv": rf(5, 1, 0)}
 
 
-class WritesIntoBuffer(nn.Module):
-    """A 3×3 conv whose output is copied into a plain preallocated tensor."""
-
-    def __init__(self):
-        """The conv."""
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x):
-        """Copy the conv's output into a new plain buffer and return it."""
-        y = self.conv(x)
-        buffer = torch.zeros(y.shape, dtype=y.dtype)
-        buffer.copy_(y)
-        return buffer
+def copied_into_a_plain_tensor(y):
+    """The map copied into a new plain (untracked) tensor, which is returned."""
+    buffer = torch.zeros(y.shape, dtype=y.dtype)
+    buffer.copy_(y)
+    return buffer
 
 
 def test_values_written_into_a_plain_tensor_send_every_layer_to_the_probe(caplog):
     """Input-dependent values written into a tensor the tracking cannot see would lose the field
     silently; instead every layer falls back to the probe (which measures them: 3 px)."""
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
-        fields = receptive_fields(nn.Sequential(WritesIntoBuffer()), ["0", "0.conv"], 16)
+        fields = receptive_fields(nn.Sequential(ConvThen(copied_into_a_plain_tensor)), ["0", "0.conv"], 16)
     assert fields == {"0": rf(3, 1, 0), "0.conv": rf(3, 1, 0)}
     assert "receptive field of 0.conv estimated" in caplog.text
     assert "into a plain tensor" in caplog.text
@@ -1077,47 +1006,27 @@ def test_a_float64_model_is_traced_in_its_own_dtype(caplog):
     assert traced(net, ["1"], (12, 20), caplog) == {"1": rf(7, 2, 0)}
 
 
-class TransposedTokens(nn.Module):
-    """A 3×3 conv whose map becomes ViT-style tokens (N, H·W, C) and then a map again."""
-
-    def __init__(self):
-        """The conv."""
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, padding=1)
-
-    def forward(self, x):
-        """Conv, (N, C, H·W) → (N, H·W, C) → (N, C, H·W) → (N, C, H, W)."""
-        y = self.conv(x)
-        tokens = y.flatten(2).transpose(1, 2)
-        return tokens.transpose(1, 2).reshape(y.shape)
+def tokens_and_back(y):
+    """ViT-style tokens (N, H·W, C) made from the map, then the map again."""
+    tokens = y.flatten(2).transpose(1, 2)
+    return tokens.transpose(1, 2).reshape(y.shape)
 
 
 def test_token_axis_moved_by_a_transpose_keeps_the_field(caplog):
     """The packed token axis (rows × columns of a 12 × 20 map) is followed when a transpose
     moves it to dim 1 and back: a 3×3 conv after it sees 5 px, traced."""
-    net = nn.Sequential(TransposedTokens(), nn.Conv2d(2, 1, 3, padding=1))
+    net = nn.Sequential(ConvThen(tokens_and_back, channels=2), nn.Conv2d(2, 1, 3, padding=1))
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
 
 
-class CoordChannel(nn.Module):
-    """CoordConv-style: a constant channel of column coordinates concatenated in front of a 3×3
-    conv's map."""
-
-    def __init__(self):
-        """The conv."""
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x):
-        """(N, 2, H, W): the coordinates, then the conv's output."""
-        y = self.conv(x)
-        n, _, h, w = y.shape
-        coords = torch.linspace(-1, 1, w).expand(n, 1, h, w)
-        return torch.cat([coords, y], dim=1)
+def with_coordinate_channel(y):
+    """CoordConv-style: a constant channel of column coordinates concatenated in front of the map."""
+    n, _, h, w = y.shape
+    return torch.cat([torch.linspace(-1, 1, w).expand(n, 1, h, w), y], dim=1)
 
 
 def test_a_constant_channel_concatenated_first_leaves_the_field(caplog):
     """A channel that does not depend on the image adds nothing to the field, wherever it is in
     the concatenation: the conv's 3 px, and 5 px after a 3×3 conv, traced on 12 × 20."""
-    net = nn.Sequential(CoordChannel(), nn.Conv2d(2, 1, 3, padding=1))
+    net = nn.Sequential(ConvThen(with_coordinate_channel), nn.Conv2d(2, 1, 3, padding=1))
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
