@@ -834,6 +834,16 @@ def test_probe_on_an_input_barely_larger_than_the_field(caplog):
     assert "reaches the border" in caplog.text
 
 
+def test_probe_jump_of_a_field_wider_than_the_input():
+    """7×7 stride 2 pad 3 on 6 rows: the centre cell 1 reads -1..5, clipped at both ends to the
+    whole image (size 6, a lower bound of 7), and cell 2 reads 1..7. The clipped top edge says
+    nothing about the shift, so the jump is the image over the cells, 6 / 3 = 2, not 1 - 0."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 7, stride=2, padding=3))
+    field = estimate_receptive_fields(net, ["0"], (6, 10))["0"]
+    assert (field.size_h, field.jump_h) == (6, 2)
+    assert (field.size_w, field.jump_w, field.start_w) == (7, 2, 0)
+
+
 def glu(y):
     """One half of the channels gated by the sigmoid of the other half (split with ``chunk``)."""
     a, b = y.chunk(2, dim=1)
