@@ -316,8 +316,9 @@ def _bind(func, args, kwargs) -> dict:
     return bound
 
 
-def _pair_list(value, default) -> tuple[int, int]:
-    """An ATen int-list argument (length 0, 1 or 2, or an int) as an (h, w) pair."""
+def _pair_list(value, default=None) -> tuple[int, int]:
+    """An ATen int-list argument (length 0, 1 or 2, or an int) as an (h, w) pair; ``default``
+    stands in for an empty or missing one (a module's attributes never are)."""
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
         value = default
     if isinstance(value, int):
@@ -326,9 +327,9 @@ def _pair_list(value, default) -> tuple[int, int]:
     return (value[0], value[0]) if len(value) == 1 else (value[-2], value[-1])
 
 
-def _main_input(bound, args):
+def _main_input(bound):
     """The tensor an operation acts on (``self`` or ``input``) and its field."""
-    x = bound.get("input", bound.get("self", args[0] if args else None))
+    x = bound.get("input", bound.get("self"))
     return x, _field_of(x)
 
 
@@ -346,9 +347,9 @@ def _on_image_axes(x, field, what: str):
     return None
 
 
-def _window_rule(bound, args, kernel, stride, padding, dilation, what: str):
+def _window_rule(bound, kernel, stride, padding, dilation, what: str):
     """Field after a 2-D sliding window (convolution or pooling) over the main input."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     problem = _on_image_axes(x, field, what)
     if problem is not None:
         return problem
@@ -363,20 +364,20 @@ def _rule_convolution(func, bound, args, out):
     weight = bound["weight"]
     if weight.ndim != 4:
         return _Lost(f"{weight.ndim - 2}-D convolution")
-    return _window_rule(bound, args, tuple(weight.shape[-2:]), _pair_list(bound["stride"], 1),
+    return _window_rule(bound, tuple(weight.shape[-2:]), _pair_list(bound["stride"], 1),
                         _pair_list(bound["padding"], 0), _pair_list(bound["dilation"], 1), "convolution")
 
 
 def _rule_pool(func, bound, args, out):
     """Max / average pooling (``max_pool2d[_with_indices]``, ``avg_pool2d``); empty stride means kernel."""
     kernel = _pair_list(bound["kernel_size"], 1)
-    return _window_rule(bound, args, kernel, _pair_list(bound.get("stride"), kernel),
+    return _window_rule(bound, kernel, _pair_list(bound.get("stride"), kernel),
                         _pair_list(bound.get("padding"), 0), _pair_list(bound.get("dilation"), 1), "pooling")
 
 
 def _rule_pad(func, bound, args, out):
     """Explicit padding: pairs in the argument run from the last dim backwards; left/top pads shift the start."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if not isinstance(field, _Field):
         return field
     pads = list(bound.get("pad", bound.get("padding")))
@@ -393,7 +394,7 @@ def _rule_pad(func, bound, args, out):
 
 def _rule_adaptive_pool(func, bound, args, out):
     """Adaptive pooling: identity, an even pooling, or global along an axis with uneven bins."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     problem = _on_image_axes(x, field, "adaptive pooling")
     if problem is not None:
         return problem
@@ -417,7 +418,7 @@ def _rule_reduction(func, bound, args, out):
     """Reductions (mean, sum, max, …): over the image axes they make the field global."""
     if "other" in bound:
         return _rule_pointwise(func, bound, args, out)
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if not isinstance(field, _Field):
         return field
     dims = bound.get("dim")
@@ -476,13 +477,13 @@ def _track_reshape(field, in_shape: Sequence[int], out_shape: Sequence[int]):
 
 def _rule_reshape(func, bound, args, out):
     """Views, copies, re-strides and reshapes: the image axes are followed by shape."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     return _track_reshape(field, x.shape, _result(out).shape)
 
 
 def _rule_expand(func, bound, args, out):
     """``expand``: leading dims shift the axes; an image axis broadcast from 1 gives every cell one field (jump 0)."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if not isinstance(field, _Field) or not field.image_dims:
         return field
     shift = out.ndim - x.ndim
@@ -498,7 +499,7 @@ def _rule_expand(func, bound, args, out):
 
 def _rule_permute(func, bound, args, out):
     """``permute`` / ``transpose`` / ``t``: the image axes move with their dims."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if not isinstance(field, _Field) or not field.image_dims:
         return field
     name = func._schema.name.split("::")[-1]
@@ -513,7 +514,7 @@ def _rule_permute(func, bound, args, out):
 
 def _rule_slice(func, bound, args, out):
     """``slice`` (``x[..., a:b:s]``): along an image axis it moves the start and multiplies the jump."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if not isinstance(field, _Field):
         return field
     dim = bound.get("dim", 0) % x.ndim
@@ -532,7 +533,7 @@ def _rule_slice(func, bound, args, out):
 
 def _rule_split(func, bound, args, out):
     """``split`` / ``unbind`` / ``select``: along a non-image dim the field is kept (dims renumbered)."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if not isinstance(field, _Field):
         return field
     dim = bound.get("dim", 0) % x.ndim
@@ -626,7 +627,7 @@ def _rule_cat(func, bound, args, out):
 
 def _rule_softmax(func, bound, args, out):
     """Softmax over channels is element-wise in space; over an image axis it is not followed."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if isinstance(field, _Field) and bound["dim"] % x.ndim in field.image_dims:
         return _Lost("softmax over an image axis")
     return field
@@ -634,7 +635,7 @@ def _rule_softmax(func, bound, args, out):
 
 def _rule_first_input(func, bound, args, out):
     """Normalisations and dropout: the output has the field of the input."""
-    return _main_input(bound, args)[1]
+    return _main_input(bound)[1]
 
 
 def _rule_dense(func, bound, args, out):
@@ -653,7 +654,7 @@ def _rule_dense(func, bound, args, out):
 
 def _rule_as_strided(func, bound, args, out):
     """``as_strided`` that keeps the shape only changes the memory layout (e.g. to channels-last)."""
-    x, field = _main_input(bound, args)
+    x, field = _main_input(bound)
     if tuple(bound["size"]) == tuple(x.shape):
         return field
     return _Lost("as_strided with a new shape")
@@ -811,10 +812,10 @@ class _DilatedWindow(nn.Module):
         """Take the geometry of ``pool``."""
         super().__init__()
         self.pool = pool
-        self.kernel = _pair_list(pool.kernel_size, 1)
-        self.stride = _pair_list(pool.stride or pool.kernel_size, 1)
-        self.padding = _pair_list(pool.padding, 0)
-        self.dilation = _pair_list(pool.dilation, 1)
+        self.kernel = _pair_list(pool.kernel_size)
+        self.stride = _pair_list(pool.stride or pool.kernel_size)  # an empty stride means the kernel
+        self.padding = _pair_list(pool.padding)
+        self.dilation = _pair_list(pool.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Window means of ``x`` (N, C, H, W) on the pool's grid."""
@@ -840,7 +841,7 @@ def _linearised_copy(model: nn.Module) -> nn.Module:
         replacement = None
         if type(module) in _ACTIVATIONS:
             replacement = nn.Identity()
-        elif type(module) is nn.MaxPool2d and _pair_list(module.dilation, 1) == (1, 1):
+        elif type(module) is nn.MaxPool2d and _pair_list(module.dilation) == (1, 1):
             replacement = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode)
         elif type(module) is nn.MaxPool2d:
             replacement = _DilatedWindow(module)

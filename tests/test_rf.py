@@ -16,7 +16,7 @@ from torch import nn
 
 from common.cli import StageError
 from common.fields import RF, crop_box, field_box
-from common.rf import estimate_receptive_fields, receptive_fields
+from common.rf import _DilatedWindow, estimate_receptive_fields, patch_field, receptive_fields
 
 
 def rf(size, jump, start):
@@ -144,6 +144,28 @@ TINY = {  # name: (factory, layer, input side, expected RF)
     "residual_offset": (residual_offset, "0", 16, rf(6, 2, 1.5)),
     "concat_branches": (concat_branches, "0", 16, rf(6, 1, -1.5)),
 }
+
+
+def boxes_read(net, height, width):
+    """The input pixels each of some cells of ``net``'s output reads, by brute force: the box
+    (top, left, bottom, right) where its input gradient is nonzero, with every weight set to 1 (no
+    gradient cancels without a non-linearity). Cells: the first, second, middle and last two rows
+    and columns, so that clipped border cells are included.
+    """
+    with torch.no_grad():
+        for param in net.parameters():
+            param.fill_(1.0)
+    image = torch.ones(1, 1, height, width, requires_grad=True)
+    out = net(image)
+    n_h, n_w = out.shape[2:]
+    boxes = {}
+    for y in sorted({0, 1, n_h // 2, n_h - 2, n_h - 1}):
+        for x in sorted({0, 1, n_w // 2, n_w - 2, n_w - 1}):
+            grad, = torch.autograd.grad(out[0, :, y, x].sum(), image, retain_graph=True)
+            rows = torch.nonzero(grad[0, 0].abs().sum(1)).flatten()
+            cols = torch.nonzero(grad[0, 0].abs().sum(0)).flatten()
+            boxes[y, x] = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+    return boxes
 
 
 def analytic(name):
@@ -326,13 +348,15 @@ class Stacked(nn.Module):
         self.right = nn.Sequential(nn.ZeroPad2d((4, 0, 4, 0)), nn.Conv2d(1, 1, 5))
 
     def forward(self, x):
-        """Stacked (1, 2, 1, H, W) or (1, 1, H, W, 2), summed over the stacked axis."""
+        """Stacked on a new axis (e.g. (1, 2, 1, H, W) for dim 1, (1, 1, H, 2, W) for dim -2),
+        summed over it."""
         return torch.stack([self.left(x), self.right(x)], dim=self.dim).sum(dim=self.dim)
 
 
-@pytest.mark.parametrize("dim", [1, -1])
+@pytest.mark.parametrize("dim", [1, 2, -2, -1])
 def test_stack_moves_the_image_axes_and_takes_the_union(dim, caplog):
-    """Stacking before the image axes shifts them by one, after them not; the sum over the stack
+    """Stacking before the image axes (dim 1, or 2 just before the rows) shifts them by one, between
+    them (-2) shifts the columns only, after them not; the sum over the stack
     sees the union of the two fields, as concatenation does: pixels -4..1 → size 6, jump 1,
     start -1.5. A 3×3 conv after it finds the image axes where they are (no probe): -5..2 → 8."""
     net = nn.Sequential(Stacked(dim), nn.Conv2d(1, 1, 3, padding=1))
@@ -543,20 +567,9 @@ def test_crop_box_matches_the_pixels_a_cell_reads(name):
     """
     factory, layer, side, _ = TINY[name]
     net = factory()
-    with torch.no_grad():
-        for param in net.parameters():
-            param.fill_(1.0)
     field = receptive_fields(net, [layer], side)[layer]
-    image = torch.ones(1, 1, side, side, requires_grad=True)
-    out = net(image)
-    n_h, n_w = out.shape[2:]
-    for y in sorted({0, 1, n_h // 2, n_h - 2, n_h - 1}):
-        for x in sorted({0, 1, n_w // 2, n_w - 2, n_w - 1}):
-            grad, = torch.autograd.grad(out[0, :, y, x].sum(), image, retain_graph=True)
-            rows = torch.nonzero(grad[0, 0].abs().sum(1)).flatten()
-            cols = torch.nonzero(grad[0, 0].abs().sum(0)).flatten()
-            box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-            assert crop_box(field, y, x, side, side) == box, (y, x)
+    for (y, x), box in boxes_read(net, side, side).items():
+        assert crop_box(field, y, x, side, side) == box, (y, x)
 
 
 def test_resnet18_matches_gradient_probe():
@@ -605,3 +618,425 @@ def test_crop_box_clips_each_axis_to_its_own_side_of_a_wide_image():
     wide = RF(size_h=5, size_w=9, jump_h=1, jump_w=1, start_h=0, start_w=0)
     assert field_box(wide, 0, 0) == (-2, -4, 3, 5)
     assert crop_box(wide, 0, 0, 2, 30) == (0, 0, 2, 5)
+
+
+# Non-square images, kernels and strides, and the rules' less common branches. A rule that
+# raises or loses the field is hidden by the probe fallback, which often measures the same
+# values, so these tests also check that no field was estimated.
+
+def traced(net, layers, size, caplog):
+    """``receptive_fields`` of ``layers``, asserting that each was traced, none estimated."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(net, layers, size)
+    assert "estimated" not in caplog.text
+    return fields
+
+
+class ConvThen(nn.Module):
+    """A 3×3 pad-1 conv with ``channels`` outputs, then ``after`` applied to its output: how a
+    model reshapes, reduces or combines a map, written as a function of the map."""
+
+    def __init__(self, after, channels=1):
+        """The conv and the function applied to its output."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.after = after
+
+    def forward(self, x):
+        """``after(conv(x))``."""
+        return self.after(self.conv(x))
+
+
+class Subsample(nn.Module):
+    """Every second row from row 1 and every third column from column 2 (a negative start,
+    -18 on a 20 px width)."""
+
+    def forward(self, x):
+        """The strided slice."""
+        return x[:, :, 1::2, -18::3]
+
+
+def test_slicing_with_a_start_and_a_step_moves_and_spreads_each_axis(caplog):
+    """Slicing is followed per axis on a 16 × 20 image: after a 3×3 pad-1 conv (first -1, size 3),
+    rows 1::2 start at conv row 1 (first 0, jump 2) and columns -18::3 = 2::3 at conv column 2
+    (first 1, jump 3). A 3×3 pad-1 conv after it: rows first 0 - 2 = -2, size 3 + 2*2 = 7,
+    start 1; columns first 1 - 3 = -2, size 3 + 2*3 = 9, start 2. The brute-force boxes agree
+    where the field lies inside the image (at the border the second conv's padding hides pixels
+    of the theoretical field)."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), Subsample(), nn.Conv2d(1, 1, 3, padding=1))
+    fields = traced(net, ["1", "2"], (16, 20), caplog)
+    assert fields["1"] == RF(3, 3, 2, 3, 1, 2)
+    assert fields["2"] == RF(7, 9, 2, 3, 1, 2)
+    inside = {cell: box for cell, box in boxes_read(net, 16, 20).items()
+              if crop_box(fields["2"], *cell, 16, 20) == field_box(fields["2"], *cell)}
+    assert (4, 3) in inside
+    for (y, x), box in inside.items():
+        assert field_box(fields["2"], y, x) == box, (y, x)
+
+
+def test_two_layer_head_after_flatten_keeps_the_whole_image_field(caplog):
+    """A classifier head of two Linear layers on a flattened 12 × 20 map: both see the union of
+    every cell. conv 3×3 pad 1, avg-pool 4: first -1, size 6, jump 4; 3 × 5 cells.
+    Rows: size 6 + 2*4 = 14, jump 3*4 = 12, start -1 + 6.5 = 5.5; columns: size 6 + 4*4 = 22,
+    jump 20, start -1 + 10.5 = 9.5 (the image centre). The second Linear adds nothing."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AvgPool2d(4), nn.Flatten(), nn.Linear(15, 4),
+                        nn.ReLU(), nn.Linear(4, 2))
+    fields = traced(net, ["3", "5"], (12, 20), caplog)
+    assert fields["3"] == fields["5"] == RF(14, 22, 12, 20, 5.5, 9.5)
+    assert crop_box(fields["5"], 0, 0, 12, 20) == (0, 0, 12, 20)
+
+
+def test_adaptive_pooling_per_axis_identity_window_or_uneven(caplog):
+    """Adaptive pooling decides per axis, on a 16 × 15 map of 3×3 pad-1 conv cells (first -1,
+    size 3, jump 1). To (16, 5): rows unchanged, columns a 3-wide window (size 5, jump 3,
+    start 1). Then to (4, 2): rows a 4-wide window (size 6, jump 4, start 1.5); columns 5 → 2 have
+    uneven bins, so each cell gets the whole row of cells (size 5 + 4*3 = 17, start 7) with
+    jump 0, and a warning that this is a bound."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AdaptiveAvgPool2d((16, 5)),
+                        nn.AdaptiveAvgPool2d((4, 2)))
+    fields = traced(net, ["1", "2"], (16, 15), caplog)
+    assert fields["1"] == RF(3, 5, 1, 3, 0, 1)
+    assert fields["2"] == RF(6, 17, 4, 0, 1.5, 7)
+    assert "uneven bins" in caplog.text
+
+
+def broadcast_summary(y):
+    """The map's global mean (kept 1 × 1) expanded back over the map: an image-pooling branch."""
+    return y.mean(dim=(2, 3), keepdim=True).expand_as(y)
+
+
+def test_summary_broadcast_over_the_map_gives_every_cell_the_whole_image(caplog):
+    """On a 12 × 20 image every cell of the broadcast mean sees all conv cells: rows -1..12
+    (size 14, start 5.5), columns -1..20 (size 22, start 9.5), and the same at every cell (jump 0),
+    so every crop is the whole image."""
+    fields = traced(nn.Sequential(ConvThen(broadcast_summary)), ["0"], (12, 20), caplog)
+    assert fields["0"] == RF(14, 22, 0, 0, 5.5, 9.5)
+    assert crop_box(fields["0"], 7, 13, 12, 20) == (0, 0, 12, 20)
+
+
+class CropSkip(nn.Module):
+    """A strided 3×3 conv plus the input's top-left corner of the same number of cells."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        """conv(x) + x cropped to the conv's map."""
+        y = self.conv(x)
+        return y + x[:, :, :y.shape[2], :y.shape[3]]
+
+
+def test_covering_bound_of_branches_with_different_jumps_is_set_by_the_farthest_cell(caplog):
+    """On a 16 × 12 image the conv (cell y reads 2y-1..2y+1, jump 2) and the crop (cell y reads
+    pixel y, jump 1) drift apart: the symmetric bound centred on 2y must reach pixel y at the last
+    cell, y = 7 of 8 rows (half-width 7, size 15) and x = 5 of 6 columns (size 11). It covers
+    every cell's pixels (brute force) and is no wider than the last cell needs."""
+    net = nn.Sequential(CropSkip())
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = receptive_fields(net, ["0"], (16, 12))["0"]
+    assert field == RF(15, 11, 2, 2, 0, 0)
+    assert "bound" in caplog.text
+    for (y, x), (top, left, bottom, right) in boxes_read(net, 16, 12).items():
+        b_top, b_left, b_bottom, b_right = field_box(field, y, x)
+        assert b_top <= top and b_left <= left and b_bottom >= bottom and b_right >= right, (y, x)
+    assert field_box(field, 7, 5)[:2] == (7, 5)  # the last cell's crop pixel is on the bound's edge
+
+
+def softmax_over(dim):
+    """A 2-channel conv's map, then a softmax over tensor dim ``dim``."""
+    return ConvThen(lambda y: y.softmax(dim=dim), channels=2)
+
+
+@pytest.mark.parametrize("dim", [1, -3])
+def test_softmax_over_channels_keeps_the_field(dim, caplog):
+    """A softmax across channels (dim 1, or -3 counted from the end) mixes no positions."""
+    assert traced(nn.Sequential(softmax_over(dim)), ["0"], 16, caplog)["0"] == rf(3, 1, 0)
+
+
+@pytest.mark.parametrize("dim", [3, -1])
+def test_spatial_softmax_is_left_to_the_probe(dim, caplog):
+    """A softmax along the width (dim 3, or -1) mixes a whole row: it has no exact rule, so the
+    field is measured by the probe, with a warning."""
+    net = nn.Sequential(softmax_over(dim))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = receptive_fields(net, ["0"], 16)["0"]
+    assert "receptive field of 0 estimated" in caplog.text
+    assert field == estimate_receptive_fields(net, ["0"], 16)["0"]
+
+
+def every_second_row(y):
+    """``as_strided`` to a new shape: the even rows of a contiguous (N, C, H, W) map."""
+    n, c, h, w = y.shape
+    return y.as_strided((n, c, h // 2, w), (c * h * w, h * w, 2 * w, 1))
+
+
+def test_as_strided_to_the_same_shape_keeps_the_field(caplog):
+    """A re-strided view that keeps the shape is a memory-layout change; the field is traced."""
+    assert traced(nn.Sequential(ConvThen(lambda y: y.as_strided(y.shape, y.stride()))), ["0"], 16, caplog)["0"] == rf(3, 1, 0)
+
+
+def test_as_strided_to_a_new_shape_is_left_to_the_probe(caplog):
+    """A re-strided view to a new shape (every second row) is not followed: the probe measures
+    it: rows jump 2, columns unchanged (size 3, jump 1, start 0)."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = receptive_fields(nn.Sequential(ConvThen(every_second_row)), ["0"], 16)["0"]
+    assert "receptive field of 0 estimated" in caplog.text
+    assert field == RF(3, 3, 2, 1, 0, 0)
+
+
+def test_probe_of_a_dilated_pool_with_per_axis_geometry_on_a_wide_image():
+    """The probe stands in for a dilated max pool with the mean of its windows; with a different
+    kernel, stride, padding and dilation per axis, on a 31 × 41 image, it measures the analysis.
+    conv 3×3: first 0, size 3. Pool rows: k 3, s 2, p 1, d 2 → first -1, size 3 + 4 = 7, jump 2,
+    start 2; columns: k 2, s 3, p 0, d 3 → first 0, size 3 + 3 = 6, jump 3, start 2.5."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3),
+                        nn.MaxPool2d((3, 2), stride=(2, 3), padding=(1, 0), dilation=(2, 3)))
+    expected = RF(7, 6, 2, 3, 2, 2.5)
+    assert receptive_fields(net, ["1"], (31, 41))["1"] == expected
+    assert estimate_receptive_fields(net, ["1"], (31, 41))["1"] == expected
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_probe_window_mean_has_the_dilated_pools_grid_and_taps(ceil_mode):
+    """The probe's stand-in for a dilated max pool gives the pool's output grid on non-square
+    inputs (ceil_mode included), and without ceil_mode each value is the mean of the pool's taps
+    (torch's unfold gathers them independently)."""
+    pool = nn.MaxPool2d((3, 2), stride=(2, 3), padding=(1, 1), dilation=(2, 1), ceil_mode=ceil_mode)
+    window = _DilatedWindow(pool)
+    torch.manual_seed(0)
+    for height, width in ((8, 11), (9, 12), (14, 17)):
+        x = torch.randn(1, 2, height, width)
+        out = window(x)
+        assert out.shape == pool(x).shape, (height, width)
+        if not ceil_mode:
+            taps = F.unfold(x, pool.kernel_size, dilation=pool.dilation, padding=pool.padding,
+                            stride=pool.stride)
+            means = taps.view(1, 2, 6, *out.shape[-2:]).mean(dim=2)
+            assert torch.allclose(out, means, atol=1e-6)
+
+
+def test_probe_on_an_input_barely_larger_than_the_field(caplog):
+    """5×5 stride 2 pad 2 (cell y reads 2y-2..2y+2) probed on a 6 × 10 image. Columns: the centre
+    cell 2 reads 2..6 and cell 3 reads 4..8, inside the image: jump 2, start 0. Rows: 3 cells; the
+    centre cell 1 reads 0..4 (touching the top) and cell 2 is clipped at the bottom (2..5 of 2..6),
+    so neither edge gives the jump: it is the image over the cells, 6 / 3 = 2, and the field is
+    still exact. A warning says the field reaches the border; on a 20 × 24 image, where the
+    centre cell's field is inside, there is none."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 5, stride=2, padding=2))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        assert estimate_receptive_fields(net, ["0"], (20, 24))["0"] == rf(5, 2, 0)
+    assert "reaches the border" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = estimate_receptive_fields(net, ["0"], (6, 10))["0"]
+    assert field == rf(5, 2, 0) == receptive_fields(net, ["0"], (6, 10))["0"]
+    assert "reaches the border" in caplog.text
+
+
+def test_probe_jump_of_a_field_wider_than_the_input():
+    """7×7 stride 2 pad 3 on 6 rows: the centre cell 1 reads -1..5, clipped at both ends to the
+    whole image (size 6, a lower bound of 7), and cell 2 reads 1..7. The clipped top edge says
+    nothing about the shift, so the jump is the image over the cells, 6 / 3 = 2, not 1 - 0."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 7, stride=2, padding=3))
+    field = estimate_receptive_fields(net, ["0"], (6, 10))["0"]
+    assert (field.size_h, field.jump_h) == (6, 2)
+    assert (field.size_w, field.jump_w, field.start_w) == (7, 2, 0)
+
+
+def glu(y):
+    """One half of the channels gated by the sigmoid of the other half (split with ``chunk``)."""
+    a, b = y.chunk(2, dim=1)
+    return a * torch.sigmoid(b)
+
+
+CHANNEL_PICKS = {  # a 2-channel map taken apart along dim 1 and put back as (N, 1, H, W)
+    "select": lambda y: (y[:, 0] + y[:, 1]).unsqueeze(1),
+    "unbind": lambda y: torch.mul(*y.unbind(1)).unsqueeze(1),
+    "chunk": glu,
+}
+
+
+@pytest.mark.parametrize("mode", ["select", "unbind", "chunk"])
+def test_taking_channels_apart_keeps_the_image_axes(mode, caplog):
+    """Selecting, unbinding or splitting channels keeps the field and the image axes (the dims
+    after the removed one move down by one): a 3×3 conv after it sees 5 pixels, traced on a
+    12 × 20 image."""
+    net = nn.Sequential(ConvThen(CHANNEL_PICKS[mode], channels=2), nn.Conv2d(1, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def test_probe_gives_a_layer_without_image_axes_the_whole_input():
+    """Probed, a layer whose output has no image axes (a Linear after flattening) gets the
+    whole 12 × 20 input: size and jump the image's sides, centred on its centre (5.5, 9.5)."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Flatten(), nn.Linear(240, 2))
+    assert estimate_receptive_fields(net, ["2"], (12, 20))["2"] == RF(12, 20, 12, 20, 5.5, 9.5)
+
+
+def test_concatenation_along_an_image_axis_is_left_to_the_probe(caplog):
+    """Concatenating a map with itself along the width puts cells of different places side by side: no single jump
+    fits, so the field is measured by the probe and the warning says why."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        receptive_fields(nn.Sequential(ConvThen(lambda y: torch.cat([y, y], dim=3))), ["0"], 16)
+    assert "receptive field of 0 estimated" in caplog.text
+    assert "concatenation along an image axis" in caplog.text
+
+
+def test_the_probe_warning_names_the_first_operation_not_followed(caplog):
+    """Once the field is lost, later operations keep the first reason: the warning names the
+    pixel-unshuffle, not the re-strided view after it (which has a reason of its own)."""
+    net = nn.Sequential(ConvThen(lambda y: every_second_row(F.pixel_unshuffle(y, 2))))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        receptive_fields(net, ["0"], 16)
+    assert "pixel_unshuffle" in caplog.text
+    assert "as_strided" not in caplog.text
+
+
+def test_probe_warns_only_when_gradients_near_the_float32_limit(caplog):
+    """The probe's gradient at a field's far corner shrinks by 1/9 per 3×3 layer: after 3 layers
+    (9^-3) no warning; after 32 (9^-32 = 3e-31, below the 1e-30 mark) a warning, and the field
+    (65 px, 1 + 32*2) is still measured whole on a 70 px input."""
+    shallow = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=1) for _ in range(3)))
+    deep = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=1) for _ in range(32)))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        assert estimate_receptive_fields(shallow, ["2"], 16)["2"] == rf(7, 1, 0)
+    assert "float32" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        assert estimate_receptive_fields(deep, ["31"], 70)["31"] == rf(65, 1, 0)
+    assert "near the float32 limit" in caplog.text
+
+
+def test_transformer_layers_get_patch_fields():
+    """Layers named in ``patch_grids`` are not traced: each cell gets its patch plus a margin of
+    half a cell, at least 8 px, on each side. ViT-B/16 on 224 px: 14 × 14 cells of 16 px, margin
+    8 → size 32, start 7.5. Swin's first stage: 56 × 56 cells of 4 px, margin 8 (the minimum) →
+    size 20, start 1.5. A 7 × 7 grid on a 112 × 224 image: cells 16 × 32 px, margins 8 and 16 →
+    32 × 64, starts 7.5 and 15.5; the conv before it is traced as usual."""
+    assert patch_field((14, 14), 224) == rf(32, 16, 7.5)
+    assert patch_field((56, 56), 224) == rf(20, 4, 1.5)
+    net = nn.Sequential(nn.Conv2d(1, 1, 16, stride=16), nn.Identity())
+    fields = receptive_fields(net, ["0", "1"], (112, 224), patch_grids={"1": (7, 7)})
+    assert fields == {"0": rf(16, 16, 7.5), "1": RF(32, 64, 16, 32, 7.5, 15.5)}
+
+
+class ChannelsLastLinear(nn.Module):
+    """A 3×3 conv of 2 channels, then a Linear over channels on the (N, H, W, C) map (as ConvNeXt
+    blocks do), back to (N, C, H, W)."""
+
+    def __init__(self):
+        """The conv and the Linear."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2, 1)
+
+    def forward(self, x):
+        """Conv, Linear at each position, permute back."""
+        return self.fc(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_linear_at_each_position_of_a_channels_last_map_is_a_1x1_conv(caplog):
+    """A Linear applied per position mixes channels only: on a 12 × 20 image the field stays the
+    conv's (3 px), and a 3×3 conv after it sees 5 px, traced without the probe."""
+    net = nn.Sequential(ChannelsLastLinear(), nn.Conv2d(1, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+REDUCTIONS = {  # a 2-channel map reduced over channels or rows, kept 4-D
+    "channels": lambda y: y.amax(dim=1).unsqueeze(1),
+    "channels kept": lambda y: y.sum(dim=1, keepdim=True),
+    "rows": lambda y: y.mean(dim=2, keepdim=True),
+}
+
+
+@pytest.mark.parametrize("how", ["channels", "channels kept"])
+def test_reduction_over_channels_keeps_the_field(how, caplog):
+    """A max or sum over channels (the image axes move down by one when the dim goes) reads one
+    position: a 3×3 conv after it sees 5 px, traced."""
+    net = nn.Sequential(ConvThen(REDUCTIONS[how], channels=2), nn.Conv2d(1, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def test_reduction_over_one_image_axis_is_left_to_the_probe(caplog):
+    """A mean over the rows only has no single field of the traced form: the probe measures it
+    (with a warning that names the reason)."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        receptive_fields(nn.Sequential(ConvThen(REDUCTIONS["rows"], channels=2)), ["0"], (12, 20))
+    assert "receptive field of 0 estimated" in caplog.text
+    assert "one image axis only" in caplog.text
+
+
+def test_no_layer_names_or_the_whole_model_is_an_error():
+    """An empty list of layers, or the empty name (the model itself), stops with a StageError
+    that lists valid names."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3))
+    with pytest.raises(StageError, match="no layer names given"):
+        receptive_fields(net, [], 16)
+    with pytest.raises(StageError, match="unknown layer name"):
+        receptive_fields(net, [""], 16)
+
+
+class Twice(nn.Module):
+    """One 3×3 conv applied twice (shared weights)."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """conv(conv(x))."""
+        return self.conv(self.conv(x))
+
+
+def test_a_module_called_twice_is_described_by_its_last_call(caplog):
+    """As forward hooks record it: the shared conv's output is that of its second call (5 px)."""
+    assert traced(Twice(), ["conv"], (12, 20), caplog) == {"conv": rf(5, 1, 0)}
+
+
+def copied_into_a_plain_tensor(y):
+    """The map copied into a new plain (untracked) tensor, which is returned."""
+    buffer = torch.zeros(y.shape, dtype=y.dtype)
+    buffer.copy_(y)
+    return buffer
+
+
+def test_values_written_into_a_plain_tensor_send_every_layer_to_the_probe(caplog):
+    """Input-dependent values written into a tensor the tracking cannot see would lose the field
+    silently; instead every layer falls back to the probe (which measures them: 3 px)."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        fields = receptive_fields(nn.Sequential(ConvThen(copied_into_a_plain_tensor)), ["0", "0.conv"], 16)
+    assert fields == {"0": rf(3, 1, 0), "0.conv": rf(3, 1, 0)}
+    assert "receptive field of 0.conv estimated" in caplog.text
+    assert "into a plain tensor" in caplog.text
+
+
+def test_a_float64_model_is_traced_in_its_own_dtype(caplog):
+    """The blank input takes the model's dtype, so a float64 model runs and is traced."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Conv2d(1, 1, 3, padding=1)).double()
+    assert traced(net, ["1"], (12, 20), caplog) == {"1": rf(7, 2, 0)}
+
+
+def tokens_and_back(y):
+    """ViT-style tokens (N, H·W, C) made from the map, then the map again."""
+    tokens = y.flatten(2).transpose(1, 2)
+    return tokens.transpose(1, 2).reshape(y.shape)
+
+
+def test_token_axis_moved_by_a_transpose_keeps_the_field(caplog):
+    """The packed token axis (rows × columns of a 12 × 20 map) is followed when a transpose
+    moves it to dim 1 and back: a 3×3 conv after it sees 5 px, traced."""
+    net = nn.Sequential(ConvThen(tokens_and_back, channels=2), nn.Conv2d(2, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def with_coordinate_channel(y):
+    """CoordConv-style: a constant channel of column coordinates concatenated in front of the map."""
+    n, _, h, w = y.shape
+    return torch.cat([torch.linspace(-1, 1, w).expand(n, 1, h, w), y], dim=1)
+
+
+def test_a_constant_channel_concatenated_first_leaves_the_field(caplog):
+    """A channel that does not depend on the image adds nothing to the field, wherever it is in
+    the concatenation: the conv's 3 px, and 5 px after a 3×3 conv, traced on 12 × 20."""
+    net = nn.Sequential(ConvThen(with_coordinate_channel), nn.Conv2d(2, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
