@@ -169,6 +169,52 @@ def test_consistency_and_davies_bouldin_match_independent_computations():
     assert not B.outliers([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 9], high_is_bad=False).any()
 
 
+def test_basket_tree_places_by_hand():
+    """Average linkage on five channels, worked by hand: {0, 3} join at r 0.9, {1, 2} at 0.8,
+    channel 4 joins {1, 2} at its mean r (0.3 + 0.3) / 2, and the root joins {0, 3} with
+    {1, 2, 4} at the mean of their six cross correlations, 0.4 / 6. At min_corr 0.5 the baskets
+    are {0, 3} (join 0.4 / 6 with sibling {1, 2, 4}, depth 1) and {1, 2} (join 0.3 with sibling
+    {4}, depth 2): equal sizes, so the one with the lowest channel is number 1."""
+    corr = np.array([[1.0, 0.1, 0.2, 0.9, 0.0],
+                     [0.1, 1.0, 0.8, 0.1, 0.3],
+                     [0.2, 0.8, 1.0, 0.0, 0.3],
+                     [0.9, 0.1, 0.0, 1.0, 0.0],
+                     [0.0, 0.3, 0.3, 0.0, 1.0]])
+    tree, baskets = B.cluster(corr, 0.5)
+    np.testing.assert_allclose(tree[:, 2], [0.1, 0.2, 0.7, 1 - 0.4 / 6])
+    got = [(b.number, b.members, b.cohesion, b.join_corr, b.sibling_members, b.depth)
+           for b in baskets]
+    assert got == [(1, [0, 3], pytest.approx(0.9), pytest.approx(0.4 / 6), [1, 2, 4], 1),
+                   (2, [1, 2], pytest.approx(0.8), pytest.approx(0.3), [4], 2)]
+    assert baskets[0].parent == 8 and baskets[1].parent == 7  # scipy's node ids: root = 2n − 2
+    assert np.isnan(B.cluster(np.full((2, 2), 1.0), 0.5)[1][0].join_corr)  # the root: no sibling
+
+
+def test_image_silhouettes_by_hand_and_undefined_partitions():
+    """Cosine silhouettes of images: two images along x and two along y are perfectly separated
+    (a = 0, b = 1: silhouette 1 each); an image alone in its cluster gets 0 (scikit-learn's
+    convention); one cluster, or every image alone, has no silhouette (NaN for all)."""
+    x, y = [1.0, 0.0], [0.0, 1.0]
+    feats = np.array([x, [2.0, 0.0], y, [0.0, 3.0]])
+    assert B.silhouettes(feats, np.array([0, 0, 1, 1])).tolist() == pytest.approx([1.0] * 4)
+    assert B.silhouettes(feats[:3], np.array([0, 0, 1])).tolist() == pytest.approx([1, 1, 0])
+    assert np.isnan(B.silhouettes(feats, np.zeros(4, int))).all()
+    lone = B.silhouettes(feats[:3], np.array([0, 1, 2]))
+    assert lone.shape == (3,) and np.isnan(lone).all()
+
+
+def test_davies_bouldin_ratios_of_close_clusters_by_hand():
+    """Three clusters on a line, centroids closer than 1 apart: {0, 0.2} (centroid 0.1, spread
+    0.1), {0.5, 0.7} (0.6, 0.1) and {0.45, 0.55} (0.5, 0.05). R_0 = max(0.2 / 0.5, 0.15 / 0.4)
+    = 0.4; R_1 = R_2 = max(…, 0.15 / 0.1) = 1.5; their mean is scikit-learn's score."""
+    from sklearn.metrics import davies_bouldin_score
+    feats = np.array([[0.0], [0.2], [0.5], [0.7], [0.45], [0.55]])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    ratios = B.davies_bouldin_ratios(feats, groups)
+    assert ratios == pytest.approx({0: 0.4, 1: 1.5, 2: 1.5})
+    assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
+
+
 @pytest.fixture
 def fake_run(tmp_path, image_folder):
     """01 run for real on the fake model (layers relu1 and relu2) over the labelled folder."""
