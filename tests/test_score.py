@@ -238,6 +238,17 @@ def test_a_sub_concept_may_hold_exactly_min_group_crops_but_not_fewer():
     assert S.sub_concepts(uneven, 3) is None
 
 
+def test_sub_concepts_are_at_most_three_unless_asked_for_more():
+    """SIEVE's range of sub-concepts is 1 to 3: four planted patterns of 4 crops each are split
+    into 3 groups by default (two patterns share one), and into the 4 patterns with max_k 4."""
+    rng = np.random.default_rng(0)
+    vectors = np.repeat(np.eye(4), 4, axis=0) + rng.normal(scale=0.05, size=(16, 4))
+    labels = S.sub_concepts(vectors)
+    assert labels is not None and labels.max() == 2
+    assert all(len(set(labels[4 * p:4 * p + 4].tolist())) == 1 for p in range(4))
+    assert S.sub_concepts(vectors, 4).tolist() == np.repeat(np.arange(4), 4).tolist()
+
+
 def test_redundancy_is_the_highest_cosine_with_another_neuron():
     """Two identical neurons are fully redundant; a third orthogonal one is not."""
     red = S.redundancy(np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]]))
@@ -833,7 +844,8 @@ def test_bootstrap_interval_covers_the_hand_computed_margin():
 def test_bootstrap_interval_ends_are_the_percentiles_of_the_paired_resamples():
     """The interval at ``level`` is the (1 − level)/2 and (1 + level)/2 percentiles of the
     margins recomputed on the same draws (both correlations on one draw), by hand with numpy's
-    corrcoef: 2.5 % and 97.5 % at 0.95, 25 % and 75 % at 0.5 — not the draws' extremes."""
+    corrcoef: 2.5 % and 97.5 % at 0.95, 25 % and 75 % at 0.5 — not the draws' extremes. Fewer
+    than 4 images, or an undefined margin, give no interval."""
     rng = np.random.default_rng(12)
     activation = rng.normal(size=30)
     sentence = activation + rng.normal(size=30)
@@ -846,6 +858,12 @@ def test_bootstrap_interval_ends_are_the_percentiles_of_the_paired_resamples():
                                           np.random.default_rng(7), level)
         assert [low, high] == pytest.approx(np.percentile(margins, ends), abs=1e-12)
     assert low > margins.min() and high < margins.max()
+    # No interval on 3 images (d itself is defined), nor for a control that never varies (d NaN)
+    d, low, high = S.bootstrap_margin([1.0, 2, 3], [3.0, 1, 2], [1.0, 2, 4], 100,
+                                      np.random.default_rng(0))
+    assert np.isfinite(d) and np.isnan(low) and np.isnan(high)
+    assert np.isnan(S.bootstrap_margin(np.arange(10.0), np.ones(10), np.arange(10.0) ** 2, 100,
+                                       np.random.default_rng(0))).all()
 
 
 def test_semantic_consistency_and_dnr_ranking_table_by_hand():
