@@ -227,7 +227,8 @@ def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
     neurons exactly at μ + ασ = 3 are active. Eq. 3–4 with β 0.75: neurons active on exactly
     3 of the basket's 4 images belong to it, one active on 1 of 4 does not. The filter at
     0.5 sd: of two finite scores 0 and 1 (mean 0.5, sd 0.5) the bad side's one lies beyond
-    0.75 (or below 0.25); a NaN is never an outlier, nor is a lone finite score."""
+    0.75 (or below 0.25), while at 1 sd both lie exactly on the bound and are kept; a NaN is
+    never an outlier, nor is a lone finite score."""
     assert B.active_neurons(np.array([[0.0, 0.0, 3.0, 3.0]]), 1.0).tolist() == \
         [[False, False, True, True]]
     active = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
@@ -237,6 +238,8 @@ def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
     assert B.outliers([0.0, 1.0, np.nan], high_is_bad=False, n_sd=0.5).tolist() == \
         [True, False, False]
     assert not B.outliers([0.0, np.nan], high_is_bad=True, n_sd=0.1).any()
+    for high_is_bad in (True, False):  # at 1 sd both scores lie exactly on the bound: kept
+        assert not B.outliers([0.0, 1.0], high_is_bad=high_is_bad, n_sd=1.0).any()
 
 
 def test_purity_correlation_and_z_scores_on_the_smallest_inputs_by_hand():

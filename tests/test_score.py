@@ -160,6 +160,18 @@ def test_correlation_interval_by_hand():
     assert low == pytest.approx(0.156021, abs=1e-5) and high == pytest.approx(0.735822, abs=1e-5)
 
 
+def test_a_perfect_correlation_keeps_a_finite_interval():
+    """r = ±1 (a sentence ranking the images exactly as the neuron does) is clipped just inside
+    ±1 before the Fisher transform: no division by zero, an interval strictly inside ±1 at its
+    far end, mirrored for −1, and a finite margin interval."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low, high = S.correlation_interval(1.0, 10, 1.96)
+        assert 0.999 < low < 1 and low < high <= 1
+        assert S.correlation_interval(-1.0, 10, 1.96) == pytest.approx((-high, -low), abs=1e-15)
+        assert np.isfinite(S.margin_interval(1.0, -1.0, 10, 1.96)).all()
+
+
 def test_margin_interval_is_zous_combination_of_the_two_fisher_intervals():
     """Zou (2007) by hand: r = 0.5 and r_control = 0.2 on 28 images at z = 1.96. Fisher
     intervals (0.156021, 0.735822) and (−0.187039, 0.533291); the margin 0.3 reaches down by
