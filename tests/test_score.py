@@ -261,6 +261,15 @@ def test_sub_concepts_are_at_most_three_unless_asked_for_more():
     assert S.sub_concepts(vectors, 4).tolist() == np.repeat(np.arange(4), 4).tolist()
 
 
+def test_a_reference_no_split_reaches_cannot_veto_a_split():
+    """When none of the structureless reference sets can be split (here: no k allowed), the
+    reference silhouette is −inf, so whatever split the crops themselves reach stands."""
+    rng = np.random.default_rng(0)
+    unit = S.l2_normalise(rng.normal(size=(12, 4)).astype(np.float64))
+    assert S.reference_silhouette(unit, 1, np.random.default_rng(0)) == -np.inf
+    assert np.isfinite(S.reference_silhouette(unit, 2, np.random.default_rng(0)))
+
+
 def test_redundancy_is_the_highest_cosine_with_another_neuron():
     """Two identical neurons are fully redundant; a third orthogonal one is not."""
     red = S.redundancy(np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]]))
