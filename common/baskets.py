@@ -232,8 +232,7 @@ def outliers(scores: np.ndarray, high_is_bad: bool, n_sd: float = FILTER_SD) -> 
     if finite.sum() < 2:
         return np.zeros(len(scores), dtype=bool)
     mean, sd = scores[finite].mean(), scores[finite].std()
-    bad = scores > mean + n_sd * sd if high_is_bad else scores < mean - n_sd * sd
-    return bad & finite
+    return scores > mean + n_sd * sd if high_is_bad else scores < mean - n_sd * sd  # NaN: False
 
 
 def active_neurons(activations: np.ndarray, alpha: float) -> np.ndarray:

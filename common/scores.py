@@ -94,7 +94,7 @@ def silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
     mean_to[own, points] = np.inf
     b = mean_to.min(axis=0)
     width = np.maximum(a, b)
-    s = np.where((own_size > 1) & (width > 0), (b - a) / np.where(width > 0, width, 1.0), 0.0)
+    s = np.where(own_size > 1, (b - a) / np.where(width > 0, width, 1.0), 0.0)  # width 0: a = b = 0
     return float(s.mean())
 
 

@@ -62,7 +62,7 @@ def triage_layer(max_stats: np.ndarray, k: int = DNR_K, block: int = 256) -> dic
     denominator = np.maximum(out["median"] - out["lo"], span / SELECTIVITY_CAP)
     out["selectivity"] = np.where(span > 0, span / np.where(denominator > 0, denominator, 1.0), 1.0)
     spread = out["q99"] - out["median"]
-    out["dead"] = (spread <= 0) | (spread <= DEAD_FLOOR * float(np.median(spread)))
+    out["dead"] = spread <= DEAD_FLOOR * float(np.median(spread))  # spreads ≥ 0: covers spread 0
     return out
 
 

@@ -76,6 +76,25 @@ def test_joint_images_rank_images_where_members_fire_together():
     assert hits == int(((cols >= threshold).mean(axis=1) >= 0.75).sum())
 
 
+def test_joint_images_by_hand_with_a_skipped_image_and_a_hit_exactly_at_the_share():
+    """Four members, each a permutation of 0 … 9 over ten images (so each member's mean is 4.5
+    and its sd √8.25) plus one skipped image (NaN): an image's joint score is
+    (row sum / 4 − 4.5) / √8.25, the images come by that score, the skipped one never, even
+    when more are asked for. Each member's top 10 % is its 9; image 3 holds the 9 of three
+    members (3 / 4 = JOINT_SHARE exactly: a joint hit), image 7 that of one (no hit)."""
+    cols = np.array([[4, 2, 5, 4], [6, 6, 4, 5], [2, 3, 0, 7], [9, 9, 9, 6], [3, 0, 8, 2],
+                     [5, 4, 2, 3], [7, 8, 1, 1], [0, 7, 6, 9], [8, 5, 7, 0], [1, 1, 3, 8],
+                     [np.nan] * 4])
+    assert B.JOINT_SHARE == 0.75
+    ids, scores, hits = B.joint_images(cols, 20)
+    sums = np.nansum(cols, axis=1)
+    assert ids[:7].tolist() == [3, 7, 1, 8, 6, 0, 5]          # sums 33, 22, 21, 20, 17, 15, 14
+    assert sorted(ids[7:9].tolist()) == [4, 9] and ids[9] == 2  # 13, 13, 12; no image 10
+    np.testing.assert_allclose(scores, (sums[ids] / 4 - 4.5) / np.sqrt(8.25), atol=1e-12)
+    assert hits == 1
+    assert B.joint_images(cols, 3)[0].tolist() == [3, 7, 1]
+
+
 def test_random_baskets_are_seeded_and_exclude_members():
     """Same seed, same controls; never a member of the pruned basket."""
     a = B.random_baskets(20, 3, 4, seed=5, exclude=[0, 1, 2])
@@ -167,6 +186,92 @@ def test_consistency_and_davies_bouldin_match_independent_computations():
     assert B.outliers([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 9], high_is_bad=True).tolist() == \
         [False] * 10 + [True]
     assert not B.outliers([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 9], high_is_bad=False).any()
+
+
+def test_basket_tree_places_by_hand():
+    """Average linkage on five channels, worked by hand: {0, 3} join at r 0.9, {1, 2} at 0.8,
+    channel 4 joins {1, 2} at its mean r (0.3 + 0.3) / 2, and the root joins {0, 3} with
+    {1, 2, 4} at the mean of their six cross correlations, 0.4 / 6. At min_corr 0.5 the baskets
+    are {0, 3} (join 0.4 / 6 with sibling {1, 2, 4}, depth 1) and {1, 2} (join 0.3 with sibling
+    {4}, depth 2): equal sizes, so the one with the lowest channel is number 1."""
+    corr = np.array([[1.0, 0.1, 0.2, 0.9, 0.0],
+                     [0.1, 1.0, 0.8, 0.1, 0.3],
+                     [0.2, 0.8, 1.0, 0.0, 0.3],
+                     [0.9, 0.1, 0.0, 1.0, 0.0],
+                     [0.0, 0.3, 0.3, 0.0, 1.0]])
+    tree, baskets = B.cluster(corr, 0.5)
+    np.testing.assert_allclose(tree[:, 2], [0.1, 0.2, 0.7, 1 - 0.4 / 6])
+    got = [(b.number, b.members, b.cohesion, b.join_corr, b.sibling_members, b.depth)
+           for b in baskets]
+    assert got == [(1, [0, 3], pytest.approx(0.9), pytest.approx(0.4 / 6), [1, 2, 4], 1),
+                   (2, [1, 2], pytest.approx(0.8), pytest.approx(0.3), [4], 2)]
+    assert baskets[0].parent == 8 and baskets[1].parent == 7  # scipy's node ids: root = 2n − 2
+    assert np.isnan(B.cluster(np.full((2, 2), 1.0), 0.5)[1][0].join_corr)  # the root: no sibling
+
+
+def test_image_silhouettes_by_hand_and_undefined_partitions():
+    """Cosine silhouettes of images: two images along x and two along y are perfectly separated
+    (a = 0, b = 1: silhouette 1 each); an image alone in its cluster gets 0 (scikit-learn's
+    convention); one cluster, or every image alone, has no silhouette (NaN for all)."""
+    x, y = [1.0, 0.0], [0.0, 1.0]
+    feats = np.array([x, [2.0, 0.0], y, [0.0, 3.0]])
+    assert B.silhouettes(feats, np.array([0, 0, 1, 1])).tolist() == pytest.approx([1.0] * 4)
+    assert B.silhouettes(feats[:3], np.array([0, 0, 1])).tolist() == pytest.approx([1, 1, 0])
+    assert np.isnan(B.silhouettes(feats, np.zeros(4, int))).all()
+    lone = B.silhouettes(feats[:3], np.array([0, 1, 2]))
+    assert lone.shape == (3,) and np.isnan(lone).all()
+
+
+def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
+    """By hand. Eq. 2 on an image with activations 0, 0, 3, 3 (μ 1.5, σ 1.5, α 1): the two
+    neurons exactly at μ + ασ = 3 are active. Eq. 3–4 with β 0.75: neurons active on exactly
+    3 of the basket's 4 images belong to it, one active on 1 of 4 does not. The filter at
+    0.5 sd: of two finite scores 0 and 1 (mean 0.5, sd 0.5) the bad side's one lies beyond
+    0.75 (or below 0.25), while at 1 sd both lie exactly on the bound and are kept; a NaN is
+    never an outlier, nor is a lone finite score."""
+    assert B.active_neurons(np.array([[0.0, 0.0, 3.0, 3.0]]), 1.0).tolist() == \
+        [[False, False, True, True]]
+    active = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
+    members, share = B.neuron_set(active, 0.75)
+    assert members == [0, 1] and share.tolist() == [0.75, 0.75, 0.25]
+    assert B.outliers([0.0, 1.0], high_is_bad=True, n_sd=0.5).tolist() == [False, True]
+    assert B.outliers([0.0, 1.0, np.nan], high_is_bad=False, n_sd=0.5).tolist() == \
+        [True, False, False]
+    assert not B.outliers([0.0, np.nan], high_is_bad=True, n_sd=0.1).any()
+    for high_is_bad in (True, False):  # at 1 sd both scores lie exactly on the bound: kept
+        assert not B.outliers([0.0, 1.0], high_is_bad=high_is_bad, n_sd=1.0).any()
+
+
+def test_purity_correlation_and_z_scores_on_the_smallest_inputs_by_hand():
+    """Purity of two descriptions at right angles is cos 45°; it is undefined (NaN, without a
+    0 / 0 warning) when one image has no description vector or the two cancel. Two usable images
+    correlate ±1 (one is too few: an error); z-scores use the standard deviation over the finite
+    rows (1, 2, 3 → ∓√1.5, 0), a constant column is 0 and a skipped image stays NaN."""
+    import warnings
+    assert B.purity(np.array([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(np.sqrt(0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said, not computed as 0 / 0
+        assert np.isnan(B.purity(np.array([[1.0, 0.0], [0.0, 0.0]])))
+        assert np.isnan(B.purity(np.array([[1.0, 0.0], [-1.0, 0.0]])))
+    two = B.correlation(np.array([[1.0, 2.0], [2.0, 1.0], [np.nan, 0.0]]))
+    np.testing.assert_allclose(two, [[1.0, -1.0], [-1.0, 1.0]], atol=1e-12)
+    with pytest.raises(ValueError, match="fewer than two usable images"):
+        B.correlation(np.array([[1.0, 2.0], [np.nan, 1.0]]))
+    z = B.standardise(np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [np.nan, np.nan]]))
+    np.testing.assert_allclose(z[:3], [[-np.sqrt(1.5), 0], [0, 0], [np.sqrt(1.5), 0]], atol=1e-12)
+    assert np.isnan(z[3]).all()
+
+
+def test_davies_bouldin_ratios_of_close_clusters_by_hand():
+    """Three clusters on a line, centroids closer than 1 apart: {0, 0.2} (centroid 0.1, spread
+    0.1), {0.5, 0.7} (0.6, 0.1) and {0.45, 0.55} (0.5, 0.05). R_0 = max(0.2 / 0.5, 0.15 / 0.4)
+    = 0.4; R_1 = R_2 = max(…, 0.15 / 0.1) = 1.5; their mean is scikit-learn's score."""
+    from sklearn.metrics import davies_bouldin_score
+    feats = np.array([[0.0], [0.2], [0.5], [0.7], [0.45], [0.55]])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    ratios = B.davies_bouldin_ratios(feats, groups)
+    assert ratios == pytest.approx({0: 0.4, 1: 1.5, 2: 1.5})
+    assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
 
 
 @pytest.fixture

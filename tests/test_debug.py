@@ -231,6 +231,52 @@ def test_noise_thesis_z_rule_and_fdr_flag_nothing_while_t_rule_fires_5_percent(t
     assert flag_z[:100].mean() > 0.8 and flag_z[100:].sum() == 0
 
 
+def test_chance_rate_of_the_z_rule_in_closed_form():
+    """With 4 images in all, t has 2 degrees of freedom, whose two-sided tail has the closed form
+    P(|t| ≥ x) = 1 − x / √(x² + 2). |z| ≥ c is |t| ≥ c / √(1/n_KO + 1/n_OK): for 2 + 2 images and
+    c = 1, x = 1 → 1 − 1/√3; for 3 + 1 images and c = 2·√(4/3), x = 2 → 1 − 2/√6."""
+    assert chance_rate(2, 2, 1.0) == pytest.approx(1 - 1 / math.sqrt(3), rel=1e-12)
+    assert chance_rate(3, 1, 2 * math.sqrt(4 / 3)) == pytest.approx(1 - 2 / math.sqrt(6), rel=1e-12)
+    assert chance_rate(1, 3, 2 * math.sqrt(4 / 3)) == pytest.approx(1 - 2 / math.sqrt(6), rel=1e-12)
+
+
+def test_flags_include_values_exactly_on_their_thresholds_and_q_spans_all_layers(tmp_path):
+    """Two layers of 3 neurons, 4 OK and 4 KO images (one KO image skipped: a NaN row). With the
+    z threshold set to one neuron's |z| exactly, and the FDR level to one neuron's q exactly,
+    both flags include that neuron (|z| ≥ threshold, q ≤ FDR) and nothing below it; the q-values
+    are Benjamini–Hochberg's over the 6 neurons of both layers together, per aggregation (scipy's
+    false_discovery_control). The minimum of images counts usable rows and is inclusive: 3 KO
+    images pass min_images 3; min_images 4 is an error naming the pair and the fix."""
+    from scipy import stats as sps
+    rng = np.random.default_rng(6)
+    stats_dir = tmp_path / "01_stats"
+    stats_dir.mkdir()
+    for layer, shift in (("a", [0.0, 1.0, 3.0]), ("b", [0.5, 2.0, 0.1])):
+        for agg in ("max", "mean"):
+            values = rng.normal(size=(8, 3))
+            values[4:] += shift
+            values[7] = np.nan  # a skipped KO image
+            np.save(stats_dir / f"{layer}.{agg}.npy", values.astype(np.float32))
+    ok_ids, ko_ids = np.arange(4), np.arange(4, 8)
+    first = layer_stats(stats_dir, ["a", "b"], ok_ids, ko_ids, 3, "x → y", 0.05, 2.0)
+    assert first["_n"] == {"a": (4, 3), "b": (4, 3)}
+    for agg in ("max", "mean"):
+        p = np.concatenate([first[la][agg]["p"] for la in "ab"])
+        q = np.concatenate([first[la][agg]["q"] for la in "ab"])
+        np.testing.assert_allclose(q, sps.false_discovery_control(p, method="bh"), rtol=1e-12)
+    z = np.abs(first["a"]["max"]["z"])
+    q = first["b"]["mean"]["q"]
+    z_cut, q_cut = float(np.sort(z)[1]), float(np.sort(q)[1])  # the middle neuron of each
+    res = layer_stats(stats_dir, ["a", "b"], ok_ids, ko_ids, 3, "x → y", q_cut, z_cut)
+    assert res["a"]["max"]["flag_z"].tolist() == (z >= z_cut).tolist()
+    assert res["a"]["max"]["flag_z"].sum() == 2
+    assert res["b"]["mean"]["flag_fdr"].tolist() == (q <= q_cut).tolist()
+    assert res["b"]["mean"]["flag_fdr"].sum() >= 2
+    with pytest.raises(StageError, match=r"pair x → y: OK has 4 usable images and KO 3 .*at "
+                                         r"least 4 .*--min-images"):
+        layer_stats(stats_dir, ["a", "b"], ok_ids, ko_ids, 4, "x → y", 0.05, 2.0)
+
+
 def test_classes_never_predicted_get_their_imagenet_name():
     # 01 names predicted classes; a true class the model never predicts only has its dataset
     # label (here a synset id), so 08 looks the name up when the model's names are ImageNet's.

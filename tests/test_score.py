@@ -5,6 +5,7 @@ Crops and images are made here; the planted neurons are the fake model's hand-se
 so what each neuron prefers — and which crops belong together — is known on paper.
 """
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -78,7 +79,9 @@ def test_triage_equals_hand_computation():
     tiny = ramp * 0.005                               # spread 0.245 ≤ 5 % of the median 10
     stats = np.stack([ramp, sparse, negative, flat, tiny], axis=1).astype(np.float32)
     stats = np.vstack([stats, np.full((1, 5), np.nan, np.float32)])  # a skipped image
-    t = triage_layer(stats, k=DNR_K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the constant neuron divides nothing by zero
+        t = triage_layer(stats, k=DNR_K)
     assert t["selectivity"][0] == pytest.approx(99 / 50)
     assert t["selectivity"][1] == pytest.approx(100.0)  # 10 / max(0, 10 / 100)
     assert t["selectivity"][2] == pytest.approx((49 + 49) / (0 + 49))
@@ -88,6 +91,19 @@ def test_triage_equals_hand_computation():
     assert t["dnr_score"][1] == pytest.approx(11 * np.log(11) / 20)  # 11 images at 10, 9 at 0
     assert t["dnr_score"][2] == pytest.approx(np.log1p(np.maximum(top20 - 50, 0)).mean())
     assert t["dead"].tolist() == [False, False, False, True, True]
+
+
+def test_silent_and_constant_negative_neurons_are_dead_with_selectivity_1_and_no_warning():
+    """A ReLU neuron that never fires (0 on every image) and one constant below 0 have no range
+    at all (p99 = lo): selectivity 1, dead, and no division by zero on the way; beside them a
+    ramp is selective and alive."""
+    ramp = np.arange(101, dtype=np.float64)
+    stats = np.stack([ramp, np.zeros(101), np.full(101, -2.0)], axis=1).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = triage_layer(stats)
+    assert t["selectivity"].tolist() == pytest.approx([99 / 50, 1.0, 1.0])
+    assert t["dead"].tolist() == [False, True, True]
 
 
 def test_one_wide_neuron_does_not_make_its_neighbours_dead():
@@ -144,6 +160,30 @@ def test_correlation_interval_by_hand():
     assert low == pytest.approx(0.156021, abs=1e-5) and high == pytest.approx(0.735822, abs=1e-5)
 
 
+def test_a_perfect_correlation_keeps_a_finite_interval():
+    """r = ±1 (a sentence ranking the images exactly as the neuron does) is clipped just inside
+    ±1 before the Fisher transform: no division by zero, an interval strictly inside ±1 at its
+    far end, mirrored for −1, and a finite margin interval."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low, high = S.correlation_interval(1.0, 10, 1.96)
+        assert 0.999 < low < 1 and low < high <= 1
+        assert S.correlation_interval(-1.0, 10, 1.96) == pytest.approx((-high, -low), abs=1e-15)
+        assert np.isfinite(S.margin_interval(1.0, -1.0, 10, 1.96)).all()
+
+
+def test_margin_interval_is_zous_combination_of_the_two_fisher_intervals():
+    """Zou (2007) by hand: r = 0.5 and r_control = 0.2 on 28 images at z = 1.96. Fisher
+    intervals (0.156021, 0.735822) and (−0.187039, 0.533291); the margin 0.3 reaches down by
+    √((0.5 − 0.156021)² + (0.533291 − 0.2)²) and up by
+    √((0.735822 − 0.5)² + (0.2 + 0.187039)²)."""
+    d, low, high = S.margin_interval(0.5, 0.2, 28, 1.96)
+    assert d == pytest.approx(0.3)
+    assert low == pytest.approx(0.3 - np.hypot(0.5 - 0.156021, 0.533291 - 0.2), abs=1e-5)
+    assert high == pytest.approx(0.3 + np.hypot(0.735822 - 0.5, 0.2 + 0.187039), abs=1e-5)
+    assert low == pytest.approx(-0.178961, abs=1e-5) and high == pytest.approx(0.753223, abs=1e-5)
+
+
 def test_clarity_closed_form_is_the_mean_pairwise_cosine():
     """SemanticLens eq. 7 (no similarity matrix) equals eq. 6 computed pair by pair."""
     v = np.random.default_rng(1).normal(size=(9, 5))
@@ -197,10 +237,60 @@ def test_three_close_patterns_split_into_three():
     assert all(len(set(labels[truth == g].tolist())) == 1 for g in range(3))
 
 
+def test_a_sub_concept_may_hold_exactly_min_group_crops_but_not_fewer():
+    """Six crops, three near each of two orthogonal directions: two sub-concepts of exactly
+    MIN_GROUP (3) crops each. Four near one direction and two near the other: the pair is an
+    outlier, not a sub-concept, so the crops stay one group."""
+    assert S.MIN_GROUP == 3
+    rng = np.random.default_rng(0)
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    even = np.array([a] * 3 + [b] * 3) + rng.normal(scale=0.05, size=(6, 3))
+    assert S.sub_concepts(even, 3).tolist() == [0, 0, 0, 1, 1, 1]
+    uneven = np.array([a] * 4 + [b] * 2) + rng.normal(scale=0.05, size=(6, 3))
+    assert S.sub_concepts(uneven, 3) is None
+
+
+def test_sub_concepts_are_at_most_three_unless_asked_for_more():
+    """SIEVE's range of sub-concepts is 1 to 3: four planted patterns of 4 crops each are split
+    into 3 groups by default (two patterns share one), and into the 4 patterns with max_k 4."""
+    rng = np.random.default_rng(0)
+    vectors = np.repeat(np.eye(4), 4, axis=0) + rng.normal(scale=0.05, size=(16, 4))
+    labels = S.sub_concepts(vectors)
+    assert labels is not None and labels.max() == 2
+    assert all(len(set(labels[4 * p:4 * p + 4].tolist())) == 1 for p in range(4))
+    assert S.sub_concepts(vectors, 4).tolist() == np.repeat(np.arange(4), 4).tolist()
+
+
+def test_a_reference_no_split_reaches_cannot_veto_a_split():
+    """When none of the structureless reference sets can be split (here: no k allowed), the
+    reference silhouette is −inf, so whatever split the crops themselves reach stands."""
+    rng = np.random.default_rng(0)
+    unit = S.l2_normalise(rng.normal(size=(12, 4)).astype(np.float64))
+    assert S.reference_silhouette(unit, 1, np.random.default_rng(0)) == -np.inf
+    assert np.isfinite(S.reference_silhouette(unit, 2, np.random.default_rng(0)))
+
+
 def test_redundancy_is_the_highest_cosine_with_another_neuron():
     """Two identical neurons are fully redundant; a third orthogonal one is not."""
     red = S.redundancy(np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]]))
     assert red[:2].tolist() == pytest.approx([1.0, 1.0]) and red[2] == pytest.approx(0.0)
+
+
+def test_redundancy_of_a_lone_neuron_or_one_without_crops_is_nan():
+    """A layer of one neuron has no other neuron to repeat (NaN, one value); a neuron without
+    crops (zero mean vector) gets NaN, while one whose mean vector points into the negative
+    orthant is an ordinary direction: its redundancy is scikit-learn's highest cosine with another
+    neuron."""
+    from sklearn.metrics.pairwise import cosine_similarity
+    lone = S.redundancy(np.array([[1.0, 2.0, 3.0]]))
+    assert lone.shape == (1,) and np.isnan(lone[0])
+    means = np.array([[1.0, 0, 0], [2.0, 0.1, 0], [0, 0, 0], [-1.0, -2, -3], [-1.0, -2, -2.5]])
+    red = S.redundancy(means)
+    assert np.isnan(red[2]) and np.isfinite(red[[0, 1, 3, 4]]).all()
+    live = [0, 1, 3, 4]
+    cos = cosine_similarity(means[live])
+    np.fill_diagonal(cos, -np.inf)
+    assert red[live] == pytest.approx(cos.max(axis=1), abs=1e-6)  # float32 inside
 
 
 def test_description_words():
@@ -632,6 +722,28 @@ def test_silhouette_is_sklearns():
             silhouette_score(distance, labels, metric="precomputed"), abs=1e-12)
 
 
+def test_silhouette_of_groups_of_one_and_short_distances_warns_nothing():
+    """Cosine distances (all below 1 here) with two crops alone in their group, and identical
+    crops in two groups: the same values as scikit-learn, and no division by zero along the way
+    (09 computes about 40 silhouettes per neuron; a warning each would flood its log)."""
+    from sklearn.metrics import silhouette_score
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.normal(size=(12, 4))) + 1.0  # positive rows: cosine distances well below 1
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    distance = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+    np.fill_diagonal(distance, 0.0)
+    assert distance.max() < 0.5
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 3, 0, 1, 0])  # groups 2 and 3 hold one crop each
+    expected = silhouette_score(distance, labels, metric="precomputed")
+    same = np.zeros((6, 6))  # identical crops split in two groups: a = b = 0, silhouette 0
+    halves = np.array([0, 0, 0, 1, 1, 1])
+    assert silhouette_score(same, halves, metric="precomputed") == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert S.silhouette(distance, labels) == pytest.approx(expected, abs=1e-12)
+        assert S.silhouette(same, halves) == 0.0
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_monosemantic_neuron_keeps_one_cluster_two_patterns_get_two(seed):
     """SIEVE's clustering of a planted neuron's top-20 crops: all red squares → one group (one
@@ -688,6 +800,49 @@ def test_activation_rate_of_the_true_concept_is_near_1_and_of_a_wrong_one_near_0
     assert S.activation_rate(np.array([1, 1, 0, 0], bool), np.array([0.9, 0.1, 0.8, 0.2])) == 0.5
 
 
+def test_positives_are_the_top_share_with_ties_and_never_a_silent_majority():
+    """The positives of a neuron on 10 images, at least 2: a tie at the threshold brings every
+    tied image in (4 × 0.4 → 4 positives); when the threshold is the lowest value (9 silent
+    images at 0) only the images above it count; as many images as the minimum, or fewer, are
+    all positives; on 300 images 2 % (6) exceeds the minimum of 5. The Activation Rate on them:
+    the share of positives among the matcher's top k (k = positives), NaN without positives."""
+    tied = np.array([5, 4, 4, 4, 1, 0, 0, 0, 0, 0], float)
+    assert S.top_share_positives(tied, 0.01, 2).tolist() == [True] * 4 + [False] * 6
+    silent = np.r_[np.zeros(9), 1.0]
+    assert S.top_share_positives(silent, 0.01, 2).tolist() == [False] * 9 + [True]
+    assert S.top_share_positives(np.arange(5.0), 0.01, 5).all()
+    assert S.top_share_positives(np.arange(3.0), 0.01, 5).all()
+    assert np.flatnonzero(S.top_share_positives(np.arange(300.0), 0.02, 5)).tolist() == \
+        list(range(294, 300))
+    positive = np.array([1, 1, 0, 0], bool)
+    assert S.activation_rate(positive, np.array([0.9, 0.1, 0.8, 0.2])) == 0.5
+    assert S.activation_rate(positive, np.array([0.9, 0.8, 0.1, 0.2])) == 1.0
+    assert np.isnan(S.activation_rate(np.zeros(4, bool), np.arange(4.0)))
+
+
+def test_verdicts_exactly_on_their_boundaries():
+    """A sentence is reliable only when the margin's lower end is above 0 and r above 0: a lower
+    end of exactly 0, or r of exactly 0, is weak; a margin of exactly 0 is chance; a missing or
+    infinite number gives no verdict."""
+    assert S.verdict_level(0.3, 0.2, 0.01) == "reliable"
+    assert S.verdict_level(0.3, 0.2, 0.0) == "weak"
+    assert S.verdict_level(0.0, 0.2, 0.01) == "weak"
+    assert S.verdict_level(0.3, 0.0, -0.2) == "chance"
+    assert S.verdict_level(None, 0.2, 0.01) == S.verdict_level(0.3, np.inf, 0.01) == "none"
+
+
+def test_mean_filter_keeps_the_rates_at_or_above_their_mean_by_hand():
+    """SIEVE's filter on rates 0.2, 0.6, NaN, 0.6, 1.0: mean 0.6 (NaN not counted); the two rates
+    exactly on the mean are kept, with 1.0; the mean of those kept is 2.2 / 3. No finite rate:
+    nothing kept."""
+    mean, kept, mean_kept = S.mean_filter(np.array([0.2, 0.6, np.nan, 0.6, 1.0]))
+    assert mean == pytest.approx(0.6)
+    assert kept.tolist() == [False, True, False, True, True]
+    assert mean_kept == pytest.approx(2.2 / 3)
+    mean, kept, mean_kept = S.mean_filter(np.array([np.nan, np.nan]))
+    assert np.isnan(mean) and np.isnan(mean_kept) and kept.tolist() == [False, False]
+
+
 def hand_pearson(x, y):
     """Pearson r from its definition, with plain sums."""
     n = len(x)
@@ -723,6 +878,31 @@ def test_bootstrap_interval_covers_the_hand_computed_margin():
     assert S.verdict_level(0.5, by_hand, low) == ("reliable" if low > 0 else "weak")
     assert S.verdict_level(0.5, -0.1, -0.3) == "chance"
     assert S.verdict_level(0.5, 0.2, float("nan")) == "none"
+
+
+def test_bootstrap_interval_ends_are_the_percentiles_of_the_paired_resamples():
+    """The interval at ``level`` is the (1 − level)/2 and (1 + level)/2 percentiles of the
+    margins recomputed on the same draws (both correlations on one draw), by hand with numpy's
+    corrcoef: 2.5 % and 97.5 % at 0.95, 25 % and 75 % at 0.5 — not the draws' extremes. Fewer
+    than 4 images, or an undefined margin, give no interval."""
+    rng = np.random.default_rng(12)
+    activation = rng.normal(size=30)
+    sentence = activation + rng.normal(size=30)
+    control = 0.5 * activation + rng.normal(size=30)
+    draw = np.random.default_rng(7).integers(0, 30, (400, 30))
+    margins = np.array([np.corrcoef(sentence[i], activation[i])[0, 1]
+                        - np.corrcoef(control[i], activation[i])[0, 1] for i in draw])
+    for level, ends in ((0.95, [2.5, 97.5]), (0.5, [25.0, 75.0])):
+        _, low, high = S.bootstrap_margin(sentence, control, activation, 400,
+                                          np.random.default_rng(7), level)
+        assert [low, high] == pytest.approx(np.percentile(margins, ends), abs=1e-12)
+    assert low > margins.min() and high < margins.max()
+    # No interval on 3 images (d itself is defined), nor for a control that never varies (d NaN)
+    d, low, high = S.bootstrap_margin([1.0, 2, 3], [3.0, 1, 2], [1.0, 2, 4], 100,
+                                      np.random.default_rng(0))
+    assert np.isfinite(d) and np.isnan(low) and np.isnan(high)
+    assert np.isnan(S.bootstrap_margin(np.arange(10.0), np.ones(10), np.arange(10.0) ** 2, 100,
+                                       np.random.default_rng(0))).all()
 
 
 def test_semantic_consistency_and_dnr_ranking_table_by_hand():
@@ -781,7 +961,8 @@ def test_candidates_are_ranked_on_the_selection_half_only():
 def test_misses_are_the_positives_the_matcher_ranks_low():
     """By hand on 20 held-out images: the 5 strongest activations are the positives; the matcher
     ranks 2 of them within its top 5 places (max(5 positives, 10 % of 20)), so the other 3 are
-    the misses, strongest activation first; images outside ``held_out`` are never misses."""
+    the misses, strongest activation first; images outside ``held_out`` are never misses. On 100
+    images the top 10 % (10 places) is wider than the 5 positives and sets the cut."""
     from common.refinement import misses
     act = np.arange(20, dtype=float)         # positives: images 15 … 19
     scores = np.zeros(20)
@@ -793,6 +974,88 @@ def test_misses_are_the_positives_the_matcher_ranks_low():
     held2[21] = False                         # an image the unit may not use
     act2, scores2 = np.append(act, [-1, 100.0]), np.append(scores, [0, 0])
     assert 21 not in misses(scores2, act2, held2).tolist()
+    # 100 images: still 5 positives (95 … 99), but the matcher's top 10 % is 10 places, so the
+    # positive it ranks 10th (97) is no miss; the two it ranks below are.
+    act3, scores3 = np.arange(100, dtype=float), np.zeros(100)
+    scores3[[99, 98]] = 1.0
+    scores3[:7] = 0.5                        # places 3 … 9
+    scores3[97] = 0.4                        # place 10
+    assert misses(scores3, act3, np.ones(100, bool)).tolist() == [96, 95]
+
+
+def refine_two_units(first_done_unit_first):
+    """Two neurons of one layer on 40 selection images, each starting from a noise sentence: the
+    describer has nothing new for neuron 0 (it repeats its sentence) and answers "exact" for
+    neuron 1, a sentence the matcher scores as that neuron's own activation. Returns the units
+    and the describer's requests, per call."""
+    from common.refinement import Unit, refine
+    rng = np.random.default_rng(8)
+    act = rng.normal(size=(40, 2))
+    cache = {"L": {"noise 0": rng.normal(size=40), "noise 1": rng.normal(size=40)}}
+    held = np.ones(40, bool)
+    units = [Unit("L", c, 0, 1, held.copy(), f"noise {c}", [(f"noise {c}", "sentence")])
+             for c in (0, 1)]
+    calls = []
+
+    def ask(requests):
+        calls.append([r.unit.channel for r in requests])
+        return [r.sentence if r.unit.channel == 0 else "exact" for r in requests]
+    refine(units if first_done_unit_first else units[::-1], cache, {"L": act}, 3,
+           lambda more: {"L": np.stack([act[:, 1]] * len(more["L"]), axis=1)}, ask)
+    return units, calls
+
+
+@pytest.mark.parametrize("first_done_unit_first", [True, False])
+def test_a_unit_that_stops_does_not_stop_the_others(first_done_unit_first):
+    """Units are refined independently, whatever their order: neuron 0, whose describer has
+    nothing new, stops after one call with its first sentence; neuron 1 goes on to "exact",
+    scored in the next iteration (Pearson r 1) and chosen."""
+    units, calls = refine_two_units(first_done_unit_first)
+    zero, one = units
+    assert zero.calls == 1 and zero.records[zero.best]["description"] == "noise 0"
+    assert [r["description"] for r in zero.records] == ["noise 0"]
+    assert one.calls == 1 and [(r["iteration"], r["source"], r["description"])
+                               for r in one.records] == [(0, "sentence", "noise 1"),
+                                                         (1, "refined", "exact")]
+    assert one.records[one.best]["description"] == "exact"
+    assert one.records[one.best]["score"] == pytest.approx(1.0)
+    assert sorted(calls[0]) == [0, 1] and len(calls) == 1  # "exact" misses nothing: no 2nd call
+
+
+def test_a_refined_sentence_that_only_ties_the_best_does_not_replace_it():
+    """The describer's answer must beat the best by more than GAIN: an answer the matcher scores
+    exactly like the current sentence (a tie) leaves the first sentence chosen and ends the
+    loop after one describer call."""
+    from common.refinement import Unit, refine
+    rng = np.random.default_rng(9)
+    act = rng.normal(size=40)
+    first = act + rng.normal(scale=2.0, size=40)
+    cache = {"L": {"first": first}}
+    unit = Unit("L", 0, 0, 1, np.ones(40, bool), "first", [("first", "sentence")])
+    asked = []
+    refine([unit], cache, {"L": act[:, None]}, 3, lambda more: {"L": first[:, None]},
+           lambda requests: asked.extend(requests) or ["same scores"] * len(requests))
+    assert [r["description"] for r in unit.records] == ["first", "same scores"]
+    assert unit.records[0]["score"] == unit.records[1]["score"]
+    assert unit.records[unit.best]["description"] == "first"
+    assert len(asked) == 1 and unit.calls == 1 and unit.done
+
+
+def test_refine_prompt_is_the_levels_prompt_then_the_refine_part_with_the_sentence():
+    """The refinement prompt: the level's prompt, then the prompt file's ``refine`` part with the
+    sentence in place of {sentence}; a user's file without that part gets the shipped one."""
+    from common.describers import DEFAULT_PROMPTS, build_prompt, load_prompts
+    from common.refinement import refine_prompt
+    shipped = load_prompts(DEFAULT_PROMPTS)
+    own = dict(shipped, refine="  Not   {sentence} then.")
+    level_prompt = build_prompt(shipped, 2, "birds")
+    assert refine_prompt(own, 2, "Red patches.", "birds") == \
+        level_prompt + " Not Red patches. then."
+    bare = {k: v for k, v in shipped.items() if k != "refine"}
+    text = refine_prompt(bare, 2, "Red patches.", "birds")
+    assert text == level_prompt + " " + " ".join(shipped["refine"].split()).replace(
+        "{sentence}", "Red patches.")
+    assert '"Red patches."' in text
 
 
 class MissDescriber:
