@@ -143,6 +143,11 @@ def test_levels_follow_relative_depth_or_explicit_setting():
     assert D.assign_levels(["only"], 4) == {"only": 2} and D.assign_levels(["only"], 2) == {"only": 1}
     assert isinstance(D.assign_levels(["only"], 5)["only"], int)
     assert D.assign_levels(["only"], 5, {"only": 5}) == {"only": 5}
+    # Explicit levels run from 1 to n, both ends included.
+    assert D.assign_levels(["a", "b"], 5, {"a": 1, "b": 5}) == {"a": 1, "b": 5}
+    for wrong in (0, 6):
+        with pytest.raises(StageError, match="levels run from 1 to 5"):
+            D.assign_levels(["a", "b"], 5, {"a": wrong})
     with pytest.raises(StageError):
         D.assign_levels(["a"], 5, {"a": 9})
     with pytest.raises(StageError):

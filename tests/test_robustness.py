@@ -255,6 +255,37 @@ def test_a_journal_record_is_in_the_file_the_moment_it_is_added(tmp_path):
         assert read_journals(out) == {("conv", 2): [record, record | {"raw": "blue"}]}
 
 
+def test_reopened_journal_cuts_even_a_one_byte_torn_record_and_warns_only_then(tmp_path, caplog):
+    """A kill may leave as little as one byte of a record: reopening the journal cuts it off (the
+    next record starts on a line of its own), with a warning; an empty journal, or one whose last
+    record is whole, opens as it is, without one."""
+    from common.journal import Journal
+    path = tmp_path / "03_descriptions.part-0-of-1.jsonl"
+    whole = b'{"layer": "a", "channel": 0, "raw": "red"}\n'
+    with caplog.at_level(logging.WARNING):
+        for content in (b"", whole):
+            path.write_bytes(content)
+            with Journal(path):
+                pass
+            assert path.read_bytes() == content
+        assert "torn" not in caplog.text
+        path.write_bytes(whole + b"{")
+        with Journal(path) as journal:
+            journal.add({"layer": "a", "channel": 1, "raw": "blue"})
+    assert path.read_bytes() == whole + b'{"layer": "a", "channel": 1, "raw": "blue"}\n'
+    assert "torn record (1 bytes" in caplog.text
+
+
+def test_a_journal_beside_an_output_in_folders_not_made_yet_makes_them(tmp_path):
+    """``--out`` may name a folder that does not exist yet, two levels deep: the journal makes
+    them rather than fail on its first answer."""
+    from common.journal import Journal, journal_path
+    out = tmp_path / "new" / "deeper" / "03_descriptions.csv"
+    with Journal(journal_path(out, (0, 1))) as journal:
+        journal.add({"layer": "a", "channel": 0, "raw": "red"})
+    assert read_journals(out) == {("a", 0): [{"layer": "a", "channel": 0, "raw": "red"}]}
+
+
 class FillingFile:
     """A journal's file that takes at most ``chunk`` bytes per write, and fails with ``errno``
     (a full disk, say) once ``room`` bytes have been written."""
