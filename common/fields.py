@@ -76,6 +76,7 @@ def tile_window(rf: RF, y: int, x: int, height: int, width: int) -> tuple[int, i
 
 
 def _axis_span(centre: float, size: float) -> tuple[int, int]:
-    """First and past-the-end pixel of a field of ``size`` pixels centred on ``centre``."""
+    """First and past-the-end pixel of a field of ``size`` pixels centred on ``centre`` (sizes are
+    positive: common/rf.py never makes a field smaller than one pixel)."""
     first = math.floor(centre - (size - 1) / 2 + 0.5)
-    return first, first + max(int(round(size)), 0)
+    return first, first + int(round(size))

@@ -3,6 +3,7 @@ images, resuming after a kill, shards, a real HTTP round trip to a loopback serv
 backend's families are tested in test_vlm_families.py."""
 import json
 import logging
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -138,11 +139,48 @@ def test_levels_follow_relative_depth_or_explicit_setting():
     assert D.assign_levels(["only"], 5) == {"only": 3}
     assert D.assign_levels(["only"], 3) == {"only": 2}
     assert D.assign_levels(["only"], 1) == {"only": 1}
+    # An even number of levels has no middle one: the lower of the two, a whole level number.
+    assert D.assign_levels(["only"], 4) == {"only": 2} and D.assign_levels(["only"], 2) == {"only": 1}
+    assert isinstance(D.assign_levels(["only"], 5)["only"], int)
     assert D.assign_levels(["only"], 5, {"only": 5}) == {"only": 5}
+    # Explicit levels run from 1 to n, both ends included.
+    assert D.assign_levels(["a", "b"], 5, {"a": 1, "b": 5}) == {"a": 1, "b": 5}
+    for wrong in (0, 6):
+        with pytest.raises(StageError, match="levels run from 1 to 5"):
+            D.assign_levels(["a", "b"], 5, {"a": wrong})
     with pytest.raises(StageError):
         D.assign_levels(["a"], 5, {"a": 9})
     with pytest.raises(StageError):
         D.parse_levels("a:2")
+
+
+def test_levels_setting_takes_dotted_names_and_refuses_half_pairs():
+    """``--levels`` pairs: dotted module names and spaces are fine, and the level is after the
+    last "=" (a layer name may hold one); a pair without its layer, its level or a whole number
+    is refused, naming the pair."""
+    assert D.parse_levels(" _blocks.3 = 2, head=5,,") == {"_blocks.3": 2, "head": 5}
+    assert D.parse_levels("a=b=3") == {"a=b": 3}
+    for bad in ("=2", "a=", "a=x", "a=2.5", "a"):
+        with pytest.raises(StageError, match=re.escape(repr(bad.strip()))):
+            D.parse_levels(f"ok=1,{bad}")
+
+
+def test_the_journal_answer_used_is_the_last_good_one_for_the_task():
+    """Of a neuron's journal records, the one used for a task is its latest usable answer; a later
+    failure or refusal does not undo it; with no usable answer the latest attempt stands (its
+    reason is reported) and the task is not done; records of another task (an old prompt or
+    model) never count."""
+    old = {"key": "k", "raw": "red dots"}
+    new = {"key": "k", "raw": "red and white dots"}
+    failed = {"key": "k", "raw": None, "error": "timeout"}
+    refused = {"key": "k", "raw": "I'm sorry, I cannot help."}
+    other = {"key": "old-prompt", "raw": "stripes"}
+    assert D.pick([old, new, failed, refused, other], "k") is new
+    assert D.is_done([old, new, failed, refused, other], "k")
+    assert D.pick([failed, refused], "k") is refused and not D.is_done([failed, refused], "k")
+    assert D.pick([refused, failed], "k") is failed and not D.is_done([refused, failed], "k")
+    assert D.pick([other], "k") is None and not D.is_done([other], "k")
+    assert D.is_done([other], "old-prompt")
 
 
 def test_prompt_per_level_with_domain_and_keywords(tmp_path):
@@ -197,6 +235,22 @@ def test_run_uses_the_prompt_of_each_layers_level(tmp_path):
 def test_clean_answer_strips_prefixes_quotes_and_spaces(raw, text):
     """Role prefixes, quotes and extra whitespace go; the content stays."""
     assert D.clean_answer(raw) == (text, "")
+
+
+def test_long_answers_are_cut_at_their_last_sentence_end_within_400_characters():
+    """An answer over MAX_ANSWER_CHARS (400) is cut at its last sentence end within the limit; one
+    of 400 characters or fewer is kept whole, several sentences included; a long answer without a
+    sentence end keeps its first 400 characters."""
+    assert D.MAX_ANSWER_CHARS == 400
+    assert D.clean_answer("Red dots. Blue stripes.") == ("Red dots. Blue stripes.", "")
+    exactly = "A. " + "b" * 397
+    assert D.clean_answer(exactly) == (exactly, "")
+    assert D.clean_answer(exactly + "b") == ("A.", "")
+    sentence = "Red dots on a grey ground."   # 26 characters, 27 with the space after it
+    # 14 sentences end at character 377; the 15th would end at 404, past the limit.
+    assert D.clean_answer(" ".join([sentence] * 20)) == (" ".join([sentence] * 14), "")
+    words = "stripes " * 60
+    assert D.clean_answer(words) == (words[:400], "")
 
 
 def test_predictions_reused_only_for_the_reference_model(tmp_path):
@@ -340,6 +394,22 @@ def test_whole_input_receptive_field_per_position():
     edge = np.array([200, 200, 16, 16, 15, 15], float)  # corner cell: 115² / 224² = 26%
     assert D.covers_whole_input(edge, np.array([0, 6]), np.array([0, 6]), (224, 224)).tolist() \
         == [False, True]
+
+
+def test_whole_input_on_a_wide_input_counts_a_field_covering_exactly_60_percent():
+    """A 40 × 100 input (area 4000; 60 % is 2400 px) and a 60 × 120 field, jump 1, start (20, 0).
+    Cell (0, 0) is centred on (20, 0): rows −10..50 clip to 0..40 (all 40), cols −60..60 to
+    0..60, 40 × 60 = 2400: exactly 60 %, whole. Cell (0, 20) covers 40 × 80 (whole); cell (30, 0)
+    rows 20..40 only, 20 × 60 (a crop). A field 118 px wide at cell (0, 0) covers 40 × 59 = 2360
+    (a crop). The same on the input turned on its side (100 × 40, rows and columns swapped)."""
+    wide = np.array([60, 120, 1, 1, 20, 0], float)
+    ys, xs = np.array([0, 0, 30]), np.array([0, 20, 0])
+    assert D.covers_whole_input(wide, ys, xs, (40, 100)).tolist() == [True, True, False]
+    narrower = np.array([60, 118, 1, 1, 20, 0], float)
+    assert not D.covers_whole_input(narrower, ys[:1], xs[:1], (40, 100)).any()
+    tall, taller = wide[[1, 0, 3, 2, 5, 4]], narrower[[1, 0, 3, 2, 5, 4]]
+    assert D.covers_whole_input(tall, xs, ys, (100, 40)).tolist() == [True, True, False]
+    assert not D.covers_whole_input(taller, xs[:1], ys[:1], (100, 40)).any()
 
 
 def test_objects_phrase_mixed_and_confidence():

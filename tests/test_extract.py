@@ -98,6 +98,23 @@ def test_topk_merge_is_order_independent():
     assert any(len(set(single.values[c].tolist())) < k for c in range(channels))  # ties kept
 
 
+def test_image_zero_is_saved_with_its_value_and_empty_slots_as_nan():
+    """Image id 0 (the first image of every run) is a real entry: its value is saved, not taken for
+    the −1 that marks a slot no image filled. Two images into a top-3: channel 0 ranks image 0
+    (5.0) over image 1 (2.0); channel 1 image 1 (4.0) over image 0 (−1.5, negative but real); the
+    third slot of each stays empty: NaN on disk, −inf and id −1 when read back."""
+    top = StreamingTopK(2, 3)
+    top.update([[5.0, -1.5], [2.0, 4.0]], [0, 1], [[1, 0], [2, 3]], [[0, 2], [1, 1]])
+    arrays = top.arrays("L")
+    assert arrays["L/image_ids"].tolist() == [[0, 1, -1], [1, 0, -1]]
+    values = arrays["L/values"]
+    assert values[:, :2].tolist() == [[5.0, 2.0], [4.0, -1.5]] and np.isnan(values[:, 2]).all()
+    back = StreamingTopK.from_arrays(arrays, "L")
+    assert back.values.tolist() == [[5.0, 2.0, -np.inf], [4.0, -1.5, -np.inf]]
+    assert back.image_ids.tolist() == [[0, 1, -1], [1, 0, -1]]
+    assert back.y.tolist() == [[1, 2, 0], [3, 0, 0]] and back.x.tolist() == [[0, 1, 0], [1, 2, 0]]
+
+
 def test_reducer_stores_the_peak_row_and_column_of_a_wide_map():
     """On a 3 × 5 map (not square) a peak at row 1, column 4 is stored as y = 1, x = 4 (a peak off
     the diagonal: swapping y and x, or dividing by the height, cannot pass), with the max and
@@ -335,6 +352,69 @@ def test_other_preprocessings_are_screened_on_a_few_images_first(tmp_path):
     settings = 3 * 3  # sizes 32, 40 (the images' own), 224; norms 0.5 (current), none, ImageNet's
     assert sum(seen) == (settings - 1) * extract.PROBE_SCREEN
     assert best["accuracy"] == best["current"] == 0 and best["n"] == extract.PROBE_IMAGES
+
+
+def test_a_1000_class_head_maps_imagenet_synset_folders_whatever_its_class_names():
+    """An ImageNet-sized head (exactly 1000 outputs) whose class names are its own, not the
+    ImageNet table's, still maps folders named by synset id: n01443537 (goldfish) is output 1.
+    A 999-class head is not ImageNet's: a synset id there is left unmapped, not guessed. Without
+    class names only decimal indices map."""
+    names = [f"kind {i}" for i in range(1000)]
+    labels = ["n01443537", "kind 7", "n99999999", ""]
+    assert extract.label_indices(labels, names) == ({"n01443537": 1, "kind 7": 7}, ["n99999999"])
+    assert extract.label_indices(labels, names[:999]) == ({"kind 7": 7},
+                                                          ["n01443537", "n99999999"])
+    assert extract.label_indices(["12", "goldfish", ""], None) == ({"12": 12}, ["goldfish"])
+
+
+def test_prediction_rows_judge_only_images_whose_label_maps_to_a_class():
+    """A batch of two images of a 3-class head. Image 4 (label "b", class 1) has logits (0, 2, 1):
+    softmax e² / (1 + e + e²) = 0.665241 for class 1, then class 2, then 0 — right. Image 0 (the
+    first image id) has a label no class matches: label_idx −1 and no verdict, neither right nor
+    wrong, although its prediction is class 0. Without class names a class is named by its index;
+    an output that is not one score per class (a feature map) gives no rows."""
+    from types import SimpleNamespace
+    entries = {0: SimpleNamespace(path="z.png", label="zebra"),
+               4: SimpleNamespace(path="b.png", label="b")}
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    rows = extract.prediction_rows(logits, [4, 0], entries, {"b": 1}, ["a", "b", "c"])
+    e = np.e
+    assert rows[0] == {"image_id": 4, "path": "b.png", "label": "b", "label_idx": 1,
+                       "pred_idx": 1, "pred_name": "b", "prob": "0.665241", "correct": 1,
+                       "top5_idx": "1 2 0",
+                       "top5_prob": " ".join(f"{p:.6f}" for p in np.array([e * e, e, 1])
+                                             / (1 + e + e * e))}
+    assert rows[1]["label_idx"] == -1 and rows[1]["correct"] == ""
+    assert rows[1]["pred_idx"] == 0 and rows[1]["pred_name"] == "a"
+    wrong = extract.prediction_rows(logits[1:], [4], entries, {"b": 1}, None)
+    assert wrong[0]["correct"] == 0 and wrong[0]["pred_name"] == "0"
+    assert extract.prediction_rows(torch.zeros(2, 3, 4, 4), [4, 0], entries, {}, None) == []
+
+
+def test_shard_outputs_join_in_order_long_ones_whole_and_empty_ones_as_nan(tmp_path):
+    """Shards' statistics stacked in order: a shard of 5000 images (more than one 4096-row block
+    read at a time) comes through row for row, a shard whose 3 images were all unusable (no file)
+    becomes 3 NaN rows, and the last shard follows it. Its CSVs are joined under one header,
+    counting records, not lines (a quoted path may hold a newline)."""
+    long = np.arange(5000 * 2, dtype=np.float32).reshape(5000, 2)
+    short = -np.arange(8, dtype=np.float32).reshape(4, 2)
+    np.save(tmp_path / "a.npy", long)
+    np.save(tmp_path / "c.npy", short)
+    dest = tmp_path / "stats.npy"
+    extract.concat_stats([tmp_path / n for n in ("a.npy", "b.npy", "c.npy")], [5000, 3, 4], dest,
+                         5007, 2)
+    stacked = np.load(dest)
+    assert stacked.shape == (5007, 2) and stacked.dtype == np.float32
+    np.testing.assert_array_equal(stacked[:5000], long)
+    assert np.isnan(stacked[5000:5003]).all()
+    np.testing.assert_array_equal(stacked[5003:], short)
+    (tmp_path / "1.csv").write_bytes(b'path,label\r\n"new\nline.png",a\r\nb.png,b\r\n')
+    (tmp_path / "2.csv").write_bytes(b"path,label\r\n")
+    (tmp_path / "3.csv").write_bytes(b"path,label\r\nc.png,c\r\n")
+    joined = tmp_path / "images.csv"
+    assert extract.concat_csv([tmp_path / f"{i}.csv" for i in (1, 2, 3)], joined) == 3
+    assert joined.read_bytes() == b'path,label\r\n"new\nline.png",a\r\nb.png,b\r\nc.png,c\r\n'
+    assert extract.count_rows(joined) == 3
 
 
 def test_folder_names_name_the_classes_when_they_match_the_outputs(stripe_folder, tmp_path):

@@ -52,6 +52,53 @@ def test_png_writer_round_trips_exactly():
         np.testing.assert_array_equal(np.asarray(img), rgb)
 
 
+def test_png_is_the_standard_format_decoded_by_hand():
+    """The encoder writes what the PNG standard requires, so that strict decoders (libpng, the
+    browsers') read the mosaics too, not only Pillow: the signature; an IHDR for an 8-bit RGB
+    image (width, height, bit depth 8, colour type 2, compression, filter and interlace methods
+    0); chunks whose CRC covers tag and body; and an IDAT that zlib inflates into rows each
+    starting with filter type 2 ("Up": each byte is its difference from the byte above), which
+    summed down the columns modulo 256 give back every pixel of a 5 × 9 image."""
+    import struct
+    import zlib
+    rgb = np.random.default_rng(5).integers(0, 256, size=(5, 9, 3), dtype=np.uint8)
+    data = mosaics.png_bytes(rgb)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        length, tag = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length:at + 12 + length])[0] == \
+            zlib.crc32(tag + body), tag
+        chunks[tag] = body
+        at += 12 + length
+    assert list(chunks) == [b"IHDR", b"IDAT", b"IEND"] and chunks[b"IEND"] == b""
+    assert struct.unpack(">IIBBBBB", chunks[b"IHDR"]) == (9, 5, 8, 2, 0, 0, 0)
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(5, 1 + 9 * 3)
+    assert (rows[:, 0] == 2).all()
+    pixels = np.cumsum(rows[:, 1:].astype(np.int64), axis=0) % 256
+    np.testing.assert_array_equal(pixels.reshape(5, 9, 3), rgb)
+
+
+def test_tiles_cut_from_a_mosaic_are_those_pasted_row_by_row():
+    """A 3 × 3 grid of 4-px tiles: ranks 0–6 fill two rows and the first place of the third (rank
+    4 missing: its place stays grey). Rank 5 sits on row 1, column 2, pixels [4:8, 8:12]; cutting
+    the tiles back gives each rank's pixels in rank order, whatever is asked past the grid."""
+    from common.mosaics import cut_tiles, paste_tiles
+    rng = np.random.default_rng(7)
+    tiles = [rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8) for _ in range(7)]
+    pasted, placed = paste_tiles([(r, None if r == 4 else t) for r, t in enumerate(tiles)], 3, 4)
+    assert pasted.shape == (12, 12, 3) and placed == 6
+    np.testing.assert_array_equal(pasted[4:8, 8:12], tiles[5])
+    np.testing.assert_array_equal(pasted[8:12, 0:4], tiles[6])
+    assert (pasted[4:8, 4:8] == mosaics.BACKGROUND).all() and (pasted[8:, 4:] == 128).all()
+    cut = cut_tiles(Image.fromarray(pasted), 3, 4, 7)
+    assert len(cut) == 7 and len(cut_tiles(pasted, 3, 4, 20)) == 9
+    for rank, tile in enumerate(tiles):
+        expected = np.full((4, 4, 3), 128, np.uint8) if rank == 4 else tile
+        np.testing.assert_array_equal(cut[rank], expected, f"rank {rank}")
+
+
 def test_mask_crop_boxes_the_blob_with_the_peak():
     """Two blobs: the crop is the box of the one holding the peak, upsampled ×4."""
     image = np.full((16, 16, 3), 200, np.uint8)

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -235,6 +236,104 @@ def test_each_answer_is_journaled_as_it_arrives(tmp_path):
     second = StreamingVLM()
     rows = run_stage(run, describer=second)
     assert len(second.described) == 4 and len(rows) == 9
+
+
+def test_a_journal_record_is_in_the_file_the_moment_it_is_added(tmp_path):
+    """A real kill (no clean-up, no flush) right after an answer must not lose it: each record is
+    handed to the operating system as it is added, before any sync or close. Read by another
+    reader while the journal is still open, shard 1 of 3's file already holds it."""
+    from common.journal import Journal, journal_path
+    out = tmp_path / "03_descriptions.csv"
+    path = journal_path(out, (1, 3))
+    assert path == tmp_path / "03_descriptions.part-1-of-3.jsonl"
+    record = {"layer": "conv", "channel": 2, "raw": "red dots"}
+    with Journal(path) as journal:
+        journal.add(record)
+        assert path.read_bytes() == b'{"layer": "conv", "channel": 2, "raw": "red dots"}\n'
+        assert read_journals(out) == {("conv", 2): [record]}
+        journal.add(record | {"raw": "blue"})
+        assert read_journals(out) == {("conv", 2): [record, record | {"raw": "blue"}]}
+
+
+def test_reopened_journal_cuts_even_a_one_byte_torn_record_and_warns_only_then(tmp_path, caplog):
+    """A kill may leave as little as one byte of a record: reopening the journal cuts it off (the
+    next record starts on a line of its own), with a warning; an empty journal, or one whose last
+    record is whole, opens as it is, without one."""
+    from common.journal import Journal
+    path = tmp_path / "03_descriptions.part-0-of-1.jsonl"
+    whole = b'{"layer": "a", "channel": 0, "raw": "red"}\n'
+    with caplog.at_level(logging.WARNING):
+        for content in (b"", whole):
+            path.write_bytes(content)
+            with Journal(path):
+                pass
+            assert path.read_bytes() == content
+        assert "torn" not in caplog.text
+        path.write_bytes(whole + b"{")
+        with Journal(path) as journal:
+            journal.add({"layer": "a", "channel": 1, "raw": "blue"})
+    assert path.read_bytes() == whole + b'{"layer": "a", "channel": 1, "raw": "blue"}\n'
+    assert "torn record (1 bytes" in caplog.text
+
+
+def test_a_journal_beside_an_output_in_folders_not_made_yet_makes_them(tmp_path):
+    """``--out`` may name a folder that does not exist yet, two levels deep: the journal makes
+    them rather than fail on its first answer."""
+    from common.journal import Journal, journal_path
+    out = tmp_path / "new" / "deeper" / "03_descriptions.csv"
+    with Journal(journal_path(out, (0, 1))) as journal:
+        journal.add({"layer": "a", "channel": 0, "raw": "red"})
+    assert read_journals(out) == {("a", 0): [{"layer": "a", "channel": 0, "raw": "red"}]}
+
+
+class FillingFile:
+    """A journal's file that takes at most ``chunk`` bytes per write, and fails with ``errno``
+    (a full disk, say) once ``room`` bytes have been written."""
+
+    def __init__(self, fh, room, number=errno.ENOSPC, chunk=None):
+        """Wrap the open file ``fh``."""
+        self.fh, self.room, self.number, self.chunk = fh, room, number, chunk
+
+    def write(self, data):
+        """Store what fits (short writes, as the operating system may do), then fail."""
+        if self.room <= 0:
+            raise OSError(self.number, os.strerror(self.number))
+        written = self.fh.write(data[:min(self.room, self.chunk or len(data))])
+        self.room -= written
+        return written
+
+    def fileno(self):
+        """The real file's descriptor."""
+        return self.fh.fileno()
+
+    def close(self):
+        """Close the real file."""
+        self.fh.close()
+
+
+def test_journal_completes_short_writes_and_cuts_a_record_the_disk_could_not_hold(tmp_path):
+    """A record written in several short pieces is one whole line. When the disk fills part-way
+    through a record, the part written is cut off (no torn line: the records before it stay
+    readable) and the error says disk full; a denied write becomes one line naming the journal;
+    any other error is raised as it is, the partial record cut off too."""
+    from common.journal import Journal
+    out = tmp_path / "03_descriptions.csv"
+    path = tmp_path / "03_descriptions.part-0-of-1.jsonl"
+    first = {"layer": "conv", "channel": 0, "raw": "red dots"}
+    with Journal(path) as journal:
+        journal.fh = FillingFile(journal.fh, room=10 ** 6, chunk=7)
+        journal.add(first)
+    assert path.read_text() == json.dumps(first) + "\n"
+    cases = [(errno.ENOSPC, DiskFull, f"disk full: {tmp_path}"),
+             (errno.EACCES, StageError, f"cannot use {path}: permission denied"),
+             (errno.EIO, OSError, "Input/output error")]
+    for channel, (number, kind, words) in enumerate(cases, start=1):
+        with Journal(path) as journal:
+            journal.fh = FillingFile(journal.fh, room=20, number=number)
+            with pytest.raises(kind, match=re.escape(words)):
+                journal.add({"layer": "conv", "channel": channel, "raw": "a long answer " * 5})
+        assert path.read_text() == json.dumps(first) + "\n", number
+    assert read_journals(out) == {("conv", 0): [first]}
 
 
 def test_failed_neurons_keep_the_stage_out_of_date_with_a_summary(tmp_path, caplog):
