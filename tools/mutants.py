@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=CONFIG, help="modules, tests, sample, verdicts")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file to update")
     parser.add_argument("--sample", type=int, help="mutants drawn (default: the config's)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the draw (default: the config's; with the same seed a "
+                             "smaller sample is the start of a larger one)")
     parser.add_argument("--only", nargs="+", help="mutate only these module paths")
     parser.add_argument("--workers", type=int,
                         help="mutants judged side by side, each in its own copy of the project "
@@ -362,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     config = read_config(args.config)
+    if args.seed is not None:
+        config["seed"] = args.seed
     modules = [m for m in config["module"] if not args.only or m.path in args.only]
     tree = ROOT / "data" / "mutants" / "tree"
     began = time.monotonic()
