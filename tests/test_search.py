@@ -334,3 +334,16 @@ def test_min_score_keeps_only_verified_neurons(tmp_path):
     rows = find(run_dir, ["dog ball"], top_k=10, min_score=0.2, scoring="cosine",
                 text_embedder=BagOfWords())
     assert set(ranked(rows, "dog ball")) == {("L1", 0), ("L2", 2)}
+
+
+def test_a_run_without_mosaics_is_searched_without_pictures(tmp_path):
+    """02's mosaics are optional: without 02_mosaics.csv the index has every neuron, none with a
+    mosaic, and the search still ranks them."""
+    from common.search import Searcher, load_index
+    run_dir = make_run(tmp_path)
+    (run_dir / "02_mosaics.csv").unlink()
+    index = load_index(run_dir / "04_embeddings.npz", run_dir / "03_descriptions.csv",
+                       run_dir / "02_mosaics.csv")
+    assert len(index.mosaics) == len(NEURONS) and set(index.mosaics) == {None}
+    hits = Searcher(index, BagOfWords(), scoring="cosine").search_text("cat", 1)
+    assert [(h["layer"], h["channel"], h["mosaic"]) for h in hits] == [("L1", 1, "")]
