@@ -416,3 +416,15 @@ def test_two_clusters_get_sklearns_davies_bouldin():
     res = stage.cluster_layer(x, k_min=2, k_max=2, seed=0, n_init=2, points=4)
     assert res.k == 2 and len(set(res.labels)) == 2
     assert res.davies_bouldin == pytest.approx(davies_bouldin_score(x, res.labels))
+
+
+def test_an_undefined_silhouette_is_never_the_best_k(monkeypatch):
+    """A k whose silhouette is undefined (NaN: KMeans found one cluster, or one per point) ranks
+    below every defined one, whatever its place in the curve, and is no peak to refine: only
+    the bracket of k = 7 is (round one 2, 4, 7, 12, 22, 40; then 9, 6, 8)."""
+    monkeypatch.setattr(stage, "fit_kmeans", lambda data, k, seed, n_init: (np.full(3, k), 0.0))
+    score = {2: float("nan"), 7: 0.5}
+    monkeypatch.setattr(stage, "silhouette", lambda dist, labels: score.get(int(labels[0]), 0.4))
+    best, _, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
+    assert best == 7 and np.isnan(curve[2][0])
+    assert sorted(curve) == [2, 4, 6, 7, 8, 9, 12, 22, 40]

@@ -46,8 +46,11 @@ def test_lineage_is_inherited_and_mismatches_refused(tmp_path):
     meta_a = read_meta(run_a / "02_mosaics.csv")
     assert meta_a["lineage"]["01_extract"] == read_meta(run_a / "01_activations.npz")["fingerprint"]
     merge_lineage([meta_a, read_meta(run_a / "01_activations.npz")])  # same run: fine
-    with pytest.raises(ProvenanceError, match="01_extract"):
+    with pytest.raises(ProvenanceError, match="01_extract") as clash:
         merge_lineage([meta_a, read_meta(run_b / "01_activations.npz")])
+    # the message names both artefacts, so the user knows which input to replace
+    assert str(run_a / "02_mosaics.csv") in str(clash.value)
+    assert str(run_b / "01_activations.npz") in str(clash.value)
 
 
 def test_missing_meta_is_a_clear_error(tmp_path):
