@@ -312,7 +312,8 @@ def test_one_space_needs_the_same_space_id_and_dimension():
     dimension; an embedder without a space id shares none."""
     from types import SimpleNamespace as Emb
     clip = Emb(space_id="clip:ViT-B/32", dim=512)
-    assert E.same_space(clip, Emb(space_id="".join(["clip:", "ViT-B/32"]), dim=512))  # equal ids
+    # equal ids and dimensions, as read from elsewhere (not the same objects)
+    assert E.same_space(clip, Emb(space_id="".join(["clip:", "ViT-B/32"]), dim=int("512")))
     assert not E.same_space(clip, Emb(space_id="text:words", dim=512))
     assert not E.same_space(clip, Emb(space_id="clip:ViT-B/32", dim=768))
     assert not E.same_space(Emb(space_id=None, dim=3), Emb(space_id=None, dim=3))
