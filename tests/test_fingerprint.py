@@ -72,8 +72,9 @@ def test_the_path_column_is_found_by_name_wherever_it_stands(tmp_path, name, sep
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(b"aaaa")
     (tmp_path / "b.png").write_bytes(b"bb")
-    (tmp_path / name).write_text(f"label{sep} Path \ncat{sep}imgs/a.png\n"
-                                 f"dog{sep}{tmp_path / 'b.png'}\n")
+    # columns named before and after "path" in sort order stand on either side of it
+    (tmp_path / name).write_text(f"label{sep}split{sep} Path \ncat{sep}train{sep}imgs/a.png\n"
+                                 f"dog{sep}test{sep}{tmp_path / 'b.png'}\n")
     monkeypatch.chdir(tmp_path / "imgs")  # relative to the list, not to where make runs
 
     def fp():
