@@ -190,7 +190,7 @@ def resolve_class(text: str, rows: list[dict], names: dict[int, str], flag: str)
     matches |= {r["label_idx"] for r in rows if name_key(r["label"]) == key}
     if len(matches) == 1:
         return matches.pop()
-    if len(matches) > 1:
+    if matches:  # several
         listed = ", ".join(f"{i} ({names[i]})" for i in sorted(matches))
         raise StageError(f"{flag} {text!r} names several classes: {listed}; give the index instead")
     valid = sorted(set(names.values()))

@@ -154,7 +154,7 @@ def concept_rows(a: RunVectors, b: RunVectors, kind: str, threshold: float) -> l
                 vecs.append(vec)
                 info.append((layer, int(key), int((labels == key).sum()),
                              run.sentences.get((layer, first.channel), "")))
-        return (np.stack(vecs) if vecs else np.zeros((0, 1))), info
+        return (np.stack(vecs) if vecs else None), info  # None: no concept, never compared
 
     ca, ia = concepts(a)
     cb, ib = concepts(b)

@@ -33,6 +33,7 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamp so equal arrays give e
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp makes 0600 files, outputs get the usual 0666 & ~umask
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"  # part of temporary names
+_HASH_CHUNK = 1 << 20  # bytes read at a time by sha256_file: large files need little memory
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # cells a spreadsheet would run as a formula
 _TEXT_MARK = "'"  # the spreadsheet convention for "this cell is text", put before such cells
 
@@ -295,7 +296,7 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = _HASH_CHUNK) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks so large files need little memory."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -403,3 +403,25 @@ def test_rendered_images_of_the_spurious_concept_stand_for_the_images_with_it(pl
     assert row["auc_zeroed"] == 0.5 and row["gap_zeroed"] == 0.0
     meta = json.loads(Run(run_dir).audit_meta.read_text())
     assert meta["model_test"]["with_images"]["images"] == "generated"
+
+
+def test_concepts_classes_resolve_by_label_index_or_model_name_of_labelled_classes_only():
+    """A class of the concepts file is found by its dataset label, its index or the model's name
+    for it (case, spaces, '_' and '-' ignored), but only among labelled classes; an unknown one is
+    an error listing the first twelve known names, sorted."""
+    from types import SimpleNamespace as Row
+    from common.cli import StageError
+    predictions = [Row(label="Tabby_Cat", label_idx=281), Row(label="dog", label_idx=3),
+                   Row(label="", label_idx=-1)]
+    names = [f"name {i}" for i in range(300)]
+    names[3], names[281] = "big dog", "tabby"
+    concepts = {"tabby cat": {}, "BIG-dog": {}, "281": {}, "Tabby": {}}
+    assert audit.resolve_classes(concepts, predictions, names) == \
+        {"tabby cat": 281, "BIG-dog": 3, "281": 281, "Tabby": 281}
+    with pytest.raises(StageError, match="name 5"):  # the model names class 5, no image has it
+        audit.resolve_classes({"name 5": {}}, predictions, names)
+    many = [Row(label=f"class {chr(97 + i)}", label_idx=i) for i in range(14)]
+    with pytest.raises(StageError) as err:
+        audit.resolve_classes({"zebra": {}}, many, None)
+    listed = [f"class {chr(97 + i)}" for i in range(12)]
+    assert str(err.value).endswith(f"{listed})")

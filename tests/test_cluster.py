@@ -383,3 +383,48 @@ def test_parse_categories():
                     "colours": stage.DEFAULT_CATEGORIES["colours"]}
     with pytest.raises(stage.StageError):
         stage.parse_categories("animals")
+
+
+def test_k_range_caps_and_the_reason_when_no_k_can_be_tried():
+    """k runs from max(k_min, 2) to min(k_max, n − 1, distinct points); an empty range says why:
+    identical embeddings, too few distinct ones, or too few neurons."""
+    assert stage.k_range(5, 5, 2, 10) == (2, 4, "")  # the silhouette needs k ≤ n − 1
+    assert stage.k_range(6, 3, 1, 10) == (2, 3, "")  # no more clusters than distinct points
+    assert stage.k_range(9, 9, 3, 4) == (3, 4, "")
+    assert stage.k_range(6, 1, 2, 8)[2] == "all 6 embeddings are (nearly) identical (identical " \
+                                           "descriptions?)"
+    assert stage.k_range(6, 2, 3, 8)[2] == "only 2 distinct embeddings among 6 neurons"
+    assert stage.k_range(2, 2, 2, 8)[2].startswith("2 neurons are too few for k ≥ 2")
+    assert stage.k_range(1, 1, 2, 8)[2].startswith("1 neurons are too few")
+
+
+def test_equal_silhouettes_go_to_the_smaller_k_even_when_it_is_fitted_later(monkeypatch):
+    """k = 12 (fitted in round one) and k = 5 (found by refining the runner-up peak at 4) have
+    the same silhouette: the smaller k wins."""
+    monkeypatch.setattr(stage, "fit_kmeans", lambda data, k, seed, n_init: (np.full(3, k), 0.0))
+    score = {5: 0.5, 12: 0.5, 4: 0.495}
+    monkeypatch.setattr(stage, "silhouette", lambda dist, labels: score.get(int(labels[0]), 0.4))
+    best, _, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
+    assert list(curve)[:6] == [2, 4, 7, 12, 22, 40] and 5 in curve
+    assert best == 5
+
+
+def test_two_clusters_get_sklearns_davies_bouldin():
+    """At k = 2 the Davies–Bouldin index is defined and is sklearn's on every row."""
+    from sklearn.metrics import davies_bouldin_score
+    x, truth = planted(6, 2, seed=1)
+    res = stage.cluster_layer(x, k_min=2, k_max=2, seed=0, n_init=2, points=4)
+    assert res.k == 2 and len(set(res.labels)) == 2
+    assert res.davies_bouldin == pytest.approx(davies_bouldin_score(x, res.labels))
+
+
+def test_an_undefined_silhouette_is_never_the_best_k(monkeypatch):
+    """A k whose silhouette is undefined (NaN: KMeans found one cluster, or one per point) ranks
+    below every defined one, whatever its place in the curve, and is no peak to refine: only
+    the bracket of k = 7 is (round one 2, 4, 7, 12, 22, 40; then 9, 6, 8)."""
+    monkeypatch.setattr(stage, "fit_kmeans", lambda data, k, seed, n_init: (np.full(3, k), 0.0))
+    score = {2: float("nan"), 7: 0.5}
+    monkeypatch.setattr(stage, "silhouette", lambda dist, labels: score.get(int(labels[0]), 0.4))
+    best, _, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
+    assert best == 7 and np.isnan(curve[2][0])
+    assert sorted(curve) == [2, 4, 6, 7, 8, 9, 12, 22, 40]

@@ -141,3 +141,51 @@ def test_runs_embedded_differently_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main(["--run", str(tmp_path / "a"), "--other", str(tmp_path / "b")])
     assert "embedded differently" in capsys.readouterr().err
+
+
+def concept_run(layers, clusters, sentences, keywords=None):
+    """The parts of 12's RunVectors that concepts are compared by, written by hand: ``layers``
+    maps a layer to (channels, vectors), ``clusters`` a (layer, channel) to its cluster."""
+    import types
+    return types.SimpleNamespace(
+        vectors={ly: np.asarray(v, float) for ly, (_, v) in layers.items()},
+        channels={ly: np.asarray(c) for ly, (c, _) in layers.items()},
+        clusters=[types.SimpleNamespace(layer=ly, channel=c, cluster=k)
+                  for (ly, c), k in clusters.items()],
+        sentences=sentences, keywords=keywords or {})
+
+
+def test_concepts_by_hand_with_interleaved_clusters_and_a_threshold_met_exactly():
+    """A's layer l has clusters 5 (channels 10 and 12, centroid (1, 0)) and 2 (11 and 13, (0, 1))
+    interleaved, plus a clustered channel without a vector (left out); its layer k, with the same
+    channel numbers, one cluster (1, 0). B has (1, 0) and (1, 2)/√5. Each concept gets its size
+    (of its own layer), the sentence of its first member and five keywords; a cosine equal to the
+    threshold is a counterpart; ties go to the first concept."""
+    a = concept_run({"k": ([10, 11], [[1, 0], [3, 0]]),
+                     "l": ([10, 11, 12, 13], [[2, 0], [0, 3], [4, 0], [0, 1]])},
+                    {("k", 10): 0, ("k", 11): 0, ("l", 10): 5, ("l", 11): 2, ("l", 12): 5,
+                     ("l", 13): 2, ("l", 99): 2},
+                    {**{("l", c): f"sentence {c}" for c in (10, 11, 12, 13)}, ("k", 10): "k ten"},
+                    {("l", 5): list("abcdef")})
+    b = concept_run({"m": ([0, 1], [[5, 0], [1, 2]])}, {("m", 0): 0, ("m", 1): 1},
+                    {("m", 0): "b zero", ("m", 1): "b one"})
+    rows = stage.concept_rows(a, b, "fused", threshold=1.0)
+    got = [(r["side"], r["layer"], r["cluster"], r["size"], r["match_layer"], r["match_cluster"],
+            r["cosine"], r["counterpart"], r["keywords"], r["example"]) for r in rows]
+    assert got == [
+        ("A", "k", 0, 2, "m", 0, 1.0, 1, "", "k ten"),
+        ("A", "l", 2, 2, "m", 1, round(2 / np.sqrt(5), 4), 0, "", "sentence 11"),
+        ("A", "l", 5, 2, "m", 0, 1.0, 1, "a b c d e", "sentence 10"),
+        ("B", "m", 0, 1, "k", 0, 1.0, 1, "", "b zero"),
+        ("B", "m", 1, 1, "l", 2, round(2 / np.sqrt(5), 4), 0, "", "b one")]
+    lonely = concept_run({"m": ([0], [[1, 0]])}, {}, {})
+    assert stage.concept_rows(a, lonely, "fused", 0.9) == []  # B has no clusters: nothing to match
+
+
+def test_alignment_with_an_empty_layer_is_undefined_either_way():
+    """A layer without vectors has no best matches: its cells of the alignment matrix are NaN,
+    whether it is A's layer or B's."""
+    a, empty = np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros((0, 2))
+    m = alignment_matrix({"x": a, "e": empty}, {"y": a, "f": empty})
+    assert m[0, 0] == pytest.approx(1.0)
+    assert np.isnan(m[0, 1]) and np.isnan(m[1, 0]) and np.isnan(m[1, 1])

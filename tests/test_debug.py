@@ -512,3 +512,145 @@ def test_rank_contributions_divides_each_layer_by_its_absolute_total():
                                                    ("b", 0, pytest.approx(0.5), 0.2),
                                                    ("b", 1, pytest.approx(0.25), 0.1)]
     assert len(rank_contributions(wrong, right, 10)) == 4
+
+
+def labelled_rows(*groups):
+    """Prediction rows from (true class, predicted class, how many) groups, ids in order."""
+    rows = []
+    for t, p, n in groups:
+        for _ in range(n):
+            rows.append({"image_id": len(rows), "label_idx": t, "pred_idx": p,
+                         "label": f"c{t}", "pred_name": f"c{p}"})
+    return rows
+
+
+# Class 0: 4 OK, 3 → 1, 2 → 2, 1 → 3 (6 errors); class 4: 3 OK, 3 → 1, 2 → 2 (5 errors);
+# class 5: 10 OK, 4 → 1, 3 → 2, 3 → 3 (10 errors); class 6: 1 OK, 5 → 2.
+SELECTION_ROWS = labelled_rows((0, 0, 4), (0, 1, 3), (0, 2, 2), (0, 3, 1),
+                               (4, 4, 3), (4, 1, 3), (4, 2, 2),
+                               (5, 5, 10), (5, 1, 4), (5, 2, 3), (5, 3, 3),
+                               (6, 6, 1), (6, 2, 5))
+SELECTION_NAMES = {i: f"c{i}" for i in range(7)}
+
+
+def test_pair_selection_thresholds_are_inclusive_and_share_is_of_the_class_errors():
+    """KO ≥ min errors, share ≥ min share and min(OK, KO) ≥ min images all pass when equal; the
+    share is KO over the true class's errors (n − correct), by hand; the best pairs by KO count
+    are selected, the rest say why not."""
+    out = debug.select_pairs(SELECTION_ROWS, SELECTION_NAMES, min_errors=3, min_share=0.5,
+                             min_images=3, max_pairs=1)
+    pairs = {(r["true_idx"], r["pred_idx"]): r for r in out}
+    assert [(r["true_idx"], r["pred_idx"]) for r in out] == [
+        (6, 2), (5, 1), (0, 1), (4, 1), (5, 2), (5, 3), (0, 2), (4, 2), (0, 3)]  # by KO, then key
+    first = pairs[(0, 1)]  # KO 3 = min errors, share 3/6 = min share, OK 4 and KO 3 ≥ 3
+    assert (first["n_true"], first["ok"], first["ko"], first["share"]) == (10, 4, 3, 0.5)
+    assert first["status"] == "selected" and first["reason"] == "passes the thresholds"
+    assert pairs[(4, 1)]["share"] == 0.6 and pairs[(4, 1)]["status"] == "skipped"
+    assert "--max-pairs 1" in pairs[(4, 1)]["reason"]
+    assert pairs[(5, 1)]["share"] == 0.4 and "--min-share 0.5" in pairs[(5, 1)]["reason"]
+    assert pairs[(6, 2)]["share"] == 1.0 and "OK 1 / KO 5" in pairs[(6, 2)]["reason"]
+    assert pairs[(0, 2)]["reason"] == "2 errors < --min-errors 3"
+    assert pairs[(0, 2)]["share"] == 0.3333  # 2 of 6, to four places
+    assert [r["status"] for r in out].count("selected") == 1
+    both = debug.select_pairs(SELECTION_ROWS, SELECTION_NAMES, 3, 0.5, 3, max_pairs=2)
+    assert [(r["true_idx"], r["pred_idx"]) for r in both if r["status"] == "selected"] == \
+        [(0, 1), (4, 1)]
+    # One more than each threshold: the pair fails it.
+    assert debug.select_pairs(SELECTION_ROWS, SELECTION_NAMES, 4, 0.5, 3, 1)[2]["status"] == "skipped"
+    assert debug.select_pairs(SELECTION_ROWS, SELECTION_NAMES, 3, 0.51, 3, 1)[2]["status"] == "skipped"
+    assert debug.select_pairs(SELECTION_ROWS, SELECTION_NAMES, 3, 0.5, 4, 1)[2]["status"] == "skipped"
+
+
+def test_fallback_is_the_most_frequent_confusion_with_enough_images_on_both_sides():
+    """No pair reaches 100 errors: the most frequent pair with min(OK, KO) ≥ 4 is analysed (6 → 2
+    has more errors but one OK image), and only it."""
+    out = debug.select_pairs(SELECTION_ROWS, SELECTION_NAMES, min_errors=100, min_share=0.5,
+                             min_images=4, max_pairs=3)
+    assert [(r["true_idx"], r["pred_idx"]) for r in out if r["status"] != "skipped"] == [(5, 1)]
+    fallback = out[1]
+    assert fallback["status"] == "fallback" and "at least 4 OK and KO images" in fallback["reason"]
+    assert fallback["reason"].endswith("images (4 errors < --min-errors 100)")
+    assert not any(r["status"] == "fallback" for r in debug.select_pairs(
+        SELECTION_ROWS, SELECTION_NAMES, 100, 0.5, 11, 3))  # none has 11 on both sides
+
+
+def test_explicit_pair_counts_and_its_default_confusion():
+    """--true alone takes the class's most frequent confusion (ties: lower index); the pair
+    carries its OK and KO counts and KO's share of the class's errors."""
+    pair = debug.explicit_pair(SELECTION_ROWS, SELECTION_NAMES, "c5", None)
+    assert (pair["true_idx"], pair["pred_idx"], pair["ok"], pair["ko"], pair["share"]) == \
+        (5, 1, 10, 4, 0.4)
+    tied = labelled_rows((0, 0, 2), (0, 3, 2), (0, 2, 2))
+    assert debug.explicit_pair(tied, {0: "a", 2: "b", 3: "c"}, "0", None)["pred_idx"] == 2
+    assert debug.explicit_pair(SELECTION_ROWS, SELECTION_NAMES, "0", "3")["share"] == \
+        pytest.approx(1 / 6, abs=1e-4)
+    with pytest.raises(StageError, match="same class"):
+        debug.explicit_pair(SELECTION_ROWS, SELECTION_NAMES, "c0", "c0")
+    with pytest.raises(StageError, match="no error to debug"):
+        debug.explicit_pair(labelled_rows((1, 1, 3), (0, 0, 1)), {0: "a", 1: "b"}, "b", None)
+    ok, ko = debug.split_ok_ko(SELECTION_ROWS, pair)
+    assert ok.tolist() == list(range(18, 28)) and ko.tolist() == list(range(28, 32))
+    ok, ko = debug.split_ok_ko(SELECTION_ROWS, {"true_idx": 0, "pred_idx": 1})
+    assert ok.tolist() == [0, 1, 2, 3] and ko.tolist() == [4, 5, 6]  # not classes 4 and 5's
+    single = labelled_rows((3, 1, 1), (1, 1, 2))  # a class with one labelled image, misread
+    assert debug.explicit_pair(single, {1: "b", 3: "d"}, "3", None)["ko"] == 1
+    with pytest.raises(StageError, match="no labelled image of class 2"):
+        debug.explicit_pair(labelled_rows((0, 2, 1)), {0: "a", 2: "c"}, "2", None)
+
+
+def test_imagenet_sized_class_indices_are_compared_by_value():
+    """Indices read from a CSV are distinct int objects above 256: OK/KO and the confusion table
+    still group them by value."""
+    rows = [{"image_id": i, "label_idx": int(str(t)), "pred_idx": int(str(p)), "label": "x",
+             "pred_name": "y"} for i, (t, p) in enumerate([(281, 281), (281, 285), (281, 285),
+                                                          (281, 281), (281, 283)])]
+    pair = {"true_idx": int("281"), "pred_idx": int("285")}
+    ok, ko = debug.split_ok_ko(rows, pair)
+    assert ok.tolist() == [0, 3] and ko.tolist() == [1, 2]
+    (table,) = debug.confusion_table(rows, {281: "tabby", 283: "persian", 285: "egyptian"})
+    assert (table["n"], table["correct"], table["errors"]) == (5, 2, 3)
+    assert table["top_confused"] == "egyptian:2; persian:1"
+
+
+def test_confusion_table_by_hand_ranks_by_errors_then_accuracy():
+    """Per true class: n, correct, errors, accuracy and the top confusion's share of the errors
+    (rounded to 4 places), ranked by errors, ties by lower accuracy; a class without errors has
+    no top confusion."""
+    rows = labelled_rows((0, 0, 1), (0, 1, 1), (0, 2, 2),  # 3 errors of 4
+                         (1, 1, 7), (1, 0, 1), (1, 2, 2),  # 3 errors of 10
+                         (2, 2, 2))
+    table = debug.confusion_table(rows, {0: "a", 1: "b", 2: "c"})
+    got = [(r["rank"], r["class"], r["n"], r["correct"], r["errors"], r["accuracy"],
+            r["top1_pred"], r["top1_count"], r["top1_share"]) for r in table]
+    assert got == [(1, "a", 4, 1, 3, 0.25, "c", 2, 0.6667), (2, "b", 10, 7, 3, 0.7, "c", 2, 0.6667),
+                   (3, "c", 2, 2, 0, 1.0, "", 0, "")]
+    assert table[1]["top_confused"] == "c:2; a:1"
+
+
+def test_unknown_class_lists_at_most_40_valid_names_and_says_how_many():
+    """A name matching no class lists the valid names, cut after 40 with the total; exactly 40
+    are listed whole. Names match case- and separator-blind, indices and dataset labels too."""
+    rows = labelled_rows((0, 0, 1))
+    names = {i: f"kind{i:02d}" for i in range(41)}
+    with pytest.raises(StageError) as many:
+        debug.resolve_class("qqqq", rows, names, "--true")
+    assert "kind39 … (41 in all)" in str(many.value) and "kind40" not in str(many.value)
+    names.pop(40)
+    with pytest.raises(StageError) as forty:
+        debug.resolve_class("qqqq", rows, names, "--true")
+    assert "kind39 (or a class index)" in str(forty.value) and "in all" not in str(forty.value)
+    assert debug.resolve_class("KIND07", rows, names, "--true") == 7
+    assert debug.resolve_class("12", rows, names, "--true") == 12
+    assert debug.resolve_class("c0", rows, names, "--true") == 0  # the dataset's label
+    assert debug.resolve_class("c0", labelled_rows((0, 0, 1), (3, 3, 1)), names, "--true") == 0
+    with pytest.raises(StageError, match="no labelled image"):
+        debug.resolve_class("77", rows, names, "--true")
+    with pytest.raises(StageError, match="names several classes: 1 .*, 2 "):
+        debug.resolve_class("big cat", rows, {1: "Big_Cat", 2: "big-cat"}, "--pred")
+
+
+def test_suspects_are_the_largest_positive_z_in_order():
+    """The n channels of largest positive z, ties kept in channel order, never a z ≤ 0."""
+    stats = {"l": {"mean": {"z": np.array([0.5, 2.0, -3.0, 2.0, 0.0, 1.0])}}}
+    assert debug.suspects_of(stats, "l", "mean", 3) == [1, 3, 5]
+    assert debug.suspects_of(stats, "l", "mean", 10) == [1, 3, 5, 0]

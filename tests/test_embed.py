@@ -305,3 +305,31 @@ def test_offline_text_model_ranks_paraphrases_closer():
                     "dogs playing on grass"])
     assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+
+
+def test_one_space_needs_the_same_space_id_and_dimension():
+    """Two embedders share a space only when both name the same space and have the same
+    dimension; an embedder without a space id shares none."""
+    from types import SimpleNamespace as Emb
+    clip = Emb(space_id="clip:ViT-B/32", dim=512)
+    # equal ids and dimensions, as read from elsewhere (not the same objects)
+    assert E.same_space(clip, Emb(space_id="".join(["clip:", "ViT-B/32"]), dim=int("512")))
+    assert not E.same_space(clip, Emb(space_id="text:words", dim=512))
+    assert not E.same_space(clip, Emb(space_id="clip:ViT-B/32", dim=768))
+    assert not E.same_space(Emb(space_id=None, dim=3), Emb(space_id=None, dim=3))
+    assert not E.same_space(Emb(dim=3), clip)
+
+
+def test_mean_fusion_refuses_shapes_numpy_would_broadcast():
+    """Same-space fusion pairs rows one to one: one text row against two image rows (or the
+    reverse) is an error, not a broadcast mean."""
+    one, two = np.ones((1, 3)), np.ones((2, 3))
+    for text, image in ((one, two), (two, one)):
+        with pytest.raises(ValueError, match="equal shapes"):
+            E.fuse(text, image, shared=True)
+
+
+def test_l2_normalise_leaves_zero_rows_at_zero():
+    """Rows are divided by their length; a zero row (no description) stays zero, not NaN."""
+    out = E.l2_normalise(np.array([[0.0, 0.0], [3.0, 4.0]]), np.float64)
+    np.testing.assert_array_equal(out, [[0.0, 0.0], [0.6, 0.8]])

@@ -62,3 +62,45 @@ def test_a_model_file_counts_by_content(tmp_path, name):
     path.unlink()
     with pytest.raises(InputError, match="MODEL file"):
         fingerprint(None, model, None, None)
+
+
+@pytest.mark.parametrize("name,sep", [("list.csv", ","), ("list.tsv", "\t")])
+def test_the_path_column_is_found_by_name_wherever_it_stands(tmp_path, name, sep, monkeypatch):
+    """The list's path column is found by its name (any case, spaces around it), not its
+    position; relative paths are read from the list's folder, absolute ones as they are; a .tsv
+    is split on tabs."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"aaaa")
+    (tmp_path / "b.png").write_bytes(b"bb")
+    # columns named before and after "path" in sort order stand on either side of it
+    (tmp_path / name).write_text(f"label{sep}split{sep} Path \ncat{sep}train{sep}imgs/a.png\n"
+                                 f"dog{sep}test{sep}{tmp_path / 'b.png'}\n")
+    monkeypatch.chdir(tmp_path / "imgs")  # relative to the list, not to where make runs
+
+    def fp():
+        """The fingerprint of the list alone."""
+        return fingerprint(str(tmp_path / name), "resnet18", None, None)
+    seen = {fp()}
+    for image in (tmp_path / "imgs" / "a.png", tmp_path / "b.png"):
+        image.write_bytes(image.read_bytes() + b"more")  # a new size: each named file counts
+        seen.add(fp())
+    assert len(seen) == 3
+
+
+def test_fingerprint_by_hand_and_unreadable_inputs(tmp_path):
+    """The digest is blake2b-128 of one line per input ("WEIGHTS <blake2b-128 of its bytes>");
+    a list that is not UTF-8 counts by its bytes alone; a file that cannot be read is an
+    InputError naming it."""
+    import hashlib
+    from common.fingerprint import content_digest
+    (tmp_path / "w.pt").write_bytes(b"abc")
+    inner = hashlib.blake2b(b"abc", digest_size=16).hexdigest()
+    assert fingerprint(None, "resnet18", str(tmp_path / "w.pt"), None) == \
+        hashlib.blake2b(f"WEIGHTS {inner}\n".encode(), digest_size=16).hexdigest()
+    assert fingerprint(None, "resnet18", None, None) == hashlib.blake2b(digest_size=16).hexdigest()
+    (tmp_path / "list.csv").write_bytes(b"\xff\xfepath\n\x00a.png\n")
+    first = fingerprint(str(tmp_path / "list.csv"), "resnet18", None, None)
+    (tmp_path / "list.csv").write_bytes(b"\xff\xfepath\n\x00b.png\n")
+    assert fingerprint(str(tmp_path / "list.csv"), "resnet18", None, None) != first
+    with pytest.raises(InputError, match="cannot read"):
+        content_digest(tmp_path)  # a folder

@@ -155,3 +155,12 @@ def test_the_shipped_list_is_a_few_hundred_distinct_phrases():
     assert 200 <= len(phrases) <= 600
     assert len({p.casefold() for p in phrases}) == len(phrases)
     assert {"red", "stripes", "wood", "wheel", "dog", "sky"} <= set(phrases)
+
+
+def test_no_concept_to_align_gives_no_best_concept():
+    """With an empty concept list every neuron's best alignment is −∞ at index −1 (no concept),
+    its cosine undefined, its baseline still the cosine with the empty text."""
+    v = np.array([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    best = best_alignment(v, np.zeros((0, 2)), np.array([1.0, 0.0]))
+    assert best.score.tolist() == [-np.inf] * 3 and best.index.tolist() == [-1] * 3
+    assert np.isnan(best.cosine).all() and best.baseline == pytest.approx([0.6, 0.0, 1.0])

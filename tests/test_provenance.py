@@ -46,8 +46,11 @@ def test_lineage_is_inherited_and_mismatches_refused(tmp_path):
     meta_a = read_meta(run_a / "02_mosaics.csv")
     assert meta_a["lineage"]["01_extract"] == read_meta(run_a / "01_activations.npz")["fingerprint"]
     merge_lineage([meta_a, read_meta(run_a / "01_activations.npz")])  # same run: fine
-    with pytest.raises(ProvenanceError, match="01_extract"):
+    with pytest.raises(ProvenanceError, match="01_extract") as clash:
         merge_lineage([meta_a, read_meta(run_b / "01_activations.npz")])
+    # the message names both artefacts, so the user knows which input to replace
+    assert str(run_a / "02_mosaics.csv") in str(clash.value)
+    assert str(run_b / "01_activations.npz") in str(clash.value)
 
 
 def test_missing_meta_is_a_clear_error(tmp_path):
@@ -93,3 +96,51 @@ def test_npy_row_writer_fills_a_loadable_array_and_checks_the_row_count(tmp_path
         short.close()
     with pytest.raises(ValueError, match="2 columns"):
         NpyRowWriter(tmp_path / "c.npy", 6, 2).write(np.zeros((1, 3)))
+
+
+def test_npz_members_unpack_as_ordinary_readable_files(tmp_path):
+    """Each array is an uncompressed member named after it, in name order, dated 1980-01-01 and
+    with rw-r--r-- permissions, so that `unzip` of an artefact gives ordinary files."""
+    import zipfile
+    save_npz(tmp_path / "a.npz", {"z": np.zeros(2), "a/b": np.ones(3)})
+    with zipfile.ZipFile(tmp_path / "a.npz") as zf:
+        infos = zf.infolist()
+    assert [i.filename for i in infos] == ["a/b.npy", "z.npy"]
+    for info in infos:
+        assert info.external_attr >> 16 == 0o644 and info.date_time == (1980, 1, 1, 0, 0, 0)
+        assert info.compress_type == zipfile.ZIP_STORED
+
+
+def test_any_edit_is_refused_whichever_way_its_digest_sorts(tmp_path):
+    """An edit is refused whether its SHA-256 sorts before or after the recorded one (the check
+    is equality, not an order)."""
+    import hashlib
+    artefact = tmp_path / "05_clusters.csv"
+    write_text(artefact, "original\n")
+    digest = hashlib.sha256(b"original\n").hexdigest()
+    edits = [f"edit {i}\n" for i in range(20)]
+    lower = next(e for e in edits if hashlib.sha256(e.encode()).hexdigest() < digest)
+    higher = next(e for e in edits if hashlib.sha256(e.encode()).hexdigest() > digest)
+    for edit in (lower, higher):
+        write_text(artefact, "original\n")
+        write_meta(tmp_path / "05_cluster.meta.json", "05_cluster", {}, [artefact])
+        write_text(artefact, edit)
+        with pytest.raises(ProvenanceError, match="differs from what 05_cluster wrote"):
+            read_meta(artefact)
+
+
+def test_meta_fingerprint_and_args_by_hand(tmp_path):
+    """A stage's fingerprint is the first 16 hex digits of the SHA-256 of its outputs' names and
+    digests in path order (so not of their folder); arguments that are functions are left out."""
+    import hashlib
+    from common.provenance import fingerprint
+    hashes = {"run/b.npz": "22", "run/a.csv": "11"}
+    by_hand = hashlib.sha256(b"a.csv" b"11" b"b.npz" b"22").hexdigest()[:16]
+    assert fingerprint(hashes) == by_hand and len(by_hand) == 16
+    assert fingerprint({"elsewhere/a.csv": "11", "elsewhere/b.npz": "22"}) == by_hand
+    write_text(tmp_path / "out.csv", "x\n")
+    meta = write_meta(tmp_path / "s.meta.json", "s", {"k": 3, "hook": print, "name": "a"},
+                      [tmp_path / "out.csv"])
+    assert meta["args"] == {"k": 3, "name": "a"}
+    assert meta["fingerprint"] == meta["lineage"]["s"] == fingerprint(
+        {str(tmp_path / "out.csv"): hashlib.sha256(b"x\n").hexdigest()})

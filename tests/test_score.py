@@ -1193,3 +1193,114 @@ def test_generator_diffusers_measures_the_rate_on_rendered_images(tmp_path, many
     meta = read_meta(run_dir / "09_scores.csv")
     assert meta["concept_images"]["images"] == "generated"
     assert meta["concept_images"]["per_concept"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# 09_score's own functions: SIEVE's filter and the final-layer benchmark, by hand
+
+
+def test_sieve_filter_keeps_hypotheses_at_or_above_their_layers_mean_rate():
+    """Per layer, the hypotheses are the selected neurons' sentences, or their sub-concepts'
+    when their crops split (``groups``); rows without a rate take no part. Rates 0.25, 0.75,
+    0.5 have mean 0.5: 0.75 and 0.5 (on the mean) are kept, mean kept 0.625. Layer names read from a file are equal
+    strings, not the same objects."""
+    layer_a, layer_b = "".join(["l", "a"]), "".join(["l", "b"])
+
+    def row(layer, channel, rate, subconcept="", selected=1):
+        """One row of 09's table."""
+        return {"layer": layer, "channel": channel, "selected": selected, "subconcept": subconcept,
+                "activation_rate": rate}
+    rows = [row("la", 0, 0.25), row("la", 1, 0.75),
+            row("la", 2, 0.9), row("la", 2, 0.5, subconcept="s1"),  # split: its sub-concept
+            row("la", 3, 0.0, selected=0), row("la", 4, ""),  # not selected / no rate
+            row("la", 5, 0.1, subconcept="s1"),  # a sub-concept of a neuron that did not split
+            row("lb", 0, 1.0), row("lb", 1, 0.5)]
+    out = score.sieve_filter(rows, {("la", 2): [0, 1]}, [layer_a, layer_b])
+    mean, kept, mean_kept = out[layer_a]
+    assert mean == 0.5 and kept.tolist() == [False, True, True]
+    assert mean_kept == pytest.approx(0.625)
+    assert [r.get("ar_kept") for r in rows] == [0, 1, None, 1, None, None, None, 1, 0]
+    assert out[layer_b][0] == pytest.approx(0.75) and out[layer_b][2] == pytest.approx(1.0)
+
+
+def test_final_layer_shuffled_cosine_is_the_donors_sentence_against_the_own_class_name():
+    """The shuffled control of neuron i is the cosine of its donor's sentence with i's class name
+    (and the plain one of i's own sentence), by hand; underscores in class names read as spaces;
+    fewer than two described output neurons give no benchmark."""
+    names = ["red_car", "edge dog", "plain cat", "unused"]
+    texts = {0: "a red red car", 1: "a dog at the edge of a car", 2: "a plain cat",
+             7: "out of range"}
+    emb = WordsText()
+    rows = score.final_layer_eval("fc", texts, names, emb, seed=3)
+    assert [r["class_name"] for r in rows] == ["red car", "edge dog", "plain cat"]
+    for r in rows:
+        own = emb.encode([r["class_name"]])[0]
+        donor = emb.encode([texts[r["shuffled_from"]]])[0]
+        # to four places, as the CSV shows them
+        assert r["cosine"] == round(float(emb.encode([r["description"]])[0] @ own), 4)
+        assert r["shuffled_cosine"] == round(float(donor @ own), 4)
+    assert sorted(r["shuffled_from"] for r in rows) == [0, 1, 2]
+    assert score.final_layer_eval("fc", {0: "a red car", 1: ""}, names, emb, seed=0) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# common/verification.py: controls, class names and the margin, by hand
+
+
+def test_controls_compare_channels_by_value_and_a_lone_sentence_has_none():
+    """Channel numbers above 256 and texts read from a file are distinct objects: a control is
+    still never the sentence's own neuron and, while one exists, has other words (over many
+    seeds); when all say the same any other neuron is drawn; a lone sentence gets none (-1)."""
+    shown = np.zeros(0, np.int64)
+    for seed in range(40):
+        sents = [verification.Sentence("L", int(str(c)), 0, "".join(t), shown)
+                 for c, t in ((300, ["re", "d"]), (301, ["blue"]), (302, ["r", "ed"]))]
+        sents.append(verification.Sentence("L", int("300"), 1, "green", shown))
+        verification.pick_controls(sents, np.random.default_rng(seed))
+        assert all(sents[s.control].channel != s.channel for s in sents)
+        assert sents[0].control == sents[2].control == 1  # the one other neuron with other words
+        same = [verification.Sentence("L", c, 0, "red", shown) for c in (0, 1)]
+        verification.pick_controls(same, np.random.default_rng(seed))
+        assert [s.control for s in same] == [1, 0]  # all say the same: any other neuron
+    lone = [verification.Sentence("L", 0, 0, "red", shown)]
+    verification.pick_controls(lone, np.random.default_rng(0))
+    assert lone[0].control == -1
+
+
+def test_class_names_are_imagenets_only_when_every_predicted_name_is():
+    """01's predicted names that are ImageNet's give ImageNet's 1000 names; other names are kept,
+    with the index standing for a class never predicted, up to the largest class seen."""
+    from common.imagenet import class_names
+    imagenet = class_names()
+    assert verification.model_class_names({0: imagenet[0], 5: imagenet[5]}, 6) == imagenet
+    assert verification.model_class_names({0: "cat", 2: "dog"}, 4) == ["cat", "1", "dog", "3"]
+    assert verification.model_class_names({0: imagenet[0], 1: "dog"}, 2) == [imagenet[0], "dog"]
+    assert verification.model_class_names({5: "x"}, 2) == ["0", "1", "2", "3", "4", "x"]
+    assert verification.model_class_names({}, 3) == ["0", "1", "2"]
+    assert verification.model_class_names({}, 0) == []
+
+
+def test_margin_is_measured_on_held_out_images_where_both_sentences_have_a_score():
+    """The margin over the control and its bootstrap interval use the held-out images where the
+    sentence, its control and the activation are all finite: r(score) − r(control) there, by
+    numpy, and the interval common.scores.bootstrap_margin gives on them with the same seed."""
+    rng = np.random.default_rng(0)
+    activation = rng.normal(size=40)
+    scores, control = activation + rng.normal(size=40), rng.normal(size=40)
+    held_out = np.arange(40) < 30
+    control[[3, 7, 35]] = np.nan
+    scores[5] = np.nan
+    mine, ctrl, extra = verification.measure(scores, control, activation, held_out, scale=1.0,
+                                             alpha=0.5, bootstrap=50, rng=np.random.default_rng(1))
+    both = held_out & np.isfinite(scores) & np.isfinite(control)
+    assert (mine["n"], ctrl["n"], both.sum()) == (29, 28, 27)
+    by_hand = np.corrcoef(scores[both], activation[both])[0, 1] - \
+        np.corrcoef(control[both], activation[both])[0, 1]
+    assert extra["margin"] == pytest.approx(by_hand)
+    expected = S.bootstrap_margin(scores[both], control[both], activation[both], 50,
+                                  np.random.default_rng(1))
+    assert (extra["margin"], extra["low"], extra["high"]) == pytest.approx(expected)
+    for resamples in (0, -1):  # no resample (or a negative count): no margin, no failure
+        none = verification.measure(scores, control, activation, held_out, 1.0, 0.5, resamples,
+                                    np.random.default_rng(1))[2]
+        assert np.isnan([none["margin"], none["low"], none["high"]]).all()

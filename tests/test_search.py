@@ -334,3 +334,33 @@ def test_min_score_keeps_only_verified_neurons(tmp_path):
     rows = find(run_dir, ["dog ball"], top_k=10, min_score=0.2, scoring="cosine",
                 text_embedder=BagOfWords())
     assert set(ranked(rows, "dog ball")) == {("L1", 0), ("L2", 2)}
+
+
+def test_a_run_without_mosaics_is_searched_without_pictures(tmp_path):
+    """02's mosaics are optional: without 02_mosaics.csv the index has every neuron, none with a
+    mosaic, and the search still ranks them."""
+    from common.search import Searcher, load_index
+    run_dir = make_run(tmp_path)
+    (run_dir / "02_mosaics.csv").unlink()
+    index = load_index(run_dir / "04_embeddings.npz", run_dir / "03_descriptions.csv",
+                       run_dir / "02_mosaics.csv")
+    assert len(index.mosaics) == len(NEURONS) and set(index.mosaics) == {None}
+    hits = Searcher(index, BagOfWords(), scoring="cosine").search_text("cat", 1)
+    assert [(h["layer"], h["channel"], h["mosaic"]) for h in hits] == [("L1", 1, "")]
+
+
+def test_neuron_scoring_is_the_z_of_the_cosine_by_hand(tmp_path):
+    """scoring=neuron: (cosine − mean) / std of the neuron's cosines with the 20 generic queries,
+    the std floored at 0.001. Of those queries only "a picture" has a word of the fake vocabulary:
+    L2/1 ("dog picture various things", cosine 1/2 with it) has mean 0.025 and std
+    √(0.0125 − 0.025²); the dog neurons that never mention it have std 0, so 0.001."""
+    from common.search import GENERIC_QUERIES, Searcher, load_index
+    assert len(GENERIC_QUERIES) == 20
+    run_dir = make_run(tmp_path)
+    index = load_index(run_dir / "04_embeddings.npz", run_dir / "03_descriptions.csv",
+                       run_dir / "02_mosaics.csv")
+    hits = Searcher(index, BagOfWords(), scoring="neuron").search_text("dog", 3)
+    std = np.sqrt(0.5 ** 2 / 20 - 0.025 ** 2)
+    assert [(h["layer"], h["channel"]) for h in hits] == [("L2", 2), ("L1", 0), ("L2", 1)]
+    assert [h["score"] for h in hits] == pytest.approx(
+        [1 / 0.001, 2 ** -0.5 / 0.001, (0.5 - 0.025) / std], abs=1e-3)

@@ -385,3 +385,48 @@ def test_planted_wiring_is_significant_and_random_wiring_mostly_is_not():
             small.append(link.p_value <= 0.05)
             assert link.weak == (link.p_value > 0.05)
     assert len(small) == 60 and np.mean(small) <= 0.2
+
+
+def test_follow_matches_a_brute_force_search_on_random_layers():
+    """On 30 random sets of three layers (unit vectors in 4-d), the followed path is the one of
+    highest Σ query cosine + Σ consecutive cosine among all paths, and each step's link similarity
+    is the cosine with the previous step's cluster."""
+    import itertools
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        layers = {name: [stage.Cluster(name, c, 1, []) for c in range(n)]
+                  for name, n in (("a", 3), ("b", 4), ("c", 2))}
+        vectors = {}
+        for cs in layers.values():
+            for c in cs:
+                v = rng.normal(size=4)
+                vectors[c.key] = v / np.linalg.norm(v)
+        query = rng.normal(size=4)
+        query /= np.linalg.norm(query)
+        path = stage.follow_concept(query, layers, vectors)
+        keys = [s["cluster"].key for s in path]
+
+        def score(ks):
+            """Query relevance plus consecutive similarity of one path."""
+            vs = [vectors[k] for k in ks]
+            return sum(v @ query for v in vs) + sum(x @ y for x, y in zip(vs, vs[1:]))
+        every = itertools.product(*[[c.key for c in cs] for cs in layers.values()])
+        assert score(keys) == pytest.approx(max(score(ks) for ks in every))
+        for step in (1, 2):
+            assert path[step]["link_similarity"] == pytest.approx(
+                vectors[keys[step - 1]] @ vectors[keys[step]])
+            assert path[step]["query_similarity"] == pytest.approx(vectors[keys[step]] @ query)
+
+
+def test_column_positions_by_hand():
+    """Four columns of 10, 30, 20 and 8 characters: each gap is its column's label (7.5 px a
+    character + 40 px), the last gap also the last column's label; x spreads 0.001..0.999 in
+    proportion."""
+    px = [10 * 7.5 + 40, 30 * 7.5 + 40, 20 * 7.5 + 40, 8 * 7.5 + 40]
+    gaps = [px[0], px[1], px[2] + px[3]]
+    total = sum(gaps)
+    x, width = stage.column_positions([10, 30, 20, 8])
+    assert width == int(total) == 670  # 115 + 265 + (190 + 100)
+    assert x == pytest.approx([0.001, 0.001 + 0.998 * gaps[0] / total,
+                               0.001 + 0.998 * (gaps[0] + gaps[1]) / total, 0.999])
+    assert stage.column_positions([]) == ([], 0)
