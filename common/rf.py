@@ -869,7 +869,9 @@ def _extent(grad: torch.Tensor, axis: int) -> tuple[int, int]:
 def _probe_layer(output: torch.Tensor, image: torch.Tensor, name: str) -> RF:
     """Field of one layer from the input gradients of its centre cell and that cell's diagonal neighbour."""
     n_h, n_w = output.shape[-2:]
-    cell = (n_h // 2, n_w // 2)
+    # The centre cell and the next one, or on an axis of two cells the first and the second (the
+    # centre would be the last, with no next one to measure the jump from).
+    cell = (min(n_h // 2, max(n_h - 2, 0)), min(n_w // 2, max(n_w - 2, 0)))
     after = (min(cell[0] + 1, n_h - 1), min(cell[1] + 1, n_w - 1))
     grads = [torch.autograd.grad(output[..., y, x].sum(), image, retain_graph=True)[0] for y, x in (cell, after)]
     smallest = min(float(g.abs()[g != 0].min()) for g in grads)

@@ -224,12 +224,19 @@ def test_image_silhouettes_by_hand_and_undefined_partitions():
 
 def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
     """By hand. Eq. 2 on an image with activations 0, 0, 3, 3 (μ 1.5, σ 1.5, α 1): the two
-    neurons exactly at μ + ασ = 3 are active. Eq. 3–4 with β 0.75: neurons active on exactly
+    neurons exactly at μ + ασ = 3 are active; on 0, 0, 2, 4 the 2 is below μ + σ but above
+    μ + σ / 4. Eq. 3–4 with β 0.75: neurons active on exactly
     3 of the basket's 4 images belong to it, one active on 1 of 4 does not. The filter at
     0.5 sd: of two finite scores 0 and 1 (mean 0.5, sd 0.5) the bad side's one lies beyond
     0.75 (or below 0.25), while at 1 sd both lie exactly on the bound and are kept; a NaN is
     never an outlier, nor is a lone finite score."""
     assert B.active_neurons(np.array([[0.0, 0.0, 3.0, 3.0]]), 1.0).tolist() == \
+        [[False, False, True, True]]
+    # 0, 0, 2, 4: μ 1.5, σ √2.75 ≈ 1.66, so μ + σ ≈ 3.16 and the 2 lies between μ and the bound;
+    # at α 0.25 the bound is ≈ 1.91 and the 2 is active
+    assert B.active_neurons(np.array([[0.0, 0.0, 2.0, 4.0]]), 1.0).tolist() == \
+        [[False, False, False, True]]
+    assert B.active_neurons(np.array([[0.0, 0.0, 2.0, 4.0]]), 0.25).tolist() == \
         [[False, False, True, True]]
     active = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
     members, share = B.neuron_set(active, 0.75)

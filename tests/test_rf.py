@@ -503,6 +503,16 @@ def test_probe_agrees_with_analysis_on_tiny_networks(name):
     assert estimate_receptive_fields(factory(), [layer], 2 * side + 1)[layer] == expected
 
 
+def test_probe_measures_the_jump_on_a_map_two_cells_wide():
+    """A 3 × 3 convolution of stride 4 on 17 × 9 pixels has a 4 × 2 map: on the axis of two cells
+    the probe measures the jump between cells 0 and 1 (the centre cell, 1, has no next one), and
+    agrees with the analysis — size 3, jump 4, first centre at pixel 1 — on both orientations."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, stride=4))
+    for size in ((17, 9), (9, 17)):
+        assert estimate_receptive_fields(net, ["0"], size)["0"] == rf(3, 4, 1)
+        assert receptive_fields(net, ["0"], size)["0"] == rf(3, 4, 1)
+
+
 def test_unknown_layer_lists_valid_names():
     """A mistyped layer stops the run with the valid names (and a close match) in the message."""
     net = torchvision.models.resnet18()
