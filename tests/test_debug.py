@@ -285,6 +285,12 @@ def test_classes_never_predicted_get_their_imagenet_name():
     assert debug.class_names(rows) == {285: "Egyptian cat", 281: "tabby"}
     rows[0]["pred_name"] = "my class"  # not ImageNet's names: keep the dataset label
     assert debug.class_names(rows)[281] == "n02123045"
+    # a model with more outputs than ImageNet's 1000, predicting one past them: its names are
+    # not ImageNet's (and looking index 1005 up there must not fail)
+    rows[0]["pred_name"] = "Egyptian cat"
+    rows.append({"image_id": 1, "path": "b", "label": "extra", "label_idx": 1005,
+                 "pred_idx": 1005, "pred_name": "extra"})
+    assert debug.class_names(rows) == {285: "Egyptian cat", 1005: "extra", 281: "n02123045"}
 
 
 def test_statistics_agree_with_scipy_and_a_hand_computed_fdr():
@@ -582,6 +588,8 @@ def test_explicit_pair_counts_and_its_default_confusion():
         (5, 1, 10, 4, 0.4)
     tied = labelled_rows((0, 0, 2), (0, 3, 2), (0, 2, 2))
     assert debug.explicit_pair(tied, {0: "a", 2: "b", 3: "c"}, "0", None)["pred_idx"] == 2
+    frequent = labelled_rows((0, 0, 1), (0, 1, 2), (0, 3, 5))  # the most frequent, not the lowest
+    assert debug.explicit_pair(frequent, {0: "a", 1: "b", 3: "c"}, "0", None)["pred_idx"] == 3
     assert debug.explicit_pair(SELECTION_ROWS, SELECTION_NAMES, "0", "3")["share"] == \
         pytest.approx(1 / 6, abs=1e-4)
     with pytest.raises(StageError, match="same class"):
@@ -625,6 +633,8 @@ def test_confusion_table_by_hand_ranks_by_errors_then_accuracy():
     assert got == [(1, "a", 4, 1, 3, 0.25, "c", 2, 0.6667), (2, "b", 10, 7, 3, 0.7, "c", 2, 0.6667),
                    (3, "c", 2, 2, 0, 1.0, "", 0, "")]
     assert table[1]["top_confused"] == "c:2; a:1"
+    three = debug.confusion_table(labelled_rows((0, 0, 1), (0, 1, 3)), {0: "a", 1: "b"})
+    assert (three[0]["top1_pred_idx"], three[0]["top1_pred"], three[0]["top1_count"]) == (1, "b", 3)
 
 
 def test_unknown_class_lists_at_most_40_valid_names_and_says_how_many():

@@ -398,6 +398,28 @@ def test_image_axes_packed_into_tokens_and_unpacked_keep_the_field(caplog):
     assert "estimated" not in caplog.text
 
 
+class Regridded(nn.Module):
+    """A 3×3 conv on 16 × 16 whose 256 tokens are folded into an 8 × 32 grid: not its image."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """Conv, flatten the image axes into tokens, fold them into another grid."""
+        y = self.conv(x)
+        return y.flatten(2).view(1, 1, 8, 32)
+
+
+def test_tokens_folded_into_another_grid_are_not_taken_for_the_image():
+    """256 tokens of a 16 × 16 map folded into 8 × 32 are not the image's rows and columns: the
+    analysis does not claim the conv's 3 × 3 field for its cells but the whole image, as for any
+    flattening (folding them back into 16 × 16 is followed; test above)."""
+    field = receptive_fields(nn.Sequential(Regridded()), ["0"], 16)["0"]
+    assert field.size_h >= 16 and field.size_w >= 16
+
+
 class ChannelsLast(nn.Module):
     """A 3×3 conv whose map is permuted to channels-last (1, H, W, C) and back."""
 

@@ -329,6 +329,20 @@ def test_connection_trace_links_planted_clusters():
         == [("a", 1)]
 
 
+def test_connections_to_a_layer_that_is_not_the_next_clustered_one_link_nothing():
+    """06 measured connections a → m, but m has no clusters, so the next clustered layer is c: the
+    a → m matrix says nothing about c and no link is drawn (whatever the layers' names)."""
+    from common.artefacts import Connections
+    a = [stage.Cluster("a", 0, 2, ["red"], [0, 1])]
+    c = [stage.Cluster("c", 0, 2, ["apple"], [0, 1])]
+    wiring = Connections(layers=["a", "m", "c"], to_next={"a": np.ones((2, 2)), "m": np.ones((2, 2))},
+                         n_images=1, aggregate="mean")
+    assert stage.connection_links({"a": a, "c": c}, wiring, 0.0) == []
+    renamed = Connections(layers=["a", "z", "c"], to_next={"a": np.ones((2, 2)), "z": np.ones((2, 2))},
+                          n_images=1, aggregate="mean")
+    assert stage.connection_links({"a": a, "c": c}, renamed, 0.0) == []
+
+
 def test_connection_link_p_value_is_the_share_of_random_clusterings_that_do_as_well():
     """The p-value of a link by connections against every relabelling of a tiny layer: six
     neurons in clusters of 2, 2 and 2 have 90 labellings, enumerated here; the p-value of 999
