@@ -144,3 +144,14 @@ def test_meta_fingerprint_and_args_by_hand(tmp_path):
     assert meta["args"] == {"k": 3, "name": "a"}
     assert meta["fingerprint"] == meta["lineage"]["s"] == fingerprint(
         {str(tmp_path / "out.csv"): hashlib.sha256(b"x\n").hexdigest()})
+
+
+def test_retracting_a_meta_that_is_not_there_is_not_an_error(tmp_path):
+    """A stage's first run retracts its meta before any exists: nothing happens; a meta that
+    exists is removed."""
+    from common.provenance import retract_meta
+    retract_meta(tmp_path / "05_cluster.meta.json")
+    meta = tmp_path / "09_score.meta.json"
+    meta.write_text("{}")
+    retract_meta(meta)
+    assert not meta.exists() and list(tmp_path.iterdir()) == []
