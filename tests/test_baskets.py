@@ -206,7 +206,9 @@ def test_basket_tree_places_by_hand():
     assert got == [(1, [0, 3], pytest.approx(0.9), pytest.approx(0.4 / 6), [1, 2, 4], 1),
                    (2, [1, 2], pytest.approx(0.8), pytest.approx(0.3), [4], 2)]
     assert baskets[0].parent == 8 and baskets[1].parent == 7  # scipy's node ids: root = 2n − 2
-    assert np.isnan(B.cluster(np.full((2, 2), 1.0), 0.5)[1][0].join_corr)  # the root: no sibling
+    root = B.cluster(np.full((2, 2), 1.0), 0.5)[1][0]  # the whole tree: no parent, no sibling
+    assert np.isnan(root.join_corr) and root.parent == -1 and root.sibling_members == []
+    assert root.members == [0, 1] and root.depth == 0
 
 
 def test_image_silhouettes_by_hand_and_undefined_partitions():

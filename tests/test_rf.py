@@ -398,6 +398,28 @@ def test_image_axes_packed_into_tokens_and_unpacked_keep_the_field(caplog):
     assert "estimated" not in caplog.text
 
 
+class Spread(nn.Module):
+    """A conv's global mean spread over a map of ones (a constant, not traced): the output is
+    made of the gate alone."""
+
+    def __init__(self):
+        """The conv."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        """Global mean of the conv, times a map of ones of the input's size."""
+        return self.conv(x).mean((2, 3), keepdim=True) * torch.ones(1, 1, *x.shape[2:])
+
+
+def test_a_map_made_of_a_global_gate_alone_sees_the_whole_image_from_every_cell():
+    """Every cell of a map that only spreads a global mean sees the same field, the whole image:
+    size at least the image, jump 0 on both axes."""
+    field = receptive_fields(nn.Sequential(Spread()), ["0"], 16)["0"]
+    assert field.size_h >= 16 and field.size_w >= 16
+    assert field.jump_h == 0 and field.jump_w == 0
+
+
 class Regridded(nn.Module):
     """A 3×3 conv on 16 × 16 whose 256 tokens are folded into an 8 × 32 grid: not its image."""
 
