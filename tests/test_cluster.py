@@ -381,6 +381,9 @@ def test_parse_categories():
     assert cats == {"animals": stage.DEFAULT_CATEGORIES["animals"],
                     "tools": "hammers, saws and drills",
                     "colours": stage.DEFAULT_CATEGORIES["colours"]}
+    # an empty item (a doubled or trailing separator) is skipped, not the end of the list
+    assert stage.parse_categories(";animals;; tools=hammers;") == \
+        {"animals": stage.DEFAULT_CATEGORIES["animals"], "tools": "hammers"}
     with pytest.raises(stage.StageError):
         stage.parse_categories("animals")
 

@@ -633,6 +633,9 @@ def test_confusion_table_by_hand_ranks_by_errors_then_accuracy():
     assert got == [(1, "a", 4, 1, 3, 0.25, "c", 2, 0.6667), (2, "b", 10, 7, 3, 0.7, "c", 2, 0.6667),
                    (3, "c", 2, 2, 0, 1.0, "", 0, "")]
     assert table[1]["top_confused"] == "c:2; a:1"
+    never = debug.confusion_table(labelled_rows((0, 1, 2), (1, 1, 1)), {0: "a", 1: "b"})
+    assert [(r["class"], r["correct"], r["errors"], r["accuracy"]) for r in never] == \
+        [("a", 0, 2, 0.0), ("b", 1, 0, 1.0)]  # a class never predicted right: 0 correct
     three = debug.confusion_table(labelled_rows((0, 0, 1), (0, 1, 3)), {0: "a", 1: "b"})
     assert (three[0]["top1_pred_idx"], three[0]["top1_pred"], three[0]["top1_count"]) == (1, "b", 3)
 

@@ -104,3 +104,16 @@ def test_fingerprint_by_hand_and_unreadable_inputs(tmp_path):
     assert fingerprint(str(tmp_path / "list.csv"), "resnet18", None, None) != first
     with pytest.raises(InputError, match="cannot read"):
         content_digest(tmp_path)  # a folder
+
+
+def test_a_txt_list_is_read_with_commas_and_a_tsv_one_with_tabs(tmp_path):
+    """Only a .tsv list is split on tabs: a .txt (or .csv) list with a path column is read with
+    commas, so an edit to a file it names changes the fingerprint."""
+    from common.fingerprint import csv_lines
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    for name, sep in (("list.txt", ","), ("list.csv", ","), ("list.tsv", "\t")):
+        listing = tmp_path / name
+        listing.write_text(f"label{sep}path\ncat{sep}a.png\n")
+        lines = list(csv_lines(listing))
+        assert any("a.png" in str(line) for line in lines[1:]), name

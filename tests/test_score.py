@@ -1154,6 +1154,9 @@ def test_generated_activation_rate_by_hand():
     activation = np.array([0.1, 0.9, 0.6, 0.3])
     assert S.generated_activation_rate(positive, activation, np.array([0.6, 0.59, 1.0, 0.0])) \
         == 0.5
+    # 0.6 sits on the threshold and counts; 0.59 does not: 2 of 3, not 1 of 3
+    assert S.generated_activation_rate(positive, activation, np.array([0.6, 0.59, 1.0])) \
+        == pytest.approx(2 / 3)
     assert np.isnan(S.generated_activation_rate(np.zeros(4, bool), activation, np.ones(3)))
     assert np.isnan(S.generated_activation_rate(positive, activation, np.zeros(0)))
 
