@@ -913,6 +913,9 @@ def test_semantic_consistency_and_dnr_ranking_table_by_hand():
     # top 2 images: 8 and 6 → mean 7 / 10 = 0.7; their match percentiles 1 and 0.5 → 0.75² = 0.5625
     assert S.semantic_consistency(activation, match, 10.0, 0.5, k=2) == pytest.approx(
         0.5 * 0.7 + 0.5 * 0.5625)
+    # a layer whose largest maximum is 0 (all silent) has no scale: undefined, not infinite
+    assert np.isnan(S.semantic_consistency(activation, match, 0.0, 0.5, k=2))
+    assert np.isnan(S.semantic_consistency(activation, match, -0.5, 0.5, k=2))
     stats = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [9.0, 1.0, 0.0], [np.nan] * 3])
     table = S.ranks_by_method(stats, np.array([0.2, 0.9, np.nan]), k=1)
     # neuron 0: one spike (9), otherwise 0; neuron 1: always 1; neuron 2: usually 2
