@@ -9,7 +9,6 @@ a control sentence: another neuron's sentence of the same layer, drawn with a se
 """
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,19 +167,15 @@ def verify_masks(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarra
              "pos": int(positive.sum())}, keep, positive)
 
 
-def _words(text: str) -> frozenset[str]:
-    """The lower-case words of a sentence."""
-    return frozenset(re.findall(r"[a-z0-9]+", text.lower()))
-
-
 def pick_controls(sentences: list[Sentence], rng: np.random.Generator) -> None:
     """Give each sentence of a layer a control: the sentence of another neuron of the layer,
     drawn at random among those that say something else — each has a word the other lacks, so
     neither the same sentence nor one that only adds a clause to it ("…, mostly espresso" against
     "…, mostly espresso; also man-made objects"), which would only tie with it. Failing those,
     among the other sentences with different text, then among all other neurons."""
+    from common.matchers import words as words_of  # the words the matcher reads
     own = [i for i, s in enumerate(sentences) if s.subconcept == 0]
-    words = [_words(s.text) for s in sentences]
+    words = [frozenset(words_of(s.text)) for s in sentences]
     for k, s in enumerate(sentences):
         others = [i for i in own if sentences[i].channel != s.channel]
         differ = [i for i in others if sentences[i].text != s.text]
