@@ -62,7 +62,7 @@ from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_s
 from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv, write_text
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
-from common.trace import column_rows
+from common.trace import SIGNIFICANT_P, column_rows
 
 log = logging.getLogger("neuron-atlas.06_trace")
 
@@ -110,7 +110,6 @@ UNLINKED_GREY = "rgba(150, 150, 150, 0.6)"  # clusters without a link at the thr
 INVISIBLE = "rgba(0, 0, 0, 0)"  # the loop that keeps an unlinked cluster on the page
 FAINT_GREY = "rgba(170, 170, 170, 0.15)"  # links by connections that random clusters match
 PERMUTATIONS = 999  # random clusterings behind each connection link's p-value
-SIGNIFICANT_P = 0.05  # connection links with a larger p-value are drawn faint
 
 
 @dataclass
@@ -242,18 +241,18 @@ def connection_links(layers: dict[str, list[Cluster]], connections, threshold: f
         sizes_b = np.array([len(b.channels) for b in dst], np.float64)
         expected = np.outer(sizes_a, sizes_b) / (len(rows) * len(cols))
 
-        def best(labels: np.ndarray) -> np.ndarray:
-            """Each source cluster's highest strength when its neurons are ``labels``."""
+        def strengths(labels: np.ndarray) -> np.ndarray:
+            """Source clusters × target clusters strengths when the source neurons are in the
+            clusters ``labels``."""
             summed = np.zeros((len(src), len(dst)))
             np.add.at(summed, labels, into)
-            return (summed / total / expected).max(axis=1)
+            return summed / total / expected
 
-        lifts = np.zeros((len(src), len(dst)))
-        np.add.at(lifts, owner, into)
-        lifts = lifts / total / expected
+        lifts = strengths(owner)
+        best = lifts.max(axis=1)
         hits = np.zeros(len(src))
         for _ in range(permutations):
-            hits += best(rng.permutation(owner)) >= lifts.max(axis=1) - 1e-12
+            hits += strengths(rng.permutation(owner)).max(axis=1) >= best - 1e-12
         for k, a in enumerate(src):
             j = int(np.argmax(lifts[k]))
             if lifts[k, j] >= threshold:
@@ -315,12 +314,10 @@ def connections(run: Run, settings: Settings, layer_order: list[str], previous: 
     if previous and previous.get("args") == wanted and previous.get("extract") == extract \
             and run.connections.is_file():
         log.info("connections kept from %s (same 01 outputs and sample)", run.connections)
-        kept = read_connections(run.connections)
-        # written again (the same bytes): an output older than this run's inputs would leave
-        # make thinking 06 is never up to date
-        write_connections(run.connections, kept.layers, kept.to_next, kept.n_images,
-                          kept.aggregate)
-        return kept, previous
+        # touched: an output older than this run's inputs would leave make thinking 06 is never
+        # up to date
+        run.connections.touch()
+        return read_connections(run.connections), previous
     reason, to_next, count, seconds, ran = "", {}, 0, 0.0, layer_order
     if not have_01:
         reason = "no 01 outputs (01_activations.npz, 01_predictions.csv) to re-run the model on"

@@ -1045,7 +1045,7 @@ class Site:
         """The trace page: every cluster in its layer's column (depth order), linked by 06's
         sentence trace or by its connection trace (a switch on the page); bands as wide as the
         source cluster's neurons."""
-        from common.trace import column_rows
+        from common.trace import SIGNIFICANT_P, column_rows
         columns = [{"name": info["name"], "slug": info["slug"],
                     "clusters": self.layer_data(info["name"])["clusters"]}
                    for info in self.layer_info]
@@ -1067,13 +1067,14 @@ class Site:
             modes[kind] = {"y": [y[(n["layer"], n["cluster"])] for n in nodes],
                            "links": [{"s": index[a], "t": index[b],
                                       "v": max(1, nodes[index[a]]["size"]),
-                                      "sim": number(r.similarity), "p": number(r.p_value)}
+                                      "sim": number(r.similarity), "p": number(r.p_value),
+                                      "weak": bool(r.p_value > SIGNIFICANT_P)}
                                      for r, (a, b) in zip(rows, pairs)]}
         wiring = self.run.connections
         self.page("sankey.html", "atlas_sankey.html",
                   sankey={"nodes": nodes, "layers": [c["name"] for c in shown], "modes": modes},
                   clusters=columns, n_connection_images=wiring.n_images if wiring else 0,
-                  has_connections=bool(wiring and wiring.layers))
+                  has_connections=bool(wiring and wiring.layers), significant_p=SIGNIFICANT_P)
 
     def run_page(self) -> None:
         """index.html: what the run is and where everything is."""

@@ -1,10 +1,13 @@
 """Where the clusters of a trace go in its picture: one column per layer, each column ordered so
-that links cross little. Used by 06 (its Sankey) and 10 (the atlas's trace page)."""
+that links cross little, and the p-value above which a link by connections is drawn faint. Used
+by 06 (its Sankey) and 10 (the atlas's trace page)."""
 from __future__ import annotations
 
 from typing import Hashable, Iterable, Sequence
 
 import numpy as np
+
+SIGNIFICANT_P = 0.05  # links by connections with a larger permutation p-value are drawn faint
 
 
 def column_rows(columns: Sequence[Sequence[Hashable]],

@@ -362,8 +362,6 @@
       const links = mode.links.concat(alone.map(function (i) { return { s: i, t: i, v: Math.max(1, S.nodes[i].size), loop: true }; }));
       const xOf = function (col) { return cols < 2 ? 0.5 : 0.001 + 0.998 * col / (cols - 1); };
       const what = kind === "sentence" ? "cosine " : "strength ";
-      // A link by connections that random clusters of the same sizes match (p > 0.05, as 06 draws it).
-      const weak = function (l) { return l.p !== null && l.p !== undefined && l.p > 0.05; };
       const width = Math.max(div.parentElement.clientWidth, cols * colPx);
       note.textContent = note.dataset[kind];
       return Plotly.react(div, [{
@@ -375,11 +373,11 @@
                 hovertemplate: "%{customdata}<extra></extra>" },
         link: { source: links.map(function (l) { return l.s; }), target: links.map(function (l) { return l.t; }),
                 value: links.map(function (l) { return l.v; }),
-                color: links.map(function (l) { return l.loop ? "rgba(0,0,0,0)" : weak(l) ? "rgba(170,170,170,0.15)" : "rgba(140,140,140,0.35)"; }),
+                color: links.map(function (l) { return l.loop ? "rgba(0,0,0,0)" : l.weak ? "rgba(170,170,170,0.15)" : "rgba(140,140,140,0.35)"; }),
                 customdata: links.map(function (l) {
                   if (l.loop) return "no link";
                   if (l.p === null || l.p === undefined) return what + fmt(l.sim);
-                  return what + fmt(l.sim) + ", p = " + fmt(l.p) + (weak(l) ? " (random clusters do as well: faint)" : "");
+                  return what + fmt(l.sim) + ", p = " + fmt(l.p) + (l.weak ? " (random clusters do as well: faint)" : "");
                 }),
                 hovertemplate: "%{customdata}<extra></extra>" }
       }], { width: width, height: Math.max(420, 30 * tallest + 90), margin: { l: 10, r: 10, t: 40, b: 10 },
