@@ -905,6 +905,49 @@ def test_bootstrap_interval_ends_are_the_percentiles_of_the_paired_resamples():
                                        np.random.default_rng(0))).all()
 
 
+def test_bootstrap_leaves_out_draws_on_which_the_neuron_never_fires():
+    """A sparse neuron (firing on 2 of 12 images) is flat on many draws: its correlation is
+    undefined there, and those draws are left out — the interval is the percentiles of the other
+    draws' margins, by hand with numpy's corrcoef on the same draws (rounding must not turn a
+    flat draw into a huge r)."""
+    rng = np.random.default_rng(3)
+    activation = np.zeros(12)
+    activation[[2, 9]] = [4.0, 7.0]
+    sentence, control = activation + rng.random(12), rng.random(12)
+    draw = np.random.default_rng(5).integers(0, 12, (300, 12))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        margins = np.array([np.corrcoef(sentence[i], activation[i])[0, 1]
+                            - np.corrcoef(control[i], activation[i])[0, 1] for i in draw])
+    kept = margins[np.isfinite(margins)]
+    assert 20 < len(margins) - len(kept) < 150  # the case is planted: many flat draws
+    _, low, high = S.bootstrap_margin(sentence, control, activation, 300,
+                                      np.random.default_rng(5))
+    assert [low, high] == pytest.approx(np.percentile(kept, [2.5, 97.5]), abs=1e-9)
+
+
+def test_tree_cut_equals_scipys_maxclust_with_ties_and_duplicates():
+    """``cut_tree_into`` gives scipy's ``fcluster(..., criterion="maxclust")`` partition on Ward
+    trees of random points and of points on a small grid (duplicates: merges at height 0, and
+    merges tied at the cut, where maxclust makes them all and returns fewer groups)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    def same_partition(a, b):
+        pairs = set(zip(a.tolist(), b.tolist()))
+        return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+    rng = np.random.default_rng(0)
+    fewer = 0
+    for trial in range(300):
+        n = int(rng.integers(4, 30))
+        points = (rng.integers(0, 3, (n, 2)).astype(float) if trial % 2
+                  else rng.standard_normal((n, 4)))
+        tree = linkage(points, method="ward")
+        for k in range(1, min(n, 6) + 2):
+            ours, scipys = S.cut_tree_into(tree, k), fcluster(tree, t=k, criterion="maxclust")
+            assert same_partition(ours, scipys), (trial, k)
+            fewer += len(set(scipys.tolist())) < min(k, n)
+    assert fewer > 10  # ties at the cut were met
+
+
 def test_semantic_consistency_and_dnr_ranking_table_by_hand():
     """DnR's semantic consistency on 5 images (top 2 by activation, layer scale 10, α 0.5) and
     the ranks of three neurons under the five ranking methods, worked by hand."""
