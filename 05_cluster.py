@@ -47,6 +47,7 @@ from common.cli import (StageError, add_run, add_settings, comma_list, exit_on_s
 from common.embedders import l2_normalise
 from common.io import atomic_path, sweep_temporaries, write_csv
 from common.provenance import merge_lineage, read_meta, retract_meta, write_meta
+from common.threads import single_threaded
 
 log = logging.getLogger("neuron-atlas.05_cluster")
 
@@ -322,6 +323,7 @@ def search_k(data: Deduplicated, dist: np.ndarray, lo: int, hi: int, seed: int, 
     return best, labels_of[best], curve
 
 
+@single_threaded  # k-means++'s many small products: see common/threads.py
 def cluster_layer(x: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int,
                   points: int) -> Clustering:
     """Choose k, cluster ``x`` (unit rows) and compute the quality figures of the partition.
@@ -353,8 +355,14 @@ def project_2d(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
     """Seeded 2-D map of unit rows: UMAP (cosine) when asked and possible, else PCA.
 
     UMAP needs a neighbour graph, so layers with fewer than UMAP_MIN_POINTS neurons fall back to
-    PCA; the method actually used is returned so that the meta can say so.
+    PCA; the method actually used is returned so that the meta can say so. Identical rows (the
+    same sentence) share one point: UMAP maps the distinct rows only — given exact duplicates its
+    layout was not the same from one run to the next, with the same seed.
     """
+    distinct, inverse = np.unique(x, axis=0, return_inverse=True)
+    if len(distinct) < len(x):
+        coords, used = project_2d(distinct, method, seed)
+        return coords[inverse.reshape(-1)], used
     n = len(x)
     if method == "umap" and n >= UMAP_MIN_POINTS:
         import umap

@@ -376,6 +376,22 @@ def test_umap_map_and_small_layer_fallback():
     assert method_small == "pca" and small.shape == (3, 2)
 
 
+def test_map_puts_identical_sentences_on_one_point_and_repeats_itself():
+    """Neurons with the same sentence (identical rows: a layer of 12 sentences said by 48
+    neurons) share one point of the map, and the seeded map is the same on a second run —
+    UMAP's layout of exact duplicates was not."""
+    x, _ = planted(4, 3, seed=2)
+    rows = np.random.default_rng(1).integers(0, len(x), 48)
+    rows[:len(x)] = np.arange(len(x))  # every sentence at least once
+    coords, method = stage.project_2d(x[rows], "umap", seed=0)
+    assert method == "umap"
+    np.testing.assert_array_equal(coords, stage.project_2d(x[rows], "umap", seed=0)[0])
+    for r in range(len(x)):
+        same = coords[rows == r]
+        assert (same == same[0]).all()
+    assert len(np.unique(coords, axis=0)) == len(x)
+
+
 def test_parse_categories():
     cats = stage.parse_categories("animals; tools=hammers, saws and drills;colours")
     assert cats == {"animals": stage.DEFAULT_CATEGORIES["animals"],
