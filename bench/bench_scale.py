@@ -18,10 +18,13 @@ built and that ``make -q all`` holds.
 
 It prints a markdown report (``bench/results.py`` files it in bench/RESULTS.md) and draws the times
 against the size on log–log axes (``--plot``, default bench/scale.png). Everything runs in a
-temporary data folder (``DATA=…``), deleted at the end unless ``--keep``.
+temporary data folder (``DATA=…``), deleted at the end unless ``--keep`` or ``--work``. Each
+finished size is saved at once in the data folder's ``scale.json``, so that a run stopped after
+hours keeps what it measured: ``--work DIR --resume`` measures only the sizes it lacks.
 
   python bench/bench_scale.py [--sizes 1,2,4,8] [--base-images 1500] [--neuron-images 300]
                               [--workloads images,neurons] [--plot bench/scale.png] [--keep]
+                              [--work DIR [--resume]]
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.io import write_text  # noqa: E402  (after the project root is on the path)
 
 # make targets of 01 → 10 in the order `make all` runs them (08 does not wait for 09)
 STAGES = [("01", "extract"), ("02", "mosaics"), ("03", "describe"), ("04", "embed"),
@@ -92,6 +99,23 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     return seconds, peak / 2 ** 20
 
 
+def load_saved(path: Path) -> dict[str, dict[str, Measure]]:
+    """The sizes measured before, from ``scale.json``: workload → size → Measure (only those
+    with every stage measured); empty when there is no such file."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {workload: {size: Measure(**m) for size, m in sizes.items()
+                       if set(m["seconds"]) == {number for number, _ in STAGES}}
+            for workload, sizes in saved.items()}
+
+
+def save(path: Path, measured: dict[str, dict[str, Measure]]) -> None:
+    """Write every size measured so far to ``scale.json`` (atomically)."""
+    write_text(path, json.dumps({workload: {size: vars(m) for size, m in sizes.items()}
+                                 for workload, sizes in measured.items()}, indent=1))
+
+
 def demo_images(work: Path, n: int, log: Path) -> Path:
     """A demo-style image set of ``n`` images under ``work`` (built once); its images.csv."""
     folder = work / f"images-{n}"
@@ -123,9 +147,9 @@ def exponent(ns: list[int], values: list[float]) -> tuple[float, float]:
 
 def crossing(stage: tuple[float, float], forward: tuple[float, float]) -> float | None:
     """The n at which a·nᵇ of ``stage`` overtakes 01's fit ``forward``; None when it never does
-    (its exponent is not above 01's)."""
+    (its exponent is not above 01's by at least 0.01: a fit's rounding is no growth)."""
     (b, a), (b1, a1) = stage, forward
-    if b <= b1:
+    if b < b1 + 0.01:
         return None
     return (a1 / a) ** (1.0 / (b - b1))
 
@@ -189,7 +213,11 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, default=ROOT / "bench" / "scale.png", help="PNG written")
     p.add_argument("--work", type=Path, help="data folder (default: a temporary one, deleted)")
     p.add_argument("--keep", action="store_true", help="keep the data folder")
+    p.add_argument("--resume", action="store_true", help="with --work: reuse the sizes its "
+                   "scale.json holds and measure only the others")
     args = p.parse_args(argv)
+    if args.resume and args.work is None:
+        p.error("--resume needs --work DIR: the data folder of the run to go on with")
     sizes = [int(s) for s in args.sizes.split(",")]
     workloads = args.workloads.split(",")
     if "neurons" in workloads and not set(sizes) <= set(RESNET_LAYERS):
@@ -199,7 +227,23 @@ def main(argv=None) -> int:
     log = work / "bench_scale.log"
     print(f"data in {work}; stage output in {log}", flush=True)
     results: dict[str, tuple[str, list[Measure]]] = {}
+    state = work / "scale.json"
+    measured = load_saved(state) if args.resume else {}
     status = 0
+
+    def measure(workload: str, size: int, n: int, run: str, variables: dict[str, str]) -> Measure:
+        """The pipeline on one size, or its saved measure (--resume); saved once measured."""
+        key = f"{args.base_images if workload == 'images' else args.neuron_images} images, x{size}"
+        m = measured.get(workload, {}).get(key)
+        if m is not None and m.n == n:
+            print("    measured before (scale.json): not run again", flush=True)
+            return m
+        m = run_pipeline(work, run, variables, log)
+        m.n = n
+        measured.setdefault(workload, {})[key] = m
+        save(state, measured)
+        return m
+
     try:
         if "images" in workloads:
             measures = []
@@ -207,9 +251,7 @@ def main(argv=None) -> int:
                 n = args.base_images * s
                 print(f"  images × {s}: {n} images", flush=True)
                 images = demo_images(work, n, log)
-                m = run_pipeline(work, f"img-{n}", {"IMAGES": str(images)}, log)
-                m.n = n
-                measures.append(m)
+                measures.append(measure("images", s, n, f"img-{n}", {"IMAGES": str(images)}))
             results["images (EfficientNet-Lite0, 512 neurons)"] = ("images", measures)
         if "neurons" in workloads:
             images = demo_images(work, args.neuron_images, log)
@@ -220,9 +262,7 @@ def main(argv=None) -> int:
                 print(f"  neurons × {s}: {n} neurons ({layers})", flush=True)
                 variables = {"IMAGES": str(images), "MODEL": "resnet50", "RANDOM_INIT": "1",
                              "LAYERS": layers}
-                m = run_pipeline(work, f"neurons-{n}", variables, log)
-                m.n = n
-                measures.append(m)
+                measures.append(measure("neurons", s, n, f"neurons-{n}", variables))
             results[f"neurons (random-init ResNet-50, {args.neuron_images} images)"] = (
                 "neurons", measures)
             last = f"neurons-{measures[-1].n}"
@@ -243,8 +283,6 @@ def main(argv=None) -> int:
     if any(len(m) >= 2 for _, m in results.values()):
         plot({k: v for k, v in results.items() if len(v[1]) >= 2}, args.plot)
         print(f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")
-    (work / "scale.json").write_text(json.dumps(
-        {name: [vars(m) for m in measures] for name, (_, measures) in results.items()}, indent=1))
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return status

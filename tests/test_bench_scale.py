@@ -1,0 +1,78 @@
+"""The scaling benchmark's arithmetic and its resumable record (bench/bench_scale.py), without
+running the pipeline: the growth exponent and crossing point against exact power laws, and a run
+stopped after some sizes going on from its scale.json."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "bench_scale.py")
+scale = importlib.util.module_from_spec(spec)
+sys.modules["bench_scale"] = scale  # its dataclass looks its module up while being made
+spec.loader.exec_module(scale)
+
+
+def test_exponent_and_crossing_of_exact_power_laws():
+    """Times a·nᵇ give back b and a; a stage growing as n² from 1/1000 of 01's linear time
+    overtakes it where a₁·n = a·n², at n = a₁/a = 1000; no crossing when it grows no faster."""
+    ns = [512, 1024, 2048, 4096]
+    b, a = scale.exponent(ns, [0.5 * n ** 1.3 for n in ns])
+    assert b == pytest.approx(1.3) and a == pytest.approx(0.5)
+    forward = scale.exponent(ns, [2.0 * n for n in ns])
+    quadratic = scale.exponent(ns, [0.002 * n ** 2 for n in ns])
+    assert scale.crossing(quadratic, forward) == pytest.approx(1000.0)
+    assert scale.crossing(scale.exponent(ns, [5.0 * n for n in ns]), forward) is None
+
+
+def test_report_names_the_stage_over_target():
+    """The report's table flags exactly the stage whose exponent is over 1.15, with where it
+    overtakes 01."""
+    measures = []
+    for n in (1000, 2000, 4000):
+        m = scale.Measure(n=n)
+        for number, _ in scale.STAGES:
+            m.seconds[number] = (0.01 * n if number == "01" else
+                                 1e-5 * n ** 2 if number == "05" else 0.001 * n)
+            m.peak_mib[number] = 100.0
+        measures.append(m)
+    lines = scale.report("neurons", "neurons", measures)
+    over = [line for line in lines if "overtakes 01" in line]
+    assert len(over) == 1 and over[0].startswith("| 05 cluster") and "| 2.00 |" in over[0]
+    assert f"{1000:,}" in over[0]  # 0.01·n = 1e-5·n² at n = 1,000
+
+
+def test_a_stopped_run_goes_on_from_what_it_saved(tmp_path, monkeypatch):
+    """Each finished size is saved to scale.json at once; --resume runs only the sizes missing
+    there (and never one whose measure lacks a stage)."""
+    runs = []
+
+    def fake_pipeline(work, run, variables, log):
+        runs.append(run)
+        if run == "img-40" and len(runs) == 2:
+            raise RuntimeError("stopped")  # the first run dies at its second size
+        m = scale.Measure(n=0)
+        for number, _ in scale.STAGES:
+            m.seconds[number], m.peak_mib[number] = 1.0, 10.0
+        return m
+
+    monkeypatch.setattr(scale, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(scale, "demo_images", lambda work, n, log: work / f"images-{n}.csv")
+    args = ["--workloads", "images", "--sizes", "1,2,4", "--base-images", "20", "--work",
+            str(tmp_path), "--plot", str(tmp_path / "scale.png")]
+    assert scale.main(args) == 1
+    saved = json.loads((tmp_path / "scale.json").read_text())
+    assert list(saved["images"]) == ["20 images, x1"]
+    # a half-measured size in the record is measured again
+    saved["images"]["20 images, x2"] = {"n": 40, "seconds": {"01": 1.0}, "peak_mib": {"01": 1.0}}
+    (tmp_path / "scale.json").write_text(json.dumps(saved))
+    runs.clear()
+    assert scale.main(args + ["--resume"]) == 0
+    assert runs == ["img-40", "img-80"]
+    assert list(json.loads((tmp_path / "scale.json").read_text())["images"]) == [
+        "20 images, x1", "20 images, x2", "20 images, x4"]
+    assert (tmp_path / "scale.png").is_file() and math.isfinite(
+        scale.exponent([20, 40, 80], [1.0, 1.0, 1.0])[0])
