@@ -1094,3 +1094,110 @@ def test_a_constant_channel_concatenated_first_leaves_the_field(caplog):
     the concatenation: the conv's 3 px, and 5 px after a 3×3 conv, traced on 12 × 20."""
     net = nn.Sequential(ConvThen(with_coordinate_channel), nn.Conv2d(2, 1, 3, padding=1))
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def channel_shuffle_channels_last(y):
+    """ShuffleNet's channel shuffle on a channels-last map: (N, H, W, C) viewed as (N, H, W, 2, C/2),
+    the two channel axes swapped, back to (N, H, W, C), then channels-first again."""
+    n, c, h, w = y.shape
+    shuffled = y.permute(0, 2, 3, 1).reshape(n, h, w, 2, c // 2).transpose(3, 4).reshape(n, h, w, c)
+    return shuffled.permute(0, 3, 1, 2)
+
+
+def test_reshaping_the_channels_after_channels_last_image_axes_keeps_the_field(caplog):
+    """Splitting and merging the channel dim that follows the image axes of a (N, H, W, C) map
+    moves no position: the conv's 3 px, and 5 px after a 3×3 conv, traced on 12 × 20 — what the
+    gradient probe measures too."""
+    net = nn.Sequential(ConvThen(channel_shuffle_channels_last, channels=4), nn.Conv2d(4, 1, 3, padding=1))
+    fields = traced(net, ["0", "1"], (12, 20), caplog)
+    assert fields == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+    assert estimate_receptive_fields(net, ["0", "1"], (12, 20)) == fields
+
+
+class PixelMLP(nn.Module):
+    """A model without any nn.Conv2d: a Linear over the three colour values of each pixel
+    (channels-last), then 2×2 max pooling."""
+
+    def __init__(self):
+        """The Linear and the pool."""
+        super().__init__()
+        self.mix = nn.Linear(3, 4)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        """(N, 3, H, W) → per-pixel Linear → (N, 4, H, W) → pooled."""
+        return self.pool(self.mix(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_a_model_without_a_convolution_is_given_rgb_input(caplog):
+    """With no nn.Conv2d to read the input channels from, the analysis and the probe feed the
+    model 3 channels (RGB, as common.models assumes for such a model): a per-pixel Linear then a
+    2×2 pool sees 2 × 2 pixels (start 0.5, jump 2), traced, and the probe agrees."""
+    fields = traced(PixelMLP(), ["mix", "pool"], (12, 20), caplog)
+    assert fields == {"mix": rf(1, 1, 0), "pool": rf(2, 2, 0.5)}
+    assert estimate_receptive_fields(PixelMLP(), ["pool"], (12, 20)) == {"pool": rf(2, 2, 0.5)}
+
+
+class ListedGeometry(nn.Conv2d):
+    """A 3×3 conv called with its stride and padding as one-number lists ([2], [1]), then a 3×3
+    max pool of stride [2]: torch applies the one number to both axes."""
+
+    def forward(self, x):
+        """``F.conv2d`` and ``F.max_pool2d`` with one-number lists."""
+        return F.max_pool2d(F.conv2d(x, self.weight, stride=[2], padding=[1]), [3], stride=[2])
+
+
+def test_one_number_lists_of_stride_and_padding_apply_to_both_axes(caplog):
+    """On a 12 × 20 image the listed geometry is that of Conv2d(3, stride 2, pad 1) then
+    MaxPool2d(3, stride 2): conv first -1, size 3, jump 2; pool first -1, size 3 + 2*2 = 7,
+    jump 4, start 2 — on both axes, traced."""
+    plain = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.MaxPool2d(3, stride=2))
+    assert traced(nn.Sequential(ListedGeometry(1, 1, 3)), ["0"], (12, 20), caplog) == {"0": rf(7, 4, 2)}
+    assert receptive_fields(plain, ["1"], (12, 20)) == {"1": rf(7, 4, 2)}
+
+
+class DenseMix(nn.Module):
+    """A 3×3 conv's map plus a fully connected mix of all its cells viewed back as a map (as
+    MLP-Mixer's token mixing does)."""
+
+    def __init__(self):
+        """The conv, and a Linear over the 12 × 20 cells."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.mix = nn.Linear(240, 240)
+
+    def forward(self, x):
+        """map + Linear(flattened map) viewed as the map."""
+        y = self.conv(x)
+        return y + self.mix(y.flatten(1)).view(y.shape)
+
+
+def test_a_map_plus_a_dense_mix_of_all_its_cells_sees_the_whole_image(caplog):
+    """Every cell of the sum reads every cell of the conv through the Linear, so its field is the
+    whole 12 × 20 image, not the conv's 3 px: the analysis cannot place the mixed term's cells (its
+    image axes were flattened away) and leaves the layer to the probe, which measures the image."""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = receptive_fields(nn.Sequential(DenseMix()), ["0"], (12, 20))["0"]
+    assert "receptive field of 0 estimated" in caplog.text
+    assert field.size_h >= 12 and field.size_w >= 20
+
+
+def test_probe_warns_of_a_field_cut_by_the_bottom_edge_of_a_tall_image(caplog):
+    """A field can run past one edge only: 200 rows of zero padding below a 260 × 3 image, then a
+    201 × 1 conv (exactly: size 201, start 100). The probe's centre cell 130 reads rows 130..330,
+    of which 130..259 exist: it measures 130 rows, a lower bound, and says so, on an image taller
+    than 256 px as on a small one; the columns (1 px, inside) are exact."""
+    net = nn.Sequential(nn.ZeroPad2d((0, 0, 0, 200)), nn.Conv2d(1, 1, (201, 1)))
+    assert receptive_fields(net, ["1"], (260, 3)) == {"1": RF(201, 1, 1, 1, 100, 0)}
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = estimate_receptive_fields(net, ["1"], (260, 3))["1"]
+    assert field == RF(130, 1, 1, 1, 64.5, 0)
+    assert "reaches the border" in caplog.text
+
+
+def test_a_residual_on_a_map_wider_than_256_cells_keeps_the_local_field(caplog):
+    """The branches of a sum are matched by their map sizes as numbers: on a 5 × 300 image (more
+    cells than CPython keeps as shared small ints) conv(x) + x keeps the conv's field, 3 px with
+    jump 1 — not the jump 0 of a gate broadcast over the map."""
+    net = nn.Sequential(Residual(nn.Conv2d(1, 1, 3, padding=1), nn.Identity()))
+    assert traced(net, ["0"], (5, 300), caplog) == {"0": rf(3, 1, 0)}
