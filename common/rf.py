@@ -435,7 +435,7 @@ def _rule_reduction(func, bound, args, out):
         return replace(field, h=field.h.whole(n_h), w=field.w.whole(n_w))
     if reduced:
         return field.flattened(x.shape)
-    return field if keepdim else field.renumbered(lambda d: d - sum(1 for r in dims if r < d))
+    return field if keepdim else field.renumbered([d for d in range(x.ndim) if d not in dims].index)
 
 
 def _same_dims(a: Sequence[int], b: Sequence[int]) -> bool:

@@ -1161,10 +1161,10 @@ class DenseMix(nn.Module):
     MLP-Mixer's token mixing does)."""
 
     def __init__(self):
-        """The conv, and a Linear over the 12 × 20 cells."""
+        """The conv, and a Linear over the 16 × 20 cells."""
         super().__init__()
         self.conv = nn.Conv2d(1, 1, 3, padding=1)
-        self.mix = nn.Linear(240, 240)
+        self.mix = nn.Linear(320, 320)
 
     def forward(self, x):
         """map + Linear(flattened map) viewed as the map."""
@@ -1174,12 +1174,13 @@ class DenseMix(nn.Module):
 
 def test_a_map_plus_a_dense_mix_of_all_its_cells_sees_the_whole_image(caplog):
     """Every cell of the sum reads every cell of the conv through the Linear, so its field is the
-    whole 12 × 20 image, not the conv's 3 px: the analysis cannot place the mixed term's cells (its
-    image axes were flattened away) and leaves the layer to the probe, which measures the image."""
+    whole 16 × 20 image, not the conv's 3 px: the analysis cannot place the mixed term's cells (its
+    image axes were flattened away) and leaves the layer to the probe, which measures the image.
+    (The map has 320 cells, more than CPython keeps as shared small ints.)"""
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
-        field = receptive_fields(nn.Sequential(DenseMix()), ["0"], (12, 20))["0"]
+        field = receptive_fields(nn.Sequential(DenseMix()), ["0"], (16, 20))["0"]
     assert "receptive field of 0 estimated" in caplog.text
-    assert field.size_h >= 12 and field.size_w >= 20
+    assert field.size_h >= 16 and field.size_w >= 20
 
 
 def test_probe_warns_of_a_field_cut_by_the_bottom_edge_of_a_tall_image(caplog):
@@ -1201,3 +1202,66 @@ def test_a_residual_on_a_map_wider_than_256_cells_keeps_the_local_field(caplog):
     jump 1 — not the jump 0 of a gate broadcast over the map."""
     net = nn.Sequential(Residual(nn.Conv2d(1, 1, 3, padding=1), nn.Identity()))
     assert traced(net, ["0"], (5, 300), caplog) == {"0": rf(3, 1, 0)}
+
+
+def test_tokens_of_a_map_of_more_than_256_cells_are_followed(caplog):
+    """A 16 × 20 map has 320 tokens (more than CPython keeps as shared small ints): flattened into
+    one token axis, or into (N, tokens, C) and transposed, and folded back, its image axes are
+    still followed — a 3×3 conv after it sees 5 px, traced."""
+    for block in (Tokens(), ConvThen(tokens_and_back)):
+        net = nn.Sequential(block, nn.Conv2d(1, 1, 3, padding=1))
+        assert traced(net, ["0", "1"], (16, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+class BufferKernel(nn.Module):
+    """A fixed gain per colour channel and a fixed 3×3 kernel, kept as buffers: a model with no
+    parameters."""
+
+    def __init__(self):
+        """The gains and the kernel."""
+        super().__init__()
+        self.register_buffer("gain", torch.ones(1, 3, 1, 1))
+        self.register_buffer("kernel", torch.ones(1, 3, 3, 3))
+
+    def forward(self, x):
+        """The unpadded convolution of the scaled input with the kernel."""
+        return F.conv2d(x * self.gain, self.kernel)
+
+
+def test_the_blank_input_is_made_on_the_models_device(caplog):
+    """The traced input is built on the device of the model's first parameter, or buffer when it
+    has none. The meta device (tensors without data) stands in for a GPU: a model moved there,
+    with parameters or with buffers only, is traced there — a CPU input would not run with it."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.PReLU(),
+                        nn.Conv2d(1, 1, 3, padding=1)).to("meta")
+    assert traced(net, ["2"], (12, 20), caplog) == {"2": rf(7, 2, 0)}
+    assert traced(nn.Sequential(BufferKernel()).to("meta"), ["0"], (12, 20), caplog) == {"0": rf(3, 1, 1)}
+
+
+def swin_pad(y):
+    """Swin's window padding: the map channels-last (N, H, W, C) padded with F.pad's pairs from the
+    last dim — channels (0, 0), 2 columns on the left, 1 row on top — then channels-first again."""
+    return F.pad(y.permute(0, 2, 3, 1), (0, 0, 2, 0, 1, 0)).permute(0, 3, 1, 2)
+
+
+def test_padding_a_channels_last_map_moves_the_start_of_its_image_axes(caplog):
+    """After a 3×3 pad-1 conv (first -1, size 3) on 12 × 20, one row padded on top moves the rows'
+    first pixel to -2 (start -1) and two columns on the left the columns' to -3 (start -2), as the
+    gradient probe measures too."""
+    net = nn.Sequential(ConvThen(swin_pad))
+    expected = {"0": RF(3, 3, 1, 1, -1, -2)}
+    assert traced(net, ["0"], (12, 20), caplog) == expected
+    assert estimate_receptive_fields(net, ["0"], (12, 20)) == expected
+
+
+def test_a_mistyped_layer_name_gets_its_close_matches_and_a_far_one_none():
+    """The error names each unknown layer; a near miss gets "did you mean" with the close
+    names, a name like no layer gets no such hint."""
+    net = nn.Sequential()
+    net.add_module("stem", nn.Conv2d(1, 1, 3))
+    net.add_module("stage", nn.Conv2d(1, 1, 3))
+    with pytest.raises(StageError) as err:
+        receptive_fields(net, ["stme", "zzz"], 16)
+    message = str(err.value)
+    assert "'stme' (did you mean stem" in message
+    assert "'zzz' (did you mean" not in message and "'zzz'" in message
