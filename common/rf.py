@@ -503,7 +503,7 @@ def _rule_permute(func, bound, args, out):
     x, field = _main_input(bound)
     if not isinstance(field, _Field) or not field.image_dims:
         return field
-    name = func._schema.name.split("::")[-1]
+    name = func._schema.name.partition("::")[2]
     if name == "permute":
         order = [d % x.ndim for d in bound["dims"]]
     else:
@@ -540,7 +540,7 @@ def _rule_split(func, bound, args, out):
     dim = bound.get("dim", 0) % x.ndim
     if dim in field.image_dims:
         return _Lost("splitting or selecting along an image axis")
-    if func._schema.name.split("::")[-1] in ("unbind", "select"):
+    if func._schema.name.partition("::")[2] in ("unbind", "select"):
         return field.renumbered(lambda d: d - (dim < d))
     return field
 

@@ -1265,3 +1265,32 @@ def test_a_mistyped_layer_name_gets_its_close_matches_and_a_far_one_none():
     message = str(err.value)
     assert "'stme' (did you mean stem" in message
     assert "'zzz' (did you mean" not in message and "'zzz'" in message
+
+
+def test_adaptive_pooling_to_more_cells_than_the_map_is_global_along_that_axis(caplog):
+    """Adaptive pooling of a 4 × 20 map of 3×3 pad-1 conv cells to (8, 10): the rows are stretched
+    (each input row feeds two output rows), which no single jump describes, so they are treated as
+    global — every cell gets rows -1..4 (size 6, start 1.5, jump 0) and a note that this is a
+    bound; the columns halve evenly (a 2-wide window: size 4, jump 2, start 0.5)."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AdaptiveAvgPool2d((8, 10)))
+    assert traced(net, ["1"], (4, 20), caplog) == {"1": RF(6, 4, 0, 2, 1.5, 0.5)}
+    assert "uneven bins" in caplog.text
+
+
+def test_a_global_max_over_all_dims_sees_the_whole_image(caplog):
+    """``torch.amax`` without dims (ATen gets an empty dim list) reduces everything: its field is
+    the union of all conv cells — on 12 × 20, rows -1..12 (size 14, jump 12, start 5.5) and
+    columns -1..20 (size 22, jump 20, start 9.5) — traced."""
+    fields = traced(nn.Sequential(ConvThen(lambda y: y.amax())), ["0"], (12, 20), caplog)
+    assert fields == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
+
+
+def test_probe_takes_the_jump_from_the_lower_edges_when_the_upper_edge_touches_the_border():
+    """Six zero rows on top of a 10 × 12 image, then an unpadded 5×5 conv: 12 × 8 cells, cell y
+    reads rows y-6..y-2. The probe's centre row 6 reads rows 0..4, touching the top, so the jump
+    is measured between the lower edges of rows 6 and 7 (4 → 5: 1), not guessed as the image over
+    the cells (10 / 12); the field agrees with the analysis (size 5, start -4 and 2)."""
+    net = nn.Sequential(nn.ZeroPad2d((0, 0, 6, 0)), nn.Conv2d(1, 1, 5))
+    expected = {"1": RF(5, 5, 1, 1, -4, 2)}
+    assert receptive_fields(net, ["1"], (10, 12)) == expected
+    assert estimate_receptive_fields(net, ["1"], (10, 12)) == expected
