@@ -1294,3 +1294,35 @@ def test_probe_takes_the_jump_from_the_lower_edges_when_the_upper_edge_touches_t
     expected = {"1": RF(5, 5, 1, 1, -4, 2)}
     assert receptive_fields(net, ["1"], (10, 12)) == expected
     assert estimate_receptive_fields(net, ["1"], (10, 12)) == expected
+
+
+def tokens_with_a_padded_channel(y):
+    """ViT-style tokens (N, H·W, C) given one more channel of zeros with F.pad, then the map again
+    (N, C + 1, H, W)."""
+    n, c, h, w = y.shape
+    tokens = F.pad(y.flatten(2).transpose(1, 2), (0, 1))
+    return tokens.transpose(1, 2).reshape(n, c + 1, h, w)
+
+
+def test_padding_the_channels_of_tokens_keeps_their_image_axes(caplog):
+    """Padding touches only the channel dim of the tokens, not the packed token axis: the field is
+    kept, the map is unpacked again, and a 3×3 conv after it sees 5 px, traced on 12 × 20."""
+    net = nn.Sequential(ConvThen(tokens_with_a_padded_channel), nn.Conv2d(2, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def channel_attention(y):
+    """DANet-style channel attention: each position's channel vector (rows of an (H·W, C) matrix)
+    multiplied by the C × C channel affinities of the whole map, then the map again."""
+    n, c, h, w = y.shape
+    rows = y.permute(0, 2, 3, 1).reshape(h * w, c)
+    mixed = rows @ torch.softmax(rows.T @ rows, dim=-1)
+    return mixed.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def test_positions_mixed_by_affinities_of_the_whole_map_see_the_whole_image(caplog):
+    """The affinities are computed from every position, so every cell of the result sees the whole
+    12 × 20 image — rows -1..12 (size 14, start 5.5), columns -1..20 (size 22, start 9.5), jump
+    the map's extent — traced, not the conv's 3 px."""
+    fields = traced(nn.Sequential(ConvThen(channel_attention, channels=2)), ["0"], (12, 20), caplog)
+    assert fields == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
