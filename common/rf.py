@@ -423,7 +423,7 @@ def _rule_reduction(func, bound, args, out):
     if not isinstance(field, _Field):
         return field
     dims = bound.get("dim")
-    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
         return field.flattened(x.shape)
     dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
     reduced = dims & field.image_dims

@@ -1326,3 +1326,23 @@ def test_positions_mixed_by_affinities_of_the_whole_map_see_the_whole_image(capl
     the map's extent — traced, not the conv's 3 px."""
     fields = traced(nn.Sequential(ConvThen(channel_attention, channels=2)), ["0"], (12, 20), caplog)
     assert fields == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
+
+
+def test_a_1d_convolution_along_the_tokens_is_left_to_the_probe_and_named(caplog):
+    """A 1-D convolution along the token axis of (N, C, H·W) tokens mixes tokens across the ends
+    of rows: there is no rule for it, so the probe measures the layer and the warning names the
+    1-D convolution."""
+    net = nn.Sequential(ConvThen(lambda y: F.conv1d(y.flatten(2), torch.ones(1, 1, 3), padding=1).view(y.shape)))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        receptive_fields(net, ["0"], (12, 20))
+    assert "receptive field of 0 estimated" in caplog.text
+    assert "1-D convolution" in caplog.text
+
+
+def test_probe_gives_an_axis_of_one_cell_the_input_side_as_its_jump():
+    """A map one cell high (two rows cropped off the top of a 10 × 20 image, then a 5×5 conv of
+    stride 8: rows 2..6) has no second row to measure a jump from: like a layer without image
+    axes, it gets the input's height, 10; its size 5 and start 4 come from its cell. The columns
+    (two cells, 0..4 and 8..12) are measured as usual: size 5, jump 8, start 2."""
+    net = nn.Sequential(nn.ZeroPad2d((0, 0, -2, 0)), nn.Conv2d(1, 1, 5, stride=8))
+    assert estimate_receptive_fields(net, ["1"], (10, 20)) == {"1": RF(5, 5, 10, 8, 4, 2)}
