@@ -1346,3 +1346,13 @@ def test_probe_gives_an_axis_of_one_cell_the_input_side_as_its_jump():
     (two cells, 0..4 and 8..12) are measured as usual: size 5, jump 8, start 2."""
     net = nn.Sequential(nn.ZeroPad2d((0, 0, -2, 0)), nn.Conv2d(1, 1, 5, stride=8))
     assert estimate_receptive_fields(net, ["1"], (10, 20)) == {"1": RF(5, 5, 10, 8, 4, 2)}
+
+
+def test_taking_apart_the_last_dim_of_a_channels_last_map_leaves_its_image_axes(caplog):
+    """Selecting or unbinding the channels of a (N, H, W, C) map removes a dim after the image
+    axes, which stay where they are: a 3×3 conv after it sees 5 px, traced on 12 × 20."""
+    picks = {"select": lambda t: t[..., 0] + t[..., 1], "unbind": lambda t: torch.mul(*t.unbind(-1))}
+    for pick in picks.values():
+        block = ConvThen(lambda y: pick(y.permute(0, 2, 3, 1)).unsqueeze(1), channels=2)
+        net = nn.Sequential(block, nn.Conv2d(1, 1, 3, padding=1))
+        assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
