@@ -1356,3 +1356,15 @@ def test_taking_apart_the_last_dim_of_a_channels_last_map_leaves_its_image_axes(
         block = ConvThen(lambda y: pick(y.permute(0, 2, 3, 1)).unsqueeze(1), channels=2)
         net = nn.Sequential(block, nn.Conv2d(1, 1, 3, padding=1))
         assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def test_probe_window_mean_of_a_dilated_pool_of_stride_one_has_its_grid():
+    """With stride 1 every padded pixel adds a cell, so the stand-in must pad exactly what the
+    pool reads: a 3×3 max pool of dilation 2 (and padding 1) on 7 × 9 gives 5 × 7 cells, and so
+    does the window mean, each cell the mean of the pool's taps."""
+    pool = nn.MaxPool2d(3, stride=1, padding=1, dilation=2)
+    x = torch.randn(1, 2, 7, 9, generator=torch.Generator().manual_seed(0))
+    out = _DilatedWindow(pool)(x)
+    assert out.shape == pool(x).shape == (1, 2, 5, 7)
+    taps = F.unfold(x, 3, dilation=2, padding=1)
+    assert torch.allclose(out, taps.view(1, 2, 9, 5, 7).mean(dim=2), atol=1e-6)
