@@ -1368,3 +1368,11 @@ def test_probe_window_mean_of_a_dilated_pool_of_stride_one_has_its_grid():
     assert out.shape == pool(x).shape == (1, 2, 5, 7)
     taps = F.unfold(x, 3, dilation=2, padding=1)
     assert torch.allclose(out, taps.view(1, 2, 9, 5, 7).mean(dim=2), atol=1e-6)
+
+
+def test_rows_folded_into_channels_leave_no_image_axes(caplog):
+    """CRNN-style: the map's rows folded into its channels, (N, C·H, W), keep only the columns as a
+    spatial dim, so no cell of the image is placed: the field is the whole 12 × 20 image (rows
+    -1..12, columns -1..20), traced, not the conv's 3 px."""
+    net = nn.Sequential(ConvThen(lambda y: y.reshape(y.shape[0], -1, y.shape[3]), channels=2))
+    assert traced(net, ["0"], (12, 20), caplog) == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
