@@ -92,8 +92,7 @@ class StreamingTopK:
         """Rebuild a top-k from the arrays written by :meth:`arrays`."""
         values = arrays[f"{prefix}/values"]
         maps = arrays.get(f"{prefix}/maps")
-        topk = cls(values.shape[0], values.shape[1],
-                   None if maps is None else tuple(maps.shape[2:]))
+        topk = cls(values.shape[0], values.shape[1])  # the maps, if any, are set below
         topk.values = np.where(np.isnan(values), -np.inf, values).astype(np.float32)
         topk.image_ids = arrays[f"{prefix}/image_ids"]
         topk.y, topk.x = arrays[f"{prefix}/y"], arrays[f"{prefix}/x"]

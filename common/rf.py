@@ -64,6 +64,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from common.cli import StageError
 from common.fields import RF
+from common.models import input_channels
 
 log = logging.getLogger("neuron-atlas.rf")
 
@@ -92,7 +93,8 @@ def receptive_fields(model: nn.Module, layer_names: Sequence[str], input_size: i
     times in one forward pass is described by its last call (as forward hooks record it). Exact
     analysis as described in the module docstring; layers it cannot follow are estimated with
     ``estimate_receptive_fields`` and a warning. ``channels`` is the number of input channels
-    (default: the first ``nn.Conv2d``'s, else 3). The model is left as it was (mode included).
+    (default: ``common.models.input_channels``, the first ``nn.Conv2d``'s, else 3). The model is
+    left as it was (mode included).
     Raises ``StageError`` for an unknown layer name or a layer that the forward pass never runs.
     Layers named in ``patch_grids`` (transformer layers: name → their patch grid) get a
     ``patch_field`` and are not traced.
@@ -147,7 +149,7 @@ def estimate_receptive_fields(model: nn.Module, layer_names: Sequence[str],
     height, width = _pair(input_size)
     probe = _linearised_copy(model)
     device = _model_device(model)
-    image = torch.ones(1, channels or _input_channels(model), height, width, dtype=_PROBE_DTYPE,
+    image = torch.ones(1, channels or input_channels(model), height, width, dtype=_PROBE_DTYPE,
                        device=device, requires_grad=True)
     outputs = _run_with_hooks(probe, names, image)
     result = {}
@@ -323,8 +325,7 @@ def _pair_list(value, default=None) -> tuple[int, int]:
         value = default
     if isinstance(value, int):
         return value, value
-    value = list(value)
-    return (value[0], value[0]) if len(value) == 1 else (value[-2], value[-1])
+    return value[0], value[-1]  # one number stands for both axes
 
 
 def _main_input(bound):
@@ -422,7 +423,7 @@ def _rule_reduction(func, bound, args, out):
     if not isinstance(field, _Field):
         return field
     dims = bound.get("dim")
-    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
         return field.flattened(x.shape)
     dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
     reduced = dims & field.image_dims
@@ -434,7 +435,7 @@ def _rule_reduction(func, bound, args, out):
         return replace(field, h=field.h.whole(n_h), w=field.w.whole(n_w))
     if reduced:
         return field.flattened(x.shape)
-    return field if keepdim else field.renumbered(lambda d: d - sum(1 for r in dims if r < d))
+    return field if keepdim else field.renumbered([d for d in range(x.ndim) if d not in dims].index)
 
 
 def _same_dims(a: Sequence[int], b: Sequence[int]) -> bool:
@@ -502,7 +503,7 @@ def _rule_permute(func, bound, args, out):
     x, field = _main_input(bound)
     if not isinstance(field, _Field) or not field.image_dims:
         return field
-    name = func._schema.name.split("::")[-1]
+    name = func._schema.name.partition("::")[2]
     if name == "permute":
         order = [d % x.ndim for d in bound["dims"]]
     else:
@@ -539,7 +540,7 @@ def _rule_split(func, bound, args, out):
     dim = bound.get("dim", 0) % x.ndim
     if dim in field.image_dims:
         return _Lost("splitting or selecting along an image axis")
-    if func._schema.name.split("::")[-1] in ("unbind", "select"):
+    if func._schema.name.partition("::")[2] in ("unbind", "select"):
         return field.renumbered(lambda d: d - (dim < d))
     return field
 
@@ -736,7 +737,7 @@ def _trace_fields(model: nn.Module, names: list[str], size: tuple[int, int], cha
     """Run ``model`` once on a wrapped blank input; the field (or ``_Lost``) of each named layer's output."""
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    blank = torch.zeros(1, channels or _input_channels(model), *size, dtype=dtype, device=_model_device(model))
+    blank = torch.zeros(1, channels or input_channels(model), *size, dtype=dtype, device=_model_device(model))
     unit = _Span(0.0, 1.0, 1.0)
     try:
         outputs = _run_with_hooks(model, names, _Tracked(blank, _Field(unit, unit, axes=(2, 3))))
@@ -851,7 +852,7 @@ def _linearised_copy(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for param in probe.parameters():
             param.requires_grad_(False)
-            param.fill_(1.0 / param[0].numel() if param.ndim >= 2 else 1.0)
+            param.fill_(1.0 / math.prod(param.shape[1:]))  # 1 / fan-in; 1 for biases, scales, scalars
         for module in probe.modules():
             if getattr(module, "running_mean", None) is not None:
                 module.running_mean.zero_()
@@ -911,12 +912,6 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
         return size, size
     height, width = size
     return int(height), int(width)
-
-
-def _input_channels(model: nn.Module) -> int:
-    """Input channels of the first ``nn.Conv2d`` in the model, else 3."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
 
 
 def _model_device(model: nn.Module) -> torch.device:

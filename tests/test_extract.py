@@ -115,6 +115,30 @@ def test_image_zero_is_saved_with_its_value_and_empty_slots_as_nan():
     assert back.y.tolist() == [[1, 2, 0], [3, 0, 0]] and back.x.tolist() == [[0, 1, 0], [1, 2, 0]]
 
 
+def test_topk_with_maps_read_back_from_its_arrays_keeps_and_merges_its_maps():
+    """01's shards are saved with ``arrays`` and read back with ``from_arrays``: the maps come back
+    in rank order with their entries (stored out of order by batched updates), and merging another
+    top-k into the copy read back gives what merging it into the live buffers gives."""
+    rng = np.random.default_rng(4)
+    n, channels, k = 24, 2, 4
+    values = rng.normal(size=(n, channels)).astype(np.float32)
+    maps = rng.normal(size=(n, channels, 2, 3)).astype(np.float16)
+    pos = rng.integers(0, 3, size=(n, channels)).astype(np.int32)
+    live, other = StreamingTopK(channels, k, (2, 3)), StreamingTopK(channels, k, (2, 3))
+    for ids in np.array_split(np.arange(12), 3):
+        live.update(values[ids], ids, pos[ids], pos[ids], maps[ids])
+    other.update(values[12:], np.arange(12, n), pos[12:], pos[12:], maps[12:])
+    back = StreamingTopK.from_arrays(live.arrays("L"), "L")
+    np.testing.assert_array_equal(back.ranked_maps(), live.ranked_maps())
+    back.merge(other)
+    live.merge(other)
+    for name in ("image_ids", "values", "y", "x"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(live, name), name)
+    np.testing.assert_array_equal(back.ranked_maps(), live.ranked_maps())
+    for c in range(channels):
+        np.testing.assert_array_equal(back.ranked_maps()[c], maps[back.image_ids[c], c])
+
+
 def test_reducer_stores_the_peak_row_and_column_of_a_wide_map():
     """On a 3 × 5 map (not square) a peak at row 1, column 4 is stored as y = 1, x = 4 (a peak off
     the diagonal: swapping y and x, or dividing by the height, cannot pass), with the max and

@@ -1094,3 +1094,285 @@ def test_a_constant_channel_concatenated_first_leaves_the_field(caplog):
     the concatenation: the conv's 3 px, and 5 px after a 3×3 conv, traced on 12 × 20."""
     net = nn.Sequential(ConvThen(with_coordinate_channel), nn.Conv2d(2, 1, 3, padding=1))
     assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def channel_shuffle_channels_last(y):
+    """ShuffleNet's channel shuffle on a channels-last map: (N, H, W, C) viewed as (N, H, W, 2, C/2),
+    the two channel axes swapped, back to (N, H, W, C), then channels-first again."""
+    n, c, h, w = y.shape
+    shuffled = y.permute(0, 2, 3, 1).reshape(n, h, w, 2, c // 2).transpose(3, 4).reshape(n, h, w, c)
+    return shuffled.permute(0, 3, 1, 2)
+
+
+def test_reshaping_the_channels_after_channels_last_image_axes_keeps_the_field(caplog):
+    """Splitting and merging the channel dim that follows the image axes of a (N, H, W, C) map
+    moves no position: the conv's 3 px, and 5 px after a 3×3 conv, traced on 12 × 20 — what the
+    gradient probe measures too."""
+    net = nn.Sequential(ConvThen(channel_shuffle_channels_last, channels=4), nn.Conv2d(4, 1, 3, padding=1))
+    fields = traced(net, ["0", "1"], (12, 20), caplog)
+    assert fields == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+    assert estimate_receptive_fields(net, ["0", "1"], (12, 20)) == fields
+
+
+class PixelMLP(nn.Module):
+    """A model without any nn.Conv2d: a Linear over the three colour values of each pixel
+    (channels-last), then 2×2 max pooling."""
+
+    def __init__(self):
+        """The Linear and the pool."""
+        super().__init__()
+        self.mix = nn.Linear(3, 4)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        """(N, 3, H, W) → per-pixel Linear → (N, 4, H, W) → pooled."""
+        return self.pool(self.mix(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_a_model_without_a_convolution_is_given_rgb_input(caplog):
+    """With no nn.Conv2d to read the input channels from, the analysis and the probe feed the
+    model 3 channels (RGB, as common.models assumes for such a model): a per-pixel Linear then a
+    2×2 pool sees 2 × 2 pixels (start 0.5, jump 2), traced, and the probe agrees."""
+    fields = traced(PixelMLP(), ["mix", "pool"], (12, 20), caplog)
+    assert fields == {"mix": rf(1, 1, 0), "pool": rf(2, 2, 0.5)}
+    assert estimate_receptive_fields(PixelMLP(), ["pool"], (12, 20)) == {"pool": rf(2, 2, 0.5)}
+
+
+class ListedGeometry(nn.Conv2d):
+    """A 3×3 conv called with its stride and padding as one-number lists ([2], [1]), then a 3×3
+    max pool of stride [2]: torch applies the one number to both axes."""
+
+    def forward(self, x):
+        """``F.conv2d`` and ``F.max_pool2d`` with one-number lists."""
+        return F.max_pool2d(F.conv2d(x, self.weight, stride=[2], padding=[1]), [3], stride=[2])
+
+
+def test_one_number_lists_of_stride_and_padding_apply_to_both_axes(caplog):
+    """On a 12 × 20 image the listed geometry is that of Conv2d(3, stride 2, pad 1) then
+    MaxPool2d(3, stride 2): conv first -1, size 3, jump 2; pool first -1, size 3 + 2*2 = 7,
+    jump 4, start 2 — on both axes, traced."""
+    plain = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.MaxPool2d(3, stride=2))
+    assert traced(nn.Sequential(ListedGeometry(1, 1, 3)), ["0"], (12, 20), caplog) == {"0": rf(7, 4, 2)}
+    assert receptive_fields(plain, ["1"], (12, 20)) == {"1": rf(7, 4, 2)}
+
+
+class DenseMix(nn.Module):
+    """A 3×3 conv's map plus a fully connected mix of all its cells viewed back as a map (as
+    MLP-Mixer's token mixing does)."""
+
+    def __init__(self):
+        """The conv, and a Linear over the 16 × 20 cells."""
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.mix = nn.Linear(320, 320)
+
+    def forward(self, x):
+        """map + Linear(flattened map) viewed as the map."""
+        y = self.conv(x)
+        return y + self.mix(y.flatten(1)).view(y.shape)
+
+
+def test_a_map_plus_a_dense_mix_of_all_its_cells_sees_the_whole_image(caplog):
+    """Every cell of the sum reads every cell of the conv through the Linear, so its field is the
+    whole 16 × 20 image, not the conv's 3 px: the analysis cannot place the mixed term's cells (its
+    image axes were flattened away) and leaves the layer to the probe, which measures the image.
+    (The map has 320 cells, more than CPython keeps as shared small ints.)"""
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = receptive_fields(nn.Sequential(DenseMix()), ["0"], (16, 20))["0"]
+    assert "receptive field of 0 estimated" in caplog.text
+    assert field.size_h >= 16 and field.size_w >= 20
+
+
+def test_probe_warns_of_a_field_cut_by_the_bottom_edge_of_a_tall_image(caplog):
+    """A field can run past one edge only: 200 rows of zero padding below a 260 × 3 image, then a
+    201 × 1 conv (exactly: size 201, start 100). The probe's centre cell 130 reads rows 130..330,
+    of which 130..259 exist: it measures 130 rows, a lower bound, and says so, on an image taller
+    than 256 px as on a small one; the columns (1 px, inside) are exact."""
+    net = nn.Sequential(nn.ZeroPad2d((0, 0, 0, 200)), nn.Conv2d(1, 1, (201, 1)))
+    assert receptive_fields(net, ["1"], (260, 3)) == {"1": RF(201, 1, 1, 1, 100, 0)}
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        field = estimate_receptive_fields(net, ["1"], (260, 3))["1"]
+    assert field == RF(130, 1, 1, 1, 64.5, 0)
+    assert "reaches the border" in caplog.text
+
+
+def test_a_residual_on_a_map_wider_than_256_cells_keeps_the_local_field(caplog):
+    """The branches of a sum are matched by their map sizes as numbers: on a 5 × 300 image (more
+    cells than CPython keeps as shared small ints) conv(x) + x keeps the conv's field, 3 px with
+    jump 1 — not the jump 0 of a gate broadcast over the map."""
+    net = nn.Sequential(Residual(nn.Conv2d(1, 1, 3, padding=1), nn.Identity()))
+    assert traced(net, ["0"], (5, 300), caplog) == {"0": rf(3, 1, 0)}
+
+
+def test_tokens_of_a_map_of_more_than_256_cells_are_followed(caplog):
+    """A 16 × 20 map has 320 tokens (more than CPython keeps as shared small ints): flattened into
+    one token axis, or into (N, tokens, C) and transposed, and folded back, its image axes are
+    still followed — a 3×3 conv after it sees 5 px, traced."""
+    for block in (Tokens(), ConvThen(tokens_and_back)):
+        net = nn.Sequential(block, nn.Conv2d(1, 1, 3, padding=1))
+        assert traced(net, ["0", "1"], (16, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+class BufferKernel(nn.Module):
+    """A fixed gain per colour channel and a fixed 3×3 kernel, kept as buffers: a model with no
+    parameters."""
+
+    def __init__(self):
+        """The gains and the kernel."""
+        super().__init__()
+        self.register_buffer("gain", torch.ones(1, 3, 1, 1))
+        self.register_buffer("kernel", torch.ones(1, 3, 3, 3))
+
+    def forward(self, x):
+        """The unpadded convolution of the scaled input with the kernel."""
+        return F.conv2d(x * self.gain, self.kernel)
+
+
+def test_the_blank_input_is_made_on_the_models_device(caplog):
+    """The traced input is built on the device of the model's first parameter, or buffer when it
+    has none. The meta device (tensors without data) stands in for a GPU: a model moved there,
+    with parameters or with buffers only, is traced there — a CPU input would not run with it."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.PReLU(),
+                        nn.Conv2d(1, 1, 3, padding=1)).to("meta")
+    assert traced(net, ["2"], (12, 20), caplog) == {"2": rf(7, 2, 0)}
+    assert traced(nn.Sequential(BufferKernel()).to("meta"), ["0"], (12, 20), caplog) == {"0": rf(3, 1, 1)}
+
+
+def swin_pad(y):
+    """Swin's window padding: the map channels-last (N, H, W, C) padded with F.pad's pairs from the
+    last dim — channels (0, 0), 2 columns on the left, 1 row on top — then channels-first again."""
+    return F.pad(y.permute(0, 2, 3, 1), (0, 0, 2, 0, 1, 0)).permute(0, 3, 1, 2)
+
+
+def test_padding_a_channels_last_map_moves_the_start_of_its_image_axes(caplog):
+    """After a 3×3 pad-1 conv (first -1, size 3) on 12 × 20, one row padded on top moves the rows'
+    first pixel to -2 (start -1) and two columns on the left the columns' to -3 (start -2), as the
+    gradient probe measures too."""
+    net = nn.Sequential(ConvThen(swin_pad))
+    expected = {"0": RF(3, 3, 1, 1, -1, -2)}
+    assert traced(net, ["0"], (12, 20), caplog) == expected
+    assert estimate_receptive_fields(net, ["0"], (12, 20)) == expected
+
+
+def test_a_mistyped_layer_name_gets_its_close_matches_and_a_far_one_none():
+    """The error names each unknown layer; a near miss gets "did you mean" with the close
+    names, a name like no layer gets no such hint."""
+    net = nn.Sequential()
+    net.add_module("stem", nn.Conv2d(1, 1, 3))
+    net.add_module("stage", nn.Conv2d(1, 1, 3))
+    with pytest.raises(StageError) as err:
+        receptive_fields(net, ["stme", "zzz"], 16)
+    message = str(err.value)
+    assert "'stme' (did you mean stem" in message
+    assert "'zzz' (did you mean" not in message and "'zzz'" in message
+
+
+def test_adaptive_pooling_to_more_cells_than_the_map_is_global_along_that_axis(caplog):
+    """Adaptive pooling of a 4 × 20 map of 3×3 pad-1 conv cells to (8, 10): the rows are stretched
+    (each input row feeds two output rows), which no single jump describes, so they are treated as
+    global — every cell gets rows -1..4 (size 6, start 1.5, jump 0) and a note that this is a
+    bound; the columns halve evenly (a 2-wide window: size 4, jump 2, start 0.5)."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AdaptiveAvgPool2d((8, 10)))
+    assert traced(net, ["1"], (4, 20), caplog) == {"1": RF(6, 4, 0, 2, 1.5, 0.5)}
+    assert "uneven bins" in caplog.text
+
+
+def test_a_global_max_over_all_dims_sees_the_whole_image(caplog):
+    """``torch.amax`` without dims (ATen gets an empty dim list) reduces everything: its field is
+    the union of all conv cells — on 12 × 20, rows -1..12 (size 14, jump 12, start 5.5) and
+    columns -1..20 (size 22, jump 20, start 9.5) — traced."""
+    fields = traced(nn.Sequential(ConvThen(lambda y: y.amax())), ["0"], (12, 20), caplog)
+    assert fields == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
+
+
+def test_probe_takes_the_jump_from_the_lower_edges_when_the_upper_edge_touches_the_border():
+    """Six zero rows on top of a 10 × 12 image, then an unpadded 5×5 conv: 12 × 8 cells, cell y
+    reads rows y-6..y-2. The probe's centre row 6 reads rows 0..4, touching the top, so the jump
+    is measured between the lower edges of rows 6 and 7 (4 → 5: 1), not guessed as the image over
+    the cells (10 / 12); the field agrees with the analysis (size 5, start -4 and 2)."""
+    net = nn.Sequential(nn.ZeroPad2d((0, 0, 6, 0)), nn.Conv2d(1, 1, 5))
+    expected = {"1": RF(5, 5, 1, 1, -4, 2)}
+    assert receptive_fields(net, ["1"], (10, 12)) == expected
+    assert estimate_receptive_fields(net, ["1"], (10, 12)) == expected
+
+
+def tokens_with_a_padded_channel(y):
+    """ViT-style tokens (N, H·W, C) given one more channel of zeros with F.pad, then the map again
+    (N, C + 1, H, W)."""
+    n, c, h, w = y.shape
+    tokens = F.pad(y.flatten(2).transpose(1, 2), (0, 1))
+    return tokens.transpose(1, 2).reshape(n, c + 1, h, w)
+
+
+def test_padding_the_channels_of_tokens_keeps_their_image_axes(caplog):
+    """Padding touches only the channel dim of the tokens, not the packed token axis: the field is
+    kept, the map is unpacked again, and a 3×3 conv after it sees 5 px, traced on 12 × 20."""
+    net = nn.Sequential(ConvThen(tokens_with_a_padded_channel), nn.Conv2d(2, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def channel_attention(y):
+    """DANet-style channel attention: each position's channel vector (rows of an (H·W, C) matrix)
+    multiplied by the C × C channel affinities of the whole map, then the map again."""
+    n, c, h, w = y.shape
+    rows = y.permute(0, 2, 3, 1).reshape(h * w, c)
+    mixed = rows @ torch.softmax(rows.T @ rows, dim=-1)
+    return mixed.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def test_positions_mixed_by_affinities_of_the_whole_map_see_the_whole_image(caplog):
+    """The affinities are computed from every position, so every cell of the result sees the whole
+    12 × 20 image — rows -1..12 (size 14, start 5.5), columns -1..20 (size 22, start 9.5), jump
+    the map's extent — traced, not the conv's 3 px."""
+    fields = traced(nn.Sequential(ConvThen(channel_attention, channels=2)), ["0"], (12, 20), caplog)
+    assert fields == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
+
+
+def test_a_1d_convolution_along_the_tokens_is_left_to_the_probe_and_named(caplog):
+    """A 1-D convolution along the token axis of (N, C, H·W) tokens mixes tokens across the ends
+    of rows: there is no rule for it, so the probe measures the layer and the warning names the
+    1-D convolution."""
+    net = nn.Sequential(ConvThen(lambda y: F.conv1d(y.flatten(2), torch.ones(1, 1, 3), padding=1).view(y.shape)))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        receptive_fields(net, ["0"], (12, 20))
+    assert "receptive field of 0 estimated" in caplog.text
+    assert "1-D convolution" in caplog.text
+
+
+def test_probe_gives_an_axis_of_one_cell_the_input_side_as_its_jump():
+    """A map one cell high (two rows cropped off the top of a 10 × 20 image, then a 5×5 conv of
+    stride 8: rows 2..6) has no second row to measure a jump from: like a layer without image
+    axes, it gets the input's height, 10; its size 5 and start 4 come from its cell. The columns
+    (two cells, 0..4 and 8..12) are measured as usual: size 5, jump 8, start 2."""
+    net = nn.Sequential(nn.ZeroPad2d((0, 0, -2, 0)), nn.Conv2d(1, 1, 5, stride=8))
+    assert estimate_receptive_fields(net, ["1"], (10, 20)) == {"1": RF(5, 5, 10, 8, 4, 2)}
+
+
+def test_taking_apart_the_last_dim_of_a_channels_last_map_leaves_its_image_axes(caplog):
+    """Selecting or unbinding the channels of a (N, H, W, C) map removes a dim after the image
+    axes, which stay where they are: a 3×3 conv after it sees 5 px, traced on 12 × 20."""
+    picks = {"select": lambda t: t[..., 0] + t[..., 1], "unbind": lambda t: torch.mul(*t.unbind(-1))}
+    for pick in picks.values():
+        block = ConvThen(lambda y: pick(y.permute(0, 2, 3, 1)).unsqueeze(1), channels=2)
+        net = nn.Sequential(block, nn.Conv2d(1, 1, 3, padding=1))
+        assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def test_probe_window_mean_of_a_dilated_pool_of_stride_one_has_its_grid():
+    """With stride 1 every padded pixel adds a cell, so the stand-in must pad exactly what the
+    pool reads: a 3×3 max pool of dilation 2 (and padding 1) on 7 × 9 gives 5 × 7 cells, and so
+    does the window mean, each cell the mean of the pool's taps."""
+    pool = nn.MaxPool2d(3, stride=1, padding=1, dilation=2)
+    x = torch.randn(1, 2, 7, 9, generator=torch.Generator().manual_seed(0))
+    out = _DilatedWindow(pool)(x)
+    assert out.shape == pool(x).shape == (1, 2, 5, 7)
+    taps = F.unfold(x, 3, dilation=2, padding=1)
+    assert torch.allclose(out, taps.view(1, 2, 9, 5, 7).mean(dim=2), atol=1e-6)
+
+
+def test_rows_folded_into_channels_leave_no_image_axes(caplog):
+    """CRNN-style: the map's rows folded into its channels, (N, C·H, W), keep only the columns as a
+    spatial dim, so no cell of the image is placed: the field is the whole 12 × 20 image (rows
+    -1..12, columns -1..20), traced, not the conv's 3 px."""
+    net = nn.Sequential(ConvThen(lambda y: y.reshape(y.shape[0], -1, y.shape[3]), channels=2))
+    assert traced(net, ["0"], (12, 20), caplog) == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
