@@ -228,7 +228,8 @@ def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
     """By hand. Eq. 2 on an image with activations 0, 0, 3, 3 (μ 1.5, σ 1.5, α 1): the two
     neurons exactly at μ + ασ = 3 are active; on 0, 0, 2, 4 the 2 is below μ + σ but above
     μ + σ / 4. Eq. 3–4 with β 0.75: neurons active on exactly
-    3 of the basket's 4 images belong to it, one active on 1 of 4 does not. The filter at
+    3 of the basket's 4 images belong to it, one active on 1 of 4 does not; a basket without
+    images gives every neuron share 0 and no member. The filter at
     0.5 sd: of two finite scores 0 and 1 (mean 0.5, sd 0.5) the bad side's one lies beyond
     0.75 (or below 0.25), while at 1 sd both lie exactly on the bound and are kept; a NaN is
     never an outlier, nor is a lone finite score."""
@@ -243,6 +244,9 @@ def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
     active = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
     members, share = B.neuron_set(active, 0.75)
     assert members == [0, 1] and share.tolist() == [0.75, 0.75, 0.25]
+    # a basket without images: each of the 3 neurons has share 0, and none is a member
+    members, share = B.neuron_set(np.zeros((0, 3), bool), 0.75)
+    assert members == [] and share.tolist() == [0.0, 0.0, 0.0]
     assert B.outliers([0.0, 1.0], high_is_bad=True, n_sd=0.5).tolist() == [False, True]
     assert B.outliers([0.0, 1.0, np.nan], high_is_bad=False, n_sd=0.5).tolist() == \
         [True, False, False]

@@ -176,6 +176,8 @@ def test_cohesion_and_silhouette_by_hand():
     # a singleton has no pairs: it must not pull the cohesion towards 0 or 1
     x3 = np.vstack([x, [[-1.0, 0.0]]])
     assert stage.cohesion(x3, np.array([0, 0, 1, 1, 2])) == pytest.approx(0.8)
+    # … nor stop the average when its label comes first
+    assert stage.cohesion(x3, np.array([1, 1, 2, 2, 0])) == pytest.approx(0.8)
 
 
 def test_tfidf_tiny_corpus_by_hand():
