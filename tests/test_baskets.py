@@ -211,6 +211,19 @@ def test_basket_tree_places_by_hand():
     assert root.members == [0, 1] and root.depth == 0
 
 
+def test_loners_joined_above_the_cut_do_not_hide_a_basket():
+    """Five channels: {0, 1} correlate 0.9 (a basket at min_corr 0.5); 2 and 3 correlate only 0.4
+    and 4 joins {0, 1} at 0.3, so all three stay alone — and scipy numbers the loners 2 and 3
+    before the basket. The basket is still found, joined at 0.3 with sibling {4}, depth 2."""
+    corr = np.eye(5)
+    corr[0, 1] = corr[1, 0] = 0.9
+    corr[2, 3] = corr[3, 2] = 0.4
+    corr[4, [0, 1]] = corr[[0, 1], 4] = 0.3
+    _, baskets = B.cluster(corr, 0.5)
+    assert [(b.members, b.join_corr, b.sibling_members, b.depth) for b in baskets] == \
+        [([0, 1], pytest.approx(0.3), [4], 2)]
+
+
 def test_image_silhouettes_by_hand_and_undefined_partitions():
     """Cosine silhouettes of images: two images along x and two along y are perfectly separated
     (a = 0, b = 1: silhouette 1 each); an image alone in its cluster gets 0 (scikit-learn's

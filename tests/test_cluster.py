@@ -433,3 +433,9 @@ def test_an_undefined_silhouette_is_never_the_best_k(monkeypatch):
     best, _, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
     assert best == 7 and np.isnan(curve[2][0])
     assert sorted(curve) == [2, 4, 6, 7, 8, 9, 12, 22, 40]
+    # the same when every defined silhouette is negative (a layer without cluster structure):
+    # the NaN is still below them all, not a 0 that would top the curve and be refined (k = 3)
+    score = {2: float("nan"), 7: -0.05}
+    monkeypatch.setattr(stage, "silhouette", lambda dist, labels: score.get(int(labels[0]), -0.1))
+    best, _, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
+    assert best == 7 and sorted(curve) == [2, 4, 6, 7, 8, 9, 12, 22, 40]
