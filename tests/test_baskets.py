@@ -153,6 +153,15 @@ def test_finch_recovers_planted_image_groups(seed):
     assert adjusted_rand_score(groups, parts[:, 1]) < 0.9  # the levels differ
 
 
+def test_finch_on_the_smallest_image_sets():
+    """Three images already get FINCH's first level, worked by hand: 0 and 1 are each other's
+    first neighbour and 2's first neighbour is one of them, so the three form one group (and
+    there is no coarser level). Two images get no level at all (FINCH needs three)."""
+    three = np.array([[1.0, 0.05], [1.0, 0.0], [0.0, 1.0]])
+    assert B.image_hierarchy(three).tolist() == [[0], [0], [0]]
+    assert B.image_hierarchy(three[:2]).shape == (2, 0)
+
+
 def test_planted_neurons_fill_their_basket_by_eq_2_to_4():
     """Eq. 2 equals a hand loop over images; Eq. 3–4 put exactly the planted neurons of a group
     in its basket at β = 0.75 (they are active on ~90 % of its images, the others on none);
