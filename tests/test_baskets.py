@@ -300,12 +300,19 @@ def test_purity_correlation_and_z_scores_on_the_smallest_inputs_by_hand():
 def test_davies_bouldin_ratios_of_close_clusters_by_hand():
     """Three clusters on a line, centroids closer than 1 apart: {0, 0.2} (centroid 0.1, spread
     0.1), {0.5, 0.7} (0.6, 0.1) and {0.45, 0.55} (0.5, 0.05). R_0 = max(0.2 / 0.5, 0.15 / 0.4)
-    = 0.4; R_1 = R_2 = max(…, 0.15 / 0.1) = 1.5; their mean is scikit-learn's score."""
+    = 0.4; R_1 = R_2 = max(…, 0.15 / 0.1) = 1.5; their mean is scikit-learn's score. Clusters
+    sharing a centroid are not compared with each other."""
     from sklearn.metrics import davies_bouldin_score
     feats = np.array([[0.0], [0.2], [0.5], [0.7], [0.45], [0.55]])
     groups = np.array([0, 0, 1, 1, 2, 2])
     ratios = B.davies_bouldin_ratios(feats, groups)
     assert ratios == pytest.approx({0: 0.4, 1: 1.5, 2: 1.5})
+    assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
+    # two clusters with one centroid (0): like scikit-learn, that pair is left out, not a
+    # division by 0; each is compared with {9, 11} only: R = (1 + 1) / 10, (2 + 1) / 10
+    feats = np.array([[-1.0], [1.0], [-2.0], [2.0], [9.0], [11.0]])
+    ratios = B.davies_bouldin_ratios(feats, groups)
+    assert ratios == pytest.approx({0: 0.2, 1: 0.3, 2: 0.3})
     assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
 
 
