@@ -131,6 +131,10 @@ def test_near_identical_rows_merge_and_distinct_ones_do_not():
     assert data.inverse.tolist() == [0, 1, 2, 0, 3, 2]
     assert data.weights.tolist() == [2, 1, 2, 1]
     np.testing.assert_array_equal(data.points[1], rows[1])  # a group of one keeps its row exactly
+    # a chain a ≈ b ≈ c with a and c apart: b stays in the group of a, the first row that took it
+    angles = np.array([0.0, 0.01, 0.02])  # cosines 0.99995 (neighbours) and 0.9998 (a, c)
+    chain = stage.deduplicate(np.stack([np.cos(angles), np.sin(angles)], axis=1))
+    assert chain.inverse.tolist() == [0, 0, 1] and chain.weights.tolist() == [2, 1]
 
 
 def test_duplicated_layer_is_clustered_as_its_distinct_points(monkeypatch):
