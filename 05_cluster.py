@@ -438,7 +438,7 @@ def top_terms(matrix, rows: np.ndarray | None, vocab: np.ndarray, n: int) -> lis
 
     Ties are broken alphabetically so that the order is stable; zero weights are left out.
     """
-    if matrix is None or len(vocab) == 0:
+    if matrix is None:
         return []
     sub = matrix if rows is None else matrix[rows]
     weights = np.asarray(sub.mean(axis=0)).ravel()

@@ -164,13 +164,13 @@ def confusion_table(rows: list[dict], names: dict[int, str]) -> list[dict]:
         correct = counts.get(idx, 0)
         wrong = sorted(((c, p) for p, c in counts.items() if p != idx), key=lambda t: (-t[0], t[1]))
         errors = n - correct
-        top1 = wrong[0] if wrong else (0, -1)
+        top_count, top_pred = wrong[0] if wrong else (0, "")
         out.append({"class_idx": idx, "class": names[idx], "n": n, "correct": correct,
                     "errors": errors, "accuracy": round(correct / n, 4),
-                    "top1_pred_idx": top1[1] if wrong else "",
-                    "top1_pred": names[top1[1]] if wrong else "",
-                    "top1_count": top1[0],
-                    "top1_share": round(top1[0] / errors, 4) if errors else "",
+                    "top1_pred_idx": top_pred,
+                    "top1_pred": names[top_pred] if wrong else "",
+                    "top1_count": top_count,
+                    "top1_share": round(top_count / errors, 4) if errors else "",
                     "top_confused": "; ".join(f"{names[p]}:{c}" for c, p in wrong[:TOP_CONFUSED])})
     out.sort(key=lambda r: (-r["errors"], r["accuracy"], r["class_idx"]))
     for rank, row in enumerate(out, 1):

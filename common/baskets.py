@@ -92,7 +92,7 @@ def cluster(corr: np.ndarray, min_corr: float) -> tuple[np.ndarray, list[Basket]
     if n < 2:
         return np.zeros((0, 4)), []
     distance = np.clip(1.0 - corr, 0.0, 2.0)
-    np.fill_diagonal(distance, 0.0)
+    # squareform (no checks) reads the upper triangle only: the diagonal never counts
     tree = linkage(squareform(distance, checks=False), method="average")
     labels = fcluster(tree, t=1.0 - min_corr, criterion="distance")
     root, nodes = to_tree(tree, rd=True)

@@ -195,6 +195,7 @@ def test_hostile_sentence_is_escaped_in_reports(audited_run, tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("classes: []\n", "top-level 'classes:' mapping"),
+    ("classes: [cat, dog]\n", "top-level 'classes:' mapping"),
     ("classes:\n  a:\n    valid: [1, 2]\n", "list of non-empty texts"),
     ("classes:\n  a:\n    vaild: [x]\n", "must map to 'valid' and/or 'spurious'"),
     ("classes:\n  a: {}\n", "lists no concept"),

@@ -153,6 +153,15 @@ def test_finch_recovers_planted_image_groups(seed):
     assert adjusted_rand_score(groups, parts[:, 1]) < 0.9  # the levels differ
 
 
+def test_finch_on_the_smallest_image_sets():
+    """Three images already get FINCH's first level, worked by hand: 0 and 1 are each other's
+    first neighbour and 2's first neighbour is one of them, so the three form one group (and
+    there is no coarser level). Two images get no level at all (FINCH needs three)."""
+    three = np.array([[1.0, 0.05], [1.0, 0.0], [0.0, 1.0]])
+    assert B.image_hierarchy(three).tolist() == [[0], [0], [0]]
+    assert B.image_hierarchy(three[:2]).shape == (2, 0)
+
+
 def test_planted_neurons_fill_their_basket_by_eq_2_to_4():
     """Eq. 2 equals a hand loop over images; Eq. 3–4 put exactly the planted neurons of a group
     in its basket at β = 0.75 (they are active on ~90 % of its images, the others on none);
@@ -211,6 +220,19 @@ def test_basket_tree_places_by_hand():
     assert root.members == [0, 1] and root.depth == 0
 
 
+def test_loners_joined_above_the_cut_do_not_hide_a_basket():
+    """Five channels: {0, 1} correlate 0.9 (a basket at min_corr 0.5); 2 and 3 correlate only 0.4
+    and 4 joins {0, 1} at 0.3, so all three stay alone — and scipy numbers the loners 2 and 3
+    before the basket. The basket is still found, joined at 0.3 with sibling {4}, depth 2."""
+    corr = np.eye(5)
+    corr[0, 1] = corr[1, 0] = 0.9
+    corr[2, 3] = corr[3, 2] = 0.4
+    corr[4, [0, 1]] = corr[[0, 1], 4] = 0.3
+    _, baskets = B.cluster(corr, 0.5)
+    assert [(b.members, b.join_corr, b.sibling_members, b.depth) for b in baskets] == \
+        [([0, 1], pytest.approx(0.3), [4], 2)]
+
+
 def test_image_silhouettes_by_hand_and_undefined_partitions():
     """Cosine silhouettes of images: two images along x and two along y are perfectly separated
     (a = 0, b = 1: silhouette 1 each); an image alone in its cluster gets 0 (scikit-learn's
@@ -228,7 +250,8 @@ def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
     """By hand. Eq. 2 on an image with activations 0, 0, 3, 3 (μ 1.5, σ 1.5, α 1): the two
     neurons exactly at μ + ασ = 3 are active; on 0, 0, 2, 4 the 2 is below μ + σ but above
     μ + σ / 4. Eq. 3–4 with β 0.75: neurons active on exactly
-    3 of the basket's 4 images belong to it, one active on 1 of 4 does not. The filter at
+    3 of the basket's 4 images belong to it, one active on 1 of 4 does not; a basket without
+    images gives every neuron share 0 and no member. The filter at
     0.5 sd: of two finite scores 0 and 1 (mean 0.5, sd 0.5) the bad side's one lies beyond
     0.75 (or below 0.25), while at 1 sd both lie exactly on the bound and are kept; a NaN is
     never an outlier, nor is a lone finite score."""
@@ -243,6 +266,9 @@ def test_eq_1_to_4_and_the_outlier_filter_exactly_on_their_thresholds():
     active = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
     members, share = B.neuron_set(active, 0.75)
     assert members == [0, 1] and share.tolist() == [0.75, 0.75, 0.25]
+    # a basket without images: each of the 3 neurons has share 0, and none is a member
+    members, share = B.neuron_set(np.zeros((0, 3), bool), 0.75)
+    assert members == [] and share.tolist() == [0.0, 0.0, 0.0]
     assert B.outliers([0.0, 1.0], high_is_bad=True, n_sd=0.5).tolist() == [False, True]
     assert B.outliers([0.0, 1.0, np.nan], high_is_bad=False, n_sd=0.5).tolist() == \
         [True, False, False]
@@ -274,12 +300,19 @@ def test_purity_correlation_and_z_scores_on_the_smallest_inputs_by_hand():
 def test_davies_bouldin_ratios_of_close_clusters_by_hand():
     """Three clusters on a line, centroids closer than 1 apart: {0, 0.2} (centroid 0.1, spread
     0.1), {0.5, 0.7} (0.6, 0.1) and {0.45, 0.55} (0.5, 0.05). R_0 = max(0.2 / 0.5, 0.15 / 0.4)
-    = 0.4; R_1 = R_2 = max(…, 0.15 / 0.1) = 1.5; their mean is scikit-learn's score."""
+    = 0.4; R_1 = R_2 = max(…, 0.15 / 0.1) = 1.5; their mean is scikit-learn's score. Clusters
+    sharing a centroid are not compared with each other."""
     from sklearn.metrics import davies_bouldin_score
     feats = np.array([[0.0], [0.2], [0.5], [0.7], [0.45], [0.55]])
     groups = np.array([0, 0, 1, 1, 2, 2])
     ratios = B.davies_bouldin_ratios(feats, groups)
     assert ratios == pytest.approx({0: 0.4, 1: 1.5, 2: 1.5})
+    assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
+    # two clusters with one centroid (0): like scikit-learn, that pair is left out, not a
+    # division by 0; each is compared with {9, 11} only: R = (1 + 1) / 10, (2 + 1) / 10
+    feats = np.array([[-1.0], [1.0], [-2.0], [2.0], [9.0], [11.0]])
+    ratios = B.davies_bouldin_ratios(feats, groups)
+    assert ratios == pytest.approx({0: 0.2, 1: 0.3, 2: 0.3})
     assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
 
 

@@ -131,6 +131,10 @@ def test_near_identical_rows_merge_and_distinct_ones_do_not():
     assert data.inverse.tolist() == [0, 1, 2, 0, 3, 2]
     assert data.weights.tolist() == [2, 1, 2, 1]
     np.testing.assert_array_equal(data.points[1], rows[1])  # a group of one keeps its row exactly
+    # a chain a ≈ b ≈ c with a and c apart: b stays in the group of a, the first row that took it
+    angles = np.array([0.0, 0.01, 0.02])  # cosines 0.99995 (neighbours) and 0.9998 (a, c)
+    chain = stage.deduplicate(np.stack([np.cos(angles), np.sin(angles)], axis=1))
+    assert chain.inverse.tolist() == [0, 0, 1] and chain.weights.tolist() == [2, 1]
 
 
 def test_duplicated_layer_is_clustered_as_its_distinct_points(monkeypatch):
@@ -176,6 +180,8 @@ def test_cohesion_and_silhouette_by_hand():
     # a singleton has no pairs: it must not pull the cohesion towards 0 or 1
     x3 = np.vstack([x, [[-1.0, 0.0]]])
     assert stage.cohesion(x3, np.array([0, 0, 1, 1, 2])) == pytest.approx(0.8)
+    # … nor stop the average when its label comes first
+    assert stage.cohesion(x3, np.array([1, 1, 2, 2, 0])) == pytest.approx(0.8)
 
 
 def test_tfidf_tiny_corpus_by_hand():
@@ -203,6 +209,10 @@ def test_template_words_are_those_most_descriptions_of_two_layers_share():
     # "red" and "cats" fill 3 of 4 descriptions of one layer each: concepts, not wording
     assert stage.template_words([early, deep]) == {"the", "unit", "fires", "on"}
     assert stage.template_words([early]) == frozenset()  # one layer cannot tell them apart
+    # wording most descriptions of three layers share is template too, not only of exactly two
+    late = ["the unit fires on wheels", "the unit fires on doors", "the unit fires on wheels",
+            "the unit fires on sky"]
+    assert stage.template_words([early, deep, late]) == {"the", "unit", "fires", "on"}
 
 
 def test_embedding_fallback_picks_the_matching_phrase():
@@ -447,3 +457,9 @@ def test_an_undefined_silhouette_is_never_the_best_k(monkeypatch):
     best, _, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
     assert best == 7 and np.isnan(curve[2][0])
     assert sorted(curve) == [2, 4, 6, 7, 8, 9, 12, 22, 40]
+    # the same when every defined silhouette is negative (a layer without cluster structure):
+    # the NaN is still below them all, not a 0 that would top the curve and be refined (k = 3)
+    score = {2: float("nan"), 7: -0.05}
+    monkeypatch.setattr(stage, "silhouette", lambda dist, labels: score.get(int(labels[0]), -0.1))
+    best, _, curve = stage.search_k(None, None, 2, 40, seed=0, n_init=1, points=6)
+    assert best == 7 and sorted(curve) == [2, 4, 6, 7, 8, 9, 12, 22, 40]

@@ -73,6 +73,20 @@ def test_best_matches_and_alignment_by_hand():
     assert m[0, 0] == pytest.approx((cos[0] + cos[1]) / 2)
 
 
+def test_a_match_is_mutual_only_when_each_neuron_is_the_others_best():
+    """By hand on 2-d vectors: A's neurons (1, 0) and (0.6, 0.8) both match B's single neuron
+    (0.8, 0.6), whose own best match in A is (0.6, 0.8) (cosine 0.96 against 0.8): only that
+    pair is mutual."""
+    from types import SimpleNamespace
+    a = SimpleNamespace(vectors={"L": np.array([[1.0, 0.0], [0.6, 0.8]])}, channels={"L": [0, 1]},
+                        sentences={})
+    b = SimpleNamespace(vectors={"M": np.array([[0.8, 0.6]])}, channels={"M": [0]}, sentences={})
+    rows = stage.neuron_matches(a, b)
+    assert [(r["side"], r["channel"], r["match_layer"], r["match_channel"], r["mutual"])
+            for r in rows] == [("A", 0, "M", 0, 0), ("A", 1, "M", 0, 1), ("B", 0, "L", 1, 1)]
+    assert [r["cosine"] for r in rows] == [0.8, 0.96, 0.96]
+
+
 def test_a_run_compared_with_itself_matches_neuron_to_neuron(tmp_path):
     """Every neuron's best match is itself, mutual, at cosine 1; the alignment matrix has 1 on its
     diagonal and less elsewhere; every concept has its counterpart."""

@@ -607,8 +607,8 @@ def test_explicit_pair_counts_and_its_default_confusion():
 
 
 def test_imagenet_sized_class_indices_are_compared_by_value():
-    """Indices read from a CSV are distinct int objects above 256: OK/KO and the confusion table
-    still group them by value."""
+    """Indices read from a CSV are distinct int objects above 256: OK/KO, the confusion table
+    and the pair counts still group them by value."""
     rows = [{"image_id": i, "label_idx": int(str(t)), "pred_idx": int(str(p)), "label": "x",
              "pred_name": "y"} for i, (t, p) in enumerate([(281, 281), (281, 285), (281, 285),
                                                           (281, 281), (281, 283)])]
@@ -618,6 +618,9 @@ def test_imagenet_sized_class_indices_are_compared_by_value():
     (table,) = debug.confusion_table(rows, {281: "tabby", 283: "persian", 285: "egyptian"})
     assert (table["n"], table["correct"], table["errors"]) == (5, 2, 3)
     assert table["top_confused"] == "egyptian:2; persian:1"
+    pairs, n_true, correct = debug.pair_counts(rows)
+    assert (n_true[281], correct[281]) == (5, 2)
+    assert pairs == {(281, 285): 2, (281, 283): 1}
 
 
 def test_confusion_table_by_hand_ranks_by_errors_then_accuracy():

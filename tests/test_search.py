@@ -188,6 +188,19 @@ def test_weak_matches_and_no_good_match(tmp_path):
     assert {h["layer"] for h in hits} == {"L2"}
 
 
+def test_a_cosine_exactly_on_the_weak_line_is_not_weak(tmp_path):
+    """Weak means strictly below ``weak_below``: the query "dog" has cosine exactly 1 with the
+    neuron described "dog" (L2/2), which stays a good match at weak_below 1.0, while "dog ball"
+    (cosine 1/√2) is weak. Hits are ranked from 1."""
+    from common.search import Searcher, load_index
+    run_dir = make_run(tmp_path)
+    index = load_index(run_dir / "04_embeddings.npz", run_dir / "03_descriptions.csv",
+                       run_dir / "02_mosaics.csv")
+    hits = Searcher(index, BagOfWords(), scoring="cosine", weak_below=1.0).search_text("dog", 2)
+    assert [(h["rank"], h["layer"], h["channel"], h["cosine"], h["weak"]) for h in hits] == [
+        (1, "L2", 2, 1.0, False), (2, "L1", 0, pytest.approx(np.sqrt(0.5), abs=1e-4), True)]
+
+
 def test_text_embedder_of_another_space_is_refused(tmp_path):
     run_dir = make_run(tmp_path)
     other = BagOfWords()

@@ -329,6 +329,23 @@ def test_connection_trace_links_planted_clusters():
         == [("a", 1)]
 
 
+def test_a_target_layer_wider_than_its_source_keeps_its_clusters_and_unknown_channels_are_left_out():
+    """Connections from a layer of 2 neurons into one of 4 (a 2 × 4 matrix): the target cluster
+    on channels 2-3 exists in the matrix and takes the whole drive, strength (4 / 4) / (4 / 8)
+    = 2, by hand; clusters naming a channel past the matrix's side (source 2, target 4) are left
+    out instead of failing."""
+    from common.artefacts import Connections
+    a = [stage.Cluster("a", 0, 2, ["red"], [0, 1]), stage.Cluster("a", 1, 1, ["old"], [2])]
+    b = [stage.Cluster("b", 0, 2, ["zebra"], [0, 1]), stage.Cluster("b", 1, 2, ["apple"], [2, 3]),
+         stage.Cluster("b", 2, 1, ["stale"], [4])]
+    matrix = np.zeros((2, 4))
+    matrix[:, [2, 3]] = 1.0
+    wiring = Connections(layers=["a", "b"], to_next={"a": matrix}, n_images=1, aggregate="mean")
+    links = stage.connection_links({"a": a, "b": b}, wiring, 0.0)
+    assert [(link.source.key, link.target.key) for link in links] == [(("a", 0), ("b", 1))]
+    assert links[0].similarity == pytest.approx(2.0)
+
+
 def test_connections_to_a_layer_that_is_not_the_next_clustered_one_link_nothing():
     """06 measured connections a → m, but m has no clusters, so the next clustered layer is c: the
     a → m matrix says nothing about c and no link is drawn (whatever the layers' names)."""
