@@ -195,10 +195,10 @@ def average_precision(positive: np.ndarray, score: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def top_share_positives(activation: np.ndarray, share: float = 0.01, minimum: int = 5
-                        ) -> np.ndarray:
+def top_share_positives(activation: np.ndarray, share: float, minimum: int) -> np.ndarray:
     """Boolean mask of the images whose activation is among the top ``share`` (at least ``minimum``
-    images, ties at the threshold included)."""
+    images, ties at the threshold included). The stages' share and minimum are one pair,
+    ``common.verification.positives``'s."""
     activation = np.asarray(activation, np.float64)
     n = max(minimum, int(np.ceil(share * len(activation))))
     if n >= len(activation):

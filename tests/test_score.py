@@ -106,6 +106,20 @@ def test_silent_and_constant_negative_neurons_are_dead_with_selectivity_1_and_no
     assert t["dead"].tolist() == [False, True, True]
 
 
+def test_selectivity_and_dead_flags_do_not_depend_on_the_layers_units():
+    """A layer whose values lie in 0 … 0.1 (a sigmoid's or a normalised output) gets the same
+    selectivity and dead flags as the same layer × 1000: the ramp 99 / 50, the sparse neuron the
+    cap 100, the constant one 1; only the DnR score, a log of raw values, changes."""
+    ramp = np.arange(101, dtype=np.float64)
+    sparse = np.where(ramp >= 90, 10.0, 0.0)
+    layer = np.stack([ramp, sparse, np.full(101, 3.0), ramp * 0.005], axis=1) / 1000
+    small, large = triage_layer(layer), triage_layer(layer * 1000)
+    assert small["selectivity"] == pytest.approx([99 / 50, 100.0, 1.0, 99 / 50])
+    assert small["selectivity"] == pytest.approx(large["selectivity"])
+    assert small["dead"].tolist() == large["dead"].tolist() == [False, False, True, True]
+    assert small["dnr_score"][0] < large["dnr_score"][0]
+
+
 def test_one_wide_neuron_does_not_make_its_neighbours_dead():
     """The dead floor is 5 % of the layer's *median* spread: one neuron whose spread is 100 times
     its neighbours' (which would lift a mean-based floor above them all) changes nothing, and only
@@ -820,6 +834,22 @@ def test_positives_are_the_top_share_with_ties_and_never_a_silent_majority():
     assert np.isnan(S.activation_rate(np.zeros(4, bool), np.arange(4.0)))
 
 
+def test_the_stages_positives_are_the_top_1_percent_and_at_least_5_images():
+    """The positives behind the AUPRC, the refinement's misses and both Activation Rates (09 on
+    retrieved and on generated images): on 300 images the top 1 % is 3, so the 5 highest count;
+    on 1000 images the 10 highest; on 1001 the top 1 % rounds up to 11; a tie with the 5th
+    highest brings its image in; the count ``verify`` reports is the same."""
+    rng = np.random.default_rng(0)
+    for n, count in ((300, 5), (1000, 10), (1001, 11)):
+        activation = rng.permutation(n).astype(np.float64)
+        positive = verification.positives(activation)
+        assert sorted(activation[positive].tolist()) == list(range(n - count, n))
+        pos = verification.verify(rng.normal(size=n), activation, np.ones(n, bool))["pos"]
+        assert pos == count
+    tied = np.r_[np.arange(300.0), 295.0]  # 295 is the 5th highest of 0 … 299
+    assert int(verification.positives(tied).sum()) == 6
+
+
 def test_verdicts_exactly_on_their_boundaries():
     """A sentence is reliable only when the margin's lower end is above 0 and r above 0: a lower
     end of exactly 0, or r of exactly 0, is weak; a margin of exactly 0 is chance; a missing or
@@ -1247,6 +1277,18 @@ def test_final_layer_shuffled_cosine_is_the_donors_sentence_against_the_own_clas
         assert r["shuffled_cosine"] == round(float(donor @ own), 4)
     assert sorted(r["shuffled_from"] for r in rows) == [0, 1, 2]
     assert score.final_layer_eval("fc", {0: "a red car", 1: ""}, names, emb, seed=0) == []
+
+
+def test_an_output_layer_with_more_channels_than_class_names_scores_only_the_named_ones():
+    """Three class names, four described output neurons: channels 0–2 are compared with their
+    names; channel 3, the first without a name (index = number of names), is neither scored nor
+    a donor of the shuffled control."""
+    names = ["red car", "edge dog", "plain cat"]
+    texts = {0: "a red car", 1: "a dog", 2: "a plain cat", 3: "a red dog"}
+    for seed in range(5):
+        rows = score.final_layer_eval("fc", texts, names, WordsText(), seed=seed)
+        assert [r["channel"] for r in rows] == [0, 1, 2]
+        assert sorted(r["shuffled_from"] for r in rows) == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
