@@ -7,6 +7,8 @@ directions only (cosine).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from common.embedders import l2_normalise
@@ -120,19 +122,25 @@ def _best_split(unit: np.ndarray, max_k: int) -> tuple[np.ndarray | None, float]
     return best, best_score
 
 
+def reference_sets(unit: np.ndarray, rng: np.random.Generator, references: int = REFERENCES
+                   ) -> Iterator[np.ndarray]:
+    """``references`` structureless sets beside the rows of ``unit`` (at least two): each as many
+    points drawn from one Gaussian with the rows' mean and covariance (sample covariance, on their
+    principal axes), before they are made unit length."""
+    centre = unit.mean(axis=0)
+    _, singular, axes = np.linalg.svd(unit - centre, full_matrices=False)
+    spread = singular / np.sqrt(unit.shape[0] - 1)
+    for _ in range(references):
+        yield centre + (rng.standard_normal((unit.shape[0], len(spread))) * spread) @ axes
+
+
 def reference_silhouette(unit: np.ndarray, max_k: int, rng: np.random.Generator,
                          references: int = REFERENCES) -> float:
     """The ``REFERENCE_Q`` quantile of the best silhouette that the same splitting reaches on
-    ``references`` structureless sets: as many points drawn from one Gaussian with the rows' mean
-    and covariance (on their principal axes), made unit length. A split whose silhouette does not
-    beat this is what one cloud of that spread gives anyway."""
-    centre = unit.mean(axis=0)
-    _, singular, axes = np.linalg.svd(unit - centre, full_matrices=False)
-    spread = singular / np.sqrt(max(unit.shape[0] - 1, 1))
-    best = []
-    for _ in range(references):
-        draw = centre + (rng.standard_normal((unit.shape[0], len(spread))) * spread) @ axes
-        best.append(_best_split(l2_normalise(draw), max_k)[1])
+    ``reference_sets``, made unit length. A split whose silhouette does not beat this is what one
+    cloud of that spread gives anyway."""
+    best = [_best_split(l2_normalise(draw), max_k)[1]
+            for draw in reference_sets(unit, rng, references)]
     finite = np.array([b for b in best if np.isfinite(b)])
     return float(np.quantile(finite, REFERENCE_Q)) if finite.size else -np.inf
 

@@ -167,6 +167,22 @@ def test_pearson_matches_scipy_and_is_nan_for_a_constant():
     assert np.isnan(S.pearson([1.0], [2.0]))
 
 
+def test_pearson_of_yes_no_scores_is_the_point_biserial_correlation():
+    """A matcher that answers yes (1) or no (0) per image, against activations that also span
+    exactly 1: the correlation is scipy's point-biserial r on either side, not NaN; a constant
+    side stays NaN without a warning."""
+    from scipy.stats import pointbiserialr
+    said = np.array([1, 1, 0, 1, 0, 0, 0, 1], float)
+    fired = np.array([0.9, 0.7, 0.2, 1.0, 0.0, 0.4, 0.1, 0.3])  # range exactly 1
+    expected = pointbiserialr(said, fired).statistic
+    assert S.pearson(said, fired) == pytest.approx(expected, abs=1e-12)
+    assert S.pearson(fired, said) == pytest.approx(expected, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(S.pearson(fired, np.full(8, 0.5)))
+        assert np.isnan(S.pearson(np.full(8, 0.5), fired))
+
+
 def test_correlation_interval_by_hand():
     # Fisher z: atanh(0.5) = 0.549306, half width 1.96 / √(28 − 3) = 0.392 → tanh of 0.157306
     # and 0.941306
@@ -282,6 +298,23 @@ def test_a_reference_no_split_reaches_cannot_veto_a_split():
     unit = S.l2_normalise(rng.normal(size=(12, 4)).astype(np.float64))
     assert S.reference_silhouette(unit, 1, np.random.default_rng(0)) == -np.inf
     assert np.isfinite(S.reference_silhouette(unit, 2, np.random.default_rng(0)))
+
+
+def test_reference_sets_have_the_rows_mean_and_sample_covariance():
+    """The structureless sets behind the one-group choice are Gaussian with the crops' mean and
+    sample covariance (numpy's np.cov, n − 1): pooled over 3000 sets of 8 points, their mean and
+    covariance match to within sampling error (n instead of n − 1 would be 12 % off here)."""
+    rng = np.random.default_rng(4)
+    unit = S.l2_normalise(rng.normal(size=(8, 3)) + [2.0, 0.0, 0.0])
+    draws = list(S.reference_sets(unit, np.random.default_rng(5), references=3000))
+    assert len(draws) == 3000 and draws[0].shape == (8, 3)
+    pooled = np.concatenate(draws)
+    expected = np.cov(unit, rowvar=False)
+    np.testing.assert_allclose(pooled.mean(axis=0), unit.mean(axis=0),
+                               atol=0.03 * np.sqrt(expected.diagonal().max()))
+    got = np.cov(pooled, rowvar=False)
+    scale = np.sqrt(np.outer(expected.diagonal(), expected.diagonal()))
+    np.testing.assert_allclose(got / scale, expected / scale, atol=0.04)
 
 
 def test_redundancy_is_the_highest_cosine_with_another_neuron():
