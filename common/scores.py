@@ -91,7 +91,7 @@ def silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
     own = np.searchsorted(groups, labels)
     points = np.arange(len(labels))
     own_size = sizes[own, 0]
-    a = np.where(own_size > 1, sums[own, points] / np.maximum(own_size - 1, 1), 0.0)
+    a = sums[own, points] / np.maximum(own_size - 1, 1)  # alone: 0 (its distance to itself)
     mean_to = sums / sizes
     mean_to[own, points] = np.inf
     b = mean_to.min(axis=0)

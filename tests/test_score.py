@@ -222,6 +222,15 @@ def test_clarity_closed_form_is_the_mean_pairwise_cosine():
     assert S.clarity(v) == pytest.approx(np.mean(pairs))
 
 
+def test_clarity_of_two_crops_is_their_cosine_and_of_one_crop_undefined():
+    """Two crops at 60° apart have clarity cos 60° = 0.5 whatever their lengths, and opposite
+    ones −1 (the lower end, −1/(n − 1)); a single crop, or none, has no pair: NaN."""
+    assert S.clarity(np.array([[2.0, 0.0], [0.5, 0.5 * np.sqrt(3)]])) == pytest.approx(0.5)
+    assert S.clarity(np.array([[1.0, 1.0], [-3.0, -3.0]])) == pytest.approx(-1.0)
+    assert np.isnan(S.clarity(np.array([[1.0, 2.0]])))
+    assert np.isnan(S.clarity(np.zeros((0, 2))))
+
+
 def test_one_pattern_is_clear_two_patterns_are_polysemantic_and_split_back():
     """A neuron whose top crops all show red squares: high clarity, low polysemanticity. One
     whose crops are red squares and vertical bars: polysemantic, and its two sub-concepts are the
@@ -968,6 +977,24 @@ def test_bootstrap_interval_ends_are_the_percentiles_of_the_paired_resamples():
                                        np.random.default_rng(0))).all()
 
 
+def test_four_images_are_enough_for_a_bootstrap_interval_without_the_undefined_draws():
+    """On 4 images (the fewest with an interval) many resamples repeat one image, or give a
+    constant score: those draws are left out, and the ends are the percentiles of the margins of
+    the others, by hand with numpy's corrcoef on the same draws."""
+    sentence, control = np.array([0.2, 0.9, 0.4, 0.8]), np.array([0.5, 0.1, 0.7, 0.3])
+    activation = np.array([1.0, 4.0, 2.0, 3.0])
+    draw = np.random.default_rng(3).integers(0, 4, (300, 4))
+    margins = []
+    for i in draw:
+        if np.ptp(activation[i]) > 0 and np.ptp(sentence[i]) > 0 and np.ptp(control[i]) > 0:
+            margins.append(np.corrcoef(sentence[i], activation[i])[0, 1]
+                           - np.corrcoef(control[i], activation[i])[0, 1])
+    assert 2 <= len(margins) < 300
+    d, low, high = S.bootstrap_margin(sentence, control, activation, 300, np.random.default_rng(3))
+    assert d == pytest.approx(hand_pearson(sentence, activation) - hand_pearson(control, activation))
+    assert [low, high] == pytest.approx(np.percentile(margins, [2.5, 97.5]), abs=1e-12)
+
+
 def test_semantic_consistency_and_dnr_ranking_table_by_hand():
     """DnR's semantic consistency on 5 images (top 2 by activation, layer scale 10, α 0.5) and
     the ranks of three neurons under the five ranking methods, worked by hand."""
@@ -1348,6 +1375,19 @@ def test_controls_compare_channels_by_value_and_a_lone_sentence_has_none():
     assert lone[0].control == -1
 
 
+def test_without_a_sentence_of_other_words_the_control_is_one_with_other_text():
+    """When every other neuron's sentence has the same words, a control whose text differs (the
+    words in another order) is drawn before one that is the very same sentence, whichever sorts
+    first; only when all say exactly the same is any other neuron drawn."""
+    shown = np.zeros(0, np.int64)
+    for texts in (("b red", "b red", "red b"), ("red b", "red b", "b red")):
+        for seed in range(20):
+            sents = [verification.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
+            verification.pick_controls(sents, np.random.default_rng(seed))
+            assert sents[0].control == sents[1].control == 2
+            assert sents[2].control in (0, 1)
+
+
 def test_class_names_are_imagenets_only_when_every_predicted_name_is():
     """01's predicted names that are ImageNet's give ImageNet's 1000 names; other names are kept,
     with the index standing for a class never predicted, up to the largest class seen."""
@@ -1359,6 +1399,18 @@ def test_class_names_are_imagenets_only_when_every_predicted_name_is():
     assert verification.model_class_names({5: "x"}, 2) == ["0", "1", "2", "3", "4", "x"]
     assert verification.model_class_names({}, 3) == ["0", "1", "2"]
     assert verification.model_class_names({}, 0) == []
+
+
+def test_a_head_wider_than_imagenet_keeps_its_own_class_names():
+    """A model with 1001 outputs (ImageNet's 1000 and a background class at index 1000, as some
+    TensorFlow checkpoints have) whose predicted names are ImageNet's up to 999 is not named
+    with ImageNet's list, which has no class 1000: it keeps the names 01 wrote."""
+    from common.imagenet import class_names
+    imagenet = class_names()
+    names = verification.model_class_names({0: imagenet[0], 999: imagenet[999],
+                                            1000: "background"}, 1001)
+    assert len(names) == 1001 and names[1000] == "background"
+    assert names[0] == imagenet[0] and names[1] == "1"
 
 
 def test_margin_is_measured_on_held_out_images_where_both_sentences_have_a_score():
