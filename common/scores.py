@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from common.embedders import l2_normalise
+from common.triage import DNR_K  # DnR's K, one for the triage's score and these
 
 MIN_GROUP = 3  # smallest sub-concept (crops): a smaller group is an outlier, not a concept
 REFERENCES = 10    # structureless reference sets behind the one-group choice of sub_concepts
@@ -348,7 +349,7 @@ def mean_filter(rates: np.ndarray) -> tuple[float, np.ndarray, float]:
 
 
 def semantic_consistency(activation: np.ndarray, match: np.ndarray, scale: float, alpha: float,
-                         k: int = 20) -> float:
+                         k: int = DNR_K) -> float:
     """DnR's top-K semantic consistency: α · mean top-K activation + (1 − α) · similarity².
 
     Over the ``k`` images where the neuron fires most: the activation term is their mean
@@ -371,7 +372,7 @@ def semantic_consistency(activation: np.ndarray, match: np.ndarray, scale: float
 RANKINGS = ("top-K log-weighted", "semantic consistency", "mean", "median", "squared mean")
 
 
-def ranks_by_method(stats: np.ndarray, consistency: np.ndarray, k: int = 20
+def ranks_by_method(stats: np.ndarray, consistency: np.ndarray, k: int = DNR_K
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """DnR's Table 1 over one layer: per ranking method (``RANKINGS``), every neuron's score and
     rank (1 = highest; ties share the best rank; NaN scores rank last).

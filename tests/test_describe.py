@@ -239,6 +239,7 @@ def test_run_uses_the_prompt_of_each_layers_level(tmp_path):
     ("  Answer:   red\n dots  ", "red dots"),
     ("assistant: 'Dogs on grass'", "Dogs on grass"),
     ("[/INST] Green dots", "Green dots"),
+    ("ASSISTANT: Answer: Description: red dots", "red dots"),  # three stacked prefixes
     ("Answer the call of stripes", "Answer the call of stripes"),
 ])
 def test_clean_answer_strips_prefixes_quotes_and_spaces(raw, text):

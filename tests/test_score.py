@@ -1016,6 +1016,58 @@ def test_semantic_consistency_and_dnr_ranking_table_by_hand():
     assert table["semantic consistency"][1].tolist() == [2, 1, 3]  # NaN ranks last
 
 
+def test_09s_semantic_consistency_is_over_the_top_20_held_out_images_by_hand():
+    """As 09 measures it (``verification.measure``): DnR's K is 20, so on 30 held-out images the
+    10 weakest take no part. Activations 1 … 30 in a shuffled order, the layer's scale 40,
+    α 0.5: the top 20 have mean 20.5; the matcher's score is each image's rank (percentile
+    (rank − 1) / 29) lowered on the 5 strongest images."""
+    order = np.random.default_rng(8).permutation(30)
+    activation = (order + 1).astype(np.float64)
+    match = activation.copy()
+    match[activation > 25] -= 30  # the 5 strongest get the 5 lowest scores
+    percentile = (np.argsort(np.argsort(match)) / 29.0)
+    top = activation > 10
+    by_hand = 0.5 * 20.5 / 40 + 0.5 * percentile[top].mean() ** 2
+    _, _, extra = verification.measure(match, None, activation, np.ones(30, bool), scale=40.0,
+                                       alpha=0.5, bootstrap=0, rng=np.random.default_rng(0))
+    assert extra["consistency"] == pytest.approx(by_hand, abs=1e-12)
+    assert S.semantic_consistency(activation, match, 40.0, 0.5) == pytest.approx(by_hand)
+
+
+def test_one_resample_gives_the_margin_but_no_interval():
+    """With a single bootstrap resample the margin over the control is reported (numpy's
+    r difference) but its interval is not (one resample has no percentiles)."""
+    rng = np.random.default_rng(9)
+    activation = rng.normal(size=20)
+    scores, control = activation + rng.normal(size=20), rng.normal(size=20)
+    _, _, extra = verification.measure(scores, control, activation, np.ones(20, bool), 1.0, 0.5,
+                                       1, np.random.default_rng(0))
+    assert extra["margin"] == pytest.approx(np.corrcoef(scores, activation)[0, 1]
+                                            - np.corrcoef(control, activation)[0, 1])
+    assert np.isnan(extra["low"]) and np.isnan(extra["high"])
+
+
+def test_ranking_table_by_numpy_with_ties_and_fewer_images_than_k():
+    """DnR's Table 1 on a layer of 4 usable images (K = 20 by default, so the log-weighted score
+    is over all 4): each method's scores by numpy, and neurons that tie share the best rank
+    (two neurons with the same mean, below a third, both rank 2; the next ranks 4)."""
+    stats = np.array([[1.0, 3.0, 0.0, -2.0], [3.0, 1.0, 1.0, 5.0], [2.0, 2.0, 8.0, 0.5],
+                      [2.0, 2.0, 0.0, 1.0], [np.nan, 1.0, 1.0, 1.0]])
+    consistency = np.array([0.5, 0.5, 0.25, np.nan])
+    table = S.ranks_by_method(stats, consistency)
+    rows = stats[:4]
+    expected = {"top-K log-weighted": np.log1p(np.maximum(rows, 0)).mean(axis=0),
+                "mean": rows.mean(axis=0), "median": np.median(rows, axis=0),
+                "squared mean": (rows ** 2).mean(axis=0), "semantic consistency": consistency}
+    for method, values in expected.items():
+        np.testing.assert_allclose(table[method][0], values)
+    assert table["mean"][1].tolist() == [2, 2, 1, 4]            # 2, 2, 2.25, 1.125
+    assert table["median"][1].tolist() == [1, 1, 4, 3]          # 2, 2, 0.5, 0.75
+    assert table["semantic consistency"][1].tolist() == [1, 1, 3, 4]
+    top2 = S.ranks_by_method(stats, consistency, k=2)["top-K log-weighted"][0]
+    np.testing.assert_allclose(top2, np.log1p([[3.0, 3.0, 8.0, 5.0], [2.0, 2.0, 1.0, 1.0]]).mean(axis=0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Describe-and-Refine's loop (common/refinement.py)
 
@@ -1337,6 +1389,17 @@ def test_final_layer_shuffled_cosine_is_the_donors_sentence_against_the_own_clas
         assert r["shuffled_cosine"] == round(float(donor @ own), 4)
     assert sorted(r["shuffled_from"] for r in rows) == [0, 1, 2]
     assert score.final_layer_eval("fc", {0: "a red car", 1: ""}, names, emb, seed=0) == []
+
+
+def test_two_described_output_neurons_are_each_others_shuffled_control():
+    """The fewest output neurons the benchmark needs is two: each one's shuffled cosine is the
+    other's sentence against its own class name, by hand with the embedder."""
+    names, texts, emb = ["red car", "plain cat"], {0: "a red car", 1: "a plain cat"}, WordsText()
+    rows = score.final_layer_eval("fc", texts, names, emb, seed=1)
+    assert [(r["channel"], r["shuffled_from"]) for r in rows] == [(0, 1), (1, 0)]
+    vectors, classes = emb.encode([texts[0], texts[1]]), emb.encode(names)
+    assert rows[0]["shuffled_cosine"] == round(float(vectors[1] @ classes[0]), 4)
+    assert rows[1]["shuffled_cosine"] == round(float(vectors[0] @ classes[1]), 4)
 
 
 def test_an_output_layer_with_more_channels_than_class_names_scores_only_the_named_ones():
