@@ -344,7 +344,7 @@ def mean_filter(rates: np.ndarray) -> tuple[float, np.ndarray, float]:
     if not finite.any():
         return float("nan"), np.zeros(len(rates), bool), float("nan")
     mean = float(rates[finite].mean())
-    kept = finite & (rates >= mean)
+    kept = rates >= mean  # a NaN compares False: never kept
     return mean, kept, float(rates[kept].mean())
 
 

@@ -1034,9 +1034,10 @@ def test_09s_semantic_consistency_is_over_the_top_20_held_out_images_by_hand():
     assert S.semantic_consistency(activation, match, 40.0, 0.5) == pytest.approx(by_hand)
 
 
-def test_one_resample_gives_the_margin_but_no_interval():
+def test_one_resample_gives_the_margin_but_no_interval_and_two_give_one():
     """With a single bootstrap resample the margin over the control is reported (numpy's
-    r difference) but its interval is not (one resample has no percentiles)."""
+    r difference) but its interval is not (one resample has no percentiles); with two, the
+    interval is the 2.5 and 97.5 percentiles of their two paired margins, by hand."""
     rng = np.random.default_rng(9)
     activation = rng.normal(size=20)
     scores, control = activation + rng.normal(size=20), rng.normal(size=20)
@@ -1045,6 +1046,12 @@ def test_one_resample_gives_the_margin_but_no_interval():
     assert extra["margin"] == pytest.approx(np.corrcoef(scores, activation)[0, 1]
                                             - np.corrcoef(control, activation)[0, 1])
     assert np.isnan(extra["low"]) and np.isnan(extra["high"])
+    draw = np.random.default_rng(0).integers(0, 20, (2, 20))
+    two = [np.corrcoef(scores[i], activation[i])[0, 1] - np.corrcoef(control[i], activation[i])[0, 1]
+           for i in draw]
+    _, low, high = S.bootstrap_margin(scores, control, activation, 2, np.random.default_rng(0))
+    assert [low, high] == pytest.approx(np.percentile(two, [2.5, 97.5]), abs=1e-12)
+    assert low < high
 
 
 def test_ranking_table_by_numpy_with_ties_and_fewer_images_than_k():
