@@ -88,12 +88,12 @@ def silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
     groups = np.unique(labels)
     member = labels[None, :] == groups[:, None]              # groups × points
     sums = member.astype(np.float64) @ distance              # groups × points: Σ distance to group
-    sizes = member.sum(axis=1)[:, None]
+    sizes = member.sum(axis=1)                               # per group
     own = np.searchsorted(groups, labels)
     points = np.arange(len(labels))
-    own_size = sizes[own, 0]
+    own_size = sizes[own]
     a = sums[own, points] / np.maximum(own_size - 1, 1)  # alone: 0 (its distance to itself)
-    mean_to = sums / sizes
+    mean_to = sums / sizes[:, None]
     mean_to[own, points] = np.inf
     b = mean_to.min(axis=0)
     width = np.maximum(a, b)

@@ -106,6 +106,18 @@ def test_silent_and_constant_negative_neurons_are_dead_with_selectivity_1_and_no
     assert t["dead"].tolist() == [False, True, True]
 
 
+def test_triage_read_in_blocks_of_channels_equals_one_pass():
+    """A wide layer is read a few channels at a time: blocks of 2 over 5 channels (the last one
+    short) give the same numbers, channel by channel, as reading all 5 at once (to rounding)."""
+    rng = np.random.default_rng(6)
+    stats = np.maximum(rng.normal(size=(60, 5)) * [1, 2, 3, 4, 5], 0.0)
+    stats[:, 3] = 0.0  # a silent channel inside the second block
+    whole, blocks = triage_layer(stats), triage_layer(stats, block=2)
+    for name in ("selectivity", "dnr_score", "dead", "q99", "median", "lo"):
+        np.testing.assert_allclose(blocks[name], whole[name], rtol=1e-12, atol=0)
+    assert blocks["dead"].tolist() == [False, False, False, True, False]
+
+
 def test_selectivity_and_dead_flags_do_not_depend_on_the_layers_units():
     """A layer whose values lie in 0 … 0.1 (a sigmoid's or a normalised output) gets the same
     selectivity and dead flags as the same layer × 1000: the ramp 99 / 50, the sparse neuron the
