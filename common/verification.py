@@ -110,7 +110,7 @@ def model_class_names(predicted: dict[int, str], n_classes: int) -> list[str]:
     if predicted and all(i < len(imagenet) and imagenet[i] == name
                          for i, name in predicted.items()):
         return imagenet
-    return [predicted.get(i) or str(i) for i in range(max(n_classes, 1 + max(predicted, default=-1)))]
+    return [predicted.get(i) or str(i) for i in range(max([n_classes, *(c + 1 for c in predicted)]))]
 
 
 # ---------------------------------------------------------------------------------------------

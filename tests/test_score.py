@@ -1205,6 +1205,31 @@ def test_a_refined_sentence_that_only_ties_the_best_does_not_replace_it():
     assert len(asked) == 1 and unit.calls == 1 and unit.done
 
 
+def test_a_sentence_that_keeps_improving_is_refined_at_most_iterations_times():
+    """A describer whose every answer beats the best (each less noisy): with REFINE 2 the unit
+    makes exactly 2 calls, scores both answers (iterations 1 and 2), chooses the second and asks
+    no third time; the best's selection score is numpy's r."""
+    from common.refinement import Unit, refine
+    rng = np.random.default_rng(10)
+    act = rng.normal(size=60)
+    noise = rng.normal(size=(4, 60))
+    column = {f"try {k}": act + noise[k] * (4.0 / (k + 1)) for k in range(4)}
+    cache = {"L": {"try 0": column["try 0"]}}
+    unit = Unit("L", 0, 0, 1, np.ones(60, bool), "try 0", [("try 0", "sentence")])
+    asked = []
+
+    def ask(requests):
+        asked.append(requests[0].sentence)
+        return [f"try {len(asked)}"]
+    refine([unit], cache, {"L": act[:, None]}, 2,
+           lambda more: {"L": np.stack([column[t] for t in more["L"]], axis=1)}, ask)
+    assert asked == ["try 0", "try 1"] and unit.calls == 2
+    assert [(r["iteration"], r["description"]) for r in unit.records] == \
+        [(0, "try 0"), (1, "try 1"), (2, "try 2")]
+    assert unit.records[unit.best]["description"] == "try 2"
+    assert unit.records[unit.best]["score"] == pytest.approx(np.corrcoef(column["try 2"], act)[0, 1])
+
+
 def test_refine_prompt_is_the_levels_prompt_then_the_refine_part_with_the_sentence():
     """The refinement prompt: the level's prompt, then the prompt file's ``refine`` part with the
     sentence in place of {sentence}; a user's file without that part gets the shipped one."""
