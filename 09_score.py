@@ -61,7 +61,7 @@ from common.provenance import retract_meta, write_meta
 from common.threads import single_threaded
 from common.refinement import Request, Unit, refine
 from common.verification import (RunInputs, Sentence, check_layer, load_matcher, pick_controls,
-                                 read_inputs, score_sentences, verify)
+                                 positives, read_inputs, score_sentences, verify)
 
 log = logging.getLogger("neuron-atlas.09_score")
 
@@ -598,7 +598,7 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
                                 "dnr_consistency": _num(extra["consistency"])})
                     if settings.generator == "diffusers":
                         held_out = ~np.isin(usable_ids, s.shown) & test
-                        rendered.append((row, S.top_share_positives(stats[held_out, channel]),
+                        rendered.append((row, positives(stats[held_out, channel]),
                                          stats[held_out, channel], s.text))
                 if ctrl is not None:
                     control = sentences[layer][s.control]

@@ -65,9 +65,8 @@ def compare_groups(ko: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values) of a flat array of p-values."""
-    if p.size == 0:
-        return p.copy()
+    """Benjamini–Hochberg adjusted p-values (q-values) of a flat array of p-values (none for
+    none)."""
     return sps.false_discovery_control(np.clip(p, 0.0, 1.0), method="bh")
 
 

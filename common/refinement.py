@@ -132,7 +132,7 @@ def refine(units: list[Unit], cache: dict[str, dict[str, np.ndarray]],
                 u.best = start  # no refinement: the first sentence (listed first) stays
             elif iteration == 0:
                 u.best = challenger  # the first best wins a tie: 03's sentence is listed first
-            elif challenger >= 0 and _rank(u.records[challenger]["score"]) > \
+            elif new and _rank(u.records[challenger]["score"]) > \
                     _rank(u.records[u.best]["score"]) + GAIN:
                 u.best = challenger
             else:

@@ -7,9 +7,12 @@ directions only (cosine).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from common.embedders import l2_normalise
+from common.triage import DNR_K  # DnR's K, one for the triage's score and these
 
 MIN_GROUP = 3  # smallest sub-concept (crops): a smaller group is an outlier, not a concept
 REFERENCES = 10    # structureless reference sets behind the one-group choice of sub_concepts
@@ -105,12 +108,12 @@ def silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
     groups = np.unique(labels)
     member = labels[None, :] == groups[:, None]              # groups × points
     sums = member.astype(np.float64) @ distance              # groups × points: Σ distance to group
-    sizes = member.sum(axis=1)[:, None]
+    sizes = member.sum(axis=1)                               # per group
     own = np.searchsorted(groups, labels)
     points = np.arange(len(labels))
-    own_size = sizes[own, 0]
-    a = np.where(own_size > 1, sums[own, points] / np.maximum(own_size - 1, 1), 0.0)
-    mean_to = sums / sizes
+    own_size = sizes[own]
+    a = sums[own, points] / np.maximum(own_size - 1, 1)  # alone: 0 (its distance to itself)
+    mean_to = sums / sizes[:, None]
     mean_to[own, points] = np.inf
     b = mean_to.min(axis=0)
     width = np.maximum(a, b)
@@ -140,19 +143,25 @@ def _best_split(unit: np.ndarray, max_k: int) -> tuple[np.ndarray | None, float]
     return best, best_score
 
 
+def reference_sets(unit: np.ndarray, rng: np.random.Generator, references: int = REFERENCES
+                   ) -> Iterator[np.ndarray]:
+    """``references`` structureless sets beside the rows of ``unit`` (at least two): each as many
+    points drawn from one Gaussian with the rows' mean and covariance (sample covariance, on their
+    principal axes), before they are made unit length."""
+    centre = unit.mean(axis=0)
+    _, singular, axes = np.linalg.svd(unit - centre, full_matrices=False)
+    spread = singular / np.sqrt(unit.shape[0] - 1)
+    for _ in range(references):
+        yield centre + (rng.standard_normal((unit.shape[0], len(spread))) * spread) @ axes
+
+
 def reference_silhouette(unit: np.ndarray, max_k: int, rng: np.random.Generator,
                          references: int = REFERENCES) -> float:
     """The ``REFERENCE_Q`` quantile of the best silhouette that the same splitting reaches on
-    ``references`` structureless sets: as many points drawn from one Gaussian with the rows' mean
-    and covariance (on their principal axes), made unit length. A split whose silhouette does not
-    beat this is what one cloud of that spread gives anyway."""
-    centre = unit.mean(axis=0)
-    _, singular, axes = np.linalg.svd(unit - centre, full_matrices=False)
-    spread = singular / np.sqrt(max(unit.shape[0] - 1, 1))
-    best = []
-    for _ in range(references):
-        draw = centre + (rng.standard_normal((unit.shape[0], len(spread))) * spread) @ axes
-        best.append(_best_split(l2_normalise(draw), max_k)[1])
+    ``reference_sets``, made unit length. A split whose silhouette does not beat this is what one
+    cloud of that spread gives anyway."""
+    best = [_best_split(l2_normalise(draw), max_k)[1]
+            for draw in reference_sets(unit, rng, references)]
     finite = np.array([b for b in best if np.isfinite(b)])
     return float(np.quantile(finite, REFERENCE_Q)) if finite.size else -np.inf
 
@@ -215,10 +224,10 @@ def average_precision(positive: np.ndarray, score: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def top_share_positives(activation: np.ndarray, share: float = 0.01, minimum: int = 5
-                        ) -> np.ndarray:
+def top_share_positives(activation: np.ndarray, share: float, minimum: int) -> np.ndarray:
     """Boolean mask of the images whose activation is among the top ``share`` (at least ``minimum``
-    images, ties at the threshold included)."""
+    images, ties at the threshold included). The stages' share and minimum are one pair,
+    ``common.verification.positives``'s."""
     activation = np.asarray(activation, np.float64)
     n = max(minimum, int(np.ceil(share * len(activation))))
     if n >= len(activation):
@@ -365,12 +374,12 @@ def mean_filter(rates: np.ndarray) -> tuple[float, np.ndarray, float]:
     if not finite.any():
         return float("nan"), np.zeros(len(rates), bool), float("nan")
     mean = float(rates[finite].mean())
-    kept = finite & (rates >= mean)
+    kept = rates >= mean  # a NaN compares False: never kept
     return mean, kept, float(rates[kept].mean())
 
 
 def semantic_consistency(activation: np.ndarray, match: np.ndarray, scale: float, alpha: float,
-                         k: int = 20) -> float:
+                         k: int = DNR_K) -> float:
     """DnR's top-K semantic consistency: α · mean top-K activation + (1 − α) · similarity².
 
     Over the ``k`` images where the neuron fires most: the activation term is their mean
@@ -393,7 +402,7 @@ def semantic_consistency(activation: np.ndarray, match: np.ndarray, scale: float
 RANKINGS = ("top-K log-weighted", "semantic consistency", "mean", "median", "squared mean")
 
 
-def ranks_by_method(stats: np.ndarray, consistency: np.ndarray, k: int = 20
+def ranks_by_method(stats: np.ndarray, consistency: np.ndarray, k: int = DNR_K
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """DnR's Table 1 over one layer: per ranking method (``RANKINGS``), every neuron's score and
     rank (1 = highest; ties share the best rank; NaN scores rank last).

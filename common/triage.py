@@ -60,7 +60,8 @@ def triage_layer(max_stats: np.ndarray, k: int = DNR_K, block: int = 256) -> dic
     out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     span = out["q99"] - out["lo"]
     denominator = np.maximum(out["median"] - out["lo"], span / SELECTIVITY_CAP)
-    out["selectivity"] = np.where(span > 0, span / np.where(denominator > 0, denominator, 1.0), 1.0)
+    out["selectivity"] = np.ones_like(span)  # a constant neuron (span 0, denominator 0): 1
+    np.divide(span, denominator, out=out["selectivity"], where=span > 0)
     spread = out["q99"] - out["median"]
     out["dead"] = spread <= DEAD_FLOOR * float(np.median(spread))  # spreads ≥ 0: covers spread 0
     return out

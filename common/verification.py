@@ -110,7 +110,7 @@ def model_class_names(predicted: dict[int, str], n_classes: int) -> list[str]:
     if predicted and all(i < len(imagenet) and imagenet[i] == name
                          for i, name in predicted.items()):
         return imagenet
-    return [predicted.get(i) or str(i) for i in range(max(n_classes, 1 + max(predicted, default=-1)))]
+    return [predicted.get(i) or str(i) for i in range(max([n_classes, *(c + 1 for c in predicted)]))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +145,15 @@ def load_matcher(name: str, inputs: RunInputs | ImageTable, text_model: str, dev
                           workers=workers)
 
 
+def positives(activation: np.ndarray) -> np.ndarray:
+    """Where the neuron counts as firing among these images: its top ``POSITIVE_SHARE`` by
+    activation, at least ``MIN_POSITIVES`` images, ties at the threshold included — the positives
+    of the AUPRC, of the refinement's misses and of the Activation Rate (on retrieved or on
+    generated images)."""
+    from common.scores import top_share_positives
+    return top_share_positives(activation, POSITIVE_SHARE, MIN_POSITIVES)
+
+
 def verify(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarray) -> dict:
     """Pearson and AUPRC of one sentence's matcher scores against the activation, on held-out
     images with a finite score."""
@@ -156,12 +165,12 @@ def verify_masks(scores: np.ndarray, activation: np.ndarray, held_out: np.ndarra
     """``verify``'s figures with the masks behind them: the images measured (``keep``, over all
     images) and, among those, the positives (the top 1 % by activation; None when too few images
     are kept to verify) — so that ``measure`` and the refinement do not compute them again."""
-    from common.scores import average_precision, pearson, top_share_positives
+    from common.scores import average_precision, pearson
     keep = held_out & np.isfinite(scores) & np.isfinite(activation)
     if keep.sum() < 2 * MIN_POSITIVES:
         return ({"corr": float("nan"), "auprc": float("nan"), "n": int(keep.sum()), "pos": 0},
                 keep, None)
-    positive = top_share_positives(activation[keep], POSITIVE_SHARE, MIN_POSITIVES)
+    positive = positives(activation[keep])
     return ({"corr": pearson(scores[keep], activation[keep]),
              "auprc": average_precision(positive, scores[keep]), "n": int(keep.sum()),
              "pos": int(positive.sum())}, keep, positive)

@@ -322,6 +322,7 @@ def test_statistics_agree_with_scipy_and_a_hand_computed_fdr():
     expected = np.empty_like(p)
     expected[order] = np.minimum.accumulate(ranked[::-1])[::-1]
     np.testing.assert_allclose(bh_qvalues(p), expected)
+    assert bh_qvalues(np.zeros(0)).shape == (0,)  # no tests, no q-values
 
 
 def test_constant_neurons_do_not_divide_by_zero():

@@ -154,6 +154,15 @@ def test_levels_follow_relative_depth_or_explicit_setting():
         D.parse_levels("a:2")
 
 
+def test_a_layer_between_two_levels_takes_the_nearest_by_relative_depth():
+    """Relative depths that fall between levels are rounded to the nearest one, not down: four
+    layers over 3 levels sit at 1, 1 + 2/3, 1 + 4/3, 3 → levels 1, 2, 2, 3; over 5 levels at
+    1, 2.33, 3.67, 5 → 1, 2, 4, 5."""
+    four = ["a", "b", "c", "d"]
+    assert D.assign_levels(four, 3) == {"a": 1, "b": 2, "c": 2, "d": 3}
+    assert D.assign_levels(four, 5) == {"a": 1, "b": 2, "c": 4, "d": 5}
+
+
 def test_levels_setting_takes_dotted_names_and_refuses_half_pairs():
     """``--levels`` pairs: dotted module names and spaces are fine, and the level is after the
     last "=" (a layer name may hold one); a pair without its layer, its level or a whole number
@@ -230,6 +239,7 @@ def test_run_uses_the_prompt_of_each_layers_level(tmp_path):
     ("  Answer:   red\n dots  ", "red dots"),
     ("assistant: 'Dogs on grass'", "Dogs on grass"),
     ("[/INST] Green dots", "Green dots"),
+    ("ASSISTANT: Answer: Description: red dots", "red dots"),  # three stacked prefixes
     ("Answer the call of stripes", "Answer the call of stripes"),
 ])
 def test_clean_answer_strips_prefixes_quotes_and_spaces(raw, text):

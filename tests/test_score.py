@@ -106,6 +106,32 @@ def test_silent_and_constant_negative_neurons_are_dead_with_selectivity_1_and_no
     assert t["dead"].tolist() == [False, True, True]
 
 
+def test_triage_read_in_blocks_of_channels_equals_one_pass():
+    """A wide layer is read a few channels at a time: blocks of 2 over 5 channels (the last one
+    short) give the same numbers, channel by channel, as reading all 5 at once (to rounding)."""
+    rng = np.random.default_rng(6)
+    stats = np.maximum(rng.normal(size=(60, 5)) * [1, 2, 3, 4, 5], 0.0)
+    stats[:, 3] = 0.0  # a silent channel inside the second block
+    whole, blocks = triage_layer(stats), triage_layer(stats, block=2)
+    for name in ("selectivity", "dnr_score", "dead", "q99", "median", "lo"):
+        np.testing.assert_allclose(blocks[name], whole[name], rtol=1e-12, atol=0)
+    assert blocks["dead"].tolist() == [False, False, False, True, False]
+
+
+def test_selectivity_and_dead_flags_do_not_depend_on_the_layers_units():
+    """A layer whose values lie in 0 … 0.1 (a sigmoid's or a normalised output) gets the same
+    selectivity and dead flags as the same layer × 1000: the ramp 99 / 50, the sparse neuron the
+    cap 100, the constant one 1; only the DnR score, a log of raw values, changes."""
+    ramp = np.arange(101, dtype=np.float64)
+    sparse = np.where(ramp >= 90, 10.0, 0.0)
+    layer = np.stack([ramp, sparse, np.full(101, 3.0), ramp * 0.005], axis=1) / 1000
+    small, large = triage_layer(layer), triage_layer(layer * 1000)
+    assert small["selectivity"] == pytest.approx([99 / 50, 100.0, 1.0, 99 / 50])
+    assert small["selectivity"] == pytest.approx(large["selectivity"])
+    assert small["dead"].tolist() == large["dead"].tolist() == [False, False, True, True]
+    assert small["dnr_score"][0] < large["dnr_score"][0]
+
+
 def test_one_wide_neuron_does_not_make_its_neighbours_dead():
     """The dead floor is 5 % of the layer's *median* spread: one neuron whose spread is 100 times
     its neighbours' (which would lift a mean-based floor above them all) changes nothing, and only
@@ -153,6 +179,22 @@ def test_pearson_matches_scipy_and_is_nan_for_a_constant():
     assert np.isnan(S.pearson([1.0], [2.0]))
 
 
+def test_pearson_of_yes_no_scores_is_the_point_biserial_correlation():
+    """A matcher that answers yes (1) or no (0) per image, against activations that also span
+    exactly 1: the correlation is scipy's point-biserial r on either side, not NaN; a constant
+    side stays NaN without a warning."""
+    from scipy.stats import pointbiserialr
+    said = np.array([1, 1, 0, 1, 0, 0, 0, 1], float)
+    fired = np.array([0.9, 0.7, 0.2, 1.0, 0.0, 0.4, 0.1, 0.3])  # range exactly 1
+    expected = pointbiserialr(said, fired).statistic
+    assert S.pearson(said, fired) == pytest.approx(expected, abs=1e-12)
+    assert S.pearson(fired, said) == pytest.approx(expected, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(S.pearson(fired, np.full(8, 0.5)))
+        assert np.isnan(S.pearson(np.full(8, 0.5), fired))
+
+
 def test_correlation_interval_by_hand():
     # Fisher z: atanh(0.5) = 0.549306, half width 1.96 / √(28 − 3) = 0.392 → tanh of 0.157306
     # and 0.941306
@@ -190,6 +232,15 @@ def test_clarity_closed_form_is_the_mean_pairwise_cosine():
     unit = v / np.linalg.norm(v, axis=1, keepdims=True)
     pairs = [unit[i] @ unit[j] for i in range(9) for j in range(9) if i != j]
     assert S.clarity(v) == pytest.approx(np.mean(pairs))
+
+
+def test_clarity_of_two_crops_is_their_cosine_and_of_one_crop_undefined():
+    """Two crops at 60° apart have clarity cos 60° = 0.5 whatever their lengths, and opposite
+    ones −1 (the lower end, −1/(n − 1)); a single crop, or none, has no pair: NaN."""
+    assert S.clarity(np.array([[2.0, 0.0], [0.5, 0.5 * np.sqrt(3)]])) == pytest.approx(0.5)
+    assert S.clarity(np.array([[1.0, 1.0], [-3.0, -3.0]])) == pytest.approx(-1.0)
+    assert np.isnan(S.clarity(np.array([[1.0, 2.0]])))
+    assert np.isnan(S.clarity(np.zeros((0, 2))))
 
 
 def test_one_pattern_is_clear_two_patterns_are_polysemantic_and_split_back():
@@ -268,6 +319,23 @@ def test_a_reference_no_split_reaches_cannot_veto_a_split():
     unit = S.l2_normalise(rng.normal(size=(12, 4)).astype(np.float64))
     assert S.reference_silhouette(unit, 1, np.random.default_rng(0)) == -np.inf
     assert np.isfinite(S.reference_silhouette(unit, 2, np.random.default_rng(0)))
+
+
+def test_reference_sets_have_the_rows_mean_and_sample_covariance():
+    """The structureless sets behind the one-group choice are Gaussian with the crops' mean and
+    sample covariance (numpy's np.cov, n − 1): pooled over 3000 sets of 8 points, their mean and
+    covariance match to within sampling error (n instead of n − 1 would be 12 % off here)."""
+    rng = np.random.default_rng(4)
+    unit = S.l2_normalise(rng.normal(size=(8, 3)) + [2.0, 0.0, 0.0])
+    draws = list(S.reference_sets(unit, np.random.default_rng(5), references=3000))
+    assert len(draws) == 3000 and draws[0].shape == (8, 3)
+    pooled = np.concatenate(draws)
+    expected = np.cov(unit, rowvar=False)
+    np.testing.assert_allclose(pooled.mean(axis=0), unit.mean(axis=0),
+                               atol=0.03 * np.sqrt(expected.diagonal().max()))
+    got = np.cov(pooled, rowvar=False)
+    scale = np.sqrt(np.outer(expected.diagonal(), expected.diagonal()))
+    np.testing.assert_allclose(got / scale, expected / scale, atol=0.04)
 
 
 def test_redundancy_is_the_highest_cosine_with_another_neuron():
@@ -820,6 +888,22 @@ def test_positives_are_the_top_share_with_ties_and_never_a_silent_majority():
     assert np.isnan(S.activation_rate(np.zeros(4, bool), np.arange(4.0)))
 
 
+def test_the_stages_positives_are_the_top_1_percent_and_at_least_5_images():
+    """The positives behind the AUPRC, the refinement's misses and both Activation Rates (09 on
+    retrieved and on generated images): on 300 images the top 1 % is 3, so the 5 highest count;
+    on 1000 images the 10 highest; on 1001 the top 1 % rounds up to 11; a tie with the 5th
+    highest brings its image in; the count ``verify`` reports is the same."""
+    rng = np.random.default_rng(0)
+    for n, count in ((300, 5), (1000, 10), (1001, 11)):
+        activation = rng.permutation(n).astype(np.float64)
+        positive = verification.positives(activation)
+        assert sorted(activation[positive].tolist()) == list(range(n - count, n))
+        pos = verification.verify(rng.normal(size=n), activation, np.ones(n, bool))["pos"]
+        assert pos == count
+    tied = np.r_[np.arange(300.0), 295.0]  # 295 is the 5th highest of 0 … 299
+    assert int(verification.positives(tied).sum()) == 6
+
+
 def test_verdicts_exactly_on_their_boundaries():
     """A sentence is reliable only when the margin's lower end is above 0 and r above 0: a lower
     end of exactly 0, or r of exactly 0, is weak; a margin of exactly 0 is chance; a missing or
@@ -948,6 +1032,24 @@ def test_tree_cut_equals_scipys_maxclust_with_ties_and_duplicates():
     assert fewer > 10  # ties at the cut were met
 
 
+def test_four_images_are_enough_for_a_bootstrap_interval_without_the_undefined_draws():
+    """On 4 images (the fewest with an interval) many resamples repeat one image, or give a
+    constant score: those draws are left out, and the ends are the percentiles of the margins of
+    the others, by hand with numpy's corrcoef on the same draws."""
+    sentence, control = np.array([0.2, 0.9, 0.4, 0.8]), np.array([0.5, 0.1, 0.7, 0.3])
+    activation = np.array([1.0, 4.0, 2.0, 3.0])
+    draw = np.random.default_rng(3).integers(0, 4, (300, 4))
+    margins = []
+    for i in draw:
+        if np.ptp(activation[i]) > 0 and np.ptp(sentence[i]) > 0 and np.ptp(control[i]) > 0:
+            margins.append(np.corrcoef(sentence[i], activation[i])[0, 1]
+                           - np.corrcoef(control[i], activation[i])[0, 1])
+    assert 2 <= len(margins) < 300
+    d, low, high = S.bootstrap_margin(sentence, control, activation, 300, np.random.default_rng(3))
+    assert d == pytest.approx(hand_pearson(sentence, activation) - hand_pearson(control, activation))
+    assert [low, high] == pytest.approx(np.percentile(margins, [2.5, 97.5]), abs=1e-12)
+
+
 def test_semantic_consistency_and_dnr_ranking_table_by_hand():
     """DnR's semantic consistency on 5 images (top 2 by activation, layer scale 10, α 0.5) and
     the ranks of three neurons under the five ranking methods, worked by hand."""
@@ -967,6 +1069,65 @@ def test_semantic_consistency_and_dnr_ranking_table_by_hand():
     assert table["median"][1].tolist() == [3, 2, 1]              # 0, 1, 2
     assert table["squared mean"][1].tolist() == [1, 3, 2]        # 27, 1, 8/3
     assert table["semantic consistency"][1].tolist() == [2, 1, 3]  # NaN ranks last
+
+
+def test_09s_semantic_consistency_is_over_the_top_20_held_out_images_by_hand():
+    """As 09 measures it (``verification.measure``): DnR's K is 20, so on 30 held-out images the
+    10 weakest take no part. Activations 1 … 30 in a shuffled order, the layer's scale 40,
+    α 0.5: the top 20 have mean 20.5; the matcher's score is each image's rank (percentile
+    (rank − 1) / 29) lowered on the 5 strongest images."""
+    order = np.random.default_rng(8).permutation(30)
+    activation = (order + 1).astype(np.float64)
+    match = activation.copy()
+    match[activation > 25] -= 30  # the 5 strongest get the 5 lowest scores
+    percentile = (np.argsort(np.argsort(match)) / 29.0)
+    top = activation > 10
+    by_hand = 0.5 * 20.5 / 40 + 0.5 * percentile[top].mean() ** 2
+    _, _, extra = verification.measure(match, None, activation, np.ones(30, bool), scale=40.0,
+                                       alpha=0.5, bootstrap=0, rng=np.random.default_rng(0))
+    assert extra["consistency"] == pytest.approx(by_hand, abs=1e-12)
+    assert S.semantic_consistency(activation, match, 40.0, 0.5) == pytest.approx(by_hand)
+
+
+def test_one_resample_gives_the_margin_but_no_interval_and_two_give_one():
+    """With a single bootstrap resample the margin over the control is reported (numpy's
+    r difference) but its interval is not (one resample has no percentiles); with two, the
+    interval is the 2.5 and 97.5 percentiles of their two paired margins, by hand."""
+    rng = np.random.default_rng(9)
+    activation = rng.normal(size=20)
+    scores, control = activation + rng.normal(size=20), rng.normal(size=20)
+    _, _, extra = verification.measure(scores, control, activation, np.ones(20, bool), 1.0, 0.5,
+                                       1, np.random.default_rng(0))
+    assert extra["margin"] == pytest.approx(np.corrcoef(scores, activation)[0, 1]
+                                            - np.corrcoef(control, activation)[0, 1])
+    assert np.isnan(extra["low"]) and np.isnan(extra["high"])
+    draw = np.random.default_rng(0).integers(0, 20, (2, 20))
+    two = [np.corrcoef(scores[i], activation[i])[0, 1] - np.corrcoef(control[i], activation[i])[0, 1]
+           for i in draw]
+    _, low, high = S.bootstrap_margin(scores, control, activation, 2, np.random.default_rng(0))
+    assert [low, high] == pytest.approx(np.percentile(two, [2.5, 97.5]), abs=1e-12)
+    assert low < high
+
+
+def test_ranking_table_by_numpy_with_ties_and_fewer_images_than_k():
+    """DnR's Table 1 on a layer of 4 usable images (K = 20 by default, so the log-weighted score
+    is over all 4): each method's scores by numpy, and neurons that tie share the best rank
+    (two neurons with the same mean, below a third, both rank 2; the next ranks 4)."""
+    stats = np.array([[1.0, 3.0, 0.0, -2.0], [3.0, 1.0, 1.0, 5.0], [2.0, 2.0, 8.0, 0.5],
+                      [2.0, 2.0, 0.0, 1.0], [np.nan, 1.0, 1.0, 1.0]])
+    consistency = np.array([0.5, 0.5, 0.25, np.nan])
+    table = S.ranks_by_method(stats, consistency)
+    rows = stats[:4]
+    expected = {"top-K log-weighted": np.log1p(np.maximum(rows, 0)).mean(axis=0),
+                "mean": rows.mean(axis=0), "median": np.median(rows, axis=0),
+                "squared mean": (rows ** 2).mean(axis=0), "semantic consistency": consistency}
+    for method, values in expected.items():
+        np.testing.assert_allclose(table[method][0], values)
+    assert table["mean"][1].tolist() == [2, 2, 1, 4]            # 2, 2, 2.25, 1.125
+    assert table["median"][1].tolist() == [1, 1, 4, 3]          # 2, 2, 0.5, 0.75
+    assert table["semantic consistency"][1].tolist() == [1, 1, 3, 4]
+    top2 = S.ranks_by_method(stats, consistency, k=2)["top-K log-weighted"][0]
+    np.testing.assert_allclose(top2, np.log1p([[3.0, 3.0, 8.0, 5.0], [2.0, 2.0, 1.0, 1.0]]).mean(axis=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1085,6 +1246,31 @@ def test_a_refined_sentence_that_only_ties_the_best_does_not_replace_it():
     assert unit.records[0]["score"] == unit.records[1]["score"]
     assert unit.records[unit.best]["description"] == "first"
     assert len(asked) == 1 and unit.calls == 1 and unit.done
+
+
+def test_a_sentence_that_keeps_improving_is_refined_at_most_iterations_times():
+    """A describer whose every answer beats the best (each less noisy): with REFINE 2 the unit
+    makes exactly 2 calls, scores both answers (iterations 1 and 2), chooses the second and asks
+    no third time; the best's selection score is numpy's r."""
+    from common.refinement import Unit, refine
+    rng = np.random.default_rng(10)
+    act = rng.normal(size=60)
+    noise = rng.normal(size=(4, 60))
+    column = {f"try {k}": act + noise[k] * (4.0 / (k + 1)) for k in range(4)}
+    cache = {"L": {"try 0": column["try 0"]}}
+    unit = Unit("L", 0, 0, 1, np.ones(60, bool), "try 0", [("try 0", "sentence")])
+    asked = []
+
+    def ask(requests):
+        asked.append(requests[0].sentence)
+        return [f"try {len(asked)}"]
+    refine([unit], cache, {"L": act[:, None]}, 2,
+           lambda more: {"L": np.stack([column[t] for t in more["L"]], axis=1)}, ask)
+    assert asked == ["try 0", "try 1"] and unit.calls == 2
+    assert [(r["iteration"], r["description"]) for r in unit.records] == \
+        [(0, "try 0"), (1, "try 1"), (2, "try 2")]
+    assert unit.records[unit.best]["description"] == "try 2"
+    assert unit.records[unit.best]["score"] == pytest.approx(np.corrcoef(column["try 2"], act)[0, 1])
 
 
 def test_refine_prompt_is_the_levels_prompt_then_the_refine_part_with_the_sentence():
@@ -1292,6 +1478,29 @@ def test_final_layer_shuffled_cosine_is_the_donors_sentence_against_the_own_clas
     assert score.final_layer_eval("fc", {0: "a red car", 1: ""}, names, emb, seed=0) == []
 
 
+def test_two_described_output_neurons_are_each_others_shuffled_control():
+    """The fewest output neurons the benchmark needs is two: each one's shuffled cosine is the
+    other's sentence against its own class name, by hand with the embedder."""
+    names, texts, emb = ["red car", "plain cat"], {0: "a red car", 1: "a plain cat"}, WordsText()
+    rows = score.final_layer_eval("fc", texts, names, emb, seed=1)
+    assert [(r["channel"], r["shuffled_from"]) for r in rows] == [(0, 1), (1, 0)]
+    vectors, classes = emb.encode([texts[0], texts[1]]), emb.encode(names)
+    assert rows[0]["shuffled_cosine"] == round(float(vectors[1] @ classes[0]), 4)
+    assert rows[1]["shuffled_cosine"] == round(float(vectors[0] @ classes[1]), 4)
+
+
+def test_an_output_layer_with_more_channels_than_class_names_scores_only_the_named_ones():
+    """Three class names, four described output neurons: channels 0–2 are compared with their
+    names; channel 3, the first without a name (index = number of names), is neither scored nor
+    a donor of the shuffled control."""
+    names = ["red car", "edge dog", "plain cat"]
+    texts = {0: "a red car", 1: "a dog", 2: "a plain cat", 3: "a red dog"}
+    for seed in range(5):
+        rows = score.final_layer_eval("fc", texts, names, WordsText(), seed=seed)
+        assert [r["channel"] for r in rows] == [0, 1, 2]
+        assert sorted(r["shuffled_from"] for r in rows) == [0, 1, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # common/verification.py: controls, class names and the margin, by hand
 
@@ -1316,6 +1525,19 @@ def test_controls_compare_channels_by_value_and_a_lone_sentence_has_none():
     assert lone[0].control == -1
 
 
+def test_without_a_sentence_of_other_words_the_control_is_one_with_other_text():
+    """When every other neuron's sentence has the same words, a control whose text differs (the
+    words in another order) is drawn before one that is the very same sentence, whichever sorts
+    first; only when all say exactly the same is any other neuron drawn."""
+    shown = np.zeros(0, np.int64)
+    for texts in (("b red", "b red", "red b"), ("red b", "red b", "b red")):
+        for seed in range(20):
+            sents = [verification.Sentence("L", c, 0, t, shown) for c, t in enumerate(texts)]
+            verification.pick_controls(sents, np.random.default_rng(seed))
+            assert sents[0].control == sents[1].control == 2
+            assert sents[2].control in (0, 1)
+
+
 def test_class_names_are_imagenets_only_when_every_predicted_name_is():
     """01's predicted names that are ImageNet's give ImageNet's 1000 names; other names are kept,
     with the index standing for a class never predicted, up to the largest class seen."""
@@ -1327,6 +1549,18 @@ def test_class_names_are_imagenets_only_when_every_predicted_name_is():
     assert verification.model_class_names({5: "x"}, 2) == ["0", "1", "2", "3", "4", "x"]
     assert verification.model_class_names({}, 3) == ["0", "1", "2"]
     assert verification.model_class_names({}, 0) == []
+
+
+def test_a_head_wider_than_imagenet_keeps_its_own_class_names():
+    """A model with 1001 outputs (ImageNet's 1000 and a background class at index 1000, as some
+    TensorFlow checkpoints have) whose predicted names are ImageNet's up to 999 is not named
+    with ImageNet's list, which has no class 1000: it keeps the names 01 wrote."""
+    from common.imagenet import class_names
+    imagenet = class_names()
+    names = verification.model_class_names({0: imagenet[0], 999: imagenet[999],
+                                            1000: "background"}, 1001)
+    assert len(names) == 1001 and names[1000] == "background"
+    assert names[0] == imagenet[0] and names[1] == "1"
 
 
 def test_margin_is_measured_on_held_out_images_where_both_sentences_have_a_score():
