@@ -527,3 +527,13 @@ def test_the_model_file_is_loaded_only_when_named_again(fake_run):
         load_run_model(meta, device="cpu")
     bundle = load_run_model(meta, model=FAKE_MODEL, device="cpu")
     assert bundle.input_size == 32
+
+
+def test_davies_bouldin_ratios_of_two_baskets_by_hand():
+    """Two baskets are enough for the ratio: {0, 2} and {10, 12} (centroids 1 and 11, spreads 1)
+    give R = (1 + 1) / 10 = 0.2 each, scikit-learn's score; one basket alone has none (NaN)."""
+    from sklearn.metrics import davies_bouldin_score
+    feats, groups = np.array([[0.0], [2.0], [10.0], [12.0]]), np.array([0, 0, 1, 1])
+    assert B.davies_bouldin_ratios(feats, groups) == pytest.approx({0: 0.2, 1: 0.2})
+    assert davies_bouldin_score(feats, groups) == pytest.approx(0.2)
+    assert np.isnan(B.davies_bouldin_ratios(feats, np.zeros(4, int))[0])

@@ -1376,3 +1376,13 @@ def test_rows_folded_into_channels_leave_no_image_axes(caplog):
     -1..12, columns -1..20), traced, not the conv's 3 px."""
     net = nn.Sequential(ConvThen(lambda y: y.reshape(y.shape[0], -1, y.shape[3]), channels=2))
     assert traced(net, ["0"], (12, 20), caplog) == {"0": RF(14, 22, 12, 20, 5.5, 9.5)}
+
+
+def test_branches_with_different_jumps_and_a_padded_start_give_the_hand_computed_bound():
+    """The symmetric bound over branches of different jumps, by hand, on an axis of 2 cells: A
+    (first −1, size 3, jump 1) and B (first −2, size 6, jump 2, the reference). B's centre is at
+    0.5 and 2.5; the farthest edge from it is 2.5 away at both cells (B's own, and A's pixel 0
+    at cell 1), so the bound is first 0.5 − 2.5 = −2, size 6, jump 2."""
+    from common.rf import _Span, _union_spans
+    span, note = _union_spans([_Span(-1.0, 3.0, 1.0), _Span(-2.0, 6.0, 2.0)], 2)
+    assert span == _Span(-2.0, 6.0, 2.0) and "symmetric bound" in note

@@ -1587,3 +1587,19 @@ def test_margin_is_measured_on_held_out_images_where_both_sentences_have_a_score
         none = verification.measure(scores, control, activation, held_out, 1.0, 0.5, resamples,
                                     np.random.default_rng(1))[2]
         assert np.isnan([none["margin"], none["low"], none["high"]]).all()
+
+
+def test_pearson_of_two_points_is_plus_or_minus_one():
+    """Two points always lie on a line: r is 1 or −1, as numpy's corrcoef gives (not undefined)."""
+    assert S.pearson([1.0, 2.0], [3.0, 7.0]) == pytest.approx(1.0)
+    assert S.pearson([1.0, 2.0], [7.0, 3.0]) == pytest.approx(-1.0)
+    assert S.pearson([1.0, 2.0], [5.0, 5.0]) != S.pearson([1.0, 2.0], [5.0, 5.0])  # NaN: constant
+
+
+def test_semantic_consistency_of_a_layer_whose_activations_stay_under_one():
+    """A layer whose largest activation is 0.5 (scale 0.5) is scored like any other: on 3 images
+    (activations 0.5, 0.2, 0.1; the sentence's scores rank them 3rd, 1st, 2nd → percentiles 1, 0,
+    0.5), top 2, α 0.5: 0.5 · (0.35 / 0.5) + 0.5 · ((1 + 0) / 2)² = 0.35 + 0.125 = 0.475."""
+    value = S.semantic_consistency(np.array([0.5, 0.2, 0.1]), np.array([0.9, 0.1, 0.4]),
+                                   0.5, 0.5, k=2)
+    assert value == pytest.approx(0.475)
