@@ -461,3 +461,19 @@ def test_column_positions_by_hand():
     assert x == pytest.approx([0.001, 0.001 + 0.998 * gaps[0] / total,
                                0.001 + 0.998 * (gaps[0] + gaps[1]) / total, 0.999])
     assert stage.column_positions([]) == ([], 0)
+
+
+def test_clusters_with_no_drive_between_them_link_nothing_without_a_warning():
+    """A layer whose clustered neurons do not drive the next layer's at all (all weights 0, or
+    only inhibitory ones, which 06 clips to 0) links nothing even at threshold 0, and quietly:
+    no strength is computed from a total drive of 0 (no division by zero in the user's log)."""
+    import warnings
+    from common.artefacts import Connections
+    a = [stage.Cluster("a", 0, 2, ["red"], [0, 1]), stage.Cluster("a", 1, 1, ["blue"], [2])]
+    b = [stage.Cluster("b", 0, 2, ["apple"], [0, 1])]
+    for weights in (np.zeros((3, 2)), -np.ones((3, 2))):
+        wiring = Connections(layers=["a", "b"], to_next={"a": weights}, n_images=1,
+                             aggregate="mean")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert stage.connection_links({"a": a, "b": b}, wiring, 0.0, permutations=9) == []
