@@ -213,6 +213,9 @@ def test_template_words_are_those_most_descriptions_of_two_layers_share():
     late = ["the unit fires on wheels", "the unit fires on doors", "the unit fires on wheels",
             "the unit fires on sky"]
     assert stage.template_words([early, deep, late]) == {"the", "unit", "fires", "on"}
+    # a describer that starts its sentences with a capital writes the same template
+    capital = [d[0].upper() + d[1:] for d in deep]
+    assert stage.template_words([early, capital]) == {"the", "unit", "fires", "on"}
 
 
 def test_embedding_fallback_picks_the_matching_phrase():

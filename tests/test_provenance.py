@@ -155,3 +155,12 @@ def test_retracting_a_meta_that_is_not_there_is_not_an_error(tmp_path):
     meta.write_text("{}")
     retract_meta(meta)
     assert not meta.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_npz_holding_a_pickle_is_refused_not_unpickled(tmp_path):
+    """Artefacts are plain arrays: an .npz holding a pickled object (which could run code when
+    loaded) is refused by load_npz instead of being unpickled."""
+    path = tmp_path / "hostile.npz"
+    np.savez(path, payload=np.array([{"any": "object"}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_npz(path)

@@ -209,6 +209,16 @@ def test_text_embedder_of_another_space_is_refused(tmp_path):
         find(run_dir, ["dog"], text_embedder=other)
 
 
+def test_a_text_embedder_of_the_same_name_but_fewer_dimensions_is_refused(tmp_path):
+    """An embedder that says it is the one 04 used but gives shorter vectors (a truncated or
+    other version) is refused with the fix, not compared dimension by dimension."""
+    run_dir = make_run(tmp_path)
+    short = BagOfWords()
+    short.dim -= 1
+    with pytest.raises(StageError, match="re-run 04"):
+        find(run_dir, ["dog"], text_embedder=short)
+
+
 def test_embedder_names_recorded_by_04_are_loaded_back():
     assert search.loader_name("all-MiniLM-L6-v2", "text") == "all-MiniLM-L6-v2"
     assert search.loader_name("ViT-B/32", "text") == "clip:ViT-B/32"  # CLIP text tower
