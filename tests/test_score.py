@@ -1603,3 +1603,12 @@ def test_semantic_consistency_of_a_layer_whose_activations_stay_under_one():
     value = S.semantic_consistency(np.array([0.5, 0.2, 0.1]), np.array([0.9, 0.1, 0.4]),
                                    0.5, 0.5, k=2)
     assert value == pytest.approx(0.475)
+
+
+def test_semantic_consistency_is_defined_on_two_images():
+    """Two images are enough: activations 0.4 and 0.1 (scale 0.4), the sentence scoring the second
+    higher (percentiles 0 and 1), top 1, α 0.5: 0.5 · 0.4 / 0.4 + 0.5 · 0² = 0.5; one image is
+    not (NaN)."""
+    assert S.semantic_consistency(np.array([0.4, 0.1]), np.array([0.2, 0.9]), 0.4, 0.5,
+                                  k=1) == pytest.approx(0.5)
+    assert np.isnan(S.semantic_consistency(np.array([0.4]), np.array([0.2]), 0.4, 0.5, k=1))
