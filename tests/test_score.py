@@ -1561,6 +1561,9 @@ def test_a_head_wider_than_imagenet_keeps_its_own_class_names():
                                             1000: "background"}, 1001)
     assert len(names) == 1001 and names[1000] == "background"
     assert names[0] == imagenet[0] and names[1] == "1"
+    # a head of 1,002 outputs whose last class is predicted: named, not read past ImageNet's list
+    names = verification.model_class_names({0: imagenet[0], 1001: "extra"}, 1002)
+    assert len(names) == 1002 and names[1001] == "extra" and names[1000] == "1000"
 
 
 def test_margin_is_measured_on_held_out_images_where_both_sentences_have_a_score():
