@@ -65,6 +65,7 @@ class Measure:
     n: int
     seconds: dict[str, float] = field(default_factory=dict)
     peak_mib: dict[str, float] = field(default_factory=dict)
+    code: str = ""  # the project's commit (and "+changes" when the tree differed) it measured
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -97,6 +98,16 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}):\n" + "\n".join(tail))
     return seconds, peak / 2 ** 20
+
+
+def code_version() -> str:
+    """The commit the project is at, with "+changes" when tracked files differ from it: a size
+    measured on other code is never reused."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+    head = git("rev-parse", "HEAD").strip() or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no").strip()
+                   else "")
 
 
 def load_saved(path: Path) -> dict[str, dict[str, Measure]]:
@@ -231,15 +242,21 @@ def main(argv=None) -> int:
     measured = load_saved(state) if args.resume else {}
     status = 0
 
+    code = code_version()
+
     def measure(workload: str, size: int, n: int, run: str, variables: dict[str, str]) -> Measure:
-        """The pipeline on one size, or its saved measure (--resume); saved once measured."""
+        """The pipeline on one size, or its saved measure (--resume) when made by the same code;
+        saved once measured."""
         key = f"{args.base_images if workload == 'images' else args.neuron_images} images, x{size}"
         m = measured.get(workload, {}).get(key)
-        if m is not None and m.n == n:
+        if m is not None and m.n == n and m.code == code and "+changes" not in code:
             print("    measured before (scale.json): not run again", flush=True)
             return m
+        if m is not None:
+            print(f"    measured before on other code ({m.code or 'unknown'}): run again",
+                  flush=True)
         m = run_pipeline(work, run, variables, log)
-        m.n = n
+        m.n, m.code = n, code
         measured.setdefault(workload, {})[key] = m
         save(state, measured)
         return m

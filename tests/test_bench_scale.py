@@ -47,12 +47,12 @@ def test_report_names_the_stage_over_target():
 
 def test_a_stopped_run_goes_on_from_what_it_saved(tmp_path, monkeypatch):
     """Each finished size is saved to scale.json at once; --resume runs only the sizes missing
-    there (and never one whose measure lacks a stage)."""
-    runs = []
+    there (and never one whose measure lacks a stage, or that other code measured)."""
+    runs, stop = [], ["img-40"]
 
     def fake_pipeline(work, run, variables, log):
         runs.append(run)
-        if run == "img-40" and len(runs) == 2:
+        if run in stop:
             raise RuntimeError("stopped")  # the first run dies at its second size
         m = scale.Measure(n=0)
         for number, _ in scale.STAGES:
@@ -60,10 +60,12 @@ def test_a_stopped_run_goes_on_from_what_it_saved(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(scale, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(scale, "code_version", lambda: "abc123")
     monkeypatch.setattr(scale, "demo_images", lambda work, n, log: work / f"images-{n}.csv")
     args = ["--workloads", "images", "--sizes", "1,2,4", "--base-images", "20", "--work",
             str(tmp_path), "--plot", str(tmp_path / "scale.png")]
     assert scale.main(args) == 1
+    stop.clear()
     saved = json.loads((tmp_path / "scale.json").read_text())
     assert list(saved["images"]) == ["20 images, x1"]
     # a half-measured size in the record is measured again
@@ -74,5 +76,14 @@ def test_a_stopped_run_goes_on_from_what_it_saved(tmp_path, monkeypatch):
     assert runs == ["img-40", "img-80"]
     assert list(json.loads((tmp_path / "scale.json").read_text())["images"]) == [
         "20 images, x1", "20 images, x2", "20 images, x4"]
+    # sizes measured by other code, or by a tree with uncommitted changes, are measured again
+    runs.clear()
+    monkeypatch.setattr(scale, "code_version", lambda: "def456")
+    assert scale.main(args + ["--resume"]) == 0
+    assert runs == ["img-20", "img-40", "img-80"]
+    runs.clear()
+    monkeypatch.setattr(scale, "code_version", lambda: "def456+changes")
+    assert scale.main(args + ["--resume"]) == 0
+    assert runs == ["img-20", "img-40", "img-80"]
     assert (tmp_path / "scale.png").is_file() and math.isfinite(
         scale.exponent([20, 40, 80], [1.0, 1.0, 1.0])[0])
