@@ -603,6 +603,9 @@ def test_explicit_pair_counts_and_its_default_confusion():
     assert ok.tolist() == [0, 1, 2, 3] and ko.tolist() == [4, 5, 6]  # not classes 4 and 5's
     single = labelled_rows((3, 1, 1), (1, 1, 2))  # a class with one labelled image, misread
     assert debug.explicit_pair(single, {1: "b", 3: "d"}, "3", None)["ko"] == 1
+    # a pair asked for on a class without any error: no KO image, a share of 0 (not of all)
+    flawless = debug.explicit_pair(labelled_rows((1, 1, 3), (0, 0, 1)), {0: "a", 1: "b"}, "b", "a")
+    assert (flawless["ok"], flawless["ko"], flawless["share"]) == (3, 0, 0.0)
     with pytest.raises(StageError, match="no labelled image of class 2"):
         debug.explicit_pair(labelled_rows((0, 2, 1)), {0: "a", 2: "c"}, "2", None)
 

@@ -1615,3 +1615,14 @@ def test_semantic_consistency_is_defined_on_two_images():
     assert S.semantic_consistency(np.array([0.4, 0.1]), np.array([0.2, 0.9]), 0.4, 0.5,
                                   k=1) == pytest.approx(0.5)
     assert np.isnan(S.semantic_consistency(np.array([0.4]), np.array([0.2]), 0.4, 0.5, k=1))
+
+
+def test_triage_of_a_layer_with_one_usable_image():
+    """One readable image among skipped ones (NaN rows) is still triaged: DnR's top-K score is
+    the log of that image's activation (K shrinks to the one image), and its quantiles are that
+    value."""
+    stats = np.full((4, 2), np.nan)
+    stats[2] = [3.0, 0.5]
+    t = triage_layer(stats)
+    assert t["dnr_score"] == pytest.approx(np.log1p([3.0, 0.5]))
+    assert t["q99"] == pytest.approx([3.0, 0.5]) and t["median"] == pytest.approx([3.0, 0.5])
