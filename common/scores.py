@@ -307,7 +307,8 @@ def bootstrap_margin(score: np.ndarray, control: np.ndarray, activation: np.ndar
     n = len(score)
     draw = rng.integers(0, n, (resamples, n))
     # Each draw as how often it took each image; the sums behind both correlations are then one
-    # product with these counts (a quarter of the time of gathering and correlating the draws).
+    # product with these counts (less than half the CPU time of gathering and correlating the
+    # draws: 15 against 35 ms a sentence on 700 images and 1,000 draws).
     counts = np.bincount((draw + (np.arange(resamples) * n)[:, None]).ravel(),
                          minlength=resamples * n).reshape(resamples, n).astype(np.float64)
     s, c, a = score - score.mean(), control - control.mean(), activation - activation.mean()

@@ -4,10 +4,10 @@ On a shared 2-core machine, BLAS and torch spread small operations over several 
 wait for each other: when other processes hold the cores, those waits cost far more than the work
 (09's per-neuron clustering ran 5–7× slower with OpenBLAS's two threads than with one, 05's
 k-means fits 8–16× slower, and embedding 1000 class names took 13 s with torch's two threads
-against 2.5 s with one). A stage
-that parallelises with worker processes instead runs its own numeric work on one thread. Torch's
-thread count is set only around the work that needs it (``one_torch_thread``), not while
-worker processes are forked.
+against 2.5 s with one). A stage that parallelises with worker processes, or whose numeric work
+is many small operations (05's k search), runs that work on one thread. Torch's thread count is
+set only around the work that needs it (``one_torch_thread``), not while worker processes are
+forked.
 """
 from __future__ import annotations
 
