@@ -589,14 +589,18 @@ def plot_k_selection(layer: str, results: dict[str, Clustering], path: Path) -> 
 
 def plot_maps(layer: str, coords: dict[str, np.ndarray], results: dict[str, Clustering],
               methods: dict[str, str], path: Path) -> None:
-    """The 2-D map of each kind, neurons coloured by their cluster."""
+    """The 2-D map of each kind, neurons coloured by their cluster; neurons with the same sentence
+    share a point (``project_2d``), whose area then grows with how many they are."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(coords), figsize=(5 * len(coords), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], coords):
         xy, res = coords[kind], results[kind]
+        _, inverse, counts = np.unique(xy, axis=0, return_inverse=True, return_counts=True)
+        shared = counts[inverse.reshape(-1)]
         ax.scatter(xy[:, 0], xy[:, 1], c=res.labels % 20, cmap="tab20", vmin=0, vmax=19,
-                   s=MAP_POINT_SIZE, linewidths=0)
-        ax.set(title=f"{layer} · {kind} · k={res.k} ({methods[kind].upper()})",
+                   s=MAP_POINT_SIZE * shared, linewidths=0)
+        ax.set(title=f"{layer} · {kind} · k={res.k} ({methods[kind].upper()})"
+               + ("\npoint area: neurons with that sentence" if shared.max() > 1 else ""),
                xticks=[], yticks=[])
     fig.tight_layout()
     save_figure(fig, path)
