@@ -189,6 +189,8 @@ def test_consistency_and_davies_bouldin_match_independent_computations():
     cos = cosine_similarity(profiles.T)
     assert B.consistency(profiles) == pytest.approx(cos[~np.eye(5, dtype=bool)].mean())
     assert np.isnan(B.consistency(profiles[:, :1]))
+    # two neurons: their one cosine, not "too few"
+    assert B.consistency(profiles[:, :2]) == pytest.approx(cos[0, 1])
     ratios = B.davies_bouldin_ratios(feats, groups)
     assert np.mean(list(ratios.values())) == pytest.approx(davies_bouldin_score(feats, groups))
     assert B.purity(np.ones((4, 3))) == pytest.approx(1.0)

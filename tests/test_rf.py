@@ -1296,6 +1296,23 @@ def test_probe_takes_the_jump_from_the_lower_edges_when_the_upper_edge_touches_t
     assert estimate_receptive_fields(net, ["1"], (10, 12)) == expected
 
 
+def test_padding_only_the_channels_of_a_channels_last_map_keeps_its_field(caplog):
+    """F.pad with one pair pads the last dim only: on a channels-last (N, H, W, C) map that is the
+    channels, so rows and columns keep the 3×3 pad-1 conv's field (size 3, start 0), traced."""
+    net = nn.Sequential(ConvThen(lambda y: F.pad(y.permute(0, 2, 3, 1), (0, 1)).permute(0, 3, 1, 2)))
+    assert traced(net, ["0"], (12, 20), caplog) == {"0": rf(3, 1, 0)}
+
+
+def test_padding_the_flattened_positions_is_not_followed(caplog):
+    """A map flattened to (N, C, H·W) and given one more slot in front of its positions (a class
+    token's place) no longer lines its cells up with the image: the trace stops there, names the
+    padding, and the probe measures the conv's field instead."""
+    net = nn.Sequential(ConvThen(lambda y: F.pad(y.flatten(2), (1, 0))[..., 1:].view(y.shape)))
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        assert receptive_fields(net, ["0"], (12, 20)) == {"0": rf(3, 1, 0)}
+    assert "estimated" in caplog.text and "padding of the dim that holds" in caplog.text
+
+
 def tokens_with_a_padded_channel(y):
     """ViT-style tokens (N, H·W, C) given one more channel of zeros with F.pad, then the map again
     (N, C + 1, H, W)."""
