@@ -1039,6 +1039,60 @@ def test_browser_maps_no_default_ring_legend_sorted_clear_of_toolbar_no_wide_pag
         driver.quit()
 
 
+def test_browser_map_draws_neurons_with_one_sentence_as_one_larger_point(run, tmp_path):
+    """05 gives neurons with the same sentence the same point. The map draws such a point once,
+    larger (area ∝ neurons, 9 px alone), its hover names the other neurons, and a click opens the
+    layer's cards filtered to the sentence; a point of its own still opens its neuron."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    _, _, run_dir = run
+    copy = tmp_path / "atlas"
+    shutil.copytree(run_dir / "atlas", copy)
+    # three neurons of relu1 given neuron 0's sentence, cluster and point, as 05 would
+    data = copy / "data" / "relu1.js"
+    data.write_text(data.read_text() + """
+(function () { const ns = window.ATLAS_DATA["relu1"].neurons, a = ns[0];
+  [1, 2].forEach(function (i) { Object.assign(ns[i], { x: a.x, y: a.y, d: a.d, cl: a.cl }); }); })();
+""")
+    neurons = len(re.findall(r'"c": ?\d+', data.read_text()))
+    driver = chromium()
+    try:
+        driver.set_window_size(1200, 900)
+        driver.get((copy / "maps" / "relu1.html").as_uri())
+        wait_ready(driver)
+        traces = driver.execute_script(
+            "return document.getElementById('map').data.map(t => [t.customdata, t.marker.size])")
+        channels = [c for ids, _ in traces for c in ids]
+        sizes = dict(zip(channels, [z for _, zs in traces for z in zs]))
+        assert sorted(channels) == [0] + list(range(3, neurons))  # 1 and 2 drawn under 0
+        assert sizes[0] == pytest.approx(9 * 3 ** 0.5) and sizes[3] == pytest.approx(9)
+        point = driver.execute_script("""
+            const gd = document.getElementById('map'), fl = gd._fullLayout;
+            const t = gd.data.findIndex(t => t.customdata.includes(0)), i = gd.data[t].customdata.indexOf(0);
+            const r = gd.getBoundingClientRect();
+            return [r.left + fl.margin.l + fl.xaxis.l2p(gd.data[t].x[i]),
+                    r.top + fl.margin.t + fl.yaxis.l2p(gd.data[t].y[i])];""")
+        body = driver.find_element(By.TAG_NAME, "body")
+        ActionChains(driver).move_to_element_with_offset(
+            body, point[0] - body.rect["width"] / 2, point[1] - body.rect["height"] / 2).perform()
+        hover = driver.find_element(By.ID, "hover")
+        assert hover.is_displayed() and "#0" in hover.text
+        assert "and 2 more neurons with this sentence: #1, #2" in hover.text
+        sentence = driver.execute_script("return window.ATLAS_DATA['relu1'].neurons[0].d")
+        ActionChains(driver).click().perform()
+        WebDriverWait(driver, 10).until(lambda d: "/layers/" in d.current_url)
+        url = urlsplit(driver.current_url)
+        assert url.path.endswith("/layers/relu1.html") and parse_qs(url.fragment)["q"] == [sentence]
+        wait_ready(driver)
+        shown = driver.find_elements(By.CSS_SELECTOR, "a.card")
+        assert len(shown) >= 3
+    finally:
+        driver.quit()
+
+
 def test_labels_show_by_class_name_even_when_never_predicted():
     """A label mapped to a class (a WordNet id → index 2) that the model never predicts shows by
     01's class name, not as the dataset wrote it; an unmapped label keeps its own text."""

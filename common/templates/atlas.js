@@ -259,10 +259,15 @@
     panel.append(img, title, text);
     body.append(panel);
     return {
-      show: function (n, layerName, ev) {
+      show: function (n, layerName, ev, others) {
         img.src = n.t ? root + n.t : "";
         title.textContent = layerName + " #" + n.c + (n.cl !== null ? " · cluster " + n.cl : "");
         text.textContent = n.d || "(no description)";
+        if (others && others.length) {
+          const listed = others.slice(0, 12).map(function (o) { return "#" + o.c; }).join(", ");
+          text.textContent += " — and " + others.length + " more neuron" + (others.length > 1 ? "s" : "") +
+            " with this sentence: " + listed + (others.length > 12 ? ", …" : "") + " (click to list them)";
+        }
         panel.hidden = false;
         const x = ev && ev.clientX !== undefined ? ev.clientX : 20, y = ev && ev.clientY !== undefined ? ev.clientY : 80;
         panel.style.left = Math.min(x + 16, window.innerWidth - 260) + "px";
@@ -291,9 +296,24 @@
       if (a[0] === "none" || b[0] === "none") return (a[0] === "none") - (b[0] === "none");
       return a[0] - b[0];
     });
+    // Neurons with the same sentence share a point (05 maps each distinct sentence once): one
+    // marker per point, its area growing with the neurons on it (capped at 16).
+    const shared = new Map(); // "x,y" → the neurons at that point
+    pts.forEach(function (n) {
+      const key = n.x + "," + n.y;
+      if (!shared.has(key)) shared.set(key, []);
+      shared.get(key).push(n);
+    });
+    function together(n) { return shared.get(n.x + "," + n.y); }
     function points(ns, name, marker) {
-      return { type: "scatter", mode: "markers", x: ns.map(function (n) { return n.x; }),
-               y: ns.map(function (n) { return n.y; }), customdata: ns.map(function (n) { return n.c; }),
+      const first = ns.filter(function (n) { return together(n)[0] === n; });
+      marker.size = first.map(function (n) { return 9 * Math.sqrt(Math.min(together(n).length, 16)); });
+      if (Array.isArray(marker.color)) {
+        const colour = new Map(ns.map(function (n, i) { return [n, marker.color[i]]; }));
+        marker.color = first.map(function (n) { return colour.get(n); });
+      }
+      return { type: "scatter", mode: "markers", x: first.map(function (n) { return n.x; }),
+               y: first.map(function (n) { return n.y; }), customdata: first.map(function (n) { return n.c; }),
                name: name, hoverinfo: "none", marker: marker };
     }
     // A trace and a legend entry per cluster while a legend can be read; past LEGEND_MAX one
@@ -330,18 +350,22 @@
     const narrow = div.clientWidth < 700;
     Plotly.newPlot(div, traces, {
       margin: { l: 30, r: 10, t: 40, b: 30 }, hovermode: "closest", showlegend: !many,
-      legend: narrow ? { font: { size: 11 }, orientation: "h", x: 0, y: -0.02, yanchor: "top" }
-                     : { font: { size: 11 }, x: 1.02, y: 1, yanchor: "top" },
+      // (itemsizing: a cluster's legend symbol keeps one size whatever its points' sizes)
+      legend: narrow ? { font: { size: 11 }, orientation: "h", x: 0, y: -0.02, yanchor: "top", itemsizing: "constant" }
+                     : { font: { size: 11 }, x: 1.02, y: 1, yanchor: "top", itemsizing: "constant" },
       xaxis: { zeroline: false, showticklabels: false }, yaxis: { zeroline: false, showticklabels: false }
     }, { responsive: true, displaylogo: false }).then(function () { body.dataset.ready = "1"; });
     div.on("plotly_hover", function (d) {
       const n = byChannel.get(d.points[0].customdata);
-      if (n) panel.show(n, layer.name, d.event);
+      if (n) panel.show(n, layer.name, d.event, n.x === null ? [] : together(n).slice(1));
     });
     div.on("plotly_unhover", panel.hide);
+    // A shared point opens the layer's cards filtered to its sentence, a single one its neuron.
     div.on("plotly_click", function (d) {
       const n = byChannel.get(d.points[0].customdata);
-      if (n) location.href = root + n.u;
+      if (!n) return;
+      location.href = n.x !== null && together(n).length > 1 && n.d
+        ? body.dataset.cards + "#q=" + encodeURIComponent(n.d) : root + n.u;
     });
   }
 
