@@ -291,6 +291,9 @@ def test_classes_never_predicted_get_their_imagenet_name():
     rows.append({"image_id": 1, "path": "b", "label": "extra", "label_idx": 1005,
                  "pred_idx": 1005, "pred_name": "extra"})
     assert debug.class_names(rows) == {285: "Egyptian cat", 1005: "extra", 281: "n02123045"}
+    # ImageNet's first class (index 0, "tench") predicted: still ImageNet's names
+    rows[1].update(label="n01440764", label_idx=0, pred_idx=0, pred_name="tench")
+    assert debug.class_names(rows) == {285: "Egyptian cat", 0: "tench", 281: "tabby"}
 
 
 def test_statistics_agree_with_scipy_and_a_hand_computed_fdr():

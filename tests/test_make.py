@@ -488,3 +488,30 @@ def test_the_mutation_config_names_functions_and_tests_that_exist():
             if name:
                 assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(),
                                  re.M), test
+    known = [(k["file"], k["before"], k["after"]) for k in read_config(CONFIG)["known"]]
+    assert len(known) == len(set(known))  # one reason per survivor
+
+
+def test_mutation_section_gives_the_score_with_and_without_equivalent_survivors():
+    """12 judged mutants, 9 killed (one by the time limit): 75.0 %. Of the 3 survivors one has an
+    "equivalent" reason, one "not worth a test", one none: 9 of the 11 not equivalent, 81.8 %;
+    each survivor is listed with its verdict, and incompetent mutants count nowhere."""
+    from types import SimpleNamespace
+    from tools.mutants import Module, Outcome, section
+    module = Module("m.py", ["tests/test_m.py"])
+
+    def outcome(state, line, after="x = 2"):
+        spec = SimpleNamespace(module_path=Path("m.py"), start_pos=(line, 0))
+        return Outcome(spec, module, state, before="x = 1", after=after)
+    outcomes = ([outcome("killed", i) for i in range(8)] + [outcome("timeout", 8)]
+                + [outcome("survived", 9, "x = 3"), outcome("survived", 10, "x = 4"),
+                   outcome("survived", 11, "x = 5"), outcome("incompetent", 12)])
+    known = [{"file": "m.py", "before": "x = 1", "after": "x = 3", "why": "equivalent: same x"},
+             {"file": "m.py", "before": "x = 1", "after": "x = 4", "why": "not worth a test: rare"}]
+    text = section(outcomes, [module], {"seed": 5, "known": known}, 40, 60.0)
+    assert "9/12 killed (75.0 %); 81.8 % of the 11 not equivalent" in text.splitlines()[0]
+    assert "1 was judged equivalent" in text and "the score is 9/11 (81.8 %)" in text
+    assert "| m.py:9 | `x = 1` → `x = 3` | equivalent: same x |" in text
+    assert "| m.py:10 | `x = 1` → `x = 4` | not worth a test: rare |" in text
+    assert "| m.py:11 | `x = 1` → `x = 5` | needs a test |" in text
+    assert "| m.py | all | test_m.py | 9/12 |" in text

@@ -464,6 +464,47 @@ def test_permuted_image_axes_are_followed(caplog):
     assert "estimated" not in caplog.text
 
 
+class Lambda(nn.Module):
+    """``fn`` as a layer (a named step of a Sequential)."""
+
+    def __init__(self, fn):
+        """Keep the function."""
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        """``fn(x)``."""
+        return self.fn(x)
+
+
+def test_rows_and_columns_swapped_and_back_with_negative_dims_keep_the_field(caplog):
+    """A 3 tall × 1 wide unpadded conv (rows: size 3, start 1; columns: size 1, start 0), its map
+    transposed with ``transpose(2, 3)`` and back with ``transpose(-1, -2)``, then a 3×3 pad-1
+    conv: the image axes are followed through both, so the last conv is traced (5 × 3 px, start
+    1 and 0), as the probe measures too."""
+    net = nn.Sequential(nn.Conv2d(1, 1, (3, 1)),
+                        Lambda(lambda y: y.transpose(2, 3).transpose(-1, -2)),
+                        nn.Conv2d(1, 1, 3, padding=1))
+    expected = {"1": RF(3, 1, 1, 1, 1, 0), "2": RF(5, 3, 1, 1, 1, 0)}
+    assert traced(net, ["1", "2"], (12, 20), caplog) == expected
+    assert estimate_receptive_fields(net, ["1", "2"], (12, 20)) == expected
+
+
+def test_one_row_expanded_to_two_has_no_jump_between_them(caplog):
+    """The map's 12 rows averaged into one (adaptive pooling: rows -1 … 12 of the image, size 14,
+    start 5.5), then expanded to two rows: both see the same pixels, so the jump between them
+    is 0, traced; the columns keep the 3×3 pad-1 conv's field."""
+    net = nn.Sequential(ConvThen(lambda y: F.adaptive_avg_pool2d(y, (1, None)).expand(-1, -1, 2, -1)))
+    assert traced(net, ["0"], (12, 20), caplog) == {"0": RF(14, 3, 0, 1, 5.5, 0)}
+
+
+def test_the_probe_measures_a_field_whose_gradient_is_negative():
+    """A layer that negates a 3×3 pad-1 conv has a negative gradient everywhere in its field:
+    the probe reads where the gradient is nonzero, whatever its sign."""
+    net = nn.Sequential(ConvThen(lambda y: -y))
+    assert estimate_receptive_fields(net, ["0"], (12, 20)) == {"0": rf(3, 1, 0)}
+
+
 def test_elementwise_layers_pass_through():
     """ReLU (in place too), BN, SiLU, ReLU6, Dropout and Identity do not change the field."""
     net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1), nn.ReLU(inplace=True), nn.SiLU(),

@@ -1163,6 +1163,11 @@ def test_candidates_are_ranked_on_the_selection_half_only():
     refine([again], cache, {"L": act[:, None]}, 0, lambda more: {},
            lambda requests: pytest.fail("no describer call without refinement"))
     assert again.records[again.best]["description"] == "B" and len(again.records) == 2
+    # a neuron without any sentence: nothing to score or to refine, and no describer call
+    blank = Unit("L", 0, 0, 1, selection.copy(), "", [])
+    refine([blank], cache, {"L": act[:, None]}, 2, lambda more: {},
+           lambda requests: pytest.fail("no describer call without a sentence"))
+    assert blank.best == -1 and blank.records == [] and blank.calls == 0
 
 
 def test_misses_are_the_positives_the_matcher_ranks_low():

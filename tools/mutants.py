@@ -14,7 +14,11 @@ are not made at all (never evaluated, so no test could catch them).
 
 The score, the sample and each survivor — file:line, the change, and the verdict: "needs a test",
 or why it is equivalent or not worth a test (tools/mutants.toml [[known]]) — go into a new dated
-section at the top of "Mutation testing" in bench/RESULTS.md.
+section at the top of "Mutation testing" in bench/RESULTS.md. The score is given twice: killed over
+all judged mutants, and killed over those not judged equivalent (the usual definition of the
+mutation score: an equivalent mutant computes the same results, so no test can kill it). A
+survivor counts as equivalent only when tools/mutants.toml says so, with its reason, before the run;
+"not worth a test" stays in both denominators.
 
     python -m tools.mutants                       the sample of tools/mutants.toml
     python -m tools.mutants --sample 20 --only common/scores.py --no-write   a quick look
@@ -283,6 +287,11 @@ def verdict(outcome: Outcome, known: list[dict]) -> str:
     return "needs a test"
 
 
+def percent(part: int, whole: int) -> str:
+    """``part`` of ``whole`` as a percentage to one decimal ("—" of nothing)."""
+    return f"{100 * part / whole:.1f} %" if whole else "—"
+
+
 def cell(text: str) -> str:
     """Text for a Markdown table cell: code, pipes escaped."""
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
@@ -307,16 +316,25 @@ def section(outcomes: list[Outcome], modules: list[Module], config: dict, popula
               for state in ("killed", "timeout", "survived", "incompetent", "no-test", "not run")}
     judged = counts["killed"] + counts["timeout"] + counts["survived"]
     killed = counts["killed"] + counts["timeout"]
-    score = f"{100 * killed / judged:.1f} %" if judged else "—"
+    survivors = [o for o in outcomes if o.state == "survived"]
+    verdicts = [verdict(o, config.get("known", [])) for o in survivors]
+    # The usual mutation score leaves out the equivalent mutants (no test can tell them from the
+    # code); both figures are given, and each equivalent survivor is listed with its reason.
+    equivalent = sum(v.startswith("equivalent") for v in verdicts)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%d %B %Y, %H:%M UTC").lstrip("0")
-    lines = [f"### {when} — Cosmic Ray {version('cosmic-ray')}, {killed}/{judged} killed ({score})",
+    lines = [f"### {when} — Cosmic Ray {version('cosmic-ray')}, {killed}/{judged} killed "
+             f"({percent(killed, judged)}); {percent(killed, judged - equivalent)} of the "
+             f"{judged - equivalent} not equivalent",
              "",
              f"Sample: {len(outcomes)} of the {population} mutants of the configured functions "
              f"(seed {config['seed']}); {counts['killed']} killed by a failing test, "
              f"{counts['timeout']} by the time limit, {counts['survived']} survived; not counted: "
              f"{counts['incompetent']} incompetent (the module broke), {counts['no-test']} not "
              f"applicable, {counts['not run']} not run (time budget). Run time "
-             f"{seconds / 60:.1f} min.", "",
+             f"{seconds / 60:.1f} min. Of the survivors, {equivalent} "
+             f"{'was' if equivalent == 1 else 'were'} judged equivalent when "
+             f"the run began (tools/mutants.toml, reasons below): without them the score is "
+             f"{killed}/{judged - equivalent} ({percent(killed, judged - equivalent)}).", "",
              "| module | functions | tests | killed/judged |", "|---|---|---|---|"]
     for module in modules:
         mine = [o for o in outcomes if o.module.path == module.path]
@@ -325,13 +343,12 @@ def section(outcomes: list[Outcome], modules: list[Module], config: dict, popula
         lines.append(f"| {module.path} | {', '.join(module.only) or 'all'}"
                      f"{' less ' + ', '.join(module.skip) if module.skip else ''} | "
                      f"{test_files(module.tests)} | {killed_m}/{judged_m} |")
-    survivors = [o for o in outcomes if o.state == "survived"]
     lines += ["", "Survivors:" if survivors else "No survivor.", ""]
     if survivors:
         lines += ["| where | change | verdict |", "|---|---|---|"]
-        for o in survivors:
+        for o, why in zip(survivors, verdicts):
             lines.append(f"| {o.spec.module_path}:{o.spec.start_pos[0]} | {cell(o.before)} → "
-                         f"{cell(o.after)} | {verdict(o, config.get('known', []))} |")
+                         f"{cell(o.after)} | {why} |")
     return "\n".join(lines) + "\n"
 
 
