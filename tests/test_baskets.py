@@ -42,6 +42,11 @@ def test_correlation_matches_numpy_in_blocks():
     want = np.corrcoef(usable[:, :8], rowvar=False)
     np.testing.assert_allclose(got[:8, :8], want, atol=1e-6)
     assert got[8, :8].tolist() == [0.0] * 8 and got[8, 8] == 1.0
+    # Values within float noise of zero (±7e-13) count as constant, also when every neuron's
+    # mean is near 0 (the floor is relative to the largest mean, but never under 1e-12).
+    sign = np.where(np.arange(40) % 2 == 0, 1.0, -1.0)
+    noise = np.stack([7e-13 * sign, sign], axis=1)
+    assert B.correlation(noise).tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
 
 def test_planted_groups_become_baskets():

@@ -412,7 +412,8 @@ def test_whole_input_on_a_wide_input_counts_a_field_covering_exactly_60_percent(
     0..60, 40 × 60 = 2400: exactly 60 %, whole. Cell (0, 20) covers 40 × 80 (whole); cell (30, 0)
     rows 20..40 only, 20 × 60 (a crop). A field 118 px wide at cell (0, 0) covers 40 × 59 = 2360
     (a crop). The same on the input turned on its side (100 × 40, rows and columns swapped),
-    where a 40 × 40 field low in the image (rows 60..100) covers 40 % (a crop)."""
+    where a 40 × 40 field low in the image (rows 60..100) covers 40 % (a crop), as one far right
+    in the wide input does (columns 60..100)."""
     wide = np.array([60, 120, 1, 1, 20, 0], float)
     ys, xs = np.array([0, 0, 30]), np.array([0, 20, 0])
     assert D.covers_whole_input(wide, ys, xs, (40, 100)).tolist() == [True, True, False]
@@ -424,6 +425,9 @@ def test_whole_input_on_a_wide_input_counts_a_field_covering_exactly_60_percent(
     # a 40 × 40 field centred on row 80 of the tall input: rows 60..100, 40 % of it (a crop)
     low = np.array([40, 40, 1, 1, 80, 20], float)
     assert not D.covers_whole_input(low, np.array([0]), np.array([0]), (100, 40)).any()
+    # and a 40 × 40 field centred on column 80 of the wide input: columns 60..100, 40 %
+    right = np.array([40, 40, 1, 1, 20, 80], float)
+    assert not D.covers_whole_input(right, np.array([0]), np.array([0]), (40, 100)).any()
 
 
 def test_objects_phrase_mixed_and_confidence():

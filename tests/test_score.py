@@ -1009,6 +1009,21 @@ def test_bootstrap_leaves_out_draws_on_which_the_neuron_never_fires():
     assert [low, high] == pytest.approx(np.percentile(kept, [2.5, 97.5]), abs=1e-9)
 
 
+def test_pearson_from_sums_calls_a_spread_under_1e_9_of_the_mean_square_flat():
+    """The bootstrap's r from sums: ten values 5e-6 apart around 1 (variance about 2e-10 of their
+    mean square: rounding, for float32 activations) are flat, r NaN, on either side; 1e-3 apart
+    they give numpy's r."""
+    def from_sums(x, y):
+        return float(S._pearson_from_sums(len(x), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(),
+                                          (x * y).sum()))
+    steps = np.arange(10.0)
+    y = np.sin(steps)
+    assert np.isnan(from_sums(1 + 5e-6 * steps, y)) and np.isnan(from_sums(y, 1 + 5e-6 * steps))
+    for x in (1 + 1e-3 * steps, y ** 2):
+        assert from_sums(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
+        assert from_sums(y, x) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
+
+
 def test_tree_cut_equals_scipys_maxclust_with_ties_and_duplicates():
     """``cut_tree_into`` gives scipy's ``fcluster(..., criterion="maxclust")`` partition on Ward
     trees of random points and of points on a small grid (duplicates: merges at height 0, and
@@ -1128,6 +1143,11 @@ def test_ranking_table_by_numpy_with_ties_and_fewer_images_than_k():
     assert table["semantic consistency"][1].tolist() == [1, 1, 3, 4]
     top2 = S.ranks_by_method(stats, consistency, k=2)["top-K log-weighted"][0]
     np.testing.assert_allclose(top2, np.log1p([[3.0, 3.0, 8.0, 5.0], [2.0, 2.0, 1.0, 1.0]]).mean(axis=0))
+    # 200 images: the mean over each neuron's 20 highest values, by sorting
+    many = np.random.default_rng(14).normal(size=(200, 3))
+    top20 = np.sort(many, axis=0)[-20:]
+    np.testing.assert_allclose(S.ranks_by_method(many, np.zeros(3))["top-K log-weighted"][0],
+                               np.log1p(np.maximum(top20, 0)).mean(axis=0))
 
 
 # ---------------------------------------------------------------------------------------------
