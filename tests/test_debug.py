@@ -604,6 +604,10 @@ def test_explicit_pair_counts_and_its_default_confusion():
     assert ok.tolist() == list(range(18, 28)) and ko.tolist() == list(range(28, 32))
     ok, ko = debug.split_ok_ko(SELECTION_ROWS, {"true_idx": 0, "pred_idx": 1})
     assert ok.tolist() == [0, 1, 2, 3] and ko.tolist() == [4, 5, 6]  # not classes 4 and 5's
+    # OK is the true class read right: images of class 1 predicted as 0 are not OK for class 0
+    ok, ko = debug.split_ok_ko(labelled_rows((0, 0, 2), (1, 0, 3), (0, 1, 1)),
+                               {"true_idx": 0, "pred_idx": 1})
+    assert ok.tolist() == [0, 1] and ko.tolist() == [5]
     single = labelled_rows((3, 1, 1), (1, 1, 2))  # a class with one labelled image, misread
     assert debug.explicit_pair(single, {1: "b", 3: "d"}, "3", None)["ko"] == 1
     # a pair asked for on a class without any error: no KO image, a share of 0 (not of all)

@@ -104,6 +104,11 @@ def test_fingerprint_by_hand_and_unreadable_inputs(tmp_path):
     assert fingerprint(str(tmp_path / "list.csv"), "resnet18", None, None) != first
     with pytest.raises(InputError, match="cannot read"):
         content_digest(tmp_path)  # a folder
+    # an image that is gone is listed as missing, not an error
+    from common.fingerprint import stat_line
+    assert stat_line(str(tmp_path / "gone.png")) == "missing"
+    st = (tmp_path / "w.pt").stat()
+    assert stat_line(str(tmp_path / "w.pt")) == f"3 {st.st_mtime_ns}"
 
 
 def test_a_txt_list_is_read_with_commas_and_a_tsv_one_with_tabs(tmp_path):

@@ -50,6 +50,9 @@ def test_png_writer_round_trips_exactly():
         img = Image.open(io.BytesIO(mosaics.png_bytes(rgb)))
         assert img.mode == "RGB" and img.size == (shape[1], shape[0])
         np.testing.assert_array_equal(np.asarray(img), rgb)
+    # and it compresses: a 640-px mosaic of flat tiles takes under 2 % of its raw bytes
+    flat = np.repeat(np.repeat(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 80, 0), 80, 1)
+    assert len(mosaics.png_bytes(flat)) < 0.02 * flat.nbytes
 
 
 def test_png_is_the_standard_format_decoded_by_hand():

@@ -224,6 +224,8 @@ def test_embedder_names_recorded_by_04_are_loaded_back():
     assert search.loader_name("ViT-B/32", "text") == "clip:ViT-B/32"  # CLIP text tower
     assert search.loader_name("ViT-B/32", "image") == "clip:ViT-B/32"
     assert search.loader_name("efficientnet_lite0", "image") == "cnn"  # reference CNN feature
+    # the kind as read from a file or built at run time (not the interned literal)
+    assert search.loader_name("all-MiniLM-L6-v2", "".join(["te", "xt"])) == "all-MiniLM-L6-v2"
 
 
 def test_image_query(tmp_path):

@@ -333,11 +333,11 @@ def test_a_target_layer_wider_than_its_source_keeps_its_clusters_and_unknown_cha
     """Connections from a layer of 2 neurons into one of 4 (a 2 × 4 matrix): the target cluster
     on channels 2-3 exists in the matrix and takes the whole drive, strength (4 / 4) / (4 / 8)
     = 2, by hand; clusters naming a channel past the matrix's side (source 2, target 4) are left
-    out instead of failing."""
+    out instead of failing, wherever past it they are."""
     from common.artefacts import Connections
     a = [stage.Cluster("a", 0, 2, ["red"], [0, 1]), stage.Cluster("a", 1, 1, ["old"], [2])]
     b = [stage.Cluster("b", 0, 2, ["zebra"], [0, 1]), stage.Cluster("b", 1, 2, ["apple"], [2, 3]),
-         stage.Cluster("b", 2, 1, ["stale"], [4])]
+         stage.Cluster("b", 2, 1, ["stale"], [4]), stage.Cluster("b", 3, 2, ["older"], [5, 7])]
     matrix = np.zeros((2, 4))
     matrix[:, [2, 3]] = 1.0
     wiring = Connections(layers=["a", "b"], to_next={"a": matrix}, n_images=1, aggregate="mean")
