@@ -209,6 +209,7 @@ def test_template_words_are_those_most_descriptions_of_two_layers_share():
     # "red" and "cats" fill 3 of 4 descriptions of one layer each: concepts, not wording
     assert stage.template_words([early, deep]) == {"the", "unit", "fires", "on"}
     assert stage.template_words([early]) == frozenset()  # one layer cannot tell them apart
+    assert stage.template_words([["", "—"], ["?"]]) == frozenset()  # no word in any sentence
     # wording most descriptions of three layers share is template too, not only of exactly two
     late = ["the unit fires on wheels", "the unit fires on doors", "the unit fires on wheels",
             "the unit fires on sky"]

@@ -490,6 +490,16 @@ def test_rows_and_columns_swapped_and_back_with_negative_dims_keep_the_field(cap
     assert estimate_receptive_fields(net, ["1", "2"], (12, 20)) == expected
 
 
+def test_slicing_the_columns_of_a_transposed_map_moves_its_columns(caplog):
+    """A 3×3 pad-1 conv's map transposed (columns now in dim 2, before the rows in dim 3), every
+    second column from the second kept (``[:, :, 1::2]``), and transposed back: the columns
+    start at pixel 1 with jump 2, the rows are unchanged; traced, as the probe measures too."""
+    net = nn.Sequential(ConvThen(lambda y: y.transpose(2, 3)[:, :, 1::2].transpose(2, 3)))
+    expected = {"0": RF(3, 3, 1, 2, 0, 1)}
+    assert traced(net, ["0"], (12, 20), caplog) == expected
+    assert estimate_receptive_fields(net, ["0"], (12, 20)) == expected
+
+
 def test_one_row_expanded_to_two_has_no_jump_between_them(caplog):
     """The map's 12 rows averaged into one (adaptive pooling: rows -1 … 12 of the image, size 14,
     start 5.5), then expanded to two rows: both see the same pixels, so the jump between them
@@ -998,6 +1008,13 @@ def test_probe_warns_only_when_gradients_near_the_float32_limit(caplog):
     assert "float32" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
         assert estimate_receptive_fields(deep, ["31"], 70)["31"] == rf(65, 1, 0)
+    assert "near the float32 limit" in caplog.text
+    # Weights are 1 / fan-in, so the channels do not change this: two channels per layer after
+    # the first give the corner the same 9^-32, and the same warning.
+    wide = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), *(nn.Conv2d(2, 2, 3, padding=1) for _ in range(31)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="neuron-atlas.rf"):
+        assert estimate_receptive_fields(wide, ["31"], 70)["31"] == rf(65, 1, 0)
     assert "near the float32 limit" in caplog.text
 
 

@@ -133,6 +133,9 @@ def test_text_ranking_known_answers(tmp_path):
     # L2/2 "dog" (cos 1/√2) beats L2/1 (cos 1/(√2·2)) for "dog ball".
     assert ranked(rows, "dog ball")[1:] == [("L2", 2), ("L2", 1)]
     assert ("L2", 3) not in ranked(rows, "cat") + ranked(rows, "dog ball")  # no description
+    # nor when every neuron is asked for: it has no sentence to match
+    every = find(run_dir, ["cat"], top_k=50, scoring="cosine", text_embedder=BagOfWords())
+    assert ("L2", 3) not in ranked(every, "cat") and ("L2", 2) in ranked(every, "cat")
     printed = out.getvalue()
     assert printed.index("== cat") < printed.index("== dog ball")
     assert "02_mosaics/L1/1.png" in printed

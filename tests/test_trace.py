@@ -358,6 +358,9 @@ def test_connections_to_a_layer_that_is_not_the_next_clustered_one_link_nothing(
     renamed = Connections(layers=["a", "z", "c"], to_next={"a": np.ones((2, 2)), "z": np.ones((2, 2))},
                           n_images=1, aggregate="mean")
     assert stage.connection_links({"a": a, "c": c}, renamed, 0.0) == []
+    before = Connections(layers=["a", "b", "c"], to_next={"a": np.ones((2, 2)), "b": np.ones((2, 2))},
+                         n_images=1, aggregate="mean")  # measured into b, named before c
+    assert stage.connection_links({"a": a, "c": c}, before, 0.0) == []
 
 
 def test_connection_link_p_value_is_the_share_of_random_clusterings_that_do_as_well():
