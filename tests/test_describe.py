@@ -428,6 +428,10 @@ def test_whole_input_on_a_wide_input_counts_a_field_covering_exactly_60_percent(
     # and a 40 × 40 field centred on column 80 of the wide input: columns 60..100, 40 %
     right = np.array([40, 40, 1, 1, 20, 80], float)
     assert not D.covers_whole_input(right, np.array([0]), np.array([0]), (40, 100)).any()
+    # an odd size: a 7-row field centred on row 2.5 reaches row 6 (half of 7 is 3.5), so with
+    # every column it covers 60 % of a 10 × 10 input exactly (whole)
+    odd = np.array([7, 20, 1, 1, 2.5, 5], float)
+    assert D.covers_whole_input(odd, np.array([0]), np.array([0]), (10, 10)).all()
 
 
 def test_objects_phrase_mixed_and_confidence():

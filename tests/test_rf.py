@@ -500,6 +500,24 @@ def test_slicing_the_columns_of_a_transposed_map_moves_its_columns(caplog):
     assert estimate_receptive_fields(net, ["0"], (12, 20)) == expected
 
 
+def test_a_matrix_of_positions_transposed_with_t_keeps_its_positions(caplog):
+    """A 3×3 pad-1 conv's map (one image) as an (H·W, C) matrix, transposed with ``.t()`` to
+    (C, H·W) and read back as the map, (C, 1, H, W) with its first two dims swapped: the positions
+    move with the transpose and are unpacked again, so the field is the conv's, traced."""
+    def through_t(y):
+        n, c, h, w = y.shape
+        return y.permute(0, 2, 3, 1).reshape(h * w, c).t().reshape(c, n, h, w).transpose(0, 1)
+    net = nn.Sequential(ConvThen(through_t, channels=2), nn.Conv2d(2, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
+def test_a_map_expanded_under_a_new_leading_dim_keeps_its_image_axes(caplog):
+    """A 3×3 pad-1 conv's map expanded to (2, N, C, H, W) (a new leading dim: the image axes move
+    up by one) and one of the two copies taken: a 3×3 conv after it is traced, 5 px."""
+    net = nn.Sequential(ConvThen(lambda y: y.expand(2, *y.shape)[1]), nn.Conv2d(1, 1, 3, padding=1))
+    assert traced(net, ["0", "1"], (12, 20), caplog) == {"0": rf(3, 1, 0), "1": rf(5, 1, 0)}
+
+
 def test_one_row_expanded_to_two_has_no_jump_between_them(caplog):
     """The map's 12 rows averaged into one (adaptive pooling: rows -1 … 12 of the image, size 14,
     start 5.5), then expanded to two rows: both see the same pixels, so the jump between them

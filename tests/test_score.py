@@ -274,6 +274,11 @@ def test_polysemanticity_is_one_minus_the_cosine_of_the_two_group_sums():
     assert expected == pytest.approx(0.5, abs=0.02)
     assert S.polysemanticity(crops_) == pytest.approx(expected, abs=1e-6)  # float32 inside
     assert np.isnan(S.polysemanticity(crops_[:3]))
+    # four crops are enough: two near each direction
+    four = crops_[[0, 1, 3, 4]]
+    one, two = unit[[0, 1]].sum(axis=0), unit[[3, 4]].sum(axis=0)
+    assert S.polysemanticity(four) == pytest.approx(
+        1 - one @ two / (np.linalg.norm(one) * np.linalg.norm(two)), abs=1e-6)
 
 
 def test_three_close_patterns_split_into_three():
@@ -1188,6 +1193,13 @@ def test_candidates_are_ranked_on_the_selection_half_only():
     refine([blank], cache, {"L": act[:, None]}, 2, lambda more: {},
            lambda requests: pytest.fail("no describer call without a sentence"))
     assert blank.best == -1 and blank.records == [] and blank.calls == 0
+    # a candidate that cannot be verified (the matcher gives every image the same score: r is
+    # NaN) ranks last, below any measured one
+    cache["L"]["flat"] = np.ones(40)
+    unsure = Unit("L", 0, 0, 1, selection.copy(), "flat", [("flat", "sentence"), ("B", "user")])
+    refine([unsure], cache, {"L": act[:, None]}, 1, lambda more: {},
+           lambda requests: [""] * len(requests))
+    assert np.isnan(unsure.records[0]["score"]) and unsure.records[unsure.best]["description"] == "B"
 
 
 def test_misses_are_the_positives_the_matcher_ranks_low():
