@@ -2,9 +2,9 @@
 
 Prints, measured in this one run:
   * 01_extract time ÷ a bare loop (same images, same decoding threads, batch size and torch
-    threads, forward pass only) — target ≤ 1.15 — for EfficientNet-Lite0 and a random-init
-    ResNet-50, and ≤ 1.10 for a random-init ViT-B/16 (token layers: five blocks' MLP outputs,
-    the class token kept apart);
+    threads, forward pass only) — target ≤ 1.10 (issue 24; it was 1.15) — for
+    EfficientNet-Lite0, a random-init ResNet-50 and a random-init ViT-B/16 (token layers: five
+    blocks' MLP outputs, the class token kept apart);
   * peak resident memory of 01_extract over N and 8·N images (separate processes) — target ≤ 1.1.
 
   python bench/bench_extract.py [--n-lite 512] [--n-resnet 192] [--n-vit 64] [--n-mem 64]
@@ -56,7 +56,7 @@ def bare_loop(extract, bundle, entries, batch_size: int, workers: int) -> float:
 
 
 def overhead(name: str, n: int, tmp: Path, batch_size: int = 32, workers: int = 2,
-             target: float = 1.15) -> float:
+             target: float = 1.10) -> float:
     """Ratio of 01_extract's time to the bare loop for model ``name`` over ``n`` images."""
     from common.images import list_images
     extract = load_stage("01_extract")
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp_name)
         ratios = {"lite0": overhead("efficientnet_lite0", args.n_lite, tmp),
                   "resnet50": overhead("resnet50", args.n_resnet, tmp / "r50"),
-                  "vit_b_16": overhead("vit_b_16", args.n_vit, tmp / "vit", target=1.10),
+                  "vit_b_16": overhead("vit_b_16", args.n_vit, tmp / "vit"),
                   "memory": memory_ratio(args.n_mem, tmp / "mem")}
     print(json.dumps(ratios))
     return ratios
