@@ -384,7 +384,8 @@ def _rule_pad(func, bound, args, out):
     pads = list(bound.get("pad", bound.get("padding")))
     touched = {x.ndim - 1 - i for i in range(len(pads) // 2)}
     if field.axes is None:
-        return _Lost("padding of the dim that holds the flattened image positions") if touched & field.image_dims else field
+        lost = touched & field.image_dims
+        return _Lost("padding of the dim that holds the flattened image positions") if lost else field
     spans = []
     for axis, span in zip(field.axes, (field.h, field.w)):
         pair = x.ndim - 1 - axis
