@@ -297,14 +297,16 @@
       return a[0] - b[0];
     });
     // Neurons with the same sentence share a point (05 maps each distinct sentence once): one
-    // marker per point, its area growing with the neurons on it (capped at 16).
-    const shared = new Map(); // "x,y" → the neurons at that point
+    // marker per point, its area growing with the neurons on it (capped at 16). The sentence is
+    // part of the key, so two sentences whose rounded coordinates happen to agree stay apart.
+    function pointKey(n) { return n.x + "," + n.y + "\u0000" + n.d; }
+    const shared = new Map(); // point and sentence → the neurons there
     pts.forEach(function (n) {
-      const key = n.x + "," + n.y;
+      const key = pointKey(n);
       if (!shared.has(key)) shared.set(key, []);
       shared.get(key).push(n);
     });
-    function together(n) { return shared.get(n.x + "," + n.y); }
+    function together(n) { return shared.get(pointKey(n)); }
     function points(ns, name, marker) {
       const first = ns.filter(function (n) { return together(n)[0] === n; });
       marker.size = first.map(function (n) { return 9 * Math.sqrt(Math.min(together(n).length, 16)); });
