@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -189,8 +190,10 @@ def connection_strengths(model, layer_names: Sequence[str], images,
         for a, b in pairs:
             grid = layouts[b].to_grid(kept[b]).flatten(2)  # B × M × cells
             targets = grid.mean(2) if aggregate == "mean" else grid.amax(2)
-            source = kept[a]
-            out[(a, b)] = _drive(source, targets, layouts[a]).numpy()
+            start = time.perf_counter()
+            out[(a, b)] = _drive(kept[a], targets, layouts[a]).numpy()
+            log.info("connections %s → %s: %d backward passes over %d images in %.1f s", a, b,
+                     targets.shape[1], len(images), time.perf_counter() - start)
     return out
 
 

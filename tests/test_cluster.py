@@ -168,6 +168,33 @@ def test_weighted_kmeans_equals_kmeans_on_every_row():
     assert adjusted_rand_score(full.labels_, labels) == 1.0
 
 
+def test_kmeans_sees_the_points_in_coordinates_of_their_own_span():
+    # 60 unit rows in a 5-dimensional subspace of a 40-d space, and 5 far fewer rows than dims
+    rng = np.random.default_rng(12)
+    basis = np.linalg.qr(rng.normal(size=(40, 5)))[0]
+    low = rng.normal(size=(60, 5)) @ basis.T
+    low /= np.linalg.norm(low, axis=1, keepdims=True)
+    data = stage.deduplicate(low)
+    assert data.coords.shape == (60, 5)  # not 40: the 5 dimensions the rows fill
+    assert data.coords.dtype == np.float32
+    # every distance is kept (so KMeans' objective is), up to float32 rounding
+    from scipy.spatial.distance import pdist
+    np.testing.assert_allclose(pdist(data.coords), pdist(low), atol=1e-5)
+    few = stage.deduplicate(np.eye(40)[:5])  # 5 corners of a simplex: their differences fill 4
+    assert few.coords.shape == (5, 4)
+    np.testing.assert_allclose(pdist(few.coords), np.sqrt(2), atol=1e-6)
+    # one distinct point: a single coordinate, zero
+    one = stage.deduplicate(np.tile(low[:1], (3, 1)))
+    assert one.coords.shape == (1, 1) and not one.coords.any()
+    # the fit on those coordinates is the fit on the rows themselves
+    from sklearn.cluster import KMeans
+    labels, inertia = stage.fit_kmeans(data, 4, seed=0, n_init=3)
+    full = KMeans(n_clusters=4, n_init=3, random_state=0).fit(low)
+    assert inertia == pytest.approx(full.inertia_, rel=1e-4)
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(full.labels_, labels) == 1.0
+
+
 def test_cohesion_and_silhouette_by_hand():
     # two clusters of two unit vectors, each pair at cosine 0.8
     x = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
