@@ -14,7 +14,9 @@ whole process tree, sampled every 0.1 s) and fits the growth exponent b of time 
 on log–log axes, by least squares over the sizes, n = images or neurons actually run). A stage whose
 exponent is over the target (1.15) is named with the size at which, by the two fits, it would take
 longer than 01 (the forward pass). After the largest neuron workload it checks that the atlas was
-built and that ``make -q all`` holds.
+built and that ``make -q all`` holds. The one-layer sizes give 06 nothing to connect, so its growth
+is read inside the largest size instead: 06 logs the time of each layer pair's connections (one
+backward pass per neuron of the later layer), and the report fits that time against those neurons.
 
 It prints a markdown report (``bench/results.py`` files it in bench/RESULTS.md) and draws the times
 against the size on log–log axes (``--plot``, default bench/scale.png). Everything runs in a
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +60,9 @@ RESNET_LAYERS = {1: "layer2", 2: "layer3", 4: "layer4",
                  8: "conv1,layer1,layer2,layer3,layer4"}
 RESNET_WIDTH = {"conv1": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 POLL = 0.1  # seconds between memory samples
+# 06's log line for each layer pair it connects (common/attribution.py, connection_strengths)
+CONNECTION_LINE = re.compile(r"connections (\S+) → (\S+): (\d+) backward passes over (\d+) "
+                             r"images in ([\d.]+) s")
 
 
 @dataclass
@@ -66,6 +72,8 @@ class Measure:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_mib: dict[str, float] = field(default_factory=dict)
     code: str = ""  # the project's commit (and "+changes" when the tree differed) it measured
+    # 06's connections, one [earlier layer, later layer, backward passes, images, seconds] per pair
+    pairs: list = field(default_factory=list)
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -144,10 +152,39 @@ def run_pipeline(work: Path, run: str, variables: dict[str, str], log: Path) -> 
             *[f"{k}={v}" for k, v in variables.items()]]
     measure = Measure(n=0)
     for number, target in STAGES:
+        before = log.stat().st_size if log.exists() else 0
         seconds, peak = run_measured([*make, target], log)
         measure.seconds[number], measure.peak_mib[number] = seconds, peak
         print(f"    {number} {target:<8} {seconds:8.1f} s {peak:8.0f} MiB", flush=True)
+        if number == "06":
+            with open(log, "rb") as f:
+                f.seek(before)
+                measure.pairs = connection_times(f.read().decode(errors="replace"))
     return measure
+
+
+def connection_times(text: str) -> list[list]:
+    """06's time per layer pair, from its log: [earlier, later, backward passes, images, s]."""
+    return [[a, b, int(passes), int(images), float(seconds)]
+            for a, b, passes, images, seconds in CONNECTION_LINE.findall(text)]
+
+
+def report_pairs(measure: Measure) -> list[str]:
+    """Markdown lines on 06's connections in ``measure`` (its layer pairs): one backward pass per
+    neuron of the later layer, so the time against those neurons, and its exponent; none for
+    fewer than two pairs."""
+    if len(measure.pairs) < 2:
+        return []
+    lines = [f"#### 06's connections at {measure.n:,} neurons, by layer pair", "",
+             "| layer pair | backward passes (later layer's neurons) | images | time | per pass |",
+             "|---|---|---|---|---|"]
+    for a, b, passes, images, seconds in measure.pairs:
+        lines.append(f"| {a} → {b} | {passes:,} | {images} | {seconds:.1f} s | "
+                     f"{1000 * seconds / passes:.0f} ms |")
+    b_time = exponent([p[2] for p in measure.pairs], [p[4] for p in measure.pairs])[0]
+    total = sum(p[4] for p in measure.pairs)
+    return lines + ["", f"All pairs: {total:.1f} s; exponent of the time in the later layer's "
+                        f"neurons: {b_time:.2f}.", ""]
 
 
 def exponent(ns: list[int], values: list[float]) -> tuple[float, float]:
@@ -297,6 +334,8 @@ def main(argv=None) -> int:
     for name, (unit, measures) in results.items():
         if len(measures) >= 2:
             print("\n".join(report(name, unit, measures)))
+        if measures:
+            print("\n".join(report_pairs(measures[-1])))
     if any(len(m) >= 2 for _, m in results.values()):
         plot({k: v for k, v in results.items() if len(v[1]) >= 2}, args.plot)
         print(f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")

@@ -87,3 +87,25 @@ def test_a_stopped_run_goes_on_from_what_it_saved(tmp_path, monkeypatch):
     assert runs == ["img-20", "img-40", "img-80"]
     assert (tmp_path / "scale.png").is_file() and math.isfinite(
         scale.exponent([20, 40, 80], [1.0, 1.0, 1.0])[0])
+
+
+def test_06s_time_per_layer_pair_is_read_from_its_own_log_line(caplog):
+    """06 logs each layer pair's connections (common.attribution); the benchmark reads those
+    lines back, and fits the time against the later layer's neurons (one backward pass each)."""
+    import logging
+
+    import torch
+    from common.attribution import connection_strengths
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_model import FakeNet
+    with caplog.at_level(logging.INFO, logger="neuron-atlas.attribution"):
+        connection_strengths(FakeNet().eval(), ["relu1", "pool", "conv2"], torch.rand(3, 3, 8, 8))
+    pairs = scale.connection_times("unrelated line\n" + caplog.text)
+    assert [p[:4] for p in pairs] == [["relu1", "pool", 4, 3], ["pool", "conv2", 2, 3]]
+    assert all(p[4] >= 0 for p in pairs)
+    # times 0.02·passes^1.5 give back the exponent 1.5; a single pair is no report
+    m = scale.Measure(n=3904, pairs=[["a", "b", n, 16, 0.02 * n ** 1.5] for n in (256, 512, 2048)])
+    lines = scale.report_pairs(m)
+    assert "exponent of the time in the later layer's neurons: 1.50" in lines[-2]
+    assert "| a → b | 2,048 | 16 |" in "\n".join(lines)
+    assert scale.report_pairs(scale.Measure(n=1, pairs=m.pairs[:1])) == []
