@@ -43,6 +43,16 @@ def test_report_names_the_stage_over_target():
     over = [line for line in lines if "overtakes 01" in line]
     assert len(over) == 1 and over[0].startswith("| 05 cluster") and "| 2.00 |" in over[0]
     assert f"{1000:,}" in over[0]  # 0.01·n = 1e-5·n² at n = 1,000
+    # 06 jumping at the one size with layer pairs is named as such, not as a growth
+    measures[-1].seconds["06"] = 1e-4 * 4000 ** 2
+    measures[-1].pairs = [["a", "b", 2, 16, 1.0]]
+    row = next(line for line in scale.report("neurons", "neurons", measures)
+               if line.startswith("| 06"))
+    assert "not a growth" in row and "overtakes" not in row
+    measures[0].pairs = measures[1].pairs = measures[-1].pairs  # pairs at every size: a growth
+    row = next(line for line in scale.report("neurons", "neurons", measures)
+               if line.startswith("| 06"))
+    assert "overtakes 01" in row
 
 
 def test_a_stopped_run_goes_on_from_what_it_saved(tmp_path, monkeypatch):
