@@ -164,9 +164,14 @@ def run_pipeline(work: Path, run: str, variables: dict[str, str], log: Path) -> 
 
 
 def connection_times(text: str) -> list[list]:
-    """06's time per layer pair, from its log: [earlier, later, backward passes, images, s]."""
-    return [[a, b, int(passes), int(images), float(seconds)]
-            for a, b, passes, images, seconds in CONNECTION_LINE.findall(text)]
+    """06's time per layer pair, from its log: [earlier, later, backward passes, images, s]
+    (06 logs a pair once per batch of images: its batches are added up)."""
+    pairs: dict[tuple[str, str], list] = {}
+    for a, b, passes, images, seconds in CONNECTION_LINE.findall(text):
+        row = pairs.setdefault((a, b), [a, b, int(passes), 0, 0.0])
+        row[3] += int(images)
+        row[4] += float(seconds)
+    return list(pairs.values())
 
 
 def report_pairs(measure: Measure) -> list[str]:

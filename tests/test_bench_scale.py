@@ -113,6 +113,10 @@ def test_06s_time_per_layer_pair_is_read_from_its_own_log_line(caplog):
     pairs = scale.connection_times("unrelated line\n" + caplog.text)
     assert [p[:4] for p in pairs] == [["relu1", "pool", 4, 3], ["pool", "conv2", 2, 3]]
     assert all(p[4] >= 0 for p in pairs)
+    # more images than a batch: 06 logs each pair once per batch, and the batches add up
+    twice = scale.connection_times("connections a → b: 8 backward passes over 32 images in 2.5 s\n"
+                                   "connections a → b: 8 backward passes over 4 images in 0.5 s")
+    assert twice == [["a", "b", 8, 36, 3.0]]
     # times 0.02·passes^1.5 give back the exponent 1.5; a single pair is no report
     m = scale.Measure(n=3904, pairs=[["a", "b", n, 16, 0.02 * n ** 1.5] for n in (256, 512, 2048)])
     lines = scale.report_pairs(m)
