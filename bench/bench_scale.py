@@ -174,13 +174,13 @@ def connection_times(text: str) -> list[list]:
     return list(pairs.values())
 
 
-def report_pairs(measure: Measure) -> list[str]:
-    """Markdown lines on 06's connections in ``measure`` (its layer pairs): one backward pass per
-    neuron of the later layer, so the time against those neurons, and its exponent; none for
-    fewer than two pairs."""
+def report_pairs(measure: Measure, unit: str) -> list[str]:
+    """Markdown lines on 06's connections in ``measure`` (its layer pairs; its size is n
+    ``unit``): one backward pass per neuron of the later layer, so the time against those
+    neurons, and its exponent; none for fewer than two pairs."""
     if len(measure.pairs) < 2:
         return []
-    lines = [f"#### 06's connections at {measure.n:,} neurons, by layer pair", "",
+    lines = [f"#### 06's connections at {measure.n:,} {unit}, by layer pair", "",
              "| layer pair | backward passes (later layer's neurons) | images | time | per pass |",
              "|---|---|---|---|---|"]
     for a, b, passes, images, seconds in measure.pairs:
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         if len(measures) >= 2:
             print("\n".join(report(name, unit, measures)))
         if measures:
-            print("\n".join(report_pairs(measures[-1])))
+            print("\n".join(report_pairs(measures[-1], unit)))
     if any(len(m) >= 2 for _, m in results.values()):
         plot({k: v for k, v in results.items() if len(v[1]) >= 2}, args.plot)
         print(f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}")

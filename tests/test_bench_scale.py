@@ -119,7 +119,8 @@ def test_06s_time_per_layer_pair_is_read_from_its_own_log_line(caplog):
     assert twice == [["a", "b", 8, 36, 3.0]]
     # times 0.02·passes^1.5 give back the exponent 1.5; a single pair is no report
     m = scale.Measure(n=3904, pairs=[["a", "b", n, 16, 0.02 * n ** 1.5] for n in (256, 512, 2048)])
-    lines = scale.report_pairs(m)
+    lines = scale.report_pairs(m, "neurons")
+    assert lines[0] == "#### 06's connections at 3,904 neurons, by layer pair"
     assert "exponent of the time in the later layer's neurons: 1.50" in lines[-2]
     assert "| a → b | 2,048 | 16 |" in "\n".join(lines)
-    assert scale.report_pairs(scale.Measure(n=1, pairs=m.pairs[:1])) == []
+    assert scale.report_pairs(scale.Measure(n=1, pairs=m.pairs[:1]), "images") == []
