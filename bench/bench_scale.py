@@ -9,8 +9,9 @@ stage target at a time, as a user runs it:
   widened with the scale (``layer2`` 512 neurons, ``layer3`` 1,024, ``layer4`` 2,048, and at 8× all
   five stages ``conv1 … layer4``, 3,904 neurons: the thesis's ResNet-50 run).
 
-Per stage and size it measures the wall time and the peak memory (the resident set of the stage's
-whole process tree, sampled every 0.1 s) and fits the growth exponent b of time ≈ a·nᵇ (the slope
+Per stage and size it measures the wall time and the peak memory (the proportional set size of the
+stage's whole process tree, sampled every 0.1 s: a page that several of its processes share, such
+as a worker's copy-on-write memory or a mapped scratch file, counts once) and fits the growth exponent b of time ≈ a·nᵇ (the slope
 on log–log axes, by least squares over the sizes, n = images or neurons actually run). A stage whose
 exponent is over the target (1.15) is named with the size at which, by the two fits, it would take
 longer than 01 (the forward pass). After the largest neuron workload it checks that the atlas was
@@ -76,8 +77,11 @@ class Measure:
     pairs: list = field(default_factory=list)
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of ``proc`` and all its descendants (0 for those already gone)."""
+def tree_memory(proc: psutil.Process) -> int:
+    """Bytes of memory held by ``proc`` and all its descendants (0 for those already gone): the
+    sum of their proportional set sizes, in which a page shared by k processes counts 1/k in
+    each, so that it counts once in the sum (summed resident sets count it k times); the
+    resident set where the system gives no PSS."""
     total = 0
     try:
         procs = [proc, *proc.children(recursive=True)]
@@ -85,7 +89,8 @@ def tree_rss(proc: psutil.Process) -> int:
         return 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            total += getattr(info, "pss", info.rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
@@ -99,7 +104,7 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
         child = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         proc, peak = psutil.Process(child.pid), 0
         while child.poll() is None:
-            peak = max(peak, tree_rss(proc))
+            peak = max(peak, tree_memory(proc))
             time.sleep(POLL)
         seconds = time.perf_counter() - start
     if child.returncode != 0:

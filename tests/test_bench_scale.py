@@ -124,3 +124,41 @@ def test_06s_time_per_layer_pair_is_read_from_its_own_log_line(caplog):
     assert "exponent of the time in the later layer's neurons: 1.50" in lines[-2]
     assert "| a → b | 2,048 | 16 |" in "\n".join(lines)
     assert scale.report_pairs(scale.Measure(n=1, pairs=m.pairs[:1]), "images") == []
+
+
+def test_memory_of_a_process_tree_counts_a_shared_page_once(tmp_path):
+    """Two children mapping and touching the same 64 MiB file: summed resident sets count it twice,
+    the benchmark's measure about once."""
+    import subprocess
+    import time
+
+    import psutil
+    data = tmp_path / "shared.bin"
+    data.write_bytes(b"\1" * (64 << 20))
+    child = ("import mmap, sys, time\n"
+             "f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+             "s = sum(m[i] for i in range(0, len(m), 4096))\n"
+             "print('ready', flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys\n"
+                               f"kids = [subprocess.Popen([sys.executable, '-c', {child!r}, "
+                               f"{str(data)!r}], stdout=subprocess.PIPE) for _ in range(2)]\n"
+                               "[k.stdout.readline() for k in kids]\n"
+                               "print('ready', flush=True)\n"
+                               "[k.wait() for k in kids]\n"], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout.readline().strip() == b"ready"
+        proc = psutil.Process(parent.pid)
+        time.sleep(0.2)
+        summed = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        measured = scale.tree_memory(proc)
+        if getattr(proc.memory_full_info(), "pss", None) is None:
+            pytest.skip("this system reports no proportional set size")
+        mib = 1 << 20
+        assert summed - measured > 50 * mib  # the second copy of the 64 MiB is not counted
+        assert measured > 64 * mib  # the mapped file itself is
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait()
