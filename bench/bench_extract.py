@@ -82,7 +82,8 @@ def overhead(name: str, n: int, tmp: Path, batch_size: int = 32, workers: int = 
 CHILD = """
 import resource, sys, importlib.util
 sys.path.insert(0, {root!r})
-spec = importlib.util.spec_from_file_location("x", {script!r}); m = importlib.util.module_from_spec(spec)
+spec = importlib.util.spec_from_file_location("extract", {script!r}); m = importlib.util.module_from_spec(spec)
+sys.modules["extract"] = m  # its dataclasses look their module up while being made
 spec.loader.exec_module(m)
 try:
     m.main({argv!r})
