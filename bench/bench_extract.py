@@ -80,13 +80,11 @@ def overhead(name: str, n: int, tmp: Path, batch_size: int = 32, workers: int = 
 
 
 CHILD = """
-import resource, sys, importlib.util
+import resource, sys
 sys.path.insert(0, {root!r})
-spec = importlib.util.spec_from_file_location("extract", {script!r}); m = importlib.util.module_from_spec(spec)
-sys.modules["extract"] = m  # its dataclasses look their module up while being made
-spec.loader.exec_module(m)
+from tools.stages import load_stage
 try:
-    m.main({argv!r})
+    load_stage({stage!r}).main({argv!r})
 finally:
     print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -95,7 +93,7 @@ finally:
 def peak_memory_kb(csv_path: Path, out: Path) -> int:
     """Peak RSS (KiB) of a 01_extract process over the images of ``csv_path``."""
     argv = ["--images", str(csv_path), "--run", str(out), "--device", "cpu", "--batch-size", "32"]
-    code = CHILD.format(root=str(ROOT), script=str(ROOT / "01_extract.py"), argv=argv)
+    code = CHILD.format(root=str(ROOT), stage="01_extract", argv=argv)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(proc.stdout.split("PEAK_KB")[-1].split()[0])
 

@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +175,7 @@ def _factory(spec: str, weights: Path | None) -> nn.Module:
         raise StageError(f"model factory file {path} does not exist (MODEL=file.py:function)")
     module_spec = importlib.util.spec_from_file_location(f"user_model_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # a dataclass in the file looks its module up there
     module_spec.loader.exec_module(module)
     if not hasattr(module, func_name):
         raise StageError(f"{path} has no function {func_name!r}")

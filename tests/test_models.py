@@ -80,6 +80,22 @@ def test_factory_model_default_layers_and_missing_file(tmp_path):
         load_model(str(tmp_path / "nope.py") + ":build", device="cpu")
 
 
+def test_factory_file_with_a_dataclass_loads(tmp_path):
+    """A factory file with postponed annotations and a dataclass (a config object) loads: the
+    file's module is registered before it runs, as dataclasses look it up."""
+    factory = tmp_path / "my_net.py"
+    factory.write_text("from __future__ import annotations\n"
+                       "from dataclasses import dataclass\n\n"
+                       "import torch.nn as nn\n\n\n"
+                       "@dataclass\nclass Config:\n    width: int = 4\n\n\n"
+                       "def build():\n"
+                       "    c = Config()\n"
+                       "    return nn.Sequential(nn.Conv2d(3, c.width, 3), nn.ReLU(), "
+                       "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c.width, 2))\n")
+    bundle = load_model(f"{factory}:build", device="cpu", random_init=True)
+    assert isinstance(bundle.model[0], torch.nn.Conv2d) and bundle.model[0].out_channels == 4
+
+
 def test_vgg_default_layers_close_each_stage():
     """VGG: the ReLU just before each max-pool (five resolution stages)."""
     bundle = load_model("vgg11", random_init=True, device="cpu")
