@@ -13,8 +13,9 @@ Crop modes:
         kept above half its peak); pixels outside the blob are dimmed. Meant for deep layers whose
         receptive field covers the whole input; layers without stored maps fall back to rf.
 
-Each source image is decoded once per run into a shared memory-mapped cache; mosaics are then built
-by a pool of processes.
+Each source image is decoded once per run into shared memory-mapped caches (the network input for
+layers cut at full resolution; whole inputs shrunk once, straight from the photo, for deep layers);
+mosaics are then built by a pool of processes.
 
 Example:
   python 02_mosaics.py --run data/demo --grid 10 --tile 64
@@ -75,11 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 _CACHE: dict = {}
 
 
-def make_cache(cache_dir: Path, n_slots: int, size: int, shrunk_sizes: set) -> None:
-    """Create the image caches that ``_decode`` fills: network inputs (images.npy) and, per
-    (height, width) in ``shrunk_sizes``, whole inputs shrunk to that size (shrunk_HxW.npy)."""
-    shapes = {"images": (size, size)} | {f"shrunk_{h}x{w}": (h, w) for h, w in shrunk_sizes}
-    for name, (height, width) in shapes.items():
+FULL = "images"  # the cache of network inputs; the others are keyed by their (height, width)
+
+
+def make_cache(cache_dir: Path, slots: dict, size: int) -> None:
+    """Create the image caches that ``_decode`` fills, each with ``slots[key]`` images: network
+    inputs (key ``FULL``: images.npy) and, per (height, width) key, whole inputs shrunk to that
+    size (shrunk_HxW.npy)."""
+    for key, n_slots in slots.items():
+        name, (height, width) = (key, (size, size)) if key == FULL else (
+            "shrunk_{}x{}".format(*key), key)
         np.lib.format.open_memmap(cache_dir / f"{name}.npy", mode="w+", dtype=np.uint8,
                                   shape=(max(1, n_slots), height, width, 3))
 
@@ -89,36 +95,33 @@ def _init_worker(cache_dir: str, size: int) -> None:
     def open_cache(path: Path) -> np.ndarray:
         """A cache file as a plain array view (slicing a np.memmap is slower)."""
         return np.asarray(np.load(path, mmap_mode="r+"))
-    _CACHE["images"] = open_cache(Path(cache_dir) / "images.npy")
+    full = Path(cache_dir) / f"{FULL}.npy"
+    _CACHE["images"] = open_cache(full) if full.exists() else None
     _CACHE["shrunk"] = {tuple(int(v) for v in path.stem.split("_")[1].split("x")): open_cache(path)
                         for path in Path(cache_dir).glob("shrunk_*.npy")}
     _CACHE["size"] = size
 
 
-def _decode(task: tuple[int, str, tuple, int]) -> tuple[int, str]:
-    """Decode one source image into its cache slot (grey when the model has one input channel),
-    and shrunk copies → (slot, error or "")."""
-    from common.images import BadImage, load_rgb, network_view
-    slot, path, shrunk_sizes, channels = task
+def _decode(task: tuple[str, dict, int]) -> str:
+    """Decode one source image into its slots of the caches (``{key: slot}``; grey when the model
+    has one input channel) → an error, or "" when it decoded."""
+    from common.images import BadImage, load_rgb, network_view, small_views
+    path, slots, channels = task
+    caches = {key: _CACHE["images"] if key == FULL else _CACHE["shrunk"][key] for key in slots}
     try:
         img, _ = load_rgb(path)
     except BadImage as err:  # changed on disk since 01 read it: its tiles stay grey
-        _CACHE["images"][slot] = BACKGROUND
-        for size in shrunk_sizes:
-            _CACHE["shrunk"][size][slot] = BACKGROUND
-        return slot, err.reason
-    pixels = network_view(img, _CACHE["size"], channels)  # grey for a grey model, as it saw it
-    _CACHE["images"][slot] = np.asarray(pixels, dtype=np.uint8)
-    if shrunk_sizes:
-        # First shrink by an integer factor (pixel averaging) while 1.5× the largest target size
-        # remains, once for all sizes: twice as fast as resampling all the way each time, for
-        # differences under one grey level (Pillow's reducing_gap does the same per call).
-        factor = int(min(pixels.size) / (1.5 * max(max(size) for size in shrunk_sizes)))
-        base = pixels.reduce(factor) if factor > 1 else pixels
-        for height, width in shrunk_sizes:
-            _CACHE["shrunk"][height, width][slot] = np.asarray(
-                base.resize((width, height), Image.BILINEAR), dtype=np.uint8)
-    return slot, ""
+        for key, slot in slots.items():
+            caches[key][slot] = BACKGROUND
+        return err.reason
+    if FULL in slots:  # grey for a grey model, as it saw it
+        caches[FULL][slots[FULL]] = np.asarray(network_view(img, _CACHE["size"], channels),
+                                               dtype=np.uint8)
+    shapes = [key for key in slots if key != FULL]
+    if shapes:  # straight from the photo: no full-size input made for deep layers' tiles alone
+        for key, view in small_views(img, _CACHE["size"], shapes, channels).items():
+            caches[key][slots[key]] = np.asarray(view, dtype=np.uint8)
+    return ""
 
 
 def letterbox(crop: np.ndarray, tile: int) -> np.ndarray:
@@ -201,8 +204,7 @@ def rf_tiles(cells: list[tuple[int, int, int]], rf: RF, tile: int) -> list[np.nd
     cut from the copy of the whole image shrunk at decoding; smaller ones are cut at full
     resolution and resized together.
     """
-    images = _CACHE["images"]
-    height, width = images.shape[1:3]
+    height = width = _CACHE["size"]
     win_h, win_w, scale, shrunk = layer_plan(rf, height, width, tile)
     out_h, out_w = max(1, _px(win_h * scale)), max(1, _px(win_w * scale))
     windows = [tile_window(rf, y, x, height, width) for _, y, x in cells]
@@ -213,7 +215,7 @@ def rf_tiles(cells: list[tuple[int, int, int]], rf: RF, tile: int) -> list[np.nd
         made = [_cut(small[slot], _px(top * scale), _px(left * scale), out_h, out_w) if ok else None
                 for (slot, _, _), (top, left, _, _), ok in zip(cells, windows, shows)]
     else:
-        cut = [_cut(images[slot], top, left, win_h, win_w)
+        cut = [_cut(_CACHE["images"][slot], top, left, win_h, win_w)
                for (slot, _, _), (top, left, _, _), ok in zip(cells, windows, shows) if ok]
         resized = iter(resize_stack(np.stack(cut), out_h, out_w) if cut else [])
         made = [next(resized) if ok else None for ok in shows]
@@ -239,7 +241,7 @@ def mask_crop(image: np.ndarray, act_map: np.ndarray) -> np.ndarray:
 
 
 def _build(task: dict) -> dict:
-    """Build and save one neuron's mosaic from the cache → its index row."""
+    """Build and save one neuron's mosaic from the caches → its index row."""
     images = _CACHE["images"]
     grid, tile = task["grid"], task["tile"]
     ranked = [(rank, cell) for rank, cell in enumerate(task["crops"]) if cell[0] >= 0]
@@ -293,26 +295,28 @@ def run(run: Run, settings: Settings = Settings(), args: dict | None = None) -> 
     image_rows = read_images(images_csv)
     n_tiles = grid * grid
 
-    needed = sorted({int(i) for name in chosen for i in np.unique(tops[name].image_ids[:, :n_tiles])
-                     if i >= 0})
-    slot_of = {image_id: slot for slot, image_id in enumerate(needed)}
     size = input_size[0]
     use_mask = {name: crop == "mask" and tops[name].maps is not None for name in chosen}
     for name in chosen:
         if crop == "mask" and not use_mask[name]:
             log.warning("layer %s has no stored activation maps (feature map larger than 01's "
                         "--max-map-side): using receptive-field crops", name)
-    # Deep layers' tiles are cut from whole images shrunk once, while decoding, for all neurons.
-    shrunk_of_slot: dict[int, set] = {slot: set() for slot in slot_of.values()}
+    # Each layer's tiles come from one cache: the network inputs, or (deep layers) the whole
+    # inputs shrunk to one size at decoding, for all its neurons; slot_of[cache][image id].
+    cache_of = {}
     for name in chosen:
         shrunk = layer_plan(RF(*tops[name].rf.tolist()), size, size, tile)[3]
-        if shrunk is not None and not use_mask[name]:
-            for i in np.unique(tops[name].image_ids[:, :n_tiles]):
-                if i >= 0:
-                    shrunk_of_slot[slot_of[int(i)]].add(shrunk)
+        cache_of[name] = FULL if shrunk is None or use_mask[name] else shrunk
+    ids_of: dict = {}
+    for name in chosen:
+        ids = np.unique(tops[name].image_ids[:, :n_tiles])
+        ids_of.setdefault(cache_of[name], set()).update(int(i) for i in ids if i >= 0)
+    slot_of = {key: {image_id: slot for slot, image_id in enumerate(sorted(ids))}
+               for key, ids in ids_of.items()}
+    needed = sorted(set().union(*slot_of.values()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    shrunk_sizes = set().union(*shrunk_of_slot.values())
-    scratch = len(needed) * 3 * (size * size + sum(h * w for h, w in shrunk_sizes))
+    scratch = sum(len(ids) * 3 * (size * size if key == FULL else key[0] * key[1])
+                  for key, ids in slot_of.items())
     free = shutil.disk_usage(out_dir).free
     if scratch + SPARE_BYTES > free:
         raise StageError(f"02 needs {(scratch + SPARE_BYTES) / 1e9:.1f} GB free in {out_dir} — "
@@ -326,15 +330,15 @@ def run(run: Run, settings: Settings = Settings(), args: dict | None = None) -> 
     retract_meta(meta_file)  # mosaics are replaced from here on
     try:
         with disk_guard(out_dir, scratch):  # a full disk or a file-size limit: one line
-            make_cache(cache_dir, len(needed), size, shrunk_sizes)
+            make_cache(cache_dir, {key: len(ids) for key, ids in slot_of.items()}, size)
         channels = int((read_meta(activations).get("preprocess") or {}).get("channels", 3))
-        decode_tasks = [(slot, image_rows[image_id].path, tuple(sorted(shrunk_of_slot[slot])),
-                         channels) for image_id, slot in slot_of.items()]
-        for slot, error in pool_map(_decode, decode_tasks, workers, (str(cache_dir), size),
-                                    "02 decode"):
+        decode_tasks = [(image_rows[image_id].path,
+                         {key: ids[image_id] for key, ids in slot_of.items() if image_id in ids},
+                         channels) for image_id in needed]
+        errors = pool_map(_decode, decode_tasks, workers, (str(cache_dir), size), "02 decode")
+        for (path, _, _), error in zip(decode_tasks, errors):
             if error:
-                log.warning("image %s unreadable now (%s): its tiles stay grey",
-                            decode_tasks[slot][1], error)
+                log.warning("image %s unreadable now (%s): its tiles stay grey", path, error)
 
         tasks = []
         for name in chosen:
@@ -345,7 +349,7 @@ def run(run: Run, settings: Settings = Settings(), args: dict | None = None) -> 
                 tasks.append({
                     "layer": name, "channel": channel, "grid": grid, "tile": tile,
                     "mode": "mask" if use_mask[name] else "rf", "rf": top.rf,
-                    "crops": [(slot_of.get(int(i), -1), int(yy), int(xx))
+                    "crops": [(slot_of[cache_of[name]].get(int(i), -1), int(yy), int(xx))
                               for i, yy, xx in zip(ids, top.y[channel, :n_tiles],
                                                    top.x[channel, :n_tiles])],
                     "maps": top.maps[channel, :n_tiles] if use_mask[name] else None,

@@ -373,6 +373,14 @@ def _high_depth_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
 # Network input
 
 
+def _input_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """Where :func:`network_input` takes its square: the size (new_w, new_h) it resizes a
+    width × height image to, and the corner (left, top) of the square it keeps there."""
+    long = int(size * max(width, height) / min(width, height))
+    new_w, new_h = (size, long) if width <= height else (long, size)
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
 def network_input(img: Image.Image, size: int) -> Image.Image:
     """torchvision's ``Resize(size)`` (bicubic) then ``CenterCrop(size)`` on a PIL image: the
     shorter side becomes ``size`` (the longer one ``int(size × long / short)``) and the middle
@@ -383,14 +391,11 @@ def network_input(img: Image.Image, size: int) -> Image.Image:
     torchvision takes over a second, as it loads torch's compiler, in every process that only
     needs to resize an image, such as 09's image workers.
     """
-    width, height = img.size
-    long = int(size * max(width, height) / min(width, height))
-    new_w, new_h = (size, long) if width <= height else (long, size)
-    if (new_w, new_h) != (width, height):
+    new_w, new_h, left, top = _input_geometry(*img.size, size)
+    if (new_w, new_h) != img.size:
         img = img.resize((new_w, new_h), Image.BICUBIC)
     if (new_w, new_h) == (size, size):
         return img
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
@@ -398,6 +403,29 @@ def network_view(img: Image.Image, size: int, channels: int = 3) -> Image.Image:
     """The network input as a picture (RGB): :func:`network_input`, in grey for a grey model."""
     view = network_input(img, size)
     return view.convert("L").convert("RGB") if channels == 1 else view
+
+
+def small_views(img: Image.Image, size: int, shapes: Iterable[tuple[int, int]],
+                channels: int = 3) -> dict[tuple[int, int], Image.Image]:
+    """:func:`network_view` shrunk to each (height, width) of ``shapes``, made from ``img``
+    without building the full-size view: the square the network sees is resampled straight from
+    the source (bilinear, after an integer pixel-averaging shrink while 1.5× the largest shape
+    remains): the same picture as shrinking the network view, up to resampling (under one grey
+    level on average), at a fraction of the cost when the source is larger than the input.
+    """
+    shapes = list(shapes)
+    new_w, new_h, left, top = _input_geometry(*img.size, size)
+    scale_x, scale_y = img.width / new_w, img.height / new_h  # source pixels per input pixel
+    box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+    factor = int(min(box[2] - box[0], box[3] - box[1]) / (1.5 * max(max(s) for s in shapes)))
+    if factor > 1:
+        img = img.reduce(factor)
+        box = tuple(v / factor for v in box)
+    views = {}
+    for height, width in shapes:
+        view = img.resize((width, height), Image.BILINEAR, box=box)
+        views[height, width] = view.convert("L").convert("RGB") if channels == 1 else view
+    return views
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -514,3 +514,36 @@ def test_map_labels_refuses_ambiguous_names_and_handles_no_names():
     mapping, unmapped = map_labels(["3", "cat"], None)
     assert mapping == {"3": 3} and unmapped == ["cat"]
 
+
+
+@pytest.mark.parametrize("size_in,side,shapes", [
+    ((400, 300), 224, [(64, 64), (68, 68)]), ((300, 400), 224, [(40, 40)]),
+    ((641, 427), 240, [(30, 50)]), ((224, 224), 224, [(64, 64)]), ((48, 48), 32, [(8, 8)])])
+def test_small_views_are_the_network_view_shrunk(size_in, side, shapes):
+    """02's shrunk copies are made straight from the photo: the same picture as shrinking the
+    network's own view, of the square the network saw (the red bands outside it stay out)."""
+    width, height = size_in
+    side_in = min(size_in)
+    source = Image.new("RGB", size_in, (220, 30, 30))  # red where the crop cuts away ...
+    yy, xx = np.mgrid[0:side_in, 0:side_in] * (2 * np.pi / side_in)
+    waves = np.stack([128 + 90 * np.sin(3 * xx), 128 + 90 * np.cos(2 * yy),
+                      128 + 90 * np.sin(xx + yy)], -1).astype(np.uint8)
+    source.paste(Image.fromarray(waves), ((width - side_in) // 2, (height - side_in) // 2))
+    views = images.small_views(source, side, shapes)
+    full = images.network_view(source, side)
+    for height_out, width_out in shapes:
+        ref = np.asarray(full.resize((width_out, height_out), Image.BILINEAR)).astype(int)
+        got = np.asarray(views[height_out, width_out]).astype(int)
+        assert got.shape == (height_out, width_out, 3)
+        diff = np.abs(got - ref)
+        # a pixel's shift of the waves would differ by up to ~25 levels inside; the outer ring
+        # blends the red border in proportions that depend on the resampling
+        assert diff.mean() < 2 and diff[2:-2, 2:-2].max() <= 6, (size_in, diff.mean())
+
+
+def test_small_views_of_a_grey_model_are_grey():
+    """For a one-channel model the shrunk copies are grey, as the network saw the image."""
+    views = images.small_views(noise_rgb(300, 200, seed=2), 100, [(20, 20)], channels=1)
+    pixels = np.asarray(views[20, 20])
+    assert pixels.shape == (20, 20, 3) and pixels.std() > 0
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()

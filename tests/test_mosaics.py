@@ -8,7 +8,7 @@ from PIL import Image
 
 from common.artefacts import Run, read_activations, read_images, read_mosaics
 from common.cli import StageError
-from common.images import load_rgb, network_input
+from common.images import load_rgb, network_input, small_views
 from common.fields import RF, field_box
 from conftest import FAKE_MODEL, load_stage
 
@@ -151,9 +151,10 @@ def one_image_cache(tmp_path):
         Image.fromarray(rgb).save(path)
         cache = tmp_path / "cache"
         cache.mkdir(exist_ok=True)
-        mosaics.make_cache(cache, 1, 48, set(shrunk_sizes))
+        slots = {mosaics.FULL: 0} | {shape: 0 for shape in shrunk_sizes}
+        mosaics.make_cache(cache, {key: 1 for key in slots}, 48)
         mosaics._init_worker(str(cache), 48)
-        assert mosaics._decode((0, str(path), tuple(shrunk_sizes), 3)) == (0, "")
+        assert mosaics._decode((str(path), slots, 3)) == ""
         return np.asarray(network_input(load_rgb(path)[0], 48))
     return make
 
@@ -228,6 +229,38 @@ def test_mosaics_end_to_end(extracted):
     assert np.abs(np.asarray(png.convert("RGB"))[:8, :8].astype(int) - expected).max() <= 1
     # relu1 channel 0 detects red: its top tile is mostly red.
     assert expected[..., 0].mean() > expected[..., 1].mean() + 50
+
+
+def test_deep_layer_tiles_are_whole_inputs_shrunk_from_the_photos(image_folder, tmp_path):
+    """A layer whose field covers the input (the pooled one) is tiled from whole inputs shrunk
+    straight from the photos, kept in a cache of their own beside relu1's full-size inputs: each
+    of its tiles is its own top image, in rank order, whatever images the other layer needs."""
+    run_dir = tmp_path / "run"
+    extract.main(["--images", str(image_folder), "--run", str(run_dir), "--model", FAKE_MODEL,
+                  "--layers", "relu1,gap", "--input-size", "32", "--topk", "9",
+                  "--batch-size", "8", "--device", "cpu"])
+    rows = run_mosaics(run_dir)
+    layers, _, tops = read_activations(run_dir / "01_activations.npz")
+    assert mosaics.layer_plan(RF(*tops["gap"].rf.tolist()), 32, 32, 8)[3] == (8, 8)
+    assert mosaics.layer_plan(RF(*tops["relu1"].rf.tolist()), 32, 32, 8)[3] is None
+    paths = {r.image_id: r.path for r in read_images(run_dir / "01_images.csv")}
+    # the two layers' image sets differ, so their caches number the images differently
+    assert set(tops["gap"].image_ids[:, :9].ravel()) != set(tops["relu1"].image_ids[:, :9].ravel())
+    for row in (r for r in rows if r.layer == "gap"):
+        png = np.asarray(Image.open(row.path).convert("RGB"))
+        for rank, image_id in enumerate(tops["gap"].image_ids[row.channel, :9]):
+            # small_views is checked against the network's own view in test_images.py
+            photo = load_rgb(paths[int(image_id)])[0]
+            r, c = divmod(rank, 3)
+            np.testing.assert_array_equal(png[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8],
+                                          np.asarray(small_views(photo, 32, [(8, 8)])[8, 8]))
+    # and relu1's best tile is still its top image's field, cut from the full-size input
+    relu1 = next(r for r in rows if r.layer == "relu1" and r.channel == 0)
+    top = tops["relu1"]
+    image = np.asarray(network_input(load_rgb(paths[int(top.image_ids[0, 0])])[0], 32))
+    expected = reference_tile(image, RF(*top.rf.tolist()), int(top.y[0, 0]), int(top.x[0, 0]), 8)
+    png = np.asarray(Image.open(relu1.path).convert("RGB"))
+    assert np.abs(png[:8, :8].astype(int) - expected).max() <= 1
 
 
 def test_too_little_scratch_space_is_a_clear_error(extracted, monkeypatch):
