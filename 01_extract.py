@@ -193,8 +193,8 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
                  batch_ids, part_dir: Path, layouts: dict,
                  skip: dict[int, str] | None = None) -> dict:
     """Run the model over the given batches; write stats, image rows and predictions of this part
-    into ``part_dir`` and return its top-k buffers and layer shapes. ``layouts``: each layer's
-    ``common.hooks.Layout``."""
+    into ``part_dir`` and return its top-k arrays with the layers' shapes (which a shard also
+    saves, as topk.npz). ``layouts``: each layer's ``common.hooks.Layout``."""
     from common.hooks import reduce_outputs
     n_rows = sum(len(range(b * batch_size, min((b + 1) * batch_size, len(entries))))
                  for b in batch_ids)
@@ -266,8 +266,7 @@ def extract_part(bundle, entries, label_map, layers, topk, batch_size, workers, 
     for name, top in tops.items():
         arrays.update(top.arrays(name))
         arrays[f"{name}/fmap"] = np.asarray(shapes[name], dtype=np.int64)
-    save_npz(part_dir / "topk.npz", arrays)
-    return {"n_rows": n_rows, "layers_seen": sorted(tops)}
+    return arrays
 
 
 def prediction_rows(logits: torch.Tensor, ids, entries, label_map, class_names) -> list[dict]:
@@ -374,9 +373,10 @@ def concat_stats(sources: list[Path], rows: list[int], dest: Path, n_images: int
     writer.close()
 
 
-def assemble(parts: list[Path], run: Run, layers: list[str], rfs: dict, input_size: int,
-             n_images: int, layouts: dict) -> dict:
-    """Combine part folders (one for a plain run, N for shards) into the final artefacts."""
+def assemble(parts: list[Path], part_arrays: list[dict], run: Run, layers: list[str], rfs: dict,
+             input_size: int, n_images: int, layouts: dict) -> dict:
+    """Combine part folders (one for a plain run, N for shards) and their top-k arrays into the
+    final artefacts."""
     n_rows = concat_csv([part / "images.csv" for part in parts], run.images)
     if n_rows != n_images:
         raise StageError(f"the parts cover {n_rows} of {n_images} images; run every shard "
@@ -389,7 +389,6 @@ def assemble(parts: list[Path], run: Run, layers: list[str], rfs: dict, input_si
                          f"{run.images}); check IMAGES=…")
     concat_csv([part / "predictions.csv" for part in parts], run.predictions)
 
-    part_arrays = [load_npz(part / "topk.npz") for part in parts]
     for name in layers:
         present = [a for a in part_arrays if f"{name}/values" in a]
         top = StreamingTopK.from_arrays(present[0], name)
@@ -456,8 +455,9 @@ def run(run: Run, images: str, bundle, layers: list[str], settings: Settings = S
         parts_root.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(parts_root, part_dir.name)
         try:
-            extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
-                         max_map_side, list(shard_slice(n_batches, shard)), tmp, layouts, skip)
+            save_npz(tmp / "topk.npz", extract_part(
+                bundle, entries, label_map, layers, topk, batch_size, workers, max_map_side,
+                list(shard_slice(n_batches, shard)), tmp, layouts, skip))
             write_json(tmp / "part.json", {"shard": list(shard), "n_images": len(entries),
                                            "batch_size": batch_size, "layers": layers,
                                            "topk": topk, "inputs": inputs_digest(bundle, entries)})
@@ -484,15 +484,19 @@ def run(run: Run, images: str, bundle, layers: list[str], settings: Settings = S
         tmpdirs = temp_dir(out, "01_part")
         parts = [tmpdirs]
     try:
-        if tmpdirs is not None:
-            extract_part(bundle, entries, label_map, layers, topk, batch_size, workers,
-                         max_map_side, list(range(n_batches)), tmpdirs, layouts, skip)
+        if tmpdirs is None:
+            part_arrays = [load_npz(part / "topk.npz") for part in parts]
+        else:  # one part, kept in memory
+            part_arrays = [extract_part(bundle, entries, label_map, layers, topk, batch_size,
+                                        workers, max_map_side, list(range(n_batches)), tmpdirs,
+                                        layouts, skip)]
         # Transformer layers get their patch as a field (attention sees the whole image).
         rfs = receptive_fields(bundle.model, layers, (bundle.input_size, bundle.input_size),
                                patch_grids={name: layout.grid for name, layout in layouts.items()
                                             if layout.kind in (TOKENS, CHANNELS_LAST)})
         retract_meta(run.meta(STAGE))
-        summary = assemble(parts, run, layers, rfs, bundle.input_size, len(entries), layouts)
+        summary = assemble(parts, part_arrays, run, layers, rfs, bundle.input_size,
+                           len(entries), layouts)
     finally:
         if tmpdirs is not None:
             shutil.rmtree(tmpdirs, ignore_errors=True)
