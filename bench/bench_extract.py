@@ -79,14 +79,23 @@ def overhead(name: str, n: int, tmp: Path, batch_size: int = 32, workers: int = 
     return ratio
 
 
+# The child reports its own high-water mark (VmHWM): getrusage's ru_maxrss would also count the
+# memory of this process at the fork that started it (Linux keeps the larger of the two across
+# exec), so after the models measured above both sizes read the parent's 2.7 GB.
 CHILD = """
 import resource, sys
 sys.path.insert(0, {root!r})
 from tools.stages import load_stage
+def peak_kb():
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except OSError:  # not Linux: the resource module's figure
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     load_stage({stage!r}).main({argv!r})
 finally:
-    print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print("PEAK_KB", peak_kb())
 """
 
 

@@ -11,8 +11,10 @@ stage target at a time, as a user runs it:
 
 Per stage and size it measures the wall time and the peak memory (the proportional set size of the
 stage's whole process tree, sampled every 0.1 s: a page that several of its processes share, such as
-a worker's copy-on-write memory or a mapped scratch file, counts once) and fits the growth exponent
-b of time ≈ a·nᵇ (the slope on log–log axes, by least squares over the sizes, n = images or neurons
+a worker's copy-on-write memory or a mapped scratch file, counts once), and apart the peak of the
+part of it that only swap could free (anonymous and shared memory: not the pages of mapped files,
+such as 02's scratch file or the libraries, which the kernel drops under pressure and reads again),
+and fits the growth exponent b of time ≈ a·nᵇ (the slope on log–log axes, by least squares over the sizes, n = images or neurons
 actually run). A stage whose exponent is over the target (1.15) is named with the size at which, by
 the two fits, it would take longer than 01 (the forward pass). After the largest neuron workload it
 checks that the atlas was built and that ``make -q all`` holds. The one-layer sizes give 06 nothing
@@ -69,49 +71,74 @@ CONNECTION_LINE = re.compile(r"connections (\S+) → (\S+): (\d+) backward passe
 
 @dataclass
 class Measure:
-    """One workload at one size: n (images or neurons) and per stage (time s, peak MiB)."""
+    """One workload at one size: n (images or neurons) and per stage (time s, peak MiB, and the
+    peak MiB of anonymous and shared memory: what ``tree_memory`` measures)."""
     n: int
     seconds: dict[str, float] = field(default_factory=dict)
     peak_mib: dict[str, float] = field(default_factory=dict)
+    anon_mib: dict[str, float] = field(default_factory=dict)  # empty in sizes saved before it
     code: str = ""  # the project's commit (and "+changes" when the tree differed) it measured
     # 06's connections, one [earlier layer, later layer, backward passes, images, seconds] per pair
     pairs: list = field(default_factory=list)
 
 
-def tree_memory(proc: psutil.Process) -> int:
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
     """Bytes of memory held by ``proc`` and all its descendants (0 for those already gone): the
     sum of their proportional set sizes, in which a page shared by k processes counts 1/k in
-    each, so that it counts once in the sum (summed resident sets count it k times); the
-    resident set where the system gives no PSS."""
-    total = 0
+    each, so that it counts once in the sum (summed resident sets count it k times); and the part
+    of that sum in anonymous and shared memory, which only swap could free (the rest is pages of
+    mapped files). Without /proc/<pid>/smaps_rollup (not Linux), resident sets for both."""
+    total = anon = 0
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return 0, 0
     for p in procs:
         try:
-            info = p.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+            pss, pss_anon = _rollup(p.pid)
+        except FileNotFoundError:  # gone, or no smaps_rollup
+            try:
+                pss = pss_anon = p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        except (ProcessLookupError, PermissionError):
+            continue
+        total, anon = total + pss, anon + pss_anon
+    return total, anon
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
+def _rollup(pid: int) -> tuple[int, int]:
+    """(PSS, PSS of anonymous and shared memory) of process ``pid`` in bytes, from the kernel's
+    /proc/<pid>/smaps_rollup (kernels before 5.x give no split: then both are the PSS)."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0]) * 1024
+    pss = fields.get("Pss", 0)
+    if "Pss_Anon" not in fields:
+        return pss, pss
+    return pss, fields["Pss_Anon"] + fields.get("Pss_Shmem", 0)
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float, float]:
     """Run ``cmd`` from the project root (output to ``log``); return (wall seconds, peak MiB of its
-    process tree). Raise with the log's end when it fails."""
+    process tree, peak MiB of its anonymous and shared memory). Raise with the log's end when it
+    fails."""
     with open(log, "ab") as out:
         start = time.perf_counter()
         child = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        proc, peak = psutil.Process(child.pid), 0
+        proc, peak, peak_anon = psutil.Process(child.pid), 0, 0
         while child.poll() is None:
-            peak = max(peak, tree_memory(proc))
+            total, anon = tree_memory(proc)
+            peak, peak_anon = max(peak, total), max(peak_anon, anon)
             time.sleep(POLL)
         seconds = time.perf_counter() - start
     if child.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}):\n" + "\n".join(tail))
-    return seconds, peak / 2 ** 20
+    return seconds, peak / 2 ** 20, peak_anon / 2 ** 20
 
 
 def code_version() -> str:
@@ -159,9 +186,11 @@ def run_pipeline(work: Path, run: str, variables: dict[str, str], log: Path) -> 
     measure = Measure(n=0)
     for number, target in STAGES:
         before = log.stat().st_size if log.exists() else 0
-        seconds, peak = run_measured([*make, target], log)
+        seconds, peak, anon = run_measured([*make, target], log)
         measure.seconds[number], measure.peak_mib[number] = seconds, peak
-        print(f"    {number} {target:<8} {seconds:8.1f} s {peak:8.0f} MiB", flush=True)
+        measure.anon_mib[number] = anon
+        print(f"    {number} {target:<8} {seconds:8.1f} s {peak:8.0f} MiB ({anon:.0f} MiB "
+              f"anonymous)", flush=True)
         if number == "06":
             with open(log, "rb") as f:
                 f.seek(before)
@@ -214,16 +243,21 @@ def crossing(stage: tuple[float, float], forward: tuple[float, float]) -> float 
 
 
 def report(name: str, unit: str, measures: list[Measure]) -> list[str]:
-    """Markdown lines: per stage its time and peak memory at each size, and both exponents."""
+    """Markdown lines: per stage its time and peak memory at each size (and the anonymous and
+    shared part of it, where every size measured it), and their exponents."""
     ns = [m.n for m in measures]
-    lines = [f"#### {name}: time (s) and peak memory (MiB) per stage, by {unit}", "",
+    split = all(m.anon_mib for m in measures)  # sizes saved before the split lack it
+    cell = "time · peak MiB / of it anonymous" if split else "time · peak MiB"
+    lines = [f"#### {name}: {cell}, per stage, by {unit}", "",
              "| stage | " + " | ".join(f"{n:,} {unit}" for n in ns)
-             + " | time exponent | memory exponent | over target |",
-             "|---|" + "---|" * (len(ns) + 3)]
+             + " | time exponent | memory exponent"
+             + (" | anonymous memory exponent" if split else "") + " | over target |",
+             "|---|" + "---|" * (len(ns) + 3 + split)]
     forward = exponent(ns, [m.seconds["01"] for m in measures])
     for number, target in STAGES:
         times = [m.seconds[number] for m in measures]
         peaks = [m.peak_mib[number] for m in measures]
+        anons = [m.anon_mib[number] for m in measures] if split else []
         b_time, b_mem = exponent(ns, times)[0], exponent(ns, peaks)[0]
         over = ""
         if number == "06" and measures[-1].pairs and not all(m.pairs for m in measures):
@@ -233,12 +267,14 @@ def report(name: str, unit: str, measures: list[Measure]) -> list[str]:
             cross = crossing(exponent(ns, times), forward)
             over = ("yes: " + (f"overtakes 01 at about {cross:,.0f} {unit}" if cross else
                                "but stays below 01"))
-        lines.append(f"| {number} {target} | "
-                     + " | ".join(f"{t:.1f} s · {p:.0f}" for t, p in zip(times, peaks))
-                     + f" | {b_time:.2f} | {b_mem:.2f} | {over} |")
+        cells = [f"{t:.1f} s · {p:.0f}" + (f" / {a:.0f}" if split else "")
+                 for t, p, a in zip(times, peaks, anons or peaks)]
+        lines.append(f"| {number} {target} | " + " | ".join(cells) + f" | {b_time:.2f} | "
+                     f"{b_mem:.2f} | " + (f"{exponent(ns, anons)[0]:.2f} | " if split else "")
+                     + f"{over} |")
     total = [sum(m.seconds.values()) for m in measures]
     lines.append("| all | " + " | ".join(f"{t:.1f} s" for t in total)
-                 + f" | {exponent(ns, total)[0]:.2f} | | |")
+                 + f" | {exponent(ns, total)[0]:.2f} | |" + (" |" if split else "") + " |")
     return lines + [""]
 
 

@@ -31,10 +31,16 @@ class StreamingTopK:
     def update(self, values, image_ids, y, x, maps=None) -> None:
         """Merge a batch: ``values``, ``y``, ``x`` are (B, C); ``image_ids`` (B,); ``maps`` (B, C, h, w)."""
         values = np.asarray(values, dtype=np.float32).T
-        ids = np.broadcast_to(np.asarray(image_ids, dtype=np.int64), values.shape)
+        # Only channels with a candidate reaching their k-th value (−inf until k are seen) can
+        # change: once the buffers are full, few do, and the others are left as they are.
+        rows = np.flatnonzero((values >= self.values[:, -1:]).any(axis=1))
+        if rows.size == 0:
+            return
+        ids = np.broadcast_to(np.asarray(image_ids, dtype=np.int64), (rows.size, values.shape[1]))
         # The maps of batch candidates j of channels c are maps[j, c] (index arrays).
-        self._merge(values, ids, np.asarray(y, dtype=np.int32).T, np.asarray(x, dtype=np.int32).T,
-                    None if maps is None else (lambda c, j: np.asarray(maps)[j, c]))
+        self._merge(values[rows], ids, np.asarray(y, dtype=np.int32).T[rows],
+                    np.asarray(x, dtype=np.int32).T[rows],
+                    None if maps is None else (lambda c, j: np.asarray(maps)[j, c]), rows)
 
     def merge(self, other: "StreamingTopK") -> None:
         """Fold another top-k (e.g. of another shard) into this one."""
@@ -42,32 +48,36 @@ class StreamingTopK:
                     None if other.maps is None
                     else (lambda c, j: other.maps[c, other.slots[c, j]]))
 
-    def _merge(self, values, ids, y, x, candidate_maps) -> None:
-        """Keep the best k of the current buffers and the (C, n) candidates."""
-        all_values = np.concatenate([self.values, values], axis=1)
-        all_ids = np.concatenate([self.image_ids, ids], axis=1)
+    def _merge(self, values, ids, y, x, candidate_maps, rows: np.ndarray | None = None) -> None:
+        """Keep the best k of the current buffers and the (C', n) candidates of the channels
+        ``rows`` (all C when None); the other channels are left as they are."""
+        if rows is None:
+            rows = np.arange(self.values.shape[0])
+        all_values = np.concatenate([self.values[rows], values], axis=1)
+        all_ids = np.concatenate([self.image_ids[rows], ids], axis=1)
         # lexsort: the last key is the primary one — value descending, then image id ascending.
         order = np.lexsort((all_ids, -all_values), axis=1)[:, : self.k]
-        self.values = np.take_along_axis(all_values, order, axis=1)
-        self.image_ids = np.take_along_axis(all_ids, order, axis=1)
-        self.y = np.take_along_axis(np.concatenate([self.y, y], axis=1), order, axis=1)
-        self.x = np.take_along_axis(np.concatenate([self.x, x], axis=1), order, axis=1)
-        old_slots = self.slots
+        self.values[rows] = np.take_along_axis(all_values, order, axis=1)
+        self.image_ids[rows] = np.take_along_axis(all_ids, order, axis=1)
+        self.y[rows] = np.take_along_axis(np.concatenate([self.y[rows], y], axis=1), order, axis=1)
+        self.x[rows] = np.take_along_axis(np.concatenate([self.x[rows], x], axis=1), order, axis=1)
+        old_slots = self.slots[rows]  # a copy (fancy indexing)
         entering = order >= self.k  # ranked entries that come from the candidates
-        self.slots = np.take_along_axis(old_slots, np.minimum(order, self.k - 1), axis=1)
+        self.slots[rows] = np.take_along_axis(old_slots, np.minimum(order, self.k - 1), axis=1)
         if not entering.any():
             return
         kept = np.zeros(old_slots.shape, dtype=bool)
-        rows = np.broadcast_to(np.arange(order.shape[0])[:, None], order.shape)
-        kept[rows[~entering], order[~entering]] = True
+        local = np.broadcast_to(np.arange(order.shape[0])[:, None], order.shape)
+        kept[local[~entering], order[~entering]] = True
         # Per channel, as many old entries leave as new ones enter; both lists are in channel
         # order, so the i-th entering entry takes the i-th freed slot.
         in_c, in_pos = np.nonzero(entering)
         out_c, out_pos = np.nonzero(~kept)
         freed = old_slots[out_c, out_pos]
-        self.slots[in_c, in_pos] = freed
+        channels = rows[in_c]
+        self.slots[channels, in_pos] = freed
         if self.maps is not None:
-            self.maps[in_c, freed] = candidate_maps(in_c, order[in_c, in_pos] - self.k)
+            self.maps[channels, freed] = candidate_maps(channels, order[in_c, in_pos] - self.k)
 
     def ranked_maps(self) -> np.ndarray | None:
         """Activation maps in rank order (C × k × h × w), or None when none are kept."""

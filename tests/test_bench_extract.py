@@ -20,3 +20,19 @@ def test_the_memory_child_loads_01_and_reports_its_peak():
     assert proc.returncode == 0, proc.stderr
     assert "--images" in proc.stdout  # 01's own help
     assert int(proc.stdout.split("PEAK_KB")[-1].split()[0]) > 0
+
+
+def test_the_childs_peak_is_its_own_not_its_parents():
+    """A parent holding 1,200 MiB starts the child: the child's peak (01's --help: about 500 MiB,
+    with torch) does not include the parent's memory, as getrusage's ru_maxrss would after a
+    fork."""
+    code = bench.CHILD.format(root=str(ROOT), stage="01_extract", argv=["--help"])
+    parent = ("import subprocess, sys\n"
+              "ballast = bytearray(1200 << 20)\n"
+              "ballast[::4096] = b'\\1' * len(ballast[::4096])\n"
+              f"print(subprocess.run([sys.executable, '-c', {code!r}], capture_output=True, "
+              "text=True).stdout)\n")
+    proc = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    peak_kb = int(proc.stdout.split("PEAK_KB")[-1].split()[0])
+    assert 0 < peak_kb < 1000 * 1024
