@@ -86,7 +86,7 @@ def extract_throughput(csv_path: Path, work: Path, batch: int, workers: int, dev
     bare_loop(extract, bundle, entries[:2 * batch], batch, workers)  # warm-up: kernels, threads
     bare, full, peak = [], [], 0
     for rep in range(2):
-        bare.append(bare_loop(extract, bundle, entries, batch, workers))
+        bare.append(bare_loop(extract, bundle, entries, batch, workers)[0])  # wall clock
         if bundle.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(bundle.device)
         start = time.perf_counter()
