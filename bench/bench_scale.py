@@ -14,13 +14,13 @@ stage's whole process tree, sampled every 0.1 s: a page that several of its proc
 a worker's copy-on-write memory or a mapped scratch file, counts once), and apart the peak of the
 part of it that only swap could free (anonymous and shared memory: not the pages of mapped files,
 such as 02's scratch file or the libraries, which the kernel drops under pressure and reads again),
-and fits the growth exponent b of time ≈ a·nᵇ (the slope on log–log axes, by least squares over the sizes, n = images or neurons
-actually run). A stage whose exponent is over the target (1.15) is named with the size at which, by
-the two fits, it would take longer than 01 (the forward pass). After the largest neuron workload it
-checks that the atlas was built and that ``make -q all`` holds. The one-layer sizes give 06 nothing
-to connect, so its growth is read inside the largest size instead: 06 logs the time of each layer
-pair's connections (one backward pass per neuron of the later layer), and the report fits that time
-against those neurons.
+and fits the growth exponent b of time ≈ a·nᵇ (the slope on log–log axes, by least squares over the
+sizes, n = images or neurons actually run). A stage whose exponent is over the target (1.15) is
+named with the size at which, by the two fits, it would take longer than 01 (the forward pass).
+After the largest neuron workload it checks that the atlas was built and that ``make -q all`` holds.
+The one-layer sizes give 06 nothing to connect, so its growth is read inside the largest size
+instead: 06 logs the time of each layer pair's connections (one backward pass per neuron of the
+later layer), and the report fits that time against those neurons.
 
 It prints a markdown report (``bench/results.py`` files it in bench/RESULTS.md) and draws the times
 against the size on log–log axes (``--plot``, default bench/scale.png). Everything runs in a
