@@ -90,17 +90,14 @@ def overhead(name: str, n: int, tmp: Path, batch_size: int = 32, workers: int = 
 CHILD = """
 import resource, sys
 sys.path.insert(0, {root!r})
+from bench.results import read_first
 from tools.stages import load_stage
-def peak_kb():
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    except OSError:  # not Linux: the resource module's figure
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     load_stage({stage!r}).main({argv!r})
 finally:
-    print("PEAK_KB", peak_kb())
+    hwm = read_first("/proc/self/status", "VmHWM")  # "1234 kB"; None where there is no /proc
+    print("PEAK_KB", int(hwm.split()[0]) if hwm else
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
