@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -56,7 +55,7 @@ from common.cli import (ModelAgain, StageError, add_run, add_settings, exit_on_s
                         settings_from, stage_parser, start_stage)
 from common.describers import Describing, parse_describe_args
 from common.generation import GeneratorSettings
-from common.io import sweep_temporaries, write_bytes, write_csv
+from common.io import sweep_temporaries, temp_dir, write_bytes, write_csv
 from common.provenance import retract_meta, write_meta
 from common.threads import single_threaded
 from common.refinement import Request, Unit, refine
@@ -528,9 +527,14 @@ def run(run: Run, settings: Settings = Settings(), matcher_obj=None, eval_embedd
     units = starting_units(inputs, sentences, usable_ids, ~test, concepts)
     cache = {layer: {s.text: matrix[layer][:, i] for i, s in enumerate(sents) if s.text}
              for layer, sents in sentences.items()}
-    with tempfile.TemporaryDirectory(prefix="09_misses_") as folder:
+    # The mosaics of missed images go to a scratch folder in the run folder, where the next run's
+    # sweep removes it if this process is killed (one in the system's temporary folder would stay).
+    misses = temp_dir(run.folder, "09_misses")
+    try:
         refine(units, cache, maxima, settings.refine, match.score_more,
-               miss_asker(run, inputs, describer, usable_ids, Path(folder), describer_obj))
+               miss_asker(run, inputs, describer, usable_ids, misses, describer_obj))
+    finally:
+        shutil.rmtree(misses, ignore_errors=True)
     refine_seconds = time.perf_counter() - started
     by_key = {(s.layer, s.channel, s.subconcept): s for sents in sentences.values() for s in sents}
     for u in units:

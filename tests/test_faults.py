@@ -137,10 +137,14 @@ def test_kills_at_four_moments_and_dead_workers_leave_a_run_that_finishes(hostil
     parent killed while the workers run, and loses one worker. After each: no process is left,
     `make -q` is false, and a dead worker fails its stage at once with a clear line. Then one
     `make` of each goal finishes, with every output byte for byte that of a clean run, and no
-    temporary left. The clean run also shows user names with control characters escaped."""
+    temporary left, in the run folder or in the stages' TMPDIR. The clean run also shows user
+    names with control characters escaped."""
     root, args, run = hostile
     counts = run.parent / "replaces.txt"
-    base_env = {**os.environ, "PYTHONPATH": str(root / "tests" / "faults")}
+    system_tmp = run.parent / "system_tmp"  # the stages' TMPDIR: a killed one leaves nothing there
+    system_tmp.mkdir(parents=True)
+    base_env = {**os.environ, "PYTHONPATH": str(root / "tests" / "faults"),
+                "TMPDIR": str(system_tmp)}
     for goal in GOALS:  # a clean run: its outputs, and how many files each stage moves in place
         clean = make(root, args, goal, env={**base_env, "ATLAS_FAULT_COUNT": str(counts)})
         assert clean.returncode == 0, clean.stderr[-3000:]
@@ -196,6 +200,8 @@ def test_kills_at_four_moments_and_dead_workers_leave_a_run_that_finishes(hostil
     assert make(root, args, "-q", "all").returncode == 0
     assert digests(run) == reference
     assert [str(p) for p in run.rglob("*") if TEMPORARY.search(p.name)] == []
+    # torch keeps its compiler's cache there on purpose (torchinductor_<user>)
+    assert [p.name for p in system_tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
     for path in ("01_activations.npz", "08_confusion.csv", "09_scores.csv", "11_baskets.csv",
                  "12_compare__t/12_matches.csv", "13_relevance.npz"):
         read_meta(run / path)  # every output matches the meta written with it
