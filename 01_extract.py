@@ -391,10 +391,14 @@ def assemble(parts: list[Path], part_arrays: list[dict], run: Run, layers: list[
 
     for name in layers:
         present = [a for a in part_arrays if f"{name}/values" in a]
-        top = StreamingTopK.from_arrays(present[0], name)
-        for other in present[1:]:
-            top.merge(StreamingTopK.from_arrays(other, name))
-        arrays.update(top.arrays(name))
+        if len(present) == 1:  # already ranked (StreamingTopK.arrays): no copy of the maps
+            arrays.update({key: value for key, value in present[0].items()
+                           if key.startswith(f"{name}/") and key != f"{name}/fmap"})
+        else:
+            top = StreamingTopK.from_arrays(present[0], name)
+            for other in present[1:]:
+                top.merge(StreamingTopK.from_arrays(other, name))
+            arrays.update(top.arrays(name))
         arrays[f"{name}/fmap"] = present[0][f"{name}/fmap"]
         arrays[f"{name}/rf"] = rfs[name].as_array()
 
