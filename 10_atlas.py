@@ -123,7 +123,7 @@ class RunData:
 
     run_dir: Path
     layers: list[str]
-    topk: dict                      # layer → common.activations.LayerTopK
+    topk: dict                      # layer → common.artefacts.LayerTopK
     input_size: tuple               # (height, width) of the network's input, from 01
     images: list[dict]              # 01_images.csv rows
     predictions: dict[int, dict]    # image id → 01_predictions.csv row

@@ -36,7 +36,7 @@ class RunInputs:
 
     layers: list[str]
     input_size: int
-    tops: dict               # layer → common.activations.LayerTopK
+    tops: dict               # layer → common.artefacts.LayerTopK
     stats_dir: Path
     image_paths: list[str]   # by image id
     usable: np.ndarray       # bool per image id: status ok
