@@ -393,7 +393,7 @@ def assemble(parts: list[Path], part_arrays: list[dict], run: Run, layers: list[
         present = [a for a in part_arrays if f"{name}/values" in a]
         if len(present) == 1:  # already ranked (StreamingTopK.arrays): no copy of the maps
             arrays.update({key: value for key, value in present[0].items()
-                           if key.startswith(f"{name}/") and key != f"{name}/fmap"})
+                           if key.startswith(f"{name}/")})
         else:
             top = StreamingTopK.from_arrays(present[0], name)
             for other in present[1:]:
